@@ -1,0 +1,672 @@
+"""The tamper-evident audit trail: append, verify, query, export.
+
+Hash chain
+    Event ``n`` stores ``prev_hash`` = ``hash`` of event ``n-1`` (``GENESIS_HASH`` for the first) and
+    ``hash`` = SHA-256 (hex) of the UTF-8 canonical JSON (keys sorted, no whitespace, ``ensure_ascii=False``,
+    no NaN) of ``{"v": 1, "seq", "id", "ts", "user_id", "username", "action", "object_type", "object_id",
+    "outcome", "event_id_code", "event_type_code", "event_action_code", "detail", "prev_hash"}``, with ``ts`` as
+    ISO 8601 UTC with microseconds (``2025-01-31T12:00:00.000001+00:00``) and UUIDs in their dashed form.
+    ``seq`` is assigned as head + 1 under the write lock, so the sequence has no gaps. Editing a row breaks its
+    hash; deleting one breaks its successor's ``prev_hash`` and the ``seq`` sequence. Cutting rows off the end
+    is only visible against an anchor kept elsewhere (``chain_head`` / ``verify_chain(anchor=...)``).
+
+DICOM PS3.15 mapping (scheme "DCM"; EventID, EventTypeCode, EventActionCode C/R/U/D/E)
+
+    ========================  ==============================  ================================  ======
+    action                    EventID                         EventTypeCode                     Action
+    ========================  ==============================  ================================  ======
+    login_ok, login_failed    110114 User Authentication      110122 Login                      E
+    logout                    110114 User Authentication      110123 Logout                     E
+    lockout                   110113 Security Alert           110137 User Security Attrs Changed  E
+    user_add                  110113 Security Alert           110137 User Security Attrs Changed  C
+    user_disable/enable       110113 Security Alert           110137 User Security Attrs Changed  U
+    password_reset            110113 Security Alert           110137 User Security Attrs Changed  U
+    token_create              110113 Security Alert           110137 User Security Attrs Changed  C
+    token_revoke              110113 Security Alert           110137 User Security Attrs Changed  D
+    upload                    110107 Import                   --                                C
+    generate                  110103 DICOM Instances Accessed --                                C
+    view                      110103 DICOM Instances Accessed --                                R
+    export                    110106 Export                   --                                R
+    cancel, run_done,         --                              --                                --
+    run_failed
+    job_interrupted           110100 Application Activity     --                                E
+    app_start                 110100 Application Activity     110120 Application Start          E
+    app_stop                  110100 Application Activity     110121 Application Stop           E
+    audit_view, audit_export  110101 Audit Log Used           --                                R
+    audit_verify              110101 Audit Log Used           --                                E
+    audit_triggers_restored   110113 Security Alert           110129 Security Configuration     E
+    ========================  ==============================  ================================  ======
+
+    110110 Patient Record is not used: the tool keeps no patient record. Outcome maps to EventOutcomeIndicator
+    (``Outcome.dicom_code``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from sqlalchemy import Engine, func, text
+from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
+
+from app.audit.db import PG_WRITE_LOCK_KEY, read_session, write_session
+from app.audit.errors import AuditDetailError
+from app.audit.models import AuditEvent, Outcome, User, utc_now
+
+GENESIS_HASH = "0" * 64
+"""``prev_hash`` of the first event."""
+
+HASH_VERSION = 1
+SYSTEM_USERNAME = "system"
+"""``username`` of events that no signed-in user caused (start-up, the job worker, the CLI)."""
+
+MAX_QUERY_LIMIT = 1000
+_BATCH = 500
+
+
+class AuditAction(StrEnum):
+    """Audited actions. Add new ones here *and* in ``DICOM_EVENT_CODES`` (a test checks both)."""
+
+    LOGIN_OK = "login_ok"
+    LOGIN_FAILED = "login_failed"
+    LOGOUT = "logout"
+    LOCKOUT = "lockout"
+    USER_ADD = "user_add"
+    USER_DISABLE = "user_disable"
+    USER_ENABLE = "user_enable"
+    PASSWORD_RESET = "password_reset"
+    TOKEN_CREATE = "token_create"
+    TOKEN_REVOKE = "token_revoke"
+    UPLOAD = "upload"
+    GENERATE = "generate"
+    CANCEL = "cancel"
+    RUN_DONE = "run_done"
+    RUN_FAILED = "run_failed"
+    JOB_INTERRUPTED = "job_interrupted"
+    VIEW = "view"
+    EXPORT = "export"
+    APP_START = "app_start"
+    APP_STOP = "app_stop"
+    AUDIT_VIEW = "audit_view"
+    AUDIT_EXPORT = "audit_export"
+    AUDIT_VERIFY = "audit_verify"
+    AUDIT_TRIGGERS_RESTORED = "audit_triggers_restored"
+
+
+@dataclass(frozen=True)
+class DicomEventCodes:
+    """DICOM PS3.15 A.5.1 coded values of one action (codes of scheme "DCM", PS3.16 CID 400/401)."""
+
+    event_id: str | None
+    event_id_meaning: str | None
+    event_type: str | None
+    event_type_meaning: str | None
+    event_action: Literal["C", "R", "U", "D", "E"] | None
+
+
+_AUTH = ("110114", "User Authentication")
+_SECURITY = ("110113", "Security Alert")
+_USER_ATTRS = ("110137", "User Security Attributes Changed")
+_APP = ("110100", "Application Activity")
+_AUDIT_LOG = ("110101", "Audit Log Used")
+_ACCESSED = ("110103", "DICOM Instances Accessed")
+_NONE = (None, None)
+
+DICOM_EVENT_CODES: dict[AuditAction, DicomEventCodes] = {
+    AuditAction.LOGIN_OK: DicomEventCodes(*_AUTH, "110122", "Login", "E"),
+    AuditAction.LOGIN_FAILED: DicomEventCodes(*_AUTH, "110122", "Login", "E"),
+    AuditAction.LOGOUT: DicomEventCodes(*_AUTH, "110123", "Logout", "E"),
+    AuditAction.LOCKOUT: DicomEventCodes(*_SECURITY, *_USER_ATTRS, "E"),
+    AuditAction.USER_ADD: DicomEventCodes(*_SECURITY, *_USER_ATTRS, "C"),
+    AuditAction.USER_DISABLE: DicomEventCodes(*_SECURITY, *_USER_ATTRS, "U"),
+    AuditAction.USER_ENABLE: DicomEventCodes(*_SECURITY, *_USER_ATTRS, "U"),
+    AuditAction.PASSWORD_RESET: DicomEventCodes(*_SECURITY, *_USER_ATTRS, "U"),
+    AuditAction.TOKEN_CREATE: DicomEventCodes(*_SECURITY, *_USER_ATTRS, "C"),
+    AuditAction.TOKEN_REVOKE: DicomEventCodes(*_SECURITY, *_USER_ATTRS, "D"),
+    AuditAction.UPLOAD: DicomEventCodes("110107", "Import", *_NONE, "C"),
+    AuditAction.GENERATE: DicomEventCodes(*_ACCESSED, *_NONE, "C"),
+    AuditAction.VIEW: DicomEventCodes(*_ACCESSED, *_NONE, "R"),
+    AuditAction.EXPORT: DicomEventCodes("110106", "Export", *_NONE, "R"),
+    AuditAction.CANCEL: DicomEventCodes(*_NONE, *_NONE, None),
+    AuditAction.RUN_DONE: DicomEventCodes(*_NONE, *_NONE, None),
+    AuditAction.RUN_FAILED: DicomEventCodes(*_NONE, *_NONE, None),
+    AuditAction.JOB_INTERRUPTED: DicomEventCodes(*_APP, *_NONE, "E"),
+    AuditAction.APP_START: DicomEventCodes(*_APP, "110120", "Application Start", "E"),
+    AuditAction.APP_STOP: DicomEventCodes(*_APP, "110121", "Application Stop", "E"),
+    AuditAction.AUDIT_VIEW: DicomEventCodes(*_AUDIT_LOG, *_NONE, "R"),
+    AuditAction.AUDIT_EXPORT: DicomEventCodes(*_AUDIT_LOG, *_NONE, "R"),
+    AuditAction.AUDIT_VERIFY: DicomEventCodes(*_AUDIT_LOG, *_NONE, "E"),
+    AuditAction.AUDIT_TRIGGERS_RESTORED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "E"),
+}
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The last event of the chain; keep a copy outside the database to detect a truncated tail."""
+
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of ``verify_chain``.
+
+    Attributes:
+        ok: every event checked out (and the anchor, if one was given).
+        events_checked: events read, up to and including the first bad one.
+        first_bad_seq: ``seq`` of the first event that fails, else ``None``.
+        reason: human-readable explanation ("" when ok).
+        head: the last event read, for anchoring.
+    """
+
+    ok: bool
+    events_checked: int
+    first_bad_seq: int | None
+    reason: str
+    head: ChainHead | None = None
+
+
+# --- canonical form ----------------------------------------------------------------------------------------
+
+
+def canonical_json(value: Any) -> str:
+    """Serializes ``value`` to the canonical JSON used for hashing.
+
+    Raises:
+        AuditDetailError: ``value`` holds something JSON cannot represent exactly (NaN, non-str keys, objects).
+    """
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise AuditDetailError(f"audit detail is not plain JSON ({exc}): use str/int/float/bool/None/list/dict") from exc
+
+
+def _iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def event_hash(event: AuditEvent) -> str:
+    """Computes the chain hash of ``event`` from its columns (``hash`` itself excluded).
+
+    Returns:
+        64 lowercase hex characters.
+    """
+    payload = {
+        "v": HASH_VERSION,
+        "seq": event.seq,
+        "id": str(event.id),
+        "ts": _iso(event.ts),
+        "user_id": None if event.user_id is None else str(event.user_id),
+        "username": event.username,
+        "action": event.action,
+        "object_type": event.object_type,
+        "object_id": event.object_id,
+        "outcome": event.outcome,
+        "event_id_code": event.event_id_code,
+        "event_type_code": event.event_type_code,
+        "event_action_code": event.event_action_code,
+        "detail": event.detail,
+        "prev_hash": event.prev_hash,
+    }
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+# --- what may go into `detail` -----------------------------------------------------------------------------
+
+_PHI_KEY = re.compile(r"patient|accession|instanceuid|birthdate|^mrn$|password|^token$|^secret$")
+_UID_VALUE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*)){4,}$")  # DICOM UID shape, e.g. 1.2.840.10008.x.y
+
+
+def _check_detail(value: Any, path: str = "detail") -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            normalized = re.sub(r"[^a-z0-9]", "", str(key).lower())
+            if _PHI_KEY.search(normalized):
+                raise AuditDetailError(
+                    f"{path} key {key!r} looks like patient data or a credential: audit details must not carry "
+                    "either; reference the object by id (object_type/object_id) instead"
+                )
+            _check_detail(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_detail(item, f"{path}[{index}]")
+    elif isinstance(value, str) and len(value) >= 12 and _UID_VALUE.match(value):
+        raise AuditDetailError(
+            f"{path} holds a DICOM UID-like value {value!r}: store UIDs only as HMACs (hmac_uid), not in the audit"
+        )
+
+
+# --- append ------------------------------------------------------------------------------------------------
+
+
+def _append(
+    session: Session,
+    action: AuditAction | str,
+    *,
+    user: User | None = None,
+    username: str | None = None,
+    object_type: str | None = None,
+    object_id: str | uuid.UUID | None = None,
+    outcome: Outcome | str = Outcome.SUCCESS,
+    detail: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
+) -> AuditEvent:
+    """Appends one event inside ``session``'s transaction (which must come from ``write_session``)."""
+    try:
+        action = AuditAction(action)
+    except ValueError:
+        raise ValueError(f"unknown audit action {action!r}: add it to AuditAction and DICOM_EVENT_CODES") from None
+    outcome = Outcome(outcome)
+    detail_dict = json.loads(canonical_json(dict(detail or {})))
+    _check_detail(detail_dict)
+    if session.get_bind().dialect.name == "postgresql":
+        # re-entrant; write_session already holds it, this covers sessions opened elsewhere
+        session.connection().execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK_KEY})
+    head = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+    prev_seq, prev_hash = (head[0] or 0, head[1]) if head is not None else (0, GENESIS_HASH)
+    codes = DICOM_EVENT_CODES[action]
+    event = AuditEvent(
+        seq=prev_seq + 1,
+        id=uuid.uuid4(),
+        ts=now or utc_now(),
+        user_id=user.id if user is not None else None,
+        username=(user.username if user is not None else username or SYSTEM_USERNAME)[:150],
+        action=action.value,
+        object_type=object_type,
+        object_id=None if object_id is None else str(object_id),
+        outcome=outcome.value,
+        event_id_code=codes.event_id,
+        event_type_code=codes.event_type,
+        event_action_code=codes.event_action,
+        detail=detail_dict,
+        prev_hash=prev_hash,
+        hash="",
+    )
+    event.hash = event_hash(event)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def append_event(
+    engine: Engine,
+    action: AuditAction | str,
+    *,
+    user: User | None = None,
+    username: str | None = None,
+    object_type: str | None = None,
+    object_id: str | uuid.UUID | None = None,
+    outcome: Outcome | str = Outcome.SUCCESS,
+    detail: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
+) -> AuditEvent:
+    """Appends one event to the chain in its own transaction.
+
+    The account, run and export functions of this package write their events themselves, in the same
+    transaction as the change they record; use this for the rest (``view``, ``audit_view``, ``app_start``...).
+
+    Args:
+        engine: from ``init_db``.
+        action: an ``AuditAction`` (or its value).
+        user: who acted; ``None`` for the system or an unknown login name.
+        username: recorded when ``user`` is ``None`` (e.g. the name tried at a failed login); default "system".
+        object_type: kind of object acted on ("run", "input_image", "user", "export", "session", "api_token").
+        object_id: its id.
+        outcome: ``Outcome`` (or its value).
+        detail: small JSON object, never patient data or credentials (keys like ``patient_*``, ``*_instance_uid``,
+            ``password`` and UID-shaped values are refused).
+        now: event time (aware); default now.
+
+    Returns:
+        The stored event.
+
+    Raises:
+        ValueError: unknown ``action`` or ``outcome``.
+        AuditDetailError: ``detail`` is not plain JSON or looks like patient data.
+    """
+    with write_session(engine) as session:
+        return _append(
+            session,
+            action,
+            user=user,
+            username=username,
+            object_type=object_type,
+            object_id=object_id,
+            outcome=outcome,
+            detail=detail,
+            now=now,
+        )
+
+
+# --- verify ------------------------------------------------------------------------------------------------
+
+
+def chain_head(engine: Engine) -> ChainHead | None:
+    """Returns the last event's ``seq`` and ``hash`` (``None`` for an empty log), to be kept off-database."""
+    with read_session(engine) as session:
+        row = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+    return None if row is None or row[0] is None else ChainHead(seq=row[0], hash=row[1])
+
+
+def _load_batch(session: Session, seqs: list[int]) -> list[AuditEvent | Exception]:
+    """Loads events by seq; a row whose columns cannot even be decoded comes back as the exception."""
+    statement = select(AuditEvent).where(col(AuditEvent.seq).in_(seqs)).order_by(col(AuditEvent.seq))
+    try:
+        return list(session.exec(statement).all())
+    except Exception:  # noqa: BLE001 - a forged row may hold anything; find which one, row by row
+        session.rollback()
+        rows: list[AuditEvent | Exception] = []
+        for seq in seqs:
+            try:
+                rows.append(session.exec(select(AuditEvent).where(AuditEvent.seq == seq)).one())
+            except Exception as exc:  # noqa: BLE001
+                session.rollback()
+                rows.append(exc)
+        return rows
+
+
+def verify_chain(engine: Engine, *, anchor: ChainHead | None = None) -> VerifyResult:
+    """Recomputes the whole chain and names the first event that does not fit.
+
+    Checks, in ``seq`` order: ``seq`` runs 1, 2, 3... without gaps; each ``prev_hash`` equals the previous
+    ``hash`` (``GENESIS_HASH`` first); each ``hash`` equals ``event_hash`` of the row as stored; and, with
+    ``anchor``, that the anchored event is still there unchanged (a truncated tail is otherwise invisible).
+    Reads in batches of 500, so memory stays flat.
+
+    Args:
+        engine: from ``init_db``.
+        anchor: a ``ChainHead`` saved earlier outside the database.
+
+    Returns:
+        The ``VerifyResult``.
+    """
+    checked = 0
+    expected_seq, expected_prev = 1, GENESIS_HASH
+    anchor_seen = False
+    head: ChainHead | None = None
+
+    def bad(seq: int, reason: str) -> VerifyResult:
+        return VerifyResult(False, checked, seq, reason, head)
+
+    with read_session(engine) as session:
+        last_seq = 0
+        while True:
+            seqs = [
+                s
+                for s in session.exec(
+                    select(AuditEvent.seq).where(col(AuditEvent.seq) > last_seq).order_by(col(AuditEvent.seq)).limit(_BATCH)
+                ).all()
+                if s is not None
+            ]
+            if not seqs:
+                break
+            for seq, row in zip(seqs, _load_batch(session, seqs), strict=True):
+                checked += 1
+                last_seq = seq
+                if isinstance(row, Exception):
+                    return bad(seq, f"event {seq}: row cannot be decoded ({type(row).__name__}): altered by hand")
+                if seq != expected_seq:
+                    missing = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}..{seq - 1}"
+                    return bad(seq, f"event {seq}: seq gap, event(s) {missing} missing (deleted?)")
+                if row.prev_hash != expected_prev:
+                    return bad(seq, f"event {seq}: prev_hash does not match the hash of event {seq - 1}")
+                try:
+                    recomputed = event_hash(row)
+                except Exception as exc:  # noqa: BLE001 - forged content that cannot be canonicalized
+                    return bad(seq, f"event {seq}: content cannot be hashed ({exc}): altered by hand")
+                if recomputed != row.hash:
+                    return bad(seq, f"event {seq}: hash mismatch, content altered after it was written")
+                if anchor is not None and seq == anchor.seq:
+                    anchor_seen = True
+                    if row.hash != anchor.hash:
+                        return bad(seq, f"event {seq}: differs from the anchor (chain rewritten from here on?)")
+                head = ChainHead(seq, row.hash)
+                expected_seq, expected_prev = seq + 1, row.hash
+    if anchor is not None and not anchor_seen:
+        return VerifyResult(
+            False, checked, anchor.seq, f"anchored event {anchor.seq} is missing: the log was truncated", head
+        )
+    return VerifyResult(True, checked, None, "", head)
+
+
+# --- query / export ----------------------------------------------------------------------------------------
+
+
+def _filtered(
+    statement: SelectOfScalar[Any],
+    *,
+    user: str | None,
+    user_id: uuid.UUID | None,
+    action: AuditAction | str | None,
+    outcome: Outcome | str | None,
+    object_id: str | uuid.UUID | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> SelectOfScalar[Any]:
+    if user is not None:
+        statement = statement.where(AuditEvent.username == user)
+    if user_id is not None:
+        statement = statement.where(AuditEvent.user_id == user_id)
+    if action is not None:
+        statement = statement.where(AuditEvent.action == AuditAction(action).value)
+    if outcome is not None:
+        statement = statement.where(AuditEvent.outcome == Outcome(outcome).value)
+    if object_id is not None:
+        statement = statement.where(AuditEvent.object_id == str(object_id))
+    if since is not None:
+        statement = statement.where(col(AuditEvent.ts) >= since)
+    if until is not None:
+        statement = statement.where(col(AuditEvent.ts) < until)
+    return statement
+
+
+def query_events(
+    engine: Engine,
+    *,
+    user: str | None = None,
+    user_id: uuid.UUID | None = None,
+    action: AuditAction | str | None = None,
+    outcome: Outcome | str | None = None,
+    object_id: str | uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[AuditEvent]:
+    """Lists events for the admin page, newest first.
+
+    Args:
+        engine: from ``init_db``.
+        user: exact username (also matches names tried at failed logins).
+        user_id: the acting user's id.
+        action: one ``AuditAction``.
+        outcome: one ``Outcome``.
+        object_id: events about this object.
+        since: ``ts >= since`` (aware datetime).
+        until: ``ts < until`` (aware datetime).
+        limit: page size, 1..1000.
+        offset: rows to skip, >= 0.
+
+    Returns:
+        Up to ``limit`` events, highest ``seq`` first.
+
+    Raises:
+        ValueError: ``limit``/``offset`` out of range, unknown ``action``/``outcome``.
+    """
+    if not 1 <= limit <= MAX_QUERY_LIMIT or offset < 0:
+        raise ValueError(f"limit={limit}, offset={offset}: use 1 <= limit <= {MAX_QUERY_LIMIT} and offset >= 0")
+    statement = _filtered(
+        select(AuditEvent),
+        user=user,
+        user_id=user_id,
+        action=action,
+        outcome=outcome,
+        object_id=object_id,
+        since=since,
+        until=until,
+    )
+    with read_session(engine) as session:
+        return list(session.exec(statement.order_by(col(AuditEvent.seq).desc()).offset(offset).limit(limit)).all())
+
+
+def count_events(
+    engine: Engine,
+    *,
+    user: str | None = None,
+    user_id: uuid.UUID | None = None,
+    action: AuditAction | str | None = None,
+    outcome: Outcome | str | None = None,
+    object_id: str | uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> int:
+    """Counts the events ``query_events`` would page through with the same filters."""
+    statement = _filtered(
+        select(func.count()).select_from(AuditEvent),
+        user=user,
+        user_id=user_id,
+        action=action,
+        outcome=outcome,
+        object_id=object_id,
+        since=since,
+        until=until,
+    )
+    with read_session(engine) as session:
+        return int(session.exec(statement).one())
+
+
+EXPORT_COLUMNS = (
+    "seq",
+    "id",
+    "ts",
+    "user_id",
+    "username",
+    "action",
+    "object_type",
+    "object_id",
+    "outcome",
+    "event_outcome_indicator",
+    "event_id_code",
+    "event_type_code",
+    "event_action_code",
+    "detail",
+    "prev_hash",
+    "hash",
+)
+
+
+def _export_record(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "id": str(event.id),
+        "ts": _iso(event.ts),
+        "user_id": None if event.user_id is None else str(event.user_id),
+        "username": event.username,
+        "action": event.action,
+        "object_type": event.object_type,
+        "object_id": event.object_id,
+        "outcome": event.outcome,
+        "event_outcome_indicator": Outcome(event.outcome).dicom_code,
+        "event_id_code": event.event_id_code,
+        "event_type_code": event.event_type_code,
+        "event_action_code": event.event_action_code,
+        "detail": event.detail,
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    }
+
+
+def _csv_cell(value: Any) -> str:
+    text_value = "" if value is None else canonical_json(value) if isinstance(value, dict) else str(value)
+    # Spreadsheet formula injection: a login name like "=HYPERLINK(...)" must stay text when opened in Excel.
+    return "'" + text_value if text_value[:1] in ("=", "+", "-", "@", "\t", "\r") else text_value
+
+
+def export_events(
+    engine: Engine,
+    fmt: Literal["csv", "json"] = "csv",
+    *,
+    user: str | None = None,
+    user_id: uuid.UUID | None = None,
+    action: AuditAction | str | None = None,
+    outcome: Outcome | str | None = None,
+    object_id: str | uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Iterator[str]:
+    """Streams events for auditors, oldest first, in chunks (join them, or hand them to a streaming response).
+
+    ``json`` is one JSON array of objects with the columns of ``EXPORT_COLUMNS`` (``detail`` as an object), enough
+    to recompute every hash of an unfiltered export. ``csv`` has a header row, ``detail`` as canonical JSON text,
+    and cells starting with ``= + - @`` prefixed with ``'`` against spreadsheet formula injection. The caller
+    records the export itself (``AuditAction.AUDIT_EXPORT``).
+
+    Args:
+        engine: from ``init_db``.
+        fmt: ``"csv"`` or ``"json"``.
+        user, user_id, action, outcome, object_id, since, until: as for ``query_events``.
+
+    Returns:
+        An iterator of text chunks (one per event plus framing); rows are read lazily in batches.
+
+    Raises:
+        ValueError: unknown ``fmt``, ``action`` or ``outcome`` (raised here, before anything is streamed).
+    """
+    if fmt not in ("csv", "json"):
+        raise ValueError(f"export format {fmt!r} is not supported: use 'csv' or 'json'")
+    base = _filtered(
+        select(AuditEvent),
+        user=user,
+        user_id=user_id,
+        action=action,
+        outcome=outcome,
+        object_id=object_id,
+        since=since,
+        until=until,
+    )
+    return _export_stream(engine, fmt, base)
+
+
+def _export_stream(engine: Engine, fmt: str, base: SelectOfScalar[AuditEvent]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+
+    def csv_line(values: list[Any]) -> str:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(values)
+        return buffer.getvalue()
+
+    yield csv_line(list(EXPORT_COLUMNS)) if fmt == "csv" else "["
+    first, last_seq = True, 0
+    while True:
+        # a short read transaction per batch: a slow download never pins a snapshot for long
+        with read_session(engine) as session:
+            batch = list(
+                session.exec(
+                    base.where(col(AuditEvent.seq) > last_seq).order_by(col(AuditEvent.seq)).limit(_BATCH)
+                ).all()
+            )
+        if not batch:
+            break
+        for event in batch:
+            record = _export_record(event)
+            if fmt == "csv":
+                yield csv_line([_csv_cell(record[name]) for name in EXPORT_COLUMNS])
+            else:
+                yield ("\n" if first else ",\n") + json.dumps(record, ensure_ascii=False, sort_keys=False)
+            first = False
+        last_seq = batch[-1].seq or last_seq
+    if fmt == "json":
+        yield "\n]\n" if not first else "]\n"

@@ -1,0 +1,271 @@
+"""Engines, transactions, migrations and the append-only triggers.
+
+SQLite (default) and PostgreSQL are supported. On SQLite every connection runs in WAL mode with a 10 s busy
+timeout, ``synchronous=FULL`` (a committed audit event survives a power cut) and foreign keys on; pysqlite's own
+transaction handling is switched off and every transaction starts with ``BEGIN IMMEDIATE``, so a writer takes
+the write lock before it reads the chain head -- concurrent writers queue instead of forking the chain or
+failing on a lock upgrade. Read-only work (``read_session``) starts with a plain deferred ``BEGIN`` and never
+blocks writers. On PostgreSQL, ``write_session`` takes a transaction-scoped advisory lock first, which
+serializes writers the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session
+
+from app.audit.errors import UnsupportedDatabaseError
+
+logger = logging.getLogger("vald_md.audit")
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+"""How long a SQLite writer waits for the write lock before failing with "database is locked" (ms)."""
+
+PG_WRITE_LOCK_KEY = 0x56414C44  # "VALD"; one key: all writers of this schema are serialized
+"""Key of the PostgreSQL transaction-scoped advisory lock held by every write transaction."""
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+"""The Alembic script directory (``env.py`` and ``versions/``)."""
+
+_BEGIN_OPTION = "vald_sqlite_begin"
+
+# Frozen copies of these statements live in the initial migration; install_triggers() re-creates any that are
+# missing (e.g. dropped by hand) at start-up, keyed by trigger name.
+SQLITE_TRIGGERS: dict[str, str] = {
+    "audit_event_no_update": (
+        "CREATE TRIGGER IF NOT EXISTS audit_event_no_update BEFORE UPDATE ON audit_event "
+        "BEGIN SELECT RAISE(ABORT, 'audit_event is append-only'); END"
+    ),
+    "audit_event_no_delete": (
+        "CREATE TRIGGER IF NOT EXISTS audit_event_no_delete BEFORE DELETE ON audit_event "
+        "BEGIN SELECT RAISE(ABORT, 'audit_event is append-only'); END"
+    ),
+}
+POSTGRESQL_TRIGGER_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION audit_event_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN RAISE EXCEPTION 'audit_event is append-only'; END $$"
+)
+POSTGRESQL_TRIGGERS: dict[str, str] = {
+    "audit_event_no_update": (
+        "CREATE TRIGGER audit_event_no_update BEFORE UPDATE ON audit_event "
+        "FOR EACH ROW EXECUTE FUNCTION audit_event_append_only()"
+    ),
+    "audit_event_no_delete": (
+        "CREATE TRIGGER audit_event_no_delete BEFORE DELETE ON audit_event "
+        "FOR EACH ROW EXECUTE FUNCTION audit_event_append_only()"
+    ),
+    "audit_event_no_truncate": (
+        "CREATE TRIGGER audit_event_no_truncate BEFORE TRUNCATE ON audit_event "
+        "FOR EACH STATEMENT EXECUTE FUNCTION audit_event_append_only()"
+    ),
+}
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _connection_record: Any) -> None:
+    # isolation_level=None stops pysqlite from emitting its own (deferred, DML-only) BEGIN; _sqlite_on_begin
+    # emits ours. PRAGMAs must run outside a transaction, which is the case right after connect.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Connection) -> None:
+    mode = connection.get_execution_options().get(_BEGIN_OPTION, "IMMEDIATE")
+    connection.exec_driver_sql("BEGIN" if mode == "DEFERRED" else "BEGIN IMMEDIATE")
+
+
+def make_engine(database_url: str, *, echo: bool = False) -> Engine:
+    """Creates an engine for ``database_url`` with this module's connection and transaction settings.
+
+    Does not touch the schema: use ``init_db`` at start-up.
+
+    Args:
+        database_url: SQLAlchemy URL, e.g. ``sqlite:///var/vald-md.db`` or
+            ``postgresql+psycopg://vald@localhost/vald``. ``sqlite://`` is an in-memory database shared by
+            all threads (tests only).
+        echo: log every SQL statement.
+
+    Returns:
+        The engine. Dispose of it with ``engine.dispose()``.
+
+    Raises:
+        UnsupportedDatabaseError: the URL names a backend other than ``sqlite`` or ``postgresql``.
+    """
+    url = make_url(database_url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        kwargs: dict[str, Any] = {
+            "connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        }
+        if url.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool
+        engine = create_engine(url, echo=echo, **kwargs)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    if backend == "postgresql":
+        return create_engine(url, echo=echo, pool_pre_ping=True)
+    raise UnsupportedDatabaseError(
+        f"database URL backend {backend!r} is not supported: use sqlite:///PATH or postgresql+psycopg://..."
+    )
+
+
+@contextmanager
+def write_session(engine: Engine) -> Iterator[Session]:
+    """Opens a session whose transaction holds the database-wide write lock from its first statement.
+
+    SQLite: ``BEGIN IMMEDIATE``. PostgreSQL: ``pg_advisory_xact_lock(PG_WRITE_LOCK_KEY)``. Commits on normal
+    exit, rolls back on an exception. Objects stay usable after the block (``expire_on_commit=False``).
+    Keep the block short: argon2 hashing and other slow work belong outside it.
+
+    Args:
+        engine: from ``make_engine``/``init_db``.
+
+    Yields:
+        The session.
+    """
+    with Session(engine, expire_on_commit=False) as session:
+        with session.begin():
+            if engine.dialect.name == "postgresql":
+                session.connection().execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK_KEY})
+            else:
+                session.connection()  # emits BEGIN IMMEDIATE now, before the first read
+            yield session
+
+
+@contextmanager
+def read_session(engine: Engine) -> Iterator[Session]:
+    """Opens a session for reads only; on SQLite it starts with a deferred ``BEGIN`` and takes no write lock.
+
+    Args:
+        engine: from ``make_engine``/``init_db``.
+
+    Yields:
+        The session (rolled back on exit; objects stay usable).
+    """
+    with Session(engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"}), expire_on_commit=False) as session:
+        yield session
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    """Builds the Alembic configuration without an ``alembic.ini`` (for the CLI, e.g. ``command.revision``).
+
+    Args:
+        database_url: stored as ``sqlalchemy.url`` when given (used when ``env.py`` is not handed a connection).
+
+    Returns:
+        The configuration, with ``script_location`` set to ``MIGRATIONS_DIR``.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if database_url is not None:
+        config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def _upgrade(engine: Engine, revision: str) -> None:
+    config = alembic_config()
+    # One transaction holding the write lock: concurrent start-ups migrate one after the other.
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK_KEY})
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def upgrade_database(database_url: str, revision: str = "head") -> None:
+    """Runs the Alembic migrations up to ``revision`` (idempotent).
+
+    Args:
+        database_url: as for ``make_engine``.
+        revision: target revision; ``"head"`` for the latest.
+    """
+    _ensure_sqlite_directory(database_url)
+    engine = make_engine(database_url)
+    try:
+        _upgrade(engine, revision)
+    finally:
+        engine.dispose()
+
+
+def install_triggers(engine: Engine) -> list[str]:
+    """Re-creates any missing append-only trigger on ``audit_event``.
+
+    The initial migration creates them; this only matters if someone dropped one by hand, which is itself a
+    sign of tampering -- ``init_db`` logs it and writes an ``audit_triggers_restored`` event.
+
+    Args:
+        engine: a migrated database.
+
+    Returns:
+        Names of the triggers that were missing (empty when all were in place).
+    """
+    with write_session(engine) as session:
+        connection = session.connection()
+        if engine.dialect.name == "postgresql":
+            present = set(
+                connection.execute(
+                    text("SELECT tgname FROM pg_trigger WHERE tgrelid = 'audit_event'::regclass AND NOT tgisinternal")
+                ).scalars()
+            )
+            missing = [name for name in POSTGRESQL_TRIGGERS if name not in present]
+            if missing:
+                connection.execute(text(POSTGRESQL_TRIGGER_FUNCTION))
+            for name in missing:
+                connection.execute(text(POSTGRESQL_TRIGGERS[name]))
+        else:
+            present = set(
+                connection.execute(
+                    text("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_event'")
+                ).scalars()
+            )
+            missing = [name for name in SQLITE_TRIGGERS if name not in present]
+            for name in missing:
+                connection.exec_driver_sql(SQLITE_TRIGGERS[name])
+    return missing
+
+
+def _ensure_sqlite_directory(database_url: str) -> None:
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(str(url.database)).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+
+
+def init_db(database_url: str) -> Engine:
+    """Start-up entry point: migrates the schema to head, checks the triggers, returns the engine.
+
+    The schema is created by the migrations (never ``create_all``). Call ``mark_interrupted_runs`` next.
+
+    Args:
+        database_url: as for ``make_engine`` (``DATABASE_URL`` in the settings).
+
+    Returns:
+        The engine the application keeps for its lifetime.
+    """
+    from app.audit.chain import AuditAction, append_event  # chain imports this module
+
+    _ensure_sqlite_directory(database_url)
+    engine = make_engine(database_url)
+    # 1. schema
+    _upgrade(engine, "head")
+    # 2. triggers: a missing one means somebody removed it; restore and leave a trace in the chain
+    missing = install_triggers(engine)
+    if missing:
+        logger.warning("audit_event triggers were missing and have been re-created: %s", ", ".join(missing))
+        append_event(engine, AuditAction.AUDIT_TRIGGERS_RESTORED, detail={"triggers": missing})
+    return engine

@@ -1,0 +1,145 @@
+"""The ``vald-md`` command.
+
+Sub-commands: ``counterfactual`` (files in, artifacts out), ``model info|assemble``, ``train`` (see
+``app/train.py``), ``serve`` (the review web app), ``evaluate`` (paper tables and localization), ``users`` and
+``audit`` (accounts and the audit trail). Errors a user can fix print one readable line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("vald_md.cli")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model_weights/vald-md-mini)")
+    p.add_argument("--prompt", default="normal chest x-ray", help="target prompt (default: healthy counterfactual)")
+    p.add_argument("--negative-prompt", default="", help="text to steer away from")
+    p.add_argument("--strength", type=float, default=None, help="(0, 1]; default: the model's healthy preset")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance, 1..30; default: preset")
+    p.add_argument("--steps", type=int, default=None, help="scheduler steps at strength 1; default: preset")
+    p.add_argument("--seed", type=int, default=0, help="seed (sample i uses seed+i); default 0")
+    p.add_argument("--samples", type=int, default=1, help="samples per input, 1..16 (mean and std maps)")
+    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "dpm++", "euler"], help="sampler")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``vald-md`` argument parser (``train`` forwards its arguments to app.train)."""
+    p = argparse.ArgumentParser(prog="vald-md", description="VALD-MD: counterfactual attribution for chest X-rays")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("counterfactual", help="make counterfactuals and attribution maps for image files")
+    c.add_argument("inputs", nargs="+", help="DICOM, PNG or JPEG files")
+    _add_generation_args(c)
+    c.add_argument("--mask", default=None, help="region mask PNG (e.g. lungs), resized to each input")
+    c.add_argument("--window", default="auto",
+                   help="DICOM window: 'auto' (first file preset, else VOI LUT, else percentile), a preset index "
+                        "N, or 'percentile'")
+    c.add_argument("--reference", default=None, choices=["input", "reconstruction"],
+                   help="map reference: the input (paper) or the autoencoder's reconstruction of it; "
+                        "default: the model's recommendation")
+    c.add_argument("--out", required=True, help="output folder; one sub-folder per input")
+
+    m = sub.add_parser("model", help="inspect or assemble model folders")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    mi = msub.add_parser("info", help="components, parameter counts, text encoder type and hash")
+    mi.add_argument("folder", nargs="?", default=None, help="model folder (default: the embedded model)")
+    ma = msub.add_parser("assemble", help="combine an SD v1.x folder with a BERT text encoder")
+    ma.add_argument("--base", required=True, help="Stable Diffusion v1.x diffusers folder")
+    ma.add_argument("--text-encoder", required=True, help="transformers folder of a BERT-family encoder")
+    ma.add_argument("--out", required=True, help="new model folder")
+
+    sub.add_parser("train", help="train models (vald-md train --help)", add_help=False)
+    return p
+
+
+def _window_arg(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    """Write input/counterfactual/overlay PNGs, attribution.npy and record.json per input."""
+    from app import attribution, imaging
+    from app.artifacts import ReviewRequest, run_review
+    from app.engine import CounterfactualEngine
+
+    eng = CounterfactualEngine(args.model, device=args.device)
+    preset = eng.info.presets.get("healthy", {})
+    req = ReviewRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt,
+        strength=args.strength if args.strength is not None else preset.get("strength", 0.85),
+        guidance_scale=args.guidance if args.guidance is not None else preset.get("guidance_scale", 7.5),
+        steps=args.steps if args.steps is not None else preset.get("steps", 75),
+        seed=args.seed, scheduler=args.scheduler, samples=args.samples, window=_window_arg(args.window),
+        reference=args.reference or eng.info.manifest.get("map_reference", "input"))
+    mask_bytes = Path(args.mask).read_bytes() if args.mask else None
+    out = Path(args.out)
+    failures = 0
+    for i, name in enumerate(args.inputs):
+        # output folders are numbered, never named after the input (file names can carry patient data)
+        target = out / f"{i:04d}"
+        try:
+            data = Path(name).read_bytes()
+            decoded = imaging.decode_image(data, window=req.window)
+            mask = attribution.load_mask_png(mask_bytes, decoded.pixels.shape) if mask_bytes else None
+            rec = run_review(eng, data, req, target, mask=mask, decoded=decoded)
+        except (imaging.ImagingError, ValueError, OSError) as e:
+            failures += 1
+            sys.stderr.write(f"input {i + 1} of {len(args.inputs)}: {e}\n")
+            continue
+        t = rec["timings_s"]["total"]
+        sys.stdout.write(f"input {i + 1}: {target}  ({rec['effective_steps']} steps, seed {rec['seeds'][0]}, "
+                         f"{t:.1f} s, mean |M| {rec['map_summary'].get('mean_magnitude', float('nan')):.4f})\n")
+    return 1 if failures else 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    """``model info`` prints JSON; ``model assemble`` writes the combined folder and prints a summary."""
+    from app import engine
+
+    if args.model_command == "info":
+        eng = engine.CounterfactualEngine(args.folder, device="cpu")
+        info = eng.info
+        sys.stdout.write(json.dumps({
+            "name": info.name, "path": info.path, "model_hash": info.model_hash, "components": info.components,
+            "parameters_millions": info.parameters_m, "text_encoder_type": info.text_encoder_type,
+            "image_size": info.image_size, "image_channels": info.image_channels,
+            "class_prompts": info.class_prompts, "presets": info.presets}, indent=2) + "\n")
+        return 0
+    summary = engine.assemble_model(Path(args.base), Path(args.text_encoder), Path(args.out))
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vald-md`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if "-v" in argv or "--verbose" in argv else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "train":
+        from app import train
+
+        return train.main(train.parse_args(argv[1:]))
+    args = build_parser().parse_args(argv)
+    from app.engine import ModelFolderError
+
+    try:
+        if args.command == "counterfactual":
+            return cmd_counterfactual(args)
+        if args.command == "model":
+            return cmd_model(args)
+    except ModelFolderError as e:
+        sys.stderr.write(f"vald-md: {e}\n")
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

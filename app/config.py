@@ -1,0 +1,129 @@
+"""Typed settings of the review server: the only module that reads the environment.
+
+Every field can be set by an environment variable with the prefix ``VALD_MD_`` (``VALD_MD_PORT=8080``,
+``VALD_MD_DATA_DIR=/srv/vald-md``) or passed to :class:`Settings` directly (tests, ``vald-md serve``).
+Values are validated when the object is built, i.e. at start-up: an unsafe or impossible value stops the
+server with a message that quotes it and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL_DIR = REPO_ROOT / "model_weights" / "vald-md-mini"
+"""Same folder as ``app.engine.DEFAULT_MODEL_DIR`` (not imported: reading settings must not load torch)."""
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?|mps)$")
+_LOOPBACK_NAMES = {"localhost"}
+
+
+class Settings(BaseSettings):
+    """Configuration of ``vald-md serve``.
+
+    Attributes:
+        model_dir: diffusers-format model folder; ``None`` = the embedded ``model_weights/vald-md-mini``.
+        data_dir: folder for uploads and run artifacts (``<data_dir>/runs/<job_id>/``); created at start-up.
+        host: interface to bind. Only loopback addresses are accepted unless ``allow_remote`` is set, because
+            accounts and sessions are not in place yet.
+        allow_remote: permit a non-loopback ``host`` (only behind an authenticating reverse proxy).
+        port: TCP port, 1..65535.
+        device: 'cpu', 'cuda', 'cuda:N', 'mps' or ``None`` (CUDA when available).
+        dtype: 'fp32', 'fp16', 'bf16' or ``None`` (automatic per device).
+        queue_size: jobs that may wait behind the running one, 1..64; further submissions get HTTP 503.
+        max_upload_mb: largest accepted request body in MiB (the image plus an optional mask), 1..1024.
+        max_steps: largest ``steps`` a user may ask for, 1..1000 (bounds the time one job holds the model).
+        max_samples: largest ``samples`` a user may ask for, 1..16.
+        preview_size: longest side in pixels of the progress preview PNG, 32..512.
+        thumbnail_size: longest side in pixels of history thumbnails, 32..256.
+        sse_interval_s: how often the progress stream checks a job for news, seconds, 0.05..5.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="VALD_MD_", extra="ignore", validate_default=True)
+
+    model_dir: Path | None = None
+    data_dir: Path = REPO_ROOT / "data"
+    host: str = "127.0.0.1"
+    allow_remote: bool = False
+    port: int = Field(8000, ge=1, le=65535)
+    device: str | None = None
+    dtype: str | None = None
+    queue_size: int = Field(8, ge=1, le=64)
+    max_upload_mb: int = Field(64, ge=1, le=1024)
+    max_steps: int = Field(250, ge=1, le=1000)
+    max_samples: int = Field(8, ge=1, le=16)
+    preview_size: int = Field(192, ge=32, le=512)
+    thumbnail_size: int = Field(96, ge=32, le=256)
+    sse_interval_s: float = Field(0.25, ge=0.05, le=5.0)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str | None) -> str | None:
+        if v in (None, "", "auto"):
+            return None
+        if not _DEVICE.match(v):
+            raise ValueError(f"device={v!r} is not a device; use 'cpu', 'cuda', 'cuda:N', 'mps' or leave it unset")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, v: str | None) -> str | None:
+        if v in (None, "", "auto"):
+            return None
+        if v not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"dtype={v!r} must be one of fp32, fp16, bf16 (or unset for automatic)")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, v: Path) -> Path:
+        p = v.expanduser().resolve()
+        if p == Path(p.anchor) or p == Path.home().resolve():
+            raise ValueError(f"data_dir={str(v)!r} is a filesystem root or home folder; use a dedicated folder")
+        for served in (REPO_ROOT / "static", REPO_ROOT / "templates", REPO_ROOT / "app"):
+            if p == served or served in p.parents:
+                raise ValueError(f"data_dir={str(v)!r} lies inside {served.name}/, which is served or imported; "
+                                 f"use a folder outside the source tree (default: data/)")
+        return p
+
+    @field_validator("model_dir")
+    @classmethod
+    def _check_model_dir(cls, v: Path | None) -> Path | None:
+        return None if v is None or str(v) == "" else v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _check_host(self) -> Settings:
+        if not self.allow_remote and not _is_loopback(self.host):
+            raise ValueError(
+                f"host={self.host!r} would expose the review server beyond this machine, and accounts are not in "
+                f"place yet; bind 127.0.0.1, or set VALD_MD_ALLOW_REMOTE=1 only behind an authenticating proxy")
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """``max_upload_mb`` in bytes."""
+        return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def runs_dir(self) -> Path:
+        """Folder holding one sub-folder per job: ``<data_dir>/runs``."""
+        return self.data_dir / "runs"
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        """``model_dir``, or the embedded model folder when unset."""
+        return self.model_dir or EMBEDDED_MODEL_DIR
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

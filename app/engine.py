@@ -1,0 +1,543 @@
+"""The counterfactual engine: a diffusers model folder in, healthy (or diseased) counterfactuals out.
+
+The engine wraps the stock ``StableDiffusionImg2ImgPipeline`` (SDEdit-style img2img, Meng et al. 2022) with
+components injected from a local folder: a UNet, an ``AutoencoderKL`` (3-channel SD or 1-channel VALD-MD),
+a scheduler, and a text encoder that may be CLIP or any BERT-family model (the paper's RadBERT, the embedded
+model's MiniLM). Nothing is fetched from a hub.
+
+Order of operations in :meth:`CounterfactualEngine.generate`:
+  1. check inputs; 2. letterbox the native image to the model's square input; 3. encode the prompt (cached);
+  4. run img2img (strength -> effective steps ``int(steps * strength)``); 5. map every sample back to the
+  native frame; 6. autoencoder reconstruction of the input (reference for attribution maps).
+
+One lock serialises calls: the pipeline is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app import imaging
+
+logger = logging.getLogger("vald_md.engine")
+
+MANIFEST = "vald_md.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_weights" / "vald-md-mini"
+
+
+class ModelFolderError(ValueError):
+    """The model folder is missing, incomplete or malformed. The message says what is missing and where."""
+
+
+class GenerationCancelled(Exception):
+    """Raised inside the denoising loop when the caller's cancel event is set (stops within one step)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# presets and schedulers
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    """A named set of generation parameters. strength in (0, 1], guidance_scale >= 1, steps >= 1."""
+
+    name: str
+    prompt: str
+    strength: float
+    guidance_scale: float
+    steps: int
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "healthy": Preset("healthy", "normal chest x-ray", 0.85, 7.5, 75,
+                      "Healthy counterfactual, the paper's setting (Sec. 4: strength 0.85, guidance 7.5, 75 PNDM steps)"),
+    "training-section": Preset("training-section", "normal chest x-ray", 0.55, 4.0, 75,
+                               "The paper's training-section setting (strength 0.55, guidance 4)"),
+}
+
+
+def _scheduler_classes() -> dict[str, Any]:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    return {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
+            "euler": EulerDiscreteScheduler}
+
+
+SCHEDULERS = ("pndm", "ddim", "dpm++", "euler")
+
+
+def effective_steps(steps: int, strength: float) -> int:
+    """Denoising steps img2img actually runs: ``min(int(steps * strength), steps)`` (diffusers' quantisation)."""
+    return min(int(steps * strength), steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model folders
+# ----------------------------------------------------------------------------------------------------------------
+def model_hash(folder: Path) -> str:
+    """SHA-256 over (relative path, SHA-256 of content) of every weight/config file in the folder, sorted.
+
+    Identifies a model independent of where it lies on disk. MODEL_CARD.md and other docs are excluded.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        if f.name == MANIFEST:
+            continue
+        fh = hashlib.sha256()
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                fh.update(chunk)
+        h.update(f"{f.relative_to(folder).as_posix()}\0{fh.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def check_model_folder(folder: Path) -> dict[str, Any]:
+    """Validate a diffusers-format folder and return its ``model_index.json``.
+
+    Raises:
+        ModelFolderError: folder or a required component (unet, vae, scheduler, tokenizer, text_encoder) missing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"Model folder '{folder}' does not exist. Pass --model DIR with a diffusers-format folder "
+            f"(unet/, vae/, scheduler/, tokenizer/, text_encoder/, model_index.json); the embedded default "
+            f"model lives in model_weights/vald-md-mini.")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelFolderError(f"'{folder}' has no model_index.json: it is not a diffusers model folder.")
+    try:
+        spec = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"'{index}' is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    missing = [c for c in ("unet", "vae", "scheduler", "tokenizer", "text_encoder")
+               if c not in spec or not (folder / c).is_dir()]
+    if missing:
+        raise ModelFolderError(f"'{folder}' lacks component(s) {', '.join(missing)}: each needs an entry in "
+                               f"model_index.json and a sub-folder of that name.")
+    return spec
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The folder's ``vald_md.json`` manifest (class prompts, presets, provenance), or {} when absent."""
+    p = Path(folder) / MANIFEST
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def encode_prompt_embeddings(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
+    """Token embeddings exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (no LoRA, no clip-skip).
+
+    Pads to ``tokenizer.model_max_length``; passes the attention mask only when the text encoder's config asks for
+    it (``use_attention_mask``), as diffusers does. Returns float32 (len(prompts), max_length, hidden_size).
+    """
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
+    mask = ids.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        return text_encoder(ids.input_ids.to(text_encoder.device), attention_mask=mask)[0].float()
+
+
+def write_model_folder(out: Path, *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
+                       manifest: dict[str, Any], dtype: torch.dtype = torch.float16,
+                       scheduler: Any | None = None) -> str:
+    """Write a complete diffusers-format model folder (safetensors) plus ``vald_md.json``; return its model hash.
+
+    The scheduler defaults to Stable Diffusion v1's PNDM configuration (the paper's sampler).
+    """
+    from diffusers import PNDMScheduler, StableDiffusionImg2ImgPipeline
+
+    out = Path(out)
+    if scheduler is None:
+        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False,
+                                  steps_offset=1)
+    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.to(dtype)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    pipe.to(torch.float32)
+    digest = model_hash(tmp)
+    (tmp / MANIFEST).write_text(json.dumps({**manifest, "model_hash": digest}, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return digest
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is: folder, content hash, component classes and parameter counts (millions)."""
+
+    path: str
+    name: str
+    model_hash: str
+    components: dict[str, str]
+    parameters_m: dict[str, float]
+    text_encoder_type: str
+    image_size: int
+    image_channels: int
+    class_prompts: dict[str, str]
+    presets: dict[str, dict[str, Any]]
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------------------------
+ProgressCallback = Callable[[int, int, float, "np.ndarray | None"], None]
+"""progress(step, total, elapsed_s, preview) -- step counts from 1; preview is float32 (h, w) in [0, 1] or None."""
+
+
+@dataclass
+class CounterfactualResult:
+    """Output of :meth:`CounterfactualEngine.generate`.
+
+    Attributes:
+        counterfactuals: float32 (S, H, W) in [0, 1], native frame of the input.
+        counterfactuals_model: float32 (S, size, size) in [0, 1], the model's letterboxed frame.
+        input_model: float32 (size, size): the letterboxed input exactly as the model saw it.
+        reconstruction: float32 (H, W): autoencoder round trip of the input, native frame (attribution reference).
+        letterbox: geometry between the native and the model frame.
+        effective_steps: denoising steps (``int(steps * strength)``); start_timestep: first timestep used;
+            unet_evaluations: denoising iterations actually run (PNDM's PLMS warm-up adds one).
+        seeds: one per sample. timings_s: per-stage wall time in seconds. parameters: every request parameter.
+    """
+
+    counterfactuals: np.ndarray
+    counterfactuals_model: np.ndarray
+    input_model: np.ndarray
+    reconstruction: np.ndarray
+    letterbox: Any
+    effective_steps: int
+    start_timestep: int
+    unet_evaluations: int
+    seeds: list[int]
+    timings_s: dict[str, float]
+    model_hash: str
+    parameters: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready description of the run (no pixel data)."""
+        lb = self.letterbox
+        return {
+            "parameters": self.parameters,
+            "effective_steps": self.effective_steps,
+            "start_timestep": self.start_timestep,
+            "unet_evaluations": self.unet_evaluations,
+            "seeds": self.seeds,
+            "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
+            "model_hash": self.model_hash,
+            "letterbox": asdict(lb) if hasattr(lb, "__dataclass_fields__") else str(lb),
+            "library_versions": library_versions(),
+        }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that determine the output."""
+    import diffusers
+    import PIL
+    import pydicom
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+            "pydicom": pydicom.__version__}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------------------------------
+def pick_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16/fp16 when available, else CPU fp32. ``device``/``dtype`` ('fp32','fp16','bf16') override."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype:
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    elif dev.type == "cuda":
+        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dt = torch.float32
+    return dev, dt
+
+
+class CounterfactualEngine:
+    """A model folder loaded once and kept resident; ``generate`` makes counterfactuals.
+
+    Args:
+        model_dir: diffusers-format folder (unet, vae, scheduler, tokenizer, text_encoder [, vald_md.json]).
+        device: 'cuda', 'cuda:1', 'cpu' or None (auto). dtype: 'fp32' | 'fp16' | 'bf16' | None (auto).
+
+    Raises:
+        ModelFolderError: the folder is missing or malformed.
+    """
+
+    def __init__(self, model_dir: Path | str | None = None, *, device: str | None = None,
+                 dtype: str | None = None) -> None:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        folder = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+        spec = check_model_folder(folder)
+        self.device, self.dtype = pick_device(device, dtype)
+        t = time.perf_counter()
+        try:
+            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+                folder, local_files_only=True, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, torch_dtype=self.dtype)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelFolderError(f"Could not load the model in '{folder}': {e}") from None
+        pipe.set_progress_bar_config(disable=True)
+        if self.device.type == "cuda":
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            pipe.unet.set_attn_processor(AttnProcessor2_0())
+        self.pipe = pipe.to(self.device)
+        self.lock = threading.Lock()
+        self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        manifest = read_manifest(folder)
+        self._base_scheduler_config = dict(pipe.scheduler.config)
+        self._schedulers: dict[str, Any] = {}
+        vae_cfg = pipe.vae.config
+        image_size = int(getattr(pipe.unet.config, "sample_size", 64)) * pipe.vae_scale_factor
+        presets = {k: asdict(v) for k, v in PRESETS.items()}
+        presets.update(manifest.get("presets", {}))
+        self.info = ModelInfo(
+            path=str(folder), name=manifest.get("name", folder.name), model_hash=model_hash(folder),
+            components={k: f"{v[0]}.{v[1]}" for k, v in spec.items()
+                        if isinstance(v, list) and len(v) == 2 and v[0] is not None},
+            parameters_m={n: round(sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e6, 2)
+                          for n in ("unet", "vae", "text_encoder")},
+            text_encoder_type=type(pipe.text_encoder).__name__, image_size=image_size,
+            image_channels=int(vae_cfg.in_channels), class_prompts=manifest.get("class_prompts", {}),
+            presets=presets, manifest=manifest)
+        self._preview_proj = self._preview_projection(manifest)
+        logger.info("model %s loaded on %s/%s in %.1f s", self.info.name, self.device, self.dtype,
+                    time.perf_counter() - t)
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def _preview_projection(self, manifest: dict[str, Any]) -> np.ndarray:
+        """(C+1,) weights mapping unscaled latents to gray: from the manifest, else SD's RGB factors averaged."""
+        proj = manifest.get("preview_projection")
+        if proj:
+            return np.asarray(proj, dtype=np.float32)
+        sd_rgb = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                           [-0.184, -0.271, -0.473]], dtype=np.float32)
+        c = self.pipe.unet.config.in_channels
+        w = sd_rgb.mean(1)[:c] if c <= 4 else np.full(c, 1.0 / c, dtype=np.float32)
+        return np.concatenate([w, [0.5]]).astype(np.float32)
+
+    def preview(self, latents: torch.Tensor) -> np.ndarray:
+        """Cheap preview of the current latent: a linear latent->gray projection, float32 (h, w) in [0, 1]."""
+        z = latents[0].float().cpu().numpy() / float(self.pipe.vae.config.scaling_factor)
+        img = np.tensordot(self._preview_proj[:-1], z, axes=(0, 0)) + self._preview_proj[-1]
+        return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+    def _scheduler(self, name: str) -> Any:
+        if name not in SCHEDULERS:
+            raise ValueError(f"scheduler={name!r} is not available; choose one of {', '.join(SCHEDULERS)}")
+        if name not in self._schedulers:
+            cls = _scheduler_classes()[name]
+            extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
+            self._schedulers[name] = cls.from_config(self._base_scheduler_config, **extra)
+        return self._schedulers[name]
+
+    def prompt_embeddings(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) embeddings (1, L, D) on the model's device, cached for repeated prompts (LRU 64)."""
+        key = (prompt, negative_prompt)
+        if key in self._prompt_cache:
+            self._prompt_cache.move_to_end(key)
+            return self._prompt_cache[key]
+        pos, neg = self.pipe.encode_prompt(prompt, self.device, 1, True, negative_prompt)
+        self._prompt_cache[key] = (pos, neg)
+        if len(self._prompt_cache) > 64:
+            self._prompt_cache.popitem(last=False)
+        return pos, neg
+
+    def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
+        """float32 (size, size) in [0, 1] -> (1, C, size, size) on device, C = the autoencoder's channels."""
+        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+        return x.repeat(1, self.info.image_channels, 1, 1).to(self.device, self.dtype)
+
+    def _to_gray(self, t: torch.Tensor) -> np.ndarray:
+        """(S, C, h, w) in [-1, 1] -> float32 (S, h, w) in [0, 1] (channel mean for RGB models)."""
+        return ((t.float().mean(1).clamp(-1, 1) + 1) / 2).cpu().numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def reconstruct_model_frame(self, img_model: np.ndarray) -> np.ndarray:
+        """Autoencoder round trip (posterior mode) of a letterboxed image: float32 (size, size) in [0, 1]."""
+        x = self._to_tensor(img_model) * 2 - 1
+        z = self.pipe.vae.encode(x).latent_dist.mode()
+        return self._to_gray(self.pipe.vae.decode(z).sample)[0]
+
+    # -- the public call ----------------------------------------------------------------------------------------
+    def check_inputs(self, image: np.ndarray, prompt: str, strength: float, guidance_scale: float, steps: int,
+                     samples: int, scheduler: str, seed: int | None) -> None:
+        """Reject bad parameters with a message that quotes the value and says what is allowed."""
+        if not isinstance(image, np.ndarray) or image.ndim != 2 or image.size == 0:
+            raise ValueError(f"image must be a 2-D float array (H, W); got shape {getattr(image, 'shape', None)}")
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise ValueError("image values must be finite and within [0, 1] (use app.imaging.decode_image)")
+        if not isinstance(prompt, str) or len(prompt) > 1000:
+            raise ValueError("prompt must be text of at most 1000 characters")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength} must be in (0, 1]; the paper uses 0.85")
+        if not 1.0 <= guidance_scale <= 30.0:
+            raise ValueError(f"guidance_scale={guidance_scale} must be in [1, 30]; the paper uses 7.5")
+        if not 1 <= steps <= 1000:
+            raise ValueError(f"steps={steps} must be in [1, 1000]; the paper uses 75")
+        if effective_steps(steps, strength) < 1:
+            raise ValueError(f"steps={steps} x strength={strength} gives no denoising step; raise either")
+        if not 1 <= samples <= 16:
+            raise ValueError(f"samples={samples} must be in [1, 16]")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ValueError(f"seed={seed} must be a non-negative integer below 2**63")
+        self._scheduler(scheduler)
+
+    def generate(self, image: np.ndarray, prompt: str = "normal chest x-ray", *, negative_prompt: str = "",
+                 strength: float = 0.85, guidance_scale: float = 7.5, steps: int = 75, seed: int | None = None,
+                 scheduler: str = "pndm", samples: int = 1, progress: ProgressCallback | None = None,
+                 cancel: threading.Event | None = None) -> CounterfactualResult:
+        """Make ``samples`` counterfactuals of ``image`` for ``prompt``.
+
+        Args:
+            image: float32 (H, W) in [0, 1], display-ready (from ``app.imaging.decode_image``), native size.
+            prompt: target description, e.g. "normal chest x-ray" (healthy counterfactual) or "cardiomegaly".
+            negative_prompt: text to steer away from ('' = unconditional).
+            strength: (0, 1], share of the noise schedule re-run; quantised to ``int(steps * strength)`` steps.
+            guidance_scale: classifier-free guidance weight, 1 (off) .. 30.
+            steps: scheduler steps for strength 1.0, 1..1000. seed: None draws one; sample i uses ``seed + i``.
+            scheduler: 'pndm' (paper), 'ddim', 'dpm++', 'euler'. samples: 1..16, run as one batch.
+            progress: called after every denoising step. cancel: set it to stop within one step.
+
+        Raises:
+            ValueError: a parameter is out of range (message says which and the allowed range).
+            GenerationCancelled: ``cancel`` was set.
+        """
+        self.check_inputs(image, prompt, strength, guidance_scale, steps, samples, scheduler, seed)
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+        seeds = [seed + i for i in range(samples)]
+        params = {"prompt": prompt, "negative_prompt": negative_prompt, "strength": strength,
+                  "guidance_scale": guidance_scale, "steps": steps, "seed": seed, "scheduler": scheduler,
+                  "samples": samples}
+        timings: dict[str, float] = {}
+        with self.lock:
+            t0 = time.perf_counter()
+            # 1. geometry: letterbox to the model's square frame
+            img_model, lb = imaging.letterbox(image.astype(np.float32), self.info.image_size)
+            timings["preprocess"] = time.perf_counter() - t0
+            # 2. prompt embeddings (cached)
+            t = time.perf_counter()
+            pos, neg = self.prompt_embeddings(prompt, negative_prompt)
+            timings["text_encoding"] = time.perf_counter() - t
+            # 3. img2img with per-step progress and cooperative cancellation
+            sched = self._scheduler(scheduler)
+            self.pipe.scheduler = sched
+            n_eff = effective_steps(steps, strength)
+            # the number of UNet evaluations img2img will make (PNDM adds one, multistep orders differ)
+            sched.set_timesteps(steps, device=self.device)
+            first_idx = (steps - n_eff) * sched.order
+            n_calls = len(sched.timesteps) - first_idx
+            start_t = int(sched.timesteps[first_idx])
+            marks: dict[str, float] = {}
+            t_start = time.perf_counter()
+
+            def on_step(pipe: Any, i: int, t_step: Any, kw: dict[str, Any]) -> dict[str, Any]:
+                now = time.perf_counter()
+                marks.setdefault("first", now)
+                marks["last"] = now
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled("cancelled by the user")
+                if progress is not None:
+                    progress(i + 1, n_calls, now - t_start, self.preview(kw["latents"]))
+                return kw
+
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled("cancelled before start")
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, image=self._to_tensor(img_model),
+                            strength=strength, guidance_scale=guidance_scale, num_inference_steps=steps,
+                            num_images_per_prompt=samples, generator=gens, output_type="pt",
+                            callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
+            t_end = time.perf_counter()
+            timings["prepare_latents"] = marks.get("first", t_end) - t_start
+            timings["denoising"] = marks.get("last", t_end) - marks.get("first", t_start)
+            timings["vae_decode"] = t_end - marks.get("last", t_end)
+            cf_model = out.images.float().mean(1).clamp(0, 1).cpu().numpy().astype(np.float32)
+            # 4. back to the native frame; 5. autoencoder reconstruction (attribution reference)
+            t = time.perf_counter()
+            cf_native = np.stack([imaging.unletterbox(c, lb) for c in cf_model])
+            recon = imaging.unletterbox(self.reconstruct_model_frame(img_model), lb)
+            timings["postprocess"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t0
+        return CounterfactualResult(
+            counterfactuals=cf_native, counterfactuals_model=cf_model, input_model=img_model,
+            reconstruction=recon.astype(np.float32), letterbox=lb, effective_steps=n_eff, start_timestep=start_t, unet_evaluations=n_calls,
+            seeds=seeds, timings_s=timings, model_hash=self.info.model_hash, parameters=params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# assembling a starting model for training
+# ----------------------------------------------------------------------------------------------------------------
+def assemble_model(base: Path, text_encoder_dir: Path, out: Path) -> dict[str, Any]:
+    """Combine a Stable Diffusion v1.x folder with a BERT-family text encoder (e.g. RadBERT) into a new folder.
+
+    The UNet, autoencoder and scheduler come from ``base``; tokenizer and encoder from ``text_encoder_dir``
+    (a transformers folder). When the encoder's hidden size differs from the UNet's ``cross_attention_dim``, a
+    linear projection is added with diffusers' own mechanism (``encoder_hid_dim_type="text_proj"``), newly
+    initialised; otherwise nothing is added. The result is the starting point for ``vald-md train dreambooth``.
+
+    Returns:
+        A summary: {"projection": bool, "hidden_size": int, "cross_attention_dim": int, "model_hash": str}.
+
+    Raises:
+        ModelFolderError: either folder is missing or malformed.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import PNDMScheduler
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    check_model_folder(base)
+    if not (Path(text_encoder_dir) / "config.json").is_file():
+        raise ModelFolderError(f"'{text_encoder_dir}' has no config.json: not a transformers text-encoder folder")
+    cfg = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True)
+    hidden = int(getattr(cfg, "hidden_size"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir, local_files_only=True)
+        encoder = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True, add_pooling_layer=False)
+    except TypeError:
+        encoder = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True)
+    if tokenizer.model_max_length > 512:
+        tokenizer.model_max_length = 77  # SD's prompt length; BERT tokenizers often say "unlimited"
+    unet_cfg = UNet2DConditionModel.load_config(Path(base) / "unet")
+    cross = int(unet_cfg["cross_attention_dim"])
+    projection = hidden != cross
+    extra = {"encoder_hid_dim": hidden, "encoder_hid_dim_type": "text_proj"} if projection else {}
+    unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet", low_cpu_mem_usage=False, **extra)
+    vae = AutoencoderKL.from_pretrained(Path(base) / "vae")
+    scheduler = PNDMScheduler.from_pretrained(Path(base) / "scheduler")
+    manifest = {"name": Path(out).name, "assembled_from": {"base": str(Path(base).name),
+                                                           "base_hash": model_hash(base),
+                                                           "text_encoder": str(Path(text_encoder_dir).name),
+                                                           "text_encoder_hash": model_hash(text_encoder_dir)},
+                "projection": projection, "library_versions": library_versions()}
+    digest = write_model_folder(out, unet=unet, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                                manifest=manifest, dtype=torch.float32, scheduler=scheduler)
+    return {"projection": projection, "hidden_size": hidden, "cross_attention_dim": cross, "model_hash": digest}

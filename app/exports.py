@@ -1,0 +1,731 @@
+"""Exports of one finished review run folder (see :mod:`app.artifacts` for what the folder holds).
+
+=========================  ================================================================================
+``annotated.png``          burned-in banner, original | overlay with legend, the run's parameters; the same
+                           parameters in PNG text chunks (``vald_md:*``, ``Disclaimer``). No patient data.
+``secondary-capture.dcm``  DICOM Secondary Capture of the overlay (RGB, banner and legend burned in), in the
+                           source's study, referencing the source image. DICOM inputs only.
+``record.json``            the run's ``record.json``, byte for byte.
+``bundle.zip``             every artifact plus ``annotated.png`` (and the ``.dcm`` when a source is given),
+                           in a fixed order with fixed timestamps, so identical runs give identical archives.
+=========================  ================================================================================
+
+The overlay is re-rendered from ``input.png`` (16-bit) and ``attribution.npy`` (plus ``attribution_std.npy`` and
+``mask.png`` when present), so display options (opacity, threshold, mode) can differ from ``overlay.png``.
+Every artifact read is checked against ``record["artifacts_sha256"]`` first: a run folder edited after the run
+is refused rather than exported under the record's name.
+
+Patient data: the annotated PNG and the record carry none. The Secondary Capture keeps the source's
+Study Instance UID (so it files next to the source) but, unless ``include_patient_data=True``, replaces the
+Patient Name and Patient ID by ``"ANONYMOUS"`` and leaves birth date, sex, accession number, study date/time,
+study ID and referring physician empty. That is *not* a DICOM PS3.15 de-identification (the Study Instance UID
+links back to the study), and a PACS will see a second "patient" in the study: opt in when storing the object
+back to the PACS it came from.
+
+Nothing here writes files except :func:`save_export`, which writes atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import zipfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import PersonName
+
+from app import __version__, attribution
+
+__all__ = [
+    "ANONYMOUS",
+    "DISCLAIMER",
+    "EXPORT_KINDS",
+    "MEDIA_TYPES",
+    "SERIES_DESCRIPTION",
+    "ExportError",
+    "build_export",
+    "export_annotated_png",
+    "export_bundle",
+    "export_record_json",
+    "export_secondary_capture",
+    "save_export",
+]
+
+logger = logging.getLogger(__name__)
+
+FloatImage = NDArray[np.float32]
+RGBImage = NDArray[np.uint8]
+
+EXPORT_KINDS = ("annotated.png", "secondary-capture.dcm", "record.json", "bundle.zip")
+MEDIA_TYPES = {
+    "annotated.png": "image/png",
+    "secondary-capture.dcm": "application/dicom",
+    "record.json": "application/json",
+    "bundle.zip": "application/zip",
+}
+DISCLAIMER = attribution.BANNER_TEXT
+"""Burned into every image export and written into every metadata field that takes free text."""
+SERIES_DESCRIPTION = "VALD-MD counterfactual overlay (AI, not for diagnostic use)"
+"""(0008,103E) Series Description. LO holds at most 64 characters, so the full disclaimer goes into
+(0020,4000) Image Comments and (0008,2111) Derivation Description instead."""
+ANONYMOUS = "ANONYMOUS"
+"""(0010,0010) Patient Name and (0010,0020) Patient ID of a Secondary Capture made without patient data."""
+SERIES_NUMBER = 9001
+"""(0020,0011) Series Number of the Secondary Capture: high, so it sorts after the acquired series."""
+MODEL_HASH_PREFIX = 12
+"""Hex characters of the model's SHA-256 shown in burned-in text (the full hash is in the metadata)."""
+
+_OVERLAY_OPTIONS = frozenset({"opacity", "threshold", "threshold_mode", "mode"})
+_KIND_OPTIONS: dict[str, frozenset[str]] = {
+    "annotated.png": _OVERLAY_OPTIONS,
+    "secondary-capture.dcm": _OVERLAY_OPTIONS | {"include_patient_data"},
+    "record.json": frozenset(),
+    "bundle.zip": frozenset({"include_patient_data"}),
+}
+# Bundle order: the artifacts as app.artifacts lists them, then the exports made here.
+_BUNDLE_HEAD = ("input.png",)
+_BUNDLE_TAIL = ("reconstruction.png", "overlay.png", "annotated.png", "attribution.npy", "attribution_std.npy",
+                "mask.png", "record.json", "secondary-capture.dcm")
+_COUNTERFACTUAL = re.compile(r"^counterfactual(?:-(\d+))?\.png$")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a ZIP entry can carry
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Patient (C.7.1.1) and study-level (C.7.2.1, C.7.2.2) attributes copied only with include_patient_data=True.
+_PATIENT_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence", "OtherPatientNames",
+    "EthnicGroup", "PatientComments", "PatientSpeciesDescription", "PatientBreedDescription",
+    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization", "PatientIdentityRemoved",
+    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+)
+_STUDY_KEYWORDS = (
+    "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID",
+    "ReferringPhysicianName", "StudyDescription", "PatientAge", "PatientSize", "PatientWeight",
+)
+_BANNER_BACKGROUND = (255, 196, 0)  # the colour attribution.render_annotated_export uses
+_BANNER_TEXT = (0, 0, 0)
+
+
+class ExportError(ValueError):
+    """An export cannot be made from this run folder or source; the message is for the clinician."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading a run folder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_record(run_dir: Path) -> tuple[dict[str, Any], bytes]:
+    """``record.json`` parsed, and its bytes."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"run folder {run_dir} does not exist; pass the folder a review run wrote.")
+    path = run_dir / "record.json"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ExportError(f"run folder {run_dir} has no record.json; the run did not finish. Run it again.") from None
+    try:
+        record = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"record.json in {run_dir} is not valid JSON ({exc}); the run folder is damaged.") from exc
+    if not isinstance(record, dict):
+        raise ExportError(f"record.json in {run_dir} holds a {type(record).__name__}, not a run record.")
+    return record, data
+
+
+def _read_artifact(run_dir: Path, name: str, record: dict[str, Any]) -> bytes:
+    """The bytes of one artifact, checked against the SHA-256 the record lists for it (when it lists one)."""
+    try:
+        data = (Path(run_dir) / name).read_bytes()
+    except FileNotFoundError:
+        raise ExportError(f"run folder {run_dir} has no {name}; the run did not finish. Run it again.") from None
+    expected = (record.get("artifacts_sha256") or {}).get(name)
+    if expected is not None and _sha256(data) != expected:
+        raise ExportError(
+            f"{name} in {run_dir} does not match the SHA-256 in record.json; the folder was changed after the "
+            "run, so it is not exported. Run the review again."
+        )
+    return data
+
+
+def _decode_input_png(data: bytes, name: str = "input.png") -> FloatImage:
+    """``input.png`` (16-bit grayscale, or 8-bit) as float32 ``(H, W)`` in [0, 1]."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode = img.mode
+            pixels = np.asarray(img)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ExportError(f"{name} is not a readable PNG ({exc}); the run folder is damaged.") from exc
+    if mode.startswith("I;16") or mode == "I":
+        full_scale = 65535.0
+    elif mode == "L":
+        full_scale = 255.0
+    else:
+        raise ExportError(f"{name} has Pillow mode {mode!r}; expected 16-bit grayscale ('I;16') as runs write it.")
+    return np.clip(pixels.astype(np.float32) / np.float32(full_scale), 0.0, 1.0)
+
+
+def _decode_npy(data: bytes, name: str, shape: tuple[int, ...]) -> FloatImage:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ExportError(f"{name} is not a readable .npy array ({exc}); the run folder is damaged.") from exc
+    if arr.shape != shape or not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+        raise ExportError(
+            f"{name} holds a {arr.dtype} array of shape {arr.shape}; expected finite floats of shape {shape} "
+            "(the size of input.png)."
+        )
+    return arr.astype(np.float32, copy=False)
+
+
+def _read_map(run_dir: Path, record: dict[str, Any]) -> tuple[FloatImage, attribution.AttributionMap]:
+    """The original (float32 ``(H, W)`` in [0, 1]) and the attribution map, rebuilt from the run's files."""
+    run_dir = Path(run_dir)
+    original = _decode_input_png(_read_artifact(run_dir, "input.png", record))
+    signed = _decode_npy(_read_artifact(run_dir, "attribution.npy", record), "attribution.npy", original.shape)
+    std = None
+    if (run_dir / "attribution_std.npy").exists():
+        std = _decode_npy(_read_artifact(run_dir, "attribution_std.npy", record), "attribution_std.npy",
+                          original.shape)
+    mask = None
+    if (run_dir / "mask.png").exists():
+        try:
+            mask = attribution.load_mask_png(_read_artifact(run_dir, "mask.png", record), original.shape)
+        except ValueError as exc:
+            raise ExportError(f"mask.png in {run_dir} cannot be used: {exc}") from exc
+    summary = record.get("map_summary") or {}
+    n_samples = int(summary.get("n_samples") or (record.get("parameters") or {}).get("samples") or 1)
+    amap = attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
+                                      n_samples=max(n_samples, 2 if std is not None else 1), mask=mask)
+    return original, amap
+
+
+def _render_overlay(original: FloatImage, amap: attribution.AttributionMap, *, opacity: float,
+                    threshold: float | None, threshold_mode: str, mode: str) -> RGBImage:
+    """The overlay with its legend on the right, ``(H, W + L, 3)`` uint8; bad options become ExportError."""
+    try:
+        return attribution.render_overlay(original, amap, opacity=opacity, threshold=threshold,
+                                          threshold_mode=threshold_mode, mode=mode, legend=True)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parameters shown and embedded
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _seeds(record: dict[str, Any]) -> str:
+    seeds = record.get("seeds")
+    if isinstance(seeds, list) and seeds:
+        return ", ".join(str(s) for s in seeds)
+    return _fmt((record.get("parameters") or {}).get("seed"))
+
+
+def _run_facts(record: dict[str, Any]) -> dict[str, str]:
+    """Machine-readable run facts: ``{key: text}`` for PNG text chunks (keys without the ``vald_md:`` prefix)."""
+    params = record.get("parameters") or {}
+    request = record.get("request") or {}
+    facts = {
+        "prompt": _fmt(params.get("prompt")),
+        "negative_prompt": _fmt(params.get("negative_prompt")),
+        "strength": _fmt(params.get("strength")),
+        "guidance_scale": _fmt(params.get("guidance_scale")),
+        "steps": _fmt(params.get("steps")),
+        "effective_steps": _fmt(record.get("effective_steps")),
+        "seed": _seeds(record),
+        "scheduler": _fmt(params.get("scheduler")),
+        "samples": _fmt(params.get("samples")),
+        "reference": _fmt(request.get("reference")),
+        "smoothing_sigma": _fmt(request.get("smoothing_sigma")),
+        "model_hash": _fmt(record.get("model_hash")),
+        "created_at": _fmt(record.get("created_at")),
+    }
+    return facts
+
+
+def _display_params(facts: dict[str, str], overlay: dict[str, str]) -> dict[str, str]:
+    """Human-readable parameter lines for the burned-in block, in reading order."""
+    model = facts["model_hash"]
+    shown = {
+        "Prompt": facts["prompt"],
+        "Negative prompt": facts["negative_prompt"] or "(none)",
+        "Strength": facts["strength"],
+        "Guidance scale": facts["guidance_scale"],
+        "Steps": f"{facts['steps']} requested, {facts['effective_steps']} effective",
+        "Seed": facts["seed"],
+        "Scheduler": facts["scheduler"],
+        "Samples": facts["samples"],
+        "Map reference": facts["reference"],
+        "Model (SHA-256)": model[:MODEL_HASH_PREFIX] if model != "n/a" else model,
+        "Overlay": ", ".join(f"{k} {v}" for k, v in overlay.items()),
+        "Created (UTC)": facts["created_at"],
+    }
+    return shown
+
+
+def _overlay_facts(opacity: float, threshold: float | None, threshold_mode: str, mode: str) -> dict[str, str]:
+    thr = "none" if threshold is None else (f"{threshold:g} %ile" if threshold_mode == "percentile"
+                                            else f"{threshold:g}")
+    return {"mode": mode, "opacity": f"{opacity:g}", "threshold": thr}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Annotated PNG
+# --------------------------------------------------------------------------------------------------------------
+
+
+def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: float | None = None,
+                         threshold_mode: str = "percentile", mode: str = "magnitude") -> bytes:
+    """An annotated PNG of the run: banner, original | overlay with legend, and the run's parameters.
+
+    The banner :data:`DISCLAIMER` is burned in across the top (by
+    :func:`app.attribution.render_annotated_export`). The same facts are written as PNG text chunks (tEXt, or
+    iTXt where the value is not Latin-1): ``vald_md:prompt``, ``vald_md:negative_prompt``, ``vald_md:strength``,
+    ``vald_md:guidance_scale``, ``vald_md:steps``, ``vald_md:effective_steps``, ``vald_md:seed`` (all sample
+    seeds, comma-separated), ``vald_md:scheduler``, ``vald_md:samples``, ``vald_md:reference``,
+    ``vald_md:smoothing_sigma``, ``vald_md:model_hash`` (full SHA-256), ``vald_md:created_at``,
+    ``vald_md:overlay`` (JSON of the display options), ``vald_md:record_sha256`` (of ``record.json``), plus
+    ``Disclaimer`` and ``Software``. Neither the pixels nor the chunks hold patient data or the folder's path.
+    The output is deterministic: the same run and options give the same bytes.
+
+    Args:
+        run_dir: A finished run folder (see :mod:`app.artifacts`).
+        opacity: Maximum overlay opacity in [0, 1].
+        threshold: Hide |M| below this: a percentile in [0, 100] (``threshold_mode="percentile"``) or an
+            absolute intensity difference (``"absolute"``); ``None`` shows every value.
+        threshold_mode: ``"percentile"`` or ``"absolute"``.
+        mode: ``"magnitude"``, ``"signed"``, ``"outline"`` or ``"stability"`` (several samples only).
+
+    Returns:
+        PNG bytes (8-bit RGB).
+
+    Raises:
+        ExportError: The folder is incomplete, damaged or changed since the run, or an option is out of range.
+    """
+    # 1. read the run
+    record, record_bytes = _read_record(run_dir)
+    original, amap = _read_map(run_dir, record)
+
+    # 2. overlay and the composed image
+    overlay = _render_overlay(original, amap, opacity=opacity, threshold=threshold,
+                              threshold_mode=threshold_mode, mode=mode)
+    facts = _run_facts(record)
+    overlay_facts = _overlay_facts(opacity, threshold, threshold_mode, mode)
+    image = attribution.render_annotated_export(
+        original, overlay, params=_display_params(facts, overlay_facts),
+        title="VALD-MD counterfactual attribution (original − counterfactual)")
+
+    # 3. text chunks
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", f"VALD-MD {__version__}")
+    info.add_text("Disclaimer", DISCLAIMER)  # add_text writes iTXt when the value is not Latin-1 (the em dash)
+    for key, value in facts.items():
+        info.add_text(f"vald_md:{key}", value)
+    info.add_text("vald_md:overlay", json.dumps({"mode": mode, "opacity": opacity, "threshold": threshold,
+                                                  "threshold_mode": threshold_mode}))
+    info.add_text("vald_md:record_sha256", _sha256(record_bytes))
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. DICOM Secondary Capture
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sniff(data: bytes) -> str:
+    """A clinician's name for the format of non-DICOM bytes."""
+    if data.startswith(_PNG_SIGNATURE):
+        return "a PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "a JPEG"
+    if not data:
+        return "empty"
+    return "not a DICOM file"
+
+
+def _read_source(source: bytes | Dataset, record: dict[str, Any]) -> Dataset:
+    """The source's header (no pixels), checked to be this run's DICOM image input."""
+    if isinstance(source, Dataset):
+        ds = source
+    else:
+        data = bytes(source)
+        expected = (record.get("input") or {}).get("sha256")
+        same_file = expected is None or _sha256(data) == expected
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except InvalidDicomError:
+            what = _sniff(data)
+            if same_file and what in ("a PNG", "a JPEG"):
+                raise ExportError(
+                    f"A DICOM Secondary Capture needs a DICOM input; this run's input was {what[2:]}. "
+                    "Export the annotated PNG or the bundle instead."
+                ) from None
+            raise ExportError(
+                f"A DICOM Secondary Capture needs the run's source DICOM file; the file supplied is {what} "
+                "(a DICOM Part 10 file starts with a 128-byte preamble and 'DICM')."
+            ) from None
+        if not same_file:
+            raise ExportError(
+                "The DICOM file supplied is not this run's input (its SHA-256 differs from record.json); "
+                "supply the file the review was run on."
+            )
+    missing = [kw for kw in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID", "Rows", "Columns")
+               if not ds.get(kw)]
+    if missing:
+        raise ExportError(
+            f"The source DICOM lacks {', '.join(missing)}; a Secondary Capture must reference an image in a "
+            "study. Supply the original radiograph."
+        )
+    return ds
+
+
+def _banner_font(size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size_px)
+    except OSError:
+        return ImageFont.load_default(size=size_px)
+
+
+def _burn_in_banner(rgb: RGBImage, text: str) -> RGBImage:
+    """Stack a banner strip with ``text`` on top of ``rgb`` (uint8 ``(H, W, 3)``) → ``(B + H, W, 3)``.
+
+    Font size ~1/40 of the width (10 px minimum), shrunk to fit one line, wrapped when even 10 px does not fit.
+    """
+    width = rgb.shape[1]
+    pad = max(3, width // 160)
+    size = max(10, round(width / 40))
+    font = _banner_font(size)
+    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow's fallback font lacks the em dash
+        text = text.replace("—", "-")
+    while size > 10 and font.getlength(text) > width - 2 * pad:
+        size -= 1
+        font = _banner_font(size)
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width - 2 * pad:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    bbox = font.getbbox("Ag—")
+    line_h = int(bbox[3]) + max(2, size // 5)
+    banner = Image.new("RGB", (width, 2 * pad + line_h * len(lines)), _BANNER_BACKGROUND)
+    draw = ImageDraw.Draw(banner)
+    for i, line in enumerate(lines):
+        x = max(pad, (width - math.ceil(font.getlength(line))) // 2)
+        draw.text((x, pad + i * line_h), line, font=font, fill=_BANNER_TEXT)
+    return np.concatenate([np.asarray(banner, dtype=np.uint8), rgb], axis=0)
+
+
+def _copy_element(target: Dataset, source: Dataset, keyword: str) -> None:
+    """Copy one attribute; text is copied decoded so it is re-encoded in the target's character set."""
+    if keyword not in source:
+        return
+    elem = source[keyword]
+    value = elem.value
+    if isinstance(value, PersonName):
+        value = str(value)
+    elif isinstance(value, list | tuple | pydicom.multival.MultiValue) and value and isinstance(value[0], PersonName):
+        value = [str(v) for v in value]
+    else:
+        value = copy.deepcopy(value)
+    target[elem.tag] = DataElement(elem.tag, elem.VR, value)
+
+
+def _source_reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item
+
+
+def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, include_patient_data: bool = False,
+                             opacity: float = 0.6, threshold: float | None = None,
+                             threshold_mode: str = "percentile", mode: str = "magnitude") -> bytes:
+    """A DICOM Secondary Capture Image of the run's overlay, in the source's study.
+
+    Order of operations: (1) read the source header (``dcmread`` without ``force``, pixels skipped) and check
+    that it is this run's input (SHA-256 against ``record["input"]["sha256"]`` when bytes are given); (2)
+    render the overlay with legend and burn :data:`DISCLAIMER` in as a banner above it; (3) build an
+    ``highdicom.sc.SCImage`` (RGB, 8 bit, Explicit VR Little Endian) with the source's (0020,000D) Study
+    Instance UID and new (0020,000E) Series and (0008,0018) SOP Instance UIDs; (4) set (0008,0008) Image Type
+    ``DERIVED\\SECONDARY\\OTHER``, (0028,0301) Burned In Annotation ``YES``, (0008,103E) Series Description
+    :data:`SERIES_DESCRIPTION`, (0020,4000) Image Comments and (0008,2111) Derivation Description (the
+    disclaimer and the run's parameters), (0008,2112) Source Image Sequence and (0008,1140) Referenced Image
+    Sequence naming the source's SOP Class/Instance UIDs; copy (0020,0020) Patient Orientation, the lossy
+    compression flags (0028,2110)/(0028,2114) and, when ``input.png`` has the source's Rows × Columns,
+    (0028,0030) Pixel Spacing; (5) patient and study identifiers — see below.
+
+    Args:
+        run_dir: A finished run folder whose input was ``source_dicom``.
+        source_dicom: The original DICOM Part 10 bytes the run was made from, or its pydicom ``Dataset``
+            (then the SHA-256 check is skipped).
+        include_patient_data: ``False`` (default): Patient Name and Patient ID are :data:`ANONYMOUS`; birth
+            date, sex, accession number, study date/time, study ID and referring physician are empty. Only
+            the Study Instance UID links the object to its study. ``True``: the Patient module and the
+            study-level identifiers (accession, dates, study ID/description, referring physician, age, size,
+            weight) are copied from the source, as a PACS expects for an object filed into the study.
+        opacity, threshold, threshold_mode, mode: Overlay options, as for :func:`export_annotated_png`.
+
+    Returns:
+        The DICOM Part 10 bytes (SOP Class 1.2.840.10008.5.1.4.1.1.7, new UIDs on every call).
+
+    Raises:
+        ExportError: The source is not DICOM, not an image, or not this run's input; the run folder is
+            incomplete or changed; an overlay option is out of range.
+    """
+    # 1. read the run and the source header
+    record, _ = _read_record(run_dir)
+    source = _read_source(source_dicom, record)
+    original, amap = _read_map(run_dir, record)
+
+    # 2. pixels: banner over overlay | legend
+    overlay = _render_overlay(original, amap, opacity=opacity, threshold=threshold,
+                              threshold_mode=threshold_mode, mode=mode)
+    pixels = np.ascontiguousarray(_burn_in_banner(overlay, DISCLAIMER))
+
+    # 3. the Secondary Capture itself
+    same_frame = original.shape == (int(source.Rows), int(source.Columns))
+    spacing = source.get("PixelSpacing") if same_frame else None
+    facts = _run_facts(record)
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=str(source.StudyInstanceUID),
+        series_instance_uid=hd.UID(),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="VALD-MD",
+        manufacturer_model_name="VALD-MD counterfactual review",
+        software_versions=__version__,
+        series_description=SERIES_DESCRIPTION,
+        patient_id=ANONYMOUS,
+        patient_name=ANONYMOUS,
+        patient_birth_date=None,
+        patient_sex=None,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None,
+        # highdicom insists on an orientation for patient coordinates; the source's (or none) replaces it below
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+        specific_character_set="ISO_IR 192",  # UTF-8: prompts and copied names may be any script
+    )
+
+    # 4. derivation, references and flags
+    sc.ConversionType = "WSD"  # rendered by a workstation, not digitised
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = f"{DISCLAIMER}. Red: where the counterfactual removed density (|original − counterfactual|)."
+    derivation = (
+        f"VALD-MD attribution overlay of an AI-generated counterfactual; {DISCLAIMER}. "
+        + "; ".join(f"{k}={v}" for k, v in facts.items() if k not in ("created_at",))
+    )
+    sc.DerivationDescription = derivation[:1024]  # ST: at most 1024 characters
+    sc.SourceImageSequence = [_source_reference(source)]
+    sc.ReferencedImageSequence = [_source_reference(source)]
+    sc.PatientOrientation = source.get("PatientOrientation", "") or ""
+    if source.get("LossyImageCompression") == "01":  # once lossy, every derived image says so (C.7.6.1.1.5)
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionMethod", "LossyImageCompressionRatio"):
+            _copy_element(sc, source, keyword)
+
+    # 5. patient and study identifiers
+    if include_patient_data:
+        for keyword in _PATIENT_KEYWORDS + _STUDY_KEYWORDS:
+            _copy_element(sc, source, keyword)
+        logger.info("secondary capture includes the source's patient module (include_patient_data=True)")
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, sc, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. JSON record and 4. bundle
+# --------------------------------------------------------------------------------------------------------------
+
+
+def export_record_json(run_dir: Path) -> bytes:
+    """The run's ``record.json``, byte for byte (after checking it parses).
+
+    Raises:
+        ExportError: The folder or its record is missing or not valid JSON.
+    """
+    _, data = _read_record(run_dir)
+    return data
+
+
+def _zip_time(record: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
+    """The run's creation time (UTC) for every entry, so identical runs give identical archives."""
+    try:
+        t = datetime.fromisoformat(str(record.get("created_at")))
+    except ValueError:
+        return _ZIP_EPOCH
+    return (t.year, t.month, t.day, t.hour, t.minute, t.second) if t.year >= 1980 else _ZIP_EPOCH
+
+
+def _bundle_order(names: set[str]) -> list[str]:
+    """``names`` that belong in a bundle, in bundle order (counterfactuals by sample index)."""
+    cfs = sorted((n for n in names if _COUNTERFACTUAL.match(n)),
+                 key=lambda n: int(_COUNTERFACTUAL.match(n).group(1) or 0))  # type: ignore[union-attr]
+    return [n for n in _BUNDLE_HEAD if n in names] + cfs + [n for n in _BUNDLE_TAIL if n in names]
+
+
+def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
+                  include_patient_data: bool = False) -> bytes:
+    """A ZIP of the run: its artifacts, a freshly rendered ``annotated.png`` and, given a DICOM source,
+    ``secondary-capture.dcm``.
+
+    Entries, in this order when present: ``input.png``, ``counterfactual.png``, ``counterfactual-<i>.png``
+    (by ``i``), ``reconstruction.png``, ``overlay.png``, ``annotated.png``, ``attribution.npy``,
+    ``attribution_std.npy``, ``mask.png``, ``record.json``, ``secondary-capture.dcm``. Every entry is
+    deflated and stamped with the run's ``created_at``; the archive comment is :data:`DISCLAIMER`. Artifacts
+    are checked against ``record["artifacts_sha256"]``. Without a DICOM source the archive is deterministic;
+    with one, the Secondary Capture's new UIDs and creation time differ on every call.
+
+    Args:
+        run_dir: A finished run folder.
+        source_dicom: The run's source DICOM (bytes or Dataset), or ``None`` to leave the ``.dcm`` out.
+        include_patient_data: Passed to :func:`export_secondary_capture`.
+
+    Returns:
+        ZIP bytes.
+
+    Raises:
+        ExportError: As for the individual exports.
+    """
+    # 1. collect the entries
+    record, record_bytes = _read_record(run_dir)
+    entries: dict[str, bytes] = {}
+    on_disk = {p.name for p in Path(run_dir).iterdir() if p.is_file()} - {"annotated.png", "secondary-capture.dcm"}
+    for name in _bundle_order(on_disk):  # exports are made afresh below, never taken from the folder
+        entries[name] = record_bytes if name == "record.json" else _read_artifact(run_dir, name, record)
+    entries["annotated.png"] = export_annotated_png(run_dir)
+    if source_dicom is not None:
+        entries["secondary-capture.dcm"] = export_secondary_capture(run_dir, source_dicom,
+                                                                    include_patient_data=include_patient_data)
+
+    # 2. write them in a fixed order with fixed metadata
+    stamp = _zip_time(record)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in _bundle_order(set(entries)):
+            info = zipfile.ZipInfo(name, date_time=stamp)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3  # Unix, so external_attr means the same on every platform
+            info.external_attr = 0o100644 << 16
+            zf.writestr(info, entries[name], compresslevel=6)
+        zf.comment = DISCLAIMER.encode()
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One entry point for the web and the CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None = None,
+                 **options: Any) -> tuple[bytes, str]:
+    """Make one export of a run folder in memory; writes nothing.
+
+    Args:
+        run_dir: A finished run folder.
+        kind: One of :data:`EXPORT_KINDS`.
+        source_dicom: The run's source DICOM; required for ``"secondary-capture.dcm"``, optional for
+            ``"bundle.zip"``, ignored otherwise.
+        **options: ``opacity``, ``threshold``, ``threshold_mode``, ``mode`` (``annotated.png``,
+            ``secondary-capture.dcm``); ``include_patient_data`` (``secondary-capture.dcm``, ``bundle.zip``).
+
+    Returns:
+        ``(content, media type)``, e.g. ``(b"\\x89PNG...", "image/png")``.
+
+    Raises:
+        ExportError: An unknown kind or option, a missing DICOM source, or any error of the export itself.
+    """
+    if kind not in EXPORT_KINDS:
+        raise ExportError(f"unknown export kind {kind!r}; choose one of {', '.join(EXPORT_KINDS)}.")
+    unknown = sorted(set(options) - _KIND_OPTIONS[kind])
+    if unknown:
+        allowed = ", ".join(sorted(_KIND_OPTIONS[kind])) or "none"
+        raise ExportError(f"option(s) {', '.join(unknown)} do not apply to {kind}; its options are: {allowed}.")
+    run_dir = Path(run_dir)
+    if kind == "annotated.png":
+        content = export_annotated_png(run_dir, **options)
+    elif kind == "secondary-capture.dcm":
+        if source_dicom is None:
+            raise ExportError(
+                "A DICOM Secondary Capture needs the run's source DICOM file, and none was supplied; runs made "
+                "from a PNG or JPEG can only be exported as PNG, JSON or ZIP."
+            )
+        content = export_secondary_capture(run_dir, source_dicom, **options)
+    elif kind == "record.json":
+        content = export_record_json(run_dir)
+    else:
+        content = export_bundle(run_dir, source_dicom, **options)
+    return content, MEDIA_TYPES[kind]
+
+
+def save_export(run_dir: Path, kind: str, dest: Path | None = None, source_dicom: bytes | Dataset | None = None,
+                **options: Any) -> Path:
+    """Make one export and write it atomically (temporary file in the same folder, fsync, rename).
+
+    Args:
+        run_dir: A finished run folder.
+        kind: One of :data:`EXPORT_KINDS`.
+        dest: The file to write; default ``run_dir / "exports" / kind``.
+        source_dicom, **options: As for :func:`build_export`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ExportError: As for :func:`build_export`. OSError: The destination cannot be written.
+    """
+    content, _ = build_export(run_dir, kind, source_dicom, **options)
+    path = Path(dest) if dest is not None else Path(run_dir) / "exports" / kind
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,432 @@
+"""Tests for app.attribution on synthetic images whose changed region is known."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFont
+
+from app import attribution as attr
+from app.attribution import (
+    BANNER_TEXT,
+    AttributionMap,
+    MapSettings,
+    changed_region,
+    difference_map,
+    load_mask_png,
+    render_annotated_export,
+    render_legend,
+    render_overlay,
+    summarize,
+    threshold_value,
+)
+
+H, W = 64, 80
+CENTRE = (50.0, 24.0)  # (x, y)
+RADIUS = 10.0
+DELTA = 0.3
+
+
+def disk(
+    cx: float = CENTRE[0], cy: float = CENTRE[1], r: float = RADIUS, shape: tuple[int, int] = (H, W)
+) -> np.ndarray:
+    ys, xs = np.indices(shape)
+    return (xs - cx) ** 2 + (ys - cy) ** 2 <= r**2
+
+
+def background(seed: int = 0, shape: tuple[int, int] = (H, W)) -> np.ndarray:
+    """A smooth, textured 'anatomy' in [0.2, 0.6]."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.indices(shape)
+    base = 0.4 + 0.1 * np.sin(xs / 9.0) * np.cos(ys / 7.0) + 0.05 * rng.random(shape)
+    return base.astype(np.float32)
+
+
+def lesion_pair(seed: int = 0, delta: float = DELTA) -> tuple[np.ndarray, np.ndarray]:
+    """(original with a bright disk, counterfactual without it)."""
+    counterfactual = background(seed)
+    original = counterfactual.copy()
+    original[disk()] += delta
+    return original, counterfactual
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# difference_map / summarize
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_removed_disk_is_found() -> None:
+    original, cf = lesion_pair()
+    amap = difference_map(original, cf)
+    assert amap.signed.dtype == np.float32 and amap.signed.shape == (H, W)
+    assert amap.n_samples == 1 and amap.std is None and amap.mask is None
+    y, x = np.unravel_index(np.argmax(amap.magnitude), amap.shape)
+    assert disk()[y, x]
+    assert np.all(amap.signed[disk()] > 0)  # brighter in the original = removed by the counterfactual
+
+    summary = summarize(amap, threshold=DELTA / 2, mode="absolute")
+    cx, cy = summary.centroid_xy or (np.nan, np.nan)
+    assert abs(cx - CENTRE[0]) < 0.5 and abs(cy - CENTRE[1]) < 0.5
+    assert summary.changed_area_px == disk().sum()
+    assert summary.max_abs_in_mask == pytest.approx(DELTA, abs=1e-5)
+    assert summary.energy_share_in_mask == 1.0
+
+
+@pytest.mark.parametrize(("threshold", "mode"), [(DELTA / 2, "absolute"), (100 * (1 - disk().mean()), "percentile")])
+def test_thresholded_region_matches_disk(threshold: float, mode: str) -> None:
+    original, cf = lesion_pair()
+    amap = difference_map(original, cf, smoothing_sigma=1.0)
+    thr = threshold_value(amap.magnitude, threshold=threshold, mode=mode)
+    assert iou(changed_region(amap.magnitude, thr), disk()) > 0.9
+
+
+def test_mask_restricts_statistics_and_overlay() -> None:
+    original, cf = lesion_pair()
+    second = disk(cx=15.0, cy=45.0, r=6.0)
+    original[second] = np.clip(original[second] + 0.5, 0, 1)
+    lung = np.zeros((H, W), dtype=bool)
+    lung[:, 32:] = True  # contains the first disk only
+    amap = difference_map(original, cf, mask=lung.astype(np.uint8))
+    assert amap.mask is not None and amap.mask.dtype == bool
+
+    summary = summarize(amap, threshold=0.1, mode="absolute")
+    cx, cy = summary.centroid_xy or (np.nan, np.nan)
+    assert abs(cx - CENTRE[0]) < 0.5 and abs(cy - CENTRE[1]) < 0.5  # the brighter disk outside is ignored
+    assert summary.mask_area_px == lung.sum()
+    assert summary.changed_area_fraction == pytest.approx(disk().sum() / lung.sum())
+    assert summary.max_abs_in_mask == pytest.approx(DELTA, abs=1e-5)
+    energy = np.square(original.astype(np.float64) - cf)
+    assert summary.energy_share_in_mask == pytest.approx(energy[lung].sum() / energy.sum(), rel=1e-4)
+    assert 0.0 < summary.energy_share_in_mask < 0.9  # type: ignore[operator]
+
+    overlay = render_overlay(original, amap, opacity=1.0).astype(int)
+    gray = np.rint(np.clip(original, 0, 1) * 255).astype(int)
+    assert np.array_equal(overlay[~lung, 0], gray[~lung])  # nothing drawn outside the mask
+    assert (overlay[disk(), 0] > overlay[disk(), 1]).all()
+
+
+def test_multi_sample_mean_and_std() -> None:
+    original, cf = lesion_pair()
+    same = difference_map(original, np.stack([cf, cf, cf]))
+    assert same.n_samples == 3 and same.std is not None
+    np.testing.assert_allclose(same.std, 0.0, atol=1e-7)
+    np.testing.assert_allclose(same.signed, difference_map(original, cf).signed, atol=1e-6)
+
+    other = cf.copy()
+    varying = disk(cx=20.0, cy=40.0, r=5.0)
+    other[varying] += 0.2
+    amap = difference_map(original, np.stack([cf, other]), smoothing_sigma=0.0)
+    assert amap.std is not None
+    assert (amap.std[varying] > 0.1).all() and np.allclose(amap.std[~varying], 0.0, atol=1e-7)
+    np.testing.assert_allclose(amap.signed[varying], -0.1, atol=1e-6)
+    summary = summarize(amap)
+    assert summary.n_samples == 2 and summary.mean_std_in_mask is not None and summary.mean_std_in_mask > 0
+    json.dumps(summary.to_dict())  # JSON-ready
+
+
+def test_smoothing_spreads_but_keeps_mean() -> None:
+    original, cf = lesion_pair()
+    raw = difference_map(original, cf)
+    smooth = difference_map(original, cf, smoothing_sigma=2.0)
+    assert smooth.magnitude.max() < raw.magnitude.max()
+    assert smooth.signed.sum() == pytest.approx(raw.signed.sum(), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"counterfactuals": np.zeros((H, W + 1), np.float32)}, "same native frame"),
+        ({"reference": np.full((H, W), np.nan, np.float32)}, "non-finite"),
+        ({"reference": np.full((H, W), 255.0, np.float32)}, "Divide 8-bit data by 255"),
+        ({"reference": np.zeros((H, W, 3), np.float32)}, "convert RGB to grayscale"),
+        ({"mask": np.ones((H + 1, W), bool)}, "resize it to the image"),
+        ({"mask": np.full((H, W), 0.7)}, "mask > 0.5"),
+        ({"mask": np.zeros((H, W), bool)}, "selects no pixels"),
+        ({"smoothing_sigma": -1.0}, "-1.0"),
+    ],
+)
+def test_difference_map_rejects_bad_input(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {
+        "reference": np.zeros((H, W), np.float32),
+        "counterfactuals": np.zeros((H, W), np.float32),
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        difference_map(args.pop("reference"), args.pop("counterfactuals"), **args)  # type: ignore[arg-type]
+
+
+def test_threshold_validation_and_settings() -> None:
+    mag = np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W)
+    assert threshold_value(mag, threshold=50, mode="percentile") == pytest.approx(0.5, abs=1e-3)
+    assert threshold_value(mag, threshold=0.25, mode="absolute") == 0.25
+    with pytest.raises(ValueError, match="150"):
+        threshold_value(mag, threshold=150, mode="percentile")
+    with pytest.raises(ValueError, match="'otsu'"):
+        threshold_value(mag, threshold=1, mode="otsu")
+    assert MapSettings().threshold_mode == "percentile"
+    with pytest.raises(ValueError, match=r"-0\.1"):
+        MapSettings(threshold=-0.1, threshold_mode="absolute")
+    with pytest.raises(ValueError, match="smoothing_sigma"):
+        MapSettings(smoothing_sigma=float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overlay
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_overlay_alpha_monotone_in_magnitude() -> None:
+    original = np.full((H, W), 0.5, np.float32)
+    ramp = np.tile(np.linspace(0.0, 0.5, W, dtype=np.float32), (H, 1))  # removed density grows to the right
+    amap = difference_map(original, original - ramp)
+    out = render_overlay(original, amap, opacity=0.8, scale=0.4)
+    assert out.dtype == np.uint8 and out.shape == (H, W, 3)
+    redness = out[0, :, 0].astype(int) - out[0, :, 1].astype(int)
+    assert np.all(np.diff(redness) >= 0) and redness[0] == 0 and redness[-1] > 150
+    assert np.array_equal(out[0, -1], out[0, -2])  # saturated beyond the scale
+
+
+def test_signed_mode_colours() -> None:
+    original = np.full((H, W), 0.5, np.float32)
+    cf = original.copy()
+    cf[:, : W // 2] -= 0.3  # the counterfactual darkens the left half: removed -> red
+    cf[:, W // 2 :] += 0.3  # and brightens the right half: added -> blue
+    out = render_overlay(original, difference_map(original, cf), mode="signed", opacity=1.0).astype(int)
+    left, right = out[H // 2, 5], out[H // 2, -5]
+    assert left[0] > 200 and left[2] < 60
+    assert right[2] > 200 and right[0] < 100
+    magnitude = render_overlay(original, difference_map(original, cf), mode="magnitude", opacity=1.0)
+    assert magnitude[H // 2, -5, 0] > 200  # magnitude mode is single-hue red everywhere
+
+
+def test_fixed_scale_makes_overlays_comparable() -> None:
+    original_a, cf_a = lesion_pair(seed=1)
+    cf_b = cf_a.copy()
+    original_b = original_a.copy()
+    extra = disk(cx=15.0, cy=45.0, r=6.0)
+    original_b[extra] = np.clip(original_b[extra] + 0.6, 0, 1)  # image B also has a much stronger change
+    map_a, map_b = difference_map(original_a, cf_a), difference_map(original_b, cf_b)
+    d = disk()
+    fixed_a = render_overlay(original_a, map_a, scale=0.5)
+    fixed_b = render_overlay(original_b, map_b, scale=0.5)
+    assert np.array_equal(fixed_a[d], fixed_b[d])
+    own_a, own_b = render_overlay(original_a, map_a), render_overlay(original_b, map_b)
+    assert own_a[d, 0].mean() > own_b[d, 0].mean()  # own-percentile scaling is not comparable
+
+
+def test_threshold_hides_small_values() -> None:
+    original, cf = lesion_pair()
+    cf_faint = cf.copy()
+    faint = disk(cx=15.0, cy=45.0, r=6.0)
+    cf_faint[faint] -= 0.05
+    amap = difference_map(original, cf_faint)
+    gray = np.rint(original * 255).astype(np.uint8)
+    shown = render_overlay(original, amap, scale=0.3)
+    hidden = render_overlay(original, amap, scale=0.3, threshold=0.1, threshold_mode="absolute")
+    assert not np.array_equal(shown[faint, 0], gray[faint])
+    assert np.array_equal(hidden[faint, 0], gray[faint])
+    assert np.array_equal(hidden[disk()], shown[disk()])
+
+
+def test_outline_mode_draws_contour_only() -> None:
+    original, cf = lesion_pair()
+    amap = difference_map(original, cf)
+    out = render_overlay(original, amap, mode="outline", threshold=DELTA / 2, threshold_mode="absolute", opacity=1.0)
+    red = (out[..., 0] == 255) & (out[..., 1] == 0)
+    inner = disk(r=RADIUS - 2)
+    assert red.sum() > 0 and not red[inner].any() and not red[~disk()].any()
+    ys, xs = np.nonzero(red)
+    assert abs(xs.mean() - CENTRE[0]) < 1 and abs(ys.mean() - CENTRE[1]) < 1
+
+
+def test_stability_mode_needs_samples() -> None:
+    original, cf = lesion_pair()
+    with pytest.raises(ValueError, match="S > 1"):
+        render_overlay(original, difference_map(original, cf), mode="stability")
+    other = cf.copy()
+    other[disk()] += 0.1
+    out = render_overlay(original, difference_map(original, np.stack([cf, other])), mode="stability", opacity=1.0)
+    assert out[int(CENTRE[1]), int(CENTRE[0]), 1] > out[5, 5, 1]  # amber where samples disagree
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"opacity": 1.5}, "1.5"),
+        ({"opacity": float("nan")}, "opacity"),
+        ({"scale": 0.0}, "scale"),
+        ({"mode": "heat"}, "'heat'"),
+        ({"threshold": 101.0}, "101.0"),
+        ({"legend_position": "left"}, "'left'"),
+    ],
+)
+def test_overlay_rejects_bad_arguments(kwargs: dict[str, object], message: str) -> None:
+    original, cf = lesion_pair()
+    with pytest.raises(ValueError, match=message):
+        render_overlay(original, difference_map(original, cf), **kwargs)  # type: ignore[arg-type]
+
+
+def test_overlay_rejects_shape_mismatch() -> None:
+    original, cf = lesion_pair()
+    with pytest.raises(ValueError, match=r"\(32, 32\)"):
+        render_overlay(np.zeros((32, 32), np.float32), difference_map(original, cf))
+
+
+@pytest.mark.parametrize("mode", ["magnitude", "signed", "outline", "stability"])
+def test_legend_adds_columns_or_rows(mode: str) -> None:
+    original, cf = lesion_pair()
+    amap = difference_map(original, np.stack([cf, np.clip(cf + 0.01, 0, 1)]))
+    right = render_overlay(original, amap, mode=mode, legend=True)
+    assert right.shape[0] == H and right.shape[1] > W and right.dtype == np.uint8
+    bottom = render_overlay(original, amap, mode=mode, legend=True, legend_position="bottom")
+    assert bottom.shape[1] == W and bottom.shape[0] > H
+    plain = render_overlay(original, amap, mode=mode)
+    assert np.array_equal(right[:, :W], plain) and np.array_equal(bottom[:H], plain)
+
+
+def test_legend_gradient_and_scaling() -> None:
+    small, large = render_legend(256, 0.2, "magnitude"), render_legend(1024, 0.2, "magnitude")
+    assert small.shape[0] == 256 and large.shape[0] == 1024 and large.shape[1] > small.shape[1]
+    column = small[:, 6 + 4]  # inside the bar: red rises towards the top
+    reds = column[:, 0].astype(int) - column[:, 1].astype(int)
+    assert reds[20] > reds[-20] + 100
+    strip = render_legend(300, 0.2, "signed", position="bottom")
+    assert strip.shape[1] == 300
+    with pytest.raises(ValueError, match="-1"):
+        render_legend(256, -1.0, "magnitude")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mask loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_load_mask_png_resizes_nearest() -> None:
+    small = np.zeros((16, 20), np.uint8)
+    small[:, 10:] = 255  # right half
+    mask = load_mask_png(png_bytes(small), (H, W))
+    assert mask.dtype == bool and mask.shape == (H, W)
+    assert mask[:, W // 2 :].all() and not mask[:, : W // 2].any()
+
+
+@pytest.mark.parametrize("kind", ["label01", "rgba", "uint16"])
+def test_load_mask_png_formats(kind: str) -> None:
+    region = np.zeros((H, W), bool)
+    region[10:30, 20:60] = True
+    if kind == "label01":
+        data = png_bytes(region.astype(np.uint8))
+    elif kind == "rgba":  # white everywhere, opaque only inside the region
+        rgba = np.full((H, W, 4), 255, np.uint8)
+        rgba[..., 3] = region * 255
+        data = png_bytes(rgba)
+    else:
+        data = png_bytes((region * 65535).astype(np.uint16))
+    assert np.array_equal(load_mask_png(data, (H, W)), region)
+
+
+def test_load_mask_png_rejects_garbage_and_empty() -> None:
+    with pytest.raises(ValueError, match="not a readable image"):
+        load_mask_png(b"not a png", (H, W))
+    with pytest.raises(ValueError, match="mask is empty"):
+        load_mask_png(png_bytes(np.zeros((8, 8), np.uint8)), (H, W))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Annotated export and text
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_annotated_export_has_banner_panels_and_params() -> None:
+    original, cf = lesion_pair()
+    overlay = render_overlay(original, difference_map(original, cf), legend=True)
+    params = {"model": "vald-md-default", "seed": "1234", "steps": "50", "sha256": "ab" * 32}
+    img = render_annotated_export(original, overlay, params=params, title="Case 1")
+    assert isinstance(img, Image.Image) and img.mode == "RGB"
+    assert img.width > W + overlay.shape[1] and img.height > H + 4 * len(params)
+    pixels = np.asarray(img)
+    banner_colour = np.all(pixels == attr._BANNER_BACKGROUND, axis=-1)
+    assert banner_colour[0].all()  # the banner spans the full width at the top
+    banner_rows = np.flatnonzero(banner_colour.mean(axis=1) > 0.5)
+    band = pixels[: banner_rows.max() + 1]
+    text_pixels = np.all(band < 100, axis=-1)  # dark text on the amber band
+    assert text_pixels.sum() > 50
+    # both panels are pasted unchanged
+    assert any(
+        np.array_equal(pixels[y : y + H, x : x + overlay.shape[1]], overlay) for y, x in _candidates(pixels, overlay)
+    )
+    # the parameter block sits below the images
+    assert (pixels[-(3 * 12) :] > 150).any()
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _candidates(pixels: np.ndarray, patch: np.ndarray) -> list[tuple[int, int]]:
+    ys, xs = np.nonzero(np.all(pixels == patch[0, 0], axis=-1))
+    return [(int(y), int(x)) for y, x in zip(ys, xs, strict=True)][:200]
+
+
+def test_export_text_scales_with_image_size() -> None:
+    def banner_ink_height(size: int) -> int:
+        """Height in pixels of the first line of dark banner text."""
+        original = np.full((size, size), 0.5, np.float32)
+        overlay = np.repeat((original[..., None] * 255).astype(np.uint8), 3, axis=2)
+        pixels = np.asarray(render_annotated_export(original, overlay, params={"seed": "1"}, title="t"))
+        in_banner = np.all(pixels[:, 0] == attr._BANNER_BACKGROUND, axis=-1)
+        band = pixels[: np.flatnonzero(in_banner).max() + 1]
+        rows = np.flatnonzero(np.all(band < 100, axis=-1).any(axis=1))
+        first_line = rows[: np.argmax(np.diff(np.append(rows, rows[-1] + 99)) > 1) + 1]
+        return int(first_line[-1] - first_line[0] + 1)
+
+    small, large = banner_ink_height(128), banner_ink_height(1024)
+    assert large >= 20  # ~31 px type at 1024 px images
+    assert large >= 1.8 * small
+
+
+def test_export_rejects_mismatched_overlay() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        render_annotated_export(np.zeros((H, W), np.float32), np.zeros((H, W, 3)), params={}, title="t")
+    with pytest.raises(ValueError, match=r"\(32, 32\)"):
+        render_annotated_export(np.zeros((32, 32), np.float32), np.zeros((H, W, 3), np.uint8), params={}, title="t")
+
+
+@pytest.mark.parametrize("font_source", ["builtin", "preferred"])
+def test_em_dash_renders_as_a_dash(font_source: str) -> None:
+    """The banner's em dash must be a long rule, not a .notdef box or a hyphen, whatever font is found."""
+    font = ImageFont.load_default(size=24) if font_source == "builtin" else attr._font(24)
+    em = attr._text_image("—", font, (255, 255, 255), (0, 0, 0))
+    ink = np.asarray(em)[..., 0] > 128
+    rows = np.flatnonzero(ink.any(axis=1))
+    cols = np.flatnonzero(ink.any(axis=0))
+    assert rows.size and rows.size <= 4  # a thin horizontal rule, not a box
+    assert cols.size >= 0.6 * 24  # at least ~ an em wide
+    hyphen = np.asarray(attr._text_image("-", font, (255, 255, 255), (0, 0, 0)))[..., 0] > 128
+    assert cols.size > 1.5 * np.flatnonzero(hyphen.any(axis=0)).size
+
+
+def test_wrap_splits_long_words() -> None:
+    font = attr._font(12)
+    lines = attr._wrap("sha256: " + "f" * 200, font, 150)
+    assert len(lines) > 2 and all(attr._text_width(line, font) <= 150 for line in lines)
+    assert "".join(lines[1:]) == "f" * 200 or "".join(lines).replace(" ", "").endswith("f" * 200)
+
+
+def test_attribution_map_region_mask() -> None:
+    amap = AttributionMap(
+        signed=np.zeros((4, 5), np.float32), magnitude=np.zeros((4, 5), np.float32), std=None, n_samples=1, mask=None
+    )
+    assert amap.shape == (4, 5) and amap.region_mask().all()
+    assert BANNER_TEXT.startswith("AI-generated counterfactual")

@@ -1,0 +1,143 @@
+"""The counterfactual engine on a tiny in-code model: loading, determinism, strength/steps, cancel, geometry."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from app import engine
+from tests.tiny_model import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+    return engine.CounterfactualEngine(folder, device="cpu")
+
+
+def _image(h: int = 40, w: int = 24, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((h, w), dtype=np.float32)
+
+
+def test_loads_bert_encoder_and_reports_identity(tiny):
+    info = tiny.info
+    assert info.text_encoder_type == "BertModel"
+    assert info.image_size == 32 and info.image_channels == 1
+    assert len(info.model_hash) == 64
+    assert info.class_prompts == {"normal": "normal chest x ray"}
+    assert info.parameters_m["unet"] > 0
+
+
+def test_same_seed_same_output_and_different_seed_differs(tiny):
+    img = _image()
+    a = tiny.generate(img, "normal chest x ray", strength=0.8, steps=5, seed=3)
+    b = tiny.generate(img, "normal chest x ray", strength=0.8, steps=5, seed=3)
+    c = tiny.generate(img, "normal chest x ray", strength=0.8, steps=5, seed=4)
+    np.testing.assert_array_equal(a.counterfactuals, b.counterfactuals)
+    assert np.abs(a.counterfactuals - c.counterfactuals).max() > 1e-4
+    assert a.seeds == [3]
+
+
+@pytest.mark.parametrize("steps,strength,expected", [(10, 0.5, 5), (75, 0.85, 63), (10, 1.0, 10), (7, 0.3, 2)])
+def test_effective_steps_follow_diffusers_quantisation(tiny, steps, strength, expected):
+    seen: list[tuple[int, int]] = []
+    r = tiny.generate(_image(), "normal", strength=strength, steps=steps, seed=0,
+                      progress=lambda k, n, el, prev: seen.append((k, n)))
+    assert r.effective_steps == expected == engine.effective_steps(steps, strength)
+    # PNDM (PLMS, skip_prk_steps) makes one extra warm-up evaluation
+    assert r.unet_evaluations == expected + 1 == len(seen)
+    assert seen[-1] == (len(seen), len(seen))
+
+
+def test_native_frame_exact_for_odd_sizes(tiny):
+    for h, w in [(33, 17), (31, 64), (5, 3)]:
+        r = tiny.generate(_image(h, w), "normal", strength=0.5, steps=4, seed=1, samples=2)
+        assert r.counterfactuals.shape == (2, h, w)
+        assert r.counterfactuals_model.shape == (2, 32, 32)
+        assert r.reconstruction.shape == (h, w)
+        assert r.counterfactuals.dtype == np.float32
+        assert 0.0 <= r.counterfactuals.min() and r.counterfactuals.max() <= 1.0
+
+
+def test_samples_use_consecutive_seeds_and_match_single_runs(tiny):
+    img = _image()
+    batch = tiny.generate(img, "normal", strength=0.6, steps=5, seed=10, samples=2)
+    single = tiny.generate(img, "normal", strength=0.6, steps=5, seed=11)
+    assert batch.seeds == [10, 11]
+    np.testing.assert_allclose(batch.counterfactuals[1], single.counterfactuals[0], atol=2e-4)
+
+
+def test_cancel_stops_within_one_step(tiny):
+    cancel = threading.Event()
+    calls: list[int] = []
+
+    def progress(k, n, el, prev):
+        calls.append(k)
+        if k == 2:
+            cancel.set()
+
+    with pytest.raises(engine.GenerationCancelled):
+        tiny.generate(_image(), "normal", strength=1.0, steps=20, seed=0, progress=progress, cancel=cancel)
+    assert calls == [1, 2]
+    # the engine stays usable after a cancellation (the lock was released)
+    assert tiny.generate(_image(), "normal", strength=0.5, steps=2, seed=0).effective_steps == 1
+
+
+@pytest.mark.parametrize("sched", engine.SCHEDULERS)
+def test_every_scheduler_runs(tiny, sched):
+    r = tiny.generate(_image(), "cardiomegaly", strength=0.75, steps=4, seed=0, scheduler=sched)
+    assert r.parameters["scheduler"] == sched and np.isfinite(r.counterfactuals).all()
+
+
+def test_preview_is_cheap_and_in_range(tiny):
+    previews = []
+    tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=0,
+                  progress=lambda k, n, el, prev: previews.append(prev))
+    assert previews[0].shape == (16, 16) and 0 <= previews[0].min() and previews[0].max() <= 1
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"strength": 0.0}, "strength=0.0"), ({"strength": 1.5}, "strength=1.5"), ({"guidance_scale": 0.5}, "guidance"),
+    ({"steps": 0}, "steps=0"), ({"samples": 0}, "samples=0"), ({"scheduler": "foo"}, "scheduler='foo'"),
+    ({"steps": 2, "strength": 0.2}, "no denoising step"), ({"seed": -1}, "seed=-1"),
+])
+def test_bad_parameters_are_refused_with_the_value(tiny, kwargs, fragment):
+    with pytest.raises(ValueError, match=None) as e:
+        tiny.generate(_image(), "normal", **kwargs)
+    assert fragment in str(e.value)
+
+
+def test_bad_image_refused(tiny):
+    with pytest.raises(ValueError, match="within"):
+        tiny.generate(np.full((8, 8), 2.0, np.float32), "normal")
+
+
+def test_record_is_json(tiny):
+    r = tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=5)
+    rec = json.loads(json.dumps(r.record()))
+    assert rec["parameters"]["seed"] == 5 and rec["model_hash"] == tiny.info.model_hash
+    assert rec["effective_steps"] == 2 and "torch" in rec["library_versions"]
+    assert set(rec["timings_s"]) >= {"text_encoding", "denoising", "vae_decode", "total"}
+
+
+def test_prompt_embeddings_match_training_encoder(tiny):
+    pos, neg = tiny.prompt_embeddings("normal chest x ray", "")
+    direct = engine.encode_prompt_embeddings(tiny.pipe.tokenizer, tiny.pipe.text_encoder, ["normal chest x ray", ""])
+    np.testing.assert_allclose(pos[0].numpy(), direct[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(neg[0].numpy(), direct[1].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("setup,fragment", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.mkdir(), "model_index.json"),
+    (lambda p: (p.mkdir(), (p / "model_index.json").write_text("{")), "not valid JSON"),
+    (lambda p: (p.mkdir(), (p / "model_index.json").write_text('{"unet": ["diffusers", "X"]}')), "lacks"),
+])
+def test_malformed_model_folder_is_explained(tmp_path, setup, fragment):
+    folder = tmp_path / "m"
+    setup(folder)
+    with pytest.raises(engine.ModelFolderError, match=fragment):
+        engine.CounterfactualEngine(folder, device="cpu")

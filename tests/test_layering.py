@@ -1,0 +1,76 @@
+"""The import graph is the architecture (shared/STYLE.md): read every module's imports and check the layers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+APP = Path(__file__).resolve().parent.parent / "app"
+
+# module (first component under app/) -> app modules it must never import
+FORBIDDEN: dict[str, set[str]] = {
+    "config": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit",
+               "exports", "cli", "metrics"},
+    "imaging": {"attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports",
+                "cli", "metrics", "config"},
+    "attribution": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
+    "metrics": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
+    "engine": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
+    "audit": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
+              "cli"},
+    "migrations": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "cli"},
+    "artifacts": {"jobs", "web", "train", "evaluate", "audit", "cli"},
+    "exports": {"engine", "jobs", "web", "train", "evaluate", "audit", "cli"},
+    "train": {"jobs", "web", "evaluate", "audit", "cli"},
+    "evaluate": {"jobs", "web", "train", "audit", "cli"},
+    "jobs": {"web", "train", "evaluate", "cli"},
+    "web": {"train", "cli"},
+}
+# modules that may not import torch/diffusers at all (pure numpy / database layers)
+NO_TORCH = {"imaging", "attribution", "audit", "exports", "config", "migrations"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.level:  # relative import inside a package: resolve against app/
+                pkg = path.parent.relative_to(APP.parent).parts
+                base = ".".join(pkg[: len(pkg) - node.level + 1])
+                found.add(f"{base}.{node.module}")
+            elif node.module == "app":
+                found.update(f"app.{a.name}" for a in node.names)
+            else:
+                found.add(node.module)
+    return found
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for p in sorted(APP.rglob("*.py")):
+        rel = p.relative_to(APP).parts
+        out.append((rel[0].removesuffix(".py"), p))
+    return out
+
+
+@pytest.mark.parametrize("layer,path", _modules(), ids=lambda v: str(v).split("app/")[-1])
+def test_imports_flow_one_way(layer, path):
+    imported = _imports(path)
+    app_deps = {m.split(".")[1] for m in imported if m.startswith("app.") and len(m.split(".")) > 1}
+    bad = app_deps & FORBIDDEN.get(layer, set())
+    assert not bad, f"{path.relative_to(APP.parent)} ({layer}) imports {sorted(bad)}, against the layering"
+    if layer in NO_TORCH:
+        heavy = {m.split(".")[0] for m in imported} & {"torch", "diffusers", "transformers", "fastapi"}
+        assert not heavy, f"{path.relative_to(APP.parent)} must stay free of {sorted(heavy)}"
+
+
+def test_nothing_imports_web():
+    for layer, path in _modules():
+        if layer in ("web", "cli"):
+            continue
+        assert not any(m.startswith("app.web") for m in _imports(path)), f"{path} imports app.web"
