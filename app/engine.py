@@ -364,7 +364,8 @@ class CounterfactualEngine:
         if key in self._prompt_cache:
             self._prompt_cache.move_to_end(key)
             return self._prompt_cache[key]
-        pos, neg = self.pipe.encode_prompt(prompt, self.device, 1, True, negative_prompt)
+        with torch.no_grad():
+            pos, neg = self.pipe.encode_prompt(prompt, self.device, 1, True, negative_prompt)
         self._prompt_cache[key] = (pos, neg)
         if len(self._prompt_cache) > 64:
             self._prompt_cache.popitem(last=False)

@@ -81,7 +81,8 @@ MEDIA_TYPES = {
     "bundle.zip": "application/zip",
 }
 DISCLAIMER = attribution.BANNER_TEXT
-"""Burned into every image export and written into every metadata field that takes free text."""
+"""Burned into the annotated PNG and the Secondary Capture; also the PNG ``Disclaimer`` chunk, (0020,4000) Image
+Comments, (0008,2111) Derivation Description and the ZIP archive comment."""
 SERIES_DESCRIPTION = "VALD-MD counterfactual overlay (AI, not for diagnostic use)"
 """(0008,103E) Series Description. LO holds at most 64 characters, so the full disclaimer goes into
 (0020,4000) Image Comments and (0008,2111) Derivation Description instead."""
@@ -184,7 +185,8 @@ def _decode_input_png(data: bytes, name: str = "input.png") -> FloatImage:
         full_scale = 255.0
     else:
         raise ExportError(f"{name} has Pillow mode {mode!r}; expected 16-bit grayscale ('I;16') as runs write it.")
-    return np.clip(pixels.astype(np.float32) / np.float32(full_scale), 0.0, 1.0)
+    out: FloatImage = np.clip(pixels.astype(np.float32) / np.float32(full_scale), 0.0, 1.0)
+    return out
 
 
 def _decode_npy(data: bytes, name: str, shape: tuple[int, ...]) -> FloatImage:
@@ -197,7 +199,8 @@ def _decode_npy(data: bytes, name: str, shape: tuple[int, ...]) -> FloatImage:
             f"{name} holds a {arr.dtype} array of shape {arr.shape}; expected finite floats of shape {shape} "
             "(the size of input.png)."
         )
-    return arr.astype(np.float32, copy=False)
+    out: FloatImage = arr.astype(np.float32, copy=False)
+    return out
 
 
 def _read_map(run_dir: Path, record: dict[str, Any]) -> tuple[FloatImage, attribution.AttributionMap]:
@@ -391,7 +394,7 @@ def _read_source(source: bytes | Dataset, record: dict[str, Any]) -> Dataset:
             what = _sniff(data)
             if same_file and what in ("a PNG", "a JPEG"):
                 raise ExportError(
-                    f"A DICOM Secondary Capture needs a DICOM input; this run's input was {what[2:]}. "
+                    f"A DICOM Secondary Capture needs a DICOM input; this run's input was {what}. "
                     "Export the annotated PNG or the bundle instead."
                 ) from None
             raise ExportError(
@@ -536,7 +539,7 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
         software_versions=__version__,
         series_description=SERIES_DESCRIPTION,
         patient_id=ANONYMOUS,
-        patient_name=ANONYMOUS,
+        patient_name=None,  # set below: highdicom warns about one-component names, which DICOM allows
         patient_birth_date=None,
         patient_sex=None,
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None,
@@ -547,17 +550,23 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
     )
 
     # 4. derivation, references and flags
+    sc.PatientName = ANONYMOUS
     sc.ConversionType = "WSD"  # rendered by a workstation, not digitised
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = f"{DISCLAIMER}. Red: where the counterfactual removed density (|original − counterfactual|)."
+    sc.ImageComments = (f"{DISCLAIMER}. Overlay ({mode}) of original − counterfactual; red: density the "
+                        "counterfactual removed.")
     derivation = (
-        f"VALD-MD attribution overlay of an AI-generated counterfactual; {DISCLAIMER}. "
-        + "; ".join(f"{k}={v}" for k, v in facts.items() if k not in ("created_at",))
+        f"Attribution overlay (original − counterfactual) rendered by VALD-MD {__version__}. {DISCLAIMER}. "
+        + "; ".join(f"{k}={v}" for k, v in facts.items())
     )
     sc.DerivationDescription = derivation[:1024]  # ST: at most 1024 characters
     sc.SourceImageSequence = [_source_reference(source)]
     sc.ReferencedImageSequence = [_source_reference(source)]
-    sc.PatientOrientation = source.get("PatientOrientation", "") or ""
+    del sc.PatientOrientation
+    if source.get("PatientOrientation"):
+        _copy_element(sc, source, "PatientOrientation")
+    else:
+        sc.add_new("PatientOrientation", "CS", "")  # Type 2: present, empty when the source does not say
     if source.get("LossyImageCompression") == "01":  # once lossy, every derived image says so (C.7.6.1.1.5)
         sc.LossyImageCompression = "01"
         for keyword in ("LossyImageCompressionMethod", "LossyImageCompressionRatio"):
@@ -612,8 +621,8 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
 
     Entries, in this order when present: ``input.png``, ``counterfactual.png``, ``counterfactual-<i>.png``
     (by ``i``), ``reconstruction.png``, ``overlay.png``, ``annotated.png``, ``attribution.npy``,
-    ``attribution_std.npy``, ``mask.png``, ``record.json``, ``secondary-capture.dcm``. Every entry is
-    deflated and stamped with the run's ``created_at``; the archive comment is :data:`DISCLAIMER`. Artifacts
+    ``attribution_std.npy``, ``mask.png``, ``record.json``, ``secondary-capture.dcm``. PNGs are stored, the
+    rest deflated; every entry is stamped with the run's ``created_at`` (UTC, even seconds); the archive comment is :data:`DISCLAIMER`. Artifacts
     are checked against ``record["artifacts_sha256"]``. Without a DICOM source the archive is deterministic;
     with one, the Secondary Capture's new UIDs and creation time differ on every call.
 
@@ -645,7 +654,8 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in _bundle_order(set(entries)):
             info = zipfile.ZipInfo(name, date_time=stamp)
-            info.compress_type = zipfile.ZIP_DEFLATED
+            # PNGs are deflate-compressed already; deflating them again costs time and saves nothing
+            info.compress_type = zipfile.ZIP_STORED if name.endswith(".png") else zipfile.ZIP_DEFLATED
             info.create_system = 3  # Unix, so external_attr means the same on every platform
             info.external_attr = 0o100644 << 16
             zf.writestr(info, entries[name], compresslevel=6)

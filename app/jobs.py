@@ -90,6 +90,14 @@ class WorkerStoppedError(RuntimeError):
     """The worker thread is not running (server shutting down, or it crashed)."""
 
 
+class JobNotReadyError(RuntimeError):
+    """The job has no artifacts (yet): it is queued, running, failed or cancelled."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        super().__init__(f"This run is {state}; its images are available once it is done.")
+
+
 @dataclass(eq=False)
 class Job:
     """One review run. Mutated only by :class:`JobManager` (state) and its worker (progress).
@@ -394,7 +402,7 @@ class JobManager:
             raise JobNotFoundError(job_id)
         return job
 
-    def list(self, owner: str, limit: int | None = None) -> list[Job]:
+    def list_jobs(self, owner: str, limit: int | None = None) -> list[Job]:
         """``owner``'s jobs, newest first."""
         jobs = sorted((j for j in self._jobs.values() if j.owner == owner), key=lambda j: j.created_at,
                       reverse=True)

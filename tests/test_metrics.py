@@ -148,8 +148,8 @@ def test_batched_versions_match_single_and_are_differentiable() -> None:
     s, ms = ssim_batch(x, y), ms_ssim_batch(x, y)
     assert s.shape == ms.shape == (3,)
     for i, (a, b) in enumerate(pairs):
-        assert float(s[i]) == pytest.approx(ssim(a, b), abs=1e-12)
-        assert float(ms[i]) == pytest.approx(ms_ssim(a, b), abs=1e-12)
+        assert float(s[i].detach()) == pytest.approx(ssim(a, b), abs=1e-12)
+        assert float(ms[i].detach()) == pytest.approx(ms_ssim(a, b), abs=1e-12)
     (s.sum() + ms.sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
@@ -201,7 +201,8 @@ def test_identical_feature_sets_give_zero() -> None:
 
 
 @pytest.mark.parametrize(
-    ("f1", "f2"), [(np.zeros((1, 4)), np.zeros((5, 4))), (np.zeros((5, 4)), np.zeros((5, 3))), (np.zeros(5), np.zeros(5))]
+    ("f1", "f2"),
+    [(np.zeros((1, 4)), np.zeros((5, 4))), (np.zeros((5, 4)), np.zeros((5, 3))), (np.zeros(5), np.zeros(5))],
 )
 def test_fid_from_features_rejects_bad_shapes(f1: np.ndarray, f2: np.ndarray) -> None:
     with pytest.raises(ValueError, match="fid_from_features"):
@@ -256,14 +257,14 @@ def torchvision_fid_inception_shapes() -> dict[str, tuple[int, ...]]:
                 "branch3x3_2b": (384, 384, 3, 1), "branch3x3dbl_1": (448, i, 1, 1), "branch3x3dbl_2": (384, 448, 3, 3),
                 "branch3x3dbl_3a": (384, 384, 1, 3), "branch3x3dbl_3b": (384, 384, 3, 1), "branch_pool": (192, i, 1, 1)}
 
-    b = {"branch3x3": (384, 288, 3, 3), "branch3x3dbl_1": (64, 288, 1, 1), "branch3x3dbl_2": (96, 64, 3, 3),
+    b: dict[str, tuple[int, ...]] = {"branch3x3": (384, 288, 3, 3), "branch3x3dbl_1": (64, 288, 1, 1), "branch3x3dbl_2": (96, 64, 3, 3),
          "branch3x3dbl_3": (96, 96, 3, 3)}
-    d = {"branch3x3_1": (192, 768, 1, 1), "branch3x3_2": (320, 192, 3, 3), "branch7x7x3_1": (192, 768, 1, 1),
+    d: dict[str, tuple[int, ...]] = {"branch3x3_1": (192, 768, 1, 1), "branch3x3_2": (320, 192, 3, 3), "branch7x7x3_1": (192, 768, 1, 1),
          "branch7x7x3_2": (192, 192, 1, 7), "branch7x7x3_3": (192, 192, 7, 1), "branch7x7x3_4": (192, 192, 3, 3)}
     shapes: dict[str, tuple[int, ...]] = {"Conv2d_1a_3x3": (32, 3, 3, 3), "Conv2d_2a_3x3": (32, 32, 3, 3),
                                           "Conv2d_2b_3x3": (64, 32, 3, 3), "Conv2d_3b_1x1": (80, 64, 1, 1),
                                           "Conv2d_4a_3x3": (192, 80, 3, 3)}
-    blocks = [("Mixed_5b", a(192, 32)), ("Mixed_5c", a(256, 64)), ("Mixed_5d", a(288, 64)), ("Mixed_6a", b),
+    blocks: list[tuple[str, dict[str, tuple[int, ...]]]] = [("Mixed_5b", a(192, 32)), ("Mixed_5c", a(256, 64)), ("Mixed_5d", a(288, 64)), ("Mixed_6a", b),
               ("Mixed_6b", c(768, 128)), ("Mixed_6c", c(768, 160)), ("Mixed_6d", c(768, 160)),
               ("Mixed_6e", c(768, 192)), ("Mixed_7a", d), ("Mixed_7b", e(1280)), ("Mixed_7c", e(2048))]
     for name, table in blocks:

@@ -184,9 +184,7 @@ def _revoke_all_sessions(session: Session, user_id: uuid.UUID, now: datetime) ->
     return len(open_sessions)
 
 
-def disable_user(
-    engine: Engine, user_id: uuid.UUID, *, actor: User | None = None, now: datetime | None = None
-) -> User:
+def disable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = None, now: datetime | None = None) -> User:
     """Disables an account and revokes its sessions (audited ``user_disable``). API tokens stop working too.
 
     Raises:
@@ -219,9 +217,7 @@ def disable_user(
     return user
 
 
-def enable_user(
-    engine: Engine, user_id: uuid.UUID, *, actor: User | None = None, now: datetime | None = None
-) -> User:
+def enable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = None, now: datetime | None = None) -> User:
     """Re-enables an account and clears its lockout (audited ``user_enable``).
 
     Raises:
@@ -408,7 +404,8 @@ def get_session_user(engine: Engine, token: str, *, now: datetime | None = None)
     """Resolves a session token to its user and marks the session as seen.
 
     ``None`` when the token is unknown, revoked, past its lifetime, idle for longer than its idle timeout, or
-    the user is disabled. A session found idle or expired is revoked on the spot.
+    the user is disabled. A session found idle or expired is revoked on the spot. One short write transaction
+    per call (``last_seen_at``).
 
     Args:
         engine: from ``init_db``.

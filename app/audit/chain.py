@@ -10,32 +10,30 @@ Hash chain
     hash; deleting one breaks its successor's ``prev_hash`` and the ``seq`` sequence. Cutting rows off the end
     is only visible against an anchor kept elsewhere (``chain_head`` / ``verify_chain(anchor=...)``).
 
-DICOM PS3.15 mapping (scheme "DCM"; EventID, EventTypeCode, EventActionCode C/R/U/D/E)
+DICOM PS3.15 mapping (A.5.1: EventID, EventTypeCode, EventActionCode; codes of scheme "DCM", PS3.16 CID 400-403)
 
-    ========================  ==============================  ================================  ======
-    action                    EventID                         EventTypeCode                     Action
-    ========================  ==============================  ================================  ======
-    login_ok, login_failed    110114 User Authentication      110122 Login                      E
-    logout                    110114 User Authentication      110123 Logout                     E
-    lockout                   110113 Security Alert           110137 User Security Attrs Changed  E
-    user_add                  110113 Security Alert           110137 User Security Attrs Changed  C
-    user_disable/enable       110113 Security Alert           110137 User Security Attrs Changed  U
-    password_reset            110113 Security Alert           110137 User Security Attrs Changed  U
-    token_create              110113 Security Alert           110137 User Security Attrs Changed  C
-    token_revoke              110113 Security Alert           110137 User Security Attrs Changed  D
-    upload                    110107 Import                   --                                C
-    generate                  110103 DICOM Instances Accessed --                                C
-    view                      110103 DICOM Instances Accessed --                                R
-    export                    110106 Export                   --                                R
-    cancel, run_done,         --                              --                                --
-    run_failed
-    job_interrupted           110100 Application Activity     --                                E
-    app_start                 110100 Application Activity     110120 Application Start          E
-    app_stop                  110100 Application Activity     110121 Application Stop           E
-    audit_view, audit_export  110101 Audit Log Used           --                                R
-    audit_verify              110101 Audit Log Used           --                                E
-    audit_triggers_restored   110113 Security Alert           110129 Security Configuration     E
-    ========================  ==============================  ================================  ======
+    ========================  ===================================  =========================================  ===
+    action                    EventID                              EventTypeCode                              act
+    ========================  ===================================  =========================================  ===
+    login_ok, login_failed    110114 User Authentication           110122 Login                               E
+    logout                    110114 User Authentication           110123 Logout                              E
+    lockout                   110113 Security Alert                110137 User Security Attributes Changed    E
+    user_add, token_create    110113 Security Alert                110137 User Security Attributes Changed    C
+    user_disable/_enable      110113 Security Alert                110137 User Security Attributes Changed    U
+    password_reset            110113 Security Alert                110137 User Security Attributes Changed    U
+    token_revoke              110113 Security Alert                110137 User Security Attributes Changed    D
+    upload                    110107 Import                        --                                         C
+    generate                  110103 DICOM Instances Accessed      --                                         C
+    view                      110103 DICOM Instances Accessed      --                                         R
+    export                    110106 Export                        --                                         R
+    cancel, run_done/_failed  --                                   --                                         --
+    job_interrupted           110100 Application Activity          --                                         E
+    app_start                 110100 Application Activity          110120 Application Start                   E
+    app_stop                  110100 Application Activity          110121 Application Stop                    E
+    audit_view, audit_export  110101 Audit Log Used                --                                         R
+    audit_verify              110101 Audit Log Used                --                                         E
+    audit_triggers_restored   110113 Security Alert                110129 Security Configuration              E
+    ========================  ===================================  =========================================  ===
 
     110110 Patient Record is not used: the tool keeps no patient record. Outcome maps to EventOutcomeIndicator
     (``Outcome.dicom_code``).
@@ -189,7 +187,9 @@ def canonical_json(value: Any) -> str:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise AuditDetailError(f"audit detail is not plain JSON ({exc}): use str/int/float/bool/None/list/dict") from exc
+        raise AuditDetailError(
+            f"audit detail is not plain JSON ({exc}): use str/int/float/bool/None/list/dict"
+        ) from exc
 
 
 def _iso(ts: datetime) -> str:
@@ -355,7 +355,9 @@ def append_event(
 def chain_head(engine: Engine) -> ChainHead | None:
     """Returns the last event's ``seq`` and ``hash`` (``None`` for an empty log), to be kept off-database."""
     with read_session(engine) as session:
-        row = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+        row = session.exec(
+            select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)
+        ).first()
     return None if row is None or row[0] is None else ChainHead(seq=row[0], hash=row[1])
 
 
@@ -405,7 +407,10 @@ def verify_chain(engine: Engine, *, anchor: ChainHead | None = None) -> VerifyRe
             seqs = [
                 s
                 for s in session.exec(
-                    select(AuditEvent.seq).where(col(AuditEvent.seq) > last_seq).order_by(col(AuditEvent.seq)).limit(_BATCH)
+                    select(AuditEvent.seq)
+                    .where(col(AuditEvent.seq) > last_seq)
+                    .order_by(col(AuditEvent.seq))
+                    .limit(_BATCH)
                 ).all()
                 if s is not None
             ]

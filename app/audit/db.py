@@ -257,15 +257,19 @@ def init_db(database_url: str) -> Engine:
     Returns:
         The engine the application keeps for its lifetime.
     """
-    from app.audit.chain import AuditAction, append_event  # chain imports this module
+    from app.audit.chain import AuditAction, append_event  # deferred: chain imports this module
 
     _ensure_sqlite_directory(database_url)
     engine = make_engine(database_url)
-    # 1. schema
-    _upgrade(engine, "head")
-    # 2. triggers: a missing one means somebody removed it; restore and leave a trace in the chain
-    missing = install_triggers(engine)
-    if missing:
-        logger.warning("audit_event triggers were missing and have been re-created: %s", ", ".join(missing))
-        append_event(engine, AuditAction.AUDIT_TRIGGERS_RESTORED, detail={"triggers": missing})
+    try:
+        # 1. schema
+        _upgrade(engine, "head")
+        # 2. triggers: a missing one means somebody removed it; restore and leave a trace in the chain
+        missing = install_triggers(engine)
+        if missing:
+            logger.warning("audit_event triggers were missing and have been re-created: %s", ", ".join(missing))
+            append_event(engine, AuditAction.AUDIT_TRIGGERS_RESTORED, detail={"triggers": missing})
+    except BaseException:
+        engine.dispose()
+        raise
     return engine

@@ -339,7 +339,9 @@ def finish_run(
     if target not in _FINISH_ACTION:
         raise InvalidRunTransitionError(f"finish_run status {target.value!r}: use 'done', 'failed' or 'cancelled'")
     now = now or utc_now()
-    hashes = {name: _check_sha256(f"artifact_hashes[{name!r}]", value) for name, value in (artifact_hashes or {}).items()}
+    hashes = {
+        name: _check_sha256(f"artifact_hashes[{name!r}]", value) for name, value in (artifact_hashes or {}).items()
+    }
     with write_session(engine) as session:
         run = session.get(Run, run_id)
         if run is None:

@@ -30,11 +30,13 @@ import pydicom
 from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
-from pydicom.multival import MultiValue
 
 # pydicom has no public "read only the file meta" for in-memory data; this is what dcmread itself calls.
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
+from pydicom.multival import MultiValue
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_modality_lut
+from pydicom.pixels.utils import pixel_array
 
 from app.imaging.errors import (
     CorruptImageError,
@@ -126,7 +128,11 @@ class _RedactQuotedValues(logging.Filter):
     """pydicom logs invalid element values verbatim (a malformed Patient's Name, say); blank out quoted text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = _QUOTED.sub("'<redacted>'", record.getMessage()), None
+        try:
+            message = _QUOTED.sub("'<redacted>'", record.getMessage())
+        except Exception:  # noqa: BLE001 - a malformed record must not break reading
+            message = "pydicom message withheld (could not be redacted)"
+        record.msg, record.args = message, None
         return True
 
 
@@ -200,13 +206,13 @@ def read_dicom(data: bytes, *, window: WindowRequest, max_pixels: int, max_frame
         # pydicom warns about each irregularity it tolerates; the texts may quote values, so only count them
         warnings.simplefilter("always")
         # 1. file meta: transfer syntax, before the data set is parsed (a deflated one would be inflated whole)
-        with _refuse_on_failure(_UNREADABLE):
+        with _refuse_on_failure(_UNREADABLE):  # pydicom parses element values lazily: guard every access
             file_meta = _read_file_meta(data)
-        transfer_syntax = _check_transfer_syntax(file_meta)
+            transfer_syntax = _check_transfer_syntax(file_meta)
         # 2. header only, then: is it a radiograph?
         with _refuse_on_failure(_UNREADABLE):
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        sop_class, modality = _check_sop_class(ds, file_meta, notes)
+            sop_class, modality = _check_sop_class(ds, file_meta, notes)
         # 3. image description and size caps, still before decoding
         with _refuse_on_failure(_BAD_HEADER):
             image = _ImagePixel.from_dataset(ds)
@@ -400,7 +406,7 @@ def _window_presets(ds: Dataset, ts: dicom_uid.UID, notes: list[str]) -> list[Wi
     if len(centers) != len(widths):
         notes.append("The file's window centres and widths do not pair up; unpaired values were ignored.")
     presets: list[Window] = []
-    for i, (center, width) in enumerate(zip(centers, widths)):
+    for i, (center, width) in enumerate(zip(centers, widths, strict=False)):
         label = f"file preset {i + 1}{_explanation(explanations[i] if i < len(explanations) else None)}"
         try:
             presets.append(Window(float(center), float(width), label, function))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from app.imaging.errors import InvalidWindowError
-from app.imaging.voi import Window, WindowRequest, apply_window, select_window
+from app.imaging.voi import Window, WindowRequest, apply_window, full_range_window, select_window
 
 __all__ = ["DecodedImage", "ImageMeta"]
 
@@ -113,11 +113,15 @@ class DecodedImage:
         chosen = select_window(self.raw, window, self.meta.window_presets, default=_auto_default(self.meta))
         pixels = apply_window(self.raw, chosen, self.meta.photometric_interpretation,
                               presentation_lut_shape=self.meta.presentation_lut_shape)
-        return DecodedImage(pixels=pixels, meta=replace(self.meta, window=chosen), raw=self.raw)
+        meta = replace(self.meta, window=chosen, warnings=list(self.meta.warnings))
+        return DecodedImage(pixels=pixels, meta=meta, raw=self.raw)
 
 
 def _auto_default(meta: ImageMeta) -> Window | None:
-    """The ``"auto"`` window of a file without presets: the full range for PNG/JPEG and colour, else None."""
-    if meta.window is not None and meta.window.source == "full range":
-        return meta.window
-    return None
+    """The ``"auto"`` window without presets: the full range for PNG/JPEG and colour DICOM, else None
+    (grayscale DICOM then gets the percentile window)."""
+    grayscale_dicom = meta.source_format == "dicom" and meta.photometric_interpretation in ("MONOCHROME1",
+                                                                                            "MONOCHROME2")
+    if grayscale_dicom or meta.bits_stored is None:
+        return None
+    return full_range_window(2.0**meta.bits_stored - 1)

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from numbers import Integral, Real
+from typing import TypeAlias, cast
 
 import numpy as np
 
 from app.imaging.errors import CorruptImageError, InvalidWindowError
 
 __all__ = [
+    "BT601_WEIGHTS",
     "VOI_LUT_FUNCTIONS",
     "VoiLut",
     "Window",
     "WindowRequest",
-    "BT601_WEIGHTS",
     "apply_window",
     "check_window_request",
     "full_range_window",
@@ -63,7 +64,7 @@ class VoiLut:
     @property
     def output_max(self) -> int:
         """The value that displays as white: ``2**bits - 1``, or the largest entry if that is larger."""
-        return max(2**self.bits - 1, max(self.data))
+        return max((1 << self.bits) - 1, max(self.data))
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,13 @@ def check_window_request(request: object) -> None:
     """
     if request is None or isinstance(request, Window) or (isinstance(request, str) and request in _NAMED):
         return
-    if isinstance(request, int) and not isinstance(request, bool):
+    if isinstance(request, Integral) and not isinstance(request, bool):
         if request < 0:
             raise InvalidWindowError(f"Window preset index must be 0 or more (got {request}).")
         return
     if isinstance(request, (tuple, list)) and len(request) == 2:
         center, width = request
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (center, width)):
+        if all(isinstance(v, Real) and not isinstance(v, bool) for v in (center, width)):
             Window(float(center), float(width), "user")  # validates
             return
     raise InvalidWindowError(
@@ -191,12 +192,13 @@ def select_window(
         return percentile_window(raw)
     if request is None:
         return percentile_window(raw, 0, 100)
-    if isinstance(request, int):
+    if isinstance(request, Integral):
+        request = int(request)
         if request >= len(presets):
             have = f"has {len(presets)} window preset(s)" if presets else "has no window presets"
             raise InvalidWindowError(f"This image {have}; preset {request} does not exist (presets count from 0).")
         return presets[request]
-    center, width = request  # type: ignore[misc]  # a validated (center, width) pair
+    center, width = cast(tuple[float, float], request)  # validated above
     return Window(float(center), float(width), "user")
 
 
@@ -206,7 +208,8 @@ def _voi(raw: np.ndarray, window: Window) -> np.ndarray:
     if window.lut is not None:
         lut = np.asarray(window.lut.data, dtype=np.float32) / np.float32(window.lut.output_max)
         index = np.clip(np.rint(x) - window.lut.first_mapped, 0, len(lut) - 1)
-        return lut[np.nan_to_num(index).astype(np.intp)]
+        mapped: np.ndarray = lut[np.nan_to_num(index).astype(np.intp)]
+        return mapped
     c, w = np.float32(window.center), np.float32(window.width)
     if window.function == "LINEAR":
         # C.11.2.1.2.1: y = ((x - (c - 0.5)) / (w - 1) + 0.5), clamped; w == 1 is a step at c - 0.5
@@ -218,6 +221,7 @@ def _voi(raw: np.ndarray, window: Window) -> np.ndarray:
     else:
         with np.errstate(over="ignore"):
             y = np.float32(1) / (np.float32(1) + np.exp(np.float32(-4) * (x - c) / w))  # C.11.2.1.3.1 SIGMOID
+    np.nan_to_num(y, copy=False, nan=0.0)  # only float pixel data can hold NaN; show it black, never pass it on
     return np.clip(y, 0, 1, out=y)
 
 

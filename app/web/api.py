@@ -1,0 +1,190 @@
+"""The JSON API (``/api/v1``): the same jobs as the pages, for scripts and integrations.
+
+=======  ==========================================  =====================================================
+POST     /api/v1/counterfactuals                     multipart: file, prompt, ... -> 202 {"job_id", ...}
+GET      /api/v1/jobs                                the user's jobs, newest first
+GET      /api/v1/jobs/{id}                           status, progress, parameters, effective steps, timings
+POST     /api/v1/jobs/{id}/cancel                    cancel (queued: at once; running: within one step)
+GET      /api/v1/jobs/{id}/events                    server-sent events, one JSON status per change
+GET      /api/v1/jobs/{id}/preview.png               latest denoising preview (small PNG)
+GET      /api/v1/jobs/{id}/thumbnail.png             small PNG of the input, for history lists
+GET      /api/v1/jobs/{id}/overlay.png               overlay re-rendered with ?opacity=&threshold=&mode=&scale=
+GET      /api/v1/jobs/{id}/artifacts/{name}          run files (input.png, ...) and exports (bundle.zip, ...)
+GET      /api/v1/model                               the loaded model: name, hash, presets, class prompts
+=======  ==========================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from app import exports
+from app.artifacts import ReviewRequest
+from app.jobs import Job, JobManager
+from app.web.deps import CurrentUser, EngineDep, JobsDep, SettingsDep
+from app.web.errors import UploadTooLargeError
+from app.web.forms import GenerationParams
+from app.web.streams import job_changes
+from app.web.views import OverlayOptions, artifact_file, build_export, job_status, render_overlay_png
+
+router = APIRouter(prefix="/api/v1", tags=["api"])
+
+JobId = Annotated[str, "32 hex digits"]
+_IMMUTABLE = {"Cache-Control": "private, max-age=3600"}
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+async def read_upload(upload: UploadFile | None, limit_bytes: int, limit_mb: int) -> bytes | None:
+    """The bytes of an uploaded file, ``None`` when the field was left empty.
+
+    Raises:
+        UploadTooLargeError: more than ``limit_bytes``.
+    """
+    if upload is None:
+        return None
+    data = await upload.read(limit_bytes + 1)
+    await upload.close()
+    if len(data) > limit_bytes:
+        raise UploadTooLargeError(limit_mb)
+    if not data and not upload.filename:
+        return None
+    return data
+
+
+async def submit_job(jobs: JobManager, owner: str, data: bytes, req: ReviewRequest, mask_png: bytes | None) -> Job:
+    """Decode, validate and queue in a worker thread (decoding a large DICOM takes a moment)."""
+    return await run_in_threadpool(jobs.submit, owner, data, req, mask_png=mask_png)
+
+
+@router.post("/counterfactuals", status_code=202, summary="Submit an image for counterfactual review")
+async def create_counterfactual(
+    params: Annotated[GenerationParams, Form()],
+    file: Annotated[UploadFile, File(description="DICOM (with or without extension), PNG or JPEG")],
+    jobs: JobsDep, engine: EngineDep, user: CurrentUser, settings: SettingsDep,
+    mask: Annotated[UploadFile | None, File(description="optional region mask (PNG, white = inside)")] = None,
+) -> JSONResponse:
+    """Queue a review run. The upload is decoded now: unreadable files are refused (415/422) and no job is made.
+
+    Returns 202 with ``job_id`` and the status URL; poll ``GET /api/v1/jobs/{id}`` or follow its ``events``.
+    """
+    limit = settings.max_upload_bytes
+    data = await read_upload(file, limit, settings.max_upload_mb)
+    if not data:
+        raise ValueError("file: the uploaded file is empty; choose a DICOM, PNG or JPEG image")
+    mask_png = await read_upload(mask, limit, settings.max_upload_mb)
+    job = await submit_job(jobs, user, data, params.to_request(engine.info), mask_png)
+    status = job_status(jobs, job)
+    return JSONResponse({"job_id": job.id, "state": status["state"], "queue_position": status["queue_position"],
+                         "effective_steps": job.effective_steps, "status_url": status["links"]["self"],
+                         "events_url": status["links"]["events"]},
+                        status_code=202, headers={"Location": status["links"]["self"]})
+
+
+@router.get("/jobs", summary="The user's jobs, newest first")
+def list_jobs(jobs: JobsDep, user: CurrentUser, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
+    """Status of the user's most recent jobs."""
+    return {"jobs": [job_status(jobs, j) for j in jobs.list_jobs(user, limit)]}
+
+
+@router.get("/jobs/{job_id}", summary="Job status")
+def get_job(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
+    """State, queue position, progress (step k of N, ETA, preview URL), parameters, effective steps, timings."""
+    return JSONResponse(job_status(jobs, jobs.get(job_id, user)), headers=_NO_STORE)
+
+
+@router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
+def cancel_job(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
+    """A queued job is cancelled at once; a running one stops within one denoising step (202 until it has)."""
+    job = jobs.cancel(job_id, user)
+    return JSONResponse(job_status(jobs, job), status_code=200 if job.state.finished else 202)
+
+
+@router.get("/jobs/{job_id}/events", summary="Progress as server-sent events")
+async def job_events(job_id: JobId, request: Request, jobs: JobsDep, user: CurrentUser,
+                     settings: SettingsDep) -> EventSourceResponse:
+    """One ``status`` event (the JSON of ``GET /jobs/{id}``) per change; the stream ends when the job does."""
+    job = jobs.get(job_id, user)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        async for j in job_changes(request, jobs, job, settings.sse_interval_s):
+            yield {"event": "status", "data": json.dumps(job_status(jobs, j))}
+
+    return EventSourceResponse(events(), headers=_NO_STORE)
+
+
+@router.get("/jobs/{job_id}/preview.png", summary="Latest denoising preview")
+def job_preview(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
+    """The engine's latent preview of the current step, upscaled (204 before the first step)."""
+    job = jobs.get(job_id, user)
+    png = jobs.preview_png(job)
+    if png is None:
+        return Response(status_code=204, headers=_NO_STORE)
+    return Response(png, media_type="image/png", headers=_NO_STORE)
+
+
+@router.get("/jobs/{job_id}/thumbnail.png", summary="Small image of the input")
+def job_thumbnail(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
+    """A thumbnail of the decoded input (204 until the run has written it)."""
+    job = jobs.get(job_id, user)
+    png = jobs.thumbnail_png(job)
+    if png is None:
+        return Response(status_code=204, headers=_NO_STORE)
+    return Response(png, media_type="image/png", headers=_IMMUTABLE)
+
+
+@router.get("/jobs/{job_id}/overlay.png", summary="Re-render the overlay without re-running diffusion")
+def job_overlay(
+    job_id: JobId, jobs: JobsDep, user: CurrentUser,
+    opacity: Annotated[float, Query(ge=0.0, le=1.0, description="maximum overlay opacity")] = 0.6,
+    threshold: Annotated[float | None, Query(ge=0.0, le=100.0, description="hide |M| below this percentile")] = None,
+    mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
+    scale: Annotated[float | None, Query(gt=0.0, le=1.0, description="|M| at full opacity; default: 99.5th pct")] = None,
+    legend: Annotated[bool, Query(description="append the colour bar")] = False,
+) -> Response:
+    """The overlay drawn from ``attribution.npy`` over ``input.png`` with these display options."""
+    job = jobs.get(job_id, user)
+    png = render_overlay_png(job, OverlayOptions(opacity=opacity, threshold=threshold, mode=mode, scale=scale,
+                                                 legend=legend))
+    return Response(png, media_type="image/png", headers=_IMMUTABLE)
+
+
+@router.get("/jobs/{job_id}/artifacts/{name}", summary="A run file or an export")
+def job_artifact(
+    job_id: JobId, name: str, jobs: JobsDep, user: CurrentUser,
+    opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
+    threshold: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
+    mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
+    download: Annotated[bool, Query(description="ask the browser to save the file")] = False,
+) -> Response:
+    """``input.png``, ``counterfactual.png`` (``-<i>`` for more samples), ``overlay.png``, ``reconstruction.png``,
+    ``attribution.npy``, ``attribution_std.npy``, ``record.json``, or an export: ``annotated.png``,
+    ``secondary-capture.dcm`` (DICOM inputs), ``bundle.zip``. Image exports take the overlay options."""
+    job = jobs.get(job_id, user)
+    stem = f"vald-md-{job.id[:8]}"
+    if name in exports.EXPORT_KINDS and name != "record.json":
+        options = OverlayOptions(opacity=opacity, threshold=threshold, mode=mode).export_options()
+        content, media_type = build_export(job, name, options if name != "bundle.zip" else {})
+        return Response(content, media_type=media_type,
+                        headers={"Content-Disposition": f'attachment; filename="{stem}-{name}"', **_NO_STORE})
+    path, media_type = artifact_file(job, name)
+    disposition = "attachment" if download or path.suffix != ".png" else "inline"
+    return FileResponse(path, media_type=media_type, headers=_IMMUTABLE,
+                        content_disposition_type=disposition, filename=f"{stem}-{name}")
+
+
+@router.get("/model", summary="The loaded model")
+def model_info(engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    """Name, content hash, text encoder, image size, presets and class prompts of the resident model."""
+    info = engine.info
+    return {"name": info.name, "model_hash": info.model_hash, "text_encoder_type": info.text_encoder_type,
+            "image_size": info.image_size, "image_channels": info.image_channels,
+            "parameters_millions": info.parameters_m, "presets": info.presets, "class_prompts": info.class_prompts,
+            "limits": {"max_steps": settings.max_steps, "max_samples": settings.max_samples,
+                       "max_upload_mb": settings.max_upload_mb, "queue_size": settings.queue_size}}

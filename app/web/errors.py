@@ -1,0 +1,138 @@
+"""One place that maps domain errors to HTTP: JSON for ``/api/*``, the ``_error.html`` fragment for HTMX, a page
+otherwise. No traceback ever reaches a browser: anything unexpected is logged and answered with a generic 500.
+
+=============================================  ======  =============================================
+``UploadTooLargeError``                        413     the limit in MiB
+``imaging.UnsupportedImageError``              415     the ingestion message (not DICOM/PNG/JPEG, CT...)
+other ``imaging.ImagingError``                 422     the ingestion message (corrupt, too large, window)
+``ValueError`` (parameters, mask)              422     the message (names the field and the range)
+``RequestValidationError``                     422     one message per field
+``JobNotFoundError``, ``ArtifactNotFoundError``  404     (also unknown routes)
+``JobNotReadyError``                           409     the run's state
+``QueueFullError``                             503     queue length and capacity
+``WorkerStoppedError``                         503
+anything else                                  500     a generic message; the traceback goes to the log
+=============================================  ======  =============================================
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from app import imaging
+from app.jobs import JobNotFoundError, JobNotReadyError, QueueFullError, WorkerStoppedError
+from app.web.templating import is_htmx, render
+from app.web.views import ArtifactNotFoundError
+
+logger = logging.getLogger("vald_md.web")
+
+GENERIC_500 = "Something went wrong on the server. The error has been logged; please try again."
+# HTMX requests whose errors belong next to the control that sent them rather than in the page's message area
+_ERROR_TARGETS = {"/inspect": "#file-facts"}
+
+
+class UploadTooLargeError(ValueError):
+    """The request body exceeds ``max_upload_mb``."""
+
+    def __init__(self, limit_mb: int) -> None:
+        self.limit_mb = limit_mb
+        super().__init__(f"The upload is larger than this server's limit of {limit_mb} MB. "
+                         f"Export a single image (one frame) or a compressed file and try again.")
+
+
+@dataclass
+class Problem:
+    """What an error looks like to a client."""
+
+    status: int
+    title: str
+    message: str
+    fields: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _field_messages(exc: RequestValidationError) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form")]
+        name = ".".join(loc) or "request"
+        msg = str(err.get("msg", "invalid value"))
+        if err.get("type") == "missing":
+            msg = "This field is required." if name != "file" else "Choose an image file to upload."
+        out.setdefault(name, msg)
+    return out
+
+
+def classify(exc: BaseException) -> Problem:
+    """The status code and user-facing message for an exception (see the module table)."""
+    if isinstance(exc, UploadTooLargeError):
+        return Problem(413, "Upload too large", str(exc), extra={"limit_mb": exc.limit_mb})
+    if isinstance(exc, imaging.UnsupportedImageError):
+        return Problem(415, "Unsupported image", str(exc))
+    if isinstance(exc, imaging.ImagingError):
+        return Problem(422, "Unreadable image", str(exc))
+    if isinstance(exc, QueueFullError):
+        return Problem(503, "Queue full", str(exc),
+                       extra={"queue_length": exc.queue_length, "queue_size": exc.capacity},
+                       headers={"Retry-After": "30"})
+    if isinstance(exc, WorkerStoppedError):
+        return Problem(503, "Service unavailable", str(exc), headers={"Retry-After": "30"})
+    if isinstance(exc, (JobNotFoundError, ArtifactNotFoundError)):
+        return Problem(404, "Not found", str(exc))
+    if isinstance(exc, JobNotReadyError):
+        return Problem(409, "Not ready", str(exc), extra={"state": exc.state})
+    if isinstance(exc, RequestValidationError):
+        fields = _field_messages(exc)
+        text = "; ".join(f"{k}: {v}" for k, v in fields.items())
+        return Problem(422, "Invalid parameters", f"Please correct: {text}", fields=fields)
+    if isinstance(exc, ValueError):
+        return Problem(422, "Invalid request", str(exc))
+    if isinstance(exc, StarletteHTTPException):
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, UploadTooLargeError):
+            return classify(cause)
+        titles = {404: "Not found", 405: "Method not allowed", 400: "Bad request"}
+        message = {404: "There is no such page or resource.",
+                   405: "This address does not accept that kind of request."}.get(exc.status_code, str(exc.detail))
+        return Problem(exc.status_code, titles.get(exc.status_code, "Error"), message,
+                       headers=dict(exc.headers or {}))
+    return Problem(500, "Server error", GENERIC_500)
+
+
+def error_response(request: Request, exc: BaseException) -> Response:
+    """Render ``exc`` for this request: JSON under /api/, else the error fragment (HTMX) or page."""
+    problem = classify(exc)
+    if problem.status >= 500 and not isinstance(exc, (QueueFullError, WorkerStoppedError, StarletteHTTPException)):
+        logger.error("unhandled error on %s %s", request.method, request.url.path,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+    if request.url.path.startswith("/api/"):
+        body: dict[str, Any] = {"error": problem.title, "message": problem.message, "status": problem.status}
+        if problem.fields:
+            body["fields"] = problem.fields
+        body.update(problem.extra)
+        return JSONResponse(body, status_code=problem.status, headers=problem.headers)
+    context = {"problem": problem}
+    if is_htmx(request):
+        target = _ERROR_TARGETS.get(request.url.path, "#messages")
+        headers = {**problem.headers, "HX-Retarget": target, "HX-Reswap": "innerHTML"}
+        return render(request, "_error.html", context, status_code=problem.status, headers=headers)
+    return render(request, "error.html", context, status_code=problem.status, headers=problem.headers)
+
+
+async def _handler(request: Request, exc: Exception) -> Response:
+    return error_response(request, exc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the one handler for every domain error, validation errors, HTTP errors and the catch-all."""
+    for cls in (UploadTooLargeError, imaging.ImagingError, QueueFullError, WorkerStoppedError, JobNotFoundError,
+                JobNotReadyError, ArtifactNotFoundError, RequestValidationError, ValueError, StarletteHTTPException, Exception):
+        app.add_exception_handler(cls, _handler)

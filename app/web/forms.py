@@ -1,0 +1,139 @@
+"""Generation parameters as the web app receives them (multipart form fields), shared by the JSON API and the page.
+
+A field left out means "the loaded model's healthy preset" (``engine.info.presets["healthy"]``), so the API and
+the form default to the same values. Ranges here repeat the engine's so that a bad value is a 422 naming the
+field before anything is decoded; the engine re-checks everything anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.artifacts import ReviewRequest
+from app.engine import SCHEDULERS, ModelInfo, effective_steps
+
+SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]
+assert set(SCHEDULERS) == {"pndm", "ddim", "dpm++", "euler"}, "keep SchedulerName in step with engine.SCHEDULERS"
+
+EXAMPLE_PROMPTS = ("large lung opacity on the left", "cardiomegaly")
+"""Examples offered under the prompt box besides the healthy preset and the model's class prompts."""
+
+
+class GenerationParams(BaseModel):
+    """Parameters of ``POST /api/v1/counterfactuals`` (and of the review form). ``None`` = model preset."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | None = Field(None, max_length=1000, description="target description; default: healthy preset")
+    negative_prompt: str = Field("", max_length=1000, description="text to steer away from")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="share of the schedule re-run, (0, 1]")
+    guidance_scale: float | None = Field(None, ge=1.0, le=30.0, description="classifier-free guidance, 1..30")
+    steps: int | None = Field(None, ge=1, le=1000, description="scheduler steps at strength 1, 1..1000")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="seed; sample i uses seed+i; empty = random")
+    samples: int = Field(1, ge=1, le=16, description="counterfactual samples, 1..16 (>1 adds a stability map)")
+    scheduler: SchedulerName = Field("pndm", description="sampler")
+    window: str = Field("auto", max_length=20, description="'auto', 'percentile' or a file preset index 0, 1, ...")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_means_default(cls, data: Any) -> Any:
+        """An empty form field (a cleared number box) means "not given", not "invalid"."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (isinstance(v, str) and v.strip() == "")}
+        return data
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, v: str) -> str:
+        if v in ("auto", "percentile") or v.isdigit():
+            return v
+        raise ValueError("window must be 'auto', 'percentile' or a preset number (0, 1, ...)")
+
+    def to_request(self, info: ModelInfo) -> ReviewRequest:
+        """The run's :class:`ReviewRequest`, filling unset fields from the model's healthy preset."""
+        preset = info.presets.get("healthy", {})
+        return ReviewRequest(
+            prompt=self.prompt if self.prompt is not None else str(preset.get("prompt", "normal chest x-ray")),
+            negative_prompt=self.negative_prompt,
+            strength=self.strength if self.strength is not None else float(preset.get("strength", 0.85)),
+            guidance_scale=(self.guidance_scale if self.guidance_scale is not None
+                            else float(preset.get("guidance_scale", 7.5))),
+            steps=self.steps if self.steps is not None else int(preset.get("steps", 75)),
+            seed=self.seed, scheduler=self.scheduler, samples=self.samples,
+            window=int(self.window) if self.window.isdigit() else self.window,
+            reference=str(info.manifest.get("map_reference", "input")))
+
+
+class ReviewFormParams(GenerationParams):
+    """The review page's form: the API fields plus the seed mode and "reuse the image of run X"."""
+
+    seed_mode: Literal["random", "fixed"] = "random"
+    reuse_input: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="job id whose upload to reuse")
+
+    def to_request(self, info: ModelInfo) -> ReviewRequest:
+        """As :meth:`GenerationParams.to_request`; ``seed_mode="random"`` ignores the seed field."""
+        req = super().to_request(info)
+        if self.seed_mode == "random":
+            req.seed = None
+        elif self.seed is None:
+            raise ValueError("seed: choose 'Random' or enter a seed (a whole number of 0 or more)")
+        return req
+
+
+@dataclass
+class FormValues:
+    """What the review form shows: a run's parameters, or the model's preset for a new run."""
+
+    prompt: str
+    negative_prompt: str
+    strength: float
+    guidance_scale: float
+    steps: int
+    seed: int | None
+    seed_mode: str
+    scheduler: str
+    samples: int
+    window: str
+    reuse_input: str | None = None
+    facts: dict[str, Any] | None = None
+    thumbnail_url: str | None = None
+
+    @property
+    def effective_steps(self) -> int:
+        """``int(steps * strength)``, as the engine will run."""
+        return effective_steps(self.steps, self.strength)
+
+    @classmethod
+    def defaults(cls, info: ModelInfo) -> FormValues:
+        """The healthy preset of the loaded model, random seed."""
+        preset = info.presets.get("healthy", {})
+        return cls(prompt=str(preset.get("prompt", "normal chest x-ray")), negative_prompt="",
+                   strength=float(preset.get("strength", 0.85)),
+                   guidance_scale=float(preset.get("guidance_scale", 7.5)), steps=int(preset.get("steps", 75)),
+                   seed=None, seed_mode="random", scheduler="pndm", samples=1, window="auto")
+
+    @classmethod
+    def from_request(cls, req: ReviewRequest, *, seed: int | None, reuse_input: str | None = None,
+                     facts: dict[str, Any] | None = None, thumbnail_url: str | None = None) -> FormValues:
+        """A past run's parameters with its seed fixed (so that "reuse" reproduces the run)."""
+        return cls(prompt=req.prompt, negative_prompt=req.negative_prompt, strength=req.strength,
+                   guidance_scale=req.guidance_scale, steps=req.steps, seed=seed,
+                   seed_mode="fixed" if seed is not None else "random", scheduler=req.scheduler,
+                   samples=req.samples, window=str(req.window if req.window is not None else "auto"),
+                   reuse_input=reuse_input, facts=facts, thumbnail_url=thumbnail_url)
+
+
+def prompt_presets(info: ModelInfo) -> list[tuple[str, str]]:
+    """(label, prompt) pairs offered as one-click prompts: healthy, the model's classes, then examples."""
+    preset = info.presets.get("healthy", {})
+    out: list[tuple[str, str]] = [("Healthy counterfactual", str(preset.get("prompt", "normal chest x-ray")))]
+    for label, prompt in info.class_prompts.items():
+        if all(prompt != p for _, p in out):
+            out.append((label.replace("_", " ").capitalize(), prompt))
+    for example in EXAMPLE_PROMPTS:
+        if all(example != p for _, p in out):
+            out.append((example.capitalize(), example))
+    return out

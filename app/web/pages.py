@@ -1,0 +1,243 @@
+"""The review pages (Jinja2 + HTMX). Every route that HTMX calls returns a fragment for an ``HX-Request`` and
+the full page otherwise, from the same ``_partial.html`` sources.
+
+=======  ==========================  ===========================================================================
+GET      /                           review page: upload, parameters, results area, history
+POST     /inspect                    decode an upload: the non-identifying facts banner and its window presets
+POST     /runs                       queue a run from the form; fragment = the run's progress panel
+GET      /runs/{id}                  a run: progress or results (and its parameters restored into the form)
+GET      /runs/{id}/events           server-sent events: ``progress`` fragments, then ``finished`` (results)
+GET      /runs/{id}/progress         polling fallback: the run fragment, polling itself every second
+POST     /runs/{id}/cancel           cancel (204 for HTMX; the stream reports the outcome)
+GET      /runs/{id}/overlay          the overlay <img> for new display options (re-rendered, no diffusion)
+GET      /runs/{id}/form             the form filled with a run's parameters and seed
+GET      /history                    the history panel
+=======  ==========================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from app import imaging
+from app.engine import SCHEDULERS, CounterfactualEngine
+from app.jobs import MASK_UPLOAD, Job, JobManager, JobState, gray_png
+from app.web.api import read_upload, submit_job
+from app.web.deps import CurrentUser, EngineDep, JobsDep, SettingsDep
+from app.web.forms import FormValues, ReviewFormParams, prompt_presets
+from app.web.streams import job_changes
+from app.web.templating import is_htmx, render
+from app.web.views import EXPORT_LABELS, OverlayOptions, api_base, export_kinds, job_status
+
+router = APIRouter(tags=["pages"], include_in_schema=False)
+
+HISTORY_LIMIT = 24
+INSPECT_THUMBNAIL_PX = 256
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# context builders
+# ----------------------------------------------------------------------------------------------------------------
+def _record(job: Job) -> dict[str, Any]:
+    path = job.run_dir / "record.json"
+    if job.state is not JobState.DONE or not path.is_file():
+        return {}
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    except (OSError, ValueError):
+        return {}
+
+
+def run_context(jobs: JobManager, job: Job | None, *, poll: bool = False,
+                overlay: OverlayOptions | None = None) -> dict[str, Any]:
+    """Everything ``_run.html`` needs for one job (or the empty results area when ``job`` is None)."""
+    if job is None:
+        return {"job": None}
+    overlay = overlay or OverlayOptions()
+    return {"job": job, "status": job_status(jobs, job), "poll": poll, "api": api_base(job),
+            "position": jobs.queue_position(job), "queue_eta": jobs.queue_eta_s(job),
+            "overlay": overlay, "exports": [(k, EXPORT_LABELS[k]) for k in export_kinds(job)],
+            "record": _record(job), "preview_url": f"{api_base(job)}/preview.png?v={job.version}"
+            if job.has_preview else None}
+
+
+def form_for_job(job: Job) -> FormValues:
+    """The form restored from a run: its parameters, its first seed fixed, its image reused."""
+    seed = job.seeds[0] if job.seeds else job.request.seed
+    thumb = f"{api_base(job)}/thumbnail.png" if (job.run_dir / "input.png").is_file() else None
+    return FormValues.from_request(job.request, seed=seed, reuse_input=job.id, facts=job.input_summary,
+                                   thumbnail_url=thumb)
+
+
+def form_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, user: str,
+                 form: FormValues) -> dict[str, Any]:
+    """Everything ``_form.html`` needs."""
+    active = next((j for j in jobs.list_jobs(user) if not j.state.finished), None)
+    last = next((j for j in jobs.list_jobs(user) if j.seeds), None)
+    return {"form": form, "info": engine.info, "prompt_presets": prompt_presets(engine.info),
+            "schedulers": SCHEDULERS, "max_steps": settings.max_steps, "max_samples": settings.max_samples,
+            "max_upload_mb": settings.max_upload_mb, "active": active,
+            "last_seed": last.seeds[0] if last else None}
+
+
+def page_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, user: str, *,
+                 job: Job | None = None) -> dict[str, Any]:
+    """The whole review page."""
+    form = form_for_job(job) if job is not None else FormValues.defaults(engine.info)
+    return {**form_context(engine, settings, jobs, user, form), **run_context(jobs, job),
+            "history": jobs.list_jobs(user, HISTORY_LIMIT), "user": user, "current_id": job.id if job else None}
+
+
+def _render_fragment(request: Request, name: str, context: dict[str, Any]) -> str:
+    template = request.app.state.templates.get_template(name)
+    html: str = template.render({"request": request, **context})
+    return html
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pages
+# ----------------------------------------------------------------------------------------------------------------
+@router.get("/", response_class=HTMLResponse)
+def review_page(request: Request, engine: EngineDep, settings: SettingsDep, jobs: JobsDep,
+                user: CurrentUser) -> HTMLResponse:
+    """The review page with the model's healthy preset in the form."""
+    return render(request, "review.html", page_context(engine, settings, jobs, user))
+
+
+@router.post("/inspect", response_class=HTMLResponse)
+async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep, user: CurrentUser,
+                         file: Annotated[UploadFile | None, File()] = None,
+                         window: Annotated[str, Form(max_length=20, pattern=r"^(auto|percentile|\d{1,3})$")] = "auto",
+                         reuse_input: Annotated[str | None, Form(pattern=r"^[0-9a-f]{32}$")] = None) -> HTMLResponse:
+    """Decode an upload (nothing is stored) and show its non-identifying facts, window presets and a thumbnail.
+    Without a file, ``reuse_input`` names the run whose stored image to show (window changes on a restored run)."""
+    data = await read_upload(file, settings.max_upload_bytes, settings.max_upload_mb)
+    reused = None
+    if not data and reuse_input:
+        reused = reuse_input
+        data = jobs.get(reuse_input, user).upload_path.read_bytes()
+    if not data:
+        raise imaging.UnsupportedImageError("The file is empty. Choose a DICOM, PNG or JPEG image.")
+    win: int | str = int(window) if window.isdigit() else window
+    decoded = await run_in_threadpool(imaging.decode_image, data, window=win)
+    png = await run_in_threadpool(gray_png, decoded.pixels, longest_side=INSPECT_THUMBNAIL_PX)
+    form = FormValues.defaults(request.app.state.engine.info)
+    form.facts, form.window, form.reuse_input = decoded.meta.public_summary(), str(win), reused
+    form.thumbnail_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    return render(request, "_file_facts.html", {"form": form})
+
+
+@router.post("/runs")
+async def create_run(request: Request, params: Annotated[ReviewFormParams, Form()], engine: EngineDep,
+                     settings: SettingsDep, jobs: JobsDep, user: CurrentUser,
+                     file: Annotated[UploadFile | None, File()] = None,
+                     mask: Annotated[UploadFile | None, File()] = None) -> Response:
+    """Queue a run from the review form. Without a new file, ``reuse_input`` names the run whose image (and
+    mask) to use again."""
+    limit, limit_mb = settings.max_upload_bytes, settings.max_upload_mb
+    data = await read_upload(file, limit, limit_mb)
+    mask_png = await read_upload(mask, limit, limit_mb)
+    if not data and params.reuse_input:
+        source = jobs.get(params.reuse_input, user)
+        data = source.upload_path.read_bytes()
+        if mask_png is None and (source.run_dir / MASK_UPLOAD).is_file():
+            mask_png = (source.run_dir / MASK_UPLOAD).read_bytes()
+    if not data:
+        raise ValueError("Choose an image first: drop a DICOM, PNG or JPEG file onto the upload area.")
+    job = await submit_job(jobs, user, data, params.to_request(engine.info), mask_png)
+    if not is_htmx(request):
+        return RedirectResponse(f"/runs/{job.id}", status_code=303)
+    context = {**run_context(jobs, job), "oob": True, "history": jobs.list_jobs(user, HISTORY_LIMIT),
+               "current_id": job.id, "active": job}
+    return render(request, "_run.html", context, headers={"HX-Push-Url": f"/runs/{job.id}"})
+
+
+@router.get("/runs/{job_id}")
+def run_page(request: Request, job_id: str, engine: EngineDep, settings: SettingsDep, jobs: JobsDep,
+             user: CurrentUser) -> HTMLResponse:
+    """A run: the full page, or (HTMX) the run fragment plus the form restored out of band."""
+    job = jobs.get(job_id, user)
+    if is_htmx(request):
+        context = {**run_context(jobs, job), **form_context(engine, settings, jobs, user, form_for_job(job)),
+                   "oob_form": True, "history": jobs.list_jobs(user, HISTORY_LIMIT), "current_id": job.id}
+        return render(request, "_run.html", context)
+    return render(request, "review.html", page_context(engine, settings, jobs, user, job=job))
+
+
+@router.get("/runs/{job_id}/progress", response_class=HTMLResponse)
+def run_progress(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser) -> HTMLResponse:
+    """Polling fallback for browsers without server-sent events: the run fragment, which polls again while the
+    run is unfinished and carries the results once it is done."""
+    job = jobs.get(job_id, user)
+    context = {**run_context(jobs, job, poll=True), "history": jobs.list_jobs(user, HISTORY_LIMIT),
+               "current_id": job.id, "oob": job.state.finished}
+    return render(request, "_run.html", context)
+
+
+@router.get("/runs/{job_id}/events")
+async def run_events(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser,
+                     settings: SettingsDep) -> EventSourceResponse:
+    """``progress`` events carry the progress fragment; the last event, ``finished``, carries the run fragment
+    (results, or the failure/cancellation notice). Closing the tab ends the stream, not the run."""
+    job = jobs.get(job_id, user)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        async for j in job_changes(request, jobs, job, settings.sse_interval_s):
+            if j.state.finished:
+                context = {**run_context(jobs, j), "oob": True, "current_id": j.id,
+                           "history": jobs.list_jobs(user, HISTORY_LIMIT)}
+                yield {"event": "finished", "data": _render_fragment(request, "_run.html", context)}
+            else:
+                yield {"event": "progress", "data": _render_fragment(request, "_progress.html",
+                                                                     run_context(jobs, j))}
+
+    return EventSourceResponse(events(), headers={"Cache-Control": "no-store"})
+
+
+@router.post("/runs/{job_id}/cancel")
+def cancel_run(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser) -> Response:
+    """Cancel a run. HTMX gets 204: the progress stream (or the poll) shows the outcome."""
+    jobs.cancel(job_id, user)
+    if is_htmx(request):
+        return Response(status_code=204)
+    return RedirectResponse(f"/runs/{job_id}", status_code=303)
+
+
+@router.get("/runs/{job_id}/overlay", response_class=HTMLResponse)
+def run_overlay(
+    request: Request, job_id: str, jobs: JobsDep, user: CurrentUser,
+    opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
+    threshold: Annotated[float, Query(ge=0.0, le=100.0, description="0 = no threshold")] = 0.0,
+    mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
+) -> HTMLResponse:
+    """The overlay image element for new display options, and the export links that follow them (out of band).
+    The PNG itself is rendered when the browser fetches the new URL."""
+    job = jobs.get(job_id, user)
+    if mode == "stability" and job.request.samples < 2:
+        raise ValueError("mode: the stability map needs a run with more than one sample")
+    options = OverlayOptions(opacity=opacity, threshold=threshold or None, mode=mode)
+    return render(request, "_overlay_image.html", {**run_context(jobs, job, overlay=options), "overlay_swap": True})
+
+
+@router.get("/runs/{job_id}/form", response_class=HTMLResponse)
+def run_form(request: Request, job_id: str, engine: EngineDep, settings: SettingsDep, jobs: JobsDep,
+             user: CurrentUser) -> HTMLResponse:
+    """The review form filled with this run's parameters and seed (the image is reused unless replaced)."""
+    job = jobs.get(job_id, user)
+    return render(request, "_form.html", form_context(engine, settings, jobs, user, form_for_job(job)))
+
+
+@router.get("/history", response_class=HTMLResponse)
+def history(request: Request, jobs: JobsDep, user: CurrentUser,
+            current: Annotated[str | None, Query(max_length=32)] = None) -> HTMLResponse:
+    """The history panel (the user's recent runs with thumbnails)."""
+    return render(request, "_history.html", {"history": jobs.list_jobs(user, HISTORY_LIMIT), "current_id": current})

@@ -1,0 +1,45 @@
+"""Shared fixtures. Each fixture is self-contained; append new ones below."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's test data folder (``../shared/data``; README "Test and training data").
+
+    ``VALD_MD_SHARED_DATA`` overrides the location (CI sets it). When the folder is absent the test is skipped
+    with the reason, unless ``VALD_MD_REQUIRE_SHARED_DATA=1`` (CI), where it fails instead.
+    """
+    configured = os.environ.get("VALD_MD_SHARED_DATA")
+    path = Path(configured) if configured else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        reason = f"shared test data not found at {path} (set VALD_MD_SHARED_DATA to its location)"
+        if os.environ.get("VALD_MD_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory: pytest.TempPathFactory):
+    """A :class:`app.engine.CounterfactualEngine` on the tiny in-code model (32 px), CPU, loaded once per session."""
+    from app.engine import CounterfactualEngine
+    from tests.tiny_model import write_tiny_model
+
+    folder = write_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")
+    return CounterfactualEngine(folder, device="cpu")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tiny test models run fastest on one thread, and a second torch thread pool (a training run beside the
+    tests) makes spinning OpenMP threads oversubscribe the cores by orders of magnitude."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        return
+    torch.set_num_threads(int(os.environ.get("VALD_MD_TEST_THREADS", "1")))

@@ -1,0 +1,667 @@
+"""Tests of app.audit: migrations, the hash chain and its tamper evidence, accounts, inputs and runs.
+
+Every test uses its own file-based SQLite database in ``tmp_path`` (WAL needs a file). Argon2 costs ~0.2 s per
+hash on a 2-core CPU, so only the account tests go through ``create_user``; the others insert users with an
+unusable hash through ``_user``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import SQLModel, select
+
+from app import audit
+from app.audit import (
+    AuditAction,
+    AuditDetailError,
+    AuditEvent,
+    Outcome,
+    Role,
+    RunStatus,
+    User,
+    UserSession,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "correct horse battery staple"
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+SHA = "ab" * 32
+SECRET = bytes(range(32))
+STUDY_UID = "1.2.826.0.1.3680043.8.498.10000000000000000000000000000000001"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "vald.db"
+
+
+@pytest.fixture
+def db_url(db_path: Path) -> str:
+    return f"sqlite:///{db_path}"
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = audit.init_db(db_url)
+    yield engine
+    engine.dispose()
+
+
+def _user(engine: Engine, username: str = "alice", role: Role = Role.CLINICIAN) -> User:
+    """A user without argon2 cost (unusable password hash) for tests that are not about logging in."""
+    with audit.write_session(engine) as session:
+        user = User(username=username, password_hash="!unusable", role=role.value)
+        session.add(user)
+    return user
+
+
+def _events(n: int, engine: Engine) -> None:
+    for i in range(n):
+        audit.append_event(
+            engine, AuditAction.VIEW, username="bob", object_type="run", object_id=str(i), detail={"i": i}
+        )
+
+
+def _stored_bytes(db_path: Path) -> bytes:
+    """The database file and its write-ahead log, where recent commits still live."""
+    wal = db_path.with_name(db_path.name + "-wal")
+    return db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
+def _raw(db_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(db_path, isolation_level=None)
+
+
+# --- schema and connections --------------------------------------------------------------------------------
+
+
+def test_init_db_builds_the_schema_by_migration_in_sync_with_the_models(engine: Engine, db_url: str) -> None:
+    tables = set(inspect(engine).get_table_names())
+    assert {"app_user", "user_session", "api_token", "input_image", "run", "export", "audit_event"} <= tables
+    assert "alembic_version" in tables
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001_initial"
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, SQLModel.metadata) == []
+    assert audit.install_triggers(engine) == []  # the migration installed exactly the triggers init_db expects
+    audit.upgrade_database(db_url)  # idempotent
+    assert audit.list_users(engine) == []  # no default account
+
+
+def test_sqlite_runs_in_wal_with_busy_timeout_and_begin_immediate(engine: Engine, db_path: Path) -> None:
+    with engine.connect() as connection:
+        pragma = {
+            name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+        }
+    assert pragma == {"journal_mode": "wal", "busy_timeout": 10_000, "foreign_keys": 1, "synchronous": 2}
+
+    other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+    with audit.write_session(engine):  # holds the write lock from its first statement
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+    with audit.read_session(engine) as session:  # readers take no write lock
+        session.exec(select(AuditEvent)).all()
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    other.close()
+
+
+def test_unsupported_database_is_refused() -> None:
+    with pytest.raises(audit.UnsupportedDatabaseError, match="mysql"):
+        audit.make_engine("mysql://u@localhost/db")
+
+
+# --- the chain ---------------------------------------------------------------------------------------------
+
+
+def test_chain_survives_8_concurrent_writers(engine: Engine, db_url: str) -> None:
+    writers, per_writer = 8, 50
+    barrier = threading.Barrier(writers)
+    errors: list[BaseException] = []
+
+    def write(index: int) -> None:
+        own = audit.make_engine(db_url)  # own engine, own connection, as a separate process would have
+        try:
+            barrier.wait()
+            for i in range(per_writer):
+                audit.append_event(own, AuditAction.VIEW, username=f"writer{index}", detail={"i": i})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            own.dispose()
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    result = audit.verify_chain(engine)
+    assert result.ok, result.reason
+    assert result.events_checked == writers * per_writer
+    assert result.head is not None and result.head.seq == writers * per_writer
+    assert audit.count_events(engine, user="writer3") == per_writer
+
+
+@pytest.mark.parametrize(
+    "statement", ["UPDATE audit_event SET username = 'mallory' WHERE seq = 2", "DELETE FROM audit_event WHERE seq = 2"]
+)
+def test_update_and_delete_are_refused_by_triggers(engine: Engine, db_path: Path, statement: str) -> None:
+    _events(3, engine)
+    connection = _raw(db_path)
+    with pytest.raises(sqlite3.DatabaseError, match="audit_event is append-only"):
+        connection.execute(statement)
+    connection.close()
+    with audit.write_session(engine) as session, pytest.raises(IntegrityError, match="append-only"):
+        session.exec(text(statement))  # type: ignore[call-overload]
+    assert audit.verify_chain(engine).ok
+
+
+def test_forged_row_is_named_and_the_triggers_come_back(engine: Engine, db_path: Path, db_url: str) -> None:
+    _events(10, engine)
+    connection = _raw(db_path)
+    connection.execute("DROP TRIGGER audit_event_no_update")
+    connection.execute("DROP TRIGGER audit_event_no_delete")
+    connection.execute("""UPDATE audit_event SET detail = '{"i": 99}' WHERE seq = 6""")
+    connection.close()
+
+    result = audit.verify_chain(engine)
+    assert not result.ok
+    assert result.first_bad_seq == 6
+    assert result.events_checked == 6
+    assert "hash mismatch" in result.reason
+
+    restarted = audit.init_db(db_url)  # start-up restores the triggers and leaves a trace
+    try:
+        assert audit.install_triggers(restarted) == []
+        [event] = audit.query_events(restarted, action=AuditAction.AUDIT_TRIGGERS_RESTORED)
+        assert event.detail == {"triggers": ["audit_event_no_update", "audit_event_no_delete"]}
+        assert event.event_id_code == "110113"
+    finally:
+        restarted.dispose()
+
+
+def test_garbled_row_is_named(engine: Engine, db_path: Path) -> None:
+    _events(4, engine)
+    connection = _raw(db_path)
+    connection.execute("DROP TRIGGER audit_event_no_update")
+    connection.execute("UPDATE audit_event SET detail = '{not json', ts = 'yesterday' WHERE seq = 3")
+    connection.close()
+    result = audit.verify_chain(engine)
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+    assert "cannot be decoded" in result.reason
+
+
+def test_deleted_middle_row_is_detected(engine: Engine, db_path: Path) -> None:
+    _events(10, engine)
+    connection = _raw(db_path)
+    connection.execute("DROP TRIGGER audit_event_no_delete")
+    connection.execute("DELETE FROM audit_event WHERE seq = 5")
+    connection.close()
+    result = audit.verify_chain(engine)
+    assert (result.ok, result.first_bad_seq) == (False, 6)
+    assert "5 missing" in result.reason
+
+
+def test_truncated_tail_is_detected_against_an_anchor(engine: Engine, db_path: Path) -> None:
+    _events(10, engine)
+    anchor = audit.chain_head(engine)
+    assert anchor is not None and anchor.seq == 10
+    assert audit.verify_chain(engine, anchor=anchor).ok
+    connection = _raw(db_path)
+    connection.execute("DROP TRIGGER audit_event_no_delete")
+    connection.execute("DELETE FROM audit_event WHERE seq >= 9")
+    connection.close()
+    assert audit.verify_chain(engine).ok  # a hash chain alone cannot see a cut tail...
+    result = audit.verify_chain(engine, anchor=anchor)  # ...an anchor kept elsewhere can
+    assert (result.ok, result.first_bad_seq) == (False, 10)
+    assert "truncated" in result.reason
+
+
+_WRITER = """
+import sys
+from app.audit import make_engine, append_event
+engine = make_engine(sys.argv[1])
+i = 0
+while True:
+    append_event(engine, "view", username="writer", detail={"i": i, "pad": "x" * 2000})
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_mid_write_leaves_a_consistent_database(engine: Engine, db_url: str, db_path: Path) -> None:
+    _events(3, engine)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, db_url],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    committed = 0
+    watchdog = threading.Timer(60, process.kill)  # never hang the suite on a stuck child
+    watchdog.start()
+    try:
+        for line in process.stdout:
+            committed = int(line)
+            if committed >= 40:
+                break
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        watchdog.cancel()
+        process.stdout.close()
+    assert process.returncode == -signal.SIGKILL
+    assert committed >= 40
+
+    result = audit.verify_chain(engine)
+    assert result.ok, result.reason
+    assert result.events_checked >= 3 + committed  # every acknowledged commit survived
+    connection = _raw(db_path)
+    assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    connection.close()
+    audit.append_event(engine, AuditAction.APP_START)  # the chain continues after the crash
+    assert audit.verify_chain(engine).ok
+
+
+# --- query and export --------------------------------------------------------------------------------------
+
+
+def test_query_count_and_export(engine: Engine) -> None:
+    alice = _user(engine, "alice")
+    audit.append_event(engine, AuditAction.LOGIN_OK, user=alice, now=T0)
+    audit.append_event(
+        engine, AuditAction.VIEW, user=alice, object_type="run", object_id="r1", now=T0 + timedelta(hours=1)
+    )
+    audit.append_event(
+        engine,
+        AuditAction.LOGIN_FAILED,
+        username="=HYPERLINK(1)",
+        outcome=Outcome.MINOR_FAILURE,
+        now=T0 + timedelta(hours=2),
+    )
+
+    newest_first = audit.query_events(engine)
+    assert [e.action for e in newest_first][:3] == ["login_failed", "view", "login_ok"]
+    assert [e.action for e in audit.query_events(engine, user="alice")] == ["view", "login_ok"]
+    assert [e.object_id for e in audit.query_events(engine, action="view")] == ["r1"]
+    window = audit.query_events(engine, since=T0 + timedelta(minutes=30), until=T0 + timedelta(hours=2))
+    assert [e.action for e in window] == ["view"]
+    assert len(audit.query_events(engine, limit=1, offset=1)) == 1
+    assert audit.count_events(engine, user_id=alice.id) == 2
+    with pytest.raises(ValueError, match="limit"):
+        audit.query_events(engine, limit=0)
+
+    records = json.loads("".join(audit.export_events(engine, "json")))
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert records[0]["event_id_code"] == "110114" and records[0]["event_type_code"] == "110122"
+    assert records[2]["event_outcome_indicator"] == 4
+    assert records[1]["prev_hash"] == records[0]["hash"]
+    assert json.loads("".join(audit.export_events(engine, "json", action="cancel"))) == []
+
+    rows = list(csv.DictReader(io.StringIO("".join(audit.export_events(engine, "csv")))))
+    assert list(rows[0]) == list(audit.EXPORT_COLUMNS)
+    assert rows[2]["username"] == "'=HYPERLINK(1)"  # neutralized for spreadsheets
+    assert rows[1]["ts"] == "2025-03-01T10:00:00.000000+00:00"
+    with pytest.raises(ValueError, match="xml"):
+        audit.export_events(engine, "xml")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        {"patient_name": "DOE^JANE"},
+        {"nested": {"PatientID": "123"}},
+        {"StudyInstanceUID": "1.2.3"},
+        {"note": STUDY_UID},
+        {"items": [{"accession_number": "A1"}]},
+        {"password": "hunter2hunter2"},
+        {"x": float("nan")},
+        {"when": datetime(2025, 1, 1, tzinfo=UTC)},
+    ],
+)
+def test_event_detail_refuses_patient_data_and_credentials(engine: Engine, detail: dict[str, object]) -> None:
+    with pytest.raises(AuditDetailError):
+        audit.append_event(engine, AuditAction.VIEW, detail=detail)
+    assert audit.count_events(engine) == 0
+
+
+def test_unknown_action_is_refused(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="unknown audit action 'teleport'"):
+        audit.append_event(engine, "teleport")
+
+
+def test_every_action_has_a_dicom_mapping() -> None:
+    assert set(audit.DICOM_EVENT_CODES) == set(AuditAction)
+    for action, codes in audit.DICOM_EVENT_CODES.items():
+        assert (codes.event_id is None) == (codes.event_id_meaning is None), action
+        assert (codes.event_type is None) == (codes.event_type_meaning is None), action
+        assert codes.event_id is None or codes.event_id.startswith("110"), action
+    assert audit.DICOM_EVENT_CODES[AuditAction.UPLOAD].event_id == "110107"
+    assert audit.DICOM_EVENT_CODES[AuditAction.EXPORT].event_id == "110106"
+    assert audit.DICOM_EVENT_CODES[AuditAction.LOGOUT].event_type == "110123"
+
+
+# --- runs, inputs, exports ---------------------------------------------------------------------------------
+
+
+def _input(engine: Engine, user: User, **kwargs: object) -> audit.InputImage:
+    arguments: dict[str, object] = {
+        "user": user,
+        "upload_sha256": SHA,
+        "pixel_sha256": "cd" * 32,
+        "rows": 2048,
+        "cols": 2500,
+        "source_format": "dicom",
+        "uid_secret": SECRET,
+        "modality": "CR",
+        "study_instance_uid": STUDY_UID,
+        "series_instance_uid": STUDY_UID + ".2",
+        "sop_instance_uid": STUDY_UID + ".3\x00",
+    }
+    arguments.update(kwargs)
+    return audit.record_input(engine, **arguments)  # type: ignore[arg-type]
+
+
+def _run(engine: Engine, user: User, input_id: uuid.UUID) -> audit.Run:
+    return audit.create_run(
+        engine,
+        user=user,
+        input_id=input_id,
+        params={"prompt": "normal chest x-ray", "strength": 0.6, "guidance_scale": 7.5, "steps": 50},
+        seeds=[1, 2, 3],
+        model_sha256=SHA,
+        library_versions={"torch": "2.5.1", "diffusers": "0.32.0"},
+    )
+
+
+def test_mark_interrupted_runs(engine: Engine) -> None:
+    alice = _user(engine)
+    image = _input(engine, alice)
+    queued, running, done = (_run(engine, alice, image.id) for _ in range(3))
+    audit.start_run(engine, running.id)
+    audit.start_run(engine, done.id)
+    audit.finish_run(engine, done.id, RunStatus.DONE, effective_steps=30, artifact_hashes={"cf.png": SHA})
+
+    assert audit.mark_interrupted_runs(engine, now=T0) == 2
+    for run in (queued, running):
+        stored = audit.get_run(engine, run.id)
+        assert stored is not None
+        assert stored.status == RunStatus.INTERRUPTED
+        assert stored.reason == audit.INTERRUPTED_REASON
+        assert stored.finished_at == T0
+    stored_done = audit.get_run(engine, done.id)
+    assert stored_done is not None and stored_done.status == RunStatus.DONE
+    events = audit.query_events(engine, action=AuditAction.JOB_INTERRUPTED)
+    assert {e.object_id for e in events} == {str(queued.id), str(running.id)}
+    assert {e.detail["previous_status"] for e in events} == {"queued", "running"}
+    assert all(e.username == audit.SYSTEM_USERNAME for e in events)
+    assert audit.mark_interrupted_runs(engine) == 0  # idempotent
+    assert audit.verify_chain(engine).ok
+
+
+def test_run_record_is_reproducible_and_transitions_are_checked(engine: Engine) -> None:
+    alice = _user(engine)
+    image = _input(engine, alice)
+    run = _run(engine, alice, image.id)
+    with pytest.raises(audit.InvalidRunTransitionError, match="'queued'; it cannot become 'done'"):
+        audit.finish_run(engine, run.id, RunStatus.DONE)
+    audit.start_run(engine, run.id)
+    audit.finish_run(
+        engine,
+        run.id,
+        "done",
+        effective_steps=30,
+        timings={"generate": 12.5},
+        artifact_hashes={"counterfactual.png": SHA},
+    )
+    with pytest.raises(audit.InvalidRunTransitionError):
+        audit.start_run(engine, run.id)
+    stored = audit.get_run(engine, run.id)
+    assert stored is not None
+    assert stored.params["strength"] == 0.6 and stored.seeds == [1, 2, 3]
+    assert stored.library_versions == {"torch": "2.5.1", "diffusers": "0.32.0"}
+    assert stored.timings == {"generate": 12.5} and stored.effective_steps == 30
+    assert stored.created_at.tzinfo is not None and stored.finished_at is not None
+
+    export = audit.record_export(engine, run_id=run.id, kind="png", sha256=SHA, user=alice)
+    assert [e.action for e in audit.query_events(engine)] == ["export", "run_done", "generate", "upload"]
+    assert audit.query_events(engine, action="export")[0].object_id == str(export.id)
+    with pytest.raises(ValueError, match="not a SHA-256"):
+        audit.record_export(engine, run_id=run.id, kind="png", sha256="nope", user=alice)
+
+    cancelled = _run(engine, alice, image.id)
+    admin = _user(engine, "root", Role.ADMIN)
+    audit.finish_run(engine, cancelled.id, RunStatus.CANCELLED, reason="user cancelled", actor=admin)
+    [cancel] = audit.query_events(engine, action="cancel")
+    assert (cancel.username, cancel.object_id) == ("root", str(cancelled.id))
+
+
+def test_hmac_uids_never_equal_plain_uids(engine: Engine, db_path: Path) -> None:
+    digest = audit.hmac_uid(SECRET, STUDY_UID)
+    assert digest != STUDY_UID and len(digest) == 64
+    assert digest == audit.hmac_uid(SECRET, STUDY_UID + "\x00")  # DICOM padding does not matter
+    assert digest != audit.hmac_uid(bytes(32), STUDY_UID)  # keyed
+    with pytest.raises(ValueError, match="too short"):
+        audit.hmac_uid(b"short", STUDY_UID)
+
+    alice = _user(engine)
+    image = _input(engine, alice)
+    assert image.study_uid_hmac == digest
+    assert image.sop_uid_hmac == audit.hmac_uid(SECRET, STUDY_UID + ".3")
+    assert {image.study_uid_hmac, image.series_uid_hmac, image.sop_uid_hmac}.isdisjoint(
+        {STUDY_UID, STUDY_UID + ".2", STUDY_UID + ".3"}
+    )
+    assert image.study_instance_uid is None and image.sop_instance_uid is None
+    assert STUDY_UID.encode() not in _stored_bytes(db_path)  # nowhere in the database or its WAL
+
+    opted_in = _input(engine, alice, store_plain_uids=True)
+    assert opted_in.study_instance_uid == STUDY_UID and opted_in.sop_instance_uid == STUDY_UID + ".3"
+    assert opted_in.study_uid_hmac == digest
+
+
+def test_load_or_create_secret(tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "uid.key"
+    secret = audit.load_or_create_secret(path)
+    assert len(secret) == 32
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    assert audit.load_or_create_secret(path) == secret
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    path.chmod(0o644)
+    with pytest.raises(audit.InsecureSecretFileError, match="chmod 600"):
+        audit.load_or_create_secret(path)
+    path.chmod(0o600)
+    path.write_bytes(b"short")
+    with pytest.raises(audit.InsecureSecretFileError, match="expected 32"):
+        audit.load_or_create_secret(path)
+
+
+# --- accounts ----------------------------------------------------------------------------------------------
+
+
+def test_password_hashing() -> None:
+    first, second = audit.hash_password(PASSWORD), audit.hash_password(PASSWORD)
+    assert first.startswith("$argon2id$") and PASSWORD not in first
+    assert first != second  # salted
+    assert audit.verify_password(PASSWORD, first)
+    assert not audit.verify_password(PASSWORD + "!", first)
+    assert not audit.verify_password(PASSWORD, "not-a-hash")
+
+
+def test_no_default_account_and_password_policy(engine: Engine) -> None:
+    for weak, rule in [("short", "too short"), ("aaaaaaaaaaaaaaaa", "4 different"), ("dr.house.md.x", "differ")]:
+        with pytest.raises(audit.WeakPasswordError, match=rule):
+            audit.create_user(engine, "dr.house.md.x", weak)
+    with pytest.raises(audit.InvalidUsernameError, match="'bad name'"):
+        audit.create_user(engine, "bad name", PASSWORD)
+    assert audit.list_users(engine) == []
+    assert audit.count_events(engine) == 0
+
+
+def test_lockout_after_repeated_failures(engine: Engine) -> None:
+    admin = _user(engine, "root", Role.ADMIN)
+    user = audit.create_user(engine, "Carol", PASSWORD, actor=admin, now=T0)
+    assert user.username == "carol" and user.role == "clinician"
+    with pytest.raises(audit.UserExistsError):
+        audit.create_user(engine, "carol", PASSWORD)
+
+    for attempt in range(5):
+        assert audit.authenticate(engine, "carol", "wrong password!", now=T0 + timedelta(seconds=attempt)) is None
+    locked = audit.get_user(engine, username="carol")
+    assert locked is not None and locked.locked_until == T0 + timedelta(seconds=4, minutes=15)
+    # the right password does not help while locked
+    assert audit.authenticate(engine, "carol", PASSWORD, now=T0 + timedelta(minutes=5)) is None
+    signed_in = audit.authenticate(engine, "CAROL ", PASSWORD, now=T0 + timedelta(minutes=20))
+    assert signed_in is not None and signed_in.id == user.id and signed_in.failed_logins == 0
+
+    actions = [e.action for e in reversed(audit.query_events(engine, user="carol"))]
+    assert actions == ["login_failed"] * 5 + ["lockout", "login_failed", "login_ok"]
+    reasons = [e.detail.get("reason") for e in audit.query_events(engine, action="login_failed")]
+    assert reasons[0] == "locked"
+    assert audit.query_events(engine, action="user_add")[0].username == "root"
+    assert audit.verify_chain(engine).ok
+
+
+def test_unknown_and_disabled_users_cannot_log_in(engine: Engine) -> None:
+    assert audit.authenticate(engine, "nobody", PASSWORD) is None
+    [failed] = audit.query_events(engine, action="login_failed")
+    assert (failed.username, failed.user_id, failed.detail) == ("nobody", None, {"reason": "unknown_user"})
+
+    dave = audit.create_user(engine, "dave", PASSWORD)
+    token = audit.create_session(engine, dave)
+    audit.disable_user(engine, dave.id)
+    assert audit.authenticate(engine, "dave", PASSWORD) is None
+    assert audit.get_session_user(engine, token) is None
+    assert audit.query_events(engine, action="login_failed")[0].detail == {"reason": "disabled"}
+    assert audit.query_events(engine, action="user_disable")[0].detail["sessions_revoked"] == 1
+
+
+def test_last_admin_cannot_be_disabled(engine: Engine) -> None:
+    root = _user(engine, "root", Role.ADMIN)
+    with pytest.raises(audit.LastAdminError, match="'root'"):
+        audit.disable_user(engine, root.id)
+    second = _user(engine, "root2", Role.ADMIN)
+    audit.disable_user(engine, root.id, actor=second)
+    with pytest.raises(audit.UserNotFoundError):
+        audit.disable_user(engine, uuid.uuid4())
+    assert [u.username for u in audit.list_users(engine, include_disabled=False)] == ["root2"]
+
+
+def test_session_idle_timeout_and_logout(engine: Engine) -> None:
+    erin = _user(engine, "erin")
+    token = audit.create_session(engine, erin, idle_timeout=timedelta(minutes=30), lifetime=timedelta(hours=8), now=T0)
+    # active use keeps it alive well past one idle timeout...
+    for minutes in (20, 45, 70):
+        user = audit.get_session_user(engine, token, now=T0 + timedelta(minutes=minutes))
+        assert user is not None and user.id == erin.id
+    # ...31 idle minutes end it, for good
+    assert audit.get_session_user(engine, token, now=T0 + timedelta(minutes=101)) is None
+    assert audit.get_session_user(engine, token, now=T0 + timedelta(minutes=102)) is None
+
+    token = audit.create_session(engine, erin, lifetime=timedelta(hours=1), now=T0)
+    for minutes in (20, 40):
+        assert audit.get_session_user(engine, token, now=T0 + timedelta(minutes=minutes)) is not None
+    assert audit.get_session_user(engine, token, now=T0 + timedelta(minutes=60)) is None  # absolute lifetime
+
+    token = audit.create_session(engine, erin)
+    assert audit.revoke_session(engine, token) is True
+    assert audit.revoke_session(engine, token) is False
+    assert audit.get_session_user(engine, token) is None
+    assert audit.get_session_user(engine, "forged-token") is None
+    assert [e.action for e in audit.query_events(engine, user="erin")] == ["logout"]
+
+
+def test_tokens_are_stored_only_as_sha256(engine: Engine, db_path: Path) -> None:
+    frank = _user(engine, "frank")
+    session_token = audit.create_session(engine, frank)
+    api_token = audit.create_api_token(engine, frank, "nightly batch")
+    assert api_token.startswith("vmd_")
+    with audit.read_session(engine) as session:
+        [stored] = session.exec(select(UserSession)).all()
+    assert stored.token_hash == hashlib.sha256(session_token.encode()).hexdigest()
+    content = _stored_bytes(db_path)
+    assert session_token.encode() not in content and api_token.encode() not in content
+
+    user = audit.get_token_user(engine, api_token)
+    assert user is not None and user.id == frank.id
+    assert audit.get_token_user(engine, "vmd_forged") is None
+    [listed] = audit.list_api_tokens(engine, frank.id)
+    assert listed.name == "nightly batch" and listed.last_used_at is not None
+    audit.revoke_api_token(engine, listed.id, actor=frank)
+    assert audit.get_token_user(engine, api_token) is None
+    assert [e.action for e in audit.query_events(engine, user="frank")] == ["token_revoke", "token_create"]
+
+
+def test_reset_password_revokes_sessions_and_clears_lockout(engine: Engine) -> None:
+    admin = _user(engine, "root", Role.ADMIN)
+    grace = _user(engine, "grace")
+    token = audit.create_session(engine, grace)
+    new_password = "a much better passphrase"
+    audit.reset_password(engine, grace.id, new_password, actor=admin)
+    assert audit.get_session_user(engine, token) is None
+    assert audit.authenticate(engine, "grace", new_password) is not None
+    [reset] = audit.query_events(engine, action="password_reset")
+    assert reset.username == "root" and new_password not in json.dumps(reset.detail)
+
+
+# --- PostgreSQL (opt-in) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not os.environ.get("VALD_TEST_POSTGRES_URL"), reason="set VALD_TEST_POSTGRES_URL to an empty database"
+)
+def test_postgresql_chain_triggers_and_concurrency() -> None:
+    url = os.environ["VALD_TEST_POSTGRES_URL"]
+    engine = audit.init_db(url)
+    try:
+        start = audit.count_events(engine)
+        errors: list[BaseException] = []
+
+        def write(index: int) -> None:
+            own = audit.make_engine(url)
+            try:
+                for i in range(25):
+                    audit.append_event(own, AuditAction.VIEW, username=f"pg{index}", detail={"i": i})
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+            finally:
+                own.dispose()
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        result = audit.verify_chain(engine)
+        assert result.ok, result.reason
+        assert result.events_checked == start + 100
+        for statement in ("UPDATE audit_event SET username = 'x'", "DELETE FROM audit_event", "TRUNCATE audit_event"):
+            with pytest.raises(Exception, match="append-only"), engine.begin() as connection:
+                connection.execute(text(statement))
+        assert audit.install_triggers(engine) == []
+    finally:
+        engine.dispose()

@@ -1,0 +1,363 @@
+"""Exports of a run folder: annotated PNG, DICOM Secondary Capture, record.json, ZIP bundle.
+
+Run folders are built in code (no model): a 16-bit ``input.png``, a synthetic ``attribution.npy`` and a
+``record.json`` shaped like :func:`app.artifacts.run_review` writes it. DICOM sources are a small CR built with
+pydicom and, when the shared data is present, ``siim_cr_chest.dcm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from app import exports
+from app.exports import ExportError
+
+H, W = 48, 40
+MODEL_HASH = "0123456789abcdef" * 4
+SOURCE_NAME = "Müller^Hans"
+SOURCE_ID = "PID-0042-SECRET"
+SOURCE_ACCESSION = "ACC-777"
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+BANNER = (255, 196, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Factories
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _png16(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(img * 65535).astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr.astype(np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def make_run(folder: Path, input_bytes: bytes, *, h: int = H, w: int = W, samples: int = 1) -> Path:
+    """A finished run folder as app.artifacts writes it; ``input_bytes`` is the 'uploaded' file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:h, 0:w]
+    original = (0.2 + 0.6 * xs / max(w - 1, 1)).astype(np.float32)
+    blob = 0.3 * np.exp(-(((ys - h / 2) / 6) ** 2 + ((xs - w / 3) / 5) ** 2))
+    cfs = np.clip(original[None] - blob[None] + 0.01 * rng.standard_normal((samples, h, w)), 0, 1)
+    diffs = original[None] - cfs
+    files = {"input.png": _png16(original), "overlay.png": _png16(original),
+             "reconstruction.png": _png16(original), "attribution.npy": _npy(diffs.mean(0))}
+    for i, cf in enumerate(cfs):
+        files["counterfactual.png" if i == 0 else f"counterfactual-{i}.png"] = _png16(cf)
+    if samples > 1:
+        files["attribution_std.npy"] = _npy(diffs.std(0, ddof=1))
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    record = {
+        "vald_md_record": 1,
+        "created_at": "2025-03-04T05:06:07+00:00",
+        "input": {"sha256": _sha(input_bytes), "modality": "CR"},
+        "parameters": {"prompt": "normal chest x-ray", "negative_prompt": "", "strength": 0.85,
+                       "guidance_scale": 7.5, "steps": 75, "seed": None, "scheduler": "pndm", "samples": samples},
+        "effective_steps": 63,
+        "seeds": [1234 + i for i in range(samples)],
+        "model_hash": MODEL_HASH,
+        "request": {"window": "auto", "reference": "input", "smoothing_sigma": 0.0, "mask": False},
+        "map_summary": {"n_samples": samples},
+        "artifacts_sha256": {name: _sha(data) for name, data in files.items()},
+        "disclaimer": exports.DISCLAIMER,
+    }
+    (folder / "record.json").write_bytes(json.dumps(record, indent=2).encode())
+    return folder
+
+
+def synthetic_cr(h: int = H, w: int = W) -> bytes:
+    """A small CR image in Part 10 format, with identifying patient data in Latin-1."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CR"
+    ds.PatientName = SOURCE_NAME
+    ds.PatientID = SOURCE_ID
+    ds.PatientBirthDate = "19600102"
+    ds.PatientSex = "F"
+    ds.AccessionNumber = SOURCE_ACCESSION
+    ds.StudyDate, ds.StudyTime = "20240101", "101010"
+    ds.StudyID, ds.ReferringPhysicianName = "S1", "Doe^Jane"
+    ds.PatientOrientation = ["L", "F"]
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.ViewPosition = "PA"
+    ds.Rows, ds.Columns = h, w
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(h * w, dtype=np.uint16).reshape(h, w) % 4096).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def shared_dicom(shared_data: Path) -> Path:
+    """``siim_cr_chest.dcm`` from the shared data (conftest's ``shared_data`` skips when the folder is absent)."""
+    path = shared_data / "dicom" / "siim_cr_chest.dcm"
+    if not path.is_file():
+        pytest.skip(f"shared data lacks {path}")
+    return path
+
+
+@pytest.fixture
+def cr_source() -> bytes:
+    return synthetic_cr()
+
+
+@pytest.fixture
+def dicom_run(tmp_path, cr_source) -> Path:
+    return make_run(tmp_path / "run", cr_source)
+
+
+def _read_dcm(data: bytes) -> Dataset:
+    return pydicom.dcmread(io.BytesIO(data))  # no force: the export must be a proper Part 10 file
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Annotated PNG
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_annotated_png_has_parameters_in_text_chunks_and_a_banner(dicom_run):
+    data = exports.export_annotated_png(dicom_run)
+    img = Image.open(io.BytesIO(data))
+    text = img.text  # type: ignore[attr-defined]
+    assert img.mode == "RGB"
+    assert text["vald_md:prompt"] == "normal chest x-ray"
+    assert text["vald_md:seed"] == "1234"
+    assert text["vald_md:strength"] == "0.85" and text["vald_md:guidance_scale"] == "7.5"
+    assert text["vald_md:steps"] == "75" and text["vald_md:effective_steps"] == "63"
+    assert text["vald_md:scheduler"] == "pndm"
+    assert text["vald_md:model_hash"] == MODEL_HASH
+    assert text["vald_md:record_sha256"] == _sha((dicom_run / "record.json").read_bytes())
+    assert json.loads(text["vald_md:overlay"])["mode"] == "magnitude"
+    assert text["Disclaimer"] == "AI-generated counterfactual — not for diagnostic use"
+    assert not any(s in v for v in text.values() for s in ("Müller", SOURCE_ID, str(dicom_run)))
+    # the banner is burned in across the top: banner colour with dark text on it
+    rgb = np.asarray(img.convert("RGB"))
+    assert tuple(rgb[0, 0]) == BANNER and tuple(rgb[0, -1]) == BANNER
+    banner_rows = rgb[: np.flatnonzero((rgb[:, 0] != BANNER).any(axis=1))[0]]
+    assert len(banner_rows) >= 10 and (banner_rows.max(axis=2) < 80).any()
+
+
+def test_annotated_png_is_deterministic_and_follows_options(dicom_run):
+    a = exports.export_annotated_png(dicom_run)
+    assert exports.export_annotated_png(dicom_run) == a
+    b = exports.export_annotated_png(dicom_run, opacity=0.3, threshold=90, mode="signed")
+    assert b != a
+    assert json.loads(Image.open(io.BytesIO(b)).text["vald_md:overlay"]) == {  # type: ignore[attr-defined]
+        "mode": "signed", "opacity": 0.3, "threshold": 90, "threshold_mode": "percentile"}
+
+
+def test_stability_mode_needs_several_samples(tmp_path):
+    single = make_run(tmp_path / "one", b"x")
+    with pytest.raises(ExportError, match="several samples"):
+        exports.export_annotated_png(single, mode="stability")
+    several = make_run(tmp_path / "three", b"x", samples=3)
+    text = Image.open(io.BytesIO(exports.export_annotated_png(several, mode="stability"))).text  # type: ignore[attr-defined]
+    assert text["vald_md:seed"] == "1234, 1235, 1236"
+
+
+@pytest.mark.parametrize("options,match", [({"opacity": 1.5}, "opacity"), ({"mode": "heat"}, "mode"),
+                                           ({"threshold": 150}, "percentile")])
+def test_bad_overlay_options_are_export_errors(dicom_run, options, match):
+    with pytest.raises(ExportError, match=match):
+        exports.export_annotated_png(dicom_run, **options)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. DICOM Secondary Capture
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_secondary_capture_is_in_the_source_study_and_references_the_source(dicom_run, cr_source):
+    src = _read_dcm(cr_source)
+    data = exports.export_secondary_capture(dicom_run, cr_source)
+    sc = _read_dcm(data)
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage == sc.file_meta.MediaStorageSOPClassUID
+    assert sc.StudyInstanceUID == src.StudyInstanceUID
+    assert sc.SeriesInstanceUID != src.SeriesInstanceUID and sc.SOPInstanceUID != src.SOPInstanceUID
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.SeriesDescription == exports.SERIES_DESCRIPTION and len(sc.SeriesDescription) <= 64
+    assert "not for diagnostic use" in sc.SeriesDescription and "not for diagnostic use" in sc.ImageComments
+    for seq in (sc.SourceImageSequence, sc.ReferencedImageSequence):
+        assert len(seq) == 1
+        assert seq[0].ReferencedSOPClassUID == src.SOPClassUID
+        assert seq[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert MODEL_HASH in sc.DerivationDescription
+    # geometry copied from the source: same frame, so the spacing still holds
+    assert [float(v) for v in sc.PixelSpacing] == [0.5, 0.5]
+    assert list(sc.PatientOrientation) == ["L", "F"]
+    # RGB overlay with a banner on top and a legend on the right
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    px = sc.pixel_array
+    assert px.shape == (sc.Rows, sc.Columns, 3) and sc.Rows > H and sc.Columns > W
+    assert tuple(px[0, 0]) == BANNER
+    # a second export is a new instance in a new series
+    again = _read_dcm(exports.export_secondary_capture(dicom_run, cr_source))
+    assert again.SOPInstanceUID != sc.SOPInstanceUID and again.SeriesInstanceUID != sc.SeriesInstanceUID
+
+
+def test_secondary_capture_leaves_patient_data_out_by_default(dicom_run, cr_source):
+    data = exports.export_secondary_capture(dicom_run, cr_source)
+    sc = _read_dcm(data)
+    assert str(sc.PatientName) == exports.ANONYMOUS and sc.PatientID == exports.ANONYMOUS
+    assert not sc.PatientBirthDate and not sc.PatientSex and not sc.AccessionNumber
+    assert not sc.get("StudyDate") and not sc.get("ReferringPhysicianName")
+    for secret in (SOURCE_ID, SOURCE_ACCESSION, "Doe^Jane", "19600102"):
+        assert secret.encode() not in data
+    assert "Müller".encode("latin-1") not in data and "Müller".encode() not in data
+
+
+def test_secondary_capture_copies_patient_data_when_asked(dicom_run, cr_source):
+    sc = _read_dcm(exports.export_secondary_capture(dicom_run, cr_source, include_patient_data=True))
+    assert str(sc.PatientName) == SOURCE_NAME  # re-encoded from ISO_IR 100 into the object's UTF-8
+    assert sc.PatientID == SOURCE_ID and sc.PatientBirthDate == "19600102" and sc.PatientSex == "F"
+    assert sc.AccessionNumber == SOURCE_ACCESSION and sc.StudyDate == "20240101"
+
+
+def test_secondary_capture_accepts_a_dataset(dicom_run, cr_source):
+    src = _read_dcm(cr_source)
+    sc = _read_dcm(exports.export_secondary_capture(dicom_run, src))
+    assert sc.StudyInstanceUID == src.StudyInstanceUID
+
+
+def test_secondary_capture_refuses_a_png_input(tmp_path):
+    png = _png16(np.zeros((H, W), np.float32))
+    run = make_run(tmp_path / "png-run", png)
+    with pytest.raises(ExportError, match="needs a DICOM input; this run's input was a PNG"):
+        exports.export_secondary_capture(run, png)
+    with pytest.raises(ExportError, match="source DICOM file, and none was supplied"):
+        exports.build_export(run, "secondary-capture.dcm")
+
+
+def test_secondary_capture_refuses_another_images_dicom(dicom_run):
+    with pytest.raises(ExportError, match="not this run's input"):
+        exports.export_secondary_capture(dicom_run, synthetic_cr())
+
+
+@pytest.mark.shared_data
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AS")  # the file's Patient's Age is '62', not '062Y'
+def test_secondary_capture_of_a_real_cr(tmp_path, shared_dicom):
+    data = shared_dicom.read_bytes()
+    src = _read_dcm(data)
+    run = make_run(tmp_path / "siim", data)  # input.png smaller than the source: no pixel spacing
+    sc_bytes = exports.export_secondary_capture(run, data)
+    sc = _read_dcm(sc_bytes)
+    assert sc.StudyInstanceUID == src.StudyInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPClassUID == src.SOPClassUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert sc.SeriesInstanceUID != src.SeriesInstanceUID and sc.SOPInstanceUID != src.SOPInstanceUID
+    assert sc.LossyImageCompression == "01"  # the source was JPEG baseline
+    assert "PixelSpacing" not in sc
+    assert "PatientOrientation" in sc and not sc.PatientOrientation  # Type 2: the source leaves it empty
+    assert str(sc.PatientName) == exports.ANONYMOUS and str(src.PatientName).encode() not in sc_bytes
+    opted_in = _read_dcm(exports.export_secondary_capture(run, data, include_patient_data=True))
+    assert opted_in.PatientName == src.PatientName and opted_in.PatientAge == src.PatientAge
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. record.json and 4. bundle
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_record_json_is_returned_unchanged(dicom_run):
+    content, media_type = exports.build_export(dicom_run, "record.json")
+    assert content == (dicom_run / "record.json").read_bytes() and media_type == "application/json"
+
+
+def test_bundle_holds_every_artifact_in_a_fixed_order(tmp_path, cr_source):
+    run = make_run(tmp_path / "run", cr_source, samples=3)
+    data = exports.export_bundle(run)
+    assert exports.export_bundle(run) == data  # deterministic without a DICOM source
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert zf.testzip() is None
+        assert zf.namelist() == ["input.png", "counterfactual.png", "counterfactual-1.png", "counterfactual-2.png",
+                                 "reconstruction.png", "overlay.png", "annotated.png", "attribution.npy",
+                                 "attribution_std.npy", "record.json"]
+        assert zf.read("record.json") == (run / "record.json").read_bytes()
+        assert zf.read("annotated.png") == exports.export_annotated_png(run)
+        assert zf.getinfo("input.png").date_time == (2025, 3, 4, 5, 6, 6)  # created_at; ZIP keeps even seconds
+        assert zf.comment.decode() == exports.DISCLAIMER
+    with zipfile.ZipFile(io.BytesIO(exports.export_bundle(run, cr_source))) as zf:
+        assert zf.namelist()[-1] == "secondary-capture.dcm"
+        sc = _read_dcm(zf.read("secondary-capture.dcm"))
+        assert str(sc.PatientName) == exports.ANONYMOUS
+
+
+def test_changed_or_missing_artifacts_are_refused(dicom_run):
+    (dicom_run / "attribution.npy").write_bytes(_npy(np.zeros((H, W), np.float32)))
+    with pytest.raises(ExportError, match="changed after the run"):
+        exports.export_annotated_png(dicom_run)
+    (dicom_run / "attribution.npy").unlink()
+    with pytest.raises(ExportError, match=r"has no attribution\.npy"):
+        exports.export_annotated_png(dicom_run)
+    with pytest.raises(ExportError, match="does not exist"):
+        exports.export_bundle(dicom_run / "nope")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# build_export / save_export
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,media_type,magic", [
+    ("annotated.png", "image/png", b"\x89PNG"),
+    ("secondary-capture.dcm", "application/dicom", b"\x00" * 128 + b"DICM"),
+    ("record.json", "application/json", b"{"),
+    ("bundle.zip", "application/zip", b"PK\x03\x04"),
+])
+def test_build_export_every_kind(dicom_run, cr_source, kind, media_type, magic):
+    before = sorted(p.name for p in dicom_run.iterdir())
+    content, got = exports.build_export(dicom_run, kind, cr_source)
+    assert got == media_type == exports.MEDIA_TYPES[kind] and content.startswith(magic)
+    assert sorted(p.name for p in dicom_run.iterdir()) == before  # writes nothing
+    assert set(exports.EXPORT_KINDS) == set(exports.MEDIA_TYPES)
+
+
+def test_build_export_rejects_unknown_kinds_and_options(dicom_run):
+    with pytest.raises(ExportError, match=r"unknown export kind 'report\.pdf'"):
+        exports.build_export(dicom_run, "report.pdf")
+    with pytest.raises(ExportError, match=r"opacity do not apply to record\.json"):
+        exports.build_export(dicom_run, "record.json", opacity=0.5)
+
+
+def test_save_export_writes_atomically(dicom_run):
+    path = exports.save_export(dicom_run, "bundle.zip")
+    assert path == dicom_run / "exports" / "bundle.zip"
+    assert zipfile.is_zipfile(path)
+    assert [p.name for p in path.parent.iterdir()] == ["bundle.zip"]  # no temporary file left behind
+    # the saved export is not picked up by the next bundle
+    with zipfile.ZipFile(io.BytesIO(exports.export_bundle(dicom_run))) as zf:
+        assert not any(n.startswith("exports") for n in zf.namelist())

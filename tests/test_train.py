@@ -1,0 +1,158 @@
+"""Training smoke runs on tiny in-code models: from-scratch (vae -> unet -> package) and dreambooth."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import engine, train
+from tests.tiny_model import write_tiny_model
+
+TINY_TOML = """
+[data]
+image_size = 32
+[vae]
+block_out_channels = [32, 64]
+layers_per_block = 1
+latent_channels = 4
+norm_num_groups = 32
+kl_weight = 1e-6
+lr = 1e-3
+warmup_steps = 1
+batch_size = 2
+crop_size = 16
+steps = 3
+whole_image_steps = 1
+whole_image_batch = 2
+checkpoint_every = 2
+validate_every = 2
+[unet]
+block_out_channels = [32, 64]
+layers_per_block = 1
+attention_head_dim = 2
+cross_attention_dim = 384
+lr = 1e-3
+warmup_steps = 1
+batch_size = 2
+steps = 2
+caption_dropout = 0.5
+ema_decay = 0.9
+checkpoint_every = 1
+validate_every = 1
+[text_encoder]
+source = "minilm"
+max_length = 8
+[prompts]
+healthy = "normal chest x-ray"
+normal = ["normal chest x-ray", "Normal chest scan"]
+covid = ["COVID 19"]
+"""
+
+
+def _dataset(root: Path, size: int = 32) -> Path:
+    """Synthetic labelled images: 'covid' images carry a bright blob, 'normal' ones do not."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for split, n in (("train", 4), ("val", 2)):
+        for label in ("normal", "covid"):
+            for i in range(n):
+                img = (rng.random((size, size)) * 80 + 60).astype(np.uint8)
+                if label == "covid":
+                    img[8:16, 8:16] = 230
+                path = root / split / label / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(path)
+                rows.append((path.relative_to(root).as_posix(), split, label))
+    csv_path = root / "labels.csv"
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "split", "label"])
+        w.writerows(rows)
+    return csv_path
+
+
+def test_prior_preservation_loss_on_known_tensors():
+    pred = torch.tensor([[1.0, 1.0], [0.0, 0.0], [3.0, 3.0]])
+    target = torch.zeros(3, 2)
+    total, inst, prior = train.prior_preservation_loss(pred, target, n_instance=1, prior_weight=0.5)
+    assert inst.item() == pytest.approx(1.0)          # mean((1,1)^2)
+    assert prior.item() == pytest.approx(4.5)         # mean((0,0,3,3)^2) = 18/4
+    assert total.item() == pytest.approx(1.0 + 0.5 * 4.5)
+    total, inst, prior = train.prior_preservation_loss(pred, target, n_instance=3, prior_weight=1.0)
+    assert prior.item() == 0.0 and total.item() == pytest.approx(inst.item())
+
+
+def test_parse_stages_paper_order_and_errors():
+    assert train.parse_stages("auto", {"covid", "normal", "viral_pneumonia"}) == [
+        ("normal", 1200), ("covid", 500), ("viral_pneumonia", 500)]
+    assert train.parse_stages("covid:3,normal:2", {"covid", "normal"}) == [("covid", 3), ("normal", 2)]
+    with pytest.raises(ValueError, match="LABEL:STEPS"):
+        train.parse_stages("cardio:3", {"covid", "normal"})
+
+
+def test_incompatible_flags_rejected():
+    with pytest.raises(SystemExit):
+        train.parse_args(["unet", "--data", "x.csv", "--output-dir", "o", "--config", "c.toml"])  # no --vae
+    with pytest.raises(SystemExit):
+        train.parse_args(["vae", "--data", "x.csv", "--output-dir", "o", "--config", "c", "--package", "p"])
+
+
+@pytest.mark.slow
+def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
+    csv_path = _dataset(tmp_path / "data")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_TOML)
+    run = tmp_path / "run"
+    common = ["--data", str(csv_path), "--output-dir", str(run), "--config", str(cfg), "--threads", "1"]
+    # stage 1, interrupted after 2 steps, then resumed to the end
+    assert train.main(train.parse_args(["vae", *common, "--max-steps", "2"])) == 0
+    assert train.latest_checkpoint(run).name == "step-000002.pt"
+    assert train.main(train.parse_args(["vae", *common, "--resume", "latest"])) == 0
+    rows = list(csv.DictReader(open(run / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # resumed at 3, not restarted
+    assert (run / "vae-best" / "config.json").is_file() and (run / "loss.png").is_file()
+    # stage 2 + package
+    urun = tmp_path / "urun"
+    model = tmp_path / "model"
+    assert train.main(train.parse_args(
+        ["unet", "--data", str(csv_path), "--output-dir", str(urun), "--config", str(cfg), "--vae",
+         str(run / "vae-best"), "--package", str(model), "--threads", "1"])) == 0
+    manifest = json.loads((model / "vald_md.json").read_text())
+    assert manifest["data"]["counts"] == {"covid": 4, "normal": 4}
+    assert len(manifest["preview_projection"]) == 5
+    eng = engine.CounterfactualEngine(model, device="cpu")
+    assert eng.info.text_encoder_type == "BertModel" and eng.info.model_hash == manifest["model_hash"]
+    r = eng.generate(np.full((40, 30), 0.5, np.float32), "normal chest x-ray", strength=0.5, steps=4, seed=0)
+    assert r.counterfactuals.shape == (1, 40, 30)
+
+
+@pytest.mark.slow
+def test_dreambooth_prior_preservation_text_encoder_resume(tmp_path):
+    csv_path = _dataset(tmp_path / "data")
+    base = write_tiny_model(tmp_path / "base")
+    out = tmp_path / "db"
+    common = ["dreambooth", "--data", str(csv_path), "--model", str(base), "--output-dir", str(out),
+              "--resolution", "32", "--train-batch-size", "1", "--mixed-precision", "no", "--num-class-images", "2",
+              "--prior-steps", "2", "--checkpointing-steps", "2", "--validation-steps", "0", "--threads", "1"]
+    assert train.main(train.parse_args([*common, "--stages", "normal:2"])) == 0
+    before = {k: v.clone() for k, v in engine.CounterfactualEngine(out / "model", device="cpu").pipe.text_encoder.state_dict().items()}
+    assert len(list((out / "class_images").glob("*.png"))) == 2
+    assert train.main(train.parse_args([*common, "--stages", "normal:2,covid:2", "--resume", "latest",
+                                        "--validation-steps", "4"])) == 0
+    steps = [int(r["step"]) for r in csv.DictReader(open(out / "loss.csv"))]
+    assert steps == [1, 2, 3, 4]
+    assert list((out / "validation").glob("step000004-*.png"))
+    eng = engine.CounterfactualEngine(out / "model", device="cpu")
+    after = eng.pipe.text_encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "text encoder was not trained"
+    manifest = json.loads((out / "model" / "vald_md.json").read_text())
+    assert manifest["training"]["stages"] == [["normal", 2], ["covid", 2]]
+    assert (out / "model" / "MODEL_CARD.md").read_text().count("Not for diagnosis") == 1
+    r = eng.generate(np.full((32, 32), 0.5, np.float32), "COVID 19", strength=0.5, steps=4, seed=0)
+    assert r.counterfactuals.shape == (1, 32, 32)

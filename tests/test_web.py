@@ -1,0 +1,631 @@
+"""The review web app through HTTP: pages and HTMX fragments, the JSON API, progress streams, errors, exports.
+
+``TestClient`` is entered as a context manager so the lifespan runs (worker thread started, stopped). The
+engine is the tiny in-code model (32 px, a few steps); a gated wrapper holds a job "running" for the queue and
+cancel tests. HTML is checked by parsing it, not by substring where structure matters.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+import zipfile
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.config import REPO_ROOT, Settings
+from app.engine import GenerationCancelled
+from app.web import create_app
+from app.web.deps import get_current_user
+
+FAST = {"strength": "0.5", "steps": "4", "guidance_scale": "5", "seed": "11"}
+TEMPLATES = REPO_ROOT / "templates"
+STATIC = REPO_ROOT / "static"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+class Doc(HTMLParser):
+    """Elements of an HTML document as (tag, attrs) in order, plus the text."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.text_parts: list[str] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, {k: v or "" for k, v in attrs}))
+
+    def handle_data(self, data: str) -> None:
+        self.text_parts.append(data)
+
+    @property
+    def text(self) -> str:
+        return " ".join(" ".join(self.text_parts).split())
+
+    def find_all(self, tag: str | None = None, **attrs: str) -> list[dict[str, str]]:
+        out = []
+        for t, a in self.elements:
+            if tag and t != tag:
+                continue
+            if all(a.get(k.replace("_", "-")) == v for k, v in attrs.items()):
+                out.append(a)
+        return out
+
+    def by_id(self, id_: str) -> dict[str, str] | None:
+        found = [a for _, a in self.elements if a.get("id") == id_]
+        return found[0] if found else None
+
+    def tags(self) -> set[str]:
+        return {t for t, _ in self.elements}
+
+
+def png_bytes(h: int = 40, w: int = 36, seed: int = 0) -> bytes:
+    img = (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def submit(client: TestClient, data: bytes | None = None, **fields: str):
+    return client.post("/api/v1/counterfactuals", data={**FAST, **fields},
+                       files={"file": ("patient-name.png", data if data is not None else png_bytes())})
+
+
+def wait_state(client: TestClient, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 60.0):
+    end = time.monotonic() + timeout
+    while True:
+        st = client.get(f"/api/v1/jobs/{job_id}").json()
+        if st["state"] in states:
+            return st
+        if time.monotonic() > end:
+            raise AssertionError(f"job stuck in {st['state']}")
+        time.sleep(0.05)
+
+
+class GatedEngine:
+    """The tiny engine, but ``generate`` waits for ``gate`` (honouring cancel) before running."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def generate(self, image, prompt="normal chest x-ray", *, cancel=None, **kw):
+        self.started.set()
+        while not self.gate.wait(0.01):
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled("cancelled before start")
+        return self._engine.generate(image, prompt, cancel=cancel, **kw)
+
+
+@pytest.fixture(scope="module")
+def app_and_client(tiny_engine, tmp_path_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("web-data"), queue_size=4)
+    app = create_app(settings, engine=tiny_engine)
+    with TestClient(app) as client:
+        yield app, client
+
+
+@pytest.fixture(scope="module")
+def client(app_and_client) -> TestClient:
+    return app_and_client[1]
+
+
+@pytest.fixture(scope="module")
+def done_job(client) -> dict[str, Any]:
+    r = submit(client)
+    assert r.status_code == 202, r.text
+    return wait_state(client, r.json()["job_id"])
+
+
+@pytest.fixture(scope="module")
+def dicom_job(client, shared_data) -> dict[str, Any]:
+    data = (shared_data / "dicom" / "siim_cr_chest.dcm").read_bytes()
+    r = submit(client, data, samples="2")
+    assert r.status_code == 202, r.text
+    return wait_state(client, r.json()["job_id"])
+
+
+@pytest.fixture
+def gated(tiny_engine, tmp_path):
+    engine = GatedEngine(tiny_engine)
+    app = create_app(Settings(data_dir=tmp_path / "data", queue_size=1), engine=engine)  # type: ignore[arg-type]
+    with TestClient(app) as c:
+        yield engine, c, app
+        engine.gate.set()
+
+
+def count_runs(app: FastAPI) -> int:
+    runs = app.state.settings.runs_dir
+    return len(list(runs.iterdir())) if runs.is_dir() else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# health
+# ----------------------------------------------------------------------------------------------------------------
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json()["model_loaded"] and r.json()["worker_alive"] and r.json()["queue_has_room"]
+
+
+def test_readiness_fails_when_queue_full(gated):
+    engine, c, _ = gated
+    assert submit(c).status_code == 202
+    assert engine.started.wait(10)
+    assert submit(c).status_code == 202
+    r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["queue_has_room"] is False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pages and fragments
+# ----------------------------------------------------------------------------------------------------------------
+def test_review_page_is_a_full_page_with_model_defaults(client, tiny_engine):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    doc = Doc(r.text)
+    assert {"html", "head", "body", "form"} <= doc.tags()
+    preset = tiny_engine.info.presets["healthy"]
+    assert doc.by_id("strength")["value"] == str(preset["strength"])
+    assert doc.by_id("steps")["value"] == str(preset["steps"])
+    assert doc.find_all("output", id="effective-steps")
+    assert str(int(preset["steps"] * preset["strength"])) in doc.text
+    assert "AI-generated — not for diagnostic use" in doc.text
+    prompts = [a["data-prompt"] for a in doc.find_all("button") if "data-prompt" in a]
+    assert prompts[0] == preset["prompt"] and "cardiomegaly" in prompts
+    assert "normal chest x ray" in prompts  # the model's class prompt
+    schedulers = [a["value"] for a in doc.find_all("option") if a.get("value") in ("pndm", "ddim", "dpm++", "euler")]
+    assert schedulers == ["pndm", "ddim", "dpm++", "euler"]
+    meta = doc.find_all("meta", name="htmx-config")[0]
+    assert json.loads(meta["content"])["allowEval"] is False
+    assert all(a.get("src", "").startswith("/static/") for a in doc.find_all("script"))
+    for shortcut in ("overlay on / off", "before / after compare"):
+        assert shortcut in doc.text
+
+
+def test_run_page_versus_htmx_fragment(client, done_job):
+    job_id = done_job["job_id"]
+    page = client.get(f"/runs/{job_id}")
+    assert page.status_code == 200 and "<html" in page.text
+    frag = client.get(f"/runs/{job_id}", headers={"HX-Request": "true"})
+    assert frag.status_code == 200 and "<html" not in frag.text and frag.headers["vary"] == "HX-Request"
+    doc = Doc(frag.text)
+    assert doc.by_id("run")["data-job"] == job_id
+    assert doc.find_all("div", id="viewer")
+    # the form comes along out of band, with the run's parameters and seed restored
+    form = doc.by_id("review-form")
+    assert form["hx-swap-oob"] == "true"
+    assert doc.by_id("seed")["value"] == "11"
+    assert doc.find_all("input", name="seed_mode", value="fixed")[0].get("checked") is not None
+    assert doc.find_all("input", name="reuse_input")[0]["value"] == job_id
+    restore = client.get(f"/runs/{job_id}", headers={"HX-Request": "true", "HX-History-Restore-Request": "true"})
+    assert "<html" in restore.text
+
+
+def test_results_fragment_shows_images_controls_and_exports(client, done_job):
+    job_id = done_job["job_id"]
+    doc = Doc(client.get(f"/runs/{job_id}", headers={"HX-Request": "true"}).text)
+    srcs = [a["src"] for a in doc.find_all("img")]
+    base = f"/api/v1/jobs/{job_id}"
+    assert f"{base}/artifacts/input.png" in srcs and f"{base}/artifacts/counterfactual.png" in srcs
+    assert any(s.startswith(f"{base}/overlay.png?") for s in srcs)
+    assert doc.find_all("input", name="opacity") and doc.find_all("input", name="threshold")
+    assert [a["value"] for a in doc.find_all("input", name="mode")] == ["magnitude", "signed", "outline"]
+    exports = [a["data-export"] for a in doc.find_all("a") if "data-export" in a]
+    assert exports == ["annotated.png", "record.json", "bundle.zip"]  # no DICOM SC for a PNG input
+    assert doc.text.count("AI-generated — not for diagnostic use") >= 3
+    assert doc.find_all("input", type="range", **{"data_swipe": ""})
+
+
+def test_polling_fallback_fragment(gated):
+    engine, c, _ = gated
+    job_id = submit(c).json()["job_id"]
+    assert engine.started.wait(10)
+    doc = Doc(c.get(f"/runs/{job_id}/progress", headers={"HX-Request": "true"}).text)
+    run = doc.by_id("run")
+    assert run["hx-trigger"] == "every 1s" and run["hx-get"] == f"/runs/{job_id}/progress"
+    assert "sse-connect" not in run
+    engine.gate.set()
+    wait_state(c, job_id)
+    doc = Doc(c.get(f"/runs/{job_id}/progress", headers={"HX-Request": "true"}).text)
+    assert "hx-trigger" not in doc.by_id("run") and doc.by_id("viewer") is not None
+
+
+def test_htmx_form_submission_queues_and_pushes_url(client, app_and_client):
+    app = app_and_client[0]
+    r = client.post("/runs", data={**FAST, "seed_mode": "fixed", "seed": "5", "window": "auto"},
+                    files={"file": ("x.png", png_bytes(seed=3))}, headers={"HX-Request": "true"})
+    assert r.status_code == 200, r.text
+    doc = Doc(r.text)
+    job_id = doc.by_id("run")["data-job"]
+    assert r.headers["HX-Push-Url"] == f"/runs/{job_id}"
+    assert doc.by_id("run").get("sse-connect") == f"/runs/{job_id}/events" or doc.find_all("div", class_="notice")
+    assert doc.by_id("history")["hx-swap-oob"] == "true"
+    st = wait_state(client, job_id)
+    assert st["parameters"]["seed"] == 5 and st["state"] == "done"
+    # the same form without htmx: redirect to the run page (seed random this time)
+    r = client.post("/runs", data={**FAST, "seed_mode": "random"}, files={"file": ("x.png", png_bytes())},
+                    follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/runs/")
+    wait_state(client, r.headers["location"].rsplit("/", 1)[1])
+    assert count_runs(app) >= 2
+
+
+def test_restore_form_and_reuse_input(client, done_job, app_and_client):
+    job_id = done_job["job_id"]
+    doc = Doc(client.get(f"/runs/{job_id}/form", headers={"HX-Request": "true"}).text)
+    assert doc.by_id("seed")["value"] == "11" and doc.by_id("strength")["value"] == "0.5"
+    # submit without a file: the stored upload of that run is used again
+    r = client.post("/runs", data={**FAST, "seed_mode": "fixed", "seed": "11", "reuse_input": job_id},
+                    headers={"HX-Request": "true"})
+    assert r.status_code == 200, r.text
+    new_id = Doc(r.text).by_id("run")["data-job"]
+    st = wait_state(client, new_id)
+    runs = app_and_client[0].state.settings.runs_dir
+    assert (runs / new_id / "upload.png").read_bytes() == (runs / job_id / "upload.png").read_bytes()
+    old = client.get(f"/api/v1/jobs/{job_id}/artifacts/counterfactual.png").content
+    assert client.get(f"/api/v1/jobs/{new_id}/artifacts/counterfactual.png").content == old  # same seed, same result
+    assert st["seeds"] == [11]
+
+
+def test_inspect_shows_non_identifying_facts(client):
+    r = client.post("/inspect", files={"file": ("Doe^John.png", png_bytes(30, 20))}, headers={"HX-Request": "true"})
+    assert r.status_code == 200
+    doc = Doc(r.text)
+    assert "20 × 30 px" in doc.text and "PNG" in doc.text
+    assert "Doe" not in r.text
+    assert doc.find_all("img")[0]["src"].startswith("data:image/png;base64,")
+    assert [a["value"] for a in doc.find_all("option")] == ["auto", "percentile"]
+
+
+def test_inspect_dicom_offers_its_window_presets(client, shared_data):
+    data = (shared_data / "dicom" / "siim_cr_chest.dcm").read_bytes()
+    doc = Doc(client.post("/inspect", files={"file": ("scan", data)}, headers={"HX-Request": "true"}).text)
+    assert "DICOM · CR" in doc.text and "PA" in doc.text and "1024 × 1024 px" in doc.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSON API
+# ----------------------------------------------------------------------------------------------------------------
+def test_full_json_flow(client, done_job):
+    st = done_job
+    assert st["state"] == "done" and st["error"] is None
+    assert st["effective_steps"] == 2 == int(4 * 0.5)
+    assert st["unet_evaluations"] == 3  # PNDM's warm-up adds one
+    assert st["progress"]["step"] == st["progress"]["total"] == 3 and st["progress"]["fraction"] == 1.0
+    assert st["parameters"] == {"prompt": "normal chest x-ray", "negative_prompt": "", "strength": 0.5,
+                                "guidance_scale": 5.0, "steps": 4, "seed": 11, "scheduler": "pndm", "samples": 1,
+                                "window": "auto", "reference": "input"}
+    assert {"denoising", "total", "queued", "run"} <= set(st["timings_s"])
+    assert st["input"]["source_format"] == "png" and st["input"]["rows"] == 40
+    base = f"/api/v1/jobs/{st['job_id']}"
+    assert set(st["artifacts"]) >= {"input.png", "counterfactual.png", "overlay.png", "attribution.npy",
+                                    "record.json", "reconstruction.png"}
+    for name in ("input.png", "counterfactual.png", "overlay.png"):
+        r = client.get(f"{base}/artifacts/{name}")
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG") and r.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(r.content)).size == (36, 40)
+    amap = np.load(io.BytesIO(client.get(f"{base}/artifacts/attribution.npy").content), allow_pickle=False)
+    assert amap.shape == (40, 36) and amap.dtype == np.float32
+    record = client.get(f"{base}/artifacts/record.json").json()
+    assert record["seeds"] == [11] and record["effective_steps"] == 2
+    listed = client.get("/api/v1/jobs").json()["jobs"]
+    assert st["job_id"] in [j["job_id"] for j in listed]
+    model = client.get("/api/v1/model").json()
+    assert model["name"] == "tiny-test" and len(model["model_hash"]) == 64
+
+
+def test_json_progress_stream(client, done_job):
+    with client.stream("GET", f"/api/v1/jobs/{done_job['job_id']}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = "".join(r.iter_text())
+    events = re.findall(r"event: (\w+)\r?\ndata: (.*)", body)
+    assert events and events[-1][0] == "status" and json.loads(events[-1][1])["state"] == "done"
+
+
+def test_html_progress_stream_ends_with_results(gated):
+    engine, c, _ = gated
+    job_id = submit(c).json()["job_id"]
+    assert engine.started.wait(10)
+    threading.Timer(0.3, engine.gate.set).start()
+    with c.stream("GET", f"/runs/{job_id}/events") as r:
+        body = "".join(r.iter_text())
+    names = re.findall(r"^event: (\w+)", body, flags=re.M)
+    assert names[0] == "progress" and names[-1] == "finished" and names.count("finished") == 1
+    finished = body.rsplit("event: finished", 1)[1]
+    assert 'id="viewer"' in finished and 'hx-swap-oob="true"' in finished
+
+
+def test_cancel_running_and_queued(gated):
+    engine, c, app = gated
+    running = submit(c).json()["job_id"]
+    assert engine.started.wait(10)
+    queued = submit(c).json()["job_id"]
+    r = c.post(f"/api/v1/jobs/{queued}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    r = c.post(f"/api/v1/jobs/{running}/cancel")
+    assert r.status_code in (200, 202)
+    st = wait_state(c, running)
+    assert st["state"] == "cancelled" and st["artifacts"] == {}
+    r = c.get(f"/api/v1/jobs/{running}/artifacts/counterfactual.png")
+    assert r.status_code == 409 and "cancelled" in r.json()["message"]
+    # the HTML cancel answers 204 to htmx
+    job = submit(c).json()["job_id"]
+    assert c.post(f"/runs/{job}/cancel", headers={"HX-Request": "true"}).status_code == 204
+    assert wait_state(c, job)["state"] == "cancelled"
+
+
+def test_queue_full_is_503_with_queue_length(gated):
+    engine, c, app = gated
+    assert submit(c).status_code == 202
+    assert engine.started.wait(10)
+    assert submit(c).status_code == 202  # queue_size=1: one may wait
+    before = count_runs(app)
+    r = submit(c)
+    assert r.status_code == 503
+    body = r.json()
+    assert body["queue_length"] == 1 and body["queue_size"] == 1 and "queue is full" in body["message"]
+    assert r.headers["retry-after"] == "30"
+    assert count_runs(app) == before
+    html = c.post("/runs", data=FAST, files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
+    assert html.status_code == 503 and html.headers["HX-Retarget"] == "#messages"
+    assert "queue is full" in Doc(html.text).text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# refusals: no job is created
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content,status,message", [
+    (b"hello, this is text", 415, "not a DICOM, PNG or JPEG"),
+    (b"", 422, "empty"),
+    (b"GIF89a" + b"\0" * 40, 415, "GIF"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, 422, ""),
+])
+def test_bad_uploads_are_refused_before_queueing(client, app_and_client, content, status, message):
+    app = app_and_client[0]
+    before = count_runs(app), len(client.get("/api/v1/jobs").json()["jobs"])
+    r = submit(client, content)
+    assert r.status_code == status, r.text
+    assert message in r.json()["message"]
+    assert "Traceback" not in r.text
+    assert (count_runs(app), len(client.get("/api/v1/jobs").json()["jobs"])) == before
+
+
+@pytest.mark.parametrize("name,status", [("CT_small.dcm", 415), ("MR_truncated.dcm", 415), ("badVR.dcm", 422),
+                                         ("rtplan_truncated.dcm", 415)])
+def test_unsuitable_dicom_refused_with_ingestion_message(client, app_and_client, shared_data, name, status):
+    app = app_and_client[0]
+    before = count_runs(app)
+    r = submit(client, (shared_data / "dicom" / name).read_bytes())
+    assert r.status_code in (415, 422), r.text
+    assert r.json()["message"] and "Traceback" not in r.text
+    assert count_runs(app) == before
+
+
+@pytest.mark.parametrize("fields,bad", [
+    ({"strength": "1.5"}, "strength"),
+    ({"strength": "0"}, "strength"),
+    ({"guidance_scale": "0.5"}, "guidance_scale"),
+    ({"steps": "0"}, "steps"),
+    ({"seed": "-1"}, "seed"),
+    ({"samples": "17"}, "samples"),
+    ({"scheduler": "lms"}, "scheduler"),
+    ({"window": "soft tissue"}, "window"),
+    ({"steps": "abc"}, "steps"),
+])
+def test_validation_errors_name_the_field(client, fields, bad):
+    r = submit(client, **fields)
+    assert r.status_code == 422
+    assert bad in r.json()["fields"], r.json()
+
+
+def test_parameter_combinations_checked_by_the_engine(client):
+    r = submit(client, steps="2", strength="0.3")  # int(2 * 0.3) = 0 denoising steps
+    assert r.status_code == 422 and "no denoising step" in r.json()["message"]
+    r = submit(client, steps="999")
+    assert r.status_code == 422 and "limit" in r.json()["message"]
+
+
+def test_missing_file_is_a_field_error(client):
+    r = client.post("/api/v1/counterfactuals", data=FAST)
+    assert r.status_code == 422 and "file" in r.json()["fields"]
+
+
+def test_html_form_errors_are_fragments(client):
+    r = client.post("/runs", data={**FAST, "strength": "3"}, files={"file": ("x.png", png_bytes())},
+                    headers={"HX-Request": "true"})
+    assert r.status_code == 422 and r.headers["HX-Retarget"] == "#messages"
+    doc = Doc(r.text)
+    assert "<html" not in r.text and doc.find_all("div", role="alert")
+    assert "strength" in doc.text
+    r = client.post("/runs", data=FAST, headers={"HX-Request": "true"})
+    assert r.status_code == 422 and "Choose an image" in Doc(r.text).text
+    r = client.post("/inspect", files={"file": ("x.bin", b"PK\x03\x04zipzip")}, headers={"HX-Request": "true"})
+    assert r.status_code == 415 and r.headers["HX-Retarget"] == "#file-facts" and "ZIP" in r.text
+
+
+def test_upload_size_limit(tiny_engine, tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "d", max_upload_mb=1), engine=tiny_engine)
+    with TestClient(app) as c:
+        big = png_bytes() + b"\0" * (2 * 1024 * 1024)
+        r = c.post("/api/v1/counterfactuals", data=FAST, files={"file": ("big.png", big)})
+        assert r.status_code == 413 and "1 MB" in r.json()["message"]
+        r = c.post("/runs", data=FAST, files={"file": ("big.png", big)}, headers={"HX-Request": "true"})
+        assert r.status_code == 413 and "limit" in Doc(r.text).text
+        assert count_runs(app) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# overlay re-rendering and exports
+# ----------------------------------------------------------------------------------------------------------------
+def test_overlay_rerenders_without_diffusion(client, done_job, tiny_engine):
+    base = f"/api/v1/jobs/{done_job['job_id']}"
+    calls = []
+    original = tiny_engine.generate
+    tiny_engine.generate = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
+    try:
+        default = client.get(f"{base}/overlay.png")
+        faint = client.get(f"{base}/overlay.png?opacity=0.1&threshold=90&mode=signed")
+        outline = client.get(f"{base}/overlay.png?mode=outline&threshold=80")
+        legend = client.get(f"{base}/overlay.png?legend=true&scale=0.2")
+    finally:
+        del tiny_engine.generate
+    assert calls == []
+    for r in (default, faint, outline, legend):
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    imgs = [np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")) for r in (default, faint, outline)]
+    assert imgs[0].shape == (40, 36, 3)
+    assert not np.array_equal(imgs[0], imgs[1]) and not np.array_equal(imgs[0], imgs[2])
+    assert Image.open(io.BytesIO(legend.content)).size[0] > 36
+    assert client.get(f"{base}/overlay.png?mode=stability").status_code == 422  # one sample only
+    r = client.get(f"{base}/overlay.png?opacity=2")
+    assert r.status_code == 422 and "opacity" in r.json()["fields"]
+
+
+def test_overlay_controls_fragment_updates_image_and_exports(client, done_job):
+    job_id = done_job["job_id"]
+    r = client.get(f"/runs/{job_id}/overlay?opacity=0.3&threshold=50&mode=signed", headers={"HX-Request": "true"})
+    doc = Doc(r.text)
+    img = doc.by_id("overlay-img")
+    assert img["src"] == f"/api/v1/jobs/{job_id}/overlay.png?opacity=0.3&mode=signed&threshold=50"
+    assert doc.by_id("exports")["hx-swap-oob"] == "true"
+    annotated = [a["href"] for a in doc.find_all("a") if a.get("data-export") == "annotated.png"][0]
+    assert annotated.endswith("annotated.png?opacity=0.3&mode=signed&threshold=50")
+    assert client.get(annotated).status_code == 200
+
+
+def test_exports(client, done_job):
+    base = f"/api/v1/jobs/{done_job['job_id']}"
+    r = client.get(f"{base}/artifacts/annotated.png?opacity=0.5&mode=outline")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    assert "attachment" in r.headers["content-disposition"]
+    assert "Disclaimer" in Image.open(io.BytesIO(r.content)).info
+    r = client.get(f"{base}/artifacts/bundle.zip")
+    names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    assert {"input.png", "counterfactual.png", "annotated.png", "record.json"} <= set(names)
+    assert "upload.png" not in names and "job.json" not in names
+    r = client.get(f"{base}/artifacts/secondary-capture.dcm")
+    assert r.status_code == 404 and "DICOM" in r.json()["message"]
+
+
+def test_dicom_run_exports_secondary_capture_and_stability(client, dicom_job):
+    import pydicom
+
+    assert dicom_job["state"] == "done", dicom_job["error"]
+    assert dicom_job["input"]["source_format"] == "dicom" and dicom_job["seeds"] == [11, 12]
+    assert "secondary-capture.dcm" in dicom_job["exports"]
+    base = f"/api/v1/jobs/{dicom_job['job_id']}"
+    r = client.get(f"{base}/artifacts/secondary-capture.dcm")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+    ds = pydicom.dcmread(io.BytesIO(r.content))
+    assert ds.Modality == "OT" or ds.SOPClassUID.name.startswith("Secondary Capture")
+    assert client.get(f"{base}/overlay.png?mode=stability").status_code == 200
+    doc = Doc(client.get(f"/runs/{dicom_job['job_id']}", headers={"HX-Request": "true"}).text)
+    assert [a["value"] for a in doc.find_all("input", name="mode")][-1] == "stability"
+    assert doc.find_all("figure", data_panel="stability")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ownership, unknown jobs, paths, the catch-all
+# ----------------------------------------------------------------------------------------------------------------
+def test_unknown_and_foreign_jobs_are_404(app_and_client, done_job):
+    app, c = app_and_client
+    assert c.get("/api/v1/jobs/" + "0" * 32).status_code == 404
+    r = c.get("/runs/" + "0" * 32)
+    assert r.status_code == 404 and "<html" in r.text and "No such run" in Doc(r.text).text
+    app.dependency_overrides[get_current_user] = lambda: "someone-else"
+    try:
+        assert c.get(f"/api/v1/jobs/{done_job['job_id']}").status_code == 404
+        assert c.get(f"/api/v1/jobs/{done_job['job_id']}/artifacts/input.png").status_code == 404
+        assert c.post(f"/api/v1/jobs/{done_job['job_id']}/cancel").status_code == 404
+        assert c.get("/api/v1/jobs").json()["jobs"] == []
+    finally:
+        app.dependency_overrides.clear()
+
+
+@pytest.mark.parametrize("name", ["job.json", "upload.png", "..%2Fjob.json", "thumbnail.png", "x.npy"])
+def test_only_artifacts_are_served(client, done_job, name):
+    r = client.get(f"/api/v1/jobs/{done_job['job_id']}/artifacts/{name}")
+    assert r.status_code == 404
+
+
+def test_unexpected_errors_never_show_a_traceback(tiny_engine, tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "d"), engine=tiny_engine)
+
+    def boom() -> None:
+        raise RuntimeError("secret internals at /srv/app.py line 42")
+
+    app.add_api_route("/api/v1/boom", boom)
+    app.add_api_route("/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/api/v1/boom")
+        assert r.status_code == 500 and "secret" not in r.text and "Traceback" not in r.text
+        assert r.json()["message"].startswith("Something went wrong")
+        r = c.get("/boom")
+        assert r.status_code == 500 and "<html" in r.text and "secret" not in r.text
+
+
+def test_security_headers(client):
+    r = client.get("/")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# templates and static files
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted(TEMPLATES.glob("*.html")), ids=lambda p: p.name)
+def test_templates_have_no_inline_script_or_handlers(path):
+    text = path.read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)", text), "inline <script>"
+    assert not re.search(r"\son[a-z]+\s*=", text), "inline event handler"
+    assert not re.search(r"\bhx-on", text) and "javascript:" not in text
+    assert not re.search(r"\sstyle\s*=", text), "inline style attribute (CSP style-src 'self')"
+
+
+def test_vendored_htmx_is_pinned_with_licences():
+    vendor = STATIC / "vendor"
+    htmx = (vendor / "htmx" / "htmx.min.js").read_text()
+    assert 'version:"2.0.' in htmx
+    assert (vendor / "htmx" / "LICENSE").is_file() and (vendor / "htmx-ext-sse" / "LICENSE").is_file()
+    assert "defineExtension('sse'" in (vendor / "htmx-ext-sse" / "sse.js").read_text()
+    readme = (vendor / "README.md").read_text()
+    assert "2.0.11" in readme and "2.2.4" in readme
+    served = [m.group(1) for m in re.finditer(r'src="(/static/[^"?]+)', (TEMPLATES / "base.html").read_text())]
+    assert served and all((REPO_ROOT / p.lstrip("/")).is_file() for p in served)
+
+
+def test_settings_refuse_unsafe_values(tmp_path):
+    from pydantic import ValidationError
+
+    for bad in ({"host": "0.0.0.0"}, {"queue_size": 0}, {"max_upload_mb": 0}, {"device": "gpu0"},
+                {"data_dir": Path("/")}, {"data_dir": REPO_ROOT / "static" / "x"}, {"port": 70000}):
+        with pytest.raises(ValidationError):
+            Settings(**{"data_dir": tmp_path, **bad})
+    assert Settings(data_dir=tmp_path, host="0.0.0.0", allow_remote=True).host == "0.0.0.0"
+    assert Settings(data_dir=tmp_path, host="::1").host == "::1"
+
+
+def test_settings_read_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VALD_MD_QUEUE_SIZE", "3")
+    monkeypatch.setenv("VALD_MD_DATA_DIR", str(tmp_path / "d"))
+    s = Settings()
+    assert s.queue_size == 3 and s.runs_dir == (tmp_path / "d" / "runs").resolve()
