@@ -1,0 +1,152 @@
+"""A real browser against the real server: upload a DICOM, set a slider, generate, watch progress, review the
+three images, toggle the overlay, compare, export the annotated PNG. No console errors allowed (the CSP is
+strict, so an inline script or an eval would show up here).
+
+Needs Playwright for Python (``pip install playwright``; its own browser download is not used) and Debian's
+Chromium at /usr/bin/chromium. Skipped with a reason when either is missing, unless VALD_MD_REQUIRE_BROWSER=1
+(CI), where it fails instead. Screenshots go to test-output/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("VALD_MD_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+
+
+def _require_browser() -> None:
+    reasons = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reasons.append("Playwright for Python is not installed (pip install playwright)")
+    if not (CHROMIUM.is_file() or shutil.which(str(CHROMIUM))):
+        reasons.append(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    if reasons:
+        reason = "; ".join(reasons)
+        if os.environ.get("VALD_MD_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"VALD_MD_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine, tmp_path_factory) -> Iterator[str]:
+    """The real app under uvicorn on 127.0.0.1 (a thread of this process), with the tiny model."""
+    _require_browser()
+    import uvicorn
+
+    from app.config import Settings
+    from app.web import create_app
+
+    port = _free_port()
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("browser-data"), port=port), engine=tiny_engine)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", workers=1))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_review_flow_in_a_real_browser(server, browser, shared_data):
+    dicom = shared_data / "dicom" / "siim_cr_chest.dcm"
+    OUTPUT.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text} at {m.location}")
+            if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+
+    # 1. the page, and the file's non-identifying facts
+    page.goto(server + "/")
+    page.set_input_files("#file", str(dicom))
+    page.wait_for_selector(".facts")
+    facts = page.inner_text("#file-facts")
+    assert "DICOM · CR" in facts and "1024 × 1024 px" in facts
+
+    # 2. move sliders: the effective step count follows int(steps * strength)
+    page.locator("#strength").fill("1")
+    page.locator("#steps").fill("40")
+    assert page.inner_text("#effective-steps") == "40"
+    page.locator("#strength").fill("0.9")
+    assert page.inner_text("#effective-steps") == "36"
+
+    # 3. generate: progress, then the three images
+    page.click("#generate")
+    page.wait_for_selector(".progress-card", timeout=15_000)
+    assert "seed" in page.inner_text(".progress-card")
+    page.wait_for_selector("[data-viewer]", timeout=90_000)
+    page.wait_for_function("""() => [...document.querySelectorAll('[data-viewer] img')]
+        .filter(i => i.offsetParent !== null).every(i => i.complete && i.naturalWidth > 0)""", timeout=15_000)
+    for panel in ("original", "counterfactual", "overlay"):
+        assert page.locator(f"[data-panel={panel}]").is_visible()
+    assert page.locator("#cancel-button").is_disabled()
+    assert "AI-generated — not for diagnostic use" in page.inner_text("#run")
+    assert page.url.endswith("/runs/" + page.get_attribute("#run", "data-job"))
+    page.screenshot(path=str(OUTPUT / "review-1366x768.png"))
+
+    # 4. overlay toggle (o), display mode re-rendered by the server, compare (c), zoom
+    page.keyboard.press("o")
+    assert page.locator("#overlay-img").evaluate("e => getComputedStyle(e).visibility") == "hidden"
+    page.keyboard.press("o")
+    assert page.locator("#overlay-img").evaluate("e => getComputedStyle(e).visibility") == "visible"
+    page.check("input[name=mode][value=signed]")
+    page.wait_for_function("() => document.querySelector('#overlay-img').src.includes('mode=signed')")
+    page.wait_for_function("() => document.querySelector('#overlay-img').complete")
+    assert "mode=signed" in page.get_attribute("a[data-export='annotated.png']", "href")
+    page.keyboard.press("c")
+    assert page.locator("[data-panel=compare]").is_visible()
+    assert not page.locator("[data-panel=original]").is_visible()
+    page.keyboard.press("+")
+    assert "%" in page.inner_text("[data-zoom-level]")
+    page.keyboard.press("f")
+    page.keyboard.press("c")
+
+    # 5. export the annotated PNG (a download)
+    with page.expect_download() as download:
+        page.click("a[data-export='annotated.png']")
+    path = download.value.path()
+    assert path is not None and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # 6. history: one click restores the run's seed into the form
+    seed = page.get_attribute("[data-reuse-seed]", "data-reuse-seed")
+    page.click(".history-item a")
+    page.wait_for_function("s => document.querySelector('#seed').value === s", arg=seed)
+    assert page.is_checked("input[name=seed_mode][value=fixed]")
+
+    assert problems == [], problems
+    page.close()
