@@ -78,6 +78,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # ---------------------------------------------------------------------------------------------------------------
+# the variant's stage above (hadolint does not resolve a stage name built from an ARG, hence the ignore)
 # hadolint ignore=DL3006
 FROM runtime-${VARIANT} AS runtime
 ARG VARIANT
@@ -96,7 +97,8 @@ RUN python -m compileall -q app
 # /data: SQLite database, uploads and run artifacts (a named volume; created vald-owned so a new volume is too).
 # /models: user model folders, mounted read-only; point VALD_MD_MODEL_DIR at /models/<name> (unset = embedded).
 VOLUME ["/data"]
-USER vald:vald
+# numeric, so that runAsNonRoot-style checks can verify it without /etc/passwd
+USER 10001:10001
 EXPOSE 8000
 # /readyz: 200 once the model is loaded, the worker is alive and the queue has room (503 otherwise). The model
 # loads in the lifespan, hence the start period. Python's urllib: the image has no curl.

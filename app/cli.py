@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     ma.add_argument("--out", required=True, help="new model folder")
 
     sub.add_parser("train", help="train models (vald-md train --help)", add_help=False)
+    sub.add_parser("evaluate", help="paper tables, validity and localization (vald-md evaluate --help)",
+                   add_help=False)
+
+    s = sub.add_parser("serve", help="run the review web app (one process holding one model copy)",
+                       description="Serve the review web app. Unset options come from VALD_MD_* environment "
+                                   "variables, then the defaults (see app/config.py).")
+    s.add_argument("--model", default=None,
+                   help="model folder (default: VALD_MD_MODEL_DIR, else the embedded model_weights/vald-md-mini)")
+    s.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1; others need "
+                                                "VALD_MD_ALLOW_REMOTE=1 behind an authenticating proxy)")
+    s.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
+    s.add_argument("--data-dir", default=None, help="folder for uploads and run artifacts (default: data/)")
+    s.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
     return p
 
 
@@ -96,7 +109,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
             continue
         t = rec["timings_s"]["total"]
         sys.stdout.write(f"input {i + 1}: {target}  ({rec['effective_steps']} steps, seed {rec['seeds'][0]}, "
-                         f"{t:.1f} s, mean |M| {rec['map_summary'].get('mean_magnitude', float('nan')):.4f})\n")
+                         f"{t:.1f} s, mean |M| {rec['map_summary']['mean_abs_in_mask']:.4f})\n")
     return 1 if failures else 0
 
 
@@ -118,6 +131,33 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Validate the settings and the model folder, then run uvicorn with ONE worker process."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.config import Settings
+    from app.engine import check_model_folder
+    from app.web import create_app
+
+    overrides = {k: v for k, v in {"model_dir": args.model, "host": args.host, "port": args.port,
+                                   "data_dir": args.data_dir, "device": args.device}.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            sys.stderr.write(f"vald-md serve: {where}: {err['msg'].removeprefix('Value error, ')}\n")
+        return 2
+    check_model_folder(settings.resolved_model_dir)  # a readable error now rather than a failed start-up later
+    logger.info("serving on http://%s:%d (model %s, data %s)", settings.host, settings.port,
+                settings.resolved_model_dir, settings.data_dir)
+    # one process: every worker process would load its own model copy and run its own queue
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
+                log_level="debug" if args.verbose else "info")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vald-md`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -127,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         from app import train
 
         return train.main(train.parse_args(argv[1:]))
+    if argv and argv[0] == "evaluate":
+        from app import evaluate
+
+        return evaluate.main(evaluate.parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     from app.engine import ModelFolderError
 
@@ -135,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_counterfactual(args)
         if args.command == "model":
             return cmd_model(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except ModelFolderError as e:
         sys.stderr.write(f"vald-md: {e}\n")
         return 2

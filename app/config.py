@@ -50,16 +50,16 @@ class Settings(BaseSettings):
     data_dir: Path = REPO_ROOT / "data"
     host: str = "127.0.0.1"
     allow_remote: bool = False
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=1, le=65535)
     device: str | None = None
     dtype: str | None = None
-    queue_size: int = Field(8, ge=1, le=64)
-    max_upload_mb: int = Field(64, ge=1, le=1024)
-    max_steps: int = Field(250, ge=1, le=1000)
-    max_samples: int = Field(8, ge=1, le=16)
-    preview_size: int = Field(192, ge=32, le=512)
-    thumbnail_size: int = Field(96, ge=32, le=256)
-    sse_interval_s: float = Field(0.25, ge=0.05, le=5.0)
+    queue_size: int = Field(default=8, ge=1, le=64)
+    max_upload_mb: int = Field(default=64, ge=1, le=1024)
+    max_steps: int = Field(default=250, ge=1, le=1000)
+    max_samples: int = Field(default=8, ge=1, le=16)
+    preview_size: int = Field(default=192, ge=32, le=512)
+    thumbnail_size: int = Field(default=96, ge=32, le=256)
+    sse_interval_s: float = Field(default=0.25, ge=0.05, le=5.0)
 
     @field_validator("device")
     @classmethod

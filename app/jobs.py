@@ -182,7 +182,8 @@ class Job:
         req = ReviewRequest(**{k: v for k, v in data["request"].items() if k in ReviewRequest.__dataclass_fields__})
         return cls(id=data["id"], owner=data["owner"], request=req, run_dir=run_dir, upload_name=data["upload_name"],
                    input_summary=data.get("input_summary", {}), has_mask=bool(data.get("has_mask")),
-                   effective_steps=int(data.get("effective_steps", 0)), created_at=_parse(data["created_at"]),
+                   effective_steps=int(data.get("effective_steps", 0)),
+                   created_at=datetime.fromisoformat(data["created_at"]),
                    state=JobState(data["state"]), started_at=_parse(data.get("started_at")),
                    finished_at=_parse(data.get("finished_at")), error=data.get("error"),
                    unet_evaluations=int(data.get("unet_evaluations", 0)), seeds=list(data.get("seeds", [])),

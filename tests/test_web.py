@@ -201,6 +201,13 @@ def test_review_page_is_a_full_page_with_model_defaults(client, tiny_engine):
         assert shortcut in doc.text
 
 
+@pytest.mark.parametrize("path", ["/", "/runs/{id}"])
+def test_pages_have_unique_ids(client, done_job, path):
+    doc = Doc(client.get(path.format(id=done_job["job_id"])).text)
+    ids = [a["id"] for _, a in doc.elements if "id" in a]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
 def test_run_page_versus_htmx_fragment(client, done_job):
     job_id = done_job["job_id"]
     page = client.get(f"/runs/{job_id}")
@@ -354,6 +361,18 @@ def test_html_progress_stream_ends_with_results(gated):
     assert 'id="viewer"' in finished and 'hx-swap-oob="true"' in finished
 
 
+def test_job_survives_its_tab_closing(gated):
+    engine, c, _ = gated
+    job_id = submit(c).json()["job_id"]
+    assert engine.started.wait(10)
+    with c.stream("GET", f"/runs/{job_id}/events") as r:
+        first = next(r.iter_lines())
+        assert first.startswith("event: progress")
+    # the browser has gone; the run carries on and finishes
+    engine.gate.set()
+    assert wait_state(c, job_id)["state"] == "done"
+
+
 def test_cancel_running_and_queued(gated):
     engine, c, app = gated
     running = submit(c).json()["job_id"]
@@ -474,6 +493,16 @@ def test_upload_size_limit(tiny_engine, tmp_path):
         assert r.status_code == 413 and "1 MB" in r.json()["message"]
         r = c.post("/runs", data=FAST, files={"file": ("big.png", big)}, headers={"HX-Request": "true"})
         assert r.status_code == 413 and "limit" in Doc(r.text).text
+
+        def chunked():  # no Content-Length: the limit is enforced while the body streams in
+            yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+            for _ in range(40):
+                yield b"\0" * 65536
+            yield b"\r\n--b--\r\n"
+
+        r = c.post("/api/v1/counterfactuals", content=chunked(),
+                   headers={"content-type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 413 and r.json()["limit_mb"] == 1
         assert count_runs(app) == 0
 
 

@@ -179,8 +179,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (a crash mid-write) is dropped from the file and ignored."""
+def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn line (a crash mid-write) is ignored, and with ``repair`` dropped from the
+    file so that appending can go on (only the writer of the file may repair it)."""
     if not path.is_file():
         return []
     text = path.read_text()
@@ -195,7 +196,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             good.append(line)
         except json.JSONDecodeError:
             continue
-    if not text.endswith("\n") or len(good) != sum(1 for ln in lines if ln.strip()):
+    if repair and (not text.endswith("\n") or len(good) != sum(1 for ln in lines if ln.strip())):
         write_atomic(path, "".join(g + "\n" for g in good).encode())
     return out
 
@@ -222,6 +223,12 @@ def check_same_settings(path: Path, settings: dict[str, Any], keys: Iterable[str
         shown = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
         raise ValueError(f"{path.parent} was made with other settings ({shown}); resume with the same settings "
                          "or pass another --out")
+
+
+def prompt_side(prompt: str) -> str | None:
+    """``'left'`` or ``'right'`` when a prompt names exactly one side (the patient's), else None."""
+    sides = {s for s in ("left", "right") if re.search(rf"\b{s}\b", prompt.lower())}
+    return sides.pop() if len(sides) == 1 else None
 
 
 def slug(text: str) -> str:

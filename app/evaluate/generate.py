@@ -181,7 +181,7 @@ def generate_run(engine: CounterfactualEngine, data: Path, out: Path, settings: 
 
     # 2. selection and what is already done
     chosen = select(items, settings.labels, settings.limit)
-    done = {r["input"] for r in read_jsonl(run / RECORDS_FILE) if _outputs_exist(run, r)}
+    done = {r["input"] for r in read_jsonl(run / RECORDS_FILE, repair=True) if _outputs_exist(run, r)}
     progress = Progress(len(chosen), f"generate[{settings.subrun}]", stream)
     summary = GenerateSummary(run, len(chosen), 0, 0)
 

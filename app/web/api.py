@@ -145,7 +145,8 @@ def job_overlay(
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="maximum overlay opacity")] = 0.6,
     threshold: Annotated[float | None, Query(ge=0.0, le=100.0, description="hide |M| below this percentile")] = None,
     mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
-    scale: Annotated[float | None, Query(gt=0.0, le=1.0, description="|M| at full opacity; default: 99.5th pct")] = None,
+    scale: Annotated[float | None, Query(gt=0.0, le=1.0, description="|M| at full opacity; default 99.5th pct")
+                     ] = None,
     legend: Annotated[bool, Query(description="append the colour bar")] = False,
 ) -> Response:
     """The overlay drawn from ``attribution.npy`` over ``input.png`` with these display options."""

@@ -86,7 +86,7 @@ class SecurityHeadersMiddleware:
                     if k not in present:
                         headers.append((k, v))
                 message["headers"] = headers
-            await send(message)  # type: ignore[arg-type]
+            await send(message)
 
         await self.app(scope, receive, send_with_headers)
 
@@ -129,9 +129,8 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
     app.state.settings = settings
     app.state.templates = make_templates()
     install_error_handlers(app)
-    app.add_middleware(UploadLimitMiddleware, limit_bytes=settings.max_upload_bytes,  # type: ignore[arg-type]
-                       limit_mb=settings.max_upload_mb)
-    app.add_middleware(SecurityHeadersMiddleware)  # type: ignore[arg-type]
+    app.add_middleware(UploadLimitMiddleware, limit_bytes=settings.max_upload_bytes, limit_mb=settings.max_upload_mb)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)

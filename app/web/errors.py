@@ -1,18 +1,18 @@
 """One place that maps domain errors to HTTP: JSON for ``/api/*``, the ``_error.html`` fragment for HTMX, a page
 otherwise. No traceback ever reaches a browser: anything unexpected is logged and answered with a generic 500.
 
-=============================================  ======  =============================================
-``UploadTooLargeError``                        413     the limit in MiB
-``imaging.UnsupportedImageError``              415     the ingestion message (not DICOM/PNG/JPEG, CT...)
-other ``imaging.ImagingError``                 422     the ingestion message (corrupt, too large, window)
-``ValueError`` (parameters, mask)              422     the message (names the field and the range)
-``RequestValidationError``                     422     one message per field
-``JobNotFoundError``, ``ArtifactNotFoundError``  404     (also unknown routes)
-``JobNotReadyError``                           409     the run's state
-``QueueFullError``                             503     queue length and capacity
-``WorkerStoppedError``                         503
-anything else                                  500     a generic message; the traceback goes to the log
-=============================================  ======  =============================================
+===============================================  ======  ======================================================
+``UploadTooLargeError``                          413     the limit in MB
+``imaging.UnsupportedImageError``                415     the ingestion message (not DICOM/PNG/JPEG, CT, ...)
+other ``imaging.ImagingError``                   422     the ingestion message (corrupt, too large, bad window)
+``ValueError`` (parameters, mask, exports)       422     the message (names the field and the range)
+``RequestValidationError``                       422     one message per field
+``JobNotFoundError``, ``ArtifactNotFoundError``  404     also unknown routes
+``JobNotReadyError``                             409     the run's state
+``QueueFullError``                               503     queue length and capacity, Retry-After
+``WorkerStoppedError``                           503     Retry-After
+anything else                                    500     a generic message; the traceback goes to the log
+===============================================  ======  ======================================================
 """
 
 from __future__ import annotations
@@ -134,5 +134,6 @@ async def _handler(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the one handler for every domain error, validation errors, HTTP errors and the catch-all."""
     for cls in (UploadTooLargeError, imaging.ImagingError, QueueFullError, WorkerStoppedError, JobNotFoundError,
-                JobNotReadyError, ArtifactNotFoundError, RequestValidationError, ValueError, StarletteHTTPException, Exception):
+                JobNotReadyError, ArtifactNotFoundError, RequestValidationError, ValueError, StarletteHTTPException,
+                Exception):
         app.add_exception_handler(cls, _handler)

@@ -16,7 +16,8 @@ from app.artifacts import ReviewRequest
 from app.engine import SCHEDULERS, ModelInfo, effective_steps
 
 SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]
-assert set(SCHEDULERS) == {"pndm", "ddim", "dpm++", "euler"}, "keep SchedulerName in step with engine.SCHEDULERS"
+if set(SCHEDULERS) != {"pndm", "ddim", "dpm++", "euler"}:  # a Literal cannot be built from the tuple
+    raise ImportError("app.web.forms.SchedulerName is out of step with app.engine.SCHEDULERS; update it")
 
 EXAMPLE_PROMPTS = ("large lung opacity on the left", "cardiomegaly")
 """Examples offered under the prompt box besides the healthy preset and the model's class prompts."""

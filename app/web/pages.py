@@ -64,10 +64,19 @@ def run_context(jobs: JobManager, job: Job | None, *, poll: bool = False,
         return {"job": None}
     overlay = overlay or OverlayOptions()
     return {"job": job, "status": job_status(jobs, job), "poll": poll, "api": api_base(job),
+            "active": _active(jobs, job.owner, job),
             "position": jobs.queue_position(job), "queue_eta": jobs.queue_eta_s(job),
             "overlay": overlay, "exports": [(k, EXPORT_LABELS[k]) for k in export_kinds(job)],
             "record": _record(job), "preview_url": f"{api_base(job)}/preview.png?v={job.version}"
             if job.has_preview else None}
+
+
+def _active(jobs: JobManager, user: str, current: Job | None = None) -> Job | None:
+    """What the form's Cancel button cancels: the run on screen while it is unfinished, else the user's most
+    recent unfinished run."""
+    if current is not None and not current.state.finished:
+        return current
+    return next((j for j in jobs.list_jobs(user) if not j.state.finished), None)
 
 
 def form_for_job(job: Job) -> FormValues:
@@ -79,13 +88,12 @@ def form_for_job(job: Job) -> FormValues:
 
 
 def form_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, user: str,
-                 form: FormValues) -> dict[str, Any]:
-    """Everything ``_form.html`` needs."""
-    active = next((j for j in jobs.list_jobs(user) if not j.state.finished), None)
+                 form: FormValues, current: Job | None = None) -> dict[str, Any]:
+    """Everything ``_form.html`` needs (``current``: the run on screen, if any)."""
     last = next((j for j in jobs.list_jobs(user) if j.seeds), None)
     return {"form": form, "info": engine.info, "prompt_presets": prompt_presets(engine.info),
             "schedulers": SCHEDULERS, "max_steps": settings.max_steps, "max_samples": settings.max_samples,
-            "max_upload_mb": settings.max_upload_mb, "active": active,
+            "max_upload_mb": settings.max_upload_mb, "active": _active(jobs, user, current),
             "last_seed": last.seeds[0] if last else None}
 
 
@@ -93,7 +101,7 @@ def page_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, 
                  job: Job | None = None) -> dict[str, Any]:
     """The whole review page."""
     form = form_for_job(job) if job is not None else FormValues.defaults(engine.info)
-    return {**form_context(engine, settings, jobs, user, form), **run_context(jobs, job),
+    return {**form_context(engine, settings, jobs, user, form, job), **run_context(jobs, job),
             "history": jobs.list_jobs(user, HISTORY_LIMIT), "user": user, "current_id": job.id if job else None}
 
 
@@ -157,7 +165,7 @@ async def create_run(request: Request, params: Annotated[ReviewFormParams, Form(
     if not is_htmx(request):
         return RedirectResponse(f"/runs/{job.id}", status_code=303)
     context = {**run_context(jobs, job), "oob": True, "history": jobs.list_jobs(user, HISTORY_LIMIT),
-               "current_id": job.id, "active": job}
+               "current_id": job.id}
     return render(request, "_run.html", context, headers={"HX-Push-Url": f"/runs/{job.id}"})
 
 
@@ -167,7 +175,7 @@ def run_page(request: Request, job_id: str, engine: EngineDep, settings: Setting
     """A run: the full page, or (HTMX) the run fragment plus the form restored out of band."""
     job = jobs.get(job_id, user)
     if is_htmx(request):
-        context = {**run_context(jobs, job), **form_context(engine, settings, jobs, user, form_for_job(job)),
+        context = {**form_context(engine, settings, jobs, user, form_for_job(job), job), **run_context(jobs, job),
                    "oob_form": True, "history": jobs.list_jobs(user, HISTORY_LIMIT), "current_id": job.id}
         return render(request, "_run.html", context)
     return render(request, "review.html", page_context(engine, settings, jobs, user, job=job))
