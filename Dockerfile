@@ -106,5 +106,5 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('VALD_MD_PORT', '8000'), timeout=8)"]
 # One process: it holds the one model copy and the one job queue (never --workers N). Binding 0.0.0.0 inside the
 # container also needs VALD_MD_ALLOW_REMOTE=1 (set by docker-compose.yml / the documented `docker run`), which the
-# server refuses to assume: publish the port on the host's loopback and put an authenticating proxy in front.
+# server refuses to assume: publish the port on the host's loopback and put a TLS-terminating proxy in front.
 CMD ["vald-md", "serve", "--host", "0.0.0.0"]

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     s.add_argument("--data-dir", default=None, help="folder for uploads and run artifacts (default: data/)")
     s.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+
+    from app.manage import add_parsers  # users, audit
+
+    add_parsers(sub)
     return p
 
 
@@ -181,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_model(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command in ("users", "audit"):
+            from app.manage import run
+
+            return run(args)
     except ModelFolderError as e:
         sys.stderr.write(f"vald-md: {e}\n")
         return 2

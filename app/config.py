@@ -12,7 +12,7 @@ import ipaddress
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,9 +29,9 @@ class Settings(BaseSettings):
     Attributes:
         model_dir: diffusers-format model folder; ``None`` = the embedded ``model_weights/vald-md-mini``.
         data_dir: folder for uploads and run artifacts (``<data_dir>/runs/<job_id>/``); created at start-up.
-        host: interface to bind. Only loopback addresses are accepted unless ``allow_remote`` is set, because
-            accounts and sessions are not in place yet.
-        allow_remote: permit a non-loopback ``host`` (only behind an authenticating reverse proxy).
+        host: interface to bind. Only loopback addresses are accepted unless ``allow_remote`` is set: the server
+            speaks plain HTTP, so anything beyond this machine belongs behind a TLS-terminating reverse proxy.
+        allow_remote: permit a non-loopback ``host`` (only behind a TLS-terminating reverse proxy).
         port: TCP port, 1..65535.
         device: 'cpu', 'cuda', 'cuda:N', 'mps' or ``None`` (CUDA when available).
         dtype: 'fp32', 'fp16', 'bf16' or ``None`` (automatic per device).
@@ -42,9 +42,24 @@ class Settings(BaseSettings):
         preview_size: longest side in pixels of the progress preview PNG, 32..512.
         thumbnail_size: longest side in pixels of history thumbnails, 32..256.
         sse_interval_s: how often the progress stream checks a job for news, seconds, 0.05..5.
+        database_url: SQLAlchemy URL of the accounts/audit database (``DATABASE_URL`` or ``VALD_MD_DATABASE_URL``),
+            e.g. ``postgresql+psycopg://vald@db/vald``; ``None`` = SQLite at ``<data_dir>/vald-md.db``.
+        cookie_secure: mark the session cookie ``Secure`` even when a request arrives over plain HTTP (set it
+            behind a TLS-terminating proxy); requests that arrive over HTTPS get ``Secure`` regardless.
+        session_idle_minutes: a session ends after this many minutes without a request, 1..1440.
+        session_lifetime_hours: a session ends this many hours after login however active, 1..168.
+        max_failed_logins: consecutive wrong passwords that lock an account, 1..100.
+        lockout_minutes: how long a locked account stays locked, 1..1440.
+        login_attempts_per_minute: login attempts allowed per client address and per username in any 60 s,
+            1..1000; more get HTTP 429.
+        store_plain_uids: also keep DICOM UIDs in clear in the database (``VALD_MD_STORE_PLAIN_UIDS=1``); by
+            default only their HMAC under the secret file is stored.
+        store_identified_uploads: keep uploaded DICOM files as received (``VALD_MD_STORE_IDENTIFIED_UPLOADS=1``);
+            by default the stored copy is de-identified (``app.imaging.deid``, DICOM PS3.15 basic profile).
     """
 
-    model_config = SettingsConfigDict(env_prefix="VALD_MD_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix="VALD_MD_", extra="ignore", validate_default=True,
+                                      populate_by_name=True)
 
     model_dir: Path | None = None
     data_dir: Path = REPO_ROOT / "data"
@@ -60,6 +75,16 @@ class Settings(BaseSettings):
     preview_size: int = Field(default=192, ge=32, le=512)
     thumbnail_size: int = Field(default=96, ge=32, le=256)
     sse_interval_s: float = Field(default=0.25, ge=0.05, le=5.0)
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("VALD_MD_DATABASE_URL", "DATABASE_URL", "database_url"))
+    cookie_secure: bool = False
+    session_idle_minutes: int = Field(default=30, ge=1, le=1440)
+    session_lifetime_hours: int = Field(default=12, ge=1, le=168)
+    max_failed_logins: int = Field(default=5, ge=1, le=100)
+    lockout_minutes: int = Field(default=15, ge=1, le=1440)
+    login_attempts_per_minute: int = Field(default=10, ge=1, le=1000)
+    store_plain_uids: bool = False
+    store_identified_uploads: bool = False
 
     @field_validator("device")
     @classmethod
@@ -91,6 +116,17 @@ class Settings(BaseSettings):
                                  f"use a folder outside the source tree (default: data/)")
         return p
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        if not v.startswith(("sqlite:", "postgresql:", "postgresql+")):
+            scheme = v.split(":", 1)[0]
+            raise ValueError(f"database_url with scheme {scheme!r} is not supported; use sqlite:///PATH or "
+                             f"postgresql+psycopg://USER@HOST/DB")
+        return v
+
     @field_validator("model_dir")
     @classmethod
     def _check_model_dir(cls, v: Path | None) -> Path | None:
@@ -100,8 +136,8 @@ class Settings(BaseSettings):
     def _check_host(self) -> Settings:
         if not self.allow_remote and not _is_loopback(self.host):
             raise ValueError(
-                f"host={self.host!r} would expose the review server beyond this machine, and accounts are not in "
-                f"place yet; bind 127.0.0.1, or set VALD_MD_ALLOW_REMOTE=1 only behind an authenticating proxy")
+                f"host={self.host!r} would expose the review server beyond this machine over plain HTTP; bind "
+                f"127.0.0.1, or set VALD_MD_ALLOW_REMOTE=1 only behind a TLS-terminating reverse proxy")
         return self
 
     @property
@@ -113,6 +149,16 @@ class Settings(BaseSettings):
     def runs_dir(self) -> Path:
         """Folder holding one sub-folder per job: ``<data_dir>/runs``."""
         return self.data_dir / "runs"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """``database_url``, or SQLite at ``<data_dir>/vald-md.db`` when unset."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'vald-md.db'}"
+
+    @property
+    def uid_secret_path(self) -> Path:
+        """The HMAC key for DICOM UIDs and CSRF tokens: ``<data_dir>/secrets/uid-hmac.key`` (never in the database)."""
+        return self.data_dir / "secrets" / "uid-hmac.key"
 
     @property
     def resolved_model_dir(self) -> Path:

@@ -35,6 +35,21 @@ from app import imaging
 
 logger = logging.getLogger("vald_md.engine")
 
+
+class _WithholdPromptText(logging.Filter):
+    """diffusers logs the cut-off part of a prompt longer than the text encoder's token limit. Prompts are free
+    text a clinician may fill with patient details, and logs never carry them: keep the fact, drop the words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "truncated" in str(record.msg):
+            record.msg, record.args = "a prompt was cut to the text encoder's token limit (text withheld)", ()
+        return True
+
+
+for _name in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
+              "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"):
+    logging.getLogger(_name).addFilter(_WithholdPromptText())
+
 MANIFEST = "vald_md.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_weights" / "vald-md-mini"

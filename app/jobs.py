@@ -12,7 +12,17 @@ timings) so that the history survives a restart. Memory holds only small state: 
 latest preview (a latent-sized array) and, while a job waits, its decoded pixels.
 
 Jobs belong to an ``owner`` (a user id string); every lookup takes the owner and treats another user's job as
-unknown, so one user can never learn that another user's job id exists.
+unknown, so one user can never learn that another user's job id exists (administrators pass ``any_owner``).
+
+With an audit database (``db``), the database is the record of every run: ``submit`` records the upload
+(``audit.record_input``: hashes, size, HMAC'd DICOM UIDs) and the run (``audit.create_run``: parameters, seeds,
+model hash, library versions) and uses the run's id as the job id; the worker moves the run to ``running`` and
+finishes it as ``done`` / ``failed`` / ``cancelled`` with the reason, effective steps, timings and artifact
+hashes, always *before* the job's in-memory state changes. At start-up ``audit.mark_interrupted_runs`` marks
+unfinished runs ``interrupted`` and :meth:`JobManager._load_history` does the same to their ``job.json``, taking
+the database's word where the two differ. ``job.json`` keeps what the pages need without a query.
+
+The stored upload is de-identified (``app.imaging.deid``) unless ``store_identified_uploads`` is set.
 """
 
 from __future__ import annotations
@@ -35,10 +45,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from sqlalchemy import Engine as Database
 
-from app import attribution, imaging
-from app.artifacts import ReviewRequest, run_review
-from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps
+from app import attribution, audit, imaging
+from app.artifacts import ReviewRequest, run_review, sha256
+from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps, library_versions
+from app.imaging.deid import deidentify
 
 logger = logging.getLogger("vald_md.jobs")
 
@@ -116,6 +128,8 @@ class Job:
         error: message for the user when failed / interrupted.
         seeds: one per sample (from the record once done). timings_s: engine stage timings, plus ``queued``
             (seconds waited) and ``run`` (seconds in the worker).
+        input_id: the ``audit.InputImage`` id of the upload (``None`` without an audit database).
+        rerun_of: the job id this one re-runs (administrators' reproducibility check), else ``None``.
         version: bumped on every change; progress streams poll it.
     """
 
@@ -139,8 +153,13 @@ class Job:
     error: str | None = None
     seeds: list[int] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    input_id: str | None = None
+    rerun_of: str | None = None
     version: int = 0
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    _user: audit.User | None = field(default=None, repr=False)
+    _cancelled_by: audit.User | None = field(default=None, repr=False)
+    _cancel_reason: str | None = field(default=None, repr=False)
     _decoded: imaging.DecodedImage | None = field(default=None, repr=False)
     _mask: np.ndarray | None = field(default=None, repr=False)
     _preview: np.ndarray | None = field(default=None, repr=False)
@@ -173,7 +192,7 @@ class Job:
             "effective_steps": self.effective_steps, "unet_evaluations": self.unet_evaluations,
             "created_at": _iso(self.created_at), "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at), "error": self.error, "seeds": self.seeds,
-            "timings_s": self.timings_s,
+            "timings_s": self.timings_s, "input_id": self.input_id, "rerun_of": self.rerun_of,
         }
 
     @classmethod
@@ -187,7 +206,8 @@ class Job:
                    state=JobState(data["state"]), started_at=_parse(data.get("started_at")),
                    finished_at=_parse(data.get("finished_at")), error=data.get("error"),
                    unet_evaluations=int(data.get("unet_evaluations", 0)), seeds=list(data.get("seeds", [])),
-                   timings_s=dict(data.get("timings_s", {})))
+                   timings_s=dict(data.get("timings_s", {})), input_id=data.get("input_id"),
+                   rerun_of=data.get("rerun_of"))
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -251,13 +271,25 @@ class JobManager:
         runner: the function that performs one run; :func:`app.artifacts.run_review` unless a test injects one.
         preview_size: longest side in pixels of preview PNGs.
         max_steps, max_samples: limits on what a user may ask for (on top of the engine's own ranges).
+        db: the audit database (``audit.init_db``); ``None`` keeps no records beyond ``job.json`` (tests).
+        uid_secret: the HMAC key for DICOM UIDs (``audit.load_or_create_secret``); required with ``db``.
+        store_plain_uids: also store DICOM UIDs in clear in the database (site opt-in).
+        store_identified_uploads: keep uploads as received instead of de-identifying the stored copy.
     """
 
     def __init__(self, engine: CounterfactualEngine, runs_dir: Path, *, queue_size: int = 8,
                  runner: Runner = run_review, preview_size: int = 192, thumbnail_size: int = 96,
-                 max_steps: int = 1000, max_samples: int = 16) -> None:
+                 max_steps: int = 1000, max_samples: int = 16, db: Database | None = None,
+                 uid_secret: bytes | None = None, store_plain_uids: bool = False,
+                 store_identified_uploads: bool = False) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size} must be at least 1")
+        if db is not None and uid_secret is None:
+            raise ValueError("uid_secret is required with db: pass audit.load_or_create_secret(path)")
+        self.db = db
+        self.uid_secret = uid_secret
+        self.store_plain_uids = store_plain_uids
+        self.store_identified_uploads = store_identified_uploads
         self.engine = engine
         self.runs_dir = Path(runs_dir)
         self.capacity = queue_size
@@ -293,6 +325,7 @@ class JobManager:
         with self._cond:
             self._stopping = True
             if self._running is not None:
+                self._running._cancel_reason = "the server was shutting down"
                 self._running.cancel_event.set()
             self._cond.notify_all()
         if self._thread is not None:
@@ -328,18 +361,20 @@ class JobManager:
         self.engine.check_inputs(decoded.pixels, req.prompt, req.strength, req.guidance_scale, req.steps,
                                  req.samples, req.scheduler, req.seed)
 
-    def submit(self, owner: str, data: bytes, req: ReviewRequest, *, mask_png: bytes | None = None,
-               decoded: imaging.DecodedImage | None = None) -> Job:
+    def submit(self, owner: str | audit.User, data: bytes, req: ReviewRequest, *, mask_png: bytes | None = None,
+               decoded: imaging.DecodedImage | None = None, rerun_of: str | None = None) -> Job:
         """Validate an upload and its parameters synchronously, store it, and queue a job.
 
-        Nothing is written and no job exists unless every check passes.
+        No job exists and nothing is stored unless every check passes (a refused upload is audited).
 
         Args:
-            owner: user id of the submitter.
+            owner: the submitter: an ``audit.User`` (required with an audit database; the job's owner is then
+                ``str(user.id)``) or a user id string.
             data: the uploaded file (DICOM with or without extension, PNG or JPEG).
             req: parameters; ``seed=None`` draws one now (it is recorded and shown).
             mask_png: optional region mask image; must decode (see ``attribution.load_mask_png``).
             decoded: pass when the caller already decoded ``data`` with ``req.window``.
+            rerun_of: the job id this submission re-runs (recorded with the run).
 
         Raises:
             QueueFullError: ``queue_size`` jobs are already waiting.
@@ -347,42 +382,99 @@ class JobManager:
             ValueError: a parameter or the mask is invalid.
             WorkerStoppedError: the server is shutting down.
         """
+        user = owner if isinstance(owner, audit.User) else None
+        owner_id = str(user.id) if user is not None else str(owner)
+        if self.db is not None and user is None:
+            raise ValueError("submit: pass the audit.User as owner when the manager keeps an audit database")
         # 1. cheap refusals first: a full queue or a stopped worker need no decoding
         self._check_capacity()
-        # 2. decode and validate (raises ImagingError / ValueError; nothing is stored yet)
-        if decoded is None:
-            decoded = imaging.decode_image(data, window=req.window)
-        if req.seed is None:
-            req.seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-        self.check_request(decoded, req)
-        mask = attribution.load_mask_png(mask_png, decoded.pixels.shape) if mask_png else None
-        # 3. store the upload under a server-chosen name
-        job_id = uuid.uuid4().hex
+        # 2. decode, validate and de-identify (raises ImagingError / ValueError; nothing is stored yet)
+        try:
+            if decoded is None:
+                decoded = imaging.decode_image(data, window=req.window)
+            if req.seed is None:
+                req.seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+            self.check_request(decoded, req)
+            mask = attribution.load_mask_png(mask_png, decoded.pixels.shape) if mask_png else None
+            summary = decoded.meta.public_summary()
+            source_format = str(summary.get("source_format"))
+            stored = data if self.store_identified_uploads else deidentify(data, source_format)
+        except (imaging.ImagingError, ValueError) as e:
+            self._audit_refused(user, data, e)
+            raise
+        # 3. the audit records: the upload, then the run, whose id becomes the job id
+        seeds = [req.seed + i for i in range(req.samples)]
+        input_id: str | None = None
+        if self.db is not None and user is not None:
+            input_id, job_id = self._record_submission(user, data, decoded, req, seeds, mask is not None, rerun_of)
+        else:
+            job_id = uuid.uuid4().hex
+        # 4. store the upload under a server-chosen name
         run_dir = self.runs_dir / job_id
-        summary = decoded.meta.public_summary()
-        upload_name = UPLOAD_STEM + _SUFFIX.get(str(summary.get("source_format")), ".bin")
-        job = Job(id=job_id, owner=owner, request=req, run_dir=run_dir, upload_name=upload_name,
+        upload_name = UPLOAD_STEM + _SUFFIX.get(source_format, ".bin")
+        job = Job(id=job_id, owner=owner_id, request=req, run_dir=run_dir, upload_name=upload_name,
                   input_summary=summary, has_mask=mask is not None,
                   effective_steps=effective_steps(req.steps, req.strength), created_at=_now(),
-                  seeds=[req.seed + i for i in range(req.samples)], _decoded=decoded, _mask=mask)
+                  seeds=seeds, input_id=input_id, rerun_of=rerun_of, _decoded=decoded, _mask=mask, _user=user)
         run_dir.mkdir(parents=True)
         try:
-            _write_atomic(job.upload_path, data)
+            _write_atomic(job.upload_path, stored)
             if mask_png:
                 _write_atomic(run_dir / MASK_UPLOAD, mask_png)
             self._save(job)
-            # 4. queue (capacity re-checked under the lock: another request may have won the last slot)
+            # 5. queue (capacity re-checked under the lock: another request may have won the last slot)
             with self._cond:
                 self._check_capacity()
                 self._jobs[job_id] = job
                 self._pending.append(job)
                 self._cond.notify_all()
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(run_dir, ignore_errors=True)
+            self._audit_finish(job, JobState.FAILED, f"not queued: {type(e).__name__}")
             raise
         logger.info("job %s queued (position %d, %d effective steps)", job_id, len(self._pending),
                     job.effective_steps)
         return job
+
+    def _record_submission(self, user: audit.User, data: bytes, decoded: imaging.DecodedImage, req: ReviewRequest,
+                           seeds: list[int], has_mask: bool, rerun_of: str | None) -> tuple[str, str]:
+        """``audit.record_input`` + ``audit.create_run``; returns (input id, job id = the run id's hex)."""
+        assert self.db is not None and self.uid_secret is not None
+        meta = decoded.meta
+        record = audit.record_input(
+            self.db, user=user, upload_sha256=sha256(data),
+            pixel_sha256=sha256(np.ascontiguousarray(decoded.pixels).tobytes()), rows=meta.rows, cols=meta.columns,
+            source_format=meta.source_format, uid_secret=self.uid_secret, modality=meta.modality,
+            study_instance_uid=meta.study_instance_uid, series_instance_uid=meta.series_instance_uid,
+            sop_instance_uid=meta.sop_instance_uid, store_plain_uids=self.store_plain_uids)
+        params: dict[str, Any] = {**asdict(req), "mask": has_mask}
+        if rerun_of is not None:
+            params["rerun_of"] = rerun_of
+        run = audit.create_run(self.db, user=user, input_id=record.id, params=params, seeds=seeds,
+                               model_sha256=self.engine.info.model_hash, library_versions=library_versions())
+        return str(record.id), run.id.hex
+
+    def _audit_refused(self, user: audit.User | None, data: bytes, error: Exception) -> None:
+        """A refused submission leaves a trace: who, how many bytes, which kind of refusal (never the message)."""
+        if self.db is None:
+            return
+        try:
+            audit.append_event(self.db, audit.AuditAction.UPLOAD, user=user, outcome=audit.Outcome.MINOR_FAILURE,
+                               detail={"refused": type(error).__name__, "size_bytes": len(data)})
+        except Exception:  # the refusal itself must still reach the user
+            logger.exception("could not audit a refused upload")
+
+    def _audit_finish(self, job: Job, state: JobState, reason: str | None, *,
+                      artifact_hashes: dict[str, str] | None = None) -> None:
+        """Finish the job's run in the audit database (before the job's own state changes)."""
+        if self.db is None or job.input_id is None:
+            return
+        try:
+            audit.finish_run(self.db, uuid.UUID(job.id), state.value, reason=reason,
+                             effective_steps=job.effective_steps, timings=_final_timings(job, _now()),
+                             artifact_hashes=artifact_hashes, actor=job._cancelled_by)
+        except Exception:  # a database hiccup must not kill the worker; job.json still says it
+            logger.exception("job %s: could not record its end (%s) in the audit database", job.id, state.value)
 
     def _check_capacity(self) -> None:
         if self._stopping or not self.worker_alive:
@@ -392,22 +484,27 @@ class JobManager:
             raise QueueFullError(len(self._pending), self.capacity)
 
     # -- queries ----------------------------------------------------------------------------------------------------
-    def get(self, job_id: str, owner: str) -> Job:
-        """The job, if it belongs to ``owner``.
+    def get(self, job_id: str, owner: str, *, any_owner: bool = False) -> Job:
+        """The job, if it belongs to ``owner`` (or to anyone, with ``any_owner``: administrators).
 
         Raises:
             JobNotFoundError: unknown id, or another user's job (indistinguishable on purpose).
         """
         job = self._jobs.get(job_id)
-        if job is None or job.owner != owner:
+        if job is None or (job.owner != owner and not any_owner):
             raise JobNotFoundError(job_id)
         return job
 
-    def list_jobs(self, owner: str, limit: int | None = None) -> list[Job]:
-        """``owner``'s jobs, newest first."""
-        jobs = sorted((j for j in self._jobs.values() if j.owner == owner), key=lambda j: j.created_at,
-                      reverse=True)
+    def list_jobs(self, owner: str | None, limit: int | None = None) -> list[Job]:
+        """``owner``'s jobs (everyone's for ``None``), newest first."""
+        jobs = sorted((j for j in self._jobs.values() if owner is None or j.owner == owner),
+                      key=lambda j: j.created_at, reverse=True)
         return jobs[:limit] if limit else jobs
+
+    def reruns_of(self, job_id: str) -> list[Job]:
+        """Jobs submitted as re-runs of ``job_id``, newest first."""
+        return sorted((j for j in self._jobs.values() if j.rerun_of == job_id), key=lambda j: j.created_at,
+                      reverse=True)
 
     def queue_position(self, job: Job) -> int | None:
         """1 for the job that starts next, 2 behind it, ...; ``None`` unless the job is queued."""
@@ -460,21 +557,32 @@ class JobManager:
         return png
 
     # -- cancellation -----------------------------------------------------------------------------------------------
-    def cancel(self, job_id: str, owner: str) -> Job:
+    def cancel(self, job_id: str, owner: str, *, any_owner: bool = False, actor: audit.User | None = None) -> Job:
         """Cancel a job: a queued one at once, a running one within one denoising step; finished: no change.
+
+        Args:
+            job_id, owner, any_owner: as for :meth:`get`.
+            actor: who cancels (recorded with the run); default its owner.
 
         Raises:
             JobNotFoundError: unknown id or another user's job.
         """
-        job = self.get(job_id, owner)
+        job = self.get(job_id, owner, any_owner=any_owner)
         with self._cond:
-            if job.state is JobState.QUEUED:
+            queued = job.state is JobState.QUEUED and job in self._pending
+            if queued:
                 self._pending.remove(job)
                 job._decoded = job._mask = None
-                self._finish(job, JobState.CANCELLED)
-            elif job.state is JobState.RUNNING:
+            if not job.state.finished:
+                job._cancelled_by = actor
+                job._cancel_reason = "cancelled by the user"
+            if job.state is JobState.RUNNING:
                 job.cancel_event.set()
                 job.touch()
+        if queued:
+            self._audit_finish(job, JobState.CANCELLED, job._cancel_reason)
+            with self._cond:
+                self._finish(job, JobState.CANCELLED)
         return job
 
     # -- the worker -------------------------------------------------------------------------------------------------
@@ -492,12 +600,16 @@ class JobManager:
                 job.touch()
             try:
                 self._save(job)
+                self._audit_start(job)
                 self._execute(job)
             except Exception:  # never let one job kill the worker
                 logger.exception("job %s: unexpected error in the worker", job.id)
+                message = "The run failed because of an internal error. It has been logged; please try again."
+                if not job.state.finished:
+                    self._audit_finish(job, JobState.FAILED, "internal error")
                 with self._cond:
-                    self._finish(job, JobState.FAILED, "The run failed because of an internal error. "
-                                                       "It has been logged; please try again.")
+                    if not job.state.finished:
+                        self._finish(job, JobState.FAILED, message)
             finally:
                 with self._cond:
                     self._running = None
@@ -518,10 +630,12 @@ class JobManager:
             record = self._runner(self.engine, data, job.request, job.run_dir, mask=job._mask, progress=progress,
                                   cancel=job.cancel_event, decoded=job._decoded)
         except GenerationCancelled:
+            self._audit_finish(job, JobState.CANCELLED, job._cancel_reason or "cancelled")
             with self._cond:
                 self._finish(job, JobState.CANCELLED)
             return
         except (imaging.ImagingError, ValueError) as e:
+            self._audit_finish(job, JobState.FAILED, str(e))
             with self._cond:
                 self._finish(job, JobState.FAILED, str(e))
             return
@@ -535,8 +649,18 @@ class JobManager:
             rate = float(denoise) / (job.unet_evaluations - 1)
             prev = self._seconds_per_eval
             self._seconds_per_eval = rate if prev is None else 0.7 * prev + 0.3 * rate
+        hashes = record.get("artifacts_sha256")
+        self._audit_finish(job, JobState.DONE, None, artifact_hashes=dict(hashes) if isinstance(hashes, dict) else None)
         with self._cond:
             self._finish(job, JobState.DONE)
+
+    def _audit_start(self, job: Job) -> None:
+        if self.db is None or job.input_id is None:
+            return
+        try:
+            audit.start_run(self.db, uuid.UUID(job.id), now=job.started_at)
+        except Exception:  # see _audit_finish
+            logger.exception("job %s: could not record its start in the audit database", job.id)
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         """Move a job to a terminal state (caller holds the lock) and persist it."""
@@ -544,8 +668,7 @@ class JobManager:
         job.error = error
         job.finished_at = _now()
         job.eta_s = None
-        queued = ((job.started_at or job.finished_at) - job.created_at).total_seconds()
-        job.timings_s = {**job.timings_s, "queued": round(queued, 4)}
+        job.timings_s = _final_timings(job, job.finished_at)
         job.touch()
         self._save(job)
         logger.info("job %s %s", job.id, state.value)
@@ -555,7 +678,11 @@ class JobManager:
         _write_atomic(job.run_dir / JOB_FILE, json.dumps(job.to_json(), indent=2).encode())
 
     def _load_history(self) -> None:
-        """Load every ``job.json`` under ``runs_dir``; unfinished ones become ``interrupted``."""
+        """Load every ``job.json`` under ``runs_dir``; unfinished ones become ``interrupted``.
+
+        With an audit database, an unfinished job whose run the database finished (the process stopped between
+        the two writes) takes the database's status instead: the database is the record.
+        """
         for path in sorted(self.runs_dir.glob(f"*/{JOB_FILE}")):
             try:
                 job = Job.from_json(path.parent, json.loads(path.read_text()))
@@ -566,8 +693,27 @@ class JobManager:
                 logger.warning("ignoring %s: id does not match its folder", path)
                 continue
             if not job.state.finished:
-                job.state = JobState.INTERRUPTED
-                job.error = "The server stopped before this run finished. Please run it again."
+                recorded = self._recorded_status(job)
+                if recorded in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+                    job.state = recorded
+                else:
+                    job.state = JobState.INTERRUPTED
+                    job.error = "The server stopped before this run finished. Please run it again."
                 job.finished_at = job.finished_at or _now()
                 self._save(job)
             self._jobs[job.id] = job
+
+    def _recorded_status(self, job: Job) -> JobState | None:
+        if self.db is None or job.input_id is None:
+            return None
+        try:
+            run = audit.get_run(self.db, uuid.UUID(job.id))
+        except (ValueError, LookupError):
+            return None
+        return JobState(run.status) if run is not None else None
+
+
+def _final_timings(job: Job, finished_at: datetime) -> dict[str, float]:
+    """The job's timings plus ``queued``: seconds from submission to start (or to the end, if it never ran)."""
+    queued = ((job.started_at or finished_at) - job.created_at).total_seconds()
+    return {**job.timings_s, "queued": round(queued, 4)}

@@ -35,6 +35,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -296,7 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.scheduler = args.scheduler or str(preset.get("scheduler", "pndm"))
     params = {"preset": args.preset, "prompt": str(preset.get("prompt", "normal chest x-ray")), "negative_prompt": "",
               "strength": args.strength if args.strength is not None else float(preset.get("strength", 0.85)),
-              "guidance_scale": args.guidance if args.guidance is not None else float(preset.get("guidance_scale", 7.5)),
+              "guidance_scale": (args.guidance if args.guidance is not None
+                                 else float(preset.get("guidance_scale", 7.5))),
               "steps": args.steps if args.steps is not None else int(preset.get("steps", 75)),
               "scheduler": args.scheduler, "samples": args.samples, "seed": args.seed}
     req = ReviewRequest(prompt=params["prompt"], strength=params["strength"], guidance_scale=params["guidance_scale"],
@@ -348,11 +350,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         same_work = {"max_abs_difference_engine_vs_plain": float(np.abs(ref - check.counterfactuals_model).max())}
 
     # 5. timed repetitions: run_review and the plain call interleaved, so drift hits both alike
+    def attribution_stage() -> Any:
+        amap = attribution.difference_map(pixels, check.counterfactuals)
+        attribution.render_overlay(pixels, amap)
+        attribution.summarize(amap)
+        return amap
+
+    def png_stage(overlay: np.ndarray) -> None:
+        imaging.to_png_bytes(pixels, bits=16)
+        for cf in check.counterfactuals:
+            imaging.to_png_bytes(cf, bits=16)
+        imaging.to_png_bytes(check.reconstruction, bits=16)
+        imaging.to_png_bytes(overlay)
+
+    def uncached_text_encoding() -> Any:
+        with torch.no_grad():
+            return eng.pipe.encode_prompt(params["prompt"], eng.device, 1, True, "")
+
     samples: dict[str, list[float]] = {k: [] for k, _ in STAGES}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(args.runs):
-        dt, record = timed(lambda: run_review(eng, data, req, out_dir / f"{i:04d}"), sync)  # noqa: B023
+        dt, record = timed(partial(run_review, eng, data, req, out_dir / f"{i:04d}"), sync)
         samples["end_to_end"].append(dt)
         for k in ("preprocess", "text_encoding", "prepare_latents", "denoising", "vae_decode", "postprocess"):
             samples[k].append(float(record["timings_s"][k]))
@@ -361,29 +380,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                               / max(1, record["unet_evaluations"] - 1))
         if plain is not None:
             samples["plain_img2img"].append(timed(plain_call, sync)[0])
-        samples["decode"].append(timed(lambda: imaging.decode_image(data), sync)[0])
-        with torch.no_grad():
-            samples["text_encoding_uncached"].append(timed(
-                lambda: eng.pipe.encode_prompt(params["prompt"], eng.device, 1, True, ""), sync)[0])
-
-        def attribution_stage() -> Any:
-            amap = attribution.difference_map(pixels, check.counterfactuals)
-            attribution.render_overlay(pixels, amap)
-            attribution.summarize(amap)
-            return amap
-
+        samples["decode"].append(timed(partial(imaging.decode_image, data), sync)[0])
+        samples["text_encoding_uncached"].append(timed(uncached_text_encoding, sync)[0])
         dt, amap = timed(attribution_stage, sync)
         samples["attribution"].append(dt)
-        overlay = attribution.render_overlay(pixels, amap)
-
-        def png_stage() -> None:
-            imaging.to_png_bytes(pixels, bits=16)
-            for cf in check.counterfactuals:
-                imaging.to_png_bytes(cf, bits=16)
-            imaging.to_png_bytes(check.reconstruction, bits=16)
-            imaging.to_png_bytes(overlay)
-
-        samples["png_encoding"].append(timed(png_stage, sync)[0])
+        samples["png_encoding"].append(timed(partial(png_stage, attribution.render_overlay(pixels, amap)), sync)[0])
 
     results = {k: stats(v) for k, v in samples.items() if v}
     ratios: dict[str, float] = {}

@@ -141,3 +141,13 @@ def test_malformed_model_folder_is_explained(tmp_path, setup, fragment):
     setup(folder)
     with pytest.raises(engine.ModelFolderError, match=fragment):
         engine.CounterfactualEngine(folder, device="cpu")
+
+
+def test_prompt_changes_the_counterfactual(tiny):
+    """The tokenizer really tokenizes (no all-[UNK] prompts), so different prompts condition differently."""
+    ids = tiny.pipe.tokenizer("large lung opacity on the left").input_ids
+    assert tiny.pipe.tokenizer.unk_token_id not in ids
+    img = _image()
+    a = tiny.generate(img, "normal chest x ray", strength=0.8, steps=5, seed=0, guidance_scale=7.5)
+    b = tiny.generate(img, "large lung opacity on the left", strength=0.8, steps=5, seed=0, guidance_scale=7.5)
+    assert np.abs(a.counterfactuals - b.counterfactuals).max() > 1e-5

@@ -8,9 +8,9 @@ are checked against references in tests/test_metrics.py; here the plumbing is.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,7 @@ def run_dir(tmp_path_factory, model_dir, labels_csv) -> Path:
 @pytest.fixture(scope="module")
 def oracle_dir(tmp_path_factory, labels_csv) -> Path:
     out = tmp_path_factory.mktemp("oracle")
-    train_oracle(labels_csv, out, epochs=1, limit=4, batch_size=8, stream=open(os.devnull, "w"))
+    train_oracle(labels_csv, out, epochs=1, limit=4, batch_size=8, stream=io.StringIO())
     return out
 
 
@@ -197,7 +197,7 @@ def test_oracle_trains_and_scores(oracle_dir):
 def test_tables_with_a_stand_in_feature_extractor(run_dir, oracle_dir, tmp_path, labels_csv):
     out = tmp_path / "tables"
     report = build_tables(run_dir, out=out, extractor=StandInFeatures(), oracle_dir=oracle_dir, real_limit=3,
-                          figure_rows=2, stream=open(os.devnull, "w"))
+                          figure_rows=2, stream=io.StringIO())
     # Table 1: known answer for FID(real covid, real healthy) from the same features
     _, items = read_items(labels_csv, "test")
     fx = StandInFeatures()
@@ -257,7 +257,7 @@ def test_tables_with_the_real_inception(run_dir, tmp_path, capsys):
 def test_localize_scores_every_method_on_lesion_boxes(tiny_engine, shared_data, tmp_path):
     out = tmp_path / "loc"
     summary = localize_run(tiny_engine, shared_data / "lesions-rsna", out, limit=3, steps=4, samples=2,
-                           n_boot=200, figure_rows=2, stream=open(os.devnull, "w"))
+                           n_boot=200, figure_rows=2, stream=io.StringIO())
     methods = ["cf_input", "cf_recon", "cf_input_mean2", "cf_recon_mean2", "empty_input", "empty_recon",
                "intensity", "random"]
     assert summary["n_images"] == 3 and list(summary["aggregate"]) == methods
@@ -273,7 +273,7 @@ def test_localize_scores_every_method_on_lesion_boxes(tiny_engine, shared_data, 
     assert (out / "figures" / "localize_examples.png").is_file()
     # a second call resumes: nothing new is scored
     again = localize_run(tiny_engine, shared_data / "lesions-rsna", out, limit=3, steps=4, samples=2, n_boot=200,
-                         figure_rows=0, stream=open(os.devnull, "w"))
+                         figure_rows=0, stream=io.StringIO())
     assert again["aggregate"]["cf_input"]["pixel_auroc"] == summary["aggregate"]["cf_input"]["pixel_auroc"]
 
 
@@ -296,7 +296,7 @@ def test_localize_mask_folder_with_a_region_mask(tiny_engine, shared_data, tmp_p
         region[32:480, 32:480] = 255
         Image.fromarray(region).save(regions / n)
     summary = localize_run(tiny_engine, images, tmp_path / "out", masks=masks, regions=regions, steps=4, samples=1,
-                           n_boot=100, figure_rows=0, stream=open(os.devnull, "w"))
+                           n_boot=100, figure_rows=0, stream=io.StringIO())
     assert summary["n_images"] == 2 and "cf_input_mean1" not in summary["aggregate"]
     assert summary["settings"]["regions"] == str(regions)
     recs = [json.loads(line) for line in (tmp_path / "out" / "per_image.jsonl").read_text().splitlines()]
@@ -307,7 +307,7 @@ def test_localize_mask_folder_with_a_region_mask(tiny_engine, shared_data, tmp_p
 
 
 def test_laterality_of_localized_prompts(tiny_engine, labels_csv, tmp_path):
-    summary = laterality_run(tiny_engine, labels_csv, tmp_path, limit=2, steps=4, stream=open(os.devnull, "w"))
+    summary = laterality_run(tiny_engine, labels_csv, tmp_path, limit=2, steps=4, stream=io.StringIO())
     assert [(p["side"], p["n"]) for p in summary["prompts"]] == [("left", 2), ("right", 2)]
     for p in summary["prompts"]:
         assert 0 <= p["named_side_share"]["mean"] <= 1

@@ -2,22 +2,26 @@
 
 Most tests inject a gated fake runner (no model) so timing is under the test's control; two use the tiny in-code
 model to check that cancellation really stops the diffusion within one step and that previews are real PNGs.
+The audit tests give the manager a SQLite audit database and check that it is the record of every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from app import imaging
+from app import audit, imaging
 from app.artifacts import ReviewRequest
 from app.engine import GenerationCancelled
 from app.jobs import (
@@ -39,6 +43,8 @@ def png_bytes(h: int = 40, w: int = 36, seed: int = 0) -> bytes:
 
 class FakeEngine:
     """Just what JobManager asks of an engine outside the runner."""
+
+    info = SimpleNamespace(model_hash="5e" * 32, name="fake")
 
     def check_inputs(self, image, prompt, strength, guidance_scale, steps, samples, scheduler, seed) -> None:
         if not 0 < strength <= 1:
@@ -71,9 +77,11 @@ class GatedRunner:
                 raise GenerationCancelled("cancelled")
             if progress is not None:
                 progress(k, self.steps, 0.01 * k, np.full((8, 8), k / self.steps, np.float32))
-        (out / "input.png").write_bytes(imaging.to_png_bytes(decoded.pixels, bits=16))
+        png = imaging.to_png_bytes(decoded.pixels, bits=16)
+        (out / "input.png").write_bytes(png)
         record = {"effective_steps": 2, "unet_evaluations": self.steps, "seeds": [req.seed],
-                  "timings_s": {"denoising": 0.02 * self.steps, "total": 0.05}}
+                  "timings_s": {"denoising": 0.02 * self.steps, "total": 0.05},
+                  "artifacts_sha256": {"input.png": hashlib.sha256(png).hexdigest()}}
         (out / "record.json").write_text(json.dumps(record))
         return record
 
@@ -90,9 +98,10 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
 def make_manager(tmp_path):
     managers: list[JobManager] = []
 
-    def make(runner: Any = None, *, queue_size: int = 4, engine: Any = None, runs_dir: Path | None = None):
+    def make(runner: Any = None, *, queue_size: int = 4, engine: Any = None, runs_dir: Path | None = None,
+             **kw: Any):
         m = JobManager(engine or FakeEngine(), runs_dir or tmp_path / "runs", queue_size=queue_size,
-                       runner=runner or GatedRunner(gated=False), preview_size=64)
+                       runner=runner or GatedRunner(gated=False), preview_size=64, **kw)
         m.start()
         managers.append(m)
         return m
@@ -254,3 +263,175 @@ def test_cancel_stops_real_diffusion_within_one_step(tiny_engine, tmp_path):
         assert m.preview_png(job).startswith(b"\x89PNG")
     finally:
         m.stop(timeout=10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the audit database is the record of every run
+# ----------------------------------------------------------------------------------------------------------------
+SECRET = bytes(range(32))
+
+
+@pytest.fixture
+def db(tmp_path):
+    engine = audit.init_db(f"sqlite:///{tmp_path / 'audit.db'}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def alice(db):
+    from tests.accounts import add_user
+
+    return add_user(db, "alice")
+
+
+def _actions(db) -> list[str]:
+    return [e.action for e in reversed(audit.query_events(db, limit=1000))]
+
+
+def test_runs_are_recorded_in_the_audit_database(make_manager, db, alice):
+    m = make_manager(GatedRunner(gated=False), db=db, uid_secret=SECRET)
+    data = png_bytes()
+    job = m.submit(alice, data, req(seed=7, prompt="small effusion"))
+    wait_for(lambda: job.state.finished)
+    assert job.owner == str(alice.id) and job.state is JobState.DONE
+    run = audit.get_run(db, uuid.UUID(job.id))  # the job id is the run id
+    assert run.status == "done" and run.user_id == alice.id and run.seeds == [7]
+    assert run.params["seed"] == 7 and run.params["prompt"] == "small effusion" and run.params["mask"] is False
+    assert run.effective_steps == 2 and {"queued", "run", "denoising"} <= set(run.timings)
+    assert set(run.artifact_hashes) == {"input.png"} and run.model_sha256 == FakeEngine.info.model_hash
+    assert {"torch", "numpy"} <= set(run.library_versions)
+    assert run.started_at is not None and run.finished_at >= run.started_at
+    with audit.read_session(db) as session:
+        upload = session.get(audit.InputImage, run.input_id)
+    assert upload.upload_sha256 == hashlib.sha256(data).hexdigest() and (upload.rows, upload.cols) == (40, 36)
+    pixels = imaging.decode_image(data).pixels
+    assert upload.pixel_sha256 == hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+    assert _actions(db) == ["upload", "generate", "run_done"]
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["input_id"] == str(upload.id)
+
+
+def test_cancelled_and_failed_runs_are_recorded_with_reason_and_actor(make_manager, db, alice):
+    from tests.accounts import add_user
+
+    admin = add_user(db, "root", role="admin")
+    runner = GatedRunner()
+    m = make_manager(runner, db=db, uid_secret=SECRET)
+    running = m.submit(alice, png_bytes(), req())
+    assert runner.started.wait(5)
+    waiting = m.submit(alice, png_bytes(), req())
+    with pytest.raises(JobNotFoundError):
+        m.cancel(waiting.id, "someone-else")
+    m.cancel(waiting.id, "", any_owner=True, actor=admin)  # an admin may cancel anyone's run
+    run = audit.get_run(db, uuid.UUID(waiting.id))
+    assert waiting.state is JobState.CANCELLED and run.status == "cancelled" and run.reason == "cancelled by the user"
+    cancel_event = audit.query_events(db, action="cancel")[0]
+    assert cancel_event.username == "root" and cancel_event.object_id == str(run.id)
+    runner.fail = ValueError("strength out of range for this model")
+    runner.gate.set()
+    wait_for(lambda: running.state.finished)
+    failing = m.submit(alice, png_bytes(), req())
+    wait_for(lambda: failing.state.finished)
+    run = audit.get_run(db, uuid.UUID(failing.id))
+    assert failing.state is JobState.FAILED and run.status == "failed" and "strength" in run.reason
+
+
+def test_refused_upload_is_audited_and_nothing_is_recorded(make_manager, db, alice, tmp_path):
+    m = make_manager(db=db, uid_secret=SECRET)
+    with pytest.raises(imaging.ImagingError):
+        m.submit(alice, b"not an image at all", req())
+    with pytest.raises(ValueError):
+        m.submit(alice, png_bytes(), req(strength=1.5))
+    events = audit.query_events(db, action="upload")
+    assert [e.outcome for e in events] == ["minor_failure"] * 2
+    assert {e.detail["refused"] for e in events} == {"UnsupportedImageError", "ValueError"}
+    assert audit.list_runs(db) == [] and list((tmp_path / "runs").iterdir()) == []
+    with pytest.raises(ValueError, match="audit.User"):
+        m.submit("alice", png_bytes(), req())  # with a database, the owner must be a real user
+
+
+def test_restart_marks_runs_and_jobs_interrupted_consistently(make_manager, db, alice, tmp_path):
+    runner = GatedRunner()
+    m = make_manager(runner, db=db, uid_secret=SECRET)
+    running = m.submit(alice, png_bytes(), req())
+    assert runner.started.wait(5)
+    waiting = m.submit(alice, png_bytes(), req())
+    m.stop(timeout=5)  # cancels the running job; the waiting one stays queued in job.json and the database
+    assert audit.get_run(db, uuid.UUID(running.id)).reason == "the server was shutting down"
+    assert audit.get_run(db, uuid.UUID(waiting.id)).status == "queued"
+    # the next start-up: the database first (as the app's lifespan does), then the job history
+    assert audit.mark_interrupted_runs(db) == 1
+    fresh = JobManager(FakeEngine(), tmp_path / "runs", db=db, uid_secret=SECRET, runner=GatedRunner(gated=False))
+    reloaded = {j.id: j for j in fresh.list_jobs(str(alice.id))}
+    assert reloaded[waiting.id].state is JobState.INTERRUPTED
+    assert audit.get_run(db, uuid.UUID(waiting.id)).status == "interrupted"
+    assert reloaded[running.id].state is JobState.CANCELLED
+    assert audit.query_events(db, action="job_interrupted")[0].object_id == str(uuid.UUID(waiting.id))
+
+
+def test_unfinished_job_takes_the_databases_word(make_manager, db, alice, tmp_path):
+    """The process died after the database recorded the end of a run but before job.json did."""
+    m = make_manager(GatedRunner(gated=False), db=db, uid_secret=SECRET)
+    job = m.submit(alice, png_bytes(), req())
+    wait_for(lambda: job.state.finished)
+    m.stop(timeout=5)
+    saved = json.loads((job.run_dir / JOB_FILE).read_text())
+    (job.run_dir / JOB_FILE).write_text(json.dumps({**saved, "state": "running"}))
+    fresh = JobManager(FakeEngine(), tmp_path / "runs", db=db, uid_secret=SECRET)
+    assert fresh.get(job.id, str(alice.id)).state is JobState.DONE
+
+
+def _identified_dicom(shared_data: Path) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(shared_data / "dicom" / "siim_cr_chest.dcm")
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "MRN-4711-0815"
+    ds.PatientBirthDate = "19610203"
+    ds.InstitutionName = "Saint Example Hospital"
+    ds.AccessionNumber = "ACC-99887766"
+    ds.ReferringPhysicianName = "Who^Doctor"
+    ds.StudyDate = "20240517"
+    ds.private_block(0x0009, "ACME 1.0", create=True).add_new(0x10, "LO", "private-secret-value")
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+IDENTIFIERS = (b"Doe^Jane", b"MRN-4711-0815", b"19610203", b"Saint Example Hospital", b"ACC-99887766",
+               b"Who^Doctor", b"20240517", b"private-secret-value")
+
+
+@pytest.mark.shared_data
+def test_stored_dicom_is_deidentified_and_uids_are_hmacs(make_manager, db, alice, shared_data):
+    import pydicom
+
+    data = _identified_dicom(shared_data)
+    assert all(x in data for x in IDENTIFIERS)
+    m = make_manager(GatedRunner(gated=False), db=db, uid_secret=SECRET)
+    job = m.submit(alice, data, req(seed=3))
+    stored = job.upload_path.read_bytes()
+    assert job.upload_path.name == "upload.dcm"
+    assert [x for x in IDENTIFIERS if x in stored] == []
+    ds = pydicom.dcmread(io.BytesIO(stored))
+    original = pydicom.dcmread(io.BytesIO(data))
+    assert ds.PatientIdentityRemoved == "YES" and "PatientName" in ds and not ds.PatientName
+    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == ["113100", "113110"]
+    assert ds.StudyInstanceUID == original.StudyInstanceUID  # Retain UIDs: the Secondary Capture export needs it
+    assert np.array_equal(imaging.decode_image(stored).pixels, imaging.decode_image(data).pixels)
+    wait_for(lambda: job.state.finished)
+    run = audit.get_run(db, uuid.UUID(job.id))
+    with audit.read_session(db) as session:
+        upload = session.get(audit.InputImage, run.input_id)
+    assert upload.upload_sha256 == hashlib.sha256(data).hexdigest()  # what the client sent
+    assert upload.study_uid_hmac == audit.hmac_uid(SECRET, original.StudyInstanceUID)
+    assert upload.study_instance_uid is None and upload.sop_instance_uid is None
+    # the site may opt out of both
+    m2 = make_manager(GatedRunner(gated=False), db=db, uid_secret=SECRET, store_identified_uploads=True,
+                      store_plain_uids=True, runs_dir=job.run_dir.parent.parent / "runs-identified")
+    kept = m2.submit(alice, data, req(seed=3))
+    assert kept.upload_path.read_bytes() == data
+    wait_for(lambda: kept.state.finished)
+    with audit.read_session(db) as session:
+        plain = session.get(audit.InputImage, audit.get_run(db, uuid.UUID(kept.id)).input_id)
+    assert plain.study_instance_uid == original.StudyInstanceUID

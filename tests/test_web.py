@@ -1,8 +1,10 @@
 """The review web app through HTTP: pages and HTMX fragments, the JSON API, progress streams, errors, exports.
 
-``TestClient`` is entered as a context manager so the lifespan runs (worker thread started, stopped). The
-engine is the tiny in-code model (32 px, a few steps); a gated wrapper holds a job "running" for the queue and
-cancel tests. HTML is checked by parsing it, not by substring where structure matters.
+``TestClient`` is entered as a context manager so the lifespan runs (audit database, worker thread started,
+stopped). Every client is signed in with a real server-side session (``tests/accounts.py``: the cookie and the
+CSRF header HTMX sends); authentication itself is tested in ``test_security.py``. The engine is the tiny in-code
+model (32 px, a few steps); a gated wrapper holds a job "running" for the queue and cancel tests. HTML is checked
+by parsing it, not by substring where structure matters.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from PIL import Image
 from app.config import REPO_ROOT, Settings
 from app.engine import GenerationCancelled
 from app.web import create_app
-from app.web.deps import get_current_user
+from tests.accounts import add_user, sign_in
 
 FAST = {"strength": "0.5", "steps": "4", "guidance_scale": "5", "seed": "11"}
 TEMPLATES = REPO_ROOT / "templates"
@@ -119,6 +121,7 @@ def app_and_client(tiny_engine, tmp_path_factory):
     settings = Settings(data_dir=tmp_path_factory.mktemp("web-data"), queue_size=4)
     app = create_app(settings, engine=tiny_engine)
     with TestClient(app) as client:
+        sign_in(client, app, add_user(app.state.db, "clinician-a"))
         yield app, client
 
 
@@ -147,6 +150,7 @@ def gated(tiny_engine, tmp_path):
     engine = GatedEngine(tiny_engine)
     app = create_app(Settings(data_dir=tmp_path / "data", queue_size=1), engine=engine)  # type: ignore[arg-type]
     with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-g"))
         yield engine, c, app
         engine.gate.set()
 
@@ -488,6 +492,7 @@ def test_html_form_errors_are_fragments(client):
 def test_upload_size_limit(tiny_engine, tmp_path):
     app = create_app(Settings(data_dir=tmp_path / "d", max_upload_mb=1), engine=tiny_engine)
     with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-u"))
         big = png_bytes() + b"\0" * (2 * 1024 * 1024)
         r = c.post("/api/v1/counterfactuals", data=FAST, files={"file": ("big.png", big)})
         assert r.status_code == 413 and "1 MB" in r.json()["message"]
@@ -584,14 +589,12 @@ def test_unknown_and_foreign_jobs_are_404(app_and_client, done_job):
     assert c.get("/api/v1/jobs/" + "0" * 32).status_code == 404
     r = c.get("/runs/" + "0" * 32)
     assert r.status_code == 404 and "<html" in r.text and "No such run" in Doc(r.text).text
-    app.dependency_overrides[get_current_user] = lambda: "someone-else"
-    try:
-        assert c.get(f"/api/v1/jobs/{done_job['job_id']}").status_code == 404
-        assert c.get(f"/api/v1/jobs/{done_job['job_id']}/artifacts/input.png").status_code == 404
-        assert c.post(f"/api/v1/jobs/{done_job['job_id']}/cancel").status_code == 404
-        assert c.get("/api/v1/jobs").json()["jobs"] == []
-    finally:
-        app.dependency_overrides.clear()
+    other = TestClient(app)  # another clinician on their own client (not entered: the lifespan runs once)
+    sign_in(other, app, add_user(app.state.db, "someone-else"))
+    assert other.get(f"/api/v1/jobs/{done_job['job_id']}").status_code == 404
+    assert other.get(f"/api/v1/jobs/{done_job['job_id']}/artifacts/input.png").status_code == 404
+    assert other.post(f"/api/v1/jobs/{done_job['job_id']}/cancel").status_code == 404
+    assert other.get("/api/v1/jobs").json()["jobs"] == []
 
 
 @pytest.mark.parametrize("name", ["job.json", "upload.png", "..%2Fjob.json", "thumbnail.png", "x.npy"])
@@ -609,6 +612,7 @@ def test_unexpected_errors_never_show_a_traceback(tiny_engine, tmp_path):
     app.add_api_route("/api/v1/boom", boom)
     app.add_api_route("/boom", boom)
     with TestClient(app, raise_server_exceptions=False) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-b"))
         r = c.get("/api/v1/boom")
         assert r.status_code == 500 and "secret" not in r.text and "Traceback" not in r.text
         assert r.json()["message"].startswith("Something went wrong")

@@ -31,7 +31,7 @@ def tiny_components(seed: int = 0, *, text_hidden: int = 32, cross_dim: int = 32
     vocab_dir.mkdir(parents=True, exist_ok=True)
     vocab = vocab_dir / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), model_max_length=16)
+    tok = BertTokenizerFast.from_pretrained(vocab_dir, model_max_length=16)
     torch.manual_seed(seed)
     enc = BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=text_hidden, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=37, max_position_embeddings=64),

@@ -242,7 +242,7 @@ def slug(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def format_duration(seconds: float) -> str:
     """``3725`` -> ``'1h02m05s'``; ``65`` -> ``'1m05s'``; ``4.2`` -> ``'4s'``."""
-    s = int(round(max(0.0, seconds)))
+    s = round(max(0.0, seconds))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"

@@ -414,8 +414,8 @@ def localization_markdown(summary: dict[str, Any]) -> str:
     lines += ["## Which map reference localizes better", "", ref.get("statement", "n/a"), ""]
     ch = summary.get("chance", {})
     lines += ["## Metrics per method (mean [95 % bootstrap CI] over images)", "",
-              f"Chance levels: pixel AUROC 0.5; AUPRC and energy share ≈ lesion fraction "
-              f"{ch.get('pixel_auprc', math.nan):.3f}.", "",
+              (f"Chance levels: pixel AUROC 0.5; AUPRC and energy share ≈ lesion fraction "
+              f"{ch.get('pixel_auprc', math.nan):.3f}."), "",
               "| Method | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for m, cells in summary["aggregate"].items():
         lines.append(f"| `{m}` | " + " | ".join(_ci(cells[k]) for k in METRICS) + " |")
@@ -495,8 +495,8 @@ def laterality_markdown(lat: dict[str, Any]) -> list[str]:
                      f"{s['ci95'][1]:.3f}] | {100 * p['fraction_named_side_majority']:.1f} % |")
     if lat.get("paired"):
         pr = lat["paired"]
-        lines += ["", f"Paired (N = {pr['n']}): {pr['meaning']}: {pr['mean_difference']:+.4f} "
-                      f"[{pr['ci95'][0]:+.4f}, {pr['ci95'][1]:+.4f}]."]
+        lines += ["", (f"Paired (N = {pr['n']}): {pr['meaning']}: {pr['mean_difference']:+.4f} "
+                      f"[{pr['ci95'][0]:+.4f}, {pr['ci95'][1]:+.4f}].")]
     return lines
 
 
@@ -527,6 +527,7 @@ def laterality_run(engine: CounterfactualEngine, data: Path, out: Path, *,
     md = ["# VALD-MD laterality check", "", f"Model hash `{engine.info.model_hash}`; strength {strength}, guidance "
           f"{guidance_scale}, steps {steps}, samples {samples}, base seed {seed}; sub-runs "
           + ", ".join(f"`{r.name}`" for r in runs) + " (per-image seeds in their records.jsonl).", "",
-          *laterality_markdown(summary)]
+          *laterality_markdown(summary), "",
+          "Library versions: " + ", ".join(f"{k} {v}" for k, v in summary["library_versions"].items())]
     write_atomic(Path(out) / "laterality.md", ("\n".join(md) + "\n").encode())
     return summary

@@ -93,7 +93,7 @@ def _metrics(p: NDArray[np.float64], y: NDArray[np.int64], threshold: float) -> 
     pos, neg = y == 1, y == 0
     sens = float(pred[pos].mean()) if pos.any() else math.nan
     spec = float((~pred[neg]).mean()) if neg.any() else math.nan
-    return {"n": int(len(y)), "n_normal": int(neg.sum()), "n_abnormal": int(pos.sum()),
+    return {"n": len(y), "n_normal": int(neg.sum()), "n_abnormal": int(pos.sum()),
             "accuracy": float((pred == pos).mean()), "balanced_accuracy": (sens + spec) / 2,
             "sensitivity": sens, "specificity": spec, "auroc": binary_auroc(p, y), "threshold": threshold}
 
@@ -182,7 +182,7 @@ def train_oracle(data: Path, out: Path, *, epochs: int = 12, batch_size: int = 3
             logits = model(_augment(x_tr[idx], gen))
             loss = loss_fn(logits, y_tr[idx].float())
             opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)

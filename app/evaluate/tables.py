@@ -202,7 +202,7 @@ def build_tables(run_dir: Path, data: Path | None = None, *, out: Path | None = 
     t1: list[dict[str, Any]] = []
     t2: list[dict[str, Any]] = []
     t3: list[dict[str, Any]] = []
-    for run, meta, recs in healthy:
+    for run, _meta, recs in healthy:
         by_label: dict[str, list[dict[str, Any]]] = {}
         for r in recs:
             by_label.setdefault(r["label"], []).append(r)
@@ -353,18 +353,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     """The report as markdown in the paper's table layout, followed by validity, laterality and provenance."""
     prov = report["provenance"]
     lines = ["# VALD-MD evaluation tables", "",
-             f"Run `{report['run_dir']}`, data `{report['data']}` (split `{report['split']}`), "
-             f"created {report['created_at']}.", "",
-             "FID is biased upwards for small sets and is only comparable between sets of equal size: every FID "
-             "below states its N. The paper used the full test split.", ""]
+             (f"Run `{report['run_dir']}`, data `{report['data']}` (split `{report['split']}`), "
+             f"created {report['created_at']}."), "",
+             ("FID is biased upwards for small sets and is only comparable between sets of equal size: every FID "
+             "below states its N. The paper used the full test split."), ""]
     absent = prov["classes_absent"]
     if absent["tables_1_to_3"] or absent["table_4"]:
-        lines += [f"Classes of the paper absent from this data (no images, so no rows): Tables 1-3: "
-                  f"{', '.join(absent['tables_1_to_3']) or 'none'}; Table 4: {', '.join(absent['table_4']) or 'none'}.",
-                  ""]
+        t13, t4 = ", ".join(absent["tables_1_to_3"]) or "none", ", ".join(absent["table_4"]) or "none"
+        lines += [(f"Classes of the paper absent from this data (no images, so no rows): Tables 1-3: {t13}; "
+                  f"Table 4: {t4}."), ""]
     lines += ["## Table 1 — FID of each disease class to generated vs real healthy images", "",
-              "| Class | FID(class, generated healthy) | FID(class, real healthy) | Relative absolute difference | "
-              "N class / generated / real healthy |", "|---|---|---|---|---|"]
+              ("| Class | FID(class, generated healthy) | FID(class, real healthy) | Relative absolute difference | "
+              "N class / generated / real healthy |"), "|---|---|---|---|---|"]
     for r in report["table1"]:
         rel = r["relative_absolute_difference"]
         lines.append(f"| {r['class']} | {_fmt(r['fid_class_vs_generated_healthy'])} | "
@@ -382,8 +382,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['class']} | {_pm(r['ms_ssim_mean'], r['ms_ssim_sd'])} | "
                      f"{_pm(r['ssim_mean'], r['ssim_sd'])} | {r['n']} |")
     lines += ["", "## Table 4 — disease induction on healthy images", "",
-              "| Induced class (prompt) | FID(real X, generated X) | FID(real healthy, generated X) | "
-              "N real X / generated / real healthy |", "|---|---|---|---|"]
+              ("| Induced class (prompt) | FID(real X, generated X) | FID(real healthy, generated X) | "
+              "N real X / generated / real healthy |"), "|---|---|---|---|"]
     for r in report["table4"]:
         lines.append(f"| {r['induced_class']} ({r['prompt']!r}) | {_fmt(r['fid_real_class_vs_generated'])} | "
                      f"{_fmt(r['fid_real_healthy_vs_generated'])} | {r['n_real_class']} / {r['n_generated']} / "
@@ -394,11 +394,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         v = report["validity"]
         t = v["oracle"].get("test") or {}
         lines += ["", "## Counterfactual validity (oracle)", "",
-                  f"Oracle: {v['oracle'].get('architecture')}; threshold {_fmt(v['oracle'].get('threshold'), 3)} "
+                  (f"Oracle: {v['oracle'].get('architecture')}; threshold {_fmt(v['oracle'].get('threshold'), 3)} "
                   f"({v['oracle'].get('threshold_rule')}); test accuracy {_fmt(t.get('accuracy'), 3)}, "
-                  f"AUROC {_fmt(t.get('auroc'), 3)} (N {t.get('n')}).", "",
-                  "| Class | N | Called normal: original | Called normal: counterfactual | "
-                  "Mean p(abnormal) original → counterfactual |", "|---|---|---|---|---|"]
+                  f"AUROC {_fmt(t.get('auroc'), 3)} (N {t.get('n')})."), "",
+                  ("| Class | N | Called normal: original | Called normal: counterfactual | "
+                  "Mean p(abnormal) original → counterfactual |"), "|---|---|---|---|---|"]
         for r in v["healthy"]:
             lines.append(f"| {r['class']} | {r['n']} | {_fmt(100 * r['called_normal_original'], 1)} % | "
                          f"{_fmt(100 * r['called_normal_counterfactual'], 1)} % | "
@@ -418,8 +418,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"![{f}]({f})" for f in report["figures"]]
     fx = prov["fid_features"]
     lines += ["", "## Provenance", "",
-              f"- FID features: {fx.get('implementation')}; weights `{fx.get('weights_file')}` "
-              f"sha256 `{fx.get('weights_sha256')}`; pre-processing: {fx.get('preprocessing')}",
+              (f"- FID features: {fx.get('implementation')}; weights `{fx.get('weights_file')}` "
+              f"sha256 `{fx.get('weights_sha256')}`; pre-processing: {fx.get('preprocessing')}"),
               f"- FID computation: {prov['fid_method']}; inputs: {prov['fid_inputs']}",
               f"- Real sets: split `{report['split']}`, cap per set: {prov['real_limit_per_set'] or 'none'}",
               f"- Model hash(es): {', '.join(f'`{h}`' for h in prov['model_hashes'])}"]

@@ -12,6 +12,9 @@ GET      /api/v1/jobs/{id}/overlay.png               overlay re-rendered with ?o
 GET      /api/v1/jobs/{id}/artifacts/{name}          run files (input.png, ...) and exports (bundle.zip, ...)
 GET      /api/v1/model                               the loaded model: name, hash, presets, class prompts
 =======  ==========================================  =====================================================
+
+Every route needs ``Authorization: Bearer vmd_...`` (``vald-md users token NAME``) or a browser session; a
+user sees their own jobs only (an admin may open anyone's by id). File and export fetches are audited.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import exports
+from app import audit, exports
 from app.artifacts import ReviewRequest
 from app.jobs import Job, JobManager
-from app.web.deps import CurrentUser, EngineDep, JobsDep, SettingsDep
+from app.web.auditing import audit_export, audit_view
+from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
 from app.web.errors import UploadTooLargeError
 from app.web.forms import GenerationParams
 from app.web.streams import job_changes
@@ -37,8 +41,8 @@ from app.web.views import OverlayOptions, artifact_file, build_export, job_statu
 router = APIRouter(prefix="/api/v1", tags=["api"])
 
 JobId = Annotated[str, "32 hex digits"]
-_IMMUTABLE = {"Cache-Control": "private, max-age=3600"}
 _NO_STORE = {"Cache-Control": "no-store"}
+"""Results are patient-derived: never kept in browser or proxy caches (shared clinical workstations)."""
 
 
 async def read_upload(upload: UploadFile | None, limit_bytes: int, limit_mb: int) -> bytes | None:
@@ -58,9 +62,10 @@ async def read_upload(upload: UploadFile | None, limit_bytes: int, limit_mb: int
     return data
 
 
-async def submit_job(jobs: JobManager, owner: str, data: bytes, req: ReviewRequest, mask_png: bytes | None) -> Job:
-    """Decode, validate and queue in a worker thread (decoding a large DICOM takes a moment)."""
-    return await run_in_threadpool(jobs.submit, owner, data, req, mask_png=mask_png)
+async def submit_job(jobs: JobManager, user: audit.User, data: bytes, req: ReviewRequest,
+                     mask_png: bytes | None, *, rerun_of: str | None = None) -> Job:
+    """Decode, validate, record and queue in a worker thread (decoding a large DICOM takes a moment)."""
+    return await run_in_threadpool(jobs.submit, user, data, req, mask_png=mask_png, rerun_of=rerun_of)
 
 
 @router.post("/counterfactuals", status_code=202, summary="Submit an image for counterfactual review")
@@ -79,7 +84,7 @@ async def create_counterfactual(
     if not data:
         raise ValueError("file: the uploaded file is empty; choose a DICOM, PNG or JPEG image")
     mask_png = await read_upload(mask, limit, settings.max_upload_mb)
-    job = await submit_job(jobs, user, data, params.to_request(engine.info), mask_png)
+    job = await submit_job(jobs, user.user, data, params.to_request(engine.info), mask_png)
     status = job_status(jobs, job)
     return JSONResponse({"job_id": job.id, "state": status["state"], "queue_position": status["queue_position"],
                          "effective_steps": job.effective_steps, "status_url": status["links"]["self"],
@@ -90,19 +95,19 @@ async def create_counterfactual(
 @router.get("/jobs", summary="The user's jobs, newest first")
 def list_jobs(jobs: JobsDep, user: CurrentUser, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
     """Status of the user's most recent jobs."""
-    return {"jobs": [job_status(jobs, j) for j in jobs.list_jobs(user, limit)]}
+    return {"jobs": [job_status(jobs, j) for j in jobs.list_jobs(user.owner, limit)]}
 
 
 @router.get("/jobs/{job_id}", summary="Job status")
 def get_job(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
     """State, queue position, progress (step k of N, ETA, preview URL), parameters, effective steps, timings."""
-    return JSONResponse(job_status(jobs, jobs.get(job_id, user)), headers=_NO_STORE)
+    return JSONResponse(job_status(jobs, find_job(jobs, job_id, user)), headers=_NO_STORE)
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
 def cancel_job(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
     """A queued job is cancelled at once; a running one stops within one denoising step (202 until it has)."""
-    job = jobs.cancel(job_id, user)
+    job = jobs.cancel(job_id, user.owner, any_owner=user.is_admin, actor=user.user)
     return JSONResponse(job_status(jobs, job), status_code=200 if job.state.finished else 202)
 
 
@@ -110,7 +115,7 @@ def cancel_job(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
 async def job_events(job_id: JobId, request: Request, jobs: JobsDep, user: CurrentUser,
                      settings: SettingsDep) -> EventSourceResponse:
     """One ``status`` event (the JSON of ``GET /jobs/{id}``) per change; the stream ends when the job does."""
-    job = jobs.get(job_id, user)
+    job = find_job(jobs, job_id, user)
 
     async def events() -> AsyncIterator[dict[str, str]]:
         async for j in job_changes(request, jobs, job, settings.sse_interval_s):
@@ -122,7 +127,7 @@ async def job_events(job_id: JobId, request: Request, jobs: JobsDep, user: Curre
 @router.get("/jobs/{job_id}/preview.png", summary="Latest denoising preview")
 def job_preview(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
     """The engine's latent preview of the current step, upscaled (204 before the first step)."""
-    job = jobs.get(job_id, user)
+    job = find_job(jobs, job_id, user)
     png = jobs.preview_png(job)
     if png is None:
         return Response(status_code=204, headers=_NO_STORE)
@@ -132,11 +137,11 @@ def job_preview(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
 @router.get("/jobs/{job_id}/thumbnail.png", summary="Small image of the input")
 def job_thumbnail(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
     """A thumbnail of the decoded input (204 until the run has written it)."""
-    job = jobs.get(job_id, user)
+    job = find_job(jobs, job_id, user)
     png = jobs.thumbnail_png(job)
     if png is None:
         return Response(status_code=204, headers=_NO_STORE)
-    return Response(png, media_type="image/png", headers=_IMMUTABLE)
+    return Response(png, media_type="image/png", headers=_NO_STORE)
 
 
 @router.get("/jobs/{job_id}/overlay.png", summary="Re-render the overlay without re-running diffusion")
@@ -150,15 +155,15 @@ def job_overlay(
     legend: Annotated[bool, Query(description="append the colour bar")] = False,
 ) -> Response:
     """The overlay drawn from ``attribution.npy`` over ``input.png`` with these display options."""
-    job = jobs.get(job_id, user)
+    job = find_job(jobs, job_id, user)
     png = render_overlay_png(job, OverlayOptions(opacity=opacity, threshold=threshold, mode=mode, scale=scale,
                                                  legend=legend))
-    return Response(png, media_type="image/png", headers=_IMMUTABLE)
+    return Response(png, media_type="image/png", headers=_NO_STORE)
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}", summary="A run file or an export")
 def job_artifact(
-    job_id: JobId, name: str, jobs: JobsDep, user: CurrentUser,
+    job_id: JobId, name: str, jobs: JobsDep, user: CurrentUser, db: DbDep,
     opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
     threshold: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
     mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
@@ -166,17 +171,23 @@ def job_artifact(
 ) -> Response:
     """``input.png``, ``counterfactual.png`` (``-<i>`` for more samples), ``overlay.png``, ``reconstruction.png``,
     ``attribution.npy``, ``attribution_std.npy``, ``record.json``, or an export: ``annotated.png``,
-    ``secondary-capture.dcm`` (DICOM inputs), ``bundle.zip``. Image exports take the overlay options."""
-    job = jobs.get(job_id, user)
+    ``secondary-capture.dcm`` (DICOM inputs), ``bundle.zip``. Image exports take the overlay options.
+    Exports (``record.json`` included) are audited as ``export`` with their SHA-256, other files as ``view``."""
+    job = find_job(jobs, job_id, user)
     stem = f"vald-md-{job.id[:8]}"
     if name in exports.EXPORT_KINDS and name != "record.json":
         options = OverlayOptions(opacity=opacity, threshold=threshold, mode=mode).export_options()
         content, media_type = build_export(job, name, options if name != "bundle.zip" else {})
+        audit_export(db, user, job, name, content)
         return Response(content, media_type=media_type,
                         headers={"Content-Disposition": f'attachment; filename="{stem}-{name}"', **_NO_STORE})
     path, media_type = artifact_file(job, name)
+    if name == "record.json":
+        audit_export(db, user, job, name, path.read_bytes())
+    else:
+        audit_view(db, user, job, name)
     disposition = "attachment" if download or path.suffix != ".png" else "inline"
-    return FileResponse(path, media_type=media_type, headers=_IMMUTABLE,
+    return FileResponse(path, media_type=media_type, headers=_NO_STORE,
                         content_disposition_type=disposition, filename=f"{stem}-{name}")
 
 

@@ -3,6 +3,11 @@
 The model is loaded once, in the lifespan (or injected by tests), and stays resident for the life of the
 process; one :class:`app.jobs.JobManager` worker thread owns it. Run it with ONE process (``vald-md serve``):
 every worker process would hold its own model copy and its own queue.
+
+Start-up, in order: the accounts/audit database (migrations, append-only triggers), the UID/CSRF secret file,
+runs left unfinished by the previous process marked ``interrupted``, the model, the job worker, ``app_start``.
+Shut-down: the worker stops (cancelling the running job), ``app_stop``. Middleware, outermost first: security
+headers, upload size limit, authentication + CSRF (:mod:`app.web.auth`).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import __version__, audit
 from app.config import Settings
 from app.engine import CounterfactualEngine
 from app.jobs import JobManager
-from app.web import api, pages
+from app.web import accounts, admin, api, pages
+from app.web.auth import AuthMiddleware, LoginRateLimiter
 from app.web.errors import UploadTooLargeError, error_response, install_error_handlers
 from app.web.templating import STATIC_DIR, make_templates
 
@@ -30,6 +37,14 @@ logger = logging.getLogger("vald_md.web")
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
                            "frame-ancestors 'none'")
+PERMISSIONS_POLICY = ("camera=(), microphone=(), geolocation=(), payment=(), usb=(), serial=(), bluetooth=(), "
+                      "display-capture=(), interest-cohort=()")
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()), (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+    (b"permissions-policy", PERMISSIONS_POLICY.encode()), (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"))
+"""Added to every response that does not set them itself."""
 _BODY_SLACK = 64 * 1024  # multipart boundaries and the small form fields around the file
 
 
@@ -66,23 +81,32 @@ class UploadLimitMiddleware:
 
 
 class SecurityHeadersMiddleware:
-    """Baseline response headers: a strict CSP (no inline script, no eval), no sniffing, no framing, no referrer."""
+    """Baseline response headers: a strict CSP (no inline script, no eval, no framing), no sniffing, no referrer,
+    no powerful browser features; ``Cache-Control: no-store`` on everything but static files (responses carry
+    patient-derived images and session-bound pages); HSTS when served over HTTPS or with secure cookies."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, hsts: bool = False) -> None:
         self.app = app
+        self.hsts = hsts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        static = scope["path"].startswith("/static/")
+        https = scope.get("scheme") == "https"
+
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {k.lower() for k, _ in headers}
-                for k, v in ((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
-                             (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                             (b"referrer-policy", b"no-referrer")):
+                extra = list(SECURITY_HEADERS)
+                if not static:
+                    extra.append((b"cache-control", b"no-store"))
+                if https or self.hsts:
+                    extra.append((b"strict-transport-security", b"max-age=31536000"))
+                for k, v in extra:
                     if k not in present:
                         headers.append((k, v))
                 message["headers"] = headers
@@ -99,40 +123,70 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         engine: an already loaded engine (tests); ``None`` loads ``settings.model_dir`` in the lifespan.
 
     Returns:
-        The FastAPI app. Its lifespan loads the model, starts the job worker, and stops it on shutdown
-        (cancelling the running job).
+        The FastAPI app. Its lifespan opens the audit database, loads the model, starts the job worker, and stops
+        it on shutdown (cancelling the running job).
     """
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        eng = engine
-        if eng is None:
-            eng = await run_in_threadpool(CounterfactualEngine, settings.resolved_model_dir,
-                                          device=settings.device, dtype=settings.dtype)
-        jobs = JobManager(eng, settings.runs_dir, queue_size=settings.queue_size,
-                          preview_size=settings.preview_size, thumbnail_size=settings.thumbnail_size,
-                          max_steps=settings.max_steps, max_samples=settings.max_samples)
+        # 1. the audit database, its secret (outside the database) and the runs the last process left unfinished
+        db = await run_in_threadpool(audit.init_db, settings.resolved_database_url)
+        try:
+            secret = audit.load_or_create_secret(settings.uid_secret_path)
+            interrupted = await run_in_threadpool(audit.mark_interrupted_runs, db)
+            # 2. the model and the worker that owns it
+            eng = engine
+            if eng is None:
+                eng = await run_in_threadpool(CounterfactualEngine, settings.resolved_model_dir,
+                                              device=settings.device, dtype=settings.dtype)
+            jobs = JobManager(eng, settings.runs_dir, queue_size=settings.queue_size,
+                              preview_size=settings.preview_size, thumbnail_size=settings.thumbnail_size,
+                              max_steps=settings.max_steps, max_samples=settings.max_samples, db=db,
+                              uid_secret=secret, store_plain_uids=settings.store_plain_uids,
+                              store_identified_uploads=settings.store_identified_uploads)
+        except BaseException:
+            db.dispose()
+            raise
         jobs.start()
+        app.state.db = db
+        app.state.uid_secret = secret
         app.state.engine = eng
         app.state.jobs = jobs
-        logger.info("review server ready: model %s, data in %s, queue size %d", eng.info.name, settings.data_dir,
-                    settings.queue_size)
+        app.state.login_limiter = LoginRateLimiter(settings.login_attempts_per_minute)
+        # 3. say so
+        audit.append_event(db, audit.AuditAction.APP_START, detail={
+            "version": __version__, "model_sha256": eng.info.model_hash, "interrupted_runs": interrupted,
+            "database": db.dialect.name, "de_identified_uploads": not settings.store_identified_uploads,
+            "plain_uids": settings.store_plain_uids})
+        if not accounts.has_admin(db):
+            logger.warning("no administrator account exists yet: create one on this machine with `%s` "
+                           "(it asks for the password), then sign in at /login", accounts.FIRST_ADMIN_HINT)
+        logger.info("review server ready: model %s, data in %s, queue size %d, database %s", eng.info.name,
+                    settings.data_dir, settings.queue_size, db.dialect.name)
         try:
             yield
         finally:
             jobs.stop()
+            try:
+                audit.append_event(db, audit.AuditAction.APP_STOP, detail={"version": __version__})
+            finally:
+                db.dispose()
 
     app = FastAPI(title="VALD-MD review", version="1", lifespan=lifespan, docs_url="/api/docs",
                   redoc_url=None, openapi_url="/api/openapi.json")
     app.state.settings = settings
     app.state.templates = make_templates()
     install_error_handlers(app)
+    # the last added runs first: headers on every response, then the size limit, then who is asking
+    app.add_middleware(AuthMiddleware)
     app.add_middleware(UploadLimitMiddleware, limit_bytes=settings.max_upload_bytes, limit_mb=settings.max_upload_mb)
-    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api.router)
+    app.include_router(accounts.router)
+    app.include_router(admin.router)
     app.include_router(pages.router)
 
     @app.get("/healthz", tags=["ops"])

@@ -2,6 +2,10 @@
 otherwise. No traceback ever reaches a browser: anything unexpected is logged and answered with a generic 500.
 
 ===============================================  ======  ======================================================
+``NotAuthenticatedError``                        401     API: JSON + ``WWW-Authenticate``; pages: 303 to /login
+``PermissionDeniedError`` (CSRF, cross-site,     403     why, without detail an attacker could use
+admin only)
+``TooManyAttemptsError`` (login rate limit)      429     Retry-After
 ``UploadTooLargeError``                          413     the limit in MB
 ``imaging.UnsupportedImageError``                415     the ingestion message (not DICOM/PNG/JPEG, CT, ...)
 other ``imaging.ImagingError``                   422     the ingestion message (corrupt, too large, bad window)
@@ -20,13 +24,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from app import imaging
+from app import audit, imaging
 from app.jobs import JobNotFoundError, JobNotReadyError, QueueFullError, WorkerStoppedError
 from app.web.templating import is_htmx, render
 from app.web.views import ArtifactNotFoundError
@@ -45,6 +50,25 @@ class UploadTooLargeError(ValueError):
         self.limit_mb = limit_mb
         super().__init__(f"The upload is larger than this server's limit of {limit_mb} MB. "
                          f"Export a single image (one frame) or a compressed file and try again.")
+
+
+class NotAuthenticatedError(Exception):
+    """The request carries no valid session cookie or API token."""
+
+    def __init__(self, message: str = "Please sign in to continue.") -> None:
+        super().__init__(message)
+
+
+class PermissionDeniedError(Exception):
+    """Signed in, but not allowed: a missing/wrong CSRF token, a cross-site request, or an admin-only page."""
+
+
+class TooManyAttemptsError(Exception):
+    """Too many login attempts from this address or for this username in the last minute."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"Too many sign-in attempts. Please wait {retry_after_s} seconds and try again.")
 
 
 @dataclass
@@ -73,6 +97,12 @@ def _field_messages(exc: RequestValidationError) -> dict[str, str]:
 
 def classify(exc: BaseException) -> Problem:
     """The status code and user-facing message for an exception (see the module table)."""
+    if isinstance(exc, NotAuthenticatedError):
+        return Problem(401, "Sign-in required", str(exc), headers={"WWW-Authenticate": 'Bearer realm="vald-md"'})
+    if isinstance(exc, PermissionDeniedError):
+        return Problem(403, "Forbidden", str(exc))
+    if isinstance(exc, TooManyAttemptsError):
+        return Problem(429, "Too many attempts", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, UploadTooLargeError):
         return Problem(413, "Upload too large", str(exc), extra={"limit_mb": exc.limit_mb})
     if isinstance(exc, imaging.UnsupportedImageError):
@@ -85,7 +115,7 @@ def classify(exc: BaseException) -> Problem:
                        headers={"Retry-After": "30"})
     if isinstance(exc, WorkerStoppedError):
         return Problem(503, "Service unavailable", str(exc), headers={"Retry-After": "30"})
-    if isinstance(exc, (JobNotFoundError, ArtifactNotFoundError)):
+    if isinstance(exc, (JobNotFoundError, ArtifactNotFoundError, audit.RunNotFoundError)):
         return Problem(404, "Not found", str(exc))
     if isinstance(exc, JobNotReadyError):
         return Problem(409, "Not ready", str(exc), extra={"state": exc.state})
@@ -107,8 +137,22 @@ def classify(exc: BaseException) -> Problem:
     return Problem(500, "Server error", GENERIC_500)
 
 
+def login_redirect(request: Request) -> Response:
+    """Send a browser to the login page (and back here afterwards, for a GET); HTMX gets ``HX-Redirect``."""
+    target = "/login"
+    if request.method == "GET" and request.url.path not in ("/", "/login"):
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target += "?next=" + quote(here, safe="")
+    if is_htmx(request):
+        return Response(status_code=401, headers={"HX-Redirect": target})
+    return RedirectResponse(target, status_code=303)
+
+
 def error_response(request: Request, exc: BaseException) -> Response:
-    """Render ``exc`` for this request: JSON under /api/, else the error fragment (HTMX) or page."""
+    """Render ``exc`` for this request: JSON under /api/, else the error fragment (HTMX) or page (401: the login
+    page instead)."""
+    if isinstance(exc, NotAuthenticatedError) and not request.url.path.startswith("/api/"):
+        return login_redirect(request)
     problem = classify(exc)
     if problem.status >= 500 and not isinstance(exc, (QueueFullError, WorkerStoppedError, StarletteHTTPException)):
         logger.error("unhandled error on %s %s", request.method, request.url.path,
@@ -133,7 +177,8 @@ async def _handler(request: Request, exc: Exception) -> Response:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the one handler for every domain error, validation errors, HTTP errors and the catch-all."""
-    for cls in (UploadTooLargeError, imaging.ImagingError, QueueFullError, WorkerStoppedError, JobNotFoundError,
-                JobNotReadyError, ArtifactNotFoundError, RequestValidationError, ValueError, StarletteHTTPException,
-                Exception):
+    for cls in (NotAuthenticatedError, PermissionDeniedError, TooManyAttemptsError, UploadTooLargeError,
+                imaging.ImagingError, QueueFullError, WorkerStoppedError, JobNotFoundError, JobNotReadyError,
+                ArtifactNotFoundError, audit.RunNotFoundError, RequestValidationError, ValueError,
+                StarletteHTTPException, Exception):
         app.add_exception_handler(cls, _handler)

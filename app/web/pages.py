@@ -13,6 +13,10 @@ GET      /runs/{id}/overlay          the overlay <img> for new display options (
 GET      /runs/{id}/form             the form filled with a run's parameters and seed
 GET      /history                    the history panel
 =======  ==========================  ===========================================================================
+
+Every page needs a signed-in session (``app.web.auth``); a user sees their own runs, an admin anyone's by id.
+The result page of a finished run is audited as ``view``, a file decoded on ``/inspect`` as ``upload``.
+Login, logout and the admin pages live in ``app.web.accounts`` and ``app.web.admin``.
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ from app import imaging
 from app.engine import SCHEDULERS, CounterfactualEngine
 from app.jobs import MASK_UPLOAD, Job, JobManager, JobState, gray_png
 from app.web.api import read_upload, submit_job
-from app.web.deps import CurrentUser, EngineDep, JobsDep, SettingsDep
+from app.web.auditing import audit_inspect, audit_view
+from app.web.auth import Caller
+from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
 from app.web.forms import FormValues, ReviewFormParams, prompt_presets
 from app.web.streams import job_changes
 from app.web.templating import is_htmx, render
 from app.web.views import EXPORT_LABELS, OverlayOptions, api_base, export_kinds, job_status
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
+NO_STORE = {"Cache-Control": "no-store"}
 
 HISTORY_LIMIT = 24
 INSPECT_THUMBNAIL_PX = 256
@@ -97,17 +104,18 @@ def form_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, 
             "last_seed": last.seeds[0] if last else None}
 
 
-def page_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, user: str, *,
+def page_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, caller: Caller, *,
                  job: Job | None = None) -> dict[str, Any]:
     """The whole review page."""
     form = form_for_job(job) if job is not None else FormValues.defaults(engine.info)
+    user = caller.owner
     return {**form_context(engine, settings, jobs, user, form, job), **run_context(jobs, job),
-            "history": jobs.list_jobs(user, HISTORY_LIMIT), "user": user, "current_id": job.id if job else None}
+            "history": jobs.list_jobs(user, HISTORY_LIMIT), "current_id": job.id if job else None}
 
 
 def _render_fragment(request: Request, name: str, context: dict[str, Any]) -> str:
     template = request.app.state.templates.get_template(name)
-    html: str = template.render({"request": request, **context})
+    html: str = template.render({"request": request, "caller": getattr(request.state, "caller", None), **context})
     return html
 
 
@@ -118,11 +126,11 @@ def _render_fragment(request: Request, name: str, context: dict[str, Any]) -> st
 def review_page(request: Request, engine: EngineDep, settings: SettingsDep, jobs: JobsDep,
                 user: CurrentUser) -> HTMLResponse:
     """The review page with the model's healthy preset in the form."""
-    return render(request, "review.html", page_context(engine, settings, jobs, user))
+    return render(request, "review.html", page_context(engine, settings, jobs, user), headers=NO_STORE)
 
 
 @router.post("/inspect", response_class=HTMLResponse)
-async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep, user: CurrentUser,
+async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep, user: CurrentUser, db: DbDep,
                          file: Annotated[UploadFile | None, File()] = None,
                          window: Annotated[str, Form(max_length=20, pattern=r"^(auto|percentile|\d{1,3})$")] = "auto",
                          reuse_input: Annotated[str | None, Form(pattern=r"^[0-9a-f]{32}$")] = None) -> HTMLResponse:
@@ -132,11 +140,13 @@ async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep,
     reused = None
     if not data and reuse_input:
         reused = reuse_input
-        data = jobs.get(reuse_input, user).upload_path.read_bytes()
+        data = find_job(jobs, reuse_input, user).upload_path.read_bytes()
     if not data:
         raise imaging.UnsupportedImageError("The file is empty. Choose a DICOM, PNG or JPEG image.")
     win: int | str = int(window) if window.isdigit() else window
     decoded = await run_in_threadpool(imaging.decode_image, data, window=win)
+    if reused is None:
+        await run_in_threadpool(audit_inspect, db, user, decoded.meta.public_summary(), len(data))
     png = await run_in_threadpool(gray_png, decoded.pixels, longest_side=INSPECT_THUMBNAIL_PX)
     form = FormValues.defaults(request.app.state.engine.info)
     form.facts, form.window, form.reuse_input = decoded.meta.public_summary(), str(win), reused
@@ -155,40 +165,44 @@ async def create_run(request: Request, params: Annotated[ReviewFormParams, Form(
     data = await read_upload(file, limit, limit_mb)
     mask_png = await read_upload(mask, limit, limit_mb)
     if not data and params.reuse_input:
-        source = jobs.get(params.reuse_input, user)
+        source = find_job(jobs, params.reuse_input, user)
         data = source.upload_path.read_bytes()
         if mask_png is None and (source.run_dir / MASK_UPLOAD).is_file():
             mask_png = (source.run_dir / MASK_UPLOAD).read_bytes()
     if not data:
         raise ValueError("Choose an image first: drop a DICOM, PNG or JPEG file onto the upload area.")
-    job = await submit_job(jobs, user, data, params.to_request(engine.info), mask_png)
+    job = await submit_job(jobs, user.user, data, params.to_request(engine.info), mask_png)
     if not is_htmx(request):
         return RedirectResponse(f"/runs/{job.id}", status_code=303)
-    context = {**run_context(jobs, job), "oob": True, "history": jobs.list_jobs(user, HISTORY_LIMIT),
+    context = {**run_context(jobs, job), "oob": True, "history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
                "current_id": job.id}
-    return render(request, "_run.html", context, headers={"HX-Push-Url": f"/runs/{job.id}"})
+    return render(request, "_run.html", context, headers={"HX-Push-Url": f"/runs/{job.id}", **NO_STORE})
 
 
 @router.get("/runs/{job_id}")
 def run_page(request: Request, job_id: str, engine: EngineDep, settings: SettingsDep, jobs: JobsDep,
-             user: CurrentUser) -> HTMLResponse:
-    """A run: the full page, or (HTMX) the run fragment plus the form restored out of band."""
-    job = jobs.get(job_id, user)
+             user: CurrentUser, db: DbDep) -> HTMLResponse:
+    """A run: the full page, or (HTMX) the run fragment plus the form restored out of band. Viewing a finished
+    run's results is audited."""
+    job = find_job(jobs, job_id, user)
+    if job.state is JobState.DONE:
+        audit_view(db, user, job, "result")
     if is_htmx(request):
-        context = {**form_context(engine, settings, jobs, user, form_for_job(job), job), **run_context(jobs, job),
-                   "oob_form": True, "history": jobs.list_jobs(user, HISTORY_LIMIT), "current_id": job.id}
-        return render(request, "_run.html", context)
-    return render(request, "review.html", page_context(engine, settings, jobs, user, job=job))
+        context = {**form_context(engine, settings, jobs, user.owner, form_for_job(job), job),
+                   **run_context(jobs, job), "oob_form": True, "history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
+                   "current_id": job.id}
+        return render(request, "_run.html", context, headers=NO_STORE)
+    return render(request, "review.html", page_context(engine, settings, jobs, user, job=job), headers=NO_STORE)
 
 
 @router.get("/runs/{job_id}/progress", response_class=HTMLResponse)
 def run_progress(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser) -> HTMLResponse:
     """Polling fallback for browsers without server-sent events: the run fragment, which polls again while the
     run is unfinished and carries the results once it is done."""
-    job = jobs.get(job_id, user)
-    context = {**run_context(jobs, job, poll=True), "history": jobs.list_jobs(user, HISTORY_LIMIT),
+    job = find_job(jobs, job_id, user)
+    context = {**run_context(jobs, job, poll=True), "history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
                "current_id": job.id, "oob": job.state.finished}
-    return render(request, "_run.html", context)
+    return render(request, "_run.html", context, headers=NO_STORE)
 
 
 @router.get("/runs/{job_id}/events")
@@ -196,13 +210,13 @@ async def run_events(request: Request, job_id: str, jobs: JobsDep, user: Current
                      settings: SettingsDep) -> EventSourceResponse:
     """``progress`` events carry the progress fragment; the last event, ``finished``, carries the run fragment
     (results, or the failure/cancellation notice). Closing the tab ends the stream, not the run."""
-    job = jobs.get(job_id, user)
+    job = find_job(jobs, job_id, user)
 
     async def events() -> AsyncIterator[dict[str, str]]:
         async for j in job_changes(request, jobs, job, settings.sse_interval_s):
             if j.state.finished:
                 context = {**run_context(jobs, j), "oob": True, "current_id": j.id,
-                           "history": jobs.list_jobs(user, HISTORY_LIMIT)}
+                           "history": jobs.list_jobs(user.owner, HISTORY_LIMIT)}
                 yield {"event": "finished", "data": _render_fragment(request, "_run.html", context)}
             else:
                 yield {"event": "progress", "data": _render_fragment(request, "_progress.html",
@@ -214,7 +228,7 @@ async def run_events(request: Request, job_id: str, jobs: JobsDep, user: Current
 @router.post("/runs/{job_id}/cancel")
 def cancel_run(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser) -> Response:
     """Cancel a run. HTMX gets 204: the progress stream (or the poll) shows the outcome."""
-    jobs.cancel(job_id, user)
+    jobs.cancel(job_id, user.owner, any_owner=user.is_admin, actor=user.user)
     if is_htmx(request):
         return Response(status_code=204)
     return RedirectResponse(f"/runs/{job_id}", status_code=303)
@@ -229,23 +243,26 @@ def run_overlay(
 ) -> HTMLResponse:
     """The overlay image element for new display options, and the export links that follow them (out of band).
     The PNG itself is rendered when the browser fetches the new URL."""
-    job = jobs.get(job_id, user)
+    job = find_job(jobs, job_id, user)
     if mode == "stability" and job.request.samples < 2:
         raise ValueError("mode: the stability map needs a run with more than one sample")
     options = OverlayOptions(opacity=opacity, threshold=threshold or None, mode=mode)
-    return render(request, "_overlay_image.html", {**run_context(jobs, job, overlay=options), "overlay_swap": True})
+    return render(request, "_overlay_image.html", {**run_context(jobs, job, overlay=options), "overlay_swap": True},
+                  headers=NO_STORE)
 
 
 @router.get("/runs/{job_id}/form", response_class=HTMLResponse)
 def run_form(request: Request, job_id: str, engine: EngineDep, settings: SettingsDep, jobs: JobsDep,
              user: CurrentUser) -> HTMLResponse:
     """The review form filled with this run's parameters and seed (the image is reused unless replaced)."""
-    job = jobs.get(job_id, user)
-    return render(request, "_form.html", form_context(engine, settings, jobs, user, form_for_job(job)))
+    job = find_job(jobs, job_id, user)
+    return render(request, "_form.html", form_context(engine, settings, jobs, user.owner, form_for_job(job)),
+                  headers=NO_STORE)
 
 
 @router.get("/history", response_class=HTMLResponse)
 def history(request: Request, jobs: JobsDep, user: CurrentUser,
             current: Annotated[str | None, Query(max_length=32)] = None) -> HTMLResponse:
     """The history panel (the user's recent runs with thumbnails)."""
-    return render(request, "_history.html", {"history": jobs.list_jobs(user, HISTORY_LIMIT), "current_id": current})
+    return render(request, "_history.html", {"history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
+                                             "current_id": current}, headers=NO_STORE)

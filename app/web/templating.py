@@ -75,8 +75,11 @@ def make_templates(static_dir: Path = STATIC_DIR, templates_dir: Path = TEMPLATE
 
 def render(request: Request, name: str, context: dict[str, Any] | None = None, *, status_code: int = 200,
            headers: dict[str, str] | None = None) -> HTMLResponse:
-    """Render ``name`` with the request in the context; ``Vary: HX-Request`` because pages and fragments differ."""
+    """Render ``name`` with the request and the signed-in caller in the context; ``Vary: HX-Request`` because pages
+    and fragments differ."""
     templates: Jinja2Templates = request.app.state.templates
-    response = templates.TemplateResponse(request, name, context or {}, status_code=status_code, headers=headers)
+    # the signed-in caller (``app.web.auth.Caller``) for base.html: user name, logout form, CSRF token
+    context = {"caller": getattr(request.state, "caller", None), **(context or {})}
+    response = templates.TemplateResponse(request, name, context, status_code=status_code, headers=headers)
     response.headers["Vary"] = "HX-Request"
     return response

@@ -1,0 +1,50 @@
+"""The committed default model `vald-md-mini` loads and makes a real healthy counterfactual of a shared test image.
+
+The SSIM range checked here is the one its model card reports (stored in ``vald_md.json`` as
+``figures.counterfactual_ssim_range``), so the card and the weights cannot drift apart unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from app import engine, imaging, metrics
+
+MODEL = engine.DEFAULT_MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def mini():
+    assert (MODEL / "model_index.json").is_file(), f"the embedded model is missing from {MODEL}"
+    return engine.CounterfactualEngine(MODEL, device="cpu")
+
+
+def test_model_folder_is_complete_small_and_documented(mini):
+    manifest = json.loads((MODEL / engine.MANIFEST).read_text())
+    assert manifest["model_hash"] == mini.info.model_hash, "weights changed without re-packaging"
+    size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
+    assert size <= 80 * 2**20, f"embedded model is {size / 2**20:.1f} MiB (budget 80 MiB)"
+    card = (MODEL / "MODEL_CARD.md").read_text()
+    assert "not for diagnosis" in card.lower() and mini.info.model_hash in card
+    assert mini.info.text_encoder_type == "BertModel" and mini.info.image_channels == 1
+
+
+def test_healthy_counterfactual_of_a_covid_test_image(mini, shared_data):
+    manifest = json.loads((MODEL / engine.MANIFEST).read_text())
+    lo, hi = manifest["figures"]["counterfactual_ssim_range"]
+    preset = mini.info.presets["healthy"]
+    path = sorted((shared_data / "cxr256" / "test" / "covid").glob("*.png"))[0]
+    img = imaging.decode_image(path.read_bytes()).pixels
+    r = mini.generate(img, preset["prompt"], strength=preset["strength"], guidance_scale=preset["guidance_scale"],
+                      steps=preset["steps"], seed=0)
+    cf = r.counterfactuals[0]
+    assert cf.shape == img.shape and np.isfinite(cf).all()
+    s = metrics.ssim(img, cf)
+    assert lo <= s <= hi, f"SSIM {s:.3f} outside the model card's range [{lo}, {hi}]"
+    # deterministic per seed
+    again = mini.generate(img, preset["prompt"], strength=preset["strength"],
+                          guidance_scale=preset["guidance_scale"], steps=preset["steps"], seed=0)
+    np.testing.assert_array_equal(cf, again.counterfactuals[0])
