@@ -127,10 +127,13 @@ class Settings(BaseSettings):
                              f"postgresql+psycopg://USER@HOST/DB")
         return v
 
-    @field_validator("model_dir")
+    @field_validator("model_dir", mode="before")
     @classmethod
-    def _check_model_dir(cls, v: Path | None) -> Path | None:
-        return None if v is None or str(v) == "" else v.expanduser().resolve()
+    def _check_model_dir(cls, v: object) -> Path | None:
+        # before validation: an empty VALD_MD_MODEL_DIR= means "unset", not Path("") == the working directory
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        return Path(str(v)).expanduser().resolve()
 
     @model_validator(mode="after")
     def _check_host(self) -> Settings:

@@ -82,5 +82,6 @@ def to_png_bytes(img: np.ndarray, *, bits: int = 8, text: dict[str, str] | None 
             raise ValueError(f"PNG text key must be Latin-1, got {key!r}") from None
         info.add_text(key, str(value))
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", pnginfo=info)
+    # zlib level 3: about 3x faster than Pillow's default 6 for a similar size on radiographs and overlays
+    pil.save(buffer, format="PNG", pnginfo=info, compress_level=3)
     return buffer.getvalue()
