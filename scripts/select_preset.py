@@ -26,7 +26,7 @@ import numpy as np
 
 from app import engine, imaging, metrics, train
 
-GRID_STRENGTH = (0.5, 0.65, 0.85)
+GRID_STRENGTH = (0.4, 0.55, 0.7, 0.85)
 GRID_GUIDANCE = (3.0, 7.5)
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--data", required=True, help="labelled CSV with a split column")
-    p.add_argument("--per-class", type=int, default=6, help="validation images per class")
+    p.add_argument("--per-class", type=int, default=4, help="validation images per class")
     p.add_argument("--steps", type=int, default=75, help="scheduler steps (paper 75)")
     p.add_argument("--seed", type=int, default=0, help="seed of every generation")
     p.add_argument("--out", required=True, help="JSON output")

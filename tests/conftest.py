@@ -43,3 +43,20 @@ def pytest_configure(config: pytest.Config) -> None:
     except ImportError:  # pragma: no cover - torch is a core dependency
         return
     torch.set_num_threads(int(os.environ.get("VALD_MD_TEST_THREADS", "1")))
+
+
+SECURITY_COUNTS = pytest.StashKey[dict[str, int]]()
+
+
+@pytest.fixture(scope="session")
+def security_counts(request: pytest.FixtureRequest) -> dict[str, int]:
+    """Counters that ``test_security.py`` fills (audit events written, fuzz cases run, 5xx responses seen); the
+    terminal summary prints them so a run's numbers can be quoted."""
+    return request.config.stash.setdefault(SECURITY_COUNTS, {})
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    counts = config.stash.get(SECURITY_COUNTS, None)
+    if counts:
+        terminalreporter.section("security counts")
+        terminalreporter.write_line(", ".join(f"{k}={v}" for k, v in counts.items()))

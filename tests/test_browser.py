@@ -1,6 +1,6 @@
-"""A real browser against the real server: upload a DICOM, set a slider, generate, watch progress, review the
-three images, toggle the overlay, compare, export the annotated PNG. No console errors allowed (the CSP is
-strict, so an inline script or an eval would show up here).
+"""A real browser against the real server: sign in through the login page, upload a DICOM, set a slider,
+generate, watch progress, review the three images, toggle the overlay, compare, export the annotated PNG, sign
+out. No console errors allowed (the CSP is strict, so an inline script or an eval would show up here).
 
 Needs Playwright for Python (``pip install playwright``; its own browser download is not used) and Debian's
 Chromium at /usr/bin/chromium. Skipped with a reason when either is missing, unless VALD_MD_REQUIRE_BROWSER=1
@@ -48,9 +48,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+USERNAME = "browser-clinician"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_engine, tmp_path_factory) -> Iterator[str]:
-    """The real app under uvicorn on 127.0.0.1 (a thread of this process), with the tiny model."""
+    """The real app under uvicorn on 127.0.0.1 (a thread of this process), with the tiny model and one account
+    (created as ``vald-md users add`` would: argon2 password, audited)."""
     _require_browser()
     import uvicorn
 
@@ -67,6 +71,9 @@ def server(tiny_engine, tmp_path_factory) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the server did not start")
         time.sleep(0.05)
+    from tests.accounts import PASSWORD, add_user
+
+    add_user(app.state.db, USERNAME, password=PASSWORD)
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(10)
@@ -91,8 +98,19 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data):
             if m.type in ("error", "warning") else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
 
-    # 1. the page, and the file's non-identifying facts
+    # 0. signed out, the review page sends the browser to the login page; sign in there
+    from tests.accounts import PASSWORD
+
     page.goto(server + "/")
+    page.wait_for_selector("form.login-form")
+    assert "/login" in page.url
+    page.fill("#username", USERNAME)
+    page.fill("#password", PASSWORD)
+    page.click("#login")
+    page.wait_for_selector("#review-form")
+    assert page.inner_text("#signed-in-user") == USERNAME
+
+    # 1. the page, and the file's non-identifying facts
     page.set_input_files("#file", str(dicom))
     page.wait_for_selector(".facts")
     facts = page.inner_text("#file-facts")
@@ -147,6 +165,12 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data):
     page.click(".history-item a")
     page.wait_for_function("s => document.querySelector('#seed').value === s", arg=seed)
     assert page.is_checked("input[name=seed_mode][value=fixed]")
+
+    # 7. sign out: the session ends, the review page is closed to this browser
+    page.click("#logout")
+    page.wait_for_selector("form.login-form")
+    page.goto(server + "/")
+    page.wait_for_selector("form.login-form")
 
     assert problems == [], problems
     page.close()

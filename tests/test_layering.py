@@ -27,9 +27,11 @@ FORBIDDEN: dict[str, set[str]] = {
     "evaluate": {"jobs", "web", "train", "audit", "cli"},
     "jobs": {"web", "train", "evaluate", "cli"},
     "web": {"train", "cli"},
+    "manage": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
+               "metrics", "cli"},
 }
 # modules that may not import torch/diffusers at all (pure numpy / database layers)
-NO_TORCH = {"imaging", "attribution", "audit", "exports", "config", "migrations"}
+NO_TORCH = {"imaging", "attribution", "audit", "exports", "config", "migrations", "manage"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -53,8 +53,11 @@ def route_table(app: FastAPI) -> list[tuple[str, str]]:
     for route in app.routes:
         if isinstance(route, Mount):
             continue
-        for method in (getattr(route, "methods", None) or {"GET"}) - {"HEAD"}:
-            rows.add((method, route.path))
+        contexts = getattr(route, "effective_route_contexts", None)  # an included router (recent FastAPI)
+        entries = [(c.path, c.methods) for c in contexts()] if contexts else [(route.path, route.methods)]
+        for path, methods in entries:
+            for method in (methods or {"GET"}) - {"HEAD"}:
+                rows.add((method, path))
     return sorted(rows, key=lambda r: (r[1], r[0]))
 
 
@@ -87,17 +90,12 @@ def _close(app: FastAPI) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report_counts(request: pytest.FixtureRequest) -> Iterator[None]:
+def report_counts(security_counts: dict[str, int]) -> Iterator[None]:
+    """Hand the counts to the terminal summary (conftest) and to test-output/security-counts.json."""
     yield
+    security_counts.update(COUNTS)
     OUTPUT.mkdir(exist_ok=True)
     (OUTPUT / "security-counts.json").write_text(json.dumps(COUNTS, indent=2) + "\n")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    line = "security counts: " + ", ".join(f"{k}={v}" for k, v in COUNTS.items())
-    if reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(line)
-    else:  # pragma: no cover
-        print(line)
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +173,13 @@ def test_the_public_allow_list_is_exactly_login_health_and_static():
     assert {"/", "/runs", "/runs/{job_id}", "/api/v1/counterfactuals", "/api/v1/jobs/{job_id}/artifacts/{name}",
             "/admin", "/admin/runs/{run_id}/rerun", "/logout", "/api/openapi.json", "/api/docs"} <= paths
     assert len(PROTECTED) >= 25
+
+
+def test_websockets_are_refused(anon):
+    from starlette.websockets import WebSocketDisconnect
+
+    with pytest.raises(WebSocketDisconnect), anon.websocket_connect("/api/v1/jobs"):
+        pass
 
 
 @pytest.mark.parametrize("row", PROTECTED, ids=_id)
@@ -262,10 +267,13 @@ def test_csrf_token_in_a_plain_form_field_is_accepted(secure, people):
     assert r.status_code == 303 and r.headers["location"] == "/login"
 
 
-@pytest.mark.parametrize("headers", [{"Origin": "https://evil.example"}, {"Origin": "null"},
+@pytest.mark.parametrize("headers", [{"Origin": "https://evil.example"},
+                                     {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
                                      {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-                                     {"Origin": "http://testserver.evil.example"}],
-                         ids=["foreign-origin", "null-origin", "fetch-cross-site", "fetch-same-site", "lookalike"])
+                                     {"Origin": "http://testserver.evil.example"},
+                                     {"Origin": "http://testserver", "Sec-Fetch-Site": "cross-site"}],
+                         ids=["foreign-origin", "sandboxed", "fetch-cross-site", "fetch-same-site", "lookalike",
+                              "fetch-metadata-wins"])
 @pytest.mark.parametrize("row", [*UNSAFE, ("POST", "/login")], ids=_id)
 def test_cross_site_state_changes_are_refused(secure, people, row, headers):
     method, path = row
@@ -277,7 +285,9 @@ def test_cross_site_state_changes_are_refused(secure, people, row, headers):
 
 def test_same_origin_requests_pass(secure, people):
     c = client_for(secure, people["a"])
-    for headers in ({"Origin": "http://testserver"}, {"Sec-Fetch-Site": "same-origin"}, {}):
+    # Origin: null + same-origin is Chromium's form post under Referrer-Policy: no-referrer
+    for headers in ({"Origin": "http://testserver"}, {"Sec-Fetch-Site": "same-origin"}, {},
+                    {"Origin": "null", "Sec-Fetch-Site": "same-origin"}):
         assert c.post("/api/v1/jobs/" + "0" * 32 + "/cancel", headers=headers).status_code == 404
 
 
@@ -437,7 +447,58 @@ def test_serve_logs_the_first_admin_command(tiny_engine, tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. headers
+# 5. the admin pages: the trail, run records, re-runs
+# ----------------------------------------------------------------------------------------------------------------
+def test_admin_page_filters_pages_and_exports_the_trail(secure, people):
+    db = secure.state.db
+    for i in range(60):
+        audit.append_event(db, audit.AuditAction.VIEW, username="pager", object_type="run", detail={"i": i})
+    boss = client_for(secure, people["admin"])
+    page = boss.get("/admin")
+    assert page.status_code == 200 and 'id="audit-events"' in page.text and 'id="recent-runs"' in page.text
+    hx = {"HX-Request": "true"}
+    first = boss.get("/admin/events?user=pager&action=view", headers=hx)
+    assert first.status_code == 200 and "<html" not in first.text
+    assert "60 matching · page 1 of 2" in first.text and first.text.count('data-action="view"') == 50
+    assert 'rel="next"' in first.text and first.headers["hx-push-url"].startswith("/admin?")
+    second = boss.get("/admin/events?user=pager&action=view&page=2", headers=hx)
+    assert second.text.count('data-action="view"') == 10 and 'rel="prev"' in second.text
+    today = audit.utc_now().date()
+    assert "60 matching" in boss.get(f"/admin/events?user=pager&since={today}&until={today}", headers=hx).text
+    tomorrow = today + timedelta(days=1)
+    assert "0 matching" in boss.get(f"/admin/events?user=pager&since={tomorrow}", headers=hx).text
+    assert boss.get("/admin/events?since=someday", headers=hx).status_code == 422
+    assert boss.get("/admin/events?action=hack", headers=hx).status_code == 422
+    export = boss.get("/admin/events/export?format=csv&user=pager")
+    assert export.status_code == 200 and "attachment" in export.headers["content-disposition"]
+    assert len(export.text.strip().splitlines()) == 61
+    as_json = boss.get("/admin/events/export?format=json&user=pager").json()
+    assert [e["detail"]["i"] for e in as_json] == list(range(60))
+    mine = [e.action for e in audit.query_events(db, user="boss", limit=20)]
+    assert "audit_export" in mine and "audit_view" in mine
+
+
+def test_admin_rerun_shows_whether_the_output_reproduces(secure, people, job_of_a):
+    boss = client_for(secure, people["admin"])
+    record = boss.get(f"/admin/runs/{job_of_a}")
+    assert record.status_code == 200 and 'id="rerun"' in record.text and '"seed": 11' in record.text
+    r = boss.post(f"/admin/runs/{job_of_a}/rerun", headers={"HX-Request": "true"})
+    assert r.status_code == 200, r.text
+    new_id = re.search(r'id="rerun-([0-9a-f]{32})"', r.text).group(1)
+    end = time.monotonic() + 120
+    while 'data-rerun-state="pending"' in r.text:
+        assert 'hx-trigger="every 1s"' in r.text and time.monotonic() < end
+        time.sleep(0.2)
+        r = boss.get(f"/admin/reruns/{new_id}", headers={"HX-Request": "true"})
+    assert 'data-rerun-state="reproduced"' in r.text and "✓ reproduced" in r.text
+    again = audit.get_run(secure.state.db, uuid.UUID(new_id))
+    assert again.params["rerun_of"] == job_of_a and again.seeds == [11] and again.user_id == people["admin"].id
+    assert "✓ reproduced" in boss.get(f"/admin/runs/{job_of_a}").text
+    assert client_for(secure, people["b"]).get(f"/api/v1/jobs/{new_id}").status_code == 404
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. headers
 # ----------------------------------------------------------------------------------------------------------------
 def test_security_headers_and_no_store(secure, people, job_of_a):
     c = client_for(secure, people["a"])
@@ -455,7 +516,7 @@ def test_security_headers_and_no_store(secure, people, job_of_a):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. PHI: logs, stored files, names
+# 7. PHI: logs, stored files, names
 # ----------------------------------------------------------------------------------------------------------------
 PATIENT = "Zyxwvut^Quorra"
 FILENAME = "Zyxwvut_Quorra_MRN4711.dcm"
@@ -499,7 +560,7 @@ def test_logs_never_contain_patient_data_file_names_or_prompts(secure, people, s
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. fuzzing: the upload route, the broken files, the OpenAPI schema
+# 8. fuzzing: the upload route, the broken files, the OpenAPI schema
 # ----------------------------------------------------------------------------------------------------------------
 class InstantEngine:
     """The tiny engine for decoding and checks, but every generation stops at once (fuzzing is about input)."""
@@ -574,7 +635,7 @@ def time_limit(seconds: int) -> Iterator[None]:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(data=hostile_uploads(), name=st.sampled_from(["x.dcm", "../../etc/passwd", "a" * 300 + ".png", "\u00e9.png"]))
 def test_fuzzed_uploads_never_cause_a_server_error(fuzz, data, name):
-    app, c, auth = fuzz
+    _, c, auth = fuzz
     with time_limit(60):
         r = c.post("/api/v1/counterfactuals", data=FAST, files={"file": (name, data)}, headers=auth)
     COUNTS["upload_fuzz_cases"] += 1
@@ -587,7 +648,7 @@ def test_fuzzed_uploads_never_cause_a_server_error(fuzz, data, name):
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", sorted(p.name for p in (SHARED / "dicom").glob("*")) or ["none"])
 def test_every_shared_dicom_file_is_accepted_or_refused_with_a_4xx(fuzz, shared_data, name):
-    app, c, auth = fuzz
+    _, c, auth = fuzz
     data = (shared_data / "dicom" / name).read_bytes()
     try:
         imaging.decode_image(data)

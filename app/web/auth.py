@@ -4,7 +4,8 @@
 (fail closed). In order, for each HTTP request:
 
 1. a state-changing request (POST, PUT, PATCH, DELETE) that a browser marks cross-site -- ``Sec-Fetch-Site``
-   other than ``same-origin``/``none``, or an ``Origin`` whose host differs from ``Host`` -- is refused (403);
+   other than ``same-origin``/``none``, or (without it) an ``Origin`` whose host differs from ``Host`` -- is
+   refused (403);
 2. the public paths (:data:`PUBLIC_PATHS`: the login page, ``/healthz``, ``/readyz``; ``/static/``) pass;
 3. the caller is resolved: ``Authorization: Bearer vmd_...`` (an API token) or else the ``vald_md_session``
    cookie (a server-side session, revocable, with an idle timeout and an absolute lifetime). Nobody: 401 JSON
@@ -100,16 +101,17 @@ def is_public(path: str) -> bool:
 
 
 def is_cross_site(request: Request) -> bool:
-    """The browser says the request comes from another site (``Sec-Fetch-Site``), or its ``Origin`` names
-    another host than the one it was sent to. Requests without either header (scripts, old browsers) pass."""
+    """The browser says the request comes from another site: ``Sec-Fetch-Site`` other than ``same-origin`` or
+    ``none`` (browsers set it and pages cannot), else an ``Origin`` that names another host than the one the
+    request was sent to. ``Origin: null`` alone decides nothing: with ``Referrer-Policy: no-referrer`` a browser
+    sends it on same-origin form posts too (the CSRF token still has to match). Requests without either header
+    (scripts, old browsers) pass."""
     site = request.headers.get("sec-fetch-site")
-    if site is not None and site.lower() not in ("same-origin", "none"):
-        return True
+    if site is not None:
+        return site.lower() not in ("same-origin", "none")
     origin = request.headers.get("origin")
-    if origin is None:
+    if origin is None or origin == "null":
         return False
-    if origin == "null":
-        return True
     host = request.headers.get("host", "")
     try:
         netloc = urlsplit(origin).netloc
@@ -192,7 +194,10 @@ class AuthMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":  # none are served; a future one must bring its own authentication
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         request = Request(scope)
