@@ -46,12 +46,12 @@ class ReviewRequest:
     scheduler: str = "pndm"
     samples: int = 1
     window: int | str | None = "auto"
-    reference: str = "input"
+    reference: str | None = None  # None: the model's recommendation (manifest "map_reference"), else "input"
     smoothing_sigma: float = 0.0
 
     def check(self) -> None:
         """Refuse values the engine does not check itself (reference map, smoothing)."""
-        if self.reference not in REFERENCES:
+        if self.reference is not None and self.reference not in REFERENCES:
             raise ValueError(f"reference={self.reference!r} must be one of {', '.join(REFERENCES)}")
         if not 0.0 <= self.smoothing_sigma <= 50.0:
             raise ValueError(f"smoothing_sigma={self.smoothing_sigma} must be within [0, 50] pixels")
@@ -93,6 +93,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         ValueError: a parameter is out of range. engine.GenerationCancelled: cancelled.
     """
     req.check()
+    if req.reference is None:
+        req.reference = str(engine.info.manifest.get("map_reference", "input"))
     out.mkdir(parents=True, exist_ok=True)
     img = decoded or imaging.decode_image(data, window=req.window)
     pixels = img.pixels

@@ -214,7 +214,9 @@ def build_tables(run_dir: Path, data: Path | None = None, *, out: Path | None = 
             real_c = real_paths(label)
             a = fid(f"real {label} vs generated healthy", real_c, gen)
             b = fid(f"real {label} vs real healthy", real_c, real_healthy)
-            rel = (abs(a["fid"] - b["fid"]) / b["fid"] if a["fid"] is not None and b["fid"] else None)
+            # undefined when the class *is* the healthy set (FID(normal, normal) = 0: no reference distance)
+            rel = (abs(a["fid"] - b["fid"]) / b["fid"]
+                   if a["fid"] is not None and b["fid"] is not None and b["fid"] > 1e-6 else None)
             t1.append({"class": label, "fid_class_vs_generated_healthy": a["fid"],
                        "fid_class_vs_real_healthy": b["fid"], "relative_absolute_difference": rel,
                        "n_real_class": len(real_c), "n_generated_healthy": len(gen),
