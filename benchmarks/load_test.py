@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="server base URL on loopback, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", default=os.environ.get("VALD_MD_TOKEN"),
+                   help="API token for --url (vald-md users token NAME); default $VALD_MD_TOKEN")
     p.add_argument("--spawn", action="store_true",
                    help="start `vald-md serve` on 127.0.0.1 and a free port for the run (tiny model unless --model)")
     p.add_argument("--model", type=Path, default=None, help="--spawn: model folder (default: tests' tiny model)")
@@ -68,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poll-interval", type=float, default=0.25, help="seconds between status polls (default 0.25)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.token:
+        HEADERS["Authorization"] = f"Bearer {args.token}"
     if (args.url is None) == (not args.spawn):
         p.error("give exactly one of --url or --spawn")
     if args.url is not None:
@@ -158,7 +162,7 @@ def client(base: str, data: bytes, fields: dict[str, str], shared: Shared, poll_
     """One client: submit, poll to the end, repeat while the run's budget lasts."""
     import httpx
 
-    with httpx.Client(base_url=base, timeout=30.0) as http:
+    with httpx.Client(base_url=base, timeout=30.0, headers=HEADERS) as http:
         n = 0
         while not shared.stop.is_set() and shared.take_ticket():
             n += 1
@@ -201,7 +205,7 @@ def monitor(base: str, shared: Shared, t_start: float) -> None:
     """Sample /readyz every 0.5 s: (seconds since start, queue_length, queue_has_room)."""
     import httpx
 
-    with httpx.Client(base_url=base, timeout=10.0) as http:
+    with httpx.Client(base_url=base, timeout=10.0, headers=HEADERS) as http:
         while not shared.stop.wait(0.5):
             try:
                 body = http.get("/readyz").json()
@@ -222,7 +226,7 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
     data = args.image.read_bytes() if args.image else synthetic_png()
     fields = {k: str(v) for k, v in {"steps": args.steps, "strength": args.strength,
                                      "scheduler": args.scheduler}.items() if v is not None}
-    model = httpx.get(f"{base}/api/v1/model", timeout=30).json()
+    model = httpx.get(f"{base}/api/v1/model", timeout=30, headers=HEADERS).json()
     shared = Shared(budget=args.requests, deadline=time.monotonic() + args.duration)
     t_start = time.monotonic()
     mon = threading.Thread(target=monitor, args=(base, shared, t_start), daemon=True)
@@ -239,7 +243,7 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
     mon.join(timeout=5)
     # leave the server idle: cancel whatever this run left queued or running
     unfinished = [o for o in shared.outcomes if o.finished_at is None]
-    with httpx.Client(base_url=base, timeout=10.0) as http:
+    with httpx.Client(base_url=base, timeout=10.0, headers=HEADERS) as http:
         for o in unfinished:
             try:
                 http.post(f"/api/v1/jobs/{o.job_id}/cancel")
@@ -304,6 +308,23 @@ def markdown(r: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # optional: a server of our own on loopback
 # ----------------------------------------------------------------------------------------------------------------
+HEADERS: dict[str, str] = {}
+"""Sent with every request: ``Authorization: Bearer <token>`` (``--token``, ``VALD_MD_TOKEN``, or made by --spawn)."""
+
+
+def make_token(data_dir: Path) -> str:
+    """A benchmark user and API token in the database a server with ``--data-dir data_dir`` will use."""
+    from app import audit
+    from app.config import Settings
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = audit.init_db(Settings(data_dir=data_dir).resolved_database_url)
+    with audit.write_session(db) as session:
+        user = audit.User(username="loadtest", password_hash="!unusable", role="clinician")
+        session.add(user)
+    return audit.create_api_token(db, user, "load test")
+
+
 def spawn_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`vald-md serve` on 127.0.0.1 and a free port, waited for until /readyz answers 200 (90 s at most)."""
     import httpx
@@ -321,6 +342,7 @@ def spawn_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen
     exe = Path(sys.executable).parent / "vald-md"
     cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(args.model),
            "--data-dir", str(work / "data")]
+    HEADERS["Authorization"] = f"Bearer {make_token(work / 'data')}"
     log = (work / "server.log").open("wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

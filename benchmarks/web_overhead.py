@@ -109,7 +109,14 @@ def main(args: argparse.Namespace) -> int:
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+    from app import audit
+
+    with audit.write_session(app.state.db) as session:  # a benchmark user with an API token (no password)
+        user = audit.User(username="bench", password_hash="!unusable", role="clinician")
+        session.add(user)
+    token = audit.create_api_token(app.state.db, user, "web overhead benchmark")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
+                          headers={"Authorization": f"Bearer {token}"})
 
     def http(i: int) -> float:
         fields = {"prompt": "normal chest x-ray", "strength": str(args.strength), "steps": str(steps),
