@@ -162,6 +162,27 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_state(out: Path, resume: str | None) -> dict[str, Any] | None:
+    """The checkpoint dict ``--resume`` names ('latest' = newest under ``out``), or None (no resume, none saved)."""
+    if not resume:
+        return None
+    ck = latest_checkpoint(out) if resume == "latest" else Path(resume)
+    return None if ck is None else torch.load(ck, map_location="cpu", weights_only=False)
+
+
+def restore_scratch(st: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: Any) -> tuple[int, float, float, np.random.Generator]:
+    """Restore a from-scratch stage's model, optimiser, LR schedule and torch RNG from a checkpoint dict.
+
+    Returns (start step, best validation figure, elapsed seconds so far, numpy generator).
+    """
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    torch.set_rng_state(st["torch_rng"])
+    return st["step"], st["best"], st["elapsed"], st["np_rng"]
+
+
 class LossLog:
     """Appends ``step,loss,lr,seconds[,val...]`` rows to ``loss.csv`` and redraws ``loss.png`` on demand."""
 
@@ -298,16 +319,9 @@ def train_vae(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     total = args.max_steps or vcfg["steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(vcfg["warmup_steps"], total))
     start, best, elapsed0 = 0, -1.0, 0.0
-    if args.resume:
-        ck = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if ck is not None:
-            st = torch.load(ck, map_location="cpu", weights_only=False)
-            vae.load_state_dict(st["model"])
-            opt.load_state_dict(st["opt"])
-            sched.load_state_dict(st["sched"])
-            start, best, elapsed0 = st["step"], st["best"], st["elapsed"]
-            rng = st["np_rng"]
-            torch.set_rng_state(st["torch_rng"])
+    st = resume_state(out, args.resume)
+    if st is not None:
+        start, best, elapsed0, rng = restore_scratch(st, vae, opt, sched)
     banner("vae", args, {"params_M": sum(p.numel() for p in vae.parameters()) / 1e6, "start": start, "total": total,
                          "train_images": len(train)})
     log, prog, t0 = LossLog(out), Progress(start, total), time.time()
@@ -505,16 +519,10 @@ def train_unet(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ucfg["warmup_steps"], total))
     ema = EMAModel(unet.parameters(), decay=ucfg["ema_decay"], use_ema_warmup=True, power=2 / 3)
     start, best, elapsed0 = 0, float("inf"), 0.0
-    if args.resume:
-        ck = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if ck is not None:
-            st = torch.load(ck, map_location="cpu", weights_only=False)
-            unet.load_state_dict(st["model"])
-            opt.load_state_dict(st["opt"])
-            sched.load_state_dict(st["sched"])
-            ema.load_state_dict(st["ema"])
-            start, best, elapsed0, rng = st["step"], st["best"], st["elapsed"], st["np_rng"]
-            torch.set_rng_state(st["torch_rng"])
+    st = resume_state(out, args.resume)
+    if st is not None:
+        start, best, elapsed0, rng = restore_scratch(st, unet, opt, sched)
+        ema.load_state_dict(st["ema"])
     banner("unet", args, {"params_M": sum(p.numel() for p in unet.parameters()) / 1e6, "start": start,
                           "total": total, "scaling_factor": sf, "prompts": len(captions)})
     # fixed validation noise/timesteps so val losses are comparable across steps
@@ -717,16 +725,14 @@ def train_dreambooth(args: argparse.Namespace) -> int:
     vae.to(acc.device)
     total = sum(n for _, n in stages)
     start, elapsed0 = 0, 0.0
-    if args.resume:
-        ck = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if ck is not None:
-            st = torch.load(ck, map_location="cpu", weights_only=False)
-            acc.unwrap_model(unet).load_state_dict(st["unet"])
-            acc.unwrap_model(text_encoder).load_state_dict(st["text_encoder"])
-            opt.load_state_dict(st["opt"])
-            start, elapsed0, rng = st["step"], st["elapsed"], st["np_rng"]
-            if ema is not None and "ema" in st:
-                ema.load_state_dict(st["ema"])
+    st = resume_state(out, args.resume)
+    if st is not None:
+        acc.unwrap_model(unet).load_state_dict(st["unet"])
+        acc.unwrap_model(text_encoder).load_state_dict(st["text_encoder"])
+        opt.load_state_dict(st["opt"])
+        start, elapsed0, rng = st["step"], st["elapsed"], st["np_rng"]
+        if ema is not None and "ema" in st:
+            ema.load_state_dict(st["ema"])
     banner("dreambooth", args, {"stages": stages, "start": start, "total": total, "device": str(acc.device),
                                 "prior_images": 0 if prior is None else len(prior)})
     prompts = {lab: next((r.caption for r in rows if r.label == lab and r.caption), None)
