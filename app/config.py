@@ -41,7 +41,8 @@ class Settings(BaseSettings):
         max_samples: largest ``samples`` a user may ask for, 1..16.
         preview_size: longest side in pixels of the progress preview PNG, 32..512.
         thumbnail_size: longest side in pixels of history thumbnails, 32..256.
-        sse_interval_s: how often the progress stream checks a job for news, seconds, 0.05..5.
+        sse_interval_s: at most one progress event per this many seconds per stream (state changes are sent at
+            once), seconds, 0.05..5.
         database_url: SQLAlchemy URL of the accounts/audit database (``DATABASE_URL`` or ``VALD_MD_DATABASE_URL``),
             e.g. ``postgresql+psycopg://vald@db/vald``; ``None`` = SQLite at ``<data_dir>/vald-md.db``.
         cookie_secure: mark the session cookie ``Secure`` even when a request arrives over plain HTTP (set it

@@ -27,6 +27,7 @@ The stored upload is de-identified (``app.imaging.deid``) unless ``store_identif
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -130,7 +131,7 @@ class Job:
             (seconds waited) and ``run`` (seconds in the worker).
         input_id: the ``audit.InputImage`` id of the upload (``None`` without an audit database).
         rerun_of: the job id this one re-runs (administrators' reproducibility check), else ``None``.
-        version: bumped on every change; progress streams poll it.
+        version: bumped on every change; progress streams compare it.
     """
 
     id: str
@@ -164,6 +165,7 @@ class Job:
     _mask: np.ndarray | None = field(default=None, repr=False)
     _preview: np.ndarray | None = field(default=None, repr=False)
     _preview_png: tuple[int, bytes] | None = field(default=None, repr=False)
+    _listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def source_format(self) -> str:
@@ -181,8 +183,19 @@ class Job:
         return self._preview is not None
 
     def touch(self) -> None:
-        """Record that something changed (wakes progress streams)."""
+        """Record that something changed and wake the progress streams listening to this job."""
         self.version += 1
+        for notify in tuple(self._listeners):
+            notify()
+
+    def add_listener(self, notify: Callable[[], None]) -> None:
+        """Call ``notify()`` after every change, from the thread that made it (must be cheap and thread-safe)."""
+        self._listeners.append(notify)
+
+    def remove_listener(self, notify: Callable[[], None]) -> None:
+        """Stop calling ``notify`` (no error if it was not registered)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(notify)
 
     def to_json(self) -> dict[str, Any]:
         """The persistent description written to ``job.json`` (no pixels, no client file name)."""

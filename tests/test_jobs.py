@@ -435,3 +435,36 @@ def test_stored_dicom_is_deidentified_and_uids_are_hmacs(make_manager, db, alice
     with audit.read_session(db) as session:
         plain = session.get(audit.InputImage, audit.get_run(db, uuid.UUID(kept.id)).input_id)
     assert plain.study_instance_uid == original.StudyInstanceUID
+
+
+class _ConnectedRequest:
+    """What ``job_changes`` asks of a Starlette request: a client that stays connected."""
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+def test_progress_stream_thins_steps_and_announces_the_end_at_once(make_manager):
+    import asyncio
+
+    from app.web.streams import job_changes
+
+    runner = GatedRunner(steps=40)
+    m = make_manager(runner)
+    job = m.submit("alice", png_bytes(), req())
+    assert runner.started.wait(5)
+    seen: list[tuple[str, int]] = []
+
+    async def follow() -> float:
+        t0 = time.monotonic()
+        threading.Timer(0.2, runner.gate.set).start()  # 40 steps of ~10 ms each, then done
+        async for j in job_changes(_ConnectedRequest(), m, job, interval=30.0):
+            seen.append((j.state.value, j.step))
+        return time.monotonic() - t0
+
+    took = asyncio.run(asyncio.wait_for(follow(), timeout=20))
+    assert seen[0] == ("running", 0) and seen[-1] == ("done", 40)
+    # progress within one interval is thinned to the first event; the state change is sent without waiting
+    # for the 30 s interval
+    assert len(seen) == 2 and took < 15
+    assert job._listeners == []  # the stream unregistered itself

@@ -32,6 +32,15 @@ whole_image_steps = 1
 whole_image_batch = 2
 checkpoint_every = 2
 validate_every = 2
+[vae_decoder]
+lr = 1e-3
+warmup_steps = 1
+batch_size = 2
+crop_size = 16
+ssim_weight = 1.0
+steps = 2
+checkpoint_every = 2
+validate_every = 1
 [unet]
 block_out_channels = [32, 64]
 layers_per_block = 1
@@ -130,6 +139,32 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     assert eng.info.text_encoder_type == "BertModel" and eng.info.model_hash == manifest["model_hash"]
     r = eng.generate(np.full((40, 30), 0.5, np.float32), "normal chest x-ray", strength=0.5, steps=4, seed=0)
     assert r.counterfactuals.shape == (1, 40, 30)
+
+    # stage 1b: a sharper decoder for the packaged model; encoder, latents and UNet stay as they were
+    drun, model2 = tmp_path / "drun", tmp_path / "model2"
+    assert train.main(train.parse_args(
+        ["vae-decoder", "--data", str(csv_path), "--output-dir", str(drun), "--config", str(cfg), "--vae",
+         str(run / "vae-best"), "--model", str(model), "--package", str(model2), "--threads", "1"])) == 0
+    val_rows = [r for r in csv.DictReader(open(drun / "loss.csv")) if r["val_name"]]
+    assert [r["val_name"] for r in val_rows] == ["val_ssim", "val_ssim"]
+    old, new = eng.pipe, engine.CounterfactualEngine(model2, device="cpu").pipe
+    enc_old, enc_new = old.vae.state_dict(), new.vae.state_dict()
+    assert all(torch.equal(enc_old[k], enc_new[k]) for k in enc_old if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(enc_old[k], enc_new[k]) for k in enc_old if k.startswith("decoder."))
+    assert new.vae.config.scaling_factor == old.vae.config.scaling_factor
+    assert all(torch.equal(v, new.unet.state_dict()[k]) for k, v in old.unet.state_dict().items())
+    manifest2 = json.loads((model2 / "vald_md.json").read_text())
+    assert manifest2["training"]["vae_decoder"]["config"]["ssim_weight"] == 1.0
+    assert manifest2["preview_projection"] == manifest["preview_projection"]
+    assert manifest2["model_hash"] != manifest["model_hash"]
+    # a different encoder would not match the UNet's latents: refused
+    other = train.build_vae(train.tomllib.loads(TINY_TOML)["vae"], 32)
+    other.save_pretrained(tmp_path / "other-vae")
+    with pytest.raises(ValueError, match="different encoder"):
+        train.package_with_decoder(model, tmp_path / "other-vae", tmp_path / "model3",
+                                   train.parse_args(["vae-decoder", "--data", "x", "--output-dir", str(drun),
+                                                     "--config", str(cfg), "--vae", "v"]),
+                                   train.tomllib.loads(TINY_TOML))
 
 
 @pytest.mark.slow

@@ -1,12 +1,18 @@
 """Progress streams: an async generator that yields whenever a job changes, for server-sent events.
 
-The worker thread only bumps ``job.version``; streams poll it every ``interval`` seconds (cheap: an integer
-compare), so the denoising loop never waits on a slow client and no cross-thread event loop plumbing is needed.
+The worker thread calls ``job.touch()`` after every denoising step and state change; a stream registers a
+listener that wakes its event loop (``call_soon_threadsafe``), so the worker never waits on a client and a
+finished job is announced at once. Step-by-step progress is thinned to one event per ``interval`` seconds
+(each event costs a JSON or HTML render in the server process, which shares the interpreter with the
+worker); state changes (queued -> running -> done | failed | cancelled) are never delayed. Queue position
+changes come from other jobs, so the stream also re-checks every ``interval`` seconds without a wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -15,16 +21,34 @@ from app.jobs import Job, JobManager
 
 
 async def job_changes(request: Request, jobs: JobManager, job: Job, interval: float) -> AsyncIterator[Job]:
-    """Yield ``job`` now and after every change (progress, state, queue position); stop after it finishes or
-    when the client goes away. The job keeps running either way."""
-    last: tuple[int, int | None] | None = None
-    while True:
-        key = (job.version, jobs.queue_position(job))
-        if key != last:
-            last = key
-            yield job
-            if job.state.finished:
+    """Yield ``job`` now and after changes (progress at most once per ``interval`` seconds, state changes at
+    once); stop after it finishes or when the client goes away. The job keeps running either way."""
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+
+    def notify() -> None:  # called from the worker thread
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the stream is gone anyway
+            loop.call_soon_threadsafe(woken.set)
+
+    job.add_listener(notify)
+    try:
+        last: tuple[int, int | None] | None = None
+        last_state, last_sent = None, -float("inf")
+        while True:
+            woken.clear()
+            key = (job.version, jobs.queue_position(job))
+            now = time.monotonic()
+            due = job.state != last_state or now - last_sent >= interval
+            if key != last and due:
+                last, last_state, last_sent = key, job.state, now
+                yield job
+                if job.state.finished:
+                    return
+            if await request.is_disconnected():
                 return
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(interval)
+            # sleep until a change, but not past the moment a thinned-out progress event becomes due
+            wait = interval if key == last else max(0.0, last_sent + interval - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout=wait)
+    finally:
+        job.remove_listener(notify)
