@@ -33,7 +33,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from app.datasets import RASTER_SUFFIXES, LabelledImage, read_labelled
 
 logger = logging.getLogger("vald_md.train")
 
@@ -57,46 +58,10 @@ PAPER_PROMPTS = {
 # --------------------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LabelledImage:
-    """One row of a labelled CSV: absolute ``path``, ``label`` and optional ``caption``."""
-
-    path: Path
-    label: str
-    caption: str | None = None
-
-
-def read_labels(csv_path: Path, split: str | None = None) -> list[LabelledImage]:
-    """Read ``path,label[,split][,caption]`` rows; paths are relative to the CSV's folder.
-
-    Args:
-        csv_path: the CSV file, or a folder whose sub-folders are class names (``folder/<label>/*.png``).
-        split: keep only rows whose ``split`` column equals this (ignored when there is no such column).
-
-    Raises:
-        FileNotFoundError: the CSV or folder does not exist.
-        ValueError: the CSV lacks ``path``/``label`` columns or selects no image.
-    """
-    csv_path = Path(csv_path)
-    rows: list[LabelledImage] = []
-    if csv_path.is_dir():
-        for sub in sorted(p for p in csv_path.iterdir() if p.is_dir()):
-            for f in sorted(sub.iterdir()):
-                if f.suffix.lower() in {".png", ".jpg", ".jpeg"}:
-                    rows.append(LabelledImage(f, sub.name))
-    else:
-        with open(csv_path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            cols = set(reader.fieldnames or [])
-            if not {"path", "label"} <= cols:
-                raise ValueError(f"{csv_path.name}: needs columns 'path' and 'label', found {sorted(cols)}")
-            for r in reader:
-                if split is not None and "split" in cols and r["split"] != split:
-                    continue
-                rows.append(LabelledImage(csv_path.parent / r["path"], r["label"], r.get("caption") or None))
-    if not rows:
-        raise ValueError(f"{csv_path}: no images selected (split={split!r})")
-    return rows
+def read_labels(data: Path, split: str | None = None) -> list[LabelledImage]:
+    """The rows of a labelled CSV or class-folder tree (``app.datasets.read_labelled``; PNG/JPEG files only, as
+    training decodes with Pillow)."""
+    return read_labelled(data, split, RASTER_SUFFIXES)[1]
 
 
 def load_gray(paths: list[Path], size: int) -> np.ndarray:
@@ -367,6 +332,12 @@ def _autoencoder_loop(args: argparse.Namespace, cfg: dict[str, Any], vae: torch.
     banner(mode, args, {"trainable_params_M": sum(p.numel() for p in params) / 1e6, "start": start,
                         "total": total, "train_images": len(train)})
     log, prog, t0 = LossLog(out), Progress(start, total), time.time()
+    if decoder_only and st is None:  # the starting decoder is the one to beat
+        v_psnr, v_ssim = validate_autoencoder(vae, val)
+        best = v_ssim
+        vae.save_pretrained(out / "vae-best")
+        log.row(0, float("nan"), 0.0, 0.0, "val_ssim", f"{v_ssim:.4f}")
+        sys.stderr.write(f"[val] step 0 (the starting autoencoder): PSNR {v_psnr:.3f} dB, SSIM {v_ssim:.4f}\n")
     crop = tcfg["crop_size"]
     whole_from = total - tcfg.get("whole_image_steps", 0)
     val_name = "val_ssim" if decoder_only else "val_psnr_db"

@@ -146,11 +146,16 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
         ["vae-decoder", "--data", str(csv_path), "--output-dir", str(drun), "--config", str(cfg), "--vae",
          str(run / "vae-best"), "--model", str(model), "--package", str(model2), "--threads", "1"])) == 0
     val_rows = [r for r in csv.DictReader(open(drun / "loss.csv")) if r["val_name"]]
-    assert [r["val_name"] for r in val_rows] == ["val_ssim", "val_ssim"]
+    assert [(r["step"], r["val_name"]) for r in val_rows] == [("0", "val_ssim"), ("1", "val_ssim"), ("2", "val_ssim")]
     old, new = eng.pipe, engine.CounterfactualEngine(model2, device="cpu").pipe
     enc_old, enc_new = old.vae.state_dict(), new.vae.state_dict()
     assert all(torch.equal(enc_old[k], enc_new[k]) for k in enc_old if k.startswith(("encoder.", "quant_conv.")))
-    assert any(not torch.equal(enc_old[k], enc_new[k]) for k in enc_old if k.startswith("decoder."))
+    from diffusers import AutoencoderKL
+
+    last = AutoencoderKL.from_pretrained(drun / "vae-last").state_dict()
+    best = AutoencoderKL.from_pretrained(drun / "vae-best").state_dict()
+    assert any(not torch.equal(enc_old[k], last[k].half()) for k in enc_old if k.startswith("decoder."))  # it learnt
+    assert all(torch.equal(best[k].half(), enc_new[k]) for k in best if k.startswith("decoder."))  # packaged: best
     assert new.vae.config.scaling_factor == old.vae.config.scaling_factor
     assert all(torch.equal(v, new.unet.state_dict()[k]) for k, v in old.unet.state_dict().items())
     manifest2 = json.loads((model2 / "vald_md.json").read_text())

@@ -6,7 +6,6 @@ table and localization code can be tested without a model.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -15,7 +14,6 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -25,9 +23,11 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
 from app import imaging
+from app.datasets import IMAGE_SUFFIXES  # noqa: F401 (re-exported for the evaluation modules)
+from app.datasets import LabelledImage as Item
+from app.datasets import read_labelled as read_items  # noqa: F401 (re-exported: (root, rows) of a data set)
 
 HEALTHY_LABEL = "normal"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 # The classes of the paper's tables; the report lists those the data lacks (this project's cxr256 has no
 # lung_opacity and no cardiomegaly images).
 PAPER_DISEASE_LABELS = ("covid", "viral_pneumonia", "lung_opacity")
@@ -42,57 +42,6 @@ FloatImage = NDArray[np.float32]
 # ----------------------------------------------------------------------------------------------------------------
 # labelled data
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Item:
-    """One labelled image: absolute ``path``, ``rel`` (POSIX path relative to the data root) and ``label``."""
-
-    path: Path
-    rel: str
-    label: str
-
-
-def read_items(data: Path, split: str | None = None) -> tuple[Path, list[Item]]:
-    """Read a labelled data set.
-
-    Args:
-        data: a CSV with columns ``path,label[,split]`` (paths relative to the CSV's folder, as
-            ``cxr256/labels.csv``), or a folder whose sub-folders are class names (``data/<label>/*.png``).
-        split: keep only rows whose ``split`` equals this; ignored for folders and CSVs without the column.
-
-    Returns:
-        ``(root, items)``: the folder paths are relative to, and the rows in file order.
-
-    Raises:
-        FileNotFoundError: ``data`` does not exist.
-        ValueError: the CSV lacks ``path``/``label`` or nothing is selected.
-    """
-    data = Path(data)
-    if not data.exists():
-        raise FileNotFoundError(f"--data {data} does not exist; pass a labels CSV (path,label[,split]) or a "
-                                "folder with one sub-folder per class")
-    items: list[Item] = []
-    if data.is_dir():
-        root = data
-        for sub in sorted(p for p in data.iterdir() if p.is_dir()):
-            for f in sorted(sub.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    items.append(Item(f, f.relative_to(root).as_posix(), sub.name))
-    else:
-        root = data.parent
-        with open(data, newline="") as fh:
-            reader = csv.DictReader(fh)
-            cols = set(reader.fieldnames or [])
-            if not {"path", "label"} <= cols:
-                raise ValueError(f"{data.name}: needs columns 'path' and 'label', found {sorted(cols)}")
-            for row in reader:
-                if split is not None and "split" in cols and row["split"] != split:
-                    continue
-                items.append(Item(root / row["path"], Path(row["path"]).as_posix(), row["label"]))
-    if not items:
-        raise ValueError(f"{data}: no images selected (split={split!r})")
-    return root, items
-
-
 def stable_order(rel: str) -> str:
     """Sort key that shuffles images reproducibly and independently of the other images (SHA-256 of the path)."""
     return hashlib.sha256(rel.encode()).hexdigest()
