@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from app import attribution, imaging
+from app import attribution, imaging, rendering
 from app.engine import CounterfactualEngine, CounterfactualResult, ProgressCallback
 
 REFERENCES = ("input", "reconstruction")
@@ -107,7 +107,7 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     reference = pixels if req.reference == "input" else result.reconstruction
     amap = attribution.difference_map(reference, result.counterfactuals, mask=mask,
                                       smoothing_sigma=req.smoothing_sigma)
-    overlay = attribution.render_overlay(pixels, amap)
+    overlay = rendering.render_overlay(pixels, amap)
     hashes: dict[str, str] = {}
     hashes["input.png"] = _write(out / "input.png", imaging.to_png_bytes(pixels, bits=16))
     for i, cf in enumerate(result.counterfactuals):

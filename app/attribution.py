@@ -1,4 +1,4 @@
-"""Attribution maps: reference − counterfactual, their statistics and their rendering.
+"""Attribution maps: reference − counterfactual and their statistics (drawing them is :mod:`app.rendering`).
 
 VALD-MD (Siddiqui et al., Sci Rep 2025) explains an abnormal chest X-ray by generating a healthy
 counterfactual; the attribution map is the pixel-wise difference ``M = reference − counterfactual`` in the
@@ -18,19 +18,15 @@ from __future__ import annotations
 import io
 import logging
 import math
-import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 __all__ = [
-    "BANNER_TEXT",
-    "DEFAULT_SCALE_PERCENTILE",
     "DEFAULT_THRESHOLD_PERCENTILE",
     "AttributionMap",
     "MapSettings",
@@ -38,9 +34,6 @@ __all__ = [
     "changed_region",
     "difference_map",
     "load_mask_png",
-    "render_annotated_export",
-    "render_legend",
-    "render_overlay",
     "summarize",
     "threshold_value",
 ]
@@ -49,38 +42,14 @@ logger = logging.getLogger(__name__)
 
 FloatImage = NDArray[np.float32]
 BoolImage = NDArray[np.bool_]
-RGBImage = NDArray[np.uint8]
-_Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 THRESHOLD_MODES = ("percentile", "absolute")
-OVERLAY_MODES = ("magnitude", "signed", "outline", "stability")
-LEGEND_POSITIONS = ("right", "bottom")
-DEFAULT_SCALE_PERCENTILE = 99.5
-"""Percentile of the map (inside the mask) that maps to full opacity when no fixed scale is given."""
 DEFAULT_THRESHOLD_PERCENTILE = 95.0
 """Percentile used where a threshold is needed (summary, outline) and none was given."""
-BANNER_TEXT = "AI-generated counterfactual — not for diagnostic use"
 MAX_MASK_PIXELS = 8192 * 8192
 """Refuse mask PNGs larger than this (decompression-bomb guard)."""
 
 _RANGE_TOLERANCE = 1e-4
-# Overlay hues, RGB in [0, 1]. Blue is lightened because pure blue vanishes over dark lung fields; the
-# stability map gets its own hue so uncertainty is never mistaken for attribution.
-_RED = (1.0, 0.0, 0.0)
-_BLUE = (0.15, 0.45, 1.0)
-_AMBER = (1.0, 0.75, 0.0)
-_RED_U8 = (255, 0, 0)
-_LEGEND_BACKGROUND = (24, 24, 24)
-_LEGEND_TEXT = (235, 235, 235)
-_EXPORT_BACKGROUND = (16, 16, 16)
-_BANNER_BACKGROUND = (255, 196, 0)
-_BANNER_TEXT_COLOUR = (0, 0, 0)
-_CAPTIONS = {
-    "magnitude": "|original − counterfactual|",
-    "signed": "original − counterfactual (red: removed, blue: added)",
-    "stability": "per-pixel SD of original − counterfactual across samples",
-    "outline": "outline: |original − counterfactual| ≥ threshold",
-}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,7 +82,7 @@ class MapSettings:
         if self.threshold is None:
             _check_threshold_mode(self.threshold_mode)
         else:
-            _check_threshold(self.threshold, self.threshold_mode)
+            check_threshold(self.threshold, self.threshold_mode)
 
 
 @dataclass
@@ -204,7 +173,7 @@ class MapSummary:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_unit_image(name: str, value: ArrayLike, ndims: tuple[int, ...] = (2,)) -> FloatImage:
+def check_unit_image(name: str, value: ArrayLike, ndims: tuple[int, ...] = (2,)) -> FloatImage:
     arr = np.asarray(value)
     if arr.ndim not in ndims:
         wanted = " or ".join({2: "(H, W)", 3: "(S, H, W)"}[n] for n in ndims)
@@ -260,7 +229,7 @@ def _check_threshold_mode(mode: str) -> None:
         raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}; got {mode!r}.")
 
 
-def _check_threshold(threshold: float, mode: str) -> None:
+def check_threshold(threshold: float, mode: str) -> None:
     _check_threshold_mode(mode)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite; got {threshold!r}.")
@@ -273,20 +242,7 @@ def _check_threshold(threshold: float, mode: str) -> None:
         raise ValueError(f"an absolute threshold is a magnitude and must be >= 0; got {threshold!r}.")
 
 
-def _check_opacity(opacity: float) -> None:
-    if not math.isfinite(opacity) or not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1]; got {opacity!r}. Use e.g. 0.6 (60 %).")
-
-
-def _check_scale(scale: float | None) -> None:
-    if scale is not None and (not math.isfinite(scale) or scale <= 0):
-        raise ValueError(
-            f"scale must be a positive intensity difference (e.g. 0.2) or None for the map's own "
-            f"{DEFAULT_SCALE_PERCENTILE}th percentile; got {scale!r}."
-        )
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
 
@@ -325,8 +281,8 @@ def difference_map(
         ValueError: On shape mismatch, non-finite values, values outside [0, 1], a bad mask or sigma.
     """
     # 1. check inputs
-    ref = _check_unit_image("reference", reference)
-    cfs = _check_unit_image("counterfactuals", counterfactuals, ndims=(2, 3))
+    ref = check_unit_image("reference", reference)
+    cfs = check_unit_image("counterfactuals", counterfactuals, ndims=(2, 3))
     if cfs.ndim == 2:
         cfs = cfs[None]
     if cfs.shape[1:] != ref.shape:
@@ -378,7 +334,7 @@ def threshold_value(
     Raises:
         ValueError: On a bad mode, an out-of-range threshold, or a mask that does not fit.
     """
-    _check_threshold(threshold, mode)
+    check_threshold(threshold, mode)
     if mode == "absolute":
         return float(threshold)
     mag = np.asarray(magnitude, dtype=np.float32)
@@ -519,460 +475,3 @@ def load_mask_png(data: bytes, shape: tuple[int, int]) -> BoolImage:
             f"mask region vanished when resized to {shape}; draw a larger region or pass the full-size mask."
         )
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Overlay rendering
-# --------------------------------------------------------------------------------------------------------------
-
-
-def render_overlay(
-    original: ArrayLike,
-    amap: AttributionMap,
-    *,
-    opacity: float = 0.6,
-    scale: float | None = None,
-    threshold: float | None = None,
-    threshold_mode: str = "percentile",
-    mode: str = "magnitude",
-    legend: bool = False,
-    legend_position: str = "right",
-) -> RGBImage:
-    """Draw the map over the grayscale original.
-
-    Order of operations: (1) pick the displayed values: |M| (``magnitude``, ``signed``, ``outline``) or the
-    sample SD (``stability``); (2) scale: the given absolute value, else the values' own
-    :data:`DEFAULT_SCALE_PERCENTILE`-th percentile inside the mask; (3) ``alpha = opacity * clip(v / scale,
-    0, 1)``, zero outside the mask and, with a threshold, below it; (4) blend ``(1 − alpha) * gray +
-    alpha * hue`` — red for magnitude and positive M, blue for negative M, amber for stability; in outline
-    mode the contour (1 px below 512 px, else 2 px) of the thresholded region is drawn in red at ``opacity``;
-    (5) optionally append a legend.
-
-    Args:
-        original: The original image, float ``(H, W)`` in [0, 1].
-        amap: The map, same ``(H, W)``.
-        opacity: Maximum overlay opacity in [0, 1].
-        scale: Value (intensity units) drawn at full opacity; a fixed value makes overlays comparable across
-            images. ``None`` uses the map's own high percentile.
-        threshold: Hide values below this (percentile in [0, 100] or absolute, per ``threshold_mode``); in
-            outline mode, the level of the contour (default :data:`DEFAULT_THRESHOLD_PERCENTILE`). In
-            stability mode it applies to the SD map.
-        threshold_mode: ``"percentile"`` or ``"absolute"``.
-        mode: ``"magnitude"``, ``"signed"``, ``"outline"`` or ``"stability"``.
-        legend: Append a colour bar with numeric labels.
-        legend_position: ``"right"`` (output ``(H, W + L, 3)``) or ``"bottom"`` (``(H + L, W, 3)``).
-
-    Returns:
-        uint8 RGB ``(H, W, 3)``, wider or taller with a legend.
-
-    Raises:
-        ValueError: On shape mismatch, non-finite input, a bad opacity/scale/threshold/mode, or
-            ``mode="stability"`` for a single-sample map.
-    """
-    # 1. check inputs
-    img = _check_unit_image("original", original)
-    if img.shape != amap.shape:
-        raise ValueError(
-            f"original has shape {img.shape} but the map is {amap.shape}; render over the image the map was "
-            "computed from (native frame)."
-        )
-    _check_opacity(opacity)
-    _check_scale(scale)
-    _check_choice("mode", mode, OVERLAY_MODES)
-    _check_choice("legend_position", legend_position, LEGEND_POSITIONS)
-    if threshold is not None:
-        _check_threshold(threshold, threshold_mode)
-    if mode == "stability" and amap.std is None:
-        raise ValueError("mode='stability' needs a map from several samples (S > 1); pass (S, H, W) counterfactuals.")
-
-    # 2. displayed values and their scale
-    values = amap.std if mode == "stability" and amap.std is not None else amap.magnitude
-    region = amap.region_mask()
-    used_scale = scale if scale is not None else float(np.percentile(values[region], DEFAULT_SCALE_PERCENTILE))
-
-    # 3. alpha
-    if mode == "outline":
-        level = DEFAULT_THRESHOLD_PERCENTILE if threshold is None else threshold
-        contour_level = threshold_value(values, threshold=level, mode=threshold_mode, mask=amap.mask)
-        thr: float | None = contour_level
-        changed = changed_region(values, contour_level, amap.mask)
-        width = 1 if min(img.shape) < 512 else 2
-        contour = changed & ~ndimage.binary_erosion(changed, iterations=width, border_value=0)
-        alpha = contour.astype(np.float32) * opacity
-    else:
-        thr = None
-        visible = region
-        if threshold is not None:
-            thr = threshold_value(values, threshold=threshold, mode=threshold_mode, mask=amap.mask)
-            visible = changed_region(values, thr, amap.mask)
-        ratio = values / used_scale if used_scale > 0 else np.zeros_like(values)
-        alpha = (opacity * np.clip(ratio, 0.0, 1.0) * visible).astype(np.float32)
-
-    # 4. blend
-    hue = np.empty((*img.shape, 3), dtype=np.float32)
-    if mode == "stability":
-        hue[:] = _AMBER
-    elif mode == "signed":
-        hue[:] = np.where((amap.signed >= 0)[..., None], np.asarray(_RED), np.asarray(_BLUE))
-    else:
-        hue[:] = _RED
-    a = alpha[..., None]
-    rgb = (1.0 - a) * img[..., None] + a * hue
-    out = _to_uint8(rgb)
-
-    # 5. legend
-    if legend:
-        length = out.shape[0] if legend_position == "right" else out.shape[1]
-        bar = render_legend(length, used_scale, mode, position=legend_position, opacity=opacity, threshold=thr)
-        out = np.concatenate([out, bar], axis=1 if legend_position == "right" else 0)
-    return out
-
-
-def render_legend(
-    height: int,
-    scale: float,
-    mode: str = "magnitude",
-    *,
-    position: str = "right",
-    opacity: float = 1.0,
-    threshold: float | None = None,
-) -> RGBImage:
-    """Render a colour bar with numeric labels and a caption, to sit beside an overlay.
-
-    The bar shows the overlay hue blended over mid-gray at ``alpha = opacity * t`` for ``t`` from 0 to 1, i.e.
-    the colour a pixel of that value gets over a mid-gray background. Labels are in intensity units of
-    ``original − counterfactual``. Text scales with ``height`` (about 1/40 of it, at least 10 px).
-
-    Args:
-        height: Length in pixels of the image side the legend is attached to: the image height for
-            ``position="right"`` (vertical bar), the image width for ``position="bottom"`` (horizontal bar).
-        scale: Value at full colour (intensity units, >= 0).
-        mode: ``"magnitude"`` (0 … scale), ``"signed"`` (−scale … +scale), ``"stability"`` (SD 0 … scale) or
-            ``"outline"`` (a red swatch labelled with ``threshold``).
-        position: ``"right"`` → ``(height, L, 3)``; ``"bottom"`` → ``(L, height, 3)``.
-        opacity: The overlay's opacity in [0, 1], so the bar matches the rendered colours.
-        threshold: Contour level for ``mode="outline"`` (intensity units).
-
-    Returns:
-        uint8 RGB legend strip.
-
-    Raises:
-        ValueError: On a non-positive ``height``, a negative/non-finite scale, or a bad mode/position/opacity.
-    """
-    # 1. check inputs
-    if height < 16:
-        raise ValueError(f"legend height must be at least 16 px; got {height!r}.")
-    if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"legend scale must be a finite value >= 0; got {scale!r}.")
-    _check_choice("mode", mode, OVERLAY_MODES)
-    _check_choice("position", position, LEGEND_POSITIONS)
-    _check_opacity(opacity)
-    vertical = position == "right"
-
-    # 2. geometry
-    font_px = _font_px(height)
-    font = _font(font_px)
-    pad = max(4, font_px // 2)
-    bar_w = max(8, font_px)
-    line_h = _line_height(font)
-    bar_len = height - 2 * pad - (line_h if vertical else 0)
-
-    # 3. bar pixels (t = 0 at the start of the bar: bottom when vertical, left when horizontal)
-    t = np.linspace(0.0, 1.0, max(bar_len, 2), dtype=np.float32)
-    if mode == "signed":
-        value = 2.0 * t - 1.0
-        hue = np.where((value >= 0)[:, None], np.asarray(_RED), np.asarray(_BLUE))
-        strength = np.abs(value)
-        labels = [f"{-scale:.3g}", "0", f"+{scale:.3g}"]
-    elif mode == "outline":
-        hue = np.broadcast_to(np.asarray(_RED), (t.size, 3))
-        strength = np.zeros_like(t)
-        labels = ["", "", "" if threshold is None else f"≥ {threshold:.3g}"]
-    else:
-        hue = np.broadcast_to(np.asarray(_AMBER if mode == "stability" else _RED), (t.size, 3))
-        strength = t
-        labels = ["0", f"{scale / 2:.3g}", f"{scale:.3g}"]
-    a = (opacity * strength)[:, None]
-    colours = _to_uint8((1.0 - a) * 0.5 + a * hue)  # (bar_len, 3)
-    bar = np.repeat(colours[:, None, :], bar_w, axis=1)  # (along the bar, across it, 3)
-    if mode == "outline":  # a square outlined swatch at the t = 1 end, next to the threshold label
-        bar[:] = _LEGEND_BACKGROUND
-        swatch = bar[-bar_w:]
-        edge = max(1, bar_w // 6)
-        swatch[:edge], swatch[-edge:], swatch[:, :edge], swatch[:, -edge:] = _RED_U8, _RED_U8, _RED_U8, _RED_U8
-
-    # 4. compose
-    label_w = max(_text_width(s, font) for s in [*labels, "0.000"])
-    caption = _CAPTIONS[mode]
-    if vertical:
-        cap_font = _fit_font(caption, height - 2 * pad, font_px)
-        width = pad + bar_w + pad // 2 + label_w + pad + _line_height(cap_font) + pad
-        canvas = Image.new("RGB", (width, height), _LEGEND_BACKGROUND)
-        y0 = pad + line_h // 2
-        canvas.paste(Image.fromarray(np.ascontiguousarray(bar[::-1])), (pad, y0))
-        draw = ImageDraw.Draw(canvas)
-        for frac, text in zip((0.0, 0.5, 1.0), labels, strict=True):
-            y = y0 + round((1.0 - frac) * (bar_len - 1)) - line_h // 2
-            _draw_text(draw, (pad + bar_w + pad // 2, y), text, font, _LEGEND_TEXT)
-        rotated = _text_image(caption, cap_font, _LEGEND_TEXT, _LEGEND_BACKGROUND).transpose(Image.Transpose.ROTATE_90)
-        canvas.paste(rotated, (width - pad - rotated.width, max(0, (height - rotated.height) // 2)))
-    else:
-        cap_font = _fit_font(caption, height - 2 * pad, font_px)
-        strip_h = pad + bar_w + pad // 2 + line_h + pad // 2 + _line_height(cap_font) + pad
-        canvas = Image.new("RGB", (height, strip_h), _LEGEND_BACKGROUND)
-        canvas.paste(Image.fromarray(np.ascontiguousarray(bar.transpose(1, 0, 2))), (pad, pad))
-        draw = ImageDraw.Draw(canvas)
-        y = pad + bar_w + pad // 2
-        for frac, text in zip((0.0, 0.5, 1.0), labels, strict=True):
-            x = pad + round(frac * (bar_len - 1)) - round(frac * _text_width(text, font))
-            _draw_text(draw, (x, y), text, font, _LEGEND_TEXT)
-        cap_x = max(pad, (height - _text_width(caption, cap_font)) // 2)
-        _draw_text(draw, (cap_x, y + line_h + pad // 2), caption, cap_font, _LEGEND_TEXT)
-    return np.asarray(canvas, dtype=np.uint8).copy()
-
-
-def render_annotated_export(
-    original: ArrayLike,
-    overlay_rgb: ArrayLike,
-    *,
-    params: dict[str, str],
-    title: str,
-    legend: ArrayLike | None = None,
-) -> Image.Image:
-    """Compose a labelled export: banner, title, original | overlay (+ legend), and a parameter block.
-
-    The banner :data:`BANNER_TEXT` is burned in across the full width at the top. Font sizes scale with the
-    image (about 1/40 of its longer side, at least 12 px), so text stays legible at 1024 px.
-
-    Args:
-        original: The original image, float ``(H, W)`` in [0, 1].
-        overlay_rgb: uint8 RGB from :func:`render_overlay`: ``(H, W, 3)``, or with its legend
-            ``(H, W + L, 3)`` / ``(H + L, W, 3)``.
-        params: Parameter lines shown as ``key: value`` in insertion order (model, seed, steps, guidance, …).
-        title: One line shown above the images.
-        legend: Optional uint8 RGB legend (from :func:`render_legend` with ``position="right"``) placed to
-            the right of an overlay rendered without one.
-
-    Returns:
-        An RGB ``PIL.Image`` ready to save as PNG.
-
-    Raises:
-        ValueError: If the overlay is not uint8 RGB, does not match the original, or the legend does not fit.
-    """
-    # 1. check inputs
-    img = _check_unit_image("original", original)
-    h, w = img.shape
-    ov = np.asarray(overlay_rgb)
-    if ov.dtype != np.uint8 or ov.ndim != 3 or ov.shape[2] != 3:
-        raise ValueError(
-            f"overlay_rgb must be uint8 (H, W, 3) from render_overlay; got dtype {ov.dtype}, shape {ov.shape}."
-        )
-    if not ((ov.shape[0] == h and ov.shape[1] >= w) or (ov.shape[1] == w and ov.shape[0] >= h)):
-        raise ValueError(
-            f"overlay_rgb has shape {ov.shape[:2]} but the original is {(h, w)}; render the overlay over this "
-            "original (a legend may only add columns on the right or rows at the bottom)."
-        )
-    if legend is not None:
-        leg = np.asarray(legend)
-        if leg.dtype != np.uint8 or leg.ndim != 3 or leg.shape[2] != 3 or leg.shape[0] != ov.shape[0]:
-            raise ValueError(
-                f"legend must be uint8 (H, L, 3) with H = {ov.shape[0]} (render_legend(H, ...)); got dtype "
-                f"{leg.dtype}, shape {leg.shape}."
-            )
-        ov = np.concatenate([ov, leg], axis=1)
-
-    # 2. fonts and spacing
-    font_px = max(12, round(max(h, w) / 40))
-    font = _font(font_px)
-    small = _font(max(11, round(font_px * 0.8)))
-    banner_font = _font(round(font_px * 1.2))
-    pad = font_px
-    gap = font_px
-    panel_h = max(h, ov.shape[0])
-    width = pad + w + gap + ov.shape[1] + pad
-    inner = width - 2 * pad
-
-    # 3. text blocks, wrapped to the canvas width
-    banner_lines = _wrap(BANNER_TEXT, banner_font, inner)
-    title_lines = _wrap(title, font, inner)
-    param_lines = [line for key, value in params.items() for line in _wrap(f"{key}: {value}", small, inner)]
-    banner_h = pad // 2 + len(banner_lines) * _line_height(banner_font) + pad // 2
-    title_h = len(title_lines) * _line_height(font)
-    caption_h = _line_height(small)
-    params_h = len(param_lines) * _line_height(small)
-    height = banner_h + pad + title_h + pad // 2 + caption_h + panel_h + pad + params_h + pad
-
-    # 4. draw
-    canvas = Image.new("RGB", (width, height), _EXPORT_BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle((0, 0, width - 1, banner_h - 1), fill=_BANNER_BACKGROUND)
-    y = pad // 2
-    for line in banner_lines:
-        _draw_text(draw, ((width - _text_width(line, banner_font)) // 2, y), line, banner_font, _BANNER_TEXT_COLOUR)
-        y += _line_height(banner_font)
-    y = banner_h + pad
-    for line in title_lines:
-        _draw_text(draw, (pad, y), line, font, _LEGEND_TEXT)
-        y += _line_height(font)
-    y += pad // 2
-    _draw_text(draw, (pad, y), "Original", small, _LEGEND_TEXT)
-    _draw_text(draw, (pad + w + gap, y), "Counterfactual attribution overlay", small, _LEGEND_TEXT)
-    y += caption_h
-    canvas.paste(Image.fromarray(_to_uint8(np.repeat(img[..., None], 3, axis=2))), (pad, y))
-    canvas.paste(Image.fromarray(np.ascontiguousarray(ov)), (pad + w + gap, y))
-    y += panel_h + pad
-    for line in param_lines:
-        _draw_text(draw, (pad, y), line, small, _LEGEND_TEXT)
-        y += _line_height(small)
-    return canvas
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Pixel and text helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _to_uint8(rgb: NDArray[np.floating[Any]]) -> RGBImage:
-    out: RGBImage = np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return out
-
-
-def _font_px(length: int) -> int:
-    return max(10, round(length / 40))
-
-
-# DejaVu Sans covers the em dash, minus, ≥ and accented letters; Pillow's built-in font (Aileron, Pillow >= 10.1)
-# is used when it is absent, and lacks them — see _segments for how those are drawn.
-_FONT_CANDIDATES = ("DejaVuSans.ttf",)
-
-
-@lru_cache(maxsize=32)
-def _font(size_px: int) -> _Font:
-    for name in _FONT_CANDIDATES:
-        try:
-            return ImageFont.truetype(name, size_px)
-        except OSError:
-            continue
-    return ImageFont.load_default(size=size_px)
-
-
-def _fit_font(text: str, max_width: int, size_px: int) -> _Font:
-    """The largest font, up to ``size_px`` and down to 8 px, in which ``text`` fits ``max_width``."""
-    size = size_px
-    while size > 8 and _text_width(text, _font(size)) > max_width:
-        size -= 1
-    return _font(size)
-
-
-def _line_height(font: _Font) -> int:
-    if isinstance(font, ImageFont.FreeTypeFont):
-        ascent, descent = font.getmetrics()
-        return int(ascent + descent)
-    return int(font.getbbox("Ag|")[3]) + 2
-
-
-def _em(font: _Font) -> float:
-    return float(font.size) if isinstance(font, ImageFont.FreeTypeFont) else float(font.getbbox("M")[2])
-
-
-@lru_cache(maxsize=4096)
-def _has_glyph(font: _Font, char: str) -> bool:
-    """Whether ``font`` has ``char``; missing glyphs render as the .notdef box, which is what we compare to."""
-    if char.isspace():
-        return True
-    notdef = font.getmask("\U0010fffd")
-    mask = font.getmask(char)
-    return bool(mask.size != notdef.size or bytes(mask) != bytes(notdef))
-
-
-# Dashes drawn as rules when the font lacks them (width in em): the em dash of the banner must never become "-".
-_DRAWN_DASHES = {"—": 1.0, "–": 0.5, "−": 0.55}
-_ASCII_FALLBACKS = {"≥": ">=", "≤": "<=", "×": "x", "σ": "sd", "µ": "u", "…": "...", "’": "'", "‘": "'"}
-
-
-def _segments(text: str, font: _Font) -> list[str | float]:
-    """Split text into drawable runs (``str``) and drawn dashes (``float`` = width in em)."""
-    out: list[str | float] = []
-    run: list[str] = []
-    for char in text:
-        if _has_glyph(font, char):
-            run.append(char)
-        elif char in _DRAWN_DASHES:
-            if run:
-                out.append("".join(run))
-                run = []
-            out.append(_DRAWN_DASHES[char])
-        else:
-            ascii_ = (
-                _ASCII_FALLBACKS.get(char) or unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
-            )
-            run.append(ascii_ or "?")
-    if run:
-        out.append("".join(run))
-    return out
-
-
-@lru_cache(maxsize=64)
-def _dash_rows(font: _Font) -> tuple[int, int]:
-    """Top and bottom ink rows of the hyphen, relative to the text origin: where a drawn dash sits."""
-    h = _line_height(font) + 4
-    scratch = Image.new("L", (max(8, int(_em(font)) * 2), h), 0)
-    ImageDraw.Draw(scratch).text((0, 0), "-", font=font, fill=255)
-    rows = np.flatnonzero(np.asarray(scratch).max(axis=1) > 96)
-    if rows.size == 0:
-        middle = h // 2
-        return middle, middle + max(1, round(_em(font) / 14))
-    return int(rows[0]), int(rows[-1]) + 1
-
-
-def _text_width(text: str, font: _Font) -> int:
-    total = 0.0
-    for seg in _segments(text, font):
-        total += seg * _em(font) if isinstance(seg, float) else font.getlength(seg)
-    return math.ceil(total)
-
-
-def _draw_text(
-    draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font: _Font, fill: tuple[int, int, int]
-) -> None:
-    x, y = float(xy[0]), xy[1]
-    for seg in _segments(text, font):
-        if isinstance(seg, float):
-            width = seg * _em(font)
-            top, bottom = _dash_rows(font)
-            inset = 0.06 * _em(font)
-            draw.rectangle((round(x + inset), y + top, round(x + width - inset) - 1, y + bottom - 1), fill=fill)
-            x += width
-        else:
-            draw.text((round(x), y), seg, font=font, fill=fill)
-            x += font.getlength(seg)
-
-
-def _text_image(text: str, font: _Font, fill: tuple[int, int, int], background: tuple[int, int, int]) -> Image.Image:
-    img = Image.new("RGB", (max(1, _text_width(text, font)), _line_height(font)), background)
-    _draw_text(ImageDraw.Draw(img), (0, 0), text, font, fill)
-    return img
-
-
-def _wrap(text: str, font: _Font, max_width: int) -> list[str]:
-    """Greedy word wrap to ``max_width`` pixels; words longer than a line (hashes, paths) are split."""
-    lines: list[str] = []
-    current = ""
-    for word in text.split():
-        candidate = f"{current} {word}" if current else word
-        if _text_width(candidate, font) <= max_width:
-            current = candidate
-            continue
-        if current:
-            lines.append(current)
-        current = ""
-        while _text_width(word, font) > max_width and len(word) > 1:
-            cut = len(word) - 1
-            while cut > 1 and _text_width(word[:cut], font) > max_width:
-                cut -= 1
-            lines.append(word[:cut])
-            word = word[cut:]
-        current = word
-    if current or not lines:
-        lines.append(current)
-    return lines

@@ -51,7 +51,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import PersonName
 
-from app import __version__, attribution
+from app import __version__, attribution, rendering
 
 __all__ = [
     "ANONYMOUS",
@@ -80,7 +80,7 @@ MEDIA_TYPES = {
     "record.json": "application/json",
     "bundle.zip": "application/zip",
 }
-DISCLAIMER = attribution.BANNER_TEXT
+DISCLAIMER = rendering.BANNER_TEXT
 """Burned into the annotated PNG and the Secondary Capture; also the PNG ``Disclaimer`` chunk, (0020,4000) Image
 Comments, (0008,2111) Derivation Description and the ZIP archive comment."""
 SERIES_DESCRIPTION = "VALD-MD counterfactual overlay (AI, not for diagnostic use)"
@@ -119,7 +119,7 @@ _STUDY_KEYWORDS = (
     "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID",
     "ReferringPhysicianName", "StudyDescription", "PatientAge", "PatientSize", "PatientWeight",
 )
-_BANNER_BACKGROUND = (255, 196, 0)  # the colour attribution.render_annotated_export uses
+_BANNER_BACKGROUND = (255, 196, 0)  # the colour rendering.render_annotated_export uses
 _BANNER_TEXT = (0, 0, 0)
 
 
@@ -229,7 +229,7 @@ def _render_overlay(original: FloatImage, amap: attribution.AttributionMap, *, o
                     threshold: float | None, threshold_mode: str, mode: str) -> RGBImage:
     """The overlay with its legend on the right, ``(H, W + L, 3)`` uint8; bad options become ExportError."""
     try:
-        return attribution.render_overlay(original, amap, opacity=opacity, threshold=threshold,
+        return rendering.render_overlay(original, amap, opacity=opacity, threshold=threshold,
                                           threshold_mode=threshold_mode, mode=mode, legend=True)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
@@ -313,7 +313,7 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     """An annotated PNG of the run: banner, original | overlay with legend, and the run's parameters.
 
     The banner :data:`DISCLAIMER` is burned in across the top (by
-    :func:`app.attribution.render_annotated_export`). The same facts are written as PNG text chunks (tEXt, or
+    :func:`app.rendering.render_annotated_export`). The same facts are written as PNG text chunks (tEXt, or
     iTXt where the value is not Latin-1): ``vald_md:prompt``, ``vald_md:negative_prompt``, ``vald_md:strength``,
     ``vald_md:guidance_scale``, ``vald_md:steps``, ``vald_md:effective_steps``, ``vald_md:seed`` (all sample
     seeds, comma-separated), ``vald_md:scheduler``, ``vald_md:samples``, ``vald_md:reference``,
@@ -345,7 +345,7 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
                               threshold_mode=threshold_mode, mode=mode)
     facts = _run_facts(record)
     overlay_facts = _overlay_facts(opacity, threshold, threshold_mode, mode)
-    image = attribution.render_annotated_export(
+    image = rendering.render_annotated_export(
         original, overlay, params=_display_params(facts, overlay_facts),
         title="VALD-MD counterfactual attribution (original − counterfactual)")
 

@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from app import attribution, imaging
+    from app import attribution, imaging, rendering
     from app.artifacts import ReviewRequest, run_review
     from app.engine import CounterfactualEngine, effective_steps, library_versions
 
@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 5. timed repetitions: run_review and the plain call interleaved, so drift hits both alike
     def attribution_stage() -> Any:
         amap = attribution.difference_map(pixels, check.counterfactuals)
-        attribution.render_overlay(pixels, amap)
+        rendering.render_overlay(pixels, amap)
         attribution.summarize(amap)
         return amap
 
@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         samples["text_encoding_uncached"].append(timed(uncached_text_encoding, sync)[0])
         dt, amap = timed(attribution_stage, sync)
         samples["attribution"].append(dt)
-        samples["png_encoding"].append(timed(partial(png_stage, attribution.render_overlay(pixels, amap)), sync)[0])
+        samples["png_encoding"].append(timed(partial(png_stage, rendering.render_overlay(pixels, amap)), sync)[0])
 
     results = {k: stats(v) for k, v in samples.items() if v}
     ratios: dict[str, float] = {}

@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from app import attribution as attr
+from app import rendering as attr
 from app.attribution import (
-    BANNER_TEXT,
     AttributionMap,
     MapSettings,
     changed_region,
     difference_map,
     load_mask_png,
-    render_annotated_export,
-    render_legend,
-    render_overlay,
     summarize,
     threshold_value,
 )
+from app.rendering import BANNER_TEXT, render_annotated_export, render_legend, render_overlay
 
 H, W = 64, 80
 CENTRE = (50.0, 24.0)  # (x, y)

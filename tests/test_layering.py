@@ -11,13 +11,14 @@ APP = Path(__file__).resolve().parent.parent / "app"
 
 # module (first component under app/) -> app modules it must never import
 FORBIDDEN: dict[str, set[str]] = {
-    "datasets": {"config", "imaging", "attribution", "metrics", "engine", "audit", "migrations", "artifacts",
+    "datasets": {"config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations", "artifacts",
                  "exports", "train", "evaluate", "jobs", "web", "manage", "cli"},
     "config": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit",
                "exports", "cli", "metrics"},
-    "imaging": {"attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports",
+    "imaging": {"attribution", "rendering", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports",
                 "cli", "metrics", "config"},
-    "attribution": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
+    "attribution": {"rendering", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
+    "rendering": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "metrics"},
     "metrics": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
     "engine": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
     "audit": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
@@ -33,7 +34,7 @@ FORBIDDEN: dict[str, set[str]] = {
                "metrics", "cli"},
 }
 # modules that may not import torch/diffusers at all (pure numpy / database layers)
-NO_TORCH = {"datasets", "imaging", "attribution", "audit", "exports", "config", "migrations", "manage"}
+NO_TORCH = {"datasets", "imaging", "attribution", "rendering", "audit", "exports", "config", "migrations", "manage"}
 
 
 def _imports(path: Path) -> set[str]:

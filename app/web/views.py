@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app import attribution, exports
+from app import attribution, exports, rendering
 from app.jobs import Job, JobManager, JobNotReadyError, JobState, read_png_unit
 
 ARTIFACT = re.compile(r"^(input|overlay|reconstruction|mask|counterfactual(-\d{1,2})?)\.png$|"
@@ -123,7 +123,7 @@ def build_export(job: Job, kind: str, options: dict[str, Any]) -> tuple[bytes, s
 
 @dataclass(frozen=True)
 class OverlayOptions:
-    """Display options of a re-rendered overlay (see ``attribution.render_overlay``).
+    """Display options of a re-rendered overlay (see ``rendering.render_overlay``).
 
     Attributes:
         opacity: [0, 1]. threshold: percentile in [0, 100] of |M| below which nothing is drawn; ``None`` = none.
@@ -158,7 +158,7 @@ def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
 
     Raises:
         JobNotReadyError: the run is not done. ValueError: an option is out of range, or ``mode="stability"``
-        for a single-sample run (message from ``attribution.render_overlay``).
+        for a single-sample run (message from ``rendering.render_overlay``).
     """
     require_done(job)
     run = job.run_dir
@@ -169,7 +169,7 @@ def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
     mask = read_png_unit(run / "mask.png") > 0.5 if (run / "mask.png").is_file() else None
     amap = attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
                                       n_samples=max(job.request.samples, 2 if std is not None else 1), mask=mask)
-    rgb = attribution.render_overlay(original, amap, opacity=options.opacity, scale=options.scale,
+    rgb = rendering.render_overlay(original, amap, opacity=options.opacity, scale=options.scale,
                                      threshold=options.threshold, threshold_mode="percentile", mode=options.mode,
                                      legend=options.legend)
     buf = io.BytesIO()
