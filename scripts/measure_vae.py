@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app import engine, imaging, metrics, train
+from app import datasets, engine, imaging, metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     eng = engine.CounterfactualEngine(args.model, device="cpu")
-    rows = train.read_labels(Path(args.data), args.split)
+    _, rows = datasets.read_labelled(Path(args.data), args.split)
     if args.limit:
         rows = rows[:: max(1, len(rows) // args.limit)][: args.limit]
     psnrs, ssims = [], []

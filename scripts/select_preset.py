@@ -1,14 +1,16 @@
 """Choose a model's recommended healthy-counterfactual preset on the VALIDATION split (never on test).
 
-For every (strength, guidance) in a small grid, make healthy counterfactuals ("normal chest x-ray") of a few
-validation images per class and measure SSIM to the input and the mean |original - counterfactual| inside the
-image. The recommended preset is the one with the largest gap between diseased and normal images' change (the
-map should react to disease, not to everything) among those whose diseased-image SSIM lies in the target band
-(0.70-0.92: minimal but real change; the paper's band is 0.77-0.83).
+For every (strength, guidance) in a grid, make healthy counterfactuals ("normal chest x-ray") of validation images
+of every class and measure SSIM to the input and the mean |M| of the attribution map, M = reference -
+counterfactual, with the model's map reference (``map_reference`` in its manifest: the input, or the autoencoder's
+reconstruction of it). The recommended preset is the one with the largest gap between diseased and normal
+images' mean |M| (the map should react to disease, not to everything) among those whose diseased-image SSIM
+lies in the target band (0.70-0.92: minimal but real change; the paper's band is 0.77-0.83). The images are the
+first ``--per-class`` of each class in the stable pseudo-random order `vald-md evaluate` uses.
 
 Usage:
     python scripts/select_preset.py --model model_weights/vald-md-mini --data ../shared/data/cxr256/labels.csv \
-        --per-class 6 --out runs/preset.json [--write-manifest]
+        --per-class 8 --strengths 0.4,0.55,0.7,0.85 --guidances 3,7.5,12 --out runs/preset.json [--write-manifest]
 
 Prints a table and writes JSON; ``--write-manifest`` stores the choice as ``presets.healthy`` in the model's
 ``vald_md.json`` (the manifest is not part of the model hash).
@@ -24,10 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from app import engine, imaging, metrics, train
+from app import datasets, engine, imaging, metrics
+from app.evaluate.common import stable_order
 
-GRID_STRENGTH = (0.4, 0.55, 0.7, 0.85)
-GRID_GUIDANCE = (3.0, 7.5)
+GRID_STRENGTH = "0.4,0.55,0.7,0.85"
+GRID_GUIDANCE = "3,7.5"
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,39 +44,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=4, help="validation images per class")
     p.add_argument("--steps", type=int, default=75, help="scheduler steps (paper 75)")
     p.add_argument("--seed", type=int, default=0, help="seed of every generation")
+    p.add_argument("--strengths", default=GRID_STRENGTH, help=f"comma-separated strengths (default {GRID_STRENGTH})")
+    p.add_argument("--guidances", default=GRID_GUIDANCE, help=f"comma-separated guidance scales (default {GRID_GUIDANCE})")
     p.add_argument("--out", required=True, help="JSON output")
     p.add_argument("--write-manifest", action="store_true", help="store the choice in the model's vald_md.json")
     args = p.parse_args(argv)
 
     eng = engine.CounterfactualEngine(args.model, device="cpu")
-    rows = train.read_labels(Path(args.data), "val")
-    by_label: dict[str, list[train.LabelledImage]] = {}
-    for r in rows:
+    reference = str(eng.info.manifest.get("map_reference", "input"))
+    _, rows = datasets.read_labelled(Path(args.data), "val")
+    by_label: dict[str, list[datasets.LabelledImage]] = {}
+    for r in sorted(rows, key=lambda r: stable_order(r.rel)):
         by_label.setdefault(r.label, [])
         if len(by_label[r.label]) < args.per_class:
             by_label[r.label].append(r)
     images = {lab: [imaging.decode_image(r.path.read_bytes()).pixels for r in rs] for lab, rs in by_label.items()}
+    size = eng.info.image_size
+    refs = {lab: [eng.reconstruct_model_frame(img) if reference == "reconstruction" and img.shape == (size, size)
+                  else img for img in imgs] for lab, imgs in images.items()}
+    if reference == "reconstruction" and any(img.shape != (size, size) for imgs in images.values() for img in imgs):
+        raise SystemExit(f"map reference 'reconstruction' needs {size} px validation images (as cxr256's)")
     results = []
     t0 = time.time()
-    for s in GRID_STRENGTH:
-        for g in GRID_GUIDANCE:
+    for s in _floats(args.strengths):
+        for g in _floats(args.guidances):
             per: dict[str, dict[str, float]] = {}
             for lab, imgs in images.items():
-                ss, ch = [], []
-                for img in imgs:
+                ss, ch, ch_in = [], [], []
+                for img, ref in zip(imgs, refs[lab]):
                     cf = eng.generate(img, engine.PRESETS["healthy"].prompt, strength=s, guidance_scale=g,
                                       steps=args.steps, seed=args.seed).counterfactuals[0]
                     ss.append(metrics.ssim(img, cf))
-                    ch.append(float(np.abs(img - cf).mean()))
-                per[lab] = {"ssim": float(np.mean(ss)), "mean_abs_change": float(np.mean(ch))}
+                    ch.append(float(np.abs(ref - cf).mean()))
+                    ch_in.append(float(np.abs(img - cf).mean()))
+                per[lab] = {"ssim": float(np.mean(ss)), "mean_abs_map": float(np.mean(ch)),
+                            "mean_abs_change_vs_input": float(np.mean(ch_in))}
             diseased = [v for k, v in per.items() if k != "normal"]
             d_ssim = float(np.mean([v["ssim"] for v in diseased]))
-            d_change = float(np.mean([v["mean_abs_change"] for v in diseased]))
-            gap = d_change - per.get("normal", {"mean_abs_change": 0.0})["mean_abs_change"]
+            d_change = float(np.mean([v["mean_abs_map"] for v in diseased]))
+            gap = d_change - per.get("normal", {"mean_abs_map": 0.0})["mean_abs_map"]
             results.append({"strength": s, "guidance_scale": g, "per_class": per, "diseased_ssim": d_ssim,
-                            "change_gap": gap})
+                            "normal_ssim": per.get("normal", {}).get("ssim"), "change_gap": gap})
             sys.stderr.write(f"strength {s:.2f} guidance {g:4.1f}: diseased SSIM {d_ssim:.3f}, "
-                             f"change diseased-normal {gap:+.4f}  ({time.time() - t0:.0f} s)\n")
+                             f"mean |M| diseased - normal {gap:+.4f}  ({time.time() - t0:.0f} s)\n")
     in_band = [r for r in results if 0.70 <= r["diseased_ssim"] <= 0.92]
     pool = in_band or results
     best = max(pool, key=lambda r: r["change_gap"]) if in_band else min(
@@ -79,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               "description": "Healthy counterfactual, chosen on the validation split by scripts/select_preset.py "
                              f"(diseased SSIM {best['diseased_ssim']:.3f}, in band: {bool(in_band)})"}
     out = {"grid": results, "chosen": choice, "per_class_images": args.per_class, "seed": args.seed,
+           "map_reference": reference, "images": {lab: [r.rel for r in rs] for lab, rs in by_label.items()},
            "model_hash": eng.info.model_hash, "wall_s": round(time.time() - t0, 1)}
     Path(args.out).write_text(json.dumps(out, indent=2))
     sys.stdout.write(json.dumps(choice, indent=2) + "\n")
