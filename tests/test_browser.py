@@ -125,8 +125,10 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data):
 
     # 3. generate: progress, then the three images
     page.click("#generate")
-    page.wait_for_selector(".progress-card", timeout=15_000)
-    assert "seed" in page.inner_text(".progress-card")
+    # read the card in the page the moment it appears: on the tiny model the run may finish (and the card give way
+    # to the results) before a second round trip from the test could read it
+    card = page.wait_for_function("() => document.querySelector('.progress-card')?.innerText", timeout=15_000)
+    assert "seed" in card.json_value()
     page.wait_for_selector("[data-viewer]", timeout=90_000)
     page.wait_for_function("""() => [...document.querySelectorAll('[data-viewer] img')]
         .filter(i => i.offsetParent !== null).every(i => i.complete && i.naturalWidth > 0)""", timeout=15_000)
