@@ -534,6 +534,33 @@ class CounterfactualEngine:
 # ----------------------------------------------------------------------------------------------------------------
 # assembling a starting model for training
 # ----------------------------------------------------------------------------------------------------------------
+def load_in_passing_thread(*args: Any, **kwargs: Any) -> CounterfactualEngine:
+    """``CounterfactualEngine(*args, **kwargs)``, built in a thread of its own that ends when the model is loaded.
+
+    Why: torch's CPU kernels run on OpenMP (libgomp), which keeps one team of helper threads per thread that has
+    started parallel work. Once more such threads exist in a process than there are cores, libgomp stops
+    spinning at its barriers and every parallel region pays a sleep/wake-up; with a small model (thousands of
+    short kernels per counterfactual) that made the server's worker thread 1.7-1.9x slower than the same call on
+    the thread that loaded the model (2-core CPU, 2 threads; `benchmarks/web_overhead.py`). Loading in a
+    thread that then exits leaves the worker thread as the only one with a team. Exceptions of the constructor
+    are re-raised in the caller.
+    """
+    box: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            box["engine"] = CounterfactualEngine(*args, **kwargs)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=load, name="vald-md-model-load")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["engine"]
+
+
 def assemble_model(base: Path, text_encoder_dir: Path, out: Path) -> dict[str, Any]:
     """Combine a Stable Diffusion v1.x folder with a BERT-family text encoder (e.g. RadBERT) into a new folder.
 

@@ -110,10 +110,13 @@ def main(args: argparse.Namespace) -> int:
                              samples=args.samples)
 
     # 1. direct: decode + run_review, as the CLI does
+    stages: dict[str, dict[str, float]] = {}  # per-stage seconds of the last run of each path
+
     def direct(i: int) -> float:
         t = time.perf_counter()
         decoded = imaging.decode_image(data)
-        run_review(engine, data, request(i), tmp / "direct" / str(i), decoded=decoded)
+        record = run_review(engine, data, request(i), tmp / "direct" / str(i), decoded=decoded)
+        stages["direct"] = record.get("timings_s", {})
         return time.perf_counter() - t
 
     # 2. HTTP: the real server on a free port
@@ -161,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
         body = r.json()
         st = wait_sse(body["events_url"]) if args.wait == "sse" else wait_poll(body["status_url"])
         elapsed = time.perf_counter() - t
+        stages["http"] = st.get("timings_s", {})
         if st["state"] != "done":
             raise SystemExit(f"HTTP run ended {st['state']}: {st['error']}")
         return elapsed
@@ -182,6 +186,9 @@ def main(args: argparse.Namespace) -> int:
     md, mh = statistics.median(d), statistics.median(h)
     print(f"direct run_review  : median {md:.3f} s  (runs: {', '.join(f'{x:.3f}' for x in d)})")
     print(f"HTTP submit+{args.wait:<5}: median {mh:.3f} s  (runs: {', '.join(f'{x:.3f}' for x in h)})")
+    for name in sorted(set(stages.get("direct", {})) | set(stages.get("http", {}))):
+        print(f"  stage {name:<15}: direct {stages.get('direct', {}).get(name, float('nan')):8.3f} s   "
+              f"HTTP {stages.get('http', {}).get(name, float('nan')):8.3f} s")
     print(f"  of which submit : median {statistics.median(submit[1:]):.3f} s (upload, validation decode, "
           "de-identification, audit records, 202)")
     print(f"overhead           : {mh - md:+.3f} s = {100 * (mh / md - 1):+.1f} %  (target <= 5 %)")

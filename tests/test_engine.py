@@ -151,3 +151,12 @@ def test_prompt_changes_the_counterfactual(tiny):
     a = tiny.generate(img, "normal chest x ray", strength=0.8, steps=5, seed=0, guidance_scale=7.5)
     b = tiny.generate(img, "large lung opacity on the left", strength=0.8, steps=5, seed=0, guidance_scale=7.5)
     assert np.abs(a.counterfactuals - b.counterfactuals).max() > 1e-5
+
+
+def test_load_in_passing_thread_returns_the_engine_and_leaves_no_thread(tiny_engine, tmp_path):
+
+    eng = engine.load_in_passing_thread(tiny_engine.info.path, device="cpu")
+    assert eng.info.model_hash == tiny_engine.info.model_hash
+    assert not [t for t in threading.enumerate() if t.name == "vald-md-model-load"]  # the loading thread ended
+    with pytest.raises(engine.ModelFolderError, match="does not exist"):  # the constructor's error reaches the caller
+        engine.load_in_passing_thread(tmp_path / "nowhere", device="cpu")

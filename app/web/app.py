@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, audit
 from app.config import Settings
-from app.engine import CounterfactualEngine
+from app.engine import CounterfactualEngine, load_in_passing_thread
 from app.jobs import JobManager
 from app.web import accounts, admin, api, pages
 from app.web.auth import AuthMiddleware, LoginRateLimiter
@@ -139,7 +139,9 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             # 2. the model and the worker that owns it
             eng = engine
             if eng is None:
-                eng = await run_in_threadpool(CounterfactualEngine, settings.resolved_model_dir,
+                # loaded in a thread that then ends, so that the job worker is the only thread with an OpenMP
+                # team (see load_in_passing_thread: otherwise every CPU run is up to ~1.9x slower)
+                eng = await run_in_threadpool(load_in_passing_thread, settings.resolved_model_dir,
                                               device=settings.device, dtype=settings.dtype)
             jobs = JobManager(eng, settings.runs_dir, queue_size=settings.queue_size,
                               preview_size=settings.preview_size, thumbnail_size=settings.thumbnail_size,

@@ -1,8 +1,8 @@
 """Progress streams: an async generator that yields whenever a job changes, for server-sent events.
 
 The worker thread calls ``job.touch()`` after every denoising step and state change; a stream registers a
-listener that wakes its event loop (``call_soon_threadsafe``), so the worker never waits on a client and a
-finished job is announced at once. Step-by-step progress is thinned to one event per ``interval`` seconds
+listener that wakes its event loop (``call_soon_threadsafe``) when an event is due, so the worker never waits
+on a client and a finished job is announced at once. Step-by-step progress is thinned to one event per ``interval`` seconds
 (each event costs a JSON or HTML render in the server process, which shares the interpreter with the
 worker); state changes (queued -> running -> done | failed | cancelled) are never delayed. Queue position
 changes come from other jobs, so the stream also re-checks every ``interval`` seconds without a wake-up.
@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 
@@ -25,29 +26,32 @@ async def job_changes(request: Request, jobs: JobManager, job: Job, interval: fl
     once); stop after it finishes or when the client goes away. The job keeps running either way."""
     loop = asyncio.get_running_loop()
     woken = asyncio.Event()
+    sent: dict[str, Any] = {"state": None, "at": -float("inf")}  # what the stream sent last, and when
 
-    def notify() -> None:  # called from the worker thread
+    def notify() -> None:  # called from the worker thread after every step: wake the loop only when due
+        if job.state == sent["state"] and time.monotonic() - sent["at"] < interval:
+            return
         with contextlib.suppress(RuntimeError):  # the loop has closed: the stream is gone anyway
             loop.call_soon_threadsafe(woken.set)
 
     job.add_listener(notify)
     try:
         last: tuple[int, int | None] | None = None
-        last_state, last_sent = None, -float("inf")
         while True:
             woken.clear()
             key = (job.version, jobs.queue_position(job))
             now = time.monotonic()
-            due = job.state != last_state or now - last_sent >= interval
+            due = job.state != sent["state"] or now - sent["at"] >= interval
             if key != last and due:
-                last, last_state, last_sent = key, job.state, now
+                last = key
+                sent.update(state=job.state, at=now)
                 yield job
                 if job.state.finished:
                     return
             if await request.is_disconnected():
                 return
             # sleep until a change, but not past the moment a thinned-out progress event becomes due
-            wait = interval if key == last else max(0.0, last_sent + interval - time.monotonic())
+            wait = interval if key == last else max(0.0, sent["at"] + interval - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), timeout=wait)
     finally:
