@@ -154,7 +154,6 @@ def test_prompt_changes_the_counterfactual(tiny):
 
 
 def test_load_in_passing_thread_returns_the_engine_and_leaves_no_thread(tiny_engine, tmp_path):
-
     eng = engine.load_in_passing_thread(tiny_engine.info.path, device="cpu")
     assert eng.info.model_hash == tiny_engine.info.model_hash
     assert not [t for t in threading.enumerate() if t.name == "vald-md-model-load"]  # the loading thread ended
