@@ -429,9 +429,13 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
     manifest = json.loads((model / engine.MANIFEST).read_text())
     manifest.pop("model_hash", None)
     manifest["name"] = out.name
+    with open(Path(args.output_dir) / "loss.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    val = [float(r["val_value"]) for r in rows if r["val_name"] == "val_ssim"]
     manifest.setdefault("training", {})["vae_decoder"] = {
         "from_vae": str(args.vae), "config": cfg["vae_decoder"], "git_revision": git_revision(),
-        "loss_csv": str(Path(args.output_dir) / "loss.csv")}
+        "steps": int(rows[-1]["step"]), "wall_min": round(float(rows[-1]["elapsed_s"]) / 60, 1),
+        "best_val_ssim": max(val) if val else None, "loss_csv": str(Path(args.output_dir) / "loss.csv")}
     manifest["library_versions"] = library_versions()
     digest = engine.write_model_folder(out, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                                        tokenizer=pipe.tokenizer, manifest=manifest, dtype=torch.float16,
