@@ -949,8 +949,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--package", default=None,
                    help="unet mode: after training, write the complete diffusers model folder here")
     d = p.add_argument_group("dreambooth mode (the paper's fine-tuning; defaults are the paper's)")
-    d.add_argument("--model", default=None, help="starting model folder (diffusers format, e.g. `model assemble`); vae-decoder: "
-                   "the model folder whose autoencoder --package replaces")
+    d.add_argument("--model", default=None,
+                   help="starting model folder (diffusers format, e.g. `model assemble`); vae-decoder: the model "
+                   "folder whose autoencoder --package replaces")
     d.add_argument("--split", default="train", help="rows of this split column (default train)")
     d.add_argument("--stages", default="auto",
                    help="LABEL:STEPS,... in order; 'auto' = normal 1200 steps then 500 per disease class (paper)")

@@ -102,8 +102,8 @@ def main(args: argparse.Namespace) -> int:
     data, image_name = _image_bytes(args.image)
     engine = CounterfactualEngine(model, device=args.device)
     print(f"model {engine.info.name} ({model}) on {engine.device}; image {image_name}; steps {steps}, strength "
-          f"{args.strength}, samples {args.samples}; {args.repeats} repeats; server in a {args.server}, client waits by "
-          f"{args.wait}")
+          f"{args.strength}, samples {args.samples}; {args.repeats} repeats; server in a {args.server}, "
+          f"client waits by {args.wait}")
 
     def request(seed: int) -> ReviewRequest:
         return ReviewRequest(prompt="normal chest x-ray", strength=args.strength, steps=steps, seed=seed,

@@ -2,10 +2,11 @@
 
 The worker thread calls ``job.touch()`` after every denoising step and state change; a stream registers a
 listener that wakes its event loop (``call_soon_threadsafe``) when an event is due, so the worker never waits
-on a client and a finished job is announced at once. Step-by-step progress is thinned to one event per ``interval`` seconds
-(each event costs a JSON or HTML render in the server process, which shares the interpreter with the
-worker); state changes (queued -> running -> done | failed | cancelled) are never delayed. Queue position
-changes come from other jobs, so the stream also re-checks every ``interval`` seconds without a wake-up.
+on a client and a finished job is announced at once. Step-by-step progress is thinned to one event per
+``interval`` seconds (each event costs a JSON or HTML render in the server process, which shares the
+interpreter with the worker); state changes (queued -> running -> done | failed | cancelled) are never
+delayed. Queue position changes come from other jobs, so the stream also re-checks every ``interval`` seconds
+without a wake-up.
 """
 
 from __future__ import annotations
