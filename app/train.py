@@ -277,7 +277,7 @@ def train_vae_decoder(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     """Stage 1b: fine-tune only the decoder of a trained autoencoder (``--vae``) for sharper reconstructions.
 
     The encoder (and ``quant_conv``) stay frozen, so the latents -- and a UNet already trained on them -- stay
-    valid; only ``decoder`` and ``post_quant_conv`` learn, on whole-image-sized crops, with L1 plus
+    valid; only ``decoder`` and ``post_quant_conv`` learn, on random crops (``crop_size`` px), with L1 plus
     ``ssim_weight`` x (1 - SSIM) (as Stable Diffusion's ft-MSE decoder was made from its original autoencoder).
     Writes ``OUT/vae-best`` (best validation SSIM) and ``OUT/vae-last``; with ``--model M --package P`` it
     also writes model folder P: M with its autoencoder replaced (scaling factor kept) and the manifest extended.
