@@ -215,7 +215,7 @@ def test_tables_with_a_stand_in_feature_extractor(run_dir, oracle_dir, tmp_path,
     assert r["relative_absolute_difference"] == pytest.approx(
         abs(r["fid_class_vs_generated_healthy"] - r["fid_class_vs_real_healthy"]) / r["fid_class_vs_real_healthy"])
     assert (r["n_real_class"], r["n_generated_healthy"], r["n_real_healthy"]) == (3, 2, 3)
-    assert [row["generated_from"] for row in report["table2"]] == ["covid", "viral_pneumonia", "all classes"]
+    assert [row["generated_from"] for row in report["table2"]] == ["covid", "viral_pneumonia", "all disease classes"]
     for row in report["table3"]:
         assert 0 <= row["ms_ssim_mean"] <= 1 and -1 <= row["ssim_mean"] <= 1 and row["n"] == 2
     (t4,) = report["table4"]

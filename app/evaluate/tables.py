@@ -3,7 +3,8 @@
 * **Table 1** per disease class C: FID(real C, generated healthy from C), FID(real C, real healthy) and their
   relative absolute difference ``|a - b| / b`` -- a healthy counterfactual set should sit as far from C as
   real healthy images do.
-* **Table 2** per C: FID(real healthy, generated healthy from C) (and all classes pooled).
+* **Table 2** per C: FID(real healthy, generated healthy from C), and all disease classes pooled; counterfactuals
+  of normal images (``generate --labels ...,normal``) get a Table 2 row of their own but no Table 1 row.
 * **Table 3** per C: MS-SSIM and SSIM between each diseased image and its counterfactual, mean +- sd.
 * **Table 4** per induced class X (``generate --induce``): FID(real X, generated X), FID(real healthy,
   generated X).
@@ -210,17 +211,17 @@ def build_tables(run_dir: Path, data: Path | None = None, *, out: Path | None = 
         for label in sorted(by_label):
             rs = by_label[label]
             gen = [run / r["outputs"]["counterfactuals"][0] for r in rs]
-            pooled += gen
-            real_c = real_paths(label)
-            a = fid(f"real {label} vs generated healthy", real_c, gen)
-            b = fid(f"real {label} vs real healthy", real_c, real_healthy)
-            # undefined when the class *is* the healthy set (FID(normal, normal) = 0: no reference distance)
-            rel = (abs(a["fid"] - b["fid"]) / b["fid"]
-                   if a["fid"] is not None and b["fid"] is not None and b["fid"] > 1e-6 else None)
-            t1.append({"class": label, "fid_class_vs_generated_healthy": a["fid"],
-                       "fid_class_vs_real_healthy": b["fid"], "relative_absolute_difference": rel,
-                       "n_real_class": len(real_c), "n_generated_healthy": len(gen),
-                       "n_real_healthy": len(real_healthy)})
+            if label != HEALTHY_LABEL:  # Table 1 and the pooled row are about disease classes (as the paper's)
+                pooled += gen
+                real_c = real_paths(label)
+                a = fid(f"real {label} vs generated healthy", real_c, gen)
+                b = fid(f"real {label} vs real healthy", real_c, real_healthy)
+                rel = (abs(a["fid"] - b["fid"]) / b["fid"]
+                       if a["fid"] is not None and b["fid"] is not None and b["fid"] > 1e-6 else None)
+                t1.append({"class": label, "fid_class_vs_generated_healthy": a["fid"],
+                           "fid_class_vs_real_healthy": b["fid"], "relative_absolute_difference": rel,
+                           "n_real_class": len(real_c), "n_generated_healthy": len(gen),
+                           "n_real_healthy": len(real_healthy)})
             c = fid(f"real healthy vs generated healthy from {label}", real_healthy, gen)
             t2.append({"generated_from": label, "fid_real_healthy_vs_generated_healthy": c["fid"],
                        "n_real_healthy": len(real_healthy), "n_generated_healthy": len(gen)})
@@ -235,9 +236,9 @@ def build_tables(run_dir: Path, data: Path | None = None, *, out: Path | None = 
             t3.append({"class": label, "ms_ssim_mean": ms_mean, "ms_ssim_sd": ms_sd, "ssim_mean": s_mean,
                        "ssim_sd": s_sd, "n": len(rs),
                        "note": None if all(map(math.isfinite, msssims)) else "MS-SSIM needs images > 160 px"})
-        if len(by_label) > 1:
-            c = fid("real healthy vs generated healthy from all classes", real_healthy, pooled)
-            t2.append({"generated_from": "all classes", "fid_real_healthy_vs_generated_healthy": c["fid"],
+        if len([lab for lab in by_label if lab != HEALTHY_LABEL]) > 1:
+            c = fid("real healthy vs generated healthy from all disease classes", real_healthy, pooled)
+            t2.append({"generated_from": "all disease classes", "fid_real_healthy_vs_generated_healthy": c["fid"],
                        "n_real_healthy": len(real_healthy), "n_generated_healthy": len(pooled)})
     report.update(table1=t1, table2=t2, table3=t3)
 
