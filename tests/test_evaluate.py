@@ -218,6 +218,10 @@ def test_tables_with_a_stand_in_feature_extractor(run_dir, oracle_dir, tmp_path,
     assert [row["generated_from"] for row in report["table2"]] == ["covid", "viral_pneumonia", "all disease classes"]
     for row in report["table3"]:
         assert 0 <= row["ms_ssim_mean"] <= 1 and -1 <= row["ssim_mean"] <= 1 and row["n"] == 2
+        # mean |M| with both references; the reconstruction-referenced map is the input-referenced one minus the
+        # autoencoder's own change, so the two differ
+        assert 0 < row["mean_abs_map_input_mean"] < 1 and 0 < row["mean_abs_map_reconstruction_mean"] < 1
+        assert row["mean_abs_map_input_mean"] != pytest.approx(row["mean_abs_map_reconstruction_mean"], rel=1e-6)
     (t4,) = report["table4"]
     assert t4["induced_class"] == "covid" and t4["n_generated"] == 2 and t4["fid_real_class_vs_generated"] >= 0
     v = report["validity"]
@@ -230,7 +234,7 @@ def test_tables_with_a_stand_in_feature_extractor(run_dir, oracle_dir, tmp_path,
     md = (out / "tables.md").read_text()
     for needle in ("## Table 1", "## Table 2", "## Table 3", "## Table 4", "Counterfactual validity",
                    "test stand-in", "lung_opacity", "cardiomegaly", report["provenance"]["model_hashes"][0],
-                   "base seed 0", "torch", "N class / generated / real healthy"):
+                   "base seed 0", "torch", "N class / generated / real healthy", "reference reconstruction"):
         assert needle in md, needle
     assert json.loads((out / "tables.json").read_text())["table1"][0]["class"] == "covid"
 

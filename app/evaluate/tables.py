@@ -40,6 +40,7 @@ from app.evaluate.common import (
     PAPER_INDUCED_LABELS,
     hot_colormap,
     image_grid,
+    load_gray,
     load_u8,
     mean_sd,
     now_iso,
@@ -225,16 +226,23 @@ def build_tables(run_dir: Path, data: Path | None = None, *, out: Path | None = 
             c = fid(f"real healthy vs generated healthy from {label}", real_healthy, gen)
             t2.append({"generated_from": label, "fid_real_healthy_vs_generated_healthy": c["fid"],
                        "n_real_healthy": len(real_healthy), "n_generated_healthy": len(gen)})
-            ssims, msssims = [], []
+            ssims, msssims, change_input, change_recon = [], [], [], []
             for r in rs:
                 orig = load_u8(root / r["input"]).astype(np.float64) / 255.0
                 cf = load_u8(run / r["outputs"]["counterfactuals"][0]).astype(np.float64) / 255.0
                 ssims.append(metrics.ssim(orig, cf))
                 msssims.append(metrics.ms_ssim(orig, cf) if min(orig.shape) > 160 else math.nan)
+                m_in, m_rec = _map_change(root, run, r)
+                change_input.append(m_in)
+                change_recon.append(m_rec)
             ms_mean, ms_sd = mean_sd(msssims)
             s_mean, s_sd = mean_sd(ssims)
+            ci_mean, ci_sd = mean_sd(change_input)
+            cr_mean, cr_sd = mean_sd(change_recon)
             t3.append({"class": label, "ms_ssim_mean": ms_mean, "ms_ssim_sd": ms_sd, "ssim_mean": s_mean,
                        "ssim_sd": s_sd, "n": len(rs),
+                       "mean_abs_map_input_mean": ci_mean, "mean_abs_map_input_sd": ci_sd,
+                       "mean_abs_map_reconstruction_mean": cr_mean, "mean_abs_map_reconstruction_sd": cr_sd,
                        "note": None if all(map(math.isfinite, msssims)) else "MS-SSIM needs images > 160 px"})
         if len([lab for lab in by_label if lab != HEALTHY_LABEL]) > 1:
             c = fid("real healthy vs generated healthy from all disease classes", real_healthy, pooled)
@@ -334,6 +342,24 @@ def _validity(oracle_dir: Path, root: Path, healthy: list[Any], induced: list[An
     return {"oracle": oracle.describe(), "healthy": rows, "induction": induce_rows}
 
 
+def _map_change(root: Path, run: Path, rec: dict[str, Any]) -> tuple[float, float]:
+    """Mean |M| over the image of one record's map, with the input and with the reconstruction as reference.
+
+    ``map.npy`` holds ``input - mean(counterfactuals)`` (float16, native frame), so the reconstruction-referenced
+    map is ``map - (input - reconstruction)``; NaN when the record has no reconstruction of the input's shape.
+    """
+    m = np.load(run / rec["outputs"]["map"]).astype(np.float64)
+    with_input = float(np.abs(m).mean())
+    rec_rel = rec["outputs"].get("reconstruction")
+    if not rec_rel:
+        return with_input, math.nan
+    inp = load_gray(root / rec["input"]).astype(np.float64)
+    recon = load_gray(run / rec_rel).astype(np.float64)
+    if inp.shape != m.shape or recon.shape != m.shape:
+        return with_input, math.nan
+    return with_input, float(np.abs(m - (inp - recon)).mean())
+
+
 def _figure(path: Path, root: Path, run: Path, recs: list[dict[str, Any]], title: str,
             columns: tuple[str, str, str]) -> None:
     """Original | generated | |map| rows with one colour scale for the whole figure."""
@@ -384,6 +410,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     for r in report["table3"]:
         lines.append(f"| {r['class']} | {_pm(r['ms_ssim_mean'], r['ms_ssim_sd'])} | "
                      f"{_pm(r['ssim_mean'], r['ssim_sd'])} | {r['n']} |")
+    lines += ["", "## How much the healthy prompt changes each class (attribution map, mean |M| over the image)", "",
+              "Reference = input: M = input − counterfactual (`map.npy`); reference = reconstruction: M = the "
+              "autoencoder's reconstruction of the input − counterfactual (cancels the autoencoder's blur). A map "
+              "that reacts to disease changes diseased images more than normal ones.", "",
+              "| Class | mean \\|M\\|, reference input (mean ± sd) | "
+              "mean \\|M\\|, reference reconstruction (mean ± sd) | N |",
+              "|---|---|---|---|"]
+    for r in report["table3"]:
+        lines.append(f"| {r['class']} | {_pm(r['mean_abs_map_input_mean'], r['mean_abs_map_input_sd'])} | "
+                     f"{_pm(r['mean_abs_map_reconstruction_mean'], r['mean_abs_map_reconstruction_sd'])} | "
+                     f"{r['n']} |")
     lines += ["", "## Table 4 — disease induction on healthy images", "",
               ("| Induced class (prompt) | FID(real X, generated X) | FID(real healthy, generated X) | "
               "N real X / generated / real healthy |"), "|---|---|---|---|"]
