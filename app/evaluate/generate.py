@@ -250,14 +250,22 @@ def read_run(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return meta, list(by_input.values())
 
 
+def _is_generate_run(folder: Path) -> bool:
+    try:
+        return "mode" in json.loads((folder / RUN_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def find_subruns(run_dir: Path) -> list[Path]:
-    """Sub-runs of a run folder (folders with a ``run.json``), or the folder itself when it is one; sorted."""
+    """Sub-runs of a run folder (folders whose ``run.json`` a ``generate`` run wrote), or the folder itself when it
+    is one; sorted. Other folders with a ``run.json`` (a ``localize`` output kept beside them) are passed over."""
     run_dir = Path(run_dir)
-    if (run_dir / RUN_FILE).is_file():
+    if _is_generate_run(run_dir):
         return [run_dir]
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--run {run_dir} does not exist")
-    found = sorted(p for p in run_dir.iterdir() if (p / RUN_FILE).is_file())
+    found = sorted(p for p in run_dir.iterdir() if _is_generate_run(p))
     if not found:
         raise FileNotFoundError(f"{run_dir} holds no generate sub-run (no */{RUN_FILE}); run "
                                 "`vald-md evaluate generate --out` first")
