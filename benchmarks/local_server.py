@@ -28,13 +28,13 @@ def make_token(data_dir: Path, username: str = "bench") -> str:
     return audit.create_api_token(db, user, f"{username} benchmark")
 
 
-def spawn_server(model: Path, work: Path, *, queue_size: int | None = None,
+def spawn_server(model: Path, work: Path, *, queue_size: int | None = None, device: str | None = None,
                  ready_timeout_s: float = 90.0) -> tuple[subprocess.Popen[bytes], str, str]:
     """Start `vald-md serve --model model` on 127.0.0.1 and a free port, with data under ``work/data`` and its log in
     ``work/server.log``; wait until /readyz answers 200.
 
     Returns (process, base URL, API token). VALD_MD_* variables of this process are not passed on, so the server
-    runs on its defaults; OMP_NUM_THREADS and the like are.
+    runs on its defaults (``device``: its ``--device``, default automatic); OMP_NUM_THREADS and the like are.
     """
     import httpx
 
@@ -47,7 +47,7 @@ def spawn_server(model: Path, work: Path, *, queue_size: int | None = None,
     token = make_token(work / "data")
     exe = Path(sys.executable).parent / "vald-md"
     cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(model),
-           "--data-dir", str(work / "data")]
+           "--data-dir", str(work / "data")] + (["--device", device] if device else [])
     log = (work / "server.log").open("wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

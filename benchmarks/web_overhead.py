@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
 
     # 2. HTTP: the real server on a free port
     if args.server == "process":
-        proc, base, token = spawn_server(model, tmp)
+        proc, base, token = spawn_server(model, tmp, device=args.device)
         server = thread = None
     else:
         port = _free_port()
