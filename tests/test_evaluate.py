@@ -318,3 +318,17 @@ def test_laterality_of_localized_prompts(tiny_engine, labels_csv, tmp_path):
     assert summary["paired"]["n"] == 2
     assert (tmp_path / "laterality.md").read_text().count("opacity in the") >= 2
     assert (tmp_path / "induce-opacity-in-the-left-lung" / "records.jsonl").is_file()
+
+
+def test_find_subruns_passes_over_folders_that_generate_did_not_write(tmp_path):
+    from app.evaluate.generate import find_subruns
+
+    for name, run in (("healthy", {"mode": "healthy"}), ("induce-covid-19", {"mode": "induce"}),
+                      ("localize", {"vald_md_localize": 1}), ("oracle", None)):
+        (tmp_path / name).mkdir()
+        if run is not None:
+            (tmp_path / name / "run.json").write_text(json.dumps(run))
+    assert [p.name for p in find_subruns(tmp_path)] == ["healthy", "induce-covid-19"]
+    assert find_subruns(tmp_path / "healthy") == [tmp_path / "healthy"]
+    with pytest.raises(FileNotFoundError, match="no generate sub-run"):
+        find_subruns(tmp_path / "localize")
