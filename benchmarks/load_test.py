@@ -38,11 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.local_server import spawn_server, stop_server  # noqa: E402
+from benchmarks.local_server import FINISHED, spawn_server, stop_server  # noqa: E402
 
 MAX_REQUESTS = 1000
 MAX_DURATION_S = 3600.0
-FINISHED = {"done", "failed", "cancelled", "interrupted"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

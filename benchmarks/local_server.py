@@ -13,6 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+FINISHED = {"done", "failed", "cancelled", "interrupted"}
+"""Job states after which a job changes no more (``GET /api/v1/jobs/{id}`` ``state``)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 def make_token(data_dir: Path, username: str = "bench") -> str:
     """A clinician user without a password and an API token, in the database a server with ``--data-dir data_dir``
@@ -38,9 +48,7 @@ def spawn_server(model: Path, work: Path, *, queue_size: int | None = None, devi
     """
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VALD_MD_")}
     if queue_size:
         env["VALD_MD_QUEUE_SIZE"] = str(queue_size)

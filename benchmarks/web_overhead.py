@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,9 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.local_server import make_token, spawn_server, stop_server  # noqa: E402
-
-FINISHED = {"done", "failed", "cancelled", "interrupted"}
+from benchmarks.local_server import FINISHED, free_port, make_token, spawn_server, stop_server  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,11 +68,6 @@ def _image_bytes(path: Path | None) -> tuple[bytes, str]:
     Image.fromarray((np.random.default_rng(0).random((512, 512)) * 255).astype("uint8")).save(buf, format="PNG")
     return buf.getvalue(), "synthetic 512x512 PNG"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -124,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         proc, base, token = spawn_server(model, tmp, device=args.device)
         server = thread = None
     else:
-        port = _free_port()
+        port = free_port()
         app = create_app(Settings(data_dir=tmp / "server", port=port, queue_size=4), engine=engine)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

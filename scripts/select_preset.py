@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             by_label[r.label].append(r)
     images = {lab: [imaging.decode_image(r.path.read_bytes()).pixels for r in rs] for lab, rs in by_label.items()}
     size = eng.info.image_size
-    refs = {lab: [eng.reconstruct_model_frame(img) if reference == "reconstruction" and img.shape == (size, size)
-                  else img for img in imgs] for lab, imgs in images.items()}
     if reference == "reconstruction" and any(img.shape != (size, size) for imgs in images.values() for img in imgs):
         raise SystemExit(f"map reference 'reconstruction' needs {size} px validation images (as cxr256's)")
+    refs = {lab: [eng.reconstruct_model_frame(img) if reference == "reconstruction" else img for img in imgs]
+            for lab, imgs in images.items()}
     results = []
     t0 = time.time()
     for s in _floats(args.strengths):

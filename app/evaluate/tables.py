@@ -32,7 +32,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from app import metrics
+from app import imaging, metrics
 from app.engine import library_versions
 from app.evaluate.common import (
     HEALTHY_LABEL,
@@ -228,11 +228,12 @@ def build_tables(run_dir: Path, data: Path | None = None, *, out: Path | None = 
                        "n_real_healthy": len(real_healthy), "n_generated_healthy": len(gen)})
             ssims, msssims, change_input, change_recon = [], [], [], []
             for r in rs:
-                orig = load_u8(root / r["input"]).astype(np.float64) / 255.0
+                gray = load_gray(root / r["input"])
+                orig = imaging.to_uint8(gray).astype(np.float64) / 255.0  # the 8-bit view, as load_u8 gives
                 cf = load_u8(run / r["outputs"]["counterfactuals"][0]).astype(np.float64) / 255.0
                 ssims.append(metrics.ssim(orig, cf))
                 msssims.append(metrics.ms_ssim(orig, cf) if min(orig.shape) > 160 else math.nan)
-                m_in, m_rec = _map_change(root, run, r)
+                m_in, m_rec = _map_change(run, r, gray)
                 change_input.append(m_in)
                 change_recon.append(m_rec)
             ms_mean, ms_sd = mean_sd(msssims)
@@ -342,8 +343,10 @@ def _validity(oracle_dir: Path, root: Path, healthy: list[Any], induced: list[An
     return {"oracle": oracle.describe(), "healthy": rows, "induction": induce_rows}
 
 
-def _map_change(root: Path, run: Path, rec: dict[str, Any]) -> tuple[float, float]:
+def _map_change(run: Path, rec: dict[str, Any], inp: NDArray[np.floating[Any]]) -> tuple[float, float]:
     """Mean |M| over the image of one record's map, with the input and with the reconstruction as reference.
+
+    ``inp`` is the record's input image, float (H, W) in [0, 1] (native frame).
 
     ``map.npy`` holds ``input - mean(counterfactuals)`` (float16, native frame), so the reconstruction-referenced
     map is ``map - (input - reconstruction)``; NaN when the record has no reconstruction of the input's shape.
@@ -353,7 +356,7 @@ def _map_change(root: Path, run: Path, rec: dict[str, Any]) -> tuple[float, floa
     rec_rel = rec["outputs"].get("reconstruction")
     if not rec_rel:
         return with_input, math.nan
-    inp = load_gray(root / rec["input"]).astype(np.float64)
+    inp = np.asarray(inp, dtype=np.float64)
     recon = load_gray(run / rec_rel).astype(np.float64)
     if inp.shape != m.shape or recon.shape != m.shape:
         return with_input, math.nan
