@@ -439,10 +439,14 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
     with open(Path(args.output_dir) / "loss.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     val = [float(r["val_value"]) for r in rows if r["val_name"] == "val_ssim"]
-    manifest.setdefault("training", {})["vae_decoder"] = {
+    this_round = {
         "from_vae": str(args.vae), "config": cfg["vae_decoder"], "git_revision": git_revision(),
         "steps": int(rows[-1]["step"]), "wall_min": round(float(rows[-1]["elapsed_s"]) / 60, 1),
         "best_val_ssim": max(val) if val else None, "loss_csv": str(Path(args.output_dir) / "loss.csv")}
+    training = manifest.setdefault("training", {})
+    earlier = training.get("vae_decoder")  # a decoder fine-tuned before: keep its rounds, in order
+    earlier = [] if earlier is None else earlier if isinstance(earlier, list) else [earlier]
+    training["vae_decoder"] = [*earlier, this_round] if earlier else this_round
     manifest["library_versions"] = library_versions()
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -967,7 +971,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LABEL:STEPS,... in order; 'auto' = normal 1200 steps then 500 per disease class (paper)")
     d.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (paper 512)")
     d.add_argument("--train-batch-size", type=int, default=2, help="instance images per step (paper 2)")
-    d.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW learning rate (paper 5e-5)")
+    d.add_argument("--learning-rate", type=float, default=None,
+                   help="AdamW learning rate (dreambooth: paper 5e-5; vae, vae-decoder, unet: overrides the "
+                   "config's lr, e.g. for a second, lower-rate round from a trained model)")
     d.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimiser step")
     d.add_argument("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"],
                    help="accelerate mixed precision (paper bf16; use 'no' on CPU)")
@@ -998,6 +1004,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("mode dreambooth needs --model (a diffusers folder, e.g. from `vald-md model assemble`)")
     if args.mode == "dreambooth" and args.mixed_precision != "no" and not torch.cuda.is_available():
         p.error(f"--mixed-precision {args.mixed_precision} needs a GPU; pass --mixed-precision no on CPU")
+    if args.mode == "dreambooth" and args.learning_rate is None:
+        args.learning_rate = 5e-5
     if args.package and args.mode not in ("unet", "vae-decoder"):
         p.error("--package applies to modes unet and vae-decoder only")
     return args
@@ -1011,6 +1019,9 @@ def main(args: argparse.Namespace) -> int:
     if args.config:
         with open(args.config, "rb") as fh:
             cfg = tomllib.load(fh)
+        section = {"vae": "vae", "vae-decoder": "vae_decoder", "unet": "unet"}[args.mode]
+        if args.learning_rate is not None:  # the effective value is what manifests record
+            cfg[section] = {**cfg[section], "lr": args.learning_rate}
     if args.mode == "vae":
         return train_vae(args, cfg)
     if args.mode == "vae-decoder":

@@ -166,6 +166,16 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     assert manifest2["training"]["vae_decoder"]["config"]["ssim_weight"] == 1.0
     assert manifest2["preview_projection"] == manifest["preview_projection"]
     assert manifest2["model_hash"] != manifest["model_hash"]
+    # a second, lower-rate round from the first round's decoder: --learning-rate overrides the config, rounds kept
+    drun2, model4 = tmp_path / "drun2", tmp_path / "model4"
+    assert train.main(train.parse_args(
+        ["vae-decoder", "--data", str(csv_path), "--output-dir", str(drun2), "--config", str(cfg), "--vae",
+         str(drun / "vae-best"), "--model", str(model2), "--package", str(model4), "--threads", "1",
+         "--learning-rate", "2e-4", "--max-steps", "1"])) == 0
+    assert [float(r["lr"]) for r in csv.DictReader(open(drun2 / "loss.csv")) if r["step"] != "0"] == [2e-4]
+    rounds = json.loads((model4 / "vald_md.json").read_text())["training"]["vae_decoder"]
+    assert [r["config"]["lr"] for r in rounds] == [1e-3, 2e-4]
+    assert [r["from_vae"] for r in rounds] == [str(run / "vae-best"), str(drun / "vae-best")]
     # a different encoder would not match the UNet's latents: refused
     other = train.build_vae(train.tomllib.loads(TINY_TOML)["vae"], 32)
     other.save_pretrained(tmp_path / "other-vae")
