@@ -15,6 +15,7 @@ One lock serialises calls: the pipeline is not thread-safe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -302,6 +303,46 @@ def pick_device(device: str | None = None, dtype: str | None = None) -> tuple[to
     return dev, dt
 
 
+@functools.cache
+def img2img_pipeline_class() -> type:
+    """``StableDiffusionImg2ImgPipeline`` whose random draws do not depend on the model's dtype or device.
+
+    The stock pipeline draws its two random tensors -- the autoencoder's posterior sample and the SDEdit noise --
+    in the model's dtype. torch's CPU generator yields other numbers for a half-precision tensor than for a
+    float32 one on some builds (measured: torch 2.11 on the GPU machine, where a bf16/fp16 run from the same
+    seed gave a different counterfactual, mean |difference| 0.16-0.19 on [0, 1], while torch 2.13 here agreed),
+    so a record made on a GPU in bf16 could not be reproduced in fp32 on a CPU. This subclass draws both in
+    float32 from the same per-sample CPU generators, in the stock order (every posterior sample, then every
+    noise tensor), and casts the noised latents to the model dtype afterwards: float32 results are bit-for-bit
+    the stock pipeline's, half-precision ones differ from them by rounding only. Image inputs only (no
+    pre-encoded latents); ``generator`` is one generator or a list of ``batch_size x num_images_per_prompt``.
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    class SeededImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
+        def prepare_latents(self, image, timestep, batch_size, num_images_per_prompt, dtype, device,
+                            generator=None):
+            n = batch_size * num_images_per_prompt
+            gens = generator if isinstance(generator, list) else [generator] * n
+            if len(gens) != n:
+                raise ValueError(f"{len(gens)} generators for a batch of {n}")
+            image = image.to(device=device, dtype=self.vae.dtype)
+            if image.shape[0] not in (1, n):
+                raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {n}")
+            dist = self.vae.encode(image).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+            z = torch.cat([mean[i % len(mean)][None] + std[i % len(std)][None]
+                           * randn_tensor((1, *mean.shape[1:]), generator=g, device=device, dtype=torch.float32)
+                           for i, g in enumerate(gens)])
+            z = self.vae.config.scaling_factor * z
+            noise = torch.cat([randn_tensor((1, *z.shape[1:]), generator=g, device=device, dtype=torch.float32)
+                               for g in gens])
+            return self.scheduler.add_noise(z, noise, timestep).to(dtype)
+
+    return SeededImg2ImgPipeline
+
+
 class CounterfactualEngine:
     """A model folder loaded once and kept resident; ``generate`` makes counterfactuals.
 
@@ -315,14 +356,12 @@ class CounterfactualEngine:
 
     def __init__(self, model_dir: Path | str | None = None, *, device: str | None = None,
                  dtype: str | None = None, compile_unet: bool = False) -> None:
-        from diffusers import StableDiffusionImg2ImgPipeline
-
         folder = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
         spec = check_model_folder(folder)
         self.device, self.dtype = pick_device(device, dtype)
         t = time.perf_counter()
         try:
-            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+            pipe = img2img_pipeline_class().from_pretrained(
                 folder, local_files_only=True, safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False, dtype=self.dtype)
         except (OSError, ValueError, KeyError) as e:
