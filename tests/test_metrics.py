@@ -548,3 +548,26 @@ def test_bootstrap_ci() -> None:
 def test_bootstrap_ci_rejects_bad_input(values: list[float], kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="bootstrap_ci"):
         bootstrap_ci(values, **kwargs)  # type: ignore[arg-type]
+
+
+@needs_fid_weights
+def test_measure_vae_script_reports_psnr_ssim_and_reconstruction_fid(tmp_path):
+    """scripts/measure_vae.py on the tiny model: PSNR, SSIM and FID(reconstructions, originals) per class."""
+    import importlib.util
+    import json
+
+    from tests.test_train import _dataset
+    from tests.tiny_model import write_tiny_model
+
+    spec = importlib.util.spec_from_file_location("measure_vae", Path(__file__).parents[1] / "scripts/measure_vae.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    csv_path, model = _dataset(tmp_path / "data"), write_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "vae.json"
+    assert script.main(["--model", str(model), "--data", str(csv_path), "--split", "val", "--fid",
+                        "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 4 and res["split"] == "val" and np.isfinite(res["psnr_db_mean"])
+    assert -1 <= res["ssim_mean"] <= 1
+    fid = res["fid_reconstruction_vs_original"]
+    assert set(fid) == {"covid", "normal", "all"} and all(np.isfinite(v) and v >= 0 for v in fid.values())
