@@ -571,3 +571,22 @@ def test_measure_vae_script_reports_psnr_ssim_and_reconstruction_fid(tmp_path):
     assert -1 <= res["ssim_mean"] <= 1
     fid = res["fid_reconstruction_vs_original"]
     assert set(fid) == {"covid", "normal", "all"} and all(np.isfinite(v) and v >= 0 for v in fid.values())
+
+
+def test_select_preset_needs_every_diseased_class_in_the_band():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("select_preset",
+                                                  Path(__file__).parents[1] / "scripts/select_preset.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def result(covid: float, viral: float, gap: float) -> dict:
+        return {"per_class": {"covid": {"ssim": covid}, "viral_pneumonia": {"ssim": viral}, "normal": {"ssim": 0.5}},
+                "change_gap": gap}
+
+    strong = result(0.74, 0.69, 0.005)  # mean of the classes 0.715 is in the band, viral pneumonia is not
+    mild = result(0.78, 0.72, 0.002)
+    assert script.choose([strong, mild]) == (mild, True)
+    assert script.choose([strong, result(0.80, 0.75, 0.001), mild]) == (mild, True)  # largest gap among qualified
+    assert script.choose([strong, result(0.60, 0.55, 0.01)]) == (strong, False)  # none: lowest class nearest 0.80
