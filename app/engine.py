@@ -313,9 +313,10 @@ def img2img_pipeline_class() -> type:
     seed gave a different counterfactual, mean |difference| 0.16-0.19 on [0, 1], while torch 2.13 here agreed),
     so a record made on a GPU in bf16 could not be reproduced in fp32 on a CPU. This subclass draws both in
     float32 from the same per-sample CPU generators, in the stock order (every posterior sample, then every
-    noise tensor), and casts the noised latents to the model dtype afterwards: float32 results are bit-for-bit
-    the stock pipeline's, half-precision ones differ from them by rounding only. Image inputs only (no
-    pre-encoded latents); ``generator`` is one generator or a list of ``batch_size x num_images_per_prompt``.
+    noise tensor), and casts the noised latents to the model dtype afterwards: with one generator per sample (as
+    the engine passes them) float32 results are bit-for-bit the stock pipeline's, half-precision ones differ from
+    them by rounding only. Image inputs only (no pre-encoded latents); ``generator`` is a list of
+    ``batch_size x num_images_per_prompt`` generators, or one (then drawn from sample by sample) or None.
     """
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.utils.torch_utils import randn_tensor

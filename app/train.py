@@ -1019,8 +1019,8 @@ def main(args: argparse.Namespace) -> int:
     if args.config:
         with open(args.config, "rb") as fh:
             cfg = tomllib.load(fh)
-        section = {"vae": "vae", "vae-decoder": "vae_decoder", "unet": "unet"}[args.mode]
-        if args.learning_rate is not None:  # the effective value is what manifests record
+        section = {"vae": "vae", "vae-decoder": "vae_decoder", "unet": "unet"}.get(args.mode)
+        if section and args.learning_rate is not None:  # the effective value is what manifests record
             cfg[section] = {**cfg[section], "lr": args.learning_rate}
     if args.mode == "vae":
         return train_vae(args, cfg)
