@@ -186,3 +186,21 @@ def test_random_draws_are_the_stock_pipelines_in_fp32_and_dtype_independent(tiny
     _, seeded16 = _stock_and_seeded_latents(tiny.info.path, "bf16")
     # half precision: the same noise (drawn in float32), so only bf16 rounding (~0.4 %) separates the latents
     assert ((seeded16 - seeded32).abs().mean() / seeded32.abs().mean()).item() < 0.02
+
+
+def test_half_precision_engine_draws_its_seeded_noise_in_float32(tiny, monkeypatch):
+    """torch's CPU generator gives other numbers for bf16/fp16 tensors than for float32 on some builds (torch 2.11):
+    every seeded draw of a half-precision run must be a float32 draw, cast afterwards."""
+    import torch
+
+    bf16 = engine.CounterfactualEngine(tiny.info.path, device="cpu", dtype="bf16")
+    dtypes, real_randn = [], torch.randn
+
+    def spy(*args, **kwargs):
+        dtypes.append(kwargs.get("dtype"))
+        return real_randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    r = bf16.generate(_image(), "normal chest x-ray", strength=0.5, steps=4, seed=1, samples=2)
+    assert r.counterfactuals.shape[0] == 2
+    assert len(dtypes) == 4 and set(dtypes) == {torch.float32}  # posterior sample + noise, per sample
