@@ -69,7 +69,6 @@ def _image_bytes(path: Path | None) -> tuple[bytes, str]:
     return buf.getvalue(), "synthetic 512x512 PNG"
 
 
-
 def main(args: argparse.Namespace) -> int:
     import httpx
     import uvicorn

@@ -550,18 +550,26 @@ def test_bootstrap_ci_rejects_bad_input(values: list[float], kwargs: dict[str, f
         bootstrap_ci(values, **kwargs)  # type: ignore[arg-type]
 
 
+
+def _script(name: str):
+    """The module ``scripts/<name>.py`` (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+@pytest.mark.slow
 @needs_fid_weights
 def test_measure_vae_script_reports_psnr_ssim_and_reconstruction_fid(tmp_path):
     """scripts/measure_vae.py on the tiny model: PSNR, SSIM and FID(reconstructions, originals) per class."""
-    import importlib.util
     import json
 
     from tests.test_train import _dataset
     from tests.tiny_model import write_tiny_model
 
-    spec = importlib.util.spec_from_file_location("measure_vae", Path(__file__).parents[1] / "scripts/measure_vae.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("measure_vae")
     csv_path, model = _dataset(tmp_path / "data"), write_tiny_model(tmp_path / "tiny")
     out = tmp_path / "vae.json"
     assert script.main(["--model", str(model), "--data", str(csv_path), "--split", "val", "--fid",
@@ -574,12 +582,7 @@ def test_measure_vae_script_reports_psnr_ssim_and_reconstruction_fid(tmp_path):
 
 
 def test_select_preset_needs_every_diseased_class_in_the_band():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("select_preset",
-                                                  Path(__file__).parents[1] / "scripts/select_preset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("select_preset")
 
     def result(covid: float, viral: float, gap: float) -> dict:
         return {"per_class": {"covid": {"ssim": covid}, "viral_pneumonia": {"ssim": viral}, "normal": {"ssim": 0.5}},
