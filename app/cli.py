@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("counterfactual", help="make counterfactuals and attribution maps for image files")
     c.add_argument("inputs", nargs="+", help="DICOM, PNG or JPEG files")
     _add_generation_args(c)
-    c.add_argument("--mask", default=None, help="region mask PNG (e.g. lungs), resized to each input")
+    c.add_argument("--mask", default=None, help="region mask PNG (e.g. lungs), resized to each input; wins over "
+                                                "the lung segmenter")
+    c.add_argument("--no-lung-mask", dest="lung_mask", action="store_false",
+                   help="do not restrict the map to the lungs (default: restrict it with the lung segmenter)")
+    c.add_argument("--lung-segmenter", default=None,
+                   help="lung segmenter folder (default: the embedded model_weights/lungs-unet; when it is missing "
+                        "the maps are not restricted, with a warning)")
     c.add_argument("--window", default="auto",
                    help="DICOM window: 'auto' (first file preset, else VOI LUT, else percentile), a preset index "
                         "N, or 'percentile'")
@@ -86,8 +92,18 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     from app import attribution, imaging
     from app.artifacts import ReviewRequest, run_review
     from app.engine import CounterfactualEngine
+    from app.lungs import LungSegmenter, SegmenterFolderError
 
     eng = CounterfactualEngine(args.model, device=args.device)
+    segmenter = None
+    if args.lung_mask and not args.mask:
+        try:
+            segmenter = LungSegmenter(args.lung_segmenter)
+        except SegmenterFolderError as e:
+            if args.lung_segmenter:  # asked for by name: a mistake the user can fix
+                sys.stderr.write(f"vald-md: --lung-segmenter: {e}\n")
+                return 2
+            logger.warning("no lung segmenter (%s); the maps are not restricted to the lungs", e)
     preset = eng.info.presets.get("healthy", {})
     req = ReviewRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt,
@@ -95,7 +111,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance if args.guidance is not None else preset.get("guidance_scale", 7.5),
         steps=args.steps if args.steps is not None else preset.get("steps", 75),
         seed=args.seed, scheduler=args.scheduler, samples=args.samples, window=_window_arg(args.window),
-        reference=args.reference or eng.info.manifest.get("map_reference", "input"))
+        reference=args.reference or eng.info.manifest.get("map_reference", "input"), lung_mask=args.lung_mask)
     mask_bytes = Path(args.mask).read_bytes() if args.mask else None
     out = Path(args.out)
     failures = 0
@@ -106,7 +122,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
             data = Path(name).read_bytes()
             decoded = imaging.decode_image(data, window=req.window)
             mask = attribution.load_mask_png(mask_bytes, decoded.pixels.shape) if mask_bytes else None
-            rec = run_review(eng, data, req, target, mask=mask, decoded=decoded)
+            rec = run_review(eng, data, req, target, mask=mask, decoded=decoded, segmenter=segmenter)
         except (imaging.ImagingError, ValueError, OSError) as e:
             failures += 1
             sys.stderr.write(f"input {i + 1} of {len(args.inputs)}: {e}\n")
@@ -167,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if "-v" in argv or "--verbose" in argv else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv[:2] == ["train", "lungs"]:
+        from app import train_lungs
+
+        return train_lungs.main(train_lungs.parse_args(argv[2:]))
+    if argv[:2] == ["train", "lesions"]:
+        from app import train_lesions
+
+        return train_lesions.main(train_lesions.parse_args(argv[2:]))
     if argv and argv[0] == "train":
         from app import train
 

@@ -93,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--right-prompt", default="opacity in the right lung", help="prompt naming the right side")
     lat.add_argument("--out", required=True, help="run folder (sub-runs induce-<prompt>/ go inside)")
     _generation_args(lat, samples=1)
+
+    pr = sub.add_parser("probe", help="fast localization probe with a shortcut report (lungs and whole image)")
+    pr.add_argument("--data", required=True, help="the lesions-rsna folder (boxes.csv + images/)")
+    pr.add_argument("--limit", type=int, default=None, help="opacity images (default: all 129)")
+    pr.add_argument("--normals", type=int, default=0,
+                    help="RSNA-normal images for the image-level AUROC (default 0; all: 76)")
+    pr.add_argument("--methods", default="product,empty",
+                    help="comma-separated model methods: product, paper, empty, diffedit, classifier_grad, "
+                         "classifier_guided; 'none' for baselines only (default product,empty)")
+    pr.add_argument("--segmenter", default=None, help="lung segmenter folder (default: model_weights/lungs-unet)")
+    pr.add_argument("--classifier", default=None, help="lesion classifier folder (classifier_* methods)")
+    pr.add_argument("--guided-scale", type=float, default=30.0, help="classifier guidance weight (default 30)")
+    pr.add_argument("--disease-prompt", default="COVID 19", help="disease prompt of the diffedit contrast")
+    pr.add_argument("--out", required=True, help="output folder (probe.json, probe.md, probe_rows.jsonl)")
+    _generation_args(pr, samples=1)
     return p
 
 
@@ -217,8 +232,45 @@ def cmd_laterality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Run the localization probe and print its Markdown table."""
+    from app.evaluate.probe import MODEL_METHODS, model_map_fn, run_probe
+    from app.lungs import LungSegmenter
+
+    methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = (*MODEL_METHODS, "classifier_grad", "classifier_guided")
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise ValueError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(known)}")
+    classifier = None
+    if any(m.startswith("classifier") for m in methods):
+        if not args.classifier:
+            raise ValueError("--methods classifier_* needs --classifier FOLDER")
+        from app.lesions import LesionClassifier
+
+        classifier = LesionClassifier(args.classifier)
+    seg = LungSegmenter(args.segmenter)
+    map_fn = None
+    settings: dict[str, Any] = {"methods": methods}
+    if methods:
+        eng = _engine(args)
+        strength, guidance, steps, _ = _preset(eng, args)
+        map_fn = model_map_fn(eng, methods, strength=strength, guidance=guidance, steps=steps,
+                              samples=args.samples, disease_prompt=args.disease_prompt, classifier=classifier,
+                              guided_scale=args.guided_scale)
+        settings.update(model=eng.info.name, model_hash=eng.info.model_hash, strength=strength,
+                        guidance=guidance, steps=steps, samples=args.samples, guided_scale=args.guided_scale,
+                        classifier=classifier.info if classifier is not None else None)
+    summary = run_probe(Path(args.data), Path(args.out), segmenter=seg, map_fn=map_fn, methods=methods,
+                        limit=args.limit, normals=args.normals, seed=args.seed, settings=settings)
+    from app.evaluate.probe import format_probe
+
+    sys.stdout.write(format_probe(summary))
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "tables": cmd_tables, "train-oracle": cmd_train_oracle,
-            "localize": cmd_localize, "laterality": cmd_laterality}
+            "localize": cmd_localize, "laterality": cmd_laterality, "probe": cmd_probe}
 
 
 def main(args: argparse.Namespace) -> int:

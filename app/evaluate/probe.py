@@ -1,0 +1,334 @@
+"""``vald-md evaluate probe``: a fast localization probe with a shortcut report, for choosing checkpoints,
+recipes and map methods, and for the issue's targets.
+
+Every image of ``lesions-rsna`` labelled ``opacity`` (boxes scaled from 512 px) is read at the model's size
+(256 px), segmented by the lung segmenter, and scored for each map method inside the lungs and over the whole
+image. RSNA-normal images (``--normals``) give the image-level AUROC of each map's mean value inside the lungs
+(opacity vs normal). Methods:
+
+====================  ============================================================================================
+``product``           the product map ``|reference - counterfactual|`` at the model's healthy preset (reference =
+                      the manifest's ``map_reference``), one sample
+``product_pos``       the same, signed and positive part only: density the counterfactual removed
+``product_meanS``     ``|reference - mean of S counterfactuals|`` (``--samples S`` > 1)
+``paper``             ``|input - counterfactual|`` (the paper's map)
+``empty``             baseline: the product map with the empty prompt ``""``
+``diffedit``          DiffEdit noise contrast "normal chest x-ray" vs ``--disease-prompt`` (``app.mapmethods``)
+``classifier_grad``   SmoothGrad of the lesion classifier (``--classifier``), positive part
+``classifier_guided`` classifier-guided counterfactual (``--classifier``), ``|reference - counterfactual|``
+``random``            baseline: uniform noise
+``intensity``         baseline: the image itself (dense = bright)
+``edges``             baseline: ``|x - gaussian_blur(x, 3 px)|``
+``lung_prior``        baseline: the mean lung mask of the probed images
+====================  ============================================================================================
+
+Per image and method: pixel AUROC, pointing game, IoU of the top-(lesion area) pixels (Gifsplanation protocol),
+and the shortcut report: the share of map energy (|values|, whole image) on the outer 5 % frame, outside the lungs,
+on letterbox padding (uniform edge rows/columns) and on burned-in markers (small bright components outside the
+lungs), and the share of the map's top 5 % pixels in the outer frame. Aggregates are means with bootstrap 95 %
+CIs; paired differences of each method against each baseline are bootstrapped over images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from app import metrics
+from app.evaluate.common import load_gray, now_iso, stable_order, write_json
+from app.evaluate.localize import BOX_FRAME, read_lesion_cases
+
+logger = logging.getLogger("vald_md.evaluate.probe")
+
+PROBE_SIZE = 256
+FRAME_FRACTION = 0.05
+BASELINES = ("random", "intensity", "edges", "lung_prior", "empty")
+MODEL_METHODS = ("product", "product_pos", "paper", "empty", "diffedit")
+CLASSIFIER_METHODS = ("classifier_grad", "classifier_guided")
+SCORES = ("pixel_auroc", "pointing_game", "iou_area")
+SHORTCUTS = ("frame_energy", "outside_lung_energy", "padding_energy", "marker_energy", "top5_in_frame")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# regions of the shortcut report
+# ----------------------------------------------------------------------------------------------------------------
+def frame_mask(shape: tuple[int, int], fraction: float = FRAME_FRACTION) -> NDArray[np.bool_]:
+    """bool (H, W): the outer ``fraction`` of rows and columns on every side."""
+    h, w = shape
+    m = np.zeros(shape, bool)
+    bh, bw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    m[:bh], m[-bh:], m[:, :bw], m[:, -bw:] = True, True, True, True
+    return m
+
+
+def padding_mask(img: NDArray[Any], tol: float = 2.0 / 255) -> NDArray[np.bool_]:
+    """bool (H, W): uniform bands at the edges (letterbox padding): edge rows/columns whose spread is <= ``tol``."""
+    h, w = img.shape
+    m = np.zeros(img.shape, bool)
+    for axis, n in ((1, h), (0, w)):
+        spread = np.ptp(img, axis=axis)
+        for order in (range(n), range(n - 1, -1, -1)):
+            for i in order:
+                if spread[i] > tol:
+                    break
+                if axis == 1:
+                    m[i] = True
+                else:
+                    m[:, i] = True
+    return m
+
+
+def marker_mask(img: NDArray[Any], lungs: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """bool (H, W): burned-in markers: bright (>= max(0.9, 99.5th percentile)) connected components smaller than
+    1 % of the image, outside the lungs dilated by 3 %, dilated by 2 px."""
+    thr = max(0.9, float(np.percentile(img, 99.5)))
+    grow = max(1, round(0.03 * img.shape[0]))
+    outside = ~ndimage.binary_dilation(lungs, iterations=grow)
+    labels, n = ndimage.label((img >= thr) & outside)
+    if n == 0:
+        return np.zeros(img.shape, bool)
+    sizes = ndimage.sum(np.ones(img.shape), labels, index=np.arange(1, n + 1))
+    small = np.isin(labels, np.flatnonzero(sizes < 0.01 * img.size) + 1)
+    return np.asarray(ndimage.binary_dilation(small, iterations=2), dtype=bool)
+
+
+def shortcut_report(values: NDArray[Any], img: NDArray[Any], lungs: NDArray[np.bool_]) -> dict[str, float]:
+    """Shares of a map's |energy| on the frame, outside the lungs, on padding and on markers; top 5 % in frame."""
+    e = np.abs(values.astype(np.float64))
+    total = float(e.sum())
+    frame = frame_mask(img.shape)
+    out: dict[str, float] = {}
+    for name, region in (("frame_energy", frame), ("outside_lung_energy", ~lungs),
+                         ("padding_energy", padding_mask(img)), ("marker_energy", marker_mask(img, lungs))):
+        out[name] = float(e[region].sum()) / total if total > 0 else math.nan
+    k = max(1, round(0.05 * e.size))
+    top = np.argsort(-e.ravel(), kind="stable")[:k]
+    out["top5_in_frame"] = float(frame.ravel()[top].mean())
+    return out
+
+
+def edge_map(img: NDArray[Any], sigma: float = 3.0) -> NDArray[np.float32]:
+    """``|x - gaussian_blur(x, sigma)|``: the edge baseline of the issue (sigma in pixels at 256 px)."""
+    x = img.astype(np.float32)
+    return np.abs(x - ndimage.gaussian_filter(x, sigma)).astype(np.float32)
+
+
+def score_one(values: NDArray[Any], lesion: NDArray[np.bool_], region: NDArray[np.bool_] | None) -> dict[str, float]:
+    """pixel AUROC, pointing game and IoU at the lesion's own area (top-(area) pixels), inside ``region``."""
+    v = values.astype(np.float64)
+    area_pct = 100.0 * float(lesion[region].sum() if region is not None else lesion.sum()) / float(
+        region.sum() if region is not None else lesion.size)
+    iou, _ = metrics.topk_iou_dice(v, lesion, min(100.0, max(area_pct, 1e-3)), region)
+    return {"pixel_auroc": metrics.pixel_auroc(v, lesion, region),
+            "pointing_game": float(metrics.pointing_game(v, lesion, region)), "iou_area": iou}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the probe
+# ----------------------------------------------------------------------------------------------------------------
+MapFn = Callable[[NDArray[np.float32], NDArray[np.bool_], int], dict[str, NDArray[np.float32]]]
+
+
+def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidance: float, steps: int,
+                 samples: int, disease_prompt: str, classifier: Any = None,
+                 guided_scale: float = 30.0) -> MapFn:
+    """A function (image 256 px, lung mask, seed) -> {method: map} for the model-based methods."""
+    from app import mapmethods
+
+    preset = engine.info.presets.get("healthy", {})
+    healthy_prompt = str(preset.get("prompt", "normal chest x-ray"))
+    reference = str(engine.info.manifest.get("map_reference", "input"))
+
+    def fn(img: NDArray[np.float32], lungs: NDArray[np.bool_], seed: int) -> dict[str, NDArray[np.float32]]:
+        out: dict[str, NDArray[np.float32]] = {}
+        kw = {"strength": strength, "guidance_scale": guidance, "steps": steps, "seed": seed}
+        if any(m.startswith(("product", "paper")) for m in methods):
+            res = engine.generate(img, healthy_prompt, samples=samples, **kw)
+            ref = res.reconstruction if reference == "reconstruction" else img
+            signed = ref - res.counterfactuals[0]
+            out["product"] = np.abs(signed)
+            out["product_pos"] = np.clip(signed, 0, None)
+            out["paper"] = np.abs(img - res.counterfactuals[0])
+            if samples > 1:
+                out[f"product_mean{samples}"] = np.abs(ref - res.counterfactuals.mean(0))
+        if "empty" in methods:
+            res = engine.generate(img, "", **kw)
+            ref = res.reconstruction if reference == "reconstruction" else img
+            out["empty"] = np.abs(ref - res.counterfactuals[0])
+        if "diffedit" in methods:
+            out["diffedit"] = mapmethods.diffedit_contrast(engine, img, healthy_prompt=healthy_prompt,
+                                                           disease_prompt=disease_prompt, strength=0.5, seed=seed)
+        if classifier is not None and "classifier_grad" in methods:
+            out["classifier_grad"] = mapmethods.classifier_gradient(classifier, img, lungs, seed=seed)
+        if classifier is not None and "classifier_guided" in methods:
+            res = mapmethods.classifier_guided(engine, classifier, img, lungs, prompt=healthy_prompt,
+                                               strength=strength, steps=steps, guidance_scale=guidance,
+                                               classifier_scale=guided_scale, seed=seed)
+            ref = res.reconstruction if reference == "reconstruction" else img
+            out["classifier_guided"] = np.abs(ref - res.counterfactuals[0])
+        return {k: v.astype(np.float32) for k, v in out.items()}
+
+    return fn
+
+
+def _summary(rows: list[dict[str, Any]], methods: Sequence[str], key: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in methods:
+        vals = [r[key][m] for r in rows if m in r[key]]
+        if not vals:
+            continue
+        out[m] = {}
+        for s in (*SCORES, *SHORTCUTS):
+            v = np.array([x[s] for x in vals if s in x and np.isfinite(x[s])])
+            if len(v):
+                est, lo, hi = metrics.bootstrap_ci(v, n_boot=1000)
+                out[m][s] = {"mean": est, "ci": [lo, hi], "n": len(v)}
+    return out
+
+
+def _paired(rows: list[dict[str, Any]], methods: Sequence[str], baselines: Sequence[str], key: str,
+            score: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in methods:
+        for b in baselines:
+            if m == b:
+                continue
+            d = np.array([r[key][m][score] - r[key][b][score] for r in rows if m in r[key] and b in r[key]])
+            if len(d):
+                est, lo, hi = metrics.bootstrap_ci(d, n_boot=1000)
+                out[f"{m} - {b}"] = {"mean": est, "ci": [lo, hi], "n": len(d)}
+    return out
+
+
+def image_auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """AUROC of scores, positives vs negatives (ties 1/2)."""
+    p, n = np.asarray(pos, float), np.asarray(neg, float)
+    if len(p) == 0 or len(n) == 0:
+        return math.nan
+    return float(((p[:, None] > n[None]).sum() + 0.5 * (p[:, None] == n[None]).sum()) / (len(p) * len(n)))
+
+
+def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, methods: Sequence[str],
+              limit: int | None = None, normals: int = 0, seed: int = 0,
+              settings: dict[str, Any] | None = None, stream: Any = None) -> dict[str, Any]:
+    """Score every method on ``limit`` opacity images (and ``normals`` RSNA-normal images); write probe.json.
+
+    Args:
+        data: the lesions-rsna folder (boxes.csv + images/). segmenter: an ``app.lungs.LungSegmenter``.
+        map_fn: model-based maps (``model_map_fn``) or None for baselines only.
+        methods: the method ids to score (baselines are always scored).
+
+    Returns:
+        The summary written to ``out/probe.json``.
+    """
+    stream = stream or sys.stderr
+    t0 = time.time()
+    cases = read_lesion_cases(data, limit=limit)
+    import csv
+
+    normal_names: list[str] = []
+    if normals:
+        with open(Path(data) / "boxes.csv", newline="") as fh:
+            normal_names = sorted({r["image"] for r in csv.DictReader(fh) if r["label"] == "normal"},
+                                  key=stable_order)[:normals]
+    img_dir = Path(data) / "images"
+    items: list[tuple[str, Path, Any]] = [(c.name, c.path, c) for c in cases] + [
+        (n, img_dir / n, None) for n in normal_names]
+    loaded = []
+    for name, path, case in items:
+        img = _to_probe_size(load_gray(path))
+        lungs = segmenter.segment(img)
+        loaded.append((name, img, lungs, case))
+    prior = np.mean([lm.astype(np.float32) for _, _, lm, _ in loaded], axis=0).astype(np.float32)
+    rows: list[dict[str, Any]] = []
+    energies: dict[str, dict[str, list[float]]] = {}
+    all_methods: list[str] = []
+    for i, (name, img, lungs, case) in enumerate(loaded):
+        s = seed + int(stable_order(name)[:8], 16) % (2**31 - 1)
+        maps: dict[str, NDArray[np.float32]] = {
+            "random": np.random.default_rng(s).random(img.shape, dtype=np.float32),
+            "intensity": img, "edges": edge_map(img), "lung_prior": prior}
+        if map_fn is not None:
+            maps.update({k: v for k, v in map_fn(img, lungs, s).items() if k in methods or k.startswith("product")})
+        for m in maps:
+            if m not in all_methods:
+                all_methods.append(m)
+        for m, v in maps.items():
+            inside = float(v[lungs].mean()) if lungs.any() else math.nan
+            energies.setdefault(m, {"opacity": [], "normal": []})["opacity" if case else "normal"].append(inside)
+        if case is not None:
+            lesion = metrics.boxes_to_mask(case.boxes, img.shape, scale=img.shape[1] / BOX_FRAME)
+            row: dict[str, Any] = {"image": name, "lung_fraction": float(lungs.mean()),
+                                   "lesion_in_lungs": float(lesion[lungs].sum() / max(1, lesion.sum())),
+                                   "whole": {}, "lungs": {}}
+            region = lungs if (lesion & lungs).any() and (~lesion & lungs).any() else None
+            for m, v in maps.items():
+                row["whole"][m] = {**score_one(v, lesion, None), **shortcut_report(v, img, lungs)}
+                if region is not None:
+                    row["lungs"][m] = score_one(v, lesion, region)
+            rows.append(row)
+        stream.write(f"\rprobe {i + 1}/{len(loaded)} {time.time() - t0:.0f} s")
+    stream.write("\n")
+    model_methods = [m for m in all_methods if m not in BASELINES]
+    summary = {
+        "created_at": now_iso(), "data": str(data), "images": len(rows), "normals": len(normal_names),
+        "size": PROBE_SIZE, "seed": seed, "settings": settings or {}, "segmenter": segmenter.info.record(),
+        "wall_s": round(time.time() - t0, 1),
+        "whole": _summary(rows, all_methods, "whole"), "lungs": _summary(rows, all_methods, "lungs"),
+        "paired_auroc_lungs": _paired(rows, model_methods, BASELINES, "lungs", "pixel_auroc"),
+        "paired_auroc_whole": _paired(rows, model_methods, BASELINES, "whole", "pixel_auroc"),
+        "image_auroc_lungs": {m: image_auroc(e["opacity"], e["normal"]) for m, e in energies.items()}
+        if normal_names else {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "probe.json", summary)
+    with open(out / "probe_rows.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    (out / "probe.md").write_text(format_probe(summary))
+    return summary
+
+
+def _to_probe_size(img: NDArray[np.float32]) -> NDArray[np.float32]:
+    from app.lungs import resize_float
+
+    return np.clip(resize_float(img, PROBE_SIZE, PROBE_SIZE), 0, 1) if img.shape != (PROBE_SIZE,) * 2 else img
+
+
+def format_probe(summary: dict[str, Any]) -> str:
+    """A Markdown table of the probe: per method, lungs and whole-image scores and the shortcut report."""
+    lines = [f"probe: {summary['images']} opacity images, {summary['normals']} normals, {summary['size']} px, "
+             f"segmenter {summary['segmenter']['sha256'][:8]}, {summary['wall_s']} s", "",
+             "| method | AUROC lungs [95% CI] | pointing lungs | IoU(area) lungs | AUROC whole | pointing whole | "
+             "IoU(area) whole | image AUROC | frame E | outside-lung E | marker E | top5 in frame |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def g(part: str, m: str, s: str, ci: bool = False) -> str:
+        d = summary[part].get(m, {}).get(s)
+        if not d:
+            return "-"
+        return f"{d['mean']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]" if ci else f"{d['mean']:.3f}"
+
+    for m in summary["whole"]:
+        ia = summary["image_auroc_lungs"].get(m)
+        lines.append(f"| {m} | {g('lungs', m, 'pixel_auroc', True)} | {g('lungs', m, 'pointing_game')} | "
+                     f"{g('lungs', m, 'iou_area')} | {g('whole', m, 'pixel_auroc')} | "
+                     f"{g('whole', m, 'pointing_game')} | {g('whole', m, 'iou_area')} | "
+                     f"{'-' if ia is None or not np.isfinite(ia) else f'{ia:.3f}'} | "
+                     f"{g('whole', m, 'frame_energy')} | {g('whole', m, 'outside_lung_energy')} | "
+                     f"{g('whole', m, 'marker_energy')} | {g('whole', m, 'top5_in_frame')} |")
+    if summary["paired_auroc_lungs"]:
+        lines += ["", "| paired AUROC difference (lungs) | mean [95% CI] |", "|---|---|"]
+        for k, d in summary["paired_auroc_lungs"].items():
+            lines.append(f"| {k} | {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
+    return "\n".join(lines) + "\n"

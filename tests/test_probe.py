@@ -1,0 +1,100 @@
+"""The localization probe and its shortcut report (app.evaluate.probe)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.evaluate import probe
+from app.lungs import LungSegmenter, LungUNet, save_segmenter
+
+
+def _lungs(size: int = 100) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[20:80, 15:45] = True
+    m[20:80, 55:85] = True
+    return m
+
+
+def test_frame_mask_covers_the_outer_five_percent() -> None:
+    f = probe.frame_mask((100, 200))
+    assert f[0, 100] and f[99, 100] and f[50, 0] and f[50, 199] and not f[50, 100]
+    assert f[:, 100].sum() == 10 and f[50].sum() == 20
+
+
+def test_padding_mask_finds_uniform_letterbox_bands_only() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.random((60, 80)).astype(np.float32)
+    img[:, :10] = 0.0
+    img[:, -7:] = 0.0
+    pad = probe.padding_mask(img)
+    assert pad[:, :10].all() and pad[:, -7:].all() and not pad[:, 10:-7].any()
+    assert not probe.padding_mask(rng.random((20, 20))).any()
+
+
+def test_marker_mask_finds_small_bright_text_outside_the_lungs() -> None:
+    img = np.full((100, 100), 0.4, np.float32)
+    img[5:10, 88:94] = 1.0  # an "L" marker in a corner
+    img[40:45, 25:30] = 1.0  # a bright spot inside a lung is no marker
+    m = probe.marker_mask(img, _lungs())
+    assert m[7, 90] and not m[42, 27]
+
+
+def test_shortcut_report_of_a_map_on_the_frame_and_in_the_lungs() -> None:
+    img = np.full((100, 100), 0.4, np.float32)
+    lungs = _lungs()
+    on_frame = probe.frame_mask((100, 100)).astype(np.float32)
+    r = probe.shortcut_report(on_frame, img, lungs)
+    assert r["frame_energy"] == pytest.approx(1.0) and r["top5_in_frame"] == pytest.approx(1.0)
+    assert r["outside_lung_energy"] == pytest.approx(1.0)
+    r = probe.shortcut_report(lungs.astype(np.float32), img, lungs)
+    assert r["frame_energy"] == 0.0 and r["outside_lung_energy"] == 0.0
+
+
+def test_score_one_perfect_and_inverted_maps() -> None:
+    lesion = np.zeros((100, 100), bool)
+    lesion[30:50, 20:40] = True
+    lungs = _lungs()
+    perfect = probe.score_one(lesion.astype(np.float32), lesion, lungs)
+    assert perfect == {"pixel_auroc": 1.0, "pointing_game": 1.0, "iou_area": 1.0}
+    inverted = probe.score_one((~lesion).astype(np.float32), lesion, None)
+    assert inverted["pixel_auroc"] == 0.0 and inverted["iou_area"] == 0.0
+
+
+def test_edge_map_is_zero_on_flat_images() -> None:
+    assert probe.edge_map(np.full((30, 30), 0.5, np.float32)).max() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_image_auroc() -> None:
+    assert probe.image_auroc([3, 4], [1, 2]) == 1.0
+    assert probe.image_auroc([1, 1], [1]) == 0.5
+    assert np.isnan(probe.image_auroc([], [1]))
+
+
+@pytest.mark.shared_data
+def test_probe_runs_on_lesions_rsna_with_a_model_and_writes_its_report(shared_data: Path, tmp_path: Path,
+                                                                        tiny_engine) -> None:
+    torch.manual_seed(0)
+    net = LungUNet((4, 8))
+    torch.nn.init.constant_(net.head.bias, 10.0)  # everything is lung: the probe's regions are then known
+    save_segmenter(tmp_path / "seg", net, size=32, name="tiny", metrics={}, training={})
+    seg = LungSegmenter(tmp_path / "seg")
+    fn = probe.model_map_fn(tiny_engine, ["product", "empty"], strength=0.5, guidance=2.0, steps=4, samples=1,
+                            disease_prompt="covid")
+    summary = probe.run_probe(shared_data / "lesions-rsna", tmp_path / "out", segmenter=seg, map_fn=fn,
+                              methods=["product", "empty"], limit=3, normals=2)
+    assert summary["images"] == 3 and summary["normals"] == 2
+    for m in ("product", "product_pos", "empty", "random", "intensity", "edges", "lung_prior"):
+        assert 0.0 <= summary["whole"][m]["pixel_auroc"]["mean"] <= 1.0
+        assert 0.0 <= summary["whole"][m]["frame_energy"]["mean"] <= 1.0
+    assert summary["whole"]["lung_prior"]["frame_energy"]["mean"] == pytest.approx(0.19, abs=0.01)
+    assert "product - lung_prior" in summary["paired_auroc_whole"]
+    assert set(summary["image_auroc_lungs"]) >= {"product", "random"}
+    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert saved["segmenter"]["sha256"] == seg.info.sha256
+    assert len((tmp_path / "out" / "probe_rows.jsonl").read_text().splitlines()) == 3
+    assert "| product |" in (tmp_path / "out" / "probe.md").read_text()
