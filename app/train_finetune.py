@@ -1,0 +1,275 @@
+"""`vald-md train lesion-finetune`: fine-tune a model folder's UNet against the shortcuts of mixed-source data.
+
+One readable file, ``parse_args(argv)`` -> ``main(args)``. The recipe, each step measured with
+``vald-md evaluate probe`` (docs/EVALUATION.md):
+
+1. **Same-source data beside the mixed one.** Several labelled CSVs (``--data``, repeatable), e.g.
+   ``nih256/labels.csv`` (no_finding vs pneumonia, one hospital) and ``cxr256/labels.csv`` (covid vs normal);
+   labels outside ``[prompts]`` of the config are skipped (viral_pneumonia: mostly paediatric, an age shortcut).
+2. **Balanced sampling** over (source, label) groups, so neither a source nor a class dominates a batch.
+3. **Markers erased.** Burned-in markers (small bright components outside the lungs,
+   ``app.lungs.marker_mask``) are painted over with the image's median before encoding, so no prompt can be
+   tied to them.
+4. **Anatomy-weighted loss.** The noise-prediction loss of every latent pixel is weighted by
+   ``outside + (1 - outside) x lung share`` of its 8 x 8 block (lung masks of the project's segmenter), so the
+   model spends its capacity, and the prompt its effect, on the lungs (``--outside-weight``, default 0.2).
+5. bf16 autocast on the CPU (AMX), EMA weights, min-SNR weighting, caption dropout (classifier-free guidance).
+
+Resumable (``--resume latest``, checkpoints under OUT/checkpoints, ``--max-minutes`` to stop cleanly).
+``--package DIR`` writes DIR: the starting model folder copied byte for byte with its UNet replaced by the EMA
+weights of the last validation, and the manifest extended with this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.datasets import RASTER_SUFFIXES, LabelledImage, read_labelled
+from app.lungs import LungSegmenter, marker_mask
+
+
+def read_sources(csvs: list[str], split: str, prompts: dict[str, Any]) -> list[tuple[LabelledImage, str]]:
+    """(row, source) of every row of ``split`` whose label has prompts; source = the CSV's folder name."""
+    rows = []
+    for c in csvs:
+        for r in read_labelled(Path(c), split, RASTER_SUFFIXES)[1]:
+            if r.label in prompts:
+                rows.append((r, Path(c).parent.name))
+    return rows
+
+
+def prepare_images(rows: list[tuple[LabelledImage, str]], seg: LungSegmenter, size: int, erase_markers: bool,
+                   factor: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, size, size) with markers erased, and float32 lung shares per ``factor`` x ``factor`` block
+    (the autoencoder's down-sampling): (N, size/factor, size/factor)."""
+    from app.train import load_gray
+
+    imgs = load_gray([r.path for r, _ in rows], size)
+    k = size // factor
+    shares = np.empty((len(rows), k, k), np.float32)
+    t0 = time.time()
+    for i in range(len(rows)):
+        x = imgs[i].astype(np.float32) / 255.0
+        lungs = seg.segment(x)
+        if erase_markers:
+            mk = marker_mask(x, lungs)
+            if mk.any():
+                imgs[i][mk] = np.uint8(np.median(imgs[i]))
+        shares[i] = lungs.reshape(k, factor, k, factor).mean(axis=(1, 3))
+        if (i + 1) % 250 == 0:
+            sys.stderr.write(f"\rsegmenting {i + 1}/{len(rows)} {time.time() - t0:.0f} s")
+    return imgs, shares
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Arguments of ``vald-md train lesion-finetune``."""
+    p = argparse.ArgumentParser(prog="vald-md train lesion-finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="starting model folder (e.g. model_weights/vald-md-mini)")
+    p.add_argument("--data", action="append", required=True, help="labelled CSV (path,split,label); repeatable")
+    p.add_argument("--config", required=True, help="TOML with [finetune] and [prompts] (configs/vald-md-lesion.toml)")
+    p.add_argument("--output-dir", required=True, help="run folder: checkpoints, loss.csv, unet-best")
+    p.add_argument("--segmenter", default=None, help="lung segmenter folder (default: model_weights/lungs-unet)")
+    p.add_argument("--outside-weight", type=float, default=None,
+                   help="loss weight of latent pixels outside the lungs, 0..1 (default: the config's)")
+    p.add_argument("--no-erase-markers", dest="erase_markers", action="store_false",
+                   help="keep burned-in markers in the training images")
+    p.add_argument("--max-steps", type=int, default=None, help="override the configured number of steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop this invocation after N minutes")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint file")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--package", default=None, help="write the fine-tuned model folder here at the end")
+    args = p.parse_args(argv)
+    if args.outside_weight is not None and not 0.0 <= args.outside_weight <= 1.0:
+        p.error(f"--outside-weight {args.outside_weight} must be within [0, 1]")
+    return args
+
+
+def main(args: argparse.Namespace) -> int:
+    """Fine-tune (see the module docstring); returns 0."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from app import engine
+    from app.train import (LossLog, Progress, all_captions, banner, caption_for, encode_latents,
+                           lr_lambda, min_snr_weights, out_of_time, resume_state, save_checkpoint,
+                           sd_noise_scheduler)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with open(args.config, "rb") as fh:
+        cfg = tomllib.load(fh)
+    fcfg, prompts = cfg["finetune"], cfg["prompts"]
+    outside = args.outside_weight if args.outside_weight is not None else float(fcfg["outside_weight"])
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model)
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    size = int(fcfg["image_size"])
+    rows = read_sources(args.data, "train", prompts)
+    val_rows = read_sources(args.data, "val", prompts)
+    vae = AutoencoderKL.from_pretrained(model / "vae").float().eval()
+    vae.requires_grad_(False)
+    sf = float(vae.config.scaling_factor)
+    # 1. images with markers erased, lung shares, latents: computed once and cached
+    cache = out / "latents.pt"
+    if cache.exists():
+        lat = torch.load(cache, weights_only=False)
+    else:
+        t = time.time()
+        seg = LungSegmenter(args.segmenter)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        imgs, shares = prepare_images(rows, seg, size, args.erase_markers, factor)
+        mean, std = encode_latents(vae, imgs)
+        vidx = sorted(rng.choice(len(val_rows), size=min(64, len(val_rows)), replace=False).tolist())
+        vimgs, vshares = prepare_images([val_rows[i] for i in vidx], seg, size, args.erase_markers, factor)
+        vmean, _ = encode_latents(vae, vimgs)
+        lat = {"mean": mean, "std": std, "shares": torch.from_numpy(shares), "val_mean": vmean,
+               "val_shares": torch.from_numpy(vshares), "val_idx": vidx, "encode_s": time.time() - t,
+               "segmenter": seg.info.record()}
+        torch.save(lat, cache)
+    # 2. prompt embeddings with the model's own frozen text encoder (a handful of prompts)
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+    text_encoder = AutoModel.from_pretrained(model / "text_encoder").eval()
+    as_rows = [r for r, _ in rows]
+    captions = sorted(all_captions(as_rows, prompts) | {""})
+    emb = {c: engine.encode_prompt_embeddings(tokenizer, text_encoder, [c])[0] for c in captions}
+    # 3. balanced sampling weights over (source, label)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (r, src) in enumerate(rows):
+        groups.setdefault((src, r.label), []).append(i)
+    weights = np.zeros(len(rows))
+    for idx in groups.values():
+        weights[idx] = 1.0 / (len(groups) * len(idx))
+    # 4. model, optimiser, EMA
+    unet = UNet2DConditionModel.from_pretrained(model / "unet").float()
+    noise_sched = sd_noise_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=float(fcfg["lr"]), weight_decay=1e-2)
+    total = args.max_steps or int(fcfg["steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(fcfg["warmup_steps"]), total))
+    ema = EMAModel(unet.parameters(), decay=float(fcfg["ema_decay"]), use_ema_warmup=True, power=2 / 3)
+    start, best, elapsed0 = 0, float("inf"), 0.0
+    st = resume_state(out, args.resume)
+    if st is not None:
+        unet.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        ema.load_state_dict(st["ema"])
+        torch.set_rng_state(st["torch_rng"])
+        start, best, elapsed0, rng = st["step"], st["best"], st["elapsed"], st["np_rng"]
+    banner("lesion-finetune", args, {"start": start, "total": total, "groups": {f"{s}/{lab}": len(v)
+                                     for (s, lab), v in sorted(groups.items())}, "outside_weight": outside})
+    g = torch.Generator().manual_seed(1234)
+    v_lat = lat["val_mean"] * sf
+    v_noise = torch.randn(v_lat.shape, generator=g)
+    v_t = torch.randint(0, 1000, (len(v_lat),), generator=g)
+    v_cond = torch.stack([emb.get(caption_for(val_rows[i][0], prompts, np.random.default_rng(0)), emb[""])
+                          for i in lat["val_idx"]])
+
+    def weight_map(shares: torch.Tensor) -> torch.Tensor:
+        w = outside + (1 - outside) * shares[:, None]
+        return w / w.mean(dim=(1, 2, 3), keepdim=True)
+
+    log, prog, t0 = LossLog(out), Progress(start, total), time.time()
+    unet.train()
+    for step in range(start, total):
+        idx = rng.choice(len(rows), size=int(fcfg["batch_size"]), p=weights)
+        z = (lat["mean"][idx] + lat["std"][idx] * torch.randn_like(lat["mean"][idx])) * sf
+        caps = ["" if rng.random() < float(fcfg["caption_dropout"])
+                else caption_for(as_rows[i], prompts, rng) for i in idx]
+        cond = torch.stack([emb[c] for c in caps])
+        noise = torch.randn_like(z)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z),))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample
+        per = (F.mse_loss(pred.float(), noise, reduction="none") * weight_map(lat["shares"][idx])).mean(dim=(1, 2, 3))
+        loss = (per * min_snr_weights(noise_sched, t)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        prog(step, loss.item())
+        elapsed = elapsed0 + time.time() - t0
+        last = step + 1 == total or out_of_time(args, t0)
+        val_name, val_value = "", ""
+        if (step + 1) % int(fcfg["validate_every"]) == 0 or last:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+            unet.eval()
+            with torch.no_grad():
+                vl = [float((F.mse_loss(unet(noise_sched.add_noise(v_lat[i:i + 16], v_noise[i:i + 16],
+                                                                   v_t[i:i + 16]), v_t[i:i + 16],
+                                             encoder_hidden_states=v_cond[i:i + 16]).sample, v_noise[i:i + 16],
+                                        reduction="none") * weight_map(lat["val_shares"][i:i + 16])).mean())
+                      for i in range(0, len(v_lat), 16)]
+            val_name, val_value = "val_weighted_eps_mse_ema", f"{float(np.mean(vl)):.5f}"
+            best = min(best, float(val_value))
+            unet.save_pretrained(out / f"unet-step{step + 1:06d}")  # every validated EMA state: the probe chooses
+            ema.restore(unet.parameters())
+            unet.train()
+            sys.stderr.write(f"\n[val] step {step + 1}: weighted EMA eps-MSE {val_value}\n")
+        log.row(step + 1, loss.item(), sched.get_last_lr()[0], elapsed, val_name, val_value)
+        if (step + 1) % int(fcfg["checkpoint_every"]) == 0 or last:
+            save_checkpoint(out, step + 1, {"model": unet.state_dict(), "opt": opt.state_dict(),
+                                            "sched": sched.state_dict(), "ema": ema.state_dict(), "step": step + 1,
+                                            "best": best, "elapsed": elapsed, "np_rng": rng,
+                                            "torch_rng": torch.get_rng_state()})
+            log.plot()
+        if last:
+            break
+    wall = elapsed0 + time.time() - t0
+    sys.stderr.write(f"\nlesion-finetune done: wall {wall / 60:.1f} min\n")
+    if args.package:
+        chosen = sorted(out.glob("unet-step*"))[-1]
+        package(model, chosen, Path(args.package), {
+            "mode": "lesion-finetune", "from": engine.model_hash(model), "unet": chosen.name,
+            "wall_min": round(wall / 60, 1), "args": vars(args), "config": cfg,
+            "segmenter": lat.get("segmenter"), "groups": {f"{s}/{lab}": len(v) for (s, lab), v in groups.items()}},
+            prompts)
+    return 0
+
+
+def package(model: Path, unet_dir: Path, out: Path, record: dict[str, Any], prompts: dict[str, Any]) -> str:
+    """Write ``out``: ``model`` copied byte for byte with ``unet/`` replaced by ``unet_dir`` in fp16; the manifest
+    gets the fine-tuning record and the new class prompts. Returns the new model hash."""
+    from diffusers import UNet2DConditionModel
+
+    from app import engine
+
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("MODEL_CARD.md"))
+    shutil.rmtree(tmp / "unet")
+    UNet2DConditionModel.from_pretrained(unet_dir).to(torch.float16).save_pretrained(tmp / "unet")
+    manifest = json.loads((tmp / engine.MANIFEST).read_text())
+    manifest.pop("model_hash", None)
+    manifest.pop("figures", None)
+    manifest["name"] = out.name
+    manifest.setdefault("history", []).append(manifest.pop("training", None))
+    manifest["training"] = record
+    manifest["class_prompts"] = {**manifest.get("class_prompts", {}),
+                                 **{k: (v[0] if isinstance(v, list) else v) for k, v in prompts.items()}}
+    digest = engine.model_hash(tmp)
+    manifest["model_hash"] = digest
+    (tmp / engine.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return digest
