@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         from app import train_lesions
 
         return train_lesions.main(train_lesions.parse_args(argv[2:]))
+    if argv[:2] == ["train", "lesion-finetune"]:
+        from app import train_finetune
+
+        return train_finetune.main(train_finetune.parse_args(argv[2:]))
     if argv and argv[0] == "train":
         from app import train
 
