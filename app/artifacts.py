@@ -9,14 +9,24 @@ Used by ``vald-md counterfactual`` and by the web app's job worker, so both writ
 ``attribution.npy``    signed float32 (H, W) map, reference - counterfactual (mean over samples)
 ``attribution_std.npy`` per-pixel standard deviation over samples (only when samples > 1)
 ``reconstruction.png`` the autoencoder's reconstruction of the input (the alternative map reference)
+``mask.png``           the user's region mask, native size (only when one was given)
+``lung_mask.png``      the lung segmenter's mask, 0/255, native size (only when the map was restricted to it)
 ``record.json``        every parameter, seeds, effective steps, model hash, library versions, timings, hashes
 =====================  ===============================================================================
+
+The map's region: a user-supplied mask wins; else, with ``lung_mask`` on (the default) and a segmenter loaded,
+the lung fields (:mod:`app.lungs`); else the whole frame. ``record.json`` says which under ``"map_region"``
+(``"user_mask"``, ``"lungs"``, ``"whole_image"``) and, under ``"lung_mask"``, either the segmenter's provenance
+(name, SHA-256, input size, threshold, held-out Dice) with the mask's ``lung_fraction``, or ``"applied": false``
+and the reason. As with a user mask, ``attribution.npy`` keeps full-frame values; the overlay, thresholds and
+``map_summary`` are restricted to the region (``attribution.AttributionMap``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -28,6 +38,9 @@ import numpy as np
 
 from app import attribution, imaging, rendering
 from app.engine import CounterfactualEngine, CounterfactualResult, ProgressCallback
+from app.lungs import LungSegmenter, mask_png_bytes
+
+logger = logging.getLogger("vald_md.artifacts")
 
 REFERENCES = ("input", "reconstruction")
 DISCLAIMER = "AI-generated counterfactual — not for diagnostic use"
@@ -48,6 +61,7 @@ class ReviewRequest:
     window: int | str | None = "auto"
     reference: str | None = None  # None: the model's recommendation (manifest "map_reference"), else "input"
     smoothing_sigma: float = 0.0
+    lung_mask: bool = True  # restrict the map to the lungs when a segmenter is loaded (a user mask still wins)
 
     def check(self) -> None:
         """Refuse values the engine does not check itself (reference map, smoothing)."""
@@ -78,15 +92,54 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def lung_region(segmenter: LungSegmenter | None, pixels: np.ndarray, *, requested: bool,
+                user_mask: bool) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The lung mask that restricts a map, and what the record says about it.
+
+    Args:
+        segmenter: the loaded segmenter, or ``None`` when the server or command has none.
+        pixels: the decoded image, float32 (H, W) in [0, 1], native frame.
+        requested: ``ReviewRequest.lung_mask``. user_mask: a user-supplied mask was given (it wins).
+
+    Returns:
+        ``(mask, record)``: a bool (H, W) mask and ``{"applied": True, **segmenter.info.record(),
+        "lung_fraction": f}`` (``f`` = lung pixels / all pixels, in (0, 1]); or ``(None, {"applied": False,
+        "reason": ...})`` when switched off, overridden by a user mask, without a segmenter, or when the
+        segmenter finds no lung (a restriction to nothing would hide the whole map). Never raises for a
+        segmentation failure: the run goes on unrestricted and the record says why.
+    """
+    if not requested:
+        return None, {"applied": False, "reason": "switched off (lung_mask=false)"}
+    if user_mask:
+        return None, {"applied": False, "reason": "a user-supplied region mask was used instead"}
+    if segmenter is None:
+        return None, {"applied": False, "reason": "no lung segmenter is loaded (model_weights/lungs-unet is "
+                                                  "missing or VALD_MD_LUNG_SEGMENTER names no segmenter folder)"}
+    try:
+        lungs = segmenter.segment(pixels)
+    except (ValueError, RuntimeError) as e:  # e.g. an image too small to segment: run unrestricted, say why
+        logger.warning("lung segmentation failed (%s); the map is not restricted", type(e).__name__)
+        return None, {"applied": False, "reason": f"lung segmentation failed: {e}"}
+    if lungs.shape != pixels.shape:
+        raise ValueError(f"the segmenter returned a mask of shape {lungs.shape} for an image of {pixels.shape}")
+    if not lungs.any():
+        return None, {"applied": False, "reason": "the segmenter found no lung field in this image",
+                      **segmenter.info.record()}
+    return lungs, {"applied": True, **segmenter.info.record(), "lung_fraction": round(float(lungs.mean()), 6)}
+
+
 def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, out: Path, *,
                mask: np.ndarray | None = None, progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None,
-               decoded: imaging.DecodedImage | None = None) -> dict[str, Any]:
+               decoded: imaging.DecodedImage | None = None,
+               segmenter: LungSegmenter | None = None) -> dict[str, Any]:
     """Decode ``data``, make the counterfactual(s), write every artifact into ``out``; return the record.
 
     Args:
         data: the uploaded file's bytes (DICOM, PNG or JPEG). decoded: pass when already decoded (skips decode).
-        mask: optional bool (H, W) region mask in the native frame (e.g. lungs); restricts the map.
+        mask: optional bool (H, W) user region mask in the native frame; restricts the map (wins over the lungs).
+        segmenter: the lung segmenter; with ``req.lung_mask`` and no user mask, the map is restricted to the
+            lungs it finds in the decoded pixels and ``lung_mask.png`` is written (see :func:`lung_region`).
 
     Raises:
         imaging.ImagingError: the file cannot be read as a chest radiograph (message for the clinician).
@@ -100,12 +153,14 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     pixels = img.pixels
     if mask is not None and mask.shape != pixels.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the image's {pixels.shape}")
+    lungs, lung_record = lung_region(segmenter, pixels, requested=req.lung_mask, user_mask=mask is not None)
+    region = mask if mask is not None else lungs
     result: CounterfactualResult = engine.generate(
         pixels, req.prompt, negative_prompt=req.negative_prompt, strength=req.strength,
         guidance_scale=req.guidance_scale, steps=req.steps, seed=req.seed, scheduler=req.scheduler,
         samples=req.samples, progress=progress, cancel=cancel)
     reference = pixels if req.reference == "input" else result.reconstruction
-    amap = attribution.difference_map(reference, result.counterfactuals, mask=mask,
+    amap = attribution.difference_map(reference, result.counterfactuals, mask=region,
                                       smoothing_sigma=req.smoothing_sigma)
     overlay = rendering.render_overlay(pixels, amap)
     hashes: dict[str, str] = {}
@@ -121,6 +176,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         hashes["attribution_std.npy"] = _write(out / "attribution_std.npy", _npy_bytes(amap.std))
     if mask is not None:
         hashes["mask.png"] = _write(out / "mask.png", imaging.to_png_bytes(mask.astype(np.float32)))
+    if lungs is not None:
+        hashes["lung_mask.png"] = _write(out / "lung_mask.png", mask_png_bytes(lungs))
     summary = attribution.summarize(amap)
     record = {
         "vald_md_record": 1,
@@ -129,7 +186,9 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                   **img.meta.public_summary()},
         **result.record(),
         "request": {"window": req.window, "reference": req.reference, "smoothing_sigma": req.smoothing_sigma,
-                    "mask": mask is not None},
+                    "mask": mask is not None, "lung_mask": req.lung_mask},
+        "map_region": "user_mask" if mask is not None else "lungs" if lungs is not None else "whole_image",
+        "lung_mask": lung_record,
         "map_summary": summary.to_dict(),
         "artifacts_sha256": hashes,
         "disclaimer": DISCLAIMER,

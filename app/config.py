@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL_DIR = REPO_ROOT / "model_weights" / "vald-md-mini"
 """Same folder as ``app.engine.DEFAULT_MODEL_DIR`` (not imported: reading settings must not load torch)."""
+EMBEDDED_LUNG_SEGMENTER_DIR = REPO_ROOT / "model_weights" / "lungs-unet"
+"""Same folder as ``app.lungs.DEFAULT_SEGMENTER_DIR`` (not imported, for the same reason)."""
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?|mps)$")
 _LOOPBACK_NAMES = {"localhost"}
@@ -28,6 +30,9 @@ class Settings(BaseSettings):
 
     Attributes:
         model_dir: diffusers-format model folder; ``None`` = the embedded ``model_weights/vald-md-mini``.
+        lung_segmenter: lung segmenter folder (``app.lungs``; ``VALD_MD_LUNG_SEGMENTER``); ``None`` = the embedded
+            ``model_weights/lungs-unet``. A folder that is missing or not a segmenter is not an error: the server
+            logs a warning and its maps are not restricted to the lungs (each record says so).
         data_dir: folder for uploads and run artifacts (``<data_dir>/runs/<job_id>/``); created at start-up.
         host: interface to bind. Only loopback addresses are accepted unless ``allow_remote`` is set: the server
             speaks plain HTTP, so anything beyond this machine belongs behind a TLS-terminating reverse proxy.
@@ -63,6 +68,7 @@ class Settings(BaseSettings):
                                       populate_by_name=True)
 
     model_dir: Path | None = None
+    lung_segmenter: Path | None = None
     data_dir: Path = REPO_ROOT / "data"
     host: str = "127.0.0.1"
     allow_remote: bool = False
@@ -128,7 +134,7 @@ class Settings(BaseSettings):
                              f"postgresql+psycopg://USER@HOST/DB")
         return v
 
-    @field_validator("model_dir", mode="before")
+    @field_validator("model_dir", "lung_segmenter", mode="before")
     @classmethod
     def _check_model_dir(cls, v: object) -> Path | None:
         # before validation: an empty VALD_MD_MODEL_DIR= means "unset", not Path("") == the working directory
@@ -168,6 +174,11 @@ class Settings(BaseSettings):
     def resolved_model_dir(self) -> Path:
         """``model_dir``, or the embedded model folder when unset."""
         return self.model_dir or EMBEDDED_MODEL_DIR
+
+    @property
+    def resolved_lung_segmenter(self) -> Path:
+        """``lung_segmenter``, or the embedded segmenter folder when unset."""
+        return self.lung_segmenter or EMBEDDED_LUNG_SEGMENTER_DIR
 
 
 def _is_loopback(host: str) -> bool:

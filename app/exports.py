@@ -11,7 +11,8 @@
 =========================  ================================================================================
 
 The overlay is re-rendered from ``input.png`` (16-bit) and ``attribution.npy`` (plus ``attribution_std.npy`` and
-``mask.png`` when present), so display options (opacity, threshold, mode) can differ from ``overlay.png``.
+the region mask: ``mask.png``, else ``lung_mask.png``, when present), so display options (opacity, threshold,
+mode, the lung outline) can differ from ``overlay.png``; nothing is ever drawn outside the region.
 Every artifact read is checked against ``record["artifacts_sha256"]`` first: a run folder edited after the run
 is refused rather than exported under the record's name.
 
@@ -95,7 +96,7 @@ MODEL_HASH_PREFIX = 12
 
 _OVERLAY_OPTIONS = frozenset({"opacity", "threshold", "threshold_mode", "mode"})
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "annotated.png": _OVERLAY_OPTIONS,
+    "annotated.png": _OVERLAY_OPTIONS | {"lung_outline"},
     "secondary-capture.dcm": _OVERLAY_OPTIONS | {"include_patient_data"},
     "record.json": frozenset(),
     "bundle.zip": frozenset({"include_patient_data"}),
@@ -103,7 +104,9 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
 # Bundle order: the artifacts as app.artifacts lists them, then the exports made here.
 _BUNDLE_HEAD = ("input.png",)
 _BUNDLE_TAIL = ("reconstruction.png", "overlay.png", "annotated.png", "attribution.npy", "attribution_std.npy",
-                "mask.png", "record.json", "secondary-capture.dcm")
+                "mask.png", "lung_mask.png", "record.json", "secondary-capture.dcm")
+REGION_MASKS = ("mask.png", "lung_mask.png")
+"""The run files that restrict a map, in order of precedence (the user's mask, then the lungs)."""
 _COUNTERFACTUAL = re.compile(r"^counterfactual(?:-(\d+))?\.png$")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a ZIP entry can carry
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -213,16 +216,29 @@ def _read_map(run_dir: Path, record: dict[str, Any]) -> tuple[FloatImage, attrib
         std = _decode_npy(_read_artifact(run_dir, "attribution_std.npy", record), "attribution_std.npy",
                           original.shape)
     mask = None
-    if (run_dir / "mask.png").exists():
-        try:
-            mask = attribution.load_mask_png(_read_artifact(run_dir, "mask.png", record), original.shape)
-        except ValueError as exc:
-            raise ExportError(f"mask.png in {run_dir} cannot be used: {exc}") from exc
+    for name in REGION_MASKS:  # a user mask wins; the run writes at most one of them
+        if (run_dir / name).exists():
+            try:
+                mask = attribution.load_mask_png(_read_artifact(run_dir, name, record), original.shape)
+            except ValueError as exc:
+                raise ExportError(f"{name} in {run_dir} cannot be used: {exc}") from exc
+            break
     summary = record.get("map_summary") or {}
     n_samples = int(summary.get("n_samples") or (record.get("parameters") or {}).get("samples") or 1)
     amap = attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
                                       n_samples=max(n_samples, 2 if std is not None else 1), mask=mask)
     return original, amap
+
+
+def _read_lung_mask(run_dir: Path, record: dict[str, Any], shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """``lung_mask.png`` as bool ``(H, W)``; ExportError when the run has none (its map was not restricted)."""
+    if not (Path(run_dir) / "lung_mask.png").exists():
+        raise ExportError("This run has no lung mask (its map was not restricted to the lungs), so there is no "
+                          "lung outline to draw; export without it.")
+    try:
+        return attribution.load_mask_png(_read_artifact(Path(run_dir), "lung_mask.png", record), shape)
+    except ValueError as exc:
+        raise ExportError(f"lung_mask.png in {run_dir} cannot be used: {exc}") from exc
 
 
 def _render_overlay(original: FloatImage, amap: attribution.AttributionMap, *, opacity: float,
@@ -271,14 +287,33 @@ def _run_facts(record: dict[str, Any]) -> dict[str, str]:
         "samples": _fmt(params.get("samples")),
         "reference": _fmt(request.get("reference")),
         "smoothing_sigma": _fmt(request.get("smoothing_sigma")),
+        "map_region": _map_region(record),
         "model_hash": _fmt(record.get("model_hash")),
         "created_at": _fmt(record.get("created_at")),
     }
     return facts
 
 
-def _display_params(facts: dict[str, str], overlay: dict[str, str]) -> dict[str, str]:
-    """Human-readable parameter lines for the burned-in block, in reading order."""
+def _map_region(record: dict[str, Any]) -> str:
+    """``lungs``, ``user_mask`` or ``whole_image``; records written before lung masks say only ``request.mask``."""
+    region = record.get("map_region")
+    if isinstance(region, str):
+        return region
+    return "user_mask" if (record.get("request") or {}).get("mask") else "whole_image"
+
+
+def _region_text(record: dict[str, Any]) -> str:
+    region = _map_region(record)
+    if region == "lungs":
+        lung = record.get("lung_mask") or {}
+        fraction = lung.get("lung_fraction")
+        share = f", {100 * float(fraction):.0f} % of the image" if isinstance(fraction, int | float) else ""
+        return f"lungs ({lung.get('name', 'segmenter')} {str(lung.get('sha256', ''))[:MODEL_HASH_PREFIX]}{share})"
+    return {"user_mask": "uploaded region mask", "whole_image": "whole image"}.get(region, region)
+
+
+def _display_params(facts: dict[str, str], overlay: dict[str, str], region: str) -> dict[str, str]:
+    """Human-readable parameter lines for the burned-in block, in reading order (``region``: :func:`_region_text`)."""
     model = facts["model_hash"]
     shown = {
         "Prompt": facts["prompt"],
@@ -290,6 +325,7 @@ def _display_params(facts: dict[str, str], overlay: dict[str, str]) -> dict[str,
         "Scheduler": facts["scheduler"],
         "Samples": facts["samples"],
         "Map reference": facts["reference"],
+        "Map region": region,
         "Model (SHA-256)": model[:MODEL_HASH_PREFIX] if model != "n/a" else model,
         "Overlay": ", ".join(f"{k} {v}" for k, v in overlay.items()),
         "Created (UTC)": facts["created_at"],
@@ -297,10 +333,14 @@ def _display_params(facts: dict[str, str], overlay: dict[str, str]) -> dict[str,
     return shown
 
 
-def _overlay_facts(opacity: float, threshold: float | None, threshold_mode: str, mode: str) -> dict[str, str]:
+def _overlay_facts(opacity: float, threshold: float | None, threshold_mode: str, mode: str,
+                   lung_outline: bool = False) -> dict[str, str]:
     thr = "none" if threshold is None else (f"{threshold:g} %ile" if threshold_mode == "percentile"
                                             else f"{threshold:g}")
-    return {"mode": mode, "opacity": f"{opacity:g}", "threshold": thr}
+    facts = {"mode": mode, "opacity": f"{opacity:g}", "threshold": thr}
+    if lung_outline:
+        facts["lung outline"] = "green"
+    return facts
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -309,7 +349,8 @@ def _overlay_facts(opacity: float, threshold: float | None, threshold_mode: str,
 
 
 def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: float | None = None,
-                         threshold_mode: str = "percentile", mode: str = "magnitude") -> bytes:
+                         threshold_mode: str = "percentile", mode: str = "magnitude",
+                         lung_outline: bool = False) -> bytes:
     """An annotated PNG of the run: banner, original | overlay with legend, and the run's parameters.
 
     The banner :data:`DISCLAIMER` is burned in across the top (by
@@ -317,7 +358,8 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     iTXt where the value is not Latin-1): ``vald_md:prompt``, ``vald_md:negative_prompt``, ``vald_md:strength``,
     ``vald_md:guidance_scale``, ``vald_md:steps``, ``vald_md:effective_steps``, ``vald_md:seed`` (all sample
     seeds, comma-separated), ``vald_md:scheduler``, ``vald_md:samples``, ``vald_md:reference``,
-    ``vald_md:smoothing_sigma``, ``vald_md:model_hash`` (full SHA-256), ``vald_md:created_at``,
+    ``vald_md:smoothing_sigma``, ``vald_md:map_region`` (``lungs``, ``user_mask`` or ``whole_image``),
+    ``vald_md:model_hash`` (full SHA-256), ``vald_md:created_at``,
     ``vald_md:overlay`` (JSON of the display options), ``vald_md:record_sha256`` (of ``record.json``), plus
     ``Disclaimer`` and ``Software``. Neither the pixels nor the chunks hold patient data or the folder's path.
     The output is deterministic: the same run and options give the same bytes.
@@ -329,6 +371,8 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
             absolute intensity difference (``"absolute"``); ``None`` shows every value.
         threshold_mode: ``"percentile"`` or ``"absolute"``.
         mode: ``"magnitude"``, ``"signed"``, ``"outline"`` or ``"stability"`` (several samples only).
+        lung_outline: Draw the outline of ``lung_mask.png`` in green over the overlay (the map is restricted to
+            it anyway); refused for a run without one.
 
     Returns:
         PNG bytes (8-bit RGB).
@@ -343,10 +387,12 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     # 2. overlay and the composed image
     overlay = _render_overlay(original, amap, opacity=opacity, threshold=threshold,
                               threshold_mode=threshold_mode, mode=mode)
+    if lung_outline:
+        overlay = rendering.draw_mask_outline(overlay, _read_lung_mask(run_dir, record, original.shape))
     facts = _run_facts(record)
-    overlay_facts = _overlay_facts(opacity, threshold, threshold_mode, mode)
+    overlay_facts = _overlay_facts(opacity, threshold, threshold_mode, mode, lung_outline)
     image = rendering.render_annotated_export(
-        original, overlay, params=_display_params(facts, overlay_facts),
+        original, overlay, params=_display_params(facts, overlay_facts, _region_text(record)),
         title="VALD-MD counterfactual attribution (original − counterfactual)")
 
     # 3. text chunks
@@ -355,8 +401,11 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     info.add_text("Disclaimer", DISCLAIMER)  # add_text writes iTXt when the value is not Latin-1 (the em dash)
     for key, value in facts.items():
         info.add_text(f"vald_md:{key}", value)
-    info.add_text("vald_md:overlay", json.dumps({"mode": mode, "opacity": opacity, "threshold": threshold,
-                                                  "threshold_mode": threshold_mode}))
+    shown: dict[str, Any] = {"mode": mode, "opacity": opacity, "threshold": threshold,
+                             "threshold_mode": threshold_mode}
+    if lung_outline:
+        shown["lung_outline"] = True
+    info.add_text("vald_md:overlay", json.dumps(shown))
     info.add_text("vald_md:record_sha256", _sha256(record_bytes))
 
     buf = io.BytesIO()

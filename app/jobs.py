@@ -52,6 +52,7 @@ from app import attribution, audit, imaging
 from app.artifacts import ReviewRequest, run_review, sha256
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps, library_versions
 from app.imaging.deid import deidentify
+from app.lungs import LungSegmenter
 
 logger = logging.getLogger("vald_md.jobs")
 
@@ -288,13 +289,15 @@ class JobManager:
         uid_secret: the HMAC key for DICOM UIDs (``audit.load_or_create_secret``); required with ``db``.
         store_plain_uids: also store DICOM UIDs in clear in the database (site opt-in).
         store_identified_uploads: keep uploads as received instead of de-identifying the stored copy.
+        segmenter: the lung segmenter handed to every run (``ReviewRequest.lung_mask`` restricts the map to the
+            lungs it finds); ``None``: runs are not restricted and their records say why.
     """
 
     def __init__(self, engine: CounterfactualEngine, runs_dir: Path, *, queue_size: int = 8,
                  runner: Runner = run_review, preview_size: int = 192, thumbnail_size: int = 96,
                  max_steps: int = 1000, max_samples: int = 16, db: Database | None = None,
                  uid_secret: bytes | None = None, store_plain_uids: bool = False,
-                 store_identified_uploads: bool = False) -> None:
+                 store_identified_uploads: bool = False, segmenter: LungSegmenter | None = None) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size} must be at least 1")
         if db is not None and uid_secret is None:
@@ -304,6 +307,7 @@ class JobManager:
         self.store_plain_uids = store_plain_uids
         self.store_identified_uploads = store_identified_uploads
         self.engine = engine
+        self.segmenter = segmenter
         self.runs_dir = Path(runs_dir)
         self.capacity = queue_size
         self.preview_size = preview_size
@@ -641,7 +645,7 @@ class JobManager:
         data = job.upload_path.read_bytes()
         try:
             record = self._runner(self.engine, data, job.request, job.run_dir, mask=job._mask, progress=progress,
-                                  cancel=job.cancel_event, decoded=job._decoded)
+                                  cancel=job.cancel_event, decoded=job._decoded, segmenter=self.segmenter)
         except GenerationCancelled:
             self._audit_finish(job, JobState.CANCELLED, job._cancel_reason or "cancelled")
             with self._cond:

@@ -30,9 +30,13 @@ __all__ = [
     "BANNER_TEXT",
     "DEFAULT_SCALE_PERCENTILE",
     "LEGEND_POSITIONS",
+    "OUTLINE_COLOUR",
     "OVERLAY_MODES",
+    "draw_mask_outline",
+    "mask_outline",
     "render_annotated_export",
     "render_legend",
+    "render_mask_outline_rgba",
     "render_overlay",
 ]
 
@@ -44,6 +48,8 @@ LEGEND_POSITIONS = ("right", "bottom")
 DEFAULT_SCALE_PERCENTILE = 99.5
 """Percentile of the map (inside the mask) that maps to full opacity when no fixed scale is given."""
 BANNER_TEXT = "AI-generated counterfactual — not for diagnostic use"
+OUTLINE_COLOUR = (0, 230, 118)
+"""The lung outline's colour (RGB): green, so that it is never mistaken for the map's red, blue or amber."""
 
 # Overlay hues, RGB in [0, 1]. Blue is lightened because pure blue vanishes over dark lung fields; the
 # stability map gets its own hue so uncertainty is never mistaken for attribution.
@@ -183,6 +189,71 @@ def render_overlay(
         length = out.shape[0] if legend_position == "right" else out.shape[1]
         bar = render_legend(length, used_scale, mode, position=legend_position, opacity=opacity, threshold=thr)
         out = np.concatenate([out, bar], axis=1 if legend_position == "right" else 0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Region outlines (the lung mask drawn over an image)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_mask_shape(mask: ArrayLike) -> NDArray[np.bool_]:
+    m = np.asarray(mask)
+    if m.ndim != 2 or min(m.shape) < 1:
+        raise ValueError(f"mask must be a 2-D (H, W) array; got shape {m.shape}.")
+    return m.astype(bool, copy=False)
+
+
+def mask_outline(mask: ArrayLike, *, width: int | None = None) -> NDArray[np.bool_]:
+    """The inner boundary band of a region: pixels inside ``mask`` within ``width`` pixels of its edge.
+
+    Args:
+        mask: bool or 0/1 ``(H, W)``. The image border counts as outside, so a region touching it is closed.
+        width: band width in pixels (>= 1); ``None`` = ``max(1, round(max(H, W) / 256))``, which stays about
+            2 screen pixels wide when the image is fitted into a 512-pixel panel.
+
+    Returns:
+        bool ``(H, W)``; empty for an empty mask.
+    """
+    m = _check_mask_shape(mask)
+    w = max(1, round(max(m.shape) / 256)) if width is None else int(width)
+    if w < 1:
+        raise ValueError(f"width must be at least 1 pixel; got {width!r}.")
+    if not m.any():
+        return np.zeros_like(m)
+    out: NDArray[np.bool_] = m & ~ndimage.binary_erosion(m, iterations=w, border_value=0)
+    return out
+
+
+def draw_mask_outline(rgb: ArrayLike, mask: ArrayLike, *, colour: tuple[int, int, int] = OUTLINE_COLOUR,
+                      width: int | None = None) -> RGBImage:
+    """Paint the outline of ``mask`` (:func:`mask_outline`) over an RGB image, opaque, in ``colour``.
+
+    Args:
+        rgb: uint8 ``(H', W', 3)`` with ``H' >= H`` and ``W' >= W`` (e.g. an overlay with its legend on the
+            right): only the top-left ``(H, W)`` part, the image itself, is painted.
+        mask: bool ``(H, W)`` in the image's frame.
+
+    Returns:
+        A new uint8 RGB array of ``rgb``'s shape.
+    """
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    m = _check_mask_shape(mask)
+    h, w = m.shape
+    if out.ndim != 3 or out.shape[2] != 3 or out.shape[0] < h or out.shape[1] < w:
+        raise ValueError(f"rgb must be uint8 (H, W, 3) at least as large as the mask {m.shape}; got {out.shape}.")
+    out[:h, :w][mask_outline(m, width=width)] = colour
+    return out
+
+
+def render_mask_outline_rgba(mask: ArrayLike, *, colour: tuple[int, int, int] = OUTLINE_COLOUR,
+                             width: int | None = None) -> NDArray[np.uint8]:
+    """The outline of ``mask`` on a transparent layer, uint8 RGBA ``(H, W, 4)``, to lay over any image of the
+    same frame (the review page's "lung outline" layer): ``colour`` at alpha 255 on the outline, alpha 0 elsewhere.
+    """
+    edge = mask_outline(mask, width=width)
+    out = np.zeros((*edge.shape, 4), dtype=np.uint8)
+    out[edge] = (*colour, 255)
     return out
 
 

@@ -427,3 +427,37 @@ def test_attribution_map_region_mask() -> None:
     )
     assert amap.shape == (4, 5) and amap.region_mask().all()
     assert BANNER_TEXT.startswith("AI-generated counterfactual")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# region outlines (the lung mask drawn over an image)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_mask_outline_is_the_inner_boundary() -> None:
+    region = disk()
+    edge = attr.mask_outline(region, width=1)
+    assert edge.any() and not (edge & ~region).any(), "the outline lies inside the region"
+    assert not edge[int(CENTRE[1]), int(CENTRE[0])], "the interior is not outlined"
+    assert attr.mask_outline(region, width=3).sum() > edge.sum()
+    assert not attr.mask_outline(np.zeros((H, W), bool)).any()
+    full = attr.mask_outline(np.ones((H, W), bool), width=1)
+    assert full[0].all() and full[:, -1].all() and not full[1:-1, 1:-1].any(), "the image border closes a region"
+    assert attr.mask_outline(np.ones((1024, 512), bool)).sum(axis=0)[256] == 2 * 4, "width max(H, W) / 256"
+
+
+def test_outline_layer_and_painted_outline() -> None:
+    region = disk()
+    rgba = attr.render_mask_outline_rgba(region)
+    assert rgba.shape == (H, W, 4) and rgba.dtype == np.uint8
+    edge = attr.mask_outline(region)
+    assert (rgba[edge] == (*attr.OUTLINE_COLOUR, 255)).all() and (rgba[~edge] == 0).all()
+    original, counterfactual = lesion_pair()
+    overlay = render_overlay(original, difference_map(original, counterfactual), legend=True)
+    painted = attr.draw_mask_outline(overlay, region)
+    assert painted.shape == overlay.shape
+    assert (painted[:, :W][edge] == attr.OUTLINE_COLOUR).all()
+    np.testing.assert_array_equal(painted[:, :W][~edge], overlay[:, :W][~edge])
+    np.testing.assert_array_equal(painted[:, W:], overlay[:, W:])  # the legend is untouched
+    with pytest.raises(ValueError, match="at least as large"):
+        attr.draw_mask_outline(overlay[:10], region)

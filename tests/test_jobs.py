@@ -64,7 +64,7 @@ class GatedRunner:
         self.fail = fail
 
     def __call__(self, engine: Any, data: bytes, req: ReviewRequest, out: Path, *, mask=None, progress=None,
-                 cancel=None, decoded=None) -> dict[str, Any]:
+                 cancel=None, decoded=None, segmenter=None) -> dict[str, Any]:
         self.calls.append(out.name)
         self.started.set()
         if self.fail is not None:

@@ -29,6 +29,7 @@ from app.config import REPO_ROOT, Settings
 from app.engine import GenerationCancelled
 from app.web import create_app
 from tests.accounts import add_user, sign_in
+from tests.tiny_lungs import BoxSegmenter, box_lungs, write_tiny_segmenter
 
 FAST = {"strength": "0.5", "steps": "4", "guidance_scale": "5", "seed": "11"}
 TEMPLATES = REPO_ROOT / "templates"
@@ -118,7 +119,9 @@ class GatedEngine:
 
 @pytest.fixture(scope="module")
 def app_and_client(tiny_engine, tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("web-data"), queue_size=4)
+    # no lung segmenter (a folder that does not exist): the server runs, and its maps are not restricted
+    data = tmp_path_factory.mktemp("web-data")
+    settings = Settings(data_dir=data, queue_size=4, lung_segmenter=data / "no-segmenter-here")
     app = create_app(settings, engine=tiny_engine)
     with TestClient(app) as client:
         sign_in(client, app, add_user(app.state.db, "clinician-a"))
@@ -324,7 +327,7 @@ def test_full_json_flow(client, done_job):
     assert st["progress"]["step"] == st["progress"]["total"] == 3 and st["progress"]["fraction"] == 1.0
     assert st["parameters"] == {"prompt": "normal chest x-ray", "negative_prompt": "", "strength": 0.5,
                                 "guidance_scale": 5.0, "steps": 4, "seed": 11, "scheduler": "pndm", "samples": 1,
-                                "window": "auto", "reference": "input"}
+                                "window": "auto", "reference": "input", "lung_mask": True}
     assert {"denoising", "total", "queued", "run"} <= set(st["timings_s"])
     assert st["input"]["source_format"] == "png" and st["input"]["rows"] == 40
     base = f"/api/v1/jobs/{st['job_id']}"
@@ -666,3 +669,115 @@ def test_settings_read_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("VALD_MD_DATA_DIR", str(tmp_path / "d"))
     s = Settings()
     assert s.queue_size == 3 and s.runs_dir == (tmp_path / "d" / "runs").resolve()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lung masks: the segmenter loaded at start-up, the form and API field, the viewer's lung outline
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lungs_app(tiny_engine, tmp_path_factory):
+    """A server whose lung segmenter is a tiny folder (loaded at start-up), then given a known lung field."""
+    data = tmp_path_factory.mktemp("web-lungs")
+    folder = write_tiny_segmenter(data / "tiny-lungs")
+    app = create_app(Settings(data_dir=data / "data", queue_size=4, lung_segmenter=folder), engine=tiny_engine)
+    with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-l"))
+        loaded = app.state.segmenter
+        app.state.jobs.segmenter = BoxSegmenter(folder)
+        yield app, c, loaded, folder
+
+
+@pytest.fixture(scope="module")
+def lung_job(lungs_app) -> dict[str, Any]:
+    _, c, _, _ = lungs_app
+    r = submit(c)  # lung_mask left out: on by default
+    assert r.status_code == 202, r.text
+    return wait_state(c, r.json()["job_id"])
+
+
+def test_segmenter_loaded_at_start_up(lungs_app):
+    from app.lungs import folder_hash
+
+    _, _, loaded, folder = lungs_app
+    assert loaded is not None and loaded.info.sha256 == folder_hash(folder)
+
+
+def test_missing_segmenter_folder_runs_unrestricted(app_and_client, client, done_job):
+    app = app_and_client[0]
+    assert app.state.segmenter is None and client.get("/readyz").status_code == 200
+    job_id = done_job["job_id"]
+    assert done_job["parameters"]["lung_mask"] is True and "lung_mask.png" not in done_job["artifacts"]
+    record = client.get(f"/api/v1/jobs/{job_id}/artifacts/record.json").json()
+    assert record["map_region"] == "whole_image" and record["lung_mask"]["applied"] is False
+    assert "no lung segmenter" in record["lung_mask"]["reason"]
+    doc = Doc(client.get(f"/runs/{job_id}", headers={"HX-Request": "true"}).text)
+    assert doc.find_all("td", data_map_region="whole_image")
+    assert doc.by_id("ov-lungs") is None and not doc.find_all("img", data_lung_outline="")
+    assert client.get(f"/api/v1/jobs/{job_id}/lung-outline.png").status_code == 404
+
+
+def test_api_run_is_restricted_to_the_lungs(lungs_app, lung_job):
+    _, c, _, folder = lungs_app
+    from app.lungs import folder_hash
+
+    base = f"/api/v1/jobs/{lung_job['job_id']}"
+    assert lung_job["state"] == "done" and lung_job["parameters"]["lung_mask"] is True
+    assert lung_job["links"]["lung_outline"] == f"{base}/lung-outline.png"
+    mask = np.asarray(Image.open(io.BytesIO(c.get(lung_job["artifacts"]["lung_mask.png"]).content)))
+    assert mask.shape == (40, 36) and set(np.unique(mask)) == {0, 255}
+    record = c.get(f"{base}/artifacts/record.json").json()
+    assert record["map_region"] == "lungs" and record["lung_mask"]["sha256"] == folder_hash(folder)
+    overlay = np.asarray(Image.open(io.BytesIO(c.get(f"{base}/overlay.png?opacity=1&mode=signed").content))
+                         .convert("RGB")).astype(int)
+    outside = ~box_lungs((40, 36))
+    assert (overlay[outside].max(axis=1) == overlay[outside].min(axis=1)).all(), "gray outside the lungs"
+    layer = Image.open(io.BytesIO(c.get(f"{base}/lung-outline.png").content))
+    assert layer.mode == "RGBA" and layer.size == (36, 40)
+    alpha = np.asarray(layer)[..., 3]
+    assert alpha.any() and not alpha[outside].any()
+
+
+def test_api_lung_mask_false(lungs_app):
+    _, c, _, _ = lungs_app
+    st = wait_state(c, submit(c, lung_mask="false").json()["job_id"])
+    assert st["state"] == "done" and st["parameters"]["lung_mask"] is False
+    assert "lung_mask.png" not in st["artifacts"] and "lung_outline" not in st["links"]
+    record = c.get(st["artifacts"]["record.json"]).json()
+    assert record["request"]["lung_mask"] is False and record["map_region"] == "whole_image"
+    assert submit(c, lung_mask="maybe").status_code == 422
+
+
+def test_form_lung_mask_checkbox(lungs_app):
+    """On by default; an unticked checkbox sends nothing, and the form's marker turns that into "off"."""
+    _, c, _, _ = lungs_app
+    box = Doc(c.get("/").text).by_id("lung_mask")
+    assert box["type"] == "checkbox" and "checked" in box
+    states = {}
+    for label, extra in (("ticked", {"lung_mask": "true"}), ("unticked", {})):
+        r = c.post("/runs", data={**FAST, "seed_mode": "random", "lung_mask_field": "checkbox", **extra},
+                   files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
+        assert r.status_code == 200, r.text
+        states[label] = wait_state(c, Doc(r.text).by_id("run")["data-job"])
+    assert states["ticked"]["parameters"]["lung_mask"] is True
+    assert states["unticked"]["parameters"]["lung_mask"] is False
+    restored = Doc(c.get(f"/runs/{states['unticked']['job_id']}/form", headers={"HX-Request": "true"}).text)
+    assert "checked" not in restored.by_id("lung_mask")
+
+
+def test_run_page_shows_the_lung_restriction_and_outline_option(lungs_app, lung_job):
+    _, c, _, _ = lungs_app
+    job_id = lung_job["job_id"]
+    doc = Doc(c.get(f"/runs/{job_id}").text)
+    assert doc.find_all("td", data_map_region="lungs") and "Lungs only" in doc.text
+    toggle = doc.by_id("ov-lungs")
+    assert toggle["type"] == "checkbox" and toggle["name"] == "lungs" and "checked" not in toggle
+    layers = doc.find_all("img", data_lung_outline="")
+    assert len(layers) == 4 and {a["src"] for a in layers} == {f"/api/v1/jobs/{job_id}/lung-outline.png"}
+    # ticking it (htmx sends the overlay form): the annotated export's link draws the outline too
+    r = c.get(f"/runs/{job_id}/overlay?opacity=0.6&threshold=0&mode=magnitude&lungs=true",
+              headers={"HX-Request": "true"})
+    annotated = [a["href"] for a in Doc(r.text).find_all("a") if a.get("data-export") == "annotated.png"][0]
+    assert annotated.endswith("&lung_outline=true")
+    png = c.get(annotated)
+    assert png.status_code == 200
+    assert json.loads(Image.open(io.BytesIO(png.content)).text["vald_md:overlay"])["lung_outline"] is True

@@ -1,7 +1,7 @@
 """The JSON API (``/api/v1``): the same jobs as the pages, for scripts and integrations.
 
 =======  ==========================================  =====================================================
-POST     /api/v1/counterfactuals                     multipart: file, prompt, ... -> 202 {"job_id", ...}
+POST     /api/v1/counterfactuals                     multipart: file, prompt, ..., lung_mask -> 202 {"job_id"}
 GET      /api/v1/jobs                                the user's jobs, newest first
 GET      /api/v1/jobs/{id}                           status, progress, parameters, effective steps, timings
 POST     /api/v1/jobs/{id}/cancel                    cancel (queued: at once; running: within one step)
@@ -9,6 +9,7 @@ GET      /api/v1/jobs/{id}/events                    server-sent events, one JSO
 GET      /api/v1/jobs/{id}/preview.png               latest denoising preview (small PNG)
 GET      /api/v1/jobs/{id}/thumbnail.png             small PNG of the input, for history lists
 GET      /api/v1/jobs/{id}/overlay.png               overlay re-rendered with ?opacity=&threshold=&mode=&scale=
+GET      /api/v1/jobs/{id}/lung-outline.png          the lung mask's outline on a transparent layer (RGBA)
 GET      /api/v1/jobs/{id}/artifacts/{name}          run files (input.png, ...) and exports (bundle.zip, ...)
 GET      /api/v1/model                               the loaded model: name, hash, presets, class prompts
 =======  ==========================================  =====================================================
@@ -36,7 +37,14 @@ from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, fi
 from app.web.errors import UploadTooLargeError
 from app.web.forms import GenerationParams
 from app.web.streams import job_changes
-from app.web.views import OverlayOptions, artifact_file, build_export, job_status, render_overlay_png
+from app.web.views import (
+    OverlayOptions,
+    artifact_file,
+    build_export,
+    job_status,
+    render_lung_outline_png,
+    render_overlay_png,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
 
@@ -161,22 +169,33 @@ def job_overlay(
     return Response(png, media_type="image/png", headers=_NO_STORE)
 
 
+@router.get("/jobs/{job_id}/lung-outline.png", summary="The lung outline as a transparent layer")
+def job_lung_outline(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
+    """The outline of the run's ``lung_mask.png`` (green, opaque) on a transparent RGBA layer of the input's size,
+    to lay over any of the run's images; 404 when the map was not restricted to the lungs."""
+    job = find_job(jobs, job_id, user)
+    return Response(render_lung_outline_png(job), media_type="image/png", headers=_NO_STORE)
+
+
 @router.get("/jobs/{job_id}/artifacts/{name}", summary="A run file or an export")
 def job_artifact(
     job_id: JobId, name: str, jobs: JobsDep, user: CurrentUser, db: DbDep,
     opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
     threshold: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
     mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
+    lung_outline: Annotated[bool, Query(description="annotated.png: draw the lung mask's outline")] = False,
     download: Annotated[bool, Query(description="ask the browser to save the file")] = False,
 ) -> Response:
     """``input.png``, ``counterfactual.png`` (``-<i>`` for more samples), ``overlay.png``, ``reconstruction.png``,
-    ``attribution.npy``, ``attribution_std.npy``, ``record.json``, or an export: ``annotated.png``,
-    ``secondary-capture.dcm`` (DICOM inputs), ``bundle.zip``. Image exports take the overlay options.
+    ``mask.png`` / ``lung_mask.png`` (the map's region, when restricted), ``attribution.npy``,
+    ``attribution_std.npy``, ``record.json``, or an export: ``annotated.png``, ``secondary-capture.dcm`` (DICOM
+    inputs), ``bundle.zip``. Image exports take the overlay options (``lung_outline``: ``annotated.png`` only).
     Exports (``record.json`` included) are audited as ``export`` with their SHA-256, other files as ``view``."""
     job = find_job(jobs, job_id, user)
     stem = f"vald-md-{job.id[:8]}"
     if name in exports.EXPORT_KINDS and name != "record.json":
-        options = OverlayOptions(opacity=opacity, threshold=threshold, mode=mode).export_options()
+        options = OverlayOptions(opacity=opacity, threshold=threshold, mode=mode,
+                                 lungs=lung_outline).export_options(name)
         content, media_type = build_export(job, name, options if name != "bundle.zip" else {})
         audit_export(db, user, job, name, content)
         return Response(content, media_type=media_type,

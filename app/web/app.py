@@ -5,7 +5,8 @@ process; one :class:`app.jobs.JobManager` worker thread owns it. Run it with ONE
 every worker process would hold its own model copy and its own queue.
 
 Start-up, in order: the accounts/audit database (migrations, append-only triggers), the UID/CSRF secret file,
-runs left unfinished by the previous process marked ``interrupted``, the model, the job worker, ``app_start``.
+runs left unfinished by the previous process marked ``interrupted``, the model, the lung segmenter (optional: a
+missing folder is a warning, and maps are then not restricted to the lungs), the job worker, ``app_start``.
 Shut-down: the worker stops (cancelling the running job), ``app_stop``. Middleware, outermost first: security
 headers, upload size limit, authentication + CSRF (:mod:`app.web.auth`).
 """
@@ -13,8 +14,10 @@ headers, upload size limit, authentication + CSRF (:mod:`app.web.auth`).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +30,7 @@ from app import __version__, audit
 from app.config import Settings
 from app.engine import CounterfactualEngine, load_in_passing_thread
 from app.jobs import JobManager
+from app.lungs import LungSegmenter, SegmenterFolderError
 from app.web import accounts, admin, api, pages
 from app.web.auth import AuthMiddleware, LoginRateLimiter
 from app.web.errors import UploadTooLargeError, error_response, install_error_handlers
@@ -115,6 +119,37 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+def load_segmenter(folder: Path) -> LungSegmenter | None:
+    """The lung segmenter in ``folder``, or ``None`` (with a warning) when there is none: never fatal, because the
+    review app works without it (maps are then not restricted to the lungs, and each record says why).
+
+    Loaded in a thread that then ends, as the model is (``engine.load_in_passing_thread``), so that the job
+    worker stays the only long-lived thread with an OpenMP team.
+    """
+    box: dict[str, LungSegmenter] = {}
+    errors: list[Exception] = []
+
+    def load() -> None:
+        try:
+            box["seg"] = LungSegmenter(folder, device="cpu")
+        except SegmenterFolderError as e:  # missing or unreadable folder: the expected case
+            errors.append(e)
+        except Exception as e:  # damaged weights (safetensors, state-dict mismatch): still not worth a crash
+            errors.append(RuntimeError(f"{type(e).__name__}: {e}"))
+
+    t = threading.Thread(target=load, name="vald-md-segmenter-load")
+    t.start()
+    t.join()
+    if errors or "seg" not in box:
+        reason = errors[0] if errors else "the loader stopped"
+        logger.warning("no lung segmenter loaded (%s); attribution maps will not be restricted to the lungs",
+                       reason)
+        return None
+    seg = box["seg"]
+    logger.info("lung segmenter %s (%s) loaded", seg.info.name, seg.info.sha256[:12])
+    return seg
+
+
 def create_app(settings: Settings | None = None, engine: CounterfactualEngine | None = None) -> FastAPI:
     """Build the application.
 
@@ -123,8 +158,9 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         engine: an already loaded engine (tests); ``None`` loads ``settings.model_dir`` in the lifespan.
 
     Returns:
-        The FastAPI app. Its lifespan opens the audit database, loads the model, starts the job worker, and stops
-        it on shutdown (cancelling the running job).
+        The FastAPI app. Its lifespan opens the audit database, loads the model and the lung segmenter
+        (``settings.resolved_lung_segmenter``), starts the job worker, and stops it on shutdown (cancelling the
+        running job).
     """
     settings = settings or Settings()
 
@@ -143,11 +179,13 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
                 # team (see load_in_passing_thread: otherwise every CPU run is up to ~1.9x slower)
                 eng = await run_in_threadpool(load_in_passing_thread, settings.resolved_model_dir,
                                               device=settings.device, dtype=settings.dtype)
+            # a few MB on the CPU, segmenting in the job worker (~10-20 ms per image at 128 px)
+            segmenter = await run_in_threadpool(load_segmenter, settings.resolved_lung_segmenter)
             jobs = JobManager(eng, settings.runs_dir, queue_size=settings.queue_size,
                               preview_size=settings.preview_size, thumbnail_size=settings.thumbnail_size,
                               max_steps=settings.max_steps, max_samples=settings.max_samples, db=db,
                               uid_secret=secret, store_plain_uids=settings.store_plain_uids,
-                              store_identified_uploads=settings.store_identified_uploads)
+                              store_identified_uploads=settings.store_identified_uploads, segmenter=segmenter)
         except BaseException:
             db.dispose()
             raise
@@ -155,13 +193,15 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         app.state.db = db
         app.state.uid_secret = secret
         app.state.engine = eng
+        app.state.segmenter = segmenter
         app.state.jobs = jobs
         app.state.login_limiter = LoginRateLimiter(settings.login_attempts_per_minute)
         # 3. say so
         audit.append_event(db, audit.AuditAction.APP_START, detail={
             "version": __version__, "model_sha256": eng.info.model_hash, "interrupted_runs": interrupted,
             "database": db.dialect.name, "de_identified_uploads": not settings.store_identified_uploads,
-            "plain_uids": settings.store_plain_uids})
+            "plain_uids": settings.store_plain_uids,
+            "lung_segmenter_sha256": segmenter.info.sha256 if segmenter is not None else None})
         if not accounts.has_admin(db):
             logger.warning("no administrator account exists yet: create one on this machine with `%s` "
                            "(it asks for the password), then sign in at /login", accounts.FIRST_ADMIN_HINT)

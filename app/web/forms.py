@@ -37,6 +37,8 @@ class GenerationParams(BaseModel):
     samples: int = Field(1, ge=1, le=16, description="counterfactual samples, 1..16 (>1 adds a stability map)")
     scheduler: SchedulerName = Field("pndm", description="sampler")
     window: str = Field("auto", max_length=20, description="'auto', 'percentile' or a file preset index 0, 1, ...")
+    lung_mask: bool = Field(True, description="restrict the map to the lungs (the server's lung segmenter); "
+                                              "an uploaded region mask wins")
 
     @model_validator(mode="before")
     @classmethod
@@ -65,18 +67,25 @@ class GenerationParams(BaseModel):
             steps=self.steps if self.steps is not None else int(preset.get("steps", 75)),
             seed=self.seed, scheduler=self.scheduler, samples=self.samples,
             window=int(self.window) if self.window.isdigit() else self.window,
-            reference=str(info.manifest.get("map_reference", "input")))
+            reference=str(info.manifest.get("map_reference", "input")), lung_mask=self.lung_mask)
 
 
 class ReviewFormParams(GenerationParams):
-    """The review page's form: the API fields plus the seed mode and "reuse the image of run X"."""
+    """The review page's form: the API fields plus the seed mode and "reuse the image of run X".
+
+    ``lung_mask`` is a checkbox there, and an unticked checkbox sends nothing; so the form also sends
+    ``lung_mask_field=checkbox``, and with it a missing ``lung_mask`` means "off" (without it, the API's default).
+    """
 
     seed_mode: Literal["random", "fixed"] = "random"
     reuse_input: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="job id whose upload to reuse")
+    lung_mask_field: Literal["checkbox"] | None = None
 
     def to_request(self, info: ModelInfo) -> ReviewRequest:
         """As :meth:`GenerationParams.to_request`; ``seed_mode="random"`` ignores the seed field."""
         req = super().to_request(info)
+        if self.lung_mask_field == "checkbox" and "lung_mask" not in self.model_fields_set:
+            req.lung_mask = False
         if self.seed_mode == "random":
             req.seed = None
         elif self.seed is None:
@@ -98,6 +107,7 @@ class FormValues:
     scheduler: str
     samples: int
     window: str
+    lung_mask: bool = True
     reuse_input: str | None = None
     facts: dict[str, Any] | None = None
     thumbnail_url: str | None = None
@@ -124,7 +134,7 @@ class FormValues:
                    guidance_scale=req.guidance_scale, steps=req.steps, seed=seed,
                    seed_mode="fixed" if seed is not None else "random", scheduler=req.scheduler,
                    samples=req.samples, window=str(req.window if req.window is not None else "auto"),
-                   reuse_input=reuse_input, facts=facts, thumbnail_url=thumbnail_url)
+                   lung_mask=req.lung_mask, reuse_input=reuse_input, facts=facts, thumbnail_url=thumbnail_url)
 
 
 def prompt_presets(info: ModelInfo) -> list[tuple[str, str]]:

@@ -41,7 +41,7 @@ from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, fi
 from app.web.forms import FormValues, ReviewFormParams, prompt_presets
 from app.web.streams import job_changes
 from app.web.templating import is_htmx, render
-from app.web.views import EXPORT_LABELS, OverlayOptions, api_base, export_kinds, job_status
+from app.web.views import EXPORT_LABELS, OverlayOptions, api_base, export_kinds, has_lung_mask, job_status
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
 NO_STORE = {"Cache-Control": "no-store"}
@@ -74,7 +74,7 @@ def run_context(jobs: JobManager, job: Job | None, *, poll: bool = False,
             "active": _active(jobs, job.owner, job),
             "position": jobs.queue_position(job), "queue_eta": jobs.queue_eta_s(job),
             "overlay": overlay, "exports": [(k, EXPORT_LABELS[k]) for k in export_kinds(job)],
-            "record": _record(job), "preview_url": f"{api_base(job)}/preview.png?v={job.version}"
+            "record": _record(job), "has_lungs": has_lung_mask(job), "preview_url": f"{api_base(job)}/preview.png?v={job.version}"
             if job.has_preview else None}
 
 
@@ -240,13 +240,16 @@ def run_overlay(
     opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
     threshold: Annotated[float, Query(ge=0.0, le=100.0, description="0 = no threshold")] = 0.0,
     mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
+    lungs: Annotated[bool, Query(description="lung outline shown (the export links follow it)")] = False,
 ) -> HTMLResponse:
     """The overlay image element for new display options, and the export links that follow them (out of band).
-    The PNG itself is rendered when the browser fetches the new URL."""
+    The PNG itself is rendered when the browser fetches the new URL. The lung outline is a layer of its own,
+    shown and hidden in the browser; here it only changes the annotated export's link."""
     job = find_job(jobs, job_id, user)
     if mode == "stability" and job.request.samples < 2:
         raise ValueError("mode: the stability map needs a run with more than one sample")
-    options = OverlayOptions(opacity=opacity, threshold=threshold or None, mode=mode)
+    options = OverlayOptions(opacity=opacity, threshold=threshold or None, mode=mode,
+                             lungs=lungs and has_lung_mask(job))
     return render(request, "_overlay_image.html", {**run_context(jobs, job, overlay=options), "overlay_swap": True},
                   headers=NO_STORE)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from app import attribution, exports, rendering
 from app.jobs import Job, JobManager, JobNotReadyError, JobState, read_png_unit
 
-ARTIFACT = re.compile(r"^(input|overlay|reconstruction|mask|counterfactual(-\d{1,2})?)\.png$|"
+ARTIFACT = re.compile(r"^(input|overlay|reconstruction|mask|lung_mask|counterfactual(-\d{1,2})?)\.png$|"
                       r"^attribution(_std)?\.npy$|^record\.json$")
 """Run-folder files a client may fetch (never ``job.json`` or the upload)."""
 EXPORT_LABELS = {"annotated.png": "Annotated PNG", "secondary-capture.dcm": "DICOM SC",
@@ -66,7 +66,8 @@ def job_status(jobs: JobManager, job: Job) -> dict[str, Any]:
                      "preview_url": f"{base}/preview.png?v={job.version}" if job.has_preview else None},
         "cancel_requested": job.cancel_event.is_set() and not job.state.finished,
         "parameters": {k: req[k] for k in ("prompt", "negative_prompt", "strength", "guidance_scale", "steps",
-                                           "seed", "scheduler", "samples", "window", "reference")},
+                                           "seed", "scheduler", "samples", "window", "reference",
+                                           "lung_mask")},
         "effective_steps": job.effective_steps,
         "unet_evaluations": job.unet_evaluations,
         "seeds": job.seeds,
@@ -77,8 +78,14 @@ def job_status(jobs: JobManager, job: Job) -> dict[str, Any]:
         "artifacts": {n: f"{base}/artifacts/{n}" for n in artifact_names(job)},
         "exports": {k: f"{base}/artifacts/{k}" for k in export_kinds(job)},
         "links": {"self": base, "cancel": f"{base}/cancel", "events": f"{base}/events", "page": f"/runs/{job.id}",
-                  "overlay": f"{base}/overlay.png"},
+                  "overlay": f"{base}/overlay.png",
+                  **({"lung_outline": f"{base}/lung-outline.png"} if has_lung_mask(job) else {})},
     }
+
+
+def has_lung_mask(job: Job) -> bool:
+    """The finished run's map was restricted to the lungs (its folder holds ``lung_mask.png``)."""
+    return job.state is JobState.DONE and (job.run_dir / "lung_mask.png").is_file()
 
 
 def _round(v: float | None) -> float | None:
@@ -129,6 +136,9 @@ class OverlayOptions:
         opacity: [0, 1]. threshold: percentile in [0, 100] of |M| below which nothing is drawn; ``None`` = none.
         mode: magnitude | signed | outline | stability. scale: |M| drawn at full opacity (intensity units) or
         ``None`` for the map's own 99.5th percentile. legend: append the colour bar.
+        lungs: show the lung outline. The review page draws it as a layer of its own over every image
+        (``lung-outline.png``), so it is not part of :meth:`query`; image exports draw it in
+        (:meth:`export_query`, :meth:`export_options`).
     """
 
     opacity: float = 0.6
@@ -136,6 +146,7 @@ class OverlayOptions:
     mode: str = "magnitude"
     scale: float | None = None
     legend: bool = False
+    lungs: bool = False
 
     def query(self) -> str:
         """The options as a query string (stable order) for image URLs."""
@@ -148,9 +159,17 @@ class OverlayOptions:
             parts.append("legend=true")
         return "&".join(parts)
 
-    def export_options(self) -> dict[str, Any]:
-        """The options ``exports.build_export`` accepts for image exports."""
-        return {"opacity": self.opacity, "threshold": self.threshold, "mode": self.mode}
+    def export_query(self, kind: str) -> str:
+        """The query string of an image export's link: :meth:`query`, plus the lung outline for ``annotated.png``."""
+        q = self.query()
+        return q + "&lung_outline=true" if self.lungs and kind == "annotated.png" else q
+
+    def export_options(self, kind: str = "annotated.png") -> dict[str, Any]:
+        """The options ``exports.build_export`` accepts for the image export ``kind``."""
+        options: dict[str, Any] = {"opacity": self.opacity, "threshold": self.threshold, "mode": self.mode}
+        if self.lungs and kind == "annotated.png":
+            options["lung_outline"] = True
+        return options
 
 
 def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
@@ -166,7 +185,8 @@ def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
     signed = np.load(run / "attribution.npy", allow_pickle=False).astype(np.float32)
     std_path = run / "attribution_std.npy"
     std = np.load(std_path, allow_pickle=False).astype(np.float32) if std_path.is_file() else None
-    mask = read_png_unit(run / "mask.png") > 0.5 if (run / "mask.png").is_file() else None
+    region = next((run / n for n in exports.REGION_MASKS if (run / n).is_file()), None)
+    mask = read_png_unit(region) > 0.5 if region is not None else None
     amap = attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
                                       n_samples=max(job.request.samples, 2 if std is not None else 1), mask=mask)
     rgb = rendering.render_overlay(original, amap, opacity=options.opacity, scale=options.scale,
@@ -174,4 +194,20 @@ def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
                                      legend=options.legend)
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def render_lung_outline_png(job: Job) -> bytes:
+    """The outline of the run's ``lung_mask.png`` on a transparent layer (RGBA PNG, the input's size).
+
+    Raises:
+        JobNotReadyError: the run is not done. ArtifactNotFoundError: its map was not restricted to the lungs.
+    """
+    require_done(job)
+    path = job.run_dir / "lung_mask.png"
+    if not path.is_file():
+        raise ArtifactNotFoundError("This run has no lung mask: its map was not restricted to the lungs.")
+    rgba = rendering.render_mask_outline_rgba(read_png_unit(path) > 0.5)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -4,8 +4,9 @@
    - upload: drag-and-drop onto the drop zone feeds the file input (htmx then posts it to /inspect)
    - form: prompt chips, slider read-outs, effective steps = int(steps * strength), "reuse seed"
    - viewer: synchronised zoom/pan across panels, fit and 1:1, window/level (CSS filter), overlay toggle,
+     lung outline layer on/off (the overlay form's checkbox; htmx sends it too, for the export links),
      before/after swipe compare
-   - keyboard: o overlay, c compare, f fit, 1 one-to-one, + / - zoom, arrows move the swipe
+   - keyboard: o overlay, l lung outline, c compare, f fit, 1 one-to-one, + / - zoom, arrows move the swipe
    - progress: falls back from server-sent events to polling when the stream keeps failing */
 (function () {
   "use strict";
@@ -246,6 +247,23 @@
     if (b) b.setAttribute("aria-pressed", String(!hidden));
   }
 
+  function applyLungOutline() {
+    var v = viewer();
+    var box = document.querySelector("[data-lung-toggle]");
+    if (v) v.classList.toggle("lungs-shown", Boolean(box && box.checked));
+  }
+  document.addEventListener("change", function (e) {
+    if (e.target.matches && e.target.matches("[data-lung-toggle]")) applyLungOutline();
+  });
+
+  function toggleLungOutline() {
+    var box = document.querySelector("[data-lung-toggle]");
+    if (!box) return;
+    box.checked = !box.checked;
+    box.dispatchEvent(new Event("input", { bubbles: true }));   // htmx: the export links follow
+    applyLungOutline();
+  }
+
   function toggleCompare() {
     var v = viewer();
     if (!v) return;
@@ -280,6 +298,7 @@
     if (typing || !viewer()) return;
     var key = e.key;
     if (key === "o" || key === "O") toggleOverlay();
+    else if (key === "l" || key === "L") toggleLungOutline();
     else if (key === "c" || key === "C") toggleCompare();
     else if (key === "f" || key === "F") viewerAction("fit");
     else if (key === "1") oneToOne();
@@ -321,6 +340,7 @@
     if (root.querySelector && (root.matches("[data-viewer]") || root.querySelector("[data-viewer]"))) {
       view = { scale: 1, tx: 0, ty: 0 };
       applyWindowLevel();
+      applyLungOutline();
       viewer().querySelectorAll("img").forEach(function (img) {
         if (!img.complete) img.addEventListener("load", applyView, { once: true });
       });

@@ -1,0 +1,232 @@
+"""One review run end to end (``app.artifacts.run_review``) on the tiny in-code model, with and without the lung mask.
+
+The lung segmenters are built in code (``tests/tiny_lungs.py``): a tiny random-weight ``LungUNet`` folder, whose
+provenance and hash a record must carry, and a subclass whose lung field is known (two boxes), so that "nothing
+outside the lungs" can be checked pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import exports, imaging
+from app.artifacts import ReviewRequest, lung_region, run_review, sha256
+from app.lungs import LungSegmenter, folder_hash
+from tests.tiny_lungs import DICE, BoxSegmenter, box_lungs, write_tiny_segmenter
+
+H, W = 40, 36
+FAST: dict[str, Any] = {"strength": 0.5, "steps": 4, "guidance_scale": 5.0, "seed": 11}
+
+
+def image_png(seed: int = 0, h: int = H, w: int = W) -> bytes:
+    """A random 8-bit grayscale PNG (the "upload")."""
+    img = (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class EmptySegmenter(LungSegmenter):
+    """Finds no lung at all (e.g. an image that is not a chest radiograph)."""
+
+    def probability(self, image: Any) -> np.ndarray:
+        return np.zeros(np.asarray(image).shape, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_segmenter(tmp_path_factory.mktemp("segmenter") / "tiny-lungs")
+
+
+@pytest.fixture(scope="module")
+def box_segmenter(segmenter_dir: Path) -> BoxSegmenter:
+    return BoxSegmenter(segmenter_dir)
+
+
+def run(engine: Any, out: Path, *, segmenter: LungSegmenter | None = None, mask: np.ndarray | None = None,
+        **req: Any) -> dict[str, Any]:
+    return run_review(engine, image_png(), ReviewRequest(**{**FAST, **req}), out, mask=mask, segmenter=segmenter)
+
+
+def rgb_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(int)
+
+
+@pytest.fixture(scope="module")
+def lung_run(tiny_engine, box_segmenter, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "lungs"
+    run(tiny_engine, out, segmenter=box_segmenter)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_engine, box_segmenter, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "plain"
+    run(tiny_engine, out, segmenter=box_segmenter, lung_mask=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lung mask on (the default)
+# ----------------------------------------------------------------------------------------------------------------
+def test_lung_mask_png_is_0_255_at_native_size(lung_run):
+    with Image.open(lung_run / "lung_mask.png") as im:
+        assert im.mode == "L" and im.size == (W, H)
+        arr = np.asarray(im)
+    assert set(np.unique(arr)) == {0, 255}
+    np.testing.assert_array_equal(arr == 255, box_lungs((H, W)))
+
+
+def test_record_carries_the_segmenter_provenance_and_the_flag(lung_run, segmenter_dir):
+    record = json.loads((lung_run / "record.json").read_text())
+    assert record["request"]["lung_mask"] is True and record["request"]["mask"] is False
+    assert record["map_region"] == "lungs"
+    lung = record["lung_mask"]
+    assert lung["applied"] is True
+    assert lung["sha256"] == folder_hash(segmenter_dir) and len(lung["sha256"]) == 64
+    assert lung["name"] == "tiny-lungs" and lung["size"] == 32 and lung["threshold"] == 0.5
+    assert lung["dice"] == DICE
+    assert lung["lung_fraction"] == pytest.approx(box_lungs((H, W)).mean(), abs=1e-6)
+    assert record["artifacts_sha256"]["lung_mask.png"] == sha256((lung_run / "lung_mask.png").read_bytes())
+    assert record["map_summary"]["mask_area_px"] == int(box_lungs((H, W)).sum())
+
+
+def test_map_is_zero_outside_the_lungs(lung_run, plain_run):
+    """Nothing is drawn outside the lung field: overlay.png is the gray input there (R = G = B), and so is every
+    re-rendered overlay (the page's overlay.png, the annotated export) whatever the display options."""
+    outside = ~box_lungs((H, W))
+    overlay = rgb_png(lung_run / "overlay.png")
+    assert (overlay[outside, 0] == overlay[outside, 1]).all() and (overlay[outside, 1] == overlay[outside, 2]).all()
+    inside = box_lungs((H, W))
+    assert (overlay[inside, 0] > overlay[inside, 1]).any(), "the map is drawn inside the lungs"
+    # the same seed without the lung mask: an unrestricted map, coloured outside the lungs as well
+    free = rgb_png(plain_run / "overlay.png")
+    assert (free[outside, 0] > free[outside, 1]).any()
+    # attribution.npy keeps full-frame values (as with a user mask); what is shown and summarised is restricted
+    np.testing.assert_array_equal(np.load(lung_run / "attribution.npy"), np.load(plain_run / "attribution.npy"))
+    for options in ({}, {"mode": "signed", "opacity": 1.0}, {"mode": "outline", "threshold": 50.0}):
+        png = exports.export_annotated_png(lung_run, **options)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from app.exports import _read_map, _read_record  # the export re-renders with the lung mask as the region
+
+    record, _ = _read_record(lung_run)
+    _, amap = _read_map(lung_run, record)
+    assert amap.mask is not None and np.array_equal(amap.mask, inside)
+
+
+def test_annotated_export_draws_the_lung_outline_on_request(lung_run, plain_run):
+    plain = exports.export_annotated_png(lung_run)
+    outlined = exports.export_annotated_png(lung_run, lung_outline=True)
+    assert outlined != plain
+    text = Image.open(io.BytesIO(outlined)).text  # type: ignore[attr-defined]
+    assert json.loads(text["vald_md:overlay"])["lung_outline"] is True
+    assert text["vald_md:map_region"] == "lungs"
+    green = np.asarray(Image.open(io.BytesIO(outlined)).convert("RGB")).reshape(-1, 3)
+    assert ((green == (0, 230, 118)).all(axis=1)).sum() > 0
+    with pytest.raises(exports.ExportError, match="no lung mask"):
+        exports.export_annotated_png(plain_run, lung_outline=True)
+
+
+def test_bundle_carries_the_lung_mask(lung_run):
+    import zipfile
+
+    content, _ = exports.build_export(lung_run, "bundle.zip")
+    names = zipfile.ZipFile(io.BytesIO(content)).namelist()
+    assert "lung_mask.png" in names and names.index("lung_mask.png") < names.index("record.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lung mask off, no segmenter, a user mask, nothing found
+# ----------------------------------------------------------------------------------------------------------------
+def test_lung_mask_off_gives_an_unrestricted_map(plain_run):
+    assert not (plain_run / "lung_mask.png").exists()
+    record = json.loads((plain_run / "record.json").read_text())
+    assert record["request"]["lung_mask"] is False
+    assert record["map_region"] == "whole_image"
+    assert record["lung_mask"] == {"applied": False, "reason": "switched off (lung_mask=false)"}
+    assert "lung_mask.png" not in record["artifacts_sha256"]
+    assert record["map_summary"]["mask_area_px"] == H * W
+
+
+def test_missing_segmenter_does_not_fail_the_run(tiny_engine, tmp_path):
+    record = run(tiny_engine, tmp_path / "run", segmenter=None)
+    assert not (tmp_path / "run" / "lung_mask.png").exists()
+    assert record["request"]["lung_mask"] is True and record["map_region"] == "whole_image"
+    assert record["lung_mask"]["applied"] is False and "no lung segmenter" in record["lung_mask"]["reason"]
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["lung_mask"] == record["lung_mask"]
+
+
+def test_user_mask_wins_over_the_lungs(tiny_engine, box_segmenter, tmp_path):
+    user = np.zeros((H, W), dtype=bool)
+    user[5:15, 5:30] = True
+    record = run(tiny_engine, tmp_path / "run", segmenter=box_segmenter, mask=user)
+    assert (tmp_path / "run" / "mask.png").exists() and not (tmp_path / "run" / "lung_mask.png").exists()
+    assert record["map_region"] == "user_mask" and record["request"]["mask"] is True
+    assert record["lung_mask"]["applied"] is False and "user-supplied" in record["lung_mask"]["reason"]
+    assert record["map_summary"]["mask_area_px"] == int(user.sum())
+
+
+def test_no_lung_found_leaves_the_map_unrestricted(segmenter_dir):
+    pixels = imaging.decode_image(image_png()).pixels
+    mask, rec = lung_region(EmptySegmenter(segmenter_dir), pixels, requested=True, user_mask=False)
+    assert mask is None and rec["applied"] is False and "no lung field" in rec["reason"]
+    assert rec["sha256"] == folder_hash(segmenter_dir)
+
+
+def test_random_weight_segmenter_runs_at_native_size(segmenter_dir):
+    """The real inference path (resize, U-Net, resize back, clean) on an image of odd size: a bool mask of the
+    image's shape, applied or explained."""
+    pixels = imaging.decode_image(image_png(3, h=57, w=43)).pixels
+    mask, rec = lung_region(LungSegmenter(segmenter_dir), pixels, requested=True, user_mask=False)
+    if rec["applied"]:
+        assert mask is not None and mask.shape == (57, 43) and mask.dtype == bool
+        assert 0 < rec["lung_fraction"] <= 1
+    else:
+        assert mask is None and rec["reason"]
+
+
+def test_segmentation_failure_is_recorded_not_raised(segmenter_dir):
+    class Broken(LungSegmenter):
+        def probability(self, image: Any) -> np.ndarray:
+            raise ValueError("image must be at least 8 x 8 pixels")
+
+    mask, rec = lung_region(Broken(segmenter_dir), np.zeros((4, 4), np.float32), requested=True, user_mask=False)
+    assert mask is None and rec == {"applied": False, "reason": "lung segmentation failed: image must be at least "
+                                                                 "8 x 8 pixels"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+def test_cli_counterfactual_has_no_lung_mask_flag():
+    from app.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["counterfactual", "x.png", "--out", "o"]).lung_mask is True
+    args = parser.parse_args(["counterfactual", "x.png", "--out", "o", "--no-lung-mask"])
+    assert args.lung_mask is False
+
+
+def test_cli_counterfactual_writes_the_lung_mask(tiny_engine, segmenter_dir, tmp_path, monkeypatch):
+    from app import cli, lungs
+
+    monkeypatch.setattr("app.engine.CounterfactualEngine", lambda *a, **k: tiny_engine)
+    monkeypatch.setattr(lungs, "LungSegmenter", BoxSegmenter)
+    src = tmp_path / "scan.png"
+    src.write_bytes(image_png())
+    common = ["counterfactual", str(src), "--steps", "4", "--strength", "0.5", "--lung-segmenter", str(segmenter_dir)]
+    assert cli.main([*common, "--out", str(tmp_path / "on")]) == 0
+    assert (tmp_path / "on" / "0000" / "lung_mask.png").exists()
+    assert cli.main([*common, "--out", str(tmp_path / "off"), "--no-lung-mask"]) == 0
+    assert not (tmp_path / "off" / "0000" / "lung_mask.png").exists()
+    rec = json.loads((tmp_path / "off" / "0000" / "record.json").read_text())
+    assert rec["request"]["lung_mask"] is False
+    assert cli.main([*common[:-1], str(tmp_path / "absent"), "--out", str(tmp_path / "x")]) == 2
