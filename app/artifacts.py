@@ -14,6 +14,21 @@ Used by ``vald-md counterfactual`` and by the web app's job worker, so both writ
 ``record.json``        every parameter, seeds, effective steps, model hash, library versions, timings, hashes
 =====================  ===============================================================================
 
+The map's method (``ReviewRequest.map_method``; ``None`` = the model manifest's ``"map_method"``, else
+``"sdedit"``), recorded under ``"map_method"``:
+
+=====================  ===============================================================================
+``sdedit``             the paper's map: an SDEdit counterfactual (``engine.generate``), map = reference -
+                       counterfactual
+``classifier_guided``  a classifier-guided SDEdit counterfactual (:func:`app.mapmethods.classifier_guided`,
+                       DDIM, one sample): the lesion classifier steers the denoising away from disease inside
+                       the lungs (the segmenter's mask of the letterboxed model-frame image); the same map,
+                       overlay and files. The request's scheduler is not used (``parameters.scheduler``
+                       says ``ddim``) and a negative prompt is refused. The record adds ``"classifier"`` (name,
+                       SHA-256, metrics), ``classifier_scale``, ``logit_input``, ``logit_counterfactual`` and
+                       ``classifier_lung_fraction`` (the model-frame lung mask the classifier saw)
+=====================  ===============================================================================
+
 The map's region: a user-supplied mask wins; else, with ``lung_mask`` on (the default) and a segmenter loaded,
 the lung fields (:mod:`app.lungs`); else the whole frame. ``record.json`` says which under ``"map_region"``
 (``"user_mask"``, ``"lungs"``, ``"whole_image"``) and, under ``"lung_mask"``, either the segmenter's provenance
@@ -37,12 +52,15 @@ from typing import Any
 import numpy as np
 
 from app import attribution, imaging, rendering
-from app.engine import CounterfactualEngine, CounterfactualResult, ProgressCallback
+from app.engine import CounterfactualEngine, CounterfactualResult, GenerationCancelled, ProgressCallback
 from app.lungs import LungSegmenter, mask_png_bytes
 
 logger = logging.getLogger("vald_md.artifacts")
 
 REFERENCES = ("input", "reconstruction")
+MAP_METHODS = {"sdedit": "SDEdit difference (paper)", "classifier_guided": "Classifier-guided counterfactual"}
+"""The attribution-map methods a run may ask for, with their labels in the review form."""
+MAX_CLASSIFIER_SCALE = 5.0
 DISCLAIMER = "AI-generated counterfactual — not for diagnostic use"
 
 
@@ -62,13 +80,47 @@ class ReviewRequest:
     reference: str | None = None  # None: the model's recommendation (manifest "map_reference"), else "input"
     smoothing_sigma: float = 0.0
     lung_mask: bool = True  # restrict the map to the lungs when a segmenter is loaded (a user mask still wins)
+    map_method: str | None = None  # None: the model's recommendation (manifest "map_method"), else "sdedit"
+    classifier_scale: float = 0.3  # classifier_guided only: step against the disease gradient, 0..5
 
     def check(self) -> None:
-        """Refuse values the engine does not check itself (reference map, smoothing)."""
+        """Refuse values the engine does not check itself (reference map, smoothing, map method)."""
         if self.reference is not None and self.reference not in REFERENCES:
             raise ValueError(f"reference={self.reference!r} must be one of {', '.join(REFERENCES)}")
         if not 0.0 <= self.smoothing_sigma <= 50.0:
             raise ValueError(f"smoothing_sigma={self.smoothing_sigma} must be within [0, 50] pixels")
+        if self.map_method is not None and self.map_method not in MAP_METHODS:
+            raise ValueError(f"map_method={self.map_method!r} is not a map method; choose one of "
+                             f"{', '.join(MAP_METHODS)}")
+        if not 0.0 <= self.classifier_scale <= MAX_CLASSIFIER_SCALE:
+            raise ValueError(f"classifier_scale={self.classifier_scale} must be within [0, {MAX_CLASSIFIER_SCALE:g}]")
+        if self.map_method == "classifier_guided" and self.samples != 1:
+            raise ValueError(f"samples={self.samples}: the classifier-guided map makes one counterfactual; "
+                             f"set samples to 1 (or use the SDEdit map for a stability map)")
+        if self.map_method == "classifier_guided" and self.negative_prompt:
+            raise ValueError("negative_prompt: the classifier-guided map uses no negative prompt; leave it empty")
+
+
+def resolve_map_method(req: ReviewRequest, info: Any, *, classifier: Any = None,
+                       segmenter: LungSegmenter | None = None) -> str:
+    """Fill ``req.map_method`` from the model (manifest ``"map_method"``, else ``"sdedit"``) when unset, check the
+    request, and check that the method can run here; returns the method.
+
+    Raises:
+        ValueError: an unknown method, or ``classifier_guided`` without a lesion classifier or lung segmenter
+            loaded, or with more than one sample (messages for the clinician).
+    """
+    if req.map_method is None:
+        req.map_method = str(getattr(info, "manifest", {}).get("map_method", "sdedit"))
+    req.check()
+    if req.map_method == "classifier_guided":
+        if classifier is None:
+            raise ValueError("map_method: the classifier-guided map is not available on this server (no lesion "
+                             "classifier is loaded); choose the SDEdit difference map")
+        if segmenter is None:
+            raise ValueError("map_method: the classifier-guided map needs the lung segmenter, which is not loaded "
+                             "on this server; choose the SDEdit difference map")
+    return req.map_method
 
 
 def sha256(data: bytes) -> str:
@@ -128,11 +180,89 @@ def lung_region(segmenter: LungSegmenter | None, pixels: np.ndarray, *, requeste
     return lungs, {"applied": True, **segmenter.info.record(), "lung_fraction": round(float(lungs.mean()), 6)}
 
 
+def _classifier_guided_result(engine: CounterfactualEngine, pixels: np.ndarray, req: ReviewRequest, *,
+                              classifier: Any, segmenter: LungSegmenter,
+                              cancel: threading.Event | None) -> tuple[CounterfactualResult, dict[str, Any]]:
+    """The classifier-guided counterfactual of ``pixels`` (native frame) as a :class:`CounterfactualResult` in the
+    native frame, and the record's extra fields. Letterboxes as ``engine.generate`` does, segments the lungs of
+    the model-frame image for the classifier, runs :func:`app.mapmethods.classifier_guided` (DDIM, eta 0: the
+    request's scheduler is not used) and unletterboxes the counterfactual and the reconstruction."""
+    import time
+
+    from diffusers import DDIMScheduler
+
+    from app import mapmethods
+    from app.engine import effective_steps
+
+    engine.check_inputs(pixels, req.prompt, req.strength, req.guidance_scale, req.steps, 1, req.scheduler,
+                        req.seed)
+    seed = req.seed if req.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("cancelled before start")
+    t0 = time.perf_counter()
+    img_model, lb = imaging.letterbox(pixels.astype(np.float32), engine.info.image_size)
+    try:
+        lungs_model = segmenter.segment(img_model)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"The lung segmentation failed ({e}), so the classifier-guided map cannot be made; "
+                         f"choose the SDEdit difference map") from None
+    if not lungs_model.any():
+        raise ValueError("The lung segmenter found no lung field in this image, so the classifier-guided map "
+                         "cannot be made; choose the SDEdit difference map")
+    t1 = time.perf_counter()
+    guided = mapmethods.classifier_guided(
+        engine, classifier, img_model, lungs_model, prompt=req.prompt, strength=req.strength, steps=req.steps,
+        guidance_scale=req.guidance_scale, classifier_scale=req.classifier_scale, seed=seed)
+    t2 = time.perf_counter()
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("cancelled by the user")
+    cf_native = np.stack([imaging.unletterbox(c, lb) for c in guided.counterfactuals]).astype(np.float32)
+    recon = imaging.unletterbox(guided.reconstruction, lb).astype(np.float32)
+    n_eff = effective_steps(req.steps, req.strength)
+    sched = DDIMScheduler.from_config(engine._base_scheduler_config)
+    sched.set_timesteps(req.steps)
+    timings = {"preprocess": t1 - t0, "denoising": t2 - t1, "postprocess": time.perf_counter() - t2,
+               "total": time.perf_counter() - t0}
+    params = {"prompt": req.prompt, "negative_prompt": "", "strength": req.strength,
+              "guidance_scale": req.guidance_scale, "steps": req.steps, "seed": seed, "scheduler": "ddim",
+              "samples": 1, "classifier_scale": req.classifier_scale}
+    result = CounterfactualResult(
+        counterfactuals=cf_native, counterfactuals_model=guided.counterfactuals, input_model=img_model,
+        reconstruction=recon, letterbox=lb, effective_steps=n_eff,
+        start_timestep=int(sched.timesteps[req.steps - n_eff]), unet_evaluations=n_eff, seeds=[seed],
+        timings_s=timings, model_hash=engine.info.model_hash, parameters=params)
+    extra = {"classifier": classifier.info, "classifier_scale": req.classifier_scale,
+             "logit_input": round(guided.logit_input, 6), "logit_counterfactual": round(guided.logit_counterfactual, 6),
+             "classifier_lung_fraction": round(float(lungs_model.mean()), 6)}
+    return result, extra
+
+
+def make_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req: ReviewRequest, *,
+                        classifier: Any = None, segmenter: LungSegmenter | None = None,
+                        progress: ProgressCallback | None = None,
+                        cancel: threading.Event | None = None) -> tuple[CounterfactualResult, dict[str, Any]]:
+    """Dispatch on ``req.map_method`` (resolved): the counterfactual(s) in the native frame and the record's
+    method fields (``{"map_method": ...}`` plus, for ``classifier_guided``, the classifier's provenance and
+    logits)."""
+    if req.map_method == "classifier_guided":
+        assert classifier is not None and segmenter is not None  # resolve_map_method checked
+        result, extra = _classifier_guided_result(engine, pixels, req, classifier=classifier, segmenter=segmenter,
+                                                  cancel=cancel)
+        if progress is not None:
+            progress(result.unet_evaluations, result.unet_evaluations, result.timings_s["total"], None)
+        return result, {"map_method": "classifier_guided", **extra}
+    result = engine.generate(
+        pixels, req.prompt, negative_prompt=req.negative_prompt, strength=req.strength,
+        guidance_scale=req.guidance_scale, steps=req.steps, seed=req.seed, scheduler=req.scheduler,
+        samples=req.samples, progress=progress, cancel=cancel)
+    return result, {"map_method": "sdedit"}
+
+
 def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, out: Path, *,
                mask: np.ndarray | None = None, progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None,
                decoded: imaging.DecodedImage | None = None,
-               segmenter: LungSegmenter | None = None) -> dict[str, Any]:
+               segmenter: LungSegmenter | None = None, classifier: Any = None) -> dict[str, Any]:
     """Decode ``data``, make the counterfactual(s), write every artifact into ``out``; return the record.
 
     Args:
@@ -140,12 +270,15 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         mask: optional bool (H, W) user region mask in the native frame; restricts the map (wins over the lungs).
         segmenter: the lung segmenter; with ``req.lung_mask`` and no user mask, the map is restricted to the
             lungs it finds in the decoded pixels and ``lung_mask.png`` is written (see :func:`lung_region`).
+            ``classifier_guided`` also needs it (the classifier sees the lungs of the model-frame image).
+        classifier: the lesion classifier (``app.lesions.LesionClassifier``); needed by ``classifier_guided``.
 
     Raises:
         imaging.ImagingError: the file cannot be read as a chest radiograph (message for the clinician).
-        ValueError: a parameter is out of range. engine.GenerationCancelled: cancelled.
+        ValueError: a parameter is out of range, or the map method cannot run here (see
+            :func:`resolve_map_method`). engine.GenerationCancelled: cancelled.
     """
-    req.check()
+    resolve_map_method(req, engine.info, classifier=classifier, segmenter=segmenter)
     if req.reference is None:
         req.reference = str(engine.info.manifest.get("map_reference", "input"))
     out.mkdir(parents=True, exist_ok=True)
@@ -155,10 +288,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         raise ValueError(f"mask shape {mask.shape} differs from the image's {pixels.shape}")
     lungs, lung_record = lung_region(segmenter, pixels, requested=req.lung_mask, user_mask=mask is not None)
     region = mask if mask is not None else lungs
-    result: CounterfactualResult = engine.generate(
-        pixels, req.prompt, negative_prompt=req.negative_prompt, strength=req.strength,
-        guidance_scale=req.guidance_scale, steps=req.steps, seed=req.seed, scheduler=req.scheduler,
-        samples=req.samples, progress=progress, cancel=cancel)
+    result, method_record = make_counterfactual(engine, pixels, req, classifier=classifier, segmenter=segmenter,
+                                                progress=progress, cancel=cancel)
     reference = pixels if req.reference == "input" else result.reconstruction
     amap = attribution.difference_map(reference, result.counterfactuals, mask=region,
                                       smoothing_sigma=req.smoothing_sigma)
@@ -186,7 +317,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                   **img.meta.public_summary()},
         **result.record(),
         "request": {"window": req.window, "reference": req.reference, "smoothing_sigma": req.smoothing_sigma,
-                    "mask": mask is not None, "lung_mask": req.lung_mask},
+                    "mask": mask is not None, "lung_mask": req.lung_mask, "map_method": req.map_method},
+        **method_record,
         "map_region": "user_mask" if mask is not None else "lungs" if lungs is not None else "whole_image",
         "lung_mask": lung_record,
         "map_summary": summary.to_dict(),

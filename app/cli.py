@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lung-segmenter", default=None,
                    help="lung segmenter folder (default: the embedded model_weights/lungs-unet; when it is missing "
                         "the maps are not restricted, with a warning)")
+    c.add_argument("--map-method", default=None, choices=["sdedit", "classifier_guided"],
+                   help="attribution-map method: the paper's SDEdit difference, or a counterfactual guided by the "
+                        "lesion classifier (one sample; needs the lung segmenter); default: the model's "
+                        "recommendation (manifest map_method), else sdedit")
+    c.add_argument("--classifier-scale", type=float, default=0.3,
+                   help="classifier_guided: step against the disease gradient per denoising step, 0..5 (default 0.3)")
+    c.add_argument("--lesion-classifier", default=None,
+                   help="lesion classifier folder for classifier_guided (default: model_weights/lesion-classifier)")
     c.add_argument("--window", default="auto",
                    help="DICOM window: 'auto' (first file preset, else VOI LUT, else percentile), a preset index "
                         "N, or 'percentile'")
@@ -90,17 +98,28 @@ def _window_arg(value: str) -> int | str:
 def cmd_counterfactual(args: argparse.Namespace) -> int:
     """Write input/counterfactual/overlay PNGs, attribution.npy and record.json per input."""
     from app import attribution, imaging
-    from app.artifacts import ReviewRequest, run_review
+    from app.artifacts import ReviewRequest, resolve_map_method, run_review
     from app.engine import CounterfactualEngine
+    from app.config import DEFAULT_LESION_CLASSIFIER_DIR
+    from app.lesions import LesionClassifier
     from app.lungs import LungSegmenter, SegmenterFolderError
 
     eng = CounterfactualEngine(args.model, device=args.device)
-    segmenter = None
-    if args.lung_mask and not args.mask:
+    method = args.map_method or str(eng.info.manifest.get("map_method", "sdedit"))
+    segmenter: LungSegmenter | None = None
+    classifier: LesionClassifier | None = None
+    if method == "classifier_guided":
+        try:
+            classifier = LesionClassifier(args.lesion_classifier or DEFAULT_LESION_CLASSIFIER_DIR)
+        except (OSError, ValueError, KeyError) as e:
+            sys.stderr.write(f"vald-md: the classifier-guided map needs a lesion classifier (--lesion-classifier): "
+                             f"{e}\n")
+            return 2
+    if (args.lung_mask and not args.mask) or method == "classifier_guided":
         try:
             segmenter = LungSegmenter(args.lung_segmenter)
         except SegmenterFolderError as e:
-            if args.lung_segmenter:  # asked for by name: a mistake the user can fix
+            if args.lung_segmenter or method == "classifier_guided":  # a mistake the user can fix
                 sys.stderr.write(f"vald-md: --lung-segmenter: {e}\n")
                 return 2
             logger.warning("no lung segmenter (%s); the maps are not restricted to the lungs", e)
@@ -111,7 +130,13 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance if args.guidance is not None else preset.get("guidance_scale", 7.5),
         steps=args.steps if args.steps is not None else preset.get("steps", 75),
         seed=args.seed, scheduler=args.scheduler, samples=args.samples, window=_window_arg(args.window),
-        reference=args.reference or eng.info.manifest.get("map_reference", "input"), lung_mask=args.lung_mask)
+        reference=args.reference or eng.info.manifest.get("map_reference", "input"), lung_mask=args.lung_mask,
+        map_method=method, classifier_scale=args.classifier_scale)
+    try:
+        resolve_map_method(req, eng.info, classifier=classifier, segmenter=segmenter)
+    except ValueError as e:
+        sys.stderr.write(f"vald-md: {e}\n")
+        return 2
     mask_bytes = Path(args.mask).read_bytes() if args.mask else None
     out = Path(args.out)
     failures = 0
@@ -122,7 +147,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
             data = Path(name).read_bytes()
             decoded = imaging.decode_image(data, window=req.window)
             mask = attribution.load_mask_png(mask_bytes, decoded.pixels.shape) if mask_bytes else None
-            rec = run_review(eng, data, req, target, mask=mask, decoded=decoded, segmenter=segmenter)
+            rec = run_review(eng, data, req, target, mask=mask, decoded=decoded, segmenter=segmenter,
+                             classifier=classifier)
         except (imaging.ImagingError, ValueError, OSError) as e:
             failures += 1
             sys.stderr.write(f"input {i + 1} of {len(args.inputs)}: {e}\n")

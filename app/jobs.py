@@ -49,7 +49,7 @@ from PIL import Image
 from sqlalchemy import Engine as Database
 
 from app import attribution, audit, imaging
-from app.artifacts import ReviewRequest, run_review, sha256
+from app.artifacts import ReviewRequest, resolve_map_method, run_review, sha256
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps, library_versions
 from app.imaging.deid import deidentify
 from app.lungs import LungSegmenter
@@ -291,13 +291,16 @@ class JobManager:
         store_identified_uploads: keep uploads as received instead of de-identifying the stored copy.
         segmenter: the lung segmenter handed to every run (``ReviewRequest.lung_mask`` restricts the map to the
             lungs it finds); ``None``: runs are not restricted and their records say why.
+        classifier: the lesion classifier (``app.lesions.LesionClassifier``) handed to every run; the
+            ``classifier_guided`` map method needs it (and the segmenter), and is refused at submission without.
     """
 
     def __init__(self, engine: CounterfactualEngine, runs_dir: Path, *, queue_size: int = 8,
                  runner: Runner = run_review, preview_size: int = 192, thumbnail_size: int = 96,
                  max_steps: int = 1000, max_samples: int = 16, db: Database | None = None,
                  uid_secret: bytes | None = None, store_plain_uids: bool = False,
-                 store_identified_uploads: bool = False, segmenter: LungSegmenter | None = None) -> None:
+                 store_identified_uploads: bool = False, segmenter: LungSegmenter | None = None,
+                 classifier: Any = None) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size} must be at least 1")
         if db is not None and uid_secret is None:
@@ -308,6 +311,7 @@ class JobManager:
         self.store_identified_uploads = store_identified_uploads
         self.engine = engine
         self.segmenter = segmenter
+        self.classifier = classifier
         self.runs_dir = Path(runs_dir)
         self.capacity = queue_size
         self.preview_size = preview_size
@@ -374,7 +378,7 @@ class JobManager:
             raise ValueError(f"steps={req.steps} exceeds this server's limit of {self.max_steps}")
         if req.samples > self.max_samples:
             raise ValueError(f"samples={req.samples} exceeds this server's limit of {self.max_samples}")
-        req.check()
+        resolve_map_method(req, self.engine.info, classifier=self.classifier, segmenter=self.segmenter)
         self.engine.check_inputs(decoded.pixels, req.prompt, req.strength, req.guidance_scale, req.steps,
                                  req.samples, req.scheduler, req.seed)
 
@@ -645,7 +649,8 @@ class JobManager:
         data = job.upload_path.read_bytes()
         try:
             record = self._runner(self.engine, data, job.request, job.run_dir, mask=job._mask, progress=progress,
-                                  cancel=job.cancel_event, decoded=job._decoded, segmenter=self.segmenter)
+                                  cancel=job.cancel_event, decoded=job._decoded, segmenter=self.segmenter,
+                                  classifier=self.classifier)
         except GenerationCancelled:
             self._audit_finish(job, JobState.CANCELLED, job._cancel_reason or "cancelled")
             with self._cond:

@@ -230,3 +230,110 @@ def test_cli_counterfactual_writes_the_lung_mask(tiny_engine, segmenter_dir, tmp
     rec = json.loads((tmp_path / "off" / "0000" / "record.json").read_text())
     assert rec["request"]["lung_mask"] is False
     assert cli.main([*common[:-1], str(tmp_path / "absent"), "--out", str(tmp_path / "x")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# map methods: sdedit (the paper's, the default) and classifier_guided (a tiny lesion classifier built in code)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from app.lesions import LesionNet, save_classifier
+
+    folder = tmp_path_factory.mktemp("classifier") / "tiny-lesions"
+    torch.manual_seed(0)
+    save_classifier(folder, LesionNet((4, 8)), size=16, name="tiny", metrics={}, training={})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def classifier(classifier_dir: Path):
+    from app.lesions import LesionClassifier
+
+    return LesionClassifier(classifier_dir)
+
+
+def guided(engine: Any, out: Path, *, classifier: Any, segmenter: LungSegmenter | None, **req: Any) -> dict[str, Any]:
+    request = ReviewRequest(**{**FAST, "map_method": "classifier_guided", **req})
+    return run_review(engine, image_png(), request, out, segmenter=segmenter, classifier=classifier)
+
+
+@pytest.fixture(scope="module")
+def guided_run(tiny_engine, box_segmenter, classifier, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "guided"
+    guided(tiny_engine, out, classifier=classifier, segmenter=box_segmenter)
+    return out
+
+
+def test_classifier_guided_writes_the_same_artifacts_at_native_size(guided_run, lung_run, classifier_dir):
+    from app.lesions import folder_hash as classifier_hash
+
+    assert {p.name for p in guided_run.iterdir()} == {p.name for p in lung_run.iterdir()}
+    with Image.open(guided_run / "counterfactual.png") as im:
+        assert im.size == (W, H)
+    assert np.load(guided_run / "attribution.npy").shape == (H, W)
+    record = json.loads((guided_run / "record.json").read_text())
+    assert record["map_method"] == "classifier_guided" and record["request"]["map_method"] == "classifier_guided"
+    assert record["classifier"]["sha256"] == classifier_hash(classifier_dir) and record["classifier"]["name"] == "tiny"
+    assert record["classifier_scale"] == 0.3
+    assert np.isfinite(record["logit_input"]) and np.isfinite(record["logit_counterfactual"])
+    assert record["parameters"]["scheduler"] == "ddim" and record["seeds"] == [FAST["seed"]]
+    assert record["map_region"] == "lungs"
+    for name, digest in record["artifacts_sha256"].items():
+        assert sha256((guided_run / name).read_bytes()) == digest
+
+
+def test_classifier_guided_is_reproducible(tiny_engine, box_segmenter, classifier, guided_run, tmp_path):
+    guided(tiny_engine, tmp_path / "again", classifier=classifier, segmenter=box_segmenter)
+    assert np.array_equal(np.load(tmp_path / "again" / "attribution.npy"), np.load(guided_run / "attribution.npy"))
+
+
+def test_classifier_guided_refusals(tiny_engine, box_segmenter, classifier, tmp_path):
+    with pytest.raises(ValueError, match="samples=2.*one counterfactual"):
+        guided(tiny_engine, tmp_path / "a", classifier=classifier, segmenter=box_segmenter, samples=2)
+    with pytest.raises(ValueError, match="no lesion classifier is loaded"):
+        guided(tiny_engine, tmp_path / "b", classifier=None, segmenter=box_segmenter)
+    with pytest.raises(ValueError, match="needs the lung segmenter"):
+        guided(tiny_engine, tmp_path / "c", classifier=classifier, segmenter=None)
+    with pytest.raises(ValueError, match="classifier_scale=9"):
+        guided(tiny_engine, tmp_path / "d", classifier=classifier, segmenter=box_segmenter, classifier_scale=9)
+    with pytest.raises(ValueError, match="is not a map method"):
+        run(tiny_engine, tmp_path / "e", map_method="gradcam")
+    assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+def test_sdedit_is_the_default_and_unchanged(lung_run, tiny_engine, box_segmenter, tmp_path):
+    record = json.loads((lung_run / "record.json").read_text())
+    assert record["map_method"] == "sdedit" and "classifier" not in record
+    run(tiny_engine, tmp_path / "explicit", segmenter=box_segmenter, map_method="sdedit")
+    assert np.array_equal(np.load(tmp_path / "explicit" / "attribution.npy"), np.load(lung_run / "attribution.npy"))
+
+
+def test_default_map_method_follows_the_manifest(tiny_engine, box_segmenter, classifier, tmp_path, monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_method", "classifier_guided")
+    record = run_review(tiny_engine, image_png(), ReviewRequest(**FAST), tmp_path / "run", segmenter=box_segmenter,
+                        classifier=classifier)
+    assert record["map_method"] == "classifier_guided" and record["request"]["map_method"] == "classifier_guided"
+    with pytest.raises(ValueError, match="no lesion classifier"):
+        run(tiny_engine, tmp_path / "none", segmenter=box_segmenter)
+
+
+def test_cli_counterfactual_map_method(tiny_engine, segmenter_dir, classifier_dir, tmp_path, monkeypatch):
+    from app import cli, lungs
+    from app.lesions import folder_hash as classifier_hash
+
+    monkeypatch.setattr("app.engine.CounterfactualEngine", lambda *a, **k: tiny_engine)
+    monkeypatch.setattr(lungs, "LungSegmenter", BoxSegmenter)
+    src = tmp_path / "scan.png"
+    src.write_bytes(image_png())
+    common = ["counterfactual", str(src), "--steps", "4", "--strength", "0.5", "--lung-segmenter", str(segmenter_dir),
+              "--map-method", "classifier_guided", "--classifier-scale", "0.5"]
+    assert cli.main([*common, "--lesion-classifier", str(classifier_dir), "--out", str(tmp_path / "g")]) == 0
+    rec = json.loads((tmp_path / "g" / "0000" / "record.json").read_text())
+    assert rec["map_method"] == "classifier_guided" and rec["classifier_scale"] == 0.5
+    assert rec["classifier"]["sha256"] == classifier_hash(classifier_dir)
+    assert cli.main([*common, "--lesion-classifier", str(tmp_path / "absent"), "--out", str(tmp_path / "x")]) == 2
+    assert cli.main([*common, "--lesion-classifier", str(classifier_dir), "--samples", "2",
+                     "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

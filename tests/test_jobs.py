@@ -61,11 +61,13 @@ class GatedRunner:
             self.gate.set()
         self.started = threading.Event()
         self.calls: list[str] = []
+        self.classifiers: list[Any] = []
         self.fail = fail
 
     def __call__(self, engine: Any, data: bytes, req: ReviewRequest, out: Path, *, mask=None, progress=None,
-                 cancel=None, decoded=None, segmenter=None) -> dict[str, Any]:
+                 cancel=None, decoded=None, segmenter=None, classifier=None) -> dict[str, Any]:
         self.calls.append(out.name)
+        self.classifiers.append(classifier)
         self.started.set()
         if self.fail is not None:
             raise self.fail
@@ -129,6 +131,31 @@ def test_job_runs_to_done_and_persists_without_client_names(make_manager, tmp_pa
     saved = json.loads((job.run_dir / JOB_FILE).read_text())
     assert saved["state"] == "done" and saved["owner"] == "alice" and saved["request"]["seed"] == 7
     assert saved["input_summary"]["source_format"] == "png"
+
+
+def test_map_method_is_checked_at_submission(make_manager, tmp_path):
+    """Default: the manifest's method (sdedit without the key); classifier_guided needs the classifier and the
+    segmenter, and one sample; refusals create no job."""
+    m = make_manager(GatedRunner(gated=False))
+    job = m.submit("alice", png_bytes(), req(seed=1))
+    assert job.request.map_method == "sdedit"
+    for bad, message in ((req(map_method="classifier_guided"), "no lesion classifier is loaded"),
+                         (req(map_method="gradcam"), "is not a map method"),
+                         (req(map_method="classifier_guided", samples=3), "one counterfactual")):
+        with pytest.raises(ValueError, match=message):
+            m.submit("alice", png_bytes(), bad)
+    runner = GatedRunner(gated=False)
+    clf, seg = object(), object()
+    engine = FakeEngine()
+    engine.info = SimpleNamespace(model_hash="5e" * 32, name="fake", manifest={"map_method": "classifier_guided"})
+    ready = make_manager(runner, engine=engine, runs_dir=tmp_path / "ready", classifier=clf, segmenter=seg)
+    job = ready.submit("alice", png_bytes(), req(seed=1))  # the manifest's method
+    wait_for(lambda: job.state.finished)
+    assert job.state is JobState.DONE and job.request.map_method == "classifier_guided"
+    assert runner.classifiers == [clf]
+    saved = json.loads((job.run_dir / JOB_FILE).read_text())
+    assert saved["request"]["map_method"] == "classifier_guided" and saved["request"]["classifier_scale"] == 0.3
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # the refused submissions left nothing
 
 
 def test_seed_is_fixed_at_submission(make_manager):
