@@ -20,6 +20,8 @@ EMBEDDED_MODEL_DIR = REPO_ROOT / "model_weights" / "vald-md-mini"
 """Same folder as ``app.engine.DEFAULT_MODEL_DIR`` (not imported: reading settings must not load torch)."""
 EMBEDDED_LUNG_SEGMENTER_DIR = REPO_ROOT / "model_weights" / "lungs-unet"
 """Same folder as ``app.lungs.DEFAULT_SEGMENTER_DIR`` (not imported, for the same reason)."""
+DEFAULT_LESION_CLASSIFIER_DIR = REPO_ROOT / "model_weights" / "lesion-classifier"
+"""Where ``VALD_MD_LESION_CLASSIFIER`` points when unset (``vald-md train lesions`` output; may be absent)."""
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?|mps)$")
 _LOOPBACK_NAMES = {"localhost"}
@@ -33,6 +35,10 @@ class Settings(BaseSettings):
         lung_segmenter: lung segmenter folder (``app.lungs``; ``VALD_MD_LUNG_SEGMENTER``); ``None`` = the embedded
             ``model_weights/lungs-unet``. A folder that is missing or not a segmenter is not an error: the server
             logs a warning and its maps are not restricted to the lungs (each record says so).
+        lesion_classifier: lesion classifier folder (``app.lesions``; ``VALD_MD_LESION_CLASSIFIER``); ``None`` =
+            ``model_weights/lesion-classifier``. The ``classifier_guided`` map method needs it (and the lung
+            segmenter); a folder that is missing or not a classifier is not an error: the server logs a warning
+            and offers only the SDEdit map.
         data_dir: folder for uploads and run artifacts (``<data_dir>/runs/<job_id>/``); created at start-up.
         host: interface to bind. Only loopback addresses are accepted unless ``allow_remote`` is set: the server
             speaks plain HTTP, so anything beyond this machine belongs behind a TLS-terminating reverse proxy.
@@ -69,6 +75,7 @@ class Settings(BaseSettings):
 
     model_dir: Path | None = None
     lung_segmenter: Path | None = None
+    lesion_classifier: Path | None = None
     data_dir: Path = REPO_ROOT / "data"
     host: str = "127.0.0.1"
     allow_remote: bool = False
@@ -134,7 +141,7 @@ class Settings(BaseSettings):
                              f"postgresql+psycopg://USER@HOST/DB")
         return v
 
-    @field_validator("model_dir", "lung_segmenter", mode="before")
+    @field_validator("model_dir", "lung_segmenter", "lesion_classifier", mode="before")
     @classmethod
     def _check_model_dir(cls, v: object) -> Path | None:
         # before validation: an empty VALD_MD_MODEL_DIR= means "unset", not Path("") == the working directory
@@ -179,6 +186,11 @@ class Settings(BaseSettings):
     def resolved_lung_segmenter(self) -> Path:
         """``lung_segmenter``, or the embedded segmenter folder when unset."""
         return self.lung_segmenter or EMBEDDED_LUNG_SEGMENTER_DIR
+
+    @property
+    def resolved_lesion_classifier(self) -> Path:
+        """``lesion_classifier``, or ``model_weights/lesion-classifier`` when unset."""
+        return self.lesion_classifier or DEFAULT_LESION_CLASSIFIER_DIR
 
 
 def _is_loopback(host: str) -> bool:

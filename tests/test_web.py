@@ -121,7 +121,8 @@ class GatedEngine:
 def app_and_client(tiny_engine, tmp_path_factory):
     # no lung segmenter (a folder that does not exist): the server runs, and its maps are not restricted
     data = tmp_path_factory.mktemp("web-data")
-    settings = Settings(data_dir=data, queue_size=4, lung_segmenter=data / "no-segmenter-here")
+    settings = Settings(data_dir=data, queue_size=4, lung_segmenter=data / "no-segmenter-here",
+                        lesion_classifier=data / "no-classifier-here")
     app = create_app(settings, engine=tiny_engine)
     with TestClient(app) as client:
         sign_in(client, app, add_user(app.state.db, "clinician-a"))
@@ -327,7 +328,8 @@ def test_full_json_flow(client, done_job):
     assert st["progress"]["step"] == st["progress"]["total"] == 3 and st["progress"]["fraction"] == 1.0
     assert st["parameters"] == {"prompt": "normal chest x-ray", "negative_prompt": "", "strength": 0.5,
                                 "guidance_scale": 5.0, "steps": 4, "seed": 11, "scheduler": "pndm", "samples": 1,
-                                "window": "auto", "reference": "input", "lung_mask": True}
+                                "window": "auto", "reference": "input", "lung_mask": True, "map_method": "sdedit",
+                                "classifier_scale": 0.3}
     assert {"denoising", "total", "queued", "run"} <= set(st["timings_s"])
     assert st["input"]["source_format"] == "png" and st["input"]["rows"] == 40
     base = f"/api/v1/jobs/{st['job_id']}"
@@ -781,3 +783,98 @@ def test_run_page_shows_the_lung_restriction_and_outline_option(lungs_app, lung_
     png = c.get(annotated)
     assert png.status_code == 200
     assert json.loads(Image.open(io.BytesIO(png.content)).text["vald_md:overlay"])["lung_outline"] is True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# map methods: the SDEdit difference (default) and the classifier-guided counterfactual (needs the lesion classifier)
+# ----------------------------------------------------------------------------------------------------------------
+def map_method_options(doc: Doc) -> dict[str, dict[str, str]]:
+    """The form's map-method select: option value -> attributes (``disabled``/``selected`` present when set)."""
+    names = [i for i, (t, a) in enumerate(doc.elements) if t == "select" and a.get("name") == "map_method"]
+    assert len(names) == 1
+    out: dict[str, dict[str, str]] = {}
+    for t, a in doc.elements[names[0] + 1:]:
+        if t != "option":
+            break
+        out[a["value"]] = a
+    return out
+
+
+def test_without_a_classifier_the_guided_map_is_offered_disabled_and_refused(app_and_client, client):
+    app = app_and_client[0]
+    assert app.state.classifier is None
+    options = map_method_options(Doc(client.get("/").text))
+    assert set(options) == {"sdedit", "classifier_guided"}
+    assert "disabled" in options["classifier_guided"] and "disabled" not in options["sdedit"]
+    assert "selected" in options["sdedit"]
+    model = client.get("/api/v1/model").json()
+    assert model["map_methods"] == ["sdedit"] and model["default_map_method"] == "sdedit"
+    r = submit(client, map_method="classifier_guided")
+    assert r.status_code == 422 and "no lesion classifier is loaded" in r.json()["message"]
+    r = client.post("/runs", data={**FAST, "seed_mode": "random", "map_method": "classifier_guided"},
+                    files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
+    assert r.status_code == 422 and r.headers["HX-Retarget"] == "#messages"
+    assert "classifier-guided map is not available" in Doc(r.text).text
+    r = submit(client, map_method="gradcam")
+    assert r.status_code == 422 and "map_method" in r.json()["fields"]
+    assert submit(client, classifier_scale="9").status_code == 422
+
+
+def test_sdedit_run_records_its_map_method(client, done_job):
+    record = client.get(f"/api/v1/jobs/{done_job['job_id']}/artifacts/record.json").json()
+    assert done_job["parameters"]["map_method"] == "sdedit"
+    assert record["map_method"] == "sdedit" and "classifier" not in record
+
+
+@pytest.fixture(scope="module")
+def guided_app(tiny_engine, tmp_path_factory):
+    """A server whose lung segmenter and lesion classifier are tiny folders loaded at start-up."""
+    import torch
+
+    from app.lesions import LesionNet, save_classifier
+
+    data = tmp_path_factory.mktemp("web-guided")
+    lungs = write_tiny_segmenter(data / "tiny-lungs")
+    torch.manual_seed(0)
+    clf = data / "tiny-lesions"
+    save_classifier(clf, LesionNet((4, 8)), size=16, name="tiny", metrics={}, training={})
+    app = create_app(Settings(data_dir=data / "data", queue_size=4, lung_segmenter=lungs, lesion_classifier=clf),
+                     engine=tiny_engine)
+    with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-g"))
+        app.state.jobs.segmenter = BoxSegmenter(lungs)
+        yield app, c, clf
+
+
+def test_classifier_guided_run_through_the_api(guided_app):
+    from app.lesions import folder_hash
+
+    app, c, clf = guided_app
+    assert app.state.classifier is not None and app.state.classifier.info["sha256"] == folder_hash(clf)
+    assert c.get("/api/v1/model").json()["map_methods"] == ["sdedit", "classifier_guided"]
+    r = submit(c, map_method="classifier_guided", classifier_scale="0.5")
+    assert r.status_code == 202, r.text
+    st = wait_state(c, r.json()["job_id"])
+    assert st["state"] == "done", st
+    assert st["parameters"]["map_method"] == "classifier_guided"
+    record = c.get(st["artifacts"]["record.json"]).json()
+    assert record["map_method"] == "classifier_guided" and record["classifier_scale"] == 0.5
+    assert record["classifier"]["sha256"] == folder_hash(clf)
+    cf = Image.open(io.BytesIO(c.get(st["artifacts"]["counterfactual.png"]).content))
+    assert cf.size == (36, 40)
+    r = submit(c, map_method="classifier_guided", samples="2")
+    assert r.status_code == 422 and "samples=2" in r.json()["message"]
+
+
+def test_form_offers_the_guided_map_when_a_classifier_is_loaded(guided_app):
+    _, c, _ = guided_app
+    options = map_method_options(Doc(c.get("/").text))
+    assert "disabled" not in options["classifier_guided"]
+    assert Doc(c.get("/").text).by_id("classifier_scale")["value"] == "0.3"
+    r = c.post("/runs", data={**FAST, "seed_mode": "fixed", "map_method": "classifier_guided"},
+               files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
+    assert r.status_code == 200, r.text
+    st = wait_state(c, Doc(r.text).by_id("run")["data-job"])
+    assert st["state"] == "done" and st["parameters"]["map_method"] == "classifier_guided"
+    restored = Doc(c.get(f"/runs/{st['job_id']}/form", headers={"HX-Request": "true"}).text)
+    assert "selected" in map_method_options(restored)["classifier_guided"]

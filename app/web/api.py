@@ -1,7 +1,7 @@
 """The JSON API (``/api/v1``): the same jobs as the pages, for scripts and integrations.
 
 =======  ==========================================  =====================================================
-POST     /api/v1/counterfactuals                     multipart: file, prompt, ..., lung_mask -> 202 {"job_id"}
+POST     /api/v1/counterfactuals                     multipart: file, prompt, ..., lung_mask, map_method -> 202
 GET      /api/v1/jobs                                the user's jobs, newest first
 GET      /api/v1/jobs/{id}                           status, progress, parameters, effective steps, timings
 POST     /api/v1/jobs/{id}/cancel                    cancel (queued: at once; running: within one step)
@@ -35,7 +35,7 @@ from app.jobs import Job, JobManager
 from app.web.auditing import audit_export, audit_view
 from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
 from app.web.errors import UploadTooLargeError
-from app.web.forms import GenerationParams
+from app.web.forms import GenerationParams, map_method_options
 from app.web.streams import job_changes
 from app.web.views import (
     OverlayOptions,
@@ -211,11 +211,15 @@ def job_artifact(
 
 
 @router.get("/model", summary="The loaded model")
-def model_info(engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
-    """Name, content hash, text encoder, image size, presets and class prompts of the resident model."""
+def model_info(engine: EngineDep, settings: SettingsDep, jobs: JobsDep) -> dict[str, Any]:
+    """Name, content hash, text encoder, image size, presets and class prompts of the resident model, and the
+    map methods this server can run (``classifier_guided`` needs the lesion classifier and the lung segmenter)."""
     info = engine.info
+    methods = map_method_options(jobs)
     return {"name": info.name, "model_hash": info.model_hash, "text_encoder_type": info.text_encoder_type,
             "image_size": info.image_size, "image_channels": info.image_channels,
             "parameters_millions": info.parameters_m, "presets": info.presets, "class_prompts": info.class_prompts,
+            "map_methods": [m for m, _, available in methods if available],
+            "default_map_method": str(info.manifest.get("map_method", "sdedit")),
             "limits": {"max_steps": settings.max_steps, "max_samples": settings.max_samples,
                        "max_upload_mb": settings.max_upload_mb, "queue_size": settings.queue_size}}

@@ -6,7 +6,8 @@ every worker process would hold its own model copy and its own queue.
 
 Start-up, in order: the accounts/audit database (migrations, append-only triggers), the UID/CSRF secret file,
 runs left unfinished by the previous process marked ``interrupted``, the model, the lung segmenter (optional: a
-missing folder is a warning, and maps are then not restricted to the lungs), the job worker, ``app_start``.
+missing folder is a warning, and maps are then not restricted to the lungs), the lesion classifier (optional
+likewise: without it the classifier-guided map method is not offered), the job worker, ``app_start``.
 Shut-down: the worker stops (cancelling the running job), ``app_stop``. Middleware, outermost first: security
 headers, upload size limit, authentication + CSRF (:mod:`app.web.auth`).
 """
@@ -150,6 +151,33 @@ def load_segmenter(folder: Path) -> LungSegmenter | None:
     return seg
 
 
+def load_classifier(folder: Path) -> Any:
+    """The lesion classifier (``app.lesions.LesionClassifier``) in ``folder``, or ``None`` (with a warning) when
+    there is none: never fatal, the server then offers only the SDEdit map. Loaded in a passing thread, as the
+    segmenter is."""
+    from app.lesions import LesionClassifier
+
+    box: dict[str, Any] = {}
+    errors: list[Exception] = []
+
+    def load() -> None:
+        try:
+            box["clf"] = LesionClassifier(folder)
+        except Exception as e:  # missing folder, damaged weights: not worth a crash
+            errors.append(e)
+
+    t = threading.Thread(target=load, name="vald-md-classifier-load")
+    t.start()
+    t.join()
+    if errors or "clf" not in box:
+        reason = errors[0] if errors else "the loader stopped"
+        logger.warning("no lesion classifier loaded (%s); the classifier-guided map method is not available", reason)
+        return None
+    clf = box["clf"]
+    logger.info("lesion classifier %s (%s) loaded", clf.info["name"], clf.info["sha256"][:12])
+    return clf
+
+
 def create_app(settings: Settings | None = None, engine: CounterfactualEngine | None = None) -> FastAPI:
     """Build the application.
 
@@ -158,8 +186,9 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         engine: an already loaded engine (tests); ``None`` loads ``settings.model_dir`` in the lifespan.
 
     Returns:
-        The FastAPI app. Its lifespan opens the audit database, loads the model and the lung segmenter
-        (``settings.resolved_lung_segmenter``), starts the job worker, and stops it on shutdown (cancelling the
+        The FastAPI app. Its lifespan opens the audit database, loads the model, the lung segmenter
+        (``settings.resolved_lung_segmenter``) and the lesion classifier (``settings.resolved_lesion_classifier``),
+        starts the job worker, and stops it on shutdown (cancelling the
         running job).
     """
     settings = settings or Settings()
@@ -181,11 +210,13 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
                                               device=settings.device, dtype=settings.dtype)
             # a few MB on the CPU, segmenting in the job worker (~10-20 ms per image at 128 px)
             segmenter = await run_in_threadpool(load_segmenter, settings.resolved_lung_segmenter)
+            classifier = await run_in_threadpool(load_classifier, settings.resolved_lesion_classifier)
             jobs = JobManager(eng, settings.runs_dir, queue_size=settings.queue_size,
                               preview_size=settings.preview_size, thumbnail_size=settings.thumbnail_size,
                               max_steps=settings.max_steps, max_samples=settings.max_samples, db=db,
                               uid_secret=secret, store_plain_uids=settings.store_plain_uids,
-                              store_identified_uploads=settings.store_identified_uploads, segmenter=segmenter)
+                              store_identified_uploads=settings.store_identified_uploads, segmenter=segmenter,
+                              classifier=classifier)
         except BaseException:
             db.dispose()
             raise
@@ -194,6 +225,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         app.state.uid_secret = secret
         app.state.engine = eng
         app.state.segmenter = segmenter
+        app.state.classifier = classifier
         app.state.jobs = jobs
         app.state.login_limiter = LoginRateLimiter(settings.login_attempts_per_minute)
         # 3. say so
@@ -201,7 +233,8 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             "version": __version__, "model_sha256": eng.info.model_hash, "interrupted_runs": interrupted,
             "database": db.dialect.name, "de_identified_uploads": not settings.store_identified_uploads,
             "plain_uids": settings.store_plain_uids,
-            "lung_segmenter_sha256": segmenter.info.sha256 if segmenter is not None else None})
+            "lung_segmenter_sha256": segmenter.info.sha256 if segmenter is not None else None,
+            "lesion_classifier_sha256": classifier.info["sha256"] if classifier is not None else None})
         if not accounts.has_admin(db):
             logger.warning("no administrator account exists yet: create one on this machine with `%s` "
                            "(it asks for the password), then sign in at /login", accounts.FIRST_ADMIN_HINT)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.artifacts import ReviewRequest
+from app.artifacts import MAP_METHODS, MAX_CLASSIFIER_SCALE, ReviewRequest
 from app.engine import SCHEDULERS, ModelInfo, effective_steps
 
 SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]
@@ -39,6 +39,11 @@ class GenerationParams(BaseModel):
     window: str = Field("auto", max_length=20, description="'auto', 'percentile' or a file preset index 0, 1, ...")
     lung_mask: bool = Field(True, description="restrict the map to the lungs (the server's lung segmenter); "
                                               "an uploaded region mask wins")
+    map_method: str | None = Field(None, description="attribution-map method: 'sdedit' (the paper's SDEdit "
+                                                     "difference) or 'classifier_guided' (needs the server's lesion "
+                                                     "classifier; one sample); empty = the model's recommendation")
+    classifier_scale: float = Field(0.3, ge=0.0, le=MAX_CLASSIFIER_SCALE,
+                                    description="classifier_guided: step against the disease gradient, 0..5")
 
     @model_validator(mode="before")
     @classmethod
@@ -55,6 +60,13 @@ class GenerationParams(BaseModel):
             return v
         raise ValueError("window must be 'auto', 'percentile' or a preset number (0, 1, ...)")
 
+    @field_validator("map_method")
+    @classmethod
+    def _check_map_method(cls, v: str | None) -> str | None:
+        if v is None or v in MAP_METHODS:
+            return v
+        raise ValueError(f"map method {v!r} is unknown; choose one of {', '.join(MAP_METHODS)}")
+
     def to_request(self, info: ModelInfo) -> ReviewRequest:
         """The run's :class:`ReviewRequest`, filling unset fields from the model's healthy preset."""
         preset = info.presets.get("healthy", {})
@@ -67,7 +79,8 @@ class GenerationParams(BaseModel):
             steps=self.steps if self.steps is not None else int(preset.get("steps", 75)),
             seed=self.seed, scheduler=self.scheduler, samples=self.samples,
             window=int(self.window) if self.window.isdigit() else self.window,
-            reference=str(info.manifest.get("map_reference", "input")), lung_mask=self.lung_mask)
+            reference=str(info.manifest.get("map_reference", "input")), lung_mask=self.lung_mask,
+            map_method=self.map_method, classifier_scale=self.classifier_scale)
 
 
 class ReviewFormParams(GenerationParams):
@@ -108,6 +121,8 @@ class FormValues:
     samples: int
     window: str
     lung_mask: bool = True
+    map_method: str = "sdedit"
+    classifier_scale: float = 0.3
     reuse_input: str | None = None
     facts: dict[str, Any] | None = None
     thumbnail_url: str | None = None
@@ -124,7 +139,8 @@ class FormValues:
         return cls(prompt=str(preset.get("prompt", "normal chest x-ray")), negative_prompt="",
                    strength=float(preset.get("strength", 0.85)),
                    guidance_scale=float(preset.get("guidance_scale", 7.5)), steps=int(preset.get("steps", 75)),
-                   seed=None, seed_mode="random", scheduler="pndm", samples=1, window="auto")
+                   seed=None, seed_mode="random", scheduler="pndm", samples=1, window="auto",
+                   map_method=str(info.manifest.get("map_method", "sdedit")))
 
     @classmethod
     def from_request(cls, req: ReviewRequest, *, seed: int | None, reuse_input: str | None = None,
@@ -134,7 +150,16 @@ class FormValues:
                    guidance_scale=req.guidance_scale, steps=req.steps, seed=seed,
                    seed_mode="fixed" if seed is not None else "random", scheduler=req.scheduler,
                    samples=req.samples, window=str(req.window if req.window is not None else "auto"),
-                   lung_mask=req.lung_mask, reuse_input=reuse_input, facts=facts, thumbnail_url=thumbnail_url)
+                   lung_mask=req.lung_mask, map_method=req.map_method or "sdedit",
+                   classifier_scale=req.classifier_scale, reuse_input=reuse_input, facts=facts,
+                   thumbnail_url=thumbnail_url)
+
+
+def map_method_options(jobs: Any) -> list[tuple[str, str, bool]]:
+    """(value, label, available) of every map method for the form: ``classifier_guided`` needs the job manager's
+    lesion classifier and lung segmenter."""
+    ready = getattr(jobs, "classifier", None) is not None and getattr(jobs, "segmenter", None) is not None
+    return [(m, label, m != "classifier_guided" or ready) for m, label in MAP_METHODS.items()]
 
 
 def prompt_presets(info: ModelInfo) -> list[tuple[str, str]]:

@@ -38,7 +38,7 @@ from app.web.api import read_upload, submit_job
 from app.web.auditing import audit_inspect, audit_view
 from app.web.auth import Caller
 from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
-from app.web.forms import FormValues, ReviewFormParams, prompt_presets
+from app.web.forms import FormValues, ReviewFormParams, map_method_options, prompt_presets
 from app.web.streams import job_changes
 from app.web.templating import is_htmx, render
 from app.web.views import EXPORT_LABELS, OverlayOptions, api_base, export_kinds, has_lung_mask, job_status
@@ -101,6 +101,7 @@ def form_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, 
     return {"form": form, "info": engine.info, "prompt_presets": prompt_presets(engine.info),
             "schedulers": SCHEDULERS, "max_steps": settings.max_steps, "max_samples": settings.max_samples,
             "max_upload_mb": settings.max_upload_mb, "active": _active(jobs, user, current),
+            "map_methods": map_method_options(jobs),
             "last_seed": last.seeds[0] if last else None}
 
 
