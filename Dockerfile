@@ -94,6 +94,7 @@ COPY templates/ templates/
 COPY static/ static/
 COPY model_weights/vald-md-mini/ model_weights/vald-md-mini/
 COPY model_weights/lungs-unet/ model_weights/lungs-unet/
+COPY model_weights/lesion-classifier/ model_weights/lesion-classifier/
 RUN python -m compileall -q app
 # /data: SQLite database, uploads and run artifacts (a named volume; created vald-owned so a new volume is too).
 # /models: user model folders, mounted read-only; point VALD_MD_MODEL_DIR at /models/<name> (unset = embedded).

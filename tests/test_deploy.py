@@ -300,7 +300,8 @@ def test_dockerfile_final_stage_has_only_what_runs():
     chain = final_stage_chain("cpu")
     copies = [c for s in chain for c in s.all("COPY")]
     sources = {c.split()[-2] for c in copies if not c.startswith("--from")}
-    assert sources == {"app/", "templates/", "static/", "model_weights/vald-md-mini/", "model_weights/lungs-unet/"}
+    assert sources == {"app/", "templates/", "static/", "model_weights/vald-md-mini/", "model_weights/lungs-unet/",
+                       "model_weights/lesion-classifier/"}
     assert any(c.startswith("--from=builder /opt/venv") for c in copies)
     runs = " ".join(r for s in chain for r in s.all("RUN"))
     assert "fonts-dejavu-core" in runs, "annotated exports render text with DejaVu Sans"
