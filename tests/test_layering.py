@@ -29,6 +29,15 @@ FORBIDDEN: dict[str, set[str]] = {
     # the lung segmenter: torch, numpy, scipy, Pillow and safetensors only (artifacts, jobs, web, cli may import it)
     "lungs": {"datasets", "config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
               "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli"},
+    # the lesion classifier: torch and numpy only
+    "lesions": {"datasets", "config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
+                "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli", "mapmethods", "lungs"},
+    # engine-level map methods: beside the engine, below artifacts and evaluation
+    "mapmethods": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "manage"},
+    # the one-file training commands of the segmenter, the classifier and the lesion fine-tuning
+    "train_lungs": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
+    "train_lesions": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
+    "train_finetune": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
     "artifacts": {"jobs", "web", "train", "evaluate", "audit", "cli"},
     "exports": {"engine", "jobs", "web", "train", "evaluate", "audit", "cli", "lungs"},
     "train": {"jobs", "web", "evaluate", "audit", "cli"},
