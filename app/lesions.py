@@ -8,12 +8,12 @@ Input preparation (:meth:`LesionClassifier.prepare`, differentiable in the image
 cropped to the bounding box of the lung mask widened by 5 % per side, resized to ``size`` x ``size``, standardised
 by the mean and standard deviation of its lung pixels, and set to 0 outside the (resized) lung mask.
 
-Trained by ``vald-md train lesions`` (``app/train_lesions.py``). Imports torch, numpy; nothing of the web.
+Trained by ``vald-md train lesions`` (``app/train_lesions.py``). Imports torch, numpy and ``app.lungs``; nothing
+of the web.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
+
+from app import lungs
 
 CONFIG_NAME = "classifier.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -82,12 +84,8 @@ def prepare(image: torch.Tensor, lungs: NDArray[np.bool_], size: int) -> torch.T
 
 
 def folder_hash(folder: Path) -> str:
-    """SHA-256 over the classifier's configuration and weights."""
-    h = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        h.update(name.encode())
-        h.update((folder / name).read_bytes())
-    return h.hexdigest()
+    """SHA-256 over the classifier's configuration and weights (``app.lungs.folder_hash``)."""
+    return lungs.folder_hash(folder, (CONFIG_NAME, WEIGHTS_NAME))
 
 
 def save_classifier(folder: Path, model: LesionNet, *, size: int, name: str, metrics: dict[str, Any],

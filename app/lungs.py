@@ -119,10 +119,11 @@ def clean_mask(mask: NDArray[np.bool_], *, keep: int = 2,
     return np.asarray(ndimage.binary_fill_holes(out), dtype=bool)
 
 
-def folder_hash(folder: Path) -> str:
-    """SHA-256 over the segmenter's configuration and weights (file names and bytes, sorted)."""
+def folder_hash(folder: Path, names: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)) -> str:
+    """SHA-256 over the named files of a small-model folder (name and bytes, in order): by default the segmenter's
+    configuration and weights."""
     h = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    for name in names:
         h.update(name.encode())
         h.update((folder / name).read_bytes())
     return h.hexdigest()

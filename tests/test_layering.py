@@ -29,9 +29,9 @@ FORBIDDEN: dict[str, set[str]] = {
     # the lung segmenter: torch, numpy, scipy, Pillow and safetensors only (artifacts, jobs, web, cli may import it)
     "lungs": {"datasets", "config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
               "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli"},
-    # the lesion classifier: torch and numpy only
+    # the lesion classifier: torch, numpy and the lung segmenter's module only
     "lesions": {"datasets", "config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
-                "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli", "mapmethods", "lungs"},
+                "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli", "mapmethods"},
     # engine-level map methods: beside the engine, below artifacts and evaluation
     "mapmethods": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "manage"},
     # the one-file training commands of the segmenter, the classifier and the lesion fine-tuning
