@@ -140,9 +140,12 @@ class SegmenterInfo:
     metrics: dict[str, Any]
 
     def record(self) -> dict[str, Any]:
-        """The provenance written into ``record.json`` (name, hash, input size, threshold, held-out Dice)."""
+        """The provenance written into ``record.json`` (name, hash, input size, threshold, held-out and
+        other-source Dice as mean/min/N)."""
+        dice = {part: {k: v for k, v in d.items() if k in ("mean", "min", "n")}
+                for part, d in self.metrics.get("dice", {}).items() if isinstance(d, dict)}
         return {"name": self.name, "sha256": self.sha256, "size": self.size, "threshold": self.threshold,
-                "dice": self.metrics.get("dice", {})}
+                "dice": dice}
 
 
 def save_segmenter(folder: Path, model: LungUNet, *, size: int, name: str, metrics: dict[str, Any],
