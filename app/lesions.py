@@ -63,6 +63,14 @@ def lung_box(lungs: NDArray[np.bool_], margin: float = BOX_MARGIN) -> tuple[int,
             max(0, int(cols[0]) - mc), min(w, int(cols[-1]) + 1 + mc))
 
 
+def standardize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per image: (x - mean_lungs) / std_lungs inside the mask, 0 outside. (N, 1, S, S) -> same."""
+    n = m.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
+    mean = (x * m).sum(dim=(2, 3), keepdim=True) / n
+    std = (((x - mean) ** 2 * m).sum(dim=(2, 3), keepdim=True) / n).sqrt().clamp(min=1e-3)
+    return (x - mean) / std * m
+
+
 def prepare(image: torch.Tensor, lungs: NDArray[np.bool_], size: int) -> torch.Tensor:
     """Differentiable preparation of one image; see the module docstring.
 
@@ -77,10 +85,7 @@ def prepare(image: torch.Tensor, lungs: NDArray[np.bool_], size: int) -> torch.T
     m = torch.from_numpy(lungs[r0:r1, c0:c1].astype(np.float32))[None, None]
     crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
     m = (F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False) >= 0.5).float()
-    n = m.sum().clamp(min=1.0)
-    mean = (crop * m).sum() / n
-    std = (((crop - mean) ** 2 * m).sum() / n).sqrt().clamp(min=1e-3)
-    return (crop - mean) / std * m
+    return standardize(crop, m)
 
 
 def folder_hash(folder: Path) -> str:

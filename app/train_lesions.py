@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from app.lesions import LesionNet, lung_box, save_classifier
+from app.lesions import LesionNet, lung_box, save_classifier, standardize
 from app.lungs import LungSegmenter, resize_float
+from app.train_lungs import warmup_cosine
 
 PROBE_SIZE = 256
 
@@ -77,14 +78,6 @@ def build_cache(rows: list[tuple[Path, str, int, str]], seg: LungSegmenter, size
             "source": np.array([r[3] for r in rows])}
     np.savez(cache, **data)
     return data
-
-
-def standardize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Per image: (x - mean_lungs) / std_lungs inside the mask, 0 outside. (N, 1, S, S) -> same."""
-    n = m.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
-    mean = (x * m).sum(dim=(2, 3), keepdim=True) / n
-    std = (((x - mean) ** 2 * m).sum(dim=(2, 3), keepdim=True) / n).sqrt().clamp(min=1e-3)
-    return (x - mean) / std * m
 
 
 def augment(x: torch.Tensor, m: torch.Tensor, out: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +159,7 @@ def main(args: argparse.Namespace) -> int:
         weights[sel] = 1.0 / (len(groups) * sel.sum())
     model = LesionNet()
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-3)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / args.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps))
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start, best, best_state, history = 0, -1.0, None, []

@@ -20,6 +20,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,12 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[tor
     return x.clamp(0, 1), y
 
 
+def warmup_cosine(steps: int) -> Callable[[int], float]:
+    """LR multiplier of step i: linear warm-up over the first 5 % of ``steps``, times a cosine from 1 to 0."""
+    warmup = max(1, steps // 20)
+    return lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))
+
+
 def dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """1 - soft Dice over the batch."""
     p = torch.sigmoid(logits)
@@ -202,9 +209,7 @@ def main(args: argparse.Namespace) -> int:
     ys = torch.from_numpy(np.stack([b for _, b in loaded]))[:, None]
     model = LungUNet(channels)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over 5 % of the steps, then cosine to 0
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / args.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps))
     gen = torch.Generator().manual_seed(args.seed)
     start = 0
     ckpt = out / "checkpoint.pt"

@@ -31,6 +31,7 @@ CIs; paired differences of each method against each baseline are bootstrapped ov
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -47,7 +48,7 @@ from scipy import ndimage
 from app import metrics
 from app.evaluate.common import load_gray, now_iso, stable_order, write_json
 from app.evaluate.localize import BOX_FRAME, read_lesion_cases
-from app.lungs import marker_mask
+from app.lungs import marker_mask, resize_float
 
 logger = logging.getLogger("vald_md.evaluate.probe")
 
@@ -221,8 +222,6 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
     stream = stream or sys.stderr
     t0 = time.time()
     cases = read_lesion_cases(data, limit=limit)
-    import csv
-
     normal_names: list[str] = []
     if normals:
         with open(Path(data) / "boxes.csv", newline="") as fh:
@@ -287,8 +286,6 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
 
 
 def _to_probe_size(img: NDArray[np.float32]) -> NDArray[np.float32]:
-    from app.lungs import resize_float
-
     return np.clip(resize_float(img, PROBE_SIZE, PROBE_SIZE), 0, 1) if img.shape != (PROBE_SIZE,) * 2 else img
 
 
