@@ -98,3 +98,14 @@ def test_probe_runs_on_lesions_rsna_with_a_model_and_writes_its_report(shared_da
     assert saved["segmenter"]["sha256"] == seg.info.sha256
     assert len((tmp_path / "out" / "probe_rows.jsonl").read_text().splitlines()) == 3
     assert "| product |" in (tmp_path / "out" / "probe.md").read_text()
+
+
+@pytest.mark.parametrize(("methods", "message"), [("bogus", "unknown bogus"),
+                                                  ("classifier_grad", "needs --classifier")])
+def test_probe_command_refuses_bad_methods_with_one_line(methods: str, message: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from app import evaluate
+
+    args = evaluate.parse_args(["probe", "--data", str(tmp_path), "--methods", methods, "--out", str(tmp_path / "o")])
+    assert evaluate.main(args) == 2
+    assert message in capsys.readouterr().err

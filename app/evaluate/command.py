@@ -234,11 +234,11 @@ def cmd_laterality(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Run the localization probe and print its Markdown table."""
-    from app.evaluate.probe import MODEL_METHODS, model_map_fn, run_probe
+    from app.evaluate.probe import CLASSIFIER_METHODS, MODEL_METHODS, model_map_fn, run_probe
     from app.lungs import LungSegmenter
 
     methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = (*MODEL_METHODS, "classifier_grad", "classifier_guided")
+    known = (*MODEL_METHODS, *CLASSIFIER_METHODS)
     bad = [m for m in methods if m not in known]
     if bad:
         raise ValueError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(known)}")

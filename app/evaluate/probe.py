@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import sys
 import time
@@ -49,8 +48,6 @@ from app import metrics
 from app.evaluate.common import load_gray, now_iso, stable_order, write_json
 from app.evaluate.localize import BOX_FRAME, read_lesion_cases
 from app.lungs import marker_mask, resize_float
-
-logger = logging.getLogger("vald_md.evaluate.probe")
 
 PROBE_SIZE = 256
 FRAME_FRACTION = 0.05
