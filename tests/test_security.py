@@ -9,6 +9,7 @@ written to ``test-output/security-counts.json``.
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import json
 import re
@@ -17,7 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,9 @@ FAST = {"strength": "0.5", "steps": "4", "guidance_scale": "5", "seed": "11"}
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OUTPUT = REPO_ROOT / "test-output"
 COUNTS: dict[str, int] = {"audit_events_written": 0, "upload_fuzz_cases": 0, "schemathesis_cases": 0,
-                          "responses_5xx": 0}
+                          "admin_fuzz_cases": 0, "responses_5xx": 0}
 FUZZ_EXAMPLES = 200
+ADMIN_FUZZ_EXAMPLES = 150
 SCHEMA_EXAMPLES_PER_OPERATION = 25
 
 
@@ -478,6 +480,21 @@ def test_admin_page_filters_pages_and_exports_the_trail(secure, people):
     assert "audit_export" in mine and "audit_view" in mine
 
 
+@pytest.mark.parametrize("path", ["/admin", "/admin/events", "/admin/events/export?format=csv",
+                                  "/admin/events/export?format=json"])
+@pytest.mark.parametrize(("query", "message"), [
+    ("until=9999-12-31", "is out of range: use a date from 1970-01-01 to 9998-12-31"),
+    ("since=0001-01-01", "is out of range"),
+    ("since=2025-02-30", "is not a date: use YYYY-MM-DD"),
+    ("since=2025-03-02&until=2025-03-01", "since=2025-03-02 is after until=2025-03-01"),
+])
+def test_admin_date_filters_are_validated_with_a_message(secure, people, path, query, message):
+    boss = client_for(secure, people["admin"], raise_server_exceptions=False)
+    r = boss.get(f"{path}{'&' if '?' in path else '?'}{query}")
+    assert r.status_code == 422, (r.status_code, r.text[:300])
+    assert html.escape(message, quote=True) in r.text and "Traceback" not in r.text
+
+
 def test_admin_rerun_shows_whether_the_output_reproduces(secure, people, job_of_a):
     boss = client_for(secure, people["admin"])
     record = boss.get(f"/admin/runs/{job_of_a}")
@@ -663,6 +680,35 @@ def test_every_shared_dicom_file_is_accepted_or_refused_with_a_4xx(fuzz, shared_
         assert r.status_code == 202, r.text
     else:
         assert 400 <= r.status_code < 500 and r.json()["message"] and "Traceback" not in r.text
+
+
+@pytest.fixture(scope="module")
+def fuzz_admin(fuzz) -> TestClient:
+    """An administrator's client on the fuzzing app (server errors come back as responses)."""
+    app = fuzz[0]
+    return client_for(app, add_user(app.state.db, "fuzz-boss", role="admin"), raise_server_exceptions=False)
+
+
+_DAYS = st.one_of(st.dates().map(date.isoformat), st.text(max_size=12),
+                  st.sampled_from(["9999-12-31", "0001-01-01", "2025-02-30", "20250101", "2025-W01-1", "\u0661"]))
+
+
+@settings(max_examples=ADMIN_FUZZ_EXAMPLES, deadline=timedelta(seconds=30), database=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/admin", "/admin/events", "/admin/events/export"]), htmx=st.booleans(),
+       query=st.fixed_dictionaries({}, optional={
+           "since": _DAYS, "until": _DAYS, "user": st.text(max_size=160),
+           "action": st.one_of(st.sampled_from([a.value for a in audit.AuditAction]), st.text(max_size=20)),
+           "page": st.one_of(st.integers(-5, 2_000_000).map(str), st.text(max_size=8)),
+           "format": st.sampled_from(["csv", "json", "xml", ""])}))
+def test_admin_filters_fuzzing_finds_no_server_errors(fuzz_admin, path, htmx, query):
+    with time_limit(60):
+        r = fuzz_admin.get(path, params=query, headers={"HX-Request": "true"} if htmx else {})
+    COUNTS["admin_fuzz_cases"] += 1
+    if r.status_code >= 500:
+        COUNTS["responses_5xx"] += 1
+    assert r.status_code in (200, 422), (r.status_code, query, r.text[:300])
+    assert "Traceback" not in r.text
 
 
 def test_openapi_schema_fuzzing_finds_no_server_errors(fuzz):

@@ -17,6 +17,7 @@ Reading the trail is audited (``audit_view``, ``audit_export``), opening a run r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import uuid
 from datetime import UTC, date, datetime, time, timedelta
@@ -40,6 +41,9 @@ REPRODUCED_ARTIFACT = "counterfactual.png"
 """The artifact whose SHA-256 decides whether a re-run reproduced its original."""
 _NO_STORE = {"Cache-Control": "no-store"}
 _ACTIONS = [a.value for a in audit.AuditAction]
+FIRST_DAY = date(1970, 1, 1)
+LAST_DAY = date(9998, 12, 31)
+"""The date filters' range: ``until`` is inclusive, so the query runs to the next midnight, which must exist."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,23 +59,30 @@ class EventFilters:
     @classmethod
     def parse(cls, user: str | None, since: str | None, until: str | None, action: str | None,
               page: int) -> EventFilters:
-        """Empty fields mean "any"; dates are ``YYYY-MM-DD`` (UTC days, ``until`` inclusive).
+        """Empty fields mean "any"; dates are ``YYYY-MM-DD`` (UTC days, ``until`` inclusive) from
+        :data:`FIRST_DAY` to :data:`LAST_DAY`, ``since`` not after ``until``.
 
         Raises:
-            ValueError: a malformed date or an unknown action, naming it.
+            ValueError: a malformed or out-of-range date, dates in the wrong order or an unknown action, naming it.
         """
         def day(name: str, value: str | None) -> date | None:
             if not value:
                 return None
             try:
-                return date.fromisoformat(value)
+                parsed = date.fromisoformat(value)
             except ValueError:
                 raise ValueError(f"{name}={value!r} is not a date: use YYYY-MM-DD") from None
+            if not FIRST_DAY <= parsed <= LAST_DAY:
+                raise ValueError(f"{name}={value!r} is out of range: use a date from {FIRST_DAY} to {LAST_DAY}")
+            return parsed
 
         if action and action not in _ACTIONS:
             raise ValueError(f"action={action!r} is not an audited action: choose one from the list")
-        return cls(user=(user or "").strip() or None, since=day("since", since), until=day("until", until),
-                   action=action or None, page=max(1, page))
+        first, last = day("since", since), day("until", until)
+        if first is not None and last is not None and first > last:
+            raise ValueError(f"since={first} is after until={last}: swap them or leave one empty")
+        return cls(user=(user or "").strip() or None, since=first, until=last, action=action or None,
+                   page=max(1, page))
 
     def query_args(self) -> dict[str, Any]:
         """Keyword arguments of ``audit.query_events`` / ``count_events`` / ``export_events``."""
@@ -145,6 +156,8 @@ def admin_export(admin: AdminUser, db: DbDep, format: Literal["csv", "json"] = "
     """The filtered events, oldest first, as CSV or JSON (``audit.export_events``)."""
     filters = EventFilters.parse(user, since, until, action, 1)
     chunks = audit.export_events(db, format, **filters.query_args())
+    # the framing and the first event now, so that a database error is an error page rather than a cut-off download
+    chunks = itertools.chain(list(itertools.islice(chunks, 2)), chunks)
     audit.append_event(db, audit.AuditAction.AUDIT_EXPORT, user=admin.user,
                        detail={"format": format, "filters": filters.used()})
     stamp = audit.utc_now().strftime("%Y%m%dT%H%M%SZ")
