@@ -1,25 +1,38 @@
-"""De-identification of a stored upload: DICOM PS3.15 basic profile (with the Retain UIDs option), PNG/JPEG
-metadata removal. Bytes in, bytes out; the pixels are never touched, so the stored copy decodes to exactly the
-image the user reviewed.
+"""De-identification of a stored upload: DICOM PS3.15 Basic Application Level Confidentiality Profile (Annex E,
+Table E.1-1, every attribute) with the Retain UIDs Option; PNG/JPEG metadata removal. Bytes in, bytes out; the
+pixels are never touched, so the stored copy decodes to exactly the image the user reviewed.
 
-DICOM, in this order (PS3.15 Annex E, Table E.1-1; action codes as in the table):
+The table is not kept by hand: :data:`BASIC_PROFILE` is Table E.1-1 of DICOM edition :data:`TABLE_EDITION` as
+shipped by the ``dicom-anonymizer`` package (Kitware, BSD; ``dicomanonymizer.dicom_anonymization_databases``, one
+Python list of tags per "Basic Prof." action code). Only its table is used: its engine applies the actions to the
+top level only, turns removed dates into ``00010101`` and replaces UIDs at random, none of which is wanted here.
 
-1. every private element (odd group) is removed, at every nesting level;
-2. the attributes of :data:`DICOM_ACTIONS` are removed (``X``) or emptied (``Z``: Type 2 attributes that must
-   stay present), at every nesting level;
-3. every remaining Person Name (PN), date (DA), date-time (DT), time (TM) and age (AS) value is emptied, at
-   every nesting level: names anywhere, and dates removed rather than shifted;
-4. overlay planes and curves (groups 60xx and 50xx: they can carry burned-in text as graphics) are removed;
-5. file meta: the sending/receiving/source AE titles and private information are removed;
-6. (0012,0062) Patient Identity Removed = ``YES``, (0012,0063) De-identification Method and (0012,0064)
-   De-identification Method Code Sequence = DCM 113100 "Basic Application Confidentiality Profile" and
-   DCM 113110 "Retain UIDs Option" are added.
+DICOM, in this order, at every nesting level:
 
-UIDs are kept (Retain UIDs option): the DICOM Secondary Capture export files the overlay into the source's study
-(0020,000D) and references the source image by (0008,0016)/(0008,0018). Pixel data, the image pixel module,
-VOI/modality LUTs, windows, (0018,5101) View Position and pixel spacing are kept, because the stored copy must
-decode to the reviewed image. Not done: the Clean Pixel Data option (text burned into the pixels stays; the
-file's (0028,0301) Burned In Annotation says whether there is any) and the clean descriptors options.
+1. every private element (odd group, private creators included) is removed: nothing in :mod:`app.imaging` reads
+   one, so no Retain Safe Private Option allow-list is needed;
+2. overlay planes (groups 60xx, incl. (60xx,3000) Overlay Data and (60xx,4000) Overlay Comments) and curves
+   (groups 50xx) are removed whole: they can carry burned-in text as graphics;
+3. each attribute of Table E.1-1 present gets the action of :data:`APPLIED`, by its table code:
+   ``X``, ``X/Z``, ``X/D``, ``X/Z/D``, ``X/Z/U*`` remove it (for the radiograph IODs stored here these attributes
+   are Type 3, so removal keeps the IOD valid); ``Z`` and ``Z/D`` keep it with a zero-length value (a sequence:
+   no items); ``D`` replaces a text value by ``ANONYMIZED`` and a UID by a new random UID, empties every other
+   value (names, dates, numbers, binary) and leaves a sequence without items; ``U`` keeps it (Retain UIDs Option);
+4. every remaining Person Name (PN), date (DA), date-time (DT), time (TM) and age (AS) value is emptied: names
+   anywhere, and dates removed rather than shifted (beyond the table, which does not list every date);
+5. file meta: the sending/receiving/source AE titles and private information are removed; (0002,0003) Media
+   Storage SOP Instance UID is kept (``U``, Retain UIDs);
+6. (0012,0062) Patient Identity Removed ``YES``, (0012,0063) De-identification Method, (0012,0064)
+   De-identification Method Code Sequence = DCM 113100 "Basic Application Confidentiality Profile" and DCM 113110
+   "Retain UIDs Option" (CID 7050), and (0028,0303) Longitudinal Temporal Information Modified ``REMOVED``.
+
+UIDs are kept (Retain UIDs Option): the DICOM Secondary Capture export files the overlay into the source's study
+(0020,000D) and references the source image by (0008,0016)/(0008,0018); the database keeps them only as HMACs.
+Pixel data, the image pixel module, VOI/modality LUTs, windows, (0018,5101) View Position, (0028,0030) pixel
+spacing and (0028,0301) Burned In Annotation are not in the table and are kept, because the stored copy must decode
+to the reviewed image. Not done: the Clean Pixel Data option (text burned into the pixels stays; ``decode_image``
+warns when (0028,0301) Burned In Annotation is ``YES``), the Clean Descriptors, Retain Device Identity, Retain
+Patient Characteristics and Retain Dates options.
 
 PNG: the text and time chunks (``tEXt``, ``zTXt``, ``iTXt``, ``eXIf``, ``tIME``) and anything after ``IEND`` are
 dropped. JPEG: the APP1 (EXIF, XMP), APP12, APP13 (IPTC) and COM segments before the first scan are dropped.
@@ -31,91 +44,117 @@ import io
 import struct
 import warnings
 from collections.abc import Callable
+from enum import Enum
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector  # type: ignore[import-untyped]
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 
 from app.imaging.errors import CorruptImageError
 
-__all__ = ["DEIDENTIFICATION_METHOD", "DICOM_ACTIONS", "deidentify", "deidentify_dicom", "strip_jpeg_metadata",
-           "strip_png_metadata"]
+__all__ = ["APPLIED", "BASIC_PROFILE", "BASIC_PROFILE_MASKED", "DEIDENTIFICATION_METHOD", "TABLE_EDITION", "Applied",
+           "deidentify", "deidentify_dicom", "strip_jpeg_metadata", "strip_png_metadata"]
 
-DEIDENTIFICATION_METHOD = ("PS3.15 Basic Application Confidentiality Profile", "Retain UIDs Option",
+TABLE_EDITION = "2026c"
+"""The DICOM edition whose PS3.15 Table E.1-1 is applied (``dicom-anonymizer``'s ``dicomfields_2026c``)."""
+
+DEIDENTIFICATION_METHOD = (f"PS3.15 E.1-1 ({TABLE_EDITION}) Basic Application Conf. Profile", "Retain UIDs Option",
                            "VALD-MD; pixel data unchanged")
 """(0012,0063) De-identification Method written into the stored copy (LO, one value per line: 64 characters each)."""
 
-_ZERO = "Z"
-_REMOVE = "X"
-DICOM_ACTIONS: dict[str, str] = {
-    # patient (Z: Type 2 in the Patient module, kept present but empty)
-    "PatientName": _ZERO, "PatientID": _ZERO, "PatientBirthDate": _ZERO, "PatientSex": _ZERO,
-    "PatientBirthTime": _REMOVE, "PatientAge": _REMOVE, "PatientSize": _REMOVE, "PatientWeight": _REMOVE,
-    "PatientAddress": _REMOVE, "PatientTelephoneNumbers": _REMOVE, "OtherPatientIDs": _REMOVE,
-    "OtherPatientIDsSequence": _REMOVE, "OtherPatientNames": _REMOVE, "PatientBirthName": _REMOVE,
-    "PatientMotherBirthName": _REMOVE, "IssuerOfPatientID": _REMOVE, "TypeOfPatientID": _REMOVE,
-    "MilitaryRank": _REMOVE, "BranchOfService": _REMOVE, "MedicalRecordLocator": _REMOVE, "EthnicGroup": _REMOVE,
-    "Occupation": _REMOVE, "PatientReligiousPreference": _REMOVE, "CountryOfResidence": _REMOVE,
-    "RegionOfResidence": _REMOVE, "PatientComments": _REMOVE, "AdditionalPatientHistory": _REMOVE,
-    "MedicalAlerts": _REMOVE, "Allergies": _REMOVE, "SmokingStatus": _REMOVE, "PregnancyStatus": _REMOVE,
-    "PatientState": _REMOVE, "PatientInsurancePlanCodeSequence": _REMOVE, "PatientSexNeutered": _REMOVE,
-    "PatientPrimaryLanguageCodeSequence": _REMOVE, "ReferencedPatientSequence": _REMOVE,
-    "ReferencedPatientPhotoSequence": _REMOVE, "ResponsiblePerson": _REMOVE, "ResponsibleOrganization": _REMOVE,
-    "CurrentPatientLocation": _REMOVE, "PatientInstitutionResidence": _REMOVE, "AdmissionID": _REMOVE,
-    "AdmittingDiagnosesDescription": _REMOVE, "AdmittingDiagnosesCodeSequence": _REMOVE,
-    # study and visit (Z: Type 2 in the General Study module)
-    "AccessionNumber": _ZERO, "StudyID": _ZERO, "ReferringPhysicianName": _ZERO, "StudyDate": _ZERO,
-    "StudyTime": _ZERO, "IssuerOfAccessionNumberSequence": _REMOVE, "StudyDescription": _REMOVE,
-    "StudyComments": _REMOVE, "ReferencedStudySequence": _REMOVE, "ProcedureCodeSequence": _REMOVE,
-    "RequestAttributesSequence": _REMOVE, "RequestedProcedureDescription": _REMOVE,
-    "RequestedProcedureID": _REMOVE, "RequestedProcedureComments": _REMOVE, "RequestingPhysician": _REMOVE,
-    "RequestingService": _REMOVE, "ImagingServiceRequestComments": _REMOVE,
-    "PlacerOrderNumberImagingServiceRequest": _REMOVE, "FillerOrderNumberImagingServiceRequest": _REMOVE,
-    "ScheduledProcedureStepDescription": _REMOVE, "ScheduledProcedureStepID": _REMOVE,
-    "ScheduledPerformingPhysicianName": _REMOVE, "PerformedProcedureStepDescription": _REMOVE,
-    "PerformedProcedureStepID": _REMOVE, "CommentsOnThePerformedProcedureStep": _REMOVE,
-    "ReferencedPerformedProcedureStepSequence": _REMOVE, "IdentifyingComments": _REMOVE,
-    # people and places
-    "InstitutionName": _REMOVE, "InstitutionAddress": _REMOVE, "InstitutionalDepartmentName": _REMOVE,
-    "InstitutionCodeSequence": _REMOVE, "ReferringPhysicianAddress": _REMOVE,
-    "ReferringPhysicianTelephoneNumbers": _REMOVE, "ReferringPhysicianIdentificationSequence": _REMOVE,
-    "PhysiciansOfRecord": _REMOVE, "PhysiciansOfRecordIdentificationSequence": _REMOVE,
-    "PerformingPhysicianName": _REMOVE, "PerformingPhysicianIdentificationSequence": _REMOVE,
-    "NameOfPhysiciansReadingStudy": _REMOVE, "PhysiciansReadingStudyIdentificationSequence": _REMOVE,
-    "OperatorsName": _REMOVE, "OperatorIdentificationSequence": _REMOVE, "PersonName": _REMOVE,
-    # device and acquisition free text
-    "StationName": _REMOVE, "DeviceSerialNumber": _REMOVE, "PlateID": _REMOVE, "DetectorID": _REMOVE,
-    "ProtocolName": _REMOVE, "AcquisitionProtocolDescription": _REMOVE,
-    "AcquisitionDeviceProcessingDescription": _REMOVE,
-    # series and image free text, reports, history of changes
-    "SeriesDescription": _REMOVE, "ImageComments": _REMOVE, "DerivationDescription": _REMOVE,
-    "ContentSequence": _REMOVE, "OriginalAttributesSequence": _REMOVE,
+
+class Applied(Enum):
+    """What is done to an attribute of Table E.1-1 (see the module docstring, step 3)."""
+
+    REMOVE = "remove"
+    EMPTY = "empty"
+    DUMMY = "dummy"
+    KEEP = "keep"
+
+
+APPLIED: dict[str, Applied] = {
+    "X": Applied.REMOVE, "X/Z": Applied.REMOVE, "X/D": Applied.REMOVE, "X/Z/D": Applied.REMOVE,
+    "X/Z/U*": Applied.REMOVE, "Z": Applied.EMPTY, "Z/D": Applied.EMPTY, "D": Applied.DUMMY,
+    "U": Applied.KEEP,  # Retain UIDs Option (DCM 113110)
 }
-"""Keyword -> PS3.15 Table E.1-1 action applied here: ``X`` remove, ``Z`` replace by a zero-length value."""
+"""Table E.1-1 "Basic Prof." action code -> what this module does with it."""
+
+_CATEGORIES = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
+               "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}
+
+
+def _load_table() -> tuple[dict[int, str], tuple[tuple[int, int, str], ...]]:
+    """Table E.1-1 from ``dicom-anonymizer``: single tags -> action code, and the masked (repeating group) rows."""
+    lists = dicom_anonymization_database_selector(f"dicomfields_{TABLE_EDITION}")
+    single: dict[int, str] = {}
+    masked: list[tuple[int, int, str]] = []
+    for category, code in _CATEGORIES.items():
+        for entry in lists[category]:
+            if len(entry) == 2:
+                tag = (entry[0] << 16) | entry[1]
+                if single.setdefault(tag, code) != code:  # a row in two lists: the table would be ambiguous
+                    raise ImportError(f"app.imaging.deid: ({entry[0]:04X},{entry[1]:04X}) has two actions")
+            else:  # (group, element, group mask, element mask): (50xx,xxxx), (60xx,3000), (60xx,4000)
+                group, element, group_mask, element_mask = entry
+                masked.append(((group << 16) | element, (group_mask << 16) | element_mask, code))
+    if len(single) < 600:  # a truncated or renamed table would silently keep identifiers
+        raise ImportError(f"app.imaging.deid: Table E.1-1 ({TABLE_EDITION}) has only {len(single)} attributes")
+    return single, tuple(masked)
+
+
+BASIC_PROFILE, BASIC_PROFILE_MASKED = _load_table()
+"""(gggg,eeee) tag as int -> Table E.1-1 "Basic Prof." action code (``"X"``, ``"Z"``, ``"D"``, ``"U"``,
+``"Z/D"``, ``"X/Z"``, ``"X/D"``, ``"X/Z/D"``, ``"X/Z/U*"``); and the masked rows as (tag, mask, code)."""
 
 _EMPTIED_VRS = frozenset({"PN", "DA", "DT", "TM", "AS"})
+_DUMMY_TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT"})
+_DUMMY_TEXT = "ANONYMIZED"
 _FILE_META_REMOVED = ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
                       "ReceivingApplicationEntityTitle", "PrivateInformationCreatorUID", "PrivateInformation")
-_TAGS: dict[int, str] = {}
-for _keyword, _action in DICOM_ACTIONS.items():
-    _tag = tag_for_keyword(_keyword)
-    if _tag is None:  # a typo in the table would silently keep an identifier
-        raise ImportError(f"app.imaging.deid: {_keyword!r} is not a DICOM keyword known to pydicom")
-    _TAGS[int(_tag)] = _action
+
+
+def _profile_action(tag: int) -> Applied | None:
+    """What step 3 does with ``tag`` (None: not in Table E.1-1)."""
+    code = BASIC_PROFILE.get(tag)
+    if code is None:
+        for value, mask, masked_code in BASIC_PROFILE_MASKED:
+            if tag & mask == value & mask:
+                code = masked_code
+                break
+    return None if code is None else APPLIED[code]
+
+
+def _empty(ds: Dataset, tag: int, vr: str) -> None:
+    ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" else None)
 
 
 def _clean(ds: Dataset) -> None:
-    """Steps 2-4 on one data set level, then recursively on the items of the sequences that remain."""
-    for elem in list(ds):
-        tag = int(elem.tag)
+    """Steps 1-4 on one data set level, then recursively on the items of the sequences that remain."""
+    tags = [int(t) for t in ds.keys()]  # noqa: SIM118 - iterating the Dataset itself would parse every value
+    for tag in tags:
         group = tag >> 16
-        action = _TAGS.get(tag)
-        if action == _REMOVE or (0x5000 <= group <= 0x50FF) or (0x6000 <= group <= 0x60FF and group % 2 == 0):
-            del ds[elem.tag]
-        elif action == _ZERO or elem.VR in _EMPTIED_VRS:
-            ds[elem.tag] = DataElement(elem.tag, elem.VR, None)
-        elif elem.VR == "SQ":
+        # 1-2. private elements, overlays, curves: decided by the tag alone, the value is never parsed
+        if group % 2 == 1 or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
+            del ds[tag]
+            continue
+        # 3. Table E.1-1
+        action = _profile_action(tag)
+        if action is Applied.REMOVE:
+            del ds[tag]
+            continue
+        elem = ds[tag]
+        vr = str(elem.VR)
+        if action is Applied.EMPTY or (action is Applied.DUMMY and vr not in _DUMMY_TEXT_VRS | {"UI"}):
+            _empty(ds, tag, vr)
+        elif action is Applied.DUMMY:
+            ds[tag] = DataElement(tag, vr, str(generate_uid(prefix=None)) if vr == "UI" else _DUMMY_TEXT)
+        # 4. names, dates, times and ages wherever they are
+        elif vr in _EMPTIED_VRS:
+            _empty(ds, tag, vr)
+        elif vr == "SQ":
             for item in elem.value or []:
                 _clean(item)
 
@@ -127,7 +166,7 @@ def _method_code(value: str, meaning: str) -> Dataset:
 
 
 def deidentify_dicom(data: bytes) -> bytes:
-    """De-identify a DICOM Part 10 file (see the module docstring for the profile).
+    """De-identify a DICOM Part 10 file (see the module docstring for the profile and its options).
 
     Args:
         data: A DICOM file that ``decode_image`` accepted (preamble + ``DICM``).
@@ -142,9 +181,7 @@ def deidentify_dicom(data: bytes) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warnings may quote element values
             ds = pydicom.dcmread(io.BytesIO(data))
-            # 1. private elements, all levels
-            ds.remove_private_tags()
-            # 2-4. the profile's attributes, names, dates, overlays and curves, all levels
+            # 1-4. private elements, overlays, curves, Table E.1-1, names and dates, all levels
             _clean(ds)
             # 5. file meta
             meta: FileMetaDataset = ds.file_meta

@@ -465,11 +465,14 @@ def _pixel_spacing(ds: Dataset, notes: list[str]) -> tuple[float, float] | None:
 
 
 def _add_notes(ds: Dataset, image: _ImagePixel, ts: dicom_uid.UID, notes: list[str]) -> None:
-    """Warnings a reader should see: extra frames, lossy compression, not a chest."""
+    """Warnings a reader should see: extra frames, lossy compression, burned-in text, not a chest."""
     if image.frames > 1:
         notes.append(f"This file has {image.frames} frames; only the first is shown.")
     if ts in LOSSY_TRANSFER_SYNTAXES or str(ds.get("LossyImageCompression") or "").strip() == "01":
         notes.append("This image has been lossy-compressed.")
+    if _code_string(ds.get("BurnedInAnnotation")) == "YES":  # the stored copy keeps it: no Clean Pixel Data option
+        notes.append("The file says text is burned into the pixels (Burned In Annotation YES); it may identify the "
+                     "patient and is kept in the stored copy.")
     body_part = _code_string(ds.get("BodyPartExamined"))
     if body_part not in (None, "CHEST"):
         notes.append(f"Body Part Examined is {body_part}, not CHEST; the model was trained on chest radiographs.")
