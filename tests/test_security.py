@@ -33,7 +33,15 @@ from app import audit, imaging
 from app.config import REPO_ROOT, Settings
 from app.engine import GenerationCancelled
 from app.web import create_app
-from app.web.auth import CSRF_HEADER, PUBLIC_PATHS, SESSION_COOKIE, UNSAFE_METHODS, csrf_token_for
+from app.web.auth import (
+    CSRF_HEADER,
+    LOGIN_CSRF_COOKIE,
+    PUBLIC_PATHS,
+    SESSION_COOKIE,
+    UNSAFE_METHODS,
+    csrf_token_for,
+    login_csrf_token,
+)
 from tests.accounts import PASSWORD, add_user, bearer, login_through_form, sign_in
 
 FAST = {"strength": "0.5", "steps": "4", "guidance_scale": "5", "seed": "11"}
@@ -415,6 +423,19 @@ def test_login_form_needs_its_own_csrf_cookie_and_redirects_only_locally(secure)
     c = client_for(secure)
     r = c.post("/login", data={"username": "next-user", "password": PASSWORD, "csrf_token": "forged"})
     assert r.status_code == 403 and "expired" in r.text
+    # a value planted in both the cookie (a sibling subdomain can set one) and the field: not ours, refused
+    planted = client_for(secure)
+    planted.cookies.set(LOGIN_CSRF_COOKIE, "planted-by-attacker-0123456789", path="/login")
+    r = planted.post("/login", data={"username": "next-user", "password": PASSWORD,
+                                     "csrf_token": "planted-by-attacker-0123456789"}, follow_redirects=False)
+    assert r.status_code == 403 and SESSION_COOKIE not in r.headers.get("set-cookie", "")
+    # the field is bound to the cookie's nonce by the server's secret: the token of another nonce fails too
+    other = client_for(secure)
+    other.get("/login")
+    other.cookies.set(LOGIN_CSRF_COOKIE, "another-nonce-0123456789", path="/login")
+    r = other.post("/login", data={"username": "next-user", "password": PASSWORD,
+                                   "csrf_token": login_csrf_token(b"not the secret", "another-nonce-0123456789")})
+    assert r.status_code == 403
     for target, expected in (("//evil.example/x", "/"), ("https://evil.example", "/"), ("/runs?x=1", "/runs?x=1"),
                              ("/\\evil.example", "/")):
         r = login_through_form(client_for(secure), "next-user", PASSWORD, next=target)
@@ -430,6 +451,29 @@ def test_login_rate_limit_per_address_and_username(fresh):
     assert int(r.headers["retry-after"]) >= 1 and "Too many sign-in attempts" in r.text
     limited = [e for e in audit.query_events(db, action="login_failed") if e.detail.get("reason") == "rate_limited"]
     assert sorted(e.detail["key"] for e in limited) == ["ip", "user"]  # audited once per key, not per attempt
+
+
+def test_failed_login_names_are_stored_length_limited_and_marked_untrusted(fresh):
+    db = fresh.state.db
+    add_user(db, "real-user", password=PASSWORD)
+    c = client_for(fresh)
+    typed = "=cmd|' /C calc'!A0\x1b[31m\u202e" + "\u00e9" * 40 + "x" * 150
+    assert login_through_form(c, typed[:150], "wrong password!!").status_code == 401
+    assert login_through_form(c, "Real-User", "wrong password!!").status_code == 401
+    assert login_through_form(c, "ghost-user", "wrong password!!").status_code == 401
+    names = [e.username for e in audit.query_events(db, action="login_failed")][::-1]
+    assert names[1] == "real-user"  # an account's own name, as before
+    assert names[2] == "untrusted:ghost-user"  # a well-formed name that is no account's is still the client's
+    stored = names[0]
+    assert stored.startswith("untrusted:=cmd|' /C calc'!A0\\x1b[31m\\u202e\\xe9") and stored.endswith("...")
+    assert len(stored) <= len("untrusted:") + 64 + 3 and stored.isascii() and stored.isprintable()
+    # the rate-limited attempts (audited once per key) keep the same form
+    for _ in range(12):
+        r = login_through_form(c, typed[:150], "wrong password!!")
+    assert r.status_code == 429
+    limited = [e.username for e in audit.query_events(db, action="login_failed")
+               if e.detail.get("reason") == "rate_limited"]
+    assert limited and all(n == stored or n.startswith("untrusted:") for n in limited)
 
 
 def test_first_start_explains_how_to_create_the_first_admin(fresh, caplog):

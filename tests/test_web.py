@@ -469,6 +469,20 @@ def test_validation_errors_name_the_field(client, fields, bad):
     assert bad in r.json()["fields"], r.json()
 
 
+@pytest.mark.parametrize("window", ["\u00b2", "\u0663", "\uff13", "1\u00b2"])
+def test_window_in_other_digits_says_what_is_allowed(client, window):
+    # "²".isdigit() is true but int("²") fails: the 422 echoed "invalid literal for int() with base 10"
+    r = submit(client, window=window)
+    assert r.status_code == 422 and "window" in r.json()["fields"], r.text
+    assert "digits 0-9" in r.json()["message"] and "invalid literal" not in r.text
+    page = client.post("/runs", data={**FAST, "window": window}, files={"file": ("x.png", png_bytes())},
+                       headers={"HX-Request": "true"})
+    assert page.status_code == 422 and "invalid literal" not in page.text
+    facts = client.post("/inspect", data={"window": window}, files={"file": ("x.png", png_bytes())},
+                        headers={"HX-Request": "true"})
+    assert facts.status_code == 422 and "invalid literal" not in facts.text
+
+
 def test_parameter_combinations_checked_by_the_engine(client):
     r = submit(client, steps="2", strength="0.3")  # int(2 * 0.3) = 0 denoising steps
     assert r.status_code == 422 and "no denoising step" in r.json()["message"]

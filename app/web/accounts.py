@@ -28,7 +28,14 @@ from sqlalchemy import Engine as Database
 from starlette.concurrency import run_in_threadpool
 
 from app import audit
-from app.web.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, LoginRateLimiter, cookie_is_secure, new_login_csrf
+from app.web.auth import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    LoginRateLimiter,
+    cookie_is_secure,
+    login_csrf_token,
+    new_login_csrf,
+)
 from app.web.deps import CurrentUser, DbDep, SettingsDep
 from app.web.templating import render
 
@@ -39,6 +46,10 @@ router = APIRouter(tags=["accounts"], include_in_schema=False)
 FIRST_ADMIN_HINT = "vald-md users add NAME --role admin"
 """The command that creates the first administrator (shown on the login page and logged at start-up)."""
 _NEXT = re.compile(r"^/(?![/\\])[^\s\\]{0,2000}$")
+UNTRUSTED_NAME_PREFIX = "untrusted:"
+"""Marks a login name in the audit trail that is no account's: it is whatever the client typed."""
+UNTRUSTED_NAME_CHARS = 32
+"""How much of such a name is kept (escaped, so at most ``64`` characters after the prefix)."""
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -59,14 +70,35 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def untrusted_name(typed: str) -> str:
+    """A login name that is no account's, as the audit trail keeps it: ``untrusted:`` + its first
+    :data:`UNTRUSTED_NAME_CHARS` characters with everything but printable ASCII escaped (``\\xe9``), cut to 64
+    characters, ``...`` when cut. The client chose it (up to 150 characters, any Unicode): it must neither pass for
+    a real account name nor carry control characters or bulk into the trail."""
+    text = typed.strip()
+    escaped = "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii")
+                      for c in text[:UNTRUSTED_NAME_CHARS])
+    cut = len(text) > UNTRUSTED_NAME_CHARS or len(escaped) > 64
+    return UNTRUSTED_NAME_PREFIX + escaped[:64] + ("..." if cut else "")
+
+
+def audited_login_name(db: Database, typed: str) -> str:
+    """``typed`` when it names an account (normalized), else :func:`untrusted_name` of it. Blocking (database)."""
+    try:
+        name = audit.normalize_username(typed)
+    except audit.InvalidUsernameError:
+        return untrusted_name(typed)
+    return name if audit.get_user(db, username=name) is not None else untrusted_name(typed)
+
+
 def _login_page(request: Request, db: Database, *, next_path: str, status_code: int = 200, error: str | None = None,
                 username: str = "", headers: dict[str, str] | None = None) -> HTMLResponse:
-    token = new_login_csrf()
-    context = {"login_csrf": token, "next": next_path, "error": error, "username": username,
+    nonce = new_login_csrf()
+    context = {"login_csrf": login_csrf_token(request.app.state.uid_secret, nonce), "next": next_path, "error": error, "username": username,
                "no_admin": not has_admin(db), "first_admin_hint": FIRST_ADMIN_HINT}
     response = render(request, "login.html", context, status_code=status_code, headers={**_NO_STORE, **(headers or {})})
     settings = request.app.state.settings
-    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", path="/login",
+    response.set_cookie(LOGIN_CSRF_COOKIE, nonce, httponly=True, samesite="strict", path="/login",
                         secure=cookie_is_secure(request, settings.cookie_secure))
     return response
 
@@ -85,9 +117,9 @@ async def login(request: Request, db: DbDep, settings: SettingsDep,
                 next: Annotated[str, Form(max_length=2000)] = "/") -> Response:
     """Check the password and open a session; one generic message for every failure."""
     next_path = safe_next(next)
-    # 1. the form must come from our login page (double submit: cookie + hidden field)
-    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
-    if not expected or not hmac.compare_digest(expected, csrf_token):
+    # 1. the form must come from our login page: its field is the HMAC of the nonce in its cookie
+    nonce = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not nonce or not hmac.compare_digest(login_csrf_token(request.app.state.uid_secret, nonce), csrf_token):
         return _login_page(request, db, next_path=next_path, status_code=403, username=username,
                            error="The sign-in form had expired. Please try again.")
     # 2. rate limits per client address and per username, before any password work
@@ -95,16 +127,20 @@ async def login(request: Request, db: DbDep, settings: SettingsDep,
     name = username.strip().lower()[:150]
     wait, tripped = limiter.hit([f"ip:{client_address(request)}", f"user:{name}"])
     if wait is not None:
+        audited = await run_in_threadpool(audited_login_name, db, username) if tripped else ""
         for key in tripped:
             await run_in_threadpool(
-                audit.append_event, db, audit.AuditAction.LOGIN_FAILED, username=name or "?",
+                audit.append_event, db, audit.AuditAction.LOGIN_FAILED, username=audited,
                 outcome=audit.Outcome.MINOR_FAILURE,
                 detail={"reason": "rate_limited", "key": key.split(":", 1)[0], "limit_per_minute": limiter.limit})
         return _login_page(request, db, next_path=next_path, status_code=429, username=username,
                            error=f"Too many sign-in attempts. Please wait {wait} seconds and try again.",
                            headers={"Retry-After": str(wait)})
-    # 3. the password (argon2, in a worker thread); lockout and auditing happen in audit.authenticate
-    user = await run_in_threadpool(audit.authenticate, db, username, password,
+    # 3. the password (argon2, in a worker thread); lockout and auditing happen in audit.authenticate, which
+    # records a name that is no account's as typed: hand it the marked, length-limited form instead (it cannot
+    # match an account either, so the check and its cost are the same)
+    login_name = await run_in_threadpool(audited_login_name, db, username)
+    user = await run_in_threadpool(audit.authenticate, db, login_name, password,
                                    max_failures=settings.max_failed_logins,
                                    lockout=timedelta(minutes=settings.lockout_minutes))
     if user is None:

@@ -15,7 +15,8 @@
    (plain forms); else 403. Bearer-token requests are exempt: a browser never attaches that header by itself.
 
 The CSRF token is ``HMAC-SHA256(secret, session token)``: one per session, nothing stored, and the cookie
-(HttpOnly) cannot be read by scripts to forge it. The login form has its own double-submit token.
+(HttpOnly) cannot be read by scripts to forge it. The login form, which has no session yet, carries
+``HMAC-SHA256(secret, nonce)`` of a random nonce kept in a ``SameSite=Strict`` cookie (:func:`login_csrf_token`).
 """
 
 from __future__ import annotations
@@ -91,8 +92,16 @@ def csrf_token_for(secret: bytes, session_token: str) -> str:
 
 
 def new_login_csrf() -> str:
-    """A random token for the login form's double-submit check (cookie + hidden field)."""
+    """A random nonce for the login form's cookie; the form's hidden field carries :func:`login_csrf_token` of it."""
     return secrets.token_urlsafe(24)
+
+
+def login_csrf_token(secret: bytes, nonce: str) -> str:
+    """The login form's CSRF token for the nonce in its cookie: URL-safe base64 of HMAC-SHA256(secret, label +
+    nonce), 43 characters. Bound to the server's secret, so a value planted in both the cookie and the field (a
+    sibling subdomain can set cookies) does not pass: only this server can make the field match the cookie."""
+    digest = hmac.new(secret, b"vald-md login csrf v1\x00" + nonce.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def is_public(path: str) -> bool:

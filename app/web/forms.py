@@ -56,9 +56,10 @@ class GenerationParams(BaseModel):
     @field_validator("window")
     @classmethod
     def _check_window(cls, v: str) -> str:
-        if v in ("auto", "percentile") or v.isdigit():
+        if v in ("auto", "percentile") or (v.isascii() and v.isdigit()):
             return v
-        raise ValueError("window must be 'auto', 'percentile' or a preset number (0, 1, ...)")
+        raise ValueError("window must be 'auto', 'percentile' or a preset number written with the digits 0-9 "
+                         "(0, 1, ...)")
 
     @field_validator("map_method")
     @classmethod

@@ -133,7 +133,7 @@ def review_page(request: Request, engine: EngineDep, settings: SettingsDep, jobs
 @router.post("/inspect", response_class=HTMLResponse)
 async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep, user: CurrentUser, db: DbDep,
                          file: Annotated[UploadFile | None, File()] = None,
-                         window: Annotated[str, Form(max_length=20, pattern=r"^(auto|percentile|\d{1,3})$")] = "auto",
+                         window: Annotated[str, Form(max_length=20, pattern=r"^(auto|percentile|[0-9]{1,3})$")] = "auto",
                          reuse_input: Annotated[str | None, Form(pattern=r"^[0-9a-f]{32}$")] = None) -> HTMLResponse:
     """Decode an upload (nothing is stored) and show its non-identifying facts, window presets and a thumbnail.
     Without a file, ``reuse_input`` names the run whose stored image to show (window changes on a restored run)."""
@@ -144,7 +144,7 @@ async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep,
         data = find_job(jobs, reuse_input, user).upload_path.read_bytes()
     if not data:
         raise imaging.UnsupportedImageError("The file is empty. Choose a DICOM, PNG or JPEG image.")
-    win: int | str = int(window) if window.isdigit() else window
+    win: int | str = int(window) if window.isascii() and window.isdigit() else window
     decoded = await run_in_threadpool(imaging.decode_image, data, window=win)
     if reused is None:
         await run_in_threadpool(audit_inspect, db, user, decoded.meta.public_summary(), len(data))
