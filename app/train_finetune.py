@@ -14,6 +14,9 @@ One readable file, ``parse_args(argv)`` -> ``main(args)``. The recipe, each step
    ``outside + (1 - outside) x lung share`` of its 8 x 8 block (lung masks of the project's segmenter), so the
    model spends its capacity, and the prompt its effect, on the lungs (``--outside-weight``, default 0.2).
 5. bf16 autocast on the CPU (AMX), EMA weights, min-SNR weighting, caption dropout (classifier-free guidance).
+6. Optionally (``--attention-32``) cross-attention at the top latent level (32 x 32 at 256 px) too, where the
+   starting UNet has plain blocks: the new transformer blocks start as the identity (zero output projection), so
+   training starts from the starting model's exact predictions (``with_top_attention``).
 
 Resumable (``--resume latest``, checkpoints under OUT/checkpoints, ``--max-minutes`` to stop cleanly).
 ``--package DIR`` writes DIR: the starting model folder copied byte for byte with its UNet replaced by the EMA
@@ -72,6 +75,36 @@ def prepare_images(rows: list[tuple[LabelledImage, str]], seg: LungSegmenter, si
     return imgs, shares
 
 
+def with_top_attention(unet: Any) -> Any:
+    """``unet`` (a diffusers ``UNet2DConditionModel``) rebuilt with cross-attention blocks at its top latent level.
+
+    The first down block and the last up block become ``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D``; every
+    existing weight is copied, and the new transformers' ``proj_out`` is zeroed so that each is the identity (their
+    residual adds nothing): the returned model predicts exactly what ``unet`` predicts until it is trained.
+    Returns ``unet`` itself when its top level already has attention.
+    """
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(unet.config)
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    if down[0].startswith("CrossAttn") and up[-1].startswith("CrossAttn"):
+        return unet
+    cfg["down_block_types"] = ["CrossAttnDownBlock2D", *down[1:]]
+    cfg["up_block_types"] = [*up[:-1], "CrossAttnUpBlock2D"]
+    new = UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    new_keys = ("down_blocks.0.attentions.", f"up_blocks.{len(up) - 1}.attentions.")
+    if unexpected or any(not k.startswith(new_keys) for k in missing):
+        raise RuntimeError(f"top attention: unexpected weights {unexpected[:3]} / missing {missing[:3]}")
+    with torch.no_grad():
+        for block in (new.down_blocks[0], new.up_blocks[-1]):
+            for attn in block.attentions:
+                attn.proj_out.weight.zero_()
+                attn.proj_out.bias.zero_()
+    dtype = next(unet.parameters()).dtype
+    return new if dtype == torch.float32 else new.to(dtype)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Arguments of ``vald-md train lesion-finetune``."""
     p = argparse.ArgumentParser(prog="vald-md train lesion-finetune", description=__doc__.split("\n\n")[0])
@@ -84,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="loss weight of latent pixels outside the lungs, 0..1 (default: the config's)")
     p.add_argument("--no-erase-markers", dest="erase_markers", action="store_false",
                    help="keep burned-in markers in the training images")
+    p.add_argument("--attention-32", dest="attention_32", action="store_true",
+                   help="add cross-attention at the top latent level (32 x 32 at 256 px) before training")
     p.add_argument("--max-steps", type=int, default=None, help="override the configured number of steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop this invocation after N minutes")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint file")
@@ -157,6 +192,8 @@ def main(args: argparse.Namespace) -> int:
         weights[idx] = 1.0 / (len(groups) * len(idx))
     # 4. model, optimiser, EMA
     unet = UNet2DConditionModel.from_pretrained(model / "unet").float()
+    if args.attention_32:
+        unet = with_top_attention(unet)
     noise_sched = sd_noise_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=float(fcfg["lr"]), weight_decay=1e-2)
     total = args.max_steps or int(fcfg["steps"])
@@ -172,7 +209,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_rng_state(st["torch_rng"])
         start, best, elapsed0, rng = st["step"], st["best"], st["elapsed"], st["np_rng"]
     banner("lesion-finetune", args, {"start": start, "total": total, "groups": {f"{s}/{lab}": len(v)
-                                     for (s, lab), v in sorted(groups.items())}, "outside_weight": outside})
+                                     for (s, lab), v in sorted(groups.items())}, "outside_weight": outside,
+                                     "unet_params": sum(p.numel() for p in unet.parameters())})
     g = torch.Generator().manual_seed(1234)
     v_lat = lat["val_mean"] * sf
     v_noise = torch.randn(v_lat.shape, generator=g)

@@ -66,6 +66,21 @@ def test_diffedit_contrast_is_a_model_frame_map(tiny_engine) -> None:
     np.testing.assert_array_equal(m, mapmethods.diffedit_contrast(tiny_engine, img, draws=2, seed=3))
 
 
+def test_ddim_inversion_reconstructs_and_the_prompt_makes_the_difference(tiny_engine) -> None:
+    """Deterministic; with guidance 1 and the empty prompt the counterfactual *is* the reconstruction (the same
+    inverted latent, the same denoising), so the map is zero: only the prompt creates a difference."""
+    img = np.random.default_rng(4).random((32, 32), dtype=np.float32)
+    kw = {"strength": 0.3, "steps": 10}
+    a = mapmethods.ddim_inversion(tiny_engine, img, guidance_scale=3.0, **kw)
+    b = mapmethods.ddim_inversion(tiny_engine, img, guidance_scale=3.0, **kw)
+    assert a.counterfactuals.shape == (1, 32, 32) and a.reconstruction.shape == (32, 32)
+    assert a.counterfactuals.dtype == np.float32 and 0.0 <= a.counterfactuals.min() <= a.counterfactuals.max() <= 1.0
+    np.testing.assert_array_equal(a.counterfactuals, b.counterfactuals)
+    assert float(np.abs(a.counterfactuals[0] - a.reconstruction).max()) > 1e-4
+    same = mapmethods.ddim_inversion(tiny_engine, img, prompt="", guidance_scale=1.0, **kw)
+    np.testing.assert_allclose(same.counterfactuals[0], same.reconstruction, atol=1e-5)
+
+
 def test_classifier_guidance_lowers_the_disease_logit(tiny_engine, tiny_classifier: LesionClassifier) -> None:
     img = np.random.default_rng(2).random((32, 32), dtype=np.float32)
     lungs = _lungs(32)

@@ -74,3 +74,29 @@ def test_finetune_rejects_an_outside_weight_out_of_range() -> None:
 
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--data", "d", "--config", "c", "--output-dir", "o", "--outside-weight", "2"])
+
+
+def test_top_attention_starts_as_the_identity_and_trains() -> None:
+    """--attention-32: cross-attention added at the top latent level predicts exactly what the plain UNet did,
+    and its new weights receive gradients."""
+    from diffusers import UNet2DConditionModel
+
+    from app.train_finetune import with_top_attention
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), cross_attention_dim=16, attention_head_dim=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
+    new = with_top_attention(unet).eval()
+    assert new.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert new.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    z, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(new(z, t, encoder_hidden_states=emb).sample,
+                                   unet(z, t, encoder_hidden_states=emb).sample)
+    new(z, t, encoder_hidden_states=emb).sample.square().mean().backward()
+    grad = new.down_blocks[0].attentions[0].proj_out.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    assert with_top_attention(new) is new
+

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--normals", type=int, default=0,
                     help="RSNA-normal images for the image-level AUROC (default 0; all: 76)")
     pr.add_argument("--methods", default="product,empty",
-                    help="comma-separated model methods: product, paper, empty, diffedit, classifier_grad, "
+                    help="comma-separated model methods: product, paper, empty, diffedit, ddim_inversion, classifier_grad, "
                          "classifier_guided; 'none' for baselines only (default product,empty)")
     pr.add_argument("--segmenter", default=None, help="lung segmenter folder (default: model_weights/lungs-unet)")
     pr.add_argument("--classifier", default=None, help="lesion classifier folder (classifier_* methods)")

@@ -52,7 +52,7 @@ from app.lungs import marker_mask, resize_float
 PROBE_SIZE = 256
 FRAME_FRACTION = 0.05
 BASELINES = ("random", "intensity", "edges", "lung_prior", "empty")
-MODEL_METHODS = ("product", "product_pos", "paper", "empty", "diffedit")
+MODEL_METHODS = ("product", "product_pos", "paper", "empty", "diffedit", "ddim_inversion", "ddim_inversion_pos")
 CLASSIFIER_METHODS = ("classifier_grad", "classifier_guided")
 SCORES = ("pixel_auroc", "pointing_game", "iou_area")
 SHORTCUTS = ("frame_energy", "outside_lung_energy", "padding_energy", "marker_energy", "top5_in_frame")
@@ -153,6 +153,12 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
         if "diffedit" in methods:
             out["diffedit"] = mapmethods.diffedit_contrast(engine, img, healthy_prompt=healthy_prompt,
                                                            disease_prompt=disease_prompt, strength=0.5, seed=seed)
+        if any(m.startswith("ddim_inversion") for m in methods):
+            inv = mapmethods.ddim_inversion(engine, img, prompt=healthy_prompt, strength=strength, steps=steps,
+                                            guidance_scale=guidance)
+            signed = inv.reconstruction - inv.counterfactuals[0]
+            out["ddim_inversion"] = np.abs(signed)
+            out["ddim_inversion_pos"] = np.clip(signed, 0, None)
         if classifier is not None and "classifier_grad" in methods:
             out["classifier_grad"] = mapmethods.classifier_gradient(classifier, img, lungs, seed=seed)
         if classifier is not None and "classifier_guided" in methods:
