@@ -27,6 +27,13 @@ The map's method (``ReviewRequest.map_method``; ``None`` = the model manifest's 
                        says ``ddim``) and a negative prompt is refused. The record adds ``"classifier"`` (name,
                        SHA-256, metrics), ``classifier_scale``, ``logit_input``, ``logit_counterfactual`` and
                        ``classifier_lung_fraction`` (the model-frame lung mask the classifier saw)
+``ddim_inversion``     DDIM inversion instead of SDEdit noise (:func:`app.mapmethods.ddim_inversion`, one
+                       sample, deterministic): the counterfactual and ``reconstruction.png`` are denoised from
+                       the same inverted latent, under the prompt and under the empty prompt, so the map
+                       (always against that reconstruction: ``reference`` ``input`` is refused) shows only what
+                       the prompt changed. The request's scheduler is not used (``parameters`` say ``ddim``) and
+                       the result does not depend on the seed (recorded, 0 when none was given); a negative
+                       prompt is refused
 =====================  ===============================================================================
 
 The map's region: a user-supplied mask wins; else, with ``lung_mask`` on (the default) and a segmenter loaded,
@@ -58,8 +65,11 @@ from app.lungs import LungSegmenter, mask_png_bytes
 logger = logging.getLogger("vald_md.artifacts")
 
 REFERENCES = ("input", "reconstruction")
-MAP_METHODS = {"sdedit": "SDEdit difference (paper)", "classifier_guided": "Classifier-guided counterfactual"}
+MAP_METHODS = {"sdedit": "SDEdit difference (paper)", "classifier_guided": "Classifier-guided counterfactual",
+               "ddim_inversion": "DDIM inversion difference"}
 """The attribution-map methods a run may ask for, with their labels in the review form."""
+ONE_SAMPLE_METHODS = ("classifier_guided", "ddim_inversion")
+"""Methods that make one deterministic-path counterfactual (DDIM): one sample, no negative prompt."""
 MAX_CLASSIFIER_SCALE = 5.0
 DISCLAIMER = "AI-generated counterfactual — not for diagnostic use"
 
@@ -94,11 +104,16 @@ class ReviewRequest:
                              f"{', '.join(MAP_METHODS)}")
         if not 0.0 <= self.classifier_scale <= MAX_CLASSIFIER_SCALE:
             raise ValueError(f"classifier_scale={self.classifier_scale} must be within [0, {MAX_CLASSIFIER_SCALE:g}]")
-        if self.map_method == "classifier_guided" and self.samples != 1:
-            raise ValueError(f"samples={self.samples}: the classifier-guided map makes one counterfactual; "
-                             f"set samples to 1 (or use the SDEdit map for a stability map)")
-        if self.map_method == "classifier_guided" and self.negative_prompt:
-            raise ValueError("negative_prompt: the classifier-guided map uses no negative prompt; leave it empty")
+        if self.map_method in ONE_SAMPLE_METHODS:
+            label = MAP_METHODS[self.map_method]
+            if self.samples != 1:
+                raise ValueError(f"samples={self.samples}: the {label} map makes one counterfactual; set samples "
+                                 f"to 1 (or use the SDEdit map for a stability map)")
+            if self.negative_prompt:
+                raise ValueError(f"negative_prompt: the {label} map uses no negative prompt; leave it empty")
+        if self.map_method == "ddim_inversion" and self.reference == "input":
+            raise ValueError("reference='input': the DDIM inversion map is always taken against its own "
+                             "reconstruction; choose reference 'reconstruction'")
 
 
 def resolve_map_method(req: ReviewRequest, info: Any, *, classifier: Any = None,
@@ -180,44 +195,33 @@ def lung_region(segmenter: LungSegmenter | None, pixels: np.ndarray, *, requeste
     return lungs, {"applied": True, **segmenter.info.record(), "lung_fraction": round(float(lungs.mean()), 6)}
 
 
-def _classifier_guided_result(engine: CounterfactualEngine, pixels: np.ndarray, req: ReviewRequest, *,
-                              classifier: Any, segmenter: LungSegmenter,
-                              cancel: threading.Event | None) -> tuple[CounterfactualResult, dict[str, Any]]:
-    """The classifier-guided counterfactual of ``pixels`` (native frame) as a :class:`CounterfactualResult` in the
-    native frame, and the record's extra fields. Letterboxes as ``engine.generate`` does, segments the lungs of
-    the model-frame image for the classifier, runs :func:`app.mapmethods.classifier_guided` (DDIM, eta 0: the
-    request's scheduler is not used) and unletterboxes the counterfactual and the reconstruction."""
+def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: ReviewRequest, run: Any, *,
+                        seed: int | None, cancel: threading.Event | None) -> tuple[CounterfactualResult, Any]:
+    """Run a DDIM map method on the letterboxed model-frame image and wrap its output as a
+    :class:`CounterfactualResult` in the native frame (counterfactual and reconstruction unletterboxed).
+
+    ``run(img_model) -> result`` with ``result.counterfactuals`` (1, S, S) and ``result.reconstruction`` (S, S);
+    the method's own result is returned beside, for its record fields.
+    """
     import time
 
     from diffusers import DDIMScheduler
 
-    from app import mapmethods
     from app.engine import effective_steps
 
     engine.check_inputs(pixels, req.prompt, req.strength, req.guidance_scale, req.steps, 1, req.scheduler,
                         req.seed)
-    seed = req.seed if req.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled("cancelled before start")
     t0 = time.perf_counter()
     img_model, lb = imaging.letterbox(pixels.astype(np.float32), engine.info.image_size)
-    try:
-        lungs_model = segmenter.segment(img_model)
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"The lung segmentation failed ({e}), so the classifier-guided map cannot be made; "
-                         f"choose the SDEdit difference map") from None
-    if not lungs_model.any():
-        raise ValueError("The lung segmenter found no lung field in this image, so the classifier-guided map "
-                         "cannot be made; choose the SDEdit difference map")
     t1 = time.perf_counter()
-    guided = mapmethods.classifier_guided(
-        engine, classifier, img_model, lungs_model, prompt=req.prompt, strength=req.strength, steps=req.steps,
-        guidance_scale=req.guidance_scale, classifier_scale=req.classifier_scale, seed=seed)
+    out = run(img_model)
     t2 = time.perf_counter()
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled("cancelled by the user")
-    cf_native = np.stack([imaging.unletterbox(c, lb) for c in guided.counterfactuals]).astype(np.float32)
-    recon = imaging.unletterbox(guided.reconstruction, lb).astype(np.float32)
+    cf_native = np.stack([imaging.unletterbox(c, lb) for c in out.counterfactuals]).astype(np.float32)
+    recon = imaging.unletterbox(out.reconstruction, lb).astype(np.float32)
     n_eff = effective_steps(req.steps, req.strength)
     sched = DDIMScheduler.from_config(engine._base_scheduler_config)
     sched.set_timesteps(req.steps)
@@ -225,15 +229,44 @@ def _classifier_guided_result(engine: CounterfactualEngine, pixels: np.ndarray, 
                "total": time.perf_counter() - t0}
     params = {"prompt": req.prompt, "negative_prompt": "", "strength": req.strength,
               "guidance_scale": req.guidance_scale, "steps": req.steps, "seed": seed, "scheduler": "ddim",
-              "samples": 1, "classifier_scale": req.classifier_scale}
+              "samples": 1}
     result = CounterfactualResult(
-        counterfactuals=cf_native, counterfactuals_model=guided.counterfactuals, input_model=img_model,
+        counterfactuals=cf_native, counterfactuals_model=out.counterfactuals, input_model=img_model,
         reconstruction=recon, letterbox=lb, effective_steps=n_eff,
         start_timestep=int(sched.timesteps[req.steps - n_eff]), unet_evaluations=n_eff, seeds=[seed],
         timings_s=timings, model_hash=engine.info.model_hash, parameters=params)
+    return result, out
+
+
+def _classifier_guided_result(engine: CounterfactualEngine, pixels: np.ndarray, req: ReviewRequest, *,
+                              classifier: Any, segmenter: LungSegmenter,
+                              cancel: threading.Event | None) -> tuple[CounterfactualResult, dict[str, Any]]:
+    """The classifier-guided counterfactual of ``pixels`` (native frame) and the record's extra fields: segments
+    the lungs of the model-frame image for the classifier and runs :func:`app.mapmethods.classifier_guided`."""
+    from app import mapmethods
+
+    seed = req.seed if req.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
+    seen: dict[str, np.ndarray] = {}
+
+    def run(img_model: np.ndarray) -> Any:
+        try:
+            lungs_model = segmenter.segment(img_model)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"The lung segmentation failed ({e}), so the classifier-guided map cannot be made; "
+                             f"choose the SDEdit difference map") from None
+        if not lungs_model.any():
+            raise ValueError("The lung segmenter found no lung field in this image, so the classifier-guided map "
+                             "cannot be made; choose the SDEdit difference map")
+        seen["lungs"] = lungs_model
+        return mapmethods.classifier_guided(
+            engine, classifier, img_model, lungs_model, prompt=req.prompt, strength=req.strength, steps=req.steps,
+            guidance_scale=req.guidance_scale, classifier_scale=req.classifier_scale, seed=seed)
+
+    result, guided = _model_frame_result(engine, pixels, req, run, seed=seed, cancel=cancel)
+    result.parameters["classifier_scale"] = req.classifier_scale
     extra = {"classifier": classifier.info, "classifier_scale": req.classifier_scale,
              "logit_input": round(guided.logit_input, 6), "logit_counterfactual": round(guided.logit_counterfactual, 6),
-             "classifier_lung_fraction": round(float(lungs_model.mean()), 6)}
+             "classifier_lung_fraction": round(float(seen["lungs"].mean()), 6)}
     return result, extra
 
 
@@ -244,6 +277,16 @@ def make_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req: R
     """Dispatch on ``req.map_method`` (resolved): the counterfactual(s) in the native frame and the record's
     method fields (``{"map_method": ...}`` plus, for ``classifier_guided``, the classifier's provenance and
     logits)."""
+    if req.map_method == "ddim_inversion":
+        from app import mapmethods
+
+        result, _ = _model_frame_result(
+            engine, pixels, req, lambda img_model: mapmethods.ddim_inversion(
+                engine, img_model, prompt=req.prompt, strength=req.strength, steps=req.steps,
+                guidance_scale=req.guidance_scale), seed=req.seed if req.seed is not None else 0, cancel=cancel)
+        if progress is not None:
+            progress(result.unet_evaluations, result.unet_evaluations, result.timings_s["total"], None)
+        return result, {"map_method": "ddim_inversion"}
     if req.map_method == "classifier_guided":
         assert classifier is not None and segmenter is not None  # resolve_map_method checked
         result, extra = _classifier_guided_result(engine, pixels, req, classifier=classifier, segmenter=segmenter,
@@ -280,7 +323,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     """
     resolve_map_method(req, engine.info, classifier=classifier, segmenter=segmenter)
     if req.reference is None:
-        req.reference = str(engine.info.manifest.get("map_reference", "input"))
+        req.reference = ("reconstruction" if req.map_method == "ddim_inversion"
+                         else str(engine.info.manifest.get("map_reference", "input")))
     out.mkdir(parents=True, exist_ok=True)
     img = decoded or imaging.decode_image(data, window=req.window)
     pixels = img.pixels

@@ -45,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lung-segmenter", default=None,
                    help="lung segmenter folder (default: the embedded model_weights/lungs-unet; when it is missing "
                         "the maps are not restricted, with a warning)")
-    c.add_argument("--map-method", default=None, choices=["sdedit", "classifier_guided"],
-                   help="attribution-map method: the paper's SDEdit difference, or a counterfactual guided by the "
-                        "lesion classifier (one sample; needs the lung segmenter); default: the model's "
-                        "recommendation (manifest map_method), else sdedit")
+    c.add_argument("--map-method", default=None, choices=["sdedit", "classifier_guided", "ddim_inversion"],
+                   help="attribution-map method: the paper's SDEdit difference, a counterfactual guided by the "
+                        "lesion classifier (one sample; needs the lung segmenter), or DDIM inversion instead of "
+                        "SDEdit noise (one sample, deterministic); default: the model's recommendation (manifest "
+                        "map_method), else sdedit")
     c.add_argument("--classifier-scale", type=float, default=0.3,
                    help="classifier_guided: step against the disease gradient per denoising step, 0..5 (default 0.3)")
     c.add_argument("--lesion-classifier", default=None,

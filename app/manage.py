@@ -6,15 +6,22 @@
 ``users list``                                     accounts, roles, state
 ``users disable NAME`` / ``users enable NAME``     disabling ends the user's sessions and stops their tokens
 ``users reset-password NAME``                      new password (as for ``add``); ends the user's sessions
-``users token NAME [--name LABEL]``                a new API token, printed once (``Authorization: Bearer ...``)
-``audit verify``                                   recompute the hash chain; prints the first broken event, exit 1
+``users token NAME [--name LABEL] [--days N]``     a new API token, printed once (``Authorization: Bearer ...``);
+                                                   it expires after ``--days`` (default ``VALD_MD_API_TOKEN_DAYS``, 90)
+``users tokens NAME``                              the user's API tokens: id, name, created, expires, last used, state
+``users revoke-token NAME TOKEN``                  revoke one token (TOKEN: its id, a 6+ digit id prefix, or its name)
+``audit verify [--anchor [FILE]]``                 recompute the keyed chain and check the signed chain state; with
+                                                   ``--anchor`` also every checkpoint in FILE; exit 1 when broken
+``audit anchor [--to FILE|-]``                     append a signed checkpoint of the head (default: the settings'
+                                                   ``audit_anchor_file``; ``-``: standard output, e.g. for syslog)
+``audit rotate-key``                               add a new audit key to the key file and record the rotation
 ``audit export --csv|--json [--out FILE]``         the events (filters: ``--user --action --since --until``)
 =================================================  ===========================================================
 
 Passwords never appear on the command line (shell history, ``ps``). Every change is audited by ``app.audit``
-(actor "system"); ``audit verify`` and ``audit export`` are audited as ``cli:<os user>``. The database is the
-server's: ``--data-dir`` / ``--database-url`` or the ``VALD_MD_*`` / ``DATABASE_URL`` environment, as for
-``vald-md serve``. Errors a user can fix print one line and exit 2.
+(actor "system"); ``audit verify``, ``audit anchor`` and ``audit export`` are audited as ``cli:<os user>``. The
+database and the audit key are the server's: ``--data-dir`` / ``--database-url`` or the ``VALD_MD_*`` /
+``DATABASE_URL`` environment, as for ``vald-md serve``. Errors a user can fix print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ import os
 import sys
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from sqlalchemy import Engine as Database
 from sqlmodel import select
 
 from app import audit
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 EXIT_USAGE = 2
 
@@ -46,7 +56,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     common.add_argument("--database-url", default=None,
                         help="database URL (default: DATABASE_URL / VALD_MD_DATABASE_URL, else SQLite in the data folder)")
 
-    u = sub.add_parser("users", help="accounts: add, list, disable, enable, reset-password, token")
+    u = sub.add_parser("users", help="accounts: add, list, disable, enable, reset-password, token(s)")
     usub = u.add_subparsers(dest="users_command", required=True)
     add = usub.add_parser("add", parents=[common], help="create an account (asks for the password)")
     add.add_argument("username", help="2-64 characters a-z 0-9 . _ @ - (stored lower-case)")
@@ -63,10 +73,26 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     tok = usub.add_parser("token", parents=[common], help="create an API token for scripts (printed once)")
     tok.add_argument("username", help="whose token")
     tok.add_argument("--name", default="api", help="a label for the token, e.g. 'nightly batch' (default: api)")
+    tok.add_argument("--days", type=int, default=None,
+                     help="days until it expires, 1..3650 (default: VALD_MD_API_TOKEN_DAYS, 90)")
+    toks = usub.add_parser("tokens", parents=[common], help="list a user's API tokens")
+    toks.add_argument("username", help="whose tokens")
+    rt = usub.add_parser("revoke-token", parents=[common], help="revoke one API token")
+    rt.add_argument("username", help="whose token")
+    rt.add_argument("token", help="the token's id, a unique id prefix (6+ hex digits), or its name")
 
-    a = sub.add_parser("audit", help="the tamper-evident audit trail: verify, export")
+    a = sub.add_parser("audit", help="the tamper-evident audit trail: verify, anchor, rotate-key, export")
     asub = a.add_subparsers(dest="audit_command", required=True)
-    asub.add_parser("verify", parents=[common], help="recompute the hash chain; exit 1 and show the first broken event")
+    ver = asub.add_parser("verify", parents=[common],
+                          help="recompute the hash chain; exit 1 and show the first broken event")
+    ver.add_argument("--anchor", nargs="?", const="", default=None, metavar="FILE",
+                     help="also check every checkpoint in FILE (default: the settings' audit_anchor_file)")
+    anc = asub.add_parser("anchor", parents=[common], help="append a signed checkpoint of the chain head")
+    anc.add_argument("--to", default=None, metavar="FILE",
+                     help="checkpoint file (default: VALD_MD_AUDIT_ANCHOR_FILE or <data_dir>/audit-anchors.jsonl); "
+                          "'-' writes the line to standard output")
+    asub.add_parser("rotate-key", parents=[common],
+                    help="add a new audit key to the key file (old keys stay, to verify old events)")
     ex = asub.add_parser("export", parents=[common], help="export events, oldest first")
     fmt = ex.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV with a header row")
@@ -83,14 +109,17 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     try:
-        db = _open(args)
-    except CommandError as e:
+        settings = _settings(args)
+        if args.command == "audit" and args.audit_command == "rotate-key":
+            return _rotate_key(settings, stdout)
+        db = audit.init_db(settings.resolved_database_url, keys=_keys(settings))
+    except (CommandError, ValueError) as e:
         sys.stderr.write(f"vald-md {args.command}: {e}\n")
         return EXIT_USAGE
     try:
         if args.command == "users":
-            return _users(db, args, stdin, stdout)
-        return _audit(db, args, stdout)
+            return _users(db, settings, args, stdin, stdout)
+        return _audit(db, settings, args, stdout)
     except (CommandError, ValueError, LookupError) as e:
         sys.stderr.write(f"vald-md {args.command}: {e}\n")
         return EXIT_USAGE
@@ -98,7 +127,7 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
         db.dispose()
 
 
-def _open(args: argparse.Namespace) -> Database:
+def _settings(args: argparse.Namespace) -> Settings:
     from pydantic import ValidationError
 
     from app.config import Settings
@@ -106,10 +135,29 @@ def _open(args: argparse.Namespace) -> Database:
     overrides = {k: v for k, v in {"data_dir": args.data_dir, "database_url": args.database_url}.items()
                  if v is not None}
     try:
-        settings = Settings(**overrides)
+        return Settings(**overrides)
     except ValidationError as e:
         raise CommandError("; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())) from None
-    return audit.init_db(settings.resolved_database_url)
+
+
+def _keys(settings: Settings) -> audit.AuditKeyRing:
+    env = settings.audit_key.get_secret_value() if settings.audit_key is not None else None
+    return audit.resolve_audit_keys(settings.audit_key_path, env)
+
+
+def _rotate_key(settings: Settings, stdout: TextIO) -> int:
+    """A new key in the key file, then ``init_db`` records ``audit_key_rotated`` under it."""
+    if settings.audit_key is not None:
+        raise CommandError("the audit keys come from VALD_MD_AUDIT_KEY: add a new key at its end (comma-separated, "
+                           "python -c 'import secrets; print(secrets.token_hex(32))'), keep the old ones, restart")
+    old = _keys(settings)  # creates the file on a first run, so there is something to rotate
+    audit.init_db(settings.resolved_database_url, keys=old).dispose()
+    ring = audit.rotate_audit_key(settings.audit_key_path)
+    db = audit.init_db(settings.resolved_database_url, keys=ring)
+    db.dispose()
+    stdout.write(f"audit key rotated: {old.current_id} -> {ring.current_id} ({len(ring.keys)} keys in "
+                 f"{settings.audit_key_path}); back the file up now\n")
+    return 0
 
 
 def _read_password(args: argparse.Namespace, stdin: TextIO) -> str:
@@ -134,7 +182,7 @@ def _user(db: Database, username: str) -> audit.User:
     return user
 
 
-def _users(db: Database, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+def _users(db: Database, settings: Settings, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     command = args.users_command
     if command == "add":
         name = audit.normalize_username(args.username)
@@ -152,7 +200,7 @@ def _users(db: Database, args: argparse.Namespace, stdin: TextIO, stdout: TextIO
             stdout.write(f"{u.username:<24} {u.role:<10} {state:<22} {u.created_at:%Y-%m-%d}\n")
     elif command == "disable":
         user = audit.disable_user(db, _user(db, args.username).id)
-        stdout.write(f"disabled {user.username!r}; their sessions are ended and their API tokens stop working\n")
+        stdout.write(f"disabled {user.username!r}; their sessions are ended and their API tokens revoked\n")
     elif command == "enable":
         user = audit.enable_user(db, _user(db, args.username).id)
         stdout.write(f"enabled {user.username!r}\n")
@@ -160,15 +208,44 @@ def _users(db: Database, args: argparse.Namespace, stdin: TextIO, stdout: TextIO
         user = _user(db, args.username)
         audit.check_password_policy(password := _read_password(args, stdin), username=user.username)
         audit.reset_password(db, user.id, password)
-        stdout.write(f"new password set for {user.username!r}; their sessions are ended\n")
+        stdout.write(f"new password set for {user.username!r}; their sessions are ended and their API tokens "
+                     f"revoked\n")
     elif command == "token":
         user = _user(db, args.username)
         if user.disabled:
             raise CommandError(f"{user.username!r} is disabled: enable the account first")
-        token = audit.create_api_token(db, user, args.name)
-        sys.stderr.write("API token (shown once; send it as 'Authorization: Bearer <token>'):\n")
+        days = settings.api_token_days if args.days is None else args.days
+        if not 1 <= days <= 3650:
+            raise CommandError(f"--days {days}: use 1 to 3650")
+        token = audit.create_api_token(db, user, args.name, lifetime=timedelta(days=days))
+        sys.stderr.write(f"API token (shown once, expires in {days} days; send it as "
+                         f"'Authorization: Bearer <token>'):\n")
         stdout.write(token + "\n")
+    elif command == "tokens":
+        user = _user(db, args.username)
+        now = audit.utc_now()
+        stdout.write(f"{'id':<32} {'name':<24} {'created':<10} {'expires':<10} {'last used':<16} state\n")
+        for t in audit.list_api_tokens(db, user.id):
+            stdout.write(f"{t.id.hex:<32} {t.name[:24]:<24} {t.created_at:%Y-%m-%d} "
+                         f"{f'{t.expires_at:%Y-%m-%d}' if t.expires_at else 'never':<10} "
+                         f"{f'{t.last_used_at:%Y-%m-%d %H:%M}' if t.last_used_at else '-':<16} "
+                         f"{_token_state(t, now)}\n")
+    elif command == "revoke-token":
+        user = _user(db, args.username)
+        row = audit.find_api_token(db, user.id, args.token)
+        was_revoked = row.revoked
+        audit.revoke_api_token(db, row.id, owner_id=user.id)
+        stdout.write(f"API token {row.name!r} ({row.id.hex[:8]}) of {user.username!r} "
+                     f"{'was already revoked' if was_revoked else 'revoked'}\n")
     return 0
+
+
+def _token_state(token: audit.ApiToken, now: datetime) -> str:
+    if token.revoked:
+        return f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "revoked"
+    if token.expires_at is not None and token.expires_at <= now:
+        return "expired"
+    return "active"
 
 
 def _day(name: str, value: str | None, *, end: bool = False) -> datetime | None:
@@ -188,20 +265,17 @@ def _cli_user() -> str:
         return f"cli:uid{os.getuid()}"
 
 
-def _audit(db: Database, args: argparse.Namespace, stdout: TextIO) -> int:
+def _audit(db: Database, settings: Settings, args: argparse.Namespace, stdout: TextIO) -> int:
     if args.audit_command == "verify":
-        result = audit.verify_chain(db)
-        audit.append_event(db, audit.AuditAction.AUDIT_VERIFY, username=_cli_user(),
-                           outcome=audit.Outcome.SUCCESS if result.ok else audit.Outcome.SERIOUS_FAILURE,
-                           detail={"ok": result.ok, "events_checked": result.events_checked,
-                                   "first_bad_seq": result.first_bad_seq})
-        if result.ok:
-            head = f", head #{result.head.seq} {result.head.hash}" if result.head else ""
-            stdout.write(f"audit trail OK: {result.events_checked} events verified{head}\n")
-            return 0
-        stdout.write(f"audit trail BROKEN at event #{result.first_bad_seq}: {result.reason}\n")
-        stdout.write(_describe_event(db, result.first_bad_seq))
-        return 1
+        return _verify(db, settings, args, stdout)
+    if args.audit_command == "anchor":
+        to = args.to or str(settings.resolved_audit_anchor_file)
+        point = audit.write_checkpoint(db, stdout if to == "-" else to)
+        audit.append_event(db, audit.AuditAction.AUDIT_ANCHOR, username=_cli_user(),
+                           detail={"seq": point.seq, "hash": point.hash, "to": "stdout" if to == "-" else to})
+        if to != "-":
+            stdout.write(f"checkpoint: event #{point.seq} {point.hash} appended to {to}\n")
+        return 0
     since, until = _day("since", args.since), _day("until", args.until, end=True)
     chunks = audit.export_events(db, args.format, user=args.user, action=args.action, since=since, until=until)
     if args.out:
@@ -219,6 +293,40 @@ def _audit(db: Database, args: argparse.Namespace, stdout: TextIO) -> int:
     if args.out:
         sys.stderr.write(f"wrote {args.out}\n")
     return 0
+
+
+def _verify(db: Database, settings: Settings, args: argparse.Namespace, stdout: TextIO) -> int:
+    anchors: list[audit.Checkpoint] = []
+    where = None
+    if args.anchor is not None:
+        where = args.anchor or str(settings.resolved_audit_anchor_file)
+        try:
+            anchors = audit.read_checkpoints(where, audit.keys_for(db))
+        except audit.AnchorFileError as e:
+            stdout.write(f"audit trail NOT VERIFIED: {e}\n")
+            _record_verify(db, ok=False, checked=0, first_bad=None, anchors=0)
+            return 1
+    result = audit.verify_chain(db, anchors=[a.head for a in anchors])
+    _record_verify(db, ok=result.ok, checked=result.events_checked, first_bad=result.first_bad_seq,
+                   anchors=len(anchors))
+    for warning in result.warnings:
+        stdout.write(f"warning: {warning}\n")
+    if result.ok:
+        head = f", head #{result.head.seq} {result.head.hash}" if result.head else ""
+        pinned = (f"; {len(anchors)} checkpoint(s) in {where} match, the latest at event #{anchors[-1].seq} "
+                  f"({anchors[-1].time:%Y-%m-%d %H:%M:%S} UTC)") if anchors else ""
+        stdout.write(f"audit trail OK: {result.events_checked} events verified{head}{pinned}\n")
+        return 0
+    stdout.write(f"audit trail BROKEN at event #{result.first_bad_seq}: {result.reason}\n")
+    stdout.write(_describe_event(db, result.first_bad_seq))
+    return 1
+
+
+def _record_verify(db: Database, *, ok: bool, checked: int, first_bad: int | None, anchors: int) -> None:
+    audit.append_event(db, audit.AuditAction.AUDIT_VERIFY, username=_cli_user(),
+                       outcome=audit.Outcome.SUCCESS if ok else audit.Outcome.SERIOUS_FAILURE,
+                       detail={"ok": ok, "events_checked": checked, "first_bad_seq": first_bad,
+                               "checkpoints": anchors})
 
 
 def _describe_event(db: Database, seq: int | None) -> str:

@@ -303,6 +303,28 @@ def test_classifier_guided_refusals(tiny_engine, box_segmenter, classifier, tmp_
     assert not any((tmp_path / n).exists() for n in "abcde")
 
 
+def test_ddim_inversion_run_maps_against_its_own_reconstruction(tiny_engine, box_segmenter, lung_run, tmp_path):
+    """The DDIM-inversion method writes the same artifacts; its map is reconstruction - counterfactual, both from
+    the same inverted latent; it is deterministic (the seed does not matter) and refuses what it cannot honour."""
+    record = run(tiny_engine, tmp_path / "inv", segmenter=box_segmenter, map_method="ddim_inversion")
+    assert {p.name for p in (tmp_path / "inv").iterdir()} == {p.name for p in lung_run.iterdir()}
+    assert record["map_method"] == "ddim_inversion" and record["request"]["reference"] == "reconstruction"
+    assert record["parameters"]["scheduler"] == "ddim" and record["map_region"] == "lungs"
+    again = run(tiny_engine, tmp_path / "again", segmenter=box_segmenter, map_method="ddim_inversion", seed=99)
+    signed = np.load(tmp_path / "inv" / "attribution.npy")
+    assert np.array_equal(signed, np.load(tmp_path / "again" / "attribution.npy")) and again["seeds"] == [99]
+    rec = imaging.decode_image((tmp_path / "inv" / "reconstruction.png").read_bytes()).pixels
+    cf = imaging.decode_image((tmp_path / "inv" / "counterfactual.png").read_bytes()).pixels
+    lungs = imaging.decode_image((tmp_path / "inv" / "lung_mask.png").read_bytes()).pixels > 0.5
+    np.testing.assert_allclose(signed[lungs], (rec - cf)[lungs], atol=2e-4)  # 16-bit PNG rounding
+    for bad, message in [({"samples": 2}, "samples=2.*one counterfactual"),
+                         ({"negative_prompt": "blurry"}, "uses no negative prompt"),
+                         ({"reference": "input"}, "against its own reconstruction")]:
+        with pytest.raises(ValueError, match=message):
+            run(tiny_engine, tmp_path / "bad", segmenter=box_segmenter, map_method="ddim_inversion", **bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_sdedit_is_the_default_and_unchanged(lung_run, tiny_engine, box_segmenter, tmp_path):
     record = json.loads((lung_run / "record.json").read_text())
     assert record["map_method"] == "sdedit" and "classifier" not in record

@@ -96,10 +96,12 @@ def _raw(db_path: Path) -> sqlite3.Connection:
 
 def test_init_db_builds_the_schema_by_migration_in_sync_with_the_models(engine: Engine, db_url: str) -> None:
     tables = set(inspect(engine).get_table_names())
-    assert {"app_user", "user_session", "api_token", "input_image", "run", "export", "audit_event"} <= tables
+    assert {"app_user", "user_session", "api_token", "input_image", "run", "export", "audit_event",
+            "audit_chain_state"} <= tables
     assert "alembic_version" in tables
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001_initial"
+        version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        assert version == "0002_keyed_chain_tokens"
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, SQLModel.metadata) == []
     assert audit.install_triggers(engine) == []  # the migration installed exactly the triggers init_db expects
@@ -196,7 +198,7 @@ def test_forged_row_is_named_and_the_triggers_come_back(engine: Engine, db_path:
     try:
         assert audit.install_triggers(restarted) == []
         [event] = audit.query_events(restarted, action=AuditAction.AUDIT_TRIGGERS_RESTORED)
-        assert event.detail == {"triggers": ["audit_event_no_update", "audit_event_no_delete"]}
+        assert event.detail == {"triggers": ["audit_event_no_update", "audit_event_no_delete"], "schema_changed": True}
         assert event.event_id_code == "110113"
     finally:
         restarted.dispose()
@@ -224,7 +226,7 @@ def test_deleted_middle_row_is_detected(engine: Engine, db_path: Path) -> None:
     assert "5 missing" in result.reason
 
 
-def test_truncated_tail_is_detected_against_an_anchor(engine: Engine, db_path: Path) -> None:
+def test_truncated_tail_is_detected_by_the_chain_state_and_an_anchor(engine: Engine, db_path: Path) -> None:
     _events(10, engine)
     anchor = audit.chain_head(engine)
     assert anchor is not None and anchor.seq == 10
@@ -233,10 +235,309 @@ def test_truncated_tail_is_detected_against_an_anchor(engine: Engine, db_path: P
     connection.execute("DROP TRIGGER audit_event_no_delete")
     connection.execute("DELETE FROM audit_event WHERE seq >= 9")
     connection.close()
-    assert audit.verify_chain(engine).ok  # a hash chain alone cannot see a cut tail...
-    result = audit.verify_chain(engine, anchor=anchor)  # ...an anchor kept elsewhere can
+    result = audit.verify_chain(engine)  # the signed high-water mark sees the cut tail...
+    assert (result.ok, result.first_bad_seq) == (False, 9)
+    assert "9..10 missing" in result.reason and "tail was deleted" in result.reason
+    result = audit.verify_chain(engine, anchor=anchor)  # ...and so does an anchor kept elsewhere
     assert (result.ok, result.first_bad_seq) == (False, 10)
     assert "truncated" in result.reason
+
+
+# --- issue 18: a keyed chain, sequence numbers never re-used, checkpoints outside the database ---------------
+
+
+def _drop_triggers(connection: sqlite3.Connection) -> dict[str, str]:
+    """Drops every trigger, as anyone with write access to the database file can; returns their SQL."""
+    rows = dict(connection.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall())
+    for name in rows:
+        connection.execute(f"DROP TRIGGER {name}")
+    return rows
+
+
+def _plain_sha256(event: AuditEvent, prev_hash: str) -> str:
+    """The unkeyed formula of revision 0001, as an attacker who read the code would compute it."""
+    payload = {
+        "v": 1, "seq": event.seq, "id": str(event.id),
+        "ts": event.ts.astimezone(UTC).isoformat(timespec="microseconds"),
+        "user_id": None if event.user_id is None else str(event.user_id), "username": event.username,
+        "action": event.action, "object_type": event.object_type, "object_id": event.object_id,
+        "outcome": event.outcome, "event_id_code": event.event_id_code, "event_type_code": event.event_type_code,
+        "event_action_code": event.event_action_code, "detail": event.detail, "prev_hash": prev_hash,
+    }
+    return hashlib.sha256(audit.canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+def _rewrite_and_rehash(engine: Engine, db_path: Path, seq: int, *, clear_key_id: bool) -> None:
+    """Issue 18's attack: change event ``seq`` and re-hash it and every later event with plain SHA-256."""
+    with audit.read_session(engine) as session:
+        rows = list(session.exec(select(AuditEvent).where(AuditEvent.seq >= seq).order_by(AuditEvent.seq)).all())
+        previous = session.exec(select(AuditEvent.hash).where(AuditEvent.seq == seq - 1)).one()
+    connection = _raw(db_path)
+    _drop_triggers(connection)
+    for row in rows:
+        if row.seq == seq:
+            row.detail = {"i": 999}
+        digest = _plain_sha256(row, previous)
+        key = ", key_id = NULL" if clear_key_id else ""
+        connection.execute(f"UPDATE audit_event SET detail = ?, prev_hash = ?, hash = ?{key} WHERE seq = ?",
+                           (json.dumps(row.detail), previous, digest, row.seq))
+        previous = digest
+    connection.close()
+
+
+def test_events_are_keyed_with_a_key_kept_outside_the_database(engine: Engine, db_path: Path) -> None:
+    _events(3, engine)
+    ring = audit.keys_for(engine)
+    key_file = db_path.parent / "secrets" / "audit-hmac.key"
+    assert ring.path == key_file and oct(key_file.stat().st_mode & 0o777) == oct(0o600)
+    assert ring.current.hex().encode() not in _stored_bytes(db_path)
+    [event] = audit.query_events(engine, limit=1)
+    assert event.key_id == ring.current_id == audit.key_id(ring.current)
+    assert event.hash == audit.event_hash(event, ring.current) != _plain_sha256(event, event.prev_hash)
+    assert audit.event_hash(event, bytes(32)) != event.hash  # another key, another hash
+    with pytest.raises(audit.AuditKeyError, match="not in the key ring"):
+        audit.event_hash(event)
+    other = audit.AuditKeyRing.from_keys([bytes(range(32))])
+    result = audit.verify_chain(engine, keys=other)
+    assert (result.ok, result.first_bad_seq) == (False, 1) and "not in the key ring" in result.reason
+
+
+@pytest.mark.parametrize("clear_key_id", [False, True], ids=["key-id-kept", "key-id-cleared"])
+def test_row_rewritten_and_rest_rehashed_with_plain_sha256_is_detected(
+    engine: Engine, db_path: Path, clear_key_id: bool
+) -> None:
+    _events(20, engine)
+    _rewrite_and_rehash(engine, db_path, 10, clear_key_id=clear_key_id)
+    result = audit.verify_chain(engine)
+    assert (result.ok, result.first_bad_seq) == (False, 10), result.reason
+    assert ("not signed with the audit key" if clear_key_id else "hash mismatch") in result.reason
+
+
+def test_truncated_tail_with_triggers_dropped_fails_and_seq_is_never_reused(
+    engine: Engine, db_path: Path, tmp_path: Path
+) -> None:
+    _events(68, engine)
+    checkpoints = tmp_path / "elsewhere" / "anchors.jsonl"
+    point = audit.write_checkpoint(engine, checkpoints)
+    assert (point.seq, point.last_seq) == (68, 68)
+    connection = _raw(db_path)
+    _drop_triggers(connection)
+    connection.execute("DELETE FROM audit_event WHERE seq > 65")
+    connection.close()
+
+    anchors = [c.head for c in audit.read_checkpoints(checkpoints, audit.keys_for(engine))]
+    result = audit.verify_chain(engine, anchors=anchors)
+    assert (result.ok, result.first_bad_seq) == (False, 68) and "truncated" in result.reason
+    result = audit.verify_chain(engine)  # no checkpoint needed: the signed state remembers 68
+    assert (result.ok, result.first_bad_seq) == (False, 66) and "66..68 missing" in result.reason
+
+    event = audit.append_event(engine, AuditAction.APP_START)
+    assert event.seq == 69  # 66..68 are never handed out again
+    result = audit.verify_chain(engine)
+    assert (result.ok, result.first_bad_seq) == (False, 69) and "66..68 missing" in result.reason
+
+
+def test_rewound_chain_state_is_recorded_and_seq_still_not_reused(engine: Engine, db_path: Path, db_url: str) -> None:
+    _events(5, engine)
+    connection = _raw(db_path)
+    with pytest.raises(sqlite3.DatabaseError, match="only moves forward"):
+        connection.execute("UPDATE audit_chain_state SET last_seq = 2")
+    with pytest.raises(sqlite3.DatabaseError, match="only moves forward"):
+        connection.execute("DELETE FROM audit_chain_state")
+    _drop_triggers(connection)
+    connection.execute("DELETE FROM audit_event WHERE seq > 3")
+    connection.execute("UPDATE audit_chain_state SET last_seq = 3, head_hash = "
+                       "(SELECT hash FROM audit_event WHERE seq = 3)")
+    connection.close()
+    result = audit.verify_chain(engine)
+    assert not result.ok and "fails its MAC" in result.reason
+
+    event = audit.append_event(engine, AuditAction.APP_START)  # the application notices before it writes
+    [alarm] = audit.query_events(engine, action=AuditAction.AUDIT_TAMPER_DETECTED)
+    assert alarm.seq == 4 and alarm.detail["found"] == {"last_seq": 3, "head_seq": 3, "key_id": event.key_id}
+    assert alarm.outcome == Outcome.SERIOUS_FAILURE and event.seq == 5
+    restarted = audit.init_db(db_url)  # puts the triggers back, and says so
+    try:
+        result = audit.verify_chain(restarted)
+        assert result.ok, result.reason
+        assert [w.split()[2] for w in result.warnings] == ["audit_tamper_detected", "audit_triggers_restored"]
+    finally:
+        restarted.dispose()
+
+
+def test_triggers_recreated_by_hand_are_detected(engine: Engine, db_path: Path, db_url: str) -> None:
+    _events(5, engine)
+    connection = _raw(db_path)
+    dropped = _drop_triggers(connection)
+    for sql in dropped.values():  # put them back exactly as they were
+        connection.execute(sql)
+    connection.close()
+    assert audit.install_triggers(engine) == []  # nothing missing...
+    result = audit.verify_chain(engine)  # ...but the schema moved on behind the application's back
+    assert not result.ok and "schema changed" in result.reason
+
+    restarted = audit.init_db(db_url)  # start-up records it
+    try:
+        [event] = audit.query_events(restarted, action=AuditAction.AUDIT_TRIGGERS_RESTORED)
+        assert event.seq == 6 and event.detail == {"triggers": [], "schema_changed": True}
+        result = audit.verify_chain(restarted)
+        assert result.ok
+        assert result.warnings == (f"event 6: audit_triggers_restored {audit.canonical_json(event.detail)}",)
+    finally:
+        restarted.dispose()
+
+
+def test_altered_trigger_is_replaced(engine: Engine, db_path: Path) -> None:
+    connection = _raw(db_path)
+    connection.execute("DROP TRIGGER audit_event_no_delete")
+    connection.execute("CREATE TRIGGER audit_event_no_delete BEFORE DELETE ON audit_event WHEN 0 "
+                       "BEGIN SELECT RAISE(ABORT, 'audit_event is append-only'); END")
+    connection.close()
+    assert audit.install_triggers(engine) == ["audit_event_no_delete"]
+    assert audit.install_triggers(engine) == []
+
+
+def _legacy_database(db_url: str, events: int) -> None:
+    """A database of revision 0001 with ``events`` events hashed by the old (unkeyed) formula."""
+    audit.upgrade_database(db_url, "0001_initial")
+    engine = audit.make_engine(db_url)
+    previous = audit.GENESIS_HASH
+    try:
+        with engine.begin() as connection:
+            for seq in range(1, events + 1):
+                event = AuditEvent(seq=seq, id=uuid.uuid4(), ts=T0 + timedelta(seconds=seq), username="old",
+                                   action="view", outcome="success", event_id_code="110103", event_action_code="R",
+                                   detail={"i": seq}, prev_hash=previous, hash="")
+                event.hash = _plain_sha256(event, previous)
+                connection.execute(
+                    text("INSERT INTO audit_event (seq, id, ts, username, action, outcome, event_id_code, "
+                         "event_action_code, detail, prev_hash, hash) VALUES (:seq, :id, :ts, 'old', 'view', "
+                         "'success', '110103', 'R', :detail, :prev, :hash)"),
+                    {"seq": seq, "id": event.id.hex, "ts": event.ts.replace(tzinfo=None).isoformat(sep=" "),
+                     "detail": json.dumps(event.detail), "prev": previous, "hash": event.hash})
+                previous = event.hash
+    finally:
+        engine.dispose()
+
+
+def test_existing_unkeyed_chain_keeps_verifying_and_is_keyed_from_a_switch_over(db_url: str, db_path: Path) -> None:
+    _legacy_database(db_url, 6)
+    engine = audit.init_db(db_url)  # migration 0002, then the keyed switch-over event
+    try:
+        [switch] = audit.query_events(engine, action=AuditAction.AUDIT_CHAIN_KEYED)
+        assert switch.seq == 7 and switch.key_id is not None
+        assert switch.detail["legacy_until"] == 6 and switch.detail["key_id"] == switch.key_id
+        _events(3, engine)
+        result = audit.verify_chain(engine)
+        assert result.ok and result.events_checked == 10, result.reason
+        assert [e.key_id is None for e in reversed(audit.query_events(engine))] == [True] * 6 + [False] * 4
+
+        # the old events are still only SHA-256: rewriting one and re-hashing the unkeyed part breaks at the
+        # keyed switch-over, which pins the last unkeyed hash
+        with audit.read_session(engine) as session:
+            legacy = list(session.exec(select(AuditEvent).where(AuditEvent.seq <= 6).order_by(AuditEvent.seq)).all())
+        connection = _raw(db_path)
+        _drop_triggers(connection)
+        previous = audit.GENESIS_HASH
+        for row in legacy:
+            if row.seq == 3:
+                row.detail = {"i": 999}
+            digest = _plain_sha256(row, previous)
+            connection.execute("UPDATE audit_event SET detail = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                               (json.dumps(row.detail), previous, digest, row.seq))
+            previous = digest
+        connection.close()
+        result = audit.verify_chain(engine)
+        assert (result.ok, result.first_bad_seq) == (False, 7) and "prev_hash" in result.reason
+    finally:
+        engine.dispose()
+
+
+def test_tail_deleted_before_the_upgrade_shows_as_a_gap(db_url: str, db_path: Path) -> None:
+    _legacy_database(db_url, 6)
+    connection = _raw(db_path)
+    connection.execute("DROP TRIGGER audit_event_no_delete")
+    connection.execute("DELETE FROM audit_event WHERE seq > 4")  # sqlite_sequence still remembers 6
+    connection.close()
+    engine = audit.init_db(db_url)
+    try:
+        [switch] = audit.query_events(engine, action=AuditAction.AUDIT_CHAIN_KEYED)
+        assert switch.seq == 7
+        result = audit.verify_chain(engine)
+        assert (result.ok, result.first_bad_seq) == (False, 7) and "5..6 missing" in result.reason
+    finally:
+        engine.dispose()
+
+
+def test_key_rotation_is_recorded_and_old_events_verify_with_the_ring(engine: Engine, db_url: str,
+                                                                      db_path: Path) -> None:
+    _events(2, engine)
+    old = audit.keys_for(engine)
+    key_file = db_path.parent / "secrets" / "audit-hmac.key"
+    ring = audit.rotate_audit_key(key_file)
+    assert list(ring.keys) == [old.current_id, ring.current_id] and oct(key_file.stat().st_mode & 0o777) == oct(0o600)
+    rotated = audit.init_db(db_url, keys=ring)
+    try:
+        [event] = audit.query_events(rotated, action=AuditAction.AUDIT_KEY_ROTATED)
+        assert (event.key_id, event.detail) == (ring.current_id, {"key_id": ring.current_id,
+                                                                 "previous_key_id": old.current_id})
+        _events(2, rotated)
+        assert audit.verify_chain(rotated).ok
+        only_new = audit.AuditKeyRing.from_keys([ring.current])
+        result = audit.verify_chain(rotated, keys=only_new)
+        assert (result.ok, result.first_bad_seq) == (False, 1) and old.current_id in result.reason
+    finally:
+        rotated.dispose()
+    with pytest.raises(audit.AuditKeyError, match="not in the key ring"):
+        audit.init_db(db_url, keys=audit.AuditKeyRing.from_keys([bytes(range(32))]))
+
+
+def test_key_ring_from_the_environment_and_bad_key_files(tmp_path: Path) -> None:
+    keys = [bytes(range(32)), bytes(range(1, 33))]
+    ring = audit.audit_keys_from_env(",".join(k.hex() for k in keys))
+    assert ring.current == keys[1] and ring.path is None and len(ring.keys) == 2
+    with pytest.raises(audit.AuditKeyError, match="entry 1 is not 64 hex digits"):
+        audit.audit_keys_from_env("not-a-key")
+    path = tmp_path / "secrets" / "audit-hmac.key"
+    with pytest.raises(audit.AuditKeyError, match="no audit key file"):
+        audit.load_audit_keys(path, create=False)
+    first = audit.load_audit_keys(path)
+    assert audit.load_audit_keys(path) == first
+    path.chmod(0o640)
+    with pytest.raises(audit.InsecureSecretFileError, match="chmod 600"):
+        audit.load_audit_keys(path)
+    with pytest.raises(audit.AuditKeyError, match="keys="):
+        audit.init_db("sqlite://")  # no file beside an in-memory database: the caller must pass the ring
+
+
+def test_checkpoints_are_signed_appended_and_checked(engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "anchors.jsonl"
+    ring = audit.keys_for(engine)
+    _events(3, engine)
+    first = audit.write_checkpoint(engine, path)
+    _events(2, engine)
+    second = audit.write_checkpoint(engine, path)
+    assert (first.seq, second.seq) == (3, 5) and oct(path.stat().st_mode & 0o777) == oct(0o600)
+    assert [c.seq for c in audit.read_checkpoints(path, ring)] == [3, 5]
+    assert audit.verify_chain(engine, anchors=[c.head for c in audit.read_checkpoints(path, ring)]).ok
+
+    lines = path.read_text().splitlines()
+    forged = json.loads(lines[1]) | {"seq": 4}
+    path.write_text(lines[0] + "\n" + json.dumps(forged) + "\n")
+    with pytest.raises(audit.AnchorFileError, match="line 2: its MAC does not match"):
+        audit.read_checkpoints(path, ring)
+    path.write_text(lines[0] + "\nnot json\n")
+    with pytest.raises(audit.AnchorFileError, match="line 2: not a checkpoint"):
+        audit.read_checkpoints(path, ring)
+    with pytest.raises(audit.AnchorFileError, match="no checkpoint file"):
+        audit.read_checkpoints(tmp_path / "missing.jsonl", ring)
+    path.chmod(0o666)
+    with pytest.raises(audit.AnchorFileError, match="others may rewrite it"):
+        audit.write_checkpoint(engine, path)
+    # a checkpointed event that changed (here: a seq re-used after a rewind) is named
+    moved = audit.ChainHead(3, "ab" * 32)
+    result = audit.verify_chain(engine, anchors=[moved])
+    assert (result.ok, result.first_bad_seq) == (False, 3) and "differs from the checkpoint" in result.reason
 
 
 _WRITER = """
@@ -625,6 +926,91 @@ def test_reset_password_revokes_sessions_and_clears_lockout(engine: Engine) -> N
     assert audit.authenticate(engine, "grace", new_password) is not None
     [reset] = audit.query_events(engine, action="password_reset")
     assert reset.username == "root" and new_password not in json.dumps(reset.detail)
+
+
+def test_reset_and_disable_revoke_api_tokens_and_enable_does_not_revive_them(engine: Engine) -> None:
+    admin = _user(engine, "root", Role.ADMIN)
+    heidi = _user(engine, "heidi")
+    first, second = (audit.create_api_token(engine, heidi, name) for name in ("batch", "cron"))
+    audit.reset_password(engine, heidi.id, "a much better passphrase", actor=admin)
+    assert audit.get_token_user(engine, first) is None and audit.get_token_user(engine, second) is None
+    assert audit.query_events(engine, action="password_reset")[0].detail["tokens_revoked"] == 2
+
+    third = audit.create_api_token(engine, heidi, "after reset")
+    assert audit.get_token_user(engine, third) is not None
+    audit.disable_user(engine, heidi.id, actor=admin)
+    assert audit.query_events(engine, action="user_disable")[0].detail["tokens_revoked"] == 1
+    audit.enable_user(engine, heidi.id, actor=admin)
+    assert all(audit.get_token_user(engine, t) is None for t in (first, second, third))
+    assert all(t.revoked and t.revoked_at is not None for t in audit.list_api_tokens(engine, heidi.id))
+    assert audit.verify_chain(engine).ok
+
+
+def test_api_tokens_expire(engine: Engine) -> None:
+    ivan = _user(engine, "ivan")
+    default = audit.create_api_token(engine, ivan, "default", now=T0)
+    short = audit.create_api_token(engine, ivan, "short", lifetime=timedelta(days=1), now=T0)
+    by_name = {t.name: t for t in audit.list_api_tokens(engine, ivan.id)}
+    assert by_name["default"].expires_at == T0 + timedelta(days=90) == T0 + audit.DEFAULT_API_TOKEN_LIFETIME
+    assert by_name["short"].expires_at == T0 + timedelta(days=1)
+    assert audit.get_token_user(engine, short, now=T0 + timedelta(hours=23)) is not None
+    assert audit.get_token_user(engine, short, now=T0 + timedelta(days=1)) is None
+    assert audit.get_token_user(engine, default, now=T0 + timedelta(days=89)) is not None
+    assert audit.get_token_user(engine, default, now=T0 + timedelta(days=90)) is None
+    with pytest.raises(ValueError, match="1 to 3650 days"):
+        audit.create_api_token(engine, ivan, "forever", lifetime=timedelta(days=4000))
+    [created] = [e for e in audit.query_events(engine, action="token_create") if e.detail["name"] == "short"]
+    assert created.detail["expires"] == (T0 + timedelta(days=1)).isoformat()
+
+
+def test_find_and_revoke_one_api_token(engine: Engine) -> None:
+    judy, mallory = _user(engine, "judy"), _user(engine, "mallory")
+    audit.create_api_token(engine, judy, "batch")
+    keep = audit.create_api_token(engine, judy, "cron")
+    [cron, batch] = audit.list_api_tokens(engine, judy.id)
+    assert audit.find_api_token(engine, judy.id, "batch").id == batch.id
+    assert audit.find_api_token(engine, judy.id, batch.id.hex[:8]).id == batch.id
+    assert audit.find_api_token(engine, judy.id, str(batch.id)).id == batch.id
+    with pytest.raises(audit.TokenNotFoundError, match="no API token 'nightly'"):
+        audit.find_api_token(engine, judy.id, "nightly")
+    with pytest.raises(audit.TokenNotFoundError):
+        audit.find_api_token(engine, mallory.id, "batch")  # someone else's
+    with pytest.raises(audit.TokenNotFoundError):
+        audit.revoke_api_token(engine, batch.id, owner_id=mallory.id)
+    admin = _user(engine, "root", Role.ADMIN)
+    audit.revoke_api_token(engine, batch.id, actor=admin, owner_id=judy.id)
+    audit.revoke_api_token(engine, batch.id, actor=admin)  # idempotent: recorded once
+    [event] = audit.query_events(engine, action="token_revoke")
+    assert (event.username, event.object_id, event.detail) == ("root", str(batch.id),
+                                                               {"name": "batch", "owner": "judy"})
+    assert audit.get_token_user(engine, keep) is not None and cron.id != batch.id
+    assert [t.id for t in audit.list_api_tokens(engine)] == [cron.id, batch.id]  # every user's
+
+
+def test_upgrade_gives_old_tokens_an_expiry_and_revokes_those_of_disabled_accounts(db_url: str) -> None:
+    audit.upgrade_database(db_url, "0001_initial")
+    raw = audit.make_engine(db_url)
+    try:
+        with raw.begin() as connection:
+            for name, disabled in (("kim", 0), ("lee", 1)):
+                user_id = uuid.uuid4().hex
+                connection.execute(text("INSERT INTO app_user (id, username, password_hash, role, disabled, "
+                                        "created_at, failed_logins) VALUES (:id, :name, '!', 'clinician', :d, :t, 0)"),
+                                   {"id": user_id, "name": name, "d": disabled, "t": "2025-03-01 09:00:00.000000"})
+                connection.execute(text("INSERT INTO api_token (id, token_hash, user_id, name, created_at, revoked) "
+                                        "VALUES (:id, :h, :u, 'old', :t, 0)"),
+                                   {"id": uuid.uuid4().hex, "h": name * 10, "u": user_id,
+                                    "t": "2025-03-01 09:00:00.000000"})
+    finally:
+        raw.dispose()
+    engine = audit.init_db(db_url)
+    try:
+        tokens = {audit.get_user(engine, user_id=t.user_id).username: t for t in audit.list_api_tokens(engine)}
+        assert tokens["kim"].expires_at == T0 + timedelta(days=90) and not tokens["kim"].revoked
+        assert tokens["lee"].revoked and tokens["lee"].revoked_at is not None
+        assert audit.verify_chain(engine).ok
+    finally:
+        engine.dispose()
 
 
 # --- PostgreSQL (opt-in) -----------------------------------------------------------------------------------

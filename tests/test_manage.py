@@ -99,3 +99,142 @@ def test_audit_verify_and_export(data_dir, monkeypatch, capsys, tmp_path):
     db = _db(data_dir)
     assert audit.query_events(db, action="audit_triggers_restored")  # start-up noticed the missing trigger
     db.dispose()
+
+
+def _add_root(data_dir, monkeypatch, capsys):
+    assert vald(data_dir, "users", "add", "root", "--role", "admin", "--password-stdin", stdin=PASSWORD + "\n",
+                monkeypatch=monkeypatch) == 0
+    capsys.readouterr()
+
+
+def _drop_triggers(raw: sqlite3.Connection) -> dict[str, str]:
+    rows = dict(raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall())
+    for name in rows:
+        raw.execute(f"DROP TRIGGER {name}")
+    return rows
+
+
+def test_audit_anchor_and_verify_against_it_after_the_tail_is_cut(data_dir, monkeypatch, capsys, tmp_path):
+    _add_root(data_dir, monkeypatch, capsys)
+    db = _db(data_dir)
+    for i in range(66):
+        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    db.dispose()
+    assert vald(data_dir, "audit", "anchor", monkeypatch=monkeypatch) == 0  # the default file, in the data folder
+    assert "checkpoint: event #67" in capsys.readouterr().out
+    elsewhere = tmp_path / "other-host" / "anchors.jsonl"
+    assert vald(data_dir, "audit", "anchor", "--to", str(elsewhere), monkeypatch=monkeypatch) == 0
+    capsys.readouterr()
+    assert vald(data_dir, "audit", "anchor", "--to", "-", monkeypatch=monkeypatch) == 0
+    assert json.loads(capsys.readouterr().out)["seq"] == 69  # a line for syslog: ... | logger -t vald-md-audit
+    assert vald(data_dir, "audit", "verify", "--anchor", monkeypatch=monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "audit trail OK: 70 events verified" in out and "1 checkpoint(s)" in out
+
+    # drop the triggers, cut the newest 4 events (68..71: two anchors' records and the verification's)
+    raw = sqlite3.connect(data_dir / "vald-md.db", isolation_level=None)
+    _drop_triggers(raw)
+    raw.execute("DELETE FROM audit_event WHERE seq > 67")
+    raw.close()
+    assert vald(data_dir, "audit", "verify", "--anchor", str(elsewhere), monkeypatch=monkeypatch) == 1
+    # the CLI's start-up restores the triggers and records it as event 72, never re-using 68..71
+    assert "BROKEN at event #72: event 72: seq gap, event(s) 68..71 missing" in capsys.readouterr().out
+    db = _db(data_dir)
+    assert [(e.seq, e.action) for e in audit.query_events(db, limit=3)] == [
+        (73, "audit_verify"), (72, "audit_triggers_restored"), (67, "view")]
+    result = audit.verify_chain(db, anchors=[c.head for c in audit.read_checkpoints(elsewhere, audit.keys_for(db))])
+    db.dispose()
+    assert not result.ok and result.first_bad_seq == 72
+
+    (elsewhere).write_text(elsewhere.read_text().replace('"seq":68', '"seq":60'))
+    assert vald(data_dir, "audit", "verify", "--anchor", str(elsewhere), monkeypatch=monkeypatch) == 1
+    assert "line 1: its MAC does not match" in capsys.readouterr().out
+
+
+def test_audit_verify_catches_a_plain_sha256_rehash_and_hand_made_triggers(data_dir, monkeypatch, capsys):
+    _add_root(data_dir, monkeypatch, capsys)
+    db = _db(data_dir)
+    for i in range(12):
+        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    db.dispose()
+    # re-create the triggers by hand: the next start records it
+    raw = sqlite3.connect(data_dir / "vald-md.db", isolation_level=None)
+    for sql in _drop_triggers(raw).values():
+        raw.execute(sql)
+    raw.close()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 0
+    assert "warning: event 14: audit_triggers_restored" in capsys.readouterr().out
+
+    # rewrite event 10 and re-hash it and the rest with the plain SHA-256 formula of revision 0001
+    from tests.test_audit import _rewrite_and_rehash
+
+    db = _db(data_dir)
+    _rewrite_and_rehash(db, data_dir / "vald-md.db", 10, clear_key_id=False)
+    db.dispose()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
+    assert "BROKEN at event #10: event 10: hash mismatch" in capsys.readouterr().out
+
+
+def test_audit_rotate_key(data_dir, monkeypatch, capsys):
+    _add_root(data_dir, monkeypatch, capsys)
+    assert vald(data_dir, "audit", "rotate-key", monkeypatch=monkeypatch) == 0
+    assert "audit key rotated: ak_" in capsys.readouterr().out
+    key_file = data_dir / "secrets" / "audit-hmac.key"
+    assert len(key_file.read_text().split()) == 2 and key_file.stat().st_mode & 0o077 == 0
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 0
+    db = _db(data_dir)
+    [rotated] = audit.query_events(db, action="audit_key_rotated")
+    assert rotated.key_id == audit.keys_for(db).current_id != rotated.detail["previous_key_id"]
+    db.dispose()
+    monkeypatch.setenv("VALD_MD_AUDIT_KEY", "00" * 32)
+    assert vald(data_dir, "audit", "rotate-key", monkeypatch=monkeypatch) == 2
+    assert "VALD_MD_AUDIT_KEY" in capsys.readouterr().err
+
+
+def test_users_tokens_revoke_token_and_expiry(data_dir, monkeypatch, capsys):
+    _add_root(data_dir, monkeypatch, capsys)
+    assert vald(data_dir, "users", "add", "doc", "--password-stdin", stdin=PASSWORD + "\n",
+                monkeypatch=monkeypatch) == 0
+    capsys.readouterr()
+    tokens = {}
+    for name, extra in (("batch", ["--days", "7"]), ("cron", []), ("spare", [])):
+        assert vald(data_dir, "users", "token", "doc", "--name", name, *extra, monkeypatch=monkeypatch) == 0
+        tokens[name] = capsys.readouterr().out.strip()
+    assert vald(data_dir, "users", "token", "doc", "--days", "0", monkeypatch=monkeypatch) == 2
+    assert "--days 0" in capsys.readouterr().err
+    assert vald(data_dir, "users", "tokens", "doc", monkeypatch=monkeypatch) == 0
+    listing = capsys.readouterr().out
+    db = _db(data_dir)
+    by_name = {t.name: t for t in audit.list_api_tokens(db, audit.get_user(db, username="doc").id)}
+    assert (by_name["batch"].expires_at - by_name["batch"].created_at).days == 7
+    assert (by_name["cron"].expires_at - by_name["cron"].created_at).days == 90
+    assert by_name["batch"].id.hex in listing and listing.count("active") == 3 and "vmd_" not in listing
+
+    assert vald(data_dir, "users", "revoke-token", "doc", "batch", monkeypatch=monkeypatch) == 0
+    assert "API token 'batch'" in capsys.readouterr().out
+    assert vald(data_dir, "users", "revoke-token", "doc", by_name["cron"].id.hex[:8], monkeypatch=monkeypatch) == 0
+    assert vald(data_dir, "users", "revoke-token", "root", "spare", monkeypatch=monkeypatch) == 2  # not root's
+    assert "no API token 'spare'" in capsys.readouterr().err
+    assert audit.get_token_user(db, tokens["batch"]) is None and audit.get_token_user(db, tokens["cron"]) is None
+    assert audit.get_token_user(db, tokens["spare"]) is not None
+
+    # a password reset revokes the rest; re-enabling after a disable revives nothing
+    assert vald(data_dir, "users", "reset-password", "doc", "--password-stdin", stdin="another long passphrase\n",
+                monkeypatch=monkeypatch) == 0
+    assert "API tokens revoked" in capsys.readouterr().out
+    assert audit.get_token_user(db, tokens["spare"]) is None
+    assert vald(data_dir, "users", "token", "doc", "--name", "new", monkeypatch=monkeypatch) == 0
+    new = capsys.readouterr().out.strip()
+    assert vald(data_dir, "users", "disable", "doc", monkeypatch=monkeypatch) == 0
+    assert vald(data_dir, "users", "enable", "doc", monkeypatch=monkeypatch) == 0
+    assert all(audit.get_token_user(db, t) is None for t in (*tokens.values(), new))
+    capsys.readouterr()
+    assert vald(data_dir, "users", "tokens", "doc", monkeypatch=monkeypatch) == 0
+    assert capsys.readouterr().out.count("revoked") == 4
+    revokes = audit.query_events(db, action="token_revoke")
+    assert [e.detail["name"] for e in reversed(revokes)] == ["batch", "cron"]
+    resets = audit.query_events(db, action="password_reset")
+    assert resets[0].detail["tokens_revoked"] == 1
+    assert audit.query_events(db, action="user_disable")[0].detail["tokens_revoked"] == 1
+    assert audit.verify_chain(db).ok
+    db.dispose()

@@ -818,11 +818,11 @@ def test_without_a_classifier_the_guided_map_is_offered_disabled_and_refused(app
     app = app_and_client[0]
     assert app.state.classifier is None
     options = map_method_options(Doc(client.get("/").text))
-    assert set(options) == {"sdedit", "classifier_guided"}
+    assert set(options) == {"sdedit", "classifier_guided", "ddim_inversion"}
     assert "disabled" in options["classifier_guided"] and "disabled" not in options["sdedit"]
     assert "selected" in options["sdedit"]
     model = client.get("/api/v1/model").json()
-    assert model["map_methods"] == ["sdedit"] and model["default_map_method"] == "sdedit"
+    assert model["map_methods"] == ["sdedit", "ddim_inversion"] and model["default_map_method"] == "sdedit"
     r = submit(client, map_method="classifier_guided")
     assert r.status_code == 422 and "no lesion classifier is loaded" in r.json()["message"]
     r = client.post("/runs", data={**FAST, "seed_mode": "random", "map_method": "classifier_guided"},
@@ -865,7 +865,7 @@ def test_classifier_guided_run_through_the_api(guided_app):
 
     app, c, clf = guided_app
     assert app.state.classifier is not None and app.state.classifier.info["sha256"] == folder_hash(clf)
-    assert c.get("/api/v1/model").json()["map_methods"] == ["sdedit", "classifier_guided"]
+    assert c.get("/api/v1/model").json()["map_methods"] == ["sdedit", "classifier_guided", "ddim_inversion"]
     r = submit(c, map_method="classifier_guided", classifier_scale="0.5")
     assert r.status_code == 202, r.text
     st = wait_state(c, r.json()["job_id"])
@@ -885,6 +885,7 @@ def test_form_offers_the_guided_map_when_a_classifier_is_loaded(guided_app):
     options = map_method_options(Doc(c.get("/").text))
     assert "disabled" not in options["classifier_guided"]
     assert Doc(c.get("/").text).by_id("classifier_scale")["value"] == "0.3"
+    assert "disabled" not in options["ddim_inversion"]
     r = c.post("/runs", data={**FAST, "seed_mode": "fixed", "map_method": "classifier_guided"},
                files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
     assert r.status_code == 200, r.text

@@ -2,16 +2,19 @@
 
 Start-up::
 
-    engine = init_db(settings.database_url)      # Alembic migrations to head + append-only triggers
+    engine = init_db(settings.database_url, keys=load_audit_keys(settings.audit_key_path))  # migrations, triggers,
+                                                                                          # signed chain state
     mark_interrupted_runs(engine)                 # nothing is lost: stale runs become "interrupted"
     uid_secret = load_or_create_secret(settings.uid_secret_path)
 
-Modules: ``models`` (tables, coded values), ``db`` (engines, transactions, migrations), ``chain`` (hash chain,
-DICOM PS3.15 event codes, verify/query/export), ``accounts`` (users, lockout, sessions, API tokens),
+Modules: ``models`` (tables, coded values), ``db`` (engines, transactions, migrations), ``keys`` (the chain's
+HMAC key ring, outside the database), ``chain`` (keyed hash chain, DICOM PS3.15 event codes, verify/query/export),
+``anchors`` (signed checkpoints of the chain head), ``accounts`` (users, lockout, sessions, API tokens),
 ``records`` (inputs with HMAC'd UIDs, runs, exports). Everything public is re-exported here.
 """
 
 from app.audit.accounts import (
+    DEFAULT_API_TOKEN_LIFETIME,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOCKOUT,
     DEFAULT_MAX_FAILED_LOGINS,
@@ -24,6 +27,7 @@ from app.audit.accounts import (
     create_user,
     disable_user,
     enable_user,
+    find_api_token,
     get_session_user,
     get_token_user,
     get_user,
@@ -35,6 +39,13 @@ from app.audit.accounts import (
     revoke_api_token,
     revoke_session,
     verify_password,
+)
+from app.audit.anchors import (
+    ANCHOR_FILE_NAME,
+    Checkpoint,
+    make_checkpoint,
+    read_checkpoints,
+    write_checkpoint,
 )
 from app.audit.chain import (
     DICOM_EVENT_CODES,
@@ -51,6 +62,7 @@ from app.audit.chain import (
     count_events,
     event_hash,
     export_events,
+    open_chain,
     query_events,
     verify_chain,
 )
@@ -61,23 +73,38 @@ from app.audit.db import (
     install_triggers,
     make_engine,
     read_session,
+    schema_fingerprint,
     upgrade_database,
     write_session,
 )
 from app.audit.errors import (
+    AnchorFileError,
     AuditDetailError,
+    AuditKeyError,
     InsecureSecretFileError,
     InvalidRunTransitionError,
     InvalidUsernameError,
     LastAdminError,
     RunNotFoundError,
+    TokenNotFoundError,
     UnsupportedDatabaseError,
     UserExistsError,
     UserNotFoundError,
     WeakPasswordError,
 )
+from app.audit.keys import (
+    AuditKeyRing,
+    audit_keys_from_env,
+    bind_audit_keys,
+    key_id,
+    keys_for,
+    load_audit_keys,
+    resolve_audit_keys,
+    rotate_audit_key,
+)
 from app.audit.models import (
     ApiToken,
+    AuditChainState,
     AuditEvent,
     Export,
     InputImage,
@@ -105,6 +132,8 @@ from app.audit.records import (
 )
 
 __all__ = [
+    "ANCHOR_FILE_NAME",
+    "DEFAULT_API_TOKEN_LIFETIME",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_LOCKOUT",
     "DEFAULT_MAX_FAILED_LOGINS",
@@ -116,11 +145,16 @@ __all__ = [
     "MIN_PASSWORD_LENGTH",
     "SQLITE_BUSY_TIMEOUT_MS",
     "SYSTEM_USERNAME",
+    "AnchorFileError",
     "ApiToken",
     "AuditAction",
+    "AuditChainState",
     "AuditDetailError",
     "AuditEvent",
+    "AuditKeyError",
+    "AuditKeyRing",
     "ChainHead",
+    "Checkpoint",
     "DicomEventCodes",
     "Export",
     "InputImage",
@@ -133,6 +167,7 @@ __all__ = [
     "Run",
     "RunNotFoundError",
     "RunStatus",
+    "TokenNotFoundError",
     "UTCDateTime",
     "UnsupportedDatabaseError",
     "User",
@@ -143,7 +178,9 @@ __all__ = [
     "WeakPasswordError",
     "alembic_config",
     "append_event",
+    "audit_keys_from_env",
     "authenticate",
+    "bind_audit_keys",
     "canonical_json",
     "chain_head",
     "check_password_policy",
@@ -156,6 +193,7 @@ __all__ = [
     "enable_user",
     "event_hash",
     "export_events",
+    "find_api_token",
     "finish_run",
     "get_run",
     "get_session_user",
@@ -165,24 +203,34 @@ __all__ = [
     "hmac_uid",
     "init_db",
     "install_triggers",
+    "key_id",
+    "keys_for",
     "list_api_tokens",
     "list_runs",
     "list_users",
+    "load_audit_keys",
     "load_or_create_secret",
+    "make_checkpoint",
     "make_engine",
     "mark_interrupted_runs",
     "normalize_username",
+    "open_chain",
     "query_events",
+    "read_checkpoints",
     "read_session",
     "record_export",
     "record_input",
     "reset_password",
     "revoke_api_token",
     "revoke_session",
+    "resolve_audit_keys",
+    "rotate_audit_key",
+    "schema_fingerprint",
     "start_run",
     "upgrade_database",
     "utc_now",
     "verify_chain",
     "verify_password",
+    "write_checkpoint",
     "write_session",
 ]

@@ -25,6 +25,7 @@ from app.audit.db import read_session, write_session
 from app.audit.errors import (
     InvalidUsernameError,
     LastAdminError,
+    TokenNotFoundError,
     UserExistsError,
     UserNotFoundError,
     WeakPasswordError,
@@ -37,6 +38,8 @@ DEFAULT_MAX_FAILED_LOGINS = 5
 DEFAULT_LOCKOUT = timedelta(minutes=15)
 DEFAULT_IDLE_TIMEOUT = timedelta(minutes=30)
 DEFAULT_SESSION_LIFETIME = timedelta(hours=12)
+DEFAULT_API_TOKEN_LIFETIME = timedelta(days=90)
+"""How long a new API token works (``VALD_MD_API_TOKEN_DAYS`` in the settings)."""
 API_TOKEN_PREFIX = "vmd_"
 
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{1,63}$")
@@ -184,8 +187,20 @@ def _revoke_all_sessions(session: Session, user_id: uuid.UUID, now: datetime) ->
     return len(open_sessions)
 
 
+def _revoke_all_tokens(session: Session, user_id: uuid.UUID, now: datetime) -> int:
+    open_tokens = session.exec(
+        select(ApiToken).where(ApiToken.user_id == user_id, col(ApiToken.revoked).is_(False))
+    ).all()
+    for row in open_tokens:
+        row.revoked, row.revoked_at = True, now
+        session.add(row)
+    return len(open_tokens)
+
+
 def disable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = None, now: datetime | None = None) -> User:
-    """Disables an account and revokes its sessions (audited ``user_disable``). API tokens stop working too.
+    """Disables an account and revokes its sessions and API tokens (audited ``user_disable``).
+
+    Revoked tokens stay revoked: ``enable_user`` does not bring them back.
 
     Raises:
         UserNotFoundError: unknown id.
@@ -205,20 +220,21 @@ def disable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = Non
         user.disabled = True
         session.add(user)
         revoked = _revoke_all_sessions(session, user.id, now)
+        tokens = _revoke_all_tokens(session, user.id, now)
         _append(
             session,
             AuditAction.USER_DISABLE,
             user=actor,
             object_type="user",
             object_id=user.id,
-            detail={"username": user.username, "sessions_revoked": revoked},
+            detail={"username": user.username, "sessions_revoked": revoked, "tokens_revoked": tokens},
             now=now,
         )
     return user
 
 
 def enable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = None, now: datetime | None = None) -> User:
-    """Re-enables an account and clears its lockout (audited ``user_enable``).
+    """Re-enables an account and clears its lockout (audited ``user_enable``). Its old API tokens stay revoked.
 
     Raises:
         UserNotFoundError: unknown id.
@@ -247,7 +263,7 @@ def reset_password(
     actor: User | None = None,
     now: datetime | None = None,
 ) -> User:
-    """Sets a new password, clears the lockout and revokes all sessions (audited ``password_reset``).
+    """Sets a new password, clears the lockout, revokes all sessions and API tokens (audited ``password_reset``).
 
     Raises:
         UserNotFoundError, WeakPasswordError.
@@ -263,13 +279,14 @@ def reset_password(
         user.password_hash, user.failed_logins, user.locked_until = password_hash, 0, None
         session.add(user)
         revoked = _revoke_all_sessions(session, user.id, now)
+        tokens = _revoke_all_tokens(session, user.id, now)
         _append(
             session,
             AuditAction.PASSWORD_RESET,
             user=actor,
             object_type="user",
             object_id=user.id,
-            detail={"username": user.username, "sessions_revoked": revoked},
+            detail={"username": user.username, "sessions_revoked": revoked, "tokens_revoked": tokens},
             now=now,
         )
     return user
@@ -457,7 +474,13 @@ def revoke_session(engine: Engine, token: str, *, now: datetime | None = None) -
 
 
 def create_api_token(
-    engine: Engine, user: User, name: str, *, actor: User | None = None, now: datetime | None = None
+    engine: Engine,
+    user: User,
+    name: str,
+    *,
+    actor: User | None = None,
+    lifetime: timedelta = DEFAULT_API_TOKEN_LIFETIME,
+    now: datetime | None = None,
 ) -> str:
     """Creates a named API token for ``user`` (audited ``token_create``).
 
@@ -466,20 +489,25 @@ def create_api_token(
         user: whose token it is.
         name: a label, 1..100 characters (e.g. "nightly batch").
         actor: who created it; default ``user``.
+        lifetime: how long it works, 1 day..10 years (``VALD_MD_API_TOKEN_DAYS``, default 90 days).
         now: creation time (aware); default now.
 
     Returns:
         The token (``vmd_`` + 43 URL-safe characters), shown once; only its SHA-256 is stored.
 
     Raises:
-        ValueError: empty or over-long ``name``.
+        ValueError: empty or over-long ``name``, ``lifetime`` out of range.
     """
     label = name.strip()
     if not 1 <= len(label) <= 100:
         raise ValueError(f"token name {name!r}: use 1-100 characters")
+    if not timedelta(days=1) <= lifetime <= timedelta(days=3650):
+        raise ValueError(f"token lifetime {lifetime}: use 1 to 3650 days")
+    now = now or utc_now()
     token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
     with write_session(engine) as session:
-        row = ApiToken(token_hash=_token_hash(token), user_id=user.id, name=label, created_at=now or utc_now())
+        row = ApiToken(token_hash=_token_hash(token), user_id=user.id, name=label, created_at=now,
+                       expires_at=now + lifetime)
         session.add(row)
         session.flush()
         _append(
@@ -488,49 +516,90 @@ def create_api_token(
             user=actor or user,
             object_type="api_token",
             object_id=row.id,
-            detail={"owner": user.username, "name": label},
+            detail={"owner": user.username, "name": label, "expires": row.expires_at.isoformat() if row.expires_at
+                    else None},
             now=now,
         )
     return token
 
 
 def get_token_user(engine: Engine, token: str, *, now: datetime | None = None) -> User | None:
-    """Resolves an API token to its user (``None`` if unknown, revoked, or the user is disabled)."""
+    """Resolves an API token to its user (``None`` if unknown, revoked, expired, or the user is disabled)."""
     if not token.startswith(API_TOKEN_PREFIX):
         return None
+    now = now or utc_now()
     with write_session(engine) as session:
         row = session.exec(select(ApiToken).where(ApiToken.token_hash == _token_hash(token))).first()
-        if row is None or row.revoked:
+        if row is None or row.revoked or (row.expires_at is not None and now >= row.expires_at):
             return None
         user = session.get(User, row.user_id)
         if user is None or user.disabled:
             return None
-        row.last_used_at = now or utc_now()
+        row.last_used_at = now
         session.add(row)
         return user
 
 
-def list_api_tokens(engine: Engine, user_id: uuid.UUID) -> list[ApiToken]:
-    """Returns ``user_id``'s tokens (hashes only), newest first."""
+def list_api_tokens(engine: Engine, user_id: uuid.UUID | None = None) -> list[ApiToken]:
+    """Returns ``user_id``'s tokens (every user's when ``None``; hashes only), newest first."""
     with read_session(engine) as session:
-        statement = select(ApiToken).where(ApiToken.user_id == user_id).order_by(col(ApiToken.created_at).desc())
+        statement = select(ApiToken).order_by(col(ApiToken.created_at).desc())
+        if user_id is not None:
+            statement = statement.where(ApiToken.user_id == user_id)
         return list(session.exec(statement).all())
 
 
-def revoke_api_token(
-    engine: Engine, token_id: uuid.UUID, *, actor: User | None = None, now: datetime | None = None
-) -> ApiToken:
-    """Revokes an API token by id (audited ``token_revoke``; idempotent).
+def find_api_token(engine: Engine, user_id: uuid.UUID, ref: str) -> ApiToken:
+    """Finds one of ``user_id``'s tokens by id, a unique id prefix (at least 6 hex digits), or its exact name.
+
+    A name that several tokens share is refused unless exactly one of them is still active.
 
     Raises:
-        LookupError: unknown id.
+        TokenNotFoundError: nothing matches, or the reference is ambiguous (the message says which).
+    """
+    wanted = ref.strip()
+    tokens = list_api_tokens(engine, user_id)
+    hex_ref = wanted.lower().replace("-", "")
+    by_id = [t for t in tokens if len(hex_ref) >= 6 and t.id.hex.startswith(hex_ref)]
+    if len(by_id) == 1:
+        return by_id[0]
+    by_name = [t for t in tokens if t.name == wanted]
+    if len(by_name) > 1:
+        by_name = [t for t in by_name if not t.revoked] or by_name
+    if len(by_name) == 1 and not by_id:
+        return by_name[0]
+    if by_id or len(by_name) > 1:
+        raise TokenNotFoundError(f"token {ref!r} matches several tokens: give more of the id")
+    raise TokenNotFoundError(f"no API token {ref!r} for this user (vald-md users tokens NAME lists them)")
+
+
+def revoke_api_token(
+    engine: Engine,
+    token_id: uuid.UUID,
+    *,
+    actor: User | None = None,
+    owner_id: uuid.UUID | None = None,
+    now: datetime | None = None,
+) -> ApiToken:
+    """Revokes an API token by id (audited ``token_revoke``; idempotent: a revoked token is not recorded twice).
+
+    Args:
+        engine: from ``init_db``.
+        token_id: the token's id.
+        actor: who revoked it; ``None`` for the CLI ("system").
+        owner_id: when given, the token must belong to this user.
+        now: revocation time (aware); default now.
+
+    Raises:
+        TokenNotFoundError: unknown id, or not ``owner_id``'s token.
     """
     now = now or utc_now()
     with write_session(engine) as session:
         row = session.get(ApiToken, token_id)
-        if row is None:
-            raise LookupError(f"no API token with id {token_id}")
+        if row is None or (owner_id is not None and row.user_id != owner_id):
+            raise TokenNotFoundError(f"no API token with id {token_id}")
         if not row.revoked:
+            owner = session.get(User, row.user_id)
             row.revoked, row.revoked_at = True, now
             session.add(row)
             _append(
@@ -539,7 +608,7 @@ def revoke_api_token(
                 user=actor,
                 object_type="api_token",
                 object_id=row.id,
-                detail={"name": row.name},
+                detail={"name": row.name, "owner": owner.username if owner is not None else None},
                 now=now,
             )
     return row

@@ -1,14 +1,29 @@
 """The tamper-evident audit trail: append, verify, query, export.
 
-Hash chain
+Hash chain (keyed)
     Event ``n`` stores ``prev_hash`` = ``hash`` of event ``n-1`` (``GENESIS_HASH`` for the first) and
-    ``hash`` = SHA-256 (hex) of the UTF-8 canonical JSON (keys sorted, no whitespace, ``ensure_ascii=False``,
-    no NaN) of ``{"v": 1, "seq", "id", "ts", "user_id", "username", "action", "object_type", "object_id",
-    "outcome", "event_id_code", "event_type_code", "event_action_code", "detail", "prev_hash"}``, with ``ts`` as
-    ISO 8601 UTC with microseconds (``2025-01-31T12:00:00.000001+00:00``) and UUIDs in their dashed form.
-    ``seq`` is assigned as head + 1 under the write lock, so the sequence has no gaps. Editing a row breaks its
-    hash; deleting one breaks its successor's ``prev_hash`` and the ``seq`` sequence. Cutting rows off the end
-    is only visible against an anchor kept elsewhere (``chain_head`` / ``verify_chain(anchor=...)``).
+    ``hash`` = HMAC-SHA256 (hex), under the audit key ``key_id`` (``app.audit.keys``; kept outside the database), of
+    the UTF-8 canonical JSON (keys sorted, no whitespace, ``ensure_ascii=False``, no NaN) of ``{"v": 2, "seq",
+    "id", "ts", "user_id", "username", "action", "object_type", "object_id", "outcome", "event_id_code",
+    "event_type_code", "event_action_code", "detail", "prev_hash", "key_id"}``, with ``ts`` as ISO 8601 UTC with
+    microseconds (``2025-01-31T12:00:00.000001+00:00``) and UUIDs in their dashed form. Without the key nobody can
+    produce a valid hash, so rewriting an event and re-hashing the rest no longer goes unnoticed.
+
+    Events written before the chain was keyed (``key_id`` NULL, ``seq`` <= ``audit_chain_state.legacy_until``)
+    keep version 1: plain SHA-256 of the same JSON with ``"v": 1`` and no ``key_id``. The first event after them is
+    the keyed ``audit_chain_keyed`` switch-over, which names ``legacy_until`` and the last legacy hash; an unkeyed
+    event after it fails verification.
+
+Sequence numbers and the chain state
+    ``seq`` = max(``audit_chain_state.last_seq``, head) + 1 under the write lock, and ``last_seq`` never goes down
+    (a trigger), so no number is handed out twice: a deleted tail leaves a gap. The state row also holds the head's
+    hash and the schema fingerprint the application last saw, under an HMAC (``state_mac``); ``verify_chain``
+    compares it with the events, so cutting rows off the end is reported without an external copy. A state row
+    that fails its MAC when an event is appended is itself recorded (``audit_tamper_detected``).
+
+Checkpoints (``app.audit.anchors``)
+    Signed copies of the head kept outside the database; ``verify_chain(anchors=...)`` checks that each
+    checkpointed event is still there, unchanged (a rewrite or a re-used ``seq`` changes its hash).
 
 DICOM PS3.15 mapping (A.5.1: EventID, EventTypeCode, EventActionCode; codes of scheme "DCM", PS3.16 CID 400-403)
 
@@ -33,6 +48,10 @@ DICOM PS3.15 mapping (A.5.1: EventID, EventTypeCode, EventActionCode; codes of s
     audit_view, audit_export  110101 Audit Log Used                --                                         R
     audit_verify              110101 Audit Log Used                --                                         E
     audit_triggers_restored   110113 Security Alert                110129 Security Configuration              E
+    audit_chain_keyed         110113 Security Alert                110129 Security Configuration              E
+    audit_key_rotated         110113 Security Alert                110129 Security Configuration              U
+    audit_tamper_detected     110113 Security Alert                110129 Security Configuration              E
+    audit_anchor              110101 Audit Log Used                --                                         E
     ========================  ===================================  =========================================  ===
 
     110110 Patient Record is not used: the tool keeps no patient record. Outcome maps to EventOutcomeIndicator
@@ -43,11 +62,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
+import logging
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -57,14 +78,19 @@ from sqlalchemy import Engine, func, text
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
-from app.audit.db import PG_WRITE_LOCK_KEY, read_session, write_session
-from app.audit.errors import AuditDetailError
-from app.audit.models import AuditEvent, Outcome, User, utc_now
+from app.audit.db import PG_WRITE_LOCK_KEY, read_session, schema_fingerprint, write_session
+from app.audit.errors import AuditDetailError, AuditKeyError
+from app.audit.keys import AuditKeyRing, keys_for
+from app.audit.models import AuditChainState, AuditEvent, Outcome, User, utc_now
+
+logger = logging.getLogger("vald_md.audit")
 
 GENESIS_HASH = "0" * 64
 """``prev_hash`` of the first event."""
 
-HASH_VERSION = 1
+HASH_VERSION = 2
+"""Version of the keyed formula; events before the switch-over use ``LEGACY_HASH_VERSION`` (plain SHA-256)."""
+LEGACY_HASH_VERSION = 1
 SYSTEM_USERNAME = "system"
 """``username`` of events that no signed-in user caused (start-up, the job worker, the CLI)."""
 
@@ -99,6 +125,10 @@ class AuditAction(StrEnum):
     AUDIT_EXPORT = "audit_export"
     AUDIT_VERIFY = "audit_verify"
     AUDIT_TRIGGERS_RESTORED = "audit_triggers_restored"
+    AUDIT_CHAIN_KEYED = "audit_chain_keyed"
+    AUDIT_KEY_ROTATED = "audit_key_rotated"
+    AUDIT_TAMPER_DETECTED = "audit_tamper_detected"
+    AUDIT_ANCHOR = "audit_anchor"
 
 
 @dataclass(frozen=True)
@@ -145,12 +175,16 @@ DICOM_EVENT_CODES: dict[AuditAction, DicomEventCodes] = {
     AuditAction.AUDIT_EXPORT: DicomEventCodes(*_AUDIT_LOG, *_NONE, "R"),
     AuditAction.AUDIT_VERIFY: DicomEventCodes(*_AUDIT_LOG, *_NONE, "E"),
     AuditAction.AUDIT_TRIGGERS_RESTORED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "E"),
+    AuditAction.AUDIT_CHAIN_KEYED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "E"),
+    AuditAction.AUDIT_KEY_ROTATED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "U"),
+    AuditAction.AUDIT_TAMPER_DETECTED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "E"),
+    AuditAction.AUDIT_ANCHOR: DicomEventCodes(*_AUDIT_LOG, *_NONE, "E"),
 }
 
 
 @dataclass(frozen=True)
 class ChainHead:
-    """The last event of the chain; keep a copy outside the database to detect a truncated tail."""
+    """An event's position and hash: the chain's last event, or a checkpoint kept outside the database."""
 
     seq: int
     hash: str
@@ -166,6 +200,8 @@ class VerifyResult:
         first_bad_seq: ``seq`` of the first event that fails, else ``None``.
         reason: human-readable explanation ("" when ok).
         head: the last event read, for anchoring.
+        warnings: things an auditor should look at even when the chain verifies: the security alerts recorded in
+            it (``audit_triggers_restored``, ``audit_tamper_detected``), by ``seq``.
     """
 
     ok: bool
@@ -173,6 +209,7 @@ class VerifyResult:
     first_bad_seq: int | None
     reason: str
     head: ChainHead | None = None
+    warnings: tuple[str, ...] = ()
 
 
 # --- canonical form ----------------------------------------------------------------------------------------
@@ -196,14 +233,21 @@ def _iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def event_hash(event: AuditEvent) -> str:
+def event_hash(event: AuditEvent, key: bytes | None = None) -> str:
     """Computes the chain hash of ``event`` from its columns (``hash`` itself excluded).
 
+    Args:
+        event: the row.
+        key: the audit key ``event.key_id`` names; ignored for a legacy event (``key_id`` ``None``).
+
     Returns:
-        64 lowercase hex characters.
+        64 lowercase hex characters: HMAC-SHA256 (keyed events) or SHA-256 (legacy events).
+
+    Raises:
+        AuditKeyError: a keyed event and no ``key``.
     """
     payload = {
-        "v": HASH_VERSION,
+        "v": LEGACY_HASH_VERSION if event.key_id is None else HASH_VERSION,
         "seq": event.seq,
         "id": str(event.id),
         "ts": _iso(event.ts),
@@ -219,7 +263,36 @@ def event_hash(event: AuditEvent) -> str:
         "detail": event.detail,
         "prev_hash": event.prev_hash,
     }
-    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+    if event.key_id is None:
+        return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+    if key is None:
+        raise AuditKeyError(f"event {event.seq} is signed with key {event.key_id}, which is not in the key ring")
+    payload["key_id"] = event.key_id
+    return hmac.new(key, canonical_json(payload).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def state_mac(state: AuditChainState, key: bytes) -> str:
+    """HMAC-SHA256 (hex) of the chain state row's columns (``mac`` excluded) under ``key``."""
+    payload = {
+        "v": 1,
+        "id": state.id,
+        "last_seq": state.last_seq,
+        "head_hash": state.head_hash,
+        "legacy_until": state.legacy_until,
+        "schema_fingerprint": state.schema_fingerprint,
+        "key_id": state.key_id,
+    }
+    return hmac.new(key, canonical_json(payload).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _state_ok(state: AuditChainState, ring: AuditKeyRing) -> bool:
+    key = ring.get(state.key_id)
+    return bool(state.mac) and key is not None and hmac.compare_digest(state.mac, state_mac(state, key))
+
+
+def _sign_state(state: AuditChainState, ring: AuditKeyRing) -> None:
+    state.key_id = ring.current_id
+    state.mac = state_mac(state, ring.current)
 
 
 # --- what may go into `detail` -----------------------------------------------------------------------------
@@ -262,7 +335,11 @@ def _append(
     detail: Mapping[str, Any] | None = None,
     now: datetime | None = None,
 ) -> AuditEvent:
-    """Appends one event inside ``session``'s transaction (which must come from ``write_session``)."""
+    """Appends one event inside ``session``'s transaction (which must come from ``write_session``).
+
+    Raises:
+        AuditKeyError: the chain state row is missing or was never signed (open the database with ``init_db``).
+    """
     try:
         action = AuditAction(action)
     except ValueError:
@@ -273,11 +350,22 @@ def _append(
     if session.get_bind().dialect.name == "postgresql":
         # re-entrant; write_session already holds it, this covers sessions opened elsewhere
         session.connection().execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK_KEY})
+    ring = keys_for(session.get_bind())  # type: ignore[arg-type]
+    state = session.get(AuditChainState, 1)
+    if state is None or not state.mac:
+        raise AuditKeyError("the audit chain has no signed state yet: open the database with init_db first")
     head = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
-    prev_seq, prev_hash = (head[0] or 0, head[1]) if head is not None else (0, GENESIS_HASH)
+    head_seq, prev_hash = (head[0] or 0, head[1]) if head is not None else (0, GENESIS_HASH)
+    if not _state_ok(state, ring) and action is not AuditAction.AUDIT_TAMPER_DETECTED:
+        # somebody changed the row (or it was signed with a key we no longer have): say so in the chain first,
+        # then carry on from the highest number either side remembers, so no seq is handed out twice
+        found = {"last_seq": state.last_seq, "head_seq": head_seq, "key_id": state.key_id}
+        _append(session, AuditAction.AUDIT_TAMPER_DETECTED, outcome=Outcome.SERIOUS_FAILURE,
+                detail={"check": "chain_state_mac", "found": found}, now=now)
+        head_seq, prev_hash = state.last_seq, state.head_hash
     codes = DICOM_EVENT_CODES[action]
     event = AuditEvent(
-        seq=prev_seq + 1,
+        seq=max(state.last_seq, head_seq) + 1,
         id=uuid.uuid4(),
         ts=now or utc_now(),
         user_id=user.id if user is not None else None,
@@ -292,9 +380,13 @@ def _append(
         detail=detail_dict,
         prev_hash=prev_hash,
         hash="",
+        key_id=ring.current_id,
     )
-    event.hash = event_hash(event)
+    event.hash = event_hash(event, ring.current)
     session.add(event)
+    state.last_seq, state.head_hash = event.seq or 0, event.hash
+    _sign_state(state, ring)
+    session.add(state)
     session.flush()
     return event
 
@@ -349,6 +441,70 @@ def append_event(
         )
 
 
+# --- opening the chain (init_db) ---------------------------------------------------------------------------
+
+
+def open_chain(
+    engine: Engine, ring: AuditKeyRing, *, found_fingerprint: str, restored_triggers: Sequence[str] = ()
+) -> None:
+    """``init_db``'s chain step, after the migrations and ``install_triggers``, in one write transaction.
+
+    1. An unsigned state row (a database just migrated to revision 0002, or a new one) is signed with the current
+       key; if unkeyed events exist, the keyed ``audit_chain_keyed`` switch-over event is appended. An unsigned row
+       beside keyed events is left alone (``verify_chain`` reports it).
+    2. Triggers that had to be restored, or a schema that changed since the application last recorded it
+       (``found_fingerprint``, taken before the migrations), are recorded as ``audit_triggers_restored``: dropping
+       the triggers and re-creating them by hand changes SQLite's ``schema_version``.
+    3. A new current key (rotation) is recorded as ``audit_key_rotated``, signed with the new key.
+    4. The state row remembers the schema as it is now.
+
+    Raises:
+        AuditKeyError: the ring lacks the key that signed the state row (restore the key file from its backup).
+    """
+    with write_session(engine) as session:
+        state = session.get(AuditChainState, 1)
+        if state is None:
+            raise AuditKeyError("audit_chain_state is missing: the database was not migrated (or the row deleted)")
+        now_fingerprint = schema_fingerprint(session.connection())
+        recorded = state.schema_fingerprint
+        # 1. first use: sign, and mark the switch-over from unkeyed events
+        if not state.mac:
+            keyed = session.exec(select(AuditEvent.seq).where(col(AuditEvent.key_id).is_not(None)).limit(1)).first()
+            if keyed is not None:
+                logger.error("audit_chain_state is unsigned although keyed events exist: it was reset by hand")
+                return
+            state.schema_fingerprint = now_fingerprint
+            _sign_state(state, ring)
+            session.add(state)
+            if state.legacy_until > 0:
+                _append(session, AuditAction.AUDIT_CHAIN_KEYED, detail={
+                    "key_id": ring.current_id, "legacy_until": state.legacy_until,
+                    "legacy_head": state.head_hash})
+        elif state.key_id is not None and ring.get(state.key_id) is None:
+            raise AuditKeyError(
+                f"the audit chain is signed with key {state.key_id}, which is not in the key ring "
+                f"({ring.path or 'VALD_MD_AUDIT_KEY'}): restore the key file from its backup, or add the old key "
+                "back before the new one"
+            )
+        # 2. triggers restored, or the schema changed behind the application's back
+        schema_changed = bool(recorded) and recorded != found_fingerprint
+        if restored_triggers or schema_changed:
+            if schema_changed:
+                logger.warning("the audit database's schema changed while the application was not looking "
+                               "(triggers dropped and re-created by hand?); recorded in the audit trail")
+            _append(session, AuditAction.AUDIT_TRIGGERS_RESTORED, detail={
+                "triggers": list(restored_triggers), "schema_changed": schema_changed})
+        # 3. rotation
+        if state.key_id != ring.current_id:
+            _append(session, AuditAction.AUDIT_KEY_ROTATED, detail={
+                "key_id": ring.current_id, "previous_key_id": state.key_id})
+        # 4. remember the schema as the application left it
+        if state.schema_fingerprint != now_fingerprint and _state_ok(state, ring):
+            state.schema_fingerprint = now_fingerprint
+            _sign_state(state, ring)
+            session.add(state)
+
+
 # --- verify ------------------------------------------------------------------------------------------------
 
 
@@ -378,30 +534,75 @@ def _load_batch(session: Session, seqs: list[int]) -> list[AuditEvent | Exceptio
         return rows
 
 
-def verify_chain(engine: Engine, *, anchor: ChainHead | None = None) -> VerifyResult:
+_ALERTS = (AuditAction.AUDIT_TRIGGERS_RESTORED.value, AuditAction.AUDIT_TAMPER_DETECTED.value)
+
+
+def _check_event(row: AuditEvent, seq: int, legacy_until: int, ring: AuditKeyRing) -> str | None:
+    """Why ``row`` does not fit its place in a keyed chain, or ``None``."""
+    if seq <= legacy_until:
+        if row.key_id is not None:
+            return f"event {seq}: signed with a key, but the chain was keyed only after event {legacy_until}"
+    elif row.key_id is None:
+        return (f"event {seq}: not signed with the audit key (the chain is keyed from event {legacy_until + 1}): "
+                "rewritten with the unkeyed formula?")
+    elif ring.get(row.key_id) is None:
+        return f"event {seq}: signed with key {row.key_id}, which is not in the key ring (restore it to verify)"
+    if legacy_until > 0 and seq == legacy_until + 1 and (
+        row.action != AuditAction.AUDIT_CHAIN_KEYED.value or row.detail.get("legacy_until") != legacy_until
+    ):
+        return f"event {seq}: expected the audit_chain_keyed switch-over after {legacy_until} unkeyed events"
+    try:
+        recomputed = event_hash(row, ring.get(row.key_id))
+    except Exception as exc:  # noqa: BLE001 - forged content that cannot be canonicalized
+        return f"event {seq}: content cannot be hashed ({exc}): altered by hand"
+    if not hmac.compare_digest(recomputed, row.hash):
+        return f"event {seq}: hash mismatch, content altered after it was written"
+    return None
+
+
+def verify_chain(
+    engine: Engine,
+    *,
+    anchor: ChainHead | None = None,
+    anchors: Sequence[ChainHead] = (),
+    keys: AuditKeyRing | None = None,
+) -> VerifyResult:
     """Recomputes the whole chain and names the first event that does not fit.
 
     Checks, in ``seq`` order: ``seq`` runs 1, 2, 3... without gaps; each ``prev_hash`` equals the previous
-    ``hash`` (``GENESIS_HASH`` first); each ``hash`` equals ``event_hash`` of the row as stored; and, with
-    ``anchor``, that the anchored event is still there unchanged (a truncated tail is otherwise invisible).
-    Reads in batches of 500, so memory stays flat.
+    ``hash`` (``GENESIS_HASH`` first); each ``hash`` equals ``event_hash`` of the row as stored, under its key
+    (events after the switch-over must be keyed); each checkpoint (``anchor``/``anchors``) names an event that is
+    still there unchanged. Then the signed chain state: its MAC, its ``last_seq``/``head_hash`` against the last
+    event (a deleted tail), and its schema fingerprint against the database's. Reads in batches of 500, so memory
+    stays flat.
 
     Args:
         engine: from ``init_db``.
-        anchor: a ``ChainHead`` saved earlier outside the database.
+        anchor: one checkpoint (kept for callers of the earlier API).
+        anchors: checkpoints read from outside the database (``app.audit.anchors.read_checkpoints``).
+        keys: the key ring; default the one bound to ``engine`` (``keys_for``).
 
     Returns:
         The ``VerifyResult``.
+
+    Raises:
+        AuditKeyError: no key ring for this database.
     """
+    ring = keys or keys_for(engine)
+    pinned: dict[int, str] = {a.seq: a.hash for a in anchors}
+    if anchor is not None:
+        pinned[anchor.seq] = anchor.hash
     checked = 0
     expected_seq, expected_prev = 1, GENESIS_HASH
-    anchor_seen = False
     head: ChainHead | None = None
+    warnings: list[str] = []
 
     def bad(seq: int, reason: str) -> VerifyResult:
-        return VerifyResult(False, checked, seq, reason, head)
+        return VerifyResult(False, checked, seq, reason, head, tuple(warnings))
 
     with read_session(engine) as session:
+        state = session.get(AuditChainState, 1)
+        legacy_until = state.legacy_until if state is not None else 0
         last_seq = 0
         while True:
             seqs = [
@@ -426,23 +627,40 @@ def verify_chain(engine: Engine, *, anchor: ChainHead | None = None) -> VerifyRe
                     return bad(seq, f"event {seq}: seq gap, event(s) {missing} missing (deleted?)")
                 if row.prev_hash != expected_prev:
                     return bad(seq, f"event {seq}: prev_hash does not match the hash of event {seq - 1}")
-                try:
-                    recomputed = event_hash(row)
-                except Exception as exc:  # noqa: BLE001 - forged content that cannot be canonicalized
-                    return bad(seq, f"event {seq}: content cannot be hashed ({exc}): altered by hand")
-                if recomputed != row.hash:
-                    return bad(seq, f"event {seq}: hash mismatch, content altered after it was written")
-                if anchor is not None and seq == anchor.seq:
-                    anchor_seen = True
-                    if row.hash != anchor.hash:
-                        return bad(seq, f"event {seq}: differs from the anchor (chain rewritten from here on?)")
+                problem = _check_event(row, seq, legacy_until, ring)
+                if problem is not None:
+                    return bad(seq, problem)
+                if seq in pinned and row.hash != pinned[seq]:
+                    return bad(seq, f"event {seq}: differs from the checkpoint (rewritten, or its seq re-used)")
+                if row.action in _ALERTS:
+                    warnings.append(f"event {seq}: {row.action} {canonical_json(row.detail)}")
                 head = ChainHead(seq, row.hash)
                 expected_seq, expected_prev = seq + 1, row.hash
-    if anchor is not None and not anchor_seen:
-        return VerifyResult(
-            False, checked, anchor.seq, f"anchored event {anchor.seq} is missing: the log was truncated", head
-        )
-    return VerifyResult(True, checked, None, "", head)
+        fingerprint = schema_fingerprint(session.connection())
+    head_seq = head.seq if head is not None else 0
+    beyond = [seq for seq in pinned if seq > head_seq]
+    if beyond:
+        return bad(max(beyond), f"checkpointed event {max(beyond)} is missing: the log was truncated (or restored "
+                                "from an older copy)")
+    # the signed state: a deleted tail, a rewound counter, a schema changed behind the application's back
+    if state is None:
+        return bad(head_seq + 1, "the chain state row is missing (deleted by hand?)")
+    if not state.mac:
+        return bad(head_seq + 1, "the chain state row is not signed: open the database with init_db (any vald-md "
+                                 "users/audit command or the server does)")
+    if not _state_ok(state, ring):
+        return bad(head_seq + 1, "the chain state row fails its MAC: altered by hand, or signed with a key that is "
+                                 "not in the ring")
+    if state.last_seq > head_seq:
+        missing = f"{head_seq + 1}" if state.last_seq == head_seq + 1 else f"{head_seq + 1}..{state.last_seq}"
+        return bad(head_seq + 1, f"event(s) {missing} missing after the last event: the tail was deleted")
+    if state.last_seq < head_seq or state.head_hash != (head.hash if head is not None else GENESIS_HASH):
+        return bad(head_seq, f"event {head_seq}: not the head the chain state recorded (written around the "
+                             "application?)")
+    if state.schema_fingerprint and state.schema_fingerprint != fingerprint:
+        return bad(head_seq, "the database schema changed since the application last recorded it (triggers "
+                             "dropped and re-created by hand?); restart the server to record it")
+    return VerifyResult(True, checked, None, "", head, tuple(warnings))
 
 
 # --- query / export ----------------------------------------------------------------------------------------
@@ -568,6 +786,7 @@ EXPORT_COLUMNS = (
     "detail",
     "prev_hash",
     "hash",
+    "key_id",
 )
 
 
@@ -589,6 +808,7 @@ def _export_record(event: AuditEvent) -> dict[str, Any]:
         "detail": event.detail,
         "prev_hash": event.prev_hash,
         "hash": event.hash,
+        "key_id": event.key_id,
     }
 
 

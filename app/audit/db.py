@@ -11,6 +11,7 @@ serializes writers the same way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
-from app.audit.errors import UnsupportedDatabaseError
+from app.audit.errors import AuditKeyError, UnsupportedDatabaseError
+from app.audit.keys import AuditKeyRing, bind_audit_keys, default_key_path, load_audit_keys
 
 logger = logging.getLogger("vald_md.audit")
 
@@ -38,8 +40,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 _BEGIN_OPTION = "vald_sqlite_begin"
 
-# Frozen copies of these statements live in the initial migration; install_triggers() re-creates any that are
-# missing (e.g. dropped by hand) at start-up, keyed by trigger name.
+# Frozen copies of these statements live in the migrations (0001: audit_event, 0002: audit_chain_state);
+# install_triggers() re-creates any that are missing or altered (e.g. dropped by hand) at start-up, keyed by name.
 SQLITE_TRIGGERS: dict[str, str] = {
     "audit_event_no_update": (
         "CREATE TRIGGER IF NOT EXISTS audit_event_no_update BEFORE UPDATE ON audit_event "
@@ -49,10 +51,23 @@ SQLITE_TRIGGERS: dict[str, str] = {
         "CREATE TRIGGER IF NOT EXISTS audit_event_no_delete BEFORE DELETE ON audit_event "
         "BEGIN SELECT RAISE(ABORT, 'audit_event is append-only'); END"
     ),
+    "audit_chain_state_no_delete": (
+        "CREATE TRIGGER IF NOT EXISTS audit_chain_state_no_delete BEFORE DELETE ON audit_chain_state "
+        "BEGIN SELECT RAISE(ABORT, 'audit_chain_state only moves forward'); END"
+    ),
+    "audit_chain_state_no_rewind": (
+        "CREATE TRIGGER IF NOT EXISTS audit_chain_state_no_rewind BEFORE UPDATE ON audit_chain_state "
+        "WHEN NEW.last_seq < OLD.last_seq OR NEW.legacy_until <> OLD.legacy_until OR NEW.id <> OLD.id "
+        "BEGIN SELECT RAISE(ABORT, 'audit_chain_state only moves forward'); END"
+    ),
 }
 POSTGRESQL_TRIGGER_FUNCTION = (
     "CREATE OR REPLACE FUNCTION audit_event_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
     "BEGIN RAISE EXCEPTION 'audit_event is append-only'; END $$"
+)
+POSTGRESQL_STATE_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION audit_chain_state_guard() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN RAISE EXCEPTION 'audit_chain_state only moves forward'; END $$"
 )
 POSTGRESQL_TRIGGERS: dict[str, str] = {
     "audit_event_no_update": (
@@ -67,7 +82,21 @@ POSTGRESQL_TRIGGERS: dict[str, str] = {
         "CREATE TRIGGER audit_event_no_truncate BEFORE TRUNCATE ON audit_event "
         "FOR EACH STATEMENT EXECUTE FUNCTION audit_event_append_only()"
     ),
+    "audit_chain_state_no_delete": (
+        "CREATE TRIGGER audit_chain_state_no_delete BEFORE DELETE ON audit_chain_state "
+        "FOR EACH ROW EXECUTE FUNCTION audit_chain_state_guard()"
+    ),
+    "audit_chain_state_no_truncate": (
+        "CREATE TRIGGER audit_chain_state_no_truncate BEFORE TRUNCATE ON audit_chain_state "
+        "FOR EACH STATEMENT EXECUTE FUNCTION audit_chain_state_guard()"
+    ),
+    "audit_chain_state_no_rewind": (
+        "CREATE TRIGGER audit_chain_state_no_rewind BEFORE UPDATE ON audit_chain_state FOR EACH ROW "
+        "WHEN (NEW.last_seq < OLD.last_seq OR NEW.legacy_until <> OLD.legacy_until OR NEW.id <> OLD.id) "
+        "EXECUTE FUNCTION audit_chain_state_guard()"
+    ),
 }
+_GUARDED_TABLES = ("audit_event", "audit_chain_state")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _connection_record: Any) -> None:
@@ -203,41 +232,83 @@ def upgrade_database(database_url: str, revision: str = "head") -> None:
         engine.dispose()
 
 
-def install_triggers(engine: Engine) -> list[str]:
-    """Re-creates any missing append-only trigger on ``audit_event``.
+def _sqlite_expected(name: str) -> str:
+    return SQLITE_TRIGGERS[name].replace("IF NOT EXISTS ", "", 1)
 
-    The initial migration creates them; this only matters if someone dropped one by hand, which is itself a
-    sign of tampering -- ``init_db`` logs it and writes an ``audit_triggers_restored`` event.
+
+def install_triggers(engine: Engine) -> list[str]:
+    """Re-creates any missing (or, on SQLite, altered) append-only trigger of ``audit_event``/``audit_chain_state``.
+
+    The migrations create them; this only matters if someone dropped or rewrote one by hand, which is itself a
+    sign of tampering -- ``init_db`` logs it and writes an ``audit_triggers_restored`` event. A trigger dropped
+    and re-created *identically* is not visible here; ``schema_fingerprint`` catches that.
 
     Args:
         engine: a migrated database.
 
     Returns:
-        Names of the triggers that were missing (empty when all were in place).
+        Names of the triggers that were missing or altered (empty when all were in place).
     """
     with write_session(engine) as session:
         connection = session.connection()
         if engine.dialect.name == "postgresql":
             present = set(
                 connection.execute(
-                    text("SELECT tgname FROM pg_trigger WHERE tgrelid = 'audit_event'::regclass AND NOT tgisinternal")
+                    text(
+                        "SELECT tgname FROM pg_trigger WHERE tgrelid IN ('audit_event'::regclass, "
+                        "'audit_chain_state'::regclass) AND NOT tgisinternal"
+                    )
                 ).scalars()
             )
             missing = [name for name in POSTGRESQL_TRIGGERS if name not in present]
             if missing:
                 connection.execute(text(POSTGRESQL_TRIGGER_FUNCTION))
+                connection.execute(text(POSTGRESQL_STATE_FUNCTION))
             for name in missing:
                 connection.execute(text(POSTGRESQL_TRIGGERS[name]))
         else:
-            present = set(
-                connection.execute(
-                    text("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_event'")
-                ).scalars()
-            )
-            missing = [name for name in SQLITE_TRIGGERS if name not in present]
+            rows = connection.execute(
+                text(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+                    "AND tbl_name IN ('audit_event', 'audit_chain_state')"
+                )
+            ).tuples()
+            present = {name: sql for name, sql in rows}
+            missing = [name for name in SQLITE_TRIGGERS if present.get(name) != _sqlite_expected(name)]
             for name in missing:
+                if name in present:  # altered (e.g. a WHEN 0 added): replace it with ours
+                    connection.exec_driver_sql(f'DROP TRIGGER "{name}"')
                 connection.exec_driver_sql(SQLITE_TRIGGERS[name])
     return missing
+
+
+def schema_fingerprint(connection: Connection) -> str:
+    """What the application remembers of the schema, to notice changes made behind its back.
+
+    SQLite: ``PRAGMA schema_version`` (SQLite adds one on every schema change, so a trigger dropped and
+    re-created identically still moves it) and a SHA-256 of every object's SQL in ``sqlite_master``.
+    PostgreSQL: the names and OIDs of the guarding triggers (a re-created trigger gets a new OID).
+
+    Args:
+        connection: any connection to the database.
+
+    Returns:
+        A short string, compared for equality only.
+    """
+    if connection.dialect.name == "postgresql":
+        rows = connection.execute(
+            text(
+                "SELECT tgname, oid FROM pg_trigger WHERE tgrelid IN ('audit_event'::regclass, "
+                "'audit_chain_state'::regclass) AND NOT tgisinternal ORDER BY tgname"
+            )
+        ).tuples()
+        return "postgresql:" + ",".join(f"{name}={oid}" for name, oid in rows)
+    version = connection.exec_driver_sql("PRAGMA schema_version").scalar()
+    objects = connection.exec_driver_sql(
+        "SELECT type, name, coalesce(sql, '') FROM sqlite_master ORDER BY type, name"
+    ).tuples()
+    digest = hashlib.sha256("\x00".join("\x01".join(row) for row in objects).encode()).hexdigest()[:16]
+    return f"sqlite:{version}:{digest}"
 
 
 def _ensure_sqlite_directory(database_url: str) -> None:
@@ -246,29 +317,47 @@ def _ensure_sqlite_directory(database_url: str) -> None:
         Path(str(url.database)).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
 
 
-def init_db(database_url: str) -> Engine:
-    """Start-up entry point: migrates the schema to head, checks the triggers, returns the engine.
+def init_db(database_url: str, *, keys: AuditKeyRing | None = None) -> Engine:
+    """Start-up entry point: migrates the schema to head, checks the triggers and the chain state, returns the engine.
 
     The schema is created by the migrations (never ``create_all``). Call ``mark_interrupted_runs`` next.
 
     Args:
         database_url: as for ``make_engine`` (``DATABASE_URL`` in the settings).
+        keys: the audit key ring (``Settings``: ``load_audit_keys(settings.audit_key_path)`` or
+            ``VALD_MD_AUDIT_KEY``); ``None``: SQLite's default file beside the database, created if missing
+            (``app.audit.keys``). PostgreSQL needs ``keys``.
 
     Returns:
-        The engine the application keeps for its lifetime.
+        The engine the application keeps for its lifetime, bound to ``keys``.
+
+    Raises:
+        AuditKeyError: no ring for a non-SQLite database, or the ring lacks the key that signed the chain state.
     """
-    from app.audit.chain import AuditAction, append_event  # deferred: chain imports this module
+    from app.audit.chain import open_chain  # deferred: chain imports this module
 
     _ensure_sqlite_directory(database_url)
+    if keys is None:
+        path = default_key_path(database_url)
+        if path is None:
+            raise AuditKeyError(
+                "pass the audit key ring to init_db(url, keys=...) for this database (Settings.audit_key_path or "
+                "VALD_MD_AUDIT_KEY)"
+            )
+        keys = load_audit_keys(path)
     engine = make_engine(database_url)
     try:
-        # 1. schema
+        bind_audit_keys(engine, keys)
+        # 1. schema, remembering what it looked like before we touched it
+        with engine.connect() as connection:
+            found = schema_fingerprint(connection)
         _upgrade(engine, "head")
         # 2. triggers: a missing one means somebody removed it; restore and leave a trace in the chain
         missing = install_triggers(engine)
         if missing:
-            logger.warning("audit_event triggers were missing and have been re-created: %s", ", ".join(missing))
-            append_event(engine, AuditAction.AUDIT_TRIGGERS_RESTORED, detail={"triggers": missing})
+            logger.warning("audit triggers were missing or altered and have been re-created: %s", ", ".join(missing))
+        # 3. the chain state: signed on first use, checked for schema changes and key rotation
+        open_chain(engine, keys, found_fingerprint=found, restored_triggers=missing)
     except BaseException:
         engine.dispose()
         raise

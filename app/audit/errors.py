@@ -46,3 +46,15 @@ class InvalidRunTransitionError(ValueError):
 
 class InsecureSecretFileError(ValueError):
     """The HMAC secret file is readable or writable by group/others, or has the wrong length."""
+
+
+class AuditKeyError(ValueError):
+    """The audit chain's HMAC key ring is missing, malformed, or lacks a key the chain needs."""
+
+
+class AnchorFileError(ValueError):
+    """A checkpoint file (``vald-md audit anchor``) cannot be read, or a line is not signed by the audit key."""
+
+
+class TokenNotFoundError(LookupError):
+    """No API token matches the id, id prefix or name given (for that user)."""

@@ -120,7 +120,11 @@ class UserSession(SQLModel, table=True):
 
 
 class ApiToken(SQLModel, table=True):
-    """A named API token for scripts. Only the SHA-256 of the token is stored."""
+    """A named API token for scripts. Only the SHA-256 of the token is stored.
+
+    ``expires_at`` is set at creation (``VALD_MD_API_TOKEN_DAYS``, default 90 days); revision 0002 gave tokens made
+    before it ``created_at`` + 90 days. Revoking is final: re-enabling the account does not revive a token.
+    """
 
     __tablename__ = "api_token"
 
@@ -130,6 +134,7 @@ class ApiToken(SQLModel, table=True):
     name: str = Field(sa_type=String(100))
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
     last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     revoked: bool = Field(default=False)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
@@ -200,9 +205,10 @@ class Export(SQLModel, table=True):
 class AuditEvent(SQLModel, table=True):
     """One append-only audit record, a link of the hash chain.
 
-    ``hash`` = SHA-256 of the canonical JSON of every other column (``prev_hash`` included), see
-    ``app.audit.chain``. ``UPDATE``/``DELETE`` are refused by database triggers. ``event_*_code`` are DICOM
-    PS3.15 / PS3.16 (scheme "DCM") codes where one fits, else ``NULL``.
+    ``hash`` = HMAC-SHA256 under the key ``key_id`` of the canonical JSON of every other column (``prev_hash``
+    included); events written before the chain was keyed (``key_id`` ``NULL``, ``seq`` <= the chain state's
+    ``legacy_until``) keep their plain SHA-256, see ``app.audit.chain``. ``UPDATE``/``DELETE`` are refused by
+    database triggers. ``event_*_code`` are DICOM PS3.15 / PS3.16 (scheme "DCM") codes where one fits, else ``NULL``.
     """
 
     __tablename__ = "audit_event"
@@ -223,3 +229,26 @@ class AuditEvent(SQLModel, table=True):
     detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     prev_hash: str = Field(sa_type=String(64))
     hash: str = Field(sa_type=String(64), unique=True)
+    key_id: str | None = Field(default=None, sa_type=String(32))
+
+
+class AuditChainState(SQLModel, table=True):
+    """The chain's signed high-water mark: one row (``id`` 1), updated with every event.
+
+    ``last_seq`` is the highest ``seq`` ever handed out (never lowered: a trigger refuses it), so a deleted tail
+    leaves a gap that ``verify_chain`` reports and no ``seq`` is used twice. ``head_hash`` is the hash of that
+    event, ``legacy_until`` the last event written before the chain was keyed (0 for a database created keyed),
+    ``schema_fingerprint`` what the application last saw of the schema and its triggers (SQLite
+    ``PRAGMA schema_version`` and the trigger definitions). ``mac`` = HMAC-SHA256 under ``key_id`` over the other
+    columns (``app.audit.chain.state_mac``); empty until ``init_db`` first signs the row.
+    """
+
+    __tablename__ = "audit_chain_state"
+
+    id: int = Field(default=1, primary_key=True)
+    last_seq: int = Field(default=0)
+    head_hash: str = Field(sa_type=String(64))
+    legacy_until: int = Field(default=0)
+    schema_fingerprint: str = Field(default="", sa_type=String(200))
+    key_id: str | None = Field(default=None, sa_type=String(32))
+    mac: str = Field(default="", sa_type=String(64))

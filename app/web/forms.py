@@ -40,8 +40,9 @@ class GenerationParams(BaseModel):
     lung_mask: bool = Field(True, description="restrict the map to the lungs (the server's lung segmenter); "
                                               "an uploaded region mask wins")
     map_method: str | None = Field(None, description="attribution-map method: 'sdedit' (the paper's SDEdit "
-                                                     "difference) or 'classifier_guided' (needs the server's lesion "
-                                                     "classifier; one sample); empty = the model's recommendation")
+                                                     "difference), 'classifier_guided' (needs the server's lesion "
+                                                     "classifier; one sample) or 'ddim_inversion' (one sample, "
+                                                     "deterministic); empty = the model's recommendation")
     classifier_scale: float = Field(0.3, ge=0.0, le=MAX_CLASSIFIER_SCALE,
                                     description="classifier_guided: step against the disease gradient, 0..5")
 
