@@ -12,7 +12,7 @@ import ipaddress
 import re
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +68,12 @@ class Settings(BaseSettings):
             default only their HMAC under the secret file is stored.
         store_identified_uploads: keep uploaded DICOM files as received (``VALD_MD_STORE_IDENTIFIED_UPLOADS=1``);
             by default the stored copy is de-identified (``app.imaging.deid``, DICOM PS3.15 basic profile).
+        audit_key: the audit chain's HMAC key ring as hex keys, comma-separated, the last one current
+            (``VALD_MD_AUDIT_KEY``); ``None`` = the file ``audit_key_path`` (created on first start).
+        audit_anchor_file: where the server appends a signed checkpoint of the audit chain at start-up and shut-down
+            and ``vald-md audit anchor|verify --anchor`` look by default (``VALD_MD_AUDIT_ANCHOR_FILE``); ``None`` =
+            ``<data_dir>/audit-anchors.jsonl``. For real protection, a path the database's owner cannot rewrite.
+        api_token_days: how long a new API token works, days, 1..3650 (``VALD_MD_API_TOKEN_DAYS``).
     """
 
     model_config = SettingsConfigDict(env_prefix="VALD_MD_", extra="ignore", validate_default=True,
@@ -99,6 +105,9 @@ class Settings(BaseSettings):
     login_attempts_per_minute: int = Field(default=10, ge=1, le=1000)
     store_plain_uids: bool = False
     store_identified_uploads: bool = False
+    audit_key: SecretStr | None = None
+    audit_anchor_file: Path | None = None
+    api_token_days: int = Field(default=90, ge=1, le=3650)
 
     @field_validator("device")
     @classmethod
@@ -176,6 +185,16 @@ class Settings(BaseSettings):
     def uid_secret_path(self) -> Path:
         """The HMAC key for DICOM UIDs and CSRF tokens: ``<data_dir>/secrets/uid-hmac.key`` (never in the database)."""
         return self.data_dir / "secrets" / "uid-hmac.key"
+
+    @property
+    def audit_key_path(self) -> Path:
+        """The audit chain's HMAC key ring: ``<data_dir>/secrets/audit-hmac.key`` (unless ``VALD_MD_AUDIT_KEY``)."""
+        return self.data_dir / "secrets" / "audit-hmac.key"
+
+    @property
+    def resolved_audit_anchor_file(self) -> Path:
+        """``audit_anchor_file``, or ``<data_dir>/audit-anchors.jsonl`` when unset."""
+        return (self.audit_anchor_file or self.data_dir / "audit-anchors.jsonl").expanduser()
 
     @property
     def resolved_model_dir(self) -> Path:

@@ -32,7 +32,7 @@ from app.config import Settings
 from app.engine import CounterfactualEngine, load_in_passing_thread
 from app.jobs import JobManager
 from app.lungs import LungSegmenter, SegmenterFolderError
-from app.web import accounts, admin, api, pages
+from app.web import accounts, admin, api, pages, tokens
 from app.web.auth import AuthMiddleware, LoginRateLimiter
 from app.web.errors import UploadTooLargeError, error_response, install_error_handlers
 from app.web.templating import STATIC_DIR, make_templates
@@ -178,6 +178,17 @@ def load_classifier(folder: Path) -> Any:
     return clf
 
 
+def checkpoint(db: Any, settings: Settings) -> None:
+    """Appends a signed checkpoint of the audit chain's head to ``settings.resolved_audit_anchor_file`` (at start-up
+    and shut-down); a failure is logged, never fatal (``vald-md audit anchor`` writes one by hand)."""
+    try:
+        point = audit.write_checkpoint(db, settings.resolved_audit_anchor_file)
+    except (OSError, ValueError) as e:
+        logger.warning("audit checkpoint not written to %s: %s", settings.resolved_audit_anchor_file, e)
+        return
+    logger.info("audit checkpoint: event #%d %s", point.seq, point.hash[:16])
+
+
 def create_app(settings: Settings | None = None, engine: CounterfactualEngine | None = None) -> FastAPI:
     """Build the application.
 
@@ -197,7 +208,9 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # 1. the audit database, its secret (outside the database) and the runs the last process left unfinished
-        db = await run_in_threadpool(audit.init_db, settings.resolved_database_url)
+        keys = audit.resolve_audit_keys(settings.audit_key_path,
+                                        settings.audit_key.get_secret_value() if settings.audit_key else None)
+        db = await run_in_threadpool(lambda: audit.init_db(settings.resolved_database_url, keys=keys))
         try:
             secret = audit.load_or_create_secret(settings.uid_secret_path)
             interrupted = await run_in_threadpool(audit.mark_interrupted_runs, db)
@@ -235,6 +248,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             "plain_uids": settings.store_plain_uids,
             "lung_segmenter_sha256": segmenter.info.sha256 if segmenter is not None else None,
             "lesion_classifier_sha256": classifier.info["sha256"] if classifier is not None else None})
+        checkpoint(db, settings)
         if not accounts.has_admin(db):
             logger.warning("no administrator account exists yet: create one on this machine with `%s` "
                            "(it asks for the password), then sign in at /login", accounts.FIRST_ADMIN_HINT)
@@ -246,6 +260,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             jobs.stop()
             try:
                 audit.append_event(db, audit.AuditAction.APP_STOP, detail={"version": __version__})
+                checkpoint(db, settings)
             finally:
                 db.dispose()
 
@@ -262,6 +277,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
     app.include_router(api.router)
     app.include_router(accounts.router)
     app.include_router(admin.router)
+    app.include_router(tokens.router)
     app.include_router(pages.router)
 
     @app.get("/healthz", tags=["ops"])
