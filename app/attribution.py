@@ -432,18 +432,20 @@ def load_mask_png(data: bytes, shape: tuple[int, int]) -> BoolImage:
     h, w = (int(shape[0]), int(shape[1]))
     if h < 1 or w < 1:
         raise ValueError(f"shape must be a positive (H, W); got {shape!r}.")
+    # Pillow's own messages are not passed on: they quote internals (``<_io.BytesIO object at 0x...>``)
+    too_large = f"masks must be at most {MAX_MASK_PIXELS} pixels"
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own ceiling, checked before ours could be
+        raise ValueError(f"mask image is too large: {too_large}.") from exc
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"mask is not a readable image ({len(data)} bytes): {exc}. Upload a PNG mask.") from exc
+        raise ValueError(f"mask is not a readable image ({len(data)} bytes). Upload a PNG mask.") from exc
     if img.width * img.height > MAX_MASK_PIXELS:
-        raise ValueError(
-            f"mask image is {img.width}x{img.height} pixels; masks must be at most {MAX_MASK_PIXELS} pixels."
-        )
+        raise ValueError(f"mask image is {img.width}x{img.height} pixels; {too_large}.")
     try:
         img.load()
-    except OSError as exc:
-        raise ValueError(f"mask image could not be decoded: {exc}. Re-save it as PNG.") from exc
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError("mask image could not be decoded (damaged or cut short). Re-save it as PNG.") from exc
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         values = np.asarray(img, dtype=np.float64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -183,6 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from app import filemodes
     from app.config import Settings
     from app.engine import check_model_folder
     from app.web import create_app
@@ -199,9 +201,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_model_folder(settings.resolved_model_dir)  # a readable error now rather than a failed start-up later
     logger.info("serving on http://%s:%d (model %s, data %s)", settings.host, settings.port,
                 settings.resolved_model_dir, settings.data_dir)
-    # one process: every worker process would load its own model copy and run its own queue
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
-                log_level="debug" if args.verbose else "info")
+    if settings.allow_remote and not settings.trusted_hosts:
+        logger.warning("VALD_MD_TRUSTED_HOSTS is not set: requests that name any host but %s get HTTP 400; set it "
+                       "to the name users reach the server by (docs/DEPLOYMENT.md)", ", ".join(settings.allowed_hosts))
+    # files and folders the server creates (runs, the database and its journals, exports) are the owner's only
+    os.umask(filemodes.SERVE_UMASK)
+    # one process: every worker process would load its own model copy and run its own queue. Forwarded headers
+    # are the app's business (VALD_MD_TRUSTED_PROXIES, create_app): uvicorn's own handling would trust
+    # 127.0.0.1 (and FORWARDED_ALLOW_IPS) by default, letting a local client choose its address
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1, proxy_headers=False,
+                forwarded_allow_ips="", log_level="debug" if args.verbose else "info")
     return 0
 
 

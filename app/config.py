@@ -25,6 +25,7 @@ DEFAULT_LESION_CLASSIFIER_DIR = REPO_ROOT / "model_weights" / "lesion-classifier
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?|mps)$")
 _LOOPBACK_NAMES = {"localhost"}
+_HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})*\.?$|^\[[0-9a-f:.]{2,45}\]$")
 
 
 class Settings(BaseSettings):
@@ -43,6 +44,13 @@ class Settings(BaseSettings):
         host: interface to bind. Only loopback addresses are accepted unless ``allow_remote`` is set: the server
             speaks plain HTTP, so anything beyond this machine belongs behind a TLS-terminating reverse proxy.
         allow_remote: permit a non-loopback ``host`` (only behind a TLS-terminating reverse proxy).
+        trusted_proxies: comma-separated IP addresses or CIDR networks of the reverse proxies whose
+            ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed (``VALD_MD_TRUSTED_PROXIES``), or ``*`` for any
+            client (only when nothing but the proxy can reach the port); empty (the default) = the headers are
+            ignored and the client address is the TCP peer's.
+        trusted_hosts: comma-separated host names (``*.example.org`` patterns allowed) that requests may name in
+            ``Host`` besides ``localhost``, ``127.0.0.1``, ``[::1]`` and ``host`` (``VALD_MD_TRUSTED_HOSTS``); any
+            other name gets HTTP 400. Behind a proxy: the public name users type.
         port: TCP port, 1..65535.
         device: 'cpu', 'cuda', 'cuda:N', 'mps' or ``None`` (CUDA when available).
         dtype: 'fp32', 'fp16', 'bf16' or ``None`` (automatic per device).
@@ -85,6 +93,8 @@ class Settings(BaseSettings):
     data_dir: Path = REPO_ROOT / "data"
     host: str = "127.0.0.1"
     allow_remote: bool = False
+    trusted_proxies: str = ""
+    trusted_hosts: str = ""
     port: int = Field(default=8000, ge=1, le=65535)
     device: str | None = None
     dtype: str | None = None
@@ -158,6 +168,30 @@ class Settings(BaseSettings):
             return None
         return Path(str(v)).expanduser().resolve()
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, v: str) -> str:
+        entries = [e.strip() for e in v.split(",") if e.strip()]
+        if entries == ["*"]:
+            return "*"
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies entry {entry!r} is not an IP address or CIDR network; use e.g. "
+                                 f"'127.0.0.1,10.0.0.0/8', or '*' alone") from None
+        return ",".join(entries)
+
+    @field_validator("trusted_hosts")
+    @classmethod
+    def _check_trusted_hosts(cls, v: str) -> str:
+        entries = [e.strip().lower() for e in v.split(",") if e.strip()]
+        for entry in entries:
+            if not _HOST_NAME.match(entry):
+                raise ValueError(f"trusted_hosts entry {entry!r} is not a host name; use names such as "
+                                 f"'vald.example.org' or '*.example.org', an IPv4 address or '[IPv6]', no ports")
+        return ",".join(entries)
+
     @model_validator(mode="after")
     def _check_host(self) -> Settings:
         if not self.allow_remote and not _is_loopback(self.host):
@@ -165,6 +199,21 @@ class Settings(BaseSettings):
                 f"host={self.host!r} would expose the review server beyond this machine over plain HTTP; bind "
                 f"127.0.0.1, or set VALD_MD_ALLOW_REMOTE=1 only behind a TLS-terminating reverse proxy")
         return self
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        """``trusted_proxies`` as a list (empty: forwarded headers are ignored)."""
+        return [e for e in self.trusted_proxies.split(",") if e]
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """The ``Host`` names served: the loopback names, the bind address (unless a wildcard), ``trusted_hosts``."""
+        names = ["localhost", "127.0.0.1", "[::1]"]
+        bind = f"[{self.host}]" if ":" in self.host else self.host.lower()
+        if self.host not in ("0.0.0.0", "::"):
+            names.append(bind)
+        names += [e for e in self.trusted_hosts.split(",") if e]
+        return list(dict.fromkeys(names))
 
     @property
     def max_upload_bytes(self) -> int:

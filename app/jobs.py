@@ -31,7 +31,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -48,7 +47,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import Engine as Database
 
-from app import attribution, audit, imaging
+from app import attribution, audit, filemodes, imaging
 from app.artifacts import ReviewRequest, resolve_map_method, run_review, sha256
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps, library_versions
 from app.imaging.deid import deidentify
@@ -237,9 +236,7 @@ def _now() -> datetime:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    filemodes.write_private(path, data)
 
 
 def gray_png(img: np.ndarray, *, longest_side: int | None = None, upscale: bool = False) -> bytes:
@@ -326,7 +323,7 @@ class JobManager:
         self._stopping = False
         self._seconds_per_eval: float | None = None
         self._thread: threading.Thread | None = None
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        filemodes.private_dir(self.runs_dir)
         self._load_history()
 
     # -- life cycle ---------------------------------------------------------------------------------------------
@@ -437,7 +434,8 @@ class JobManager:
                   input_summary=summary, has_mask=mask is not None,
                   effective_steps=effective_steps(req.steps, req.strength), created_at=_now(),
                   seeds=seeds, input_id=input_id, rerun_of=rerun_of, _decoded=decoded, _mask=mask, _user=user)
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(mode=filemodes.DIR_MODE)
+        filemodes.private_tree(run_dir)  # mkdir's mode is filtered by the umask
         try:
             _write_atomic(job.upload_path, stored)
             if mask_png:
@@ -686,6 +684,8 @@ class JobManager:
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         """Move a job to a terminal state (caller holds the lock) and persist it."""
+        # run_review writes through libraries (Pillow, numpy, pydicom) that create files by the umask
+        filemodes.private_tree(job.run_dir)
         job.state = state
         job.error = error
         job.finished_at = _now()

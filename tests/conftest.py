@@ -37,7 +37,10 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory):
 
 def pytest_configure(config: pytest.Config) -> None:
     """Tiny test models run fastest on one thread, and a second torch thread pool (a training run beside the
-    tests) makes spinning OpenMP threads oversubscribe the cores by orders of magnitude."""
+    tests) makes spinning OpenMP threads oversubscribe the cores by orders of magnitude.
+
+    Starlette's ``TestClient`` sends ``Host: testserver``, which the app serves only when it is a trusted host."""
+    os.environ.setdefault("VALD_MD_TRUSTED_HOSTS", "testserver")
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a core dependency

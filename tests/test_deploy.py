@@ -184,7 +184,9 @@ def test_compose_app_volumes_ports_and_hardening(service):
     assert env["VALD_MD_MODEL_DIR"].startswith("${VALD_MD_MODEL_DIR:-/"), "never an empty model folder (= cwd)"
     assert env["VALD_MD_ALLOW_REMOTE"] == "1", "the server binds 0.0.0.0 inside the container"
     assert env["VALD_MD_COOKIE_SECURE"] == "1", "users arrive over the TLS proxy"
-    assert env["FORWARDED_ALLOW_IPS"] == "*", "client addresses come from the proxy's X-Forwarded-For"
+    assert env["VALD_MD_TRUSTED_PROXIES"] == "*", "client addresses come from the proxy's X-Forwarded-For"
+    assert env["VALD_MD_TRUSTED_HOSTS"] == "${VALD_MD_TRUSTED_HOSTS:-}", "the public name, from the shell or .env"
+    assert "FORWARDED_ALLOW_IPS" not in env, "vald-md serve turns uvicorn's proxy headers off; the app decides"
     assert all(p.startswith("127.0.0.1:") for p in svc["ports"]), "published on the host's loopback only"
     assert svc["ports"] == ["127.0.0.1:${VALD_MD_HOST_PORT:-8000}:8000"]
     assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]

@@ -476,6 +476,92 @@ def test_failed_login_names_are_stored_length_limited_and_marked_untrusted(fresh
     assert limited and all(n == stored or n.startswith("untrusted:") for n in limited)
 
 
+def _failed_logins(c: TestClient, n: int, forwarded: list[str] | None = None) -> list[int]:
+    statuses = []
+    for i in range(n):
+        headers = {"X-Forwarded-For": forwarded[i % len(forwarded)]} if forwarded else {}
+        page = c.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+        statuses.append(c.post("/login", headers=headers, follow_redirects=False, data={
+            "username": f"nobody-{i}", "password": "wrong password!!", "csrf_token": token}).status_code)
+    return statuses
+
+
+@pytest.mark.parametrize("proxies", ["", "10.0.0.0/8"])
+def test_forged_forwarded_for_does_not_escape_the_address_limit(tiny_engine, tmp_path, proxies):
+    # 14 failed logins from one address, each naming another in X-Forwarded-For and another username
+    app = create_app(Settings(data_dir=tmp_path / "d", trusted_proxies=proxies), engine=tiny_engine)
+    forged = [f"203.0.113.{i}" for i in range(14)]
+    with TestClient(app, client=("127.0.0.1", 50000)) as c:
+        statuses = _failed_logins(c, 14, forged)
+    assert statuses[:10] == [401] * 10 and statuses[10:] == [429] * 4
+    _close(app)
+
+
+def test_forwarded_for_from_a_trusted_proxy_names_the_client(tiny_engine, tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "d", trusted_proxies="127.0.0.1, 10.0.0.0/8"),
+                     engine=tiny_engine)
+    with TestClient(app, client=("10.1.2.3", 50000)) as proxy:
+        # each client behind the proxy has its own count; a client's own (spoofed) entries are left of the proxy's
+        assert 429 not in _failed_logins(proxy, 14, [f"spoof, 198.51.100.{i}" for i in range(14)])
+        assert _failed_logins(proxy, 11, ["192.0.2.7"])[-1] == 429
+    _close(app)
+
+
+def test_serve_leaves_forwarded_headers_to_the_app_and_keeps_files_private(tmp_path, monkeypatch):
+    import os
+
+    import uvicorn
+
+    from app import cli
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(app: Any, **kwargs: Any) -> None:
+        seen.update(kwargs, umask=os.umask(0o022))
+
+    previous = os.umask(0o022)
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    try:
+        assert cli.main(["serve", "--data-dir", str(tmp_path / "d")]) == 0
+    finally:
+        os.umask(previous)
+    # uvicorn's own proxy-headers support trusts 127.0.0.1 (and FORWARDED_ALLOW_IPS) by default
+    assert seen["proxy_headers"] is False and seen["workers"] == 1
+    assert seen["umask"] == 0o077
+
+
+@pytest.mark.parametrize(("host", "trusted", "status"), [
+    ("evil.example", "", 400), ("localhost:8000", "", 303), ("127.0.0.1", "", 303), ("[::1]:8000", "", 303),
+    ("vald.example.org", "vald.example.org", 303), ("x.example.org", "*.example.org", 303),
+    ("vald.example.org.evil.example", "vald.example.org", 400)])
+def test_only_trusted_host_names_are_served(tiny_engine, tmp_path, host, trusted, status):
+    app = create_app(Settings(data_dir=tmp_path / "d", trusted_hosts=trusted), engine=tiny_engine)
+    with TestClient(app) as c:
+        r = c.get("/", headers={"Host": host}, follow_redirects=False)
+        assert r.status_code == status, r.text
+        assert c.get("/healthz", headers={"Host": "10.9.8.7:8000"}).status_code == 200  # probes by address
+    _close(app)
+
+
+def test_data_folder_database_and_runs_are_owner_only(secure, job_of_a):
+    import os
+    import stat
+
+    settings_ = secure.state.settings
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    assert mode(settings_.data_dir) == 0o700 and mode(settings_.runs_dir) == 0o700
+    assert mode(settings_.data_dir / "vald-md.db") == 0o600
+    run = settings_.runs_dir / job_of_a
+    assert mode(run) == 0o700
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert len(files) > 5 and {p.name: mode(p) for p in files} == {p.name: 0o600 for p in files}
+    assert all(mode(p) == 0o700 for p in run.rglob("*") if p.is_dir())
+
+
 def test_first_start_explains_how_to_create_the_first_admin(fresh, caplog):
     page = client_for(fresh).get("/login")
     assert "vald-md users add NAME --role admin" in page.text and 'id="first-admin"' in page.text

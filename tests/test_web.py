@@ -483,6 +483,71 @@ def test_window_in_other_digits_says_what_is_allowed(client, window):
     assert facts.status_code == 422 and "invalid literal" not in facts.text
 
 
+def _mask_png(w: int, h: int) -> bytes:
+    """A 1-bit PNG that claims ``w`` x ``h`` pixels: the header only (decoders check the size before the data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("mask", "message"), [
+    (_mask_png(40_000, 40_000), "mask image is too large"),  # past Pillow's own ceiling: was a 500
+    (_mask_png(9_000, 9_000), "masks must be at most"),
+    (b"not an image", "mask is not a readable image"),  # quoted <_io.BytesIO object at 0x...>
+])
+def test_bad_masks_are_422_without_internals(client, app_and_client, mask, message):
+    before = count_runs(app_and_client[0])
+    r = client.post("/api/v1/counterfactuals", data=FAST, files={"file": ("x.png", png_bytes()),
+                                                                 "mask": ("m.png", mask)})
+    assert r.status_code == 422 and message in r.json()["message"], r.text
+    assert not re.search(r"0x[0-9a-f]{6,}|<class |object at", r.text)
+    assert count_runs(app_and_client[0]) == before
+
+
+def test_text_in_a_file_field_is_a_plain_message(client):
+    r = client.post("/api/v1/counterfactuals", data={**FAST, "mask": "text"}, files={"file": ("x.png", png_bytes())})
+    assert r.status_code == 422 and "<class" not in r.text
+    assert r.json()["fields"]["mask"] == "Upload a file in this field (it was sent as text)."
+
+
+def test_api_docs_state_the_servers_limits(tiny_engine, tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "d", max_steps=40, max_samples=3), engine=tiny_engine)
+    schema = app.openapi()
+    params = schema["components"]["schemas"]["GenerationParams"]["properties"]
+    steps = [v["maximum"] for v in params["steps"]["anyOf"] if "maximum" in v]
+    assert steps == [40] and params["samples"]["maximum"] == 3
+    assert "1..40" in params["steps"]["description"] and "1..3" in params["samples"]["description"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/jobs/{id}/events", "/runs/{id}/events"])
+def test_progress_stream_ends_when_the_session_does(gated, path):
+    engine, c, app = gated
+    job_id = submit(c).json()["job_id"]
+    assert engine.started.wait(10)
+    lines: list[str] = []
+    ended = threading.Event()
+
+    def read() -> None:
+        with c.stream("GET", path.format(id=job_id)) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+        ended.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    end = time.monotonic() + 10
+    while not lines and time.monotonic() < end:
+        time.sleep(0.05)
+    assert lines, "the stream sent nothing"
+    assert c.post("/logout", follow_redirects=False).status_code == 303
+    assert ended.wait(10), "the stream kept going after logout"
+    assert app.state.jobs.get(job_id, "", any_owner=True).state.value == "running"  # the run itself carries on
+
+
 def test_parameter_combinations_checked_by_the_engine(client):
     r = submit(client, steps="2", strength="0.3")  # int(2 * 0.3) = 0 denoising steps
     assert r.status_code == 422 and "no denoising step" in r.json()["message"]
@@ -820,6 +885,7 @@ def test_without_a_classifier_the_guided_map_is_offered_disabled_and_refused(app
     options = map_method_options(Doc(client.get("/").text))
     assert set(options) == {"sdedit", "classifier_guided", "ddim_inversion"}
     assert "disabled" in options["classifier_guided"] and "disabled" not in options["sdedit"]
+    assert "disabled" not in options["ddim_inversion"]
     assert "selected" in options["sdedit"]
     model = client.get("/api/v1/model").json()
     assert model["map_methods"] == ["sdedit", "ddim_inversion"] and model["default_map_method"] == "sdedit"
@@ -885,7 +951,6 @@ def test_form_offers_the_guided_map_when_a_classifier_is_loaded(guided_app):
     options = map_method_options(Doc(c.get("/").text))
     assert "disabled" not in options["classifier_guided"]
     assert Doc(c.get("/").text).by_id("classifier_scale")["value"] == "0.3"
-    assert "disabled" not in options["ddim_inversion"]
     r = c.post("/runs", data={**FAST, "seed_mode": "fixed", "map_method": "classifier_guided"},
                files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
     assert r.status_code == 200, r.text

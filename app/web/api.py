@@ -21,16 +21,19 @@ user sees their own jobs only (an admin may open anyone's by id). File and expor
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import audit, exports
 from app.artifacts import ReviewRequest
+from app.config import Settings
 from app.jobs import Job, JobManager
 from app.web.auditing import audit_export, audit_view
 from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
@@ -51,6 +54,31 @@ router = APIRouter(prefix="/api/v1", tags=["api"])
 JobId = Annotated[str, "32 hex digits"]
 _NO_STORE = {"Cache-Control": "no-store"}
 """Results are patient-derived: never kept in browser or proxy caches (shared clinical workstations)."""
+
+
+def openapi_with_server_limits(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` that states this server's ``max_steps`` / ``max_samples`` for ``steps`` / ``samples``: the form
+    model carries the engine's absolute ranges (1..1000, 1..16), which the server's settings narrow; a client that
+    read the schema would otherwise be refused values the documentation allows."""
+    limits = {"steps": settings.max_steps, "samples": settings.max_samples}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for component in schema.get("components", {}).get("schemas", {}).values():
+                for name, top in limits.items():
+                    prop = component.get("properties", {}).get(name)
+                    if prop is None:
+                        continue
+                    for variant in (prop, *prop.get("anyOf", [])):
+                        if "maximum" in variant:
+                            variant["maximum"] = top
+                    if "description" in prop:
+                        prop["description"] = re.sub(r"1\.\.\d+", f"1..{top}", prop["description"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
 
 
 async def read_upload(upload: UploadFile | None, limit_bytes: int, limit_mb: int) -> bytes | None:

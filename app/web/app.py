@@ -9,7 +9,8 @@ runs left unfinished by the previous process marked ``interrupted``, the model, 
 missing folder is a warning, and maps are then not restricted to the lungs), the lesion classifier (optional
 likewise: without it the classifier-guided map method is not offered), the job worker, ``app_start``.
 Shut-down: the worker stops (cancelling the running job), ``app_stop``. Middleware, outermost first: security
-headers, upload size limit, authentication + CSRF (:mod:`app.web.auth`).
+headers, the ``Host`` check (``trusted_hosts``), forwarded headers (only from ``trusted_proxies``), upload size
+limit, authentication + CSRF (:mod:`app.web.auth`). The data folder is owner-only (:mod:`app.filemodes`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from app import __version__, audit
+from app import __version__, audit, filemodes
 from app.config import Settings
 from app.engine import CounterfactualEngine, load_in_passing_thread
 from app.jobs import JobManager
 from app.lungs import LungSegmenter, SegmenterFolderError
 from app.web import accounts, admin, api, pages, tokens
-from app.web.auth import AuthMiddleware, LoginRateLimiter
+from app.web.auth import AuthMiddleware, LoginRateLimiter, TrustedHostsMiddleware
 from app.web.errors import UploadTooLargeError, error_response, install_error_handlers
 from app.web.templating import STATIC_DIR, make_templates
 
@@ -206,13 +208,16 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # 0. owner-only storage: patient-derived images, the database and the secrets live under data_dir
+        filemodes.private_dir(settings.data_dir)
+        filemodes.private_sqlite(settings.resolved_database_url)
         # 1. the audit database, its secret (outside the database) and the runs the last process left unfinished
         keys = audit.resolve_audit_keys(settings.audit_key_path,
                                         settings.audit_key.get_secret_value() if settings.audit_key else None)
         db = await run_in_threadpool(lambda: audit.init_db(settings.resolved_database_url, keys=keys))
         try:
             secret = audit.load_or_create_secret(settings.uid_secret_path)
+            filemodes.private_sqlite(settings.resolved_database_url)  # and the journal files SQLite has made
             interrupted = await run_in_threadpool(audit.mark_interrupted_runs, db)
             # 2. the model and the worker that owns it
             eng = engine
@@ -272,6 +277,9 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
     # the last added runs first: headers on every response, then the size limit, then who is asking
     app.add_middleware(AuthMiddleware)
     app.add_middleware(UploadLimitMiddleware, limit_bytes=settings.max_upload_bytes, limit_mb=settings.max_upload_mb)
+    if settings.trusted_proxy_list:  # the client address and scheme from X-Forwarded-* of these proxies only
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxy_list)
+    app.add_middleware(TrustedHostsMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api.router)
@@ -279,6 +287,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
     app.include_router(admin.router)
     app.include_router(tokens.router)
     app.include_router(pages.router)
+    app.openapi = api.openapi_with_server_limits(app, settings)  # type: ignore[method-assign]
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -29,12 +29,15 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Literal
 from urllib.parse import urlsplit
 
 from fastapi import Request
 from sqlalchemy import Engine as Database
+from sqlmodel import select
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -61,6 +64,7 @@ class Caller:
         user: the account (``audit.User``).
         via: ``"session"`` (browser cookie) or ``"token"`` (API bearer token).
         session_token: the cookie's value (sessions only), to log out.
+        api_token: the bearer token (tokens only), to re-check it during a long response.
         csrf_token: the token state-changing requests must echo (sessions only).
     """
 
@@ -68,6 +72,7 @@ class Caller:
     via: Literal["session", "token"]
     session_token: str | None = None
     csrf_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)
 
     @property
     def owner(self) -> str:
@@ -147,7 +152,7 @@ def resolve_caller(db: Database, secret: bytes, request: Request) -> Caller | No
         if scheme.lower() != "bearer" or not token.startswith("vmd_") or not _TOKEN.match(token[4:]):
             return None
         user = audit.get_token_user(db, token)
-        return Caller(user, "token") if user is not None else None
+        return Caller(user, "token", api_token=token) if user is not None else None
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie or not _TOKEN.match(cookie):
         return None
@@ -155,6 +160,43 @@ def resolve_caller(db: Database, secret: bytes, request: Request) -> Caller | No
     if user is None:
         return None
     return Caller(user, "session", session_token=cookie, csrf_token=csrf_token_for(secret, cookie))
+
+
+def credential_is_valid(db: Database, caller: Caller) -> bool:
+    """The caller's session or API token still works: not revoked (logout), not expired or idle, the account not
+    disabled. Read-only for sessions: a progress stream must not keep its session alive. Blocking (database).
+
+    For API tokens ``audit.get_token_user`` decides (it records the token's use).
+    """
+    if caller.via == "token":
+        return caller.api_token is not None and audit.get_token_user(db, caller.api_token) is not None
+    if caller.session_token is None:
+        return False
+    now = audit.utc_now()
+    digest = hashlib.sha256(caller.session_token.encode()).hexdigest()
+    with audit.read_session(db) as session:
+        row = session.exec(select(audit.UserSession).where(audit.UserSession.token_hash == digest)).first()
+        if row is None or row.revoked or now >= row.expires_at:
+            return False
+        if now - row.last_seen_at > timedelta(seconds=row.idle_timeout_s):
+            return False
+        user = session.get(audit.User, row.user_id)
+        return user is not None and not user.disabled
+
+
+class TrustedHostsMiddleware(TrustedHostMiddleware):
+    """Starlette's ``Host`` check (400 for a name not in ``allowed_hosts``: DNS rebinding, poisoned links), except on
+    ``/healthz`` and ``/readyz``, which orchestrators probe by address and which reveal nothing."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
+        super().__init__(app, allowed_hosts=allowed_hosts, www_redirect=False)
+        self.inner = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in ("/healthz", "/readyz"):
+            await self.inner(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 class LoginRateLimiter:

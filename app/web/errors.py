@@ -22,6 +22,7 @@ anything else                                    500     a generic message; the 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -91,8 +92,20 @@ def _field_messages(exc: RequestValidationError) -> dict[str, str]:
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "missing":
             msg = "This field is required." if name != "file" else "Choose an image file to upload."
-        out.setdefault(name, msg)
+        elif "Expected UploadFile" in msg:  # "received: <class 'str'>": a Python type name means nothing to users
+            msg = "Upload a file in this field (it was sent as text)."
+        out.setdefault(name, public_message(msg))
     return out
+
+
+_INTERNALS = re.compile(r"<[^<>]{1,200}? (?:object )?at 0x[0-9a-fA-F]+>|<class '[^']{1,200}'>")
+
+
+def public_message(text: str) -> str:
+    """``text`` without the Python internals a library may quote in an exception message (``<_io.BytesIO object
+    at 0x7f...>``, ``<class 'str'>``): memory addresses and type names tell an attacker about the process and a
+    clinician nothing."""
+    return _INTERNALS.sub("(the value)", text)
 
 
 def classify(exc: BaseException) -> Problem:
@@ -106,9 +119,9 @@ def classify(exc: BaseException) -> Problem:
     if isinstance(exc, UploadTooLargeError):
         return Problem(413, "Upload too large", str(exc), extra={"limit_mb": exc.limit_mb})
     if isinstance(exc, imaging.UnsupportedImageError):
-        return Problem(415, "Unsupported image", str(exc))
+        return Problem(415, "Unsupported image", public_message(str(exc)))
     if isinstance(exc, imaging.ImagingError):
-        return Problem(422, "Unreadable image", str(exc))
+        return Problem(422, "Unreadable image", public_message(str(exc)))
     if isinstance(exc, QueueFullError):
         return Problem(503, "Queue full", str(exc),
                        extra={"queue_length": exc.queue_length, "queue_size": exc.capacity},
@@ -124,7 +137,7 @@ def classify(exc: BaseException) -> Problem:
         text = "; ".join(f"{k}: {v}" for k, v in fields.items())
         return Problem(422, "Invalid parameters", f"Please correct: {text}", fields=fields)
     if isinstance(exc, ValueError):
-        return Problem(422, "Invalid request", str(exc))
+        return Problem(422, "Invalid request", public_message(str(exc)))
     if isinstance(exc, StarletteHTTPException):
         cause = exc.__cause__
         if exc.status_code == 400 and isinstance(cause, UploadTooLargeError):

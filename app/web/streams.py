@@ -6,7 +6,8 @@ on a client and a finished job is announced at once. Step-by-step progress is th
 ``interval`` seconds (each event costs a JSON or HTML render in the server process, which shares the
 interpreter with the worker); state changes (queued -> running -> done | failed | cancelled) are never
 delayed. Queue position changes come from other jobs, so the stream also re-checks every ``interval`` seconds
-without a wake-up.
+without a wake-up. Every :data:`CREDENTIAL_RECHECK_S` seconds it also checks that the caller's session or token
+still works, and ends when it does not (logout, expiry, a disabled account): a stream must not outlive its session.
 """
 
 from __future__ import annotations
@@ -18,14 +19,23 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from app.jobs import Job, JobManager
+from app.web.auth import Caller, credential_is_valid
+
+CREDENTIAL_RECHECK_S = 2.0
+"""How often an open stream re-checks its caller's credential, seconds (one small database read)."""
 
 
 async def job_changes(request: Request, jobs: JobManager, job: Job, interval: float) -> AsyncIterator[Job]:
     """Yield ``job`` now and after changes (progress at most once per ``interval`` seconds, state changes at
-    once); stop after it finishes or when the client goes away. The job keeps running either way."""
+    once); stop after it finishes, when the client goes away or when its session or token stops working. The job
+    keeps running either way."""
     loop = asyncio.get_running_loop()
+    caller: Caller | None = getattr(getattr(request, "state", None), "caller", None)
+    db = getattr(getattr(getattr(request, "app", None), "state", None), "db", None)
+    checked = time.monotonic()
     woken = asyncio.Event()
     sent: dict[str, Any] = {"state": None, "at": -float("inf")}  # what the stream sent last, and when
 
@@ -51,6 +61,10 @@ async def job_changes(request: Request, jobs: JobManager, job: Job, interval: fl
                     return
             if await request.is_disconnected():
                 return
+            if caller is not None and db is not None and time.monotonic() - checked >= CREDENTIAL_RECHECK_S:
+                checked = time.monotonic()
+                if not await run_in_threadpool(credential_is_valid, db, caller):
+                    return
             # sleep until a change, but not past the moment a thinned-out progress event becomes due
             wait = interval if key == last else max(0.0, sent["at"] + interval - time.monotonic())
             with contextlib.suppress(TimeoutError):
