@@ -241,11 +241,8 @@ def _users(db: Database, settings: Settings, args: argparse.Namespace, stdin: Te
 
 
 def _token_state(token: audit.ApiToken, now: datetime) -> str:
-    if token.revoked:
-        return f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "revoked"
-    if token.expires_at is not None and token.expires_at <= now:
-        return "expired"
-    return "active"
+    state = audit.api_token_state(token, now)
+    return f"revoked {token.revoked_at:%Y-%m-%d}" if state == "revoked" and token.revoked_at else state
 
 
 def _day(name: str, value: str | None, *, end: bool = False) -> datetime | None:

@@ -365,6 +365,25 @@ def test_rewound_chain_state_is_recorded_and_seq_still_not_reused(engine: Engine
         restarted.dispose()
 
 
+def test_blanked_chain_state_is_not_taken_for_a_new_chain(engine: Engine, db_path: Path, db_url: str) -> None:
+    _events(3, engine)
+    connection = _raw(db_path)
+    _drop_triggers(connection)
+    connection.execute("UPDATE audit_chain_state SET mac = '', key_id = NULL")
+    connection.close()
+    result = audit.verify_chain(engine)
+    assert not result.ok and "not signed" in result.reason
+    restarted = audit.init_db(db_url)
+    try:
+        alarm = audit.query_events(restarted, action=AuditAction.AUDIT_TAMPER_DETECTED)
+        assert [(e.seq, e.detail["check"]) for e in alarm] == [(4, "chain_state_unsigned")]
+        result = audit.verify_chain(restarted)
+        assert result.ok and [w.split()[2] for w in result.warnings] == ["audit_tamper_detected",
+                                                                         "audit_triggers_restored"]
+    finally:
+        restarted.dispose()
+
+
 def test_triggers_recreated_by_hand_are_detected(engine: Engine, db_path: Path, db_url: str) -> None:
     _events(5, engine)
     connection = _raw(db_path)

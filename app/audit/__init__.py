@@ -8,7 +8,7 @@ Start-up::
     uid_secret = load_or_create_secret(settings.uid_secret_path)
 
 Modules: ``models`` (tables, coded values), ``db`` (engines, transactions, migrations), ``keys`` (the chain's
-HMAC key ring, outside the database), ``chain`` (keyed hash chain, DICOM PS3.15 event codes, verify/query/export),
+HMAC key ring, outside the database), ``chain`` (keyed hash chain, DICOM PS3.15 event codes, query/export), ``integrity`` (start-up checks, verify),
 ``anchors`` (signed checkpoints of the chain head), ``accounts`` (users, lockout, sessions, API tokens),
 ``records`` (inputs with HMAC'd UIDs, runs, exports). Everything public is re-exported here.
 """
@@ -20,6 +20,7 @@ from app.audit.accounts import (
     DEFAULT_MAX_FAILED_LOGINS,
     DEFAULT_SESSION_LIFETIME,
     MIN_PASSWORD_LENGTH,
+    api_token_state,
     authenticate,
     check_password_policy,
     create_api_token,
@@ -58,13 +59,10 @@ from app.audit.chain import (
     VerifyResult,
     append_event,
     canonical_json,
-    chain_head,
     count_events,
     event_hash,
     export_events,
-    open_chain,
     query_events,
-    verify_chain,
 )
 from app.audit.db import (
     SQLITE_BUSY_TIMEOUT_MS,
@@ -92,6 +90,7 @@ from app.audit.errors import (
     UserNotFoundError,
     WeakPasswordError,
 )
+from app.audit.integrity import chain_head, open_chain, verify_chain
 from app.audit.keys import (
     AuditKeyRing,
     audit_keys_from_env,
@@ -177,6 +176,7 @@ __all__ = [
     "VerifyResult",
     "WeakPasswordError",
     "alembic_config",
+    "api_token_state",
     "append_event",
     "audit_keys_from_env",
     "authenticate",

@@ -549,6 +549,15 @@ def list_api_tokens(engine: Engine, user_id: uuid.UUID | None = None) -> list[Ap
         return list(session.exec(statement).all())
 
 
+def api_token_state(token: ApiToken, now: datetime | None = None) -> str:
+    """``"revoked"``, ``"expired"`` (at ``now``, default now) or ``"active"``."""
+    if token.revoked:
+        return "revoked"
+    if token.expires_at is not None and token.expires_at <= (now or utc_now()):
+        return "expired"
+    return "active"
+
+
 def find_api_token(engine: Engine, user_id: uuid.UUID, ref: str) -> ApiToken:
     """Finds one of ``user_id``'s tokens by id, a unique id prefix (at least 6 hex digits), or its exact name.
 

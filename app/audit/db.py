@@ -255,8 +255,8 @@ def install_triggers(engine: Engine) -> list[str]:
             present = set(
                 connection.execute(
                     text(
-                        "SELECT tgname FROM pg_trigger WHERE tgrelid IN ('audit_event'::regclass, "
-                        "'audit_chain_state'::regclass) AND NOT tgisinternal"
+                        "SELECT tgname FROM pg_trigger WHERE tgrelid IN (to_regclass('audit_event'), "
+                        "to_regclass('audit_chain_state')) AND NOT tgisinternal"
                     )
                 ).scalars()
             )
@@ -298,8 +298,8 @@ def schema_fingerprint(connection: Connection) -> str:
     if connection.dialect.name == "postgresql":
         rows = connection.execute(
             text(
-                "SELECT tgname, oid FROM pg_trigger WHERE tgrelid IN ('audit_event'::regclass, "
-                "'audit_chain_state'::regclass) AND NOT tgisinternal ORDER BY tgname"
+                "SELECT tgname, oid FROM pg_trigger WHERE tgrelid IN (to_regclass('audit_event'), "
+                "to_regclass('audit_chain_state')) AND NOT tgisinternal ORDER BY tgname"
             )
         ).tuples()
         return "postgresql:" + ",".join(f"{name}={oid}" for name, oid in rows)
@@ -334,7 +334,7 @@ def init_db(database_url: str, *, keys: AuditKeyRing | None = None) -> Engine:
     Raises:
         AuditKeyError: no ring for a non-SQLite database, or the ring lacks the key that signed the chain state.
     """
-    from app.audit.chain import open_chain  # deferred: chain imports this module
+    from app.audit.integrity import open_chain  # deferred: it imports this module
 
     _ensure_sqlite_directory(database_url)
     if keys is None:

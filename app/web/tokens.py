@@ -30,15 +30,6 @@ router = APIRouter(prefix="/admin/tokens", tags=["admin"], include_in_schema=Fal
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-def token_state(token: audit.ApiToken, now: object) -> str:
-    """``active``, ``expired`` or ``revoked``."""
-    if token.revoked:
-        return "revoked"
-    if token.expires_at is not None and token.expires_at <= now:  # type: ignore[operator]
-        return "expired"
-    return "active"
-
-
 @router.get("", response_class=HTMLResponse)
 def tokens_page(request: Request, admin: AdminUser, db: DbDep,
                 user: Annotated[str | None, Query(max_length=64)] = None) -> HTMLResponse:
@@ -52,7 +43,7 @@ def tokens_page(request: Request, admin: AdminUser, db: DbDep,
     audit.append_event(db, audit.AuditAction.AUDIT_VIEW, user=admin.user,
                        detail={"what": "api_tokens", "filters": ["user"] if user else []})
     now = audit.utc_now()
-    rows = [{"token": t, "owner": names.get(t.user_id, "?"), "state": token_state(t, now)} for t in tokens]
+    rows = [{"token": t, "owner": names.get(t.user_id, "?"), "state": audit.api_token_state(t, now)} for t in tokens]
     return render(request, "admin_tokens.html", {"rows": rows, "owner": owner, "users": users},
                   headers=_NO_STORE)
 
