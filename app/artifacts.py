@@ -5,7 +5,8 @@ Used by ``vald-md counterfactual`` and by the web app's job worker, so both writ
 =====================  ===============================================================================
 ``input.png``          the decoded, windowed image exactly as the model saw it, native size (16-bit PNG)
 ``counterfactual.png`` the first sample's counterfactual, native size (``counterfactual-<i>.png`` for more)
-``overlay.png``        the attribution overlay (red = what the model removed), native size
+``overlay.png``        the attribution overlay (red = what the model removed), native size, on the model's
+                       calibrated scale (:mod:`app.mapscale`) when it has one, else the map's own percentile
 ``attribution.npy``    signed float32 (H, W) map, reference - counterfactual (mean over samples)
 ``attribution_std.npy`` per-pixel standard deviation over samples (only when samples > 1)
 ``reconstruction.png`` the autoencoder's reconstruction of the input (the alternative map reference)
@@ -42,6 +43,13 @@ the lung fields (:mod:`app.lungs`); else the whole frame. ``record.json`` says w
 (name, SHA-256, input size, threshold, held-out Dice) with the mask's ``lung_fraction``, or ``"applied": false``
 and the reason. As with a user mask, ``attribution.npy`` keeps full-frame values; the overlay, thresholds and
 ``map_summary`` are restricted to the region (``attribution.AttributionMap``).
+
+The map's scale: with a calibrated model (manifest ``"map_scale"``, :mod:`app.mapscale`) and the calibration's
+map method and reference, ``map_summary`` reads the map against the normals' level (``scale.kind``
+``"calibrated"``: the area above 1× the normal level, ``rms_vs_normal``, ``max_fold``); otherwise against the
+map's own percentiles (``"relative"``, with the reason). ``map_label`` names the difference
+(:func:`app.rendering.map_label`: the original, the autoencoder reconstruction or the DDIM reconstruction,
+minus the counterfactual).
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from app import attribution, imaging, rendering
+from app import attribution, imaging, mapscale, rendering
 from app.engine import CounterfactualEngine, CounterfactualResult, GenerationCancelled, ProgressCallback
 from app.lungs import LungSegmenter, mask_png_bytes
 
@@ -71,6 +79,8 @@ MAP_METHODS = {"sdedit": "SDEdit difference (paper)", "classifier_guided": "Clas
 ONE_SAMPLE_METHODS = ("classifier_guided", "ddim_inversion")
 """Methods that make one deterministic-path counterfactual (DDIM): one sample, no negative prompt."""
 MAX_CLASSIFIER_SCALE = 5.0
+MAX_CASE_LABEL = 64
+"""Characters of the operator's optional case label (shown on the result, stored in job.json and record.json)."""
 DISCLAIMER = "AI-generated counterfactual — not for diagnostic use"
 
 
@@ -92,6 +102,7 @@ class ReviewRequest:
     lung_mask: bool = True  # restrict the map to the lungs when a segmenter is loaded (a user mask still wins)
     map_method: str | None = None  # None: the model's recommendation (manifest "map_method"), else "sdedit"
     classifier_scale: float = 0.3  # classifier_guided only: step against the disease gradient, 0..5
+    case_label: str = ""  # the operator's own label for the case (never from DICOM tags, never logged or audited)
 
     def check(self) -> None:
         """Refuse values the engine does not check itself (reference map, smoothing, map method)."""
@@ -102,6 +113,9 @@ class ReviewRequest:
         if self.map_method is not None and self.map_method not in MAP_METHODS:
             raise ValueError(f"map_method={self.map_method!r} is not a map method; choose one of "
                              f"{', '.join(MAP_METHODS)}")
+        if len(self.case_label) > MAX_CASE_LABEL or not self.case_label.isprintable():
+            raise ValueError(f"case_label must be at most {MAX_CASE_LABEL} printable characters (no line breaks); "
+                             f"got {len(self.case_label)} characters")
         if not 0.0 <= self.classifier_scale <= MAX_CLASSIFIER_SCALE:
             raise ValueError(f"classifier_scale={self.classifier_scale} must be within [0, {MAX_CLASSIFIER_SCALE:g}]")
         if self.map_method in ONE_SAMPLE_METHODS:
@@ -337,7 +351,12 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     reference = pixels if req.reference == "input" else result.reconstruction
     amap = attribution.difference_map(reference, result.counterfactuals, mask=region,
                                       smoothing_sigma=req.smoothing_sigma)
-    overlay = rendering.render_overlay(pixels, amap)
+    calibration, scale_reason = mapscale.calibration_for_run(
+        mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
+        reference=str(req.reference), smoothing_sigma=req.smoothing_sigma)
+    label = rendering.map_label(req.reference, req.map_method)
+    overlay = rendering.render_overlay(pixels, amap, normal_level=calibration.level if calibration else None,
+                                       label=label)
     hashes: dict[str, str] = {}
     hashes["input.png"] = _write(out / "input.png", imaging.to_png_bytes(pixels, bits=16))
     for i, cf in enumerate(result.counterfactuals):
@@ -353,7 +372,7 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         hashes["mask.png"] = _write(out / "mask.png", imaging.to_png_bytes(mask.astype(np.float32)))
     if lungs is not None:
         hashes["lung_mask.png"] = _write(out / "lung_mask.png", mask_png_bytes(lungs))
-    summary = attribution.summarize(amap)
+    summary = mapscale.summarize_scaled(amap, calibration, parameters=result.parameters, reason=scale_reason)
     record = {
         "vald_md_record": 1,
         "created_at": datetime.now(UTC).isoformat(),
@@ -363,9 +382,12 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         "request": {"window": req.window, "reference": req.reference, "smoothing_sigma": req.smoothing_sigma,
                     "mask": mask is not None, "lung_mask": req.lung_mask, "map_method": req.map_method},
         **method_record,
+        "map_label": label,
         "map_region": "user_mask" if mask is not None else "lungs" if lungs is not None else "whole_image",
         "lung_mask": lung_record,
-        "map_summary": summary.to_dict(),
+        "map_summary": summary,
+        "model_limitations": engine.info.manifest.get("limitations"),
+        "case_label": req.case_label or None,
         "artifacts_sha256": hashes,
         "disclaimer": DISCLAIMER,
     }

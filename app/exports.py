@@ -52,7 +52,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import PersonName
 
-from app import __version__, attribution, rendering
+from app import __version__, attribution, mapscale, rendering
 
 __all__ = [
     "ANONYMOUS",
@@ -241,12 +241,30 @@ def _read_lung_mask(run_dir: Path, record: dict[str, Any], shape: tuple[int, int
         raise ExportError(f"lung_mask.png in {run_dir} cannot be used: {exc}") from exc
 
 
-def _render_overlay(original: FloatImage, amap: attribution.AttributionMap, *, opacity: float,
-                    threshold: float | None, threshold_mode: str, mode: str) -> RGBImage:
-    """The overlay with its legend on the right, ``(H, W + L, 3)`` uint8; bad options become ExportError."""
+THRESHOLD_NORMAL = "normal"
+"""``threshold_mode`` of a threshold given as an x-fold of the model's normal level (calibrated runs only)."""
+
+
+def _render_overlay(original: FloatImage, amap: attribution.AttributionMap, record: dict[str, Any], *,
+                    opacity: float, threshold: float | None, threshold_mode: str, mode: str) -> RGBImage:
+    """The overlay with its legend on the right, ``(H, W + L, 3)`` uint8, on the run's scale (calibrated: x-fold
+    of the normal range; else relative) and labelled with its map reference; bad options become ExportError."""
+    calibration = mapscale.scale_from_record(record)
+    if threshold_mode == THRESHOLD_NORMAL:
+        if calibration is None:
+            raise ExportError("threshold_mode 'normal' needs a run read against a calibrated model (map_summary."
+                              "scale.kind 'calibrated'); give a percentile or an absolute threshold instead.")
+        if threshold is not None:
+            threshold, threshold_mode = threshold * calibration.level, "absolute"
+        else:
+            threshold_mode = "percentile"
+    if calibration is not None and mode == "outline" and threshold is None:
+        threshold, threshold_mode = mapscale.DEFAULT_THRESHOLD_FOLD * calibration.level, "absolute"
     try:
         return rendering.render_overlay(original, amap, opacity=opacity, threshold=threshold,
-                                          threshold_mode=threshold_mode, mode=mode, legend=True)
+                                        threshold_mode=threshold_mode, mode=mode, legend=True,
+                                        normal_level=calibration.level if calibration is not None else None,
+                                        label=rendering.map_label_of_record(record))
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
 
@@ -286,12 +304,22 @@ def _run_facts(record: dict[str, Any]) -> dict[str, str]:
         "scheduler": _fmt(params.get("scheduler")),
         "samples": _fmt(params.get("samples")),
         "reference": _fmt(request.get("reference")),
+        "map_label": rendering.map_label_of_record(record),
+        "map_scale": _scale_text(record),
         "smoothing_sigma": _fmt(request.get("smoothing_sigma")),
         "map_region": _map_region(record),
         "model_hash": _fmt(record.get("model_hash")),
         "created_at": _fmt(record.get("created_at")),
     }
     return facts
+
+
+def _scale_text(record: dict[str, Any]) -> str:
+    """The map's scale in words: calibrated (what 1× is) or relative (per-image)."""
+    calibration = mapscale.scale_from_record(record)
+    if calibration is None:
+        return "relative (per-image) scale"
+    return f"x-fold of the normal range: {calibration.describe()}"
 
 
 def _map_region(record: dict[str, Any]) -> str:
@@ -324,7 +352,8 @@ def _display_params(facts: dict[str, str], overlay: dict[str, str], region: str)
         "Seed": facts["seed"],
         "Scheduler": facts["scheduler"],
         "Samples": facts["samples"],
-        "Map reference": facts["reference"],
+        "Map": facts["map_label"],
+        "Map scale": facts["map_scale"],
         "Map region": region,
         "Model (SHA-256)": model[:MODEL_HASH_PREFIX] if model != "n/a" else model,
         "Overlay": ", ".join(f"{k} {v}" for k, v in overlay.items()),
@@ -336,6 +365,7 @@ def _display_params(facts: dict[str, str], overlay: dict[str, str], region: str)
 def _overlay_facts(opacity: float, threshold: float | None, threshold_mode: str, mode: str,
                    lung_outline: bool = False) -> dict[str, str]:
     thr = "none" if threshold is None else (f"{threshold:g} %ile" if threshold_mode == "percentile"
+                                            else f"{threshold:g}× normal" if threshold_mode == THRESHOLD_NORMAL
                                             else f"{threshold:g}")
     facts = {"mode": mode, "opacity": f"{opacity:g}", "threshold": thr}
     if lung_outline:
@@ -358,6 +388,7 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     iTXt where the value is not Latin-1): ``vald_md:prompt``, ``vald_md:negative_prompt``, ``vald_md:strength``,
     ``vald_md:guidance_scale``, ``vald_md:steps``, ``vald_md:effective_steps``, ``vald_md:seed`` (all sample
     seeds, comma-separated), ``vald_md:scheduler``, ``vald_md:samples``, ``vald_md:reference``,
+    ``vald_md:map_label`` (:func:`app.rendering.map_label`), ``vald_md:map_scale`` (calibrated or relative),
     ``vald_md:smoothing_sigma``, ``vald_md:map_region`` (``lungs``, ``user_mask`` or ``whole_image``),
     ``vald_md:model_hash`` (full SHA-256), ``vald_md:created_at``,
     ``vald_md:overlay`` (JSON of the display options), ``vald_md:record_sha256`` (of ``record.json``), plus
@@ -367,9 +398,10 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     Args:
         run_dir: A finished run folder (see :mod:`app.artifacts`).
         opacity: Maximum overlay opacity in [0, 1].
-        threshold: Hide |M| below this: a percentile in [0, 100] (``threshold_mode="percentile"``) or an
-            absolute intensity difference (``"absolute"``); ``None`` shows every value.
-        threshold_mode: ``"percentile"`` or ``"absolute"``.
+        threshold: Hide |M| below this: a percentile in [0, 100] (``threshold_mode="percentile"``), an
+            absolute intensity difference (``"absolute"``) or, for a run read against a calibrated model, an
+            x-fold of its normal level (``"normal"``); ``None`` shows every value.
+        threshold_mode: ``"percentile"``, ``"absolute"`` or ``"normal"`` (:data:`THRESHOLD_NORMAL`).
         mode: ``"magnitude"``, ``"signed"``, ``"outline"`` or ``"stability"`` (several samples only).
         lung_outline: Draw the outline of ``lung_mask.png`` in green over the overlay (the map is restricted to
             it anyway); refused for a run without one.
@@ -385,7 +417,7 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     original, amap = _read_map(run_dir, record)
 
     # 2. overlay and the composed image
-    overlay = _render_overlay(original, amap, opacity=opacity, threshold=threshold,
+    overlay = _render_overlay(original, amap, record, opacity=opacity, threshold=threshold,
                               threshold_mode=threshold_mode, mode=mode)
     if lung_outline:
         overlay = rendering.draw_mask_outline(overlay, _read_lung_mask(run_dir, record, original.shape))
@@ -393,7 +425,7 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     overlay_facts = _overlay_facts(opacity, threshold, threshold_mode, mode, lung_outline)
     image = rendering.render_annotated_export(
         original, overlay, params=_display_params(facts, overlay_facts, _region_text(record)),
-        title="VALD-MD counterfactual attribution (original − counterfactual)")
+        title=f"VALD-MD counterfactual attribution ({facts['map_label']})")
 
     # 3. text chunks
     info = PngImagePlugin.PngInfo()
@@ -565,7 +597,7 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
     original, amap = _read_map(run_dir, record)
 
     # 2. pixels: banner over overlay | legend
-    overlay = _render_overlay(original, amap, opacity=opacity, threshold=threshold,
+    overlay = _render_overlay(original, amap, record, opacity=opacity, threshold=threshold,
                               threshold_mode=threshold_mode, mode=mode)
     pixels = np.ascontiguousarray(_burn_in_banner(overlay, DISCLAIMER))
 
@@ -602,10 +634,10 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
     sc.PatientName = ANONYMOUS
     sc.ConversionType = "WSD"  # rendered by a workstation, not digitised
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = (f"{DISCLAIMER}. Overlay ({mode}) of original − counterfactual; red: density the "
+    sc.ImageComments = (f"{DISCLAIMER}. Overlay ({mode}) of {facts['map_label']}; red: density the "
                         "counterfactual removed.")
     derivation = (
-        f"Attribution overlay (original − counterfactual) rendered by VALD-MD {__version__}. {DISCLAIMER}. "
+        f"Attribution overlay ({facts['map_label']}) rendered by VALD-MD {__version__}. {DISCLAIMER}. "
         + "; ".join(f"{k}={v}" for k, v in facts.items())
     )
     sc.DerivationDescription = derivation[:1024]  # ST: at most 1024 characters

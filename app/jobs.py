@@ -466,7 +466,8 @@ class JobManager:
             source_format=meta.source_format, uid_secret=self.uid_secret, modality=meta.modality,
             study_instance_uid=meta.study_instance_uid, series_instance_uid=meta.series_instance_uid,
             sop_instance_uid=meta.sop_instance_uid, store_plain_uids=self.store_plain_uids)
-        params: dict[str, Any] = {**asdict(req), "mask": has_mask}
+        # the operator's case label is theirs to see on the result, never the audit's
+        params: dict[str, Any] = {**{k: v for k, v in asdict(req).items() if k != "case_label"}, "mask": has_mask}
         if rerun_of is not None:
             params["rerun_of"] = rerun_of
         run = audit.create_run(self.db, user=user, input_id=record.id, params=params, seeds=seeds,

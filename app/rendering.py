@@ -25,6 +25,7 @@ from app.attribution import (
     check_unit_image,
     threshold_value,
 )
+from app.mapscale import FULL_SCALE_FOLD
 
 __all__ = [
     "BANNER_TEXT",
@@ -32,7 +33,10 @@ __all__ = [
     "LEGEND_POSITIONS",
     "OUTLINE_COLOUR",
     "OVERLAY_MODES",
+    "display_scale",
     "draw_mask_outline",
+    "map_label",
+    "map_label_of_record",
     "mask_outline",
     "render_annotated_export",
     "render_legend",
@@ -63,11 +67,36 @@ _EXPORT_BACKGROUND = (16, 16, 16)
 _BANNER_BACKGROUND = (255, 196, 0)
 _BANNER_TEXT_COLOUR = (0, 0, 0)
 _CAPTIONS = {
-    "magnitude": "|original − counterfactual|",
-    "signed": "original − counterfactual (red: removed, blue: added)",
-    "stability": "per-pixel SD of original − counterfactual across samples",
-    "outline": "outline: |original − counterfactual| ≥ threshold",
+    "magnitude": "|{map}|",
+    "signed": "{map} (red: removed, blue: added)",
+    "stability": "per-pixel SD of {map} across samples",
+    "outline": "outline: |{map}| ≥ threshold",
 }
+_FOLD_CAPTION = "x-fold of the normal range"
+_RELATIVE_CAPTION = "relative (per-image) scale"
+_REFERENCE_NAMES = {"input": "original", "reconstruction": "autoencoder reconstruction"}
+
+
+def map_label(reference: str | None, map_method: str | None = None) -> str:
+    """What the map is the difference of, in words: ``"<reference> − counterfactual"``.
+
+    The one source of the map's name for the viewer, the legend, the exports and the docs. ``reference`` is the
+    run's map reference (``"input"`` → the original; ``"reconstruction"`` → the autoencoder's reconstruction of
+    it), except for ``map_method="ddim_inversion"``, whose reference is always the DDIM reconstruction from the
+    same inverted latent. ``None`` (records from before the reference was recorded) reads as ``"input"``.
+    """
+    if map_method == "ddim_inversion":
+        return "DDIM reconstruction − counterfactual"
+    name = _REFERENCE_NAMES.get(reference or "input")
+    if name is None:
+        raise ValueError(f"reference must be one of {tuple(_REFERENCE_NAMES)}; got {reference!r}.")
+    return f"{name} − counterfactual"
+
+
+def map_label_of_record(record: dict[str, Any]) -> str:
+    """:func:`map_label` of a run's ``record.json`` (``request.reference`` and ``map_method``)."""
+    request = record.get("request") or {}
+    return map_label(request.get("reference"), record.get("map_method") or request.get("map_method"))
 
 
 def _check_opacity(opacity: float) -> None:
@@ -90,6 +119,19 @@ def _check_scale(scale: float | None) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def display_scale(amap: AttributionMap, *, mode: str = "magnitude", scale: float | None = None,
+                  normal_level: float | None = None) -> float:
+    """The value drawn at full colour (intensity units), as :func:`render_overlay` picks it: ``scale`` when
+    given; else ``FULL_SCALE_FOLD`` × the calibrated ``normal_level`` (not for the stability map); else the
+    displayed values' own :data:`DEFAULT_SCALE_PERCENTILE`-th percentile inside the mask."""
+    if scale is not None:
+        return scale
+    if normal_level is not None and mode != "stability":
+        return FULL_SCALE_FOLD * normal_level
+    values = amap.std if mode == "stability" and amap.std is not None else amap.magnitude
+    return float(np.percentile(values[amap.region_mask()], DEFAULT_SCALE_PERCENTILE))
+
+
 def render_overlay(
     original: ArrayLike,
     amap: AttributionMap,
@@ -101,12 +143,16 @@ def render_overlay(
     mode: str = "magnitude",
     legend: bool = False,
     legend_position: str = "right",
+    normal_level: float | None = None,
+    label: str = "reference − counterfactual",
 ) -> RGBImage:
     """Draw the map over the grayscale original.
 
     Order of operations: (1) pick the displayed values: |M| (``magnitude``, ``signed``, ``outline``) or the
     sample SD (``stability``); (2) scale: the given absolute value, else the values' own
-    :data:`DEFAULT_SCALE_PERCENTILE`-th percentile inside the mask; (3) ``alpha = opacity * clip(v / scale,
+    :data:`DEFAULT_SCALE_PERCENTILE`-th percentile inside the mask — unless the model's calibrated
+    ``normal_level`` is given, when |M| is drawn against it (full colour at ``FULL_SCALE_FOLD`` × the level, see
+    :mod:`app.mapscale`; the stability map keeps its own percentile); (3) ``alpha = opacity * clip(v / scale,
     0, 1)``, zero outside the mask and, with a threshold, below it; (4) blend ``(1 − alpha) * gray +
     alpha * hue`` — red for magnitude and positive M, blue for negative M, amber for stability; in outline
     mode the contour (1 px below 512 px, else 2 px) of the thresholded region is drawn in red at ``opacity``;
@@ -125,6 +171,9 @@ def render_overlay(
         mode: ``"magnitude"``, ``"signed"``, ``"outline"`` or ``"stability"``.
         legend: Append a colour bar with numeric labels.
         legend_position: ``"right"`` (output ``(H, W + L, 3)``) or ``"bottom"`` (``(H + L, W, 3)``).
+        normal_level: The model's normal level (1×, intensity units; ``MapCalibration.level``) or ``None`` for
+            an uncalibrated model: the legend then says "relative (per-image) scale".
+        label: What the map is the difference of, for the legend (:func:`map_label`).
 
     Returns:
         uint8 RGB ``(H, W, 3)``, wider or taller with a legend.
@@ -142,6 +191,7 @@ def render_overlay(
         )
     _check_opacity(opacity)
     _check_scale(scale)
+    _check_scale(normal_level)
     check_choice("mode", mode, OVERLAY_MODES)
     check_choice("legend_position", legend_position, LEGEND_POSITIONS)
     if threshold is not None:
@@ -152,7 +202,8 @@ def render_overlay(
     # 2. displayed values and their scale
     values = amap.std if mode == "stability" and amap.std is not None else amap.magnitude
     region = amap.region_mask()
-    used_scale = scale if scale is not None else float(np.percentile(values[region], DEFAULT_SCALE_PERCENTILE))
+    unit = normal_level if mode != "stability" else None
+    used_scale = display_scale(amap, mode=mode, scale=scale, normal_level=normal_level)
 
     # 3. alpha
     if mode == "outline":
@@ -187,7 +238,8 @@ def render_overlay(
     # 5. legend
     if legend:
         length = out.shape[0] if legend_position == "right" else out.shape[1]
-        bar = render_legend(length, used_scale, mode, position=legend_position, opacity=opacity, threshold=thr)
+        bar = render_legend(length, used_scale, mode, position=legend_position, opacity=opacity, threshold=thr,
+                            unit=unit, relative=scale is None and unit is None, label=label)
         out = np.concatenate([out, bar], axis=1 if legend_position == "right" else 0)
     return out
 
@@ -265,12 +317,17 @@ def render_legend(
     position: str = "right",
     opacity: float = 1.0,
     threshold: float | None = None,
+    unit: float | None = None,
+    relative: bool = False,
+    label: str = "reference − counterfactual",
 ) -> RGBImage:
     """Render a colour bar with numeric labels and a caption, to sit beside an overlay.
 
     The bar shows the overlay hue blended over mid-gray at ``alpha = opacity * t`` for ``t`` from 0 to 1, i.e.
-    the colour a pixel of that value gets over a mid-gray background. Labels are in intensity units of
-    ``original − counterfactual``. Text scales with ``height`` (about 1/40 of it, at least 10 px).
+    the colour a pixel of that value gets over a mid-gray background. Labels are in intensity units of the map
+    (``label``), or, given the model's normal level ``unit``, x-fold of it ("1×" = the normal range's 99th
+    percentile) with the caption "x-fold of the normal range". Text scales with ``height`` (about 1/40 of it,
+    at least 10 px).
 
     Args:
         height: Length in pixels of the image side the legend is attached to: the image height for
@@ -281,6 +338,9 @@ def render_legend(
         position: ``"right"`` → ``(height, L, 3)``; ``"bottom"`` → ``(L, height, 3)``.
         opacity: The overlay's opacity in [0, 1], so the bar matches the rendered colours.
         threshold: Contour level for ``mode="outline"`` (intensity units).
+        unit: The normal level (intensity units) to label the bar in; ``None`` labels intensity units.
+        relative: The scale is the map's own percentile: the caption says "relative (per-image) scale".
+        label: What the map is the difference of (:func:`map_label`).
 
     Returns:
         uint8 RGB legend strip.
@@ -296,7 +356,12 @@ def render_legend(
     check_choice("mode", mode, OVERLAY_MODES)
     check_choice("position", position, LEGEND_POSITIONS)
     _check_opacity(opacity)
+    _check_scale(unit)
     vertical = position == "right"
+
+    def fmt(value: float, sign: str = "") -> str:
+        return f"{sign}{value / unit:.3g}×" if unit is not None else f"{sign}{value:.3g}"
+
 
     # 2. geometry
     font_px = _font_px(height)
@@ -312,15 +377,15 @@ def render_legend(
         value = 2.0 * t - 1.0
         hue = np.where((value >= 0)[:, None], np.asarray(_RED), np.asarray(_BLUE))
         strength = np.abs(value)
-        labels = [f"{-scale:.3g}", "0", f"+{scale:.3g}"]
+        labels = [fmt(scale, "−"), "0", fmt(scale, "+")]
     elif mode == "outline":
         hue = np.broadcast_to(np.asarray(_RED), (t.size, 3))
         strength = np.zeros_like(t)
-        labels = ["", "", "" if threshold is None else f"≥ {threshold:.3g}"]
+        labels = ["", "", "" if threshold is None else f"≥ {fmt(threshold)}"]
     else:
         hue = np.broadcast_to(np.asarray(_AMBER if mode == "stability" else _RED), (t.size, 3))
         strength = t
-        labels = ["0", f"{scale / 2:.3g}", f"{scale:.3g}"]
+        labels = ["0", fmt(scale / 2), fmt(scale)]
     a = (opacity * strength)[:, None]
     colours = _to_uint8((1.0 - a) * 0.5 + a * hue)  # (bar_len, 3)
     bar = np.repeat(colours[:, None, :], bar_w, axis=1)  # (along the bar, across it, 3)
@@ -332,7 +397,11 @@ def render_legend(
 
     # 4. compose
     label_w = max(_text_width(s, font) for s in [*labels, "0.000"])
-    caption = _CAPTIONS[mode]
+    caption = _CAPTIONS[mode].format(map=label)
+    if unit is not None:
+        caption = f"{caption}, {_FOLD_CAPTION}"
+    elif relative:
+        caption = f"{caption}, {_RELATIVE_CAPTION}"
     if vertical:
         cap_font = _fit_font(caption, height - 2 * pad, font_px)
         width = pad + bar_w + pad // 2 + label_w + pad + _line_height(cap_font) + pad

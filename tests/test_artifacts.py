@@ -359,3 +359,43 @@ def test_cli_counterfactual_map_method(tiny_engine, segmenter_dir, classifier_di
     assert cli.main([*common, "--lesion-classifier", str(classifier_dir), "--samples", "2",
                      "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the map's scale and label
+# ----------------------------------------------------------------------------------------------------------------
+CALIBRATION = {"level": 0.05, "percentile": 99.0, "rms": 0.02, "mean_abs": 0.015, "n_images": 3,
+               "map_method": "sdedit", "reference": "input", "preset": {"strength": 0.5, "steps": 4},
+               "data": {"dataset": "synthetic"}, "created": "2026-12-06"}
+
+
+def test_uncalibrated_model_records_the_relative_scale(plain_run):
+    record = json.loads((plain_run / "record.json").read_text())
+    scale = record["map_summary"]["scale"]
+    assert scale["kind"] == "relative" and "no map calibration" in scale["reason"]
+    assert record["map_label"] == "original − counterfactual" == exports.rendering.map_label("input")
+
+
+def test_calibrated_model_reads_the_map_against_the_normal_level(tiny_engine, box_segmenter, tmp_path, monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", CALIBRATION)
+    record = run(tiny_engine, tmp_path / "cal", segmenter=box_segmenter, reference="input")
+    summary = record["map_summary"]
+    assert summary["scale"]["kind"] == "calibrated" and summary["scale"]["level"] == 0.05
+    assert summary["scale"]["preset_matches"] is True and summary["threshold_fold"] == 1.0
+    amap = np.load(tmp_path / "cal" / "attribution.npy")
+    lungs = box_lungs((H, W))
+    assert summary["changed_area_fraction"] == pytest.approx((np.abs(amap[lungs]) >= 0.05).mean())
+    rms = float(np.sqrt(np.mean(amap[lungs].astype(np.float64) ** 2)))
+    assert summary["rms_vs_normal"] == pytest.approx(rms / 0.02, rel=1e-5)
+    # the calibration holds for its own reference only: a reconstruction-referenced map falls back, and says why
+    other = run(tiny_engine, tmp_path / "rec", segmenter=box_segmenter, reference="reconstruction")
+    assert other["map_summary"]["scale"]["kind"] == "relative"
+    assert "reconstruction" in other["map_summary"]["scale"]["reason"]
+    assert other["map_label"] == "autoencoder reconstruction − counterfactual"
+
+
+def test_case_label_is_recorded_and_checked(tiny_engine, tmp_path):
+    record = run(tiny_engine, tmp_path / "lab", case_label="teaching case 3")
+    assert record["case_label"] == "teaching case 3"
+    with pytest.raises(ValueError, match="case_label"):
+        ReviewRequest(case_label="two\nlines").check()

@@ -461,3 +461,78 @@ def test_outline_layer_and_painted_outline() -> None:
     np.testing.assert_array_equal(painted[:, W:], overlay[:, W:])  # the legend is untouched
     with pytest.raises(ValueError, match="at least as large"):
         attr.draw_mask_outline(overlay[:10], region)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the absolute (calibrated) scale and the map's label
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_calibrated_scale_renders_maps_of_different_magnitude_differently() -> None:
+    # two maps of the same shape, one twice as strong: the per-image scale draws them alike, the calibrated one not
+    counterfactual = background(seed=3)
+    weak, strong = counterfactual.copy(), counterfactual.copy()
+    weak[disk()] += 0.1
+    strong[disk()] += 0.2
+    map_weak, map_strong = difference_map(weak, counterfactual), difference_map(strong, counterfactual)
+    d = disk()
+    own_weak, own_strong = render_overlay(weak, map_weak, opacity=1.0), render_overlay(strong, map_strong, opacity=1.0)
+    assert abs(own_weak[d, 0].astype(int) - own_strong[d, 0].astype(int)).max() <= 1  # relative: alike
+    level = 0.1  # the normal level: the weak change is 1x, the strong one 2x (full colour)
+    cal_weak = render_overlay(weak, map_weak, opacity=1.0, normal_level=level).astype(int)
+    cal_strong = render_overlay(strong, map_strong, opacity=1.0, normal_level=level).astype(int)
+    assert (cal_strong[d, 0] - cal_strong[d, 1]).mean() > (cal_weak[d, 0] - cal_weak[d, 1]).mean() + 60
+    assert cal_strong[d, 1].max() == 0  # 2x normal = FULL_SCALE_FOLD: pure red at opacity 1
+    # and the legend says which scale it is: fold labels differ from per-image intensity labels
+    assert not np.array_equal(render_legend(256, 0.2, "magnitude", unit=0.1),
+                              render_legend(256, 0.2, "magnitude", relative=True))
+
+
+def test_measure_normals_and_the_scaled_summary() -> None:
+    from app import mapscale
+
+    rng = np.random.default_rng(0)
+    maps = [rng.normal(0.0, 0.05, (H, W)).astype(np.float32) for _ in range(4)]
+    masks = [disk(r=20.0)] * 4
+    stats = mapscale.measure_normals(maps, masks)
+    pooled = np.abs(np.concatenate([m[k] for m, k in zip(maps, masks, strict=True)]))
+    assert stats["level"] == pytest.approx(np.percentile(pooled, 99))
+    assert stats["n_images"] == 4 and stats["rms"] == pytest.approx(np.sqrt(np.mean(pooled**2)))
+    cal = mapscale.MapCalibration(level=stats["level"], rms=stats["rms"], n_images=4,
+                                  preset={"strength": 0.3}, map_method="sdedit", reference="input")
+    # a normal-like map: about 1 % above 1x; the same map doubled: far more, and twice the energy
+    normal = AttributionMap(signed=maps[0], magnitude=np.abs(maps[0]), std=None, n_samples=1, mask=masks[0])
+    doubled = AttributionMap(signed=2 * maps[0], magnitude=2 * np.abs(maps[0]), std=None, n_samples=1,
+                             mask=masks[0])
+    s1 = mapscale.summarize_scaled(normal, cal, parameters={"strength": 0.3})
+    s2 = mapscale.summarize_scaled(doubled, cal, parameters={"strength": 0.5})
+    assert s1["scale"]["kind"] == "calibrated" and s1["threshold_fold"] == 1.0
+    assert s1["changed_area_fraction"] < 0.03 < 0.15 < s2["changed_area_fraction"]
+    assert s2["rms_vs_normal"] == pytest.approx(2 * s1["rms_vs_normal"], rel=1e-6)
+    assert s1["scale"]["preset_matches"] is True and s2["scale"]["preset_matches"] is False
+    # the threshold (x-fold) changes the area, unlike the per-image percentile
+    higher = mapscale.summarize_scaled(doubled, cal, threshold_fold=2.0)
+    assert higher["changed_area_fraction"] < s2["changed_area_fraction"]
+    relative = mapscale.summarize_scaled(normal, None, reason="no calibration")
+    assert relative["scale"]["kind"] == "relative"
+    assert relative["changed_area_fraction"] == pytest.approx(0.05, abs=0.01)  # by construction
+    # a record round-trips the calibration; a relative record has none
+    assert mapscale.scale_from_record({"map_summary": s2}).level == cal.level  # type: ignore[union-attr]
+    assert mapscale.scale_from_record({"map_summary": relative}) is None
+    assert mapscale.calibration_for_run(cal, map_method="ddim_inversion", reference="input")[0] is None
+    assert mapscale.calibration_for_run(cal, map_method="sdedit", reference="input")[0] is cal
+    with pytest.raises(ValueError, match="positive"):
+        mapscale.MapCalibration(level=0.0)
+
+
+@pytest.mark.parametrize(("reference", "method", "label"), [
+    ("input", "sdedit", "original − counterfactual"),
+    ("reconstruction", "sdedit", "autoencoder reconstruction − counterfactual"),
+    ("reconstruction", "classifier_guided", "autoencoder reconstruction − counterfactual"),
+    ("reconstruction", "ddim_inversion", "DDIM reconstruction − counterfactual"),
+    (None, None, "original − counterfactual"),
+])
+def test_map_label_follows_the_reference(reference, method, label) -> None:
+    assert attr.map_label(reference, method) == label
+    record = {"request": {"reference": reference}, "map_method": method}
+    assert attr.map_label_of_record(record) == label

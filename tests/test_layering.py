@@ -21,6 +21,9 @@ FORBIDDEN: dict[str, set[str]] = {
                     "lungs"},
     "rendering": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "metrics",
                   "lungs"},
+    # the map's calibrated scale: numpy and app.attribution only (rendering draws with it)
+    "mapscale": {"rendering", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli",
+                 "metrics", "lungs"},
     "metrics": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
     "engine": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
     "audit": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
@@ -48,7 +51,7 @@ FORBIDDEN: dict[str, set[str]] = {
                "metrics", "cli", "lungs"},
 }
 # modules that may not import torch/diffusers at all (pure numpy / database layers)
-NO_TORCH = {"datasets", "imaging", "attribution", "rendering", "audit", "exports", "config", "migrations", "manage"}
+NO_TORCH = {"datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "exports", "config", "migrations", "manage"}
 
 
 def _imports(path: Path) -> set[str]:

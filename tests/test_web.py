@@ -246,7 +246,14 @@ def test_results_fragment_shows_images_controls_and_exports(client, done_job):
     assert [a["value"] for a in doc.find_all("input", name="mode")] == ["magnitude", "signed", "outline"]
     exports = [a["data-export"] for a in doc.find_all("a") if "data-export" in a]
     assert exports == ["annotated.png", "record.json", "bundle.zip"]  # no DICOM SC for a PNG input
-    assert doc.text.count("AI-generated — not for diagnostic use") >= 3
+    assert "AI-generated — not for diagnostic use" in doc.text
+    # the AI badge sits in the captions of the generated images, never over an image
+    html = client.get(f"/runs/{job_id}", headers={"HX-Request": "true"}).text
+    figures = {re.search(r'data-panel="(\w+)"', f).group(1): f for f in html.split("<figure")[1:]}  # type: ignore[union-attr]
+    tagged = [name for name, f in figures.items() if "data-ai-tag" in f.split("</figcaption>")[0]]
+    assert tagged == ["counterfactual", "overlay", "compare"]
+    assert not any("data-ai-tag" in f.split("</figcaption>")[1] for f in figures.values())
+    assert "watermark" not in html
     assert doc.find_all("input", type="range", **{"data_swipe": ""})
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.artifacts import MAP_METHODS, MAX_CLASSIFIER_SCALE, ReviewRequest
+from app.artifacts import MAP_METHODS, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
 from app.engine import SCHEDULERS, ModelInfo, effective_steps
 
 SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]
@@ -95,10 +95,22 @@ class ReviewFormParams(GenerationParams):
     seed_mode: Literal["random", "fixed"] = "random"
     reuse_input: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="job id whose upload to reuse")
     lung_mask_field: Literal["checkbox"] | None = None
+    case_label: str = Field("", max_length=MAX_CASE_LABEL,
+                            description="the operator's own label for the case (optional; never taken from the "
+                                        "file, never logged); shown on the result")
+
+    @field_validator("case_label")
+    @classmethod
+    def _check_case_label(cls, v: str) -> str:
+        v = v.strip()
+        if not v.isprintable():
+            raise ValueError("the case label must be one line of printable characters")
+        return v
 
     def to_request(self, info: ModelInfo) -> ReviewRequest:
         """As :meth:`GenerationParams.to_request`; ``seed_mode="random"`` ignores the seed field."""
         req = super().to_request(info)
+        req.case_label = self.case_label
         if self.lung_mask_field == "checkbox" and "lung_mask" not in self.model_fields_set:
             req.lung_mask = False
         if self.seed_mode == "random":
@@ -125,6 +137,7 @@ class FormValues:
     lung_mask: bool = True
     map_method: str = "sdedit"
     classifier_scale: float = 0.3
+    case_label: str = ""
     reuse_input: str | None = None
     facts: dict[str, Any] | None = None
     thumbnail_url: str | None = None
@@ -153,7 +166,8 @@ class FormValues:
                    seed_mode="fixed" if seed is not None else "random", scheduler=req.scheduler,
                    samples=req.samples, window=str(req.window if req.window is not None else "auto"),
                    lung_mask=req.lung_mask, map_method=req.map_method or "sdedit",
-                   classifier_scale=req.classifier_scale, reuse_input=reuse_input, facts=facts,
+                   classifier_scale=req.classifier_scale, case_label=req.case_label, reuse_input=reuse_input,
+                   facts=facts,
                    thumbnail_url=thumbnail_url)
 
 

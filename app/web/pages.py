@@ -41,7 +41,15 @@ from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, fi
 from app.web.forms import FormValues, ReviewFormParams, map_method_options, prompt_presets
 from app.web.streams import job_changes
 from app.web.templating import is_htmx, render
-from app.web.views import EXPORT_LABELS, OverlayOptions, api_base, export_kinds, has_lung_mask, job_status
+from app.web.views import (
+    EXPORT_LABELS,
+    OverlayOptions,
+    api_base,
+    export_kinds,
+    has_lung_mask,
+    job_status,
+    result_view,
+)
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
 NO_STORE = {"Cache-Control": "no-store"}
@@ -70,7 +78,9 @@ def run_context(jobs: JobManager, job: Job | None, *, poll: bool = False,
     if job is None:
         return {"job": None}
     overlay = overlay or OverlayOptions()
-    return {"job": job, "status": job_status(jobs, job), "poll": poll, "api": api_base(job),
+    info = jobs.engine.info
+    return {**result_view(job, overlay, info.manifest, info.model_hash),
+            "job": job, "status": job_status(jobs, job), "poll": poll, "api": api_base(job),
             "active": _active(jobs, job.owner, job),
             "position": jobs.queue_position(job), "queue_eta": jobs.queue_eta_s(job),
             "overlay": overlay, "exports": [(k, EXPORT_LABELS[k]) for k in export_kinds(job)],
@@ -239,11 +249,13 @@ def cancel_run(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser) 
 def run_overlay(
     request: Request, job_id: str, jobs: JobsDep, user: CurrentUser,
     opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
-    threshold: Annotated[float, Query(ge=0.0, le=100.0, description="0 = no threshold")] = 0.0,
+    threshold: Annotated[float, Query(ge=0.0, le=100.0, description="0 = no threshold; x-fold of the normal "
+                                                                    "level on a calibrated run, else a percentile")] = 0.0,
     mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
     lungs: Annotated[bool, Query(description="lung outline shown (the export links follow it)")] = False,
 ) -> HTMLResponse:
-    """The overlay image element for new display options, and the export links that follow them (out of band).
+    """The overlay image element for new display options, and (out of band) the legend, the map summary at the
+    new threshold and the export links that follow them.
     The PNG itself is rendered when the browser fetches the new URL. The lung outline is a layer of its own,
     shown and hidden in the browser; here it only changes the annotated export's link."""
     job = find_job(jobs, job_id, user)

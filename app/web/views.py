@@ -3,7 +3,10 @@ re-rendered overlay. Pure helpers over :class:`app.jobs.Job` and its run folder;
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,8 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app import attribution, exports, rendering
+from app import attribution, exports, mapscale, rendering
 from app.jobs import Job, JobManager, JobNotReadyError, JobState, read_png_unit
+
+logger = logging.getLogger(__name__)
 
 ARTIFACT = re.compile(r"^(input|overlay|reconstruction|mask|lung_mask|counterfactual(-\d{1,2})?)\.png$|"
                       r"^attribution(_std)?\.npy$|^record\.json$")
@@ -61,6 +66,8 @@ def job_status(jobs: JobManager, job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "queue_position": position,
         "queue_eta_s": _round(jobs.queue_eta_s(job)) if position else None,
+        "cost": job.cost,
+        "estimated_run_s": _round(jobs.estimated_run_s(job)) if not job.state.finished else None,
         "progress": {"step": job.step, "total": job.total, "fraction": round(fraction, 4),
                      "elapsed_s": _round(job.elapsed_s), "eta_s": _round(job.eta_s),
                      "preview_url": f"{base}/preview.png?v={job.version}" if job.has_preview else None},
@@ -125,7 +132,58 @@ def build_export(job: Job, kind: str, options: dict[str, Any]) -> tuple[bytes, s
         raise ArtifactNotFoundError("A DICOM Secondary Capture needs a DICOM input; this run was made from a "
                                     f"{job.source_format.upper() or 'non-DICOM'} file. Export PNG, JSON or ZIP.")
     source = job.upload_path.read_bytes() if job.source_format == "dicom" else None
+    if options.get("threshold") is not None and "threshold_mode" not in options:
+        options = {**options, "threshold_mode": threshold_mode(read_record(job))}
     return exports.build_export(job.run_dir, kind, source, **options)
+
+
+def read_record(job: Job) -> dict[str, Any]:
+    """A finished run's ``record.json`` ({} while unfinished, or when it is missing or unreadable)."""
+    path = job.run_dir / "record.json"
+    if job.state is not JobState.DONE or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def threshold_mode(record: dict[str, Any]) -> str:
+    """What the review page's threshold means for this run: ``"normal"`` (x-fold of the model's normal level) on a
+    calibrated run, ``"percentile"`` of the map's own |M| otherwise."""
+    return "normal" if mapscale.scale_from_record(record) is not None else "percentile"
+
+
+def map_summary(job: Job, options: OverlayOptions) -> dict[str, Any]:
+    """The run's map summary at the page's threshold: on a calibrated run, the area above ``threshold`` × the
+    normal level (1× when the slider is at 0), else the record's own summary (above the map's 95th percentile).
+
+    Raises:
+        JobNotReadyError: the run is not done.
+    """
+    require_done(job)
+    record = read_record(job)
+    calibration = mapscale.scale_from_record(record)
+    summary: dict[str, Any] = dict(record.get("map_summary") or {})
+    if calibration is None or options.threshold is None:
+        return summary
+    amap = _read_map(job)
+    scale = summary.get("scale") or {}
+    fresh = mapscale.summarize_scaled(amap, calibration, threshold_fold=options.threshold)
+    fresh["scale"] = {**fresh["scale"], **scale}
+    return fresh
+
+
+def _read_map(job: Job) -> attribution.AttributionMap:
+    run = job.run_dir
+    signed = np.load(run / "attribution.npy", allow_pickle=False).astype(np.float32)
+    std_path = run / "attribution_std.npy"
+    std = np.load(std_path, allow_pickle=False).astype(np.float32) if std_path.is_file() else None
+    region = next((run / n for n in exports.REGION_MASKS if (run / n).is_file()), None)
+    mask = read_png_unit(region) > 0.5 if region is not None else None
+    return attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
+                                      n_samples=max(job.request.samples, 2 if std is not None else 1), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -133,7 +191,9 @@ class OverlayOptions:
     """Display options of a re-rendered overlay (see ``rendering.render_overlay``).
 
     Attributes:
-        opacity: [0, 1]. threshold: percentile in [0, 100] of |M| below which nothing is drawn; ``None`` = none.
+        opacity: [0, 1]. threshold: below which nothing is drawn; ``None`` = none. On a run read against the
+        model's calibration (:mod:`app.mapscale`) an x-fold of the normal level (1 = the normals' 99th
+        percentile), else a percentile in [0, 100] of the map's own |M| (:func:`threshold_mode`).
         mode: magnitude | signed | outline | stability. scale: |M| drawn at full opacity (intensity units) or
         ``None`` for the map's own 99.5th percentile. legend: append the colour bar.
         lungs: show the lung outline. The review page draws it as a layer of its own over every image
@@ -180,21 +240,91 @@ def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
         for a single-sample run (message from ``rendering.render_overlay``).
     """
     require_done(job)
-    run = job.run_dir
-    original = read_png_unit(run / "input.png")
-    signed = np.load(run / "attribution.npy", allow_pickle=False).astype(np.float32)
-    std_path = run / "attribution_std.npy"
-    std = np.load(std_path, allow_pickle=False).astype(np.float32) if std_path.is_file() else None
-    region = next((run / n for n in exports.REGION_MASKS if (run / n).is_file()), None)
-    mask = read_png_unit(region) > 0.5 if region is not None else None
-    amap = attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
-                                      n_samples=max(job.request.samples, 2 if std is not None else 1), mask=mask)
+    original = read_png_unit(job.run_dir / "input.png")
+    amap = _read_map(job)
+    record = read_record(job)
+    calibration = mapscale.scale_from_record(record)
+    threshold, mode = _threshold(options, calibration)
     rgb = rendering.render_overlay(original, amap, opacity=options.opacity, scale=options.scale,
-                                     threshold=options.threshold, threshold_mode="percentile", mode=options.mode,
-                                     legend=options.legend)
+                                   threshold=threshold, threshold_mode=mode, mode=options.mode,
+                                   legend=options.legend, normal_level=calibration.level if calibration else None,
+                                   label=rendering.map_label_of_record(record))
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def _threshold(options: OverlayOptions, calibration: mapscale.MapCalibration | None) -> tuple[float | None, str]:
+    """(threshold, threshold mode) for ``rendering``: a calibrated run's x-fold in intensity units (the outline at
+    1× when none is set), else the percentile as given."""
+    if calibration is None:
+        return options.threshold, "percentile"
+    fold = options.threshold if options.threshold is not None else (
+        mapscale.DEFAULT_THRESHOLD_FOLD if options.mode == "outline" else None)
+    return (None if fold is None else fold * calibration.level), "absolute"
+
+
+def render_legend_png(job: Job, options: OverlayOptions, *, length: int = 480) -> bytes:
+    """The overlay's colour bar for the viewer (horizontal, ``length`` px wide, RGB PNG): the same colours,
+    labels and caption as the exports' legend — x-fold of the normal range on a calibrated run, else the map's
+    own values, marked "relative (per-image) scale".
+
+    Raises:
+        JobNotReadyError: the run is not done. ValueError: an option is out of range.
+    """
+    require_done(job)
+    amap = _read_map(job)
+    record = read_record(job)
+    calibration = mapscale.scale_from_record(record)
+    level = calibration.level if calibration is not None else None
+    threshold, mode = _threshold(options, calibration)
+    values = amap.std if options.mode == "stability" and amap.std is not None else amap.magnitude
+    thr = None if threshold is None else attribution.threshold_value(values, threshold=threshold, mode=mode,
+                                                                     mask=amap.mask)
+    if options.mode == "outline" and thr is None:
+        thr = attribution.threshold_value(values, threshold=attribution.DEFAULT_THRESHOLD_PERCENTILE,
+                                          mask=amap.mask)
+    scale = rendering.display_scale(amap, mode=options.mode, scale=options.scale, normal_level=level)
+    unit = level if options.mode != "stability" else None
+    rgb = rendering.render_legend(length, scale, options.mode, position="bottom", opacity=options.opacity,
+                                  threshold=thr, unit=unit, relative=options.scale is None and unit is None,
+                                  label=rendering.map_label_of_record(record))
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def result_view(job: Job, options: OverlayOptions, manifest: dict[str, Any], model_hash: str) -> dict[str, Any]:
+    """What the result page shows beside the images of a finished run ({} otherwise): the map's label, its
+    scale (``calibration``: the :class:`app.mapscale.MapCalibration` it was read against, or ``None`` for the
+    relative scale, with ``scale_reason``), the legend (a ``data:`` PNG URI), the map summary at the page's
+    threshold, the model's limitations (the record's, else the loaded model's when the run was made by it), the
+    model frame size and the operator's case label.
+
+    Args:
+        manifest, model_hash: The loaded model's manifest and hash (``engine.info``).
+    """
+    if job.state is not JobState.DONE:
+        return {}
+    record = read_record(job)
+    out: dict[str, Any] = {
+        "map_label": rendering.map_label_of_record(record),
+        "calibration": mapscale.scale_from_record(record),
+        "scale_reason": ((record.get("map_summary") or {}).get("scale") or {}).get("reason", ""),
+        "map_region": record.get("map_region") or "whole_image",
+        "model_frame": (record.get("letterbox") or {}).get("size") if isinstance(record.get("letterbox"), dict)
+        else None,
+        "case_label": record.get("case_label") or job.request.case_label or "",
+        "limitations": record.get("model_limitations") or (
+            manifest.get("limitations") if record.get("model_hash") == model_hash else None),
+        "legend_uri": None, "summary": record.get("map_summary") or {},
+    }
+    try:
+        out["legend_uri"] = "data:image/png;base64," + base64.b64encode(render_legend_png(job, options)).decode()
+        out["summary"] = map_summary(job, options)
+    except (OSError, ValueError) as e:  # a damaged run folder: the page still shows what it can
+        logger.warning("job %s: legend or map summary unavailable (%s)", job.id, type(e).__name__)
+    return out
 
 
 def render_lung_outline_png(job: Job) -> bytes:

@@ -7,6 +7,9 @@
      lung outline layer on/off (the overlay form's checkbox; htmx sends it too, for the export links),
      before/after swipe compare
    - keyboard: o overlay, l lung outline, c compare, f fit, 1 one-to-one, + / - zoom, arrows move the swipe
+   - stale results: choosing a new file greys out the result on screen at once and marks it "stale" (a result of
+     the previous image that arrives later is marked too), clears old error banners and a case label that
+     belonged to the previous run
    - progress: falls back from server-sent events to polling when the stream keeps failing */
 (function () {
   "use strict";
@@ -78,7 +81,44 @@
   }
 
   document.addEventListener("change", function (e) {
-    if (e.target.id === "file") showFileName(e.target);
+    if (e.target.id === "file") { showFileName(e.target); newFileChosen(e.target); }
+  });
+
+  // ---- stale results ----------------------------------------------------------------------------------------
+  // A result on screen belongs to the image it was made from. Once another file is chosen, nothing of the old
+  // result may pass for the new image: it is greyed out and labelled until Generate runs on the new file.
+  var fileChangedSinceSubmit = false;
+
+  function markStale(run) {
+    if (!run || !run.hasAttribute("data-job") || run.classList.contains("is-stale")) return;
+    run.classList.add("is-stale");
+    run.setAttribute("data-stale", "true");
+    var input = document.getElementById("file");
+    var name = input && input.files && input.files.length ? input.files[0].name : "the new file";
+    var note = document.createElement("p");
+    note.className = "stale-banner";
+    note.setAttribute("role", "status");
+    note.setAttribute("data-stale-banner", "");
+    note.textContent = "Stale: this result belongs to the previous image, not to " + name +
+      ". Press Generate to review the new file.";
+    run.insertBefore(note, run.firstChild);
+  }
+
+  function newFileChosen(input) {
+    if (!input.files || !input.files.length) return;
+    fileChangedSinceSubmit = true;
+    markStale(document.getElementById("run"));
+    var msgs = document.getElementById("messages");
+    if (msgs) msgs.innerHTML = "";
+    document.querySelectorAll("#file-facts .alert").forEach(function (a) { a.remove(); });
+    var label = document.querySelector("#case_label[data-label-of-run]");
+    if (label) { label.value = ""; label.removeAttribute("data-label-of-run"); }
+  }
+
+  document.addEventListener("htmx:beforeRequest", function (e) {
+    var t = e.target;
+    // a new run for the chosen file, or the user opening a run of their history: what comes next is current
+    if (t && (t.id === "review-form" || (t.closest && t.closest(".history-item")))) fileChangedSinceSubmit = false;
   });
 
   ["dragenter", "dragover"].forEach(function (type) {
@@ -337,6 +377,7 @@
   // ---- initialise new content ---------------------------------------------------------------------------------
   function init(root) {
     updateOutputs(document);
+    if (fileChangedSinceSubmit && root.id === "run") markStale(root);
     if (root.querySelector && (root.matches("[data-viewer]") || root.querySelector("[data-viewer]"))) {
       view = { scale: 1, tx: 0, ty: 0 };
       applyWindowLevel();
