@@ -87,3 +87,14 @@ def test_the_server_checkpoints_the_chain_at_start_and_stop(tiny_engine, tmp_pat
         assert audit.verify_chain(db, anchors=[p.head for p in points]).ok
     finally:
         db.dispose()
+
+
+def test_the_audit_key_can_come_from_the_environment(tiny_engine, tmp_path: Path, monkeypatch) -> None:
+    key = bytes(range(32))
+    monkeypatch.setenv("VALD_MD_AUDIT_KEY", key.hex())
+    settings = Settings(data_dir=tmp_path / "data")
+    app = create_app(settings, engine=tiny_engine)
+    with TestClient(app):
+        [event] = audit.query_events(app.state.db, action="app_start")
+        assert event.key_id == audit.key_id(key) and audit.keys_for(app.state.db).path is None
+    assert not settings.audit_key_path.exists()  # no key file written beside the database
