@@ -965,3 +965,100 @@ def test_form_offers_the_guided_map_when_a_classifier_is_loaded(guided_app):
     assert st["state"] == "done" and st["parameters"]["map_method"] == "classifier_guided"
     restored = Doc(c.get(f"/runs/{st['job_id']}/form", headers={"HX-Request": "true"}).text)
     assert "selected" in map_method_options(restored)["classifier_guided"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a result a radiologist can trust (issue 12): the map's scale and name, the model's limits, the case label
+# ----------------------------------------------------------------------------------------------------------------
+TRUST_CALIBRATION = {"level": 0.05, "percentile": 99.0, "rms": 0.02, "n_images": 3, "map_method": "sdedit",
+                     "reference": "input", "preset": {"strength": 0.5}, "created": "2026-12-06"}
+TRUST_LIMITS = {"text": "These maps do not localize lesions (pixel AUROC 0.513 vs 0.587 for a lung prior).",
+                "source": "docs/EVALUATION.md",
+                "localization": {"pixel_auroc_lungs": 0.513, "pixel_auroc_lungs_ci95": [0.499, 0.527],
+                                 "baselines": {"lung_prior": 0.587}}}
+
+
+def _summary_area(html: str) -> float:
+    return float(re.search(r'data-changed-area="([0-9.]+)"', html).group(1))  # type: ignore[union-attr]
+
+
+def test_uncalibrated_run_says_its_scale_is_relative(client, done_job):
+    html = client.get(f"/runs/{done_job['job_id']}", headers={"HX-Request": "true"}).text
+    doc = Doc(html)
+    assert doc.by_id("overlay-legend")["data-scale"] == "relative"
+    assert "Relative (per-image) scale" in doc.text and "by construction" in doc.text
+    assert doc.by_id("ov-threshold")["data-threshold-unit"] == "percentile"
+    legend = [a for a in doc.find_all("img") if "legend-bar" in a.get("class", "")]
+    assert legend and legend[0]["src"].startswith("data:image/png;base64,")
+    record = client.get(f"/api/v1/jobs/{done_job['job_id']}/artifacts/record.json").json()
+    assert record["map_summary"]["scale"]["kind"] == "relative"
+    assert doc.text.count(record["map_label"]) >= 2  # the overlay caption and the parameters table
+
+
+def test_calibrated_run_reads_the_map_in_x_fold_of_the_normal_range(client, tiny_engine, monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", TRUST_CALIBRATION)
+    monkeypatch.setitem(tiny_engine.info.manifest, "limitations", TRUST_LIMITS)
+    r = client.post("/runs", data={**FAST, "seed_mode": "fixed", "case_label": "  teaching case 3 "},
+                    files={"file": ("x.png", png_bytes(seed=5))}, headers={"HX-Request": "true"})
+    assert r.status_code == 200, r.text
+    job_id = Doc(r.text).by_id("run")["data-job"]
+    assert wait_state(client, job_id)["state"] == "done"
+    record = client.get(f"/api/v1/jobs/{job_id}/artifacts/record.json").json()
+    assert record["map_summary"]["scale"]["kind"] == "calibrated" and record["case_label"] == "teaching case 3"
+    assert record["model_limitations"] == TRUST_LIMITS
+    html = client.get(f"/runs/{job_id}", headers={"HX-Request": "true"}).text
+    doc = Doc(html)
+    # the legend is in the viewer, with the absolute scale; the slider is in x-fold of the normal level
+    assert doc.by_id("overlay-legend")["data-scale"] == "calibrated"
+    assert "x-fold of the normal range" in doc.text and "Relative (per-image)" not in doc.text
+    assert doc.by_id("ov-threshold")["data-threshold-unit"] == "normal" and doc.by_id("ov-threshold")["max"] == "4"
+    assert "Above the normal range" in doc.text and "× normal" in doc.text
+    # the map's name is the record's, everywhere on the page
+    assert record["map_label"] == "original − counterfactual" and record["map_label"] in doc.text
+    # the model's limits beside the result, and the operator's label
+    assert doc.by_id("run") and TRUST_LIMITS["text"] in doc.text
+    assert "teaching case 3" in doc.text
+    # the threshold slider changes the area above the normal level (out of band, with the legend)
+    low = client.get(f"/runs/{job_id}/overlay?threshold=0.5", headers={"HX-Request": "true"}).text
+    high = client.get(f"/runs/{job_id}/overlay?threshold=3", headers={"HX-Request": "true"}).text
+    assert 'id="map-summary"' in low and 'hx-swap-oob="true"' in low and 'id="overlay-legend"' in low
+    assert _summary_area(low) > _summary_area(high)
+    assert _summary_area(low) >= record["map_summary"]["changed_area_fraction"] >= _summary_area(high)  # 1x
+    # the overlay image follows the same scale: the threshold is x-fold of the normal level
+    base = f"/api/v1/jobs/{job_id}"
+    shown = np.asarray(Image.open(io.BytesIO(client.get(f"{base}/overlay.png?opacity=1&mode=magnitude").content)))
+    hidden = np.asarray(Image.open(io.BytesIO(client.get(f"{base}/overlay.png?opacity=1&threshold=100").content)))
+    assert not np.array_equal(shown, hidden)
+    # the annotated export names the same map and the same scale
+    png = Image.open(io.BytesIO(client.get(f"{base}/artifacts/annotated.png?threshold=1").content))
+    assert png.text["vald_md:map_label"] == record["map_label"]  # type: ignore[attr-defined]
+    assert png.text["vald_md:map_scale"].startswith("x-fold of the normal range")  # type: ignore[attr-defined]
+    assert json.loads(png.text["vald_md:overlay"])["threshold_mode"] == "normal"  # type: ignore[attr-defined]
+    # the label is the operator's: never in the audit's run parameters
+    import uuid
+
+    from app import audit
+
+    app = client.app
+    run_row = audit.get_run(app.state.db, uuid.UUID(job_id))  # type: ignore[attr-defined]
+    assert run_row is not None and "case_label" not in run_row.params
+    assert "teaching case 3" not in json.dumps(run_row.params)
+
+
+@pytest.mark.parametrize(("limits", "shown"), [
+    (TRUST_LIMITS, True),
+    ("plain text", True),
+    ({**TRUST_LIMITS, "localization": {"pixel_auroc_lungs_ci95": [0.70, 0.75], "baselines": {"lung_prior": 0.587}}},
+     False),
+    (None, False),
+])
+def test_limitations_are_shown_until_measured_localization_says_otherwise(limits, shown):
+    from app.web.views import limitations_shown
+
+    assert (limitations_shown(limits) is not None) is shown
+
+
+def test_case_label_is_one_line(client):
+    r = client.post("/runs", data={**FAST, "case_label": "a\nb"}, files={"file": ("x.png", png_bytes())},
+                    headers={"HX-Request": "true"})
+    assert r.status_code == 422 and "case_label" in r.text

@@ -315,8 +315,8 @@ def result_view(job: Job, options: OverlayOptions, manifest: dict[str, Any], mod
         "model_frame": (record.get("letterbox") or {}).get("size") if isinstance(record.get("letterbox"), dict)
         else None,
         "case_label": record.get("case_label") or job.request.case_label or "",
-        "limitations": record.get("model_limitations") or (
-            manifest.get("limitations") if record.get("model_hash") == model_hash else None),
+        "limitations": limitations_shown(record.get("model_limitations") or (
+            manifest.get("limitations") if record.get("model_hash") == model_hash else None)),
         "legend_uri": None, "summary": record.get("map_summary") or {},
     }
     try:
@@ -325,6 +325,28 @@ def result_view(job: Job, options: OverlayOptions, manifest: dict[str, Any], mod
     except (OSError, ValueError) as e:  # a damaged run folder: the page still shows what it can
         logger.warning("job %s: legend or map summary unavailable (%s)", job.id, type(e).__name__)
     return out
+
+
+def limitations_shown(limitations: Any) -> dict[str, Any] | None:
+    """The model's limitations as the result page shows them (``{"text", "source"}``), or ``None``.
+
+    A manifest's ``"limitations"`` is a text, or ``{"text", "source", "localization": {"pixel_auroc_lungs",
+    "pixel_auroc_lungs_ci95", "baselines": {name: AUROC}}}``. It is shown beside every result until the model's
+    measured localization says otherwise: once the lower end of the map's pixel-AUROC interval lies above every
+    baseline, the warning is no longer shown.
+    """
+    if not limitations:
+        return None
+    if isinstance(limitations, str):
+        return {"text": limitations, "source": ""}
+    if not isinstance(limitations, dict) or not limitations.get("text"):
+        return None
+    loc = limitations.get("localization") or {}
+    ci = loc.get("pixel_auroc_lungs_ci95") or [loc.get("pixel_auroc_lungs")]
+    baselines = [float(v) for v in (loc.get("baselines") or {}).values() if isinstance(v, int | float)]
+    if baselines and isinstance(ci[0], int | float) and float(ci[0]) > max(baselines):
+        return None
+    return {"text": str(limitations["text"]), "source": str(limitations.get("source") or "")}
 
 
 def render_lung_outline_png(job: Job) -> bytes:
