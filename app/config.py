@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         device: 'cpu', 'cuda', 'cuda:N', 'mps' or ``None`` (CUDA when available).
         dtype: 'fp32', 'fp16', 'bf16' or ``None`` (automatic per device).
         queue_size: jobs that may wait behind the running one, 1..64; further submissions get HTTP 503.
+        max_jobs_per_user: runs one user may have queued or running at once, 1..64 (``VALD_MD_MAX_JOBS_PER_USER``);
+            another gets HTTP 429. The worker takes the users' runs in turn (``app.jobs``).
+        queue_cost_budget: total cost of the waiting runs in step-samples (``(int(steps * strength) + 1) *
+            samples`` each), 100..10,000,000 (``VALD_MD_QUEUE_COST_BUDGET``); a run that would pass it gets HTTP
+            503 (a run always fits an empty queue). Default 6000: about three of the heaviest runs the default
+            limits allow (250 steps at strength 1 x 8 samples = 2008).
         max_upload_mb: largest accepted request body in MiB (the image plus an optional mask), 1..1024.
         max_steps: largest ``steps`` a user may ask for, 1..1000 (bounds the time one job holds the model).
         max_samples: largest ``samples`` a user may ask for, 1..16.
@@ -99,6 +105,8 @@ class Settings(BaseSettings):
     device: str | None = None
     dtype: str | None = None
     queue_size: int = Field(default=8, ge=1, le=64)
+    max_jobs_per_user: int = Field(default=3, ge=1, le=64)
+    queue_cost_budget: int = Field(default=6000, ge=100, le=10_000_000)
     max_upload_mb: int = Field(default=64, ge=1, le=1024)
     max_steps: int = Field(default=250, ge=1, le=1000)
     max_samples: int = Field(default=8, ge=1, le=16)

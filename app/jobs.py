@@ -1,4 +1,4 @@
-"""The review queue: a bounded FIFO of jobs and the single worker thread that owns the engine.
+"""The review queue: a bounded, fair queue of jobs and the single worker thread that owns the engine.
 
 One process holds one model copy, and the diffusion pipeline is not thread-safe, so exactly one thread runs
 :func:`app.artifacts.run_review`; requests only enqueue. A job's life cycle is
@@ -13,6 +13,16 @@ latest preview (a latent-sized array) and, while a job waits, its decoded pixels
 
 Jobs belong to an ``owner`` (a user id string); every lookup takes the owner and treats another user's job as
 unknown, so one user can never learn that another user's job id exists (administrators pass ``any_owner``).
+
+Sharing the one worker: a user may have at most ``max_jobs_per_user`` runs queued or running
+(:class:`UserQueueLimitError`, HTTP 429); the waiting runs together may cost at most ``cost_budget`` (and number at
+most ``queue_size``; :class:`QueueFullError`, HTTP 503), where a run's cost is ``(effective steps + 1) x samples``
+(:func:`job_cost`: the samples run as one batch, so every denoising step costs about one UNet evaluation per
+sample; the model's fixed resolution makes the image size irrelevant). The worker does not take the oldest run but
+the next run of the user who has waited longest since their last run ended (or since they queued, if later):
+round robin between users, first come first served within a user (:meth:`JobManager.fair_order`). Queue positions
+and start estimates follow that order; an estimate is the measured seconds per UNet evaluation and sample times
+the cost of every run ahead, plus each run's measured fixed overhead, plus what the running job has left.
 
 With an audit database (``db``), the database is the record of every run: ``submit`` records the upload
 (``audit.record_input``: hashes, size, HMAC'd DICOM UIDs) and the run (``audit.create_run``: parameters, seeds,
@@ -35,7 +45,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -82,13 +91,34 @@ class JobState(StrEnum):
 
 
 class QueueFullError(RuntimeError):
-    """The queue holds ``capacity`` waiting jobs already. The message is written for the user."""
+    """The queue holds ``capacity`` waiting jobs already, or the new one would take the waiting jobs' total cost
+    past the budget (``cost`` and ``budget`` then say by how much). The message is written for the user."""
 
-    def __init__(self, queue_length: int, capacity: int) -> None:
+    def __init__(self, queue_length: int, capacity: int, *, queued_cost: int | None = None, cost: int | None = None,
+                 budget: int | None = None) -> None:
         self.queue_length = queue_length
         self.capacity = capacity
-        super().__init__(f"The review queue is full ({queue_length} of {capacity} runs waiting). "
-                         f"Please try again when a run has finished.")
+        self.queued_cost, self.cost, self.budget = queued_cost, cost, budget
+        if budget is None:
+            message = (f"The review queue is full ({queue_length} of {capacity} runs waiting). "
+                       f"Please try again when a run has finished.")
+        else:
+            message = (f"The review queue is fully booked: the {queue_length} runs waiting need {queued_cost} "
+                       f"step-samples and this run {cost}, more than this server's {budget}. Please try again "
+                       f"when a run has finished, or ask for fewer steps or samples.")
+        super().__init__(message)
+
+
+class UserQueueLimitError(RuntimeError):
+    """The user already has ``limit`` runs queued or running. The message is written for the user."""
+
+    def __init__(self, active: int, limit: int, retry_after_s: int) -> None:
+        self.active = active
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"You already have {active} runs queued or running; this server takes at most {limit} per "
+                         f"user at a time so that everyone gets a turn. Please wait for one to finish, or cancel "
+                         f"one.")
 
 
 class JobNotFoundError(LookupError):
@@ -157,6 +187,7 @@ class Job:
     input_id: str | None = None
     rerun_of: str | None = None
     version: int = 0
+    queued_tick: int = field(default=0, repr=False)  # JobManager's order of events (fair_order)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     _user: audit.User | None = field(default=None, repr=False)
     _cancelled_by: audit.User | None = field(default=None, repr=False)
@@ -171,6 +202,11 @@ class Job:
     def source_format(self) -> str:
         """``"dicom"``, ``"png"`` or ``"jpeg"``."""
         return str(self.input_summary.get("source_format", ""))
+
+    @property
+    def cost(self) -> int:
+        """What this run asks of the worker, in step-samples: :func:`job_cost` of its parameters."""
+        return (self.effective_steps + 1) * max(1, self.request.samples)
 
     @property
     def upload_path(self) -> Path:
@@ -221,6 +257,13 @@ class Job:
                    unet_evaluations=int(data.get("unet_evaluations", 0)), seeds=list(data.get("seeds", [])),
                    timings_s=dict(data.get("timings_s", {})), input_id=data.get("input_id"),
                    rerun_of=data.get("rerun_of"))
+
+
+def job_cost(req: ReviewRequest) -> int:
+    """A run's cost in step-samples: ``(int(steps * strength) + 1) * samples``. The samples are denoised as one
+    batch, so each step costs about one UNet evaluation per sample (PNDM adds one warm-up step); the image is
+    always denoised at the model's own resolution, so its size does not count."""
+    return (effective_steps(req.steps, req.strength) + 1) * max(1, req.samples)
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -279,6 +322,9 @@ class JobManager:
         engine: the loaded engine (or any object with ``generate``, ``check_inputs`` and ``info`` for tests).
         runs_dir: folder that receives one sub-folder per job; existing ``job.json`` files are loaded as history.
         queue_size: jobs that may wait behind the running one (>= 1).
+        max_jobs_per_user: runs one owner may have queued or running at once; ``None`` = no limit.
+        cost_budget: total :func:`job_cost` of the waiting jobs, step-samples; a job that would pass it is refused
+            (a job always fits an empty queue); ``None`` = no limit.
         runner: the function that performs one run; :func:`app.artifacts.run_review` unless a test injects one.
         preview_size: longest side in pixels of preview PNGs.
         max_steps, max_samples: limits on what a user may ask for (on top of the engine's own ranges).
@@ -297,7 +343,8 @@ class JobManager:
                  max_steps: int = 1000, max_samples: int = 16, db: Database | None = None,
                  uid_secret: bytes | None = None, store_plain_uids: bool = False,
                  store_identified_uploads: bool = False, segmenter: LungSegmenter | None = None,
-                 classifier: Any = None) -> None:
+                 classifier: Any = None, max_jobs_per_user: int | None = None,
+                 cost_budget: int | None = None) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size} must be at least 1")
         if db is not None and uid_secret is None:
@@ -311,17 +358,22 @@ class JobManager:
         self.classifier = classifier
         self.runs_dir = Path(runs_dir)
         self.capacity = queue_size
+        self.max_jobs_per_user = max_jobs_per_user
+        self.cost_budget = cost_budget
         self.preview_size = preview_size
         self.thumbnail_size = thumbnail_size
         self.max_steps = max_steps
         self.max_samples = max_samples
         self._runner = runner
         self._jobs: dict[str, Job] = {}
-        self._pending: deque[Job] = deque()
+        self._pending: list[Job] = []  # in submission order; the worker takes them in fair_order()
+        self._tick = 0  # orders submissions and ends of runs (fair_order)
+        self._served: dict[str, int] = {}  # owner -> tick at which their latest job ended
         self._running: Job | None = None
         self._cond = threading.Condition()
         self._stopping = False
-        self._seconds_per_eval: float | None = None
+        self._seconds_per_eval: float | None = None  # per UNet evaluation and sample (job_cost's unit)
+        self._overhead_s: float | None = None  # per run, outside denoising: decoding, maps, files
         self._thread: threading.Thread | None = None
         filemodes.private_dir(self.runs_dir)
         self._load_history()
@@ -361,8 +413,14 @@ class JobManager:
 
     @property
     def is_full(self) -> bool:
-        """A submission now would get :class:`QueueFullError`."""
-        return len(self._pending) >= self.capacity
+        """A submission now would get :class:`QueueFullError` (whatever its cost)."""
+        return len(self._pending) >= self.capacity or (
+            self.cost_budget is not None and self.queued_cost >= self.cost_budget)
+
+    @property
+    def queued_cost(self) -> int:
+        """Total :func:`job_cost` of the waiting jobs, step-samples."""
+        return sum(j.cost for j in self._pending)
 
     # -- submission -----------------------------------------------------------------------------------------------
     def check_request(self, decoded: imaging.DecodedImage, req: ReviewRequest) -> None:
@@ -395,7 +453,8 @@ class JobManager:
             rerun_of: the job id this submission re-runs (recorded with the run).
 
         Raises:
-            QueueFullError: ``queue_size`` jobs are already waiting.
+            UserQueueLimitError: the owner has ``max_jobs_per_user`` runs queued or running.
+            QueueFullError: ``queue_size`` jobs are already waiting, or this one would pass ``cost_budget``.
             imaging.ImagingError: the file cannot be read as a radiograph (message for the clinician).
             ValueError: a parameter or the mask is invalid.
             WorkerStoppedError: the server is shutting down.
@@ -404,8 +463,9 @@ class JobManager:
         owner_id = str(user.id) if user is not None else str(owner)
         if self.db is not None and user is None:
             raise ValueError("submit: pass the audit.User as owner when the manager keeps an audit database")
-        # 1. cheap refusals first: a full queue or a stopped worker need no decoding
-        self._check_capacity()
+        # 1. cheap refusals first: a stopped worker, the user's limit, a full queue need no decoding
+        with self._cond:
+            self._check_capacity(owner_id, job_cost(req))
         # 2. decode, validate and de-identify (raises ImagingError / ValueError; nothing is stored yet)
         try:
             if decoded is None:
@@ -441,9 +501,11 @@ class JobManager:
             if mask_png:
                 _write_atomic(run_dir / MASK_UPLOAD, mask_png)
             self._save(job)
-            # 5. queue (capacity re-checked under the lock: another request may have won the last slot)
+            # 5. queue (limits re-checked under the lock: another request may have won the last slot)
             with self._cond:
-                self._check_capacity()
+                self._check_capacity(owner_id, job.cost)
+                self._tick += 1
+                job.queued_tick = self._tick
                 self._jobs[job_id] = job
                 self._pending.append(job)
                 self._cond.notify_all()
@@ -451,8 +513,8 @@ class JobManager:
             shutil.rmtree(run_dir, ignore_errors=True)
             self._audit_finish(job, JobState.FAILED, f"not queued: {type(e).__name__}")
             raise
-        logger.info("job %s queued (position %d, %d effective steps)", job_id, len(self._pending),
-                    job.effective_steps)
+        logger.info("job %s queued (position %s, %d effective steps, cost %d)", job_id, self.queue_position(job),
+                    job.effective_steps, job.cost)
         return job
 
     def _record_submission(self, user: audit.User, data: bytes, decoded: imaging.DecodedImage, req: ReviewRequest,
@@ -496,12 +558,24 @@ class JobManager:
         except Exception:  # a database hiccup must not kill the worker; job.json still says it
             logger.exception("job %s: could not record its end (%s) in the audit database", job.id, state.value)
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, owner: str, cost: int) -> None:
+        """Refuse a job of ``owner`` costing ``cost`` (caller holds the lock): stopped worker, the user's limit, the
+        queue's length, then its cost budget."""
         if self._stopping or not self.worker_alive:
             raise WorkerStoppedError("The review worker is not running; the server may be restarting. "
                                      "Please try again in a minute.")
+        if self.max_jobs_per_user is not None:
+            running = self._running
+            active = sum(j.owner == owner for j in self._pending) + int(running is not None and running.owner == owner)
+            if active >= self.max_jobs_per_user:
+                wait = running.eta_s if running is not None and running.owner == owner else None
+                raise UserQueueLimitError(active, self.max_jobs_per_user, max(5, int(wait or 30)))
         if len(self._pending) >= self.capacity:
             raise QueueFullError(len(self._pending), self.capacity)
+        queued = self.queued_cost
+        if self.cost_budget is not None and queued and queued + cost > self.cost_budget:
+            raise QueueFullError(len(self._pending), self.capacity, queued_cost=queued, cost=cost,
+                                 budget=self.cost_budget)
 
     # -- queries ----------------------------------------------------------------------------------------------------
     def get(self, job_id: str, owner: str, *, any_owner: bool = False) -> Job:
@@ -526,29 +600,67 @@ class JobManager:
         return sorted((j for j in self._jobs.values() if j.rerun_of == job_id), key=lambda j: j.created_at,
                       reverse=True)
 
-    def queue_position(self, job: Job) -> int | None:
-        """1 for the job that starts next, 2 behind it, ...; ``None`` unless the job is queued."""
+    def fair_order(self) -> list[Job]:
+        """The waiting jobs in the order the worker will take them, if nothing else arrives.
+
+        Each pick goes to the user who has waited longest: since their latest job ended, or since their oldest
+        waiting job was queued if that is later (ties: the older job); the owner of the running job is being served
+        now. A user's own jobs keep their order. So users take turns, the user whose job runs goes after everyone
+        who is waiting, and a newcomer waits behind users who have waited longer but ahead of a user who has just
+        been served.
+        """
         with self._cond:
-            for i, j in enumerate(self._pending):
-                if j is job:
-                    return i + 1
+            served = dict(self._served)
+            tick = self._tick + 1  # "now": after every job queued so far
+            if self._running is not None:
+                served[self._running.owner] = tick
+            waiting: dict[str, list[Job]] = {}
+            for j in self._pending:
+                waiting.setdefault(j.owner, []).append(j)
+        order: list[Job] = []
+        while waiting:
+            owner = min(waiting, key=lambda o: (max(served.get(o, 0), waiting[o][0].queued_tick),
+                                                waiting[o][0].queued_tick))
+            order.append(waiting[owner].pop(0))
+            if not waiting[owner]:
+                del waiting[owner]
+            tick += 1
+            served[owner] = tick
+        return order
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the job that starts next, 2 behind it, ... in :meth:`fair_order`; ``None`` unless it is queued."""
+        for i, j in enumerate(self.fair_order()):
+            if j is job:
+                return i + 1
         return None
 
-    def queue_eta_s(self, job: Job) -> float | None:
-        """Estimated seconds until a queued job starts (from the measured seconds per UNet evaluation)."""
+    def estimated_run_s(self, job: Job) -> float | None:
+        """Estimated seconds the job will hold the worker: its cost times the measured seconds per UNet evaluation
+        and sample, plus the measured overhead of a run; ``None`` before a run has been measured."""
         rate = self._seconds_per_eval
         if rate is None:
             return None
-        with self._cond:
-            ahead: list[Job] = []
-            for j in self._pending:
-                if j is job:
-                    break
-                ahead.append(j)
-            running = self._running
-        left = sum((j.effective_steps + 1) * rate for j in ahead)
+        return job.cost * rate + (self._overhead_s or 0.0)
+
+    def queue_eta_s(self, job: Job) -> float | None:
+        """Estimated seconds until a queued job starts: what the running job has left plus
+        :meth:`estimated_run_s` of every job ahead of it in :meth:`fair_order`; ``None`` before a run has been
+        measured or when the job is not queued."""
+        if self._seconds_per_eval is None:
+            return None
+        order = self.fair_order()
+        if job not in order:
+            return None
+        ahead = order[:order.index(job)]
+        left = sum(self.estimated_run_s(j) or 0.0 for j in ahead)
+        running = self._running
         if running is not None:
-            left += running.eta_s if running.eta_s is not None else (running.effective_steps + 1) * rate
+            whole = self.estimated_run_s(running) or 0.0
+            if running.eta_s is not None:  # denoising left, plus the share of the overhead still to come
+                left += running.eta_s + (self._overhead_s or 0.0) * 0.5
+            else:
+                left += whole
         return left
 
     def preview_png(self, job: Job) -> bytes | None:
@@ -613,7 +725,8 @@ class JobManager:
                     self._cond.wait()
                 if self._stopping:
                     return
-                job = self._pending.popleft()
+                job = self.fair_order()[0]
+                self._pending.remove(job)
                 job.state = JobState.RUNNING
                 job.started_at = _now()
                 self._running = job
@@ -633,6 +746,8 @@ class JobManager:
             finally:
                 with self._cond:
                     self._running = None
+                    self._tick += 1
+                    self._served[job.owner] = self._tick
                     job._decoded = job._mask = None
 
     def _execute(self, job: Job) -> None:
@@ -666,10 +781,14 @@ class JobManager:
         job.seeds = list(record.get("seeds", job.seeds))
         job.timings_s = {**record.get("timings_s", {}), "run": round(run_s, 4)}
         denoise = job.timings_s.get("denoising")
-        if denoise and job.unet_evaluations > 1:
-            rate = float(denoise) / (job.unet_evaluations - 1)
-            prev = self._seconds_per_eval
+        if denoise and job.unet_evaluations > 0:
+            # per UNet evaluation and sample (job_cost's unit), and the rest of the run (decoding, maps, files);
+            # exponential averages, so that a changed load shows within a few runs
+            rate = float(denoise) / (job.unet_evaluations * max(1, job.request.samples))
+            overhead = max(0.0, run_s - float(denoise))
+            prev, prev_overhead = self._seconds_per_eval, self._overhead_s
             self._seconds_per_eval = rate if prev is None else 0.7 * prev + 0.3 * rate
+            self._overhead_s = overhead if prev_overhead is None else 0.7 * prev_overhead + 0.3 * overhead
         hashes = record.get("artifacts_sha256")
         self._audit_finish(job, JobState.DONE, None, artifact_hashes=dict(hashes) if isinstance(hashes, dict) else None)
         with self._cond:

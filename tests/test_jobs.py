@@ -30,6 +30,7 @@ from app.jobs import (
     JobNotFoundError,
     JobState,
     QueueFullError,
+    UserQueueLimitError,
     WorkerStoppedError,
 )
 
@@ -495,3 +496,92 @@ def test_progress_stream_thins_steps_and_announces_the_end_at_once(make_manager)
     # for the 30 s interval
     assert len(seen) == 2 and took < 15
     assert job._listeners == []  # the stream unregistered itself
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sharing the worker: per-user limit, cost budget, fair order, estimates
+# ----------------------------------------------------------------------------------------------------------------
+def test_per_user_limit_refuses_the_next_run_and_creates_nothing(make_manager, tmp_path):
+    runner = GatedRunner()
+    m = make_manager(runner, queue_size=8, max_jobs_per_user=2)
+    first = m.submit("alice", png_bytes(), req())
+    assert runner.started.wait(5)
+    m.submit("alice", png_bytes(), req())
+    before = set((tmp_path / "runs").iterdir())
+    with pytest.raises(UserQueueLimitError) as e:
+        m.submit("alice", png_bytes(), req())
+    assert e.value.active == 2 and e.value.limit == 2 and "at most 2 per user" in str(e.value)
+    assert set((tmp_path / "runs").iterdir()) == before
+    assert m.submit("bob", png_bytes(), req()).state is JobState.QUEUED  # others still get in
+    m.cancel(first.id, "alice")
+    wait_for(lambda: first.state.finished)
+    assert m.submit("alice", png_bytes(), req()).state is JobState.QUEUED  # a slot freed up
+    runner.gate.set()
+
+
+def test_cost_budget_refuses_heavy_runs_but_an_empty_queue_takes_any(make_manager):
+    runner = GatedRunner()
+    m = make_manager(runner, queue_size=8, cost_budget=100)
+    m.submit("alice", png_bytes(), req(steps=250, strength=1.0, samples=8))  # runs at once: nothing waits
+    assert runner.started.wait(5)
+    heavy = m.submit("bob", png_bytes(), req(steps=200, strength=0.4, samples=1))  # 81 step-samples: fits
+    assert heavy.cost == 81 and m.queued_cost == 81
+    with pytest.raises(QueueFullError) as e:
+        m.submit("carol", png_bytes(), req(steps=20, strength=1.0, samples=1))  # 21 more: 102 > 100
+    assert (e.value.queued_cost, e.value.cost, e.value.budget) == (81, 21, 100)
+    assert "fewer steps or samples" in str(e.value)
+    assert m.submit("carol", png_bytes(), req(steps=18, strength=1.0)).cost == 19  # 100: fits exactly
+    runner.gate.set()
+
+
+def test_the_worker_takes_users_in_turn(make_manager):
+    runner = GatedRunner()
+    m = make_manager(runner, queue_size=16)
+    a = [m.submit("alice", png_bytes(), req())]  # runs; alice then queues three more
+    assert runner.started.wait(5)
+    a += [m.submit("alice", png_bytes(), req()) for _ in range(3)]
+    b = [m.submit("bob", png_bytes(), req()) for _ in range(2)]
+    c = m.submit("carol", png_bytes(), req())
+    # bob and carol do not wait behind alice's backlog: one run each, in turn
+    expected = [b[0], c, a[1], b[1], a[2], a[3]]
+    assert m.fair_order() == expected
+    assert [m.queue_position(j) for j in expected] == [1, 2, 3, 4, 5, 6]
+    runner.gate.set()
+    wait_for(lambda: all(j.state.finished for j in [*a, *b, c]))
+    assert runner.calls == [j.id for j in [a[0], *expected]]
+
+
+def test_a_newcomer_waits_behind_users_who_waited_longer_but_not_behind_a_backlog(make_manager):
+    runner = GatedRunner()
+    m = make_manager(runner, queue_size=16)
+    m.submit("alice", png_bytes(), req())
+    assert runner.started.wait(5)
+    a2, a3 = m.submit("alice", png_bytes(), req()), m.submit("alice", png_bytes(), req())
+    b1 = m.submit("bob", png_bytes(), req())
+    d1 = m.submit("dave", png_bytes(), req())
+    assert m.fair_order() == [b1, d1, a2, a3]
+
+
+def test_queue_estimate_counts_samples_overhead_and_the_fair_order(make_manager):
+    runner = GatedRunner(gated=False)
+    m = make_manager(runner, queue_size=16)
+    done = m.submit("alice", png_bytes(), req(samples=2))
+    wait_for(lambda: done.state.finished)
+    # GatedRunner: 3 UNet evaluations in 0.06 s of denoising for 2 samples -> 0.01 s per evaluation and sample
+    assert m._seconds_per_eval == pytest.approx(0.01)
+    overhead = m._overhead_s
+    assert overhead is not None and overhead >= 0
+    runner.gate.clear()
+    runner.started.clear()
+    running = m.submit("alice", png_bytes(), req(steps=100, strength=1.0, samples=8))
+    assert runner.started.wait(5)
+    heavy = m.submit("alice", png_bytes(), req(steps=100, strength=1.0, samples=8))  # 808 step-samples
+    light = m.submit("bob", png_bytes(), req(steps=10, strength=1.0))  # 11 step-samples
+    assert heavy.cost == 808 and light.cost == 11
+    assert m.estimated_run_s(heavy) == pytest.approx(8.08 + overhead)
+    # bob goes first: his estimate is what the running job has left; alice's heavy one waits for bob's too
+    assert running.eta_s is None  # before its first step the running job counts whole
+    assert m.queue_eta_s(light) == pytest.approx(8.08 + overhead)
+    assert m.queue_eta_s(heavy) == pytest.approx(8.08 + overhead + 0.11 + overhead)
+    assert m.queue_eta_s(running) is None
+    runner.gate.set()

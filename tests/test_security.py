@@ -724,7 +724,9 @@ class InstantEngine:
 
 @pytest.fixture(scope="module")
 def fuzz(tiny_engine, tmp_path_factory) -> Iterator[tuple[FastAPI, TestClient, dict[str, str]]]:
-    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("fuzz-data"), queue_size=64, max_upload_mb=8),
+    # fuzzing is about input: one user submits everything, so the per-user and cost limits are out of the way
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("fuzz-data"), queue_size=64, max_upload_mb=8,
+                              max_jobs_per_user=64, queue_cost_budget=10_000_000),
                      engine=InstantEngine(tiny_engine))  # type: ignore[arg-type]
     with TestClient(app, raise_server_exceptions=False) as c:
         user = add_user(app.state.db, "fuzzer")

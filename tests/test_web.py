@@ -425,6 +425,39 @@ def test_queue_full_is_503_with_queue_length(gated):
     assert "queue is full" in Doc(html.text).text
 
 
+def test_one_user_cannot_fill_the_queue_for_everyone(tiny_engine, tmp_path):
+    # the issue: one clinician queued 9 heavy runs and the next user got 503 "queue full"
+    engine = GatedEngine(tiny_engine)
+    app = create_app(Settings(data_dir=tmp_path / "d", queue_size=8, max_jobs_per_user=3),
+                     engine=engine)  # type: ignore[arg-type]
+    with TestClient(app) as heavy, TestClient(app) as other:
+        sign_in(heavy, app, add_user(app.state.db, "clinician-heavy"))
+        sign_in(other, app, add_user(app.state.db, "clinician-next"))
+        first = submit(heavy, steps="40", samples="8")
+        assert first.status_code == 202 and engine.started.wait(10)
+        second = submit(heavy, steps="40", samples="8").json()
+        assert submit(heavy, steps="40", samples="8").status_code == 202
+        before = count_runs(app)
+        r = submit(heavy, steps="40", samples="8")
+        assert r.status_code == 429, r.text
+        body = r.json()
+        assert body["active_jobs"] == 3 and body["max_jobs_per_user"] == 3 and int(r.headers["retry-after"]) >= 5
+        assert "at most 3 per user" in body["message"] and "cancel one" in body["message"]
+        assert count_runs(app) == before
+        page = heavy.post("/runs", data=FAST, files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
+        assert page.status_code == 429 and "at most 3 per user" in Doc(page.text).text
+        # the next user gets in, and goes ahead of the heavy user's backlog
+        mine = submit(other)
+        assert mine.status_code == 202, mine.text
+        assert mine.json()["queue_position"] == 1 and mine.json()["cost"] == 3  # (int(4 * 0.5) + 1) x 1
+        assert heavy.get(f"/api/v1/jobs/{second['job_id']}").json()["queue_position"] == 2
+        assert second["cost"] == (int(40 * 0.5) + 1) * 8
+        limits = other.get("/api/v1/model").json()["limits"]
+        assert limits["max_jobs_per_user"] == 3 and limits["queue_cost_budget"] == 6000
+        engine.gate.set()
+        assert wait_state(other, mine.json()["job_id"])["state"] == "done"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # refusals: no job is created
 # ----------------------------------------------------------------------------------------------------------------

@@ -94,8 +94,9 @@ def audited_login_name(db: Database, typed: str) -> str:
 def _login_page(request: Request, db: Database, *, next_path: str, status_code: int = 200, error: str | None = None,
                 username: str = "", headers: dict[str, str] | None = None) -> HTMLResponse:
     nonce = new_login_csrf()
-    context = {"login_csrf": login_csrf_token(request.app.state.uid_secret, nonce), "next": next_path, "error": error, "username": username,
-               "no_admin": not has_admin(db), "first_admin_hint": FIRST_ADMIN_HINT}
+    context = {"login_csrf": login_csrf_token(request.app.state.uid_secret, nonce), "next": next_path,
+               "error": error, "username": username, "no_admin": not has_admin(db),
+               "first_admin_hint": FIRST_ADMIN_HINT}
     response = render(request, "login.html", context, status_code=status_code, headers={**_NO_STORE, **(headers or {})})
     settings = request.app.state.settings
     response.set_cookie(LOGIN_CSRF_COOKIE, nonce, httponly=True, samesite="strict", path="/login",

@@ -123,8 +123,9 @@ async def create_counterfactual(
     job = await submit_job(jobs, user.user, data, params.to_request(engine.info), mask_png)
     status = job_status(jobs, job)
     return JSONResponse({"job_id": job.id, "state": status["state"], "queue_position": status["queue_position"],
-                         "effective_steps": job.effective_steps, "status_url": status["links"]["self"],
-                         "events_url": status["links"]["events"]},
+                         "queue_eta_s": status["queue_eta_s"], "cost": job.cost,
+                         "estimated_run_s": status["estimated_run_s"], "effective_steps": job.effective_steps,
+                         "status_url": status["links"]["self"], "events_url": status["links"]["events"]},
                         status_code=202, headers={"Location": status["links"]["self"]})
 
 
@@ -250,4 +251,6 @@ def model_info(engine: EngineDep, settings: SettingsDep, jobs: JobsDep) -> dict[
             "map_methods": [m for m, _, available in methods if available],
             "default_map_method": str(info.manifest.get("map_method", "sdedit")),
             "limits": {"max_steps": settings.max_steps, "max_samples": settings.max_samples,
-                       "max_upload_mb": settings.max_upload_mb, "queue_size": settings.queue_size}}
+                       "max_upload_mb": settings.max_upload_mb, "queue_size": settings.queue_size,
+                       "max_jobs_per_user": settings.max_jobs_per_user,
+                       "queue_cost_budget": settings.queue_cost_budget}}

@@ -234,7 +234,8 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
                               max_steps=settings.max_steps, max_samples=settings.max_samples, db=db,
                               uid_secret=secret, store_plain_uids=settings.store_plain_uids,
                               store_identified_uploads=settings.store_identified_uploads, segmenter=segmenter,
-                              classifier=classifier)
+                              classifier=classifier, max_jobs_per_user=settings.max_jobs_per_user,
+                              cost_budget=settings.queue_cost_budget)
         except BaseException:
             db.dispose()
             raise

@@ -13,7 +13,10 @@ other ``imaging.ImagingError``                   422     the ingestion message (
 ``RequestValidationError``                       422     one message per field
 ``JobNotFoundError``, ``ArtifactNotFoundError``  404     also unknown routes
 ``JobNotReadyError``                             409     the run's state
-``QueueFullError``                               503     queue length and capacity, Retry-After
+``UserQueueLimitError``                          429     the user's runs queued or running and the limit,
+                                                        Retry-After
+``QueueFullError``                               503     queue length and capacity (and the cost budget when
+                                                        that was the limit), Retry-After
 ``WorkerStoppedError``                           503     Retry-After
 anything else                                    500     a generic message; the traceback goes to the log
 ===============================================  ======  ======================================================
@@ -33,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from app import audit, imaging
-from app.jobs import JobNotFoundError, JobNotReadyError, QueueFullError, WorkerStoppedError
+from app.jobs import JobNotFoundError, JobNotReadyError, QueueFullError, UserQueueLimitError, WorkerStoppedError
 from app.web.templating import is_htmx, render
 from app.web.views import ArtifactNotFoundError
 
@@ -122,10 +125,15 @@ def classify(exc: BaseException) -> Problem:
         return Problem(415, "Unsupported image", public_message(str(exc)))
     if isinstance(exc, imaging.ImagingError):
         return Problem(422, "Unreadable image", public_message(str(exc)))
+    if isinstance(exc, UserQueueLimitError):
+        return Problem(429, "Too many runs", str(exc),
+                       extra={"active_jobs": exc.active, "max_jobs_per_user": exc.limit},
+                       headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, QueueFullError):
-        return Problem(503, "Queue full", str(exc),
-                       extra={"queue_length": exc.queue_length, "queue_size": exc.capacity},
-                       headers={"Retry-After": "30"})
+        extra: dict[str, Any] = {"queue_length": exc.queue_length, "queue_size": exc.capacity}
+        if exc.budget is not None:
+            extra.update(queued_cost=exc.queued_cost, cost=exc.cost, cost_budget=exc.budget)
+        return Problem(503, "Queue full", str(exc), extra=extra, headers={"Retry-After": "30"})
     if isinstance(exc, WorkerStoppedError):
         return Problem(503, "Service unavailable", str(exc), headers={"Retry-After": "30"})
     if isinstance(exc, (JobNotFoundError, ArtifactNotFoundError, audit.RunNotFoundError)):
@@ -191,7 +199,7 @@ async def _handler(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the one handler for every domain error, validation errors, HTTP errors and the catch-all."""
     for cls in (NotAuthenticatedError, PermissionDeniedError, TooManyAttemptsError, UploadTooLargeError,
-                imaging.ImagingError, QueueFullError, WorkerStoppedError, JobNotFoundError, JobNotReadyError,
-                ArtifactNotFoundError, audit.RunNotFoundError, RequestValidationError, ValueError,
+                imaging.ImagingError, QueueFullError, UserQueueLimitError, WorkerStoppedError, JobNotFoundError,
+                JobNotReadyError, ArtifactNotFoundError, audit.RunNotFoundError, RequestValidationError, ValueError,
                 StarletteHTTPException, Exception):
         app.add_exception_handler(cls, _handler)
