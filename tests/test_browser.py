@@ -1,6 +1,8 @@
 """A real browser against the real server: sign in through the login page, upload a DICOM, set a slider,
-generate, watch progress, review the three images, toggle the overlay, compare, export the annotated PNG, sign
-out. No console errors allowed (the CSP is strict, so an inline script or an eval would show up here).
+generate, watch progress, review the three images with the map's legend and scale, check at 1440x900 and
+1920x1080 that the AI-generated badges sit in the captions and never over an image, toggle the overlay,
+compare, export the annotated PNG, restore a run from the history, choose a new file (the result on screen turns
+stale at once; an old error banner goes when a valid file is chosen), sign out. No console errors allowed (the CSP is strict, so an inline script or an eval would show up here).
 
 Needs Playwright for Python (``pip install playwright``; its own browser download is not used) and Debian's
 Chromium at /usr/bin/chromium. Skipped with a reason when either is missing, unless VALD_MD_REQUIRE_BROWSER=1
@@ -89,8 +91,17 @@ def browser(server):
         b.close()
 
 
-def test_review_flow_in_a_real_browser(server, browser, shared_data):
+def _overlaps(a: dict, b: dict) -> bool:
+    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
+                or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+
+
+def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine, monkeypatch, tmp_path):
     dicom = shared_data / "dicom" / "siim_cr_chest.dcm"
+    # a calibrated model (the server shares this process's engine): the map is read in x-fold of the normal range
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", {
+        "level": 0.05, "percentile": 99.0, "rms": 0.02, "n_images": 3, "map_method": "sdedit", "reference": "input",
+        "preset": {"strength": 0.9, "steps": 40}, "created": "2026-12-06"})
     OUTPUT.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
     problems: list[str] = []
@@ -139,6 +150,34 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data):
     assert page.url.endswith("/runs/" + page.get_attribute("#run", "data-job"))
     page.screenshot(path=str(OUTPUT / "review-1366x768.png"))
 
+    # 3b. the legend and the map's scale are in the viewer; the threshold is in x-fold of the normal range
+    assert page.locator("#overlay-legend").is_visible() and page.locator("#overlay-legend .legend-bar").is_visible()
+    assert page.locator(".legend-bar").evaluate("i => i.complete && i.naturalWidth > 0")
+    assert "x-fold of the normal range" in page.inner_text("#overlay-legend")
+    assert "Above the normal range" in page.inner_text("#map-summary")
+    before = page.get_attribute("[data-changed-area]", "data-changed-area")
+    page.locator("#ov-threshold").fill("3")
+    page.wait_for_function("b => document.querySelector('[data-changed-area]').dataset.changedArea !== b",
+                           arg=before)
+    assert "3× normal" in page.inner_text("#map-summary")
+    page.locator("#ov-threshold").fill("0")
+
+    # 3c. at common reading-room sizes the AI badge sits in each caption and overlaps no image
+    for width, height in ((1440, 900), (1920, 1080)):
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(150)
+        tags = page.locator("[data-viewer] [data-ai-tag]")
+        assert tags.count() >= 2
+        viewports = [vp.bounding_box() for vp in page.locator("[data-viewer] [data-viewport]").all() if vp.is_visible()]
+        for tag in tags.all():
+            if not tag.is_visible():
+                continue
+            box = tag.bounding_box()
+            assert box and box["width"] > 0
+            assert not any(_overlaps(box, vp) for vp in viewports if vp), f"AI badge over an image at {width}x{height}"
+        page.screenshot(path=str(OUTPUT / f"review-{width}x{height}.png"))
+    page.set_viewport_size({"width": 1366, "height": 768})
+
     # 4. overlay toggle (o), display mode re-rendered by the server, compare (c), zoom
     page.keyboard.press("o")
     assert page.locator("#overlay-img").evaluate("e => getComputedStyle(e).visibility") == "hidden"
@@ -168,11 +207,32 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data):
     page.wait_for_function("s => document.querySelector('#seed').value === s", arg=seed)
     assert page.is_checked("input[name=seed_mode][value=fixed]")
 
+    assert not page.locator("[data-stale-banner]").count()
+
+    # 6b. a new file: the result on screen turns stale at once (before any server answer), greyed out and labelled
+    page.set_input_files("#file", str(sorted((shared_data / "cxr256" / "val" / "normal").glob("*.png"))[0]))
+    assert page.get_attribute("#run", "data-stale") == "true"
+    assert page.locator("[data-stale-banner]").is_visible()
+    assert "Stale" in page.inner_text("[data-stale-banner]")
+    assert float(page.locator("#viewer").evaluate("e => getComputedStyle(e).opacity")) < 0.5
+    page.screenshot(path=str(OUTPUT / "review-stale.png"))
+    # an unsupported file leaves an error banner; choosing a valid file removes it
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_selector("#file-facts .alert")
+    assert "415" in page.inner_text("#file-facts .alert")
+    page.set_input_files("#file", str(dicom))
+    assert page.locator("#file-facts .alert").count() == 0
+    page.wait_for_selector(".facts")
+
     # 7. sign out: the session ends, the review page is closed to this browser
     page.click("#logout")
     page.wait_for_selector("form.login-form")
     page.goto(server + "/")
     page.wait_for_selector("form.login-form")
 
+    # the refused file's 415 is the one error expected (the browser and htmx both report it)
+    problems = [p for p in problems if "status of 415" not in p and "Error Code 415 from /inspect" not in p]
     assert problems == [], problems
     page.close()
