@@ -68,8 +68,6 @@ def job_status(jobs: JobManager, job: Job) -> dict[str, Any]:
         "queue_eta_s": _round(jobs.queue_eta_s(job)) if position else None,
         "cost": job.cost,
         "estimated_run_s": _round(jobs.estimated_run_s(job)) if not job.state.finished else None,
-        "cost": job.cost,
-        "estimated_run_s": _round(jobs.estimated_run_s(job)) if not job.state.finished else None,
         "progress": {"step": job.step, "total": job.total, "fraction": round(fraction, 4),
                      "elapsed_s": _round(job.elapsed_s), "eta_s": _round(job.eta_s),
                      "preview_url": f"{base}/preview.png?v={job.version}" if job.has_preview else None},
