@@ -3,8 +3,9 @@
 =========================  ================================================================================
 ``annotated.png``          burned-in banner, original | overlay with legend, the run's parameters; the same
                            parameters in PNG text chunks (``vald_md:*``, ``Disclaimer``). No patient data.
-``secondary-capture.dcm``  DICOM Secondary Capture of the overlay (RGB, banner and legend burned in), in the
-                           source's study, referencing the source image. DICOM inputs only.
+``secondary-capture.dcm``  DICOM Secondary Capture of the overlay (RGB, banner and legend burned in): by default
+                           de-identified in a study of its own; on request a derived series in the source's
+                           study, referencing the source image. DICOM inputs only.
 ``record.json``            the run's ``record.json``, byte for byte.
 ``bundle.zip``             every artifact plus ``annotated.png`` (and the ``.dcm`` when a source is given),
                            in a fixed order with fixed timestamps, so identical runs give identical archives.
@@ -16,12 +17,15 @@ mode, the lung outline) can differ from ``overlay.png``; nothing is ever drawn o
 Every artifact read is checked against ``record["artifacts_sha256"]`` first: a run folder edited after the run
 is refused rather than exported under the record's name.
 
-Patient data: the annotated PNG and the record carry none. The Secondary Capture keeps the source's
-Study Instance UID (so it files next to the source) but, unless ``include_patient_data=True``, replaces the
-Patient Name and Patient ID by ``"ANONYMOUS"`` and leaves birth date, sex, accession number, study date/time,
-study ID and referring physician empty. That is *not* a DICOM PS3.15 de-identification (the Study Instance UID
-links back to the study), and a PACS will see a second "patient" in the study: opt in when storing the object
-back to the PACS it came from.
+Patient data: the annotated PNG and the record carry none. The Secondary Capture, by default, is de-identified:
+a new Study Instance UID, Series Instance UID and SOP Instance UID, Patient Name and Patient ID ``"ANONYMOUS"``,
+no birth date, sex, accession number, study date/time, study ID or referring physician, and no reference to
+the source image (no Source Image or Referenced Image Sequence, whose SOP Instance UID would link back), with
+(0012,0062) Patient Identity Removed ``YES``. So a PACS that receives it files it as a study of its own, never as
+a second "patient" inside the source's study. Its pixels are the rendered overlay over the source's pixels: text
+burned into the source radiograph is not scrubbed. ``include_patient_data=True`` makes the other kind, a
+*derived series in the original study*: the source's Study Instance UID, its patient and study modules, and the
+Source/Referenced Image Sequences, for storing back to the PACS the image came from.
 
 Nothing here writes files except :func:`save_export`, which writes atomically.
 """
@@ -56,6 +60,7 @@ from app import __version__, attribution, mapscale, rendering
 
 __all__ = [
     "ANONYMOUS",
+    "DEIDENTIFICATION_METHOD",
     "DISCLAIMER",
     "EXPORT_KINDS",
     "MEDIA_TYPES",
@@ -89,6 +94,8 @@ SERIES_DESCRIPTION = "VALD-MD counterfactual overlay (AI, not for diagnostic use
 (0020,4000) Image Comments and (0008,2111) Derivation Description instead."""
 ANONYMOUS = "ANONYMOUS"
 """(0010,0010) Patient Name and (0010,0020) Patient ID of a Secondary Capture made without patient data."""
+DEIDENTIFICATION_METHOD = "VALD-MD SC export: new UIDs, no identifiers copied"
+"""(0012,0063) De-identification Method of a default (de-identified) Secondary Capture; LO, at most 64 characters."""
 SERIES_NUMBER = 9001
 """(0020,0011) Series Number of the Secondary Capture: high, so it sorts after the acquired series."""
 MODEL_HASH_PREFIX = 12
@@ -559,17 +566,20 @@ def _source_reference(source: Dataset) -> Dataset:
 def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, include_patient_data: bool = False,
                              opacity: float = 0.6, threshold: float | None = None,
                              threshold_mode: str = "percentile", mode: str = "magnitude") -> bytes:
-    """A DICOM Secondary Capture Image of the run's overlay, in the source's study.
+    """A DICOM Secondary Capture Image of the run's overlay: de-identified in a new study, or (opt-in) a derived
+    series in the source's study.
 
     Order of operations: (1) read the source header (``dcmread`` without ``force``, pixels skipped) and check
     that it is this run's input (SHA-256 against ``record["input"]["sha256"]`` when bytes are given); (2)
     render the overlay with legend and burn :data:`DISCLAIMER` in as a banner above it; (3) build an
-    ``highdicom.sc.SCImage`` (RGB, 8 bit, Explicit VR Little Endian) with the source's (0020,000D) Study
-    Instance UID and new (0020,000E) Series and (0008,0018) SOP Instance UIDs; (4) set (0008,0008) Image Type
+    ``highdicom.sc.SCImage`` (RGB, 8 bit, Explicit VR Little Endian) with new (0020,000E) Series and (0008,0018)
+    SOP Instance UIDs and a new (0020,000D) Study Instance UID — the source's with ``include_patient_data``;
+    (4) set (0008,0008) Image Type
     ``DERIVED\\SECONDARY\\OTHER``, (0028,0301) Burned In Annotation ``YES``, (0008,103E) Series Description
     :data:`SERIES_DESCRIPTION`, (0020,4000) Image Comments and (0008,2111) Derivation Description (the
-    disclaimer and the run's parameters), (0008,2112) Source Image Sequence and (0008,1140) Referenced Image
-    Sequence naming the source's SOP Class/Instance UIDs; copy (0020,0020) Patient Orientation, the lossy
+    disclaimer and the run's parameters), and, with ``include_patient_data`` only, (0008,2112) Source Image
+    Sequence and (0008,1140) Referenced Image Sequence naming the source's SOP Class/Instance UIDs; copy
+    (0020,0020) Patient Orientation, the lossy
     compression flags (0028,2110)/(0028,2114) and, when ``input.png`` has the source's Rows × Columns,
     (0028,0030) Pixel Spacing; (5) patient and study identifiers — see below.
 
@@ -577,11 +587,14 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
         run_dir: A finished run folder whose input was ``source_dicom``.
         source_dicom: The original DICOM Part 10 bytes the run was made from, or its pydicom ``Dataset``
             (then the SHA-256 check is skipped).
-        include_patient_data: ``False`` (default): Patient Name and Patient ID are :data:`ANONYMOUS`; birth
-            date, sex, accession number, study date/time, study ID and referring physician are empty. Only
-            the Study Instance UID links the object to its study. ``True``: the Patient module and the
-            study-level identifiers (accession, dates, study ID/description, referring physician, age, size,
-            weight) are copied from the source, as a PACS expects for an object filed into the study.
+        include_patient_data: ``False`` (default): de-identified in a new study — new Study Instance UID,
+            Patient Name and Patient ID :data:`ANONYMOUS`; birth date, sex, accession number, study date/time,
+            study ID and referring physician empty; no reference to the source image; (0012,0062) Patient
+            Identity Removed ``YES`` and (0012,0063) De-identification Method. ``True``: a derived series in the
+            original study — the source's Study Instance UID, the Source/Referenced Image Sequences, and the
+            Patient module and the study-level identifiers (accession, dates, study ID/description, referring
+            physician, age, size, weight) copied from the source, as a PACS expects for an object filed into
+            the study.
         opacity, threshold, threshold_mode, mode: Overlay options, as for :func:`export_annotated_png`.
 
     Returns:
@@ -610,7 +623,7 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        study_instance_uid=str(source.StudyInstanceUID),
+        study_instance_uid=str(source.StudyInstanceUID) if include_patient_data else hd.UID(),
         series_instance_uid=hd.UID(),
         series_number=SERIES_NUMBER,
         sop_instance_uid=hd.UID(),
@@ -641,8 +654,12 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
         + "; ".join(f"{k}={v}" for k, v in facts.items())
     )
     sc.DerivationDescription = derivation[:1024]  # ST: at most 1024 characters
-    sc.SourceImageSequence = [_source_reference(source)]
-    sc.ReferencedImageSequence = [_source_reference(source)]
+    if include_patient_data:  # a derived series in the source's study points at its source image
+        sc.SourceImageSequence = [_source_reference(source)]
+        sc.ReferencedImageSequence = [_source_reference(source)]
+    else:
+        sc.PatientIdentityRemoved = "YES"
+        sc.DeidentificationMethod = DEIDENTIFICATION_METHOD
     del sc.PatientOrientation
     if source.get("PatientOrientation"):
         _copy_element(sc, source, "PatientOrientation")

@@ -200,12 +200,27 @@ def test_bad_overlay_options_are_export_errors(dicom_run, options, match):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_secondary_capture_is_in_the_source_study_and_references_the_source(dicom_run, cr_source):
+def test_secondary_capture_is_deidentified_in_a_new_study_by_default(dicom_run, cr_source):
     src = _read_dcm(cr_source)
     data = exports.export_secondary_capture(dicom_run, cr_source)
     sc = _read_dcm(data)
+    # a study of its own: no UID of the source study, series or image anywhere in the object
+    assert sc.StudyInstanceUID != src.StudyInstanceUID
+    for uid in (src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID):
+        assert str(uid).encode() not in data
+    assert "SourceImageSequence" not in sc and "ReferencedImageSequence" not in sc
+    assert sc.PatientIdentityRemoved == "YES" and sc.DeidentificationMethod == exports.DEIDENTIFICATION_METHOD
+    assert len(exports.DEIDENTIFICATION_METHOD) <= 64
+    again = _read_dcm(exports.export_secondary_capture(dicom_run, cr_source))
+    assert again.StudyInstanceUID != sc.StudyInstanceUID  # every export is its own study
+
+
+def test_secondary_capture_in_the_source_study_references_the_source(dicom_run, cr_source):
+    src = _read_dcm(cr_source)
+    data = exports.export_secondary_capture(dicom_run, cr_source, include_patient_data=True)
+    sc = _read_dcm(data)
     assert sc.SOPClassUID == SecondaryCaptureImageStorage == sc.file_meta.MediaStorageSOPClassUID
-    assert sc.StudyInstanceUID == src.StudyInstanceUID
+    assert sc.StudyInstanceUID == src.StudyInstanceUID and "PatientIdentityRemoved" not in sc
     assert sc.SeriesInstanceUID != src.SeriesInstanceUID and sc.SOPInstanceUID != src.SOPInstanceUID
     assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     assert sc.BurnedInAnnotation == "YES"
@@ -225,7 +240,7 @@ def test_secondary_capture_is_in_the_source_study_and_references_the_source(dico
     assert px.shape == (sc.Rows, sc.Columns, 3) and sc.Rows > H and sc.Columns > W
     assert tuple(px[0, 0]) == BANNER
     # a second export is a new instance in a new series
-    again = _read_dcm(exports.export_secondary_capture(dicom_run, cr_source))
+    again = _read_dcm(exports.export_secondary_capture(dicom_run, cr_source, include_patient_data=True))
     assert again.SOPInstanceUID != sc.SOPInstanceUID and again.SeriesInstanceUID != sc.SeriesInstanceUID
 
 
@@ -249,7 +264,7 @@ def test_secondary_capture_copies_patient_data_when_asked(dicom_run, cr_source):
 
 def test_secondary_capture_accepts_a_dataset(dicom_run, cr_source):
     src = _read_dcm(cr_source)
-    sc = _read_dcm(exports.export_secondary_capture(dicom_run, src))
+    sc = _read_dcm(exports.export_secondary_capture(dicom_run, src, include_patient_data=True))
     assert sc.StudyInstanceUID == src.StudyInstanceUID
 
 
@@ -275,6 +290,9 @@ def test_secondary_capture_of_a_real_cr(tmp_path, shared_dicom):
     run = make_run(tmp_path / "siim", data)  # input.png smaller than the source: no pixel spacing
     sc_bytes = exports.export_secondary_capture(run, data)
     sc = _read_dcm(sc_bytes)
+    assert sc.StudyInstanceUID != src.StudyInstanceUID and str(src.StudyInstanceUID).encode() not in sc_bytes
+    assert "SourceImageSequence" not in sc
+    sc = _read_dcm(exports.export_secondary_capture(run, data, include_patient_data=True))
     assert sc.StudyInstanceUID == src.StudyInstanceUID
     assert sc.SourceImageSequence[0].ReferencedSOPClassUID == src.SOPClassUID
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
@@ -282,6 +300,7 @@ def test_secondary_capture_of_a_real_cr(tmp_path, shared_dicom):
     assert sc.LossyImageCompression == "01"  # the source was JPEG baseline
     assert "PixelSpacing" not in sc
     assert "PatientOrientation" in sc and not sc.PatientOrientation  # Type 2: the source leaves it empty
+    sc = _read_dcm(sc_bytes)
     assert str(sc.PatientName) == exports.ANONYMOUS and str(src.PatientName).encode() not in sc_bytes
     opted_in = _read_dcm(exports.export_secondary_capture(run, data, include_patient_data=True))
     assert opted_in.PatientName == src.PatientName and opted_in.PatientAge == src.PatientAge
@@ -361,3 +380,41 @@ def test_save_export_writes_atomically(dicom_run):
     # the saved export is not picked up by the next bundle
     with zipfile.ZipFile(io.BytesIO(exports.export_bundle(dicom_run))) as zf:
         assert not any(n.startswith("exports") for n in zf.namelist())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the map's name and scale follow the record
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reference", "method", "label"), [
+    ("input", "sdedit", "original − counterfactual"),
+    ("reconstruction", "sdedit", "autoencoder reconstruction − counterfactual"),
+    ("reconstruction", "ddim_inversion", "DDIM reconstruction − counterfactual"),
+])
+def test_exports_name_the_map_by_its_reference(tmp_path, cr_source, reference, method, label):
+    run = make_run(tmp_path / "run", cr_source)
+    record = json.loads((run / "record.json").read_text())
+    record["request"]["reference"], record["map_method"] = reference, method
+    (run / "record.json").write_text(json.dumps(record))
+    text = Image.open(io.BytesIO(exports.export_annotated_png(run))).text  # type: ignore[attr-defined]
+    assert text["vald_md:map_label"] == label and text["vald_md:map_scale"] == "relative (per-image) scale"
+    sc = _read_dcm(exports.export_secondary_capture(run, cr_source))
+    assert label in sc.ImageComments and label in sc.DerivationDescription
+    others = {"original − counterfactual", "autoencoder reconstruction − counterfactual",
+              "DDIM reconstruction − counterfactual"} - {label}
+    assert not any(o in sc.ImageComments or o in sc.DerivationDescription for o in others)
+
+
+def test_calibrated_run_exports_in_x_fold_of_the_normal_range(tmp_path, cr_source):
+    run = make_run(tmp_path / "run", cr_source)
+    record = json.loads((run / "record.json").read_text())
+    record["map_summary"]["scale"] = {"kind": "calibrated", "level": 0.1, "percentile": 99.0, "n_images": 24}
+    (run / "record.json").write_text(json.dumps(record))
+    data = exports.export_annotated_png(run, threshold=1.5, threshold_mode=exports.THRESHOLD_NORMAL)
+    text = Image.open(io.BytesIO(data)).text  # type: ignore[attr-defined]
+    assert text["vald_md:map_scale"].startswith("x-fold of the normal range: 1× = 99th percentile")
+    # the same fold on an uncalibrated run is refused rather than read as a percentile
+    with pytest.raises(ExportError, match="calibrated"):
+        exports.export_annotated_png(make_run(tmp_path / "plain", cr_source), threshold=1.5,
+                                     threshold_mode=exports.THRESHOLD_NORMAL)
