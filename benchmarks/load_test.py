@@ -3,7 +3,8 @@
 C client threads each submit ``POST /api/v1/counterfactuals`` (multipart: a PNG and the generation fields), then
 poll ``GET /api/v1/jobs/{id}`` until the job has finished, and go again, until ``--requests`` submissions have been
 made or ``--duration`` seconds have passed; what is still queued or running then is cancelled, so the run leaves
-the server idle. A 503 (queue full) is counted and retried after a pause. A monitor thread samples ``/readyz``
+the server idle. A 503 (queue full) or 429 (the user's own limit of runs, VALD_MD_MAX_JOBS_PER_USER) is counted
+and retried after a pause; ``--spawn`` raises that limit to the concurrency, since one token submits everything. A monitor thread samples ``/readyz``
 (queue length, room) while it runs.
 
 Reported: completed jobs per minute sustained (first submission to last completion), client-side latency
@@ -172,7 +173,7 @@ def client(base: str, data: bytes, fields: dict[str, str], shared: Shared, poll_
             except httpx.HTTPError as e:
                 shared.error(type(e).__name__)
                 continue
-            if r.status_code == 503:
+            if r.status_code in (429, 503):
                 with shared.lock:
                     shared.rejected_503 += 1
                 retry = float(r.headers.get("Retry-After", "1") or 1)
@@ -291,7 +292,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{(r['limits'] or {}).get('queue_size')}): concurrency {r['concurrency']}, budget {r['request_budget']} "
         f"submissions / {r['duration_budget_s']:.0f} s, took {r['wall_s']:.1f} s.",
         "",
-        "| submitted | accepted | 503 (queue full) | done | failed | cancelled at end | jobs/min sustained | "
+        "| submitted | accepted | 503/429 (queue or user limit) | done | failed | cancelled at end | jobs/min sustained | "
         "latency p50 s | latency p95 s | server queued p50 s | server run p50 s | queue max | queue mean | "
         "time full |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -322,7 +323,8 @@ def main(args: argparse.Namespace) -> int:
                 from tests.tiny_model import write_tiny_model
 
                 args.model = write_tiny_model(Path(tmp) / "tiny")
-            proc, base, token = spawn_server(args.model, Path(tmp), queue_size=args.queue_size)
+            proc, base, token = spawn_server(args.model, Path(tmp), queue_size=args.queue_size,
+                                             max_jobs_per_user=args.concurrency)
             HEADERS["Authorization"] = f"Bearer {token}"
         try:
             report = run(args, base)

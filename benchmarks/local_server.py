@@ -39,12 +39,14 @@ def make_token(data_dir: Path, username: str = "bench") -> str:
 
 
 def spawn_server(model: Path, work: Path, *, queue_size: int | None = None, device: str | None = None,
+                 max_jobs_per_user: int | None = None,
                  ready_timeout_s: float = 90.0) -> tuple[subprocess.Popen[bytes], str, str]:
     """Start `vald-md serve --model model` on 127.0.0.1 and a free port, with data under ``work/data`` and its log in
     ``work/server.log``; wait until /readyz answers 200.
 
     Returns (process, base URL, API token). VALD_MD_* variables of this process are not passed on, so the server
-    runs on its defaults (``device``: its ``--device``, default automatic); OMP_NUM_THREADS and the like are.
+    runs on its defaults (``device``: its ``--device``, default automatic; ``max_jobs_per_user``: its
+    VALD_MD_MAX_JOBS_PER_USER, since one token submits everything); OMP_NUM_THREADS and the like are.
     """
     import httpx
 
@@ -52,6 +54,8 @@ def spawn_server(model: Path, work: Path, *, queue_size: int | None = None, devi
     env = {k: v for k, v in os.environ.items() if not k.startswith("VALD_MD_")}
     if queue_size:
         env["VALD_MD_QUEUE_SIZE"] = str(queue_size)
+    if max_jobs_per_user:
+        env["VALD_MD_MAX_JOBS_PER_USER"] = str(max_jobs_per_user)
     token = make_token(work / "data")
     exe = Path(sys.executable).parent / "vald-md"
     cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(model),
