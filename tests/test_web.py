@@ -1050,7 +1050,7 @@ def test_calibrated_run_reads_the_map_in_x_fold_of_the_normal_range(client, tiny
     assert record["map_label"] == "original − counterfactual" and record["map_label"] in doc.text
     # the model's limits beside the result, and the operator's label
     assert doc.by_id("run") and TRUST_LIMITS["text"] in doc.text
-    assert "teaching case 3" in doc.text
+    assert "teaching case 3" in doc.text and "teaching case 3" in Doc(client.get("/history").text).text
     # the threshold slider changes the area above the normal level (out of band, with the legend)
     low = client.get(f"/runs/{job_id}/overlay?threshold=0.5", headers={"HX-Request": "true"}).text
     high = client.get(f"/runs/{job_id}/overlay?threshold=3", headers={"HX-Request": "true"}).text
