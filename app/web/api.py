@@ -185,9 +185,12 @@ def job_thumbnail(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
 def job_overlay(
     job_id: JobId, jobs: JobsDep, user: CurrentUser,
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="maximum overlay opacity")] = 0.6,
-    threshold: Annotated[float | None, Query(ge=0.0, le=100.0, description="hide |M| below this percentile")] = None,
+    threshold: Annotated[float | None, Query(ge=0.0, le=100.0, description=(
+        "hide |M| below this: x-fold of the model's normal level on a calibrated run (record map_summary.scale.kind "
+        "'calibrated'), else a percentile of the map's own |M|"))] = None,
     mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
-    scale: Annotated[float | None, Query(gt=0.0, le=1.0, description="|M| at full opacity; default 99.5th pct")
+    scale: Annotated[float | None, Query(gt=0.0, le=1.0, description="|M| at full opacity; default: 2x the normal "
+                                                                    "level when calibrated, else the 99.5th pct")
                      ] = None,
     legend: Annotated[bool, Query(description="append the colour bar")] = False,
 ) -> Response:
