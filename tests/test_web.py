@@ -1095,3 +1095,26 @@ def test_case_label_is_one_line(client):
     r = client.post("/runs", data={**FAST, "case_label": "a\nb"}, files={"file": ("x.png", png_bytes())},
                     headers={"HX-Request": "true"})
     assert r.status_code == 422 and "case_label" in r.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenAPI document (issue 12, "first hour")
+# ----------------------------------------------------------------------------------------------------------------
+def test_openapi_declares_bearer_auth_and_response_schemas(client, done_job):
+    schema = client.get("/api/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert any(s.get("type") == "http" and s.get("scheme") == "bearer" for s in schemes.values()), schemes
+    assert client.get("/api/docs").status_code == 200
+    paths = schema["paths"]
+    main = {("/api/v1/counterfactuals", "post", "202"), ("/api/v1/jobs", "get", "200"),
+            ("/api/v1/jobs/{job_id}", "get", "200"), ("/api/v1/model", "get", "200"),
+            ("/api/v1/jobs/{job_id}/cancel", "post", "202")}
+    for path, method, code in main:
+        op = paths[path][method]
+        assert op.get("security"), (path, "no security requirement")
+        body = op["responses"][code]["content"]["application/json"]["schema"]
+        assert body.get("$ref") or body.get("properties"), (path, code, body)
+    # the documented job status is what the server sends
+    ref = paths["/api/v1/jobs/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    documented = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["required"]
+    assert set(documented) <= set(done_job), set(documented) - set(done_job)

@@ -25,7 +25,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Query, Request, Security, UploadFile
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
@@ -39,6 +39,7 @@ from app.web.auditing import audit_export, audit_view
 from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
 from app.web.errors import UploadTooLargeError
 from app.web.forms import GenerationParams, map_method_options
+from app.web.schemas import JobList, JobStatus, ModelDescription, SubmittedJob, bearer_scheme
 from app.web.streams import job_changes
 from app.web.views import (
     OverlayOptions,
@@ -49,7 +50,8 @@ from app.web.views import (
     render_overlay_png,
 )
 
-router = APIRouter(prefix="/api/v1", tags=["api"])
+# the bearer dependency only documents the scheme (Authorize in /api/docs): AuthMiddleware has checked it already
+router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Security(bearer_scheme)])
 
 JobId = Annotated[str, "32 hex digits"]
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -104,7 +106,8 @@ async def submit_job(jobs: JobManager, user: audit.User, data: bytes, req: Revie
     return await run_in_threadpool(jobs.submit, user, data, req, mask_png=mask_png, rerun_of=rerun_of)
 
 
-@router.post("/counterfactuals", status_code=202, summary="Submit an image for counterfactual review")
+@router.post("/counterfactuals", status_code=202, summary="Submit an image for counterfactual review",
+             response_model=None, responses={202: {"model": SubmittedJob, "description": "queued"}})
 async def create_counterfactual(
     params: Annotated[GenerationParams, Form()],
     file: Annotated[UploadFile, File(description="DICOM (with or without extension), PNG or JPEG")],
@@ -129,19 +132,23 @@ async def create_counterfactual(
                         status_code=202, headers={"Location": status["links"]["self"]})
 
 
-@router.get("/jobs", summary="The user's jobs, newest first")
+@router.get("/jobs", summary="The user's jobs, newest first", response_model=None,
+            responses={200: {"model": JobList, "description": "newest first"}})
 def list_jobs(jobs: JobsDep, user: CurrentUser, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
     """Status of the user's most recent jobs."""
     return {"jobs": [job_status(jobs, j) for j in jobs.list_jobs(user.owner, limit)]}
 
 
-@router.get("/jobs/{job_id}", summary="Job status")
+@router.get("/jobs/{job_id}", summary="Job status", response_model=None,
+            responses={200: {"model": JobStatus, "description": "the job"}})
 def get_job(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
     """State, queue position, progress (step k of N, ETA, preview URL), parameters, effective steps, timings."""
     return JSONResponse(job_status(jobs, find_job(jobs, job_id, user)), headers=_NO_STORE)
 
 
-@router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
+@router.post("/jobs/{job_id}/cancel", summary="Cancel a job", response_model=None,
+             responses={200: {"model": JobStatus, "description": "cancelled (or already finished)"},
+                        202: {"model": JobStatus, "description": "cancel requested; stops within one step"}})
 def cancel_job(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
     """A queued job is cancelled at once; a running one stops within one denoising step (202 until it has)."""
     job = jobs.cancel(job_id, user.owner, any_owner=user.is_admin, actor=user.user)
@@ -242,7 +249,8 @@ def job_artifact(
                         content_disposition_type=disposition, filename=f"{stem}-{name}")
 
 
-@router.get("/model", summary="The loaded model")
+@router.get("/model", summary="The loaded model", response_model=None,
+            responses={200: {"model": ModelDescription, "description": "the resident model"}})
 def model_info(engine: EngineDep, settings: SettingsDep, jobs: JobsDep) -> dict[str, Any]:
     """Name, content hash, text encoder, image size, presets and class prompts of the resident model, and the
     map methods this server can run (``classifier_guided`` needs the lesion classifier and the lung segmenter)."""

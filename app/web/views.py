@@ -78,6 +78,7 @@ def job_status(jobs: JobManager, job: Job) -> dict[str, Any]:
         "effective_steps": job.effective_steps,
         "unet_evaluations": job.unet_evaluations,
         "seeds": job.seeds,
+        "run_time_s": _round(job.timings_s.get("run")),
         "timings_s": job.timings_s,
         "error": job.error,
         "input": job.input_summary,
