@@ -1118,3 +1118,135 @@ def test_openapi_declares_bearer_auth_and_response_schemas(client, done_job):
     ref = paths["/api/v1/jobs/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     documented = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["required"]
     assert set(documented) <= set(done_job), set(documented) - set(done_job)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 12, smaller inconsistencies: one run time, one clock, the history badge follows the run
+# ----------------------------------------------------------------------------------------------------------------
+def test_run_time_is_one_number_with_one_label(client, done_job):
+    run_s = done_job["timings_s"]["run"]
+    assert done_job["run_time_s"] == round(run_s, 3)
+    doc = Doc(client.get(f"/runs/{done_job['job_id']}").text)
+    shown = re.findall(r"run time ([\d.]+ s|\d+ min \d+ s)", doc.text)
+    assert len(shown) == 2 and shown[0] == shown[1], shown  # the header and the parameters agree
+    assert "running" not in doc.text.split("Parameters", 1)[1].split("Reuse parameters", 1)[0]
+
+
+def test_pages_write_times_in_utc_with_the_zone(client, done_job):
+    from datetime import datetime, timedelta, timezone
+
+    from app.web.templating import _short_time
+
+    plus_two = datetime(2026, 12, 6, 23, 40, tzinfo=timezone(timedelta(hours=2)))
+    assert _short_time(plus_two) == "2026-12-06 21:40 UTC" == _short_time("2026-12-06T21:40:00+00:00")
+    created = datetime.fromisoformat(done_job["created_at"]).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = Doc(client.get(f"/runs/{done_job['job_id']}").text).text
+    assert text.count(created) >= 2  # the results header and the history panel
+
+
+def test_history_badge_follows_the_run_from_queued_to_running(gated):
+    engine, c, _ = gated
+    job_id = submit(c).json()["job_id"]
+    assert engine.started.wait(10)
+    badge = re.compile(rf'<span class="badge badge-running" id="history-state-{job_id}" hx-swap-oob="true">running')
+    assert badge.search(c.get(f"/runs/{job_id}/progress", headers={"HX-Request": "true"}).text)
+    with c.stream("GET", f"/runs/{job_id}/events") as r:
+        first = ""
+        for line in r.iter_lines():
+            first += line + "\n"
+            if line.startswith("data:") and "history-state" in line:
+                break
+    assert badge.search(first), first
+    engine.gate.set()
+    wait_state(c, job_id)
+    page = Doc(c.get("/").text)
+    assert page.by_id(f"history-state-{job_id}") is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the viewer's pixels: the data's own units for window/level in the browser (app/web/viewing.py)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sixteen_bit_job(client, shared_data) -> dict[str, Any]:
+    """A 15-bit MONOCHROME1 CR (JPEG-LS lossless), 1955 x 1841, with one file window and no pixel spacing."""
+    r = submit(client, (shared_data / "dicom" / "RG1_JLSN.dcm").read_bytes())
+    assert r.status_code == 202, r.text
+    st = wait_state(client, r.json()["job_id"])
+    assert st["state"] == "done", st["error"]
+    return st
+
+
+def test_viewer_pixels_are_the_16_bit_modality_values(client, sixteen_bit_job, shared_data):
+    from app import imaging
+
+    base = f"/api/v1/jobs/{sixteen_bit_job['job_id']}"
+    r = client.get(f"{base}/viewing")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    facts = r.json()
+    assert (facts["rows"], facts["columns"], facts["dtype"]) == (1955, 1841, "uint16")
+    assert facts["inverted"] is True and facts["photometric_interpretation"] == "MONOCHROME1"
+    assert facts["units"] == "modality value" and facts["pixel_spacing_mm"] is None
+    assert [p["key"] for p in facts["presets"]] == ["lung", "mediastinum", "bone", "file-1"]
+    assert facts["presets"][3]["center"] == 15000 and facts["presets"][3]["width"] == 30000
+    assert facts["window"]["center"] == 15000  # the run's window: the file's first preset ("auto")
+    # MONOCHROME1: the lung window (the dark end of the display) lies at the high values
+    lung, bone = facts["presets"][0], facts["presets"][2]
+    assert lung["center"] > bone["center"]
+
+    r = client.get(facts["pixels"]["input"])
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    assert r.headers["content-type"] == "application/octet-stream"
+    pixels = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert pixels.shape == (1955, 1841) and pixels.dtype == np.uint16
+    raw = imaging.decode_image((shared_data / "dicom" / "RG1_JLSN.dcm").read_bytes()).raw
+    slope, intercept = facts["rescale"]["slope"], facts["rescale"]["intercept"]
+    assert slope == 1.0 and np.array_equal(pixels * slope + intercept, raw)  # exact: 15-bit integers
+    assert pixels.max() > 255 * 4  # more than 8 bits reach the browser
+
+    cf = np.load(io.BytesIO(client.get(facts["pixels"]["counterfactual"]).content), allow_pickle=False)
+    assert cf.shape == pixels.shape and cf.dtype == np.uint16
+    values = cf * slope + intercept  # within the run's window, in the same units
+    assert values.min() >= 0 - 1 and values.max() <= 30000 + 1
+
+
+def test_viewer_pixels_are_the_owners_only(app_and_client, done_job):
+    app, c = app_and_client
+    base = f"/api/v1/jobs/{done_job['job_id']}"
+    assert c.get(f"{base}/pixels/input.npy").status_code == 200
+    other = TestClient(app)
+    sign_in(other, app, add_user(app.state.db, "someone-else-pixels"))
+    for path in ("viewing", "pixels/input.npy", "pixels/counterfactual.npy"):
+        assert other.get(f"{base}/{path}").status_code == 404
+    assert c.get(f"{base}/pixels/upload.npy").status_code in (404, 422)
+    assert c.get("/api/v1/jobs/" + "0" * 32 + "/pixels/input.npy").status_code == 404
+    signed_out = TestClient(app)
+    assert signed_out.get(f"{base}/pixels/input.npy", follow_redirects=False).status_code in (401, 303)
+
+
+def test_viewer_of_an_8_bit_png_and_a_dicom_with_pixel_spacing(client, done_job, dicom_job):
+    facts = client.get(f"/api/v1/jobs/{done_job['job_id']}/viewing").json()
+    assert facts["units"] == "8-bit pixel value" and facts["inverted"] is False
+    assert [p["key"] for p in facts["presets"]] == ["lung", "mediastinum", "bone", "full"]
+    pixels = np.load(io.BytesIO(client.get(facts["pixels"]["input"]).content), allow_pickle=False)
+    assert pixels.dtype == np.uint16 and pixels.shape == (facts["rows"], facts["columns"])
+    facts = client.get(f"/api/v1/jobs/{dicom_job['job_id']}/viewing").json()
+    assert facts["pixel_spacing_mm"] == [0.168, 0.168] and facts["spacing_source"] == "PixelSpacing"
+
+
+def test_viewing_helpers_quantize_exactly_and_invert_the_window():
+    from app.imaging import Window, apply_window
+    from app.imaging.viewing import inverse_window, quantize_u16
+
+    ints = np.array([[-1024.0, 0.0], [3071.0, 12.0]], dtype=np.float32)
+    q = quantize_u16(ints)
+    assert q.slope == 1.0 and q.intercept == -1024 and np.array_equal(q.pixels * q.slope + q.intercept, ints)
+    floats = np.linspace(0.0, 1.0, 12, dtype=np.float32).reshape(3, 4) * 1e6
+    q = quantize_u16(floats)
+    assert q.pixels.dtype == np.uint16 and np.abs(q.pixels * q.slope + q.intercept - floats).max() <= q.slope / 2 + 1e-3
+    raw = np.linspace(100, 900, 64, dtype=np.float32).reshape(8, 8)
+    for function in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        window = Window(500.0, 1000.0, "user", function)
+        for inverted in (False, True):
+            shown = apply_window(raw, window, "MONOCHROME1" if inverted else "MONOCHROME2")
+            back = inverse_window(shown, window, inverted=inverted)
+            assert np.allclose(back, raw, atol=0.5), (function, inverted)

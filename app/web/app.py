@@ -34,7 +34,7 @@ from app.config import Settings
 from app.engine import CounterfactualEngine, load_in_passing_thread
 from app.jobs import JobManager
 from app.lungs import LungSegmenter, SegmenterFolderError
-from app.web import accounts, admin, api, pages, tokens
+from app.web import accounts, admin, api, pages, tokens, viewing
 from app.web.auth import AuthMiddleware, LoginRateLimiter, TrustedHostsMiddleware
 from app.web.errors import UploadTooLargeError, error_response, install_error_handlers
 from app.web.templating import STATIC_DIR, make_templates
@@ -284,6 +284,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api.router)
+    app.include_router(viewing.router)
     app.include_router(accounts.router)
     app.include_router(admin.router)
     app.include_router(tokens.router)
