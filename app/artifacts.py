@@ -299,14 +299,14 @@ def make_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req: R
                 engine, img_model, prompt=req.prompt, strength=req.strength, steps=req.steps,
                 guidance_scale=req.guidance_scale), seed=req.seed if req.seed is not None else 0, cancel=cancel)
         if progress is not None:
-            progress(result.unet_evaluations, result.unet_evaluations, result.timings_s["total"], None)
+            progress(result.effective_steps, result.effective_steps, result.timings_s["total"], None)
         return result, {"map_method": "ddim_inversion"}
     if req.map_method == "classifier_guided":
         assert classifier is not None and segmenter is not None  # resolve_map_method checked
         result, extra = _classifier_guided_result(engine, pixels, req, classifier=classifier, segmenter=segmenter,
                                                   cancel=cancel)
         if progress is not None:
-            progress(result.unet_evaluations, result.unet_evaluations, result.timings_s["total"], None)
+            progress(result.effective_steps, result.effective_steps, result.timings_s["total"], None)
         return result, {"map_method": "classifier_guided", **extra}
     result = engine.generate(
         pixels, req.prompt, negative_prompt=req.negative_prompt, strength=req.strength,

@@ -229,7 +229,9 @@ class ModelInfo:
 # results
 # ----------------------------------------------------------------------------------------------------------------
 ProgressCallback = Callable[[int, int, float, "np.ndarray | None"], None]
-"""progress(step, total, elapsed_s, preview) -- step counts from 1; preview is float32 (h, w) in [0, 1] or None."""
+"""progress(step, total, elapsed_s, preview) -- denoising step ``step`` of ``total`` = the effective steps
+(``int(steps * strength)``), counting from 1, as the form and the record count them (PNDM's one extra UNet
+evaluation repeats the last step); preview is float32 (h, w) in [0, 1] or None."""
 
 
 @dataclass
@@ -544,7 +546,10 @@ class CounterfactualEngine:
                 if cancel is not None and cancel.is_set():
                     raise GenerationCancelled("cancelled by the user")
                 if progress is not None:
-                    progress(i + 1, n_calls, now - t_start, self.preview(kw["latents"]))
+                    # evaluation i + 1 of n_calls as a denoising step of n_eff (the form's "effective steps"):
+                    # PNDM's one extra evaluation reports the last step again rather than a step n_eff + 1
+                    progress(min(i + 1, n_eff or n_calls), n_eff or n_calls, now - t_start,
+                             self.preview(kw["latents"]))
                 return kw
 
             if cancel is not None and cancel.is_set():

@@ -49,7 +49,9 @@ def test_effective_steps_follow_diffusers_quantisation(tiny, steps, strength, ex
     assert r.effective_steps == expected == engine.effective_steps(steps, strength)
     # PNDM (PLMS, skip_prk_steps) makes one extra warm-up evaluation
     assert r.unet_evaluations == expected + 1 == len(seen)
-    assert seen[-1] == (len(seen), len(seen))
+    # progress counts denoising steps, as the form does ("15 effective steps" ends at "step 15 of 15")
+    assert seen[-1] == (expected, expected) and {n for _, n in seen} == {expected}
+    assert [k for k, _ in seen] == [*range(1, expected + 1), expected]  # the extra evaluation repeats the last
 
 
 def test_native_frame_exact_for_odd_sizes(tiny):

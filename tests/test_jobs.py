@@ -293,6 +293,25 @@ def test_cancel_stops_real_diffusion_within_one_step(tiny_engine, tmp_path):
         m.stop(timeout=10)
 
 
+def test_progress_counts_the_effective_steps_the_form_shows(tiny_engine, tmp_path):
+    """"15 effective steps" runs as "step 15 of 15", although PNDM makes one more UNet evaluation (issue 12)."""
+    m = JobManager(tiny_engine, tmp_path / "runs", queue_size=2)
+    m.start()
+    try:
+        seen: list[tuple[int, int]] = []
+        job = m.submit("alice", png_bytes(), ReviewRequest(strength=0.5, steps=8, seed=1))
+        while not job.state.finished:
+            if job.total:
+                seen.append((job.step, job.total))
+            time.sleep(0.002)
+        assert job.state is JobState.DONE, job.error
+        assert job.effective_steps == 4 and job.unet_evaluations == 5
+        assert job.step == job.total == job.effective_steps
+        assert all(total == 4 and 1 <= step <= 4 for step, total in seen), seen
+    finally:
+        m.stop(timeout=10)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the audit database is the record of every run
 # ----------------------------------------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ def run_progress(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser
     run is unfinished and carries the results once it is done."""
     job = find_job(jobs, job_id, user)
     context = {**run_context(jobs, job, poll=True), "history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
-               "current_id": job.id, "oob": job.state.finished}
+               "current_id": job.id, "oob": job.state.finished, "oob_state": True}
     return render(request, "_run.html", context, headers=NO_STORE)
 
 
@@ -230,8 +230,9 @@ async def run_events(request: Request, job_id: str, jobs: JobsDep, user: Current
                            "history": jobs.list_jobs(user.owner, HISTORY_LIMIT)}
                 yield {"event": "finished", "data": _render_fragment(request, "_run.html", context)}
             else:
+                # oob_state: the history panel's badge follows (queued -> running)
                 yield {"event": "progress", "data": _render_fragment(request, "_progress.html",
-                                                                     run_context(jobs, j))}
+                                                                     {**run_context(jobs, j), "oob_state": True})}
 
     return EventSourceResponse(events(), headers={"Cache-Control": "no-store"})
 

@@ -7,7 +7,7 @@ One template source renders both the full page and the HTMX swap (datasette styl
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,14 @@ def _asset_version(static_dir: Path) -> str:
 
 
 def _short_time(value: str | datetime | None) -> str:
+    """``2026-12-06 21:40 UTC``: every page writes times in UTC with the zone (the admin pages and the audit trail
+    are in UTC; the server's local zone is nobody's business). A naive value is taken as UTC."""
     if value is None:
         return ""
     t = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return t.astimezone().strftime("%Y-%m-%d %H:%M")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _duration(seconds: float | None) -> str:
