@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if "-v" in argv or "--verbose" in argv else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # alembic announces its plugins when imported and its migration context on every database open: seven INFO
+    # lines before any command's own output. Its warnings and errors still show (and -v shows everything).
+    if "-v" not in argv and "--verbose" not in argv:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if argv[:2] == ["train", "lungs"]:
         from app import train_lungs
 

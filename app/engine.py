@@ -51,6 +51,19 @@ for _name in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_im
               "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"):
     logging.getLogger(_name).addFilter(_WithholdPromptText())
 
+
+class _AcceptAnyTextEncoder(logging.Filter):
+    """Building a Stable Diffusion pipeline around a BERT text encoder (RadBERT, the paper's; the embedded model's)
+    makes diffusers warn "Expected types for text_encoder: CLIPTextModel, got BertModel", which reads like an
+    error at every start. The engine supports both encoders on purpose (``text_encoder_type`` in the model info),
+    so only that one message is dropped; every other warning of the pipeline loader still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Expected types for text_encoder:")
+
+
+logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_AcceptAnyTextEncoder())
+
 MANIFEST = "vald_md.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_weights" / "vald-md-mini"

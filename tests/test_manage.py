@@ -238,3 +238,28 @@ def test_users_tokens_revoke_token_and_expiry(data_dir, monkeypatch, capsys):
     assert audit.query_events(db, action="user_disable")[0].detail["tokens_revoked"] == 1
     assert audit.verify_chain(db).ok
     db.dispose()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a quiet command line (issue 12, "first hour")
+# ----------------------------------------------------------------------------------------------------------------
+def test_cli_stderr_has_no_alembic_chatter_or_text_encoder_warning(tmp_path):
+    """``users list`` opens (and migrates) the database; ``model info`` builds the pipeline around a BERT text
+    encoder. Neither prints alembic's INFO lines nor diffusers' "Expected types for text_encoder" warning."""
+    import os
+    import subprocess
+
+    from tests.tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny")
+    env = {**os.environ, "VALD_MD_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    for argv in (["users", "list"], ["model", "info", str(model)]):
+        done = subprocess.run([sys.executable, "-m", "app.cli", *argv], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr
+        assert "INFO alembic" not in done.stderr and "Expected types" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["text_encoder_type"].lower().startswith("bert")
+    # the database was migrated all the same, and -v still shows alembic
+    verbose = subprocess.run([sys.executable, "-m", "app.cli", "-v", "users", "list"], env={
+        **env, "VALD_MD_DATA_DIR": str(tmp_path / "data2")}, capture_output=True, text=True, timeout=300)
+    assert "alembic" in verbose.stderr

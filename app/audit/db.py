@@ -209,6 +209,11 @@ def alembic_config(database_url: str | None = None) -> Config:
 
 def _upgrade(engine: Engine, revision: str) -> None:
     config = alembic_config()
+    # Alembic logs its plugin set-up and migration context at INFO: seven lines on every CLI call and start-up,
+    # none of them news. Warnings and errors still show; a deliberately configured alembic level is kept.
+    alembic_logger = logging.getLogger("alembic")
+    if alembic_logger.level == logging.NOTSET:
+        alembic_logger.setLevel(logging.WARNING)
     # One transaction holding the write lock: concurrent start-ups migrate one after the other.
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
