@@ -1250,3 +1250,47 @@ def test_viewing_helpers_quantize_exactly_and_invert_the_window():
             shown = apply_window(raw, window, "MONOCHROME1" if inverted else "MONOCHROME2")
             back = inverse_window(shown, window, inverted=inverted)
             assert np.allclose(back, raw, atol=0.5), (function, inverted)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 12, one audit event per user action
+# ----------------------------------------------------------------------------------------------------------------
+def test_one_audit_event_per_user_action(tiny_engine, tmp_path):
+    """Choose a file (the form's /inspect preview) and run it, then open the run as a browser does (the page, its
+    images, the viewer's pixels): one ``upload``, one ``generate``, one ``run_done``, one ``view``."""
+    from collections import Counter
+
+    from app import audit
+
+    app = create_app(Settings(data_dir=tmp_path / "d"), engine=tiny_engine)
+    with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-audit"))
+
+        def actions() -> Counter[str]:
+            return Counter(e.action for e in audit.query_events(app.state.db, user="clinician-audit", limit=1000))
+
+        before = actions()
+        data, htmx = png_bytes(seed=8), {"HX-Request": "true"}
+        assert c.post("/inspect", files={"file": ("x.png", data)}, headers=htmx).status_code == 200
+        r = c.post("/runs", data={**FAST, "seed_mode": "fixed", "seed": "5"}, files={"file": ("x.png", data)},
+                   headers=htmx)
+        job_id = Doc(r.text).by_id("run")["data-job"]
+        assert wait_state(c, job_id)["state"] == "done"
+        page = c.get(f"/runs/{job_id}")
+        assert page.status_code == 200
+        base = f"/api/v1/jobs/{job_id}"
+        sources = re.findall(rf'src="({re.escape(base)}/artifacts/[^"]+)"', page.text)
+        assert len(set(sources)) >= 2, sources  # input.png, counterfactual.png (the overlay, ...)
+        for src in sources:
+            assert c.get(src.replace("&amp;", "&"), headers={"Sec-Fetch-Dest": "image"}).status_code == 200
+        fetch = {"Sec-Fetch-Dest": "empty"}
+        if c.get(f"{base}/viewing", headers=fetch).status_code == 200:
+            assert c.get(f"{base}/pixels/input.npy", headers=fetch).status_code == 200
+        c.get(f"{base}/thumbnail.png", headers={"Sec-Fetch-Dest": "image"})
+        new = actions() - before
+        assert new == Counter({"upload": 1, "generate": 1, "run_done": 1, "view": 1}), new
+        # a file fetched on its own is an event of its own: a download, or an address typed into the browser
+        c.get(f"{base}/artifacts/input.png", params={"download": "true"}, headers={"Sec-Fetch-Dest": "image"})
+        c.get(f"{base}/artifacts/counterfactual.png", headers={"Sec-Fetch-Dest": "document"})
+        assert (actions() - before)["view"] == 3
+

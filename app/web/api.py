@@ -35,7 +35,7 @@ from app import audit, exports
 from app.artifacts import ReviewRequest
 from app.config import Settings
 from app.jobs import Job, JobManager
-from app.web.auditing import audit_export, audit_view
+from app.web.auditing import audit_export, audit_view, part_of_page
 from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
 from app.web.errors import UploadTooLargeError
 from app.web.forms import GenerationParams, map_method_options
@@ -218,7 +218,7 @@ def job_lung_outline(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Respons
 
 @router.get("/jobs/{job_id}/artifacts/{name}", summary="A run file or an export")
 def job_artifact(
-    job_id: JobId, name: str, jobs: JobsDep, user: CurrentUser, db: DbDep,
+    job_id: JobId, name: str, request: Request, jobs: JobsDep, user: CurrentUser, db: DbDep,
     opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
     threshold: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
     mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
@@ -229,7 +229,8 @@ def job_artifact(
     ``mask.png`` / ``lung_mask.png`` (the map's region, when restricted), ``attribution.npy``,
     ``attribution_std.npy``, ``record.json``, or an export: ``annotated.png``, ``secondary-capture.dcm`` (DICOM
     inputs), ``bundle.zip``. Image exports take the overlay options (``lung_outline``: ``annotated.png`` only).
-    Exports (``record.json`` included) are audited as ``export`` with their SHA-256, other files as ``view``."""
+    Exports (``record.json`` included) are audited as ``export`` with their SHA-256, other files as ``view``
+    (except the images a result page shows, which its own ``view`` covers: ``auditing.part_of_page``)."""
     job = find_job(jobs, job_id, user)
     stem = f"vald-md-{job.id[:8]}"
     if name in exports.EXPORT_KINDS and name != "record.json":
@@ -242,7 +243,7 @@ def job_artifact(
     path, media_type = artifact_file(job, name)
     if name == "record.json":
         audit_export(db, user, job, name, path.read_bytes())
-    else:
+    elif not part_of_page(request, user, download=download):  # the result page's own images: its one view
         audit_view(db, user, job, name)
     disposition = "attachment" if download or path.suffix != ".png" else "inline"
     return FileResponse(path, media_type=media_type, headers=_NO_STORE,

@@ -15,7 +15,8 @@ GET      /history                    the history panel
 =======  ==========================  ===========================================================================
 
 Every page needs a signed-in session (``app.web.auth``); a user sees their own runs, an admin anyone's by id.
-The result page of a finished run is audited as ``view``, a file decoded on ``/inspect`` as ``upload``.
+The result page of a finished run is audited as ``view`` (once per opening: its images are part of it); a file
+decoded on ``/inspect`` is part of the upload the run's submission audits (``app.web.auditing``).
 Login, logout and the admin pages live in ``app.web.accounts`` and ``app.web.admin``.
 """
 
@@ -35,7 +36,7 @@ from app import imaging
 from app.engine import SCHEDULERS, CounterfactualEngine
 from app.jobs import MASK_UPLOAD, Job, JobManager, JobState, gray_png
 from app.web.api import read_upload, submit_job
-from app.web.auditing import audit_inspect, audit_view
+from app.web.auditing import audit_view
 from app.web.auth import Caller
 from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
 from app.web.forms import FormValues, ReviewFormParams, map_method_options, prompt_presets
@@ -141,7 +142,7 @@ def review_page(request: Request, engine: EngineDep, settings: SettingsDep, jobs
 
 
 @router.post("/inspect", response_class=HTMLResponse)
-async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep, user: CurrentUser, db: DbDep,
+async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep, user: CurrentUser,
                          file: Annotated[UploadFile | None, File()] = None,
                          window: Annotated[str, Form(max_length=20, pattern=r"^(auto|percentile|[0-9]{1,3})$")] = "auto",
                          reuse_input: Annotated[str | None, Form(pattern=r"^[0-9a-f]{32}$")] = None) -> HTMLResponse:
@@ -155,9 +156,8 @@ async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep,
     if not data:
         raise imaging.UnsupportedImageError("The file is empty. Choose a DICOM, PNG or JPEG image.")
     win: int | str = int(window) if window.isascii() and window.isdigit() else window
+    # not audited: this preview is a step of the upload, whose one `upload` event the run's submission writes
     decoded = await run_in_threadpool(imaging.decode_image, data, window=win)
-    if reused is None:
-        await run_in_threadpool(audit_inspect, db, user, decoded.meta.public_summary(), len(data))
     png = await run_in_threadpool(gray_png, decoded.pixels, longest_side=INSPECT_THUMBNAIL_PX)
     form = FormValues.defaults(request.app.state.engine.info)
     form.facts, form.window, form.reuse_input = decoded.meta.public_summary(), str(win), reused

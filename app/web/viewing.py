@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import imaging
 from app.imaging import viewing
 from app.imaging.voi import inverts
 from app.jobs import Job, read_png_unit
-from app.web.auditing import audit_view
+from app.web.auditing import audit_view, part_of_page
 from app.web.deps import CurrentUser, DbDep, JobsDep, find_job
 from app.web.views import ArtifactNotFoundError, api_base, require_done
 
@@ -138,8 +138,8 @@ def job_viewing(job_id: str, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
 
 
 @router.get("/jobs/{job_id}/pixels/{image}.npy", summary="A run's pixels in the data's units (uint16 .npy)")
-def job_pixels(job_id: str, image: Literal["input", "counterfactual"], jobs: JobsDep, user: CurrentUser,
-               db: DbDep) -> Response:
+def job_pixels(job_id: str, image: Literal["input", "counterfactual"], request: Request, jobs: JobsDep,
+               user: CurrentUser, db: DbDep) -> Response:
     """uint16 ``(rows, columns)`` in ``.npy`` format; the value in data units is ``pixel * slope + intercept`` with
     the ``rescale`` of ``GET /jobs/{id}/viewing``. 404 for a run without a counterfactual."""
     job = find_job(jobs, job_id, user)
@@ -147,7 +147,7 @@ def job_pixels(job_id: str, image: Literal["input", "counterfactual"], jobs: Job
     array = data.input if image == "input" else data.counterfactual
     if array is None:
         raise ArtifactNotFoundError("This run has no counterfactual.")
-    if image == "input":
+    if image == "input" and not part_of_page(request, user):  # the result page's own fetch: its one view
         audit_view(db, user, job, "pixels/input.npy")
     return Response(npy_bytes(array), media_type="application/octet-stream",
                     headers={"Content-Disposition": f'inline; filename="vald-md-{job.id[:8]}-{image}.npy"',
