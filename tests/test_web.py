@@ -1294,3 +1294,27 @@ def test_one_audit_event_per_user_action(tiny_engine, tmp_path):
         c.get(f"{base}/artifacts/counterfactual.png", headers={"Sec-Fetch-Dest": "document"})
         assert (actions() - before)["view"] == 3
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 12, one set of limits for the form, the API and its documentation
+# ----------------------------------------------------------------------------------------------------------------
+def test_form_api_and_docs_share_the_servers_limits(tiny_engine, tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "d", max_steps=40, max_samples=3), engine=tiny_engine)
+    with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-limits"))
+        form = Doc(c.get("/").text)
+        assert form.by_id("steps")["max"] == "40" and form.by_id("samples")["max"] == "3"
+        params = c.get("/api/openapi.json").json()["components"]["schemas"]["GenerationParams"]["properties"]
+        assert [v["maximum"] for v in params["steps"]["anyOf"] if "maximum" in v] == [40]
+        assert params["samples"]["maximum"] == 3
+        assert c.get("/api/v1/model").json()["limits"] | {"max_steps": 40, "max_samples": 3} == \
+            c.get("/api/v1/model").json()["limits"]
+        for field, value in (("steps", "41"), ("samples", "4")):
+            api = submit(c, **{field: value})
+            page = c.post("/runs", data={**FAST, field: value}, files={"file": ("x.png", png_bytes())},
+                          headers={"HX-Request": "true"})
+            assert api.status_code == page.status_code == 422, (api.text, page.text)
+            assert field in api.json()["fields"] and "VALD_MD_MAX_" in api.json()["fields"][field]
+            assert field in page.text and "VALD_MD_MAX_" in page.text
+        assert submit(c, steps="40", strength="0.1").status_code == 202  # the limit itself is allowed
+

@@ -122,6 +122,7 @@ async def create_counterfactual(
     data = await read_upload(file, limit, settings.max_upload_mb)
     if not data:
         raise ValueError("file: the uploaded file is empty; choose a DICOM, PNG or JPEG image")
+    params.check_server_limits(settings.max_steps, settings.max_samples)
     mask_png = await read_upload(mask, limit, settings.max_upload_mb)
     job = await submit_job(jobs, user.user, data, params.to_request(engine.info), mask_png)
     status = job_status(jobs, job)

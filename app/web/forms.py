@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.artifacts import MAP_METHODS, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
@@ -68,6 +69,22 @@ class GenerationParams(BaseModel):
         if v is None or v in MAP_METHODS:
             return v
         raise ValueError(f"map method {v!r} is unknown; choose one of {', '.join(MAP_METHODS)}")
+
+    def check_server_limits(self, max_steps: int, max_samples: int) -> None:
+        """This server's limits (``Settings.max_steps`` / ``max_samples``), the ones the form's controls and the OpenAPI
+        document state, on top of the engine's absolute ranges above: the API and the form refuse the same values,
+        with the same field-named 422 as any other out-of-range field.
+
+        Raises:
+            RequestValidationError: ``steps`` or ``samples`` above the limit.
+        """
+        errors = [{"type": "less_than_equal", "loc": ("body", name), "input": value, "ctx": {"le": top},
+                   "msg": f"Input should be less than or equal to {top} (this server's limit, VALD_MD_{env})"}
+                  for name, value, top, env in (("steps", self.steps, max_steps, "MAX_STEPS"),
+                                                ("samples", self.samples, max_samples, "MAX_SAMPLES"))
+                  if value is not None and value > top]
+        if errors:
+            raise RequestValidationError(errors)
 
     def to_request(self, info: ModelInfo) -> ReviewRequest:
         """The run's :class:`ReviewRequest`, filling unset fields from the model's healthy preset."""

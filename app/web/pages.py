@@ -172,6 +172,7 @@ async def create_run(request: Request, params: Annotated[ReviewFormParams, Form(
                      mask: Annotated[UploadFile | None, File()] = None) -> Response:
     """Queue a run from the review form. Without a new file, ``reuse_input`` names the run whose image (and
     mask) to use again."""
+    params.check_server_limits(settings.max_steps, settings.max_samples)
     limit, limit_mb = settings.max_upload_bytes, settings.max_upload_mb
     data = await read_upload(file, limit, limit_mb)
     mask_png = await read_upload(mask, limit, limit_mb)
