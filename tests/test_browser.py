@@ -178,6 +178,21 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
         page.screenshot(path=str(OUTPUT / f"review-{width}x{height}.png"))
     page.set_viewport_size({"width": 1366, "height": 768})
 
+    # 3d. a length on a file with Pixel Spacing (0.168 mm) is in mm
+    page.wait_for_selector("[data-viewer].has-pixels")
+    page.keyboard.press("d")
+    page.locator("[data-panel=original] [data-viewport]").evaluate("e => e.scrollIntoView({block: 'center'})")
+    vp = page.locator("[data-panel=original] [data-viewport]").bounding_box()
+    page.mouse.move(vp["x"] + vp["width"] * 0.3, vp["y"] + vp["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(vp["x"] + vp["width"] * 0.7, vp["y"] + vp["height"] * 0.5, steps=4)
+    page.mouse.up()
+    length = page.inner_text("[data-measure-readout]")
+    mm = float(length.split()[1])
+    assert length.endswith("mm") and abs(mm - 0.4 * 1024 * 0.168) < 3, length
+    page.keyboard.press("Escape")
+    page.keyboard.press("w")
+
     # 4. overlay toggle (o), display mode re-rendered by the server, compare (c), zoom
     page.keyboard.press("o")
     assert page.locator("#overlay-img").evaluate("e => getComputedStyle(e).visibility") == "hidden"
@@ -235,4 +250,179 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
     # the refused file's 415 is the one error expected (the browser and htmx both report it)
     problems = [p for p in problems if "status of 415" not in p and "Error Code 415 from /inspect" not in p]
     assert problems == [], problems
+    page.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# viewing like a PACS: window/level on the 16-bit data, presets, invert, reset, probe, measure, flip, screen use
+# ----------------------------------------------------------------------------------------------------------------
+CANVAS_STATS = """sel => {
+    const c = document.querySelector(sel);
+    const copy = document.createElement('canvas');
+    copy.width = c.width; copy.height = c.height;
+    const ctx = copy.getContext('2d', {willReadFrequently: true});
+    ctx.drawImage(c, 0, 0);
+    const d = ctx.getImageData(0, 0, c.width, c.height).data;
+    let s = 0, s2 = 0, n = 0;
+    for (let i = 0; i < d.length; i += 4 * 7) { s += d[i]; s2 += d[i] * d[i]; n++; }
+    const mean = s / n;
+    return {mean: mean, std: Math.sqrt(s2 / n - mean * mean), width: c.width, height: c.height};
+}"""
+ORIGINAL = "[data-panel=original] canvas[data-wl-source=input]"
+DOCS_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+def _sign_in(page, server: str) -> None:
+    from tests.accounts import PASSWORD
+
+    page.goto(server + "/login")
+    page.fill("#username", USERNAME)
+    page.fill("#password", PASSWORD)
+    page.click("#login")
+    page.wait_for_selector("#review-form")
+
+
+def _generate(page, path: Path) -> None:
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector(".facts")
+    page.locator("#strength").fill("0.5")
+    page.locator("#steps").fill("4")
+    page.click("#generate")
+    page.wait_for_selector("[data-viewer].has-pixels " + ORIGINAL + "[data-rendered]", timeout=120_000)
+    page.wait_for_timeout(100)
+
+
+def _drag(page, selector: str, dx: float, dy: float, button: str = "left") -> None:
+    page.locator(selector).evaluate("e => e.scrollIntoView({block: 'center'})")
+    box = page.locator(selector).bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down(button=button)
+    page.mouse.move(x + dx / 2, y + dy / 2, steps=3)
+    page.mouse.move(x + dx, y + dy, steps=3)
+    page.mouse.up(button=button)
+    page.wait_for_timeout(150)  # one animation frame renders the new window
+
+
+def _readout(page) -> tuple[float, float]:
+    out = page.locator("[data-wl-readout]")
+    return float(out.get_attribute("data-center")), float(out.get_attribute("data-width"))
+
+
+def _save_docs_screenshot(png: bytes, name: str) -> None:
+    """With VALD_MD_DOCS_SCREENSHOTS=1, keep a screenshot for the README (palette PNG, < 400 kB)."""
+    if os.environ.get("VALD_MD_DOCS_SCREENSHOTS") != "1":
+        return
+    import io
+
+    from PIL import Image
+
+    DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=96, method=Image.Quantize.MEDIANCUT)
+    image.save(DOCS_SCREENSHOTS / name, optimize=True)
+    assert (DOCS_SCREENSHOTS / name).stat().st_size < 400_000
+
+
+def test_viewing_like_a_pacs(server, browser, shared_data):
+    import numpy as np
+
+    from app import imaging
+
+    dicom = shared_data / "dicom" / "RG1_JLSN.dcm"  # 15-bit MONOCHROME1 CR, no pixel spacing
+    raw = imaging.decode_image(dicom.read_bytes()).raw
+    OUTPUT.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
+            else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    _sign_in(page, server)
+    # Generate stays in sight at 1440x900 (the form's actions stick to the bottom of the scrolling sidebar)
+    assert page.locator("#generate").bounding_box()["y"] + 30 < 900
+    _generate(page, dicom)
+    png = page.screenshot(path=str(OUTPUT / "pacs-1440x900.png"))
+    _save_docs_screenshot(png, "review-1440x900.png")
+
+    # 1. the canvas shows the run's window at first: the file's preset, centre 15000, width 30000
+    stats0 = page.evaluate(CANVAS_STATS, ORIGINAL)
+    assert (stats0["width"], stats0["height"]) == (1841, 1955)
+    c0, w0 = _readout(page)
+    assert (c0, w0) == (15000, 30000)
+    assert [b.inner_text().split()[0] for b in page.locator("[data-wl-presets] button").all()] == \
+        ["Lung", "Mediastinum", "Bone", "File"]
+
+    # 2. drag down: the centre moves the way that darkens (MONOCHROME1: lower values are brighter, so it falls)
+    _drag(page, "[data-panel=original] [data-viewport]", 0, 120)
+    c1, w1 = _readout(page)
+    darker = page.evaluate(CANVAS_STATS, ORIGINAL)
+    assert w1 == w0 and c1 < c0
+    assert darker["mean"] < stats0["mean"] - 10, (darker, stats0)
+    # 3. reset restores the run's window exactly
+    page.keyboard.press("r")
+    page.wait_for_timeout(150)
+    assert _readout(page) == (c0, w0)
+    assert page.evaluate(CANVAS_STATS, ORIGINAL)["mean"] == stats0["mean"]
+    # 4. drag right: a wider window, less contrast; with the right button, whatever the tool
+    page.keyboard.press("p")
+    _drag(page, "[data-panel=original] [data-viewport]", 150, 0, button="right")
+    c2, w2 = _readout(page)
+    wider = page.evaluate(CANVAS_STATS, ORIGINAL)
+    assert c2 == c0 and w2 > w0 and wider["std"] < stats0["std"] * 0.9, (wider, stats0)
+    page.keyboard.press("w")
+    page.keyboard.press("r")
+    # 5. invert flips the grey scale; the counterfactual follows the same window
+    page.keyboard.press("i")
+    page.wait_for_timeout(150)
+    inverted = page.evaluate(CANVAS_STATS, ORIGINAL)
+    assert abs(inverted["mean"] - (255 - stats0["mean"])) < 1.0
+    assert page.get_attribute("[data-action=invert]", "aria-pressed") == "true"
+    page.keyboard.press("r")
+    # 6. presets by key: 1 = lung (relative, from this image), 4 = the file's own window
+    page.keyboard.press("1")
+    page.wait_for_timeout(150)
+    assert "Lung" in page.inner_text("[data-wl-readout]")
+    assert page.evaluate(CANVAS_STATS, ORIGINAL)["mean"] != stats0["mean"]
+    png = page.screenshot(path=str(OUTPUT / "pacs-lung-window.png"))
+    page.keyboard.press("4")
+    page.wait_for_timeout(150)
+    assert _readout(page) == (15000, 30000)
+    # 7. the probe reads the data's own value under the mouse
+    box = page.locator("[data-panel=original] [data-viewport]").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.55)
+    probe = page.locator("[data-probe]")
+    x, y, value = int(probe.get_attribute("data-x")), int(probe.get_attribute("data-y")), float(
+        probe.get_attribute("data-value"))
+    assert value == raw[y, x] and "modality value" in probe.inner_text()
+    # 8. flip left-right: the same screen point now shows the mirrored column
+    page.keyboard.press("h")
+    page.mouse.move(box["x"] + box["width"] * 0.4 + 1, box["y"] + box["height"] * 0.55)
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.55)
+    assert abs(int(probe.get_attribute("data-x")) - (1841 - 1 - x)) <= 1
+    page.keyboard.press("r")
+    # 9. a length without pixel spacing is in pixels, and says so
+    page.keyboard.press("d")
+    _drag(page, "[data-panel=original] [data-viewport]", 100, 0)
+    assert "px (no pixel spacing in the file)" in page.inner_text("[data-measure-readout]")
+    page.keyboard.press("1")  # a preset and a length: the screenshot of the W/L in use
+    page.wait_for_timeout(150)
+    png = page.screenshot(path=str(OUTPUT / "pacs-window-level.png"))
+    _save_docs_screenshot(png, "window-level.png")
+    page.keyboard.press("Escape")
+    page.keyboard.press("w")
+    # 10. screen use: the form hidden widens the panels; one panel maximised takes the width
+    narrow = page.locator("[data-panel=original] [data-viewport]").bounding_box()["width"]
+    page.keyboard.press("s")
+    page.wait_for_timeout(100)
+    wide = page.locator("[data-panel=original] [data-viewport]").bounding_box()["width"]
+    assert wide > narrow * 1.2, (narrow, wide)
+    page.keyboard.press("s")
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.keyboard.press("m")
+    page.wait_for_timeout(100)
+    assert not page.locator("[data-panel=counterfactual]").is_visible()
+    assert page.locator("[data-panel=original] [data-viewport]").bounding_box()["width"] > narrow * 2.5
+    page.keyboard.press("m")
+    assert page.locator("[data-panel=counterfactual]").is_visible()
+    assert problems == [], problems
+    np.testing.assert_equal(raw.shape, (1955, 1841))
     page.close()

@@ -3,10 +3,14 @@
 
    - upload: drag-and-drop onto the drop zone feeds the file input (htmx then posts it to /inspect)
    - form: prompt chips, slider read-outs, effective steps = int(steps * strength), "reuse seed"
-   - viewer: synchronised zoom/pan across panels, fit and 1:1, window/level (CSS filter), overlay toggle,
-     lung outline layer on/off (the overlay form's checkbox; htmx sends it too, for the export links),
-     before/after swipe compare
-   - keyboard: o overlay, l lung outline, c compare, f fit, 1 one-to-one, + / - zoom, arrows move the swipe
+   - viewer: synchronised zoom/pan/flip/rotation across panels, fit and 1:1, window/level on the run's own
+     16-bit values (canvas + lookup table; mouse drag in the PACS direction, presets, invert, reset), pixel
+     probe, length measurement (mm with the file's pixel spacing), one panel maximised, full screen, the form
+     hidden, overlay toggle, lung outline layer on/off (the overlay form's checkbox; htmx sends it too, for the
+     export links), before/after swipe compare
+   - keyboard: o overlay, l lung outline, c compare, f fit, a one-to-one, + / - zoom, arrows move the swipe,
+     1-4 window presets, i invert, r reset, w / p / d mouse tool (window, pan, measure), h / v flip, [ ] rotate,
+     m maximise, Shift+F full screen, s form hidden, Esc clears the measurement or leaves the maximised panel
    - stale results: choosing a new file greys out the result on screen at once and marks it "stale" (a result of
      the previous image that arrives later is marked too), clears old error banners and a case label that
      belonged to the previous run
@@ -146,11 +150,13 @@
     input.dispatchEvent(new Event("change", { bubbles: true }));
   });
 
-  // ---- viewer: shared zoom/pan -----------------------------------------------------------------------------
-  // One view state for every panel. Translation is stored as a fraction of the viewport size so panels of
-  // different sizes (compare mode) still show the same region.
-  var view = { scale: 1, tx: 0, ty: 0 };
+  // ---- viewer: shared view state -----------------------------------------------------------------------------
+  // One view for every panel: zoom and pan (translation as a fraction of the viewport, so panels of different
+  // sizes show the same region), flips and rotation of the image inside the panel (the data is unchanged).
+  var view = { scale: 1, tx: 0, ty: 0, rot: 0, flipH: false, flipV: false };
   var MIN_SCALE = 1, MAX_SCALE = 32;
+  var tool = "wl";                 // what the left button does: wl | pan | measure
+  var hoverPanel = null;           // the panel last under the mouse (maximise, probe)
 
   function viewer() { return document.querySelector("[data-viewer]"); }
 
@@ -170,17 +176,65 @@
     view.ty = Math.min(0, Math.max(lo, view.ty));
   }
 
+  function imageSize() {
+    // native size: from the pixel data once loaded, else the first image, else the template's numbers
+    if (pix.facts) return { cols: pix.facts.columns, rows: pix.facts.rows };
+    var v = viewer();
+    var img = v && v.querySelector("img.wl");
+    if (img && img.naturalWidth) return { cols: img.naturalWidth, rows: img.naturalHeight };
+    var w = v && Number(v.getAttribute("data-width")), h = v && Number(v.getAttribute("data-height"));
+    return w && h ? { cols: w, rows: h } : null;
+  }
+
+  function orientBox(w, h) {
+    // the box the image is fitted into: the viewport, turned by a quarter when rotated by 90 or 270 degrees
+    var quarter = view.rot % 180 !== 0;
+    var bw = quarter ? h : w, bh = quarter ? w : h;
+    return { w: bw, h: bh, left: (w - bw) / 2, top: (h - bh) / 2 };
+  }
+
+  function imageMatrix(vp) {
+    // image pixel (x, y) -> viewport pixel: pan/zoom, then the orientation about the box centre, then the
+    // object-fit: contain placement of the image in its box
+    var size = imageSize();
+    if (!size) return null;
+    var w = vp.clientWidth, h = vp.clientHeight, box = orientBox(w, h);
+    var fit = Math.min(box.w / size.cols, box.h / size.rows);
+    return new DOMMatrix()
+      .translateSelf(view.tx * w, view.ty * h).scaleSelf(view.scale, view.scale)
+      .translateSelf(box.left + box.w / 2, box.top + box.h / 2).rotateSelf(view.rot)
+      .scaleSelf(view.flipH ? -1 : 1, view.flipV ? -1 : 1)
+      .translateSelf(-box.w / 2, -box.h / 2)
+      .translateSelf((box.w - size.cols * fit) / 2, (box.h - size.rows * fit) / 2).scaleSelf(fit, fit);
+  }
+
+  function imagePoint(vp, clientX, clientY) {
+    var m = imageMatrix(vp);
+    if (!m) return null;
+    var r = vp.getBoundingClientRect();
+    var p = m.inverse().transformPoint(new DOMPoint(clientX - r.left, clientY - r.top));
+    return { x: p.x, y: p.y };
+  }
+
   function applyView() {
     clampView();
     var v = viewer();
     if (!v) return;
     v.querySelectorAll("[data-viewport]").forEach(function (vp) {
       var stage = vp.querySelector("[data-stage]");
-      var w = vp.clientWidth, h = vp.clientHeight;
+      var w = vp.clientWidth, h = vp.clientHeight, box = orientBox(w, h);
       stage.style.transform = "translate(" + (view.tx * w) + "px," + (view.ty * h) + "px) scale(" + view.scale + ")";
+      vp.querySelectorAll("[data-orient]").forEach(function (o) {
+        o.style.left = box.left + "px"; o.style.top = box.top + "px";
+        o.style.width = box.w + "px"; o.style.height = box.h + "px";
+        o.style.transform = "rotate(" + view.rot + "deg) scale(" + (view.flipH ? -1 : 1) + "," + (view.flipV ? -1 : 1) + ")";
+      });
     });
     v.classList.toggle("is-zoomed", view.scale > 1.001);
+    pressed("[data-action=flip-h]", view.flipH);
+    pressed("[data-action=flip-v]", view.flipV);
     updateSwipe();
+    drawMeasure();
     var label = document.querySelector("[data-zoom-level]");
     if (label) {
       var m = magnification();
@@ -188,20 +242,17 @@
     }
   }
 
-  function firstImageBox() {
-    // rendered size of the image inside the first visible viewport at scale 1 (object-fit: contain)
-    var vp = visibleViewports()[0];
-    var img = vp && vp.querySelector("img");
-    if (!img || !img.naturalWidth) return null;
-    var w = vp.clientWidth, h = vp.clientHeight;
-    var fit = Math.min(w / img.naturalWidth, h / img.naturalHeight);
-    return { natural: img.naturalWidth, rendered: img.naturalWidth * fit, vp: vp };
+  function pressed(selector, on) {
+    document.querySelectorAll(selector).forEach(function (b) { b.setAttribute("aria-pressed", String(Boolean(on))); });
   }
 
   function magnification() {
-    var box = firstImageBox();
-    if (!box) return null;
-    return view.scale * box.rendered * (window.devicePixelRatio || 1) / box.natural;
+    // screen pixels per image pixel in the first visible panel
+    var vp = visibleViewports()[0], size = imageSize();
+    if (!vp || !size) return null;
+    var box = orientBox(vp.clientWidth, vp.clientHeight);
+    var fit = Math.min(box.w / size.cols, box.h / size.rows);
+    return view.scale * fit * (window.devicePixelRatio || 1);
   }
 
   function zoomAt(factor, fx, fy) {
@@ -215,26 +266,40 @@
   }
 
   function oneToOne() {
-    var box = firstImageBox();
-    if (!box) return;
-    var target = box.natural / (box.rendered * (window.devicePixelRatio || 1));
-    if (target <= 1) { view = { scale: 1, tx: 0, ty: 0 }; applyView(); return; }
+    var m = magnification();
+    if (!m) return;
+    var target = view.scale / m;
+    if (target <= 1) { view.scale = 1; view.tx = 0; view.ty = 0; applyView(); return; }
     zoomAt(target / view.scale, 0.5, 0.5);
   }
 
+  function resetDisplay() {
+    view = { scale: 1, tx: 0, ty: 0, rot: 0, flipH: false, flipV: false };
+    measure = null;
+    resetWindow();
+    applyView();
+  }
+
   function viewerAction(action, button) {
-    if (action === "fit") { view = { scale: 1, tx: 0, ty: 0 }; applyView(); }
+    if (action === "fit") { view.scale = 1; view.tx = 0; view.ty = 0; applyView(); }
     else if (action === "one-to-one") oneToOne();
     else if (action === "zoom-in") zoomAt(1.25, 0.5, 0.5);
     else if (action === "zoom-out") zoomAt(0.8, 0.5, 0.5);
     else if (action === "compare") toggleCompare();
     else if (action === "overlay") toggleOverlay();
-    else if (action === "wl-reset") {
-      document.querySelectorAll("[data-wl]").forEach(function (r) { r.value = r.getAttribute("data-wl") === "level" ? 0 : 100; });
-      applyWindowLevel();
-    }
+    else if (action === "invert") { wl.invert = !wl.invert; renderSoon(); }
+    else if (action === "reset") resetDisplay();
+    else if (action === "flip-h") { view.flipH = !view.flipH; applyView(); }
+    else if (action === "flip-v") { view.flipV = !view.flipV; applyView(); }
+    else if (action === "rotate-right") { view.rot = (view.rot + 90) % 360; applyView(); }
+    else if (action === "rotate-left") { view.rot = (view.rot + 270) % 360; applyView(); }
+    else if (action === "maximise") toggleMaximise(null);
+    else if (action === "fullscreen") toggleFullscreen();
+    else if (action === "sidebar") toggleSidebar();
+    else if (action === "preset") applyPreset(Number(button.getAttribute("data-preset-index")));
   }
 
+  // ---- mouse: the active tool on the left button, W/L on the right, pan on the middle or with Shift ----------
   document.addEventListener("wheel", function (e) {
     var vp = e.target.closest && e.target.closest("[data-viewport]");
     if (!vp) return;
@@ -243,40 +308,331 @@
     zoomAt(e.deltaY < 0 ? 1.15 : 1 / 1.15, (e.clientX - r.left) / r.width, (e.clientY - r.top) / r.height);
   }, { passive: false });
 
+  document.addEventListener("contextmenu", function (e) {
+    if (e.target.closest && e.target.closest("[data-viewport]")) e.preventDefault();   // the right button windows
+  });
+
   var drag = null;
   document.addEventListener("pointerdown", function (e) {
     var vp = e.target.closest && e.target.closest("[data-viewport]");
-    if (!vp || e.button !== 0) return;
-    drag = { x: e.clientX, y: e.clientY, tx: view.tx, ty: view.ty, w: vp.clientWidth, h: vp.clientHeight };
+    if (!vp || e.button > 2) return;
+    var mode = e.button === 1 || (e.button === 0 && e.shiftKey) ? "pan" : e.button === 2 ? "wl" : tool;
+    if (mode === "wl" && !pix.facts) mode = "pan";
+    e.preventDefault();
+    drag = { mode: mode, vp: vp, x: e.clientX, y: e.clientY, tx: view.tx, ty: view.ty, w: vp.clientWidth,
+             h: vp.clientHeight, center: wl.center, width: wl.width };
+    if (mode === "measure") {
+      var p = clampToImage(imagePoint(vp, e.clientX, e.clientY));
+      measure = p ? { a: p, b: p } : null;
+      drawMeasure();
+    }
     vp.setPointerCapture(e.pointerId);
-    vp.classList.add("is-panning");
+    vp.classList.add(mode === "pan" ? "is-panning" : "is-windowing");
   });
   document.addEventListener("pointermove", function (e) {
-    if (!drag) return;
-    view.tx = drag.tx + (e.clientX - drag.x) / drag.w;
-    view.ty = drag.ty + (e.clientY - drag.y) / drag.h;
-    applyView();
+    if (!drag) { probe(e); return; }
+    var dx = e.clientX - drag.x, dy = e.clientY - drag.y;
+    if (drag.mode === "pan") {
+      view.tx = drag.tx + dx / drag.w;
+      view.ty = drag.ty + dy / drag.h;
+      applyView();
+    } else if (drag.mode === "wl") {
+      // PACS direction: right widens the window (less contrast), down raises the centre, which darkens what is
+      // shown; on an inverted display (MONOCHROME1, or Invert) "darker" is a lower centre in the data's units
+      var step = pix.sensitivity;
+      var darker = pix.facts.inverted !== wl.invert ? -1 : 1;
+      wl.width = Math.max(1, drag.width + dx * step);
+      wl.center = drag.center + darker * dy * step;
+      wl.preset = null;
+      renderSoon();
+    } else if (drag.mode === "measure" && measure) {
+      measure.b = clampToImage(imagePoint(drag.vp, e.clientX, e.clientY)) || measure.b;
+      drawMeasure();
+    }
   });
-  document.addEventListener("pointerup", function (e) {
+  function endDrag() {
     if (!drag) return;
     drag = null;
-    document.querySelectorAll(".is-panning").forEach(function (el) { el.classList.remove("is-panning"); });
+    document.querySelectorAll(".is-panning, .is-windowing").forEach(function (el) {
+      el.classList.remove("is-panning", "is-windowing");
+    });
+  }
+  document.addEventListener("pointerup", endDrag);
+  document.addEventListener("pointercancel", endDrag);
+  document.addEventListener("dblclick", function (e) {
+    var panel = e.target.closest && e.target.closest("[data-viewer] .panel");
+    if (panel && e.target.closest("[data-viewport]")) toggleMaximise(panel);
+  });
+  document.addEventListener("pointerover", function (e) {
+    var panel = e.target.closest && e.target.closest("[data-viewer] .panel");
+    if (panel) hoverPanel = panel;
   });
   window.addEventListener("resize", function () { applyView(); });
 
-  // ---- window / level ---------------------------------------------------------------------------------------
-  function applyWindowLevel() {
+  function setTool(name) {
+    tool = name;
+    document.querySelectorAll("[data-tool]").forEach(function (b) {
+      b.setAttribute("aria-pressed", String(b.getAttribute("data-tool") === name));
+    });
+    var v = viewer();
+    if (v) v.setAttribute("data-active-tool", name);
+  }
+  document.addEventListener("click", function (e) {
+    var b = e.target.closest && e.target.closest("[data-tool]");
+    if (b) setTool(b.getAttribute("data-tool"));
+  });
+
+  // ---- window / level on the data's own values ------------------------------------------------------------
+  // The server sends the run's pixels as uint16 .npy (value = pixel * slope + intercept, in the data's units:
+  // modality values of a DICOM, stored values of a PNG) and the facts to window them (GET .../viewing). Each
+  // image is windowed through a 65536-entry lookup table into its <canvas>; the <img> beneath stays as the
+  // fallback until the data has arrived.
+  var pix = { facts: null, sources: {}, url: null, sensitivity: 1, frame: 0 };
+  var wl = { center: 0, width: 1, fn: "LINEAR_EXACT", invert: false, preset: null };
+  var lut = new Uint32Array(65536);
+
+  function parseNpy(buffer) {
+    // NumPy .npy, versions 1-3: magic, version, header length, a Python dict literal, then the C-order data
+    var bytes = new Uint8Array(buffer);
+    if (bytes[0] !== 0x93 || String.fromCharCode.apply(null, bytes.subarray(1, 6)) !== "NUMPY") throw new Error("not .npy");
+    var dv = new DataView(buffer);
+    var major = bytes[6];
+    var hlen = major === 1 ? dv.getUint16(8, true) : dv.getUint32(8, true);
+    var start = major === 1 ? 10 : 12;
+    var header = new TextDecoder("latin1").decode(bytes.subarray(start, start + hlen));
+    if (header.indexOf("'<u2'") < 0 || header.indexOf("'fortran_order': False") < 0) throw new Error("not C-order uint16");
+    var shape = /'shape': \((\d+), (\d+)\)/.exec(header);
+    var rows = Number(shape[1]), cols = Number(shape[2]);
+    return { rows: rows, cols: cols, data: new Uint16Array(buffer, start + hlen, rows * cols) };
+  }
+
+  function loadPixels(v) {
+    var url = v.getAttribute("data-viewing-url");
+    if (!url) return;
+    if (pix.url === url) { if (pix.facts) showPixels(); return; }   // the same run drawn again: keep its window
+    pix = { facts: null, sources: {}, url: url, sensitivity: 1, frame: 0 };
+    var mine = pix;
+    fetch(url, { credentials: "same-origin" }).then(function (r) {
+      if (!r.ok) throw new Error("viewing " + r.status);
+      return r.json();
+    }).then(function (facts) {
+      var names = Object.keys(facts.pixels);
+      return Promise.all(names.map(function (name) {
+        return fetch(facts.pixels[name], { credentials: "same-origin" }).then(function (r) {
+          if (!r.ok) throw new Error("pixels " + r.status);
+          return r.arrayBuffer();
+        }).then(function (buf) { return [name, parseNpy(buf)]; });
+      })).then(function (pairs) {
+        if (pix !== mine) return;                       // another run came in meanwhile
+        var hi = 0;
+        pairs.forEach(function (p) {
+          mine.sources[p[0]] = p[1];
+          if (p[0] === "input") { var d = p[1].data; for (var i = 0; i < d.length; i++) if (d[i] > hi) hi = d[i]; }
+        });
+        mine.facts = facts;
+        // one screen pixel of drag moves the window by 1/600 of the data's range (at least one unit)
+        mine.sensitivity = Math.max(hi * facts.rescale.slope / 600, facts.rescale.slope);
+        resetWindow();
+        showPixels();
+      });
+    }).catch(function () {
+      var out = document.querySelector("[data-wl-readout]");
+      if (out) out.textContent = "W/L unavailable (showing the run's window)";
+    });
+  }
+
+  function showPixels() {
+    var live = viewer();
+    if (!live) return;
+    buildPresetButtons(pix.facts);
+    live.classList.add("has-pixels");
+    renderSoon();
+    applyView();
+  }
+
+  function buildPresetButtons(facts) {
+    var holder = document.querySelector("[data-wl-presets]");
+    if (!holder) return;
+    holder.textContent = "";
+    facts.presets.forEach(function (p, i) {
+      var b = document.createElement("button");
+      b.type = "button";
+      b.className = "btn btn-small";
+      b.setAttribute("data-action", "preset");
+      b.setAttribute("data-preset-index", String(i));
+      b.setAttribute("aria-pressed", "false");
+      var key = i < facts.preset_keys ? String(i + 1) : "";
+      b.title = p.label + ": centre " + fmt(p.center) + ", width " + fmt(p.width) +
+        (p.kind === "relative" ? " (from this image's histogram)" : " (stored in the file)") + (key ? " (" + key + ")" : "");
+      b.textContent = p.label + " ";
+      if (key) { var k = document.createElement("kbd"); k.textContent = key; b.appendChild(k); }
+      holder.appendChild(b);
+    });
+  }
+
+  function fmt(x) { return Math.abs(x) >= 100 ? String(Math.round(x)) : String(Math.round(x * 100) / 100); }
+
+  function resetWindow() {
+    if (!pix.facts) return;
+    var w = pix.facts.window || pix.facts.presets[pix.facts.presets.length - 1];
+    wl = { center: w.center, width: w.width, fn: w.function || "LINEAR_EXACT", invert: false, preset: null };
+    renderSoon();
+  }
+
+  function applyPreset(i) {
+    if (!pix.facts || !pix.facts.presets[i]) return;
+    var p = pix.facts.presets[i];
+    wl.center = p.center; wl.width = p.width; wl.fn = p.function; wl.preset = i;
+    renderSoon();
+  }
+
+  function buildLut() {
+    // the VOI of PS3.3 C.11.2.1 on value = i * slope + intercept, then the display polarity, to 8-bit gray
+    var f = pix.facts, slope = f.rescale.slope, icpt = f.rescale.intercept;
+    var c = wl.center, w = wl.width, fn = wl.fn, inv = f.inverted !== wl.invert;
+    for (var i = 0; i < 65536; i++) {
+      var x = i * slope + icpt, y;
+      if (fn === "LINEAR") y = w <= 1 ? (x > c - 0.5 ? 1 : 0) : (x - (c - 0.5)) / (w - 1) + 0.5;
+      else if (fn === "SIGMOID") y = 1 / (1 + Math.exp(-4 * (x - c) / w));
+      else y = (x - c) / w + 0.5;
+      y = y < 0 ? 0 : y > 1 ? 1 : y;
+      if (inv) y = 1 - y;
+      var g = Math.round(y * 255);
+      lut[i] = 0xff000000 | (g << 16) | (g << 8) | g;     // RGBA bytes on a little-endian machine
+    }
+  }
+
+  function renderSoon() {
+    if (pix.frame) return;
+    pix.frame = requestAnimationFrame(function () { pix.frame = 0; renderWindow(); });
+  }
+
+  function renderWindow() {
+    var v = viewer();
+    if (!v || !pix.facts) return;
+    buildLut();
+    Object.keys(pix.sources).forEach(function (name) {
+      var src = pix.sources[name];
+      var canvases = v.querySelectorAll("canvas[data-wl-source=" + name + "]");
+      if (!canvases.length) return;
+      if (!src.image) {
+        src.image = new ImageData(src.cols, src.rows);
+        src.rgba = new Uint32Array(src.image.data.buffer);
+      }
+      var d = src.data, out = src.rgba;
+      for (var i = 0; i < d.length; i++) out[i] = lut[d[i]];
+      canvases.forEach(function (cv) {
+        if (cv.width !== src.cols || cv.height !== src.rows) { cv.width = src.cols; cv.height = src.rows; }
+        cv.getContext("2d").putImageData(src.image, 0, 0);
+        cv.setAttribute("data-rendered", "true");
+      });
+    });
+    v.setAttribute("data-wl", fmt(wl.center) + "/" + fmt(wl.width) + (wl.invert ? "/inverted" : ""));
+    var out = document.querySelector("[data-wl-readout]");
+    if (out) {
+      var name = wl.preset !== null ? pix.facts.presets[wl.preset].label + " · " : "";
+      out.textContent = name + "C " + fmt(wl.center) + " · W " + fmt(wl.width) + (wl.invert ? " · inverted" : "");
+      out.setAttribute("data-center", String(wl.center));
+      out.setAttribute("data-width", String(wl.width));
+    }
+    document.querySelectorAll("[data-action=preset]").forEach(function (b) {
+      b.setAttribute("aria-pressed", String(Number(b.getAttribute("data-preset-index")) === wl.preset));
+    });
+    pressed("[data-action=invert]", wl.invert);
+  }
+
+  // ---- pixel probe and length measurement ----------------------------------------------------------------
+  function panelSource(panel, vp, clientX) {
+    // which image is under the mouse: the panel's, or in compare mode the side of the swipe line
+    var name = panel.getAttribute("data-source") || "input";
+    if (panel.getAttribute("data-panel") === "compare") {
+      var slider = panel.querySelector("[data-swipe]"), r = vp.getBoundingClientRect();
+      if ((clientX - r.left) / r.width > Number(slider.value) / 100) name = "counterfactual";
+    }
+    return pix.sources[name] ? name : "input";
+  }
+
+  function probe(e) {
+    var out = document.querySelector("[data-probe]");
+    var vp = e.target.closest && e.target.closest("[data-viewport]");
+    if (!out || !vp || !pix.facts) return;
+    var p = imagePoint(vp, e.clientX, e.clientY);
+    var x = p && Math.floor(p.x), y = p && Math.floor(p.y);
+    if (!p || x < 0 || y < 0 || x >= pix.facts.columns || y >= pix.facts.rows) {
+      out.textContent = "Pixel value: outside the image.";
+      out.removeAttribute("data-value");
+      return;
+    }
+    var name = panelSource(vp.closest(".panel"), vp, e.clientX);
+    var raw = pix.sources[name].data[y * pix.facts.columns + x];
+    var value = raw * pix.facts.rescale.slope + pix.facts.rescale.intercept;
+    out.textContent = (name === "counterfactual" ? "Counterfactual" : "Original") + " (x " + x + ", y " + y + "): " +
+      fmt(value) + " " + pix.facts.units + (name === "counterfactual" ? " (within the run's window)" : "");
+    out.setAttribute("data-value", String(value));
+    out.setAttribute("data-x", String(x));
+    out.setAttribute("data-y", String(y));
+  }
+
+  var measure = null;              // { a: {x, y}, b: {x, y} } in image pixels
+
+  function clampToImage(p) {
+    var size = imageSize();
+    if (!p || !size) return null;
+    return { x: Math.max(0, Math.min(size.cols, p.x)), y: Math.max(0, Math.min(size.rows, p.y)) };
+  }
+
+  function measureText() {
+    if (!measure) return "";
+    var f = pix.facts, dx = measure.b.x - measure.a.x, dy = measure.b.y - measure.a.y;
+    var px = Math.hypot(dx, dy);
+    if (f && f.pixel_spacing_mm) {
+      // (0028,0030) is (row spacing, column spacing): rows are apart vertically, columns horizontally
+      var mm = Math.hypot(dx * f.pixel_spacing_mm[1], dy * f.pixel_spacing_mm[0]);
+      return mm.toFixed(1) + " mm" + (f.spacing_source === "ImagerPixelSpacing" ? " (at the detector)" : "");
+    }
+    return px.toFixed(1) + " px (no pixel spacing in the file)";
+  }
+
+  var SVG = "http://www.w3.org/2000/svg";
+  function drawMeasure() {
     var v = viewer();
     if (!v) return;
-    var level = Number((document.querySelector("[data-wl=level]") || { value: 0 }).value);
-    var width = Number((document.querySelector("[data-wl=width]") || { value: 100 }).value);
-    // level shifts brightness, a narrower width raises contrast (display-only; the run is unchanged)
-    v.style.setProperty("--wl-filter", "brightness(" + (1 + level / 100) + ") contrast(" + (100 / width) + ")");
+    var text = measureText();
+    var readout = document.querySelector("[data-measure-readout]");
+    if (readout) {
+      readout.textContent = text ? "Length: " + text : "";
+      readout.setAttribute("data-length", text);
+    }
+    v.querySelectorAll("[data-viewport]").forEach(function (vp) {
+      var layer = vp.querySelector("[data-measure-layer]");
+      if (!layer) {
+        layer = document.createElementNS(SVG, "svg");
+        layer.setAttribute("class", "measure-layer");
+        layer.setAttribute("data-measure-layer", "");
+        layer.setAttribute("aria-hidden", "true");
+        vp.appendChild(layer);
+      }
+      layer.textContent = "";
+      var m = measure && imageMatrix(vp);
+      if (!m || vp.offsetParent === null) return;
+      var a = m.transformPoint(new DOMPoint(measure.a.x, measure.a.y));
+      var b = m.transformPoint(new DOMPoint(measure.b.x, measure.b.y));
+      var line = document.createElementNS(SVG, "line");
+      [["x1", a.x], ["y1", a.y], ["x2", b.x], ["y2", b.y]].forEach(function (kv) { line.setAttribute(kv[0], kv[1]); });
+      layer.appendChild(line);
+      [a, b].forEach(function (p) {
+        var dot = document.createElementNS(SVG, "circle");
+        dot.setAttribute("cx", p.x); dot.setAttribute("cy", p.y); dot.setAttribute("r", 3);
+        layer.appendChild(dot);
+      });
+      var label = document.createElementNS(SVG, "text");
+      label.setAttribute("x", Math.max(40, Math.min(vp.clientWidth - 40, (a.x + b.x) / 2)));
+      label.setAttribute("y", Math.max(16, Math.min(a.y, b.y) - 8));
+      label.setAttribute("text-anchor", "middle");
+      label.textContent = text.split(" (")[0];          // the readout under the panels says the rest
+      layer.appendChild(label);
+    });
   }
-  document.addEventListener("input", function (e) {
-    if (e.target.matches && e.target.matches("[data-wl]")) applyWindowLevel();
-    if (e.target.matches && e.target.matches("[data-swipe]")) updateSwipe();
-  });
 
   // ---- overlay toggle and compare ---------------------------------------------------------------------------
   function toggleOverlay() {
@@ -313,6 +669,8 @@
     if (cmp) cmp.hidden = !on;
     var b = document.querySelector("[data-action=compare]");
     if (b) b.setAttribute("aria-pressed", String(on));
+    var max = v.querySelector(".panel.is-max");
+    if (max && max.hidden) { max.classList.remove("is-max"); (on ? cmp : v.querySelector("[data-panel=original]")).classList.add("is-max"); }
     applyView();
   }
 
@@ -328,6 +686,54 @@
     after.style.clipPath = "inset(0 0 0 " + pct + "%)";
     if (line) line.style.left = (f * 100) + "%";
   }
+  document.addEventListener("input", function (e) {
+    if (e.target.matches && e.target.matches("[data-swipe]")) updateSwipe();
+  });
+
+  // ---- screen use: one panel maximised, full screen, the form hidden ---------------------------------------
+  function toggleMaximise(panel) {
+    var v = viewer();
+    if (!v) return;
+    var current = v.querySelector(".panel.is-max");
+    if (current && (!panel || panel === current)) {
+      current.classList.remove("is-max");
+      v.classList.remove("is-maximised");
+    } else {
+      var target = panel || (hoverPanel && v.contains(hoverPanel) && !hoverPanel.hidden ? hoverPanel : null) ||
+        v.querySelector(".panel:not([hidden])");
+      if (current) current.classList.remove("is-max");
+      target.classList.add("is-max");
+      v.classList.add("is-maximised");
+    }
+    pressed("[data-action=maximise]", v.classList.contains("is-maximised"));
+    applyView();
+  }
+
+  function toggleFullscreen() {
+    var run = document.getElementById("run");
+    if (!run) return;
+    if (document.fullscreenElement) document.exitFullscreen();
+    else if (run.requestFullscreen) run.requestFullscreen().catch(function () {});
+  }
+  document.addEventListener("fullscreenchange", function () {
+    pressed("[data-action=fullscreen]", Boolean(document.fullscreenElement));
+    setTimeout(applyView, 50);
+  });
+
+  var SIDEBAR_KEY = "vald-md.form-hidden";
+  function applySidebar(hidden) {
+    document.body.classList.toggle("form-hidden", hidden);
+    pressed("[data-action=sidebar]", hidden);
+    document.querySelectorAll("[data-action=sidebar]").forEach(function (b) {
+      b.firstChild.textContent = hidden ? "Show form " : "Hide form ";
+    });
+  }
+  function toggleSidebar() {
+    var hidden = !document.body.classList.contains("form-hidden");
+    try { window.localStorage.setItem(SIDEBAR_KEY, hidden ? "1" : ""); } catch (err) { /* private mode */ }
+    applySidebar(hidden);
+    applyView();
+  }
 
   // ---- keyboard ---------------------------------------------------------------------------------------------
   document.addEventListener("keydown", function (e) {
@@ -340,8 +746,24 @@
     if (key === "o" || key === "O") toggleOverlay();
     else if (key === "l" || key === "L") toggleLungOutline();
     else if (key === "c" || key === "C") toggleCompare();
-    else if (key === "f" || key === "F") viewerAction("fit");
-    else if (key === "1") oneToOne();
+    else if (key === "F") toggleFullscreen();
+    else if (key === "f") viewerAction("fit");
+    else if (key === "a" || key === "A") oneToOne();
+    else if (key >= "1" && key <= "9" && pix.facts && Number(key) <= pix.facts.preset_keys) applyPreset(Number(key) - 1);
+    else if (key === "i" || key === "I") viewerAction("invert");
+    else if (key === "r" || key === "R") resetDisplay();
+    else if (key === "w" || key === "W") setTool("wl");
+    else if (key === "p" || key === "P") setTool("pan");
+    else if (key === "d" || key === "D") setTool("measure");
+    else if (key === "h" || key === "H") viewerAction("flip-h");
+    else if (key === "v" || key === "V") viewerAction("flip-v");
+    else if (key === "]") viewerAction("rotate-right");
+    else if (key === "[") viewerAction("rotate-left");
+    else if (key === "m" || key === "M") toggleMaximise(null);
+    else if (key === "s" || key === "S") toggleSidebar();
+    else if (key === "Escape" && (measure || viewer().classList.contains("is-maximised"))) {
+      if (measure) { measure = null; drawMeasure(); } else toggleMaximise(null);
+    }
     else if (key === "+" || key === "=") zoomAt(1.25, 0.5, 0.5);
     else if (key === "-" || key === "_") zoomAt(0.8, 0.5, 0.5);
     else if ((key === "ArrowLeft" || key === "ArrowRight") && viewer().classList.contains("is-comparing") &&
@@ -379,9 +801,11 @@
     updateOutputs(document);
     if (fileChangedSinceSubmit && root.id === "run") markStale(root);
     if (root.querySelector && (root.matches("[data-viewer]") || root.querySelector("[data-viewer]"))) {
-      view = { scale: 1, tx: 0, ty: 0 };
-      applyWindowLevel();
+      view = { scale: 1, tx: 0, ty: 0, rot: 0, flipH: false, flipV: false };
+      measure = null;
+      setTool(tool);
       applyLungOutline();
+      loadPixels(viewer());
       viewer().querySelectorAll("img").forEach(function (img) {
         if (!img.complete) img.addEventListener("load", applyView, { once: true });
       });
@@ -391,6 +815,8 @@
       root.querySelectorAll && root.querySelectorAll("[data-poll-url]").forEach(pollInstead);
     }
   }
+
+  try { applySidebar(window.localStorage.getItem(SIDEBAR_KEY) === "1"); } catch (err) { /* private mode */ }
 
   if (window.htmx) {
     htmx.onLoad(init);
