@@ -106,7 +106,7 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "annotated.png": _OVERLAY_OPTIONS | {"lung_outline"},
     "secondary-capture.dcm": _OVERLAY_OPTIONS | {"include_patient_data"},
     "record.json": frozenset(),
-    "bundle.zip": frozenset({"include_patient_data"}),
+    "bundle.zip": _OVERLAY_OPTIONS | {"lung_outline", "include_patient_data"},
 }
 # Bundle order: the artifacts as app.artifacts lists them, then the exports made here.
 _BUNDLE_HEAD = ("input.png",)
@@ -713,7 +713,8 @@ def _bundle_order(names: set[str]) -> list[str]:
 
 
 def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
-                  include_patient_data: bool = False) -> bytes:
+                  include_patient_data: bool = False, opacity: float = 0.6, threshold: float | None = None,
+                  threshold_mode: str = "percentile", mode: str = "magnitude", lung_outline: bool = False) -> bytes:
     """A ZIP of the run: its artifacts, a freshly rendered ``annotated.png`` and, given a DICOM source,
     ``secondary-capture.dcm``.
 
@@ -728,6 +729,9 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
         run_dir: A finished run folder.
         source_dicom: The run's source DICOM (bytes or Dataset), or ``None`` to leave the ``.dcm`` out.
         include_patient_data: Passed to :func:`export_secondary_capture`.
+        opacity, threshold, threshold_mode, mode: The overlay options of ``annotated.png`` and
+            ``secondary-capture.dcm`` in the archive, as for :func:`export_annotated_png` (the review page passes
+            the ones on screen, so the archive's image is the one the reader saw). lung_outline: ``annotated.png``.
 
     Returns:
         ZIP bytes.
@@ -741,10 +745,13 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
     on_disk = {p.name for p in Path(run_dir).iterdir() if p.is_file()} - {"annotated.png", "secondary-capture.dcm"}
     for name in _bundle_order(on_disk):  # exports are made afresh below, never taken from the folder
         entries[name] = record_bytes if name == "record.json" else _read_artifact(run_dir, name, record)
-    entries["annotated.png"] = export_annotated_png(run_dir)
+    overlay: dict[str, Any] = {"opacity": opacity, "threshold": threshold, "threshold_mode": threshold_mode,
+                               "mode": mode}
+    entries["annotated.png"] = export_annotated_png(run_dir, lung_outline=lung_outline, **overlay)
     if source_dicom is not None:
         entries["secondary-capture.dcm"] = export_secondary_capture(run_dir, source_dicom,
-                                                                    include_patient_data=include_patient_data)
+                                                                    include_patient_data=include_patient_data,
+                                                                    **overlay)
 
     # 2. write them in a fixed order with fixed metadata
     stamp = _zip_time(record)
@@ -776,7 +783,8 @@ def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None 
         source_dicom: The run's source DICOM; required for ``"secondary-capture.dcm"``, optional for
             ``"bundle.zip"``, ignored otherwise.
         **options: ``opacity``, ``threshold``, ``threshold_mode``, ``mode`` (``annotated.png``,
-            ``secondary-capture.dcm``); ``include_patient_data`` (``secondary-capture.dcm``, ``bundle.zip``).
+            ``secondary-capture.dcm``, ``bundle.zip``); ``lung_outline`` (``annotated.png``, ``bundle.zip``);
+            ``include_patient_data`` (``secondary-capture.dcm``, ``bundle.zip``).
 
     Returns:
         ``(content, media type)``, e.g. ``(b"\\x89PNG...", "image/png")``.

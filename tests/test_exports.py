@@ -418,3 +418,18 @@ def test_calibrated_run_exports_in_x_fold_of_the_normal_range(tmp_path, cr_sourc
     with pytest.raises(ExportError, match="calibrated"):
         exports.export_annotated_png(make_run(tmp_path / "plain", cr_source), threshold=1.5,
                                      threshold_mode=exports.THRESHOLD_NORMAL)
+
+
+def test_bundle_annotated_png_follows_the_overlay_options(dicom_run, cr_source):
+    """The ZIP's annotated.png (and Secondary Capture) is drawn with the options on screen (issue 12): the same
+    bytes as the annotated export with those options, not the defaults."""
+    options = {"opacity": 0.9, "threshold": 90.0, "threshold_mode": "percentile", "mode": "signed"}
+    alone = exports.export_annotated_png(dicom_run, **options)
+    with zipfile.ZipFile(io.BytesIO(exports.build_export(dicom_run, "bundle.zip", **options)[0])) as zf:
+        assert zf.read("annotated.png") == alone
+    with zipfile.ZipFile(io.BytesIO(exports.export_bundle(dicom_run))) as zf:
+        assert zf.read("annotated.png") == exports.export_annotated_png(dicom_run) != alone
+    with zipfile.ZipFile(io.BytesIO(exports.export_bundle(dicom_run, cr_source, **options))) as zf:
+        sc = pydicom.dcmread(io.BytesIO(zf.read("secondary-capture.dcm")))
+    plain = pydicom.dcmread(io.BytesIO(exports.export_secondary_capture(dicom_run, cr_source)))
+    assert not np.array_equal(sc.pixel_array, plain.pixel_array)

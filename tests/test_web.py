@@ -1318,3 +1318,20 @@ def test_form_api_and_docs_share_the_servers_limits(tiny_engine, tmp_path):
             assert field in page.text and "VALD_MD_MAX_" in page.text
         assert submit(c, steps="40", strength="0.1").status_code == 202  # the limit itself is allowed
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 12, the ZIP's annotated.png is the one on screen
+# ----------------------------------------------------------------------------------------------------------------
+def test_zip_export_link_and_annotated_png_follow_the_overlay_controls(client, done_job):
+    job_id = done_job["job_id"]
+    doc = Doc(client.get(f"/runs/{job_id}/overlay", params={"opacity": "0.9", "threshold": "90", "mode": "signed"},
+                         headers={"HX-Request": "true"}).text)
+    links = {a["data-export"]: a["href"].replace("&amp;", "&") for a in doc.find_all("a") if "data-export" in a}
+    assert "threshold=90" in links["bundle.zip"] and links["bundle.zip"].split("?")[1] == \
+        links["annotated.png"].split("?")[1]
+    annotated = client.get(links["annotated.png"]).content
+    with zipfile.ZipFile(io.BytesIO(client.get(links["bundle.zip"]).content)) as zf:
+        assert zf.read("annotated.png") == annotated
+    with zipfile.ZipFile(io.BytesIO(client.get(f"/api/v1/jobs/{job_id}/artifacts/bundle.zip").content)) as zf:
+        assert zf.read("annotated.png") != annotated  # without options: the defaults
+

@@ -223,13 +223,15 @@ def job_artifact(
     opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
     threshold: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
     mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
-    lung_outline: Annotated[bool, Query(description="annotated.png: draw the lung mask's outline")] = False,
+    lung_outline: Annotated[bool, Query(description="annotated.png (alone or in bundle.zip): draw the lung "
+                                                    "mask's outline")] = False,
     download: Annotated[bool, Query(description="ask the browser to save the file")] = False,
 ) -> Response:
     """``input.png``, ``counterfactual.png`` (``-<i>`` for more samples), ``overlay.png``, ``reconstruction.png``,
     ``mask.png`` / ``lung_mask.png`` (the map's region, when restricted), ``attribution.npy``,
     ``attribution_std.npy``, ``record.json``, or an export: ``annotated.png``, ``secondary-capture.dcm`` (DICOM
-    inputs), ``bundle.zip``. Image exports take the overlay options (``lung_outline``: ``annotated.png`` only).
+    inputs), ``bundle.zip``. Image exports and the ZIP (for the images in it) take the overlay options
+    (``lung_outline``: ``annotated.png``, alone or in the ZIP).
     Exports (``record.json`` included) are audited as ``export`` with their SHA-256, other files as ``view``
     (except the images a result page shows, which its own ``view`` covers: ``auditing.part_of_page``)."""
     job = find_job(jobs, job_id, user)
@@ -237,7 +239,7 @@ def job_artifact(
     if name in exports.EXPORT_KINDS and name != "record.json":
         options = OverlayOptions(opacity=opacity, threshold=threshold, mode=mode,
                                  lungs=lung_outline).export_options(name)
-        content, media_type = build_export(job, name, options if name != "bundle.zip" else {})
+        content, media_type = build_export(job, name, options)
         audit_export(db, user, job, name, content)
         return Response(content, media_type=media_type,
                         headers={"Content-Disposition": f'attachment; filename="{stem}-{name}"', **_NO_STORE})

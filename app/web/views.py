@@ -221,16 +221,21 @@ class OverlayOptions:
         return "&".join(parts)
 
     def export_query(self, kind: str) -> str:
-        """The query string of an image export's link: :meth:`query`, plus the lung outline for ``annotated.png``."""
+        """The query string of an export's link: :meth:`query`, plus the lung outline for ``annotated.png`` (alone or
+        in ``bundle.zip``)."""
         q = self.query()
-        return q + "&lung_outline=true" if self.lungs and kind == "annotated.png" else q
+        return q + "&lung_outline=true" if self.lungs and kind in _WITH_LUNG_OUTLINE else q
 
     def export_options(self, kind: str = "annotated.png") -> dict[str, Any]:
-        """The options ``exports.build_export`` accepts for the image export ``kind``."""
+        """The options ``exports.build_export`` accepts for the export ``kind`` (an image, or the ZIP holding one)."""
         options: dict[str, Any] = {"opacity": self.opacity, "threshold": self.threshold, "mode": self.mode}
-        if self.lungs and kind == "annotated.png":
+        if self.lungs and kind in _WITH_LUNG_OUTLINE:
             options["lung_outline"] = True
         return options
+
+
+_WITH_LUNG_OUTLINE = ("annotated.png", "bundle.zip")
+"""Exports whose ``annotated.png`` can draw the lung outline."""
 
 
 def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
