@@ -31,6 +31,7 @@ __all__ = [
     "BANNER_TEXT",
     "DEFAULT_SCALE_PERCENTILE",
     "LEGEND_POSITIONS",
+    "MIN_CONTOUR_OPACITY",
     "OUTLINE_COLOUR",
     "OVERLAY_MODES",
     "display_scale",
@@ -54,6 +55,10 @@ DEFAULT_SCALE_PERCENTILE = 99.5
 BANNER_TEXT = "AI-generated counterfactual — not for diagnostic use"
 OUTLINE_COLOUR = (0, 230, 118)
 """The lung outline's colour (RGB): green, so that it is never mistaken for the map's red, blue or amber."""
+MIN_CONTOUR_OPACITY = 0.85
+"""Least opacity of the outline mode's contour while the overlay is shown (opacity > 0): a 1-2 px line blended at
+the 0.3-0.6 that suits a filled map fades into a bright lung field, and a line hides next to nothing of the image
+below it. At opacity 0 (the overlay hidden) nothing is drawn."""
 
 # Overlay hues, RGB in [0, 1]. Blue is lightened because pure blue vanishes over dark lung fields; the
 # stability map gets its own hue so uncertainty is never mistaken for attribution.
@@ -155,7 +160,8 @@ def render_overlay(
     :mod:`app.mapscale`; the stability map keeps its own percentile); (3) ``alpha = opacity * clip(v / scale,
     0, 1)``, zero outside the mask and, with a threshold, below it; (4) blend ``(1 − alpha) * gray +
     alpha * hue`` — red for magnitude and positive M, blue for negative M, amber for stability; in outline
-    mode the contour (1 px below 512 px, else 2 px) of the thresholded region is drawn in red at ``opacity``;
+    mode the contour (1 px below 512 px, else 2 px) of the thresholded region is drawn in red at ``opacity``, but
+    at least :data:`MIN_CONTOUR_OPACITY` (a thin line must not fade away; none at opacity 0);
     (5) optionally append a legend.
 
     Args:
@@ -213,7 +219,8 @@ def render_overlay(
         changed = changed_region(values, contour_level, amap.mask)
         width = 1 if min(img.shape) < 512 else 2
         contour = changed & ~ndimage.binary_erosion(changed, iterations=width, border_value=0)
-        alpha = contour.astype(np.float32) * opacity
+        # the contour stays visible at any opacity the reader chose (MIN_CONTOUR_OPACITY), hidden only at 0
+        alpha = contour.astype(np.float32) * (max(opacity, MIN_CONTOUR_OPACITY) if opacity > 0 else 0.0)
     else:
         thr = None
         visible = region

@@ -243,6 +243,25 @@ def test_outline_mode_draws_contour_only() -> None:
     assert abs(xs.mean() - CENTRE[0]) < 1 and abs(ys.mean() - CENTRE[1]) < 1
 
 
+@pytest.mark.parametrize("opacity", [0.05, 0.3, 0.6])
+def test_outline_stays_visible_at_low_opacity(opacity) -> None:
+    """A thin contour blended at the opacity that suits a filled map fades away (issue 12): it is drawn at least at
+    MIN_CONTOUR_OPACITY, and not at all when the overlay is hidden (opacity 0)."""
+    original, cf = lesion_pair()
+    amap = difference_map(original, cf)
+    kw = {"mode": "outline", "threshold": DELTA / 2, "threshold_mode": "absolute"}
+    full = render_overlay(original, amap, opacity=1.0, **kw)
+    out = render_overlay(original, amap, opacity=opacity, **kw)
+    gray = np.rint(original * 255).astype(np.uint8)
+    contour = full[..., 1] != gray  # where the opaque contour changed the image
+    assert contour.any()
+    a = max(opacity, attr.MIN_CONTOUR_OPACITY)
+    expected = np.rint((1 - a) * original[contour] * 255 + a * 255).astype(int)
+    assert np.abs(out[contour][:, 0].astype(int) - expected).max() <= 1
+    assert attr.MIN_CONTOUR_OPACITY >= 0.8
+    assert np.array_equal(render_overlay(original, amap, opacity=0.0, **kw)[..., 0], gray)
+
+
 def test_stability_mode_needs_samples() -> None:
     original, cf = lesion_pair()
     with pytest.raises(ValueError, match="S > 1"):
