@@ -269,7 +269,6 @@ CANVAS_STATS = """sel => {
     return {mean: mean, std: Math.sqrt(s2 / n - mean * mean), width: c.width, height: c.height};
 }"""
 ORIGINAL = "[data-panel=original] canvas[data-wl-source=input]"
-DOCS_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
 def _sign_in(page, server: str) -> None:
@@ -309,20 +308,6 @@ def _readout(page) -> tuple[float, float]:
     return float(out.get_attribute("data-center")), float(out.get_attribute("data-width"))
 
 
-def _save_docs_screenshot(png: bytes, name: str) -> None:
-    """With VALD_MD_DOCS_SCREENSHOTS=1, keep a screenshot for the README (palette PNG, < 400 kB)."""
-    if os.environ.get("VALD_MD_DOCS_SCREENSHOTS") != "1":
-        return
-    import io
-
-    from PIL import Image
-
-    DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=96, method=Image.Quantize.MEDIANCUT)
-    image.save(DOCS_SCREENSHOTS / name, optimize=True)
-    assert (DOCS_SCREENSHOTS / name).stat().st_size < 400_000
-
-
 def test_viewing_like_a_pacs(server, browser, shared_data):
     import numpy as np
 
@@ -340,8 +325,7 @@ def test_viewing_like_a_pacs(server, browser, shared_data):
     # Generate stays in sight at 1440x900 (the form's actions stick to the bottom of the scrolling sidebar)
     assert page.locator("#generate").bounding_box()["y"] + 30 < 900
     _generate(page, dicom)
-    png = page.screenshot(path=str(OUTPUT / "pacs-1440x900.png"))
-    _save_docs_screenshot(png, "review-1440x900.png")
+    page.screenshot(path=str(OUTPUT / "pacs-1440x900.png"))
 
     # 1. the canvas shows the run's window at first: the file's preset, centre 15000, width 30000
     stats0 = page.evaluate(CANVAS_STATS, ORIGINAL)
@@ -382,7 +366,7 @@ def test_viewing_like_a_pacs(server, browser, shared_data):
     page.wait_for_timeout(150)
     assert "Lung" in page.inner_text("[data-wl-readout]")
     assert page.evaluate(CANVAS_STATS, ORIGINAL)["mean"] != stats0["mean"]
-    png = page.screenshot(path=str(OUTPUT / "pacs-lung-window.png"))
+    page.screenshot(path=str(OUTPUT / "pacs-lung-window.png"))
     page.keyboard.press("4")
     page.wait_for_timeout(150)
     assert _readout(page) == (15000, 30000)
@@ -405,8 +389,7 @@ def test_viewing_like_a_pacs(server, browser, shared_data):
     assert "px (no pixel spacing in the file)" in page.inner_text("[data-measure-readout]")
     page.keyboard.press("1")  # a preset and a length: the screenshot of the W/L in use
     page.wait_for_timeout(150)
-    png = page.screenshot(path=str(OUTPUT / "pacs-window-level.png"))
-    _save_docs_screenshot(png, "window-level.png")
+    page.screenshot(path=str(OUTPUT / "pacs-window-level.png"))
     page.keyboard.press("Escape")
     page.keyboard.press("w")
     # 10. screen use: the form hidden widens the panels; one panel maximised takes the width
