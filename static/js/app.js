@@ -296,7 +296,7 @@
     else if (action === "maximise") toggleMaximise(null);
     else if (action === "fullscreen") toggleFullscreen();
     else if (action === "sidebar") toggleSidebar();
-    else if (action === "preset") applyPreset(Number(button.getAttribute("data-preset-index")));
+    else if (action === "preset") applyWindowPreset(Number(button.getAttribute("data-preset-index")));
   }
 
   // ---- mouse: the active tool on the left button, W/L on the right, pan on the middle or with Shift ----------
@@ -479,7 +479,7 @@
     renderSoon();
   }
 
-  function applyPreset(i) {
+  function applyWindowPreset(i) {
     if (!pix.facts || !pix.facts.presets[i]) return;
     var p = pix.facts.presets[i];
     wl.center = p.center; wl.width = p.width; wl.fn = p.function; wl.preset = i;
@@ -749,7 +749,7 @@
     else if (key === "F") toggleFullscreen();
     else if (key === "f") viewerAction("fit");
     else if (key === "a" || key === "A") oneToOne();
-    else if (key >= "1" && key <= "9" && pix.facts && Number(key) <= pix.facts.preset_keys) applyPreset(Number(key) - 1);
+    else if (key >= "1" && key <= "9" && pix.facts && Number(key) <= pix.facts.preset_keys) applyWindowPreset(Number(key) - 1);
     else if (key === "i" || key === "I") viewerAction("invert");
     else if (key === "r" || key === "R") resetDisplay();
     else if (key === "w" || key === "W") setTool("wl");
