@@ -1335,3 +1335,39 @@ def test_zip_export_link_and_annotated_png_follow_the_overlay_controls(client, d
     with zipfile.ZipFile(io.BytesIO(client.get(f"/api/v1/jobs/{job_id}/artifacts/bundle.zip").content)) as zf:
         assert zf.read("annotated.png") != annotated  # without options: the defaults
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 12, A1111 habits: the model's presets as one-click choices, parameters explained
+# ----------------------------------------------------------------------------------------------------------------
+def test_form_offers_the_models_presets_and_explains_the_parameters(client, tiny_engine):
+    doc = Doc(client.get("/").text)
+    presets = {b["data-model-preset"]: b for b in doc.find_all("button") if "data-model-preset" in b}
+    assert list(presets)[:3] == ["healthy", "paper", "healthy-fast"] and set(presets) == set(tiny_engine.info.presets)
+    for key, button in presets.items():
+        p = tiny_engine.info.presets[key]
+        assert button["data-model-preset-prompt"] == p["prompt"] and button["data-model-preset-steps"] == str(p["steps"])
+        assert float(button["data-model-preset-strength"]) == p["strength"]
+        assert float(button["data-model-preset-guidance_scale"]) == p["guidance_scale"]
+        assert button["data-model-preset-scheduler"] == p.get("scheduler", "pndm")
+        assert f"{p['steps']} steps" in button["title"]
+    assert presets["healthy-fast"]["data-model-preset-scheduler"] == "dpm++"
+    # the form opens on the healthy preset, and says so
+    assert "is-active" in presets["healthy"]["class"].split()
+    # each preset's fields exist in the form under the names the buttons use
+    for name in ("prompt", "strength", "guidance_scale", "steps", "scheduler"):
+        assert doc.by_id(name) is not None
+    for name, words in (("strength", "redraw"), ("guidance_scale", "prompt"), ("steps", "int(steps x strength)")):
+        label = next(a for tag, a in doc.elements if tag == "label" and a.get("for") == name)
+        assert words in doc.by_id(name)["title"] and words in label["title"]
+    assert "What strength, guidance and steps do" in doc.text and "invent anatomy" in doc.text
+    # the embedded model's manifest adds "induce" (and replaces "healthy" by its own), in the offered order
+    embedded = json.loads((REPO_ROOT / "model_weights" / "vald-md-mini" / "vald_md.json").read_text())["presets"]
+    from types import SimpleNamespace
+
+    from app.engine import PRESETS
+    from app.web.forms import parameter_presets
+
+    info = SimpleNamespace(presets={**{k: vars(v) for k, v in PRESETS.items()}, **embedded})
+    offered = parameter_presets(info)  # type: ignore[arg-type]
+    assert [p["key"] for p in offered][:4] == ["healthy", "paper", "healthy-fast", "induce"]
+    assert offered[0]["strength"] == embedded["healthy"]["strength"] and offered[3]["prompt"] == "COVID 19"

@@ -195,6 +195,37 @@ def map_method_options(jobs: Any) -> list[tuple[str, str, bool]]:
     return [(m, label, m != "classifier_guided" or ready) for m, label in MAP_METHODS.items()]
 
 
+PRESET_ORDER = ("healthy", "paper", "healthy-fast", "induce")
+"""Parameter presets offered first, in this order (then any other preset of the model, by name)."""
+
+PARAMETER_HELP = {
+    "strength": "How much of the image the model may redraw: the share of the noise schedule re-run from the "
+                "original, (0, 1]. Low (0.2-0.4) keeps the anatomy and changes subtle densities only; high (0.8-1) "
+                "can redraw whole regions and invent anatomy, so the map shows more, and less specific, change.",
+    "guidance_scale": "How hard the result is pushed towards the prompt (classifier-free guidance), 1-30. Higher "
+                      "makes the target (the finding, or its absence) more pronounced but adds artefacts that "
+                      "also show in the map; 1 ignores the prompt.",
+    "steps": "Denoising steps of the full schedule; the model runs int(steps x strength) of them (the effective "
+             "steps shown below). More steps give a finer result and take longer; past about 50 little changes.",
+}
+"""What strength, guidance and steps do, in a reader's terms: the form's tooltips and help text."""
+
+
+def parameter_presets(info: ModelInfo) -> list[dict[str, Any]]:
+    """The model's parameter presets as one-click choices for the form: ``key``, ``label``, ``prompt``,
+    ``strength``, ``guidance_scale``, ``steps``, ``scheduler`` and ``description`` (the tooltip), healthy first
+    (:data:`PRESET_ORDER`). Built-in presets (``app.engine.PRESETS``) overlaid with the manifest's."""
+    keys = [k for k in PRESET_ORDER if k in info.presets] + sorted(k for k in info.presets if k not in PRESET_ORDER)
+    out = []
+    for key in keys:
+        p = info.presets[key]
+        out.append({"key": key, "label": key.replace("-", " ").capitalize(),
+                    "prompt": str(p.get("prompt", "normal chest x-ray")), "strength": float(p.get("strength", 0.85)),
+                    "guidance_scale": float(p.get("guidance_scale", 7.5)), "steps": int(p.get("steps", 75)),
+                    "scheduler": str(p.get("scheduler", "pndm")), "description": str(p.get("description", ""))})
+    return out
+
+
 def prompt_presets(info: ModelInfo) -> list[tuple[str, str]]:
     """(label, prompt) pairs offered as one-click prompts: healthy, the model's classes, then examples."""
     preset = info.presets.get("healthy", {})

@@ -39,7 +39,14 @@ from app.web.api import read_upload, submit_job
 from app.web.auditing import audit_view
 from app.web.auth import Caller
 from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
-from app.web.forms import FormValues, ReviewFormParams, map_method_options, prompt_presets
+from app.web.forms import (
+    PARAMETER_HELP,
+    FormValues,
+    ReviewFormParams,
+    map_method_options,
+    parameter_presets,
+    prompt_presets,
+)
 from app.web.streams import job_changes
 from app.web.templating import is_htmx, render
 from app.web.views import (
@@ -110,6 +117,7 @@ def form_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, 
     """Everything ``_form.html`` needs (``current``: the run on screen, if any)."""
     last = next((j for j in jobs.list_jobs(user) if j.seeds), None)
     return {"form": form, "info": engine.info, "prompt_presets": prompt_presets(engine.info),
+            "parameter_presets": parameter_presets(engine.info), "parameter_help": PARAMETER_HELP,
             "schedulers": SCHEDULERS, "max_steps": settings.max_steps, "max_samples": settings.max_samples,
             "max_upload_mb": settings.max_upload_mb, "active": _active(jobs, user, current),
             "map_methods": map_method_options(jobs),

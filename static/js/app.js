@@ -2,7 +2,8 @@
    is wired here by delegation or in htmx.onLoad, so content swapped in by htmx works the same as the page.
 
    - upload: drag-and-drop onto the drop zone feeds the file input (htmx then posts it to /inspect)
-   - form: prompt chips, slider read-outs, effective steps = int(steps * strength), "reuse seed"
+   - form: model presets (prompt + strength/guidance/steps/scheduler), prompt chips, slider read-outs,
+     effective steps = int(steps * strength), "reuse seed"
    - viewer: synchronised zoom/pan/flip/rotation across panels, fit and 1:1, window/level on the run's own
      16-bit values (canvas + lookup table; mouse drag in the PACS direction, presets, invert, reset), pixel
      probe, length measurement (mm with the file's pixel spacing), one panel maximised, full screen, the form
@@ -58,7 +59,24 @@
     });
   }
 
+  function applyPreset(button) {
+    // a model preset sets the prompt, strength, guidance, steps and scheduler at once (its title says which)
+    ["prompt", "strength", "guidance_scale", "steps", "scheduler"].forEach(function (name) {
+      var field = document.getElementById(name);
+      var value = button.getAttribute("data-model-preset-" + name);
+      if (field && value !== null) field.value = value;
+    });
+    document.querySelectorAll("[data-model-preset]").forEach(function (b) {
+      b.classList.toggle("is-active", b === button);
+    });
+    var prompt = document.getElementById("prompt");
+    if (prompt) markChip(prompt.value);
+    updateOutputs(document);
+  }
+
   document.addEventListener("click", function (e) {
+    var preset = e.target.closest("[data-model-preset]");
+    if (preset) { applyPreset(preset); return; }
     var chip = e.target.closest("[data-prompt]");
     if (chip) {
       var prompt = document.getElementById("prompt");
