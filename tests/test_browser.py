@@ -257,16 +257,17 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
 # viewing like a PACS: window/level on the 16-bit data, presets, invert, reset, probe, measure, flip, screen use
 # ----------------------------------------------------------------------------------------------------------------
 CANVAS_STATS = """sel => {
-    const c = document.querySelector(sel);
+    const c = document.querySelector(sel);  // a <canvas>, or an <img>
+    const w = c.naturalWidth || c.width, h = c.naturalHeight || c.height;
     const copy = document.createElement('canvas');
-    copy.width = c.width; copy.height = c.height;
+    copy.width = w; copy.height = h;
     const ctx = copy.getContext('2d', {willReadFrequently: true});
     ctx.drawImage(c, 0, 0);
-    const d = ctx.getImageData(0, 0, c.width, c.height).data;
+    const d = ctx.getImageData(0, 0, w, h).data;
     let s = 0, s2 = 0, n = 0;
     for (let i = 0; i < d.length; i += 4 * 7) { s += d[i]; s2 += d[i] * d[i]; n++; }
     const mean = s / n;
-    return {mean: mean, std: Math.sqrt(s2 / n - mean * mean), width: c.width, height: c.height};
+    return {mean: mean, std: Math.sqrt(s2 / n - mean * mean), width: w, height: h};
 }"""
 ORIGINAL = "[data-panel=original] canvas[data-wl-source=input]"
 
@@ -332,6 +333,8 @@ def test_viewing_like_a_pacs(server, browser, shared_data):
     assert (stats0["width"], stats0["height"]) == (1841, 1955)
     c0, w0 = _readout(page)
     assert (c0, w0) == (15000, 30000)
+    # the same picture as the run's input.png (the server's windowing), now drawn from the 16-bit values
+    assert abs(page.evaluate(CANVAS_STATS, "[data-panel=original] img.wl")["mean"] - stats0["mean"]) < 1.0
     assert [b.inner_text().split()[0] for b in page.locator("[data-wl-presets] button").all()] == \
         ["Lung", "Mediastinum", "Bone", "File"]
 
@@ -382,6 +385,13 @@ def test_viewing_like_a_pacs(server, browser, shared_data):
     page.mouse.move(box["x"] + box["width"] * 0.4 + 1, box["y"] + box["height"] * 0.55)
     page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.55)
     assert abs(int(probe.get_attribute("data-x")) - (1841 - 1 - x)) <= 1
+    page.keyboard.press("r")
+    # rotated a quarter clockwise: right of the centre on screen is above the centre in the image
+    page.keyboard.press("]")
+    page.mouse.move(box["x"] + box["width"] * 0.5 + 1, box["y"] + box["height"] * 0.5)
+    page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.5)
+    rx, ry = int(probe.get_attribute("data-x")), int(probe.get_attribute("data-y"))
+    assert abs(rx - 1841 / 2) <= 3 and ry < 1955 / 2 - 300, (rx, ry)
     page.keyboard.press("r")
     # 9. a length without pixel spacing is in pixels, and says so
     page.keyboard.press("d")
