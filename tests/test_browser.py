@@ -416,6 +416,23 @@ def test_viewing_like_a_pacs(server, browser, shared_data):
     assert page.locator("[data-panel=original] [data-viewport]").bounding_box()["width"] > narrow * 2.5
     page.keyboard.press("m")
     assert page.locator("[data-panel=counterfactual]").is_visible()
+
+    # 11. another run of the same image beside this one, in this run's window
+    first = page.get_attribute("#run", "data-job")
+    page.click("#generate")
+    page.wait_for_function("f => document.querySelector('#run').dataset.job !== f && "
+                           "document.querySelector('[data-viewer].has-pixels canvas[data-rendered]')", arg=first,
+                           timeout=120_000)
+    page.wait_for_selector(f"[data-compare-run] option[value='{first}']", state="attached")
+    page.select_option("[data-compare-run]", first)
+    page.wait_for_selector("[data-panel=other] canvas[data-rendered]")
+    assert page.locator("[data-panel=other]").is_visible()
+    assert "same image" in page.inner_text("[data-panel=other] figcaption")
+    page.keyboard.press("o")  # maps off: the other run's counterfactual
+    other = page.locator("[data-panel=other] [data-viewport]").bounding_box()
+    page.mouse.move(other["x"] + other["width"] / 2, other["y"] + other["height"] / 2)
+    assert f"Run {first[:8]} counterfactual" in page.inner_text("[data-probe]")
+    page.keyboard.press("o")
     assert problems == [], problems
     np.testing.assert_equal(raw.shape, (1955, 1841))
     page.close()

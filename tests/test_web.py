@@ -1189,6 +1189,8 @@ def test_viewer_pixels_are_the_16_bit_modality_values(client, sixteen_bit_job, s
     assert [p["key"] for p in facts["presets"]] == ["lung", "mediastinum", "bone", "file-1"]
     assert facts["presets"][3]["center"] == 15000 and facts["presets"][3]["width"] == 30000
     assert facts["window"]["center"] == 15000  # the run's window: the file's first preset ("auto")
+    record = client.get(f"{base}/artifacts/record.json").json()
+    assert facts["input_sha256"] == record["input"]["sha256"]  # tells another run of the same image
     # MONOCHROME1: the lung window (the dark end of the display) lies at the high values
     lung, bone = facts["presets"][0], facts["presets"][2]
     assert lung["center"] > bone["center"]

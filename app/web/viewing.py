@@ -2,7 +2,8 @@
 
 =======  ==============================================  ===============================================================
 GET      /api/v1/jobs/{id}/viewing                       JSON: size, rescale, polarity, the run's window, presets
-                                                         (lung / mediastinum / bone relative, the file's own), spacing
+                                                         (lung / mediastinum / bone relative, the file's own), spacing,
+                                                         the input's SHA-256 (is another run of the same image?)
 GET      /api/v1/jobs/{id}/pixels/{image}.npy            ``input`` or ``counterfactual``: uint16 ``(rows, columns)`` in
                                                          NumPy's ``.npy`` format; data value = pixel * slope + intercept
 =======  ==============================================  ===============================================================
@@ -32,7 +33,7 @@ from app.imaging.voi import inverts
 from app.jobs import Job, read_png_unit
 from app.web.auditing import audit_view, part_of_page
 from app.web.deps import CurrentUser, DbDep, JobsDep, find_job
-from app.web.views import ArtifactNotFoundError, api_base, require_done
+from app.web.views import ArtifactNotFoundError, api_base, read_record, require_done
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -113,6 +114,7 @@ def _build(job: Job) -> RunPixels:
         "inverted": inverted, "window": run_window,
         "presets": [asdict(p) for p in presets], "preset_keys": PRESET_KEYS,
         "pixel_spacing_mm": spacing,
+        "input_sha256": (read_record(job).get("input") or {}).get("sha256"),
         "spacing_source": None if spacing is None else ("ImagerPixelSpacing" if detector else "PixelSpacing"),
         "pixels": {"input": f"{base}/pixels/input.npy",
                    **({"counterfactual": f"{base}/pixels/counterfactual.npy"} if cf is not None else {})},

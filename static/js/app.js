@@ -405,7 +405,7 @@
   // modality values of a DICOM, stored values of a PNG) and the facts to window them (GET .../viewing). Each
   // image is windowed through a 65536-entry lookup table into its <canvas>; the <img> beneath stays as the
   // fallback until the data has arrived.
-  var pix = { facts: null, sources: {}, url: null, sensitivity: 1, frame: 0 };
+  var pix = { facts: null, sources: {}, url: null, sensitivity: 1, frame: 0, other: null };
   var wl = { center: 0, width: 1, fn: "LINEAR_EXACT", invert: false, preset: null };
   var lut = new Uint32Array(65536);
 
@@ -427,8 +427,13 @@
   function loadPixels(v) {
     var url = v.getAttribute("data-viewing-url");
     if (!url) return;
-    if (pix.url === url) { if (pix.facts) showPixels(); return; }   // the same run drawn again: keep its window
-    pix = { facts: null, sources: {}, url: url, sensitivity: 1, frame: 0 };
+    if (pix.url === url) {                       // the same run drawn again: keep its window
+      delete pix.sources.other;
+      pix.other = null;
+      if (pix.facts) showPixels();
+      return;
+    }
+    pix = { facts: null, sources: {}, url: url, sensitivity: 1, frame: 0, other: null };
     var mine = pix;
     fetch(url, { credentials: "same-origin" }).then(function (r) {
       if (!r.ok) throw new Error("viewing " + r.status);
@@ -464,6 +469,7 @@
     if (!live) return;
     buildPresetButtons(pix.facts);
     live.classList.add("has-pixels");
+    listOtherRuns();
     renderSoon();
     applyView();
   }
@@ -584,8 +590,10 @@
     var name = panelSource(vp.closest(".panel"), vp, e.clientX);
     var raw = pix.sources[name].data[y * pix.facts.columns + x];
     var value = raw * pix.facts.rescale.slope + pix.facts.rescale.intercept;
-    out.textContent = (name === "counterfactual" ? "Counterfactual" : "Original") + " (x " + x + ", y " + y + "): " +
-      fmt(value) + " " + pix.facts.units + (name === "counterfactual" ? " (within the run's window)" : "");
+    var label = name === "input" ? "Original" : name === "counterfactual" ? "Counterfactual" :
+      "Run " + pix.other.id.slice(0, 8) + " counterfactual";
+    out.textContent = label + " (x " + x + ", y " + y + "): " + fmt(value) + " " + pix.facts.units +
+      (name === "input" ? "" : " (within its run's window)");
     out.setAttribute("data-value", String(value));
     out.setAttribute("data-x", String(x));
     out.setAttribute("data-y", String(y));
@@ -651,6 +659,102 @@
       layer.appendChild(label);
     });
   }
+
+  // ---- another run beside this one ---------------------------------------------------------------------------
+  // One of the user's other finished runs of an image of the same size: its counterfactual in this run's window
+  // (its values brought into this run's rescale) under its own map, in a fourth panel with the same view.
+  function listOtherRuns() {
+    var sel = document.querySelector("[data-compare-run]");
+    var run = document.getElementById("run");
+    if (!sel || !run || !pix.facts) return;
+    var current = run.getAttribute("data-job"), facts = pix.facts;
+    fetch("/api/v1/jobs?limit=50", { credentials: "same-origin" }).then(function (r) {
+      if (!r.ok) throw new Error("jobs " + r.status);
+      return r.json();
+    }).then(function (data) {
+      if (pix.facts !== facts) return;
+      var runs = data.jobs.filter(function (j) {
+        return j.state === "done" && j.job_id !== current && j.input && j.input.rows === facts.rows &&
+          j.input.columns === facts.columns && j.input.source_format === facts.source_format;
+      });
+      while (sel.options.length > 1) sel.remove(1);
+      runs.forEach(function (j) {
+        var p = j.parameters || {};
+        var o = document.createElement("option");
+        o.value = j.job_id;
+        o.textContent = j.job_id.slice(0, 8) + " · seed " + (j.seeds || []).join(",") + " · strength " + p.strength +
+          " · " + String(p.prompt || "").slice(0, 40);
+        sel.appendChild(o);
+      });
+      sel.hidden = runs.length === 0;
+    }).catch(function () { sel.hidden = true; });
+  }
+
+  function showOtherRun(id) {
+    var v = viewer();
+    var panel = v && v.querySelector("[data-panel=other]");
+    if (!panel) return;
+    if (!id) {
+      delete pix.sources.other;
+      pix.other = null;
+      panel.hidden = true;
+      v.classList.remove("has-other");
+      applyView();
+      return;
+    }
+    var mine = pix;
+    fetch("/api/v1/jobs/" + id + "/viewing", { credentials: "same-origin" }).then(function (r) {
+      if (!r.ok) throw new Error("viewing " + r.status);
+      return r.json();
+    }).then(function (facts) {
+      return fetch(facts.pixels.counterfactual, { credentials: "same-origin" }).then(function (r) {
+        if (!r.ok) throw new Error("pixels " + r.status);
+        return r.arrayBuffer();
+      }).then(function (buf) {
+        if (pix !== mine) return;
+        var src = parseNpy(buf), a = facts.rescale, b = pix.facts.rescale;
+        if (a.slope !== b.slope || a.intercept !== b.intercept) {
+          var d = src.data, out = new Uint16Array(d.length);
+          for (var i = 0; i < d.length; i++) {
+            var u = Math.round((d[i] * a.slope + a.intercept - b.intercept) / b.slope);
+            out[i] = u < 0 ? 0 : u > 65535 ? 65535 : u;
+          }
+          src.data = out;
+        }
+        pix.sources.other = src;
+        pix.other = { id: id, facts: facts };
+        panel.querySelector("[data-other-id]").textContent = id.slice(0, 8);
+        var opt = document.querySelector("[data-compare-run] option[value='" + id + "']");
+        var same = facts.input_sha256 && facts.input_sha256 === pix.facts.input_sha256;
+        panel.querySelector("[data-other-caption]").textContent = (opt ? opt.textContent.split(" · ").slice(1, 3).join(" · ") : "") +
+          (same ? " · same image" : " · another image of this size");
+        var orient = panel.querySelector("[data-orient]");
+        var old = orient.querySelector("img");
+        if (old) old.remove();
+        var img = document.createElement("img");
+        img.className = "img overlay";
+        img.setAttribute("data-overlay", "");
+        img.setAttribute("draggable", "false");
+        img.alt = "Attribution overlay of run " + id.slice(0, 8) + " (AI-generated)";
+        img.src = "/api/v1/jobs/" + id + "/overlay.png";
+        orient.appendChild(img);
+        panel.hidden = false;
+        v.classList.add("has-other");
+        renderSoon();
+        applyView();
+      });
+    }).catch(function () {
+      panel.hidden = true;
+      var out = document.querySelector("[data-probe]");
+      if (out) out.textContent = "The other run could not be loaded.";
+    });
+  }
+  document.addEventListener("change", function (e) {
+    if (e.target.matches && e.target.matches("[data-compare-run]")) {
+      showOtherRun(e.target.value);
+      e.target.blur();                             // the viewer's keys work again at once
+    }
+  });
 
   // ---- overlay toggle and compare ---------------------------------------------------------------------------
   function toggleOverlay() {
