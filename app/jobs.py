@@ -717,6 +717,34 @@ class JobManager:
                 self._finish(job, JobState.CANCELLED)
         return job
 
+    # -- deletion ---------------------------------------------------------------------------------------------------
+    def delete(self, job_id: str, owner: str, *, actor: audit.User | None = None) -> Job:
+        """Delete one of ``owner``'s finished runs: its folder (upload, artifacts, ``job.json``) and its history entry.
+
+        Nothing else is touched: every run keeps its own copy of its upload (a re-run or a "reuse image" run
+        included), so no other run loses a file. The audit trail keeps the run's record (parameters, hashes) and
+        gains a ``run_delete`` event, written before anything is removed.
+
+        Args:
+            job_id, owner: as for :meth:`get` (owners only: an administrator deletes no one else's work here).
+            actor: who deletes (recorded); default the owner.
+
+        Raises:
+            JobNotFoundError: unknown id or another user's job.
+            ValueError: the run is queued or running (cancel it first).
+        """
+        job = self.get(job_id, owner)
+        if not job.state.finished:  # a finished job never becomes unfinished again: no lock needed past this
+            raise ValueError(f"This run is {job.state.value}; cancel it first, then delete it.")
+        if self.db is not None:
+            audit.append_event(self.db, audit.AuditAction.RUN_DELETE, user=actor or job._user, object_type="run",
+                               object_id=uuid.UUID(job.id), detail={"state": job.state.value})
+        with self._cond:
+            self._jobs.pop(job.id, None)
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+        logger.info("job %s deleted", job.id)
+        return job
+
     # -- the worker -------------------------------------------------------------------------------------------------
     def _work(self) -> None:
         while True:

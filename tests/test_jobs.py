@@ -383,6 +383,46 @@ def test_cancelled_and_failed_runs_are_recorded_with_reason_and_actor(make_manag
     assert failing.state is JobState.FAILED and run.status == "failed" and "strength" in run.reason
 
 
+def test_delete_removes_one_finished_run_and_nothing_else(make_manager, db, alice, tmp_path):
+    """Deleting a run (issue 12) removes its folder and history entry, audited first; its re-run, another run of
+    the same image and other users' runs keep every file; unfinished and foreign runs are refused."""
+    from tests.accounts import add_user
+
+    runner = GatedRunner(gated=False)
+    m = make_manager(runner, db=db, uid_secret=SECRET)
+    bob = add_user(db, "bob")
+    data = png_bytes()
+    first = m.submit(alice, data, req(seed=1))
+    wait_for(lambda: first.state.finished)
+    rerun = m.submit(alice, first.upload_path.read_bytes(), req(seed=2), rerun_of=first.id)
+    other = m.submit(bob, data, req(seed=3))
+    wait_for(lambda: rerun.state.finished and other.state.finished)
+    kept = {j.id: sorted(p.name for p in j.run_dir.iterdir()) for j in (rerun, other)}
+    with pytest.raises(JobNotFoundError):
+        m.delete(first.id, str(bob.id), actor=bob)  # not bob's
+    m.delete(first.id, str(alice.id), actor=alice)
+    assert not first.run_dir.exists()
+    with pytest.raises(JobNotFoundError):
+        m.get(first.id, str(alice.id))
+    assert [j.id for j in m.list_jobs(str(alice.id))] == [rerun.id]
+    assert {j.id: sorted(p.name for p in j.run_dir.iterdir()) for j in (rerun, other)} == kept
+    [event] = audit.query_events(db, action="run_delete")
+    assert event.username == "alice" and event.object_id == str(uuid.UUID(first.id))
+    assert audit.get_run(db, uuid.UUID(first.id)).status == "done"  # the record of the run stays
+    # a restart does not bring it back
+    m.stop(timeout=5)
+    again = make_manager(runner, db=db, uid_secret=SECRET)
+    assert first.id not in {j.id for j in again.list_jobs(None)} and rerun.id in {j.id for j in again.list_jobs(None)}
+    # a queued or running run is cancelled first
+    gate = GatedRunner(gated=True)
+    m2 = make_manager(gate, db=db, uid_secret=SECRET, runs_dir=tmp_path / "runs2")
+    busy = m2.submit(alice, data, req())
+    with pytest.raises(ValueError, match="cancel it first"):
+        m2.delete(busy.id, str(alice.id), actor=alice)
+    gate.gate.set()
+    wait_for(lambda: busy.state.finished)
+
+
 def test_refused_upload_is_audited_and_nothing_is_recorded(make_manager, db, alice, tmp_path):
     m = make_manager(db=db, uid_secret=SECRET)
     with pytest.raises(imaging.ImagingError):

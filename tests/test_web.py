@@ -1373,3 +1373,60 @@ def test_form_offers_the_models_presets_and_explains_the_parameters(client, tiny
     offered = parameter_presets(info)  # type: ignore[arg-type]
     assert [p["key"] for p in offered][:4] == ["healthy", "paper", "healthy-fast", "induce"]
     assert offered[0]["strength"] == embedded["healthy"]["strength"] and offered[3]["prompt"] == "COVID 19"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 12, A1111 habits: history search, filter and delete
+# ----------------------------------------------------------------------------------------------------------------
+def test_history_search_filter_and_delete(tiny_engine, tmp_path):
+    import uuid
+
+    from app import audit
+    from app.web.auth import CSRF_HEADER
+
+    app = create_app(Settings(data_dir=tmp_path / "d"), engine=tiny_engine)
+    with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-h"))
+        htmx = {"HX-Request": "true"}
+
+        def run(**fields: str) -> str:
+            r = c.post("/runs", data={**FAST, **fields}, files={"file": ("x.png", png_bytes())}, headers=htmx)
+            job_id = Doc(r.text).by_id("run")["data-job"]
+            wait_state(c, job_id)
+            return job_id
+
+        chest = run(case_label="Teaching case 3", prompt="normal chest x-ray")
+        heart = run(case_label="ward B", prompt="cardiomegaly")
+        reuse = run(reuse_input=chest, prompt="normal chest x-ray")  # the same image again
+
+        def listed(**query: str) -> list[str]:
+            doc = Doc(c.get("/history", params=query, headers=htmx).text)
+            return [a["data-history-item"] for a in doc.find_all("li") if "data-history-item" in a]
+
+        assert listed() == [reuse, heart, chest]
+        assert listed(q="teaching") == [chest] and listed(q="CARDIO") == [heart] and listed(q="ward b") == [heart]
+        assert listed(state="done") == [reuse, heart, chest] and listed(state="failed") == []
+        assert "No runs match" in c.get("/history", params={"q": "nothing like it"}).text
+        assert c.get("/history", params={"state": "bogus"}).status_code == 422
+        doc = Doc(c.get("/").text)  # the full page has the search form and a Delete button per finished run
+        assert doc.find_all("input", type="search", name="q") and doc.find_all("select", name="state")
+        assert len([b for b in doc.find_all("button") if b.get("hx-post", "").endswith("/delete")]) == 3
+
+        # delete needs the CSRF token of the session
+        token = c.headers.pop(CSRF_HEADER)
+        assert c.post(f"/runs/{chest}/delete", headers=htmx).status_code == 403
+        c.headers[CSRF_HEADER] = token
+        r = c.post(f"/runs/{chest}/delete", headers={**htmx, "HX-Current-URL": f"http://testserver/runs/{chest}"})
+        assert r.status_code == 200 and r.headers["HX-Redirect"] == "/"
+        assert Doc(r.text).by_id("history") is not None and chest not in r.text
+        assert listed() == [reuse, heart]
+        assert c.get(f"/api/v1/jobs/{chest}").status_code == 404
+        # the run made from the same image keeps its files
+        assert c.get(f"/api/v1/jobs/{reuse}/artifacts/input.png").status_code == 200
+        [event] = audit.query_events(app.state.db, action="run_delete")
+        assert event.username == "clinician-h" and event.object_id == str(uuid.UUID(chest))
+        # another user cannot delete it, and a queued or running run is not deleted
+        other = TestClient(app)
+        sign_in(other, app, add_user(app.state.db, "clinician-other"))
+        assert other.post(f"/runs/{heart}/delete", headers=htmx).status_code == 404
+        assert c.get(f"/api/v1/jobs/{heart}").status_code == 200

@@ -114,6 +114,7 @@ class AuditAction(StrEnum):
     RUN_DONE = "run_done"
     RUN_FAILED = "run_failed"
     JOB_INTERRUPTED = "job_interrupted"
+    RUN_DELETE = "run_delete"
     VIEW = "view"
     EXPORT = "export"
     APP_START = "app_start"
@@ -166,6 +167,7 @@ DICOM_EVENT_CODES: dict[AuditAction, DicomEventCodes] = {
     AuditAction.RUN_DONE: DicomEventCodes(*_NONE, *_NONE, None),
     AuditAction.RUN_FAILED: DicomEventCodes(*_NONE, *_NONE, None),
     AuditAction.JOB_INTERRUPTED: DicomEventCodes(*_APP, *_NONE, "E"),
+    AuditAction.RUN_DELETE: DicomEventCodes(*_ACCESSED, *_NONE, "D"),
     AuditAction.APP_START: DicomEventCodes(*_APP, "110120", "Application Start", "E"),
     AuditAction.APP_STOP: DicomEventCodes(*_APP, "110121", "Application Stop", "E"),
     AuditAction.AUDIT_VIEW: DicomEventCodes(*_AUDIT_LOG, *_NONE, "R"),

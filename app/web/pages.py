@@ -11,7 +11,8 @@ GET      /runs/{id}/progress         polling fallback: the run fragment, polling
 POST     /runs/{id}/cancel           cancel (204 for HTMX; the stream reports the outcome)
 GET      /runs/{id}/overlay          the overlay <img> for new display options (re-rendered, no diffusion)
 GET      /runs/{id}/form             the form filled with a run's parameters and seed
-GET      /history                    the history panel
+POST     /runs/{id}/delete           delete one of the user's finished runs and its files (audited ``run_delete``)
+GET      /history                    the history panel, narrowed by ?q= (case label or prompt) and ?state=
 =======  ==========================  ===========================================================================
 
 Every page needs a signed-in session (``app.web.auth``); a user sees their own runs, an admin anyone's by id.
@@ -48,7 +49,7 @@ from app.web.forms import (
     prompt_presets,
 )
 from app.web.streams import job_changes
-from app.web.templating import is_htmx, render
+from app.web.templating import HISTORY_STATE_CHOICES, is_htmx, render
 from app.web.views import (
     EXPORT_LABELS,
     OverlayOptions,
@@ -286,9 +287,33 @@ def run_form(request: Request, job_id: str, engine: EngineDep, settings: Setting
                   headers=NO_STORE)
 
 
+def filter_history(jobs: list[Job], q: str = "", state: str = "") -> list[Job]:
+    """``jobs`` whose case label or prompt contains ``q`` (case-insensitive) and whose state is ``state`` (either
+    empty: any), in their order."""
+    q = q.strip().casefold()
+    return [j for j in jobs if (not state or j.state.value == state)
+            and (not q or q in j.request.prompt.casefold() or q in j.request.case_label.casefold())]
+
+
 @router.get("/history", response_class=HTMLResponse)
 def history(request: Request, jobs: JobsDep, user: CurrentUser,
-            current: Annotated[str | None, Query(max_length=32)] = None) -> HTMLResponse:
-    """The history panel (the user's recent runs with thumbnails)."""
-    return render(request, "_history.html", {"history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
-                                             "current_id": current}, headers=NO_STORE)
+            current: Annotated[str | None, Query(max_length=32)] = None,
+            q: Annotated[str, Query(max_length=100, description="case label or prompt contains")] = "",
+            state: Annotated[str, Query(pattern=f"^({'|'.join(HISTORY_STATE_CHOICES)})?$")] = "") -> HTMLResponse:
+    """The history panel (the user's recent runs with thumbnails), narrowed by ``q`` and ``state``."""
+    found = filter_history(jobs.list_jobs(user.owner), q, state)[:HISTORY_LIMIT]
+    return render(request, "_history.html", {"history": found, "current_id": current, "history_q": q,
+                                             "history_state": state}, headers=NO_STORE)
+
+
+@router.post("/runs/{job_id}/delete")
+def delete_run(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser) -> Response:
+    """Delete one of the user's finished runs and its files (``JobManager.delete``; audited as ``run_delete``).
+    HTMX gets the refreshed history panel, and a redirect to ``/`` when the page was showing that run."""
+    jobs.delete(job_id, user.owner, actor=user.user)
+    if not is_htmx(request):
+        return RedirectResponse("/", status_code=303)
+    headers = dict(NO_STORE)
+    if request.headers.get("HX-Current-URL", "").split("?")[0].rstrip("/").endswith(f"/runs/{job_id}"):
+        headers["HX-Redirect"] = "/"
+    return render(request, "_history.html", {"history": jobs.list_jobs(user.owner, HISTORY_LIMIT)}, headers=headers)

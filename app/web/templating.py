@@ -17,6 +17,7 @@ from starlette.responses import HTMLResponse
 
 from app.artifacts import DISCLAIMER
 from app.config import REPO_ROOT
+from app.jobs import JobState
 
 TEMPLATES_DIR = REPO_ROOT / "templates"
 STATIC_DIR = REPO_ROOT / "static"
@@ -27,6 +28,10 @@ def is_htmx(request: Request) -> bool:
     """An HTMX request that expects a fragment (history restores get the full page)."""
     return (request.headers.get("HX-Request") == "true"
             and request.headers.get("HX-History-Restore-Request") != "true")
+
+
+HISTORY_STATE_CHOICES = tuple(s.value for s in JobState)
+"""The history panel's status filter: every job state."""
 
 
 def _asset_version(static_dir: Path) -> str:
@@ -70,7 +75,7 @@ def make_templates(static_dir: Path = STATIC_DIR, templates_dir: Path = TEMPLATE
     templates = Jinja2Templates(directory=str(templates_dir))
     env = templates.env
     env.globals.update(asset_version=_asset_version(static_dir), disclaimer=SHORT_DISCLAIMER,
-                       long_disclaimer=DISCLAIMER)
+                       long_disclaimer=DISCLAIMER, history_states=HISTORY_STATE_CHOICES)
     env.filters.update(short_time=_short_time, duration=_duration, ordinal=_ordinal)
     env.trim_blocks = True
     env.lstrip_blocks = True
