@@ -177,24 +177,14 @@ def list_users(engine: Engine, *, include_disabled: bool = True) -> list[User]:
         return list(session.exec(statement).all())
 
 
-def _revoke_all_sessions(session: Session, user_id: uuid.UUID, now: datetime) -> int:
-    open_sessions = session.exec(
-        select(UserSession).where(UserSession.user_id == user_id, col(UserSession.revoked).is_(False))
-    ).all()
-    for row in open_sessions:
+def _revoke_all(session: Session, table: type[UserSession] | type[ApiToken], user_id: uuid.UUID,
+                now: datetime) -> int:
+    """Revoke every open row of ``table`` (sessions or API tokens) that belongs to ``user_id``; returns how many."""
+    open_rows = session.exec(select(table).where(table.user_id == user_id, col(table.revoked).is_(False))).all()
+    for row in open_rows:
         row.revoked, row.revoked_at = True, now
         session.add(row)
-    return len(open_sessions)
-
-
-def _revoke_all_tokens(session: Session, user_id: uuid.UUID, now: datetime) -> int:
-    open_tokens = session.exec(
-        select(ApiToken).where(ApiToken.user_id == user_id, col(ApiToken.revoked).is_(False))
-    ).all()
-    for row in open_tokens:
-        row.revoked, row.revoked_at = True, now
-        session.add(row)
-    return len(open_tokens)
+    return len(open_rows)
 
 
 def disable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = None, now: datetime | None = None) -> User:
@@ -219,8 +209,8 @@ def disable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = Non
                 raise LastAdminError(f"{user.username!r} is the last enabled admin: create or enable another first")
         user.disabled = True
         session.add(user)
-        revoked = _revoke_all_sessions(session, user.id, now)
-        tokens = _revoke_all_tokens(session, user.id, now)
+        revoked = _revoke_all(session, UserSession, user.id, now)
+        tokens = _revoke_all(session, ApiToken, user.id, now)
         _append(
             session,
             AuditAction.USER_DISABLE,
@@ -278,8 +268,8 @@ def reset_password(
         user = _load_user(session, user_id)
         user.password_hash, user.failed_logins, user.locked_until = password_hash, 0, None
         session.add(user)
-        revoked = _revoke_all_sessions(session, user.id, now)
-        tokens = _revoke_all_tokens(session, user.id, now)
+        revoked = _revoke_all(session, UserSession, user.id, now)
+        tokens = _revoke_all(session, ApiToken, user.id, now)
         _append(
             session,
             AuditAction.PASSWORD_RESET,
