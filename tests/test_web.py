@@ -251,7 +251,7 @@ def test_results_fragment_shows_images_controls_and_exports(client, done_job):
     html = client.get(f"/runs/{job_id}", headers={"HX-Request": "true"}).text
     figures = {re.search(r'data-panel="(\w+)"', f).group(1): f for f in html.split("<figure")[1:]}  # type: ignore[union-attr]
     tagged = [name for name, f in figures.items() if "data-ai-tag" in f.split("</figcaption>")[0]]
-    assert tagged == ["counterfactual", "overlay", "compare"]
+    assert tagged == ["counterfactual", "overlay", "compare", "other"]  # other: another run, shown beside on request
     assert not any("data-ai-tag" in f.split("</figcaption>")[1] for f in figures.values())
     assert "watermark" not in html
     assert doc.find_all("input", type="range", **{"data_swipe": ""})
