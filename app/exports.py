@@ -71,6 +71,7 @@ __all__ = [
     "export_bundle",
     "export_record_json",
     "export_secondary_capture",
+    "read_png_parameters",
     "save_export",
 ]
 
@@ -450,6 +451,51 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def read_png_parameters(data: bytes) -> dict[str, Any] | None:
+    """The generation parameters an annotated PNG (:func:`export_annotated_png`) carries in its text chunks, typed,
+    so that a run can be set up again from the file alone (A1111's "PNG info").
+
+    Args:
+        data: A file's bytes; anything but a VALD-MD annotated PNG gives ``None``.
+
+    Returns:
+        ``{"prompt", "negative_prompt", "strength", "guidance_scale", "steps", "seed" (the first sample's, or
+        ``None``), "scheduler", "samples", "model_hash", "created_at", "record_sha256", "overlay"}`` for an
+        annotated export, else ``None``. Values the chunks do not hold (``n/a``) are ``None`` (``""`` for the
+        negative prompt).
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # text chunks after the image data are read with it
+            text = {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+    chunks = {k.removeprefix("vald_md:"): v for k, v in text.items() if k.startswith("vald_md:")}
+    if "prompt" not in chunks or "strength" not in chunks:
+        return None
+
+    def number(key: str, kind: type) -> Any:
+        try:
+            return kind(chunks[key])
+        except (KeyError, ValueError):
+            return None
+
+    seed_text = chunks.get("seed", "").split(",")[0].strip()
+    try:
+        overlay = json.loads(chunks.get("overlay", "{}"))
+    except ValueError:
+        overlay = {}
+    negative = chunks.get("negative_prompt", "")
+    return {"prompt": chunks["prompt"], "negative_prompt": "" if negative == "n/a" else negative,
+            "strength": number("strength", float), "guidance_scale": number("guidance_scale", float),
+            "steps": number("steps", int), "seed": int(seed_text) if seed_text.isdigit() else None,
+            "scheduler": chunks.get("scheduler"), "samples": number("samples", int),
+            "model_hash": chunks.get("model_hash"), "created_at": chunks.get("created_at"),
+            "record_sha256": chunks.get("record_sha256"), "overlay": overlay if isinstance(overlay, dict) else {}}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -433,3 +433,22 @@ def test_bundle_annotated_png_follows_the_overlay_options(dicom_run, cr_source):
         sc = pydicom.dcmread(io.BytesIO(zf.read("secondary-capture.dcm")))
     plain = pydicom.dcmread(io.BytesIO(exports.export_secondary_capture(dicom_run, cr_source)))
     assert not np.array_equal(sc.pixel_array, plain.pixel_array)
+
+
+def test_annotated_png_parameters_read_back(dicom_run):
+    """The parameters in an annotated PNG's text chunks come back typed (issue 12: re-opening a PNG's parameters);
+    any other file gives None."""
+    record = json.loads((dicom_run / "record.json").read_text())
+    params = exports.read_png_parameters(exports.export_annotated_png(dicom_run, threshold=1.5, mode="outline"))
+    assert params is not None
+    expected = record["parameters"]
+    for key in ("prompt", "strength", "guidance_scale", "steps", "scheduler", "samples"):
+        assert params[key] == expected[key], key
+    assert params["seed"] == record["seeds"][0] and params["model_hash"] == record["model_hash"]
+    assert params["negative_prompt"] == (expected.get("negative_prompt") or "")
+    assert params["overlay"]["mode"] == "outline" and params["overlay"]["threshold"] == 1.5
+    plain = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(plain, format="PNG")
+    assert exports.read_png_parameters(plain.getvalue()) is None
+    assert exports.read_png_parameters(b"\x89PNG\r\n\x1a\nbroken") is None
+    assert exports.read_png_parameters(b"DICM") is None

@@ -1430,3 +1430,27 @@ def test_history_search_filter_and_delete(tiny_engine, tmp_path):
         sign_in(other, app, add_user(app.state.db, "clinician-other"))
         assert other.post(f"/runs/{heart}/delete", headers=htmx).status_code == 404
         assert c.get(f"/api/v1/jobs/{heart}").status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 12, A1111 habits: an annotated PNG's parameters back into the form
+# ----------------------------------------------------------------------------------------------------------------
+def test_uploading_an_annotated_png_offers_its_parameters(client, done_job):
+    png = client.get(f"/api/v1/jobs/{done_job['job_id']}/artifacts/annotated.png").content
+    doc = Doc(client.post("/inspect", files={"file": ("export.png", png)}, headers={"HX-Request": "true"}).text)
+    assert doc.find_all("div", data_png_parameters="")
+    [button] = [b for b in doc.find_all("button") if b.get("data-model-preset") == "png-info"]
+    p = done_job["parameters"]
+    assert button["data-model-preset-prompt"] == p["prompt"] and button["data-model-preset-steps"] == str(p["steps"])
+    assert float(button["data-model-preset-strength"]) == p["strength"] == 0.5
+    assert float(button["data-model-preset-guidance_scale"]) == p["guidance_scale"]
+    assert button["data-model-preset-seed"] == str(done_job["seeds"][0]) == "11"
+    assert button["data-model-preset-scheduler"] == p["scheduler"]
+    assert "not an X-ray to review" in doc.text
+    # the form has a field for every parameter the button sets
+    form = Doc(client.get("/").text)
+    for name in ("prompt", "negative_prompt", "strength", "guidance_scale", "steps", "scheduler", "samples", "seed"):
+        assert form.by_id(name) is not None, name
+    # an ordinary PNG offers nothing
+    plain = client.post("/inspect", files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"}).text
+    assert "data-png-parameters" not in plain

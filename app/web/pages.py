@@ -3,7 +3,8 @@ the full page otherwise, from the same ``_partial.html`` sources.
 
 =======  ==========================  ===========================================================================
 GET      /                           review page: upload, parameters, results area, history
-POST     /inspect                    decode an upload: the non-identifying facts banner and its window presets
+POST     /inspect                    decode an upload: the non-identifying facts banner and its window presets (and,
+                                     for an annotated PNG export, the parameters it carries, to copy into the form)
 POST     /runs                       queue a run from the form; fragment = the run's progress panel
 GET      /runs/{id}                  a run: progress or results (and its parameters restored into the form)
 GET      /runs/{id}/events           server-sent events: ``progress`` fragments, then ``finished`` (results)
@@ -33,7 +34,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import imaging
+from app import exports, imaging
 from app.engine import SCHEDULERS, CounterfactualEngine
 from app.jobs import MASK_UPLOAD, Job, JobManager, JobState, gray_png
 from app.web.api import read_upload, submit_job
@@ -164,6 +165,8 @@ async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep,
         data = find_job(jobs, reuse_input, user).upload_path.read_bytes()
     if not data:
         raise imaging.UnsupportedImageError("The file is empty. Choose a DICOM, PNG or JPEG image.")
+    # an annotated export (A1111's "PNG info"): offer the parameters of the run that made it
+    png_parameters = exports.read_png_parameters(data) if reused is None else None
     win: int | str = int(window) if window.isascii() and window.isdigit() else window
     # not audited: this preview is a step of the upload, whose one `upload` event the run's submission writes
     decoded = await run_in_threadpool(imaging.decode_image, data, window=win)
@@ -171,7 +174,8 @@ async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep,
     form = FormValues.defaults(request.app.state.engine.info)
     form.facts, form.window, form.reuse_input = decoded.meta.public_summary(), str(win), reused
     form.thumbnail_url = "data:image/png;base64," + base64.b64encode(png).decode()
-    return render(request, "_file_facts.html", {"form": form})
+    return render(request, "_file_facts.html", {"form": form, "png_parameters": png_parameters,
+                                                "info": request.app.state.engine.info})
 
 
 @router.post("/runs")

@@ -61,11 +61,17 @@
 
   function applyPreset(button) {
     // a model preset sets the prompt, strength, guidance, steps and scheduler at once (its title says which)
-    ["prompt", "strength", "guidance_scale", "steps", "scheduler"].forEach(function (name) {
-      var field = document.getElementById(name);
-      var value = button.getAttribute("data-model-preset-" + name);
-      if (field && value !== null) field.value = value;
-    });
+    // (or, from an annotated PNG export, the run's parameters including its negative prompt, samples and seed)
+    ["prompt", "negative_prompt", "strength", "guidance_scale", "steps", "scheduler", "samples", "seed"]
+      .forEach(function (name) {
+        var field = document.getElementById(name);
+        var value = button.getAttribute("data-model-preset-" + name);
+        if (field && value !== null) field.value = value;
+      });
+    if (button.hasAttribute("data-model-preset-seed")) {
+      var fixed = document.querySelector("input[name=seed_mode][value=fixed]");
+      if (fixed) fixed.checked = true;
+    }
     document.querySelectorAll("[data-model-preset]").forEach(function (b) {
       b.classList.toggle("is-active", b === button);
     });
