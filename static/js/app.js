@@ -835,6 +835,12 @@
     }
     pressed("[data-action=maximise]", v.classList.contains("is-maximised"));
     applyView();
+    var max = v.querySelector(".panel.is-max"), bar = document.querySelector(".run-done > .toolbar");
+    if (max && max.getBoundingClientRect().bottom > window.innerHeight) {
+      // bring the whole panel into view, just under the (sticky) toolbar
+      var top = max.getBoundingClientRect().top - (bar ? bar.getBoundingClientRect().height : 0) - 8;
+      window.scrollBy(0, top);
+    }
   }
 
   function toggleFullscreen() {
