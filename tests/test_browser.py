@@ -2,7 +2,10 @@
 generate, watch progress, review the three images with the map's legend and scale, check at 1440x900 and
 1920x1080 that the AI-generated badges sit in the captions and never over an image, toggle the overlay,
 compare, export the annotated PNG, restore a run from the history, choose a new file (the result on screen turns
-stale at once; an old error banner goes when a valid file is chosen), sign out. No console errors allowed (the CSP is strict, so an inline script or an eval would show up here).
+stale at once; an old error banner goes when a valid file is chosen), sign out; and the viewer read like a PACS on
+a 15-bit MONOCHROME1 CR (window/level drag in the PACS direction on the canvas, presets, invert, reset, the pixel
+probe against the decoded value, flip, rotation, lengths in px and, on a file with Pixel Spacing, in mm, the form
+hidden, a panel maximised, another run beside this one). No console errors allowed (the CSP is strict, so an inline script or an eval would show up here).
 
 Needs Playwright for Python (``pip install playwright``; its own browser download is not used) and Debian's
 Chromium at /usr/bin/chromium. Skipped with a reason when either is missing, unless VALD_MD_REQUIRE_BROWSER=1
