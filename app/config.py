@@ -9,10 +9,13 @@ server with a message that quotes it and says what is allowed.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +29,55 @@ DEFAULT_LESION_CLASSIFIER_DIR = REPO_ROOT / "model_weights" / "lesion-classifier
 _DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?|mps)$")
 _LOOPBACK_NAMES = {"localhost"}
 _HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})*\.?$|^\[[0-9a-f:.]{2,45}\]$")
+
+
+class PacsServer(BaseModel):
+    """One DICOMweb server (``app.pacs``), an item of ``VALD_MD_PACS_SERVERS`` (a JSON list).
+
+    Attributes:
+        name: short id shown to users and written to the audit trail, ``[a-z0-9-]{1,32}``.
+        url: DICOMweb base URL (``https://pacs.example.org/dicom-web``); ``http://`` only on loopback unless
+            ``allow_plain_http`` (credentials and images would cross the network in clear).
+        auth: ``none``, ``basic`` (``username`` + the password in the environment variable ``secret_env``) or
+            ``bearer`` (the token in ``secret_env``). Credentials are read from the environment only, never
+            stored by VALD-MD, and are ``SecretStr`` (``**********`` in any repr or log).
+        verify_tls: check the server's certificate (default on); ``ca_bundle``: a PEM file of extra CAs.
+        timeout_s: connect and read timeout of each request, seconds, 1..300.
+        max_instance_mb: largest instance opened (estimated from Rows × Columns × bits before download), 1..1024.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9-]{1,32}$")
+    url: str
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    secret_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]{0,63}$")
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    timeout_s: float = Field(default=20.0, ge=1.0, le=300.0)
+    max_instance_mb: int = Field(default=128, ge=1, le=1024)
+    allow_plain_http: bool = False
+    secret: SecretStr | None = Field(default=None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> PacsServer:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"PACS server {self.name!r}: url {self.url!r} is not an http(s) URL")
+        if parts.scheme == "http" and not self.allow_plain_http and not _is_loopback(parts.hostname):
+            raise ValueError(f"PACS server {self.name!r}: {self.url!r} is plain HTTP beyond this machine; use "
+                             "https://, or set allow_plain_http only on a trusted network")
+        if self.auth != "none":
+            if not self.secret_env:
+                raise ValueError(f"PACS server {self.name!r}: auth={self.auth!r} needs secret_env, the name of "
+                                 "the environment variable that holds the password or token")
+            if self.auth == "basic" and not self.username:
+                raise ValueError(f"PACS server {self.name!r}: auth='basic' needs a username")
+            value = os.environ.get(self.secret_env)
+            if not value:
+                raise ValueError(f"PACS server {self.name!r}: the environment variable {self.secret_env} is unset "
+                                 "or empty")
+            self.secret = SecretStr(value)
+        return self
 
 
 class Settings(BaseSettings):
@@ -88,6 +140,8 @@ class Settings(BaseSettings):
             and ``vald-md audit anchor|verify --anchor`` look by default (``VALD_MD_AUDIT_ANCHOR_FILE``); ``None`` =
             ``<data_dir>/audit-anchors.jsonl``. For real protection, a path the database's owner cannot rewrite.
         api_token_days: how long a new API token works, days, 1..3650 (``VALD_MD_API_TOKEN_DAYS``).
+        pacs_servers: DICOMweb servers users may search, open from and store back to (``VALD_MD_PACS_SERVERS``,
+            a JSON list of :class:`PacsServer`); empty = no PACS page.
     """
 
     model_config = SettingsConfigDict(env_prefix="VALD_MD_", extra="ignore", validate_default=True,
@@ -126,6 +180,7 @@ class Settings(BaseSettings):
     audit_key: SecretStr | None = None
     audit_anchor_file: Path | None = None
     api_token_days: int = Field(default=90, ge=1, le=3650)
+    pacs_servers: list[PacsServer] = Field(default_factory=list)
 
     @field_validator("device")
     @classmethod
@@ -199,6 +254,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"trusted_hosts entry {entry!r} is not a host name; use names such as "
                                  f"'vald.example.org' or '*.example.org', an IPv4 address or '[IPv6]', no ports")
         return ",".join(entries)
+
+    @field_validator("pacs_servers")
+    @classmethod
+    def _check_pacs_names(cls, v: list[PacsServer]) -> list[PacsServer]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pacs_servers: names must be unique, got {names}")
+        return v
 
     @model_validator(mode="after")
     def _check_host(self) -> Settings:
