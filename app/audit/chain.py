@@ -127,6 +127,10 @@ class AuditAction(StrEnum):
     AUDIT_KEY_ROTATED = "audit_key_rotated"
     AUDIT_TAMPER_DETECTED = "audit_tamper_detected"
     AUDIT_ANCHOR = "audit_anchor"
+    PACS_QUERY = "pacs_query"
+    PACS_RETRIEVE = "pacs_retrieve"
+    PACS_STORE = "pacs_store"
+    PACS_TEST = "pacs_test"
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,10 @@ DICOM_EVENT_CODES: dict[AuditAction, DicomEventCodes] = {
     AuditAction.AUDIT_KEY_ROTATED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "U"),
     AuditAction.AUDIT_TAMPER_DETECTED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "E"),
     AuditAction.AUDIT_ANCHOR: DicomEventCodes(*_AUDIT_LOG, *_NONE, "E"),
+    AuditAction.PACS_QUERY: DicomEventCodes("110112", "Query", *_NONE, "E"),
+    AuditAction.PACS_RETRIEVE: DicomEventCodes("110107", "Import", *_NONE, "C"),
+    AuditAction.PACS_STORE: DicomEventCodes("110106", "Export", *_NONE, "R"),
+    AuditAction.PACS_TEST: DicomEventCodes(*_APP, *_NONE, "E"),
 }
 
 

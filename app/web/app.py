@@ -34,7 +34,7 @@ from app.config import Settings
 from app.engine import CounterfactualEngine, load_in_passing_thread
 from app.jobs import JobManager
 from app.lungs import LungSegmenter, SegmenterFolderError
-from app.web import accounts, admin, api, pages, tokens, viewing
+from app.web import accounts, admin, api, pacs, pages, tokens, viewing
 from app.web.auth import AuthMiddleware, LoginRateLimiter, TrustedHostsMiddleware
 from app.web.errors import UploadTooLargeError, error_response, install_error_handlers
 from app.web.templating import STATIC_DIR, make_templates
@@ -286,6 +286,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
     app.include_router(api.router)
     app.include_router(viewing.router)
     app.include_router(accounts.router)
+    app.include_router(pacs.router)
     app.include_router(admin.router)
     app.include_router(tokens.router)
     app.include_router(pages.router)

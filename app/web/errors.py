@@ -13,6 +13,10 @@ other ``imaging.ImagingError``                   422     the ingestion message (
 ``RequestValidationError``                       422     one message per field
 ``JobNotFoundError``, ``ArtifactNotFoundError``  404     also unknown routes
 ``JobNotReadyError``                             409     the run's state
+``app.pacs.client.PacsError``                    422/    unsuitable instance 422, not found 404, timeout 504,
+                                                 404/    unreachable or refused 502: the message names the
+                                                 504/    server and what to do
+                                                 502
 ``UserQueueLimitError``                          429     the user's runs queued or running and the limit,
                                                         Retry-After
 ``QueueFullError``                               503     queue length and capacity (and the cost budget when
@@ -36,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from app import audit, imaging
+from app.pacs.client import PacsError, PacsNotFoundError, PacsTimeoutError, PacsUnsuitableError
 from app.jobs import JobNotFoundError, JobNotReadyError, QueueFullError, UserQueueLimitError, WorkerStoppedError
 from app.web.templating import is_htmx, render
 from app.web.views import ArtifactNotFoundError
@@ -138,6 +143,10 @@ def classify(exc: BaseException) -> Problem:
         return Problem(503, "Service unavailable", str(exc), headers={"Retry-After": "30"})
     if isinstance(exc, (JobNotFoundError, ArtifactNotFoundError, audit.RunNotFoundError)):
         return Problem(404, "Not found", str(exc))
+    if isinstance(exc, PacsError):  # app.pacs: the message names the server and what to do
+        status = (422 if isinstance(exc, PacsUnsuitableError) else 404 if isinstance(exc, PacsNotFoundError)
+                  else 504 if isinstance(exc, PacsTimeoutError) else 502)
+        return Problem(status, "PACS", str(exc), extra={"retry": exc.retry})
     if isinstance(exc, JobNotReadyError):
         return Problem(409, "Not ready", str(exc), extra={"state": exc.state})
     if isinstance(exc, RequestValidationError):
@@ -175,7 +184,8 @@ def error_response(request: Request, exc: BaseException) -> Response:
     if isinstance(exc, NotAuthenticatedError) and not request.url.path.startswith("/api/"):
         return login_redirect(request)
     problem = classify(exc)
-    if problem.status >= 500 and not isinstance(exc, (QueueFullError, WorkerStoppedError, StarletteHTTPException)):
+    if problem.status >= 500 and not isinstance(exc, (QueueFullError, WorkerStoppedError, StarletteHTTPException,
+                                                                PacsError)):
         logger.error("unhandled error on %s %s", request.method, request.url.path,
                      exc_info=(type(exc), exc, exc.__traceback__))
     if request.url.path.startswith("/api/"):
@@ -201,5 +211,5 @@ def install_error_handlers(app: FastAPI) -> None:
     for cls in (NotAuthenticatedError, PermissionDeniedError, TooManyAttemptsError, UploadTooLargeError,
                 imaging.ImagingError, QueueFullError, UserQueueLimitError, WorkerStoppedError, JobNotFoundError,
                 JobNotReadyError, ArtifactNotFoundError, audit.RunNotFoundError, RequestValidationError, ValueError,
-                StarletteHTTPException, Exception):
+                PacsError, StarletteHTTPException, Exception):
         app.add_exception_handler(cls, _handler)
