@@ -150,7 +150,8 @@ def main(args: argparse.Namespace) -> None:
         os.kill(server.proc.pid, signal.SIGKILL)
         proxy.drop()
         worker.join(30)
-        print(f"PACS killed 0.3 s into a 4 MiB/s retrieve of RG1_JLSN.dcm: {outcome[0] if outcome else 'still running'}")
+        result = outcome[0] if outcome else "still running"
+        print(f"PACS killed 0.3 s into a 4 MiB/s retrieve of RG1_JLSN.dcm: {result}")
     finally:
         server.stop()
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydantic import ValidationError
@@ -20,8 +21,14 @@ from pydicom.dataset import Dataset
 
 from app import exports, imaging
 from app.config import PacsServer
-from app.pacs.client import (PacsClient, PacsRefusedError, PacsStoreError, PacsTimeoutError, PacsUnavailableError,
-                             PacsUnsuitableError)
+from app.pacs.client import (
+    PacsClient,
+    PacsRefusedError,
+    PacsStoreError,
+    PacsTimeoutError,
+    PacsUnavailableError,
+    PacsUnsuitableError,
+)
 from app.pacs.derived import AI_SERIES_DESCRIPTION, StoreMode, build_derived
 from tests import orthanc as orthanc_mod
 from tests.test_exports import make_run
@@ -131,8 +138,8 @@ def test_retrieve_gives_the_instance_that_decodes_like_an_upload(client, dicom_d
     rg1 = _header(path)
     data = client.retrieve(str(rg1.StudyInstanceUID), str(rg1.SeriesInstanceUID), str(rg1.SOPInstanceUID))
     got = pydicom.dcmread(io.BytesIO(data))
-    assert got.SOPInstanceUID == rg1.SOPInstanceUID and got.file_meta.TransferSyntaxUID == rg1.file_meta.TransferSyntaxUID
-    import numpy as np
+    assert got.SOPInstanceUID == rg1.SOPInstanceUID
+    assert got.file_meta.TransferSyntaxUID == rg1.file_meta.TransferSyntaxUID  # stored syntax kept (JPEG-LS)
     assert np.array_equal(imaging.decode_image(data).pixels, imaging.decode_image(path.read_bytes()).pixels)
 
 

@@ -57,6 +57,7 @@ def test_pacs_page_lists_the_servers(web):
     app, client = web
     r = client.get("/pacs")
     assert r.status_code == 200 and SERVER in r.text and "pacs-search" in r.text
+    assert 'id="pacs-link"' in client.get("/").text
     assert orthanc_mod.PASSWORD not in r.text
 
 

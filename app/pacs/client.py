@@ -10,6 +10,7 @@ dicomweb-client's own retries are off: a failure is reported at once and the use
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pydicom
 import requests
@@ -218,7 +219,7 @@ class PacsClient:
         return result
 
     def _host(self) -> str:
-        return requests.utils.urlparse(self.server.url).netloc
+        return urlsplit(self.server.url).netloc
 
     def _http_error(self, what: str, response: requests.Response | None) -> PacsError:
         status = response.status_code if response is not None else None
@@ -276,7 +277,7 @@ class PacsClient:
         found: dict[str, StudyMatch] = {}
         for modality in modalities:  # one query per modality: servers differ on multi-valued matching
             params = {**filters, "ModalitiesInStudy": modality, "limit": str(limit)}
-            rows = self._call("searching studies", lambda p=params: self._qido("studies", p, fields))
+            rows = self._call("searching studies", functools.partial(self._qido, "studies", params, fields))
             for row in rows:
                 ds = Dataset.from_json(row)
                 uid = _first(ds, "StudyInstanceUID")

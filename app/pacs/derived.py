@@ -31,7 +31,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from app import __version__, attribution, exports
 
@@ -74,8 +74,8 @@ def _counterfactual_rgb(run_dir: Path) -> np.ndarray:
 
 
 def _uids(ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, number: int) -> None:
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = UID(study_uid), UID(series_uid), UID(sop_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.SeriesDescription = AI_SERIES_DESCRIPTION
     ds.InstanceNumber = number
 

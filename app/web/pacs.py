@@ -111,9 +111,10 @@ async def _audited(request: Request, db: Any, caller: Caller, action: audit.Audi
         await run_in_threadpool(audit_pacs, request, db, caller, action, server, ok=False, study_uid=study_uid,
                                 error=type(e).__name__, **detail)
         raise
-    extra = {"matches": len(result)} if isinstance(result, list) else {}
-    await run_in_threadpool(audit_pacs, request, db, caller, action, server, ok=True, study_uid=study_uid,
-                            seconds=round(time.monotonic() - t0, 3), **extra, **detail)
+    info: dict[str, Any] = {**detail, "seconds": round(time.monotonic() - t0, 3)}
+    if isinstance(result, list):
+        info["matches"] = len(result)
+    await run_in_threadpool(audit_pacs, request, db, caller, action, server, ok=True, study_uid=study_uid, **info)
     return result
 
 
@@ -221,7 +222,7 @@ async def pacs_open(request: Request, engine: EngineDep, jobs: JobsDep, user: Cu
     client = pacs_client(request, server)
     data = await _audited(request, db, user, audit.AuditAction.PACS_RETRIEVE, server,
                           lambda: client.retrieve(study, series, sop), study_uid=study)
-    job = await submit_job(jobs, user.user, data, ReviewFormParams().to_request(engine.info), None)
+    job = await submit_job(jobs, user.user, data, ReviewFormParams.model_validate({}).to_request(engine.info), None)
     context = {"server": server, "study_uid": study, "series_uid": series, "sop_uid": sop}
     await run_in_threadpool(filemodes.write_private, job.run_dir / PACS_SOURCE, json.dumps(context).encode())
     target = f"/runs/{job.id}"
