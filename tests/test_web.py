@@ -332,7 +332,8 @@ def test_full_json_flow(client, done_job):
     assert st["state"] == "done" and st["error"] is None
     assert st["effective_steps"] == 2 == int(4 * 0.5)
     assert st["unet_evaluations"] == 3  # PNDM's warm-up adds one
-    assert st["progress"]["step"] == st["progress"]["total"] == 3 and st["progress"]["fraction"] == 1.0
+    # progress counts denoising steps, as the form's "effective steps" (issue 12), not UNet evaluations
+    assert st["progress"]["step"] == st["progress"]["total"] == 2 and st["progress"]["fraction"] == 1.0
     assert st["parameters"] == {"prompt": "normal chest x-ray", "negative_prompt": "", "strength": 0.5,
                                 "guidance_scale": 5.0, "steps": 4, "seed": 11, "scheduler": "pndm", "samples": 1,
                                 "window": "auto", "reference": "input", "lung_mask": True, "map_method": "sdedit",
