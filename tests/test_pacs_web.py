@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import threading
 import time
 from typing import Any
 
@@ -125,6 +127,36 @@ def test_pacs_down_is_a_clear_message(web):
     assert r.status_code == 502 and "cannot be reached" in r.text and "Traceback" not in r.text
     r = client.get("/pacs/search", params={"server": "nope", "accession": "A1"})
     assert r.status_code == 422
+
+
+def test_a_hanging_pacs_does_not_block_other_requests(orthanc, tiny_engine, tmp_path):  # noqa: F811
+    """The PACS call waits in the thread pool: while it hangs, the server answers others at once."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    silent = PacsServer(name="silent", url=f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web", timeout_s=3)
+    app = create_app(Settings(data_dir=tmp_path / "d", lung_segmenter=tmp_path / "none",
+                              lesion_classifier=tmp_path / "none", pacs_servers=[silent]), engine=tiny_engine)
+    try:
+        with TestClient(app) as client:
+            sign_in(client, app, add_user(app.state.db, "clinician-h"))
+            answers: list[Any] = []
+            t = threading.Thread(target=lambda: answers.append(client.get(
+                "/pacs/search", params={"server": "silent", "accession": "A1"}, headers={"HX-Request": "true"})))
+            t0 = time.monotonic()
+            t.start()
+            time.sleep(0.3)
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/pacs").status_code == 200
+            assert time.monotonic() - t0 < 2.0, "other requests waited for the PACS"
+            t.join(10)
+            assert answers[0].status_code == 504 and "did not answer within 3 s" in answers[0].text
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
 
 
 def test_admin_connection_test(web):
