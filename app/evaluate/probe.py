@@ -248,7 +248,8 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
             "random": np.random.default_rng(s).random(img.shape, dtype=np.float32),
             "intensity": img, "edges": edge_map(img), "lung_prior": prior}
         if map_fn is not None:
-            maps.update({k: v for k, v in map_fn(img, lungs, s).items() if k in methods or k.startswith("product")})
+            maps.update({k: v for k, v in map_fn(img, lungs, s).items()
+                         if k in methods or k.removesuffix("_pos") in methods or k.startswith("product")})
         for m in maps:
             if m not in all_methods:
                 all_methods.append(m)
