@@ -565,6 +565,7 @@ def test_data_folder_database_and_runs_are_owner_only(secure, job_of_a):
 def test_first_start_explains_how_to_create_the_first_admin(fresh, caplog):
     page = client_for(fresh).get("/login")
     assert "vald-md users add NAME --role admin" in page.text and 'id="first-admin"' in page.text
+    assert ".venv/bin/vald-md users add NAME --role admin" in page.text  # a new shell has no vald-md on its PATH
     add_user(fresh.state.db, "first-admin", role="admin")
     assert "vald-md users add NAME --role admin" not in client_for(fresh).get("/login").text
 
@@ -575,6 +576,7 @@ def test_serve_logs_the_first_admin_command(tiny_engine, tmp_path, caplog):
     with TestClient(app):
         pass
     assert "vald-md users add NAME --role admin" in caplog.text
+    assert "second terminal: `.venv/bin/vald-md users add" in caplog.text
     _close(app)
 
 

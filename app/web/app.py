@@ -257,7 +257,9 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         checkpoint(db, settings)
         if not accounts.has_admin(db):
             logger.warning("no administrator account exists yet: create one on this machine with `%s` "
-                           "(it asks for the password), then sign in at /login", accounts.FIRST_ADMIN_HINT)
+                           "(it asks for the password; from a source checkout, in a second terminal: "
+                           "`.venv/bin/%s`), then sign in at /login", accounts.FIRST_ADMIN_HINT,
+                           accounts.FIRST_ADMIN_HINT)
         logger.info("review server ready: model %s, data in %s, queue size %d, database %s", eng.info.name,
                     settings.data_dir, settings.queue_size, db.dialect.name)
         try:
