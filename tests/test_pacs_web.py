@@ -86,6 +86,7 @@ def test_find_open_store_round_trip(web, orthanc, dicom_dir):  # noqa: F811
     run_dir = app.state.jobs.get(job_id, None, any_owner=True).run_dir
     assert json.loads((run_dir / "pacs-source.json").read_text())["sop_uid"] == sop
     assert "16d7f894" not in (run_dir / "upload.dcm").read_bytes().decode("latin-1")  # de-identified as uploads are
+    assert 'id="pacs-store-link"' in client.get(f"/runs/{job_id}").text  # the result page points to the store
     # 3. store back: the mode must be chosen
     assert client.post(f"/pacs/runs/{job_id}/store", data={}).status_code == 422
     before = orthanc.instance_count()
