@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from app import audit
 from app.config import PacsServer, Settings
+from app.pacs.client import PacsClient
 from app.web import create_app
 from tests import orthanc as orthanc_mod
 from tests.accounts import add_user, sign_in
@@ -107,6 +108,19 @@ def test_find_open_store_round_trip(web, orthanc, dicom_dir):  # noqa: F811
     store = _events(app, "pacs_store")[-1]
     assert store.detail["study"] == audit.hmac_uid(app.state.uid_secret, study) and store.outcome == "success"
     assert re.search(r"/pacs/runs/" + job_id, client.get("/pacs").text)
+
+
+def test_thumbnail_is_decoded_locally_when_the_server_cannot_render(web, dicom_dir, monkeypatch):  # noqa: F811
+    app, client = web
+    src = pydicom.dcmread(dicom_dir / "RG1_JLSN.dcm", stop_before_pixels=True)
+    monkeypatch.setattr(PacsClient, "thumbnail", lambda *a, **k: None)
+    r = client.get("/pacs/thumbnail", params={"server": SERVER, "study": str(src.StudyInstanceUID),
+                                              "series": str(src.SeriesInstanceUID), "sop": str(src.SOPInstanceUID)})
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    import io
+
+    from PIL import Image
+    assert max(Image.open(io.BytesIO(r.content)).size) == 128
 
 
 def test_unsuitable_instance_is_refused_and_nothing_is_stored(web, orthanc, dicom_dir):  # noqa: F811

@@ -5,7 +5,7 @@ GET      /pacs                              search form (server, accession numbe
                                             the caller's runs opened from a PACS, each with its store-back form
 GET      /pacs/search                       QIDO-RS study search (CR/DX); fragment = the study table
 GET      /pacs/series                       a study's series and instances with server-rendered thumbnails
-GET      /pacs/thumbnail                    one instance's thumbnail (WADO-RS ``/rendered``), part of the listing
+GET      /pacs/thumbnail                    one instance's thumbnail (WADO-RS ``/rendered``, else decoded here)
 POST     /pacs/open                         WADO-RS retrieve, then the upload path (``JobManager.submit``: the same
                                             decoding, checks and de-identification); redirect to the run
 POST     /pacs/runs/{id}/store              STOW-RS the run's derived objects; ``mode`` must be chosen
@@ -38,9 +38,9 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app import audit, filemodes
+from app import audit, filemodes, imaging
 from app.config import PacsServer
-from app.jobs import Job, JobState
+from app.jobs import Job, JobState, gray_png
 from app.pacs.client import PacsClient, PacsError, StoreResult
 from app.pacs.derived import StoreMode, build_derived
 from app.web.api import submit_job
@@ -200,9 +200,22 @@ async def pacs_thumbnail(request: Request, user: CurrentUser, server: Annotated[
                          study: Annotated[str, Query(max_length=64, pattern=UID)],
                          series: Annotated[str, Query(max_length=64, pattern=UID)],
                          sop: Annotated[str, Query(max_length=64, pattern=UID)]) -> Response:
-    """A server-rendered PNG thumbnail (part of the listing's audit event); 404 when the server cannot render."""
+    """A server-rendered PNG thumbnail, or, when the server cannot render (WADO-RS ``/rendered`` refused), the
+    instance retrieved and decoded here (same checks as opening it); 404 when neither works. Part of the listing's
+    audit event."""
     client = pacs_client(request, server)
-    png = await run_in_threadpool(client.thumbnail, study, series, sop, THUMBNAIL_PX)
+
+    def thumbnail() -> bytes | None:
+        png = client.thumbnail(study, series, sop, THUMBNAIL_PX)
+        if png is not None:
+            return png
+        try:  # decoded locally: the size and modality checks run before the download
+            return gray_png(imaging.decode_image(client.retrieve(study, series, sop)).pixels,
+                            longest_side=THUMBNAIL_PX)
+        except (PacsError, imaging.ImagingError, ValueError):
+            return None
+
+    png = await run_in_threadpool(thumbnail)
     if png is None:
         return Response(status_code=404, headers=NO_STORE)
     return Response(png, media_type="image/png", headers=NO_STORE)
