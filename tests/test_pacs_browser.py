@@ -75,7 +75,7 @@ def test_find_open_and_store_in_a_real_browser(server, orthanc):  # noqa: F811
         assert page.locator("#pacs-study-table tbody tr .pacs-series-button").count() == 1
         page.click(".pacs-series-button")
         page.wait_for_selector(".pacs-instances img")
-        page.wait_for_function("document.querySelector('.pacs-instances img').naturalWidth > 0")
+        page.wait_for_function("() => document.querySelector('.pacs-instances img').naturalWidth > 0")
         # 2. open: the review screen of the new run, until it is done
         page.click(".pacs-open-button")
         page.wait_for_url("**/runs/*")
