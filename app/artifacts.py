@@ -210,12 +210,14 @@ def lung_region(segmenter: LungSegmenter | None, pixels: np.ndarray, *, requeste
 
 
 def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: ReviewRequest, run: Any, *,
-                        seed: int | None, cancel: threading.Event | None) -> tuple[CounterfactualResult, Any]:
+                        seed: int | None, cancel: threading.Event | None,
+                        passes: int = 1) -> tuple[CounterfactualResult, Any]:
     """Run a DDIM map method on the letterboxed model-frame image and wrap its output as a
     :class:`CounterfactualResult` in the native frame (counterfactual and reconstruction unletterboxed).
 
     ``run(img_model) -> result`` with ``result.counterfactuals`` (1, S, S) and ``result.reconstruction`` (S, S);
-    the method's own result is returned beside, for its record fields.
+    the method's own result is returned beside, for its record fields. ``passes``: UNet passes over the effective
+    steps (DDIM inversion: 2, the inversion and the denoising), for the record's ``unet_evaluations``.
     """
     import time
 
@@ -247,7 +249,7 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
     result = CounterfactualResult(
         counterfactuals=cf_native, counterfactuals_model=out.counterfactuals, input_model=img_model,
         reconstruction=recon, letterbox=lb, effective_steps=n_eff,
-        start_timestep=int(sched.timesteps[req.steps - n_eff]), unet_evaluations=n_eff, seeds=[seed],
+        start_timestep=int(sched.timesteps[req.steps - n_eff]), unet_evaluations=passes * n_eff, seeds=[seed],
         timings_s=timings, model_hash=engine.info.model_hash, parameters=params)
     return result, out
 
@@ -297,7 +299,8 @@ def make_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req: R
         result, _ = _model_frame_result(
             engine, pixels, req, lambda img_model: mapmethods.ddim_inversion(
                 engine, img_model, prompt=req.prompt, strength=req.strength, steps=req.steps,
-                guidance_scale=req.guidance_scale), seed=req.seed if req.seed is not None else 0, cancel=cancel)
+                guidance_scale=req.guidance_scale), seed=req.seed if req.seed is not None else 0, cancel=cancel,
+            passes=2)
         if progress is not None:
             progress(result.effective_steps, result.effective_steps, result.timings_s["total"], None)
         return result, {"map_method": "ddim_inversion"}
@@ -353,7 +356,7 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                                       smoothing_sigma=req.smoothing_sigma)
     calibration, scale_reason = mapscale.calibration_for_run(
         mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
-        reference=str(req.reference), smoothing_sigma=req.smoothing_sigma)
+        reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples)
     label = rendering.map_label(req.reference, req.map_method)
     overlay = rendering.render_overlay(pixels, amap, normal_level=calibration.level if calibration else None,
                                        label=label)
@@ -387,7 +390,6 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         "lung_mask": lung_record,
         "map_summary": summary,
         "model_limitations": engine.info.manifest.get("limitations"),
-        "case_label": req.case_label or None,
         "artifacts_sha256": hashes,
         "disclaimer": DISCLAIMER,
     }

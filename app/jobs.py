@@ -259,11 +259,18 @@ class Job:
                    rerun_of=data.get("rerun_of"))
 
 
+METHOD_COST_FACTOR = {"ddim_inversion": 2, "classifier_guided": 2}
+"""UNet work of a map method relative to the SDEdit map's: DDIM inversion inverts then denoises (two passes);
+the classifier-guided map back-propagates through the autoencoder's decoder at every step (about as much again)."""
+
+
 def job_cost(req: ReviewRequest) -> int:
-    """A run's cost in step-samples: ``(int(steps * strength) + 1) * samples``. The samples are denoised as one
-    batch, so each step costs about one UNet evaluation per sample (PNDM adds one warm-up step); the image is
-    always denoised at the model's own resolution, so its size does not count."""
-    return (effective_steps(req.steps, req.strength) + 1) * max(1, req.samples)
+    """A run's cost in step-samples: ``(int(steps * strength) + 1) * samples``, times the map method's
+    :data:`METHOD_COST_FACTOR`. The samples are denoised as one batch, so each step costs about one UNet evaluation
+    per sample (PNDM adds one warm-up step); the image is always denoised at the model's own resolution, so its
+    size does not count."""
+    factor = METHOD_COST_FACTOR.get(req.map_method or "sdedit", 1)
+    return (effective_steps(req.steps, req.strength) + 1) * max(1, req.samples) * factor
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -809,10 +816,12 @@ class JobManager:
         job.seeds = list(record.get("seeds", job.seeds))
         job.timings_s = {**record.get("timings_s", {}), "run": round(run_s, 4)}
         denoise = job.timings_s.get("denoising")
-        if denoise and job.unet_evaluations > 0:
+        if denoise and job.unet_evaluations > 1 and record.get("map_method", "sdedit") == "sdedit":
             # per UNet evaluation and sample (job_cost's unit), and the rest of the run (decoding, maps, files);
-            # exponential averages, so that a changed load shows within a few runs
-            rate = float(denoise) / (job.unet_evaluations * max(1, job.request.samples))
+            # exponential averages, so that a changed load shows within a few runs. The engine times denoising
+            # from the first step's end to the last's: unet_evaluations - 1 evaluations. Other map methods time
+            # their whole method as "denoising" (encode, inversion, decode), so they do not teach the rate.
+            rate = float(denoise) / ((job.unet_evaluations - 1) * max(1, job.request.samples))
             overhead = max(0.0, run_s - float(denoise))
             prev, prev_overhead = self._seconds_per_eval, self._overhead_s
             self._seconds_per_eval = rate if prev is None else 0.7 * prev + 0.3 * rate

@@ -129,11 +129,11 @@ class MapCalibration:
 
 
 def calibration_for_run(calibration: MapCalibration | None, *, map_method: str, reference: str,
-                        smoothing_sigma: float = 0.0) -> tuple[MapCalibration | None, str]:
+                        smoothing_sigma: float = 0.0, samples: int = 1) -> tuple[MapCalibration | None, str]:
     """The calibration a run's map may be read against, or ``None`` and the reason why not.
 
-    A calibration holds for maps of its own method and reference, unsmoothed (smoothing lowers the high
-    percentiles); anything else falls back to the per-image scale.
+    A calibration holds for single-sample maps of its own method and reference, unsmoothed (smoothing, and the mean
+    over several samples, lower the high percentiles); anything else falls back to the per-image scale.
     """
     if calibration is None:
         return None, "this model has no map calibration (scripts/calibrate_map.py)"
@@ -143,6 +143,9 @@ def calibration_for_run(calibration: MapCalibration | None, *, map_method: str, 
         return None, f"the calibration was measured against the {calibration.reference}, not the {reference}"
     if smoothing_sigma > 0:
         return None, "the calibration was measured on unsmoothed maps"
+    if samples != 1:
+        return None, (f"the calibration was measured on single-sample maps; the mean over {samples} samples is "
+                      f"smaller by construction")
     return calibration, ""
 
 

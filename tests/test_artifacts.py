@@ -394,8 +394,11 @@ def test_calibrated_model_reads_the_map_against_the_normal_level(tiny_engine, bo
     assert other["map_label"] == "autoencoder reconstruction − counterfactual"
 
 
-def test_case_label_is_recorded_and_checked(tiny_engine, tmp_path):
+def test_case_label_stays_out_of_the_record_and_is_checked(tiny_engine, tmp_path):
+    """The operator's free-text label may name the patient: record.json is exported (the ZIP, beside a
+    de-identified Secondary Capture), so the label lives only in the job (job.json), never in the record."""
     record = run(tiny_engine, tmp_path / "lab", case_label="teaching case 3")
-    assert record["case_label"] == "teaching case 3"
+    assert "case_label" not in record
+    assert "teaching case 3" not in (tmp_path / "lab" / "record.json").read_text()
     with pytest.raises(ValueError, match="case_label"):
         ReviewRequest(case_label="two\nlines").check()

@@ -540,6 +540,9 @@ def test_measure_normals_and_the_scaled_summary() -> None:
     assert mapscale.scale_from_record({"map_summary": relative}) is None
     assert mapscale.calibration_for_run(cal, map_method="ddim_inversion", reference="input")[0] is None
     assert mapscale.calibration_for_run(cal, map_method="sdedit", reference="input")[0] is cal
+    # the mean over several samples is smaller by construction: not on the single-sample scale
+    off, why = mapscale.calibration_for_run(cal, map_method="sdedit", reference="input", samples=4)
+    assert off is None and "single-sample" in why
     with pytest.raises(ValueError, match="positive"):
         mapscale.MapCalibration(level=0.0)
 

@@ -578,6 +578,15 @@ def test_per_user_limit_refuses_the_next_run_and_creates_nothing(make_manager, t
     runner.gate.set()
 
 
+def test_job_cost_counts_the_map_methods_extra_passes() -> None:
+    from app.jobs import job_cost
+
+    plain = ReviewRequest(steps=20, strength=0.5, samples=2)
+    assert job_cost(plain) == (10 + 1) * 2
+    assert job_cost(ReviewRequest(steps=20, strength=0.5, map_method="ddim_inversion")) == (10 + 1) * 2
+    assert job_cost(ReviewRequest(steps=20, strength=0.5, map_method="sdedit")) == 10 + 1
+
+
 def test_cost_budget_refuses_heavy_runs_but_an_empty_queue_takes_any(make_manager):
     runner = GatedRunner()
     m = make_manager(runner, queue_size=8, cost_budget=100)
@@ -626,8 +635,9 @@ def test_queue_estimate_counts_samples_overhead_and_the_fair_order(make_manager)
     m = make_manager(runner, queue_size=16)
     done = m.submit("alice", png_bytes(), req(samples=2))
     wait_for(lambda: done.state.finished)
-    # GatedRunner: 3 UNet evaluations in 0.06 s of denoising for 2 samples -> 0.01 s per evaluation and sample
-    assert m._seconds_per_eval == pytest.approx(0.01)
+    # GatedRunner: 3 UNet evaluations, timed as the engine does from the first step's end to the last's (2
+    # evaluations), in 0.06 s of denoising for 2 samples -> 0.015 s per evaluation and sample
+    assert m._seconds_per_eval == pytest.approx(0.015)
     overhead = m._overhead_s
     assert overhead is not None and overhead >= 0
     runner.gate.clear()
@@ -637,10 +647,10 @@ def test_queue_estimate_counts_samples_overhead_and_the_fair_order(make_manager)
     heavy = m.submit("alice", png_bytes(), req(steps=100, strength=1.0, samples=8))  # 808 step-samples
     light = m.submit("bob", png_bytes(), req(steps=10, strength=1.0))  # 11 step-samples
     assert heavy.cost == 808 and light.cost == 11
-    assert m.estimated_run_s(heavy) == pytest.approx(8.08 + overhead)
+    assert m.estimated_run_s(heavy) == pytest.approx(12.12 + overhead)
     # bob goes first: his estimate is what the running job has left; alice's heavy one waits for bob's too
     assert running.eta_s is None  # before its first step the running job counts whole
-    assert m.queue_eta_s(light) == pytest.approx(8.08 + overhead)
-    assert m.queue_eta_s(heavy) == pytest.approx(8.08 + overhead + 0.11 + overhead)
+    assert m.queue_eta_s(light) == pytest.approx(12.12 + overhead)
+    assert m.queue_eta_s(heavy) == pytest.approx(12.12 + overhead + 0.165 + overhead)
     assert m.queue_eta_s(running) is None
     runner.gate.set()

@@ -920,6 +920,18 @@ def map_method_options(doc: Doc) -> dict[str, dict[str, str]]:
     return out
 
 
+def test_ddim_inversion_runs_from_the_form_whatever_the_models_reference(client, tiny_engine, monkeypatch):
+    """A model whose manifest maps against the input: a DDIM-inversion request still maps against its own
+    reconstruction (it may not be refused for a reference the form cannot choose)."""
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_reference", "input")
+    r = submit(client, map_method="ddim_inversion")
+    assert r.status_code == 202, r.text
+    assert wait_state(client, r.json()["job_id"])["state"] == "done"
+    record = client.get(f"/api/v1/jobs/{r.json()['job_id']}/artifacts/record.json").json()
+    assert record["map_method"] == "ddim_inversion" and record["request"]["reference"] == "reconstruction"
+    assert record["unet_evaluations"] == 2 * record["effective_steps"]  # inversion + denoising
+
+
 def test_without_a_classifier_the_guided_map_is_offered_disabled_and_refused(app_and_client, client):
     app = app_and_client[0]
     assert app.state.classifier is None
@@ -1038,7 +1050,9 @@ def test_calibrated_run_reads_the_map_in_x_fold_of_the_normal_range(client, tiny
     job_id = Doc(r.text).by_id("run")["data-job"]
     assert wait_state(client, job_id)["state"] == "done"
     record = client.get(f"/api/v1/jobs/{job_id}/artifacts/record.json").json()
-    assert record["map_summary"]["scale"]["kind"] == "calibrated" and record["case_label"] == "teaching case 3"
+    assert record["map_summary"]["scale"]["kind"] == "calibrated" and "case_label" not in record
+    bundle = zipfile.ZipFile(io.BytesIO(client.get(f"/api/v1/jobs/{job_id}/artifacts/bundle.zip").content))
+    assert not any(b"teaching case 3" in bundle.read(n) for n in bundle.namelist())  # the label may name the patient
     assert record["model_limitations"] == TRUST_LIMITS
     html = client.get(f"/runs/{job_id}", headers={"HX-Request": "true"}).text
     doc = Doc(html)
@@ -1296,6 +1310,9 @@ def test_one_audit_event_per_user_action(tiny_engine, tmp_path):
         c.get(f"{base}/artifacts/input.png", params={"download": "true"}, headers={"Sec-Fetch-Dest": "image"})
         c.get(f"{base}/artifacts/counterfactual.png", headers={"Sec-Fetch-Dest": "document"})
         assert (actions() - before)["view"] == 3
+        # showing this run beside another run's page (run-vs-run compare) is a view of this run: one event
+        assert c.get(f"{base}/viewing", params={"beside": "true"}, headers=fetch).status_code == 200
+        assert (actions() - before)["view"] == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------

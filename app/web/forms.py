@@ -98,7 +98,8 @@ class GenerationParams(BaseModel):
             steps=self.steps if self.steps is not None else int(preset.get("steps", 75)),
             seed=self.seed, scheduler=self.scheduler, samples=self.samples,
             window=int(self.window) if self.window.isdigit() else self.window,
-            reference=str(info.manifest.get("map_reference", "input")), lung_mask=self.lung_mask,
+            reference=("reconstruction" if self.map_method == "ddim_inversion"
+                       else str(info.manifest.get("map_reference", "input"))), lung_mask=self.lung_mask,
             map_method=self.map_method, classifier_scale=self.classifier_scale)
 
 

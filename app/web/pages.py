@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import exports, imaging
 from app.engine import SCHEDULERS, CounterfactualEngine
-from app.jobs import MASK_UPLOAD, Job, JobManager, JobState, gray_png
+from app.jobs import MASK_UPLOAD, Job, JobManager, JobNotFoundError, JobState, gray_png
 from app.web.api import read_upload, submit_job
 from app.web.auditing import audit_view
 from app.web.auth import Caller
@@ -151,6 +151,18 @@ def review_page(request: Request, engine: EngineDep, settings: SettingsDep, jobs
     return render(request, "review.html", page_context(engine, settings, jobs, user), headers=NO_STORE)
 
 
+def stored_upload(jobs: JobManager, run_id: str, user: Caller) -> bytes:
+    """The stored upload of one of ``user``'s runs (reused as the input of a new run or of a preview).
+
+    Raises:
+        JobNotFoundError: no such run of this user, or it was deleted while being read (404, not a 500).
+    """
+    try:
+        return find_job(jobs, run_id, user).upload_path.read_bytes()
+    except FileNotFoundError:
+        raise JobNotFoundError(run_id) from None
+
+
 @router.post("/inspect", response_class=HTMLResponse)
 async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep, user: CurrentUser,
                          file: Annotated[UploadFile | None, File()] = None,
@@ -162,7 +174,7 @@ async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep,
     reused = None
     if not data and reuse_input:
         reused = reuse_input
-        data = find_job(jobs, reuse_input, user).upload_path.read_bytes()
+        data = stored_upload(jobs, reuse_input, user)
     if not data:
         raise imaging.UnsupportedImageError("The file is empty. Choose a DICOM, PNG or JPEG image.")
     # an annotated export (A1111's "PNG info"): offer the parameters of the run that made it
@@ -191,9 +203,12 @@ async def create_run(request: Request, params: Annotated[ReviewFormParams, Form(
     mask_png = await read_upload(mask, limit, limit_mb)
     if not data and params.reuse_input:
         source = find_job(jobs, params.reuse_input, user)
-        data = source.upload_path.read_bytes()
-        if mask_png is None and (source.run_dir / MASK_UPLOAD).is_file():
-            mask_png = (source.run_dir / MASK_UPLOAD).read_bytes()
+        data = stored_upload(jobs, params.reuse_input, user)
+        try:
+            if mask_png is None and (source.run_dir / MASK_UPLOAD).is_file():
+                mask_png = (source.run_dir / MASK_UPLOAD).read_bytes()
+        except FileNotFoundError:  # the run was deleted meanwhile
+            raise JobNotFoundError(params.reuse_input) from None
     if not data:
         raise ValueError("Choose an image first: drop a DICOM, PNG or JPEG file onto the upload area.")
     job = await submit_job(jobs, user.user, data, params.to_request(engine.info), mask_png)

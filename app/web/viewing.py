@@ -130,13 +130,19 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 @router.get("/jobs/{job_id}/viewing", summary="What the viewer needs to window a run's pixels")
-def job_viewing(job_id: str, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
+def job_viewing(job_id: str, jobs: JobsDep, user: CurrentUser, db: DbDep, beside: bool = False) -> JSONResponse:
     """Size, dtype and rescale of the pixel arrays (``value = pixel * slope + intercept``), the data's units, the
     display polarity (``inverted``: MONOCHROME1 or Presentation LUT Shape INVERSE), the run's window, the presets
     (relative lung / mediastinum / bone, the file's own windows, or the full range) and the pixel spacing with its
-    source (``PixelSpacing``, or ``ImagerPixelSpacing``: at the detector)."""
+    source (``PixelSpacing``, or ``ImagerPixelSpacing``: at the detector).
+
+    ``beside=true``: the viewer is about to show this run beside another run's page (run-vs-run compare); that is a
+    view of this run, audited here as one ``view`` event (its pixels and overlay follow as part of it)."""
     job = find_job(jobs, job_id, user)
-    return JSONResponse(run_pixels(job).facts, headers=_NO_STORE)
+    facts = run_pixels(job).facts
+    if beside:
+        audit_view(db, user, job, "beside another run")
+    return JSONResponse(facts, headers=_NO_STORE)
 
 
 @router.get("/jobs/{job_id}/pixels/{image}.npy", summary="A run's pixels in the data's units (uint16 .npy)")

@@ -320,7 +320,7 @@ def result_view(job: Job, options: OverlayOptions, manifest: dict[str, Any], mod
         "map_region": record.get("map_region") or "whole_image",
         "model_frame": (record.get("letterbox") or {}).get("size") if isinstance(record.get("letterbox"), dict)
         else None,
-        "case_label": record.get("case_label") or job.request.case_label or "",
+        "case_label": job.request.case_label or "",
         "limitations": limitations_shown(record.get("model_limitations") or (
             manifest.get("limitations") if record.get("model_hash") == model_hash else None)),
         "legend_uri": None, "summary": record.get("map_summary") or {},

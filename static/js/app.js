@@ -146,7 +146,8 @@
   document.addEventListener("htmx:beforeRequest", function (e) {
     var t = e.target;
     // a new run for the chosen file, or the user opening a run of their history: what comes next is current
-    if (t && (t.id === "review-form" || (t.closest && t.closest(".history-item")))) fileChangedSinceSubmit = false;
+    // (only the run's link: Delete, also inside the item, opens nothing)
+    if (t && (t.id === "review-form" || (t.closest && t.closest(".history-item > a")))) fileChangedSinceSubmit = false;
   });
 
   ["dragenter", "dragover"].forEach(function (type) {
@@ -709,7 +710,8 @@
       return;
     }
     var mine = pix;
-    fetch("/api/v1/jobs/" + id + "/viewing", { credentials: "same-origin" }).then(function (r) {
+    // ?beside=1: showing another run (maybe another patient) is a view of that run, audited by the server
+    fetch("/api/v1/jobs/" + id + "/viewing?beside=1", { credentials: "same-origin" }).then(function (r) {
       if (!r.ok) throw new Error("viewing " + r.status);
       return r.json();
     }).then(function (facts) {
