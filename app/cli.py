@@ -188,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.config import Settings
     from app.engine import check_model_folder
     from app.web import create_app
+    from app.web.accesslog import uvicorn_log_config
 
     overrides = {k: v for k, v in {"model_dir": args.model, "host": args.host, "port": args.port,
                                    "data_dir": args.data_dir, "device": args.device}.items() if v is not None}
@@ -209,8 +210,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # one process: every worker process would load its own model copy and run its own queue. Forwarded headers
     # are the app's business (VALD_MD_TRUSTED_PROXIES, create_app): uvicorn's own handling would trust
     # 127.0.0.1 (and FORWARDED_ALLOW_IPS) by default, letting a local client choose its address
+    # the access log keeps paths, never query strings (PACS search terms and UIDs travel in them)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1, proxy_headers=False,
-                forwarded_allow_ips="", log_level="debug" if args.verbose else "info")
+                forwarded_allow_ips="", log_level="debug" if args.verbose else "info",
+                log_config=uvicorn_log_config())
     return 0
 
 

@@ -63,6 +63,9 @@ class PacsServer(BaseModel):
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"PACS server {self.name!r}: url {self.url!r} is not an http(s) URL")
+        if parts.username or parts.password:  # it would be shown in messages and pages; say so without it
+            raise ValueError(f"PACS server {self.name!r}: the url carries credentials; put the user in 'username' "
+                             "and the password or token in the environment variable named by 'secret_env'")
         if parts.scheme == "http" and not self.allow_plain_http and not _is_loopback(parts.hostname):
             raise ValueError(f"PACS server {self.name!r}: {self.url!r} is plain HTTP beyond this machine; use "
                              "https://, or set allow_plain_http only on a trusted network")

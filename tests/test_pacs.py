@@ -98,6 +98,7 @@ def test_credentials_come_from_the_environment_and_never_print(monkeypatch):
     ({"url": "https://p/dw", "auth": "bearer"}, "secret_env"),
     ({"url": "https://p/dw", "auth": "bearer", "secret_env": "UNSET_PACS_TOKEN_XYZ"}, "unset"),
     ({"url": "https://p/dw", "name": "Bad Name"}, "name"),
+    ({"url": "https://vald:s3cret@p/dw"}, "carries credentials"),
 ])
 def test_unsafe_or_incomplete_server_settings_are_refused(fields, match):
     with pytest.raises(ValidationError, match=match):
@@ -175,6 +176,31 @@ def test_a_server_that_is_down_is_unavailable():
     c = PacsClient(PacsServer(name="down", url=f"http://127.0.0.1:{port}/dicom-web", timeout_s=2))
     with pytest.raises(PacsUnavailableError, match="cannot be reached"):
         c.search_studies(accession_number="A1")
+
+
+def test_messages_name_the_host_and_port_only():
+    port = orthanc_mod.free_port()
+    c = PacsClient(PacsServer(name="down", url=f"http://127.0.0.1:{port}/dicom-web/x", timeout_s=2))
+    assert c._host() == f"127.0.0.1:{port}"
+
+
+def test_the_access_log_keeps_paths_not_query_strings():
+    """uvicorn's access record for a PACS search would carry the patient ID; the server's filter cuts queries."""
+    import logging
+    import logging.config
+
+    from app.web.accesslog import StripQueryString, uvicorn_log_config
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/pacs/search?server=o&patient_id=PID-123", "1.1", 200), None)
+    assert StripQueryString().filter(record)
+    line = record.getMessage()
+    assert "PID-123" not in line and "/pacs/search?…" in line
+    config = uvicorn_log_config()
+    assert "strip_query" in config["handlers"]["access"]["filters"]
+    logging.config.dictConfig(config)  # a valid configuration uvicorn can take
+    assert any(isinstance(f, StripQueryString) for h in logging.getLogger("uvicorn.access").handlers
+               for f in h.filters)
 
 
 def test_a_server_that_never_answers_times_out():

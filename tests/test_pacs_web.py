@@ -121,6 +121,10 @@ def test_thumbnail_is_decoded_locally_when_the_server_cannot_render(web, dicom_d
 
     from PIL import Image
     assert max(Image.open(io.BytesIO(r.content)).size) == 128
+    # the whole instance came over the wire to make it: that is a retrieval, audited as one
+    retrieved = [e for e in _events(app, "pacs_retrieve") if e.detail.get("purpose") == "thumbnail"]
+    assert len(retrieved) == 1 and retrieved[0].outcome == "success"
+    assert retrieved[0].detail["study"] == audit.hmac_uid(app.state.uid_secret, str(src.StudyInstanceUID))
 
 
 def test_unsuitable_instance_is_refused_and_nothing_is_stored(web, orthanc, dicom_dir):  # noqa: F811

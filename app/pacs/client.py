@@ -219,7 +219,8 @@ class PacsClient:
         return result
 
     def _host(self) -> str:
-        return urlsplit(self.server.url).netloc
+        parts = urlsplit(self.server.url)  # host and port only: never a user-info part
+        return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
     def _http_error(self, what: str, response: requests.Response | None) -> PacsError:
         status = response.status_code if response is not None else None

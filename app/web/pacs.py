@@ -13,10 +13,12 @@ GET      /admin/pacs                        admins: the configured servers (neve
 POST     /admin/pacs/{name}/test            admins: connection test (QIDO-RS ``/studies?limit=1``)
 =======  =================================  ====================================================================
 
-Every PACS request is blocking I/O run through ``run_in_threadpool``: the event loop never waits on the PACS. Each
-query, retrieval, store and connection test is one audit event (``pacs_query``, ``pacs_retrieve``, ``pacs_store``,
+Every PACS request is blocking I/O run in a worker thread under a limiter of its own (:data:`PACS_THREADS`): the
+event loop never waits on the PACS, and a hung PACS never holds the thread pool other requests use. Each query,
+retrieval, store and connection test is one audit event (``pacs_query``, ``pacs_retrieve``, ``pacs_store``,
 ``pacs_test``) with the server's name, the Study Instance UID as an HMAC (never plain), the outcome and the user;
-thumbnails belong to the listing's event. The run keeps its study context in ``pacs-source.json`` in its folder
+server-rendered thumbnails belong to the listing's event, a thumbnail decoded here from the retrieved instance is a
+``pacs_retrieve`` of its own. The access log never carries query strings (:mod:`app.web.accesslog`). The run keeps its study context in ``pacs-source.json`` in its folder
 (0600, like the stored upload, which keeps the same UIDs: de-identification retains UIDs).
 
 Store-back modes (``app.pacs.derived.StoreMode``), chosen explicitly on each store, no default:
@@ -36,6 +38,7 @@ from typing import Annotated, Any
 import pydicom
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+import anyio
 from starlette.concurrency import run_in_threadpool
 
 from app import audit, filemodes, imaging
@@ -101,12 +104,29 @@ def audit_pacs(request: Request, db: Any, caller: Caller, action: audit.AuditAct
                        detail=info)
 
 
+PACS_THREADS = 4
+"""PACS calls run at most this many at a time, in threads of their own limiter: a hung PACS (each call waits up to
+its server's timeout) can hold these, never the shared thread pool that sign-in and every other request use."""
+
+
+def _pacs_limiter(request: Request) -> anyio.CapacityLimiter:
+    limiter = getattr(request.app.state, "pacs_limiter", None)
+    if limiter is None:  # created on the event loop, once per app
+        limiter = request.app.state.pacs_limiter = anyio.CapacityLimiter(PACS_THREADS)
+    return limiter
+
+
+async def in_pacs_thread(request: Request, fn: Any) -> Any:
+    """``fn()`` (blocking PACS I/O) in a worker thread under the PACS limiter."""
+    return await anyio.to_thread.run_sync(fn, limiter=_pacs_limiter(request))
+
+
 async def _audited(request: Request, db: Any, caller: Caller, action: audit.AuditAction, server: str,
                    fn: Any, *, study_uid: str | None = None, **detail: Any) -> Any:
     """Run ``fn`` in a thread; audit success or failure (then re-raise for the error handler)."""
     t0 = time.monotonic()
     try:
-        result = await run_in_threadpool(fn)
+        result = await in_pacs_thread(request, fn)
     except (PacsError, ValueError) as e:
         await run_in_threadpool(audit_pacs, request, db, caller, action, server, ok=False, study_uid=study_uid,
                                 error=type(e).__name__, **detail)
@@ -196,26 +216,28 @@ async def pacs_series(request: Request, user: CurrentUser, db: DbDep, server: An
 
 
 @router.get("/pacs/thumbnail")
-async def pacs_thumbnail(request: Request, user: CurrentUser, server: Annotated[str, Query(max_length=32)],
+async def pacs_thumbnail(request: Request, user: CurrentUser, db: DbDep, server: Annotated[str, Query(max_length=32)],
                          study: Annotated[str, Query(max_length=64, pattern=UID)],
                          series: Annotated[str, Query(max_length=64, pattern=UID)],
                          sop: Annotated[str, Query(max_length=64, pattern=UID)]) -> Response:
-    """A server-rendered PNG thumbnail, or, when the server cannot render (WADO-RS ``/rendered`` refused), the
-    instance retrieved and decoded here (same checks as opening it); 404 when neither works. Part of the listing's
-    audit event."""
+    """A server-rendered PNG thumbnail (part of the listing's audit event), or, when the server cannot render
+    (WADO-RS ``/rendered`` refused), the instance retrieved and decoded here (same checks as opening it; a
+    retrieval of the whole image, audited as ``pacs_retrieve``); 404 when neither works."""
     client = pacs_client(request, server)
+    png = await in_pacs_thread(request, lambda: client.thumbnail(study, series, sop, THUMBNAIL_PX))
+    if png is None:
+        def decoded() -> bytes | None:  # the size and modality checks run before the download
+            try:
+                return gray_png(imaging.decode_image(client.retrieve(study, series, sop)).pixels,
+                                longest_side=THUMBNAIL_PX)
+            except imaging.ImagingError:
+                return None
 
-    def thumbnail() -> bytes | None:
-        png = client.thumbnail(study, series, sop, THUMBNAIL_PX)
-        if png is not None:
-            return png
-        try:  # decoded locally: the size and modality checks run before the download
-            return gray_png(imaging.decode_image(client.retrieve(study, series, sop)).pixels,
-                            longest_side=THUMBNAIL_PX)
-        except (PacsError, imaging.ImagingError, ValueError):
-            return None
-
-    png = await run_in_threadpool(thumbnail)
+        try:
+            png = await _audited(request, db, user, audit.AuditAction.PACS_RETRIEVE, server, decoded,
+                                 study_uid=study, purpose="thumbnail")
+        except (PacsError, ValueError):
+            png = None
     if png is None:
         return Response(status_code=404, headers=NO_STORE)
     return Response(png, media_type="image/png", headers=NO_STORE)
