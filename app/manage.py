@@ -10,8 +10,11 @@
                                                    it expires after ``--days`` (default ``VALD_MD_API_TOKEN_DAYS``, 90)
 ``users tokens NAME``                              the user's API tokens: id, name, created, expires, last used, state
 ``users revoke-token NAME TOKEN``                  revoke one token (TOKEN: its id, a 6+ digit id prefix, or its name)
-``audit verify [--anchor [FILE]]``                 recompute the keyed chain and check the signed chain state; with
-                                                   ``--anchor`` also every checkpoint in FILE; exit 1 when broken
+``audit verify [--anchor [FILE]]``                 recompute the keyed chain and check the signed chain state and
+                                                   the triggers of the database as found (nothing is migrated or
+                                                   repaired first), every checkpoint in the default checkpoint
+                                                   file when it exists, with ``--anchor`` also in FILE; exit 1
+                                                   when broken
 ``audit anchor [--to FILE|-]``                     append a signed checkpoint of the head (default: the settings'
                                                    ``audit_anchor_file``; ``-``: standard output, e.g. for syslog)
 ``audit rotate-key``                               add a new audit key to the key file and record the rotation
@@ -112,8 +115,10 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
         settings = _settings(args)
         if args.command == "audit" and args.audit_command == "rotate-key":
             return _rotate_key(settings, stdout)
+        if args.command == "audit" and args.audit_command == "verify":
+            return _verify(settings, args, stdout)
         db = audit.init_db(settings.resolved_database_url, keys=_keys(settings))
-    except (CommandError, ValueError) as e:
+    except (CommandError, ValueError, audit.AuditKeyError) as e:
         sys.stderr.write(f"vald-md {args.command}: {e}\n")
         return EXIT_USAGE
     try:
@@ -263,8 +268,6 @@ def _cli_user() -> str:
 
 
 def _audit(db: Database, settings: Settings, args: argparse.Namespace, stdout: TextIO) -> int:
-    if args.audit_command == "verify":
-        return _verify(db, settings, args, stdout)
     if args.audit_command == "anchor":
         to = args.to or str(settings.resolved_audit_anchor_file)
         point = audit.write_checkpoint(db, stdout if to == "-" else to)
@@ -292,31 +295,79 @@ def _audit(db: Database, settings: Settings, args: argparse.Namespace, stdout: T
     return 0
 
 
-def _verify(db: Database, settings: Settings, args: argparse.Namespace, stdout: TextIO) -> int:
-    anchors: list[audit.Checkpoint] = []
-    where = None
+def _open_as_found(settings: Settings, ring: audit.AuditKeyRing) -> Database:
+    """An engine on the database exactly as it is: no migration, no trigger repair, no chain start-up step."""
+    from sqlalchemy import inspect, make_url
+
+    url = settings.resolved_database_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") and \
+            not Path(str(parsed.database)).expanduser().exists():
+        raise CommandError(f"no database at {parsed.database}: nothing to verify")
+    db = audit.make_engine(url)
+    audit.bind_audit_keys(db, ring)
+    if not {"audit_event", "audit_chain_state"} <= set(inspect(db).get_table_names()):
+        db.dispose()
+        raise CommandError("the database has no keyed audit chain yet (revision 0002): start the server (or run any "
+                           "vald-md users command) once to upgrade it, then verify")
+    return db
+
+
+def _verify(settings: Settings, args: argparse.Namespace, stdout: TextIO) -> int:
+    """Checks the database as found: nothing is migrated, repaired or re-signed before the check.
+
+    Checkpoints: the server's default file whenever it exists, and ``--anchor FILE``. Only after the verdict is
+    printed is the verification itself recorded (``audit_verify``; a chain state that fails its MAC is first
+    recorded as ``audit_tamper_detected``, as on every write).
+    """
+    ring = _keys(settings)
+    db = _open_as_found(settings, ring)
+    try:
+        return _verify_open(db, settings, args, ring, stdout)
+    finally:
+        db.dispose()
+
+
+def _verify_open(db: Database, settings: Settings, args: argparse.Namespace, ring: audit.AuditKeyRing,
+                 stdout: TextIO) -> int:
+    from app.audit.db import missing_triggers
+
+    files: list[str] = []
+    default = settings.resolved_audit_anchor_file
+    if default.exists():
+        files.append(str(default))
     if args.anchor is not None:
-        where = args.anchor or str(settings.resolved_audit_anchor_file)
+        chosen = args.anchor or str(default)
+        if chosen not in files:
+            files.append(chosen)
+    anchors: list[audit.Checkpoint] = []
+    for where in files:
         try:
-            anchors = audit.read_checkpoints(where, audit.keys_for(db))
+            anchors.extend(audit.read_checkpoints(where, ring))
         except audit.AnchorFileError as e:
             stdout.write(f"audit trail NOT VERIFIED: {e}\n")
             _record_verify(db, ok=False, checked=0, first_bad=None, anchors=0)
             return 1
+    with audit.read_session(db) as session:
+        missing = missing_triggers(session.connection())
     result = audit.verify_chain(db, anchors=[a.head for a in anchors])
-    _record_verify(db, ok=result.ok, checked=result.events_checked, first_bad=result.first_bad_seq,
-                   anchors=len(anchors))
     for warning in result.warnings:
         stdout.write(f"warning: {warning}\n")
-    if result.ok:
+    ok = result.ok and not missing
+    if result.ok and missing:
+        stdout.write(f"audit trail BROKEN: append-only trigger(s) missing or altered: {', '.join(missing)} "
+                     "(the next start-up re-creates them and records audit_triggers_restored)\n")
+    elif result.ok:
         head = f", head #{result.head.seq} {result.head.hash}" if result.head else ""
-        pinned = (f"; {len(anchors)} checkpoint(s) in {where} match, the latest at event #{anchors[-1].seq} "
-                  f"({anchors[-1].time:%Y-%m-%d %H:%M:%S} UTC)") if anchors else ""
+        pinned = (f"; {len(anchors)} checkpoint(s) in {', '.join(files)} match, the latest at event "
+                  f"#{anchors[-1].seq} ({anchors[-1].time:%Y-%m-%d %H:%M:%S} UTC)") if anchors else ""
         stdout.write(f"audit trail OK: {result.events_checked} events verified{head}{pinned}\n")
-        return 0
-    stdout.write(f"audit trail BROKEN at event #{result.first_bad_seq}: {result.reason}\n")
-    stdout.write(_describe_event(db, result.first_bad_seq))
-    return 1
+    else:
+        stdout.write(f"audit trail BROKEN at event #{result.first_bad_seq}: {result.reason}\n")
+        stdout.write(_describe_event(db, result.first_bad_seq))
+    _record_verify(db, ok=ok, checked=result.events_checked, first_bad=result.first_bad_seq,
+                   anchors=len(anchors))
+    return 0 if ok else 1
 
 
 def _record_verify(db: Database, *, ok: bool, checked: int, first_bad: int | None, anchors: int) -> None:

@@ -384,6 +384,73 @@ def test_blanked_chain_state_is_not_taken_for_a_new_chain(engine: Engine, db_pat
         restarted.dispose()
 
 
+def _forge_unkeyed_chain(engine: Engine, db_path: Path, *, drop_i: int) -> int:
+    """The review's bypass without the key: delete one event, renumber and re-hash everything with the unkeyed
+    formula of revision 0001 (``key_id`` NULL), make the state row look freshly migrated (unsigned,
+    ``legacy_until`` = ``last_seq`` = N) and put the triggers back exactly. Returns N."""
+    with audit.read_session(engine) as session:
+        rows = list(session.exec(select(AuditEvent).order_by(AuditEvent.seq)).all())
+    keep = [r for r in rows if not (r.action == "view" and r.detail.get("i") == drop_i)]
+    connection = _raw(db_path)
+    triggers = _drop_triggers(connection)
+    connection.execute("DELETE FROM audit_event")
+    previous = audit.GENESIS_HASH
+    for n, row in enumerate(keep, start=1):
+        row.seq, row.key_id = n, None
+        digest = _plain_sha256(row, previous)
+        connection.execute(
+            "INSERT INTO audit_event (seq, id, ts, user_id, username, action, object_type, object_id, outcome, "
+            "event_id_code, event_type_code, event_action_code, detail, prev_hash, hash, key_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            (n, row.id.hex, row.ts.replace(tzinfo=None).isoformat(sep=" "),
+             None if row.user_id is None else row.user_id.hex, row.username, row.action, row.object_type,
+             row.object_id, row.outcome, row.event_id_code, row.event_type_code, row.event_action_code,
+             json.dumps(row.detail), previous, digest))
+        previous = digest
+    connection.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'audit_event'", (len(keep),))
+    connection.execute("UPDATE audit_chain_state SET last_seq = ?, head_hash = ?, legacy_until = ?, "
+                       "schema_fingerprint = '', key_id = NULL, mac = ''", (len(keep), previous, len(keep)))
+    for sql in triggers.values():
+        connection.execute(sql)
+    connection.close()
+    return len(keep)
+
+
+def test_chain_rewritten_unkeyed_and_state_made_to_look_migrated_is_not_signed(
+    engine: Engine, db_path: Path, db_url: str
+) -> None:
+    _events(10, engine)
+    marker = db_path.parent / "secrets" / "audit-keyed"
+    assert marker.read_text().splitlines() == [f"sqlite:{db_path.resolve()}"]  # written when it was keyed
+    n = _forge_unkeyed_chain(engine, db_path, drop_i=5)
+    assert n == 9
+    restarted = audit.init_db(db_url)  # the start-up must not take it for an upgrade from revision 0001
+    try:
+        assert audit.query_events(restarted, action=AuditAction.AUDIT_CHAIN_KEYED) == []
+        [alarm] = audit.query_events(restarted, action=AuditAction.AUDIT_TAMPER_DETECTED)
+        assert alarm.seq == 10 and alarm.detail["check"] == "chain_state_unsigned" and alarm.detail["marker"]
+        result = audit.verify_chain(restarted)
+        assert (result.ok, result.first_bad_seq) == (False, 10), result.reason
+        assert "expected the audit_chain_keyed switch-over" in result.reason
+    finally:
+        restarted.dispose()
+
+
+def test_a_database_the_marker_does_not_list_is_keyed_as_an_upgrade(db_url: str, db_path: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    audit.init_db(f"sqlite:///{other}").dispose()  # same key folder, another database
+    marker = db_path.parent / "secrets" / "audit-keyed"
+    assert marker.read_text().splitlines() == [f"sqlite:{other.resolve()}"]
+    _legacy_database(db_url, 2)
+    engine = audit.init_db(db_url)
+    try:
+        assert [e.action for e in audit.query_events(engine)] == ["audit_chain_keyed", "view", "view"]
+        assert audit.query_events(engine, action=AuditAction.AUDIT_TAMPER_DETECTED) == []
+        assert f"sqlite:{db_path.resolve()}" in marker.read_text().splitlines()
+    finally:
+        engine.dispose()
+
+
 def test_triggers_recreated_by_hand_are_detected(engine: Engine, db_path: Path, db_url: str) -> None:
     _events(5, engine)
     connection = _raw(db_path)

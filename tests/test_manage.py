@@ -137,11 +137,12 @@ def test_audit_anchor_and_verify_against_it_after_the_tail_is_cut(data_dir, monk
     raw.execute("DELETE FROM audit_event WHERE seq > 67")
     raw.close()
     assert vald(data_dir, "audit", "verify", "--anchor", str(elsewhere), monkeypatch=monkeypatch) == 1
-    # the CLI's start-up restores the triggers and records it as event 72, never re-using 68..71
-    assert "BROKEN at event #72: event 72: seq gap, event(s) 68..71 missing" in capsys.readouterr().out
+    # verify checks the database as found (nothing repaired first), then records itself as event 72, never
+    # re-using 68..71; the next start-up restores the triggers and records that as 73
+    assert "BROKEN at event #68: checkpointed event 68 is missing" in capsys.readouterr().out
     db = _db(data_dir)
     assert [(e.seq, e.action) for e in audit.query_events(db, limit=3)] == [
-        (73, "audit_verify"), (72, "audit_triggers_restored"), (67, "view")]
+        (73, "audit_triggers_restored"), (72, "audit_verify"), (67, "view")]
     result = audit.verify_chain(db, anchors=[c.head for c in audit.read_checkpoints(elsewhere, audit.keys_for(db))])
     db.dispose()
     assert not result.ok and result.first_bad_seq == 72
@@ -162,8 +163,12 @@ def test_audit_verify_catches_a_plain_sha256_rehash_and_hand_made_triggers(data_
     for sql in _drop_triggers(raw).values():
         raw.execute(sql)
     raw.close()
-    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 0
-    assert "warning: event 14: audit_triggers_restored" in capsys.readouterr().out
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1  # the database as found
+    assert "schema changed" in capsys.readouterr().out
+    assert vald(data_dir, "users", "list", monkeypatch=monkeypatch) == 0  # a start-up records it...
+    capsys.readouterr()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 0  # ...and verify shows it
+    assert "warning: event 15: audit_triggers_restored" in capsys.readouterr().out
 
     # rewrite event 10 and re-hash it and the rest with the plain SHA-256 formula of revision 0001
     from tests.test_audit import _rewrite_and_rehash
@@ -173,6 +178,48 @@ def test_audit_verify_catches_a_plain_sha256_rehash_and_hand_made_triggers(data_
     db.dispose()
     assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
     assert "BROKEN at event #10: event 10: hash mismatch" in capsys.readouterr().out
+
+
+def test_audit_verify_checks_the_database_as_found_and_never_signs_a_forged_unkeyed_chain(
+        data_dir, monkeypatch, capsys):
+    from tests.test_audit import _forge_unkeyed_chain
+
+    _add_root(data_dir, monkeypatch, capsys)
+    db = _db(data_dir)
+    for i in range(10):
+        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    _forge_unkeyed_chain(db, data_dir / "vald-md.db", drop_i=5)
+    db.dispose()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
+    out = capsys.readouterr().out
+    assert "audit trail BROKEN" in out and "not signed" in out and "audit trail OK" not in out
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1  # and it stays broken
+    assert "BROKEN at event #11" in capsys.readouterr().out
+    assert vald(data_dir, "users", "list", monkeypatch=monkeypatch) == 0  # a start-up does not heal it
+    capsys.readouterr()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
+    assert "expected the audit_chain_keyed switch-over" in capsys.readouterr().out
+    db = _db(data_dir)
+    assert audit.query_events(db, action="audit_chain_keyed") == []
+    db.dispose()
+
+
+def test_audit_verify_checks_the_default_checkpoint_file_when_it_exists(data_dir, monkeypatch, capsys):
+    _add_root(data_dir, monkeypatch, capsys)
+    db = _db(data_dir)
+    for i in range(3):
+        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    db.dispose()
+    assert vald(data_dir, "audit", "anchor", monkeypatch=monkeypatch) == 0  # checkpoint of event 4
+    capsys.readouterr()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 0  # no --anchor: the default file
+    assert "1 checkpoint(s)" in capsys.readouterr().out
+    raw = sqlite3.connect(data_dir / "vald-md.db", isolation_level=None)
+    _drop_triggers(raw)
+    raw.execute("DELETE FROM audit_event WHERE seq > 2")
+    raw.close()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
+    assert "checkpointed event 4 is missing" in capsys.readouterr().out
 
 
 def test_audit_rotate_key(data_dir, monkeypatch, capsys):

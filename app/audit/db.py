@@ -97,6 +97,7 @@ POSTGRESQL_TRIGGERS: dict[str, str] = {
     ),
 }
 _GUARDED_TABLES = ("audit_event", "audit_chain_state")
+_PG_TRIGGER_TABLE = {name: name.rsplit("_no_", 1)[0] for name in POSTGRESQL_TRIGGERS}
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _connection_record: Any) -> None:
@@ -241,6 +242,29 @@ def _sqlite_expected(name: str) -> str:
     return SQLITE_TRIGGERS[name].replace("IF NOT EXISTS ", "", 1)
 
 
+def missing_triggers(connection: Connection) -> list[str]:
+    """Names of the append-only triggers that are missing or altered, read without changing anything.
+
+    SQLite: a trigger whose SQL differs from ours (e.g. ``WHEN 0`` added) counts as altered.
+    """
+    if connection.dialect.name == "postgresql":
+        present = set(
+            connection.execute(
+                text(
+                    "SELECT tgname FROM pg_trigger WHERE tgrelid IN (to_regclass('audit_event'), "
+                    "to_regclass('audit_chain_state')) AND NOT tgisinternal"
+                )
+            ).scalars()
+        )
+        return [name for name in POSTGRESQL_TRIGGERS if name not in present]
+    rows = connection.exec_driver_sql(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+        "AND tbl_name IN ('audit_event', 'audit_chain_state')"
+    ).tuples()
+    present = {name: sql for name, sql in rows}
+    return [name for name in SQLITE_TRIGGERS if present.get(name) != _sqlite_expected(name)]
+
+
 def install_triggers(engine: Engine) -> list[str]:
     """Re-creates any missing (or, on SQLite, altered) append-only trigger of ``audit_event``/``audit_chain_state``.
 
@@ -256,30 +280,17 @@ def install_triggers(engine: Engine) -> list[str]:
     """
     with write_session(engine) as session:
         connection = session.connection()
+        missing = missing_triggers(connection)
         if engine.dialect.name == "postgresql":
-            present = set(
-                connection.execute(
-                    text(
-                        "SELECT tgname FROM pg_trigger WHERE tgrelid IN (to_regclass('audit_event'), "
-                        "to_regclass('audit_chain_state')) AND NOT tgisinternal"
-                    )
-                ).scalars()
-            )
-            missing = [name for name in POSTGRESQL_TRIGGERS if name not in present]
             if missing:
                 connection.execute(text(POSTGRESQL_TRIGGER_FUNCTION))
                 connection.execute(text(POSTGRESQL_STATE_FUNCTION))
             for name in missing:
+                connection.execute(text(f'DROP TRIGGER IF EXISTS "{name}" ON {_PG_TRIGGER_TABLE[name]}'))
                 connection.execute(text(POSTGRESQL_TRIGGERS[name]))
         else:
-            rows = connection.execute(
-                text(
-                    "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
-                    "AND tbl_name IN ('audit_event', 'audit_chain_state')"
-                )
-            ).tuples()
-            present = {name: sql for name, sql in rows}
-            missing = [name for name in SQLITE_TRIGGERS if present.get(name) != _sqlite_expected(name)]
+            present = {name for (name,) in connection.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger'").tuples()}
             for name in missing:
                 if name in present:  # altered (e.g. a WHEN 0 added): replace it with ours
                     connection.exec_driver_sql(f'DROP TRIGGER "{name}"')

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
 from sqlmodel import Session, col, select
 
 from app.audit.chain import (
@@ -30,10 +32,66 @@ from app.audit.chain import (
 )
 from app.audit.db import read_session, schema_fingerprint, write_session
 from app.audit.errors import AuditKeyError
-from app.audit.keys import AuditKeyRing, keys_for
+from app.audit.keys import AuditKeyRing, default_key_path, keys_for
 from app.audit.models import AuditChainState, AuditEvent, Outcome
 
 logger = logging.getLogger("vald_md.audit")
+
+
+# --- which databases this key ring has keyed (outside the database) ----------------------------------------
+
+KEYED_MARKER_NAME = "audit-keyed"
+"""Beside the audit key file: one line per database this key ring has signed a chain state of."""
+
+
+def database_identity(engine: Engine) -> str | None:
+    """Where the database is, as the ``audit-keyed`` marker lists it; ``None`` for an in-memory SQLite database.
+
+    SQLite: ``sqlite:`` + the database file's absolute path. Others: ``backend://host:port/database``.
+    """
+    url = make_url(engine.url.render_as_string(hide_password=False))
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            return None
+        return "sqlite:" + str(Path(str(url.database)).expanduser().resolve())
+    return f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{url.database or ''}"
+
+
+def keyed_marker_path(engine: Engine, ring: AuditKeyRing) -> Path | None:
+    """``<folder of the key file>/audit-keyed``; for ``VALD_MD_AUDIT_KEY`` the SQLite default secrets folder, and
+    ``None`` (no marker) for other databases keyed from the environment."""
+    if ring.path is not None:
+        return ring.path.parent / KEYED_MARKER_NAME
+    default = default_key_path(engine.url.render_as_string(hide_password=False))
+    return None if default is None else default.parent / KEYED_MARKER_NAME
+
+
+def was_keyed(engine: Engine, ring: AuditKeyRing) -> bool:
+    """Whether the marker says this key ring has already signed this database's chain state."""
+    identity, path = database_identity(engine), keyed_marker_path(engine, ring)
+    if identity is None or path is None:
+        return False
+    try:
+        return identity in path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return False
+
+
+def mark_keyed(engine: Engine, ring: AuditKeyRing) -> None:
+    """Adds this database to the marker (``O_APPEND``, mode 0600); a failure is logged, never fatal."""
+    identity, path = database_identity(engine), keyed_marker_path(engine, ring)
+    if identity is None or path is None or was_keyed(engine, ring):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (identity + "\n").encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        logger.warning("could not record in %s that this database's audit chain is keyed: %s", path, exc)
 
 
 # --- opening the chain (init_db) ---------------------------------------------------------------------------
@@ -45,8 +103,11 @@ def open_chain(
     """``init_db``'s chain step, after the migrations and ``install_triggers``, in one write transaction.
 
     1. An unsigned state row (a database just migrated to revision 0002, or a new one) is signed with the current
-       key; if unkeyed events exist, the keyed ``audit_chain_keyed`` switch-over event is appended. An unsigned row
-       beside keyed events is left alone (``verify_chain`` reports it).
+       key; if unkeyed events exist, the keyed ``audit_chain_keyed`` switch-over event is appended. That happens
+       only while nothing says this database was keyed before: an unsigned row beside keyed events, or of a
+       database the ``audit-keyed`` marker beside the key file lists (``mark_keyed``: written whenever a chain
+       state is signed), is recorded as ``audit_tamper_detected`` instead, and no switch-over is written (the
+       forged ``legacy_until`` then fails ``verify_chain``).
     2. Triggers that had to be restored, or a schema that changed since the application last recorded it
        (``found_fingerprint``, taken before the migrations), are recorded as ``audit_triggers_restored``: dropping
        the triggers and re-creating them by hand changes SQLite's ``schema_version``.
@@ -64,11 +125,16 @@ def open_chain(
         recorded = state.schema_fingerprint
         # 1. first use: sign, and mark the switch-over from unkeyed events
         keyed = session.exec(select(AuditEvent.seq).where(col(AuditEvent.key_id).is_not(None)).limit(1)).first()
-        if not state.mac and keyed is not None:
-            # blanked by hand beside keyed events: record it (and re-sign) rather than treat it as a new chain
-            logger.error("audit_chain_state is unsigned although keyed events exist: recorded in the audit trail")
+        keyed_before = not state.mac and was_keyed(engine, ring)
+        if not state.mac and (keyed is not None or keyed_before):
+            # blanked by hand beside keyed events, or a database this key ring keyed before (its events rewritten
+            # with the unkeyed formula?): record it rather than treat it as a new chain or an upgrade
+            logger.error("audit_chain_state is unsigned although this database was keyed before: recorded in the "
+                         "audit trail")
             _append(session, AuditAction.AUDIT_TAMPER_DETECTED, outcome=Outcome.SERIOUS_FAILURE,
-                    detail={"check": "chain_state_unsigned", "found": {"last_seq": state.last_seq}})
+                    detail={"check": "chain_state_unsigned", "keyed_events": keyed is not None,
+                            "marker": keyed_before,
+                            "found": {"last_seq": state.last_seq, "legacy_until": state.legacy_until}})
             recorded = ""
         elif not state.mac:
             state.schema_fingerprint = now_fingerprint
@@ -101,6 +167,7 @@ def open_chain(
             state.schema_fingerprint = now_fingerprint
             sign_state(state, ring)
             session.add(state)
+    mark_keyed(engine, ring)
 
 
 # --- verify ------------------------------------------------------------------------------------------------
@@ -244,8 +311,9 @@ def verify_chain(
     if state is None:
         return bad(head_seq + 1, "the chain state row is missing (deleted by hand?)")
     if not state.mac:
-        return bad(head_seq + 1, "the chain state row is not signed: open the database with init_db (any vald-md "
-                                 "users/audit command or the server does)")
+        return bad(head_seq + 1, "the chain state row is not signed: either a database not yet opened by this "
+                                 "version (start the server once), or the row was blanked or forged by hand (the "
+                                 "start-up then records audit_tamper_detected if this database was keyed before)")
     if not state_ok(state, ring):
         return bad(head_seq + 1, "the chain state row fails its MAC: altered by hand, or signed with a key that is "
                                  "not in the ring")
