@@ -17,6 +17,8 @@
                                                    when broken
 ``audit anchor [--to FILE|-]``                     append a signed checkpoint of the head (default: the settings'
                                                    ``audit_anchor_file``; ``-``: standard output, e.g. for syslog)
+``audit acknowledge SEQ --reason TEXT``            record that an ``audit_tamper_detected`` event was looked into;
+                                                   ``verify`` fails while one is not acknowledged
 ``audit rotate-key``                               add a new audit key to the key file and record the rotation
 ``audit export --csv|--json [--out FILE]``         the events (filters: ``--user --action --since --until``)
 =================================================  ===========================================================
@@ -94,6 +96,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     anc.add_argument("--to", default=None, metavar="FILE",
                      help="checkpoint file (default: VALD_MD_AUDIT_ANCHOR_FILE or <data_dir>/audit-anchors.jsonl); "
                           "'-' writes the line to standard output")
+    ack = asub.add_parser("acknowledge", parents=[common],
+                          help="acknowledge an audit_tamper_detected event after looking into it (audited)")
+    ack.add_argument("seq", type=int, help="the audit_tamper_detected event's number (verify lists them)")
+    ack.add_argument("--reason", required=True, help="what was found, kept in the audit trail (no patient data)")
     asub.add_parser("rotate-key", parents=[common],
                     help="add a new audit key to the key file (old keys stay, to verify old events)")
     ex = asub.add_parser("export", parents=[common], help="export events, oldest first")
@@ -268,6 +274,8 @@ def _cli_user() -> str:
 
 
 def _audit(db: Database, settings: Settings, args: argparse.Namespace, stdout: TextIO) -> int:
+    if args.audit_command == "acknowledge":
+        return _acknowledge(db, args, stdout)
     if args.audit_command == "anchor":
         to = args.to or str(settings.resolved_audit_anchor_file)
         point = audit.write_checkpoint(db, stdout if to == "-" else to)
@@ -292,6 +300,24 @@ def _audit(db: Database, settings: Settings, args: argparse.Namespace, stdout: T
                                "filters": [k for k in ("user", "action", "since", "until") if getattr(args, k)]})
     if args.out:
         sys.stderr.write(f"wrote {args.out}\n")
+    return 0
+
+
+def _acknowledge(db: Database, args: argparse.Namespace, stdout: TextIO) -> int:
+    """Records ``audit_tamper_acknowledged`` naming an ``audit_tamper_detected`` event (signed like every event, so
+    nobody without the audit key can acknowledge one by writing to the database)."""
+    reason = args.reason.strip()
+    if not reason:
+        raise CommandError("--reason is empty: say what was found")
+    with audit.read_session(db) as session:
+        row = session.exec(select(audit.AuditEvent).where(audit.AuditEvent.seq == args.seq)).first()
+    if row is None or row.action != audit.AuditAction.AUDIT_TAMPER_DETECTED.value:
+        raise CommandError(f"event #{args.seq} is not an audit_tamper_detected event (vald-md audit verify lists "
+                           "the unacknowledged ones)")
+    event = audit.append_event(db, audit.AuditAction.AUDIT_TAMPER_ACKNOWLEDGED, username=_cli_user(),
+                               object_type="audit_event", object_id=str(args.seq),
+                               detail={"seq": args.seq, "reason": reason[:500]})
+    stdout.write(f"audit_tamper_detected #{args.seq} acknowledged (event #{event.seq})\n")
     return 0
 
 
@@ -353,10 +379,15 @@ def _verify_open(db: Database, settings: Settings, args: argparse.Namespace, rin
     result = audit.verify_chain(db, anchors=[a.head for a in anchors])
     for warning in result.warnings:
         stdout.write(f"warning: {warning}\n")
-    ok = result.ok and not missing
+    ok = result.ok and not missing and not result.unacknowledged
     if result.ok and missing:
         stdout.write(f"audit trail BROKEN: append-only trigger(s) missing or altered: {', '.join(missing)} "
                      "(the next start-up re-creates them and records audit_triggers_restored)\n")
+    elif result.ok and result.unacknowledged:
+        seqs = ", ".join(f"#{seq}" for seq in result.unacknowledged)
+        stdout.write(f"audit trail NOT OK: the chain verifies ({result.events_checked} events), but tampering was "
+                     f"detected and not yet acknowledged: audit_tamper_detected event(s) {seqs}. Look into each, "
+                     "then record it: vald-md audit acknowledge SEQ --reason TEXT\n")
     elif result.ok:
         head = f", head #{result.head.seq} {result.head.hash}" if result.head else ""
         pinned = (f"; {len(anchors)} checkpoint(s) in {', '.join(files)} match, the latest at event "

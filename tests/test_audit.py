@@ -354,15 +354,43 @@ def test_rewound_chain_state_is_recorded_and_seq_still_not_reused(engine: Engine
 
     event = audit.append_event(engine, AuditAction.APP_START)  # the application notices before it writes
     [alarm] = audit.query_events(engine, action=AuditAction.AUDIT_TAMPER_DETECTED)
-    assert alarm.seq == 4 and alarm.detail["found"] == {"last_seq": 3, "head_seq": 3, "key_id": event.key_id}
-    assert alarm.outcome == Outcome.SERIOUS_FAILURE and event.seq == 5
+    assert alarm.detail["found"] == {"last_seq": 3, "head_seq": 3, "key_id": event.key_id}
+    # 4 and 5 were handed out before (sqlite_sequence remembers): the alarm is 6, never a re-used 4
+    assert alarm.outcome == Outcome.SERIOUS_FAILURE and (alarm.seq, event.seq) == (6, 7)
     restarted = audit.init_db(db_url)  # puts the triggers back, and says so
     try:
         result = audit.verify_chain(restarted)
-        assert result.ok, result.reason
-        assert [w.split()[2] for w in result.warnings] == ["audit_tamper_detected", "audit_triggers_restored"]
+        assert (result.ok, result.first_bad_seq) == (False, 6) and "4..5 missing" in result.reason
     finally:
         restarted.dispose()
+
+
+def test_tail_deleted_and_state_rewound_and_blanked_never_reuses_a_seq(engine: Engine, db_path: Path) -> None:
+    _events(10, engine)
+    connection = _raw(db_path)
+    _drop_triggers(connection)
+    connection.execute("DELETE FROM audit_event WHERE seq > 5")
+    connection.execute("UPDATE audit_chain_state SET last_seq = 5, head_hash = (SELECT hash FROM audit_event "
+                       "WHERE seq = 5), mac = '', key_id = NULL")
+    connection.close()
+    event = audit.append_event(engine, AuditAction.APP_START)
+    [alarm] = audit.query_events(engine, action=AuditAction.AUDIT_TAMPER_DETECTED)
+    assert (alarm.seq, event.seq) == (11, 12)
+    result = audit.verify_chain(engine)
+    assert (result.ok, result.first_bad_seq) == (False, 11) and "6..10 missing" in result.reason
+
+
+def test_unacknowledged_tamper_alarms_are_listed_until_acknowledged(engine: Engine, db_path: Path) -> None:
+    _events(3, engine)
+    connection = _raw(db_path)  # the triggers allow it: the mark does not move back
+    connection.execute("UPDATE audit_chain_state SET mac = 'tampered'")
+    connection.close()
+    audit.append_event(engine, AuditAction.APP_START)
+    result = audit.verify_chain(engine)
+    assert result.ok and result.unacknowledged == (4,)
+    audit.append_event(engine, AuditAction.AUDIT_TAMPER_ACKNOWLEDGED, username="cli:root",
+                       detail={"seq": 4, "reason": "test"})
+    assert audit.verify_chain(engine).unacknowledged == ()
 
 
 def test_blanked_chain_state_is_not_taken_for_a_new_chain(engine: Engine, db_path: Path, db_url: str) -> None:

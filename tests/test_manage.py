@@ -222,6 +222,54 @@ def test_audit_verify_checks_the_default_checkpoint_file_when_it_exists(data_dir
     assert "checkpointed event 4 is missing" in capsys.readouterr().out
 
 
+def test_audit_verify_after_a_cut_tail_and_a_blanked_state_reuses_no_seq_and_repairs_nothing(
+        data_dir, monkeypatch, capsys):
+    _add_root(data_dir, monkeypatch, capsys)
+    db = _db(data_dir)
+    for i in range(9):
+        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    db.dispose()
+    raw = sqlite3.connect(data_dir / "vald-md.db", isolation_level=None)
+    _drop_triggers(raw)
+    raw.execute("DELETE FROM audit_event WHERE seq > 5")
+    raw.execute("UPDATE audit_chain_state SET last_seq = 5, head_hash = (SELECT hash FROM audit_event "
+                "WHERE seq = 5), mac = '', key_id = NULL")
+    raw.close()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
+    assert "BROKEN at event #6: the chain state row is not signed" in capsys.readouterr().out
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
+    assert "BROKEN at event #11: event 11: seq gap, event(s) 6..10 missing" in capsys.readouterr().out
+    db = _db(data_dir)
+    assert [(e.seq, e.action) for e in audit.query_events(db, limit=5)][::-1] == [
+        (5, "view"), (11, "audit_tamper_detected"), (12, "audit_verify"), (13, "audit_verify"),
+        (14, "audit_triggers_restored")]
+    db.dispose()
+
+
+def test_audit_verify_fails_until_a_tamper_alarm_is_acknowledged(data_dir, monkeypatch, capsys):
+    _add_root(data_dir, monkeypatch, capsys)
+    raw = sqlite3.connect(data_dir / "vald-md.db", isolation_level=None)
+    _drop_triggers(raw)
+    raw.execute("UPDATE audit_chain_state SET mac = '', key_id = NULL")  # blanked beside keyed events
+    raw.close()
+    assert vald(data_dir, "users", "list", monkeypatch=monkeypatch) == 0  # start-up: alarm #2, triggers back #3
+    capsys.readouterr()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
+    out = capsys.readouterr().out
+    assert "warning: event 2: audit_tamper_detected" in out and "not yet acknowledged" in out and "#2" in out
+    assert vald(data_dir, "audit", "acknowledge", "3", "--reason", "x", monkeypatch=monkeypatch) == 2
+    assert "not an audit_tamper_detected event" in capsys.readouterr().err
+    assert vald(data_dir, "audit", "acknowledge", "2", "--reason", "drill by the admin, ticket 42",
+                monkeypatch=monkeypatch) == 0
+    assert "acknowledged" in capsys.readouterr().out
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 0
+    assert "audit trail OK" in capsys.readouterr().out
+    db = _db(data_dir)
+    [ack] = audit.query_events(db, action="audit_tamper_acknowledged")
+    assert ack.detail == {"seq": 2, "reason": "drill by the admin, ticket 42"} and ack.username.startswith("cli:")
+    db.dispose()
+
+
 def test_audit_rotate_key(data_dir, monkeypatch, capsys):
     _add_root(data_dir, monkeypatch, capsys)
     assert vald(data_dir, "audit", "rotate-key", monkeypatch=monkeypatch) == 0

@@ -15,7 +15,7 @@ Hash chain (keyed)
     event after it fails verification.
 
 Sequence numbers and the chain state
-    ``seq`` = max(``audit_chain_state.last_seq``, head) + 1 under the write lock, and ``last_seq`` never goes down
+    ``seq`` = max(``audit_chain_state.last_seq``, head, on SQLite ``sqlite_sequence``) + 1 under the write lock, and ``last_seq`` never goes down
     (a trigger), so no number is handed out twice: a deleted tail leaves a gap. The state row also holds the head's
     hash and the schema fingerprint the application last saw, under an HMAC (``state_mac``); ``verify_chain``
     compares it with the events, so cutting rows off the end is reported without an external copy. A state row
@@ -51,6 +51,7 @@ DICOM PS3.15 mapping (A.5.1: EventID, EventTypeCode, EventActionCode; codes of s
     audit_chain_keyed         110113 Security Alert                110129 Security Configuration              E
     audit_key_rotated         110113 Security Alert                110129 Security Configuration              U
     audit_tamper_detected     110113 Security Alert                110129 Security Configuration              E
+    audit_tamper_acknowledged 110113 Security Alert                110129 Security Configuration              E
     audit_anchor              110101 Audit Log Used                --                                         E
     ========================  ===================================  =========================================  ===
 
@@ -126,6 +127,7 @@ class AuditAction(StrEnum):
     AUDIT_CHAIN_KEYED = "audit_chain_keyed"
     AUDIT_KEY_ROTATED = "audit_key_rotated"
     AUDIT_TAMPER_DETECTED = "audit_tamper_detected"
+    AUDIT_TAMPER_ACKNOWLEDGED = "audit_tamper_acknowledged"
     AUDIT_ANCHOR = "audit_anchor"
     PACS_QUERY = "pacs_query"
     PACS_RETRIEVE = "pacs_retrieve"
@@ -181,6 +183,7 @@ DICOM_EVENT_CODES: dict[AuditAction, DicomEventCodes] = {
     AuditAction.AUDIT_CHAIN_KEYED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "E"),
     AuditAction.AUDIT_KEY_ROTATED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "U"),
     AuditAction.AUDIT_TAMPER_DETECTED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "E"),
+    AuditAction.AUDIT_TAMPER_ACKNOWLEDGED: DicomEventCodes(*_SECURITY, "110129", "Security Configuration", "E"),
     AuditAction.AUDIT_ANCHOR: DicomEventCodes(*_AUDIT_LOG, *_NONE, "E"),
     AuditAction.PACS_QUERY: DicomEventCodes("110112", "Query", *_NONE, "E"),
     AuditAction.PACS_RETRIEVE: DicomEventCodes("110107", "Import", *_NONE, "C"),
@@ -209,6 +212,8 @@ class VerifyResult:
         head: the last event read, for anchoring.
         warnings: things an auditor should look at even when the chain verifies: the security alerts recorded in
             it (``audit_triggers_restored``, ``audit_tamper_detected``), by ``seq``.
+        unacknowledged: ``seq`` of every ``audit_tamper_detected`` event that no verified
+            ``audit_tamper_acknowledged`` event names (``vald-md audit verify`` fails while there is one).
     """
 
     ok: bool
@@ -217,6 +222,7 @@ class VerifyResult:
     reason: str
     head: ChainHead | None = None
     warnings: tuple[str, ...] = ()
+    unacknowledged: tuple[int, ...] = ()
 
 
 # --- canonical form ----------------------------------------------------------------------------------------
@@ -332,6 +338,16 @@ def _check_detail(value: Any, path: str = "detail") -> None:
 # --- append ------------------------------------------------------------------------------------------------
 
 
+def _sqlite_high_water(session: Session) -> int:
+    """On SQLite, the highest ``seq`` ever inserted (``sqlite_sequence``, kept by AUTOINCREMENT): a tail deleted
+    together with a rewound, blanked state row still does not give its numbers out again. 0 elsewhere."""
+    if session.get_bind().dialect.name != "sqlite":
+        return 0
+    used = session.connection().exec_driver_sql(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'audit_event'").scalar()
+    return int(used or 0)
+
+
 def _append(
     session: Session,
     action: AuditAction | str,
@@ -374,7 +390,7 @@ def _append(
         head_seq, prev_hash = state.last_seq, state.head_hash
     codes = DICOM_EVENT_CODES[action]
     event = AuditEvent(
-        seq=max(state.last_seq, head_seq) + 1,
+        seq=max(state.last_seq, head_seq, _sqlite_high_water(session)) + 1,
         id=uuid.uuid4(),
         ts=now or utc_now(),
         user_id=user.id if user is not None else None,

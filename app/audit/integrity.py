@@ -261,6 +261,8 @@ def verify_chain(
     expected_seq, expected_prev = 1, GENESIS_HASH
     head: ChainHead | None = None
     warnings: list[str] = []
+    alarms: list[int] = []
+    acknowledged: set[int] = set()
 
     def bad(seq: int, reason: str) -> VerifyResult:
         return VerifyResult(False, checked, seq, reason, head, tuple(warnings))
@@ -299,6 +301,11 @@ def verify_chain(
                     return bad(seq, f"event {seq}: differs from the checkpoint (rewritten, or its seq re-used)")
                 if row.action in _ALERTS:
                     warnings.append(f"event {seq}: {row.action} {canonical_json(row.detail)}")
+                if row.action == AuditAction.AUDIT_TAMPER_DETECTED.value:
+                    alarms.append(seq)
+                elif row.action == AuditAction.AUDIT_TAMPER_ACKNOWLEDGED.value and isinstance(
+                        row.detail.get("seq"), int):
+                    acknowledged.add(row.detail["seq"])
                 head = ChainHead(seq, row.hash)
                 expected_seq, expected_prev = seq + 1, row.hash
         fingerprint = schema_fingerprint(session.connection())
@@ -326,4 +333,5 @@ def verify_chain(
     if state.schema_fingerprint and state.schema_fingerprint != fingerprint:
         return bad(head_seq, "the database schema changed since the application last recorded it (triggers "
                              "dropped and re-created by hand?); restart the server to record it")
-    return VerifyResult(True, checked, None, "", head, tuple(warnings))
+    return VerifyResult(True, checked, None, "", head, tuple(warnings),
+                        tuple(seq for seq in alarms if seq not in acknowledged))
