@@ -435,8 +435,30 @@ class CounterfactualEngine:
         w = sd_rgb.mean(1)[:c] if c <= 4 else np.full(c, 1.0 / c, dtype=np.float32)
         return np.concatenate([w, [0.5]]).astype(np.float32)
 
+    def predicted_clean(self, latents: torch.Tensor, timestep: Any) -> torch.Tensor:
+        """The clean latent the sampler currently predicts for ``latents`` (just stepped from ``timestep``), for the
+        live preview: PNDM from its last noise prediction (``x0 = (x - sqrt(1 - a) eps) / sqrt(a)`` at the level
+        the step reached), DPM-Solver++ from its last data prediction; other samplers: ``latents`` unchanged (the
+        noisy latent). Shapes as ``latents``."""
+        sched = self.pipe.scheduler
+        ets = getattr(sched, "ets", None)
+        if ets:
+            eps = ets[-1].to(latents.dtype)
+            if eps.shape != latents.shape:
+                return latents
+            stride = sched.config.num_train_timesteps // max(1, int(sched.num_inference_steps or 1))
+            t = int(timestep) - stride
+            a = (sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod).to(latents.dtype)
+            return (latents - (1 - a).sqrt() * eps) / a.sqrt()
+        outputs = getattr(sched, "model_outputs", None)
+        if getattr(sched.config, "algorithm_type", "") == "dpmsolver++" and outputs and outputs[-1] is not None:
+            x0 = outputs[-1]
+            return x0.to(latents.dtype) if x0.shape == latents.shape else latents
+        return latents
+
     def preview(self, latents: torch.Tensor) -> np.ndarray:
-        """Cheap preview of the current latent: a linear latent->gray projection, float32 (h, w) in [0, 1]."""
+        """Cheap preview of a latent (the predicted clean one during generation, see :meth:`predicted_clean`): a
+        linear latent->gray projection, float32 (h, w) in [0, 1]."""
         z = latents[0].float().cpu().numpy() / float(self.pipe.vae.config.scaling_factor)
         img = np.tensordot(self._preview_proj[:-1], z, axes=(0, 0)) + self._preview_proj[-1]
         return np.clip(img, 0.0, 1.0).astype(np.float32)
@@ -562,7 +584,7 @@ class CounterfactualEngine:
                     # evaluation i + 1 of n_calls as a denoising step of n_eff (the form's "effective steps"):
                     # PNDM's one extra evaluation reports the last step again rather than a step n_eff + 1
                     progress(min(i + 1, n_eff or n_calls), n_eff or n_calls, now - t_start,
-                             self.preview(kw["latents"]))
+                             self.preview(self.predicted_clean(kw["latents"], t_step)))
                 return kw
 
             if cancel is not None and cancel.is_set():

@@ -101,6 +101,30 @@ def test_preview_is_cheap_and_in_range(tiny):
     assert previews[0].shape == (16, 16) and 0 <= previews[0].min() and previews[0].max() <= 1
 
 
+def test_preview_shows_the_predicted_clean_latent_not_the_noisy_one(tiny):
+    """PNDM: x0 = (x - sqrt(1 - a) eps) / sqrt(a) from the sampler's last noise prediction, at the level the step
+    reached; a sampler without a stored prediction previews the latent itself."""
+    import torch
+
+    tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=0)  # leaves the PNDM scheduler set up
+    sched = tiny.pipe.scheduler
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    stride = sched.config.num_train_timesteps // sched.num_inference_steps
+    t = 501
+    a = sched.alphas_cumprod[t - stride]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    saved = sched.ets
+    try:
+        sched.ets = [eps]
+        torch.testing.assert_close(tiny.predicted_clean(xt, t), x0, rtol=1e-4, atol=1e-4)
+        assert not np.allclose(tiny.preview(tiny.predicted_clean(xt, t)), tiny.preview(xt))
+        sched.ets = []
+        assert torch.equal(tiny.predicted_clean(xt, t), xt)  # nothing predicted yet: the latent itself
+    finally:
+        sched.ets = saved
+
+
 @pytest.mark.parametrize("kwargs,fragment", [
     ({"strength": 0.0}, "strength=0.0"), ({"strength": 1.5}, "strength=1.5"), ({"guidance_scale": 0.5}, "guidance"),
     ({"steps": 0}, "steps=0"), ({"samples": 0}, "samples=0"), ({"scheduler": "foo"}, "scheduler='foo'"),
