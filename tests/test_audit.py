@@ -32,6 +32,7 @@ from sqlmodel import SQLModel, select
 from app import audit
 from app.audit import (
     AuditAction,
+    AuditChainState,
     AuditDetailError,
     AuditEvent,
     Outcome,
@@ -40,6 +41,7 @@ from app.audit import (
     User,
     UserSession,
 )
+from app.audit.db import POSTGRESQL_TRIGGERS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery staple"
@@ -499,6 +501,47 @@ def test_triggers_recreated_by_hand_are_detected(engine: Engine, db_path: Path, 
         assert result.warnings == (f"event 6: audit_triggers_restored {audit.canonical_json(event.detail)}",)
     finally:
         restarted.dispose()
+
+
+class _FakePgResult:
+    def __init__(self, rows: list[tuple[object, ...]]) -> None:
+        self.rows = rows
+
+    def tuples(self) -> list[tuple[object, ...]]:
+        return self.rows
+
+    def scalars(self) -> list[object]:
+        return [row[0] for row in self.rows]
+
+
+class _FakePgConnection:
+    """Stands in for a PostgreSQL connection: answers every query with ``rows`` and remembers the SQL."""
+
+    class dialect:  # noqa: N801 - mimics Connection.dialect
+        name = "postgresql"
+
+    def __init__(self, rows: list[tuple[object, ...]]) -> None:
+        self.rows, self.sql = rows, []
+
+    def execute(self, statement: object, *args: object) -> _FakePgResult:
+        self.sql.append(str(statement))
+        return _FakePgResult(self.rows)
+
+
+def _pg_trigger_rows(oid_base: int) -> list[tuple[object, ...]]:
+    return [(name, oid_base + i) for i, name in enumerate(sorted(POSTGRESQL_TRIGGERS))]
+
+
+def test_postgresql_schema_fingerprint_fits_the_column_with_large_oids() -> None:
+    from app.audit.db import fingerprint_kind, schema_fingerprint
+
+    small = schema_fingerprint(_FakePgConnection(_pg_trigger_rows(16_384)))  # type: ignore[arg-type]
+    large = schema_fingerprint(_FakePgConnection(_pg_trigger_rows(4_294_967_000)))  # type: ignore[arg-type]
+    column = AuditChainState.__table__.c.schema_fingerprint.type.length  # type: ignore[attr-defined]
+    assert large.startswith("postgresql:sha256:") and len(large) == len(small) == 18 + 64 <= column
+    assert small != large  # still changes when a trigger is re-created (new OID)
+    # a list stored before the digest is of another kind: recorded anew at start-up, not reported as a change
+    assert fingerprint_kind("postgresql:audit_event_no_update=16385") != fingerprint_kind(large)
 
 
 def test_altered_trigger_is_replaced(engine: Engine, db_path: Path) -> None:

@@ -303,7 +303,7 @@ def schema_fingerprint(connection: Connection) -> str:
 
     SQLite: ``PRAGMA schema_version`` (SQLite adds one on every schema change, so a trigger dropped and
     re-created identically still moves it) and a SHA-256 of every object's SQL in ``sqlite_master``.
-    PostgreSQL: the names and OIDs of the guarding triggers (a re-created trigger gets a new OID).
+    PostgreSQL: a SHA-256 of the names and OIDs of the guarding triggers (a re-created trigger gets a new OID).
 
     Args:
         connection: any connection to the database.
@@ -318,13 +318,25 @@ def schema_fingerprint(connection: Connection) -> str:
                 "to_regclass('audit_chain_state')) AND NOT tgisinternal ORDER BY tgname"
             )
         ).tuples()
-        return "postgresql:" + ",".join(f"{name}={oid}" for name, oid in rows)
+        material = ",".join(f"{name}={oid}" for name, oid in rows)
+        # a digest: six name=oid pairs outgrow audit_chain_state.schema_fingerprint (String(200)) once OIDs have
+        # six digits; 18 + 64 characters fit any column length
+        return "postgresql:sha256:" + hashlib.sha256(material.encode("utf-8")).hexdigest()
     version = connection.exec_driver_sql("PRAGMA schema_version").scalar()
     objects = connection.exec_driver_sql(
         "SELECT type, name, coalesce(sql, '') FROM sqlite_master ORDER BY type, name"
     ).tuples()
     digest = hashlib.sha256("\x00".join("\x01".join(row) for row in objects).encode()).hexdigest()[:16]
     return f"sqlite:{version}:{digest}"
+
+
+def fingerprint_kind(fingerprint: str) -> str:
+    """The format of a schema fingerprint (``sqlite``, ``postgresql:sha256``, ``postgresql:v0`` for the plain
+    ``name=oid`` list stored before the digest). Fingerprints of different kinds are not compared: the first
+    start-up after an upgrade of the format records the new one instead of reporting a schema change."""
+    if fingerprint.startswith("postgresql:sha256:"):
+        return "postgresql:sha256"
+    return fingerprint.split(":", 1)[0] if not fingerprint.startswith("postgresql:") else "postgresql:v0"
 
 
 def _ensure_sqlite_directory(database_url: str) -> None:

@@ -30,7 +30,7 @@ from app.audit.chain import (
     sign_state,
     state_ok,
 )
-from app.audit.db import read_session, schema_fingerprint, write_session
+from app.audit.db import fingerprint_kind, read_session, schema_fingerprint, write_session
 from app.audit.errors import AuditKeyError
 from app.audit.keys import AuditKeyRing, default_key_path, keys_for
 from app.audit.models import AuditChainState, AuditEvent, Outcome
@@ -151,7 +151,8 @@ def open_chain(
                 "back before the new one"
             )
         # 2. triggers restored, or the schema changed behind the application's back
-        schema_changed = bool(recorded) and recorded != found_fingerprint
+        schema_changed = (bool(recorded) and fingerprint_kind(recorded) == fingerprint_kind(found_fingerprint)
+                          and recorded != found_fingerprint)
         if restored_triggers or schema_changed:
             if schema_changed:
                 logger.warning("the audit database's schema changed while the application was not looking "
@@ -330,7 +331,8 @@ def verify_chain(
     if state.last_seq < head_seq or state.head_hash != (head.hash if head is not None else GENESIS_HASH):
         return bad(head_seq, f"event {head_seq}: not the head the chain state recorded (written around the "
                              "application?)")
-    if state.schema_fingerprint and state.schema_fingerprint != fingerprint:
+    if state.schema_fingerprint and fingerprint_kind(state.schema_fingerprint) == fingerprint_kind(fingerprint) \
+            and state.schema_fingerprint != fingerprint:
         return bad(head_seq, "the database schema changed since the application last recorded it (triggers "
                              "dropped and re-created by hand?); restart the server to record it")
     return VerifyResult(True, checked, None, "", head, tuple(warnings),
