@@ -17,8 +17,9 @@
                                                    when broken
 ``audit anchor [--to FILE|-]``                     append a signed checkpoint of the head (default: the settings'
                                                    ``audit_anchor_file``; ``-``: standard output, e.g. for syslog)
-``audit acknowledge SEQ --reason TEXT``            record that an ``audit_tamper_detected`` event was looked into;
-                                                   ``verify`` fails while one is not acknowledged
+``audit acknowledge SEQ --reason TEXT``            record that an ``audit_tamper_detected`` (``verify`` fails while
+                                                   one is not acknowledged) or ``audit_triggers_restored`` event
+                                                   (e.g. a VACUUM) was looked into
 ``audit rotate-key``                               add a new audit key to the key file and record the rotation
 ``audit export --csv|--json [--out FILE]``         the events (filters: ``--user --action --since --until``)
 =================================================  ===========================================================
@@ -97,8 +98,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                      help="checkpoint file (default: VALD_MD_AUDIT_ANCHOR_FILE or <data_dir>/audit-anchors.jsonl); "
                           "'-' writes the line to standard output")
     ack = asub.add_parser("acknowledge", parents=[common],
-                          help="acknowledge an audit_tamper_detected event after looking into it (audited)")
-    ack.add_argument("seq", type=int, help="the audit_tamper_detected event's number (verify lists them)")
+                          help="acknowledge an audit_tamper_detected (or audit_triggers_restored) event after "
+                               "looking into it (audited)")
+    ack.add_argument("seq", type=int, help="the event's number (verify lists them as warnings)")
     ack.add_argument("--reason", required=True, help="what was found, kept in the audit trail (no patient data)")
     asub.add_parser("rotate-key", parents=[common],
                     help="add a new audit key to the key file (old keys stay, to verify old events)")
@@ -304,16 +306,18 @@ def _audit(db: Database, settings: Settings, args: argparse.Namespace, stdout: T
 
 
 def _acknowledge(db: Database, args: argparse.Namespace, stdout: TextIO) -> int:
-    """Records ``audit_tamper_acknowledged`` naming an ``audit_tamper_detected`` event (signed like every event, so
-    nobody without the audit key can acknowledge one by writing to the database)."""
+    """Records ``audit_tamper_acknowledged`` naming an ``audit_tamper_detected`` (or ``audit_triggers_restored``,
+    e.g. after a VACUUM) event; signed like every event, so nobody without the audit key can acknowledge one by
+    writing to the database."""
     reason = args.reason.strip()
     if not reason:
         raise CommandError("--reason is empty: say what was found")
     with audit.read_session(db) as session:
         row = session.exec(select(audit.AuditEvent).where(audit.AuditEvent.seq == args.seq)).first()
-    if row is None or row.action != audit.AuditAction.AUDIT_TAMPER_DETECTED.value:
-        raise CommandError(f"event #{args.seq} is not an audit_tamper_detected event (vald-md audit verify lists "
-                           "the unacknowledged ones)")
+    alerts = (audit.AuditAction.AUDIT_TAMPER_DETECTED.value, audit.AuditAction.AUDIT_TRIGGERS_RESTORED.value)
+    if row is None or row.action not in alerts:
+        raise CommandError(f"event #{args.seq} is not an audit_tamper_detected or audit_triggers_restored event "
+                           "(vald-md audit verify lists them as warnings)")
     event = audit.append_event(db, audit.AuditAction.AUDIT_TAMPER_ACKNOWLEDGED, username=_cli_user(),
                                object_type="audit_event", object_id=str(args.seq),
                                detail={"seq": args.seq, "reason": reason[:500]})

@@ -200,7 +200,8 @@ def test_forged_row_is_named_and_the_triggers_come_back(engine: Engine, db_path:
     try:
         assert audit.install_triggers(restarted) == []
         [event] = audit.query_events(restarted, action=AuditAction.AUDIT_TRIGGERS_RESTORED)
-        assert event.detail == {"triggers": ["audit_event_no_update", "audit_event_no_delete"], "schema_changed": True}
+        assert event.detail["triggers"] == ["audit_event_no_update", "audit_event_no_delete"]
+        assert event.detail["schema_changed"]
         assert event.event_id_code == "110113"
     finally:
         restarted.dispose()
@@ -495,10 +496,37 @@ def test_triggers_recreated_by_hand_are_detected(engine: Engine, db_path: Path, 
     restarted = audit.init_db(db_url)  # start-up records it
     try:
         [event] = audit.query_events(restarted, action=AuditAction.AUDIT_TRIGGERS_RESTORED)
-        assert event.seq == 6 and event.detail == {"triggers": [], "schema_changed": True}
+        assert event.seq == 6 and event.detail["triggers"] == [] and event.detail["schema_changed"]
+        before, after = event.detail["schema_version"]
+        assert after - before == 8 and event.detail["sql_unchanged"]  # 4 drops + 4 creates; same SQL
         result = audit.verify_chain(restarted)
         assert result.ok
         assert result.warnings == (f"event 6: audit_triggers_restored {audit.canonical_json(event.detail)}",)
+    finally:
+        restarted.dispose()
+
+
+def test_vacuum_is_reported_as_a_schema_change_with_the_way_to_record_and_acknowledge_it(
+    engine: Engine, db_path: Path, db_url: str
+) -> None:
+    _events(2, engine)
+    connection = _raw(db_path)
+    connection.execute("VACUUM")  # moves PRAGMA schema_version like a re-created trigger would
+    connection.close()
+    result = audit.verify_chain(engine)
+    assert not result.ok and "schema changed" in result.reason and "VACUUM" in result.reason
+    assert "vald-md audit acknowledge" in result.reason
+    restarted = audit.init_db(db_url)
+    try:
+        [event] = audit.query_events(restarted, action=AuditAction.AUDIT_TRIGGERS_RESTORED)
+        before, after = event.detail["schema_version"]
+        assert (after - before, event.detail["sql_unchanged"], event.detail["triggers"]) == (1, True, [])
+        result = audit.verify_chain(restarted)
+        assert result.ok and result.unacknowledged == () and len(result.warnings) == 1
+        audit.append_event(restarted, AuditAction.AUDIT_TAMPER_ACKNOWLEDGED, username="cli:root",
+                           detail={"seq": event.seq, "reason": "VACUUM by the admin"})
+        [warning] = audit.verify_chain(restarted).warnings
+        assert warning.endswith(f"(acknowledged in event {event.seq + 1})")
     finally:
         restarted.dispose()
 

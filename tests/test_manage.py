@@ -257,8 +257,8 @@ def test_audit_verify_fails_until_a_tamper_alarm_is_acknowledged(data_dir, monke
     assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
     out = capsys.readouterr().out
     assert "warning: event 2: audit_tamper_detected" in out and "not yet acknowledged" in out and "#2" in out
-    assert vald(data_dir, "audit", "acknowledge", "3", "--reason", "x", monkeypatch=monkeypatch) == 2
-    assert "not an audit_tamper_detected event" in capsys.readouterr().err
+    assert vald(data_dir, "audit", "acknowledge", "1", "--reason", "x", monkeypatch=monkeypatch) == 2
+    assert "not an audit_tamper_detected or audit_triggers_restored event" in capsys.readouterr().err
     assert vald(data_dir, "audit", "acknowledge", "2", "--reason", "drill by the admin, ticket 42",
                 monkeypatch=monkeypatch) == 0
     assert "acknowledged" in capsys.readouterr().out
@@ -268,6 +268,24 @@ def test_audit_verify_fails_until_a_tamper_alarm_is_acknowledged(data_dir, monke
     [ack] = audit.query_events(db, action="audit_tamper_acknowledged")
     assert ack.detail == {"seq": 2, "reason": "drill by the admin, ticket 42"} and ack.username.startswith("cli:")
     db.dispose()
+
+
+def test_audit_verify_after_a_vacuum_says_so_and_how_to_acknowledge_it(data_dir, monkeypatch, capsys):
+    _add_root(data_dir, monkeypatch, capsys)
+    raw = sqlite3.connect(data_dir / "vald-md.db", isolation_level=None)
+    raw.execute("VACUUM")
+    raw.close()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
+    out = capsys.readouterr().out
+    assert "schema changed" in out and "VACUUM" in out and "vald-md audit acknowledge SEQ" in out
+    assert vald(data_dir, "users", "list", monkeypatch=monkeypatch) == 0  # start-up records it as event 3
+    capsys.readouterr()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 0
+    assert "warning: event 3: audit_triggers_restored" in capsys.readouterr().out
+    assert vald(data_dir, "audit", "acknowledge", "3", "--reason", "nightly VACUUM", monkeypatch=monkeypatch) == 0
+    capsys.readouterr()
+    assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 0
+    assert "(acknowledged in event 5)" in capsys.readouterr().out
 
 
 def test_audit_rotate_key(data_dir, monkeypatch, capsys):

@@ -97,6 +97,17 @@ def mark_keyed(engine: Engine, ring: AuditKeyRing) -> None:
 # --- opening the chain (init_db) ---------------------------------------------------------------------------
 
 
+def _fingerprint_change(recorded: str, found: str) -> dict[str, object]:
+    """For the admin who has to tell a VACUUM from a hand-made trigger: SQLite's schema_version before/after and
+    whether every object's SQL is unchanged (a VACUUM: +1 and unchanged; re-creating k triggers: +2k, also
+    unchanged when re-created identically, so this is a hint, not a proof)."""
+    old, new = recorded.split(":"), found.split(":")
+    if len(old) != 3 or len(new) != 3 or old[0] != "sqlite" or new[0] != "sqlite":
+        return {}
+    return {"schema_version": [int(old[1]), int(new[1])], "sql_unchanged": old[2] == new[2]}
+
+
+
 def open_chain(
     engine: Engine, ring: AuditKeyRing, *, found_fingerprint: str, restored_triggers: Sequence[str] = ()
 ) -> None:
@@ -157,8 +168,10 @@ def open_chain(
             if schema_changed:
                 logger.warning("the audit database's schema changed while the application was not looking "
                                "(triggers dropped and re-created by hand?); recorded in the audit trail")
-            _append(session, AuditAction.AUDIT_TRIGGERS_RESTORED, detail={
-                "triggers": list(restored_triggers), "schema_changed": schema_changed})
+            detail: dict[str, object] = {"triggers": list(restored_triggers), "schema_changed": schema_changed}
+            if schema_changed:
+                detail.update(_fingerprint_change(recorded, found_fingerprint))
+            _append(session, AuditAction.AUDIT_TRIGGERS_RESTORED, detail=detail)
         # 3. rotation
         if state.key_id != ring.current_id:
             _append(session, AuditAction.AUDIT_KEY_ROTATED, detail={
@@ -261,12 +274,16 @@ def verify_chain(
     checked = 0
     expected_seq, expected_prev = 1, GENESIS_HASH
     head: ChainHead | None = None
-    warnings: list[str] = []
+    alerts: list[tuple[int, str]] = []
     alarms: list[int] = []
-    acknowledged: set[int] = set()
+    acknowledged: dict[int, int] = {}
+
+    def noted() -> tuple[str, ...]:
+        return tuple(text + (f" (acknowledged in event {acknowledged[seq]})" if seq in acknowledged else "")
+                     for seq, text in alerts)
 
     def bad(seq: int, reason: str) -> VerifyResult:
-        return VerifyResult(False, checked, seq, reason, head, tuple(warnings))
+        return VerifyResult(False, checked, seq, reason, head, noted())
 
     with read_session(engine) as session:
         state = session.get(AuditChainState, 1)
@@ -301,12 +318,12 @@ def verify_chain(
                 if seq in pinned and row.hash != pinned[seq]:
                     return bad(seq, f"event {seq}: differs from the checkpoint (rewritten, or its seq re-used)")
                 if row.action in _ALERTS:
-                    warnings.append(f"event {seq}: {row.action} {canonical_json(row.detail)}")
+                    alerts.append((seq, f"event {seq}: {row.action} {canonical_json(row.detail)}"))
                 if row.action == AuditAction.AUDIT_TAMPER_DETECTED.value:
                     alarms.append(seq)
                 elif row.action == AuditAction.AUDIT_TAMPER_ACKNOWLEDGED.value and isinstance(
                         row.detail.get("seq"), int):
-                    acknowledged.add(row.detail["seq"])
+                    acknowledged[row.detail["seq"]] = seq
                 head = ChainHead(seq, row.hash)
                 expected_seq, expected_prev = seq + 1, row.hash
         fingerprint = schema_fingerprint(session.connection())
@@ -333,7 +350,10 @@ def verify_chain(
                              "application?)")
     if state.schema_fingerprint and fingerprint_kind(state.schema_fingerprint) == fingerprint_kind(fingerprint) \
             and state.schema_fingerprint != fingerprint:
-        return bad(head_seq, "the database schema changed since the application last recorded it (triggers "
-                             "dropped and re-created by hand?); restart the server to record it")
-    return VerifyResult(True, checked, None, "", head, tuple(warnings),
+        return bad(head_seq, "the database schema changed since the application last recorded it: append-only "
+                             "triggers dropped and re-created by hand, or (SQLite) a VACUUM or a restore through "
+                             "the backup API, which also move PRAGMA schema_version. Start the server (or any "
+                             "vald-md users command) once to record it as audit_triggers_restored, find out which "
+                             "it was, then: vald-md audit acknowledge SEQ --reason TEXT")
+    return VerifyResult(True, checked, None, "", head, noted(),
                         tuple(seq for seq in alarms if seq not in acknowledged))
