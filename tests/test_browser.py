@@ -130,6 +130,23 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
     facts = page.inner_text("#file-facts")
     assert "DICOM · CR" in facts and "1024 × 1024 px" in facts
 
+    # 1b. the model's presets are one click each: prompt, strength, guidance, steps follow the preset's values
+    def form_values() -> tuple[str, float, float, int]:
+        return (page.input_value("#prompt"), float(page.input_value("#strength")),
+                float(page.input_value("#guidance_scale")), int(page.input_value("#steps")))
+
+    buttons = page.locator("[data-model-preset]")
+    assert buttons.count() >= 1, "the model's presets are offered"
+    for i in reversed(range(buttons.count())):
+        b = buttons.nth(i)
+        want = (b.get_attribute("data-model-preset-prompt"), float(b.get_attribute("data-model-preset-strength")),
+                float(b.get_attribute("data-model-preset-guidance_scale")),
+                int(b.get_attribute("data-model-preset-steps")))
+        page.locator("#steps").fill("7")  # a value no preset has: the click must set it
+        b.click()
+        assert form_values() == want, (b.get_attribute("data-model-preset"), form_values(), want)
+        assert "is-active" in (b.get_attribute("class") or "")
+
     # 2. move sliders: the effective step count follows int(steps * strength)
     page.locator("#strength").fill("1")
     page.locator("#steps").fill("40")
