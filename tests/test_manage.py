@@ -304,6 +304,28 @@ def test_audit_rotate_key(data_dir, monkeypatch, capsys):
     assert "VALD_MD_AUDIT_KEY" in capsys.readouterr().err
 
 
+def test_rotate_key_while_the_server_runs_is_no_tamper_alarm(data_dir, monkeypatch, capsys):
+    import os
+    import subprocess
+
+    _add_root(data_dir, monkeypatch, capsys)
+    server = _db(data_dir)  # the running server's engine, its key ring read at start-up
+    try:
+        old = audit.keys_for(server).current_id
+        audit.append_event(server, audit.AuditAction.VIEW, username="bob", detail={"i": 1})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VALD_MD_")}
+        rotated = subprocess.run([sys.executable, "-m", "app.cli", "audit", "rotate-key", "--data-dir",
+                                  str(data_dir)], capture_output=True, text=True, env=env, timeout=120,
+                                 cwd=Path(__file__).resolve().parent.parent)
+        assert rotated.returncode == 0, rotated.stderr
+        event = audit.append_event(server, audit.AuditAction.VIEW, username="bob", detail={"i": 2})
+        assert audit.query_events(server, action="audit_tamper_detected") == []
+        assert event.key_id == audit.keys_for(server).current_id != old  # signs with the new key from now on
+        assert audit.verify_chain(server).ok
+    finally:
+        server.dispose()
+
+
 def test_users_tokens_revoke_token_and_expiry(data_dir, monkeypatch, capsys):
     _add_root(data_dir, monkeypatch, capsys)
     assert vald(data_dir, "users", "add", "doc", "--password-stdin", stdin=PASSWORD + "\n",

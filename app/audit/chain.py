@@ -79,8 +79,8 @@ from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from app.audit.db import PG_WRITE_LOCK_KEY, read_session, write_session
-from app.audit.errors import AuditDetailError, AuditKeyError
-from app.audit.keys import AuditKeyRing, keys_for
+from app.audit.errors import AuditDetailError, AuditKeyError, InsecureSecretFileError
+from app.audit.keys import AuditKeyRing, bind_audit_keys, keys_for, load_audit_keys
 from app.audit.models import AuditChainState, AuditEvent, Outcome, User, utc_now
 
 GENESIS_HASH = "0" * 64
@@ -338,6 +338,23 @@ def _check_detail(value: Any, path: str = "detail") -> None:
 # --- append ------------------------------------------------------------------------------------------------
 
 
+def _reload_rotated_ring(session: Session, state: AuditChainState, ring: AuditKeyRing) -> AuditKeyRing:
+    """The ring re-read from its key file when the state row is signed with a key this process does not know yet:
+    ``vald-md audit rotate-key`` ran while the server was up. Taken only if it keeps every key of ``ring`` (a
+    rotation only appends) and the row verifies under it; then it is bound for the rest of this process, which
+    signs with the new key from now on. Otherwise ``ring`` is returned and the caller records the tampering."""
+    if ring.path is None or state.key_id is None or ring.get(state.key_id) is not None:
+        return ring
+    try:
+        fresh = load_audit_keys(ring.path, create=False)
+    except (AuditKeyError, InsecureSecretFileError, OSError):
+        return ring
+    if not set(ring.keys) <= set(fresh.keys) or not state_ok(state, fresh):
+        return ring
+    bind_audit_keys(session.get_bind(), fresh)  # type: ignore[arg-type]
+    return fresh
+
+
 def _sqlite_high_water(session: Session) -> int:
     """On SQLite, the highest ``seq`` ever inserted (``sqlite_sequence``, kept by AUTOINCREMENT): a tail deleted
     together with a rewound, blanked state row still does not give its numbers out again. 0 elsewhere."""
@@ -379,6 +396,8 @@ def _append(
     state = session.get(AuditChainState, 1)
     if state is None:
         raise AuditKeyError("audit_chain_state is missing: open the database with init_db (it runs the migrations)")
+    if not state_ok(state, ring):
+        ring = _reload_rotated_ring(session, state, ring)
     head = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
     head_seq, prev_hash = (head[0] or 0, head[1]) if head is not None else (0, GENESIS_HASH)
     if not state_ok(state, ring) and action is not AuditAction.AUDIT_TAMPER_DETECTED:
