@@ -572,6 +572,50 @@ def test_postgresql_schema_fingerprint_fits_the_column_with_large_oids() -> None
     assert fingerprint_kind("postgresql:audit_event_no_update=16385") != fingerprint_kind(large)
 
 
+def test_verify_and_checkpoints_read_one_snapshot_repeatable_read_on_postgresql(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.audit import anchors, db, integrity
+
+    options: list[dict[str, object]] = []
+
+    class FakeConnection:
+        def execution_options(self, **kwargs: object) -> FakeConnection:
+            options.append(kwargs)
+            return self
+
+        def __enter__(self) -> FakeConnection:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    class FakePgEngine:
+        class dialect:  # noqa: N801
+            name = "postgresql"
+
+        def connect(self) -> FakeConnection:
+            return FakeConnection()
+
+    with db.snapshot_session(FakePgEngine()) as session:  # type: ignore[arg-type]
+        assert isinstance(session.bind, FakeConnection)
+    assert options == [{"isolation_level": "REPEATABLE READ"}]
+
+    used: list[str] = []
+    real = db.snapshot_session
+
+    def recording(bound: Engine):  # type: ignore[no-untyped-def]
+        used.append(bound.dialect.name)
+        return real(bound)
+
+    monkeypatch.setattr(integrity, "snapshot_session", recording)
+    monkeypatch.setattr(anchors, "snapshot_session", recording)
+    _events(2, engine)
+    assert audit.verify_chain(engine).ok
+    audit.make_checkpoint(engine)
+    assert used == ["sqlite", "sqlite"]  # both go through it (SQLite: a plain deferred read transaction)
+
+
 def test_altered_trigger_is_replaced(engine: Engine, db_path: Path) -> None:
     connection = _raw(db_path)
     connection.execute("DROP TRIGGER audit_event_no_delete")

@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from app.audit.chain import GENESIS_HASH, ChainHead, canonical_json
-from app.audit.db import read_session
+from app.audit.db import snapshot_session
 from app.audit.errors import AnchorFileError
 from app.audit.keys import AuditKeyRing, keys_for
 from app.audit.models import AuditChainState, AuditEvent, utc_now
@@ -78,7 +78,7 @@ def checkpoint_mac(fields: dict[str, Any], key: bytes) -> str:
 def make_checkpoint(engine: Engine, *, keys: AuditKeyRing | None = None, now: datetime | None = None) -> Checkpoint:
     """Reads the head and the chain state in one transaction and returns the checkpoint (not written anywhere)."""
     ring = keys or keys_for(engine)
-    with read_session(engine) as session:
+    with snapshot_session(engine) as session:  # head and state from one snapshot (REPEATABLE READ on PostgreSQL)
         newest = select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)
         head = session.exec(newest).first()
         state = session.get(AuditChainState, 1)

@@ -192,6 +192,25 @@ def read_session(engine: Engine) -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def snapshot_session(engine: Engine) -> Iterator[Session]:
+    """A read session whose every statement sees one snapshot: ``REPEATABLE READ`` on PostgreSQL (whose default
+    READ COMMITTED takes a new snapshot per statement, so a chain state row and the events read after it could
+    disagree while the server writes); on SQLite ``read_session`` (one deferred transaction is one snapshot).
+
+    Yields:
+        The session (rolled back on exit).
+    """
+    if engine.dialect.name != "postgresql":
+        with read_session(engine) as session:
+            yield session
+        return
+    with engine.connect() as connection:
+        snapshot = connection.execution_options(isolation_level="REPEATABLE READ")
+        with Session(bind=snapshot, expire_on_commit=False) as session:
+            yield session
+
+
 def alembic_config(database_url: str | None = None) -> Config:
     """Builds the Alembic configuration without an ``alembic.ini`` (for the CLI, e.g. ``command.revision``).
 

@@ -30,7 +30,7 @@ from app.audit.chain import (
     sign_state,
     state_ok,
 )
-from app.audit.db import fingerprint_kind, read_session, schema_fingerprint, write_session
+from app.audit.db import fingerprint_kind, read_session, schema_fingerprint, snapshot_session, write_session
 from app.audit.errors import AuditKeyError
 from app.audit.keys import AuditKeyRing, default_key_path, keys_for
 from app.audit.models import AuditChainState, AuditEvent, Outcome
@@ -285,7 +285,7 @@ def verify_chain(
     def bad(seq: int, reason: str) -> VerifyResult:
         return VerifyResult(False, checked, seq, reason, head, noted())
 
-    with read_session(engine) as session:
+    with snapshot_session(engine) as session:  # the state row and the events from one snapshot
         state = session.get(AuditChainState, 1)
         legacy_until = state.legacy_until if state is not None else 0
         last_seq = 0
