@@ -145,6 +145,9 @@ class Settings(BaseSettings):
         api_token_days: how long a new API token works, days, 1..3650 (``VALD_MD_API_TOKEN_DAYS``).
         pacs_servers: DICOMweb servers users may search, open from and store back to (``VALD_MD_PACS_SERVERS``,
             a JSON list of :class:`PacsServer`); empty = no PACS page.
+        pacs_original_study_roles: the roles that may store results back into the source's study with its patient
+            data (``original-study``; ``VALD_MD_PACS_ORIGINAL_STUDY_ROLES``, comma-separated: ``admin`` (default)
+            or ``admin,clinician``); everyone may store the de-identified kind.
     """
 
     model_config = SettingsConfigDict(env_prefix="VALD_MD_", extra="ignore", validate_default=True,
@@ -184,6 +187,7 @@ class Settings(BaseSettings):
     audit_anchor_file: Path | None = None
     api_token_days: int = Field(default=90, ge=1, le=3650)
     pacs_servers: list[PacsServer] = Field(default_factory=list)
+    pacs_original_study_roles: str = "admin"
 
     @field_validator("device")
     @classmethod
@@ -257,6 +261,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"trusted_hosts entry {entry!r} is not a host name; use names such as "
                                  f"'vald.example.org' or '*.example.org', an IPv4 address or '[IPv6]', no ports")
         return ",".join(entries)
+
+    @field_validator("pacs_original_study_roles")
+    @classmethod
+    def _check_store_roles(cls, v: str) -> str:
+        roles = [r.strip() for r in v.split(",") if r.strip()]
+        if not roles or any(r not in ("admin", "clinician") for r in roles):
+            raise ValueError(f"pacs_original_study_roles={v!r}: list the roles 'admin' and/or 'clinician', "
+                             "comma-separated")
+        return ",".join(roles)
 
     @field_validator("pacs_servers")
     @classmethod

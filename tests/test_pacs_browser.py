@@ -35,7 +35,8 @@ def server(orthanc, tiny_engine, tmp_path_factory) -> Iterator[str]:  # noqa: F8
     port = _free_port()
     data = tmp_path_factory.mktemp("pacs-browser")
     app = create_app(Settings(data_dir=data, port=port, lung_segmenter=data / "none", lesion_classifier=data / "none",
-                              pacs_servers=[pacs]), engine=tiny_engine)
+                              pacs_servers=[pacs], pacs_original_study_roles="admin,clinician"),  # opened to
+                     engine=tiny_engine)  # clinicians, so the clinician below may store into the original study
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", workers=1))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

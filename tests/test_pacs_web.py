@@ -91,6 +91,15 @@ def test_find_open_store_round_trip(web, orthanc, dicom_dir):  # noqa: F811
     # 3. store back: the mode must be chosen
     assert client.post(f"/pacs/runs/{job_id}/store", data={}).status_code == 422
     before = orthanc.instance_count()
+    # the identified kind is the allowed roles' only (admins by default): a clinician is offered and may store
+    # only the de-identified kind until an administrator opens it to clinicians
+    page = client.get("/pacs").text
+    assert 'value="deidentified"' in page and 'value="original-study"' not in page
+    r = client.post(f"/pacs/runs/{job_id}/store", data={"mode": "original-study"})
+    assert r.status_code == 403 and "VALD_MD_PACS_ORIGINAL_STUDY_ROLES" in r.text
+    assert orthanc.instance_count() == before
+    app.state.settings.pacs_original_study_roles = "admin,clinician"
+    assert 'value="original-study"' in client.get("/pacs").text
     r = client.post(f"/pacs/runs/{job_id}/store", data={"mode": "original-study"})
     assert r.status_code == 200 and 'data-stored="3"' in r.text, r.text
     assert orthanc.instance_count() == before + 3

@@ -49,7 +49,7 @@ from app.pacs.derived import StoreMode, build_derived
 from app.web.api import submit_job
 from app.web.auth import Caller
 from app.web.deps import AdminUser, CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
-from app.web.errors import NotAuthenticatedError
+from app.web.errors import NotAuthenticatedError, PermissionDeniedError
 from app.web.forms import ReviewFormParams
 from app.web.templating import is_htmx, render
 
@@ -168,8 +168,15 @@ def _optional_date(value: str | None) -> date | None:
 # -- pages -----------------------------------------------------------------------------------------------------
 
 
+def store_modes(request: Request, caller: Caller) -> list[str]:
+    """The store-back modes ``caller`` may choose: ``original-study`` (the source's study, its patient data) only
+    for the roles of ``VALD_MD_PACS_ORIGINAL_STUDY_ROLES`` (admins by default); ``deidentified`` for everyone."""
+    allowed = request.app.state.settings.pacs_original_study_roles.split(",")
+    return [m.value for m in StoreMode if m is not StoreMode.ORIGINAL_STUDY or caller.user.role in allowed]
+
+
 def _page_context(request: Request, jobs: Any, caller: Caller, **extra: Any) -> dict[str, Any]:
-    return {"servers": list(servers(request)), "runs": pacs_runs(jobs, caller), "modes": [m.value for m in StoreMode],
+    return {"servers": list(servers(request)), "runs": pacs_runs(jobs, caller), "modes": store_modes(request, caller),
             "query": {}, "studies": None, **extra}
 
 
@@ -273,6 +280,10 @@ async def pacs_store(request: Request, job_id: str, jobs: JobsDep, user: Current
     ``pacs_store`` with the counts. A partial failure is reported with what was stored; storing again completes
     it (the same UIDs: replaced, not duplicated)."""
     job = find_job(jobs, job_id, user)
+    if mode.value not in store_modes(request, user):
+        raise PermissionDeniedError("Storing into the original study (with its patient data) is reserved to the "
+                                    "roles an administrator allowed (VALD_MD_PACS_ORIGINAL_STUDY_ROLES); store the "
+                                    "de-identified kind, or ask an administrator.")
     source = read_source(job)
     if source is None:
         raise ValueError("This run was not opened from a PACS; export its DICOM Secondary Capture instead.")
