@@ -41,7 +41,7 @@ from app.audit import (
     User,
     UserSession,
 )
-from app.audit.db import POSTGRESQL_TRIGGERS
+from app.audit.db import POSTGRESQL_TRIGGER_FUNCTION, POSTGRESQL_TRIGGERS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery staple"
@@ -543,21 +543,71 @@ class _FakePgResult:
 
 
 class _FakePgConnection:
-    """Stands in for a PostgreSQL connection: answers every query with ``rows`` and remembers the SQL."""
+    """Stands in for a PostgreSQL connection: answers the pg_trigger query with ``rows``, the pg_proc one with
+    ``functions``, and remembers the SQL."""
 
     class dialect:  # noqa: N801 - mimics Connection.dialect
         name = "postgresql"
 
-    def __init__(self, rows: list[tuple[object, ...]]) -> None:
-        self.rows, self.sql = rows, []
+    def __init__(self, rows: list[tuple[object, ...]], functions: list[tuple[object, ...]] | None = None) -> None:
+        self.rows, self.functions, self.sql = rows, functions if functions is not None else _PG_FUNCTIONS, []
 
     def execute(self, statement: object, *args: object) -> _FakePgResult:
         self.sql.append(str(statement))
-        return _FakePgResult(self.rows)
+        return _FakePgResult(self.functions if "pg_proc" in str(statement) else self.rows)
 
 
-def _pg_trigger_rows(oid_base: int) -> list[tuple[object, ...]]:
-    return [(name, oid_base + i) for i, name in enumerate(sorted(POSTGRESQL_TRIGGERS))]
+# as PostgreSQL 15 shows them (pg_get_triggerdef, pg_proc.prosrc) for a database made by init_db
+_PG_DEFS = {
+    "audit_chain_state_no_delete": "CREATE TRIGGER audit_chain_state_no_delete BEFORE DELETE ON "
+    "public.audit_chain_state FOR EACH ROW EXECUTE FUNCTION audit_chain_state_guard()",
+    "audit_chain_state_no_rewind": "CREATE TRIGGER audit_chain_state_no_rewind BEFORE UPDATE ON "
+    "public.audit_chain_state FOR EACH ROW WHEN (((new.last_seq < old.last_seq) OR (new.legacy_until <> "
+    "old.legacy_until) OR (new.id <> old.id))) EXECUTE FUNCTION audit_chain_state_guard()",
+    "audit_chain_state_no_truncate": "CREATE TRIGGER audit_chain_state_no_truncate BEFORE TRUNCATE ON "
+    "public.audit_chain_state FOR EACH STATEMENT EXECUTE FUNCTION audit_chain_state_guard()",
+    "audit_event_no_delete": "CREATE TRIGGER audit_event_no_delete BEFORE DELETE ON public.audit_event FOR EACH "
+    "ROW EXECUTE FUNCTION audit_event_append_only()",
+    "audit_event_no_truncate": "CREATE TRIGGER audit_event_no_truncate BEFORE TRUNCATE ON public.audit_event FOR "
+    "EACH STATEMENT EXECUTE FUNCTION audit_event_append_only()",
+    "audit_event_no_update": "CREATE TRIGGER audit_event_no_update BEFORE UPDATE ON public.audit_event FOR EACH "
+    "ROW EXECUTE FUNCTION audit_event_append_only()",
+}
+_PG_FUNCTIONS: list[tuple[object, ...]] = [
+    ("audit_chain_state_guard", " BEGIN RAISE EXCEPTION 'audit_chain_state only moves forward'; END "),
+    ("audit_event_append_only", " BEGIN RAISE EXCEPTION 'audit_event is append-only'; END "),
+]
+
+
+def _pg_trigger_rows(oid_base: int, **changed: tuple[str, str]) -> list[tuple[object, ...]]:
+    """(tgname, oid, tgenabled, pg_get_triggerdef) rows; ``changed``: name -> (tgenabled, definition)."""
+    return [(name, oid_base + i, *changed.get(name, ("O", _PG_DEFS[name])))
+            for i, name in enumerate(sorted(POSTGRESQL_TRIGGERS))]
+
+
+def test_postgresql_disabled_or_weakened_triggers_and_functions_are_found() -> None:
+    from app.audit.db import pg_guard_problems, schema_fingerprint
+
+    assert sorted(_PG_DEFS) == sorted(POSTGRESQL_TRIGGERS)
+    assert pg_guard_problems(_pg_trigger_rows(16_384), _PG_FUNCTIONS) == []
+    # ALTER TABLE audit_event DISABLE TRIGGER audit_event_no_delete: same OID, tgenabled 'D'
+    disabled = _pg_trigger_rows(16_384, audit_event_no_delete=("D", _PG_DEFS["audit_event_no_delete"]))
+    assert pg_guard_problems(disabled, _PG_FUNCTIONS) == ["audit_event_no_delete"]
+    replica = _pg_trigger_rows(16_384, audit_event_no_update=("R", _PG_DEFS["audit_event_no_update"]))
+    assert pg_guard_problems(replica, _PG_FUNCTIONS) == ["audit_event_no_update"]
+    # dropped and re-created WHEN (false), or pointed at a function of the same name in another schema
+    never = _PG_DEFS["audit_event_no_update"].replace("FOR EACH ROW", "FOR EACH ROW WHEN (false)")
+    elsewhere = _PG_DEFS["audit_event_no_delete"].replace("FUNCTION audit_", "FUNCTION evil.audit_")
+    weakened = _pg_trigger_rows(16_384, audit_event_no_update=("O", never), audit_event_no_delete=("O", elsewhere))
+    assert pg_guard_problems(weakened, _PG_FUNCTIONS) == ["audit_event_no_update", "audit_event_no_delete"]
+    assert pg_guard_problems(_pg_trigger_rows(16_384)[1:], _PG_FUNCTIONS) == ["audit_chain_state_no_delete"]
+    # the trigger function's body replaced (CREATE OR REPLACE FUNCTION ... RETURN NEW)
+    neutered = [_PG_FUNCTIONS[0], ("audit_event_append_only", " BEGIN RETURN NEW; END ")]
+    assert pg_guard_problems(_pg_trigger_rows(16_384), neutered) == ["audit_event_append_only()"]
+    # and the fingerprint moves with each of them, though no OID changed
+    plain = schema_fingerprint(_FakePgConnection(_pg_trigger_rows(16_384)))  # type: ignore[arg-type]
+    for rows, functions in ((disabled, _PG_FUNCTIONS), (_pg_trigger_rows(16_384), neutered)):
+        assert schema_fingerprint(_FakePgConnection(rows, functions)) != plain  # type: ignore[arg-type]
 
 
 def test_postgresql_schema_fingerprint_fits_the_column_with_large_oids() -> None:
@@ -1250,7 +1300,7 @@ def test_upgrade_gives_old_tokens_an_expiry_and_revokes_those_of_disabled_accoun
 )
 def test_postgresql_chain_triggers_and_concurrency() -> None:
     url = os.environ["VALD_TEST_POSTGRES_URL"]
-    engine = audit.init_db(url)
+    engine = audit.init_db(url, keys=audit.AuditKeyRing.from_keys([os.urandom(32)]))  # PostgreSQL needs a ring
     try:
         start = audit.count_events(engine)
         errors: list[BaseException] = []
@@ -1278,5 +1328,24 @@ def test_postgresql_chain_triggers_and_concurrency() -> None:
             with pytest.raises(Exception, match="append-only"), engine.begin() as connection:
                 connection.execute(text(statement))
         assert audit.install_triggers(engine) == []
+        # disabled, weakened (WHEN (false)) or neutered guards are found and replaced, and move the fingerprint
+        weakened = POSTGRESQL_TRIGGERS["audit_event_no_delete"].replace("FOR EACH ROW", "FOR EACH ROW WHEN (false)")
+        for statements, expected in (
+            (["ALTER TABLE audit_event DISABLE TRIGGER audit_event_no_update"], ["audit_event_no_update"]),
+            (["DROP TRIGGER audit_event_no_delete ON audit_event", weakened], ["audit_event_no_delete"]),
+            ([POSTGRESQL_TRIGGER_FUNCTION.replace("RAISE EXCEPTION 'audit_event is append-only'", "RETURN NEW")],
+             ["audit_event_append_only()"]),
+        ):
+            with engine.connect() as connection:
+                before = audit.schema_fingerprint(connection)
+            with engine.begin() as connection:
+                for statement in statements:
+                    connection.execute(text(statement))
+            with engine.connect() as connection:
+                assert audit.schema_fingerprint(connection) != before
+            assert audit.install_triggers(engine) == expected
+            assert audit.install_triggers(engine) == []
+        with pytest.raises(Exception, match="append-only"), engine.begin() as connection:
+            connection.execute(text("DELETE FROM audit_event"))
     finally:
         engine.dispose()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -261,21 +262,69 @@ def _sqlite_expected(name: str) -> str:
     return SQLITE_TRIGGERS[name].replace("IF NOT EXISTS ", "", 1)
 
 
+_PG_FUNCTIONS = {"audit_event_append_only": POSTGRESQL_TRIGGER_FUNCTION,
+                 "audit_chain_state_guard": POSTGRESQL_STATE_FUNCTION}
+_PG_TRIGGERS_SQL = (
+    "SELECT tgname, oid, tgenabled, pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid IN "
+    "(to_regclass('audit_event'), to_regclass('audit_chain_state')) AND NOT tgisinternal ORDER BY tgname"
+)
+_PG_FUNCTIONS_SQL = (
+    "SELECT proname, prosrc FROM pg_proc WHERE oid IN (to_regprocedure('audit_event_append_only()'), "
+    "to_regprocedure('audit_chain_state_guard()')) ORDER BY proname"
+)
+
+
+def _pg_normalized(sql: str) -> str:
+    """A trigger definition without case, quotes, blanks, parentheses or the schema of our two tables, so that
+    ``pg_get_triggerdef``'s form (``ON public.audit_event``, ``WHEN (((new.a < old.a) OR ...))``) compares equal
+    to our ``CREATE TRIGGER`` text. A function's schema is kept: pointing a trigger at another schema's function
+    of the same name must not compare equal."""
+    lowered = sql.lower().replace('"', "")
+    lowered = re.sub(r"\bon\s+\w+\.(audit_event|audit_chain_state)\b", r"on \1", lowered)
+    return re.sub(r"[\s()]", "", lowered)
+
+
+def _pg_guard_rows(connection: Connection) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    triggers = [tuple(row) for row in connection.execute(text(_PG_TRIGGERS_SQL)).tuples()]
+    functions = [tuple(row) for row in connection.execute(text(_PG_FUNCTIONS_SQL)).tuples()]
+    return triggers, functions
+
+
+def pg_guard_problems(triggers: list[tuple[Any, ...]], functions: list[tuple[Any, ...]]) -> list[str]:
+    """The guarding triggers and functions that are missing, disabled or not ours (PostgreSQL).
+
+    Args:
+        triggers: ``(tgname, oid, tgenabled, pg_get_triggerdef(oid))`` rows (``_PG_TRIGGERS_SQL``).
+        functions: ``(proname, prosrc)`` rows (``_PG_FUNCTIONS_SQL``).
+
+    Returns:
+        Trigger names, and ``function()`` for a trigger function whose body was replaced.
+    """
+    found = {str(name): (str(enabled), str(definition)) for name, _oid, enabled, definition in triggers}
+    problems = []
+    for name, sql in POSTGRESQL_TRIGGERS.items():
+        enabled, definition = found.get(name, ("", ""))
+        # O: fires (origin/local); A: always; D: disabled; R: replica only -- the last two guard nothing
+        if enabled not in ("O", "A") or _pg_normalized(definition) != _pg_normalized(sql):
+            problems.append(name)
+    bodies = {str(name): str(source) for name, source in functions}
+    for name, sql in _PG_FUNCTIONS.items():
+        if _pg_normalized(bodies.get(name, "")) != _pg_normalized(sql.split("$$")[1]):
+            problems.append(f"{name}()")
+    return problems
+
+
 def missing_triggers(connection: Connection) -> list[str]:
     """Names of the append-only triggers that are missing or altered, read without changing anything.
 
-    SQLite: a trigger whose SQL differs from ours (e.g. ``WHEN 0`` added) counts as altered.
+    SQLite: a trigger whose SQL differs from ours (e.g. ``WHEN 0`` added) counts as altered. PostgreSQL
+    (``pg_guard_problems``): also a trigger that is disabled (``tgenabled`` not ``O``/``A``) or whose
+    ``pg_get_triggerdef`` differs from ours (e.g. ``WHEN (false)``), and a trigger function whose body is not ours
+    (reported as ``name()``).
     """
     if connection.dialect.name == "postgresql":
-        present = set(
-            connection.execute(
-                text(
-                    "SELECT tgname FROM pg_trigger WHERE tgrelid IN (to_regclass('audit_event'), "
-                    "to_regclass('audit_chain_state')) AND NOT tgisinternal"
-                )
-            ).scalars()
-        )
-        return [name for name in POSTGRESQL_TRIGGERS if name not in present]
+        triggers, functions = _pg_guard_rows(connection)
+        return pg_guard_problems(triggers, functions)
     rows = connection.exec_driver_sql(
         "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
         "AND tbl_name IN ('audit_event', 'audit_chain_state')"
@@ -305,8 +354,9 @@ def install_triggers(engine: Engine) -> list[str]:
                 connection.execute(text(POSTGRESQL_TRIGGER_FUNCTION))
                 connection.execute(text(POSTGRESQL_STATE_FUNCTION))
             for name in missing:
-                connection.execute(text(f'DROP TRIGGER IF EXISTS "{name}" ON {_PG_TRIGGER_TABLE[name]}'))
-                connection.execute(text(POSTGRESQL_TRIGGERS[name]))
+                if name in POSTGRESQL_TRIGGERS:  # missing, disabled or altered: replace it with ours
+                    connection.execute(text(f'DROP TRIGGER IF EXISTS "{name}" ON {_PG_TRIGGER_TABLE[name]}'))
+                    connection.execute(text(POSTGRESQL_TRIGGERS[name]))
         else:
             present = {name for (name,) in connection.exec_driver_sql(
                 "SELECT name FROM sqlite_master WHERE type = 'trigger'").tuples()}
@@ -322,7 +372,9 @@ def schema_fingerprint(connection: Connection) -> str:
 
     SQLite: ``PRAGMA schema_version`` (SQLite adds one on every schema change, so a trigger dropped and
     re-created identically still moves it) and a SHA-256 of every object's SQL in ``sqlite_master``.
-    PostgreSQL: a SHA-256 of the names and OIDs of the guarding triggers (a re-created trigger gets a new OID).
+    PostgreSQL: a SHA-256 of the guarding triggers' names, OIDs (a re-created trigger gets a new OID), ``tgenabled``
+    (``ALTER TABLE ... DISABLE TRIGGER`` keeps the OID) and ``pg_get_triggerdef``, and of the trigger functions'
+    bodies.
 
     Args:
         connection: any connection to the database.
@@ -331,13 +383,11 @@ def schema_fingerprint(connection: Connection) -> str:
         A short string, compared for equality only.
     """
     if connection.dialect.name == "postgresql":
-        rows = connection.execute(
-            text(
-                "SELECT tgname, oid FROM pg_trigger WHERE tgrelid IN (to_regclass('audit_event'), "
-                "to_regclass('audit_chain_state')) AND NOT tgisinternal ORDER BY tgname"
-            )
-        ).tuples()
-        material = ",".join(f"{name}={oid}" for name, oid in rows)
+        triggers, functions = _pg_guard_rows(connection)
+        material = "\x00".join(
+            [f"{name}={oid}:{enabled}:{definition}" for name, oid, enabled, definition in triggers]
+            + [f"{name}()={source}" for name, source in functions]
+        )
         # a digest: six name=oid pairs outgrow audit_chain_state.schema_fingerprint (String(200)) once OIDs have
         # six digits; 18 + 64 characters fit any column length
         return "postgresql:sha256:" + hashlib.sha256(material.encode("utf-8")).hexdigest()
