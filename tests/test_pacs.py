@@ -263,6 +263,10 @@ def test_round_trip_store_in_the_original_study(client, orthanc, dicom_dir, tmp_
     assert {d.SeriesDescription for d in scs} == {AI_SERIES_DESCRIPTION}
     for sc in scs:  # the banner is burned in: its first row is the banner colour
         assert tuple(sc.pixel_array[0, 0]) == (255, 196, 0)
+    # what comes back displays as the app made it: the same pixels, instance by instance, as the objects sent
+    sent = {str(o.SOPInstanceUID): o for o in objects}
+    for ds in stored:
+        np.testing.assert_array_equal(ds.pixel_array, sent[str(ds.SOPInstanceUID)].pixel_array)
 
 
 def test_round_trip_store_deidentified_makes_a_study_of_its_own(client, orthanc, dicom_dir, tmp_path):
