@@ -384,9 +384,11 @@ def _verify_open(db: Database, settings: Settings, args: argparse.Namespace, rin
     for warning in result.warnings:
         stdout.write(f"warning: {warning}\n")
     ok = result.ok and not missing and not result.unacknowledged
+    if missing:
+        stdout.write(f"append-only trigger(s) missing or altered: {', '.join(missing)} (the next start-up "
+                     "re-creates them and records audit_triggers_restored)\n")
     if result.ok and missing:
-        stdout.write(f"audit trail BROKEN: append-only trigger(s) missing or altered: {', '.join(missing)} "
-                     "(the next start-up re-creates them and records audit_triggers_restored)\n")
+        stdout.write("audit trail BROKEN: its append-only triggers are not intact\n")
     elif result.ok and result.unacknowledged:
         seqs = ", ".join(f"#{seq}" for seq in result.unacknowledged)
         stdout.write(f"audit trail NOT OK: the chain verifies ({result.events_checked} events), but tampering was "

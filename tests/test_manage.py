@@ -96,6 +96,7 @@ def test_audit_verify_and_export(data_dir, monkeypatch, capsys, tmp_path):
     assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
     printed = capsys.readouterr().out
     assert "BROKEN at event #1" in printed and "hash mismatch" in printed and "user='mallory'" in printed
+    assert "trigger(s) missing or altered: audit_event_no_update" in printed  # as found, before any repair
     db = _db(data_dir)
     assert audit.query_events(db, action="audit_triggers_restored")  # start-up noticed the missing trigger
     db.dispose()

@@ -167,7 +167,9 @@ def open_chain(
         if restored_triggers or schema_changed:
             if schema_changed:
                 logger.warning("the audit database's schema changed while the application was not looking "
-                               "(triggers dropped and re-created by hand?); recorded in the audit trail")
+                               "(triggers dropped and re-created by hand, or a VACUUM / backup restore); recorded "
+                               "in the audit trail as audit_triggers_restored: check which, then vald-md audit "
+                               "acknowledge SEQ --reason TEXT")
             detail: dict[str, object] = {"triggers": list(restored_triggers), "schema_changed": schema_changed}
             if schema_changed:
                 detail.update(_fingerprint_change(recorded, found_fingerprint))
