@@ -232,7 +232,8 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
     t0 = time.perf_counter()
     img_model, lb = imaging.letterbox(pixels.astype(np.float32), engine.info.image_size)
     t1 = time.perf_counter()
-    out = run(img_model)
+    with engine.autocast():  # the autoencoder's precision, as in engine.generate (recorded under "compute")
+        out = run(img_model)
     t2 = time.perf_counter()
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled("cancelled by the user")
@@ -250,7 +251,8 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
         counterfactuals=cf_native, counterfactuals_model=out.counterfactuals, input_model=img_model,
         reconstruction=recon, letterbox=lb, effective_steps=n_eff,
         start_timestep=int(sched.timesteps[req.steps - n_eff]), unet_evaluations=passes * n_eff, seeds=[seed],
-        timings_s=timings, model_hash=engine.info.model_hash, parameters=params)
+        timings_s=timings, model_hash=engine.info.model_hash, parameters=params,
+        compute=engine.compute_record())
     return result, out
 
 

@@ -28,6 +28,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=1, help="samples per input, 1..16 (mean and std maps)")
     p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "dpm++", "euler"], help="sampler")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--no-cpu-autocast", dest="cpu_autocast", action="store_false",
+                   help="compute in float32 on the CPU (default: bf16 autocast where the CPU has AMX bf16; "
+                        "record.json states it under compute)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +109,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     from app.lesions import LesionClassifier
     from app.lungs import LungSegmenter, SegmenterFolderError
 
-    eng = CounterfactualEngine(args.model, device=args.device)
+    eng = CounterfactualEngine(args.model, device=args.device, cpu_autocast=args.cpu_autocast)
     method = args.map_method or str(eng.info.manifest.get("map_method", "sdedit"))
     segmenter: LungSegmenter | None = None
     classifier: LesionClassifier | None = None

@@ -41,6 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     Starlette's ``TestClient`` sends ``Host: testserver``, which the app serves only when it is a trusted host."""
     os.environ.setdefault("VALD_MD_TRUSTED_HOSTS", "testserver")
+    # tests compare exact outputs: float32 everywhere, also where the CPU would take bf16 autocast
+    os.environ.setdefault("VALD_MD_CPU_AUTOCAST", "0")
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a core dependency

@@ -225,7 +225,8 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
                 # loaded in a thread that then ends, so that the job worker is the only thread with an OpenMP
                 # team (see load_in_passing_thread: otherwise every CPU run is up to ~1.9x slower)
                 eng = await run_in_threadpool(load_in_passing_thread, settings.resolved_model_dir,
-                                              device=settings.device, dtype=settings.dtype)
+                                              device=settings.device, dtype=settings.dtype,
+                                              cpu_autocast=settings.cpu_autocast)
             # a few MB on the CPU, segmenting in the job worker (~10-20 ms per image at 128 px)
             segmenter = await run_in_threadpool(load_segmenter, settings.resolved_lung_segmenter)
             classifier = await run_in_threadpool(load_classifier, settings.resolved_lesion_classifier)
