@@ -14,12 +14,14 @@ Chromium at /usr/bin/chromium. Skipped with a reason when either is missing, unl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -53,21 +55,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-USERNAME = "browser-clinician"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_engine, tmp_path_factory) -> Iterator[str]:
-    """The real app under uvicorn on 127.0.0.1 (a thread of this process), with the tiny model and one account
-    (created as ``vald-md users add`` would: argon2 password, audited)."""
-    _require_browser()
+@contextlib.contextmanager
+def serving(app: Any, port: int) -> Iterator[str]:
+    """``app`` under a real uvicorn on 127.0.0.1:``port`` in a thread of this process; yields its base URL and
+    stops it afterwards."""
     import uvicorn
 
-    from app.config import Settings
-    from app.web import create_app
-
-    port = _free_port()
-    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("browser-data"), port=port), engine=tiny_engine)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", workers=1))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -76,12 +69,30 @@ def server(tiny_engine, tmp_path_factory) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the server did not start")
         time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+USERNAME = "browser-clinician"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine, tmp_path_factory) -> Iterator[str]:
+    """The real app under uvicorn on 127.0.0.1 (a thread of this process), with the tiny model and one account
+    (created as ``vald-md users add`` would: argon2 password, audited)."""
+    _require_browser()
+    from app.config import Settings
+    from app.web import create_app
     from tests.accounts import PASSWORD, add_user
 
-    add_user(app.state.db, USERNAME, password=PASSWORD)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    port = _free_port()
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("browser-data"), port=port), engine=tiny_engine)
+    with serving(app, port) as base:
+        add_user(app.state.db, USERNAME, password=PASSWORD)
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,11 +116,18 @@ def _drop_triggers(raw: sqlite3.Connection) -> dict[str, str]:
     return rows
 
 
-def test_audit_anchor_and_verify_against_it_after_the_tail_is_cut(data_dir, monkeypatch, capsys, tmp_path):
+def _root_and_views(data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                    views: int) -> Any:
+    """The first admin (through the CLI), then ``views`` view events by bob; returns the open database."""
     _add_root(data_dir, monkeypatch, capsys)
     db = _db(data_dir)
-    for i in range(66):
+    for i in range(views):
         audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    return db
+
+
+def test_audit_anchor_and_verify_against_it_after_the_tail_is_cut(data_dir, monkeypatch, capsys, tmp_path):
+    db = _root_and_views(data_dir, monkeypatch, capsys, 66)
     db.dispose()
     assert vald(data_dir, "audit", "anchor", monkeypatch=monkeypatch) == 0  # the default file, in the data folder
     assert "checkpoint: event #67" in capsys.readouterr().out
@@ -154,10 +162,7 @@ def test_audit_anchor_and_verify_against_it_after_the_tail_is_cut(data_dir, monk
 
 
 def test_audit_verify_catches_a_plain_sha256_rehash_and_hand_made_triggers(data_dir, monkeypatch, capsys):
-    _add_root(data_dir, monkeypatch, capsys)
-    db = _db(data_dir)
-    for i in range(12):
-        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    db = _root_and_views(data_dir, monkeypatch, capsys, 12)
     db.dispose()
     # re-create the triggers by hand: the next start records it
     raw = sqlite3.connect(data_dir / "vald-md.db", isolation_level=None)
@@ -185,10 +190,7 @@ def test_audit_verify_checks_the_database_as_found_and_never_signs_a_forged_unke
         data_dir, monkeypatch, capsys):
     from tests.test_audit import _forge_unkeyed_chain
 
-    _add_root(data_dir, monkeypatch, capsys)
-    db = _db(data_dir)
-    for i in range(10):
-        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    db = _root_and_views(data_dir, monkeypatch, capsys, 10)
     _forge_unkeyed_chain(db, data_dir / "vald-md.db", drop_i=5)
     db.dispose()
     assert vald(data_dir, "audit", "verify", monkeypatch=monkeypatch) == 1
@@ -206,10 +208,7 @@ def test_audit_verify_checks_the_database_as_found_and_never_signs_a_forged_unke
 
 
 def test_audit_verify_checks_the_default_checkpoint_file_when_it_exists(data_dir, monkeypatch, capsys):
-    _add_root(data_dir, monkeypatch, capsys)
-    db = _db(data_dir)
-    for i in range(3):
-        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    db = _root_and_views(data_dir, monkeypatch, capsys, 3)
     db.dispose()
     assert vald(data_dir, "audit", "anchor", monkeypatch=monkeypatch) == 0  # checkpoint of event 4
     capsys.readouterr()
@@ -225,10 +224,7 @@ def test_audit_verify_checks_the_default_checkpoint_file_when_it_exists(data_dir
 
 def test_audit_verify_after_a_cut_tail_and_a_blanked_state_reuses_no_seq_and_repairs_nothing(
         data_dir, monkeypatch, capsys):
-    _add_root(data_dir, monkeypatch, capsys)
-    db = _db(data_dir)
-    for i in range(9):
-        audit.append_event(db, audit.AuditAction.VIEW, username="bob", detail={"i": i})
+    db = _root_and_views(data_dir, monkeypatch, capsys, 9)
     db.dispose()
     raw = sqlite3.connect(data_dir / "vald-md.db", isolation_level=None)
     _drop_triggers(raw)

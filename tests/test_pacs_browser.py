@@ -6,14 +6,13 @@ identity, and see what was stored. No console errors allowed (the CSP is strict)
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests import orthanc as orthanc_mod
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _require_browser
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _require_browser, serving
 from tests.test_pacs import SECRET_ENV, dicom_dir, orthanc  # noqa: F401  (module-scoped fixtures)
 
 pytestmark = [pytest.mark.browser, pytest.mark.shared_data]
@@ -23,8 +22,6 @@ USERNAME = "pacs-browser-clinician"
 @pytest.fixture(scope="module")
 def server(orthanc, tiny_engine, tmp_path_factory) -> Iterator[str]:  # noqa: F811
     _require_browser()
-    import uvicorn
-
     from app.config import PacsServer, Settings
     from app.web import create_app
     from tests.accounts import PASSWORD, add_user
@@ -37,18 +34,9 @@ def server(orthanc, tiny_engine, tmp_path_factory) -> Iterator[str]:  # noqa: F8
     app = create_app(Settings(data_dir=data, port=port, lung_segmenter=data / "none", lesion_classifier=data / "none",
                               pacs_servers=[pacs], pacs_original_study_roles="admin,clinician"),  # opened to
                      engine=tiny_engine)  # clinicians, so the clinician below may store into the original study
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", workers=1))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    add_user(app.state.db, USERNAME, password=PASSWORD)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app, port) as base:
+        add_user(app.state.db, USERNAME, password=PASSWORD)
+        yield base
 
 
 def test_find_open_and_store_in_a_real_browser(server, orthanc):  # noqa: F811
