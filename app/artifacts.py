@@ -59,8 +59,11 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,8 @@ MAX_CLASSIFIER_SCALE = 5.0
 MAX_CASE_LABEL = 64
 """Characters of the operator's optional case label (shown on the result, stored in job.json and record.json)."""
 DISCLAIMER = "AI-generated counterfactual — not for diagnostic use"
+FILE_WRITERS = 2
+"""Threads that encode and write a run's files side by side (zlib releases the GIL; docs/PERFORMANCE.md)."""
 
 
 @dataclass
@@ -362,21 +367,24 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     label = rendering.map_label(req.reference, req.map_method)
     overlay = rendering.render_overlay(pixels, amap, normal_level=calibration.level if calibration else None,
                                        label=label)
-    hashes: dict[str, str] = {}
-    hashes["input.png"] = _write(out / "input.png", imaging.to_png_bytes(pixels, bits=16))
+    # the files: the PNG encoders (zlib) release the GIL, so they run side by side in a small pool; the hashes
+    # keep the order the record has always listed them in
+    files: list[tuple[str, Callable[[], bytes]]] = [("input.png", partial(imaging.to_png_bytes, pixels, bits=16))]
     for i, cf in enumerate(result.counterfactuals):
         name = "counterfactual.png" if i == 0 else f"counterfactual-{i}.png"
-        hashes[name] = _write(out / name, imaging.to_png_bytes(cf, bits=16))
-    hashes["reconstruction.png"] = _write(out / "reconstruction.png",
-                                          imaging.to_png_bytes(result.reconstruction, bits=16))
-    hashes["overlay.png"] = _write(out / "overlay.png", imaging.to_png_bytes(overlay))
-    hashes["attribution.npy"] = _write(out / "attribution.npy", _npy_bytes(amap.signed))
+        files.append((name, partial(imaging.to_png_bytes, cf, bits=16)))
+    files.append(("reconstruction.png", partial(imaging.to_png_bytes, result.reconstruction, bits=16)))
+    files.append(("overlay.png", partial(imaging.to_png_bytes, overlay)))
+    files.append(("attribution.npy", partial(_npy_bytes, amap.signed)))
     if amap.std is not None:
-        hashes["attribution_std.npy"] = _write(out / "attribution_std.npy", _npy_bytes(amap.std))
+        files.append(("attribution_std.npy", partial(_npy_bytes, amap.std)))
     if mask is not None:
-        hashes["mask.png"] = _write(out / "mask.png", imaging.to_png_bytes(mask.astype(np.float32)))
+        files.append(("mask.png", partial(imaging.to_png_bytes, mask.astype(np.float32))))
     if lungs is not None:
-        hashes["lung_mask.png"] = _write(out / "lung_mask.png", mask_png_bytes(lungs))
+        files.append(("lung_mask.png", partial(mask_png_bytes, lungs)))
+    with ThreadPoolExecutor(max_workers=FILE_WRITERS, thread_name_prefix="vald-md-files") as pool:
+        futures = [pool.submit(lambda n=name, f=make: _write(out / n, f())) for name, make in files]
+        hashes = {name: fut.result() for (name, _), fut in zip(files, futures, strict=True)}
     summary = mapscale.summarize_scaled(amap, calibration, parameters=result.parameters, reason=scale_reason)
     record = {
         "vald_md_record": 1,
