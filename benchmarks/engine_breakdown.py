@@ -57,7 +57,7 @@ STAGES: list[tuple[str, str]] = [
     ("denoising", "denoising steps 2..n"),
     ("per_unet_evaluation", "  per denoising step (CFG batch of 2)"),
     ("vae_decode", "VAE decode (after the last step)"),
-    ("postprocess", "postprocess: un-letterbox + reconstruction (VAE encode+decode)"),
+    ("postprocess", "postprocess: un-letterbox + reconstruction (VAE decode of the encoded posterior)"),
     ("engine_total", "engine.generate total"),
     ("attribution", "attribution: difference map + overlay + summary"),
     ("png_encoding", "PNG encoding (input, counterfactuals, reconstruction: 16-bit; overlay: 8-bit)"),
