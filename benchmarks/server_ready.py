@@ -1,0 +1,70 @@
+"""Seconds from `vald-md serve` starting to its first HTTP 200 on /readyz (issue 15: "server ready <= 5 s").
+
+Starts the server with the embedded model (or --model) on 127.0.0.1 and a free port, with a fresh data folder
+each time (the first start: database created, migrations, audit key, chain), N times, and prints the times
+(median, each) as JSON. The time covers the interpreter's start, the imports, the database's start-up, the model
+load and its warm-up, until /readyz answers 200.
+
+    .venv/bin/python benchmarks/server_ready.py --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.local_server import free_port, stop_server  # noqa: E402
+
+
+def time_to_ready(model: Path, work: Path, timeout_s: float = 120.0) -> float:
+    """Seconds from starting `vald-md serve` (a fresh data folder under ``work``) to /readyz answering 200."""
+    import os
+    import subprocess
+
+    import httpx
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VALD_MD_")}
+    exe = Path(sys.executable).parent / "vald-md"
+    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(model),
+           "--data-dir", str(work / "data")]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - t0 < timeout_s and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise SystemExit("the server did not become ready")
+    finally:
+        stop_server(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and print; returns 0."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "model_weights" / "vald-md-mini", help="model folder")
+    p.add_argument("--runs", type=int, default=3, help="server starts to time (default 3)")
+    args = p.parse_args(argv)
+    times = []
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            times.append(round(time_to_ready(args.model, Path(tmp)), 2))
+    print(json.dumps({"median_s": statistics.median(times), "runs_s": times, "model": str(args.model)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
