@@ -83,7 +83,8 @@ ONE_SAMPLE_METHODS = ("classifier_guided", "ddim_inversion")
 """Methods that make one deterministic-path counterfactual (DDIM): one sample, no negative prompt."""
 MAX_CLASSIFIER_SCALE = 5.0
 MAX_CASE_LABEL = 64
-"""Characters of the operator's optional case label (shown on the result, stored in job.json and record.json)."""
+"""Characters of the operator's optional case label (shown on the result, stored in job.json only: never in
+record.json, which is exported)."""
 DISCLAIMER = "AI-generated counterfactual — not for diagnostic use"
 FILE_WRITERS = 2
 """Threads that encode and write a run's files side by side (zlib releases the GIL; docs/PERFORMANCE.md)."""
