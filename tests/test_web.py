@@ -1443,6 +1443,13 @@ def test_history_search_filter_and_delete(tiny_engine, tmp_path):
         assert c.get(f"/api/v1/jobs/{reuse}/artifacts/input.png").status_code == 200
         [event] = audit.query_events(app.state.db, action="run_delete")
         assert event.username == "clinician-h" and event.object_id == str(uuid.UUID(chest))
+        # the filter form's fields travel with the Delete button: the refreshed panel keeps the search and highlight
+        assert 'hx-include="#history form.history-filter"' in c.get("/").text
+        spare = run(case_label="ward B spare", prompt="cardiomegaly")
+        r = c.post(f"/runs/{spare}/delete", data={"q": "ward", "state": "done", "current": heart}, headers=htmx)
+        doc = Doc(r.text)
+        assert [a["data-history-item"] for a in doc.find_all("li") if "data-history-item" in a] == [heart]
+        assert 'value="ward"' in r.text and "is-current" in r.text
         # another user cannot delete it, and a queued or running run is not deleted
         other = TestClient(app)
         sign_in(other, app, add_user(app.state.db, "clinician-other"))

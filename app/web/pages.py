@@ -326,13 +326,20 @@ def history(request: Request, jobs: JobsDep, user: CurrentUser,
 
 
 @router.post("/runs/{job_id}/delete")
-def delete_run(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser) -> Response:
+def delete_run(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser,
+               q: Annotated[str, Form(max_length=100)] = "",
+               state: Annotated[str, Form(pattern=f"^({'|'.join(HISTORY_STATE_CHOICES)})?$")] = "",
+               current: Annotated[str | None, Form(max_length=32)] = None) -> Response:
     """Delete one of the user's finished runs and its files (``JobManager.delete``; audited as ``run_delete``).
-    HTMX gets the refreshed history panel, and a redirect to ``/`` when the page was showing that run."""
+    HTMX gets the refreshed history panel, still narrowed by the panel's search (``q``, ``state``, the highlighted
+    ``current`` run: the filter form's fields travel with the button), and a redirect to ``/`` when the page was
+    showing that run."""
     jobs.delete(job_id, user.owner, actor=user.user)
     if not is_htmx(request):
         return RedirectResponse("/", status_code=303)
     headers = dict(NO_STORE)
     if request.headers.get("HX-Current-URL", "").split("?")[0].rstrip("/").endswith(f"/runs/{job_id}"):
         headers["HX-Redirect"] = "/"
-    return render(request, "_history.html", {"history": jobs.list_jobs(user.owner, HISTORY_LIMIT)}, headers=headers)
+    found = filter_history(jobs.list_jobs(user.owner), q, state)[:HISTORY_LIMIT]
+    return render(request, "_history.html", {"history": found, "current_id": current, "history_q": q,
+                                             "history_state": state}, headers=headers)
