@@ -29,7 +29,6 @@ source image; only to the server the image came from. ``deidentified`` — a new
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from datetime import date
@@ -86,9 +85,9 @@ def pacs_client(request: Request, name: str) -> PacsClient:
 
 
 def uid_hash(request: Request, uid: str) -> str:
-    """The UID as the audit trail keeps it: HMAC under the server's UID key (``audit.hmac_uid``)."""
-    secret: bytes | None = getattr(request.app.state, "uid_secret", None)
-    return audit.hmac_uid(secret, uid) if secret else hashlib.sha256(uid.encode()).hexdigest()
+    """The UID as the audit trail keeps it: HMAC under the server's UID key (``audit.hmac_uid``; the key is loaded
+    at start-up, before any request)."""
+    return audit.hmac_uid(request.app.state.uid_secret, uid)
 
 
 def audit_pacs(request: Request, db: Any, caller: Caller, action: audit.AuditAction, server: str, *,

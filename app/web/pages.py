@@ -151,16 +151,16 @@ def review_page(request: Request, engine: EngineDep, settings: SettingsDep, jobs
     return render(request, "review.html", page_context(engine, settings, jobs, user), headers=NO_STORE)
 
 
-def stored_upload(jobs: JobManager, run_id: str, user: Caller) -> bytes:
-    """The stored upload of one of ``user``'s runs (reused as the input of a new run or of a preview).
+def stored_upload(job: Job) -> bytes:
+    """The stored upload of a run (reused as the input of a new run or of a preview).
 
     Raises:
-        JobNotFoundError: no such run of this user, or it was deleted while being read (404, not a 500).
+        JobNotFoundError: the run was deleted while being read (404, not a 500).
     """
     try:
-        return find_job(jobs, run_id, user).upload_path.read_bytes()
+        return job.upload_path.read_bytes()
     except FileNotFoundError:
-        raise JobNotFoundError(run_id) from None
+        raise JobNotFoundError(job.id) from None
 
 
 @router.post("/inspect", response_class=HTMLResponse)
@@ -174,7 +174,7 @@ async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep,
     reused = None
     if not data and reuse_input:
         reused = reuse_input
-        data = stored_upload(jobs, reuse_input, user)
+        data = stored_upload(find_job(jobs, reuse_input, user))
     if not data:
         raise imaging.UnsupportedImageError("The file is empty. Choose a DICOM, PNG or JPEG image.")
     # an annotated export (A1111's "PNG info"): offer the parameters of the run that made it
@@ -203,7 +203,7 @@ async def create_run(request: Request, params: Annotated[ReviewFormParams, Form(
     mask_png = await read_upload(mask, limit, limit_mb)
     if not data and params.reuse_input:
         source = find_job(jobs, params.reuse_input, user)
-        data = stored_upload(jobs, params.reuse_input, user)
+        data = stored_upload(source)
         try:
             if mask_png is None and (source.run_dir / MASK_UPLOAD).is_file():
                 mask_png = (source.run_dir / MASK_UPLOAD).read_bytes()
