@@ -9,25 +9,9 @@ import pytest
 
 from app.train.__main__ import run
 from app.train.config import ConfigError, TrainConfig, load_config, parse_config
+from tests.test_train import TINY_TOML as VAE
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-VAE = """
-[data]
-image_size = 32
-[vae]
-block_out_channels = [32, 64]
-layers_per_block = 1
-latent_channels = 4
-norm_num_groups = 32
-kl_weight = 1e-6
-lr = 1e-3
-warmup_steps = 1
-batch_size = 2
-crop_size = 16
-steps = 3
-checkpoint_every = 2
-validate_every = 2
-"""
 
 
 @pytest.mark.parametrize("name", ["vald-md-mini.toml", "vald-md-lesion.toml"])
@@ -54,8 +38,8 @@ def test_the_embedded_models_config_is_typed() -> None:
     (("block_out_channels = [32, 64]", 'block_out_channels = [32, "64"]'), "should be a list of integer"),
     (("crop_size = 16\n", ""), "[vae] lacks required key 'crop_size'"),
     (("[vae]", "[vea]"), "unknown table [vea]"),
-    (("steps = 3", "steps = 3\nwhole_image_steps = 1"), "whole_image_steps = 1 needs whole_image_batch"),
-    (("[data]", '[prompts]\ncovid = 3\n[data]'), "[prompts] covid = 3 should be a string or a list of strings"),
+    (("whole_image_batch = 2", "whole_image_batch = 0"), "whole_image_steps = 1 needs whole_image_batch >= 1"),
+    (("covid = [\"COVID 19\"]", "covid = 3"), "[prompts] covid = 3 should be a string or a list of strings"),
     (("image_size = 32", "image_size = "), "not valid TOML"),
 ])
 def test_a_bad_table_is_refused_naming_the_file_table_and_key(edit: tuple[str, str], message: str) -> None:
@@ -71,7 +55,7 @@ def test_numbers_given_as_integers_are_floats_and_the_raw_table_is_kept() -> Non
 
 
 def test_a_table_the_mode_needs_must_be_present(tmp_path: Path) -> None:
-    (tmp_path / "c.toml").write_text(VAE)
+    (tmp_path / "c.toml").write_text(VAE.split("[unet]")[0])
     with pytest.raises(ConfigError, match=r"needs a \[unet\] table"):
         load_config(tmp_path / "c.toml", needs=("data", "unet"))
     with pytest.raises(ConfigError, match="cannot read config"):
@@ -82,6 +66,7 @@ def test_with_lr_replaces_the_rate_in_the_typed_and_the_raw_table() -> None:
     cfg = parse_config(VAE).with_lr("vae", 2e-4)
     assert isinstance(cfg, TrainConfig) and cfg.vae is not None and cfg.vae.lr == 2e-4
     assert cfg.raw["vae"]["lr"] == 2e-4 and cfg.raw["vae"]["steps"] == 3
+    assert cfg.vae_decoder is not None and cfg.vae_decoder.lr == cfg.raw["vae_decoder"]["lr"] == 1e-3
 
 
 def test_vald_md_train_stops_before_any_work_on_a_typo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

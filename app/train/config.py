@@ -35,7 +35,28 @@ class DataSection:
 
 
 @dataclass(frozen=True)
-class VaeSection:
+class ScheduleSection:
+    """The optimisation schedule every trained table has (the base of the tables below).
+
+    Attributes:
+        lr: peak AdamW learning rate.
+        warmup_steps: linear warm-up steps.
+        batch_size: samples (crops, images or latents) per step.
+        steps: optimiser steps in all.
+        checkpoint_every: steps between checkpoints.
+        validate_every: steps between validations.
+    """
+
+    lr: float
+    warmup_steps: int
+    batch_size: int
+    steps: int
+    checkpoint_every: int
+    validate_every: int
+
+
+@dataclass(frozen=True)
+class VaeSection(ScheduleSection):
     """``[vae]``: architecture and schedule of stage 1 (the 1-channel ``AutoencoderKL``).
 
     Attributes:
@@ -44,13 +65,7 @@ class VaeSection:
         latent_channels: channels of the latent.
         norm_num_groups: GroupNorm groups.
         kl_weight: weight of the KL term (per pixel).
-        lr: peak AdamW learning rate.
-        warmup_steps: linear warm-up steps.
-        batch_size: random crops per step.
-        crop_size: crop side in pixels.
-        steps: optimiser steps in all.
-        checkpoint_every: steps between checkpoints.
-        validate_every: steps between validations.
+        crop_size: random crop side in pixels.
         whole_image_steps: the last N steps train on whole images (0 = never).
         whole_image_batch: whole images per step in those steps (needed when whole_image_steps > 0).
     """
@@ -60,13 +75,7 @@ class VaeSection:
     latent_channels: int
     norm_num_groups: int
     kl_weight: float
-    lr: float
-    warmup_steps: int
-    batch_size: int
     crop_size: int
-    steps: int
-    checkpoint_every: int
-    validate_every: int
     whole_image_steps: int = 0
     whole_image_batch: int = 0
 
@@ -76,32 +85,33 @@ class VaeSection:
 
 
 @dataclass(frozen=True)
-class VaeDecoderSection:
+class VaeDecoderSection(ScheduleSection):
     """``[vae_decoder]``: schedule of stage 1b (the decoder alone, L1 + SSIM loss).
 
     Attributes:
-        lr: peak AdamW learning rate.
-        warmup_steps: linear warm-up steps.
-        batch_size: random crops per step.
-        crop_size: crop side in pixels.
+        crop_size: random crop side in pixels.
         ssim_weight: weight of (1 - SSIM) beside the L1 loss.
-        steps: optimiser steps in all.
-        checkpoint_every: steps between checkpoints.
-        validate_every: steps between validations.
     """
 
-    lr: float
-    warmup_steps: int
-    batch_size: int
     crop_size: int
     ssim_weight: float
-    steps: int
-    checkpoint_every: int
-    validate_every: int
 
 
 @dataclass(frozen=True)
-class UnetSection:
+class DenoiserSchedule(ScheduleSection):
+    """The schedule of a UNet trained on latents with caption dropout and an EMA.
+
+    Attributes:
+        caption_dropout: probability in [0, 1] of training a sample unconditionally.
+        ema_decay: EMA decay in (0, 1).
+    """
+
+    caption_dropout: float
+    ema_decay: float
+
+
+@dataclass(frozen=True)
+class UnetSection(DenoiserSchedule):
     """``[unet]``: architecture and schedule of stage 2 (the ``UNet2DConditionModel``).
 
     Attributes:
@@ -109,14 +119,6 @@ class UnetSection:
         layers_per_block: ResNet layers per level.
         attention_head_dim: attention head dimension.
         cross_attention_dim: width of the text embeddings (384 for all-MiniLM-L6-v2).
-        lr: peak AdamW learning rate.
-        warmup_steps: linear warm-up steps.
-        batch_size: latents per step.
-        steps: optimiser steps in all.
-        caption_dropout: probability in [0, 1] of training a sample unconditionally.
-        ema_decay: EMA decay in (0, 1).
-        checkpoint_every: steps between checkpoints.
-        validate_every: steps between validations.
         attention_levels: per level, whether it carries (self + cross) attention; None = all but the lowest.
     """
 
@@ -124,14 +126,6 @@ class UnetSection:
     layers_per_block: int
     attention_head_dim: int
     cross_attention_dim: int
-    lr: float
-    warmup_steps: int
-    batch_size: int
-    steps: int
-    caption_dropout: float
-    ema_decay: float
-    checkpoint_every: int
-    validate_every: int
     attention_levels: list[bool] | None = None
 
 
@@ -149,32 +143,16 @@ class TextEncoderSection:
 
 
 @dataclass(frozen=True)
-class FinetuneSection:
+class FinetuneSection(DenoiserSchedule):
     """``[finetune]``: schedule of ``vald-md train lesion-finetune``.
 
     Attributes:
         image_size: side of the training images in pixels.
-        lr: peak AdamW learning rate.
-        warmup_steps: linear warm-up steps.
-        batch_size: latents per step.
-        steps: optimiser steps in all.
-        caption_dropout: probability in [0, 1] of training a sample unconditionally.
-        ema_decay: EMA decay in (0, 1).
         outside_weight: loss weight in [0, 1] of latent pixels outside the lungs.
-        checkpoint_every: steps between checkpoints.
-        validate_every: steps between validations.
     """
 
     image_size: int
-    lr: float
-    warmup_steps: int
-    batch_size: int
-    steps: int
-    caption_dropout: float
-    ema_decay: float
     outside_weight: float
-    checkpoint_every: int
-    validate_every: int
 
 
 Prompts = dict[str, str | list[str]]

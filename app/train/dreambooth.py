@@ -156,7 +156,8 @@ def train_dreambooth(args: argparse.Namespace) -> int:
                 continue
             with acc.accumulate(unet):
                 inst = cache[lab][rng.integers(0, len(cache[lab]), args.train_batch_size)]
-                batch = [inst] + ([prior[rng.integers(0, len(prior), args.train_batch_size)]] if prior is not None else [])
+                batch = [inst] + ([prior[rng.integers(0, len(prior), args.train_batch_size)]]
+                                  if prior is not None else [])
                 x = to_model_range(np.concatenate(batch)).repeat(1, ch, 1, 1).to(acc.device)
                 with torch.no_grad():
                     z = vae.encode(x.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor

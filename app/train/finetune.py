@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
 
     from app import engine
     from app.train.common import (LossLog, Progress, all_captions, banner, caption_for, out_of_time,
-                                  resume_state, save_checkpoint)
+                                  restore_scratch, resume_state, save_checkpoint)
     from app.train.schedule import warmup_cosine_to_floor
     from app.train.unet import encode_latents, min_snr_weights, sd_noise_scheduler
 
@@ -203,12 +203,8 @@ def main(args: argparse.Namespace) -> int:
     start, best, elapsed0 = 0, float("inf"), 0.0
     st = resume_state(out, args.resume)
     if st is not None:
-        unet.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
+        start, best, elapsed0, rng = restore_scratch(st, unet, opt, sched)
         ema.load_state_dict(st["ema"])
-        torch.set_rng_state(st["torch_rng"])
-        start, best, elapsed0, rng = st["step"], st["best"], st["elapsed"], st["np_rng"]
     banner("lesion-finetune", args, {"start": start, "total": total, "groups": {f"{s}/{lab}": len(v)
                                      for (s, lab), v in sorted(groups.items())}, "outside_weight": outside,
                                      "unet_params": sum(p.numel() for p in unet.parameters())})

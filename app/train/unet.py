@@ -224,7 +224,8 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
         proj = fit_preview_projection(lat["train_mean"][sub], load_gray([train_rows[i].path for i in sub], size))
         manifest = {
             "name": Path(args.package).name,
-            "training": {"mode": "from-scratch", "steps": total_run, "planned_steps": total, "unet_wall_min": round(wall / 60, 1),
+            "training": {"mode": "from-scratch", "steps": total_run, "planned_steps": total,
+                         "unet_wall_min": round(wall / 60, 1),
                          "latent_encode_s": round(lat["encode_s"], 1), "best_val_eps_mse": best,
                          "args": {k: v for k, v in vars(args).items()}, "config": cfg.raw},
             "data": {"csv": Path(args.data).name, "sha256": data_hash(train_rows),

@@ -212,8 +212,8 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
     """Write model folder ``out``: ``model`` with the fine-tuned decoder of ``vae_dir``; returns the new hash.
 
     Every other component (UNet, text encoder, tokenizer, scheduler) is copied byte for byte; only ``vae/`` is
-    rewritten, in the dtype ``model`` stores its autoencoder in, with its scaling factor. Refuses when the encoders differ
-    (the UNet of ``model`` was trained on that encoder's latents).
+    rewritten, in the dtype ``model`` stores its autoencoder in, with its scaling factor. Refuses when the encoders
+    differ (the UNet of ``model`` was trained on that encoder's latents).
     """
     from diffusers import AutoencoderKL
 
