@@ -83,7 +83,8 @@ def test_the_loss_log_appends_across_invocations_and_draws_a_plot(tmp_path: Path
     log.row(3, 0.125, 5e-4, 3.0)
     log.plot()
     log.fh.close()
-    rows = list(csv.reader(open(tmp_path / "loss.csv")))
+    with open(tmp_path / "loss.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
     assert rows[0] == ["step", "loss", "lr", "elapsed_s", "val_name", "val_value"]
     assert rows[1:] == [["1", "0.500000", "1.000e-03", "1.0", "", ""],
                         ["2", "0.250000", "1.000e-03", "2.0", "val_psnr_db", "20.0000"],

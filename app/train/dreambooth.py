@@ -211,7 +211,7 @@ def train_dreambooth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_validation(out: Path, step: int, unet, vae, text_encoder, tokenizer, scheduler,
+def _write_validation(out: Path, step: int, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any,
                       rows: list[LabelledImage], res: int, seed: int) -> None:
     """Healthy counterfactuals of a few diseased training images (paper preset), saved as original|cf strips."""
     from diffusers import StableDiffusionImg2ImgPipeline

