@@ -1,7 +1,7 @@
 """The ``vald-md`` command.
 
 Sub-commands: ``counterfactual`` (files in, artifacts out), ``model info|assemble``, ``train`` (see
-``app/train.py``), ``serve`` (the review web app), ``evaluate`` (paper tables and localization), ``users`` and
+``app/train/``), ``serve`` (the review web app), ``evaluate`` (paper tables and localization), ``users`` and
 ``audit`` (accounts and the audit trail). Errors a user can fix print one readable line and exit 2.
 """
 
@@ -34,7 +34,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full ``vald-md`` argument parser (``train`` forwards its arguments to app.train)."""
+    """The full ``vald-md`` argument parser (``train`` forwards its arguments to app.train.__main__)."""
     p = argparse.ArgumentParser(prog="vald-md", description="VALD-MD: counterfactual attribution for chest X-rays")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -229,22 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     # lines before any command's own output. Its warnings and errors still show (and -v shows everything).
     if "-v" not in argv and "--verbose" not in argv:
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    if argv[:2] == ["train", "lungs"]:
-        from app import train_lungs
-
-        return train_lungs.main(train_lungs.parse_args(argv[2:]))
-    if argv[:2] == ["train", "lesions"]:
-        from app import train_lesions
-
-        return train_lesions.main(train_lesions.parse_args(argv[2:]))
-    if argv[:2] == ["train", "lesion-finetune"]:
-        from app import train_finetune
-
-        return train_finetune.main(train_finetune.parse_args(argv[2:]))
     if argv and argv[0] == "train":
-        from app import train
+        from app.train.__main__ import run as train
 
-        return train.main(train.parse_args(argv[1:]))
+        return train(argv[1:])
     if argv and argv[0] == "evaluate":
         from app import evaluate
 

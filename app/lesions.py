@@ -8,7 +8,7 @@ Input preparation (:meth:`LesionClassifier.prepare`, differentiable in the image
 cropped to the bounding box of the lung mask widened by 5 % per side, resized to ``size`` x ``size``, standardised
 by the mean and standard deviation of its lung pixels, and set to 0 outside the (resized) lung mask.
 
-Trained by ``vald-md train lesions`` (``app/train_lesions.py``). Imports torch, numpy and ``app.lungs``; nothing
+Trained by ``vald-md train lesions`` (``app/train/lesions.py``). Imports torch, numpy and ``app.lungs``; nothing
 of the web.
 """
 

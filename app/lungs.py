@@ -2,7 +2,7 @@
 
 The segmenter restricts attribution maps to the lungs (as the paper does), keeps them off the letterbox, the
 image borders and burned-in markers, and gives training and evaluation an anatomical frame. It is trained by
-``vald-md train lungs`` (``app/train_lungs.py``) on the lung masks of ``shared/data/lungmasks-v7labs``; its
+``vald-md train lungs`` (``app/train/lungs.py``) on the lung masks of ``shared/data/lungmasks-v7labs``; its
 Dice on held-out and other-source images is in ``model_weights/lungs-unet/MODEL_CARD.md``.
 
 Inference (:meth:`LungSegmenter.segment`): the native image (H, W) in [0, 1] is resized to ``size`` x ``size``

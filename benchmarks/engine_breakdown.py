@@ -33,7 +33,6 @@ import resource
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -171,15 +170,19 @@ def build_mini_model(out: Path) -> Path:
     """vald-md-mini's architecture (configs/vald-md-mini.toml) with random UNet/VAE and the packaged MiniLM."""
     import torch
 
-    from app import engine, train
+    from app import engine
+    from app.train.config import load_config
+    from app.train.unet import build_unet, load_minilm
+    from app.train.vae import build_vae
 
-    cfg = tomllib.loads((ROOT / "configs" / "vald-md-mini.toml").read_text())
-    size = int(cfg["data"]["image_size"])
+    cfg = load_config(ROOT / "configs" / "vald-md-mini.toml", needs=("data", "vae", "unet", "text_encoder"))
+    assert cfg.data and cfg.vae and cfg.unet and cfg.text_encoder
+    size = cfg.data.image_size
     torch.manual_seed(0)
-    vae = train.build_vae(cfg["vae"], size)
-    factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
-    unet = train.build_unet(cfg["unet"], size // factor, cfg["vae"]["latent_channels"])
-    enc, tok = train.load_minilm(cfg["text_encoder"]["max_length"])
+    vae = build_vae(cfg.vae, size)
+    factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    unet = build_unet(cfg.unet, size // factor, cfg.vae.latent_channels)
+    enc, tok = load_minilm(cfg.text_encoder.max_length)
     engine.write_model_folder(out, unet=unet, vae=vae, text_encoder=enc, tokenizer=tok, dtype=torch.float16,
                               manifest={"name": "vald-md-mini-architecture-random"})
     return out

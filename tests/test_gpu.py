@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from app import engine, train
+from app import engine
+from app.train.__main__ import main
+from app.train.arguments import parse_args
 from tests.test_train import _dataset
 from tests.tiny_model import write_tiny_model
 
@@ -52,13 +54,13 @@ def test_dreambooth_bf16_checkpointing_ema_text_encoder_on_cuda(tmp_path):
     csv_path = _dataset(tmp_path / "data")
     base = write_tiny_model(tmp_path / "base")
     out = tmp_path / "db"
-    args = train.parse_args(
+    args = parse_args(
         ["dreambooth", "--data", str(csv_path), "--model", str(base), "--output-dir", str(out),
          "--stages", "normal:3,covid:3", "--resolution", "32", "--train-batch-size", "2",
          "--mixed-precision", "bf16", "--gradient-checkpointing", "--use-ema", "--use-8bit-adam",
          "--gradient-accumulation-steps", "1", "--num-class-images", "2", "--prior-steps", "2",
          "--checkpointing-steps", "3", "--validation-steps", "6", "--save-fp16"])
-    assert train.main(args) == 0
+    assert main(args) == 0
     rows = list(csv.DictReader(open(out / "loss.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(float(r["loss"])) and np.isfinite(float(r["val_value"])) for r in rows)

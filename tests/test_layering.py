@@ -37,13 +37,10 @@ FORBIDDEN: dict[str, set[str]] = {
                 "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli", "mapmethods"},
     # engine-level map methods: beside the engine, below artifacts and evaluation
     "mapmethods": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "manage"},
-    # the one-file training commands of the segmenter, the classifier and the lesion fine-tuning
-    "train_lungs": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
-    "train_lesions": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
-    "train_finetune": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
     "artifacts": {"jobs", "web", "train", "evaluate", "audit", "cli"},
     "exports": {"engine", "jobs", "web", "train", "evaluate", "audit", "cli", "lungs"},
-    "train": {"jobs", "web", "evaluate", "audit", "cli"},
+    # every training technique (app/train/: vae, unet, dreambooth, lungs, lesions, finetune and what they share)
+    "train": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
     "evaluate": {"jobs", "web", "train", "audit", "cli"},
     "jobs": {"web", "train", "evaluate", "cli"},
     "web": {"train", "cli"},

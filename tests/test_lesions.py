@@ -1,4 +1,4 @@
-"""The lung-only lesion classifier (app.lesions), its training (app.train_lesions) and the map methods that use
+"""The lung-only lesion classifier (app.lesions), its training (app.train.lesions) and the map methods that use
 it or the engine (app.mapmethods)."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_classifier_guidance_lowers_the_disease_logit(tiny_engine, tiny_classifi
 
 def test_train_lesions_on_synthetic_opacities(tmp_path: Path) -> None:
     """Disease = a bright blob inside a lung; the classifier must learn it (validation AUROC recorded)."""
-    from app.train_lesions import main, parse_args
+    from app.train.lesions import main, parse_args
 
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
@@ -112,7 +112,7 @@ def test_train_lesions_on_synthetic_opacities(tmp_path: Path) -> None:
         rows.append(f"img/{i}.png,{'val' if i >= 36 else 'train'},{'pneumonia' if sick else 'no_finding'}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     # the classifier sees only what the segmenter calls lung: train a tiny segmenter on these lungs first
-    from app import train_lungs
+    from app.train import lungs as train_lungs
 
     (tmp_path / "masks" / "images").mkdir(parents=True)
     (tmp_path / "masks" / "masks").mkdir()

@@ -1,4 +1,4 @@
-"""The lung segmenter (app.lungs) and its training command (app.train_lungs)."""
+"""The lung segmenter (app.lungs) and its training command (app.train.lungs)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_segmenter_folder_round_trip_hash_and_native_frame(tmp_path: Path) -> No
 
 
 def test_train_lungs_learns_a_synthetic_task_and_reports_dice(tmp_path: Path) -> None:
-    from app.train_lungs import main, parse_args
+    from app.train.lungs import main, parse_args
 
     _write_pairs(tmp_path / "src", 12, seed=0)
     _write_pairs(tmp_path / "ext", 4, seed=1)
@@ -100,7 +100,7 @@ def test_train_lungs_learns_a_synthetic_task_and_reports_dice(tmp_path: Path) ->
 
 
 def test_train_lungs_rejects_bad_flags() -> None:
-    from app.train_lungs import parse_args
+    from app.train.lungs import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--data", "x", "--output-dir", "y", "--size", "30"])
@@ -110,7 +110,7 @@ def test_train_lungs_rejects_bad_flags() -> None:
 def test_embedded_segmenter_meets_its_dice_on_held_out_and_other_source_masks(shared_data: Path) -> None:
     """The committed model_weights/lungs-unet: Dice >= 0.90 on held-out V7 Labs masks (measured 0.957) and
     >= 0.80 on COVID-QU-Ex, another source (measured 0.820)."""
-    from app.train_lungs import evaluate_dice, find_pairs, is_holdout
+    from app.train.lungs import evaluate_dice, find_pairs, is_holdout
 
     seg = LungSegmenter()
     held = [p for p in find_pairs(shared_data / "lungmasks-v7labs") if is_holdout(p, 0.2)]

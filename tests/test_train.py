@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from app import engine, train
+from app import engine
+from app.train.__main__ import main
+from app.train.arguments import parse_args
+from app.train.common import latest_checkpoint
+from app.train.config import parse_config
+from app.train.dreambooth import parse_stages, prior_preservation_loss
+from app.train.vae import build_vae, package_with_decoder
 from tests.tiny_model import write_tiny_model
 
 TINY_TOML = """
@@ -89,30 +95,29 @@ def _dataset(root: Path, size: int = 32) -> Path:
 def test_prior_preservation_loss_on_known_tensors():
     pred = torch.tensor([[1.0, 1.0], [0.0, 0.0], [3.0, 3.0]])
     target = torch.zeros(3, 2)
-    total, inst, prior = train.prior_preservation_loss(pred, target, n_instance=1, prior_weight=0.5)
+    total, inst, prior = prior_preservation_loss(pred, target, n_instance=1, prior_weight=0.5)
     assert inst.item() == pytest.approx(1.0)          # mean((1,1)^2)
     assert prior.item() == pytest.approx(4.5)         # mean((0,0,3,3)^2) = 18/4
     assert total.item() == pytest.approx(1.0 + 0.5 * 4.5)
-    total, inst, prior = train.prior_preservation_loss(pred, target, n_instance=3, prior_weight=1.0)
+    total, inst, prior = prior_preservation_loss(pred, target, n_instance=3, prior_weight=1.0)
     assert prior.item() == 0.0 and total.item() == pytest.approx(inst.item())
 
 
 def test_parse_stages_paper_order_and_errors():
-    assert train.parse_stages("auto", {"covid", "normal", "viral_pneumonia"}) == [
+    assert parse_stages("auto", {"covid", "normal", "viral_pneumonia"}) == [
         ("normal", 1200), ("covid", 500), ("viral_pneumonia", 500)]
-    assert train.parse_stages("covid:3,normal:2", {"covid", "normal"}) == [("covid", 3), ("normal", 2)]
+    assert parse_stages("covid:3,normal:2", {"covid", "normal"}) == [("covid", 3), ("normal", 2)]
     with pytest.raises(ValueError, match="LABEL:STEPS"):
-        train.parse_stages("cardio:3", {"covid", "normal"})
+        parse_stages("cardio:3", {"covid", "normal"})
 
 
 def test_incompatible_flags_rejected():
     with pytest.raises(SystemExit):
-        train.parse_args(["unet", "--data", "x.csv", "--output-dir", "o", "--config", "c.toml"])  # no --vae
+        parse_args(["unet", "--data", "x.csv", "--output-dir", "o", "--config", "c.toml"])  # no --vae
     with pytest.raises(SystemExit):
-        train.parse_args(["vae", "--data", "x.csv", "--output-dir", "o", "--config", "c", "--package", "p"])
+        parse_args(["vae", "--data", "x.csv", "--output-dir", "o", "--config", "c", "--package", "p"])
 
 
-@pytest.mark.slow
 def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     csv_path = _dataset(tmp_path / "data")
     cfg = tmp_path / "tiny.toml"
@@ -120,16 +125,16 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     run = tmp_path / "run"
     common = ["--data", str(csv_path), "--output-dir", str(run), "--config", str(cfg), "--threads", "1"]
     # stage 1, interrupted after 2 steps, then resumed to the end
-    assert train.main(train.parse_args(["vae", *common, "--max-steps", "2"])) == 0
-    assert train.latest_checkpoint(run).name == "step-000002.pt"
-    assert train.main(train.parse_args(["vae", *common, "--resume", "latest"])) == 0
+    assert main(parse_args(["vae", *common, "--max-steps", "2"])) == 0
+    assert latest_checkpoint(run).name == "step-000002.pt"
+    assert main(parse_args(["vae", *common, "--resume", "latest"])) == 0
     rows = list(csv.DictReader(open(run / "loss.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]  # resumed at 3, not restarted
     assert (run / "vae-best" / "config.json").is_file() and (run / "loss.png").is_file()
     # stage 2 + package
     urun = tmp_path / "urun"
     model = tmp_path / "model"
-    assert train.main(train.parse_args(
+    assert main(parse_args(
         ["unet", "--data", str(csv_path), "--output-dir", str(urun), "--config", str(cfg), "--vae",
          str(run / "vae-best"), "--package", str(model), "--threads", "1"])) == 0
     manifest = json.loads((model / "vald_md.json").read_text())
@@ -142,7 +147,7 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
 
     # stage 1b: a sharper decoder for the packaged model; encoder, latents and UNet stay as they were
     drun, model2 = tmp_path / "drun", tmp_path / "model2"
-    assert train.main(train.parse_args(
+    assert main(parse_args(
         ["vae-decoder", "--data", str(csv_path), "--output-dir", str(drun), "--config", str(cfg), "--vae",
          str(run / "vae-best"), "--model", str(model), "--package", str(model2), "--threads", "1"])) == 0
     val_rows = [r for r in csv.DictReader(open(drun / "loss.csv")) if r["val_name"]]
@@ -168,7 +173,7 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     assert manifest2["model_hash"] != manifest["model_hash"]
     # a second, lower-rate round from the first round's decoder: --learning-rate overrides the config, rounds kept
     drun2, model4 = tmp_path / "drun2", tmp_path / "model4"
-    assert train.main(train.parse_args(
+    assert main(parse_args(
         ["vae-decoder", "--data", str(csv_path), "--output-dir", str(drun2), "--config", str(cfg), "--vae",
          str(drun / "vae-best"), "--model", str(model2), "--package", str(model4), "--threads", "1",
          "--learning-rate", "2e-4", "--max-steps", "1"])) == 0
@@ -177,16 +182,15 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     assert [r["config"]["lr"] for r in rounds] == [1e-3, 2e-4]
     assert [r["from_vae"] for r in rounds] == [str(run / "vae-best"), str(drun / "vae-best")]
     # a different encoder would not match the UNet's latents: refused
-    other = train.build_vae(train.tomllib.loads(TINY_TOML)["vae"], 32)
+    other = build_vae(parse_config(TINY_TOML).vae, 32)
     other.save_pretrained(tmp_path / "other-vae")
     with pytest.raises(ValueError, match="different encoder"):
-        train.package_with_decoder(model, tmp_path / "other-vae", tmp_path / "model3",
-                                   train.parse_args(["vae-decoder", "--data", "x", "--output-dir", str(drun),
+        package_with_decoder(model, tmp_path / "other-vae", tmp_path / "model3",
+                                   parse_args(["vae-decoder", "--data", "x", "--output-dir", str(drun),
                                                      "--config", str(cfg), "--vae", "v"]),
-                                   train.tomllib.loads(TINY_TOML))
+                                   parse_config(TINY_TOML))
 
 
-@pytest.mark.slow
 def test_dreambooth_prior_preservation_text_encoder_resume(tmp_path):
     csv_path = _dataset(tmp_path / "data")
     base = write_tiny_model(tmp_path / "base")
@@ -194,10 +198,10 @@ def test_dreambooth_prior_preservation_text_encoder_resume(tmp_path):
     common = ["dreambooth", "--data", str(csv_path), "--model", str(base), "--output-dir", str(out),
               "--resolution", "32", "--train-batch-size", "1", "--mixed-precision", "no", "--num-class-images", "2",
               "--prior-steps", "2", "--checkpointing-steps", "2", "--validation-steps", "0", "--threads", "1"]
-    assert train.main(train.parse_args([*common, "--stages", "normal:2"])) == 0
+    assert main(parse_args([*common, "--stages", "normal:2"])) == 0
     before = {k: v.clone() for k, v in engine.CounterfactualEngine(out / "model", device="cpu").pipe.text_encoder.state_dict().items()}
     assert len(list((out / "class_images").glob("*.png"))) == 2
-    assert train.main(train.parse_args([*common, "--stages", "normal:2,covid:2", "--resume", "latest",
+    assert main(parse_args([*common, "--stages", "normal:2,covid:2", "--resume", "latest",
                                         "--validation-steps", "4"])) == 0
     steps = [int(r["step"]) for r in csv.DictReader(open(out / "loss.csv"))]
     assert steps == [1, 2, 3, 4]

@@ -1,4 +1,4 @@
-"""`vald-md train lesion-finetune` (app.train_finetune) on the tiny in-code model."""
+"""`vald-md train lesion-finetune` (app.train.finetune) on the tiny in-code model."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def everything_lung(tmp_path: Path) -> Path:
 
 def test_finetune_trains_resumes_and_packages_a_loadable_model(tmp_path: Path, everything_lung: Path) -> None:
     from app import engine
-    from app.train_finetune import main, parse_args
+    from app.train.finetune import main, parse_args
     from tests.tiny_model import write_tiny_model
 
     base = write_tiny_model(tmp_path / "base")
@@ -70,7 +70,7 @@ def test_finetune_trains_resumes_and_packages_a_loadable_model(tmp_path: Path, e
 
 
 def test_finetune_rejects_an_outside_weight_out_of_range() -> None:
-    from app.train_finetune import parse_args
+    from app.train.finetune import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--data", "d", "--config", "c", "--output-dir", "o", "--outside-weight", "2"])
@@ -81,7 +81,7 @@ def test_top_attention_starts_as_the_identity_and_trains() -> None:
     and its new weights receive gradients."""
     from diffusers import UNet2DConditionModel
 
-    from app.train_finetune import with_top_attention
+    from app.train.finetune import with_top_attention
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,

@@ -29,7 +29,7 @@ from PIL import Image
 
 from app.lesions import LesionNet, lung_box, save_classifier, standardize
 from app.lungs import LungSegmenter, resize_float
-from app.train_lungs import warmup_cosine
+from app.train.schedule import warmup_cosine_to_zero
 
 PROBE_SIZE = 256
 
@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
         weights[sel] = 1.0 / (len(groups) * sel.sum())
     model = LesionNet()
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_to_zero(args.steps))
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start, best, best_state, history = 0, -1.0, None, []

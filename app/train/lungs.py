@@ -20,7 +20,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from app.lungs import LungSegmenter, LungUNet, dice, normalize_intensity, resize_float, save_segmenter
+from app.train.schedule import warmup_cosine_to_zero
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -133,12 +133,6 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[tor
     return x.clamp(0, 1), y
 
 
-def warmup_cosine(steps: int) -> Callable[[int], float]:
-    """LR multiplier of step i: linear warm-up over the first 5 % of ``steps``, times a cosine from 1 to 0."""
-    warmup = max(1, steps // 20)
-    return lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))
-
-
 def dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """1 - soft Dice over the batch."""
     p = torch.sigmoid(logits)
@@ -209,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
     ys = torch.from_numpy(np.stack([b for _, b in loaded]))[:, None]
     model = LungUNet(channels)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_to_zero(args.steps))
     gen = torch.Generator().manual_seed(args.seed)
     start = 0
     ckpt = out / "checkpoint.pt"

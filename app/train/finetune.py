@@ -30,7 +30,6 @@ import json
 import shutil
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from app.datasets import RASTER_SUFFIXES, LabelledImage, read_labelled
 from app.lungs import LungSegmenter, marker_mask
+from app.train.config import load_config
 
 
 def read_sources(csvs: list[str], split: str, prompts: dict[str, Any]) -> list[tuple[LabelledImage, str]]:
@@ -56,7 +56,7 @@ def prepare_images(rows: list[tuple[LabelledImage, str]], seg: LungSegmenter, si
                    factor: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, size, size) with markers erased, and float32 lung shares per ``factor`` x ``factor`` block
     (the autoencoder's down-sampling): (N, size/factor, size/factor)."""
-    from app.train import load_gray
+    from app.train.common import load_gray
 
     imgs = load_gray([r.path for r, _ in rows], size)
     k = size // factor
@@ -137,22 +137,23 @@ def main(args: argparse.Namespace) -> int:
     from diffusers.training_utils import EMAModel
 
     from app import engine
-    from app.train import (LossLog, Progress, all_captions, banner, caption_for, encode_latents,
-                           lr_lambda, min_snr_weights, out_of_time, resume_state, save_checkpoint,
-                           sd_noise_scheduler)
+    from app.train.common import (LossLog, Progress, all_captions, banner, caption_for, out_of_time,
+                                  restore_scratch, resume_state, save_checkpoint)
+    from app.train.schedule import warmup_cosine_to_floor
+    from app.train.unet import encode_latents, min_snr_weights, sd_noise_scheduler
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with open(args.config, "rb") as fh:
-        cfg = tomllib.load(fh)
-    fcfg, prompts = cfg["finetune"], cfg["prompts"]
-    outside = args.outside_weight if args.outside_weight is not None else float(fcfg["outside_weight"])
+    cfg = load_config(args.config, needs=("finetune", "prompts"))
+    assert cfg.finetune is not None  # load_config checked
+    fcfg, prompts = cfg.finetune, cfg.prompts
+    outside = args.outside_weight if args.outside_weight is not None else fcfg.outside_weight
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = Path(args.model)
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
-    size = int(fcfg["image_size"])
+    size = fcfg.image_size
     rows = read_sources(args.data, "train", prompts)
     val_rows = read_sources(args.data, "val", prompts)
     vae = AutoencoderKL.from_pretrained(model / "vae").float().eval()
@@ -195,19 +196,15 @@ def main(args: argparse.Namespace) -> int:
     if args.attention_32:
         unet = with_top_attention(unet)
     noise_sched = sd_noise_scheduler()
-    opt = torch.optim.AdamW(unet.parameters(), lr=float(fcfg["lr"]), weight_decay=1e-2)
-    total = args.max_steps or int(fcfg["steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(fcfg["warmup_steps"]), total))
-    ema = EMAModel(unet.parameters(), decay=float(fcfg["ema_decay"]), use_ema_warmup=True, power=2 / 3)
+    opt = torch.optim.AdamW(unet.parameters(), lr=fcfg.lr, weight_decay=1e-2)
+    total = args.max_steps or fcfg.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_to_floor(fcfg.warmup_steps, total))
+    ema = EMAModel(unet.parameters(), decay=fcfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     start, best, elapsed0 = 0, float("inf"), 0.0
     st = resume_state(out, args.resume)
     if st is not None:
-        unet.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
+        start, best, elapsed0, rng = restore_scratch(st, unet, opt, sched)
         ema.load_state_dict(st["ema"])
-        torch.set_rng_state(st["torch_rng"])
-        start, best, elapsed0, rng = st["step"], st["best"], st["elapsed"], st["np_rng"]
     banner("lesion-finetune", args, {"start": start, "total": total, "groups": {f"{s}/{lab}": len(v)
                                      for (s, lab), v in sorted(groups.items())}, "outside_weight": outside,
                                      "unet_params": sum(p.numel() for p in unet.parameters())})
@@ -225,9 +222,9 @@ def main(args: argparse.Namespace) -> int:
     log, prog, t0 = LossLog(out), Progress(start, total), time.time()
     unet.train()
     for step in range(start, total):
-        idx = rng.choice(len(rows), size=int(fcfg["batch_size"]), p=weights)
+        idx = rng.choice(len(rows), size=fcfg.batch_size, p=weights)
         z = (lat["mean"][idx] + lat["std"][idx] * torch.randn_like(lat["mean"][idx])) * sf
-        caps = ["" if rng.random() < float(fcfg["caption_dropout"])
+        caps = ["" if rng.random() < fcfg.caption_dropout
                 else caption_for(as_rows[i], prompts, rng) for i in idx]
         cond = torch.stack([emb[c] for c in caps])
         noise = torch.randn_like(z)
@@ -246,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
         elapsed = elapsed0 + time.time() - t0
         last = step + 1 == total or out_of_time(args, t0)
         val_name, val_value = "", ""
-        if (step + 1) % int(fcfg["validate_every"]) == 0 or last:
+        if (step + 1) % fcfg.validate_every == 0 or last:
             ema.store(unet.parameters())
             ema.copy_to(unet.parameters())
             unet.eval()
@@ -263,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
             unet.train()
             sys.stderr.write(f"\n[val] step {step + 1}: weighted EMA eps-MSE {val_value}\n")
         log.row(step + 1, loss.item(), sched.get_last_lr()[0], elapsed, val_name, val_value)
-        if (step + 1) % int(fcfg["checkpoint_every"]) == 0 or last:
+        if (step + 1) % fcfg.checkpoint_every == 0 or last:
             save_checkpoint(out, step + 1, {"model": unet.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "ema": ema.state_dict(), "step": step + 1,
                                             "best": best, "elapsed": elapsed, "np_rng": rng,
@@ -277,7 +274,7 @@ def main(args: argparse.Namespace) -> int:
         chosen = sorted(out.glob("unet-step*"))[-1]
         package(model, chosen, Path(args.package), {
             "mode": "lesion-finetune", "from": engine.model_hash(model), "unet": chosen.name,
-            "wall_min": round(wall / 60, 1), "args": vars(args), "config": cfg,
+            "wall_min": round(wall / 60, 1), "args": vars(args), "config": cfg.raw,
             "segmenter": lat.get("segmenter"), "groups": {f"{s}/{lab}": len(v) for (s, lab), v in groups.items()}},
             prompts)
     return 0
