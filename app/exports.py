@@ -64,7 +64,9 @@ __all__ = [
     "DEIDENTIFICATION_METHOD",
     "DISCLAIMER",
     "EXPORT_KINDS",
+    "LUNG_OUTLINE_KINDS",
     "MEDIA_TYPES",
+    "OVERLAY_KINDS",
     "SERIES_DESCRIPTION",
     "THRESHOLD_NORMAL",
     "ExportError",
@@ -105,9 +107,11 @@ SERIES_NUMBER = 9001
 MODEL_HASH_PREFIX = 12
 """Hex characters of the model's SHA-256 shown in burned-in text (the full hash is in the metadata)."""
 
-_WITH_OVERLAY = frozenset({"annotated.png", "secondary-capture.dcm", "bundle.zip"})
-_WITH_LUNG_OUTLINE = frozenset({"annotated.png", "bundle.zip"})
-_WITH_PATIENT_DATA = frozenset({"secondary-capture.dcm", "bundle.zip"})
+OVERLAY_KINDS = ("annotated.png", "secondary-capture.dcm", "bundle.zip")
+"""The exports drawn with overlay options (:class:`app.rendering.OverlayOptions`)."""
+LUNG_OUTLINE_KINDS = ("annotated.png", "bundle.zip")
+"""The exports whose ``annotated.png`` can draw the lung outline (``OverlayOptions.lung_outline``)."""
+_WITH_PATIENT_DATA = ("secondary-capture.dcm", "bundle.zip")
 # Bundle order: the artifacts as app.artifacts lists them, then the exports made here.
 _BUNDLE_HEAD = ("input.png",)
 _BUNDLE_TAIL = ("reconstruction.png", "overlay.png", "annotated.png", "attribution.npy", "attribution_std.npy",
@@ -765,8 +769,8 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None = None,
-                 overlay: OverlayOptions | None = None, *, include_patient_data: bool = False) -> tuple[bytes, str]:
+def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None = None, *,
+                 overlay: OverlayOptions | None = None, include_patient_data: bool = False) -> tuple[bytes, str]:
     """Make one export of a run folder in memory; writes nothing.
 
     Args:
@@ -786,15 +790,15 @@ def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None 
     """
     if kind not in EXPORT_KINDS:
         raise ExportError(f"unknown export kind {kind!r}; choose one of {', '.join(EXPORT_KINDS)}.")
-    unknown = [name for name, given, kinds in (("overlay", overlay is not None, _WITH_OVERLAY),
+    unknown = [name for name, given, kinds in (("overlay", overlay is not None, OVERLAY_KINDS),
                                                ("lung_outline", overlay is not None and overlay.lung_outline,
-                                                _WITH_LUNG_OUTLINE),
+                                                LUNG_OUTLINE_KINDS),
                                                ("include_patient_data", include_patient_data, _WITH_PATIENT_DATA))
                if given and kind not in kinds]
     if unknown:
         raise ExportError(f"option(s) {', '.join(unknown)} do not apply to {kind}; overlay options apply to "
-                          f"{', '.join(sorted(_WITH_OVERLAY))}, lung_outline to {', '.join(sorted(_WITH_LUNG_OUTLINE))}"
-                          f", include_patient_data to {', '.join(sorted(_WITH_PATIENT_DATA))}.")
+                          f"{', '.join(OVERLAY_KINDS)}, lung_outline to {', '.join(LUNG_OUTLINE_KINDS)}, "
+                          f"include_patient_data to {', '.join(_WITH_PATIENT_DATA)}.")
     run_dir = Path(run_dir)
     overlay = overlay or _DEFAULT_OVERLAY
     if kind == "annotated.png":
@@ -815,7 +819,7 @@ def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None 
 
 
 def save_export(run_dir: Path, kind: str, dest: Path | None = None, source_dicom: bytes | Dataset | None = None,
-                overlay: OverlayOptions | None = None, *, include_patient_data: bool = False) -> Path:
+                *, overlay: OverlayOptions | None = None, include_patient_data: bool = False) -> Path:
     """Make one export and write it atomically (temporary file in the same folder, fsync, rename).
 
     Args:
@@ -830,7 +834,7 @@ def save_export(run_dir: Path, kind: str, dest: Path | None = None, source_dicom
     Raises:
         ExportError: As for :func:`build_export`. OSError: The destination cannot be written.
     """
-    content, _ = build_export(run_dir, kind, source_dicom, overlay, include_patient_data=include_patient_data)
+    content, _ = build_export(run_dir, kind, source_dicom, overlay=overlay, include_patient_data=include_patient_data)
     path = Path(dest) if dest is not None else Path(run_dir) / "exports" / kind
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
