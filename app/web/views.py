@@ -139,8 +139,9 @@ def build_export(job: Job, kind: str, options: OverlayOptions) -> tuple[bytes, s
     source = job.upload_path.read_bytes() if job.source_format == "dicom" else None
     overlay = None
     if kind in exports.OVERLAY_KINDS:
-        overlay = replace(on_run(options, read_record(job)) if options.threshold is not None else options,
-                          lung_outline=options.lung_outline and kind in exports.LUNG_OUTLINE_KINDS)
+        # the threshold's unit follows the run; without a threshold the recorded threshold_mode stays "percentile"
+        overlay = on_run(options, read_record(job)) if options.threshold is not None else options
+        overlay = replace(overlay, lung_outline=options.lung_outline and kind in exports.LUNG_OUTLINE_KINDS)
     return exports.build_export(job.run_dir, kind, source, overlay=overlay)
 
 
