@@ -37,11 +37,11 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import tempfile
 import zipfile
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,22 +50,27 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import PersonName
 
 from app import __version__, attribution, mapscale, rendering
+from app.rendering import OverlayOptions
 
 __all__ = [
     "ANONYMOUS",
     "DEIDENTIFICATION_METHOD",
     "DISCLAIMER",
     "EXPORT_KINDS",
+    "LUNG_OUTLINE_KINDS",
     "MEDIA_TYPES",
+    "OVERLAY_KINDS",
     "SERIES_DESCRIPTION",
+    "THRESHOLD_NORMAL",
     "ExportError",
+    "OverlayOptions",
     "build_export",
     "export_annotated_png",
     "export_bundle",
@@ -102,13 +107,11 @@ SERIES_NUMBER = 9001
 MODEL_HASH_PREFIX = 12
 """Hex characters of the model's SHA-256 shown in burned-in text (the full hash is in the metadata)."""
 
-_OVERLAY_OPTIONS = frozenset({"opacity", "threshold", "threshold_mode", "mode"})
-_KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "annotated.png": _OVERLAY_OPTIONS | {"lung_outline"},
-    "secondary-capture.dcm": _OVERLAY_OPTIONS | {"include_patient_data"},
-    "record.json": frozenset(),
-    "bundle.zip": _OVERLAY_OPTIONS | {"lung_outline", "include_patient_data"},
-}
+OVERLAY_KINDS = ("annotated.png", "secondary-capture.dcm", "bundle.zip")
+"""The exports drawn with overlay options (:class:`app.rendering.OverlayOptions`)."""
+LUNG_OUTLINE_KINDS = ("annotated.png", "bundle.zip")
+"""The exports whose ``annotated.png`` can draw the lung outline (``OverlayOptions.lung_outline``)."""
+_WITH_PATIENT_DATA = ("secondary-capture.dcm", "bundle.zip")
 # Bundle order: the artifacts as app.artifacts lists them, then the exports made here.
 _BUNDLE_HEAD = ("input.png",)
 _BUNDLE_TAIL = ("reconstruction.png", "overlay.png", "annotated.png", "attribution.npy", "attribution_std.npy",
@@ -130,8 +133,6 @@ _STUDY_KEYWORDS = (
     "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID",
     "ReferringPhysicianName", "StudyDescription", "PatientAge", "PatientSize", "PatientWeight",
 )
-_BANNER_BACKGROUND = (255, 196, 0)  # the colour rendering.render_annotated_export uses
-_BANNER_TEXT = (0, 0, 0)
 
 
 class ExportError(ValueError):
@@ -249,28 +250,19 @@ def _read_lung_mask(run_dir: Path, record: dict[str, Any], shape: tuple[int, int
         raise ExportError(f"lung_mask.png in {run_dir} cannot be used: {exc}") from exc
 
 
-THRESHOLD_NORMAL = "normal"
+THRESHOLD_NORMAL = rendering.THRESHOLD_NORMAL
 """``threshold_mode`` of a threshold given as an x-fold of the model's normal level (calibrated runs only)."""
+_DEFAULT_OVERLAY = OverlayOptions()
 
 
-def _render_overlay(original: FloatImage, amap: attribution.AttributionMap, record: dict[str, Any], *,
-                    opacity: float, threshold: float | None, threshold_mode: str, mode: str) -> RGBImage:
+def _render_overlay(original: FloatImage, amap: attribution.AttributionMap, record: dict[str, Any],
+                    overlay: OverlayOptions) -> RGBImage:
     """The overlay with its legend on the right, ``(H, W + L, 3)`` uint8, on the run's scale (calibrated: x-fold
-    of the normal range; else relative) and labelled with its map reference; bad options become ExportError."""
+    of the normal range; else relative; ``overlay.scale`` is not used) and labelled with its map reference; bad
+    options become ExportError. The lung outline is the caller's to draw."""
     calibration = mapscale.scale_from_record(record)
-    if threshold_mode == THRESHOLD_NORMAL:
-        if calibration is None:
-            raise ExportError("threshold_mode 'normal' needs a run read against a calibrated model (map_summary."
-                              "scale.kind 'calibrated'); give a percentile or an absolute threshold instead.")
-        if threshold is not None:
-            threshold, threshold_mode = threshold * calibration.level, "absolute"
-        else:
-            threshold_mode = "percentile"
-    if calibration is not None and mode == "outline" and threshold is None:
-        threshold, threshold_mode = mapscale.DEFAULT_THRESHOLD_FOLD * calibration.level, "absolute"
     try:
-        return rendering.render_overlay(original, amap, opacity=opacity, threshold=threshold,
-                                        threshold_mode=threshold_mode, mode=mode, legend=True,
+        return rendering.render_overlay(original, amap, replace(overlay, scale=None, legend=True),
                                         normal_level=calibration.level if calibration is not None else None,
                                         label=rendering.map_label_of_record(record))
     except ValueError as exc:
@@ -370,13 +362,13 @@ def _display_params(facts: dict[str, str], overlay: dict[str, str], region: str)
     return shown
 
 
-def _overlay_facts(opacity: float, threshold: float | None, threshold_mode: str, mode: str,
-                   lung_outline: bool = False) -> dict[str, str]:
+def _overlay_facts(overlay: OverlayOptions) -> dict[str, str]:
+    threshold, threshold_mode = overlay.threshold, overlay.threshold_mode
     thr = "none" if threshold is None else (f"{threshold:g} %ile" if threshold_mode == "percentile"
                                             else f"{threshold:g}× normal" if threshold_mode == THRESHOLD_NORMAL
                                             else f"{threshold:g}")
-    facts = {"mode": mode, "opacity": f"{opacity:g}", "threshold": thr}
-    if lung_outline:
+    facts = {"mode": overlay.mode, "opacity": f"{overlay.opacity:g}", "threshold": thr}
+    if overlay.lung_outline:
         facts["lung outline"] = "green"
     return facts
 
@@ -386,9 +378,7 @@ def _overlay_facts(opacity: float, threshold: float | None, threshold_mode: str,
 # --------------------------------------------------------------------------------------------------------------
 
 
-def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: float | None = None,
-                         threshold_mode: str = "percentile", mode: str = "magnitude",
-                         lung_outline: bool = False) -> bytes:
+def export_annotated_png(run_dir: Path, overlay: OverlayOptions = _DEFAULT_OVERLAY) -> bytes:
     """An annotated PNG of the run: banner, original | overlay with legend, and the run's parameters.
 
     The banner :data:`DISCLAIMER` is burned in across the top (by
@@ -405,14 +395,13 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
 
     Args:
         run_dir: A finished run folder (see :mod:`app.artifacts`).
-        opacity: Maximum overlay opacity in [0, 1].
-        threshold: Hide |M| below this: a percentile in [0, 100] (``threshold_mode="percentile"``), an
-            absolute intensity difference (``"absolute"``) or, for a run read against a calibrated model, an
-            x-fold of its normal level (``"normal"``); ``None`` shows every value.
-        threshold_mode: ``"percentile"``, ``"absolute"`` or ``"normal"`` (:data:`THRESHOLD_NORMAL`).
-        mode: ``"magnitude"``, ``"signed"``, ``"outline"`` or ``"stability"`` (several samples only).
-        lung_outline: Draw the outline of ``lung_mask.png`` in green over the overlay (the map is restricted to
-            it anyway); refused for a run without one.
+        overlay: The display options (:class:`app.rendering.OverlayOptions`): ``opacity``; ``threshold`` hides
+            |M| below a percentile in [0, 100] (``threshold_mode="percentile"``), an absolute intensity
+            difference (``"absolute"``) or, for a run read against a calibrated model, an x-fold of its normal
+            level (``"normal"``, :data:`THRESHOLD_NORMAL`); ``mode`` (``"stability"``: several samples only);
+            ``lung_outline`` draws the outline of ``lung_mask.png`` in green over the overlay (the map is
+            restricted to it anyway), refused for a run without one. The legend is always drawn, on the run's
+            scale (``scale`` and ``legend`` are not used).
 
     Returns:
         PNG bytes (8-bit RGB).
@@ -425,14 +414,13 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     original, amap = _read_map(run_dir, record)
 
     # 2. overlay and the composed image
-    overlay = _render_overlay(original, amap, record, opacity=opacity, threshold=threshold,
-                              threshold_mode=threshold_mode, mode=mode)
-    if lung_outline:
-        overlay = rendering.draw_mask_outline(overlay, _read_lung_mask(run_dir, record, original.shape))
+    pixels = _render_overlay(original, amap, record, overlay)
+    if overlay.lung_outline:
+        pixels = rendering.draw_mask_outline(pixels, _read_lung_mask(run_dir, record, original.shape))
     facts = _run_facts(record)
-    overlay_facts = _overlay_facts(opacity, threshold, threshold_mode, mode, lung_outline)
+    overlay_facts = _overlay_facts(overlay)
     image = rendering.render_annotated_export(
-        original, overlay, params=_display_params(facts, overlay_facts, _region_text(record)),
+        original, pixels, params=_display_params(facts, overlay_facts, _region_text(record)),
         title=f"VALD-MD counterfactual attribution ({facts['map_label']})")
 
     # 3. text chunks
@@ -441,9 +429,9 @@ def export_annotated_png(run_dir: Path, *, opacity: float = 0.6, threshold: floa
     info.add_text("Disclaimer", DISCLAIMER)  # add_text writes iTXt when the value is not Latin-1 (the em dash)
     for key, value in facts.items():
         info.add_text(f"vald_md:{key}", value)
-    shown: dict[str, Any] = {"mode": mode, "opacity": opacity, "threshold": threshold,
-                             "threshold_mode": threshold_mode}
-    if lung_outline:
+    shown: dict[str, Any] = {"mode": overlay.mode, "opacity": overlay.opacity, "threshold": overlay.threshold,
+                             "threshold_mode": overlay.threshold_mode}
+    if overlay.lung_outline:
         shown["lung_outline"] = True
     info.add_text("vald_md:overlay", json.dumps(shown))
     info.add_text("vald_md:record_sha256", _sha256(record_bytes))
@@ -550,43 +538,6 @@ def _read_source(source: bytes | Dataset, record: dict[str, Any]) -> Dataset:
     return ds
 
 
-def _banner_font(size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size_px)
-    except OSError:
-        return ImageFont.load_default(size=size_px)
-
-
-def _burn_in_banner(rgb: RGBImage, text: str) -> RGBImage:
-    """Stack a banner strip with ``text`` on top of ``rgb`` (uint8 ``(H, W, 3)``) → ``(B + H, W, 3)``.
-
-    Font size ~1/40 of the width (10 px minimum), shrunk to fit one line, wrapped when even 10 px does not fit.
-    """
-    width = rgb.shape[1]
-    pad = max(3, width // 160)
-    size = max(10, round(width / 40))
-    font = _banner_font(size)
-    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow's fallback font lacks the em dash
-        text = text.replace("—", "-")
-    while size > 10 and font.getlength(text) > width - 2 * pad:
-        size -= 1
-        font = _banner_font(size)
-    lines: list[str] = []
-    for word in text.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width - 2 * pad:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    bbox = font.getbbox("Ag—")
-    line_h = int(bbox[3]) + max(2, size // 5)
-    banner = Image.new("RGB", (width, 2 * pad + line_h * len(lines)), _BANNER_BACKGROUND)
-    draw = ImageDraw.Draw(banner)
-    for i, line in enumerate(lines):
-        x = max(pad, (width - math.ceil(font.getlength(line))) // 2)
-        draw.text((x, pad + i * line_h), line, font=font, fill=_BANNER_TEXT)
-    return np.concatenate([np.asarray(banner, dtype=np.uint8), rgb], axis=0)
-
-
 def _copy_element(target: Dataset, source: Dataset, keyword: str) -> None:
     """Copy one attribute; text is copied decoded so it is re-encoded in the target's character set."""
     if keyword not in source:
@@ -609,15 +560,15 @@ def _source_reference(source: Dataset) -> Dataset:
     return item
 
 
-def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, include_patient_data: bool = False,
-                             opacity: float = 0.6, threshold: float | None = None,
-                             threshold_mode: str = "percentile", mode: str = "magnitude") -> bytes:
+def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *,
+                             overlay: OverlayOptions = _DEFAULT_OVERLAY, include_patient_data: bool = False) -> bytes:
     """A DICOM Secondary Capture Image of the run's overlay: de-identified in a new study, or (opt-in) a derived
     series in the source's study.
 
     Order of operations: (1) read the source header (``dcmread`` without ``force``, pixels skipped) and check
     that it is this run's input (SHA-256 against ``record["input"]["sha256"]`` when bytes are given); (2)
-    render the overlay with legend and burn :data:`DISCLAIMER` in as a banner above it; (3) build an
+    render the overlay with legend and burn :data:`DISCLAIMER` in as a banner above it
+    (:func:`app.rendering.burn_in_banner`); (3) build an
     ``highdicom.sc.SCImage`` (RGB, 8 bit, Explicit VR Little Endian) with new (0020,000E) Series and (0008,0018)
     SOP Instance UIDs and a new (0020,000D) Study Instance UID — the source's with ``include_patient_data``;
     (4) set (0008,0008) Image Type
@@ -641,24 +592,26 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
             Patient module and the study-level identifiers (accession, dates, study ID/description, referring
             physician, age, size, weight) copied from the source, as a PACS expects for an object filed into
             the study.
-        opacity, threshold, threshold_mode, mode: Overlay options, as for :func:`export_annotated_png`.
+        overlay: The display options, as for :func:`export_annotated_png`; ``lung_outline`` is refused (the
+            outline is drawn on the annotated PNG only).
 
     Returns:
         The DICOM Part 10 bytes (SOP Class 1.2.840.10008.5.1.4.1.1.7, new UIDs on every call).
 
     Raises:
         ExportError: The source is not DICOM, not an image, or not this run's input; the run folder is
-            incomplete or changed; an overlay option is out of range.
+            incomplete or changed; an overlay option is out of range, or ``lung_outline`` is asked for.
     """
     # 1. read the run and the source header
+    if overlay.lung_outline:
+        raise ExportError("The lung outline is drawn on the annotated PNG only; export the Secondary Capture "
+                          "without it.")
     record, _ = _read_record(run_dir)
     source = _read_source(source_dicom, record)
     original, amap = _read_map(run_dir, record)
 
     # 2. pixels: banner over overlay | legend
-    overlay = _render_overlay(original, amap, record, opacity=opacity, threshold=threshold,
-                              threshold_mode=threshold_mode, mode=mode)
-    pixels = np.ascontiguousarray(_burn_in_banner(overlay, DISCLAIMER))
+    pixels = np.ascontiguousarray(rendering.burn_in_banner(_render_overlay(original, amap, record, overlay)))
 
     # 3. the Secondary Capture itself
     same_frame = original.shape == (int(source.Rows), int(source.Columns))
@@ -693,7 +646,7 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *, in
     sc.PatientName = ANONYMOUS
     sc.ConversionType = "WSD"  # rendered by a workstation, not digitised
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = (f"{DISCLAIMER}. Overlay ({mode}) of {facts['map_label']}; red: density the "
+    sc.ImageComments = (f"{DISCLAIMER}. Overlay ({overlay.mode}) of {facts['map_label']}; red: density the "
                         "counterfactual removed.")
     derivation = (
         f"Attribution overlay ({facts['map_label']}) rendered by VALD-MD {__version__}. {DISCLAIMER}. "
@@ -759,8 +712,7 @@ def _bundle_order(names: set[str]) -> list[str]:
 
 
 def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
-                  include_patient_data: bool = False, opacity: float = 0.6, threshold: float | None = None,
-                  threshold_mode: str = "percentile", mode: str = "magnitude", lung_outline: bool = False) -> bytes:
+                  overlay: OverlayOptions = _DEFAULT_OVERLAY, include_patient_data: bool = False) -> bytes:
     """A ZIP of the run: its artifacts, a freshly rendered ``annotated.png`` and, given a DICOM source,
     ``secondary-capture.dcm``.
 
@@ -775,9 +727,9 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
         run_dir: A finished run folder.
         source_dicom: The run's source DICOM (bytes or Dataset), or ``None`` to leave the ``.dcm`` out.
         include_patient_data: Passed to :func:`export_secondary_capture`.
-        opacity, threshold, threshold_mode, mode: The overlay options of ``annotated.png`` and
-            ``secondary-capture.dcm`` in the archive, as for :func:`export_annotated_png` (the review page passes
-            the ones on screen, so the archive's image is the one the reader saw). lung_outline: ``annotated.png``.
+        overlay: The display options of ``annotated.png`` and ``secondary-capture.dcm`` in the archive, as for
+            :func:`export_annotated_png` (the review page passes the ones on screen, so the archive's image is
+            the one the reader saw); ``lung_outline`` applies to ``annotated.png`` only.
 
     Returns:
         ZIP bytes.
@@ -791,13 +743,11 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
     on_disk = {p.name for p in Path(run_dir).iterdir() if p.is_file()} - {"annotated.png", "secondary-capture.dcm"}
     for name in _bundle_order(on_disk):  # exports are made afresh below, never taken from the folder
         entries[name] = record_bytes if name == "record.json" else _read_artifact(run_dir, name, record)
-    overlay: dict[str, Any] = {"opacity": opacity, "threshold": threshold, "threshold_mode": threshold_mode,
-                               "mode": mode}
-    entries["annotated.png"] = export_annotated_png(run_dir, lung_outline=lung_outline, **overlay)
+    entries["annotated.png"] = export_annotated_png(run_dir, overlay)
     if source_dicom is not None:
-        entries["secondary-capture.dcm"] = export_secondary_capture(run_dir, source_dicom,
-                                                                    include_patient_data=include_patient_data,
-                                                                    **overlay)
+        entries["secondary-capture.dcm"] = export_secondary_capture(
+            run_dir, source_dicom, overlay=replace(overlay, lung_outline=False),
+            include_patient_data=include_patient_data)
 
     # 2. write them in a fixed order with fixed metadata
     stamp = _zip_time(record)
@@ -819,8 +769,8 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None = None,
-                 **options: Any) -> tuple[bytes, str]:
+def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None = None, *,
+                 overlay: OverlayOptions | None = None, include_patient_data: bool = False) -> tuple[bytes, str]:
     """Make one export of a run folder in memory; writes nothing.
 
     Args:
@@ -828,9 +778,9 @@ def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None 
         kind: One of :data:`EXPORT_KINDS`.
         source_dicom: The run's source DICOM; required for ``"secondary-capture.dcm"``, optional for
             ``"bundle.zip"``, ignored otherwise.
-        **options: ``opacity``, ``threshold``, ``threshold_mode``, ``mode`` (``annotated.png``,
-            ``secondary-capture.dcm``, ``bundle.zip``); ``lung_outline`` (``annotated.png``, ``bundle.zip``);
-            ``include_patient_data`` (``secondary-capture.dcm``, ``bundle.zip``).
+        overlay: The display options (``annotated.png``, ``secondary-capture.dcm``, ``bundle.zip``; ``None``:
+            the defaults); ``lung_outline`` for ``annotated.png`` and ``bundle.zip`` only.
+        include_patient_data: ``secondary-capture.dcm`` and ``bundle.zip`` only.
 
     Returns:
         ``(content, media type)``, e.g. ``(b"\\x89PNG...", "image/png")``.
@@ -840,36 +790,43 @@ def build_export(run_dir: Path, kind: str, source_dicom: bytes | Dataset | None 
     """
     if kind not in EXPORT_KINDS:
         raise ExportError(f"unknown export kind {kind!r}; choose one of {', '.join(EXPORT_KINDS)}.")
-    unknown = sorted(set(options) - _KIND_OPTIONS[kind])
+    unknown = [name for name, given, kinds in (("overlay", overlay is not None, OVERLAY_KINDS),
+                                               ("lung_outline", overlay is not None and overlay.lung_outline,
+                                                LUNG_OUTLINE_KINDS),
+                                               ("include_patient_data", include_patient_data, _WITH_PATIENT_DATA))
+               if given and kind not in kinds]
     if unknown:
-        allowed = ", ".join(sorted(_KIND_OPTIONS[kind])) or "none"
-        raise ExportError(f"option(s) {', '.join(unknown)} do not apply to {kind}; its options are: {allowed}.")
+        raise ExportError(f"option(s) {', '.join(unknown)} do not apply to {kind}; overlay options apply to "
+                          f"{', '.join(OVERLAY_KINDS)}, lung_outline to {', '.join(LUNG_OUTLINE_KINDS)}, "
+                          f"include_patient_data to {', '.join(_WITH_PATIENT_DATA)}.")
     run_dir = Path(run_dir)
+    overlay = overlay or _DEFAULT_OVERLAY
     if kind == "annotated.png":
-        content = export_annotated_png(run_dir, **options)
+        content = export_annotated_png(run_dir, overlay)
     elif kind == "secondary-capture.dcm":
         if source_dicom is None:
             raise ExportError(
                 "A DICOM Secondary Capture needs the run's source DICOM file, and none was supplied; runs made "
                 "from a PNG or JPEG can only be exported as PNG, JSON or ZIP."
             )
-        content = export_secondary_capture(run_dir, source_dicom, **options)
+        content = export_secondary_capture(run_dir, source_dicom, overlay=overlay,
+                                           include_patient_data=include_patient_data)
     elif kind == "record.json":
         content = export_record_json(run_dir)
     else:
-        content = export_bundle(run_dir, source_dicom, **options)
+        content = export_bundle(run_dir, source_dicom, overlay=overlay, include_patient_data=include_patient_data)
     return content, MEDIA_TYPES[kind]
 
 
 def save_export(run_dir: Path, kind: str, dest: Path | None = None, source_dicom: bytes | Dataset | None = None,
-                **options: Any) -> Path:
+                *, overlay: OverlayOptions | None = None, include_patient_data: bool = False) -> Path:
     """Make one export and write it atomically (temporary file in the same folder, fsync, rename).
 
     Args:
         run_dir: A finished run folder.
         kind: One of :data:`EXPORT_KINDS`.
         dest: The file to write; default ``run_dir / "exports" / kind``.
-        source_dicom, **options: As for :func:`build_export`.
+        source_dicom, overlay, include_patient_data: As for :func:`build_export`.
 
     Returns:
         The path written.
@@ -877,7 +834,7 @@ def save_export(run_dir: Path, kind: str, dest: Path | None = None, source_dicom
     Raises:
         ExportError: As for :func:`build_export`. OSError: The destination cannot be written.
     """
-    content, _ = build_export(run_dir, kind, source_dicom, **options)
+    content, _ = build_export(run_dir, kind, source_dicom, overlay=overlay, include_patient_data=include_patient_data)
     path = Path(dest) if dest is not None else Path(run_dir) / "exports" / kind
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

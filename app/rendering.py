@@ -1,15 +1,17 @@
 """Rendering of attribution maps: the red overlay over the original, its legend, and the annotated export.
 
-Pure numpy/scipy/Pillow, arrays in and uint8 RGB arrays out, as :mod:`app.attribution` whose maps it draws. Every
-export carries the burned-in :data:`BANNER_TEXT`.
+Pure numpy/scipy/Pillow, arrays in and uint8 RGB arrays out, as :mod:`app.attribution` whose maps it draws. The
+display options travel as one :class:`OverlayOptions` value, from the web's query string (or the export's caller)
+to the pixels. Every export carries the burned-in :data:`BANNER_TEXT`, drawn by the one :func:`render_banner`.
 """
 
 from __future__ import annotations
 
 import math
 import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -25,7 +27,7 @@ from app.attribution import (
     check_unit_image,
     threshold_value,
 )
-from app.mapscale import FULL_SCALE_FOLD
+from app.mapscale import DEFAULT_THRESHOLD_FOLD, FULL_SCALE_FOLD
 
 __all__ = [
     "BANNER_TEXT",
@@ -34,15 +36,21 @@ __all__ = [
     "MIN_CONTOUR_OPACITY",
     "OUTLINE_COLOUR",
     "OVERLAY_MODES",
+    "THRESHOLD_MODES",
+    "THRESHOLD_NORMAL",
+    "OverlayOptions",
+    "burn_in_banner",
     "display_scale",
     "draw_mask_outline",
     "map_label",
     "map_label_of_record",
     "mask_outline",
     "render_annotated_export",
+    "render_banner",
     "render_legend",
     "render_mask_outline_rgba",
     "render_overlay",
+    "resolve_threshold",
 ]
 
 RGBImage = NDArray[np.uint8]
@@ -50,6 +58,9 @@ _Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 OVERLAY_MODES = ("magnitude", "signed", "outline", "stability")
 LEGEND_POSITIONS = ("right", "bottom")
+THRESHOLD_NORMAL = "normal"
+"""``threshold_mode`` of a threshold given as an x-fold of the model's normal level (calibrated runs only)."""
+THRESHOLD_MODES = ("percentile", "absolute", THRESHOLD_NORMAL)
 DEFAULT_SCALE_PERCENTILE = 99.5
 """Percentile of the map (inside the mask) that maps to full opacity when no fixed scale is given."""
 BANNER_TEXT = "AI-generated counterfactual — not for diagnostic use"
@@ -124,6 +135,56 @@ def _check_scale(scale: float | None) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OverlayOptions:
+    """The display options of one overlay, from the web's query string (or an export's caller) to the pixels.
+
+    Attributes:
+        opacity: Maximum overlay opacity in [0, 1].
+        threshold: Hide values below this; ``None`` shows every value. Its unit is ``threshold_mode``'s; in
+            outline mode, the level of the contour.
+        threshold_mode: ``"percentile"`` (in [0, 100], of the displayed values inside the mask), ``"absolute"``
+            (intensity units) or ``"normal"`` (an x-fold of the model's normal level; calibrated runs only).
+        mode: ``"magnitude"``, ``"signed"``, ``"outline"`` or ``"stability"`` (several samples only).
+        scale: Value (intensity units) drawn at full opacity, or ``None`` for the run's scale (calibrated: 2x the
+            normal level; else the map's own 99.5th percentile). The exports always use the run's scale.
+        legend: Append the colour bar (the exports always do).
+        lung_outline: Draw the lung mask's outline in green; :func:`render_overlay` has no mask and leaves it to
+            its caller (the annotated export draws it with :func:`draw_mask_outline`).
+    """
+
+    opacity: float = 0.6
+    threshold: float | None = None
+    threshold_mode: str = "percentile"
+    mode: str = "magnitude"
+    scale: float | None = None
+    legend: bool = False
+    lung_outline: bool = False
+
+
+def resolve_threshold(options: OverlayOptions, normal_level: float | None) -> tuple[float | None, str]:
+    """``(threshold, threshold_mode)`` in the units :func:`app.attribution.threshold_value` takes
+    (``"percentile"`` or ``"absolute"``).
+
+    A ``"normal"`` threshold becomes ``threshold`` × ``normal_level`` (absolute; no threshold stays none); on a
+    calibrated run (``normal_level`` given) the outline without a threshold is drawn at
+    ``DEFAULT_THRESHOLD_FOLD`` × the level; anything else is returned as given.
+
+    Raises:
+        ValueError: ``"normal"`` without a ``normal_level`` (an uncalibrated run), or an unknown mode.
+    """
+    check_choice("threshold_mode", options.threshold_mode, THRESHOLD_MODES)
+    threshold, mode = options.threshold, options.threshold_mode
+    if mode == THRESHOLD_NORMAL:
+        if normal_level is None:
+            raise ValueError("threshold_mode 'normal' needs a run read against a calibrated model (map_summary."
+                             "scale.kind 'calibrated'); give a percentile or an absolute threshold instead.")
+        threshold, mode = (None, "percentile") if threshold is None else (threshold * normal_level, "absolute")
+    if normal_level is not None and options.mode == "outline" and threshold is None:
+        threshold, mode = DEFAULT_THRESHOLD_FOLD * normal_level, "absolute"
+    return threshold, mode
+
+
 def display_scale(amap: AttributionMap, *, mode: str = "magnitude", scale: float | None = None,
                   normal_level: float | None = None) -> float:
     """The value drawn at full colour (intensity units), as :func:`render_overlay` picks it: ``scale`` when
@@ -140,13 +201,8 @@ def display_scale(amap: AttributionMap, *, mode: str = "magnitude", scale: float
 def render_overlay(
     original: ArrayLike,
     amap: AttributionMap,
+    options: OverlayOptions = OverlayOptions(),
     *,
-    opacity: float = 0.6,
-    scale: float | None = None,
-    threshold: float | None = None,
-    threshold_mode: str = "percentile",
-    mode: str = "magnitude",
-    legend: bool = False,
     legend_position: str = "right",
     normal_level: float | None = None,
     label: str = "reference − counterfactual",
@@ -167,15 +223,11 @@ def render_overlay(
     Args:
         original: The original image, float ``(H, W)`` in [0, 1].
         amap: The map, same ``(H, W)``.
-        opacity: Maximum overlay opacity in [0, 1].
-        scale: Value (intensity units) drawn at full opacity; a fixed value makes overlays comparable across
-            images. ``None`` uses the map's own high percentile.
-        threshold: Hide values below this (percentile in [0, 100] or absolute, per ``threshold_mode``); in
-            outline mode, the level of the contour (default :data:`DEFAULT_THRESHOLD_PERCENTILE`). In
-            stability mode it applies to the SD map.
-        threshold_mode: ``"percentile"`` or ``"absolute"``.
-        mode: ``"magnitude"``, ``"signed"``, ``"outline"`` or ``"stability"``.
-        legend: Append a colour bar with numeric labels.
+        options: The display options (:class:`OverlayOptions`; ``lung_outline`` is the caller's to draw).
+            ``scale``: a fixed value makes overlays comparable across images. ``threshold``: in stability mode
+            it applies to the SD map; in outline mode it is the contour's level (default
+            :data:`DEFAULT_THRESHOLD_PERCENTILE`, or on a calibrated run ``DEFAULT_THRESHOLD_FOLD`` × the
+            normal level: :func:`resolve_threshold`).
         legend_position: ``"right"`` (output ``(H, W + L, 3)``) or ``"bottom"`` (``(H + L, W, 3)``).
         normal_level: The model's normal level (1×, intensity units; ``MapCalibration.level``) or ``None`` for
             an uncalibrated model: the legend then says "relative (per-image) scale".
@@ -185,10 +237,11 @@ def render_overlay(
         uint8 RGB ``(H, W, 3)``, wider or taller with a legend.
 
     Raises:
-        ValueError: On shape mismatch, non-finite input, a bad opacity/scale/threshold/mode, or
-            ``mode="stability"`` for a single-sample map.
+        ValueError: On shape mismatch, non-finite input, a bad opacity/scale/threshold/mode, a ``"normal"``
+            threshold without a ``normal_level``, or ``mode="stability"`` for a single-sample map.
     """
     # 1. check inputs
+    opacity, scale, mode, legend = options.opacity, options.scale, options.mode, options.legend
     img = check_unit_image("original", original)
     if img.shape != amap.shape:
         raise ValueError(
@@ -200,6 +253,7 @@ def render_overlay(
     _check_scale(normal_level)
     check_choice("mode", mode, OVERLAY_MODES)
     check_choice("legend_position", legend_position, LEGEND_POSITIONS)
+    threshold, threshold_mode = resolve_threshold(options, normal_level)
     if threshold is not None:
         check_threshold(threshold, threshold_mode)
     if mode == "stability" and amap.std is None:
@@ -446,8 +500,8 @@ def render_annotated_export(
 ) -> Image.Image:
     """Compose a labelled export: banner, title, original | overlay (+ legend), and a parameter block.
 
-    The banner :data:`BANNER_TEXT` is burned in across the full width at the top. Font sizes scale with the
-    image (about 1/40 of its longer side, at least 12 px), so text stays legible at 1024 px.
+    The banner :data:`BANNER_TEXT` (:func:`render_banner`) is burned in across the full width at the top. Font
+    sizes scale with the image (about 1/40 of its longer side, at least 12 px), so text stays legible at 1024 px.
 
     Args:
         original: The original image, float ``(H, W)`` in [0, 1].
@@ -490,7 +544,7 @@ def render_annotated_export(
     font_px = max(12, round(max(h, w) / 40))
     font = _font(font_px)
     small = _font(max(11, round(font_px * 0.8)))
-    banner_font = _font(round(font_px * 1.2))
+    banner_px = round(font_px * 1.2)
     pad = font_px
     gap = font_px
     panel_h = max(h, ov.shape[0])
@@ -498,10 +552,10 @@ def render_annotated_export(
     inner = width - 2 * pad
 
     # 3. text blocks, wrapped to the canvas width
-    banner_lines = _wrap(BANNER_TEXT, banner_font, inner)
+    banner = render_banner(width, banner_px, pad_x=pad, pad_y=pad // 2)
     title_lines = _wrap(title, font, inner)
     param_lines = [line for key, value in params.items() for line in _wrap(f"{key}: {value}", small, inner)]
-    banner_h = pad // 2 + len(banner_lines) * _line_height(banner_font) + pad // 2
+    banner_h = banner.shape[0]
     title_h = len(title_lines) * _line_height(font)
     caption_h = _line_height(small)
     params_h = len(param_lines) * _line_height(small)
@@ -510,11 +564,7 @@ def render_annotated_export(
     # 4. draw
     canvas = Image.new("RGB", (width, height), _EXPORT_BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    draw.rectangle((0, 0, width - 1, banner_h - 1), fill=_BANNER_BACKGROUND)
-    y = pad // 2
-    for line in banner_lines:
-        _draw_text(draw, ((width - _text_width(line, banner_font)) // 2, y), line, banner_font, _BANNER_TEXT_COLOUR)
-        y += _line_height(banner_font)
+    canvas.paste(Image.fromarray(banner), (0, 0))
     y = banner_h + pad
     for line in title_lines:
         _draw_text(draw, (pad, y), line, font, _LEGEND_TEXT)
@@ -530,6 +580,70 @@ def render_annotated_export(
         _draw_text(draw, (pad, y), line, small, _LEGEND_TEXT)
         y += _line_height(small)
     return canvas
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The banner
+# --------------------------------------------------------------------------------------------------------------
+
+
+def render_banner(width: int, font_px: int, *, pad_x: int, pad_y: int, min_font_px: int | None = None,
+                  line_height: Literal["font", "ink"] = "font", text: str = BANNER_TEXT) -> RGBImage:
+    """The burned-in banner: ``text`` (default :data:`BANNER_TEXT`) in black on amber, centred, across ``width``.
+
+    The one banner renderer of every export (annotated PNG, Secondary Captures). Its text goes through the same
+    drawing as every other label here, so the em dash stays an em dash: the font's glyph where it has one (DejaVu
+    Sans), else a drawn rule one em wide (Pillow's built-in font) — never a hyphen.
+
+    Args:
+        width: Strip width in pixels (>= 1).
+        font_px: Font size in pixels.
+        pad_x: Least margin left and right (pixels); lines wrap to ``width - 2 * pad_x``.
+        pad_y: Margin above the first line and below the last (pixels).
+        min_font_px: Shrink the font, down to this size, until ``text`` fits one line (then wrap); ``None``
+            keeps ``font_px`` and wraps.
+        line_height: ``"font"``: the font's ascent + descent; ``"ink"``: the ink height of ``"Ag—"`` plus a
+            fifth of the size (at least 2 px), the compact banner of the Secondary Captures.
+        text: The banner's text.
+
+    Returns:
+        uint8 RGB ``(B, width, 3)``.
+    """
+    if width < 1:
+        raise ValueError(f"banner width must be at least 1 pixel; got {width!r}.")
+    size = font_px
+    font = _font(size)
+    if min_font_px is not None:
+        while size > min_font_px and _text_width(text, font) > width - 2 * pad_x:
+            size -= 1
+            font = _font(size)
+    lines = _wrap(text, font, width - 2 * pad_x)
+    if line_height == "ink":
+        line_h = int(font.getbbox("Ag—")[3]) + max(2, size // 5)
+    else:
+        line_h = _line_height(font)
+    strip = Image.new("RGB", (width, 2 * pad_y + line_h * len(lines)), _BANNER_BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        x = max(pad_x, (width - _text_width(line, font)) // 2)
+        _draw_text(draw, (x, pad_y + i * line_h), line, font, _BANNER_TEXT_COLOUR)
+    return np.asarray(strip, dtype=np.uint8).copy()
+
+
+def burn_in_banner(rgb: ArrayLike) -> RGBImage:
+    """Stack the banner (:func:`render_banner`) on top of an image: uint8 ``(H, W, 3)`` → ``(B + H, W, 3)``.
+
+    The Secondary Captures' layout: font about 1/40 of the width (10 px minimum), shrunk to fit one line, wrapped
+    when even 10 px does not fit; margins ``max(3, W // 160)``.
+    """
+    image = np.asarray(rgb)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"rgb must be uint8 (H, W, 3); got dtype {image.dtype}, shape {image.shape}.")
+    width = image.shape[1]
+    pad = max(3, width // 160)
+    banner = render_banner(width, max(10, round(width / 40)), pad_x=pad, pad_y=pad, min_font_px=10,
+                           line_height="ink")
+    return np.concatenate([banner, image], axis=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from PIL import Image
 from app import exports, imaging
 from app.artifacts import ReviewRequest, lung_region, run_review, sha256
 from app.lungs import LungSegmenter, folder_hash
+from app.rendering import OverlayOptions
 from tests.tiny_lungs import DICE, BoxSegmenter, box_lungs, write_tiny_segmenter
 
 H, W = 40, 36
@@ -113,7 +114,7 @@ def test_map_is_zero_outside_the_lungs(lung_run, plain_run):
     # attribution.npy keeps full-frame values (as with a user mask); what is shown and summarised is restricted
     np.testing.assert_array_equal(np.load(lung_run / "attribution.npy"), np.load(plain_run / "attribution.npy"))
     for options in ({}, {"mode": "signed", "opacity": 1.0}, {"mode": "outline", "threshold": 50.0}):
-        png = exports.export_annotated_png(lung_run, **options)
+        png = exports.export_annotated_png(lung_run, OverlayOptions(**options))
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
     from app.exports import _read_map, _read_record  # the export re-renders with the lung mask as the region
 
@@ -124,7 +125,7 @@ def test_map_is_zero_outside_the_lungs(lung_run, plain_run):
 
 def test_annotated_export_draws_the_lung_outline_on_request(lung_run, plain_run):
     plain = exports.export_annotated_png(lung_run)
-    outlined = exports.export_annotated_png(lung_run, lung_outline=True)
+    outlined = exports.export_annotated_png(lung_run, OverlayOptions(lung_outline=True))
     assert outlined != plain
     text = Image.open(io.BytesIO(outlined)).text  # type: ignore[attr-defined]
     assert json.loads(text["vald_md:overlay"])["lung_outline"] is True
@@ -132,7 +133,7 @@ def test_annotated_export_draws_the_lung_outline_on_request(lung_run, plain_run)
     green = np.asarray(Image.open(io.BytesIO(outlined)).convert("RGB")).reshape(-1, 3)
     assert ((green == (0, 230, 118)).all(axis=1)).sum() > 0
     with pytest.raises(exports.ExportError, match="no lung mask"):
-        exports.export_annotated_png(plain_run, lung_outline=True)
+        exports.export_annotated_png(plain_run, OverlayOptions(lung_outline=True))
 
 
 def test_bundle_carries_the_lung_mask(lung_run):

@@ -19,7 +19,7 @@ from app.attribution import (
     summarize,
     threshold_value,
 )
-from app.rendering import BANNER_TEXT, render_annotated_export, render_legend, render_overlay
+from app.rendering import BANNER_TEXT, OverlayOptions, render_annotated_export, render_legend, render_overlay
 
 H, W = 64, 80
 CENTRE = (50.0, 24.0)  # (x, y)
@@ -103,7 +103,7 @@ def test_mask_restricts_statistics_and_overlay() -> None:
     assert summary.energy_share_in_mask == pytest.approx(energy[lung].sum() / energy.sum(), rel=1e-4)
     assert 0.0 < summary.energy_share_in_mask < 0.9  # type: ignore[operator]
 
-    overlay = render_overlay(original, amap, opacity=1.0).astype(int)
+    overlay = render_overlay(original, amap, OverlayOptions(opacity=1.0)).astype(int)
     gray = np.rint(np.clip(original, 0, 1) * 255).astype(int)
     assert np.array_equal(overlay[~lung, 0], gray[~lung])  # nothing drawn outside the mask
     assert (overlay[disk(), 0] > overlay[disk(), 1]).all()
@@ -183,7 +183,7 @@ def test_overlay_alpha_monotone_in_magnitude() -> None:
     original = np.full((H, W), 0.5, np.float32)
     ramp = np.tile(np.linspace(0.0, 0.5, W, dtype=np.float32), (H, 1))  # removed density grows to the right
     amap = difference_map(original, original - ramp)
-    out = render_overlay(original, amap, opacity=0.8, scale=0.4)
+    out = render_overlay(original, amap, OverlayOptions(opacity=0.8, scale=0.4))
     assert out.dtype == np.uint8 and out.shape == (H, W, 3)
     redness = out[0, :, 0].astype(int) - out[0, :, 1].astype(int)
     assert np.all(np.diff(redness) >= 0) and redness[0] == 0 and redness[-1] > 150
@@ -195,11 +195,12 @@ def test_signed_mode_colours() -> None:
     cf = original.copy()
     cf[:, : W // 2] -= 0.3  # the counterfactual darkens the left half: removed -> red
     cf[:, W // 2 :] += 0.3  # and brightens the right half: added -> blue
-    out = render_overlay(original, difference_map(original, cf), mode="signed", opacity=1.0).astype(int)
+    amap = difference_map(original, cf)
+    out = render_overlay(original, amap, OverlayOptions(mode="signed", opacity=1.0)).astype(int)
     left, right = out[H // 2, 5], out[H // 2, -5]
     assert left[0] > 200 and left[2] < 60
     assert right[2] > 200 and right[0] < 100
-    magnitude = render_overlay(original, difference_map(original, cf), mode="magnitude", opacity=1.0)
+    magnitude = render_overlay(original, difference_map(original, cf), OverlayOptions(mode="magnitude", opacity=1.0))
     assert magnitude[H // 2, -5, 0] > 200  # magnitude mode is single-hue red everywhere
 
 
@@ -211,8 +212,8 @@ def test_fixed_scale_makes_overlays_comparable() -> None:
     original_b[extra] = np.clip(original_b[extra] + 0.6, 0, 1)  # image B also has a much stronger change
     map_a, map_b = difference_map(original_a, cf_a), difference_map(original_b, cf_b)
     d = disk()
-    fixed_a = render_overlay(original_a, map_a, scale=0.5)
-    fixed_b = render_overlay(original_b, map_b, scale=0.5)
+    fixed_a = render_overlay(original_a, map_a, OverlayOptions(scale=0.5))
+    fixed_b = render_overlay(original_b, map_b, OverlayOptions(scale=0.5))
     assert np.array_equal(fixed_a[d], fixed_b[d])
     own_a, own_b = render_overlay(original_a, map_a), render_overlay(original_b, map_b)
     assert own_a[d, 0].mean() > own_b[d, 0].mean()  # own-percentile scaling is not comparable
@@ -225,8 +226,8 @@ def test_threshold_hides_small_values() -> None:
     cf_faint[faint] -= 0.05
     amap = difference_map(original, cf_faint)
     gray = np.rint(original * 255).astype(np.uint8)
-    shown = render_overlay(original, amap, scale=0.3)
-    hidden = render_overlay(original, amap, scale=0.3, threshold=0.1, threshold_mode="absolute")
+    shown = render_overlay(original, amap, OverlayOptions(scale=0.3))
+    hidden = render_overlay(original, amap, OverlayOptions(scale=0.3, threshold=0.1, threshold_mode="absolute"))
     assert not np.array_equal(shown[faint, 0], gray[faint])
     assert np.array_equal(hidden[faint, 0], gray[faint])
     assert np.array_equal(hidden[disk()], shown[disk()])
@@ -235,7 +236,8 @@ def test_threshold_hides_small_values() -> None:
 def test_outline_mode_draws_contour_only() -> None:
     original, cf = lesion_pair()
     amap = difference_map(original, cf)
-    out = render_overlay(original, amap, mode="outline", threshold=DELTA / 2, threshold_mode="absolute", opacity=1.0)
+    out = render_overlay(original, amap, OverlayOptions(mode="outline", threshold=DELTA / 2, threshold_mode="absolute",
+                                                        opacity=1.0))
     red = (out[..., 0] == 255) & (out[..., 1] == 0)
     inner = disk(r=RADIUS - 2)
     assert red.sum() > 0 and not red[inner].any() and not red[~disk()].any()
@@ -250,8 +252,8 @@ def test_outline_stays_visible_at_low_opacity(opacity) -> None:
     original, cf = lesion_pair()
     amap = difference_map(original, cf)
     kw = {"mode": "outline", "threshold": DELTA / 2, "threshold_mode": "absolute"}
-    full = render_overlay(original, amap, opacity=1.0, **kw)
-    out = render_overlay(original, amap, opacity=opacity, **kw)
+    full = render_overlay(original, amap, OverlayOptions(opacity=1.0, **kw))
+    out = render_overlay(original, amap, OverlayOptions(opacity=opacity, **kw))
     gray = np.rint(original * 255).astype(np.uint8)
     contour = full[..., 1] != gray  # where the opaque contour changed the image
     assert contour.any()
@@ -259,16 +261,17 @@ def test_outline_stays_visible_at_low_opacity(opacity) -> None:
     expected = np.rint((1 - a) * original[contour] * 255 + a * 255).astype(int)
     assert np.abs(out[contour][:, 0].astype(int) - expected).max() <= 1
     assert attr.MIN_CONTOUR_OPACITY >= 0.8
-    assert np.array_equal(render_overlay(original, amap, opacity=0.0, **kw)[..., 0], gray)
+    assert np.array_equal(render_overlay(original, amap, OverlayOptions(opacity=0.0, **kw))[..., 0], gray)
 
 
 def test_stability_mode_needs_samples() -> None:
     original, cf = lesion_pair()
     with pytest.raises(ValueError, match="S > 1"):
-        render_overlay(original, difference_map(original, cf), mode="stability")
+        render_overlay(original, difference_map(original, cf), OverlayOptions(mode="stability"))
     other = cf.copy()
     other[disk()] += 0.1
-    out = render_overlay(original, difference_map(original, np.stack([cf, other])), mode="stability", opacity=1.0)
+    out = render_overlay(original, difference_map(original, np.stack([cf, other])),
+                         OverlayOptions(mode="stability", opacity=1.0))
     assert out[int(CENTRE[1]), int(CENTRE[0]), 1] > out[5, 5, 1]  # amber where samples disagree
 
 
@@ -286,7 +289,9 @@ def test_stability_mode_needs_samples() -> None:
 def test_overlay_rejects_bad_arguments(kwargs: dict[str, object], message: str) -> None:
     original, cf = lesion_pair()
     with pytest.raises(ValueError, match=message):
-        render_overlay(original, difference_map(original, cf), **kwargs)  # type: ignore[arg-type]
+        options = {k: v for k, v in kwargs.items() if k != "legend_position"}
+        render_overlay(original, difference_map(original, cf), OverlayOptions(**options),  # type: ignore[arg-type]
+                       legend_position=str(kwargs.get("legend_position", "right")))
 
 
 def test_overlay_rejects_shape_mismatch() -> None:
@@ -299,11 +304,11 @@ def test_overlay_rejects_shape_mismatch() -> None:
 def test_legend_adds_columns_or_rows(mode: str) -> None:
     original, cf = lesion_pair()
     amap = difference_map(original, np.stack([cf, np.clip(cf + 0.01, 0, 1)]))
-    right = render_overlay(original, amap, mode=mode, legend=True)
+    right = render_overlay(original, amap, OverlayOptions(mode=mode, legend=True))
     assert right.shape[0] == H and right.shape[1] > W and right.dtype == np.uint8
-    bottom = render_overlay(original, amap, mode=mode, legend=True, legend_position="bottom")
+    bottom = render_overlay(original, amap, OverlayOptions(mode=mode, legend=True), legend_position="bottom")
     assert bottom.shape[1] == W and bottom.shape[0] > H
-    plain = render_overlay(original, amap, mode=mode)
+    plain = render_overlay(original, amap, OverlayOptions(mode=mode))
     assert np.array_equal(right[:, :W], plain) and np.array_equal(bottom[:H], plain)
 
 
@@ -367,7 +372,7 @@ def test_load_mask_png_rejects_garbage_and_empty() -> None:
 
 def test_annotated_export_has_banner_panels_and_params() -> None:
     original, cf = lesion_pair()
-    overlay = render_overlay(original, difference_map(original, cf), legend=True)
+    overlay = render_overlay(original, difference_map(original, cf), OverlayOptions(legend=True))
     params = {"model": "vald-md-default", "seed": "1234", "steps": "50", "sha256": "ab" * 32}
     img = render_annotated_export(original, overlay, params=params, title="Case 1")
     assert isinstance(img, Image.Image) and img.mode == "RGB"
@@ -433,6 +438,27 @@ def test_em_dash_renders_as_a_dash(font_source: str) -> None:
     assert cols.size > 1.5 * np.flatnonzero(hyphen.any(axis=0)).size
 
 
+def test_resolve_threshold_puts_the_threshold_in_the_maps_units() -> None:
+    """A "normal" threshold is an x-fold of the normal level; a calibrated outline defaults to 1x; else as given."""
+    fold = OverlayOptions(threshold=1.5, threshold_mode=attr.THRESHOLD_NORMAL)
+    assert attr.resolve_threshold(fold, 0.1) == pytest.approx((0.15, "absolute"))
+    assert attr.resolve_threshold(OverlayOptions(threshold_mode="normal"), 0.1) == (None, "percentile")
+    outline = OverlayOptions(mode="outline", threshold_mode="normal")
+    assert attr.resolve_threshold(outline, 0.1) == pytest.approx((0.1, "absolute"))
+    assert attr.resolve_threshold(OverlayOptions(mode="outline"), None) == (None, "percentile")
+    assert attr.resolve_threshold(OverlayOptions(threshold=90), 0.1) == (90, "percentile")
+    with pytest.raises(ValueError, match="calibrated"):
+        attr.resolve_threshold(fold, None)
+    with pytest.raises(ValueError, match="'fold'"):
+        attr.resolve_threshold(OverlayOptions(threshold_mode="fold"), 0.1)
+    # render_overlay takes the same value: a "normal" threshold draws as its absolute equivalent
+    original, cf = lesion_pair()
+    amap = difference_map(original, cf)
+    absolute = OverlayOptions(threshold=0.15, threshold_mode="absolute")
+    assert np.array_equal(render_overlay(original, amap, fold, normal_level=0.1),
+                          render_overlay(original, amap, absolute, normal_level=0.1))
+
+
 def test_wrap_splits_long_words() -> None:
     font = attr._font(12)
     lines = attr._wrap("sha256: " + "f" * 200, font, 150)
@@ -472,7 +498,7 @@ def test_outline_layer_and_painted_outline() -> None:
     edge = attr.mask_outline(region)
     assert (rgba[edge] == (*attr.OUTLINE_COLOUR, 255)).all() and (rgba[~edge] == 0).all()
     original, counterfactual = lesion_pair()
-    overlay = render_overlay(original, difference_map(original, counterfactual), legend=True)
+    overlay = render_overlay(original, difference_map(original, counterfactual), OverlayOptions(legend=True))
     painted = attr.draw_mask_outline(overlay, region)
     assert painted.shape == overlay.shape
     assert (painted[:, :W][edge] == attr.OUTLINE_COLOUR).all()
@@ -495,11 +521,12 @@ def test_calibrated_scale_renders_maps_of_different_magnitude_differently() -> N
     strong[disk()] += 0.2
     map_weak, map_strong = difference_map(weak, counterfactual), difference_map(strong, counterfactual)
     d = disk()
-    own_weak, own_strong = render_overlay(weak, map_weak, opacity=1.0), render_overlay(strong, map_strong, opacity=1.0)
+    opaque = OverlayOptions(opacity=1.0)
+    own_weak, own_strong = render_overlay(weak, map_weak, opaque), render_overlay(strong, map_strong, opaque)
     assert abs(own_weak[d, 0].astype(int) - own_strong[d, 0].astype(int)).max() <= 1  # relative: alike
     level = 0.1  # the normal level: the weak change is 1x, the strong one 2x (full colour)
-    cal_weak = render_overlay(weak, map_weak, opacity=1.0, normal_level=level).astype(int)
-    cal_strong = render_overlay(strong, map_strong, opacity=1.0, normal_level=level).astype(int)
+    cal_weak = render_overlay(weak, map_weak, OverlayOptions(opacity=1.0), normal_level=level).astype(int)
+    cal_strong = render_overlay(strong, map_strong, OverlayOptions(opacity=1.0), normal_level=level).astype(int)
     assert (cal_strong[d, 0] - cal_strong[d, 1]).mean() > (cal_weak[d, 0] - cal_weak[d, 1]).mean() + 60
     assert cal_strong[d, 1].max() == 0  # 2x normal = FULL_SCALE_FOLD: pure red at opacity 1
     # and the legend says which scale it is: fold labels differ from per-image intensity labels

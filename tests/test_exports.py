@@ -20,8 +20,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from app import exports
+from app import exports, rendering
 from app.exports import ExportError
+from app.rendering import OverlayOptions
 
 H, W = 48, 40
 MODEL_HASH = "0123456789abcdef" * 4
@@ -173,7 +174,7 @@ def test_annotated_png_has_parameters_in_text_chunks_and_a_banner(dicom_run):
 def test_annotated_png_is_deterministic_and_follows_options(dicom_run):
     a = exports.export_annotated_png(dicom_run)
     assert exports.export_annotated_png(dicom_run) == a
-    b = exports.export_annotated_png(dicom_run, opacity=0.3, threshold=90, mode="signed")
+    b = exports.export_annotated_png(dicom_run, OverlayOptions(opacity=0.3, threshold=90, mode="signed"))
     assert b != a
     assert json.loads(Image.open(io.BytesIO(b)).text["vald_md:overlay"]) == {  # type: ignore[attr-defined]
         "mode": "signed", "opacity": 0.3, "threshold": 90, "threshold_mode": "percentile"}
@@ -182,9 +183,10 @@ def test_annotated_png_is_deterministic_and_follows_options(dicom_run):
 def test_stability_mode_needs_several_samples(tmp_path):
     single = make_run(tmp_path / "one", b"x")
     with pytest.raises(ExportError, match="several samples"):
-        exports.export_annotated_png(single, mode="stability")
+        exports.export_annotated_png(single, OverlayOptions(mode="stability"))
     several = make_run(tmp_path / "three", b"x", samples=3)
-    text = Image.open(io.BytesIO(exports.export_annotated_png(several, mode="stability"))).text  # type: ignore[attr-defined]
+    png = exports.export_annotated_png(several, OverlayOptions(mode="stability"))
+    text = Image.open(io.BytesIO(png)).text  # type: ignore[attr-defined]
     assert text["vald_md:seed"] == "1234, 1235, 1236"
 
 
@@ -192,7 +194,72 @@ def test_stability_mode_needs_several_samples(tmp_path):
                                            ({"threshold": 150}, "percentile")])
 def test_bad_overlay_options_are_export_errors(dicom_run, options, match):
     with pytest.raises(ExportError, match=match):
-        exports.export_annotated_png(dicom_run, **options)
+        exports.export_annotated_png(dicom_run, OverlayOptions(**options))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The burned-in banner: one renderer, the em dash kept
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["preferred", "builtin"])
+def banner_font(request, monkeypatch) -> str:
+    """Render with the preferred font (DejaVu Sans, which has the em dash) or, as on a machine without it, Pillow's
+    built-in font (which lacks it)."""
+    caches = (rendering._font, rendering._has_glyph, rendering._dash_rows)
+    if request.param == "builtin":
+        monkeypatch.setattr(rendering, "_FONT_CANDIDATES", ())
+    for cache in caches:
+        cache.cache_clear()
+    yield request.param
+    for cache in caches:
+        cache.cache_clear()
+
+
+def _banner_rows(rgb: np.ndarray) -> np.ndarray:
+    """The banner strip at the top of an export (rows whose first pixel is the banner colour)."""
+    return rgb[: np.flatnonzero((rgb[:, 0] != BANNER).any(axis=1))[0]]
+
+
+def _dash_to_text_height(banner: np.ndarray) -> float:
+    """Longest horizontal run of text ink in the banner over the height of its first line of text: an em dash is
+    about an em long (>= 0.75 of the line's ink height), a hyphen or en dash half that (<= 0.55)."""
+    dark = banner.max(axis=2) < 80
+    rows = np.flatnonzero(dark.any(axis=1))
+    line = rows[: np.flatnonzero(np.diff(rows) > 1)[0] + 1] if (np.diff(rows) > 1).any() else rows
+    longest = 0
+    for row in dark:
+        edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if starts.size:
+            longest = max(longest, int((ends - starts).max()))
+    return longest / line.size
+
+
+def test_one_banner_renderer_keeps_the_em_dash(banner_font):
+    """The banner is drawn by rendering.render_banner only; its em dash is an em dash (the font's glyph, or a drawn
+    rule where the font lacks it), never the hyphen it once became with Pillow's built-in font."""
+    text = rendering.BANNER_TEXT
+    assert "—" in text and exports.DISCLAIMER == text
+    em = rendering.render_banner(900, 20, pad_x=4, pad_y=4)
+    assert _dash_to_text_height(em) >= 0.75
+    for dash in ("-", "–"):
+        assert _dash_to_text_height(rendering.render_banner(900, 20, pad_x=4, pad_y=4,
+                                                            text=text.replace("—", dash))) <= 0.55
+    assert not hasattr(exports, "_burn_in_banner")
+
+
+def test_exports_burn_in_the_em_dash(banner_font, tmp_path):
+    """Both burned-in banners (annotated PNG, Secondary Capture) carry the em dash; this fails if it is replaced."""
+    source = synthetic_cr(400, 400)
+    run = make_run(tmp_path / "run", source, h=400, w=400)
+    png = np.asarray(Image.open(io.BytesIO(exports.export_annotated_png(run))).convert("RGB"))
+    sc = _read_dcm(exports.export_secondary_capture(run, source)).pixel_array
+    for image in (png, sc):
+        assert _dash_to_text_height(_banner_rows(image)) >= 0.75
+    # the Secondary Capture's banner is rendering.burn_in_banner's, stacked on the overlay
+    rows = _banner_rows(sc).shape[0]
+    assert np.array_equal(rendering.burn_in_banner(np.ascontiguousarray(sc[rows:])), sc)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,8 +435,12 @@ def test_build_export_every_kind(dicom_run, cr_source, kind, media_type, magic):
 def test_build_export_rejects_unknown_kinds_and_options(dicom_run):
     with pytest.raises(ExportError, match=r"unknown export kind 'report\.pdf'"):
         exports.build_export(dicom_run, "report.pdf")
-    with pytest.raises(ExportError, match=r"opacity do not apply to record\.json"):
-        exports.build_export(dicom_run, "record.json", opacity=0.5)
+    with pytest.raises(ExportError, match=r"overlay do not apply to record\.json"):
+        exports.build_export(dicom_run, "record.json", overlay=OverlayOptions(opacity=0.5))
+    with pytest.raises(ExportError, match=r"lung_outline do not apply to secondary-capture\.dcm"):
+        exports.build_export(dicom_run, "secondary-capture.dcm", b"", overlay=OverlayOptions(lung_outline=True))
+    with pytest.raises(ExportError, match=r"include_patient_data do not apply to annotated\.png"):
+        exports.build_export(dicom_run, "annotated.png", include_patient_data=True)
 
 
 def test_save_export_writes_atomically(dicom_run):
@@ -411,25 +482,25 @@ def test_calibrated_run_exports_in_x_fold_of_the_normal_range(tmp_path, cr_sourc
     record = json.loads((run / "record.json").read_text())
     record["map_summary"]["scale"] = {"kind": "calibrated", "level": 0.1, "percentile": 99.0, "n_images": 24}
     (run / "record.json").write_text(json.dumps(record))
-    data = exports.export_annotated_png(run, threshold=1.5, threshold_mode=exports.THRESHOLD_NORMAL)
+    fold = OverlayOptions(threshold=1.5, threshold_mode=exports.THRESHOLD_NORMAL)
+    data = exports.export_annotated_png(run, fold)
     text = Image.open(io.BytesIO(data)).text  # type: ignore[attr-defined]
     assert text["vald_md:map_scale"].startswith("x-fold of the normal range: 1× = 99th percentile")
     # the same fold on an uncalibrated run is refused rather than read as a percentile
     with pytest.raises(ExportError, match="calibrated"):
-        exports.export_annotated_png(make_run(tmp_path / "plain", cr_source), threshold=1.5,
-                                     threshold_mode=exports.THRESHOLD_NORMAL)
+        exports.export_annotated_png(make_run(tmp_path / "plain", cr_source), fold)
 
 
 def test_bundle_annotated_png_follows_the_overlay_options(dicom_run, cr_source):
     """The ZIP's annotated.png (and Secondary Capture) is drawn with the options on screen (issue 12): the same
     bytes as the annotated export with those options, not the defaults."""
-    options = {"opacity": 0.9, "threshold": 90.0, "threshold_mode": "percentile", "mode": "signed"}
-    alone = exports.export_annotated_png(dicom_run, **options)
-    with zipfile.ZipFile(io.BytesIO(exports.build_export(dicom_run, "bundle.zip", **options)[0])) as zf:
+    options = OverlayOptions(opacity=0.9, threshold=90.0, threshold_mode="percentile", mode="signed")
+    alone = exports.export_annotated_png(dicom_run, options)
+    with zipfile.ZipFile(io.BytesIO(exports.build_export(dicom_run, "bundle.zip", overlay=options)[0])) as zf:
         assert zf.read("annotated.png") == alone
     with zipfile.ZipFile(io.BytesIO(exports.export_bundle(dicom_run))) as zf:
         assert zf.read("annotated.png") == exports.export_annotated_png(dicom_run) != alone
-    with zipfile.ZipFile(io.BytesIO(exports.export_bundle(dicom_run, cr_source, **options))) as zf:
+    with zipfile.ZipFile(io.BytesIO(exports.export_bundle(dicom_run, cr_source, overlay=options))) as zf:
         sc = pydicom.dcmread(io.BytesIO(zf.read("secondary-capture.dcm")))
     plain = pydicom.dcmread(io.BytesIO(exports.export_secondary_capture(dicom_run, cr_source)))
     assert not np.array_equal(sc.pixel_array, plain.pixel_array)
@@ -439,7 +510,8 @@ def test_annotated_png_parameters_read_back(dicom_run):
     """The parameters in an annotated PNG's text chunks come back typed (issue 12: re-opening a PNG's parameters);
     any other file gives None."""
     record = json.loads((dicom_run / "record.json").read_text())
-    params = exports.read_png_parameters(exports.export_annotated_png(dicom_run, threshold=1.5, mode="outline"))
+    params = exports.read_png_parameters(exports.export_annotated_png(dicom_run,
+                                                                      OverlayOptions(threshold=1.5, mode="outline")))
     assert params is not None
     expected = record["parameters"]
     for key in ("prompt", "strength", "guidance_scale", "steps", "scheduler", "samples"):

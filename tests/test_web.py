@@ -751,6 +751,46 @@ def test_security_headers(client):
     assert r.headers["x-content-type-options"] == "nosniff"
 
 
+def test_every_route_response_is_no_store(client, done_job):
+    """The routes set no Cache-Control of their own: SecurityHeadersMiddleware gives every response but static files
+    ``no-store`` (results are patient-derived), pages, fragments, JSON, images, exports and empty answers alike."""
+    job_id = done_job["job_id"]
+    base = f"/api/v1/jobs/{job_id}"
+    htmx = {"HX-Request": "true"}
+    for url, headers in [("/", {}), (f"/runs/{job_id}", {}), (f"/runs/{job_id}", htmx),
+                         (f"/runs/{job_id}/progress", htmx), (f"/runs/{job_id}/overlay?threshold=0", htmx),
+                         (f"/runs/{job_id}/form", htmx), ("/history", htmx), (base, {}), ("/api/v1/jobs", {}),
+                         (f"{base}/thumbnail.png", {}), (f"{base}/overlay.png?legend=true", {}),
+                         (f"{base}/artifacts/input.png", {}), (f"{base}/artifacts/record.json", {}),
+                         (f"{base}/artifacts/annotated.png", {}), (f"{base}/artifacts/bundle.zip", {}),
+                         (f"{base}/viewing", {}), (f"{base}/pixels/input.npy", {})]:
+        r = client.get(url, headers=headers)
+        assert r.status_code in (200, 204), (url, r.status_code)
+        assert r.headers["cache-control"] == "no-store", url
+    with client.stream("GET", f"{base}/events") as r:  # a finished job's stream: one status, then the end
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    assert "no-store" not in client.get("/static/css/app.css").headers.get("cache-control", "")
+
+
+def test_overlay_query_is_one_dependency(client, done_job):
+    """overlay.png, the exports and the review page's overlay panel read the same overlay options (the
+    ``OverlayQuery`` dependency): the same names, ranges and 422s; the page's ``lungs`` is its ``lung_outline``."""
+    from app.web.deps import overlay_options
+
+    job_id = done_job["job_id"]
+    base = f"/api/v1/jobs/{job_id}"
+    for url in (f"{base}/overlay.png", f"{base}/artifacts/annotated.png", f"/runs/{job_id}/overlay"):
+        for bad, field in (("opacity=2", "opacity"), ("threshold=101", "threshold"), ("mode=heat", "mode")):
+            r = client.get(f"{url}?{bad}", headers={"HX-Request": "true"})
+            assert r.status_code == 422, (url, bad)
+    params = client.get("/api/openapi.json").json()["paths"]["/api/v1/jobs/{job_id}/overlay.png"]["get"]["parameters"]
+    names = {p["name"] for p in params}
+    assert {"opacity", "threshold", "mode", "scale", "legend", "lung_outline"} <= names and "lungs" not in names
+    options = overlay_options(opacity=0.3, threshold=2.0, mode="signed", scale=None, legend=False,
+                              lung_outline=False, lungs=True)
+    assert (options.opacity, options.threshold, options.mode, options.lung_outline) == (0.3, 2.0, "signed", True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # templates and static files
 # ----------------------------------------------------------------------------------------------------------------

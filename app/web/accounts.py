@@ -50,7 +50,6 @@ UNTRUSTED_NAME_PREFIX = "untrusted:"
 """Marks a login name in the audit trail that is no account's: it is whatever the client typed."""
 UNTRUSTED_NAME_CHARS = 32
 """How much of such a name is kept (escaped, so at most ``64`` characters after the prefix)."""
-_NO_STORE = {"Cache-Control": "no-store"}
 
 
 def has_admin(db: Database) -> bool:
@@ -97,7 +96,7 @@ def _login_page(request: Request, db: Database, *, next_path: str, status_code: 
     context = {"login_csrf": login_csrf_token(request.app.state.uid_secret, nonce), "next": next_path,
                "error": error, "username": username, "no_admin": not has_admin(db),
                "first_admin_hint": FIRST_ADMIN_HINT}
-    response = render(request, "login.html", context, status_code=status_code, headers={**_NO_STORE, **(headers or {})})
+    response = render(request, "login.html", context, status_code=status_code, headers=headers)
     settings = request.app.state.settings
     response.set_cookie(LOGIN_CSRF_COOKIE, nonce, httponly=True, samesite="strict", path="/login",
                         secure=cookie_is_secure(request, settings.cookie_secure))

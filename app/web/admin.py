@@ -39,7 +39,6 @@ router = APIRouter(prefix="/admin", tags=["admin"], include_in_schema=False)
 PAGE_SIZE = 50
 REPRODUCED_ARTIFACT = "counterfactual.png"
 """The artifact whose SHA-256 decides whether a re-run reproduced its original."""
-_NO_STORE = {"Cache-Control": "no-store"}
 _ACTIONS = [a.value for a in audit.AuditAction]
 FIRST_DAY = date(1970, 1, 1)
 LAST_DAY = date(9998, 12, 31)
@@ -132,7 +131,7 @@ def admin_page(request: Request, admin: AdminUser, db: DbDep, user: Filter = Non
     users = audit.list_users(db)
     context.update(runs=audit.list_runs(db, limit=20), usernames={u.id: u.username for u in users}, users=users,
                    now=audit.utc_now())
-    return render(request, "admin.html", context, headers=_NO_STORE)
+    return render(request, "admin.html", context)
 
 
 @router.get("/events", response_class=HTMLResponse)
@@ -145,7 +144,7 @@ def admin_events(request: Request, admin: AdminUser, db: DbDep, user: Filter = N
     context = _events_context(db, filters)
     audit.append_event(db, audit.AuditAction.AUDIT_VIEW, user=admin.user,
                        detail={"filters": filters.used(), "page": context["page"]})
-    return render(request, "_audit_table.html", context, headers={**_NO_STORE, "HX-Push-Url":
+    return render(request, "_audit_table.html", context, headers={"HX-Push-Url":
                                                                   f"/admin?{filters.query_string(context['page'])}"})
 
 
@@ -163,7 +162,7 @@ def admin_export(admin: AdminUser, db: DbDep, format: Literal["csv", "json"] = "
     stamp = audit.utc_now().strftime("%Y%m%dT%H%M%SZ")
     media = "text/csv; charset=utf-8" if format == "csv" else "application/json"
     return StreamingResponse(chunks, media_type=media, headers={
-        **_NO_STORE, "Content-Disposition": f'attachment; filename="vald-md-audit-{stamp}.{format}"'})
+        "Content-Disposition": f'attachment; filename="vald-md-audit-{stamp}.{format}"'})
 
 
 def _run_id(value: str) -> uuid.UUID:
@@ -227,7 +226,7 @@ def admin_run(request: Request, run_id: str, admin: AdminUser, db: DbDep, jobs: 
                "reruns": [rerun_verdict(db, j) for j in jobs.reruns_of(rid.hex)],
                "params_json": json.dumps(run.params, indent=2, sort_keys=True),
                "versions_json": json.dumps(run.library_versions, indent=2, sort_keys=True)}
-    return render(request, "admin_run.html", context, headers=_NO_STORE)
+    return render(request, "admin_run.html", context)
 
 
 @router.post("/runs/{run_id}/rerun")
@@ -247,7 +246,7 @@ async def admin_rerun(request: Request, run_id: str, admin: AdminUser, db: DbDep
     again = await submit_job(jobs, admin.user, data, req, mask, rerun_of=job.id)
     if not is_htmx(request):
         return RedirectResponse(f"/admin/runs/{rid}", status_code=303)
-    return render(request, "_rerun.html", {"item": rerun_verdict(db, again)}, headers=_NO_STORE)
+    return render(request, "_rerun.html", {"item": rerun_verdict(db, again)})
 
 
 @router.get("/reruns/{job_id}", response_class=HTMLResponse)
@@ -256,4 +255,4 @@ def admin_rerun_status(request: Request, job_id: str, admin: AdminUser, db: DbDe
     job = jobs.get(job_id, "", any_owner=True)
     if job.rerun_of is None:
         raise JobNotFoundError(job_id)
-    return render(request, "_rerun.html", {"item": rerun_verdict(db, job)}, headers=_NO_STORE)
+    return render(request, "_rerun.html", {"item": rerun_verdict(db, job)})

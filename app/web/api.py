@@ -15,7 +15,8 @@ GET      /api/v1/model                               the loaded model: name, has
 =======  ==========================================  =====================================================
 
 Every route needs ``Authorization: Bearer vmd_...`` (``vald-md users token NAME``) or a browser session; a
-user sees their own jobs only (an admin may open anyone's by id). File and export fetches are audited.
+user sees their own jobs only (an admin may open anyone's by id). File and export fetches are audited. Results are
+patient-derived: every response carries ``Cache-Control: no-store`` (``app.web.app.SecurityHeadersMiddleware``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, File, Form, Query, Request, Security, UploadFile
 from fastapi.openapi.utils import get_openapi
@@ -36,13 +37,12 @@ from app.artifacts import ReviewRequest
 from app.config import Settings
 from app.jobs import Job, JobManager
 from app.web.auditing import audit_export, audit_view, part_of_page
-from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
+from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, OverlayQuery, SettingsDep, find_job
 from app.web.errors import UploadTooLargeError
 from app.web.forms import GenerationParams, map_method_options
 from app.web.schemas import JobList, JobStatus, ModelDescription, SubmittedJob, bearer_scheme
 from app.web.streams import job_changes
 from app.web.views import (
-    OverlayOptions,
     artifact_file,
     build_export,
     job_status,
@@ -54,8 +54,6 @@ from app.web.views import (
 router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Security(bearer_scheme)])
 
 JobId = Annotated[str, "32 hex digits"]
-_NO_STORE = {"Cache-Control": "no-store"}
-"""Results are patient-derived: never kept in browser or proxy caches (shared clinical workstations)."""
 
 
 def openapi_with_server_limits(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
@@ -144,7 +142,7 @@ def list_jobs(jobs: JobsDep, user: CurrentUser, limit: Annotated[int, Query(ge=1
             responses={200: {"model": JobStatus, "description": "the job"}})
 def get_job(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> JSONResponse:
     """State, queue position, progress (step k of N, ETA, preview URL), parameters, effective steps, timings."""
-    return JSONResponse(job_status(jobs, find_job(jobs, job_id, user)), headers=_NO_STORE)
+    return JSONResponse(job_status(jobs, find_job(jobs, job_id, user)))
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job", response_model=None,
@@ -166,7 +164,7 @@ async def job_events(job_id: JobId, request: Request, jobs: JobsDep, user: Curre
         async for j in job_changes(request, jobs, job, settings.sse_interval_s):
             yield {"event": "status", "data": json.dumps(job_status(jobs, j))}
 
-    return EventSourceResponse(events(), headers=_NO_STORE)
+    return EventSourceResponse(events())
 
 
 @router.get("/jobs/{job_id}/preview.png", summary="Latest denoising preview")
@@ -175,8 +173,8 @@ def job_preview(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
     job = find_job(jobs, job_id, user)
     png = jobs.preview_png(job)
     if png is None:
-        return Response(status_code=204, headers=_NO_STORE)
-    return Response(png, media_type="image/png", headers=_NO_STORE)
+        return Response(status_code=204)
+    return Response(png, media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/thumbnail.png", summary="Small image of the input")
@@ -185,28 +183,16 @@ def job_thumbnail(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Response:
     job = find_job(jobs, job_id, user)
     png = jobs.thumbnail_png(job)
     if png is None:
-        return Response(status_code=204, headers=_NO_STORE)
-    return Response(png, media_type="image/png", headers=_NO_STORE)
+        return Response(status_code=204)
+    return Response(png, media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/overlay.png", summary="Re-render the overlay without re-running diffusion")
-def job_overlay(
-    job_id: JobId, jobs: JobsDep, user: CurrentUser,
-    opacity: Annotated[float, Query(ge=0.0, le=1.0, description="maximum overlay opacity")] = 0.6,
-    threshold: Annotated[float | None, Query(ge=0.0, le=100.0, description=(
-        "hide |M| below this: x-fold of the model's normal level on a calibrated run (record map_summary.scale.kind "
-        "'calibrated'), else a percentile of the map's own |M|"))] = None,
-    mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
-    scale: Annotated[float | None, Query(gt=0.0, le=1.0, description="|M| at full opacity; default: 2x the normal "
-                                                                    "level when calibrated, else the 99.5th pct")
-                     ] = None,
-    legend: Annotated[bool, Query(description="append the colour bar")] = False,
-) -> Response:
-    """The overlay drawn from ``attribution.npy`` over ``input.png`` with these display options."""
+def job_overlay(job_id: JobId, jobs: JobsDep, user: CurrentUser, overlay: OverlayQuery) -> Response:
+    """The overlay drawn from ``attribution.npy`` over ``input.png`` with these display options (the lung outline
+    is a layer of its own: ``lung-outline.png``)."""
     job = find_job(jobs, job_id, user)
-    png = render_overlay_png(job, OverlayOptions(opacity=opacity, threshold=threshold, mode=mode, scale=scale,
-                                                 legend=legend))
-    return Response(png, media_type="image/png", headers=_NO_STORE)
+    return Response(render_overlay_png(job, overlay), media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/lung-outline.png", summary="The lung outline as a transparent layer")
@@ -214,17 +200,12 @@ def job_lung_outline(job_id: JobId, jobs: JobsDep, user: CurrentUser) -> Respons
     """The outline of the run's ``lung_mask.png`` (green, opaque) on a transparent RGBA layer of the input's size,
     to lay over any of the run's images; 404 when the map was not restricted to the lungs."""
     job = find_job(jobs, job_id, user)
-    return Response(render_lung_outline_png(job), media_type="image/png", headers=_NO_STORE)
+    return Response(render_lung_outline_png(job), media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}", summary="A run file or an export")
 def job_artifact(
-    job_id: JobId, name: str, request: Request, jobs: JobsDep, user: CurrentUser, db: DbDep,
-    opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
-    threshold: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
-    mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
-    lung_outline: Annotated[bool, Query(description="annotated.png (alone or in bundle.zip): draw the lung "
-                                                    "mask's outline")] = False,
+    job_id: JobId, name: str, request: Request, jobs: JobsDep, user: CurrentUser, db: DbDep, overlay: OverlayQuery,
     download: Annotated[bool, Query(description="ask the browser to save the file")] = False,
 ) -> Response:
     """``input.png``, ``counterfactual.png`` (``-<i>`` for more samples), ``overlay.png``, ``reconstruction.png``,
@@ -237,19 +218,17 @@ def job_artifact(
     job = find_job(jobs, job_id, user)
     stem = f"vald-md-{job.id[:8]}"
     if name in exports.EXPORT_KINDS and name != "record.json":
-        options = OverlayOptions(opacity=opacity, threshold=threshold, mode=mode,
-                                 lungs=lung_outline).export_options(name)
-        content, media_type = build_export(job, name, options)
+        content, media_type = build_export(job, name, overlay)
         audit_export(db, user, job, name, content)
         return Response(content, media_type=media_type,
-                        headers={"Content-Disposition": f'attachment; filename="{stem}-{name}"', **_NO_STORE})
+                        headers={"Content-Disposition": f'attachment; filename="{stem}-{name}"'})
     path, media_type = artifact_file(job, name)
     if name == "record.json":
         audit_export(db, user, job, name, path.read_bytes())
     elif not part_of_page(request, user, download=download):  # the result page's own images: its one view
         audit_view(db, user, job, name)
     disposition = "attachment" if download or path.suffix != ".png" else "inline"
-    return FileResponse(path, media_type=media_type, headers=_NO_STORE,
+    return FileResponse(path, media_type=media_type,
                         content_disposition_type=disposition, filename=f"{stem}-{name}")
 
 

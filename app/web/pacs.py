@@ -57,7 +57,6 @@ router = APIRouter()
 PACS_SOURCE = "pacs-source.json"
 """The run-folder file that keeps a PACS-opened run's study context (server name and the three UIDs)."""
 UID = r"^[0-9]{1,10}(\.[0-9]{1,20}){1,31}$"
-NO_STORE = {"Cache-Control": "no-store"}
 THUMBNAIL_PX = 128
 
 
@@ -182,7 +181,7 @@ def _page_context(request: Request, jobs: Any, caller: Caller, **extra: Any) -> 
 @router.get("/pacs", response_class=HTMLResponse)
 def pacs_page(request: Request, jobs: JobsDep, user: CurrentUser) -> HTMLResponse:
     """The PACS page: search form, results area, the caller's PACS runs."""
-    return render(request, "pacs.html", _page_context(request, jobs, user), headers=NO_STORE)
+    return render(request, "pacs.html", _page_context(request, jobs, user))
 
 
 @router.get("/pacs/search", response_class=HTMLResponse)
@@ -201,9 +200,9 @@ async def pacs_search(request: Request, jobs: JobsDep, user: CurrentUser, db: Db
     query = {"server": server, "accession": accession, "patient_id": patient_id, "date_from": date_from,
              "date_to": date_to}
     if is_htmx(request):
-        return render(request, "_pacs_studies.html", {"studies": studies, "server": server}, headers=NO_STORE)
+        return render(request, "_pacs_studies.html", {"studies": studies, "server": server})
     return render(request, "pacs.html", _page_context(request, jobs, user, query=query, studies=studies,
-                                                      server=server), headers=NO_STORE)
+                                                      server=server))
 
 
 @router.get("/pacs/series", response_class=HTMLResponse)
@@ -218,7 +217,7 @@ async def pacs_series(request: Request, user: CurrentUser, db: DbDep, server: An
     series = await _audited(request, db, user, audit.AuditAction.PACS_QUERY, server, listing, study_uid=study,
                             what="series")
     return render(request, "_pacs_series.html", {"series": series, "server": server, "study": study,
-                                                 "thumbnail_px": THUMBNAIL_PX}, headers=NO_STORE)
+                                                 "thumbnail_px": THUMBNAIL_PX})
 
 
 @router.get("/pacs/thumbnail")
@@ -245,8 +244,8 @@ async def pacs_thumbnail(request: Request, user: CurrentUser, db: DbDep, server:
         except (PacsError, ValueError):
             png = None
     if png is None:
-        return Response(status_code=404, headers=NO_STORE)
-    return Response(png, media_type="image/png", headers=NO_STORE)
+        return Response(status_code=404)
+    return Response(png, media_type="image/png")
 
 
 @router.post("/pacs/open")
@@ -303,8 +302,7 @@ async def pacs_store(request: Request, job_id: str, jobs: JobsDep, user: Current
 
     result: StoreResult = await _audited(request, db, user, audit.AuditAction.PACS_STORE, server, store,
                                          study_uid=source["study_uid"], mode=mode.value, job=job.id)
-    return render(request, "_pacs_stored.html", {"result": result, "server": server, "mode": mode.value},
-                  headers=NO_STORE)
+    return render(request, "_pacs_stored.html", {"result": result, "server": server, "mode": mode.value})
 
 
 # -- admin -----------------------------------------------------------------------------------------------------
@@ -313,7 +311,7 @@ async def pacs_store(request: Request, job_id: str, jobs: JobsDep, user: Current
 @router.get("/admin/pacs", response_class=HTMLResponse)
 def admin_pacs(request: Request, admin: AdminUser, settings: SettingsDep) -> HTMLResponse:
     """The configured servers (URL, auth kind, TLS check, timeout; never a credential) and a test button each."""
-    return render(request, "admin_pacs.html", {"servers": settings.pacs_servers}, headers=NO_STORE)
+    return render(request, "admin_pacs.html", {"servers": settings.pacs_servers})
 
 
 @router.post("/admin/pacs/{name}/test", response_class=HTMLResponse)
@@ -323,7 +321,6 @@ async def admin_pacs_test(request: Request, name: str, admin: AdminUser, db: DbD
     try:
         seconds = await _audited(request, db, admin, audit.AuditAction.PACS_TEST, name, client.check)
     except PacsError as e:
-        return render(request, "_pacs_test.html", {"name": name, "ok": False, "message": str(e)}, headers=NO_STORE)
+        return render(request, "_pacs_test.html", {"name": name, "ok": False, "message": str(e)})
     return render(request, "_pacs_test.html", {"name": name, "ok": True,
-                                               "message": f"Connected: answered in {seconds * 1000:.0f} ms."},
-                  headers=NO_STORE)
+                                               "message": f"Connected: answered in {seconds * 1000:.0f} ms."})

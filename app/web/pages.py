@@ -27,7 +27,8 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from dataclasses import replace
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -37,10 +38,11 @@ from starlette.concurrency import run_in_threadpool
 from app import exports, imaging
 from app.engine import SCHEDULERS, CounterfactualEngine
 from app.jobs import MASK_UPLOAD, Job, JobManager, JobNotFoundError, JobState, gray_png
+from app.rendering import OverlayOptions
 from app.web.api import read_upload, submit_job
 from app.web.auditing import audit_view
 from app.web.auth import Caller
-from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, SettingsDep, find_job
+from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, OverlayQuery, SettingsDep, find_job
 from app.web.forms import (
     PARAMETER_HELP,
     FormValues,
@@ -53,16 +55,16 @@ from app.web.streams import job_changes
 from app.web.templating import HISTORY_STATE_CHOICES, is_htmx, render
 from app.web.views import (
     EXPORT_LABELS,
-    OverlayOptions,
     api_base,
     export_kinds,
+    export_query,
     has_lung_mask,
     job_status,
+    overlay_query,
     result_view,
 )
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
-NO_STORE = {"Cache-Control": "no-store"}
 
 HISTORY_LIMIT = 24
 INSPECT_THUMBNAIL_PX = 256
@@ -93,7 +95,8 @@ def run_context(jobs: JobManager, job: Job | None, *, poll: bool = False,
             "job": job, "status": job_status(jobs, job), "poll": poll, "api": api_base(job),
             "active": _active(jobs, job.owner, job),
             "position": jobs.queue_position(job), "queue_eta": jobs.queue_eta_s(job),
-            "overlay": overlay, "exports": [(k, EXPORT_LABELS[k]) for k in export_kinds(job)],
+            "overlay": overlay, "overlay_query": overlay_query(overlay),
+            "exports": [(k, EXPORT_LABELS[k], export_query(overlay, k)) for k in export_kinds(job)],
             "record": _record(job), "has_lungs": has_lung_mask(job), "preview_url": f"{api_base(job)}/preview.png?v={job.version}"
             if job.has_preview else None}
 
@@ -148,7 +151,7 @@ def _render_fragment(request: Request, name: str, context: dict[str, Any]) -> st
 def review_page(request: Request, engine: EngineDep, settings: SettingsDep, jobs: JobsDep,
                 user: CurrentUser) -> HTMLResponse:
     """The review page with the model's healthy preset in the form."""
-    return render(request, "review.html", page_context(engine, settings, jobs, user), headers=NO_STORE)
+    return render(request, "review.html", page_context(engine, settings, jobs, user))
 
 
 def stored_upload(job: Job) -> bytes:
@@ -216,7 +219,7 @@ async def create_run(request: Request, params: Annotated[ReviewFormParams, Form(
         return RedirectResponse(f"/runs/{job.id}", status_code=303)
     context = {**run_context(jobs, job), "oob": True, "history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
                "current_id": job.id}
-    return render(request, "_run.html", context, headers={"HX-Push-Url": f"/runs/{job.id}", **NO_STORE})
+    return render(request, "_run.html", context, headers={"HX-Push-Url": f"/runs/{job.id}"})
 
 
 @router.get("/runs/{job_id}")
@@ -231,8 +234,8 @@ def run_page(request: Request, job_id: str, engine: EngineDep, settings: Setting
         context = {**form_context(engine, settings, jobs, user.owner, form_for_job(job), job),
                    **run_context(jobs, job), "oob_form": True, "history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
                    "current_id": job.id}
-        return render(request, "_run.html", context, headers=NO_STORE)
-    return render(request, "review.html", page_context(engine, settings, jobs, user, job=job), headers=NO_STORE)
+        return render(request, "_run.html", context)
+    return render(request, "review.html", page_context(engine, settings, jobs, user, job=job))
 
 
 @router.get("/runs/{job_id}/progress", response_class=HTMLResponse)
@@ -242,7 +245,7 @@ def run_progress(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser
     job = find_job(jobs, job_id, user)
     context = {**run_context(jobs, job, poll=True), "history": jobs.list_jobs(user.owner, HISTORY_LIMIT),
                "current_id": job.id, "oob": job.state.finished, "oob_state": True}
-    return render(request, "_run.html", context, headers=NO_STORE)
+    return render(request, "_run.html", context)
 
 
 @router.get("/runs/{job_id}/events")
@@ -263,7 +266,7 @@ async def run_events(request: Request, job_id: str, jobs: JobsDep, user: Current
                 yield {"event": "progress", "data": _render_fragment(request, "_progress.html",
                                                                      {**run_context(jobs, j), "oob_state": True})}
 
-    return EventSourceResponse(events(), headers={"Cache-Control": "no-store"})
+    return EventSourceResponse(events())
 
 
 @router.post("/runs/{job_id}/cancel")
@@ -276,25 +279,19 @@ def cancel_run(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser) 
 
 
 @router.get("/runs/{job_id}/overlay", response_class=HTMLResponse)
-def run_overlay(
-    request: Request, job_id: str, jobs: JobsDep, user: CurrentUser,
-    opacity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
-    threshold: Annotated[float, Query(ge=0.0, le=100.0, description="0 = no threshold; x-fold of the normal "
-                                                                    "level on a calibrated run, else a percentile")] = 0.0,
-    mode: Annotated[Literal["magnitude", "signed", "outline", "stability"], Query()] = "magnitude",
-    lungs: Annotated[bool, Query(description="lung outline shown (the export links follow it)")] = False,
-) -> HTMLResponse:
+def run_overlay(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser,
+                overlay: OverlayQuery) -> HTMLResponse:
     """The overlay image element for new display options, and (out of band) the legend, the map summary at the
     new threshold and the export links that follow them.
     The PNG itself is rendered when the browser fetches the new URL. The lung outline is a layer of its own,
-    shown and hidden in the browser; here it only changes the annotated export's link."""
+    shown and hidden in the browser (``lungs``); here it only changes the annotated export's link. Threshold 0 means
+    none."""
     job = find_job(jobs, job_id, user)
-    if mode == "stability" and job.request.samples < 2:
+    if overlay.mode == "stability" and job.request.samples < 2:
         raise ValueError("mode: the stability map needs a run with more than one sample")
-    options = OverlayOptions(opacity=opacity, threshold=threshold or None, mode=mode,
-                             lungs=lungs and has_lung_mask(job))
-    return render(request, "_overlay_image.html", {**run_context(jobs, job, overlay=options), "overlay_swap": True},
-                  headers=NO_STORE)
+    options = replace(overlay, threshold=overlay.threshold or None,
+                      lung_outline=overlay.lung_outline and has_lung_mask(job))
+    return render(request, "_overlay_image.html", {**run_context(jobs, job, overlay=options), "overlay_swap": True})
 
 
 @router.get("/runs/{job_id}/form", response_class=HTMLResponse)
@@ -302,8 +299,7 @@ def run_form(request: Request, job_id: str, engine: EngineDep, settings: Setting
              user: CurrentUser) -> HTMLResponse:
     """The review form filled with this run's parameters and seed (the image is reused unless replaced)."""
     job = find_job(jobs, job_id, user)
-    return render(request, "_form.html", form_context(engine, settings, jobs, user.owner, form_for_job(job)),
-                  headers=NO_STORE)
+    return render(request, "_form.html", form_context(engine, settings, jobs, user.owner, form_for_job(job)))
 
 
 def filter_history(jobs: list[Job], q: str = "", state: str = "") -> list[Job]:
@@ -322,7 +318,7 @@ def history(request: Request, jobs: JobsDep, user: CurrentUser,
     """The history panel (the user's recent runs with thumbnails), narrowed by ``q`` and ``state``."""
     found = filter_history(jobs.list_jobs(user.owner), q, state)[:HISTORY_LIMIT]
     return render(request, "_history.html", {"history": found, "current_id": current, "history_q": q,
-                                             "history_state": state}, headers=NO_STORE)
+                                             "history_state": state})
 
 
 @router.post("/runs/{job_id}/delete")
@@ -337,7 +333,7 @@ def delete_run(request: Request, job_id: str, jobs: JobsDep, user: CurrentUser,
     jobs.delete(job_id, user.owner, actor=user.user)
     if not is_htmx(request):
         return RedirectResponse("/", status_code=303)
-    headers = dict(NO_STORE)
+    headers: dict[str, str] = {}
     if request.headers.get("HX-Current-URL", "").split("?")[0].rstrip("/").endswith(f"/runs/{job_id}"):
         headers["HX-Redirect"] = "/"
     found = filter_history(jobs.list_jobs(user.owner), q, state)[:HISTORY_LIMIT]

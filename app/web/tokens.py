@@ -27,7 +27,6 @@ from app.web.templating import render
 
 router = APIRouter(prefix="/admin/tokens", tags=["admin"], include_in_schema=False)
 
-_NO_STORE = {"Cache-Control": "no-store"}
 
 
 @router.get("", response_class=HTMLResponse)
@@ -44,8 +43,7 @@ def tokens_page(request: Request, admin: AdminUser, db: DbDep,
                        detail={"what": "api_tokens", "filters": ["user"] if user else []})
     now = audit.utc_now()
     rows = [{"token": t, "owner": names.get(t.user_id, "?"), "state": audit.api_token_state(t, now)} for t in tokens]
-    return render(request, "admin_tokens.html", {"rows": rows, "owner": owner, "users": users},
-                  headers=_NO_STORE)
+    return render(request, "admin_tokens.html", {"rows": rows, "owner": owner, "users": users})
 
 
 @router.post("/{token_id}/revoke")

@@ -12,7 +12,8 @@ GET      /api/v1/jobs/{id}/pixels/{image}.npy            ``input`` or ``counterf
 16-bit radiograph keeps its 16 bits; ``counterfactual`` is ``counterfactual.png`` brought back to the same units
 through the inverse of the run's window (it only spans that window). Both share one rescale, so one lookup table
 windows both. Same access rules as the run's files: the owner (or an admin) only, a finished run only,
-``Cache-Control: no-store``; fetching the input's pixels is audited as ``view`` like ``input.png``.
+``Cache-Control: no-store`` (``app.web.app.SecurityHeadersMiddleware`` sets it on every response but static files);
+fetching the input's pixels is audited as ``view`` like ``input.png``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from app.web.deps import CurrentUser, DbDep, JobsDep, find_job
 from app.web.views import ArtifactNotFoundError, api_base, read_record, require_done
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
-_NO_STORE = {"Cache-Control": "no-store"}
 DETECTOR_SPACING_NOTE = "Pixel spacing is the detector's"
 """How ``app.imaging.dicom`` says the spacing is (0018,1164) Imager Pixel Spacing rather than (0028,0030)."""
 PRESET_KEYS = 4
@@ -142,7 +142,7 @@ def job_viewing(job_id: str, jobs: JobsDep, user: CurrentUser, db: DbDep, beside
     facts = run_pixels(job).facts
     if beside:
         audit_view(db, user, job, "beside another run")
-    return JSONResponse(facts, headers=_NO_STORE)
+    return JSONResponse(facts)
 
 
 @router.get("/jobs/{job_id}/pixels/{image}.npy", summary="A run's pixels in the data's units (uint16 .npy)")
@@ -158,5 +158,4 @@ def job_pixels(job_id: str, image: Literal["input", "counterfactual"], request: 
     if image == "input" and not part_of_page(request, user):  # the result page's own fetch: its one view
         audit_view(db, user, job, "pixels/input.npy")
     return Response(npy_bytes(array), media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'inline; filename="vald-md-{job.id[:8]}-{image}.npy"',
-                             **_NO_STORE})
+                    headers={"Content-Disposition": f'inline; filename="vald-md-{job.id[:8]}-{image}.npy"'})

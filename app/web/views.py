@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from PIL import Image
 
 from app import attribution, exports, mapscale, rendering
 from app.jobs import Job, JobManager, JobNotReadyError, JobState, read_png_unit
+from app.rendering import OverlayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ ARTIFACT = re.compile(r"^(input|overlay|reconstruction|mask|lung_mask|counterfac
 EXPORT_LABELS = {"annotated.png": "Annotated PNG", "secondary-capture.dcm": "DICOM SC",
                  "record.json": "JSON record", "bundle.zip": "ZIP bundle"}
 MEDIA = {".png": "image/png", ".npy": "application/octet-stream", ".json": "application/json"}
-OVERLAY_MODES = ("magnitude", "signed", "outline", "stability")
 
 
 class ArtifactNotFoundError(LookupError):
@@ -122,8 +122,12 @@ def artifact_file(job: Job, name: str) -> tuple[Path, str]:
     return path, MEDIA[path.suffix]
 
 
-def build_export(job: Job, kind: str, options: dict[str, Any]) -> tuple[bytes, str]:
+def build_export(job: Job, kind: str, options: OverlayOptions) -> tuple[bytes, str]:
     """One export of a finished job (``exports.build_export``), with the stored upload as the DICOM source.
+
+    Args:
+        options: The page's overlay options (:func:`on_run` gives the threshold its meaning on this run); used by
+            the image exports and the ZIP, the lung outline by ``annotated.png`` (alone or in the ZIP) only.
 
     Raises:
         ArtifactNotFoundError: a DICOM export of a PNG/JPEG run. exports.ExportError: see ``build_export``.
@@ -133,9 +137,12 @@ def build_export(job: Job, kind: str, options: dict[str, Any]) -> tuple[bytes, s
         raise ArtifactNotFoundError("A DICOM Secondary Capture needs a DICOM input; this run was made from a "
                                     f"{job.source_format.upper() or 'non-DICOM'} file. Export PNG, JSON or ZIP.")
     source = job.upload_path.read_bytes() if job.source_format == "dicom" else None
-    if options.get("threshold") is not None and "threshold_mode" not in options:
-        options = {**options, "threshold_mode": threshold_mode(read_record(job))}
-    return exports.build_export(job.run_dir, kind, source, **options)
+    overlay = None
+    if kind in exports.OVERLAY_KINDS:
+        # the threshold's unit follows the run; without a threshold the recorded threshold_mode stays "percentile"
+        overlay = on_run(options, read_record(job)) if options.threshold is not None else options
+        overlay = replace(overlay, lung_outline=options.lung_outline and kind in exports.LUNG_OUTLINE_KINDS)
+    return exports.build_export(job.run_dir, kind, source, overlay=overlay)
 
 
 def read_record(job: Job) -> dict[str, Any]:
@@ -153,7 +160,13 @@ def read_record(job: Job) -> dict[str, Any]:
 def threshold_mode(record: dict[str, Any]) -> str:
     """What the review page's threshold means for this run: ``"normal"`` (x-fold of the model's normal level) on a
     calibrated run, ``"percentile"`` of the map's own |M| otherwise."""
-    return "normal" if mapscale.scale_from_record(record) is not None else "percentile"
+    return rendering.THRESHOLD_NORMAL if mapscale.scale_from_record(record) is not None else "percentile"
+
+
+def on_run(options: OverlayOptions, record: dict[str, Any]) -> OverlayOptions:
+    """``options`` with the threshold in this run's unit (:func:`threshold_mode`): the page's threshold is an
+    x-fold of the normal level on a calibrated run, else a percentile of the map's own |M|."""
+    return replace(options, threshold_mode=threshold_mode(record))
 
 
 def map_summary(job: Job, options: OverlayOptions) -> dict[str, Any]:
@@ -187,55 +200,27 @@ def _read_map(job: Job) -> attribution.AttributionMap:
                                       n_samples=max(job.request.samples, 2 if std is not None else 1), mask=mask)
 
 
-@dataclass(frozen=True)
-class OverlayOptions:
-    """Display options of a re-rendered overlay (see ``rendering.render_overlay``).
-
-    Attributes:
-        opacity: [0, 1]. threshold: below which nothing is drawn; ``None`` = none. On a run read against the
-        model's calibration (:mod:`app.mapscale`) an x-fold of the normal level (1 = the normals' 99th
-        percentile), else a percentile in [0, 100] of the map's own |M| (:func:`threshold_mode`).
-        mode: magnitude | signed | outline | stability. scale: |M| drawn at full opacity (intensity units) or
-        ``None`` for the map's own 99.5th percentile. legend: append the colour bar.
-        lungs: show the lung outline. The review page draws it as a layer of its own over every image
-        (``lung-outline.png``), so it is not part of :meth:`query`; image exports draw it in
-        (:meth:`export_query`, :meth:`export_options`).
-    """
-
-    opacity: float = 0.6
-    threshold: float | None = None
-    mode: str = "magnitude"
-    scale: float | None = None
-    legend: bool = False
-    lungs: bool = False
-
-    def query(self) -> str:
-        """The options as a query string (stable order) for image URLs."""
-        parts = [f"opacity={self.opacity:g}", f"mode={self.mode}"]
-        if self.threshold is not None:
-            parts.append(f"threshold={self.threshold:g}")
-        if self.scale is not None:
-            parts.append(f"scale={self.scale:g}")
-        if self.legend:
-            parts.append("legend=true")
-        return "&".join(parts)
-
-    def export_query(self, kind: str) -> str:
-        """The query string of an export's link: :meth:`query`, plus the lung outline for ``annotated.png`` (alone or
-        in ``bundle.zip``)."""
-        q = self.query()
-        return q + "&lung_outline=true" if self.lungs and kind in _WITH_LUNG_OUTLINE else q
-
-    def export_options(self, kind: str = "annotated.png") -> dict[str, Any]:
-        """The options ``exports.build_export`` accepts for the export ``kind`` (an image, or the ZIP holding one)."""
-        options: dict[str, Any] = {"opacity": self.opacity, "threshold": self.threshold, "mode": self.mode}
-        if self.lungs and kind in _WITH_LUNG_OUTLINE:
-            options["lung_outline"] = True
-        return options
+def overlay_query(options: OverlayOptions) -> str:
+    """The options as the query string (stable order) of the overlay image's URL (``overlay.png``). The lung
+    outline is not part of it: the review page draws it as a layer of its own over every image
+    (``lung-outline.png``)."""
+    parts = [f"opacity={options.opacity:g}", f"mode={options.mode}"]
+    if options.threshold is not None:
+        parts.append(f"threshold={options.threshold:g}")
+    if options.scale is not None:
+        parts.append(f"scale={options.scale:g}")
+    if options.legend:
+        parts.append("legend=true")
+    return "&".join(parts)
 
 
-_WITH_LUNG_OUTLINE = ("annotated.png", "bundle.zip")
-"""Exports whose ``annotated.png`` can draw the lung outline."""
+def export_query(options: OverlayOptions, kind: str) -> str:
+    """The query string of an export's link: :func:`overlay_query` for the exports drawn with overlay options,
+    plus the lung outline for ``annotated.png`` (alone or in ``bundle.zip``); ``""`` for the others."""
+    if kind not in exports.OVERLAY_KINDS:
+        return ""
+    q = overlay_query(options)
+    return q + "&lung_outline=true" if options.lung_outline and kind in exports.LUNG_OUTLINE_KINDS else q
 
 
 def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
@@ -250,24 +235,12 @@ def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
     amap = _read_map(job)
     record = read_record(job)
     calibration = mapscale.scale_from_record(record)
-    threshold, mode = _threshold(options, calibration)
-    rgb = rendering.render_overlay(original, amap, opacity=options.opacity, scale=options.scale,
-                                   threshold=threshold, threshold_mode=mode, mode=options.mode,
-                                   legend=options.legend, normal_level=calibration.level if calibration else None,
+    rgb = rendering.render_overlay(original, amap, on_run(options, record),
+                                   normal_level=calibration.level if calibration else None,
                                    label=rendering.map_label_of_record(record))
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def _threshold(options: OverlayOptions, calibration: mapscale.MapCalibration | None) -> tuple[float | None, str]:
-    """(threshold, threshold mode) for ``rendering``: a calibrated run's x-fold in intensity units (the outline at
-    1× when none is set), else the percentile as given."""
-    if calibration is None:
-        return options.threshold, "percentile"
-    fold = options.threshold if options.threshold is not None else (
-        mapscale.DEFAULT_THRESHOLD_FOLD if options.mode == "outline" else None)
-    return (None if fold is None else fold * calibration.level), "absolute"
 
 
 def render_legend_png(job: Job, options: OverlayOptions, *, length: int = 480) -> bytes:
@@ -283,7 +256,7 @@ def render_legend_png(job: Job, options: OverlayOptions, *, length: int = 480) -
     record = read_record(job)
     calibration = mapscale.scale_from_record(record)
     level = calibration.level if calibration is not None else None
-    threshold, mode = _threshold(options, calibration)
+    threshold, mode = rendering.resolve_threshold(on_run(options, record), level)
     values = amap.std if options.mode == "stability" and amap.std is not None else amap.magnitude
     thr = None if threshold is None else attribution.threshold_value(values, threshold=threshold, mode=mode,
                                                                      mask=amap.mask)
