@@ -55,7 +55,8 @@ FORBIDDEN: dict[str, set[str]] = {
                "metrics", "cli", "lungs"},
 }
 # modules that may not import torch/diffusers at all (pure numpy / database layers)
-NO_TORCH = {"generation", "datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "exports", "config", "migrations", "manage"}
+NO_TORCH = {"generation", "datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "exports", "config",
+            "migrations", "manage"}
 
 
 def _imports(path: Path) -> set[str]:

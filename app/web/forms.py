@@ -2,8 +2,8 @@
 
 A field left out means "the loaded model's healthy preset" (``engine.info.presets["healthy"]``, its scheduler
 included), so the API and the form default to the same values; both build the run's frozen ``ReviewRequest``
-with :meth:`app.generation.GenerationRequest.from_preset`. Ranges here repeat the engine's so that a bad value is a 422 naming the
-field before anything is decoded; the engine re-checks everything anyway.
+with :meth:`app.generation.GenerationRequest.from_preset`. Ranges here repeat the request's so that a bad value is
+a 422 naming the field before anything is decoded; the job manager checks the request once more, as a whole.
 """
 
 from __future__ import annotations
