@@ -601,8 +601,8 @@ class CounterfactualEngine:
             GenerationCancelled: ``cancel`` was set.
         """
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, strength=strength,
-                                    guidance_scale=guidance_scale, steps=steps, seed=seed, scheduler=scheduler,
-                                    samples=samples)
+                                    guidance_scale=guidance_scale, steps=steps, seed=seed,
+                                    scheduler=Scheduler.parse(scheduler), samples=samples)
         return self.generate_request(image, request, progress=progress, cancel=cancel)
 
     def generate_request(self, image: np.ndarray, request: GenerationRequest, *,

@@ -326,7 +326,7 @@ class JobManager:
     """Owns the queue, the worker thread and the engine's time.
 
     Args:
-        engine: the loaded engine (or any object with ``generate``, ``check_inputs`` and ``info`` for tests).
+        engine: the loaded engine (or any object with ``generate_request``, ``check_inputs`` and ``info`` for tests).
         runs_dir: folder that receives one sub-folder per job; existing ``job.json`` files are loaded as history.
         queue_size: jobs that may wait behind the running one (>= 1).
         max_jobs_per_user: runs one owner may have queued or running at once; ``None`` = no limit.

@@ -242,7 +242,7 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: 
     if not 1 <= samples <= 16:
         raise ValueError(f"--samples {samples} must be in 1..16")
     request = GenerationRequest(prompt=prompt, strength=strength, guidance_scale=guidance_scale, steps=steps,
-                                seed=seed, scheduler=scheduler, samples=samples)
+                                seed=seed, scheduler=Scheduler.parse(scheduler), samples=samples)
     request.check()
     cases = read_lesion_cases(Path(data), masks=masks, regions=regions, limit=limit)
     out = Path(out)
