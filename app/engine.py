@@ -5,7 +5,8 @@ components injected from a local folder: a UNet, an ``AutoencoderKL`` (3-channel
 a scheduler, and a text encoder that may be CLIP or any BERT-family model (the paper's RadBERT, the embedded
 model's MiniLM). Nothing is fetched from a hub.
 
-Order of operations in :meth:`CounterfactualEngine.generate`:
+Order of operations in :meth:`CounterfactualEngine.generate_request` (one frozen ``app.generation.GenerationRequest``;
+:meth:`~CounterfactualEngine.generate` builds one from keywords):
   1. check inputs; 2. letterbox the native image to the model's square input; 3. encode the prompt (cached);
   4. run img2img (strength -> effective steps ``int(steps * strength)``); 5. map every sample back to the
   native frame; 6. autoencoder reconstruction of the input (reference for attribution maps).
