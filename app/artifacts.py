@@ -61,7 +61,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -71,6 +71,7 @@ import numpy as np
 
 from app import attribution, imaging, mapscale, rendering
 from app.engine import CounterfactualEngine, CounterfactualResult, GenerationCancelled, ProgressCallback
+from app.generation import GenerationRequest
 from app.lungs import LungSegmenter, mask_png_bytes
 
 logger = logging.getLogger("vald_md.artifacts")
@@ -90,18 +91,12 @@ FILE_WRITERS = 2
 """Threads that encode and write a run's files side by side (zlib releases the GIL; docs/PERFORMANCE.md)."""
 
 
-@dataclass
-class ReviewRequest:
-    """Parameters of one review run (see :meth:`CounterfactualEngine.generate` for ranges)."""
+@dataclass(frozen=True)
+class ReviewRequest(GenerationRequest):
+    """One review run: the generation (:class:`app.generation.GenerationRequest`, whose fields come first) plus the
+    attribution map's options. Frozen: built and checked once at the entry point, then passed down unchanged
+    (:func:`resolve_request` returns a new one with the model's recommendations filled in)."""
 
-    prompt: str = "normal chest x-ray"
-    negative_prompt: str = ""
-    strength: float = 0.85
-    guidance_scale: float = 7.5
-    steps: int = 75
-    seed: int | None = None
-    scheduler: str = "pndm"
-    samples: int = 1
     window: int | str | None = "auto"
     reference: str | None = None  # None: the model's recommendation (manifest "map_reference"), else "input"
     smoothing_sigma: float = 0.0
@@ -111,7 +106,13 @@ class ReviewRequest:
     case_label: str = ""  # the operator's own label for the case (never from DICOM tags, never logged or audited)
 
     def check(self) -> None:
-        """Refuse values the engine does not check itself (reference map, smoothing, map method)."""
+        """Refuse out-of-range generation fields (:meth:`GenerationRequest.check`) and map options (reference map,
+        smoothing, map method, case label, classifier scale).
+
+        Raises:
+            ValueError: a field is out of range; the message names it and what is allowed.
+        """
+        super().check()
         if self.reference is not None and self.reference not in REFERENCES:
             raise ValueError(f"reference={self.reference!r} must be one of {', '.join(REFERENCES)}")
         if not 0.0 <= self.smoothing_sigma <= 50.0:
@@ -136,17 +137,23 @@ class ReviewRequest:
                              "reconstruction; choose reference 'reconstruction'")
 
 
-def resolve_map_method(req: ReviewRequest, info: Any, *, classifier: Any = None,
-                       segmenter: LungSegmenter | None = None) -> str:
-    """Fill ``req.map_method`` from the model (manifest ``"map_method"``, else ``"sdedit"``) when unset, check the
-    request, and check that the method can run here; returns the method.
+def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
+                    segmenter: LungSegmenter | None = None) -> ReviewRequest:
+    """``req`` with the model's recommendations filled in where unset, checked, and able to run here.
+
+    ``map_method`` ``None`` becomes the manifest's ``"map_method"`` (else ``"sdedit"``); ``reference`` ``None``
+    becomes ``"reconstruction"`` for DDIM inversion, else the manifest's ``"map_reference"`` (else ``"input"``).
+    A resolved request comes back equal.
 
     Raises:
-        ValueError: an unknown method, or ``classifier_guided`` without a lesion classifier or lung segmenter
-            loaded, or with more than one sample (messages for the clinician).
+        ValueError: a field is out of range, an unknown method, or ``classifier_guided`` without a lesion
+            classifier or lung segmenter loaded, or with more than one sample (messages for the clinician).
     """
-    if req.map_method is None:
-        req.map_method = str(getattr(info, "manifest", {}).get("map_method", "sdedit"))
+    manifest = getattr(info, "manifest", {})
+    method = req.map_method if req.map_method is not None else str(manifest.get("map_method", "sdedit"))
+    reference = req.reference if req.reference is not None else (
+        "reconstruction" if method == "ddim_inversion" else str(manifest.get("map_reference", "input")))
+    req = replace(req, map_method=method, reference=reference)
     req.check()
     if req.map_method == "classifier_guided":
         if classifier is None:
@@ -155,7 +162,7 @@ def resolve_map_method(req: ReviewRequest, info: Any, *, classifier: Any = None,
         if segmenter is None:
             raise ValueError("map_method: the classifier-guided map needs the lung segmenter, which is not loaded "
                              "on this server; choose the SDEdit difference map")
-    return req.map_method
+    return req
 
 
 def sha256(data: bytes) -> str:
@@ -231,8 +238,7 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
 
     from app.engine import effective_steps
 
-    engine.check_inputs(pixels, req.prompt, req.strength, req.guidance_scale, req.steps, 1, req.scheduler,
-                        req.seed)
+    engine.check_inputs(pixels, request=replace(req, samples=1))
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled("cancelled before start")
     t0 = time.perf_counter()
@@ -313,16 +319,13 @@ def make_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req: R
             progress(result.effective_steps, result.effective_steps, result.timings_s["total"], None)
         return result, {"map_method": "ddim_inversion"}
     if req.map_method == "classifier_guided":
-        assert classifier is not None and segmenter is not None  # resolve_map_method checked
+        assert classifier is not None and segmenter is not None  # resolve_request checked
         result, extra = _classifier_guided_result(engine, pixels, req, classifier=classifier, segmenter=segmenter,
                                                   cancel=cancel)
         if progress is not None:
             progress(result.effective_steps, result.effective_steps, result.timings_s["total"], None)
         return result, {"map_method": "classifier_guided", **extra}
-    result = engine.generate(
-        pixels, req.prompt, negative_prompt=req.negative_prompt, strength=req.strength,
-        guidance_scale=req.guidance_scale, steps=req.steps, seed=req.seed, scheduler=req.scheduler,
-        samples=req.samples, progress=progress, cancel=cancel)
+    result = engine.generate_request(pixels, req, progress=progress, cancel=cancel)
     return result, {"map_method": "sdedit"}
 
 
@@ -344,12 +347,9 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     Raises:
         imaging.ImagingError: the file cannot be read as a chest radiograph (message for the clinician).
         ValueError: a parameter is out of range, or the map method cannot run here (see
-            :func:`resolve_map_method`). engine.GenerationCancelled: cancelled.
+            :func:`resolve_request`). engine.GenerationCancelled: cancelled.
     """
-    resolve_map_method(req, engine.info, classifier=classifier, segmenter=segmenter)
-    if req.reference is None:
-        req.reference = ("reconstruction" if req.map_method == "ddim_inversion"
-                         else str(engine.info.manifest.get("map_reference", "input")))
+    req = resolve_request(req, engine.info, classifier=classifier, segmenter=segmenter)
     out.mkdir(parents=True, exist_ok=True)
     img = decoded or imaging.decode_image(data, window=req.window)
     pixels = img.pixels

@@ -14,19 +14,23 @@ import os
 import sys
 from pathlib import Path
 
+from app.generation import SCHEDULERS
+
 logger = logging.getLogger("vald_md.cli")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the embedded model_weights/vald-md-mini)")
-    p.add_argument("--prompt", default="normal chest x-ray", help="target prompt (default: healthy counterfactual)")
+    p.add_argument("--prompt", default=None, help="target prompt (default: the healthy preset's, a healthy "
+                                                 "counterfactual)")
     p.add_argument("--negative-prompt", default="", help="text to steer away from")
     p.add_argument("--strength", type=float, default=None, help="(0, 1]; default: the model's healthy preset")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance, 1..30; default: preset")
     p.add_argument("--steps", type=int, default=None, help="scheduler steps at strength 1; default: preset")
     p.add_argument("--seed", type=int, default=0, help="seed (sample i uses seed+i); default 0")
     p.add_argument("--samples", type=int, default=1, help="samples per input, 1..16 (mean and std maps)")
-    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "dpm++", "euler"], help="sampler")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULERS,
+                   help="sampler (default: the healthy preset's)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--no-cpu-autocast", dest="cpu_autocast", action="store_false",
                    help="compute in float32 on the CPU (default: bf16 autocast where the CPU has AMX bf16; "
@@ -103,7 +107,7 @@ def _window_arg(value: str) -> int | str:
 def cmd_counterfactual(args: argparse.Namespace) -> int:
     """Write input/counterfactual/overlay PNGs, attribution.npy and record.json per input."""
     from app import attribution, imaging
-    from app.artifacts import ReviewRequest, resolve_map_method, run_review
+    from app.artifacts import ReviewRequest, resolve_request, run_review
     from app.engine import CounterfactualEngine
     from app.config import DEFAULT_LESION_CLASSIFIER_DIR
     from app.lesions import LesionClassifier
@@ -128,17 +132,14 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"vald-md: --lung-segmenter: {e}\n")
                 return 2
             logger.warning("no lung segmenter (%s); the maps are not restricted to the lungs", e)
-    preset = eng.info.presets.get("healthy", {})
-    req = ReviewRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt,
-        strength=args.strength if args.strength is not None else preset.get("strength", 0.85),
-        guidance_scale=args.guidance if args.guidance is not None else preset.get("guidance_scale", 7.5),
-        steps=args.steps if args.steps is not None else preset.get("steps", 75),
-        seed=args.seed, scheduler=args.scheduler, samples=args.samples, window=_window_arg(args.window),
-        reference=args.reference or eng.info.manifest.get("map_reference", "input"), lung_mask=args.lung_mask,
-        map_method=method, classifier_scale=args.classifier_scale)
     try:
-        resolve_map_method(req, eng.info, classifier=classifier, segmenter=segmenter)
+        req = resolve_request(ReviewRequest.from_preset(
+            eng.info.presets.get("healthy"), prompt=args.prompt, negative_prompt=args.negative_prompt,
+            strength=args.strength, guidance_scale=args.guidance, steps=args.steps, seed=args.seed,
+            scheduler=args.scheduler, samples=args.samples, window=_window_arg(args.window),
+            reference=args.reference or eng.info.manifest.get("map_reference", "input"), lung_mask=args.lung_mask,
+            map_method=method, classifier_scale=args.classifier_scale), eng.info, classifier=classifier,
+            segmenter=segmenter)
     except ValueError as e:
         sys.stderr.write(f"vald-md: {e}\n")
         return 2

@@ -5,7 +5,8 @@ components injected from a local folder: a UNet, an ``AutoencoderKL`` (3-channel
 a scheduler, and a text encoder that may be CLIP or any BERT-family model (the paper's RadBERT, the embedded
 model's MiniLM). Nothing is fetched from a hub.
 
-Order of operations in :meth:`CounterfactualEngine.generate`:
+Order of operations in :meth:`CounterfactualEngine.generate_request` (one frozen ``app.generation.GenerationRequest``;
+:meth:`~CounterfactualEngine.generate` builds one from keywords):
   1. check inputs; 2. letterbox the native image to the model's square input; 3. encode the prompt (cached);
   4. run img2img (strength -> effective steps ``int(steps * strength)``); 5. map every sample back to the
   native frame; 6. autoencoder reconstruction of the input (reference for attribution maps).
@@ -34,6 +35,13 @@ import numpy as np
 import torch
 
 from app import imaging
+from app.generation import PRESETS as PRESETS  # re-exported: the presets' and schedulers' public home was here
+from app.generation import SCHEDULERS as SCHEDULERS
+from app.generation import GenerationRequest as GenerationRequest
+from app.generation import Preset as Preset
+from app.generation import Scheduler as Scheduler
+from app.generation import effective_steps as effective_steps
+from app.generation import model_presets
 
 logger = logging.getLogger("vald_md.engine")
 
@@ -79,50 +87,13 @@ class GenerationCancelled(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# presets and schedulers
+# presets and schedulers (defined in app.generation; re-exported here)
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Preset:
-    """A named set of generation parameters. strength in (0, 1], guidance_scale >= 1, steps >= 1."""
-
-    name: str
-    prompt: str
-    strength: float
-    guidance_scale: float
-    steps: int
-    description: str = ""
-    scheduler: str = "pndm"
-
-
-PRESETS: dict[str, Preset] = {
-    "healthy": Preset("healthy", "normal chest x-ray", 0.85, 7.5, 75,
-                      "Healthy counterfactual, the paper's setting (Sec. 4: strength 0.85, guidance 7.5, 75 PNDM steps)"),
-    "paper": Preset("paper", "normal chest x-ray", 0.85, 7.5, 75,
-                    "The paper's healthy-counterfactual setting; stays available when a model's manifest "
-                    "recommends its own 'healthy' preset"),
-    "training-section": Preset("training-section", "normal chest x-ray", 0.55, 4.0, 75,
-                               "The paper's training-section setting (strength 0.55, guidance 4)"),
-    "healthy-fast": Preset("healthy-fast", "normal chest x-ray", 0.85, 7.5, 20,
-                           "Opt-in faster sampler: DPM-Solver++ with 20 steps (17 effective) instead of 75 PNDM "
-                           "steps; SSIM to the paper's 75-step PNDM counterfactual 0.990 (vald-md-mini, 6 test "
-                           "images, seed 0; docs/PERFORMANCE.md)",
-                           scheduler="dpm++"),
-}
-
-
-def _scheduler_classes() -> dict[str, Any]:
+def _scheduler_classes() -> dict[Scheduler, Any]:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    return {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
-            "euler": EulerDiscreteScheduler}
-
-
-SCHEDULERS = ("pndm", "ddim", "dpm++", "euler")
-
-
-def effective_steps(steps: int, strength: float) -> int:
-    """Denoising steps img2img actually runs: ``min(int(steps * strength), steps)`` (diffusers' quantisation)."""
-    return min(int(steps * strength), steps)
+    return {Scheduler.PNDM: PNDMScheduler, Scheduler.DDIM: DDIMScheduler, Scheduler.DPM_PP: DPMSolverMultistepScheduler,
+            Scheduler.EULER: EulerDiscreteScheduler}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,11 +447,13 @@ class CounterfactualEngine:
         self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         manifest = read_manifest(folder)
         self._base_scheduler_config = dict(pipe.scheduler.config)
-        self._schedulers: dict[str, Any] = {}
+        self._schedulers: dict[Scheduler, Any] = {}
         vae_cfg = pipe.vae.config
         image_size = int(getattr(pipe.unet.config, "sample_size", 64)) * pipe.vae_scale_factor
-        presets = {k: asdict(v) for k, v in PRESETS.items()}
-        presets.update(manifest.get("presets", {}))
+        try:
+            presets = model_presets(manifest.get("presets", {}))
+        except ValueError as e:
+            raise ModelFolderError(f"'{folder / MANIFEST}': {e}") from None
         self.info = ModelInfo(
             path=str(folder), name=manifest.get("name", folder.name), model_hash=model_hash(folder),
             components={k: f"{v[0]}.{v[1]}" for k, v in spec.items()
@@ -541,14 +514,18 @@ class CounterfactualEngine:
         img = np.tensordot(self._preview_proj[:-1], z, axes=(0, 0)) + self._preview_proj[-1]
         return np.clip(img, 0.0, 1.0).astype(np.float32)
 
-    def _scheduler(self, name: str) -> Any:
-        if name not in SCHEDULERS:
-            raise ValueError(f"scheduler={name!r} is not available; choose one of {', '.join(SCHEDULERS)}")
-        if name not in self._schedulers:
-            cls = _scheduler_classes()[name]
-            extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
-            self._schedulers[name] = cls.from_config(self._base_scheduler_config, **extra)
-        return self._schedulers[name]
+    def _scheduler(self, name: Scheduler | str) -> Any:
+        """The diffusers scheduler for ``name``, built once from the model's scheduler configuration.
+
+        Raises:
+            ValueError: ``name`` is not a supported scheduler.
+        """
+        sched = Scheduler.parse(name)
+        if sched not in self._schedulers:
+            cls = _scheduler_classes()[sched]
+            extra = {"algorithm_type": "dpmsolver++"} if sched is Scheduler.DPM_PP else {}
+            self._schedulers[sched] = cls.from_config(self._base_scheduler_config, **extra)
+        return self._schedulers[sched]
 
     def prompt_embeddings(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(positive, negative) embeddings (1, L, D) on the model's device, cached for repeated prompts (LRU 64)."""
@@ -599,56 +576,60 @@ class CounterfactualEngine:
             return self._to_gray(self.pipe.vae.decode(posterior_mean.to(self.pipe.vae.dtype)).sample)[0]
 
     # -- the public call ----------------------------------------------------------------------------------------
-    def check_inputs(self, image: np.ndarray, prompt: str, strength: float, guidance_scale: float, steps: int,
-                     samples: int, scheduler: str, seed: int | None) -> None:
-        """Reject bad parameters with a message that quotes the value and says what is allowed."""
+    def check_inputs(self, image: np.ndarray, *, request: GenerationRequest) -> None:
+        """Reject a bad image or request with a message that quotes the value and says what is allowed.
+
+        Raises:
+            ValueError: the image is not a 2-D array in [0, 1], or a request field is out of range
+                (:meth:`GenerationRequest.check`).
+        """
         if not isinstance(image, np.ndarray) or image.ndim != 2 or image.size == 0:
             raise ValueError(f"image must be a 2-D float array (H, W); got shape {getattr(image, 'shape', None)}")
         if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
             raise ValueError("image values must be finite and within [0, 1] (use app.imaging.decode_image)")
-        if not isinstance(prompt, str) or len(prompt) > 1000:
-            raise ValueError("prompt must be text of at most 1000 characters")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength={strength} must be in (0, 1]; the paper uses 0.85")
-        if not 1.0 <= guidance_scale <= 30.0:
-            raise ValueError(f"guidance_scale={guidance_scale} must be in [1, 30]; the paper uses 7.5")
-        if not 1 <= steps <= 1000:
-            raise ValueError(f"steps={steps} must be in [1, 1000]; the paper uses 75")
-        if effective_steps(steps, strength) < 1:
-            raise ValueError(f"steps={steps} x strength={strength} gives no denoising step; raise either")
-        if not 1 <= samples <= 16:
-            raise ValueError(f"samples={samples} must be in [1, 16]")
-        if seed is not None and not 0 <= seed < 2**63:
-            raise ValueError(f"seed={seed} must be a non-negative integer below 2**63")
-        self._scheduler(scheduler)
+        request.check()
 
-    def generate(self, image: np.ndarray, prompt: str = "normal chest x-ray", *, negative_prompt: str = "",
-                 strength: float = 0.85, guidance_scale: float = 7.5, steps: int = 75, seed: int | None = None,
-                 scheduler: str = "pndm", samples: int = 1, progress: ProgressCallback | None = None,
+    def generate(self, image: np.ndarray, prompt: str = GenerationRequest.prompt, *, negative_prompt: str = "",
+                 strength: float = GenerationRequest.strength, guidance_scale: float = GenerationRequest.guidance_scale,
+                 steps: int = GenerationRequest.steps, seed: int | None = None,
+                 scheduler: Scheduler | str = GenerationRequest.scheduler, samples: int = 1,
+                 progress: ProgressCallback | None = None,
                  cancel: threading.Event | None = None) -> CounterfactualResult:
-        """Make ``samples`` counterfactuals of ``image`` for ``prompt``.
+        """:meth:`generate_request` with a :class:`GenerationRequest` of these fields (see there for ranges).
+
+        Raises:
+            ValueError: a parameter is out of range, or the scheduler is not supported.
+            GenerationCancelled: ``cancel`` was set.
+        """
+        request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, strength=strength,
+                                    guidance_scale=guidance_scale, steps=steps, seed=seed,
+                                    scheduler=Scheduler.parse(scheduler), samples=samples)
+        return self.generate_request(image, request, progress=progress, cancel=cancel)
+
+    def generate_request(self, image: np.ndarray, request: GenerationRequest, *,
+                         progress: ProgressCallback | None = None,
+                         cancel: threading.Event | None = None) -> CounterfactualResult:
+        """Make ``request.samples`` counterfactuals of ``image`` as ``request`` asks (its scheduler included).
 
         Args:
             image: float32 (H, W) in [0, 1], display-ready (from ``app.imaging.decode_image``), native size.
-            prompt: target description, e.g. "normal chest x-ray" (healthy counterfactual) or "cardiomegaly".
-            negative_prompt: text to steer away from ('' = unconditional).
-            strength: (0, 1], share of the noise schedule re-run; quantised to ``int(steps * strength)`` steps.
-            guidance_scale: classifier-free guidance weight, 1 (off) .. 30.
-            steps: scheduler steps for strength 1.0, 1..1000. seed: None draws one; sample i uses ``seed + i``.
-            scheduler: 'pndm' (paper), 'ddim', 'dpm++', 'euler'. samples: 1..16, run as one batch.
+            request: prompt (e.g. "normal chest x-ray" for a healthy counterfactual, or "cardiomegaly"), negative
+                prompt, strength ((0, 1]; quantised to ``int(steps * strength)`` steps), guidance (1 = off .. 30),
+                steps (1..1000), seed (None draws one; sample i uses ``seed + i``), scheduler ('pndm' the
+                paper's, 'ddim', 'dpm++', 'euler') and samples (1..16, run as one batch). Read, never changed.
             progress: called after every denoising step. cancel: set it to stop within one step.
 
         Raises:
             ValueError: a parameter is out of range (message says which and the allowed range).
             GenerationCancelled: ``cancel`` was set.
         """
-        self.check_inputs(image, prompt, strength, guidance_scale, steps, samples, scheduler, seed)
+        self.check_inputs(image, request=request)
+        prompt, negative_prompt, strength = request.prompt, request.negative_prompt, request.strength
+        guidance_scale, steps, samples, seed = request.guidance_scale, request.steps, request.samples, request.seed
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         seeds = [seed + i for i in range(samples)]
-        params = {"prompt": prompt, "negative_prompt": negative_prompt, "strength": strength,
-                  "guidance_scale": guidance_scale, "steps": steps, "seed": seed, "scheduler": scheduler,
-                  "samples": samples}
+        params = request.parameters(seed)
         timings: dict[str, float] = {}
         with self.lock:
             t0 = time.perf_counter()
@@ -660,7 +641,7 @@ class CounterfactualEngine:
             pos, neg = self.prompt_embeddings(prompt, negative_prompt)
             timings["text_encoding"] = time.perf_counter() - t
             # 3. img2img with per-step progress and cooperative cancellation
-            sched = self._scheduler(scheduler)
+            sched = self._scheduler(request.scheduler)
             self.pipe.scheduler = sched
             n_eff = effective_steps(steps, strength)
             # the number of UNet evaluations img2img will make (PNDM adds one, multistep orders differ)

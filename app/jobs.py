@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -57,7 +57,7 @@ from PIL import Image
 from sqlalchemy import Engine as Database
 
 from app import attribution, audit, filemodes, imaging
-from app.artifacts import ReviewRequest, resolve_map_method, run_review, sha256
+from app.artifacts import ReviewRequest, resolve_request, run_review, sha256
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps, library_versions
 from app.imaging.deid import deidentify
 from app.lungs import LungSegmenter
@@ -326,7 +326,7 @@ class JobManager:
     """Owns the queue, the worker thread and the engine's time.
 
     Args:
-        engine: the loaded engine (or any object with ``generate``, ``check_inputs`` and ``info`` for tests).
+        engine: the loaded engine (or any object with ``generate_request``, ``check_inputs`` and ``info`` for tests).
         runs_dir: folder that receives one sub-folder per job; existing ``job.json`` files are loaded as history.
         queue_size: jobs that may wait behind the running one (>= 1).
         max_jobs_per_user: runs one owner may have queued or running at once; ``None`` = no limit.
@@ -430,8 +430,9 @@ class JobManager:
         return sum(j.cost for j in self._pending)
 
     # -- submission -----------------------------------------------------------------------------------------------
-    def check_request(self, decoded: imaging.DecodedImage, req: ReviewRequest) -> None:
-        """Refuse parameters before queueing (the engine's ranges plus this server's limits).
+    def check_request(self, decoded: imaging.DecodedImage, req: ReviewRequest) -> ReviewRequest:
+        """Refuse parameters before queueing (the engine's ranges plus this server's limits); returns the request
+        with the model's map recommendations filled in (:func:`app.artifacts.resolve_request`).
 
         Raises:
             ValueError: a parameter is out of range; the message names it and the allowed range.
@@ -440,9 +441,9 @@ class JobManager:
             raise ValueError(f"steps={req.steps} exceeds this server's limit of {self.max_steps}")
         if req.samples > self.max_samples:
             raise ValueError(f"samples={req.samples} exceeds this server's limit of {self.max_samples}")
-        resolve_map_method(req, self.engine.info, classifier=self.classifier, segmenter=self.segmenter)
-        self.engine.check_inputs(decoded.pixels, req.prompt, req.strength, req.guidance_scale, req.steps,
-                                 req.samples, req.scheduler, req.seed)
+        req = resolve_request(req, self.engine.info, classifier=self.classifier, segmenter=self.segmenter)
+        self.engine.check_inputs(decoded.pixels, request=req)
+        return req
 
     def submit(self, owner: str | audit.User, data: bytes, req: ReviewRequest, *, mask_png: bytes | None = None,
                decoded: imaging.DecodedImage | None = None, rerun_of: str | None = None) -> Job:
@@ -454,7 +455,8 @@ class JobManager:
             owner: the submitter: an ``audit.User`` (required with an audit database; the job's owner is then
                 ``str(user.id)``) or a user id string.
             data: the uploaded file (DICOM with or without extension, PNG or JPEG).
-            req: parameters; ``seed=None`` draws one now (it is recorded and shown).
+            req: parameters, never changed; the job's request is a copy with the seed drawn now when ``None`` (it
+                is recorded and shown) and the map method and reference resolved.
             mask_png: optional region mask image; must decode (see ``attribution.load_mask_png``).
             decoded: pass when the caller already decoded ``data`` with ``req.window``.
             rerun_of: the job id this submission re-runs (recorded with the run).
@@ -478,8 +480,8 @@ class JobManager:
             if decoded is None:
                 decoded = imaging.decode_image(data, window=req.window)
             if req.seed is None:
-                req.seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-            self.check_request(decoded, req)
+                req = replace(req, seed=int(np.random.default_rng().integers(0, 2**31 - 1)))
+            req = self.check_request(decoded, req)
             mask = attribution.load_mask_png(mask_png, decoded.pixels.shape) if mask_png else None
             summary = decoded.meta.public_summary()
             source_format = str(summary.get("source_format"))

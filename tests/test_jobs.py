@@ -47,9 +47,9 @@ class FakeEngine:
 
     info = SimpleNamespace(model_hash="5e" * 32, name="fake")
 
-    def check_inputs(self, image, prompt, strength, guidance_scale, steps, samples, scheduler, seed) -> None:
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength={strength} must be in (0, 1]")
+    def check_inputs(self, image, *, request) -> None:
+        if not 0 < request.strength <= 1:
+            raise ValueError(f"strength={request.strength} must be in (0, 1]")
 
 
 class GatedRunner:

@@ -24,6 +24,10 @@ FORBIDDEN: dict[str, set[str]] = {
     # the map's calibrated scale: numpy and app.attribution only (rendering draws with it)
     "mapscale": {"rendering", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli",
                  "metrics", "lungs"},
+    # the one generation request type (presets, schedulers): pure Python, below everything that generates
+    "generation": {"datasets", "config", "imaging", "attribution", "rendering", "mapscale", "metrics", "engine",
+                   "audit", "migrations", "lungs", "lesions", "mapmethods", "artifacts", "exports", "train",
+                   "train_lungs", "train_lesions", "train_finetune", "evaluate", "jobs", "web", "manage", "cli"},
     "metrics": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
     "engine": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
     "audit": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
@@ -48,7 +52,8 @@ FORBIDDEN: dict[str, set[str]] = {
                "metrics", "cli", "lungs"},
 }
 # modules that may not import torch/diffusers at all (pure numpy / database layers)
-NO_TORCH = {"datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "exports", "config", "migrations", "manage"}
+NO_TORCH = {"generation", "datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "exports", "config",
+            "migrations", "manage"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -720,7 +720,7 @@ class InstantEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate_request(self, *args: Any, **kwargs: Any) -> Any:
         raise GenerationCancelled("fuzzing: no generation")
 
 

@@ -99,7 +99,7 @@ def wait_state(client: TestClient, job_id: str, states=("done", "failed", "cance
 
 
 class GatedEngine:
-    """The tiny engine, but ``generate`` waits for ``gate`` (honouring cancel) before running."""
+    """The tiny engine, but ``generate_request`` (what a run calls) waits for ``gate`` (honouring cancel) first."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -109,12 +109,12 @@ class GatedEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def generate(self, image, prompt="normal chest x-ray", *, cancel=None, **kw):
+    def generate_request(self, image, request, *, cancel=None, **kw):
         self.started.set()
         while not self.gate.wait(0.01):
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled("cancelled before start")
-        return self._engine.generate(image, prompt, cancel=cancel, **kw)
+        return self._engine.generate_request(image, request, cancel=cancel, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.generation import SCHEDULERS
+
 
 def _generation_args(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the embedded model_weights/vald-md-mini)")
@@ -21,7 +23,8 @@ def _generation_args(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--samples", type=int, default=samples, help=f"samples per image, 1..16 (default {samples})")
     p.add_argument("--seed", type=int, default=0,
                    help="base seed; image seed = (seed + sha256(path)[:8]) mod 2**31, sample i adds i (default 0)")
-    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "dpm++", "euler"], help="sampler")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULERS,
+                   help="sampler (default: the preset's)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -134,14 +137,22 @@ def _engine(args: argparse.Namespace) -> Any:
     return CounterfactualEngine(args.model, device=args.device)
 
 
-def _preset(engine: Any, args: argparse.Namespace, name: str = "healthy") -> tuple[float, float, int, str]:
-    """(strength, guidance, steps, prompt): the flags, else the model's preset ``name``, else the healthy one."""
+def _request(engine: Any, args: argparse.Namespace, name: str = "healthy", cls: Any = None, **fields: Any) -> Any:
+    """The run's request (a ``cls``, default :class:`app.generation.GenerationRequest`), checked: the flags, else
+    the model's preset ``name`` (else its healthy one), else the paper's setting; ``fields`` add to the flags.
+
+    Raises:
+        ValueError: a value out of range, or a preset scheduler the engine does not support.
+    """
+    from app.generation import GenerationRequest
+
     presets = engine.info.presets
-    p = presets.get(name) or presets.get("healthy", {})
-    return (args.strength if args.strength is not None else float(p.get("strength", 0.85)),
-            args.guidance if args.guidance is not None else float(p.get("guidance_scale", 7.5)),
-            args.steps if args.steps is not None else int(p.get("steps", 75)),
-            str(p.get("prompt", "normal chest x-ray")))
+    found = name if name in presets else "healthy"
+    given = {"prompt": getattr(args, "prompt", None), "strength": args.strength, "guidance_scale": args.guidance,
+             "steps": args.steps, "samples": args.samples, "seed": args.seed, "scheduler": args.scheduler, **fields}
+    request = (cls or GenerationRequest).from_preset(presets.get(found), preset_name=found, **given)
+    request.check()
+    return request
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -151,7 +162,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     eng = _engine(args)
     induce = args.induce is not None
-    strength, guidance, steps, healthy_prompt = _preset(eng, args, "induce" if induce else "healthy")
     if args.labels:
         labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
     elif induce:
@@ -160,10 +170,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _, items = read_items(Path(args.data), args.split)
         labels = tuple(sorted({it.label for it in items} - {HEALTHY_LABEL}))
     target = (args.induce_label or induced_label(args.induce, eng.info.class_prompts)) if induce else None
-    settings = GenerateSettings(
-        mode="induce" if induce else "healthy", prompt=args.induce if induce else (args.prompt or healthy_prompt),
-        strength=strength, guidance_scale=guidance, steps=steps, split=args.split, labels=labels, limit=args.limit,
-        samples=args.samples, seed=args.seed, scheduler=args.scheduler, target_label=target)
+    settings = _request(eng, args, "induce" if induce else "healthy", GenerateSettings,
+                        mode="induce" if induce else "healthy", prompt=args.induce if induce else args.prompt,
+                        split=args.split, labels=labels, limit=args.limit, target_label=target)
     s = generate_run(eng, Path(args.data), Path(args.out), settings)
     sys.stdout.write(f"{s.folder}: {s.generated} generated, {s.skipped} already done, {len(s.failures)} failed "
                      f"(of {s.total})" + (f"; induced class: {target}" if induce else "") + "\n")
@@ -205,12 +214,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from app.evaluate.localize import localize_run
 
     eng = _engine(args)
-    strength, guidance, steps, prompt = _preset(eng, args)
+    req = _request(eng, args)
     summary = localize_run(eng, Path(args.data), Path(args.out), masks=Path(args.masks) if args.masks else None,
                            regions=Path(args.region_masks) if args.region_masks else None, limit=args.limit,
-                           prompt=args.prompt or prompt, strength=strength, guidance_scale=guidance, steps=steps,
-                           samples=args.samples, seed=args.seed, scheduler=args.scheduler, n_boot=args.n_boot,
-                           figure_rows=args.figure_rows)
+                           prompt=req.prompt, strength=req.strength, guidance_scale=req.guidance_scale,
+                           steps=req.steps, samples=req.samples, seed=req.seed, scheduler=req.scheduler,
+                           n_boot=args.n_boot, figure_rows=args.figure_rows)
     ref = summary.get("reference") or {}
     sys.stdout.write(f"{Path(args.out) / 'summary.md'}\n{ref.get('statement', '')}\n")
     return 0
@@ -221,10 +230,11 @@ def cmd_laterality(args: argparse.Namespace) -> int:
     from app.evaluate.localize import laterality_run
 
     eng = _engine(args)
-    strength, guidance, steps, _ = _preset(eng, args, "induce")
+    req = _request(eng, args, "induce", prompt=args.left_prompt)
     summary = laterality_run(eng, Path(args.data), Path(args.out), prompts=(args.left_prompt, args.right_prompt),
-                             split=args.split, limit=args.limit, strength=strength, guidance_scale=guidance,
-                             steps=steps, samples=args.samples, seed=args.seed, scheduler=args.scheduler)
+                             split=args.split, limit=args.limit, strength=req.strength,
+                             guidance_scale=req.guidance_scale, steps=req.steps, samples=req.samples, seed=req.seed,
+                             scheduler=req.scheduler)
     for p in summary["prompts"]:
         s = p["named_side_share"]
         sys.stdout.write(f"{p['prompt']!r}: energy share on the named side {s['mean']:.3f} "
@@ -254,10 +264,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {"methods": methods}
     if methods:
         eng = _engine(args)
-        strength, guidance, steps, _ = _preset(eng, args)
+        req = _request(eng, args)
+        strength, guidance, steps = req.strength, req.guidance_scale, req.steps
         map_fn = model_map_fn(eng, methods, strength=strength, guidance=guidance, steps=steps,
                               samples=args.samples, disease_prompt=args.disease_prompt, classifier=classifier,
-                              guided_scale=args.guided_scale)
+                              guided_scale=args.guided_scale, scheduler=req.scheduler)
         settings.update(model=eng.info.name, model_hash=eng.info.model_hash, strength=strength,
                         guidance=guidance, steps=steps, samples=args.samples, guided_scale=args.guided_scale,
                         classifier=classifier.info if classifier is not None else None)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from app import attribution, imaging
-from app.engine import CounterfactualEngine, effective_steps, library_versions
+from app.engine import CounterfactualEngine, library_versions
 from app.evaluate.common import (
     HEALTHY_LABEL,
     PROMPT_LABELS,
@@ -43,6 +43,7 @@ from app.evaluate.common import (
     write_atomic,
     write_json,
 )
+from app.generation import GenerationRequest
 
 logger = logging.getLogger("vald_md.evaluate")
 
@@ -54,36 +55,31 @@ IDENTITY_KEYS = ("mode", "prompt", "negative_prompt", "strength", "guidance_scal
                  "seed", "split", "model_hash")
 
 
-@dataclass(frozen=True)
-class GenerateSettings:
-    """What one sub-run generates (ranges as :meth:`app.engine.CounterfactualEngine.generate`).
+@dataclass(frozen=True, kw_only=True)
+class GenerateSettings(GenerationRequest):
+    """What one sub-run generates: the generation (:class:`app.generation.GenerationRequest`; ``prompt`` the
+    target prompt, ``seed`` the base seed, see :data:`app.evaluate.common.SEED_RULE`) plus the selection.
 
     Attributes:
         mode: ``"healthy"`` (counterfactuals of diseased images) or ``"induce"`` (disease induction on normals).
-        prompt: the target prompt. labels: the classes whose images are used. limit: images per class (None = all).
+        labels: the classes whose images are used. limit: images per class (None = all).
         target_label: for ``induce``, the class the prompt induces (Table 4), or None (e.g. laterality prompts).
-        seed: base seed; see :data:`app.evaluate.common.SEED_RULE`.
     """
 
     mode: str
-    prompt: str
-    strength: float
-    guidance_scale: float
-    steps: int
+    seed: int = 0
     split: str | None = "test"
     labels: tuple[str, ...] = ()
     limit: int | None = None
-    samples: int = 1
-    seed: int = 0
-    scheduler: str = "pndm"
-    negative_prompt: str = ""
     target_label: str | None = None
 
     def check(self) -> None:
-        """Reject settings the engine does not check itself (it checks the generation ranges on the first image).
+        """Reject bad settings before the first image (the generation's ranges, :meth:`GenerationRequest.check`,
+        included).
 
         Raises:
-            ValueError: unknown mode, no labels, a non-positive limit or a negative seed.
+            ValueError: a generation field out of range, unknown mode, no labels, a non-positive limit or a
+                negative seed.
         """
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} must be one of {', '.join(MODES)}")
@@ -93,8 +89,7 @@ class GenerateSettings:
             raise ValueError(f"--limit {self.limit} must be >= 1 image per class")
         if self.seed < 0:
             raise ValueError(f"--seed {self.seed} must be >= 0")
-        if effective_steps(self.steps, self.strength) < 1:
-            raise ValueError(f"steps={self.steps} x strength={self.strength} gives no denoising step; raise either")
+        super().check()
 
     @property
     def subrun(self) -> str:
@@ -164,7 +159,7 @@ def generate_run(engine: CounterfactualEngine, data: Path, out: Path, settings: 
     info = engine.info
     run_meta: dict[str, Any] = {
         "vald_md_eval_run": 1, **asdict(settings), "labels": list(settings.labels),
-        "effective_steps": effective_steps(settings.steps, settings.strength), "seed_rule": SEED_RULE,
+        "effective_steps": settings.effective_steps, "seed_rule": SEED_RULE,
         "data_root": str(root), "data": str(data),
         "model": {"name": info.name, "path": info.path, "image_size": info.image_size},
         "model_hash": info.model_hash, "library_versions": library_versions(), "created_at": now_iso(),
@@ -208,9 +203,7 @@ def _generate_one(engine: CounterfactualEngine, run: Path, it: Item, s: Generate
     """Generate and write one image's outputs; return its ``records.jsonl`` line."""
     pixels = load_gray(it.path)
     seed = item_seed(s.seed, it.rel)
-    result = engine.generate(pixels, s.prompt, negative_prompt=s.negative_prompt, strength=s.strength,
-                             guidance_scale=s.guidance_scale, steps=s.steps, seed=seed, scheduler=s.scheduler,
-                             samples=s.samples)
+    result = engine.generate_request(pixels, replace(s, seed=seed))
     target = item_dir(run, it.rel)
     target.mkdir(parents=True, exist_ok=True)
     rel_dir = target.relative_to(run).as_posix()

@@ -31,7 +31,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,6 +60,7 @@ from app.evaluate.common import (
     write_json,
 )
 from app.evaluate.generate import GenerateSettings, generate_run, read_run
+from app.generation import GenerationRequest, Scheduler
 
 logger = logging.getLogger("vald_md.evaluate.localize")
 
@@ -212,9 +213,11 @@ def _outline(img: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.ui
 # localization run
 # ----------------------------------------------------------------------------------------------------------------
 def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: Path | None = None,
-                 regions: Path | None = None, limit: int | None = None, prompt: str = "normal chest x-ray",
-                 strength: float = 0.85, guidance_scale: float = 7.5, steps: int = 75, samples: int = 4,
-                 seed: int = 0, scheduler: str = "pndm", n_boot: int = 2000, figure_rows: int = 4,
+                 regions: Path | None = None, limit: int | None = None, prompt: str = GenerationRequest.prompt,
+                 strength: float = GenerationRequest.strength, guidance_scale: float = GenerationRequest.guidance_scale,
+                 steps: int = GenerationRequest.steps, samples: int = 4,
+                 seed: int = 0, scheduler: Scheduler | str = Scheduler.PNDM, n_boot: int = 2000,
+                 figure_rows: int = 4,
                  stream: IO[str] | None = None) -> dict[str, Any]:
     """Score every map of every case; write per-image CSV, summary JSON/markdown and an example figure.
 
@@ -238,10 +241,13 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: 
     stream = stream if stream is not None else sys.stderr
     if not 1 <= samples <= 16:
         raise ValueError(f"--samples {samples} must be in 1..16")
+    request = GenerationRequest(prompt=prompt, strength=strength, guidance_scale=guidance_scale, steps=steps,
+                                seed=seed, scheduler=Scheduler.parse(scheduler), samples=samples)
+    request.check()
     cases = read_lesion_cases(Path(data), masks=masks, regions=regions, limit=limit)
     out = Path(out)
     settings = {"vald_md_localize": 1, "prompt": prompt, "strength": strength, "guidance_scale": guidance_scale,
-                "steps": steps, "samples": samples, "seed": seed, "scheduler": scheduler,
+                "steps": steps, "samples": samples, "seed": seed, "scheduler": request.scheduler.value,
                 "model_hash": engine.info.model_hash, "model": engine.info.path, "data": str(data),
                 "masks": str(masks) if masks else None, "regions": str(regions) if regions else None,
                 "box_frame": BOX_FRAME if masks is None else None, "library_versions": library_versions(),
@@ -270,10 +276,8 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: 
             progress.step(f"{case.name}: skipped (degenerate lesion mask)")
             continue
         s = item_seed(seed, case.name)
-        res = engine.generate(x, prompt, strength=strength, guidance_scale=guidance_scale, steps=steps, seed=s,
-                              scheduler=scheduler, samples=samples)
-        empty = engine.generate(x, "", strength=strength, guidance_scale=guidance_scale, steps=steps, seed=s,
-                                scheduler=scheduler, samples=1)
+        res = engine.generate_request(x, replace(request, seed=s))
+        empty = engine.generate_request(x, replace(request, prompt="", seed=s, samples=1))
         maps = method_maps(x, res.counterfactuals, res.reconstruction, empty.counterfactuals[0], s)
         if len(examples) < figure_rows:
             shown = [k for k in maps if k.startswith(("cf_", "empty_input"))]
@@ -502,8 +506,11 @@ def laterality_markdown(lat: dict[str, Any]) -> list[str]:
 
 def laterality_run(engine: CounterfactualEngine, data: Path, out: Path, *,
                    prompts: Sequence[str] = LATERALITY_PROMPTS, split: str | None = "test", limit: int | None = None,
-                   strength: float = 0.85, guidance_scale: float = 7.5, steps: int = 75, samples: int = 1,
-                   seed: int = 0, scheduler: str = "pndm", stream: IO[str] | None = None) -> dict[str, Any]:
+                   strength: float = GenerationRequest.strength,
+                   guidance_scale: float = GenerationRequest.guidance_scale, steps: int = GenerationRequest.steps,
+                   samples: int = 1,
+                   seed: int = 0, scheduler: Scheduler | str = Scheduler.PNDM,
+                   stream: IO[str] | None = None) -> dict[str, Any]:
     """Induce each localized prompt on the same normal images (``generate --induce``, resumable) and summarise.
 
     Writes ``out/induce-<prompt>/`` sub-runs (readable by ``tables``) and ``laterality.json`` / ``.md``.

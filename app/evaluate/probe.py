@@ -37,6 +37,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from scipy import ndimage
 from app import metrics
 from app.evaluate.common import load_gray, now_iso, stable_order, write_json
 from app.evaluate.localize import BOX_FRAME, read_lesion_cases
+from app.generation import GenerationRequest, Scheduler
 from app.lungs import marker_mask, resize_float
 
 PROBE_SIZE = 256
@@ -125,20 +127,29 @@ MapFn = Callable[[NDArray[np.float32], NDArray[np.bool_], int], dict[str, NDArra
 
 
 def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidance: float, steps: int,
-                 samples: int, disease_prompt: str, classifier: Any = None,
-                 guided_scale: float = 30.0) -> MapFn:
-    """A function (image 256 px, lung mask, seed) -> {method: map} for the model-based methods."""
+                 samples: int, disease_prompt: str, classifier: Any = None, guided_scale: float = 30.0,
+                 scheduler: Scheduler | str | None = None) -> MapFn:
+    """A function (image 256 px, lung mask, seed) -> {method: map} for the model-based methods.
+
+    The SDEdit maps run the healthy preset's request (prompt, and scheduler unless ``scheduler`` is given) with
+    these settings; DDIM inversion and the classifier-guided map use DDIM whatever the scheduler.
+
+    Raises:
+        ValueError: a setting out of range, or the preset names a scheduler the engine does not support.
+    """
     from app import mapmethods
 
-    preset = engine.info.presets.get("healthy", {})
-    healthy_prompt = str(preset.get("prompt", "normal chest x-ray"))
+    request = GenerationRequest.from_preset(engine.info.presets.get("healthy"), strength=strength,
+                                            guidance_scale=guidance, steps=steps, samples=samples,
+                                            scheduler=scheduler)
+    request.check()
+    healthy_prompt = request.prompt
     reference = str(engine.info.manifest.get("map_reference", "input"))
 
     def fn(img: NDArray[np.float32], lungs: NDArray[np.bool_], seed: int) -> dict[str, NDArray[np.float32]]:
         out: dict[str, NDArray[np.float32]] = {}
-        kw = {"strength": strength, "guidance_scale": guidance, "steps": steps, "seed": seed}
         if any(m.startswith(("product", "paper")) for m in methods):
-            res = engine.generate(img, healthy_prompt, samples=samples, **kw)
+            res = engine.generate_request(img, replace(request, seed=seed))
             ref = res.reconstruction if reference == "reconstruction" else img
             signed = ref - res.counterfactuals[0]
             out["product"] = np.abs(signed)
@@ -147,7 +158,7 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
             if samples > 1:
                 out[f"product_mean{samples}"] = np.abs(ref - res.counterfactuals.mean(0))
         if "empty" in methods:
-            res = engine.generate(img, "", **kw)
+            res = engine.generate_request(img, replace(request, prompt="", samples=1, seed=seed))
             ref = res.reconstruction if reference == "reconstruction" else img
             out["empty"] = np.abs(ref - res.counterfactuals[0])
         if "diffedit" in methods:

@@ -1,8 +1,9 @@
 """Generation parameters as the web app receives them (multipart form fields), shared by the JSON API and the page.
 
-A field left out means "the loaded model's healthy preset" (``engine.info.presets["healthy"]``), so the API and
-the form default to the same values. Ranges here repeat the engine's so that a bad value is a 422 naming the
-field before anything is decoded; the engine re-checks everything anyway.
+A field left out means "the loaded model's healthy preset" (``engine.info.presets["healthy"]``, its scheduler
+included), so the API and the form default to the same values; both build the run's frozen ``ReviewRequest``
+with :meth:`app.generation.GenerationRequest.from_preset`. Ranges here repeat the request's so that a bad value is
+a 422 naming the field before anything is decoded; the job manager checks the request once more, as a whole.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.artifacts import MAP_METHODS, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
-from app.engine import SCHEDULERS, ModelInfo, effective_steps
+from app.engine import ModelInfo
+from app.generation import SCHEDULERS, GenerationRequest, effective_steps
 
 SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]
 if set(SCHEDULERS) != {"pndm", "ddim", "dpm++", "euler"}:  # a Literal cannot be built from the tuple
@@ -36,7 +38,7 @@ class GenerationParams(BaseModel):
     steps: int | None = Field(None, ge=1, le=1000, description="scheduler steps at strength 1, 1..1000")
     seed: int | None = Field(None, ge=0, lt=2**63, description="seed; sample i uses seed+i; empty = random")
     samples: int = Field(1, ge=1, le=16, description="counterfactual samples, 1..16 (>1 adds a stability map)")
-    scheduler: SchedulerName = Field("pndm", description="sampler")
+    scheduler: SchedulerName | None = Field(None, description="sampler; default: the healthy preset's")
     window: str = Field("auto", max_length=20, description="'auto', 'percentile' or a file preset index 0, 1, ...")
     lung_mask: bool = Field(True, description="restrict the map to the lungs (the server's lung segmenter); "
                                               "an uploaded region mask wins")
@@ -87,20 +89,24 @@ class GenerationParams(BaseModel):
             raise RequestValidationError(errors)
 
     def to_request(self, info: ModelInfo) -> ReviewRequest:
-        """The run's :class:`ReviewRequest`, filling unset fields from the model's healthy preset."""
-        preset = info.presets.get("healthy", {})
-        return ReviewRequest(
-            prompt=self.prompt if self.prompt is not None else str(preset.get("prompt", "normal chest x-ray")),
-            negative_prompt=self.negative_prompt,
-            strength=self.strength if self.strength is not None else float(preset.get("strength", 0.85)),
-            guidance_scale=(self.guidance_scale if self.guidance_scale is not None
-                            else float(preset.get("guidance_scale", 7.5))),
-            steps=self.steps if self.steps is not None else int(preset.get("steps", 75)),
-            seed=self.seed, scheduler=self.scheduler, samples=self.samples,
-            window=int(self.window) if self.window.isdigit() else self.window,
-            reference=("reconstruction" if self.map_method == "ddim_inversion"
-                       else str(info.manifest.get("map_reference", "input"))), lung_mask=self.lung_mask,
-            map_method=self.map_method, classifier_scale=self.classifier_scale)
+        """The run's :class:`ReviewRequest`, filling unset fields from the model's healthy preset.
+
+        Raises:
+            ValueError: the preset names a scheduler the engine does not support.
+        """
+        return self._request(info)
+
+    def _request(self, info: ModelInfo, **fields: Any) -> ReviewRequest:
+        """The request of these fields, ``fields`` overriding them (the form's seed mode, lung mask, case label)."""
+        given: dict[str, Any] = {
+            "prompt": self.prompt, "negative_prompt": self.negative_prompt, "strength": self.strength,
+            "guidance_scale": self.guidance_scale, "steps": self.steps, "seed": self.seed,
+            "scheduler": self.scheduler, "samples": self.samples,
+            "window": int(self.window) if self.window.isdigit() else self.window,
+            "reference": ("reconstruction" if self.map_method == "ddim_inversion"
+                          else str(info.manifest.get("map_reference", "input"))), "lung_mask": self.lung_mask,
+            "map_method": self.map_method, "classifier_scale": self.classifier_scale}
+        return ReviewRequest.from_preset(info.presets.get("healthy"), **{**given, **fields})
 
 
 class ReviewFormParams(GenerationParams):
@@ -127,15 +133,11 @@ class ReviewFormParams(GenerationParams):
 
     def to_request(self, info: ModelInfo) -> ReviewRequest:
         """As :meth:`GenerationParams.to_request`; ``seed_mode="random"`` ignores the seed field."""
-        req = super().to_request(info)
-        req.case_label = self.case_label
-        if self.lung_mask_field == "checkbox" and "lung_mask" not in self.model_fields_set:
-            req.lung_mask = False
-        if self.seed_mode == "random":
-            req.seed = None
-        elif self.seed is None:
+        if self.seed_mode == "fixed" and self.seed is None:
             raise ValueError("seed: choose 'Random' or enter a seed (a whole number of 0 or more)")
-        return req
+        unticked = self.lung_mask_field == "checkbox" and "lung_mask" not in self.model_fields_set
+        return self._request(info, case_label=self.case_label, lung_mask=self.lung_mask and not unticked,
+                             seed=None if self.seed_mode == "random" else self.seed)
 
 
 @dataclass
@@ -167,13 +169,15 @@ class FormValues:
 
     @classmethod
     def defaults(cls, info: ModelInfo) -> FormValues:
-        """The healthy preset of the loaded model, random seed."""
-        preset = info.presets.get("healthy", {})
-        return cls(prompt=str(preset.get("prompt", "normal chest x-ray")), negative_prompt="",
-                   strength=float(preset.get("strength", 0.85)),
-                   guidance_scale=float(preset.get("guidance_scale", 7.5)), steps=int(preset.get("steps", 75)),
-                   seed=None, seed_mode="random", scheduler="pndm", samples=1, window="auto",
-                   map_method=str(info.manifest.get("map_method", "sdedit")))
+        """The healthy preset of the loaded model (its scheduler included), random seed.
+
+        Raises:
+            ValueError: the preset names a scheduler the engine does not support.
+        """
+        req = GenerationRequest.from_preset(info.presets.get("healthy"))
+        return cls(prompt=req.prompt, negative_prompt="", strength=req.strength, guidance_scale=req.guidance_scale,
+                   steps=req.steps, seed=None, seed_mode="random", scheduler=req.scheduler.value, samples=1,
+                   window="auto", map_method=str(info.manifest.get("map_method", "sdedit")))
 
     @classmethod
     def from_request(cls, req: ReviewRequest, *, seed: int | None, reuse_input: str | None = None,
@@ -181,7 +185,7 @@ class FormValues:
         """A past run's parameters with its seed fixed (so that "reuse" reproduces the run)."""
         return cls(prompt=req.prompt, negative_prompt=req.negative_prompt, strength=req.strength,
                    guidance_scale=req.guidance_scale, steps=req.steps, seed=seed,
-                   seed_mode="fixed" if seed is not None else "random", scheduler=req.scheduler,
+                   seed_mode="fixed" if seed is not None else "random", scheduler=req.scheduler.value,
                    samples=req.samples, window=str(req.window if req.window is not None else "auto"),
                    lung_mask=req.lung_mask, map_method=req.map_method or "sdedit",
                    classifier_scale=req.classifier_scale, case_label=req.case_label, reuse_input=reuse_input,
@@ -220,17 +224,17 @@ def parameter_presets(info: ModelInfo) -> list[dict[str, Any]]:
     out = []
     for key in keys:
         p = info.presets[key]
-        out.append({"key": key, "label": key.replace("-", " ").capitalize(),
-                    "prompt": str(p.get("prompt", "normal chest x-ray")), "strength": float(p.get("strength", 0.85)),
-                    "guidance_scale": float(p.get("guidance_scale", 7.5)), "steps": int(p.get("steps", 75)),
-                    "scheduler": str(p.get("scheduler", "pndm")), "description": str(p.get("description", ""))})
+        req = GenerationRequest.from_preset(p, preset_name=key)
+        out.append({"key": key, "label": key.replace("-", " ").capitalize(), "prompt": req.prompt,
+                    "strength": req.strength, "guidance_scale": req.guidance_scale, "steps": req.steps,
+                    "scheduler": req.scheduler.value, "description": str(p.get("description", ""))})
     return out
 
 
 def prompt_presets(info: ModelInfo) -> list[tuple[str, str]]:
     """(label, prompt) pairs offered as one-click prompts: healthy, the model's classes, then examples."""
-    preset = info.presets.get("healthy", {})
-    out: list[tuple[str, str]] = [("Healthy counterfactual", str(preset.get("prompt", "normal chest x-ray")))]
+    healthy = GenerationRequest.from_preset(info.presets.get("healthy")).prompt
+    out: list[tuple[str, str]] = [("Healthy counterfactual", healthy)]
     for label, prompt in info.class_prompts.items():
         if all(prompt != p for _, p in out):
             out.append((label.replace("_", " ").capitalize(), prompt))

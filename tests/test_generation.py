@@ -1,0 +1,152 @@
+"""The one generation request (app/generation.py): presets to requests, schedulers, and every entry point running
+the scheduler a model's preset names (the tiny model with a DPM-Solver++ preset)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import engine
+from app.artifacts import ReviewRequest, run_review
+from app.generation import PRESETS, GenerationRequest, Preset, Scheduler, model_presets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the request on its own
+# ----------------------------------------------------------------------------------------------------------------
+def test_from_preset_fills_unset_fields_from_the_preset_then_the_paper():
+    req = GenerationRequest.from_preset({"prompt": "clear lungs", "strength": 0.6, "scheduler": "dpm++"},
+                                        steps=None, seed=3, samples=2)
+    assert (req.prompt, req.strength, req.guidance_scale, req.steps) == ("clear lungs", 0.6, 7.5, 75)
+    assert req.scheduler is Scheduler.DPM_PP and (req.seed, req.samples) == (3, 2)
+    assert GenerationRequest.from_preset(None) == GenerationRequest()
+    assert GenerationRequest.from_preset(PRESETS["healthy-fast"]).scheduler is Scheduler.DPM_PP
+
+
+def test_given_fields_win_over_the_preset():
+    req = GenerationRequest.from_preset({"scheduler": "dpm++", "steps": 20}, scheduler="ddim", steps=8)
+    assert req.scheduler is Scheduler.DDIM and req.steps == 8
+
+
+def test_an_unsupported_preset_scheduler_fails_with_the_preset_named():
+    with pytest.raises(ValueError, match=r"preset 'fancy'.*scheduler='unipc' is not supported.*pndm, ddim"):
+        GenerationRequest.from_preset({"scheduler": "unipc"}, preset_name="fancy")
+    with pytest.raises(ValueError, match="preset 'healthy'"):
+        model_presets({"healthy": {"scheduler": "unipc"}})
+
+
+def test_requests_are_frozen_and_names_become_schedulers():
+    req = ReviewRequest(scheduler="euler", map_method="sdedit")
+    assert req.scheduler is Scheduler.EULER and req.scheduler == "euler"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.seed = 1  # type: ignore[misc]
+    assert json.dumps(dataclasses.asdict(req)["scheduler"]) == '"euler"'
+    assert GenerationRequest(seed=5).parameters(5)["scheduler"] == "pndm"
+
+
+def test_check_refuses_out_of_range_values_once():
+    with pytest.raises(ValueError, match=r"strength=1\.5"):
+        GenerationRequest(strength=1.5).check()
+    with pytest.raises(ValueError, match="no denoising step"):
+        ReviewRequest(steps=2, strength=0.2).check()
+
+
+def test_builtin_presets_keep_their_fields():
+    assert PRESETS["healthy"] == Preset("healthy", "normal chest x-ray", 0.85, 7.5, 75, PRESETS["healthy"].description)
+    assert engine.PRESETS is PRESETS and engine.SCHEDULERS == ("pndm", "ddim", "dpm++", "euler")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a model whose presets recommend DPM-Solver++: every entry point must run it
+# ----------------------------------------------------------------------------------------------------------------
+DPM_PRESETS = {"healthy": {"prompt": "normal chest x ray", "strength": 0.5, "guidance_scale": 2.0, "steps": 8,
+                           "scheduler": "dpm++"},
+               "induce": {"prompt": "cardiomegaly", "strength": 0.5, "guidance_scale": 2.0, "steps": 6,
+                          "scheduler": "euler"}}
+
+
+def _with_presets(src: str, out: Path, presets: dict) -> Path:
+    shutil.copytree(src, out)
+    manifest = json.loads((out / engine.MANIFEST).read_text())
+    (out / engine.MANIFEST).write_text(json.dumps({**manifest, "presets": presets}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dpm_engine(tiny_engine, tmp_path_factory):
+    folder = _with_presets(tiny_engine.info.path, tmp_path_factory.mktemp("dpm") / "tiny-dpm", DPM_PRESETS)
+    return engine.CounterfactualEngine(folder, device="cpu")
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((40, 32)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_unsupported_scheduler_in_a_manifest_preset_refuses_the_model(tiny_engine, tmp_path):
+    folder = _with_presets(tiny_engine.info.path, tmp_path / "bad", {"healthy": {"scheduler": "unipc"}})
+    with pytest.raises(engine.ModelFolderError, match=r"preset 'healthy'.*'unipc' is not supported"):
+        engine.CounterfactualEngine(folder, device="cpu")
+
+
+def test_the_engine_runs_the_scheduler_the_preset_names(dpm_engine, tmp_path):
+    from app.web.forms import GenerationParams
+
+    req = GenerationParams().to_request(dpm_engine.info)
+    assert req.scheduler is Scheduler.DPM_PP and req.steps == 8
+    record = run_review(dpm_engine, _png(), dataclasses.replace(req, seed=1), tmp_path / "dpm")
+    assert record["parameters"]["scheduler"] == "dpm++"
+    assert type(dpm_engine.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    # DPM-Solver++ evaluates the UNet once per step; PNDM (what ran before the fix) adds a warm-up evaluation
+    assert record["unet_evaluations"] == record["effective_steps"] == 4
+    pndm = run_review(dpm_engine, _png(), dataclasses.replace(req, seed=1, scheduler=Scheduler.PNDM),
+                      tmp_path / "pndm")
+    assert pndm["unet_evaluations"] == 5 and type(dpm_engine.pipe.scheduler).__name__ == "PNDMScheduler"
+
+
+def test_the_form_and_the_api_default_to_the_preset_scheduler(dpm_engine):
+    from app.web.forms import FormValues, GenerationParams, ReviewFormParams, parameter_presets
+
+    assert FormValues.defaults(dpm_engine.info).scheduler == "dpm++"
+    assert ReviewFormParams.model_validate({}).to_request(dpm_engine.info).scheduler is Scheduler.DPM_PP
+    assert GenerationParams.model_validate({"scheduler": "ddim"}).to_request(dpm_engine.info).scheduler == "ddim"
+    shown = {p["key"]: p["scheduler"] for p in parameter_presets(dpm_engine.info)}
+    assert shown["healthy"] == "dpm++" and shown["induce"] == "euler" and shown["healthy-fast"] == "dpm++"
+
+
+def test_the_cli_runs_the_preset_scheduler(dpm_engine, tmp_path, monkeypatch):
+    from app import cli
+
+    monkeypatch.setattr("app.engine.CounterfactualEngine", lambda *a, **k: dpm_engine)
+    src = tmp_path / "scan.png"
+    src.write_bytes(_png())
+    assert cli.main(["counterfactual", str(src), "--no-lung-mask", "--out", str(tmp_path / "a")]) == 0
+    params = json.loads((tmp_path / "a" / "0000" / "record.json").read_text())["parameters"]
+    assert (params["scheduler"], params["steps"], params["strength"]) == ("dpm++", 8, 0.5)
+    assert cli.main(["counterfactual", str(src), "--no-lung-mask", "--scheduler", "pndm",
+                     "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "0000" / "record.json").read_text())["parameters"]["scheduler"] == "pndm"
+
+
+def test_evaluate_takes_the_named_preset_scheduler(dpm_engine):
+    from app.evaluate.command import _request
+    from app.evaluate.generate import GenerateSettings
+
+    args = argparse.Namespace(prompt=None, strength=None, guidance=None, steps=None, samples=1, seed=0,
+                              scheduler=None)
+    assert _request(dpm_engine, args).scheduler is Scheduler.DPM_PP
+    settings = _request(dpm_engine, args, "induce", GenerateSettings, mode="induce", prompt="cardiomegaly",
+                        labels=("normal",))
+    assert isinstance(settings, GenerateSettings)
+    assert (settings.scheduler, settings.steps, settings.prompt) == (Scheduler.EULER, 6, "cardiomegaly")
+    with pytest.raises(ValueError, match="strength=2.0"):
+        _request(dpm_engine, argparse.Namespace(**{**vars(args), "strength": 2.0}))
