@@ -20,7 +20,8 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from app.audit.chain import AuditAction, _append
+from app.audit.actions import AuditAction
+from app.audit.chain import append_in_transaction
 from app.audit.db import read_session, write_session
 from app.audit.errors import (
     InvalidUsernameError,
@@ -146,7 +147,7 @@ def create_user(
         user = User(username=name, password_hash=password_hash, role=role.value, created_at=now or utc_now())
         session.add(user)
         session.flush()
-        _append(
+        append_in_transaction(
             session,
             AuditAction.USER_ADD,
             user=actor,
@@ -211,7 +212,7 @@ def disable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = Non
         session.add(user)
         revoked = _revoke_all(session, UserSession, user.id, now)
         tokens = _revoke_all(session, ApiToken, user.id, now)
-        _append(
+        append_in_transaction(
             session,
             AuditAction.USER_DISABLE,
             user=actor,
@@ -233,7 +234,7 @@ def enable_user(engine: Engine, user_id: uuid.UUID, *, actor: User | None = None
         user = _load_user(session, user_id)
         user.disabled, user.failed_logins, user.locked_until = False, 0, None
         session.add(user)
-        _append(
+        append_in_transaction(
             session,
             AuditAction.USER_ENABLE,
             user=actor,
@@ -270,7 +271,7 @@ def reset_password(
         session.add(user)
         revoked = _revoke_all(session, UserSession, user.id, now)
         tokens = _revoke_all(session, ApiToken, user.id, now)
-        _append(
+        append_in_transaction(
             session,
             AuditAction.PASSWORD_RESET,
             user=actor,
@@ -317,7 +318,7 @@ def authenticate(
         verify_password(password, _dummy_hash())
         reason = "unknown_user" if candidate is None else "disabled" if candidate.disabled else "locked"
         with write_session(engine) as session:
-            _append(
+            append_in_transaction(
                 session,
                 AuditAction.LOGIN_FAILED,
                 user=candidate,
@@ -338,10 +339,11 @@ def authenticate(
             if new_hash is not None:  # hasher parameters changed since this hash was made
                 user.password_hash = new_hash
             session.add(user)
-            _append(session, AuditAction.LOGIN_OK, user=user, object_type="user", object_id=user.id, now=now)
+            append_in_transaction(session, AuditAction.LOGIN_OK, user=user, object_type="user", object_id=user.id,
+                                  now=now)
             return user
         user.failed_logins += 1
-        _append(
+        append_in_transaction(
             session,
             AuditAction.LOGIN_FAILED,
             user=user,
@@ -353,7 +355,7 @@ def authenticate(
         )
         if user.failed_logins >= max_failures:
             user.locked_until = now + lockout
-            _append(
+            append_in_transaction(
                 session,
                 AuditAction.LOCKOUT,
                 user=user,
@@ -449,7 +451,7 @@ def revoke_session(engine: Engine, token: str, *, now: datetime | None = None) -
             return False
         row.revoked, row.revoked_at = True, now
         session.add(row)
-        _append(
+        append_in_transaction(
             session,
             AuditAction.LOGOUT,
             user=session.get(User, row.user_id),
@@ -500,7 +502,7 @@ def create_api_token(
                        expires_at=now + lifetime)
         session.add(row)
         session.flush()
-        _append(
+        append_in_transaction(
             session,
             AuditAction.TOKEN_CREATE,
             user=actor or user,
@@ -601,7 +603,7 @@ def revoke_api_token(
             owner = session.get(User, row.user_id)
             row.revoked, row.revoked_at = True, now
             session.add(row)
-            _append(
+            append_in_transaction(
                 session,
                 AuditAction.TOKEN_REVOKE,
                 user=actor,
