@@ -14,37 +14,26 @@ Modules, each importing only those before it: ``errors``; ``models`` (tables, co
 HMAC key ring, outside the database); ``db`` (engines, transactions, migrations, triggers); ``actions`` (the
 audited actions and their DICOM PS3.15 event codes); ``chain`` (keyed hash chain, ``append_event`` and
 ``append_in_transaction``); ``query`` (``EventFilter``, query/count/export); ``integrity`` (the chain at start-up,
-``verify_chain``); ``anchors`` (signed checkpoints of the chain head); ``accounts`` (users, lockout, sessions, API
-tokens); ``records`` (inputs with HMAC'd UIDs, runs, exports); ``startup`` (``init_db``: migrate, triggers, chain).
+``verify_chain``); ``anchors`` (signed checkpoints of the chain head); ``accounts`` (users, passwords, lockout);
+``tokens`` (sessions, API tokens); ``records`` (inputs with HMAC'd UIDs, runs, exports); ``startup`` (``init_db``:
+migrate, triggers, chain).
 Everything public is re-exported here.
 """
 
 from app.audit.accounts import (
-    DEFAULT_API_TOKEN_LIFETIME,
-    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOCKOUT,
     DEFAULT_MAX_FAILED_LOGINS,
-    DEFAULT_SESSION_LIFETIME,
     MIN_PASSWORD_LENGTH,
-    api_token_state,
     authenticate,
     check_password_policy,
-    create_api_token,
-    create_session,
     create_user,
     disable_user,
     enable_user,
-    find_api_token,
-    get_session_user,
-    get_token_user,
     get_user,
     hash_password,
-    list_api_tokens,
     list_users,
     normalize_username,
     reset_password,
-    revoke_api_token,
-    revoke_session,
     verify_password,
 )
 from app.audit.actions import DICOM_EVENT_CODES, AuditAction, DicomEventCodes
@@ -131,6 +120,20 @@ from app.audit.records import (
     start_run,
 )
 from app.audit.startup import init_db
+from app.audit.tokens import (
+    DEFAULT_API_TOKEN_LIFETIME,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_SESSION_LIFETIME,
+    api_token_state,
+    create_api_token,
+    create_session,
+    find_api_token,
+    get_session_user,
+    get_token_user,
+    list_api_tokens,
+    revoke_api_token,
+    revoke_session,
+)
 
 __all__ = [
     "ANCHOR_FILE_NAME",
