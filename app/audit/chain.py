@@ -111,9 +111,30 @@ def canonical_json(value: Any) -> str:
         ) from exc
 
 
-def iso_utc(ts: datetime) -> str:
+def _iso(ts: datetime) -> str:
     """``ts`` as ISO 8601 UTC with microseconds (``2025-01-31T12:00:00.000001+00:00``), as hashed and exported."""
     return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def hashed_columns(event: AuditEvent) -> dict[str, Any]:
+    """The columns of ``event`` that its chain hash covers (all but ``hash`` and ``key_id``), in their hashed form:
+    ``ts`` as ISO 8601 UTC with microseconds, UUIDs in their dashed form. The export writes the same values."""
+    return {
+        "seq": event.seq,
+        "id": str(event.id),
+        "ts": _iso(event.ts),
+        "user_id": None if event.user_id is None else str(event.user_id),
+        "username": event.username,
+        "action": event.action,
+        "object_type": event.object_type,
+        "object_id": event.object_id,
+        "outcome": event.outcome,
+        "event_id_code": event.event_id_code,
+        "event_type_code": event.event_type_code,
+        "event_action_code": event.event_action_code,
+        "detail": event.detail,
+        "prev_hash": event.prev_hash,
+    }
 
 
 def event_hash(event: AuditEvent, key: bytes | None = None) -> str:
@@ -129,23 +150,7 @@ def event_hash(event: AuditEvent, key: bytes | None = None) -> str:
     Raises:
         AuditKeyError: a keyed event and no ``key``.
     """
-    payload = {
-        "v": LEGACY_HASH_VERSION if event.key_id is None else HASH_VERSION,
-        "seq": event.seq,
-        "id": str(event.id),
-        "ts": iso_utc(event.ts),
-        "user_id": None if event.user_id is None else str(event.user_id),
-        "username": event.username,
-        "action": event.action,
-        "object_type": event.object_type,
-        "object_id": event.object_id,
-        "outcome": event.outcome,
-        "event_id_code": event.event_id_code,
-        "event_type_code": event.event_type_code,
-        "event_action_code": event.event_action_code,
-        "detail": event.detail,
-        "prev_hash": event.prev_hash,
-    }
+    payload = {"v": LEGACY_HASH_VERSION if event.key_id is None else HASH_VERSION, **hashed_columns(event)}
     if event.key_id is None:
         return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
     if key is None:

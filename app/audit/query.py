@@ -27,7 +27,7 @@ from sqlmodel import col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from app.audit.actions import AuditAction
-from app.audit.chain import canonical_json, iso_utc
+from app.audit.chain import canonical_json, hashed_columns
 from app.audit.db import READ_BATCH_ROWS, read_session
 from app.audit.models import AuditEvent, Outcome
 
@@ -191,25 +191,9 @@ EXPORT_COLUMNS = (
 
 
 def _export_record(event: AuditEvent) -> dict[str, Any]:
-    return {
-        "seq": event.seq,
-        "id": str(event.id),
-        "ts": iso_utc(event.ts),
-        "user_id": None if event.user_id is None else str(event.user_id),
-        "username": event.username,
-        "action": event.action,
-        "object_type": event.object_type,
-        "object_id": event.object_id,
-        "outcome": event.outcome,
-        "event_outcome_indicator": Outcome(event.outcome).dicom_code,
-        "event_id_code": event.event_id_code,
-        "event_type_code": event.event_type_code,
-        "event_action_code": event.event_action_code,
-        "detail": event.detail,
-        "prev_hash": event.prev_hash,
-        "hash": event.hash,
-        "key_id": event.key_id,
-    }
+    extra = {"event_outcome_indicator": Outcome(event.outcome).dicom_code, "hash": event.hash, "key_id": event.key_id}
+    record = hashed_columns(event) | extra
+    return {name: record[name] for name in EXPORT_COLUMNS}
 
 
 def _csv_cell(value: Any) -> str:
