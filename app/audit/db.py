@@ -1,4 +1,4 @@
-"""Engines, transactions, migrations and the append-only triggers (a leaf: no other audit module is imported).
+"""Engines, transactions, migrations and the append-only triggers (a leaf: of app.audit it imports only errors).
 
 SQLite (default) and PostgreSQL are supported. On SQLite every connection runs in WAL mode with a 10 s busy
 timeout, ``synchronous=FULL`` (a committed audit event survives a power cut) and foreign keys on; pysqlite's own
@@ -26,7 +26,6 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
 from app.audit.errors import UnsupportedDatabaseError
-
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 """How long a SQLite writer waits for the write lock before failing with "database is locked" (ms)."""
