@@ -287,7 +287,8 @@ def _audit(db: Database, settings: Settings, args: argparse.Namespace, stdout: T
             stdout.write(f"checkpoint: event #{point.seq} {point.hash} appended to {to}\n")
         return 0
     since, until = _day("since", args.since), _day("until", args.until, end=True)
-    chunks = audit.export_events(db, args.format, user=args.user, action=args.action, since=since, until=until)
+    where = audit.EventFilter(user=args.user, action=args.action, since=since, until=until)
+    chunks = audit.export_events(db, args.format, where)
     if args.out:
         out = Path(args.out)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -910,6 +910,56 @@ def test_query_count_and_export(engine: Engine) -> None:
         audit.export_events(engine, "xml")  # type: ignore[arg-type]
 
 
+def test_one_event_filter_serves_query_count_and_export(engine: Engine) -> None:
+    alice = _user(engine, "alice")
+    audit.append_event(engine, AuditAction.LOGIN_OK, user=alice, now=T0)
+    audit.append_event(engine, AuditAction.VIEW, user=alice, object_id="r1", now=T0 + timedelta(hours=1))
+    audit.append_event(engine, AuditAction.VIEW, username="bob", object_id="r2", now=T0 + timedelta(hours=2))
+
+    where = audit.EventFilter(action="view", until=T0 + timedelta(hours=2))
+    assert [e.object_id for e in audit.query_events(engine, where)] == ["r1"]
+    assert audit.count_events(engine, where) == 1
+    assert [r["object_id"] for r in json.loads("".join(audit.export_events(engine, "json", where)))] == ["r1"]
+    # the keyword shorthand builds the same filter
+    assert audit.query_events(engine, where) == audit.query_events(engine, action="view", until=T0 + timedelta(hours=2))
+    assert audit.count_events(engine, audit.EventFilter()) == audit.count_events(engine) == 3
+    with pytest.raises(TypeError, match="not both"):
+        audit.query_events(engine, where, user="alice")
+    with pytest.raises(TypeError, match="usr"):
+        audit.count_events(engine, usr="alice")
+
+
+def test_event_filter_normalises_and_refuses_bad_values() -> None:
+    run_id = uuid.uuid4()
+    where = audit.EventFilter(action="view", outcome="minor_failure", object_id=run_id)
+    assert where.action is AuditAction.VIEW and where.outcome is Outcome.MINOR_FAILURE
+    assert where.object_id == str(run_id)
+    assert where == audit.EventFilter(action=AuditAction.VIEW, outcome=Outcome.MINOR_FAILURE, object_id=str(run_id))
+    with pytest.raises(ValueError, match="unknown audit action 'teleport'"):
+        audit.EventFilter(action="teleport")
+    with pytest.raises(ValueError, match="unknown audit outcome 'meh'.*'success'"):
+        audit.EventFilter(outcome="meh")
+    with pytest.raises(ValueError, match="since=.*naive"):
+        audit.EventFilter(since=datetime(2025, 1, 1))
+
+
+def test_event_filter_builds_one_condition_per_field_set() -> None:
+    def sql(where: audit.EventFilter) -> str:
+        statement = where.apply(select(AuditEvent))
+        return str(statement.compile(compile_kwargs={"literal_binds": True})).replace("\n", " ")
+
+    assert audit.EventFilter().conditions() == []
+    assert "WHERE" not in sql(audit.EventFilter())
+    where = audit.EventFilter(user="alice", action=AuditAction.LOGIN_FAILED, object_id="r1",
+                              since=T0, until=T0 + timedelta(days=1))
+    assert len(where.conditions()) == 5
+    text_sql = sql(where)
+    for expected in ("audit_event.username = 'alice'", "audit_event.action = 'login_failed'",
+                     "audit_event.object_id = 'r1'", "audit_event.ts >= ", "audit_event.ts < "):
+        assert expected in text_sql
+    assert " AND " in text_sql and "outcome" not in text_sql.split("WHERE", 1)[1]
+
+
 @pytest.mark.parametrize(
     "detail",
     [

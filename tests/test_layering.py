@@ -98,3 +98,25 @@ def test_nothing_imports_web():
         if layer in ("web", "cli"):
             continue
         assert not any(m.startswith("app.web") for m in _imports(path)), f"{path} imports app.web"
+
+
+def test_audit_modules_import_without_a_circle():
+    """Inside app/audit every import, deferred ones included, points one way; ``db`` is a leaf."""
+    package = APP / "audit"
+    graph = {
+        path.stem: {m.split(".")[2] for m in _imports(path) if m.startswith("app.audit.")} - {path.stem}
+        for path in sorted(package.glob("*.py")) if path.stem != "__init__"
+    }
+    assert graph["db"] <= {"errors"}, f"app/audit/db.py must stay a leaf, imports {sorted(graph['db'])}"
+    done: set[str] = set()
+
+    def visit(module: str, trail: tuple[str, ...]) -> None:
+        assert module not in trail, "import circle in app/audit: " + " -> ".join((*trail, module))
+        if module in done:
+            return
+        for imported in graph.get(module, set()):
+            visit(imported, (*trail, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())

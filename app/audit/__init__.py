@@ -7,40 +7,36 @@ Start-up::
     mark_interrupted_runs(engine)                 # nothing is lost: stale runs become "interrupted"
     uid_secret = load_or_create_secret(settings.uid_secret_path)
 
-Modules: ``models`` (tables, coded values), ``db`` (engines, transactions, migrations), ``keys`` (the chain's
-HMAC key ring, outside the database), ``chain`` (keyed hash chain, DICOM PS3.15 event codes, query/export), ``integrity`` (start-up checks, verify),
-``anchors`` (signed checkpoints of the chain head), ``accounts`` (users, lockout, sessions, API tokens),
-``records`` (inputs with HMAC'd UIDs, runs, exports). Everything public is re-exported here.
+Reading the trail: ``query_events(engine, EventFilter(action=AuditAction.VIEW, since=...))``; the same filter
+counts (``count_events``) and exports (``export_events``).
+
+Modules, each importing only those before it: ``errors``; ``models`` (tables, coded values); ``keys`` (the chain's
+HMAC key ring, outside the database); ``db`` (engines, transactions, migrations, triggers); ``actions`` (the
+audited actions and their DICOM PS3.15 event codes); ``chain`` (keyed hash chain, ``append_event`` and
+``append_in_transaction``); ``query`` (``EventFilter``, query/count/export); ``integrity`` (the chain at start-up,
+``verify_chain``); ``anchors`` (signed checkpoints of the chain head); ``accounts`` (users, passwords, lockout);
+``tokens`` (sessions, API tokens); ``records`` (inputs with HMAC'd UIDs, runs, exports); ``startup`` (``init_db``:
+migrate, triggers, chain).
+Everything public is re-exported here.
 """
 
 from app.audit.accounts import (
-    DEFAULT_API_TOKEN_LIFETIME,
-    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOCKOUT,
     DEFAULT_MAX_FAILED_LOGINS,
-    DEFAULT_SESSION_LIFETIME,
     MIN_PASSWORD_LENGTH,
-    api_token_state,
     authenticate,
     check_password_policy,
-    create_api_token,
-    create_session,
     create_user,
     disable_user,
     enable_user,
-    find_api_token,
-    get_session_user,
-    get_token_user,
     get_user,
     hash_password,
-    list_api_tokens,
     list_users,
     normalize_username,
     reset_password,
-    revoke_api_token,
-    revoke_session,
     verify_password,
 )
+from app.audit.actions import DICOM_EVENT_CODES, AuditAction, DicomEventCodes
 from app.audit.anchors import (
     ANCHOR_FILE_NAME,
     Checkpoint,
@@ -49,25 +45,18 @@ from app.audit.anchors import (
     write_checkpoint,
 )
 from app.audit.chain import (
-    DICOM_EVENT_CODES,
-    EXPORT_COLUMNS,
     GENESIS_HASH,
     SYSTEM_USERNAME,
-    AuditAction,
     ChainHead,
-    DicomEventCodes,
     VerifyResult,
     append_event,
+    append_in_transaction,
     canonical_json,
-    count_events,
     event_hash,
-    export_events,
-    query_events,
 )
 from app.audit.db import (
     SQLITE_BUSY_TIMEOUT_MS,
     alembic_config,
-    init_db,
     install_triggers,
     make_engine,
     read_session,
@@ -116,6 +105,7 @@ from app.audit.models import (
     UTCDateTime,
     utc_now,
 )
+from app.audit.query import EXPORT_COLUMNS, EventFilter, count_events, export_events, query_events
 from app.audit.records import (
     INTERRUPTED_REASON,
     create_run,
@@ -128,6 +118,21 @@ from app.audit.records import (
     record_export,
     record_input,
     start_run,
+)
+from app.audit.startup import init_db
+from app.audit.tokens import (
+    DEFAULT_API_TOKEN_LIFETIME,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_SESSION_LIFETIME,
+    api_token_state,
+    create_api_token,
+    create_session,
+    find_api_token,
+    get_session_user,
+    get_token_user,
+    list_api_tokens,
+    revoke_api_token,
+    revoke_session,
 )
 
 __all__ = [
@@ -155,6 +160,7 @@ __all__ = [
     "ChainHead",
     "Checkpoint",
     "DicomEventCodes",
+    "EventFilter",
     "Export",
     "InputImage",
     "InsecureSecretFileError",
@@ -178,6 +184,7 @@ __all__ = [
     "alembic_config",
     "api_token_state",
     "append_event",
+    "append_in_transaction",
     "audit_keys_from_env",
     "authenticate",
     "bind_audit_keys",

@@ -1,4 +1,4 @@
-"""Engines, transactions, migrations and the append-only triggers.
+"""Engines, transactions, migrations and the append-only triggers (a leaf: of app.audit it imports only errors).
 
 SQLite (default) and PostgreSQL are supported. On SQLite every connection runs in WAL mode with a 10 s busy
 timeout, ``synchronous=FULL`` (a committed audit event survives a power cut) and foreign keys on; pysqlite's own
@@ -25,16 +25,16 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
-from app.audit.errors import AuditKeyError, UnsupportedDatabaseError
-from app.audit.keys import AuditKeyRing, bind_audit_keys, default_key_path, load_audit_keys
-
-logger = logging.getLogger("vald_md.audit")
+from app.audit.errors import UnsupportedDatabaseError
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 """How long a SQLite writer waits for the write lock before failing with "database is locked" (ms)."""
 
 PG_WRITE_LOCK_KEY = 0x56414C44  # "VALD"; one key: all writers of this schema are serialized
 """Key of the PostgreSQL transaction-scoped advisory lock held by every write transaction."""
+
+READ_BATCH_ROWS = 500
+"""Rows read per short read transaction when walking the whole chain (verify, export)."""
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 """The Alembic script directory (``env.py`` and ``versions/``)."""
@@ -228,7 +228,13 @@ def alembic_config(database_url: str | None = None) -> Config:
     return config
 
 
-def _upgrade(engine: Engine, revision: str) -> None:
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Runs the Alembic migrations up to ``revision`` on ``engine``, in one transaction holding the write lock.
+
+    Args:
+        engine: from ``make_engine``.
+        revision: target revision; ``"head"`` for the latest.
+    """
     config = alembic_config()
     # Alembic logs its plugin set-up and migration context at INFO: seven lines on every CLI call and start-up,
     # none of them news. Warnings and errors still show; a deliberately configured alembic level is kept.
@@ -250,10 +256,10 @@ def upgrade_database(database_url: str, revision: str = "head") -> None:
         database_url: as for ``make_engine``.
         revision: target revision; ``"head"`` for the latest.
     """
-    _ensure_sqlite_directory(database_url)
+    ensure_sqlite_directory(database_url)
     engine = make_engine(database_url)
     try:
-        _upgrade(engine, revision)
+        migrate(engine, revision)
     finally:
         engine.dispose()
 
@@ -408,54 +414,8 @@ def fingerprint_kind(fingerprint: str) -> str:
     return fingerprint.split(":", 1)[0] if not fingerprint.startswith("postgresql:") else "postgresql:v0"
 
 
-def _ensure_sqlite_directory(database_url: str) -> None:
+def ensure_sqlite_directory(database_url: str) -> None:
+    """Creates the folder of a SQLite database file if it is missing (nothing for other URLs or ``:memory:``)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(str(url.database)).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-
-
-def init_db(database_url: str, *, keys: AuditKeyRing | None = None) -> Engine:
-    """Start-up entry point: migrates the schema to head, checks the triggers and the chain state, returns the engine.
-
-    The schema is created by the migrations (never ``create_all``). Call ``mark_interrupted_runs`` next.
-
-    Args:
-        database_url: as for ``make_engine`` (``DATABASE_URL`` in the settings).
-        keys: the audit key ring (``Settings``: ``load_audit_keys(settings.audit_key_path)`` or
-            ``VALD_MD_AUDIT_KEY``); ``None``: SQLite's default file beside the database, created if missing
-            (``app.audit.keys``). PostgreSQL needs ``keys``.
-
-    Returns:
-        The engine the application keeps for its lifetime, bound to ``keys``.
-
-    Raises:
-        AuditKeyError: no ring for a non-SQLite database, or the ring lacks the key that signed the chain state.
-    """
-    from app.audit.integrity import open_chain  # deferred: it imports this module
-
-    _ensure_sqlite_directory(database_url)
-    if keys is None:
-        path = default_key_path(database_url)
-        if path is None:
-            raise AuditKeyError(
-                "pass the audit key ring to init_db(url, keys=...) for this database (Settings.audit_key_path or "
-                "VALD_MD_AUDIT_KEY)"
-            )
-        keys = load_audit_keys(path)
-    engine = make_engine(database_url)
-    try:
-        bind_audit_keys(engine, keys)
-        # 1. schema, remembering what it looked like before we touched it
-        with engine.connect() as connection:
-            found = schema_fingerprint(connection)
-        _upgrade(engine, "head")
-        # 2. triggers: a missing one means somebody removed it; restore and leave a trace in the chain
-        missing = install_triggers(engine)
-        if missing:
-            logger.warning("audit triggers were missing or altered and have been re-created: %s", ", ".join(missing))
-        # 3. the chain state: signed on first use, checked for schema changes and key rotation
-        open_chain(engine, keys, found_fingerprint=found, restored_triggers=missing)
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine

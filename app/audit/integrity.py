@@ -4,7 +4,7 @@
 events), records triggers restored or a schema changed behind the application's back (``audit_triggers_restored``),
 a key rotation (``audit_key_rotated``) and an unsigned state beside keyed events (``audit_tamper_detected``).
 ``verify_chain`` recomputes every hash under the key ring and compares the signed state and any checkpoints.
-The formulas are in ``app.audit.chain``.
+The formulas are in ``app.audit.chain``; ``app.audit.startup.init_db`` calls ``open_chain``.
 """
 
 from __future__ import annotations
@@ -18,19 +18,25 @@ from pathlib import Path
 from sqlalchemy import Engine, make_url
 from sqlmodel import Session, col, select
 
+from app.audit.actions import AuditAction
 from app.audit.chain import (
-    _BATCH,
     GENESIS_HASH,
-    AuditAction,
     ChainHead,
     VerifyResult,
-    _append,
+    append_in_transaction,
     canonical_json,
     event_hash,
     sign_state,
     state_ok,
 )
-from app.audit.db import fingerprint_kind, read_session, schema_fingerprint, snapshot_session, write_session
+from app.audit.db import (
+    READ_BATCH_ROWS,
+    fingerprint_kind,
+    read_session,
+    schema_fingerprint,
+    snapshot_session,
+    write_session,
+)
 from app.audit.errors import AuditKeyError
 from app.audit.keys import AuditKeyRing, default_key_path, keys_for
 from app.audit.models import AuditChainState, AuditEvent, Outcome
@@ -142,17 +148,17 @@ def open_chain(
             # with the unkeyed formula?): record it rather than treat it as a new chain or an upgrade
             logger.error("audit_chain_state is unsigned although this database was keyed before: recorded in the "
                          "audit trail")
-            _append(session, AuditAction.AUDIT_TAMPER_DETECTED, outcome=Outcome.SERIOUS_FAILURE,
-                    detail={"check": "chain_state_unsigned", "keyed_events": keyed is not None,
-                            "marker": keyed_before,
-                            "found": {"last_seq": state.last_seq, "legacy_until": state.legacy_until}})
+            append_in_transaction(session, AuditAction.AUDIT_TAMPER_DETECTED, outcome=Outcome.SERIOUS_FAILURE,
+                                  detail={"check": "chain_state_unsigned", "keyed_events": keyed is not None,
+                                          "marker": keyed_before,
+                                          "found": {"last_seq": state.last_seq, "legacy_until": state.legacy_until}})
             recorded = ""
         elif not state.mac:
             state.schema_fingerprint = now_fingerprint
             sign_state(state, ring)
             session.add(state)
             if state.legacy_until > 0:
-                _append(session, AuditAction.AUDIT_CHAIN_KEYED, detail={
+                append_in_transaction(session, AuditAction.AUDIT_CHAIN_KEYED, detail={
                     "key_id": ring.current_id, "legacy_until": state.legacy_until,
                     "legacy_head": state.head_hash})
         elif state.key_id is not None and ring.get(state.key_id) is None:
@@ -173,10 +179,10 @@ def open_chain(
             detail: dict[str, object] = {"triggers": list(restored_triggers), "schema_changed": schema_changed}
             if schema_changed:
                 detail.update(_fingerprint_change(recorded, found_fingerprint))
-            _append(session, AuditAction.AUDIT_TRIGGERS_RESTORED, detail=detail)
+            append_in_transaction(session, AuditAction.AUDIT_TRIGGERS_RESTORED, detail=detail)
         # 3. rotation
         if state.key_id != ring.current_id:
-            _append(session, AuditAction.AUDIT_KEY_ROTATED, detail={
+            append_in_transaction(session, AuditAction.AUDIT_KEY_ROTATED, detail={
                 "key_id": ring.current_id, "previous_key_id": state.key_id})
         # 4. remember the schema as the application left it
         if state.schema_fingerprint != now_fingerprint and state_ok(state, ring):
@@ -298,7 +304,7 @@ def verify_chain(
                     select(AuditEvent.seq)
                     .where(col(AuditEvent.seq) > last_seq)
                     .order_by(col(AuditEvent.seq))
-                    .limit(_BATCH)
+                    .limit(READ_BATCH_ROWS)
                 ).all()
                 if s is not None
             ]

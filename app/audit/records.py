@@ -22,7 +22,8 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from app.audit.chain import AuditAction, _append, canonical_json
+from app.audit.actions import AuditAction
+from app.audit.chain import append_in_transaction, canonical_json
 from app.audit.db import read_session, write_session
 from app.audit.errors import InsecureSecretFileError, InvalidRunTransitionError, RunNotFoundError
 from app.audit.models import Export, InputImage, Outcome, Run, RunStatus, User, utc_now
@@ -188,7 +189,7 @@ def record_input(
         )
         session.add(record)
         session.flush()
-        _append(
+        append_in_transaction(
             session,
             AuditAction.UPLOAD,
             user=user,
@@ -255,7 +256,7 @@ def create_run(
         )
         session.add(run)
         session.flush()
-        _append(
+        append_in_transaction(
             session,
             AuditAction.GENERATE,
             user=user,
@@ -353,7 +354,7 @@ def finish_run(
         run.artifact_hashes = hashes
         session.add(run)
         action, outcome = _FINISH_ACTION[target]
-        _append(
+        append_in_transaction(
             session,
             action,
             user=actor or session.get(User, run.user_id),
@@ -391,7 +392,7 @@ def mark_interrupted_runs(engine: Engine, *, reason: str = INTERRUPTED_REASON, n
             previous = run.status
             run.status, run.reason, run.finished_at = RunStatus.INTERRUPTED.value, reason, now
             session.add(run)
-            _append(
+            append_in_transaction(
                 session,
                 AuditAction.JOB_INTERRUPTED,
                 object_type="run",
@@ -432,7 +433,7 @@ def record_export(
         export = Export(run_id=run_id, kind=kind, sha256=sha256, user_id=user.id, created_at=now or utc_now())
         session.add(export)
         session.flush()
-        _append(
+        append_in_transaction(
             session,
             AuditAction.EXPORT,
             user=user,

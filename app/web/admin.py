@@ -105,11 +105,11 @@ class EventFilters:
 
 
 def _events_context(db: Database, filters: EventFilters) -> dict[str, Any]:
-    args = filters.query_args()
-    total = audit.count_events(db, **args)
+    where = audit.EventFilter(**filters.query_args())
+    total = audit.count_events(db, where)
     pages = max(1, -(-total // PAGE_SIZE))
     page = min(filters.page, pages)
-    events = audit.query_events(db, **args, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+    events = audit.query_events(db, where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     return {"events": events, "total": total, "page": page, "pages": pages, "filters": filters,
             "prev_qs": filters.query_string(page - 1) if page > 1 else None,
             "next_qs": filters.query_string(page + 1) if page < pages else None,
@@ -154,7 +154,7 @@ def admin_export(admin: AdminUser, db: DbDep, format: Literal["csv", "json"] = "
                  action: Filter = None) -> StreamingResponse:
     """The filtered events, oldest first, as CSV or JSON (``audit.export_events``)."""
     filters = EventFilters.parse(user, since, until, action, 1)
-    chunks = audit.export_events(db, format, **filters.query_args())
+    chunks = audit.export_events(db, format, audit.EventFilter(**filters.query_args()))
     # the framing and the first event now, so that a database error is an error page rather than a cut-off download
     chunks = itertools.chain(list(itertools.islice(chunks, 2)), chunks)
     audit.append_event(db, audit.AuditAction.AUDIT_EXPORT, user=admin.user,
