@@ -29,6 +29,7 @@ from app.config import REPO_ROOT, Settings
 from app.engine import GenerationCancelled
 from app.web import create_app
 from tests.accounts import add_user, sign_in
+from tests.factories import png_bytes, png_claiming
 from tests.tiny_lungs import BoxSegmenter, box_lungs, write_tiny_segmenter
 
 FAST = {"strength": "0.5", "steps": "4", "guidance_scale": "5", "seed": "11"}
@@ -73,13 +74,6 @@ class Doc(HTMLParser):
 
     def tags(self) -> set[str]:
         return {t for t, _ in self.elements}
-
-
-def png_bytes(h: int = 40, w: int = 36, seed: int = 0) -> bytes:
-    img = (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def submit(client: TestClient, data: bytes | None = None, **fields: str):
@@ -524,21 +518,9 @@ def test_window_in_other_digits_says_what_is_allowed(client, window):
     assert facts.status_code == 422 and "invalid literal" not in facts.text
 
 
-def _mask_png(w: int, h: int) -> bytes:
-    """A 1-bit PNG that claims ``w`` x ``h`` pixels: the header only (decoders check the size before the data)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize(("mask", "message"), [
-    (_mask_png(40_000, 40_000), "mask image is too large"),  # past Pillow's own ceiling: was a 500
-    (_mask_png(9_000, 9_000), "masks must be at most"),
+    (png_claiming(40_000, 40_000, bit_depth=1), "mask image is too large"),  # past Pillow's own ceiling: was a 500
+    (png_claiming(9_000, 9_000, bit_depth=1), "masks must be at most"),
     (b"not an image", "mask is not a readable image"),  # quoted <_io.BytesIO object at 0x...>
 ])
 def test_bad_masks_are_422_without_internals(client, app_and_client, mask, message):
