@@ -12,7 +12,6 @@ from PIL import Image, ImageFont
 from app import rendering as attr
 from app.attribution import (
     AttributionMap,
-    MapSettings,
     changed_region,
     difference_map,
     load_mask_png,
@@ -148,6 +147,7 @@ def test_smoothing_spreads_but_keeps_mean() -> None:
         ({"mask": np.full((H, W), 0.7)}, "mask > 0.5"),
         ({"mask": np.zeros((H, W), bool)}, "selects no pixels"),
         ({"smoothing_sigma": -1.0}, "-1.0"),
+        ({"smoothing_sigma": float("nan")}, "smoothing_sigma"),
     ],
 )
 def test_difference_map_rejects_bad_input(kwargs: dict[str, object], message: str) -> None:
@@ -168,11 +168,8 @@ def test_threshold_validation_and_settings() -> None:
         threshold_value(mag, threshold=150, mode="percentile")
     with pytest.raises(ValueError, match="'otsu'"):
         threshold_value(mag, threshold=1, mode="otsu")
-    assert MapSettings().threshold_mode == "percentile"
     with pytest.raises(ValueError, match=r"-0\.1"):
-        MapSettings(threshold=-0.1, threshold_mode="absolute")
-    with pytest.raises(ValueError, match="smoothing_sigma"):
-        MapSettings(smoothing_sigma=float("nan"))
+        threshold_value(mag, threshold=-0.1, mode="absolute")
 
 
 # ---------------------------------------------------------------------------------------------------------------
