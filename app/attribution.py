@@ -232,11 +232,11 @@ def difference_map(
 ) -> AttributionMap:
     """Compute ``M = reference − counterfactual``, averaged over samples, with per-pixel SD.
 
-    Order of operations: (1) per-sample difference ``reference − counterfactual[s]``; (2) Gaussian smoothing
-    of each difference (``sigma`` in pixels, reflect at the borders); (3) mean over samples → ``signed``,
-    ``|signed|`` → ``magnitude``; (4) SD over samples (``ddof=1``) → ``std`` when ``S > 1``. Smoothing is
-    linear, so smoothing-then-averaging equals averaging-then-smoothing. The mask is stored, not applied:
-    maps keep full-frame values so that the energy share inside the mask can be reported.
+    Order of operations (the code's numbered comments): (1) check inputs; (2) per-sample difference
+    ``reference − counterfactual[s]``, each Gaussian smoothed (``sigma`` in pixels, reflect at the borders);
+    (3) mean over samples → ``signed``, ``|signed|`` → ``magnitude``; (4) SD over samples (``ddof=1``) → ``std``
+    when ``S > 1``. Smoothing is linear, so smoothing-then-averaging equals averaging-then-smoothing. The mask is
+    stored, not applied: maps keep full-frame values so that the energy share inside the mask can be reported.
 
     Args:
         reference: The original image, or the autoencoder's reconstruction of it, float ``(H, W)`` in [0, 1].
