@@ -341,3 +341,12 @@ def test_find_subruns_passes_over_folders_that_generate_did_not_write(tmp_path):
     assert find_subruns(tmp_path / "healthy") == [tmp_path / "healthy"]
     with pytest.raises(FileNotFoundError, match="no generate sub-run"):
         find_subruns(tmp_path / "localize")
+
+
+def test_localize_and_laterality_settings_refuse_what_the_engine_does_not_check(tiny_engine, tmp_path):
+    with pytest.raises(ValueError, match="--samples 17 must be in 1..16"):
+        localize_run(tiny_engine, tmp_path, tmp_path / "out", LocalizeSettings(samples=17))
+    with pytest.raises(ValueError, match="must name exactly one side"):
+        laterality_run(tiny_engine, tmp_path, tmp_path / "out", LateralitySettings(prompts=("opacity in the lungs",)))
+    assert (LocalizeSettings().samples, LateralitySettings().samples) == (4, 1)  # the CLI's defaults
+    assert not (tmp_path / "out").exists()

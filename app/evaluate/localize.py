@@ -75,14 +75,30 @@ RUN_KEYS = ("prompt", "strength", "guidance_scale", "steps", "samples", "seed", 
 
 
 @dataclass(frozen=True)
-class LocalizeSettings:
+class GenerationParameters:
+    """The generation settings of an evaluation run (ranges as :meth:`app.engine.CounterfactualEngine.generate`).
+
+    Attributes:
+        strength, guidance_scale, steps, samples, scheduler: as the engine takes them.
+        seed: base seed; see :func:`app.evaluate.common.item_seed`.
+    """
+
+    strength: float = 0.85
+    guidance_scale: float = 7.5
+    steps: int = 75
+    samples: int = 1
+    seed: int = 0
+    scheduler: str = "pndm"
+
+
+@dataclass(frozen=True)
+class LocalizeSettings(GenerationParameters):
     """What :func:`localize_run` scores and how (``vald-md evaluate localize``'s flags).
 
     Attributes:
         masks, regions, limit: the cases; see :func:`read_lesion_cases`.
-        prompt, strength, guidance_scale, steps, samples, scheduler: generation settings (ranges as
-            :meth:`app.engine.CounterfactualEngine.generate`; ``samples`` 1..16).
-        seed: base seed; see :func:`app.evaluate.common.item_seed`.
+        prompt: the healthy prompt. samples: 1..16 (default 4); the other generation settings as
+            :class:`GenerationParameters`.
         n_boot: bootstrap resamples for the CIs (>= 1). figure_rows: cases in ``figures/localize_examples.png``.
     """
 
@@ -90,12 +106,7 @@ class LocalizeSettings:
     regions: Path | None = None
     limit: int | None = None
     prompt: str = "normal chest x-ray"
-    strength: float = 0.85
-    guidance_scale: float = 7.5
-    steps: int = 75
     samples: int = 4
-    seed: int = 0
-    scheduler: str = "pndm"
     n_boot: int = 2000
     figure_rows: int = 4
 
@@ -110,24 +121,18 @@ class LocalizeSettings:
 
 
 @dataclass(frozen=True)
-class LateralitySettings:
+class LateralitySettings(GenerationParameters):
     """What :func:`laterality_run` induces (``vald-md evaluate laterality``'s flags).
 
     Attributes:
         prompts: localized prompts, each naming exactly one side.
-        split, limit: the normal images; see :class:`app.evaluate.generate.GenerateSettings`.
-        strength, guidance_scale, steps, samples, scheduler: generation settings. seed: base seed.
+        split, limit: the normal images; see :class:`app.evaluate.generate.GenerateSettings`. The generation
+            settings as :class:`GenerationParameters`.
     """
 
     prompts: tuple[str, ...] = LATERALITY_PROMPTS
     split: str | None = "test"
     limit: int | None = None
-    strength: float = 0.85
-    guidance_scale: float = 7.5
-    steps: int = 75
-    samples: int = 1
-    seed: int = 0
-    scheduler: str = "pndm"
 
     def check(self) -> None:
         """Reject prompts without exactly one side.
