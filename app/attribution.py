@@ -29,7 +29,6 @@ from scipy import ndimage
 __all__ = [
     "DEFAULT_THRESHOLD_PERCENTILE",
     "AttributionMap",
-    "MapSettings",
     "MapSummary",
     "changed_region",
     "difference_map",
@@ -55,34 +54,6 @@ _RANGE_TOLERANCE = 1e-4
 # --------------------------------------------------------------------------------------------------------------
 # Data classes
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MapSettings:
-    """User-facing settings for computing and displaying a map.
-
-    Attributes:
-        smoothing_sigma: Gaussian smoothing of the difference, standard deviation in pixels (0 = none).
-        threshold: ``None`` for no threshold; a percentile in [0, 100] of |M| inside the mask when
-            ``threshold_mode == "percentile"``; an absolute |M| in intensity units (>= 0) when ``"absolute"``.
-        threshold_mode: ``"percentile"`` or ``"absolute"``.
-        signed: Render red/blue signed maps instead of magnitude.
-
-    Raises:
-        ValueError: On a negative or non-finite sigma, an unknown mode, or a threshold outside its range.
-    """
-
-    smoothing_sigma: float = 0.0
-    threshold: float | None = None
-    threshold_mode: str = "percentile"
-    signed: bool = False
-
-    def __post_init__(self) -> None:
-        _check_sigma(self.smoothing_sigma)
-        if self.threshold is None:
-            _check_threshold_mode(self.threshold_mode)
-        else:
-            check_threshold(self.threshold, self.threshold_mode)
 
 
 @dataclass
@@ -261,11 +232,11 @@ def difference_map(
 ) -> AttributionMap:
     """Compute ``M = reference − counterfactual``, averaged over samples, with per-pixel SD.
 
-    Order of operations: (1) per-sample difference ``reference − counterfactual[s]``; (2) Gaussian smoothing
-    of each difference (``sigma`` in pixels, reflect at the borders); (3) mean over samples → ``signed``,
-    ``|signed|`` → ``magnitude``; (4) SD over samples (``ddof=1``) → ``std`` when ``S > 1``. Smoothing is
-    linear, so smoothing-then-averaging equals averaging-then-smoothing. The mask is stored, not applied:
-    maps keep full-frame values so that the energy share inside the mask can be reported.
+    Order of operations (the code's numbered comments): (1) check inputs; (2) per-sample difference
+    ``reference − counterfactual[s]``, each Gaussian smoothed (``sigma`` in pixels, reflect at the borders);
+    (3) mean over samples → ``signed``, ``|signed|`` → ``magnitude``; (4) SD over samples (``ddof=1``) → ``std``
+    when ``S > 1``. Smoothing is linear, so smoothing-then-averaging equals averaging-then-smoothing. The mask is
+    stored, not applied: maps keep full-frame values so that the energy share inside the mask can be reported.
 
     Args:
         reference: The original image, or the autoencoder's reconstruction of it, float ``(H, W)`` in [0, 1].

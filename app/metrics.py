@@ -12,7 +12,8 @@ Pure functions on numpy arrays (and torch tensors for the batched SSIM variants)
   offline (see :class:`FIDFeatureExtractor`); nothing is downloaded.
 * **Localization** -- attribution map (original - counterfactual) against radiologist lesion masks: pointing
   game, pixel AUROC / average precision, top-k% IoU / Dice, energy share; ``boxes_to_mask`` for (x, y, w, h)
-  boxes; a percentile bootstrap for confidence intervals.
+  boxes; a percentile bootstrap for confidence intervals. :func:`auroc` is the project's one AUROC (rank based,
+  ties 1/2); the evaluation's oracle and probe use it too.
 """
 
 from __future__ import annotations
@@ -573,7 +574,7 @@ def _average_ranks(values: FloatArray) -> FloatArray:
     """1-based ranks, ties given their average rank (as ``scipy.stats.rankdata(method='average')``)."""
     order = np.argsort(values, kind="mergesort")
     sv = values[order]
-    bounds = np.flatnonzero(np.diff(sv)) + 1
+    bounds = np.flatnonzero(sv[1:] != sv[:-1]) + 1  # not np.diff: inf - inf is NaN, which would split a tie
     starts = np.concatenate(([0], bounds))
     ends = np.concatenate((bounds, [len(sv)]))
     ranks = np.empty(len(sv))
@@ -581,13 +582,37 @@ def _average_ranks(values: FloatArray) -> FloatArray:
     return ranks
 
 
-def pixel_auroc(attribution: npt.ArrayLike, lesion_mask: npt.ArrayLike,
-                region_mask: npt.ArrayLike | None = None) -> float:
-    """Pixel-level area under the ROC curve of the map as a lesion detector.
+def auroc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """Area under the ROC curve of ``scores`` as a detector of ``labels``; the project's one AUROC.
 
     Computed as the Mann-Whitney U statistic with average ranks for ties, i.e. the probability that a random
-    lesion pixel scores higher than a random non-lesion pixel, ties counting 1/2 (equals
-    ``sklearn.metrics.roc_auc_score``).
+    positive scores higher than a random negative, ties counting 1/2 (equals ``sklearn.metrics.roc_auc_score``);
+    O(N log N) time, O(N) memory.
+
+    Args:
+        scores: (N,) scores, higher = more likely positive; +-inf allowed.
+        labels: (N,) bool or 0/1, True / 1 = positive.
+
+    Returns:
+        AUROC in [0, 1] (1 perfect, 0.5 chance, 0 inverted); NaN when a class is absent or a score is NaN.
+
+    Raises:
+        ValueError: ``scores`` and ``labels`` are not two 1-D arrays of one length.
+    """
+    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    if s.ndim != 1 or y.shape != s.shape:
+        raise ValueError(f"auroc: scores {s.shape} and labels {y.shape} must be two 1-D arrays of one length")
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0 or np.isnan(s).any():
+        return math.nan
+    rank_sum = float(_average_ranks(s)[y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def pixel_auroc(attribution: npt.ArrayLike, lesion_mask: npt.ArrayLike,
+                region_mask: npt.ArrayLike | None = None) -> float:
+    """Pixel-level :func:`auroc` of the map as a lesion detector.
 
     Args:
         attribution: (H, W) float map, higher = more attributed; used as given.
@@ -601,10 +626,7 @@ def pixel_auroc(attribution: npt.ArrayLike, lesion_mask: npt.ArrayLike,
         ValueError: as :func:`pointing_game`, or the region holds no non-lesion pixel.
     """
     values, labels = _select(attribution, lesion_mask, region_mask, "pixel_auroc", need_negatives=True)
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    rank_sum = float(_average_ranks(values)[labels].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return auroc(values, labels)
 
 
 def pixel_auprc(attribution: npt.ArrayLike, lesion_mask: npt.ArrayLike,

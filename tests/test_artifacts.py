@@ -20,18 +20,11 @@ from app import exports, imaging
 from app.artifacts import ReviewRequest, lung_region, run_review, sha256
 from app.lungs import LungSegmenter, folder_hash
 from app.rendering import OverlayOptions
+from tests.factories import png_bytes
 from tests.tiny_lungs import DICE, BoxSegmenter, box_lungs, write_tiny_segmenter
 
 H, W = 40, 36
 FAST: dict[str, Any] = {"strength": 0.5, "steps": 4, "guidance_scale": 5.0, "seed": 11}
-
-
-def image_png(seed: int = 0, h: int = H, w: int = W) -> bytes:
-    """A random 8-bit grayscale PNG (the "upload")."""
-    img = (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class EmptySegmenter(LungSegmenter):
@@ -53,7 +46,7 @@ def box_segmenter(segmenter_dir: Path) -> BoxSegmenter:
 
 def run(engine: Any, out: Path, *, segmenter: LungSegmenter | None = None, mask: np.ndarray | None = None,
         **req: Any) -> dict[str, Any]:
-    return run_review(engine, image_png(), ReviewRequest(**{**FAST, **req}), out, mask=mask, segmenter=segmenter)
+    return run_review(engine, png_bytes(), ReviewRequest(**{**FAST, **req}), out, mask=mask, segmenter=segmenter)
 
 
 def rgb_png(path: Path) -> np.ndarray:
@@ -176,7 +169,7 @@ def test_user_mask_wins_over_the_lungs(tiny_engine, box_segmenter, tmp_path):
 
 
 def test_no_lung_found_leaves_the_map_unrestricted(segmenter_dir):
-    pixels = imaging.decode_image(image_png()).pixels
+    pixels = imaging.decode_image(png_bytes()).pixels
     mask, rec = lung_region(EmptySegmenter(segmenter_dir), pixels, requested=True, user_mask=False)
     assert mask is None and rec["applied"] is False and "no lung field" in rec["reason"]
     assert rec["sha256"] == folder_hash(segmenter_dir)
@@ -185,7 +178,7 @@ def test_no_lung_found_leaves_the_map_unrestricted(segmenter_dir):
 def test_random_weight_segmenter_runs_at_native_size(segmenter_dir):
     """The real inference path (resize, U-Net, resize back, clean) on an image of odd size: a bool mask of the
     image's shape, applied or explained."""
-    pixels = imaging.decode_image(image_png(3, h=57, w=43)).pixels
+    pixels = imaging.decode_image(png_bytes(57, 43, seed=3)).pixels
     mask, rec = lung_region(LungSegmenter(segmenter_dir), pixels, requested=True, user_mask=False)
     if rec["applied"]:
         assert mask is not None and mask.shape == (57, 43) and mask.dtype == bool
@@ -222,7 +215,7 @@ def test_cli_counterfactual_writes_the_lung_mask(tiny_engine, segmenter_dir, tmp
     monkeypatch.setattr("app.engine.CounterfactualEngine", lambda *a, **k: tiny_engine)
     monkeypatch.setattr(lungs, "LungSegmenter", BoxSegmenter)
     src = tmp_path / "scan.png"
-    src.write_bytes(image_png())
+    src.write_bytes(png_bytes())
     common = ["counterfactual", str(src), "--steps", "4", "--strength", "0.5", "--lung-segmenter", str(segmenter_dir)]
     assert cli.main([*common, "--out", str(tmp_path / "on")]) == 0
     assert (tmp_path / "on" / "0000" / "lung_mask.png").exists()
@@ -257,7 +250,7 @@ def classifier(classifier_dir: Path):
 
 def guided(engine: Any, out: Path, *, classifier: Any, segmenter: LungSegmenter | None, **req: Any) -> dict[str, Any]:
     request = ReviewRequest(**{**FAST, "map_method": "classifier_guided", **req})
-    return run_review(engine, image_png(), request, out, segmenter=segmenter, classifier=classifier)
+    return run_review(engine, png_bytes(), request, out, segmenter=segmenter, classifier=classifier)
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +328,7 @@ def test_sdedit_is_the_default_and_unchanged(lung_run, tiny_engine, box_segmente
 
 def test_default_map_method_follows_the_manifest(tiny_engine, box_segmenter, classifier, tmp_path, monkeypatch):
     monkeypatch.setitem(tiny_engine.info.manifest, "map_method", "classifier_guided")
-    record = run_review(tiny_engine, image_png(), ReviewRequest(**FAST), tmp_path / "run", segmenter=box_segmenter,
+    record = run_review(tiny_engine, png_bytes(), ReviewRequest(**FAST), tmp_path / "run", segmenter=box_segmenter,
                         classifier=classifier)
     assert record["map_method"] == "classifier_guided" and record["request"]["map_method"] == "classifier_guided"
     with pytest.raises(ValueError, match="no lesion classifier"):
@@ -349,7 +342,7 @@ def test_cli_counterfactual_map_method(tiny_engine, segmenter_dir, classifier_di
     monkeypatch.setattr("app.engine.CounterfactualEngine", lambda *a, **k: tiny_engine)
     monkeypatch.setattr(lungs, "LungSegmenter", BoxSegmenter)
     src = tmp_path / "scan.png"
-    src.write_bytes(image_png())
+    src.write_bytes(png_bytes())
     common = ["counterfactual", str(src), "--steps", "4", "--strength", "0.5", "--lung-segmenter", str(segmenter_dir),
               "--map-method", "classifier_guided", "--classifier-scale", "0.5"]
     assert cli.main([*common, "--lesion-classifier", str(classifier_dir), "--out", str(tmp_path / "g")]) == 0

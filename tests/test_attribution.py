@@ -12,7 +12,6 @@ from PIL import Image, ImageFont
 from app import rendering as attr
 from app.attribution import (
     AttributionMap,
-    MapSettings,
     changed_region,
     difference_map,
     load_mask_png,
@@ -20,6 +19,7 @@ from app.attribution import (
     threshold_value,
 )
 from app.rendering import BANNER_TEXT, OverlayOptions, render_annotated_export, render_legend, render_overlay
+from tests.factories import encode_png
 
 H, W = 64, 80
 CENTRE = (50.0, 24.0)  # (x, y)
@@ -147,6 +147,7 @@ def test_smoothing_spreads_but_keeps_mean() -> None:
         ({"mask": np.full((H, W), 0.7)}, "mask > 0.5"),
         ({"mask": np.zeros((H, W), bool)}, "selects no pixels"),
         ({"smoothing_sigma": -1.0}, "-1.0"),
+        ({"smoothing_sigma": float("nan")}, "smoothing_sigma"),
     ],
 )
 def test_difference_map_rejects_bad_input(kwargs: dict[str, object], message: str) -> None:
@@ -167,11 +168,8 @@ def test_threshold_validation_and_settings() -> None:
         threshold_value(mag, threshold=150, mode="percentile")
     with pytest.raises(ValueError, match="'otsu'"):
         threshold_value(mag, threshold=1, mode="otsu")
-    assert MapSettings().threshold_mode == "percentile"
     with pytest.raises(ValueError, match=r"-0\.1"):
-        MapSettings(threshold=-0.1, threshold_mode="absolute")
-    with pytest.raises(ValueError, match="smoothing_sigma"):
-        MapSettings(smoothing_sigma=float("nan"))
+        threshold_value(mag, threshold=-0.1, mode="absolute")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,16 +327,10 @@ def test_legend_gradient_and_scaling() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_load_mask_png_resizes_nearest() -> None:
     small = np.zeros((16, 20), np.uint8)
     small[:, 10:] = 255  # right half
-    mask = load_mask_png(png_bytes(small), (H, W))
+    mask = load_mask_png(encode_png(small), (H, W))
     assert mask.dtype == bool and mask.shape == (H, W)
     assert mask[:, W // 2 :].all() and not mask[:, : W // 2].any()
 
@@ -348,13 +340,13 @@ def test_load_mask_png_formats(kind: str) -> None:
     region = np.zeros((H, W), bool)
     region[10:30, 20:60] = True
     if kind == "label01":
-        data = png_bytes(region.astype(np.uint8))
+        data = encode_png(region.astype(np.uint8))
     elif kind == "rgba":  # white everywhere, opaque only inside the region
         rgba = np.full((H, W, 4), 255, np.uint8)
         rgba[..., 3] = region * 255
-        data = png_bytes(rgba)
+        data = encode_png(rgba)
     else:
-        data = png_bytes((region * 65535).astype(np.uint16))
+        data = encode_png((region * 65535).astype(np.uint16))
     assert np.array_equal(load_mask_png(data, (H, W)), region)
 
 
@@ -362,7 +354,7 @@ def test_load_mask_png_rejects_garbage_and_empty() -> None:
     with pytest.raises(ValueError, match="not a readable image"):
         load_mask_png(b"not a png", (H, W))
     with pytest.raises(ValueError, match="mask is empty"):
-        load_mask_png(png_bytes(np.zeros((8, 8), np.uint8)), (H, W))
+        load_mask_png(encode_png(np.zeros((8, 8), np.uint8)), (H, W))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from app.imaging.deid import (
     strip_jpeg_metadata,
     strip_png_metadata,
 )
+from tests.factories import dataset_bytes, encode_png
 
 SHARED_DICOM = sorted((Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom").glob("*.dcm"))
 
@@ -78,10 +79,8 @@ def test_png_text_chunks_are_dropped_and_pixels_kept():
     info.add_text("Author", "Doe^Jane")
     info.add_text("Comment", "MRN 4711", zip=True)
     info.add_itxt("Description", "patient Doe^Jane, born 1961")
-    buf = io.BytesIO()
-    Image.fromarray((np.arange(40 * 36) % 251).astype(np.uint8).reshape(40, 36)).save(buf, format="PNG",
-                                                                                       pnginfo=info)
-    data = buf.getvalue() + b"trailing Doe^Jane"
+    pixels = (np.arange(40 * 36) % 251).astype(np.uint8).reshape(40, 36)
+    data = encode_png(pixels, pnginfo=info) + b"trailing Doe^Jane"
     assert data.count(b"Doe^Jane") == 3
     clean = deidentify(data, "png")
     assert b"Doe^Jane" not in clean and b"4711" not in clean and clean.endswith(b"IEND\xaeB`\x82")
@@ -205,9 +204,7 @@ def planted_dicom(rows: int = 64, columns: int = 64) -> tuple[bytes, dict[int, t
     ds.file_meta.MediaStorageSOPClassUID = CR_SOP_CLASS
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.SourceApplicationEntityTitle = "PLANTSOURCEAE"
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue(), planted
+    return dataset_bytes(ds), planted
 
 
 def _kept_uid(tag: int) -> bool:

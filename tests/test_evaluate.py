@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,14 @@ from app import cli, metrics
 from app.evaluate import command
 from app.evaluate.common import item_seed, prompt_side, read_items, select
 from app.evaluate.generate import read_run
-from app.evaluate.localize import METRICS, image_right_share, laterality_run, localize_run
+from app.evaluate.localize import (
+    METRICS,
+    LateralitySettings,
+    LocalizeSettings,
+    image_right_share,
+    laterality_run,
+    localize_run,
+)
 from app.evaluate.oracle import Oracle, train_oracle
 from app.evaluate.tables import build_tables, frechet_distance_lowrank
 
@@ -260,8 +268,8 @@ def test_tables_with_the_real_inception(run_dir, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 def test_localize_scores_every_method_on_lesion_boxes(tiny_engine, shared_data, tmp_path):
     out = tmp_path / "loc"
-    summary = localize_run(tiny_engine, shared_data / "lesions-rsna", out, limit=3, steps=4, samples=2,
-                           n_boot=200, figure_rows=2, stream=io.StringIO())
+    settings = LocalizeSettings(limit=3, steps=4, samples=2, n_boot=200, figure_rows=2)
+    summary = localize_run(tiny_engine, shared_data / "lesions-rsna", out, settings, stream=io.StringIO())
     methods = ["cf_input", "cf_recon", "cf_input_mean2", "cf_recon_mean2", "empty_input", "empty_recon",
                "intensity", "random"]
     assert summary["n_images"] == 3 and list(summary["aggregate"]) == methods
@@ -276,8 +284,8 @@ def test_localize_scores_every_method_on_lesion_boxes(tiny_engine, shared_data, 
     assert "Which map reference localizes better" in md and summary["reference"]["statement"] in md
     assert (out / "figures" / "localize_examples.png").is_file()
     # a second call resumes: nothing new is scored
-    again = localize_run(tiny_engine, shared_data / "lesions-rsna", out, limit=3, steps=4, samples=2, n_boot=200,
-                         figure_rows=0, stream=io.StringIO())
+    again = localize_run(tiny_engine, shared_data / "lesions-rsna", out, replace(settings, figure_rows=0),
+                         stream=io.StringIO())
     assert again["aggregate"]["cf_input"]["pixel_auroc"] == summary["aggregate"]["cf_input"]["pixel_auroc"]
 
 
@@ -299,8 +307,8 @@ def test_localize_mask_folder_with_a_region_mask(tiny_engine, shared_data, tmp_p
         region = np.zeros((512, 512), np.uint8)
         region[32:480, 32:480] = 255
         Image.fromarray(region).save(regions / n)
-    summary = localize_run(tiny_engine, images, tmp_path / "out", masks=masks, regions=regions, steps=4, samples=1,
-                           n_boot=100, figure_rows=0, stream=io.StringIO())
+    settings = LocalizeSettings(masks=masks, regions=regions, steps=4, samples=1, n_boot=100, figure_rows=0)
+    summary = localize_run(tiny_engine, images, tmp_path / "out", settings, stream=io.StringIO())
     assert summary["n_images"] == 2 and "cf_input_mean1" not in summary["aggregate"]
     assert summary["settings"]["regions"] == str(regions)
     recs = [json.loads(line) for line in (tmp_path / "out" / "per_image.jsonl").read_text().splitlines()]
@@ -311,7 +319,8 @@ def test_localize_mask_folder_with_a_region_mask(tiny_engine, shared_data, tmp_p
 
 
 def test_laterality_of_localized_prompts(tiny_engine, labels_csv, tmp_path):
-    summary = laterality_run(tiny_engine, labels_csv, tmp_path, limit=2, steps=4, stream=io.StringIO())
+    summary = laterality_run(tiny_engine, labels_csv, tmp_path, LateralitySettings(limit=2, steps=4),
+                             stream=io.StringIO())
     assert [(p["side"], p["n"]) for p in summary["prompts"]] == [("left", 2), ("right", 2)]
     for p in summary["prompts"]:
         assert 0 <= p["named_side_share"]["mean"] <= 1
@@ -332,3 +341,12 @@ def test_find_subruns_passes_over_folders_that_generate_did_not_write(tmp_path):
     assert find_subruns(tmp_path / "healthy") == [tmp_path / "healthy"]
     with pytest.raises(FileNotFoundError, match="no generate sub-run"):
         find_subruns(tmp_path / "localize")
+
+
+def test_localize_and_laterality_settings_refuse_bad_values_before_any_work(tiny_engine, tmp_path):
+    with pytest.raises(ValueError, match=r"samples=17 must be in \[1, 16\]"):
+        localize_run(tiny_engine, tmp_path, tmp_path / "out", LocalizeSettings(samples=17))
+    with pytest.raises(ValueError, match="must name exactly one side"):
+        laterality_run(tiny_engine, tmp_path, tmp_path / "out", LateralitySettings(prompts=("opacity in the lungs",)))
+    assert (LocalizeSettings().samples, LateralitySettings().samples) == (4, 1)  # the CLI's defaults
+    assert not (tmp_path / "out").exists()

@@ -17,19 +17,19 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from app import exports, rendering
 from app.exports import ExportError
 from app.rendering import OverlayOptions
+from tests.factories import encode_png, make_dicom
 
 H, W = 48, 40
 MODEL_HASH = "0123456789abcdef" * 4
 SOURCE_NAME = "Müller^Hans"
 SOURCE_ID = "PID-0042-SECRET"
 SOURCE_ACCESSION = "ACC-777"
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 BANNER = (255, 196, 0)
 
 
@@ -43,9 +43,7 @@ def _sha(data: bytes) -> str:
 
 
 def _png16(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.rint(img * 65535).astype(np.uint16)).save(buf, format="PNG")
-    return buf.getvalue()
+    return encode_png(np.rint(img * 65535).astype(np.uint16))
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -91,34 +89,11 @@ def make_run(folder: Path, input_bytes: bytes, *, h: int = H, w: int = W, sample
 
 def synthetic_cr(h: int = H, w: int = W) -> bytes:
     """A small CR image in Part 10 format, with identifying patient data in Latin-1."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CR"
-    ds.PatientName = SOURCE_NAME
-    ds.PatientID = SOURCE_ID
-    ds.PatientBirthDate = "19600102"
-    ds.PatientSex = "F"
-    ds.AccessionNumber = SOURCE_ACCESSION
-    ds.StudyDate, ds.StudyTime = "20240101", "101010"
-    ds.StudyID, ds.ReferringPhysicianName = "S1", "Doe^Jane"
-    ds.PatientOrientation = ["L", "F"]
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.ViewPosition = "PA"
-    ds.Rows, ds.Columns = h, w
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.arange(h * w, dtype=np.uint16).reshape(h, w) % 4096).tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    return make_dicom(np.arange(h * w, dtype=np.uint16).reshape(h, w) % 4096, SpecificCharacterSet="ISO_IR 100",
+                      PatientName=SOURCE_NAME, PatientID=SOURCE_ID, PatientBirthDate="19600102", PatientSex="F",
+                      AccessionNumber=SOURCE_ACCESSION, StudyDate="20240101", StudyTime="101010", StudyID="S1",
+                      ReferringPhysicianName="Doe^Jane", PatientOrientation=["L", "F"], PixelSpacing=[0.5, 0.5],
+                      ViewPosition="PA")
 
 
 @pytest.fixture
@@ -519,8 +494,6 @@ def test_annotated_png_parameters_read_back(dicom_run):
     assert params["seed"] == record["seeds"][0] and params["model_hash"] == record["model_hash"]
     assert params["negative_prompt"] == (expected.get("negative_prompt") or "")
     assert params["overlay"]["mode"] == "outline" and params["overlay"]["threshold"] == 1.5
-    plain = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(plain, format="PNG")
-    assert exports.read_png_parameters(plain.getvalue()) is None
+    assert exports.read_png_parameters(encode_png(np.zeros((8, 8), np.uint8))) is None
     assert exports.read_png_parameters(b"\x89PNG\r\n\x1a\nbroken") is None
     assert exports.read_png_parameters(b"DICM") is None

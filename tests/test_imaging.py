@@ -8,12 +8,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import struct
 import subprocess
 import sys
 import time
 import warnings
-import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -24,16 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
-    generate_uid,
 )
 
 from app import imaging
@@ -53,65 +47,17 @@ from app.imaging import (
     unletterbox,
 )
 from app.imaging import dicom as dicom_reader
+from tests.factories import CR, PATIENT, dataset_bytes, encode_png, make_dicom, png_claiming
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 CT = "1.2.840.10008.5.1.4.1.1.2"
-PATIENT = "SECRETNAME^PATIENT"
 BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # builders
-
-
-def make_dicom(
-    pixels: np.ndarray | None = None,
-    *,
-    sop_class: str = CR,
-    modality: str | None = "CR",
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 12,
-    frames: int | None = None,
-    rows: int | None = None,
-    columns: int | None = None,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    compress: str | None = None,
-    bits_allocated: int = 16,
-    encapsulated_frames: list[bytes] | None = None,
-    **attributes: object,
-) -> bytes:
-    """A small DICOM Part 10 file; ``pixels`` uint16 (rows, cols) or None for a header-only claim."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.SOPClassUID = sop_class
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID = PATIENT, "SECRET-ID-42"
-    if modality is not None:
-        ds.Modality = modality
-    shape = pixels.shape if pixels is not None else (rows or 16, columns or 16)
-    ds.Rows, ds.Columns = shape[0], shape[1]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 0
-    if frames is not None:
-        ds.NumberOfFrames = frames
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    ds.PixelData = (pixels.astype(np.uint16).tobytes() if pixels is not None else b"\x00\x00")
-    if encapsulated_frames is not None:
-        ds.PixelData = encapsulate(encapsulated_frames)
-        ds["PixelData"].VR = "OB"
-    if compress is not None and pixels is not None:
-        ds.compress(compress, pixels.astype(np.uint16))
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def ramp(rows: int = 32, columns: int = 48, top: int = 4095) -> np.ndarray:
@@ -120,27 +66,10 @@ def ramp(rows: int = 32, columns: int = 48, top: int = 4095) -> np.ndarray:
     return np.rint((x + y) / (rows + columns - 2) * top).astype(np.uint16)
 
 
-def png_bytes(arr: np.ndarray, **save: object) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(arr).save(buffer, format="PNG", **save)
-    return buffer.getvalue()
-
-
 def jpeg_bytes(arr: np.ndarray, **save: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(arr).save(buffer, format="JPEG", quality=95, **save)
     return buffer.getvalue()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny valid-looking PNG whose IHDR declares width x height (a decompression bomb)."""
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 4096))
-            + chunk(b"IEND", b""))
 
 
 def decode_or_refuse(data: bytes) -> imaging.DecodedImage | None:
@@ -422,7 +351,7 @@ def test_sniff_format_refuses_everything_else(data, fragment):
 
 def test_a_png_named_dcm_still_decodes(tmp_path):
     path = tmp_path / "chest.dcm"
-    path.write_bytes(png_bytes(np.full((8, 8), 200, np.uint8)))
+    path.write_bytes(encode_png(np.full((8, 8), 200, np.uint8)))
     d = decode_image(path.read_bytes())
     assert d.meta.source_format == "png" and np.allclose(d.pixels, 200 / 255)
 
@@ -433,14 +362,14 @@ def test_a_png_named_dcm_still_decodes(tmp_path):
 
 def test_png_8bit_gray_is_shown_unchanged():
     arr = (np.arange(256, dtype=np.uint8).reshape(16, 16))
-    d = decode_image(png_bytes(arr))
+    d = decode_image(encode_png(arr))
     assert d.meta.bits_stored == 8 and d.meta.window.source == "full range"
     assert np.allclose(d.pixels, arr / 255, atol=1e-6)
 
 
 def test_png_can_be_rewindowed_and_back():
     arr = ramp(16, 16, 200).astype(np.uint8)
-    d = decode_image(png_bytes(arr), window="percentile")
+    d = decode_image(encode_png(arr), window="percentile")
     assert d.meta.window.source == "percentile 0.5-99.5"
     back = d.rewindow("auto")
     assert back.meta.window.source == "full range" and np.allclose(back.pixels, arr / 255, atol=1e-6)
@@ -452,7 +381,7 @@ def test_png_can_be_rewindowed_and_back():
 
 def test_png_16bit_gray_keeps_16_bits():
     arr = np.linspace(0, 65535, 64 * 32).reshape(64, 32).astype(np.uint16)
-    d = decode_image(png_bytes(arr))
+    d = decode_image(encode_png(arr))
     assert d.meta.bits_stored == 16 and d.meta.photometric_interpretation == "MONOCHROME2"
     assert np.allclose(d.pixels, arr / 65535, atol=1e-6)
     assert np.array_equal(d.raw, arr.astype(np.float32))
@@ -461,7 +390,7 @@ def test_png_16bit_gray_keeps_16_bits():
 def test_png_rgb_becomes_bt601_luminance():
     rgb = np.zeros((4, 6, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
-    d = decode_image(png_bytes(rgb))
+    d = decode_image(encode_png(rgb))
     assert np.allclose(d.raw, 0.299 * 200 + 0.587 * 100 + 0.114 * 50, atol=1e-3)
     assert d.meta.photometric_interpretation == "RGB" and any("luminance" in w for w in d.meta.warnings)
 
@@ -500,10 +429,10 @@ def test_decompression_bomb_png_is_refused_fast(width, height, max_pixels):
 
 def test_pixel_cap_applies_to_png():
     with pytest.raises(ImageTooLargeError, match="limit"):
-        decode_image(png_bytes(np.zeros((20, 20), np.uint8)), max_pixels=100)
+        decode_image(encode_png(np.zeros((20, 20), np.uint8)), max_pixels=100)
 
 
-@pytest.mark.parametrize("make", [lambda: png_bytes(ramp(64, 64, 255).astype(np.uint8)),
+@pytest.mark.parametrize("make", [lambda: encode_png(ramp(64, 64, 255).astype(np.uint8)),
                                   lambda: jpeg_bytes(ramp(64, 64, 255).astype(np.uint8))])
 def test_truncated_png_and_jpeg_are_corrupt(make):
     data = make()
@@ -584,9 +513,7 @@ def test_multi_frame_shows_frame_one():
                           modality="OT")
     ds = pydicom.dcmread(io.BytesIO(ds_bytes))
     ds.PixelData = frames.astype(np.uint16).tobytes()
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    d = decode_image(buffer.getvalue())
+    d = decode_image(dataset_bytes(ds))
     assert np.array_equal(d.raw, frames[0].astype(np.float32)) and d.meta.number_of_frames == 2
 
 
@@ -629,10 +556,8 @@ def test_truncated_dicom_is_corrupt():
 def test_missing_pixel_data_is_corrupt():
     ds = pydicom.dcmread(io.BytesIO(make_dicom(ramp())))
     del ds.PixelData
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     with pytest.raises(CorruptImageError, match="no image data"):
-        decode_image(buffer.getvalue())
+        decode_image(dataset_bytes(ds))
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # raised while building the test file
@@ -659,7 +584,7 @@ def test_malformed_window_requests_are_refused_before_decoding(bad):
 @pytest.mark.parametrize("bad", [0, -5, 2.0, True])
 def test_caps_must_be_positive_integers(bad):
     with pytest.raises(ValueError):
-        decode_image(png_bytes(np.zeros((2, 2), np.uint8)), max_pixels=bad)
+        decode_image(encode_png(np.zeros((2, 2), np.uint8)), max_pixels=bad)
 
 
 def test_window_dataclass_validation_and_description():
@@ -696,7 +621,7 @@ def _fuzz_seeds() -> list[bytes]:
     jpeg_dicom = make_dicom(None, rows=24, columns=20, sop_class=SECONDARY_CAPTURE, modality="OT", bits_stored=8,
                             bits_allocated=8, transfer_syntax=JPEGBaseline8Bit, encapsulated_frames=[jpeg_frame])
     return [make_dicom(arr), make_dicom(arr, compress=RLELossless), make_dicom(ramp(32, 32), compress=JPEG2000Lossless),
-            jpeg_dicom, png_bytes(gray8), png_bytes(arr), jpeg_frame]
+            jpeg_dicom, encode_png(gray8), encode_png(arr), jpeg_frame]
 
 
 FUZZ_SEEDS = _fuzz_seeds()

@@ -33,13 +33,7 @@ from app.jobs import (
     UserQueueLimitError,
     WorkerStoppedError,
 )
-
-
-def png_bytes(h: int = 40, w: int = 36, seed: int = 0) -> bytes:
-    img = (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
+from tests.factories import edited_dicom, png_bytes
 
 
 class FakeEngine:
@@ -469,20 +463,10 @@ def test_unfinished_job_takes_the_databases_word(make_manager, db, alice, tmp_pa
 
 
 def _identified_dicom(shared_data: Path) -> bytes:
-    import pydicom
-
-    ds = pydicom.dcmread(shared_data / "dicom" / "siim_cr_chest.dcm")
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "MRN-4711-0815"
-    ds.PatientBirthDate = "19610203"
-    ds.InstitutionName = "Saint Example Hospital"
-    ds.AccessionNumber = "ACC-99887766"
-    ds.ReferringPhysicianName = "Who^Doctor"
-    ds.StudyDate = "20240517"
-    ds.private_block(0x0009, "ACME 1.0", create=True).add_new(0x10, "LO", "private-secret-value")
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
+    return edited_dicom(shared_data / "dicom" / "siim_cr_chest.dcm", private_value="private-secret-value",
+                        PatientName="Doe^Jane", PatientID="MRN-4711-0815", PatientBirthDate="19610203",
+                        InstitutionName="Saint Example Hospital", AccessionNumber="ACC-99887766",
+                        ReferringPhysicianName="Who^Doctor", StudyDate="20240517")
 
 
 IDENTIFIERS = (b"Doe^Jane", b"MRN-4711-0815", b"19610203", b"Saint Example Hospital", b"ACC-99887766",

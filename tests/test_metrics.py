@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from app import metrics
 from app.metrics import (
     FIDFeatureExtractor,
+    auroc,
     bootstrap_ci,
     boxes_to_mask,
     energy_share,
@@ -432,6 +433,27 @@ def test_auroc_and_ap_match_brute_force_with_ties(seed: int) -> None:
     m[lesion] += rng.integers(0, 2, lesion.sum())  # some signal
     assert pixel_auroc(m, lesion) == pytest.approx(brute_auroc(m.ravel(), lesion.ravel()), abs=1e-12)
     assert pixel_auprc(m, lesion) == pytest.approx(brute_ap(m.ravel(), lesion.ravel()), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auroc_matches_brute_force_on_tie_heavy_scores(seed: int) -> None:
+    """The one AUROC (the oracle's and the probe's too): ties count 1/2, exactly as the pairwise count."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, 60).astype(float)  # 3 levels: almost every pair is a tie or a clear order
+    labels = rng.random(60) < 0.4
+    assert auroc(scores, labels) == pytest.approx(brute_auroc(scores, labels), abs=1e-12)
+    assert auroc(scores, labels.astype(int)) == auroc(scores, labels)  # 0/1 labels as bool
+
+
+def test_auroc_small_cases_and_undefined() -> None:
+    assert auroc([3, 4, 1, 2], [1, 1, 0, 0]) == 1.0
+    assert auroc([1, 1, 1], [1, 1, 0]) == 0.5
+    assert auroc([np.inf, np.inf, 0.0], [1, 0, 0]) == 0.75  # +inf ties with +inf
+    assert np.isnan(auroc([1.0], [0]))  # no positive
+    assert np.isnan(auroc([1.0, 2.0], [1, 1]))  # no negative
+    assert np.isnan(auroc([np.nan, 1.0], [1, 0]))
+    with pytest.raises(ValueError, match="one length"):
+        auroc([1.0, 2.0], [1])
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -69,12 +69,6 @@ def test_edge_map_is_zero_on_flat_images() -> None:
     assert probe.edge_map(np.full((30, 30), 0.5, np.float32)).max() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_image_auroc() -> None:
-    assert probe.image_auroc([3, 4], [1, 2]) == 1.0
-    assert probe.image_auroc([1, 1], [1]) == 0.5
-    assert np.isnan(probe.image_auroc([], [1]))
-
-
 @pytest.mark.shared_data
 def test_probe_runs_on_lesions_rsna_with_a_model_and_writes_its_report(shared_data: Path, tmp_path: Path,
                                                                         tiny_engine) -> None:

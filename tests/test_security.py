@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import io
 import json
 import re
 import signal
@@ -43,6 +42,7 @@ from app.web.auth import (
     login_csrf_token,
 )
 from tests.accounts import PASSWORD, add_user, bearer, login_through_form, sign_in
+from tests.factories import edited_dicom, png_bytes
 
 FAST = {"strength": "0.5", "steps": "4", "guidance_scale": "5", "seed": "11"}
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -141,18 +141,9 @@ def anon(secure) -> TestClient:
 @pytest.fixture(scope="module")
 def job_of_a(secure, people) -> str:
     c = client_for(secure, people["a"])
-    r = c.post("/api/v1/counterfactuals", data=FAST, files={"file": ("scan.png", _png())})
+    r = c.post("/api/v1/counterfactuals", data=FAST, files={"file": ("scan.png", png_bytes())})
     assert r.status_code == 202, r.text
     return _wait(c, r.json()["job_id"])["job_id"]
-
-
-def _png(seed: int = 0) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray((np.random.default_rng(seed).random((40, 36)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _wait(c: TestClient, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -676,16 +667,10 @@ PROMPT = ("large lung opacity on the left with cardiomegaly heart lungs right sc
 
 @pytest.mark.shared_data
 def test_logs_never_contain_patient_data_file_names_or_prompts(secure, people, shared_data, caplog, capfd):
-    import pydicom
-
-    ds = pydicom.dcmread(shared_data / "dicom" / "siim_cr_chest.dcm")
-    ds.PatientName = PATIENT
-    ds.PatientID = "MRN4711"
-    buf = io.BytesIO()
-    ds.save_as(buf)
+    upload = edited_dicom(shared_data / "dicom" / "siim_cr_chest.dcm", PatientName=PATIENT, PatientID="MRN4711")
     caplog.set_level("DEBUG")
     c = client_for(secure, people["a"])
-    r = c.post("/api/v1/counterfactuals", data={**FAST, "prompt": PROMPT}, files={"file": (FILENAME, buf.getvalue())})
+    r = c.post("/api/v1/counterfactuals", data={**FAST, "prompt": PROMPT}, files={"file": (FILENAME, upload)})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     assert _wait(c, job_id)["state"] == "done"
@@ -741,7 +726,7 @@ def _seeds() -> list[bytes]:
                                             "vlut_04.dcm")]
     files += sorted((SHARED / "cxr256" / "test" / "normal").glob("*.png"))[:1]
     seeds = [p.read_bytes() for p in files if p.is_file()]
-    return seeds or [_png()]
+    return seeds or [png_bytes()]
 
 
 SEEDS = _seeds()

@@ -211,15 +211,13 @@ def cmd_train_oracle(args: argparse.Namespace) -> int:
 
 def cmd_localize(args: argparse.Namespace) -> int:
     """Run the localization comparison and print the reference verdict."""
-    from app.evaluate.localize import localize_run
+    from app.evaluate.localize import LocalizeSettings, localize_run
 
     eng = _engine(args)
-    req = _request(eng, args)
-    summary = localize_run(eng, Path(args.data), Path(args.out), masks=Path(args.masks) if args.masks else None,
-                           regions=Path(args.region_masks) if args.region_masks else None, limit=args.limit,
-                           prompt=req.prompt, strength=req.strength, guidance_scale=req.guidance_scale,
-                           steps=req.steps, samples=req.samples, seed=req.seed, scheduler=req.scheduler,
-                           n_boot=args.n_boot, figure_rows=args.figure_rows)
+    settings = _request(eng, args, cls=LocalizeSettings, masks=Path(args.masks) if args.masks else None,
+                        regions=Path(args.region_masks) if args.region_masks else None, limit=args.limit,
+                        n_boot=args.n_boot, figure_rows=args.figure_rows)
+    summary = localize_run(eng, Path(args.data), Path(args.out), settings)
     ref = summary.get("reference") or {}
     sys.stdout.write(f"{Path(args.out) / 'summary.md'}\n{ref.get('statement', '')}\n")
     return 0
@@ -227,14 +225,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
 
 def cmd_laterality(args: argparse.Namespace) -> int:
     """Run both localized prompts and print the named-side shares."""
-    from app.evaluate.localize import laterality_run
+    from app.evaluate.localize import LateralitySettings, laterality_run
 
     eng = _engine(args)
-    req = _request(eng, args, "induce", prompt=args.left_prompt)
-    summary = laterality_run(eng, Path(args.data), Path(args.out), prompts=(args.left_prompt, args.right_prompt),
-                             split=args.split, limit=args.limit, strength=req.strength,
-                             guidance_scale=req.guidance_scale, steps=req.steps, samples=req.samples, seed=req.seed,
-                             scheduler=req.scheduler)
+    settings = _request(eng, args, "induce", cls=LateralitySettings, prompt=args.left_prompt,
+                        prompts=(args.left_prompt, args.right_prompt), split=args.split, limit=args.limit)
+    summary = laterality_run(eng, Path(args.data), Path(args.out), settings)
     for p in summary["prompts"]:
         s = p["named_side_share"]
         sys.stdout.write(f"{p['prompt']!r}: energy share on the named side {s['mean']:.3f} "

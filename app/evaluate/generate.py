@@ -138,9 +138,10 @@ def generate_run(engine: CounterfactualEngine, data: Path, out: Path, settings: 
                  stream: IO[str] | None = None) -> GenerateSummary:
     """Generate counterfactuals for every selected image into ``out/<settings.subrun>``, skipping done images.
 
-    Order: 1. check settings and the folder's earlier settings; 2. select images (``limit`` per class, stable
-    order); 3. per image: decode, generate with the image's own seed, write PNGs, map and reconstruction, then
-    append its ``records.jsonl`` line; 4. a progress line with ETA per image on ``stream`` (stderr).
+    Order (the code's numbered comments): 1. check settings and the folder's earlier settings, write
+    ``run.json``; 2. select images (``limit`` per class, stable order) and read which are done; 3. per image:
+    decode, generate with the image's own seed, write PNGs, map and reconstruction, append its ``records.jsonl``
+    line, and write a progress line with ETA on ``stream`` (stderr).
 
     Args:
         engine: a loaded engine. data: labels CSV or class-folder tree. out: the run folder.

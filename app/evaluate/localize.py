@@ -60,7 +60,7 @@ from app.evaluate.common import (
     write_json,
 )
 from app.evaluate.generate import GenerateSettings, generate_run, read_run
-from app.generation import GenerationRequest, Scheduler
+from app.generation import GenerationRequest
 
 logger = logging.getLogger("vald_md.evaluate.localize")
 
@@ -73,6 +73,63 @@ PRIMARY_METRIC = "pixel_auroc"
 LATERALITY_PROMPTS = ("opacity in the left lung", "opacity in the right lung")
 RUN_KEYS = ("prompt", "strength", "guidance_scale", "steps", "samples", "seed", "scheduler", "model_hash",
             "masks", "regions")
+
+
+@dataclass(frozen=True)
+class LocalizeSettings(GenerationRequest):
+    """What :func:`localize_run` scores and how (``vald-md evaluate localize``'s flags): the one generation request
+    (:class:`app.generation.GenerationRequest`; its ``seed`` is the base seed, see
+    :func:`app.evaluate.common.item_seed`; ``samples`` 1..16, default 4) plus the cases and the statistics.
+
+    Attributes:
+        masks, regions, limit: the cases; see :func:`read_lesion_cases`.
+        n_boot: bootstrap resamples for the CIs (>= 1). figure_rows: cases in ``figures/localize_examples.png``.
+    """
+
+    seed: int | None = 0
+    samples: int = 4
+    masks: Path | None = None
+    regions: Path | None = None
+    limit: int | None = None
+    n_boot: int = 2000
+    figure_rows: int = 4
+
+    def check(self) -> None:
+        """Reject settings out of range (the request's ranges, a seed given).
+
+        Raises:
+            ValueError: a generation field out of range, or no base seed.
+        """
+        super().check()
+        if self.seed is None:
+            raise ValueError("localize needs a base seed (--seed)")
+
+
+@dataclass(frozen=True)
+class LateralitySettings(GenerationRequest):
+    """What :func:`laterality_run` induces (``vald-md evaluate laterality``'s flags): the generation request (its
+    ``prompt`` unused: each of ``prompts`` is induced in turn; ``seed`` the base seed) plus the images.
+
+    Attributes:
+        prompts: localized prompts, each naming exactly one side.
+        split, limit: the normal images; see :class:`app.evaluate.generate.GenerateSettings`.
+    """
+
+    seed: int | None = 0
+    prompts: tuple[str, ...] = LATERALITY_PROMPTS
+    split: str | None = "test"
+    limit: int | None = None
+
+    def check(self) -> None:
+        """Reject out-of-range generation fields and prompts without exactly one side.
+
+        Raises:
+            ValueError: a field out of range; a prompt names no side or both.
+        """
+        super().check()
+        for p in self.prompts:
+            if prompt_side(p) is None:
+                raise ValueError(f"prompt {p!r} must name exactly one side ('left' or 'right')")
 
 
 @dataclass(frozen=True)
@@ -212,24 +269,18 @@ def _outline(img: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.ui
 # ----------------------------------------------------------------------------------------------------------------
 # localization run
 # ----------------------------------------------------------------------------------------------------------------
-def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: Path | None = None,
-                 regions: Path | None = None, limit: int | None = None, prompt: str = GenerationRequest.prompt,
-                 strength: float = GenerationRequest.strength, guidance_scale: float = GenerationRequest.guidance_scale,
-                 steps: int = GenerationRequest.steps, samples: int = 4,
-                 seed: int = 0, scheduler: Scheduler | str = Scheduler.PNDM, n_boot: int = 2000,
-                 figure_rows: int = 4,
+def localize_run(engine: CounterfactualEngine, data: Path, out: Path, settings: LocalizeSettings | None = None, *,
                  stream: IO[str] | None = None) -> dict[str, Any]:
     """Score every map of every case; write per-image CSV, summary JSON/markdown and an example figure.
 
-    Order: 1. read cases (and earlier results: the run resumes, ``per_image.jsonl`` marks done images);
-    2. per image: one healthy generation with ``samples`` samples and one empty-prompt generation, both with the
-    image's seed; all maps; all metrics; 3. aggregates with bootstrap CIs and paired comparisons.
+    Order: 1. check settings, read cases (and earlier results: the run resumes, ``per_image.jsonl`` marks done
+    images); 2. per image: one healthy generation with ``samples`` samples and one empty-prompt generation, both
+    with the image's seed; all maps; all metrics; 3. aggregates with bootstrap CIs and paired comparisons.
 
     Args:
-        engine: a loaded engine. data, masks, regions, limit: see :func:`read_lesion_cases`.
-        prompt, strength, guidance_scale, steps, samples, seed, scheduler: generation settings (``seed`` is the
-            base seed; see :func:`app.evaluate.common.item_seed`). n_boot: bootstrap resamples.
-        figure_rows: cases in ``figures/localize_examples.png``. stream: progress lines (stderr by default).
+        engine: a loaded engine. data: see :func:`read_lesion_cases`.
+        out: the run folder. settings: what to score and how (default :class:`LocalizeSettings`).
+        stream: progress lines (stderr by default).
 
     Returns:
         The summary (also written to ``summary.json``).
@@ -237,25 +288,23 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: 
     Raises:
         ValueError: bad settings or a folder made with other settings. FileNotFoundError: see read_lesion_cases.
     """
-    # 1. cases and the run record
+    # 1. settings, cases and the run record
+    st = settings if settings is not None else LocalizeSettings()
+    st.check()
     stream = stream if stream is not None else sys.stderr
-    if not 1 <= samples <= 16:
-        raise ValueError(f"--samples {samples} must be in 1..16")
-    request = GenerationRequest(prompt=prompt, strength=strength, guidance_scale=guidance_scale, steps=steps,
-                                seed=seed, scheduler=Scheduler.parse(scheduler), samples=samples)
-    request.check()
-    cases = read_lesion_cases(Path(data), masks=masks, regions=regions, limit=limit)
+    cases = read_lesion_cases(Path(data), masks=st.masks, regions=st.regions, limit=st.limit)
     out = Path(out)
-    settings = {"vald_md_localize": 1, "prompt": prompt, "strength": strength, "guidance_scale": guidance_scale,
-                "steps": steps, "samples": samples, "seed": seed, "scheduler": request.scheduler.value,
-                "model_hash": engine.info.model_hash, "model": engine.info.path, "data": str(data),
-                "masks": str(masks) if masks else None, "regions": str(regions) if regions else None,
-                "box_frame": BOX_FRAME if masks is None else None, "library_versions": library_versions(),
-                "created_at": now_iso()}
-    check_same_settings(out / "run.json", settings, RUN_KEYS)
+    run_record = {"vald_md_localize": 1, "prompt": st.prompt, "strength": st.strength,
+                  "guidance_scale": st.guidance_scale, "steps": st.steps, "samples": st.samples, "seed": st.seed,
+                  "scheduler": st.scheduler.value, "model_hash": engine.info.model_hash, "model": engine.info.path,
+                  "data": str(data), "masks": str(st.masks) if st.masks else None,
+                  "regions": str(st.regions) if st.regions else None,
+                  "box_frame": BOX_FRAME if st.masks is None else None, "library_versions": library_versions(),
+                  "created_at": now_iso()}
+    check_same_settings(out / "run.json", run_record, RUN_KEYS)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "run.json").is_file():
-        write_json(out / "run.json", settings)
+        write_json(out / "run.json", run_record)
     done = {r["image"]: r for r in read_jsonl(out / "per_image.jsonl", repair=True)}
 
     # 2. per image
@@ -264,7 +313,7 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: 
     example_names: list[str] = []
     example_titles: list[str] = []
     for case in cases:
-        if case.name in done and len(examples) >= figure_rows:
+        if case.name in done and len(examples) >= st.figure_rows:
             progress.skip()
             continue
         x = load_gray(case.path)
@@ -275,11 +324,11 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: 
             logger.warning("%s: lesion mask empty or covering the whole region; skipped", case.name)
             progress.step(f"{case.name}: skipped (degenerate lesion mask)")
             continue
-        s = item_seed(seed, case.name)
-        res = engine.generate_request(x, replace(request, seed=s))
-        empty = engine.generate_request(x, replace(request, prompt="", seed=s, samples=1))
+        s = item_seed(st.seed, case.name)
+        res = engine.generate_request(x, replace(st, seed=s))
+        empty = engine.generate_request(x, replace(st, prompt="", seed=s, samples=1))
         maps = method_maps(x, res.counterfactuals, res.reconstruction, empty.counterfactuals[0], s)
-        if len(examples) < figure_rows:
+        if len(examples) < st.figure_rows:
             shown = [k for k in maps if k.startswith(("cf_", "empty_input"))]
             examples.append([_outline(x, lesion), *(hot_colormap(maps[k]) for k in shown)])
             example_names.append(case.name)
@@ -298,7 +347,7 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, *, masks: 
 
     # 3. aggregates
     records = [done[c.name] for c in cases if c.name in done]
-    summary = summarize_localization(records, n_boot=n_boot)
+    summary = summarize_localization(records, n_boot=st.n_boot)
     summary["settings"] = json.loads((out / "run.json").read_text())
     summary["methods"] = {m: describe_method(m) for m in summary["aggregate"]}
     _write_per_image_csv(out / "per_image.csv", records)
@@ -504,35 +553,33 @@ def laterality_markdown(lat: dict[str, Any]) -> list[str]:
     return lines
 
 
-def laterality_run(engine: CounterfactualEngine, data: Path, out: Path, *,
-                   prompts: Sequence[str] = LATERALITY_PROMPTS, split: str | None = "test", limit: int | None = None,
-                   strength: float = GenerationRequest.strength,
-                   guidance_scale: float = GenerationRequest.guidance_scale, steps: int = GenerationRequest.steps,
-                   samples: int = 1,
-                   seed: int = 0, scheduler: Scheduler | str = Scheduler.PNDM,
-                   stream: IO[str] | None = None) -> dict[str, Any]:
+def laterality_run(engine: CounterfactualEngine, data: Path, out: Path, settings: LateralitySettings | None = None,
+                   *, stream: IO[str] | None = None) -> dict[str, Any]:
     """Induce each localized prompt on the same normal images (``generate --induce``, resumable) and summarise.
 
     Writes ``out/induce-<prompt>/`` sub-runs (readable by ``tables``) and ``laterality.json`` / ``.md``.
 
+    Args:
+        engine: a loaded engine. data: labels CSV or class-folder tree. out: the run folder.
+        settings: what to induce (default :class:`LateralitySettings`). stream: progress lines (stderr by default).
+
     Raises:
         ValueError: a prompt names no side or both, or see :func:`generate_run`.
     """
-    for p in prompts:
-        if prompt_side(p) is None:
-            raise ValueError(f"prompt {p!r} must name exactly one side ('left' or 'right')")
+    st = settings if settings is not None else LateralitySettings()
+    st.check()
     runs = []
-    for p in prompts:
-        s = GenerateSettings(mode="induce", prompt=p, strength=strength, guidance_scale=guidance_scale, steps=steps,
-                             split=split, labels=(HEALTHY_LABEL,), limit=limit, samples=samples, seed=seed,
-                             scheduler=scheduler, target_label=None)
+    for p in st.prompts:
+        s = GenerateSettings(mode="induce", prompt=p, strength=st.strength, guidance_scale=st.guidance_scale,
+                             steps=st.steps, split=st.split, labels=(HEALTHY_LABEL,), limit=st.limit,
+                             samples=st.samples, seed=st.seed, scheduler=st.scheduler, target_label=None)
         runs.append(generate_run(engine, Path(data), Path(out), s, stream=stream).folder)
     summary = laterality_summary(runs)
     summary["model_hash"] = engine.info.model_hash
     summary["library_versions"] = library_versions()
     write_json(Path(out) / "laterality.json", summary)
-    md = ["# VALD-MD laterality check", "", f"Model hash `{engine.info.model_hash}`; strength {strength}, guidance "
-          f"{guidance_scale}, steps {steps}, samples {samples}, base seed {seed}; sub-runs "
+    md = ["# VALD-MD laterality check", "", f"Model hash `{engine.info.model_hash}`; strength {st.strength}, "
+          f"guidance {st.guidance_scale}, steps {st.steps}, samples {st.samples}, base seed {st.seed}; sub-runs "
           + ", ".join(f"`{r.name}`" for r in runs) + " (per-image seeds in their records.jsonl).", "",
           *laterality_markdown(summary), "",
           "Library versions: " + ", ".join(f"{k} {v}" for k, v in summary["library_versions"].items())]

@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from PIL import Image
-from scipy.stats import rankdata
 from torch import nn
 
 from app.engine import library_versions
@@ -39,6 +38,7 @@ from app.evaluate.common import (
     select,
     write_json,
 )
+from app.metrics import auroc
 
 logger = logging.getLogger("vald_md.evaluate.oracle")
 
@@ -78,16 +78,6 @@ def preprocess(img: NDArray[Any], size: int = ORACLE_SIZE) -> NDArray[np.float32
     return out
 
 
-def binary_auroc(scores: Sequence[float] | NDArray[Any], labels: Sequence[int] | NDArray[Any]) -> float:
-    """AUROC of ``scores`` for binary ``labels`` (1 = positive), Mann-Whitney with average ranks; NaN if one class."""
-    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def _metrics(p: NDArray[np.float64], y: NDArray[np.int64], threshold: float) -> dict[str, Any]:
     pred = p >= threshold
     pos, neg = y == 1, y == 0
@@ -95,7 +85,7 @@ def _metrics(p: NDArray[np.float64], y: NDArray[np.int64], threshold: float) -> 
     spec = float((~pred[neg]).mean()) if neg.any() else math.nan
     return {"n": len(y), "n_normal": int(neg.sum()), "n_abnormal": int(pos.sum()),
             "accuracy": float((pred == pos).mean()), "balanced_accuracy": (sens + spec) / 2,
-            "sensitivity": sens, "specificity": spec, "auroc": binary_auroc(p, y), "threshold": threshold}
+            "sensitivity": sens, "specificity": spec, "auroc": auroc(p, y), "threshold": threshold}
 
 
 def _load_split(items: list[Item], split: str, limit: int | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +177,7 @@ def train_oracle(data: Path, out: Path, *, epochs: int = 12, batch_size: int = 3
             sched.step()
             total += float(loss.detach()) * len(idx)
         p_val = _predict(model, splits["val"][0])
-        val_auroc = binary_auroc(p_val, splits["val"][1].numpy())
+        val_auroc = auroc(p_val, splits["val"][1].numpy())
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": total / len(x_tr), "val_auroc": val_auroc,
                         "seconds": round(seconds, 2)})

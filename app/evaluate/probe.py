@@ -212,14 +212,6 @@ def _paired(rows: list[dict[str, Any]], methods: Sequence[str], baselines: Seque
     return out
 
 
-def image_auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """AUROC of scores, positives vs negatives (ties 1/2)."""
-    p, n = np.asarray(pos, float), np.asarray(neg, float)
-    if len(p) == 0 or len(n) == 0:
-        return math.nan
-    return float(((p[:, None] > n[None]).sum() + 0.5 * (p[:, None] == n[None]).sum()) / (len(p) * len(n)))
-
-
 def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, methods: Sequence[str],
               limit: int | None = None, normals: int = 0, seed: int = 0,
               settings: dict[str, Any] | None = None, stream: Any = None) -> dict[str, Any]:
@@ -288,7 +280,10 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
         "whole": _summary(rows, all_methods, "whole"), "lungs": _summary(rows, all_methods, "lungs"),
         "paired_auroc_lungs": _paired(rows, model_methods, BASELINES, "lungs", "pixel_auroc"),
         "paired_auroc_whole": _paired(rows, model_methods, BASELINES, "whole", "pixel_auroc"),
-        "image_auroc_lungs": {m: image_auroc(e["opacity"], e["normal"]) for m, e in energies.items()}
+        # opacity images positive, normal images negative
+        "image_auroc_lungs": {m: metrics.auroc(e["opacity"] + e["normal"],
+                                               [True] * len(e["opacity"]) + [False] * len(e["normal"]))
+                              for m, e in energies.items()}
         if normal_names else {},
     }
     out.mkdir(parents=True, exist_ok=True)
