@@ -590,6 +590,38 @@ def test_per_user_limit_refuses_the_next_run_and_creates_nothing(make_manager, t
     runner.gate.set()
 
 
+def test_whoever_sees_a_run_finished_finds_its_slot_free(make_manager):
+    """The end of a run and the release of the worker's slot are one step: at the moment the job is announced
+    finished (its listeners run inside that step), its owner may queue the next run under a limit of one."""
+    m = make_manager(GatedRunner(gated=False), queue_size=8, max_jobs_per_user=1)
+    job = m.submit("alice", png_bytes(), req())
+    outcome: list[object] = []
+
+    def on_change() -> None:
+        if job.state.finished and not outcome:
+            try:
+                outcome.append(m.submit("alice", png_bytes(), req()))
+            except Exception as e:  # the limit refused it: the slot was still held
+                outcome.append(e)
+
+    job.add_listener(on_change)
+    wait_for(lambda: bool(outcome))
+    job.remove_listener(on_change)
+    assert isinstance(outcome[0], type(job)) and outcome[0].owner == "alice", outcome
+
+
+def test_submitting_right_after_a_run_finishes_is_never_refused(make_manager):
+    """The flaky per-user-limit test's pattern, repeated: wait for the finished state, submit at once."""
+    m = make_manager(GatedRunner(gated=False), queue_size=8, max_jobs_per_user=1)
+    job = m.submit("alice", png_bytes(), req())
+    for _ in range(25):
+        while not job.state.finished:
+            pass  # no sleep: submit as soon as the state changes
+        job = m.submit("alice", png_bytes(), req())
+    wait_for(lambda: job.state.finished)
+    assert job.state is JobState.DONE
+
+
 def test_job_cost_counts_the_map_methods_extra_passes() -> None:
     from app.jobs import job_cost
 
