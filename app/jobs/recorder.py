@@ -1,5 +1,5 @@
 """The audit trail of the queue: :class:`AuditRecorder` writes to the audit database, :class:`NullRecorder` (tests,
-tools) keeps no records beyond ``job.json``. :class:`app.jobs.JobManager` talks to either through :class:`Recorder`.
+tools) keeps no records beyond ``job.json``. :class:`app.jobs.JobManager` talks to either as a :class:`Recorder`.
 
 With an audit database, the database is the record of every run: a submission records the upload
 (``audit.record_input``: hashes, size, HMAC'd DICOM UIDs) and the run (``audit.create_run``: parameters, seeds,
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import asdict
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine as Database
@@ -30,11 +30,15 @@ __all__ = ["AuditRecorder", "NullRecorder", "Recorder"]
 logger = logging.getLogger("vald_md.jobs")
 
 
-class Recorder(Protocol):
-    """What the job manager records, and where: every method is called outside the manager's lock."""
+class Recorder:
+    """What the job manager records, and where; this base records nothing (see :class:`NullRecorder`).
+
+    Every method is called outside the manager's lock. Job ids come from here: a recorder that keeps records makes
+    the job's id its record's id.
+    """
 
     def require_user(self, user: audit.User | None) -> None:
-        """Refuse a submission without a real user when records name one.
+        """Refuse a submission without a real user when records name one (here: any owner will do).
 
         Raises:
             ValueError: ``user`` is ``None`` and this recorder keeps records (a programming error).
@@ -43,8 +47,12 @@ class Recorder(Protocol):
     def record_submission(self, user: audit.User | None, data: bytes, decoded: imaging.DecodedImage,
                           req: ReviewRequest, seeds: list[int], has_mask: bool, rerun_of: str | None,
                           model_sha256: str) -> tuple[str | None, str]:
-        """Record an accepted upload and its run; returns (the upload's input id or ``None``, the new job id)."""
-        ...
+        """Record an accepted upload and its run.
+
+        Returns:
+            (the upload's input id, ``None`` here; the new job id, 32 hex digits: here a fresh uuid4).
+        """
+        return None, uuid.uuid4().hex
 
     def refused(self, user: audit.User | None, data: bytes, error: Exception) -> None:
         """A refused submission leaves a trace (never raises)."""
@@ -54,47 +62,22 @@ class Recorder(Protocol):
 
     def finish(self, job: Job, state: JobState, reason: str | None, *,
                artifact_hashes: dict[str, str] | None = None) -> None:
-        """The job's run ended in ``state`` (before the job's own state changes; never raises)."""
+        """The job's run ended in ``state``: called before the job's own state changes; never raises."""
 
     def deleted(self, job: Job, actor: audit.User | None) -> None:
         """A finished run is about to be deleted (raises if it cannot be recorded: then nothing is deleted)."""
 
     def recorded_status(self, job: Job) -> JobState | None:
-        """The recorded status of the job's run, ``None`` without a record."""
-        ...
-
-
-class NullRecorder:
-    """Keeps no records: job ids are fresh uuid4s and every event is dropped (the audit checks' null object)."""
-
-    def require_user(self, user: audit.User | None) -> None:
-        """Any owner will do."""
-
-    def record_submission(self, user: audit.User | None, data: bytes, decoded: imaging.DecodedImage,
-                          req: ReviewRequest, seeds: list[int], has_mask: bool, rerun_of: str | None,
-                          model_sha256: str) -> tuple[str | None, str]:
-        """No input id; a random job id (32 hex digits)."""
-        return None, uuid.uuid4().hex
-
-    def refused(self, user: audit.User | None, data: bytes, error: Exception) -> None:
-        """Nothing to record."""
-
-    def start(self, job: Job) -> None:
-        """Nothing to record."""
-
-    def finish(self, job: Job, state: JobState, reason: str | None, *,
-               artifact_hashes: dict[str, str] | None = None) -> None:
-        """Nothing to record."""
-
-    def deleted(self, job: Job, actor: audit.User | None) -> None:
-        """Nothing to record."""
-
-    def recorded_status(self, job: Job) -> JobState | None:
-        """No record."""
+        """The recorded status of the job's run; ``None`` without a record (here: always)."""
         return None
 
 
-class AuditRecorder:
+class NullRecorder(Recorder):
+    """Keeps no records (tests, tools): job ids are fresh uuid4s and every event is dropped. The null object that
+    spares the manager an ``if db`` before every record."""
+
+
+class AuditRecorder(Recorder):
     """Records the queue's events in the audit database.
 
     Args:
