@@ -76,7 +76,6 @@ class JobManager:
         self.preview_size = preview_size
         self.estimator = RateEstimator()
         self._runner = runner
-        self._jobs: dict[str, Job] = {}
         self._pending: list[Job] = []  # in submission order; the worker takes them in fair_order()
         self._tick = 0  # orders submissions and ends of runs (fair_order)
         self._served: dict[str, int] = {}  # owner -> tick at which their latest job ended
@@ -84,7 +83,7 @@ class JobManager:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._jobs = {job.id: job for job in self.store.load_history(self.recorder.recorded_status)}
+        self._jobs: dict[str, Job] = {job.id: job for job in self.store.load_history(self.recorder.recorded_status)}
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: CounterfactualEngine, *, db: Database | None,
