@@ -32,7 +32,7 @@ import numpy as np
 
 from app import artifacts, datasets, engine, imaging, mapscale
 from app.evaluate.common import stable_order
-from app.jobs import read_png_unit
+from app.imaging import read_png_unit
 from app.lungs import LungSegmenter
 
 

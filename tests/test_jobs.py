@@ -26,9 +26,13 @@ from app.artifacts import ReviewRequest
 from app.engine import GenerationCancelled
 from app.jobs import (
     JOB_FILE,
+    AuditRecorder,
     JobManager,
     JobNotFoundError,
     JobState,
+    JobStore,
+    Limits,
+    NullRecorder,
     QueueFullError,
     UserQueueLimitError,
     WorkerStoppedError,
@@ -96,9 +100,15 @@ def make_manager(tmp_path):
     managers: list[JobManager] = []
 
     def make(runner: Any = None, *, queue_size: int = 4, engine: Any = None, runs_dir: Path | None = None,
-             **kw: Any):
-        m = JobManager(engine or FakeEngine(), runs_dir or tmp_path / "runs", queue_size=queue_size,
-                       runner=runner or GatedRunner(gated=False), preview_size=64, **kw)
+             db: Any = None, uid_secret: bytes | None = None, store_plain_uids: bool = False,
+             store_identified_uploads: bool = False, max_jobs_per_user: int | None = None,
+             cost_budget: int | None = None, **kw: Any):
+        store = JobStore(runs_dir or tmp_path / "runs", identified_uploads=store_identified_uploads)
+        recorder = (NullRecorder() if db is None else
+                    AuditRecorder(db, uid_secret, store_plain_uids=store_plain_uids))
+        limits = Limits(queue_size=queue_size, max_jobs_per_user=max_jobs_per_user, cost_budget=cost_budget)
+        m = JobManager(engine or FakeEngine(), store, recorder, limits, runner=runner or GatedRunner(gated=False),
+                       preview_size=64, **kw)
         m.start()
         managers.append(m)
         return m
@@ -257,7 +267,8 @@ def test_history_reloads_and_unfinished_become_interrupted(make_manager, tmp_pat
     assert runner.started.wait(5)
     waiting = m.submit("alice", png_bytes(), req())
     m.stop(timeout=5)  # cancels the running job; the queued one stays queued on disk
-    fresh = JobManager(FakeEngine(), tmp_path / "runs", queue_size=4, runner=GatedRunner(gated=False))
+    fresh = JobManager(FakeEngine(), JobStore(tmp_path / "runs"), NullRecorder(), Limits(queue_size=4),
+                       runner=GatedRunner(gated=False))
     reloaded = {j.id: j for j in fresh.list_jobs("alice")}
     assert set(reloaded) == {done_runner_job.id, waiting.id}
     assert reloaded[waiting.id].state is JobState.INTERRUPTED
@@ -272,7 +283,7 @@ def test_submit_after_stop_is_refused(make_manager):
 
 
 def test_cancel_stops_real_diffusion_within_one_step(tiny_engine, tmp_path):
-    m = JobManager(tiny_engine, tmp_path / "runs", queue_size=2)
+    m = JobManager(tiny_engine, JobStore(tmp_path / "runs"), NullRecorder(), Limits(queue_size=2))
     m.start()
     try:
         job = m.submit("alice", png_bytes(), ReviewRequest(strength=1.0, steps=400, seed=1))
@@ -289,7 +300,7 @@ def test_cancel_stops_real_diffusion_within_one_step(tiny_engine, tmp_path):
 
 def test_progress_counts_the_effective_steps_the_form_shows(tiny_engine, tmp_path):
     """"15 effective steps" runs as "step 15 of 15", although PNDM makes one more UNet evaluation (issue 12)."""
-    m = JobManager(tiny_engine, tmp_path / "runs", queue_size=2)
+    m = JobManager(tiny_engine, JobStore(tmp_path / "runs"), NullRecorder(), Limits(queue_size=2))
     m.start()
     try:
         seen: list[tuple[int, int]] = []
@@ -442,7 +453,8 @@ def test_restart_marks_runs_and_jobs_interrupted_consistently(make_manager, db, 
     assert audit.get_run(db, uuid.UUID(waiting.id)).status == "queued"
     # the next start-up: the database first (as the app's lifespan does), then the job history
     assert audit.mark_interrupted_runs(db) == 1
-    fresh = JobManager(FakeEngine(), tmp_path / "runs", db=db, uid_secret=SECRET, runner=GatedRunner(gated=False))
+    fresh = JobManager(FakeEngine(), JobStore(tmp_path / "runs"), AuditRecorder(db, SECRET), Limits(),
+                       runner=GatedRunner(gated=False))
     reloaded = {j.id: j for j in fresh.list_jobs(str(alice.id))}
     assert reloaded[waiting.id].state is JobState.INTERRUPTED
     assert audit.get_run(db, uuid.UUID(waiting.id)).status == "interrupted"
@@ -458,7 +470,7 @@ def test_unfinished_job_takes_the_databases_word(make_manager, db, alice, tmp_pa
     m.stop(timeout=5)
     saved = json.loads((job.run_dir / JOB_FILE).read_text())
     (job.run_dir / JOB_FILE).write_text(json.dumps({**saved, "state": "running"}))
-    fresh = JobManager(FakeEngine(), tmp_path / "runs", db=db, uid_secret=SECRET)
+    fresh = JobManager(FakeEngine(), JobStore(tmp_path / "runs"), AuditRecorder(db, SECRET), Limits())
     assert fresh.get(job.id, str(alice.id)).state is JobState.DONE
 
 
@@ -562,6 +574,38 @@ def test_per_user_limit_refuses_the_next_run_and_creates_nothing(make_manager, t
     runner.gate.set()
 
 
+def test_whoever_sees_a_run_finished_finds_its_slot_free(make_manager):
+    """The end of a run and the release of the worker's slot are one step: at the moment the job is announced
+    finished (its listeners run inside that step), its owner may queue the next run under a limit of one."""
+    m = make_manager(GatedRunner(gated=False), queue_size=8, max_jobs_per_user=1)
+    job = m.submit("alice", png_bytes(), req())
+    outcome: list[object] = []
+
+    def on_change() -> None:
+        if job.state.finished and not outcome:
+            try:
+                outcome.append(m.submit("alice", png_bytes(), req()))
+            except Exception as e:  # the limit refused it: the slot was still held
+                outcome.append(e)
+
+    job.add_listener(on_change)
+    wait_for(lambda: bool(outcome))
+    job.remove_listener(on_change)
+    assert isinstance(outcome[0], type(job)) and outcome[0].owner == "alice", outcome
+
+
+def test_submitting_right_after_a_run_finishes_is_never_refused(make_manager):
+    """The flaky per-user-limit test's pattern, repeated: wait for the finished state, submit at once."""
+    m = make_manager(GatedRunner(gated=False), queue_size=8, max_jobs_per_user=1)
+    job = m.submit("alice", png_bytes(), req())
+    for _ in range(25):
+        while not job.state.finished:
+            pass  # no sleep: submit as soon as the state changes
+        job = m.submit("alice", png_bytes(), req())
+    wait_for(lambda: job.state.finished)
+    assert job.state is JobState.DONE
+
+
 def test_job_cost_counts_the_map_methods_extra_passes() -> None:
     from app.jobs import job_cost
 
@@ -621,8 +665,8 @@ def test_queue_estimate_counts_samples_overhead_and_the_fair_order(make_manager)
     wait_for(lambda: done.state.finished)
     # GatedRunner: 3 UNet evaluations, timed as the engine does from the first step's end to the last's (2
     # evaluations), in 0.06 s of denoising for 2 samples -> 0.015 s per evaluation and sample
-    assert m._seconds_per_eval == pytest.approx(0.015)
-    overhead = m._overhead_s
+    assert m.estimator.seconds_per_eval == pytest.approx(0.015)
+    overhead = m.estimator.overhead_s
     assert overhead is not None and overhead >= 0
     runner.gate.clear()
     runner.started.clear()

@@ -120,3 +120,27 @@ def test_audit_modules_import_without_a_circle():
 
     for module in graph:
         visit(module, ())
+
+
+# inside app/jobs/: the manager delegates to its parts; a part never reaches back up to the manager (or to the
+# package, which re-exports the manager), and the parts below the store and the recorder know no files or database
+JOBS_PARTS: dict[str, set[str]] = {
+    "errors": {"app.jobs", "app.jobs.job", "app.jobs.policy", "app.jobs.estimate", "app.jobs.store",
+               "app.jobs.recorder", "app.jobs.manager"},
+    "job": {"app.jobs", "app.jobs.policy", "app.jobs.estimate", "app.jobs.store", "app.jobs.recorder",
+            "app.jobs.manager", "app.filemodes"},
+    "policy": {"app.jobs", "app.jobs.estimate", "app.jobs.store", "app.jobs.recorder", "app.jobs.manager",
+               "app.filemodes"},
+    "estimate": {"app.jobs", "app.jobs.job", "app.jobs.policy", "app.jobs.store", "app.jobs.recorder",
+                 "app.jobs.manager", "app.audit", "app.filemodes"},
+    "store": {"app.jobs", "app.jobs.policy", "app.jobs.estimate", "app.jobs.recorder", "app.jobs.manager"},
+    "recorder": {"app.jobs", "app.jobs.policy", "app.jobs.estimate", "app.jobs.store", "app.jobs.manager",
+                 "app.filemodes"},
+}
+
+
+@pytest.mark.parametrize("part", sorted(JOBS_PARTS))
+def test_the_job_managers_parts_do_not_reach_back(part):
+    path = APP / "jobs" / f"{part}.py"
+    bad = _imports(path) & JOBS_PARTS[part]
+    assert not bad, f"app/jobs/{part}.py imports {sorted(bad)}"

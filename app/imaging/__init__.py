@@ -12,7 +12,8 @@ Typical use::
     native = unletterbox(model_out, lb)          # exactly (H, W) again
 
 Module layout: ``errors`` (exception types), ``voi`` (windows, VOI LUT, polarity), ``meta`` (result types),
-``dicom`` / ``raster`` (readers), ``geometry`` (letterbox), ``export`` (writers).
+``dicom`` / ``raster`` (readers; ``read_png_unit`` for the server's own PNGs), ``geometry`` (letterbox),
+``export`` (writers; ``gray_png`` for thumbnails and previews).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from app.imaging.errors import (
     InvalidWindowError,
     UnsupportedImageError,
 )
-from app.imaging.export import to_png_bytes, to_uint8
+from app.imaging.export import gray_png, to_png_bytes, to_uint8
 from app.imaging.geometry import Letterbox, letterbox, unletterbox
 from app.imaging.meta import DecodedImage, ImageMeta
-from app.imaging.raster import read_raster
+from app.imaging.raster import read_png_unit, read_raster
 from app.imaging.voi import (
     VoiLut,
     Window,
@@ -53,8 +54,10 @@ __all__ = [
     "WindowRequest",
     "apply_window",
     "decode_image",
+    "gray_png",
     "letterbox",
     "percentile_window",
+    "read_png_unit",
     "rgb_to_luminance",
     "sniff_format",
     "to_png_bytes",

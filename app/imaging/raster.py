@@ -1,9 +1,11 @@
-"""PNG and JPEG bytes -> :class:`DecodedImage` through Pillow, with decompression bombs refused before decoding."""
+"""PNG and JPEG bytes -> :class:`DecodedImage` through Pillow, with decompression bombs refused before decoding;
+the server's own PNG files back to float images (:func:`read_png_unit`)."""
 
 from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -12,7 +14,7 @@ from app.imaging.errors import CorruptImageError, ImageTooLargeError, ImagingErr
 from app.imaging.meta import DecodedImage, ImageMeta
 from app.imaging.voi import WindowRequest, apply_window, full_range_window, rgb_to_luminance, select_window
 
-__all__ = ["read_raster"]
+__all__ = ["read_png_unit", "read_raster"]
 
 _PIL_FORMATS = {"png": ("PNG",), "jpeg": ("JPEG", "MPO")}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -89,3 +91,14 @@ def read_raster(data: bytes, source_format: str, *, window: WindowRequest, max_p
         sop_instance_uid=None, transfer_syntax_uid=None, warnings=notes,
     )
     return DecodedImage(pixels=apply_window(raw, chosen, photometric), meta=meta, raw=raw)
+
+
+def read_png_unit(path: Path) -> np.ndarray:
+    """Read a grayscale PNG written by ``imaging.to_png_bytes`` (8 or 16 bit) as float32 (H, W) in [0, 1]."""
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+        mode = im.mode
+    if arr.ndim == 3:
+        arr = arr[..., :3].mean(-1)
+    full = 65535.0 if mode.startswith("I") or arr.dtype == np.uint16 or arr.max() > 255 else 255.0
+    return (arr.astype(np.float32) / full).clip(0.0, 1.0)

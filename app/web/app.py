@@ -230,13 +230,8 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             # a few MB on the CPU, segmenting in the job worker (~10-20 ms per image at 128 px)
             segmenter = await run_in_threadpool(load_segmenter, settings.resolved_lung_segmenter)
             classifier = await run_in_threadpool(load_classifier, settings.resolved_lesion_classifier)
-            jobs = JobManager(eng, settings.runs_dir, queue_size=settings.queue_size,
-                              preview_size=settings.preview_size, thumbnail_size=settings.thumbnail_size,
-                              max_steps=settings.max_steps, max_samples=settings.max_samples, db=db,
-                              uid_secret=secret, store_plain_uids=settings.store_plain_uids,
-                              store_identified_uploads=settings.store_identified_uploads, segmenter=segmenter,
-                              classifier=classifier, max_jobs_per_user=settings.max_jobs_per_user,
-                              cost_budget=settings.queue_cost_budget)
+            jobs = JobManager.from_settings(settings, eng, db=db, uid_secret=secret, segmenter=segmenter,
+                                            classifier=classifier)
         except BaseException:
             db.dispose()
             raise
