@@ -102,8 +102,9 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$MODE" = dry ]; then
   BUDGET=${GPU_CHECK_BUDGET_S:-300}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  RUNS=1
   # CPU, the tests' tiny model for the SD-sized one, one timed run, torch.compile through a cheap backend
-  COMMON=(--device cpu --threads 1 --input-size 64 --runs 1 --warmup 0 --work-dir "$WORK/models")
+  COMMON=(--device cpu --threads 1 --input-size 64 --runs "$RUNS" --warmup 0 --work-dir "$WORK/models")
   SD=(--tiny-model --setting paper --setting fast)
   COMPILE=(--compile default --compile-backend aot_eager)
   EMB=(--setting fast)
