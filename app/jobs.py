@@ -1,7 +1,7 @@
 """The review queue: a bounded, fair queue of jobs and the single worker thread that owns the engine.
 
 One process holds one model copy, and the diffusion pipeline is not thread-safe, so exactly one thread runs
-:func:`app.artifacts.run_review`; requests only enqueue. A job's life cycle is
+:func:`app.runs.review.run_review`; requests only enqueue. A job's life cycle is
 
     queued -> running -> done | failed | cancelled          (queued -> cancelled before it starts)
     queued | running -> interrupted                         (found unfinished when the server starts)
@@ -57,10 +57,14 @@ from PIL import Image
 from sqlalchemy import Engine as Database
 
 from app import attribution, audit, filemodes, imaging
-from app.artifacts import ReviewRequest, resolve_request, run_review, sha256
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps, library_versions
+from app.fileio import sha256_bytes as sha256
 from app.imaging.deid import deidentify
 from app.lungs import LungSegmenter
+from app.runs import folder
+from app.runs.folder import RunFolder, RunFolderError, decode_png_unit
+from app.runs.record import RunRecord
+from app.runs.review import ReviewRequest, resolve_request, run_review
 
 logger = logging.getLogger("vald_md.jobs")
 
@@ -70,8 +74,8 @@ MASK_UPLOAD = "mask-upload.png"
 THUMBNAIL = "thumbnail.png"
 _SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
 
-Runner = Callable[..., dict[str, Any]]
-"""Signature of :func:`app.artifacts.run_review`; injectable so tests can gate a job."""
+Runner = Callable[..., RunRecord]
+"""Signature of :func:`app.runs.review.run_review`; injectable so tests can gate a job."""
 
 
 class JobState(StrEnum):
@@ -312,14 +316,9 @@ def gray_png(img: np.ndarray, *, longest_side: int | None = None, upscale: bool 
 
 
 def read_png_unit(path: Path) -> np.ndarray:
-    """Read a grayscale PNG written by ``imaging.to_png_bytes`` (8 or 16 bit) as float32 (H, W) in [0, 1]."""
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-        mode = im.mode
-    if arr.ndim == 3:
-        arr = arr[..., :3].mean(-1)
-    full = 65535.0 if mode.startswith("I") or arr.dtype == np.uint16 or arr.max() > 255 else 255.0
-    return (arr.astype(np.float32) / full).clip(0.0, 1.0)
+    """Read a grayscale PNG written by ``imaging.to_png_bytes`` (8 or 16 bit) as float32 (H, W) in [0, 1], unchecked
+    (run files: :meth:`app.runs.folder.RunFolder.read_png_unit`, which checks their SHA-256)."""
+    return decode_png_unit(Path(path).read_bytes())
 
 
 class JobManager:
@@ -332,7 +331,7 @@ class JobManager:
         max_jobs_per_user: runs one owner may have queued or running at once; ``None`` = no limit.
         cost_budget: total :func:`job_cost` of the waiting jobs, step-samples; a job that would pass it is refused
             (a job always fits an empty queue); ``None`` = no limit.
-        runner: the function that performs one run; :func:`app.artifacts.run_review` unless a test injects one.
+        runner: the function that performs one run; :func:`app.runs.review.run_review` unless a test injects one.
         preview_size: longest side in pixels of preview PNGs.
         max_steps, max_samples: limits on what a user may ask for (on top of the engine's own ranges).
         db: the audit database (``audit.init_db``); ``None`` keeps no records beyond ``job.json`` (tests).
@@ -432,7 +431,7 @@ class JobManager:
     # -- submission -----------------------------------------------------------------------------------------------
     def check_request(self, decoded: imaging.DecodedImage, req: ReviewRequest) -> ReviewRequest:
         """Refuse parameters before queueing (the engine's ranges plus this server's limits); returns the request
-        with the model's map recommendations filled in (:func:`app.artifacts.resolve_request`).
+        with the model's map recommendations filled in (:func:`app.runs.review.resolve_request`).
 
         Raises:
             ValueError: a parameter is out of range; the message names it and the allowed range.
@@ -690,10 +689,11 @@ class JobManager:
         thumb = job.run_dir / THUMBNAIL
         if thumb.is_file():
             return thumb.read_bytes()
-        src = job.run_dir / "input.png"
-        if not src.is_file():
+        try:  # the record's checked input.png; none before the run has finished writing it
+            pixels = RunFolder(job.run_dir).read_png_unit(folder.INPUT)
+        except RunFolderError:
             return None
-        png = gray_png(read_png_unit(src), longest_side=self.thumbnail_size)
+        png = gray_png(pixels, longest_side=self.thumbnail_size)
         _write_atomic(thumb, png)
         return png
 
@@ -813,12 +813,12 @@ class JobManager:
                 self._finish(job, JobState.FAILED, str(e))
             return
         run_s = time.perf_counter() - t0
-        job.unet_evaluations = int(record.get("unet_evaluations", job.total))
-        job.effective_steps = int(record.get("effective_steps", job.effective_steps))
-        job.seeds = list(record.get("seeds", job.seeds))
-        job.timings_s = {**record.get("timings_s", {}), "run": round(run_s, 4)}
+        job.unet_evaluations = int(record.unet_evaluations if record.unet_evaluations is not None else job.total)
+        job.effective_steps = int(record.effective_steps if record.effective_steps is not None else job.effective_steps)
+        job.seeds = list(record.seeds or job.seeds)
+        job.timings_s = {**record.timings_s, "run": round(run_s, 4)}
         denoise = job.timings_s.get("denoising")
-        if denoise and job.unet_evaluations > 1 and record.get("map_method", "sdedit") == "sdedit":
+        if denoise and job.unet_evaluations > 1 and (record.map_method or "sdedit") == "sdedit":
             # per UNet evaluation and sample (job_cost's unit), and the rest of the run (decoding, maps, files);
             # exponential averages, so that a changed load shows within a few runs. The engine times denoising
             # from the first step's end to the last's: unet_evaluations - 1 evaluations. Other map methods time
@@ -828,8 +828,8 @@ class JobManager:
             prev, prev_overhead = self._seconds_per_eval, self._overhead_s
             self._seconds_per_eval = rate if prev is None else 0.7 * prev + 0.3 * rate
             self._overhead_s = overhead if prev_overhead is None else 0.7 * prev_overhead + 0.3 * overhead
-        hashes = record.get("artifacts_sha256")
-        self._audit_finish(job, JobState.DONE, None, artifact_hashes=dict(hashes) if isinstance(hashes, dict) else None)
+        hashes = record.artifacts_sha256
+        self._audit_finish(job, JobState.DONE, None, artifact_hashes=dict(hashes) if hashes else None)
         with self._cond:
             self._finish(job, JobState.DONE)
 

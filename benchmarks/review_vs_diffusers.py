@@ -1,6 +1,6 @@
 """The review run end to end against a plain diffusers img2img call doing the same diffusion (issue 15).
 
-Per repetition, alternating which goes first: ``app.artifacts.run_review`` (decode -> counterfactual ->
+Per repetition, alternating which goes first: ``app.runs.review.run_review`` (decode -> counterfactual ->
 attribution maps -> PNG files -> record.json, into a temporary folder) and a plain ``StableDiffusionImg2ImgPipeline``
 built from the engine's own components (UNet, text encoder, tokenizer; the autoencoder loaded again from the same
 folder in diffusers' stock layout; a fresh scheduler of the same class and configuration) with the same prompt, strength, guidance, steps and seed, ``output_type="pt"``, no files,
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from app import imaging
-    from app.artifacts import ReviewRequest, run_review
+    from app.runs.review import ReviewRequest, run_review
     from app.engine import CounterfactualEngine
 
     diffusers.utils.logging.set_verbosity_error()
@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> int:
                 dt, first, record = review_call(i)
                 review_s.append(dt)
                 first_s.append(first)
-                engine_timings.append(record["timings_s"])
+                engine_timings.append(record.timings_s)
     tmp.cleanup()
 
     review, plain_st = stats(review_s), stats(plain_s)
