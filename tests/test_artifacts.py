@@ -405,3 +405,23 @@ def test_case_label_stays_out_of_the_record_and_is_checked(tiny_engine, tmp_path
     assert "teaching case 3" not in (tmp_path / "lab" / "record.json").read_text()
     with pytest.raises(ValueError, match="case_label"):
         ReviewRequest(case_label="two\nlines").check()
+
+
+def test_every_record_round_trips_byte_for_byte(lung_run, plain_run, guided_run, tiny_engine, box_segmenter,
+                                                tmp_path):
+    """What run_review returns is what any reader of its record.json gets, and RunRecord writes the file back byte
+    for byte: one sample or several, lungs, a user mask, no region, every map method."""
+    user = np.zeros((H, W), dtype=bool)
+    user[5:15, 5:30] = True
+    made = {"multi": run(tiny_engine, tmp_path / "multi", samples=2, lung_mask=False),
+            "user": run(tiny_engine, tmp_path / "user", segmenter=box_segmenter, mask=user),
+            "inv": run(tiny_engine, tmp_path / "inv", segmenter=box_segmenter, map_method="ddim_inversion")}
+    for name, record in made.items():
+        assert record == RunRecord.from_json((tmp_path / name / "record.json").read_bytes())
+    assert made["multi"].n_samples == 2 and made["user"].region == "user_mask" and made["inv"].method == \
+        "ddim_inversion"
+    for folder in (lung_run, plain_run, guided_run, *(tmp_path / n for n in made)):
+        data = (folder / "record.json").read_bytes()
+        record = RunRecord.from_json(data)
+        assert record.to_json() == data and RunRecord.from_json(record.to_json()) == record
+        assert record.to_dict() == json.loads(data)

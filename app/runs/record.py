@@ -8,7 +8,7 @@ and PNG exports carry their SHA-256), so the type is a faithful view of the JSON
 - the file's keys and their order are kept (``key_order``), and keys this version does not know are kept
   (``unknown``), so ``RunRecord.from_json(data).to_json() == data`` for every record ever written, including
   records of older versions that lack keys (a missing key reads as the field's default and is not written back);
-- ``RunRecord.from_json(record.to_json()) == record``.
+- ``RunRecord.from_json(record.to_json()) == record`` (equality compares the values, not the key order).
 
 The fallbacks older records need (a missing ``map_region``, map method or sample count) live in the properties
 here, once, rather than as ``or {}`` at every reader.
@@ -83,7 +83,7 @@ class _JsonObject:
         return out
 
     unknown: dict[str, Any] = field(default_factory=dict)
-    key_order: tuple[str, ...] = ()
+    key_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
