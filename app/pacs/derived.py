@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import io
-import re
 from enum import StrEnum
 from pathlib import Path
 

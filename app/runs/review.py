@@ -1,6 +1,8 @@
 """One review run end to end, written to a folder: decode -> counterfactual -> attribution -> files.
 
-Used by ``vald-md counterfactual`` and by the web app's job worker, so both write the same artifacts:
+Used by ``vald-md counterfactual`` and by the web app's job worker, so both write the same artifacts (their names:
+:mod:`app.runs.folder`, which also reads them back with hash checks; the record: :class:`app.runs.record.RunRecord`,
+which :func:`run_review` returns):
 
 =====================  ===============================================================================
 ``input.png``          the decoded, windowed image exactly as the model saw it, native size (16-bit PNG)
