@@ -107,7 +107,7 @@ def _window_arg(value: str) -> int | str:
 def cmd_counterfactual(args: argparse.Namespace) -> int:
     """Write input/counterfactual/overlay PNGs, attribution.npy and record.json per input."""
     from app import attribution, imaging
-    from app.artifacts import ReviewRequest, resolve_request, run_review
+    from app.runs.review import ReviewRequest, resolve_request, run_review
     from app.engine import CounterfactualEngine
     from app.config import DEFAULT_LESION_CLASSIFIER_DIR
     from app.lesions import LesionClassifier
@@ -159,9 +159,9 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
             failures += 1
             sys.stderr.write(f"input {i + 1} of {len(args.inputs)}: {e}\n")
             continue
-        t = rec["timings_s"]["total"]
-        sys.stdout.write(f"input {i + 1}: {target}  ({rec['effective_steps']} steps, seed {rec['seeds'][0]}, "
-                         f"{t:.1f} s, mean |M| {rec['map_summary']['mean_abs_in_mask']:.4f})\n")
+        t = rec.timings_s["total"]
+        sys.stdout.write(f"input {i + 1}: {target}  ({rec.effective_steps} steps, seed {rec.seeds[0]}, "
+                         f"{t:.1f} s, mean |M| {rec.map_summary['mean_abs_in_mask']:.4f})\n")
     return 1 if failures else 0
 
 

@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from app.fileio import write_atomic
+
 logger = logging.getLogger("vald_md.files")
 
 DIR_MODE = 0o700
@@ -47,13 +49,9 @@ def private_tree(folder: Path) -> None:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file, then rename), created ``0600``."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, FILE_MODE)  # an existing .tmp keeps its old mode through O_CREAT
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically, created ``0600``: :func:`app.fileio.write_atomic` with
+    :data:`FILE_MODE` (the one atomic writer)."""
+    write_atomic(path, data, mode=FILE_MODE)
 
 
 def sqlite_file(database_url: str) -> Path | None:

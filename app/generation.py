@@ -5,7 +5,7 @@ scheduler, samples). Every entry point -- the web form, the JSON API, ``vald-md 
 evaluate`` -- builds it from the model's preset with :meth:`GenerationRequest.from_preset` (the one place that
 falls back to the paper's 0.85 / 7.5 / 75 and reads the preset's ``scheduler``), checks it once
 (:meth:`GenerationRequest.check`), and hands it down unchanged: it is frozen, and later layers derive a new one
-with :func:`dataclasses.replace` where they must (a drawn seed). ``app.artifacts.ReviewRequest`` extends it with
+with :func:`dataclasses.replace` where they must (a drawn seed). ``app.runs.review.ReviewRequest`` extends it with
 the attribution map's options. Pure Python: no torch, so any layer may import it.
 """
 

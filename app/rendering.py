@@ -43,7 +43,6 @@ __all__ = [
     "display_scale",
     "draw_mask_outline",
     "map_label",
-    "map_label_of_record",
     "mask_outline",
     "render_annotated_export",
     "render_banner",
@@ -100,6 +99,7 @@ def map_label(reference: str | None, map_method: str | None = None) -> str:
     run's map reference (``"input"`` → the original; ``"reconstruction"`` → the autoencoder's reconstruction of
     it), except for ``map_method="ddim_inversion"``, whose reference is always the DDIM reconstruction from the
     same inverted latent. ``None`` (records from before the reference was recorded) reads as ``"input"``.
+    A run's label: :attr:`app.runs.record.RunRecord.label`.
     """
     if map_method == "ddim_inversion":
         return "DDIM reconstruction − counterfactual"
@@ -107,12 +107,6 @@ def map_label(reference: str | None, map_method: str | None = None) -> str:
     if name is None:
         raise ValueError(f"reference must be one of {tuple(_REFERENCE_NAMES)}; got {reference!r}.")
     return f"{name} − counterfactual"
-
-
-def map_label_of_record(record: dict[str, Any]) -> str:
-    """:func:`map_label` of a run's ``record.json`` (``request.reference`` and ``map_method``)."""
-    request = record.get("request") or {}
-    return map_label(request.get("reference"), record.get("map_method") or request.get("map_method"))
 
 
 def _check_opacity(opacity: float) -> None:

@@ -10,7 +10,7 @@ Two set-ups (docs/PERFORMANCE.md):
   nothing downloaded) at 512 px on the GPU when there is one, with the paper's setting (75 PNDM steps, strength 0.85,
   guidance 7.5).
 
-Every repetition runs ``app.artifacts.run_review`` (decode -> engine -> attribution -> PNGs -> files: the
+Every repetition runs ``app.runs.review.run_review`` (decode -> engine -> attribution -> PNGs -> files: the
 end-to-end latency; the engine's own ``timings_s`` come from its record) and, interleaved, a plain
 ``StableDiffusionImg2ImgPipeline`` call on the same components with the same parameters and seed. Decode,
 uncached text encoding, attribution and PNG encoding are also timed on their own. Reported: median, min, max and
@@ -60,7 +60,7 @@ STAGES: list[tuple[str, str]] = [
     ("engine_total", "engine.generate total"),
     ("attribution", "attribution: difference map + overlay + summary"),
     ("png_encoding", "PNG encoding (input, counterfactuals, reconstruction: 16-bit; overlay: 8-bit)"),
-    ("end_to_end", "end to end: artifacts.run_review (incl. file writes, hashes, record)"),
+    ("end_to_end", "end to end: runs.review.run_review (incl. file writes, hashes, record)"),
     ("plain_img2img", "plain StableDiffusionImg2ImgPipeline call, same components and parameters"),
 ]
 
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from app import attribution, imaging, rendering
-    from app.artifacts import ReviewRequest, run_review
+    from app.runs.review import ReviewRequest, run_review
     from app.engine import CounterfactualEngine, effective_steps, library_versions
 
     if args.threads:
@@ -377,10 +377,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dt, record = timed(partial(run_review, eng, data, req, out_dir / f"{i:04d}"), sync)
         samples["end_to_end"].append(dt)
         for k in ("preprocess", "text_encoding", "prepare_latents", "denoising", "vae_decode", "postprocess"):
-            samples[k].append(float(record["timings_s"][k]))
-        samples["engine_total"].append(float(record["timings_s"]["total"]))
-        samples["per_unet_evaluation"].append(record["timings_s"]["denoising"]
-                                              / max(1, record["unet_evaluations"] - 1))
+            samples[k].append(float(record.timings_s[k]))
+        samples["engine_total"].append(float(record.timings_s["total"]))
+        samples["per_unet_evaluation"].append(record.timings_s["denoising"]
+                                              / max(1, (record.unet_evaluations or 1) - 1))
         if plain is not None:
             samples["plain_img2img"].append(timed(plain_call, sync)[0])
         samples["decode"].append(timed(partial(imaging.decode_image, data), sync)[0])

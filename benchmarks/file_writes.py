@@ -3,7 +3,7 @@
 A review run writes input.png, counterfactual.png and reconstruction.png (16-bit gray) and overlay.png (8-bit RGB)
 at the input's native size. This times ``app.imaging.to_png_bytes`` + an atomic write for those four files from a
 synthetic chest-like image of ``--size`` px, sequentially and with ``--workers`` threads (what
-``app.artifacts.run_review`` does, ``FILE_WRITERS``), at zlib levels ``--levels``, and prints medians and bytes.
+``app.runs.review.run_review`` does, ``FILE_WRITERS``), at zlib levels ``--levels``, and prints medians and bytes.
 
     .venv/bin/python benchmarks/file_writes.py --size 1024 --runs 7
 """

@@ -1,6 +1,6 @@
 """The review run end to end against a plain diffusers img2img call doing the same diffusion (issue 15).
 
-Per repetition, alternating which goes first: ``app.artifacts.run_review`` (decode -> counterfactual ->
+Per repetition, alternating which goes first: ``app.runs.review.run_review`` (decode -> counterfactual ->
 attribution maps -> PNG files -> record.json, into a temporary folder) and a plain ``StableDiffusionImg2ImgPipeline``
 call with the same prompt, strength, guidance, steps and seed, ``output_type="pt"``, no files. The ratio review /
 plain (medians) is the number the issue asks for: below 1.0, the whole review run is faster than the plain call
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
 
     from app import imaging
-    from app.artifacts import ReviewRequest, run_review
+    from app.runs.review import ReviewRequest, run_review
     from app.engine import CounterfactualEngine
 
     diffusers.utils.logging.set_verbosity_error()
@@ -337,8 +337,8 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
                 dt, first, record = review_call(i)
                 review_s.append(dt)
                 first_s.append(first)
-                engine_timings.append(record["timings_s"])
-                unet_evaluations = int(record["unet_evaluations"])
+                engine_timings.append(record.timings_s)
+                unet_evaluations = int(record.unet_evaluations or 0)
     tmp.cleanup()
 
     review, plain_st = stats(review_s), stats(plain_s)

@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app import imaging
-    from app.artifacts import ReviewRequest, run_review
+    from app.runs.review import ReviewRequest, run_review
     from app.config import EMBEDDED_MODEL_DIR, Settings
     from app.engine import CounterfactualEngine
     from app.web import create_app
@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         decoded = imaging.decode_image(data)
         record = run_review(engine, data, request(i), tmp / "direct" / str(i), decoded=decoded)
-        stages["direct"] = record.get("timings_s", {})
+        stages["direct"] = record.timings_s
         return time.perf_counter() - t
 
     # 2. HTTP: the real server on a free port

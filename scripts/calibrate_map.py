@@ -1,6 +1,6 @@
 """Calibrate a model's attribution map on normal validation images: the map's absolute scale (app/mapscale.py).
 
-Runs the product's own review (``app.artifacts.run_review``: the model's healthy preset, its map method and map
+Runs the product's own review (``app.runs.review.run_review``: the model's healthy preset, its map method and map
 reference, the lung segmenter) on the first ``--n`` normal images of the validation split, in the stable
 pseudo-random order ``vald-md evaluate`` uses, with seed ``--seed`` for every image, and measures |M| inside the
 lungs, pooled over the images. Its 99th percentile becomes the model's normal level (1×), stored with the RMS,
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app import artifacts, datasets, engine, imaging, mapscale
+from app import datasets, engine, mapscale
 from app.evaluate.common import stable_order
-from app.imaging import read_png_unit
 from app.lungs import LungSegmenter
+from app.runs import folder, review
+from app.runs.folder import RunFolder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,14 +78,15 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for i, row in enumerate(chosen):
-            req = artifacts.ReviewRequest(prompt=str(preset["prompt"]), strength=float(preset["strength"]),
-                                          guidance_scale=float(preset["guidance_scale"]), steps=int(preset["steps"]),
-                                          scheduler=str(preset.get("scheduler", "pndm")), seed=args.seed)
+            req = review.ReviewRequest(prompt=str(preset["prompt"]), strength=float(preset["strength"]),
+                                       guidance_scale=float(preset["guidance_scale"]), steps=int(preset["steps"]),
+                                       scheduler=str(preset.get("scheduler", "pndm")), seed=args.seed)
             out = Path(tmp) / f"{i:04d}"
-            record = artifacts.run_review(eng, row.path.read_bytes(), req, out, segmenter=seg)
-            method, reference = record["map_method"], record["request"]["reference"]
-            m = np.load(out / "attribution.npy")
-            k = read_png_unit(out / "lung_mask.png") > 0.5 if (out / "lung_mask.png").is_file() else None
+            record = review.run_review(eng, row.path.read_bytes(), req, out, segmenter=seg)
+            method, reference = str(record.method), str(record.reference)
+            run = RunFolder(out)
+            m = run.read_npy(folder.ATTRIBUTION)
+            k = run.read_png_unit(folder.LUNG_MASK) > 0.5 if run.has(folder.LUNG_MASK) else None
             maps.append(m)
             masks.append(k)
             region = m[k] if k is not None else m.ravel()

@@ -1,4 +1,4 @@
-"""One review run end to end (``app.artifacts.run_review``) on the tiny in-code model, with and without the lung mask.
+"""One review run end to end (``app.runs.review.run_review``) on the tiny in-code model, with and without the lung mask.
 
 The lung segmenters are built in code (``tests/tiny_lungs.py``): a tiny random-weight ``LungUNet`` folder, whose
 provenance and hash a record must carry, and a subclass whose lung field is known (two boxes), so that "nothing
@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import exports, imaging
-from app.artifacts import ReviewRequest, lung_region, run_review, sha256
+from app import imaging
 from app.lungs import LungSegmenter, folder_hash
 from app.rendering import OverlayOptions
 from tests.factories import png_bytes
+from app.runs import exports
+from app.fileio import sha256_bytes as sha256
+from app.runs.record import RunRecord
+from app.runs.review import ReviewRequest, lung_region, run_review
 from tests.tiny_lungs import DICE, BoxSegmenter, box_lungs, write_tiny_segmenter
 
 H, W = 40, 36
@@ -45,7 +48,7 @@ def box_segmenter(segmenter_dir: Path) -> BoxSegmenter:
 
 
 def run(engine: Any, out: Path, *, segmenter: LungSegmenter | None = None, mask: np.ndarray | None = None,
-        **req: Any) -> dict[str, Any]:
+        **req: Any) -> RunRecord:
     return run_review(engine, png_bytes(), ReviewRequest(**{**FAST, **req}), out, mask=mask, segmenter=segmenter)
 
 
@@ -109,10 +112,9 @@ def test_map_is_zero_outside_the_lungs(lung_run, plain_run):
     for options in ({}, {"mode": "signed", "opacity": 1.0}, {"mode": "outline", "threshold": 50.0}):
         png = exports.export_annotated_png(lung_run, OverlayOptions(**options))
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    from app.exports import _read_map, _read_record  # the export re-renders with the lung mask as the region
+    from app.runs.read import open_run, read_map  # the export re-renders with the lung mask as the region
 
-    record, _ = _read_record(lung_run)
-    _, amap = _read_map(lung_run, record)
+    _, amap = read_map(open_run(lung_run))
     assert amap.mask is not None and np.array_equal(amap.mask, inside)
 
 
@@ -153,9 +155,9 @@ def test_lung_mask_off_gives_an_unrestricted_map(plain_run):
 def test_missing_segmenter_does_not_fail_the_run(tiny_engine, tmp_path):
     record = run(tiny_engine, tmp_path / "run", segmenter=None)
     assert not (tmp_path / "run" / "lung_mask.png").exists()
-    assert record["request"]["lung_mask"] is True and record["map_region"] == "whole_image"
-    assert record["lung_mask"]["applied"] is False and "no lung segmenter" in record["lung_mask"]["reason"]
-    assert json.loads((tmp_path / "run" / "record.json").read_text())["lung_mask"] == record["lung_mask"]
+    assert record.request["lung_mask"] is True and record.map_region == "whole_image"
+    assert record.lung_mask["applied"] is False and "no lung segmenter" in record.lung_mask["reason"]
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["lung_mask"] == record.lung_mask
 
 
 def test_user_mask_wins_over_the_lungs(tiny_engine, box_segmenter, tmp_path):
@@ -163,9 +165,9 @@ def test_user_mask_wins_over_the_lungs(tiny_engine, box_segmenter, tmp_path):
     user[5:15, 5:30] = True
     record = run(tiny_engine, tmp_path / "run", segmenter=box_segmenter, mask=user)
     assert (tmp_path / "run" / "mask.png").exists() and not (tmp_path / "run" / "lung_mask.png").exists()
-    assert record["map_region"] == "user_mask" and record["request"]["mask"] is True
-    assert record["lung_mask"]["applied"] is False and "user-supplied" in record["lung_mask"]["reason"]
-    assert record["map_summary"]["mask_area_px"] == int(user.sum())
+    assert record.map_region == "user_mask" and record.request["mask"] is True
+    assert record.lung_mask["applied"] is False and "user-supplied" in record.lung_mask["reason"]
+    assert record.map_summary["mask_area_px"] == int(user.sum())
 
 
 def test_no_lung_found_leaves_the_map_unrestricted(segmenter_dir):
@@ -248,7 +250,7 @@ def classifier(classifier_dir: Path):
     return LesionClassifier(classifier_dir)
 
 
-def guided(engine: Any, out: Path, *, classifier: Any, segmenter: LungSegmenter | None, **req: Any) -> dict[str, Any]:
+def guided(engine: Any, out: Path, *, classifier: Any, segmenter: LungSegmenter | None, **req: Any) -> RunRecord:
     request = ReviewRequest(**{**FAST, "map_method": "classifier_guided", **req})
     return run_review(engine, png_bytes(), request, out, segmenter=segmenter, classifier=classifier)
 
@@ -302,11 +304,11 @@ def test_ddim_inversion_run_maps_against_its_own_reconstruction(tiny_engine, box
     the same inverted latent; it is deterministic (the seed does not matter) and refuses what it cannot honour."""
     record = run(tiny_engine, tmp_path / "inv", segmenter=box_segmenter, map_method="ddim_inversion")
     assert {p.name for p in (tmp_path / "inv").iterdir()} == {p.name for p in lung_run.iterdir()}
-    assert record["map_method"] == "ddim_inversion" and record["request"]["reference"] == "reconstruction"
-    assert record["parameters"]["scheduler"] == "ddim" and record["map_region"] == "lungs"
+    assert record.map_method == "ddim_inversion" and record.request["reference"] == "reconstruction"
+    assert record.parameters.scheduler == "ddim" and record.map_region == "lungs"
     again = run(tiny_engine, tmp_path / "again", segmenter=box_segmenter, map_method="ddim_inversion", seed=99)
     signed = np.load(tmp_path / "inv" / "attribution.npy")
-    assert np.array_equal(signed, np.load(tmp_path / "again" / "attribution.npy")) and again["seeds"] == [99]
+    assert np.array_equal(signed, np.load(tmp_path / "again" / "attribution.npy")) and again.seeds == [99]
     rec = imaging.decode_image((tmp_path / "inv" / "reconstruction.png").read_bytes()).pixels
     cf = imaging.decode_image((tmp_path / "inv" / "counterfactual.png").read_bytes()).pixels
     lungs = imaging.decode_image((tmp_path / "inv" / "lung_mask.png").read_bytes()).pixels > 0.5
@@ -330,7 +332,7 @@ def test_default_map_method_follows_the_manifest(tiny_engine, box_segmenter, cla
     monkeypatch.setitem(tiny_engine.info.manifest, "map_method", "classifier_guided")
     record = run_review(tiny_engine, png_bytes(), ReviewRequest(**FAST), tmp_path / "run", segmenter=box_segmenter,
                         classifier=classifier)
-    assert record["map_method"] == "classifier_guided" and record["request"]["map_method"] == "classifier_guided"
+    assert record.map_method == "classifier_guided" and record.request["map_method"] == "classifier_guided"
     with pytest.raises(ValueError, match="no lesion classifier"):
         run(tiny_engine, tmp_path / "none", segmenter=box_segmenter)
 
@@ -373,7 +375,7 @@ def test_uncalibrated_model_records_the_relative_scale(plain_run):
 def test_calibrated_model_reads_the_map_against_the_normal_level(tiny_engine, box_segmenter, tmp_path, monkeypatch):
     monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", CALIBRATION)
     record = run(tiny_engine, tmp_path / "cal", segmenter=box_segmenter, reference="input")
-    summary = record["map_summary"]
+    summary = record.map_summary
     assert summary["scale"]["kind"] == "calibrated" and summary["scale"]["level"] == 0.05
     assert summary["scale"]["preset_matches"] is True and summary["threshold_fold"] == 1.0
     amap = np.load(tmp_path / "cal" / "attribution.npy")
@@ -383,16 +385,36 @@ def test_calibrated_model_reads_the_map_against_the_normal_level(tiny_engine, bo
     assert summary["rms_vs_normal"] == pytest.approx(rms / 0.02, rel=1e-5)
     # the calibration holds for its own reference only: a reconstruction-referenced map falls back, and says why
     other = run(tiny_engine, tmp_path / "rec", segmenter=box_segmenter, reference="reconstruction")
-    assert other["map_summary"]["scale"]["kind"] == "relative"
-    assert "reconstruction" in other["map_summary"]["scale"]["reason"]
-    assert other["map_label"] == "autoencoder reconstruction − counterfactual"
+    assert other.map_summary["scale"]["kind"] == "relative"
+    assert "reconstruction" in other.map_summary["scale"]["reason"]
+    assert other.map_label == "autoencoder reconstruction − counterfactual"
 
 
 def test_case_label_stays_out_of_the_record_and_is_checked(tiny_engine, tmp_path):
     """The operator's free-text label may name the patient: record.json is exported (the ZIP, beside a
     de-identified Secondary Capture), so the label lives only in the job (job.json), never in the record."""
     record = run(tiny_engine, tmp_path / "lab", case_label="teaching case 3")
-    assert "case_label" not in record
+    assert "case_label" not in record.to_dict()
     assert "teaching case 3" not in (tmp_path / "lab" / "record.json").read_text()
     with pytest.raises(ValueError, match="case_label"):
         ReviewRequest(case_label="two\nlines").check()
+
+
+def test_every_record_round_trips_byte_for_byte(lung_run, plain_run, guided_run, tiny_engine, box_segmenter,
+                                                tmp_path):
+    """What run_review returns is what any reader of its record.json gets, and RunRecord writes the file back byte
+    for byte: one sample or several, lungs, a user mask, no region, every map method."""
+    user = np.zeros((H, W), dtype=bool)
+    user[5:15, 5:30] = True
+    made = {"multi": run(tiny_engine, tmp_path / "multi", samples=2, lung_mask=False),
+            "user": run(tiny_engine, tmp_path / "user", segmenter=box_segmenter, mask=user),
+            "inv": run(tiny_engine, tmp_path / "inv", segmenter=box_segmenter, map_method="ddim_inversion")}
+    for name, record in made.items():
+        assert record == RunRecord.from_json((tmp_path / name / "record.json").read_bytes())
+    assert made["multi"].n_samples == 2 and made["user"].region == "user_mask" and made["inv"].method == \
+        "ddim_inversion"
+    for folder in (lung_run, plain_run, guided_run, *(tmp_path / n for n in made)):
+        data = (folder / "record.json").read_bytes()
+        record = RunRecord.from_json(data)
+        assert record.to_json() == data and RunRecord.from_json(record.to_json()) == record
+        assert record.to_dict() == json.loads(data)

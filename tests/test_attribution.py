@@ -20,6 +20,7 @@ from app.attribution import (
 )
 from app.rendering import BANNER_TEXT, OverlayOptions, render_annotated_export, render_legend, render_overlay
 from tests.factories import encode_png
+from app.runs.record import RunRecord
 
 H, W = 64, 80
 CENTRE = (50.0, 24.0)  # (x, y)
@@ -575,5 +576,5 @@ def test_measure_normals_and_the_scaled_summary() -> None:
 ])
 def test_map_label_follows_the_reference(reference, method, label) -> None:
     assert attr.map_label(reference, method) == label
-    record = {"request": {"reference": reference}, "map_method": method}
-    assert attr.map_label_of_record(record) == label
+    record = RunRecord.from_dict({"request": {"reference": reference}, "map_method": method})
+    assert record.label == label

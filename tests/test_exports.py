@@ -1,7 +1,7 @@
 """Exports of a run folder: annotated PNG, DICOM Secondary Capture, record.json, ZIP bundle.
 
 Run folders are built in code (no model): a 16-bit ``input.png``, a synthetic ``attribution.npy`` and a
-``record.json`` shaped like :func:`app.artifacts.run_review` writes it. DICOM sources are a small CR built with
+``record.json`` shaped like :func:`app.runs.review.run_review` writes it. DICOM sources are a small CR built with
 pydicom and, when the shared data is present, ``siim_cr_chest.dcm``.
 """
 
@@ -20,10 +20,11 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from app import exports, rendering
-from app.exports import ExportError
+from app import rendering
 from app.rendering import OverlayOptions
 from tests.factories import encode_png, make_dicom
+from app.runs import exports
+from app.runs.exports import ExportError
 
 H, W = 48, 40
 MODEL_HASH = "0123456789abcdef" * 4
@@ -53,7 +54,7 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 def make_run(folder: Path, input_bytes: bytes, *, h: int = H, w: int = W, samples: int = 1) -> Path:
-    """A finished run folder as app.artifacts writes it; ``input_bytes`` is the 'uploaded' file."""
+    """A finished run folder as app.runs.review.run_review writes it; ``input_bytes`` is the 'uploaded' file."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     ys, xs = np.mgrid[0:h, 0:w]

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from app import engine
-from app.artifacts import ReviewRequest, run_review
 from app.generation import PRESETS, GenerationRequest, Preset, Scheduler, model_presets
+from app.runs.review import ReviewRequest, run_review
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,13 +104,13 @@ def test_the_engine_runs_the_scheduler_the_preset_names(dpm_engine, tmp_path):
     req = GenerationParams().to_request(dpm_engine.info)
     assert req.scheduler is Scheduler.DPM_PP and req.steps == 8
     record = run_review(dpm_engine, _png(), dataclasses.replace(req, seed=1), tmp_path / "dpm")
-    assert record["parameters"]["scheduler"] == "dpm++"
+    assert record.parameters.scheduler == "dpm++"
     assert type(dpm_engine.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     # DPM-Solver++ evaluates the UNet once per step; PNDM (what ran before the fix) adds a warm-up evaluation
-    assert record["unet_evaluations"] == record["effective_steps"] == 4
+    assert record.unet_evaluations == record.effective_steps == 4
     pndm = run_review(dpm_engine, _png(), dataclasses.replace(req, seed=1, scheduler=Scheduler.PNDM),
                       tmp_path / "pndm")
-    assert pndm["unet_evaluations"] == 5 and type(dpm_engine.pipe.scheduler).__name__ == "PNDMScheduler"
+    assert pndm.unet_evaluations == 5 and type(dpm_engine.pipe.scheduler).__name__ == "PNDMScheduler"
 
 
 def test_the_form_and_the_api_default_to_the_preset_scheduler(dpm_engine):

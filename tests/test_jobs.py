@@ -22,7 +22,6 @@ import pytest
 from PIL import Image
 
 from app import audit, imaging
-from app.artifacts import ReviewRequest
 from app.engine import GenerationCancelled
 from app.jobs import (
     JOB_FILE,
@@ -38,6 +37,9 @@ from app.jobs import (
     WorkerStoppedError,
 )
 from tests.factories import edited_dicom, png_bytes
+from app.runs.record import RunRecord
+from app.runs.review import ReviewRequest
+
 
 
 class FakeEngine:
@@ -64,7 +66,7 @@ class GatedRunner:
         self.fail = fail
 
     def __call__(self, engine: Any, data: bytes, req: ReviewRequest, out: Path, *, mask=None, progress=None,
-                 cancel=None, decoded=None, segmenter=None, classifier=None) -> dict[str, Any]:
+                 cancel=None, decoded=None, segmenter=None, classifier=None) -> RunRecord:
         self.calls.append(out.name)
         self.classifiers.append(classifier)
         self.started.set()
@@ -84,7 +86,7 @@ class GatedRunner:
                   "timings_s": {"denoising": 0.02 * self.steps, "total": 0.05},
                   "artifacts_sha256": {"input.png": hashlib.sha256(png).hexdigest()}}
         (out / "record.json").write_text(json.dumps(record))
-        return record
+        return RunRecord.from_dict(record)
 
 
 def wait_for(predicate, timeout: float = 20.0) -> None:

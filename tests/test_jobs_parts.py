@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from app import audit, imaging
-from app.artifacts import ReviewRequest
+from app.fileio import sha256_bytes
+from app.runs.review import ReviewRequest
 from app.config import Settings
 from app.jobs import (
     JOB_FILE,
@@ -109,8 +110,11 @@ def test_store_thumbnail_waits_for_the_input_and_is_cached(tmp_path):
     job = _job(store)
     store.create(job)
     assert store.thumbnail_png(job) is None and not (job.run_dir / THUMBNAIL).exists()
-    (job.run_dir / "input.png").write_bytes(imaging.to_png_bytes(np.linspace(0, 1, 40 * 20).reshape(40, 20),
-                                                                 bits=16))
+    assert store.thumbnail_png(job) is None  # an input.png alone is not the run's until its record lists it
+    data = imaging.to_png_bytes(np.linspace(0, 1, 40 * 20).reshape(40, 20), bits=16)
+    (job.run_dir / "input.png").write_bytes(data)
+    assert store.thumbnail_png(job) is None
+    (job.run_dir / "record.json").write_text(json.dumps({"artifacts_sha256": {"input.png": sha256_bytes(data)}}))
     png = store.thumbnail_png(job)
     assert png is not None and Image.open(io.BytesIO(png)).size == (8, 16)
     assert (job.run_dir / THUMBNAIL).read_bytes() == png

@@ -11,49 +11,54 @@ APP = Path(__file__).resolve().parent.parent / "app"
 
 # module (first component under app/) -> app modules it must never import
 FORBIDDEN: dict[str, set[str]] = {
-    "datasets": {"config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations", "artifacts",
-                 "exports", "train", "evaluate", "jobs", "web", "manage", "cli", "lungs"},
-    "config": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit",
-               "exports", "cli", "metrics", "lungs"},
-    "imaging": {"attribution", "rendering", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports",
+    "datasets": {"config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
+                 "runs", "train", "evaluate", "jobs", "web", "manage", "cli", "lungs"},
+    "config": {"imaging", "attribution", "engine", "jobs", "web", "train", "evaluate", "audit",
+               "runs", "cli", "metrics", "lungs"},
+    "imaging": {"attribution", "rendering", "engine", "jobs", "web", "train", "evaluate", "audit", "runs",
                 "cli", "metrics", "config", "lungs"},
-    "attribution": {"rendering", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli",
+    "attribution": {"rendering", "engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli",
                     "lungs"},
-    "rendering": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "metrics",
+    "rendering": {"engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli", "metrics",
                   "lungs"},
     # the map's calibrated scale: numpy and app.attribution only (rendering draws with it)
-    "mapscale": {"rendering", "engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli",
+    "mapscale": {"rendering", "engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli",
                  "metrics", "lungs"},
     # the one generation request type (presets, schedulers): pure Python, below everything that generates
     "generation": {"datasets", "config", "imaging", "attribution", "rendering", "mapscale", "metrics", "engine",
-                   "audit", "migrations", "lungs", "lesions", "mapmethods", "artifacts", "exports", "train",
+                   "audit", "migrations", "lungs", "lesions", "mapmethods", "runs", "train",
                    "train_lungs", "train_lesions", "train_finetune", "evaluate", "jobs", "web", "manage", "cli"},
-    "metrics": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
-    "engine": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
-    "audit": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
+    "metrics": {"engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli"},
+    "engine": {"runs", "jobs", "web", "train", "evaluate", "audit", "cli"},
+    "audit": {"imaging", "attribution", "engine", "jobs", "web", "train", "evaluate", "runs",
               "cli", "lungs"},
-    "migrations": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "cli", "lungs"},
-    # the lung segmenter: torch, numpy, scipy, Pillow and safetensors only (artifacts, jobs, web, cli may import it)
+    "migrations": {"imaging", "attribution", "engine", "runs", "jobs", "web", "train", "evaluate", "cli", "lungs"},
+    # the lung segmenter: torch, numpy, scipy, Pillow and safetensors only (runs, jobs, web, cli may import it)
     "lungs": {"datasets", "config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
-              "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli"},
+              "runs", "train", "evaluate", "jobs", "web", "manage", "cli"},
     # the lesion classifier: torch, numpy and the lung segmenter's module only
     "lesions": {"datasets", "config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
-                "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli", "mapmethods"},
-    # engine-level map methods: beside the engine, below artifacts and evaluation
-    "mapmethods": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "manage"},
-    "artifacts": {"jobs", "web", "train", "evaluate", "audit", "cli"},
-    "exports": {"engine", "jobs", "web", "train", "evaluate", "audit", "cli", "lungs"},
+                "runs", "train", "evaluate", "jobs", "web", "manage", "cli", "mapmethods"},
+    # engine-level map methods: beside the engine, below runs and evaluation
+    "mapmethods": {"runs", "jobs", "web", "train", "evaluate", "audit", "cli", "manage"},
+    # one package for runs (app/runs/: the record, its folder and reader, the review run, exports, DICOM SC);
+    # its read side stays lighter still (RUN_READERS below)
+    "runs": {"jobs", "web", "train", "evaluate", "audit", "cli", "manage"},
     # every training technique (app/train/: vae, unet, dreambooth, lungs, lesions, finetune and what they share)
-    "train": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
+    "train": {"runs", "jobs", "web", "evaluate", "audit", "cli", "manage"},
     "evaluate": {"jobs", "web", "train", "audit", "cli"},
     "jobs": {"web", "train", "evaluate", "cli"},
     "web": {"train", "cli"},
-    "manage": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
+    "manage": {"imaging", "attribution", "engine", "jobs", "web", "train", "evaluate", "runs",
                "metrics", "cli", "lungs"},
 }
 # modules that may not import torch/diffusers at all (pure numpy / database layers)
-NO_TORCH = {"generation", "datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "exports", "config",
-            "migrations", "manage"}
+NO_TORCH = {"generation", "datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "config",
+            "migrations", "manage", "fileio"}
+# the read side of app/runs/ (record, folder, read, exports, DICOM SC): what the pages, exports and the PACS store
+# import; never the engine, the lung segmenter or the review run (torch), so that reading a run stays light
+RUN_READERS = ("record", "folder", "read", "exports", "dicom_sc")
+RUN_READERS_MAY_NOT = {"app.engine", "app.lungs", "app.lesions", "app.mapmethods", "app.runs.review"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -144,3 +149,18 @@ def test_the_job_managers_parts_do_not_reach_back(part):
     path = APP / "jobs" / f"{part}.py"
     bad = _imports(path) & JOBS_PARTS[part]
     assert not bad, f"app/jobs/{part}.py imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("name", RUN_READERS)
+def test_run_readers_stay_free_of_the_engine(name):
+    path = APP / "runs" / f"{name}.py"
+    imported = _imports(path)
+    bad = {m for m in imported if any(m == f or m.startswith(f + ".") for f in RUN_READERS_MAY_NOT)}
+    assert not bad, f"app/runs/{name}.py imports {sorted(bad)}: reading a run must not load the engine"
+    heavy = {m.split(".")[0] for m in imported} & {"torch", "diffusers", "transformers", "fastapi"}
+    assert not heavy, f"app/runs/{name}.py must stay free of {sorted(heavy)}"
+
+
+def test_fileio_is_a_leaf():
+    imported = _imports(APP / "fileio.py")
+    assert not {m for m in imported if m.startswith("app")}, "app/fileio.py must import no app module"

@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
-from app import exports, imaging
+from app import imaging
 from app.config import PacsServer
 from app.pacs.client import (
     PacsClient,
@@ -30,6 +30,7 @@ from app.pacs.client import (
     PacsUnsuitableError,
 )
 from app.pacs.derived import AI_SERIES_DESCRIPTION, StoreMode, build_derived
+from app.runs import exports
 from tests import orthanc as orthanc_mod
 from tests.test_exports import make_run
 

@@ -136,6 +136,25 @@ def test_thumbnail_is_decoded_locally_when_the_server_cannot_render(web, dicom_d
     assert retrieved[0].detail["study"] == audit.hmac_uid(app.state.uid_secret, str(src.StudyInstanceUID))
 
 
+def test_a_changed_run_folder_is_refused_before_anything_is_stored(web, orthanc, dicom_dir):  # noqa: F811
+    """The PACS store reads the run's files through the hash-checked reader: a counterfactual.png replaced after
+    the run is a 409 (error fragment), audited as a failed store, and nothing reaches the PACS."""
+    app, client = web
+    src = pydicom.dcmread(dicom_dir / "siim_cr_chest.dcm", stop_before_pixels=True)
+    r = client.post("/pacs/open", data={"server": SERVER, "study": str(src.StudyInstanceUID),
+                                        "series": str(src.SeriesInstanceUID), "sop": str(src.SOPInstanceUID)},
+                    follow_redirects=False)
+    job_id = r.headers["location"].rsplit("/", 1)[1]
+    assert _wait(client, job_id)["state"] == "done"
+    run_dir = app.state.jobs.get(job_id, None, any_owner=True).run_dir
+    (run_dir / "counterfactual.png").write_bytes((run_dir / "input.png").read_bytes())
+    before = orthanc.instance_count()
+    r = client.post(f"/pacs/runs/{job_id}/store", data={"mode": "deidentified"}, headers={"HX-Request": "true"})
+    assert r.status_code == 409 and "changed after the run" in r.text, r.text
+    assert orthanc.instance_count() == before
+    assert _events(app, "pacs_store")[-1].outcome != "success"
+
+
 def test_unsuitable_instance_is_refused_and_nothing_is_stored(web, orthanc, dicom_dir):  # noqa: F811
     app, client = web
     orthanc.upload((dicom_dir / "CT_small.dcm").read_bytes())

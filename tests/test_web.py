@@ -715,6 +715,34 @@ def test_only_artifacts_are_served(client, done_job, name):
     assert r.status_code == 404
 
 
+def test_a_changed_run_folder_is_refused_wherever_it_is_read(client, app_and_client):
+    """Every read of a run file is checked against record.json's SHA-256: the stored overlay and counterfactual, the
+    re-rendered overlay, the viewer's pixels and the exports answer 409 once a file was changed after the run,
+    never a 500 and never the changed bytes (the PACS store's HTML answer: tests/test_pacs_web.py)."""
+    app, _ = app_and_client
+    r = submit(client, png_bytes(seed=7))
+    job = wait_state(client, r.json()["job_id"])
+    assert job["state"] == "done"
+    base = f"/api/v1/jobs/{job['job_id']}"
+    run_dir = app.state.jobs.get(job["job_id"], None, any_owner=True).run_dir
+    assert client.get(f"{base}/artifacts/overlay.png").status_code == 200
+    assert client.get(f"{base}/pixels/counterfactual.npy").status_code == 200
+    for name in ("overlay.png", "counterfactual.png", "input.png"):
+        (run_dir / name).write_bytes((run_dir / name).read_bytes() + b"changed")
+    for path in ("artifacts/overlay.png", "artifacts/counterfactual.png", "overlay.png", "artifacts/annotated.png",
+                 "artifacts/bundle.zip"):
+        r = client.get(f"{base}/{path}")
+        assert r.status_code == 409 and r.json()["error"] == "Run folder changed", (path, r.text)
+        assert "changed after the run" in r.json()["message"] and str(run_dir) not in r.json()["message"]
+    from app.web import viewing
+
+    viewing._CACHE.clear()  # the viewer keeps decoded pixels of recent runs; a fresh read checks the hash
+    r = client.get(f"{base}/viewing")
+    assert r.status_code == 409 and "counterfactual.png" in r.json()["message"]
+    r = client.get(f"/runs/{job['job_id']}")  # the result page still opens; its images say what is wrong
+    assert r.status_code == 200
+
+
 def test_unexpected_errors_never_show_a_traceback(tiny_engine, tmp_path):
     app = create_app(Settings(data_dir=tmp_path / "d"), engine=tiny_engine)
 

@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
-from app import imaging
+from app import fileio, imaging
 from app.datasets import IMAGE_SUFFIXES  # noqa: F401 (re-exported for the evaluation modules)
 from app.datasets import LabelledImage as Item
 from app.datasets import read_labelled as read_items  # noqa: F401 (re-exported: (root, rows) of a data set)
@@ -106,11 +106,10 @@ def now_iso() -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (no half-written file after a crash)."""
+    """Write ``data`` to ``path`` atomically (:func:`app.fileio.write_atomic`, the umask's mode: evaluation outputs
+    are shared results), creating its folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    fileio.write_atomic(path, data, mode=None)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -29,7 +29,7 @@ from app.imaging.errors import (
 from app.imaging.export import gray_png, to_png_bytes, to_uint8
 from app.imaging.geometry import Letterbox, letterbox, unletterbox
 from app.imaging.meta import DecodedImage, ImageMeta
-from app.imaging.raster import read_png_unit, read_raster
+from app.imaging.raster import decode_png_unit, read_png_unit, read_raster
 from app.imaging.voi import (
     VoiLut,
     Window,
@@ -57,6 +57,7 @@ __all__ = [
     "gray_png",
     "letterbox",
     "percentile_window",
+    "decode_png_unit",
     "read_png_unit",
     "rgb_to_luminance",
     "sniff_format",

@@ -8,13 +8,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.imaging.errors import CorruptImageError, ImageTooLargeError, ImagingError, UnsupportedImageError
 from app.imaging.meta import DecodedImage, ImageMeta
 from app.imaging.voi import WindowRequest, apply_window, full_range_window, rgb_to_luminance, select_window
 
-__all__ = ["read_png_unit", "read_raster"]
+__all__ = ["decode_png_unit", "read_png_unit", "read_raster"]
 
 _PIL_FORMATS = {"png": ("PNG",), "jpeg": ("JPEG", "MPO")}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -93,12 +93,25 @@ def read_raster(data: bytes, source_format: str, *, window: WindowRequest, max_p
     return DecodedImage(pixels=apply_window(raw, chosen, photometric), meta=meta, raw=raw)
 
 
-def read_png_unit(path: Path) -> np.ndarray:
-    """Read a grayscale PNG written by ``imaging.to_png_bytes`` (8 or 16 bit) as float32 (H, W) in [0, 1]."""
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-        mode = im.mode
+def decode_png_unit(data: bytes) -> np.ndarray:
+    """A PNG written by ``imaging.to_png_bytes`` (8 or 16 bit gray; RGB is averaged) as float32 (H, W) in [0, 1].
+
+    Raises:
+        ValueError: not a readable PNG.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im)
+            mode = im.mode
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"not a readable PNG ({exc})") from exc
     if arr.ndim == 3:
         arr = arr[..., :3].mean(-1)
     full = 65535.0 if mode.startswith("I") or arr.dtype == np.uint16 or arr.max() > 255 else 255.0
     return (arr.astype(np.float32) / full).clip(0.0, 1.0)
+
+
+def read_png_unit(path: Path) -> np.ndarray:
+    """:func:`decode_png_unit` of a file, unchecked (run files: :meth:`app.runs.folder.RunFolder.read_png_unit`,
+    which checks their SHA-256)."""
+    return decode_png_unit(Path(path).read_bytes())

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from app import audit, imaging
-from app.artifacts import ReviewRequest
+from app.runs.review import ReviewRequest
 from app.engine import effective_steps
 
 __all__ = ["METHOD_COST_FACTOR", "Job", "JobState", "final_timings", "job_cost", "now"]

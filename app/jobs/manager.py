@@ -1,7 +1,7 @@
 """The review queue: a bounded, fair queue of jobs and the single worker thread that owns the engine.
 
 One process holds one model copy, and the diffusion pipeline is not thread-safe, so exactly one thread runs
-:func:`app.artifacts.run_review`; requests only enqueue. Memory holds only small state: the progress counters, the
+:func:`app.runs.review.run_review`; requests only enqueue. Memory holds only small state: the progress counters, the
 latest preview (a latent-sized array) and, while a job waits, its decoded pixels. The manager delegates the rest:
 files to the :class:`~app.jobs.store.JobStore`, the audit trail to a :class:`~app.jobs.recorder.Recorder`, who may
 queue and who goes next to :mod:`app.jobs.policy`, time estimates to the
@@ -27,7 +27,8 @@ import numpy as np
 from sqlalchemy import Engine as Database
 
 from app import attribution, audit, imaging
-from app.artifacts import ReviewRequest, resolve_request, run_review
+from app.runs.record import RunRecord
+from app.runs.review import ReviewRequest, resolve_request, run_review
 from app.config import Settings
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps
 from app.imaging import gray_png
@@ -43,8 +44,8 @@ __all__ = ["JobManager", "Runner"]
 
 logger = logging.getLogger("vald_md.jobs")
 
-Runner = Callable[..., dict[str, Any]]
-"""Signature of :func:`app.artifacts.run_review`; injectable so tests can gate a job."""
+Runner = Callable[..., RunRecord]
+"""Signature of :func:`app.runs.review.run_review`; injectable so tests can gate a job."""
 
 
 class JobManager:
@@ -56,7 +57,7 @@ class JobManager:
         recorder: the audit trail (:class:`AuditRecorder`), or :class:`NullRecorder` to keep no records beyond
             ``job.json`` (tests).
         limits: the queue's length and cost budget, each user's share, the largest request.
-        runner: the function that performs one run; :func:`app.artifacts.run_review` unless a test injects one.
+        runner: the function that performs one run; :func:`app.runs.review.run_review` unless a test injects one.
         segmenter: the lung segmenter handed to every run (``ReviewRequest.lung_mask`` restricts the map to the
             lungs it finds); ``None``: runs are not restricted and their records say why.
         classifier: the lesion classifier (``app.lesions.LesionClassifier``) handed to every run; the
@@ -158,7 +159,7 @@ class JobManager:
     # -- submission -----------------------------------------------------------------------------------------------
     def check_request(self, decoded: imaging.DecodedImage, req: ReviewRequest) -> ReviewRequest:
         """Refuse parameters before queueing (the engine's ranges plus this server's limits); returns the request
-        with the model's map recommendations filled in (:func:`app.artifacts.resolve_request`).
+        with the model's map recommendations filled in (:func:`app.runs.review.resolve_request`).
 
         Raises:
             ValueError: a parameter is out of range; the message names it and the allowed range.
@@ -435,20 +436,19 @@ class JobManager:
                 self._finish(job, JobState.FAILED, str(e))
             return
         run_s = time.perf_counter() - t0
-        job.unet_evaluations = int(record.get("unet_evaluations", job.total))
-        job.effective_steps = int(record.get("effective_steps", job.effective_steps))
-        job.seeds = list(record.get("seeds", job.seeds))
-        job.timings_s = {**record.get("timings_s", {}), "run": round(run_s, 4)}
+        job.unet_evaluations = int(record.unet_evaluations if record.unet_evaluations is not None else job.total)
+        job.effective_steps = int(record.effective_steps if record.effective_steps is not None else job.effective_steps)
+        job.seeds = list(record.seeds or job.seeds)
+        job.timings_s = {**record.timings_s, "run": round(run_s, 4)}
         denoise = job.timings_s.get("denoising")
-        if denoise and job.unet_evaluations > 1 and record.get("map_method", "sdedit") == "sdedit":
+        if denoise and job.unet_evaluations > 1 and (record.map_method or "sdedit") == "sdedit":
             # per UNet evaluation and sample (job_cost's unit), and the rest of the run (decoding, maps, files).
             # The engine times denoising from the first step's end to the last's: unet_evaluations - 1
             # evaluations. Other map methods time their whole method as "denoising" (encode, inversion, decode),
             # so they do not teach the rate.
             self.estimator.learn(float(denoise), job.unet_evaluations - 1, job.request.samples, run_s)
-        hashes = record.get("artifacts_sha256")
-        self.recorder.finish(job, JobState.DONE, None,
-                             artifact_hashes=dict(hashes) if isinstance(hashes, dict) else None)
+        hashes = record.artifacts_sha256
+        self.recorder.finish(job, JobState.DONE, None, artifact_hashes=dict(hashes) if hashes else None)
         with self._cond:
             self._finish(job, JobState.DONE)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from app.artifacts import ReviewRequest
+from app.runs.review import ReviewRequest
 from app.jobs.errors import QueueFullError, UserQueueLimitError
 from app.jobs.job import Job
 

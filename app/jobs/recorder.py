@@ -21,7 +21,8 @@ import numpy as np
 from sqlalchemy import Engine as Database
 
 from app import audit, imaging
-from app.artifacts import ReviewRequest, sha256
+from app.fileio import sha256_bytes as sha256
+from app.runs.review import ReviewRequest
 from app.engine import library_versions
 from app.jobs.job import Job, JobState, final_timings, now
 

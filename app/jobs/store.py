@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app import filemodes
-from app.imaging import gray_png, read_png_unit
+from app.imaging import gray_png
 from app.imaging.deid import deidentify
 from app.jobs.job import Job, JobState, now
+from app.runs import folder
+from app.runs.folder import RunFolder, RunFolderError
 
 __all__ = ["JOB_FILE", "MASK_UPLOAD", "THUMBNAIL", "UPLOAD_STEM", "JobStore"]
 
@@ -28,10 +30,6 @@ UPLOAD_STEM = "upload"
 MASK_UPLOAD = "mask-upload.png"
 THUMBNAIL = "thumbnail.png"
 _SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    filemodes.write_private(path, data)
 
 
 class JobStore:
@@ -81,14 +79,14 @@ class JobStore:
         Raises:
             OSError: the disk refused; the caller then calls :meth:`remove`.
         """
-        _write_atomic(job.upload_path, stored)
+        filemodes.write_private(job.upload_path, stored)
         if mask_png:
-            _write_atomic(job.run_dir / MASK_UPLOAD, mask_png)
+            filemodes.write_private(job.run_dir / MASK_UPLOAD, mask_png)
         self.save(job)
 
     def save(self, job: Job) -> None:
         """Write ``job.json`` (atomically, owner-only)."""
-        _write_atomic(job.run_dir / JOB_FILE, json.dumps(job.to_json(), indent=2).encode())
+        filemodes.write_private(job.run_dir / JOB_FILE, json.dumps(job.to_json(), indent=2).encode())
 
     def make_private(self, job: Job) -> None:
         """Make every file of the job's folder owner-only again."""
@@ -137,9 +135,10 @@ class JobStore:
         thumb = job.run_dir / THUMBNAIL
         if thumb.is_file():
             return thumb.read_bytes()
-        src = job.run_dir / "input.png"
-        if not src.is_file():
+        try:  # the record's checked input.png; none before the run has finished writing it
+            pixels = RunFolder(job.run_dir).read_png_unit(folder.INPUT)
+        except RunFolderError:
             return None
-        png = gray_png(read_png_unit(src), longest_side=self.thumbnail_size)
-        _write_atomic(thumb, png)
+        png = gray_png(pixels, longest_side=self.thumbnail_size)
+        filemodes.write_private(thumb, png)
         return png

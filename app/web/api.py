@@ -28,14 +28,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, File, Form, Query, Request, Security, UploadFile
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import audit, exports
-from app.artifacts import ReviewRequest
+from app import audit
 from app.config import Settings
 from app.jobs import Job, JobManager
+from app.runs import exports
+from app.runs.folder import RECORD
+from app.runs.review import ReviewRequest
 from app.web.auditing import audit_export, audit_view, part_of_page
 from app.web.deps import CurrentUser, DbDep, EngineDep, JobsDep, OverlayQuery, SettingsDep, find_job
 from app.web.errors import UploadTooLargeError
@@ -217,19 +219,19 @@ def job_artifact(
     (except the images a result page shows, which its own ``view`` covers: ``auditing.part_of_page``)."""
     job = find_job(jobs, job_id, user)
     stem = f"vald-md-{job.id[:8]}"
-    if name in exports.EXPORT_KINDS and name != "record.json":
+    if name in exports.EXPORT_KINDS and name != RECORD:
         content, media_type = build_export(job, name, overlay)
         audit_export(db, user, job, name, content)
         return Response(content, media_type=media_type,
                         headers={"Content-Disposition": f'attachment; filename="{stem}-{name}"'})
-    path, media_type = artifact_file(job, name)
-    if name == "record.json":
-        audit_export(db, user, job, name, path.read_bytes())
+    content, media_type = artifact_file(job, name)  # checked against the record's SHA-256 (409 when changed)
+    if name == RECORD:
+        audit_export(db, user, job, name, content)
     elif not part_of_page(request, user, download=download):  # the result page's own images: its one view
         audit_view(db, user, job, name)
-    disposition = "attachment" if download or path.suffix != ".png" else "inline"
-    return FileResponse(path, media_type=media_type,
-                        content_disposition_type=disposition, filename=f"{stem}-{name}")
+    disposition = "attachment" if download or not name.endswith(".png") else "inline"
+    return Response(content, media_type=media_type,
+                    headers={"Content-Disposition": f'{disposition}; filename="{stem}-{name}"'})
 
 
 @router.get("/model", summary="The loaded model", response_model=None,

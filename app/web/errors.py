@@ -13,6 +13,7 @@ other ``imaging.ImagingError``                   422     the ingestion message (
 ``RequestValidationError``                       422     one message per field
 ``JobNotFoundError``, ``ArtifactNotFoundError``  404     also unknown routes
 ``JobNotReadyError``                             409     the run's state
+``app.runs.folder.ArtifactChangedError``         409     which run file differs from its record's SHA-256
 ``app.pacs.client.PacsError``                    422/    unsuitable instance 422, not found 404, timeout 504,
                                                  404/    unreachable or refused 502: the message names the
                                                  504/    server and what to do
@@ -42,6 +43,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from app import audit, imaging
 from app.pacs.client import PacsError, PacsNotFoundError, PacsTimeoutError, PacsUnsuitableError
 from app.jobs import JobNotFoundError, JobNotReadyError, QueueFullError, UserQueueLimitError, WorkerStoppedError
+from app.runs.folder import ArtifactChangedError
 from app.web.templating import is_htmx, render
 from app.web.views import ArtifactNotFoundError
 
@@ -149,6 +151,8 @@ def classify(exc: BaseException) -> Problem:
         return Problem(status, "PACS", str(exc), extra={"retry": exc.retry})
     if isinstance(exc, JobNotReadyError):
         return Problem(409, "Not ready", str(exc), extra={"state": exc.state})
+    if isinstance(exc, ArtifactChangedError):
+        return Problem(409, "Run folder changed", public_message(str(exc)))
     if isinstance(exc, RequestValidationError):
         fields = _field_messages(exc)
         text = "; ".join(f"{k}: {v}" for k, v in fields.items())

@@ -14,9 +14,9 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.artifacts import MAP_METHODS, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
 from app.engine import ModelInfo
 from app.generation import SCHEDULERS, GenerationRequest, effective_steps
+from app.runs.review import MAP_METHODS, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
 
 SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]
 if set(SCHEDULERS) != {"pndm", "ddim", "dpm++", "euler"}:  # a Literal cannot be built from the tuple

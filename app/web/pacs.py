@@ -42,7 +42,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app import audit, filemodes, imaging
 from app.config import PacsServer
-from app.jobs import Job, JobState, gray_png
+from app.imaging import gray_png
+from app.jobs import Job, JobState
 from app.pacs.client import PacsClient, PacsError, StoreResult
 from app.pacs.derived import StoreMode, build_derived
 from app.web.api import submit_job

@@ -25,7 +25,6 @@ Login, logout and the admin pages live in ``app.web.accounts`` and ``app.web.adm
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Any
@@ -35,10 +34,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import exports, imaging
+from app import imaging
 from app.engine import SCHEDULERS, CounterfactualEngine
-from app.jobs import MASK_UPLOAD, Job, JobManager, JobNotFoundError, JobState, gray_png
+from app.imaging import gray_png
+from app.jobs import MASK_UPLOAD, Job, JobManager, JobNotFoundError, JobState
 from app.rendering import OverlayOptions
+from app.runs import exports
+from app.runs.folder import INPUT
 from app.web.api import read_upload, submit_job
 from app.web.auditing import audit_view
 from app.web.auth import Caller
@@ -61,6 +63,7 @@ from app.web.views import (
     has_lung_mask,
     job_status,
     overlay_query,
+    read_record,
     result_view,
 )
 
@@ -73,17 +76,6 @@ INSPECT_THUMBNAIL_PX = 256
 # ----------------------------------------------------------------------------------------------------------------
 # context builders
 # ----------------------------------------------------------------------------------------------------------------
-def _record(job: Job) -> dict[str, Any]:
-    path = job.run_dir / "record.json"
-    if job.state is not JobState.DONE or not path.is_file():
-        return {}
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
-    except (OSError, ValueError):
-        return {}
-
-
 def run_context(jobs: JobManager, job: Job | None, *, poll: bool = False,
                 overlay: OverlayOptions | None = None) -> dict[str, Any]:
     """Everything ``_run.html`` needs for one job (or the empty results area when ``job`` is None)."""
@@ -97,7 +89,7 @@ def run_context(jobs: JobManager, job: Job | None, *, poll: bool = False,
             "position": jobs.queue_position(job), "queue_eta": jobs.queue_eta_s(job),
             "overlay": overlay, "overlay_query": overlay_query(overlay),
             "exports": [(k, EXPORT_LABELS[k], export_query(overlay, k)) for k in export_kinds(job)],
-            "record": _record(job), "has_lungs": has_lung_mask(job), "preview_url": f"{api_base(job)}/preview.png?v={job.version}"
+            "record": read_record(job), "has_lungs": has_lung_mask(job), "preview_url": f"{api_base(job)}/preview.png?v={job.version}"
             if job.has_preview else None}
 
 
@@ -112,7 +104,7 @@ def _active(jobs: JobManager, user: str, current: Job | None = None) -> Job | No
 def form_for_job(job: Job) -> FormValues:
     """The form restored from a run: its parameters, its first seed fixed, its image reused."""
     seed = job.seeds[0] if job.seeds else job.request.seed
-    thumb = f"{api_base(job)}/thumbnail.png" if (job.run_dir / "input.png").is_file() else None
+    thumb = f"{api_base(job)}/thumbnail.png" if (job.run_dir / INPUT).is_file() else None
     return FormValues.from_request(job.request, seed=seed, reuse_input=job.id, facts=job.input_summary,
                                    thumbnail_url=thumb)
 

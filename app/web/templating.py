@@ -15,9 +15,9 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from starlette.responses import HTMLResponse
 
-from app.artifacts import DISCLAIMER
 from app.config import REPO_ROOT
 from app.jobs import JobState
+from app.runs.review import DISCLAIMER
 
 TEMPLATES_DIR = REPO_ROOT / "templates"
 STATIC_DIR = REPO_ROOT / "static"

@@ -31,10 +31,11 @@ from fastapi.responses import JSONResponse, Response
 from app import imaging
 from app.imaging import viewing
 from app.imaging.voi import inverts
-from app.jobs import Job, read_png_unit
+from app.jobs import Job
+from app.runs.folder import COUNTERFACTUAL, RunFolder
 from app.web.auditing import audit_view, part_of_page
 from app.web.deps import CurrentUser, DbDep, JobsDep, find_job
-from app.web.views import ArtifactNotFoundError, api_base, read_record, require_done
+from app.web.views import ArtifactNotFoundError, api_base, require_done
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
 DETECTOR_SPACING_NOTE = "Pixel spacing is the detector's"
@@ -86,9 +87,9 @@ def _build(job: Job) -> RunPixels:
     q = viewing.quantize_u16(raw)
     # 2. the counterfactual, back through the run's window into the same units and rescale
     cf = None
-    cf_path = job.run_dir / "counterfactual.png"
-    if cf_path.is_file() and meta.window is not None:
-        values = viewing.inverse_window(read_png_unit(cf_path), meta.window, inverted=inverted)
+    run = RunFolder(job.run_dir)
+    if meta.window is not None and run.has(COUNTERFACTUAL):  # checked against the record's SHA-256 (409 if changed)
+        values = viewing.inverse_window(run.read_png_unit(COUNTERFACTUAL), meta.window, inverted=inverted)
         cf = np.clip(np.rint((values - q.intercept) / q.slope), 0, viewing.U16_MAX).astype(np.uint16)
     # 3. presets: relative lung / mediastinum / bone, the file's own windows, else the full range
     presets = viewing.relative_presets(raw, inverted=inverted) + viewing.file_presets(meta.window_presets)
@@ -114,7 +115,7 @@ def _build(job: Job) -> RunPixels:
         "inverted": inverted, "window": run_window,
         "presets": [asdict(p) for p in presets], "preset_keys": PRESET_KEYS,
         "pixel_spacing_mm": spacing,
-        "input_sha256": (read_record(job).get("input") or {}).get("sha256"),
+        "input_sha256": run.record().input_sha256,
         "spacing_source": None if spacing is None else ("ImagerPixelSpacing" if detector else "PixelSpacing"),
         "pixels": {"input": f"{base}/pixels/input.npy",
                    **({"counterfactual": f"{base}/pixels/counterfactual.npy"} if cf is not None else {})},

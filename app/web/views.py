@@ -5,24 +5,24 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
-import re
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from app import attribution, exports, mapscale, rendering
-from app.jobs import Job, JobManager, JobNotReadyError, JobState, read_png_unit
+from app import attribution, mapscale, rendering
+from app.jobs import Job, JobManager, JobNotReadyError, JobState
 from app.rendering import OverlayOptions
+from app.runs import exports
+from app.runs import folder as names
+from app.runs.folder import RunFolder, RunFolderError
+from app.runs.record import RunRecord
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT = re.compile(r"^(input|overlay|reconstruction|mask|lung_mask|counterfactual(-\d{1,2})?)\.png$|"
-                      r"^attribution(_std)?\.npy$|^record\.json$")
+ARTIFACT = names.FETCHABLE
 """Run-folder files a client may fetch (never ``job.json`` or the upload)."""
 EXPORT_LABELS = {"annotated.png": "Annotated PNG", "secondary-capture.dcm": "DICOM SC",
                  "record.json": "JSON record", "bundle.zip": "ZIP bundle"}
@@ -92,8 +92,13 @@ def job_status(jobs: JobManager, job: Job) -> dict[str, Any]:
 
 
 def has_lung_mask(job: Job) -> bool:
-    """The finished run's map was restricted to the lungs (its folder holds ``lung_mask.png``)."""
-    return job.state is JobState.DONE and (job.run_dir / "lung_mask.png").is_file()
+    """The finished run's map was restricted to the lungs (it wrote ``lung_mask.png``)."""
+    if job.state is not JobState.DONE:
+        return False
+    try:
+        return RunFolder(job.run_dir).has(names.LUNG_MASK)
+    except RunFolderError:
+        return False
 
 
 def _round(v: float | None) -> float | None:
@@ -106,20 +111,22 @@ def require_done(job: Job) -> None:
         raise JobNotReadyError(job.state.value)
 
 
-def artifact_file(job: Job, name: str) -> tuple[Path, str]:
-    """(path, media type) of a run artifact; the name is checked against :data:`ARTIFACT` before any path is built.
+def artifact_file(job: Job, name: str) -> tuple[bytes, str]:
+    """(bytes, media type) of a run artifact, checked against the record's SHA-256 (:class:`RunFolder`); the name
+    is checked against :data:`ARTIFACT` before any path is built.
 
     Raises:
         ArtifactNotFoundError: not an artifact name, or the run has no such file.
         JobNotReadyError: the run is not done.
+        app.runs.folder.ArtifactChangedError: the file was changed after the run (HTTP 409).
     """
     if not ARTIFACT.match(name):
         raise ArtifactNotFoundError(f"A run has no file called {name!r}.")
     require_done(job)
-    path = job.run_dir / name
-    if not path.is_file():
+    run = RunFolder(job.run_dir)
+    if not (job.run_dir / name).is_file() or (name != names.RECORD and not run.has(name)):
         raise ArtifactNotFoundError(f"This run has no {name}.")
-    return path, MEDIA[path.suffix]
+    return run.read(name), MEDIA["." + name.rsplit(".", 1)[1]]
 
 
 def build_export(job: Job, kind: str, options: OverlayOptions) -> tuple[bytes, str]:
@@ -145,25 +152,24 @@ def build_export(job: Job, kind: str, options: OverlayOptions) -> tuple[bytes, s
     return exports.build_export(job.run_dir, kind, source, overlay=overlay)
 
 
-def read_record(job: Job) -> dict[str, Any]:
-    """A finished run's ``record.json`` ({} while unfinished, or when it is missing or unreadable)."""
-    path = job.run_dir / "record.json"
-    if job.state is not JobState.DONE or not path.is_file():
-        return {}
+def read_record(job: Job) -> RunRecord:
+    """A finished run's record (an empty :class:`RunRecord` while unfinished, or when it is missing or
+    unreadable)."""
+    if job.state is not JobState.DONE:
+        return RunRecord()
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return RunFolder(job.run_dir).record()
+    except (OSError, RunFolderError):
+        return RunRecord()
 
 
-def threshold_mode(record: dict[str, Any]) -> str:
+def threshold_mode(record: RunRecord) -> str:
     """What the review page's threshold means for this run: ``"normal"`` (x-fold of the model's normal level) on a
     calibrated run, ``"percentile"`` of the map's own |M| otherwise."""
-    return rendering.THRESHOLD_NORMAL if mapscale.scale_from_record(record) is not None else "percentile"
+    return rendering.THRESHOLD_NORMAL if record.calibration is not None else "percentile"
 
 
-def on_run(options: OverlayOptions, record: dict[str, Any]) -> OverlayOptions:
+def on_run(options: OverlayOptions, record: RunRecord) -> OverlayOptions:
     """``options`` with the threshold in this run's unit (:func:`threshold_mode`): the page's threshold is an
     x-fold of the normal level on a calibrated run, else a percentile of the map's own |M|."""
     return replace(options, threshold_mode=threshold_mode(record))
@@ -177,25 +183,25 @@ def map_summary(job: Job, options: OverlayOptions) -> dict[str, Any]:
         JobNotReadyError: the run is not done.
     """
     require_done(job)
-    record = read_record(job)
-    calibration = mapscale.scale_from_record(record)
-    summary: dict[str, Any] = dict(record.get("map_summary") or {})
+    run = RunFolder(job.run_dir)
+    record = run.record()
+    calibration = record.calibration
+    summary: dict[str, Any] = dict(record.map_summary)
     if calibration is None or options.threshold is None:
         return summary
-    amap = _read_map(job)
+    amap = _read_map(job, run)
     scale = summary.get("scale") or {}
     fresh = mapscale.summarize_scaled(amap, calibration, threshold_fold=options.threshold)
     fresh["scale"] = {**fresh["scale"], **scale}
     return fresh
 
 
-def _read_map(job: Job) -> attribution.AttributionMap:
-    run = job.run_dir
-    signed = np.load(run / "attribution.npy", allow_pickle=False).astype(np.float32)
-    std_path = run / "attribution_std.npy"
-    std = np.load(std_path, allow_pickle=False).astype(np.float32) if std_path.is_file() else None
-    region = next((run / n for n in exports.REGION_MASKS if (run / n).is_file()), None)
-    mask = read_png_unit(region) > 0.5 if region is not None else None
+def _read_map(job: Job, run: RunFolder) -> attribution.AttributionMap:
+    """The run's map from its checked files (:class:`RunFolder`)."""
+    signed = run.read_npy(names.ATTRIBUTION)
+    std = run.read_npy(names.ATTRIBUTION_STD) if run.has(names.ATTRIBUTION_STD) else None
+    region = next((n for n in names.REGION_MASKS if run.has(n)), None)
+    mask = run.read_png_unit(region) > 0.5 if region is not None else None
     return attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
                                       n_samples=max(job.request.samples, 2 if std is not None else 1), mask=mask)
 
@@ -231,13 +237,14 @@ def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
         for a single-sample run (message from ``rendering.render_overlay``).
     """
     require_done(job)
-    original = read_png_unit(job.run_dir / "input.png")
-    amap = _read_map(job)
-    record = read_record(job)
-    calibration = mapscale.scale_from_record(record)
+    run = RunFolder(job.run_dir)
+    original = run.read_png_unit(names.INPUT)
+    amap = _read_map(job, run)
+    record = run.record()
+    calibration = record.calibration
     rgb = rendering.render_overlay(original, amap, on_run(options, record),
                                    normal_level=calibration.level if calibration else None,
-                                   label=rendering.map_label_of_record(record))
+                                   label=record.label)
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -252,9 +259,10 @@ def render_legend_png(job: Job, options: OverlayOptions, *, length: int = 480) -
         JobNotReadyError: the run is not done. ValueError: an option is out of range.
     """
     require_done(job)
-    amap = _read_map(job)
-    record = read_record(job)
-    calibration = mapscale.scale_from_record(record)
+    run = RunFolder(job.run_dir)
+    amap = _read_map(job, run)
+    record = run.record()
+    calibration = record.calibration
     level = calibration.level if calibration is not None else None
     threshold, mode = rendering.resolve_threshold(on_run(options, record), level)
     values = amap.std if options.mode == "stability" and amap.std is not None else amap.magnitude
@@ -267,7 +275,7 @@ def render_legend_png(job: Job, options: OverlayOptions, *, length: int = 480) -
     unit = level if options.mode != "stability" else None
     rgb = rendering.render_legend(length, scale, options.mode, position="bottom", opacity=options.opacity,
                                   threshold=thr, unit=unit, relative=options.scale is None and unit is None,
-                                  label=rendering.map_label_of_record(record))
+                                  label=record.label)
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -287,16 +295,15 @@ def result_view(job: Job, options: OverlayOptions, manifest: dict[str, Any], mod
         return {}
     record = read_record(job)
     out: dict[str, Any] = {
-        "map_label": rendering.map_label_of_record(record),
-        "calibration": mapscale.scale_from_record(record),
-        "scale_reason": ((record.get("map_summary") or {}).get("scale") or {}).get("reason", ""),
-        "map_region": record.get("map_region") or "whole_image",
-        "model_frame": (record.get("letterbox") or {}).get("size") if isinstance(record.get("letterbox"), dict)
-        else None,
+        "map_label": record.label,
+        "calibration": record.calibration,
+        "scale_reason": record.scale_reason,
+        "map_region": record.map_region or "whole_image",
+        "model_frame": record.model_frame,
         "case_label": job.request.case_label or "",
-        "limitations": limitations_shown(record.get("model_limitations") or (
-            manifest.get("limitations") if record.get("model_hash") == model_hash else None)),
-        "legend_uri": None, "summary": record.get("map_summary") or {},
+        "limitations": limitations_shown(record.model_limitations or (
+            manifest.get("limitations") if record.model_hash == model_hash else None)),
+        "legend_uri": None, "summary": record.map_summary,
     }
     try:
         out["legend_uri"] = "data:image/png;base64," + base64.b64encode(render_legend_png(job, options)).decode()
@@ -335,10 +342,10 @@ def render_lung_outline_png(job: Job) -> bytes:
         JobNotReadyError: the run is not done. ArtifactNotFoundError: its map was not restricted to the lungs.
     """
     require_done(job)
-    path = job.run_dir / "lung_mask.png"
-    if not path.is_file():
+    run = RunFolder(job.run_dir)
+    if not run.has(names.LUNG_MASK):
         raise ArtifactNotFoundError("This run has no lung mask: its map was not restricted to the lungs.")
-    rgba = rendering.render_mask_outline_rgba(read_png_unit(path) > 0.5)
+    rgba = rendering.render_mask_outline_rgba(run.read_png_unit(names.LUNG_MASK) > 0.5)
     buf = io.BytesIO()
     Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

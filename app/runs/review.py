@@ -1,6 +1,8 @@
 """One review run end to end, written to a folder: decode -> counterfactual -> attribution -> files.
 
-Used by ``vald-md counterfactual`` and by the web app's job worker, so both write the same artifacts:
+Used by ``vald-md counterfactual`` and by the web app's job worker, so both write the same artifacts (their names:
+:mod:`app.runs.folder`, which also reads them back with hash checks; the record: :class:`app.runs.record.RunRecord`,
+which :func:`run_review` returns):
 
 =====================  ===============================================================================
 ``input.png``          the decoded, windowed image exactly as the model saw it, native size (16-bit PNG)
@@ -54,10 +56,8 @@ minus the counterfactual).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -71,8 +71,11 @@ import numpy as np
 
 from app import attribution, imaging, mapscale, rendering
 from app.engine import CounterfactualEngine, CounterfactualResult, GenerationCancelled, ProgressCallback
+from app.fileio import sha256_bytes, write_atomic
 from app.generation import GenerationRequest
 from app.lungs import LungSegmenter, mask_png_bytes
+from app.runs import folder
+from app.runs.record import RECORD_VERSION, RunRecord
 
 logger = logging.getLogger("vald_md.artifacts")
 
@@ -165,17 +168,11 @@ def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
     return req
 
 
-def sha256(data: bytes) -> str:
-    """Hex SHA-256 of bytes."""
-    return hashlib.sha256(data).hexdigest()
-
-
 def _write(path: Path, data: bytes) -> str:
-    """Write atomically (temp file + rename) and return the SHA-256 of the bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return sha256(data)
+    """Write a run file atomically (:func:`app.fileio.write_atomic`; its mode is the umask's, as the CLI has always
+    written them: the web app narrows the run folder to the owner when the run ends) and return its SHA-256."""
+    write_atomic(path, data, mode=None)
+    return sha256_bytes(data)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -333,8 +330,9 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                mask: np.ndarray | None = None, progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None,
                decoded: imaging.DecodedImage | None = None,
-               segmenter: LungSegmenter | None = None, classifier: Any = None) -> dict[str, Any]:
-    """Decode ``data``, make the counterfactual(s), write every artifact into ``out``; return the record.
+               segmenter: LungSegmenter | None = None, classifier: Any = None) -> RunRecord:
+    """Decode ``data``, make the counterfactual(s), write every artifact into ``out``; return the record (as
+    :meth:`RunRecord.from_json` reads the ``record.json`` written: equal to what any later reader sees).
 
     Args:
         data: the uploaded file's bytes (DICOM, PNG or JPEG). decoded: pass when already decoded (skips decode).
@@ -370,27 +368,27 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                                        label=label)
     # the files: the PNG encoders (zlib) release the GIL, so they run side by side in a small pool; the hashes
     # keep the order the record has always listed them in
-    files: list[tuple[str, Callable[[], bytes]]] = [("input.png", partial(imaging.to_png_bytes, pixels, bits=16))]
+    files: list[tuple[str, Callable[[], bytes]]] = [(folder.INPUT, partial(imaging.to_png_bytes, pixels, bits=16))]
     for i, cf in enumerate(result.counterfactuals):
-        name = "counterfactual.png" if i == 0 else f"counterfactual-{i}.png"
-        files.append((name, partial(imaging.to_png_bytes, cf, bits=16)))
-    files.append(("reconstruction.png", partial(imaging.to_png_bytes, result.reconstruction, bits=16)))
-    files.append(("overlay.png", partial(imaging.to_png_bytes, overlay)))
-    files.append(("attribution.npy", partial(_npy_bytes, amap.signed)))
+        files.append((folder.counterfactual_name(i), partial(imaging.to_png_bytes, cf, bits=16)))
+    files.append((folder.RECONSTRUCTION, partial(imaging.to_png_bytes, result.reconstruction, bits=16)))
+    files.append((folder.OVERLAY, partial(imaging.to_png_bytes, overlay)))
+    files.append((folder.ATTRIBUTION, partial(_npy_bytes, amap.signed)))
     if amap.std is not None:
-        files.append(("attribution_std.npy", partial(_npy_bytes, amap.std)))
+        files.append((folder.ATTRIBUTION_STD, partial(_npy_bytes, amap.std)))
     if mask is not None:
-        files.append(("mask.png", partial(imaging.to_png_bytes, mask.astype(np.float32))))
+        files.append((folder.MASK, partial(imaging.to_png_bytes, mask.astype(np.float32))))
     if lungs is not None:
-        files.append(("lung_mask.png", partial(mask_png_bytes, lungs)))
+        files.append((folder.LUNG_MASK, partial(mask_png_bytes, lungs)))
     with ThreadPoolExecutor(max_workers=FILE_WRITERS, thread_name_prefix="vald-md-files") as pool:
         futures = [pool.submit(lambda n=name, f=make: _write(out / n, f())) for name, make in files]
         hashes = {name: fut.result() for (name, _), fut in zip(files, futures, strict=True)}
     summary = mapscale.summarize_scaled(amap, calibration, parameters=result.parameters, reason=scale_reason)
     record = {
-        "vald_md_record": 1,
+        "vald_md_record": RECORD_VERSION,
         "created_at": datetime.now(UTC).isoformat(),
-        "input": {"sha256": sha256(data), "pixels_sha256": sha256(np.ascontiguousarray(pixels).tobytes()),
+        "input": {"sha256": sha256_bytes(data),
+                  "pixels_sha256": sha256_bytes(np.ascontiguousarray(pixels).tobytes()),
                   **img.meta.public_summary()},
         **result.record(),
         "request": {"window": req.window, "reference": req.reference, "smoothing_sigma": req.smoothing_sigma,
@@ -404,5 +402,6 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         "artifacts_sha256": hashes,
         "disclaimer": DISCLAIMER,
     }
-    _write(out / "record.json", json.dumps(record, indent=2, default=str).encode())
-    return record
+    record_bytes = json.dumps(record, indent=2, default=str).encode()
+    _write(out / folder.RECORD, record_bytes)
+    return RunRecord.from_json(record_bytes)
