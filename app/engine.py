@@ -579,7 +579,8 @@ class CounterfactualEngine:
         self._vae_autocast = (_AutoencoderAutocast(pipe.vae, self.autocast_dtype)
                               if self.autocast_dtype is not None else None)
         if compile_unet:
-            # opt-in: compiled once here; the first generate() after start-up pays the warm-up (see warm_up())
+            # opt-in: compiled lazily by torch; the first generate() pays the compilation, which the server's
+            # --compile start-up does before it says ready (warm_up(), load_engine_in_short_lived_thread)
             self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
         self.lock = threading.Lock()
         self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -604,7 +605,10 @@ class CounterfactualEngine:
                     time.perf_counter() - t)
 
     def warm_up(self) -> float:
-        """Run one short generation (compiles kernels, fills caches); returns its wall time in seconds."""
+        """Run one short generation (compiles kernels, fills caches); returns its wall time in seconds.
+
+        The server runs it at start-up when the UNet is compiled (``Settings.compile_unet``), so that the first
+        request does not pay the compilation. The prompt cache keeps the default prompt's embeddings."""
         t = time.perf_counter()
         size = self.info.image_size
         self.generate(np.full((size, size), 0.5, np.float32), "normal chest x-ray", strength=0.5, steps=4, seed=0)
@@ -826,8 +830,9 @@ class CounterfactualEngine:
 # ----------------------------------------------------------------------------------------------------------------
 # assembling a starting model for training
 # ----------------------------------------------------------------------------------------------------------------
-def load_in_passing_thread(*args: Any, **kwargs: Any) -> CounterfactualEngine:
-    """``CounterfactualEngine(*args, **kwargs)``, built in a thread of its own that ends when the model is loaded.
+def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwargs: Any) -> CounterfactualEngine:
+    """``CounterfactualEngine(*args, **kwargs)``, built in a thread of its own that ends when the model is loaded
+    (and, with ``warm_up``, after :meth:`CounterfactualEngine.warm_up`: the server's ``--compile`` start-up).
 
     Why: torch's CPU kernels run on OpenMP (libgomp), which keeps one team of helper threads per thread that has
     started parallel work. Once more such threads exist in a process than there are cores, libgomp stops
@@ -841,7 +846,10 @@ def load_in_passing_thread(*args: Any, **kwargs: Any) -> CounterfactualEngine:
 
     def load() -> None:
         try:
-            box["engine"] = CounterfactualEngine(*args, **kwargs)
+            eng = CounterfactualEngine(*args, **kwargs)
+            if warm_up:
+                logger.info("warm-up generation took %.1f s", eng.warm_up())
+            box["engine"] = eng
         except BaseException as e:  # handed to the caller
             box["error"] = e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,12 +180,53 @@ def test_prompt_changes_the_counterfactual(tiny):
     assert np.abs(a.counterfactuals - b.counterfactuals).max() > 1e-5
 
 
-def test_load_in_passing_thread_returns_the_engine_and_leaves_no_thread(tiny_engine, tmp_path):
-    eng = engine.load_in_passing_thread(tiny_engine.info.path, device="cpu")
-    assert eng.info.model_hash == tiny_engine.info.model_hash
+def test_load_engine_in_short_lived_thread_returns_the_engine_and_leaves_no_thread(tiny_engine, tmp_path,
+                                                                                   monkeypatch):
+    warmed: list[str] = []
+    monkeypatch.setattr(engine.CounterfactualEngine, "warm_up",
+                        lambda self: warmed.append(threading.current_thread().name) or 0.0)
+    eng = engine.load_engine_in_short_lived_thread(tiny_engine.info.path, device="cpu")
+    assert eng.info.model_hash == tiny_engine.info.model_hash and warmed == []
+    engine.load_engine_in_short_lived_thread(tiny_engine.info.path, device="cpu", warm_up=True)
+    assert warmed == ["vald-md-model-load"]  # warmed up on the loading thread, before it returns
     assert not [t for t in threading.enumerate() if t.name == "vald-md-model-load"]  # the loading thread ended
     with pytest.raises(engine.ModelFolderError, match="does not exist"):  # the constructor's error reaches the caller
-        engine.load_in_passing_thread(tmp_path / "nowhere", device="cpu")
+        engine.load_engine_in_short_lived_thread(tmp_path / "nowhere", device="cpu")
+
+
+def test_direct_component_load_matches_from_pretrained(tiny_engine, tmp_path):
+    """load_components reads a plain folder's safetensors directly: the same tensors, configs and classes as the
+    pipeline's from_pretrained. Folders it cannot read that way get None (from_pretrained then): the tiny model's
+    text encoder has no pooler (from_pretrained initialises one), a component of an unknown library."""
+    import torch
+    from transformers import BertModel
+
+    from tests.tiny_model import tiny_components
+
+    tiny = Path(tiny_engine.info.path)
+    assert engine.load_components(tiny, engine.check_model_folder(tiny), torch.float32) is None
+    unet, vae, enc, tok = tiny_components(0, vocab_dir=tmp_path / "vocab")
+    pooled = BertModel(enc.config)  # as the embedded model's MiniLM: with the pooler
+    pooled.load_state_dict(enc.state_dict(), strict=False)
+    folder = tmp_path / "plain"
+    engine.write_model_folder(folder, unet=unet, vae=vae, text_encoder=pooled.eval(), tokenizer=tok,
+                              dtype=torch.float16, manifest={"name": "plain"})
+    spec = engine.check_model_folder(folder)
+    parts = engine.load_components(folder, spec, torch.float32)
+    assert parts is not None
+    ref = engine.img2img_pipeline_class().from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                          feature_extractor=None, requires_safety_checker=False,
+                                                          dtype=torch.float32)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = parts[name].state_dict(), getattr(ref, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours), name
+        buffers = dict(getattr(ref, name).named_buffers())
+        assert all(torch.equal(b, buffers[k]) for k, b in parts[name].named_buffers()), name
+        assert type(parts[name]) is type(getattr(ref, name)) and not parts[name].training
+    assert dict(parts["scheduler"].config) == dict(ref.scheduler.config)
+    assert type(parts["tokenizer"]) is type(ref.tokenizer)
+    assert engine.load_components(folder, {**spec, "unet": ["somewhere", "Else"]}, torch.float32) is None
 
 
 def _stock_and_seeded_latents(folder, dtype: str, samples: int = 2):
