@@ -429,115 +429,6 @@ def img2img_pipeline_class() -> type:
     return SeededImg2ImgPipeline
 
 
-COMPONENT_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                     "text_encoder": "model.safetensors"}
-"""The one safetensors file per network that :func:`load_components` reads directly."""
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor.to(dtype)``; half to float32 by numpy, on this thread: torch's cast runs on the OpenMP team, which
-    on a busy 2-core machine took 0.5 s instead of 0.1 s for the embedded model's 45 MB text encoder (the values
-    are the same: every float16 is exactly a float32)."""
-    if tensor.dtype == torch.float16 and dtype == torch.float32:
-        return torch.from_numpy(tensor.numpy().astype(np.float32))
-    return tensor.to(dtype)
-
-
-def _load_network(cls: Any, config: Any, weights: Path, dtype: torch.dtype, *, on_meta: bool) -> Any:
-    """``cls`` built from ``config`` with the tensors of ``weights`` (cast to ``dtype``), in eval mode.
-
-    ``on_meta``: build on the meta device and take the file's tensors as the parameters (no random initialisation
-    to overwrite); only for classes whose every buffer is in the file (diffusers' UNet and autoencoder).
-
-    Raises:
-        ValueError: the file's tensor names do not match the network's (then the caller falls back).
-    """
-    from safetensors.torch import load_file
-
-    state = {k: _cast(v, dtype) for k, v in load_file(weights).items()}
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        net = cls(config)
-    result = net.load_state_dict(state, strict=False, assign=True)  # the file's tensors, no copy
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{weights}: {len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected "
-                         f"tensors")
-    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
-        raise ValueError(f"{weights}: tensors left unloaded")
-    if not on_meta:  # (on the meta device every tensor is already the file's, in dtype)
-        net.to(dtype)
-    return net.eval()
-
-
-def load_components(folder: Path, spec: dict[str, Any], dtype: torch.dtype) -> dict[str, Any] | None:
-    """The five components of a plain model folder, built from their configs and safetensors files directly.
-
-    Why: ``from_pretrained`` of the pipeline spends most of a start-up's model time on machinery this folder
-    layout does not need (transformers' checkpoint-conversion regexes, accelerate's per-tensor placement): about
-    2.1 s of CPU for the embedded model against 0.5 s here. The tensors are the same (the file's, cast to
-    ``dtype`` as ``from_pretrained`` casts them), so the outputs are bit-identical.
-
-    Returns:
-        ``{"unet", "vae", "scheduler", "tokenizer", "text_encoder"}``, or ``None`` when the folder is not that
-        plain layout (a component from another library, weights not in one safetensors file, tensor names that
-        need conversion): the caller then uses ``from_pretrained``.
-    """
-    import diffusers
-    import transformers
-
-    libraries = {"diffusers": diffusers, "transformers": transformers}
-    classes: dict[str, Any] = {}
-    for name in ("unet", "vae", "scheduler", "tokenizer", "text_encoder"):
-        entry = spec[name]
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in libraries):
-            return None
-        cls = getattr(libraries[entry[0]], str(entry[1]), None)
-        if cls is None:
-            return None
-        classes[name] = cls
-    weights = {name: folder / name / file for name, file in COMPONENT_WEIGHTS.items()}
-    if not all(f.is_file() for f in weights.values()):
-        return None
-    try:
-        unet = _load_network(classes["unet"].from_config, classes["unet"].load_config(folder / "unet"),
-                             weights["unet"], dtype, on_meta=True)
-        vae = _load_network(classes["vae"].from_config, classes["vae"].load_config(folder / "vae"),
-                            weights["vae"], dtype, on_meta=True)
-        config = transformers.AutoConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
-        text_encoder = _load_network(classes["text_encoder"], config, weights["text_encoder"], dtype, on_meta=False)
-    except ValueError as e:
-        logger.info("model folder loaded with from_pretrained (%s)", e)
-        return None
-    # where from_pretrained would have noted it, for anyone who inspects the components
-    unet.register_to_config(_name_or_path=str(folder / "unet"))
-    vae.register_to_config(_name_or_path=str(folder / "vae"))
-    text_encoder.config._name_or_path = str(folder / "text_encoder")
-    text_encoder.config.dtype = dtype
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder,
-            "scheduler": classes["scheduler"].from_pretrained(folder / "scheduler"),
-            "tokenizer": classes["tokenizer"].from_pretrained(folder / "tokenizer", local_files_only=True)}
-
-
-def load_pipeline(folder: Path, spec: dict[str, Any], dtype: torch.dtype) -> Any:
-    """The engine's img2img pipeline (:func:`img2img_pipeline_class`) of a checked model folder, on the CPU.
-
-    Components from :func:`load_components` where the folder allows, else from ``from_pretrained``.
-
-    Raises:
-        ModelFolderError: a component could not be read.
-    """
-    cls = img2img_pipeline_class()
-    try:
-        parts = load_components(folder, spec, dtype)
-        if parts is not None:
-            pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            pipe.register_to_config(_name_or_path=folder)
-            return pipe
-        return cls.from_pretrained(folder, local_files_only=True, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelFolderError(f"Could not load the model in '{folder}': {e}") from None
-
-
 class CounterfactualEngine:
     """A model folder loaded once and kept resident; ``generate`` makes counterfactuals.
 
@@ -565,7 +456,12 @@ class CounterfactualEngine:
         # the content hash (68 MB of SHA-256 for the embedded model) runs beside the load: hashlib releases the GIL
         with ThreadPoolExecutor(1, thread_name_prefix="vald-md-model-hash") as hasher:
             digest = hasher.submit(model_hash, folder)
-            pipe = load_pipeline(folder, spec, self.dtype)
+            try:
+                pipe = img2img_pipeline_class().from_pretrained(
+                    folder, local_files_only=True, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False, dtype=self.dtype)
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelFolderError(f"Could not load the model in '{folder}': {e}") from None
             folder_hash = digest.result()
         pipe.set_progress_bar_config(disable=True)
         if self.device.type == "cuda":
@@ -846,7 +742,16 @@ def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwarg
 
     def load() -> None:
         try:
-            eng = CounterfactualEngine(*args, **kwargs)
+            # one OpenMP thread while loading: the load's many small tensor operations (casts, copies) cost about
+            # twice the CPU on two threads when the machine is busy (benchmarks/server_ready.py, PERFORMANCE). The
+            # count is thread-local here and restored before the thread ends; only a thread that first runs torch
+            # work meanwhile takes 1 as its default (the segmenter's and classifier's loaders, which end too)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                eng = CounterfactualEngine(*args, **kwargs)
+            finally:
+                torch.set_num_threads(threads)
             if warm_up:
                 logger.info("warm-up generation took %.1f s", eng.warm_up())
             box["engine"] = eng

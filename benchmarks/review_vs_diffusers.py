@@ -9,7 +9,7 @@ the whole review run is faster than the plain call alone. ``--plain-autocast`` a
 same bf16 autocast as the engine (what the plain call would gain from the same switch).
 
 Everything runs on the main thread, which also loads the model: torch's OpenMP keeps one thread team per thread
-that ran parallel work, so loading on one thread and running on another is slower (app.engine.load_in_passing_thread).
+that ran parallel work, so loading on one thread and running on another is slower (app.engine.load_engine_in_short_lived_thread).
 Also reported: the latency of the first progress event of the review run (from the call to the first callback).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/review_vs_diffusers.py --threads 2 --runs 7 \\

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from app import engine
 from tests.tiny_model import write_tiny_model
@@ -190,43 +190,15 @@ def test_load_engine_in_short_lived_thread_returns_the_engine_and_leaves_no_thre
     engine.load_engine_in_short_lived_thread(tiny_engine.info.path, device="cpu", warm_up=True)
     assert warmed == ["vald-md-model-load"]  # warmed up on the loading thread, before it returns
     assert not [t for t in threading.enumerate() if t.name == "vald-md-model-load"]  # the loading thread ended
+    # it loads on one OpenMP thread and restores the count: a thread started afterwards gets the usual default
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [threads]
     with pytest.raises(engine.ModelFolderError, match="does not exist"):  # the constructor's error reaches the caller
         engine.load_engine_in_short_lived_thread(tmp_path / "nowhere", device="cpu")
-
-
-def test_direct_component_load_matches_from_pretrained(tiny_engine, tmp_path):
-    """load_components reads a plain folder's safetensors directly: the same tensors, configs and classes as the
-    pipeline's from_pretrained. Folders it cannot read that way get None (from_pretrained then): the tiny model's
-    text encoder has no pooler (from_pretrained initialises one), a component of an unknown library."""
-    import torch
-    from transformers import BertModel
-
-    from tests.tiny_model import tiny_components
-
-    tiny = Path(tiny_engine.info.path)
-    assert engine.load_components(tiny, engine.check_model_folder(tiny), torch.float32) is None
-    unet, vae, enc, tok = tiny_components(0, vocab_dir=tmp_path / "vocab")
-    pooled = BertModel(enc.config)  # as the embedded model's MiniLM: with the pooler
-    pooled.load_state_dict(enc.state_dict(), strict=False)
-    folder = tmp_path / "plain"
-    engine.write_model_folder(folder, unet=unet, vae=vae, text_encoder=pooled.eval(), tokenizer=tok,
-                              dtype=torch.float16, manifest={"name": "plain"})
-    spec = engine.check_model_folder(folder)
-    parts = engine.load_components(folder, spec, torch.float32)
-    assert parts is not None
-    ref = engine.img2img_pipeline_class().from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                          feature_extractor=None, requires_safety_checker=False,
-                                                          dtype=torch.float32)
-    for name in ("unet", "vae", "text_encoder"):
-        ours, theirs = parts[name].state_dict(), getattr(ref, name).state_dict()
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours), name
-        buffers = dict(getattr(ref, name).named_buffers())
-        assert all(torch.equal(b, buffers[k]) for k, b in parts[name].named_buffers()), name
-        assert type(parts[name]) is type(getattr(ref, name)) and not parts[name].training
-    assert dict(parts["scheduler"].config) == dict(ref.scheduler.config)
-    assert type(parts["tokenizer"]) is type(ref.tokenizer)
-    assert engine.load_components(folder, {**spec, "unet": ["somewhere", "Else"]}, torch.float32) is None
 
 
 def _stock_and_seeded_latents(folder, dtype: str, samples: int = 2):
