@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     s.add_argument("--data-dir", default=None, help="folder for uploads and run artifacts (default: data/)")
     s.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    s.add_argument("--compile", dest="compile_unet", action="store_const", const=True, default=None,
+                   help="compile the UNet (torch.compile) and run a warm-up generation before /readyz says ready; "
+                        "for GPUs, takes minutes (default: VALD_MD_COMPILE_UNET, else off)")
 
     from app.manage import add_parsers  # users, audit
 
@@ -195,7 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.web.accesslog import uvicorn_log_config
 
     overrides = {k: v for k, v in {"model_dir": args.model, "host": args.host, "port": args.port,
-                                   "data_dir": args.data_dir, "device": args.device}.items() if v is not None}
+                                   "data_dir": args.data_dir, "device": args.device,
+                                   "compile_unet": args.compile_unet}.items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as e:

@@ -113,6 +113,10 @@ class Settings(BaseSettings):
             (``VALD_MD_CPU_AUTOCAST``, default on; the UNet stays float32). vald-md-mini, 256 px, one thread: VAE
             decode 455 -> 127 ms, encode 233 -> 68 ms; counterfactuals within 0.0006-0.0007 mean |difference| of
             float32 (docs/PERFORMANCE.md). ``false`` = bit-exact float32. Each record states it under ``compute``.
+        compile_unet: compile the UNet with ``torch.compile`` at start-up and run one short warm-up generation
+            before the server answers ``/readyz`` 200 (``VALD_MD_COMPILE_UNET``, ``vald-md serve --compile``;
+            default off). For GPUs: the compilation takes minutes and needs a C++ compiler (inductor); on the CPU
+            it is not measured (docs/PERFORMANCE.md).
         queue_size: jobs that may wait behind the running one, 1..64; further submissions get HTTP 503.
         max_jobs_per_user: runs one user may have queued or running at once, 1..64 (``VALD_MD_MAX_JOBS_PER_USER``);
             another gets HTTP 429. The worker takes the users' runs in turn (``app.jobs``).
@@ -169,6 +173,7 @@ class Settings(BaseSettings):
     device: str | None = None
     dtype: str | None = None
     cpu_autocast: bool = True
+    compile_unet: bool = False
     queue_size: int = Field(default=8, ge=1, le=64)
     max_jobs_per_user: int = Field(default=3, ge=1, le=64)
     queue_cost_budget: int = Field(default=6000, ge=100, le=10_000_000)

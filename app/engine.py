@@ -27,6 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,12 +424,16 @@ class CounterfactualEngine:
             torch.bfloat16 if cpu_autocast and self.device.type == "cpu" and self.dtype == torch.float32
             and cpu_has_amx_bf16() else None)
         t = time.perf_counter()
-        try:
-            pipe = img2img_pipeline_class().from_pretrained(
-                folder, local_files_only=True, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False, dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelFolderError(f"Could not load the model in '{folder}': {e}") from None
+        # the content hash (68 MB of SHA-256 for the embedded model) runs beside the load: hashlib releases the GIL
+        with ThreadPoolExecutor(1, thread_name_prefix="vald-md-model-hash") as hasher:
+            digest = hasher.submit(model_hash, folder)
+            try:
+                pipe = img2img_pipeline_class().from_pretrained(
+                    folder, local_files_only=True, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False, dtype=self.dtype)
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelFolderError(f"Could not load the model in '{folder}': {e}") from None
+            folder_hash = digest.result()
         pipe.set_progress_bar_config(disable=True)
         if self.device.type == "cuda":
             # GPU fast path: SDPA attention kernels and NHWC convolutions (tensor cores)
@@ -441,7 +446,8 @@ class CounterfactualEngine:
         self._vae_autocast = (_AutoencoderAutocast(pipe.vae, self.autocast_dtype)
                               if self.autocast_dtype is not None else None)
         if compile_unet:
-            # opt-in: compiled once here; the first generate() after start-up pays the warm-up (see warm_up())
+            # opt-in: compiled lazily by torch; the first generate() pays the compilation, which the server's
+            # --compile start-up does before it says ready (warm_up(), load_engine_in_short_lived_thread)
             self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
         self.lock = threading.Lock()
         self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -455,7 +461,7 @@ class CounterfactualEngine:
         except ValueError as e:
             raise ModelFolderError(f"'{folder / MANIFEST}': {e}") from None
         self.info = ModelInfo(
-            path=str(folder), name=manifest.get("name", folder.name), model_hash=model_hash(folder),
+            path=str(folder), name=manifest.get("name", folder.name), model_hash=folder_hash,
             components={k: f"{v[0]}.{v[1]}" for k, v in spec.items()
                         if isinstance(v, list) and len(v) == 2 and v[0] is not None},
             parameters_m={n: round(sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e6, 2)
@@ -468,7 +474,10 @@ class CounterfactualEngine:
                     time.perf_counter() - t)
 
     def warm_up(self) -> float:
-        """Run one short generation (compiles kernels, fills caches); returns its wall time in seconds."""
+        """Run one short generation (compiles kernels, fills caches); returns its wall time in seconds.
+
+        The server runs it at start-up when the UNet is compiled (``Settings.compile_unet``), so that the first
+        request does not pay the compilation. The prompt cache keeps the default prompt's embeddings."""
         t = time.perf_counter()
         size = self.info.image_size
         self.generate(np.full((size, size), 0.5, np.float32), "normal chest x-ray", strength=0.5, steps=4, seed=0)
@@ -698,8 +707,9 @@ class CounterfactualEngine:
 # ----------------------------------------------------------------------------------------------------------------
 # assembling a starting model for training
 # ----------------------------------------------------------------------------------------------------------------
-def load_in_passing_thread(*args: Any, **kwargs: Any) -> CounterfactualEngine:
-    """``CounterfactualEngine(*args, **kwargs)``, built in a thread of its own that ends when the model is loaded.
+def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwargs: Any) -> CounterfactualEngine:
+    """``CounterfactualEngine(*args, **kwargs)``, built in a thread of its own that ends when the model is loaded
+    (and, with ``warm_up``, after :meth:`CounterfactualEngine.warm_up`: the server's ``--compile`` start-up).
 
     Why: torch's CPU kernels run on OpenMP (libgomp), which keeps one team of helper threads per thread that has
     started parallel work. Once more such threads exist in a process than there are cores, libgomp stops
@@ -713,7 +723,19 @@ def load_in_passing_thread(*args: Any, **kwargs: Any) -> CounterfactualEngine:
 
     def load() -> None:
         try:
-            box["engine"] = CounterfactualEngine(*args, **kwargs)
+            # one OpenMP thread while loading: the load's many small tensor operations (casts, copies) cost about
+            # twice the CPU on two threads when the machine is busy (benchmarks/server_ready.py, PERFORMANCE). The
+            # count is thread-local here and restored before the thread ends; only a thread that first runs torch
+            # work meanwhile takes 1 as its default (the segmenter's and classifier's loaders, which end too)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                eng = CounterfactualEngine(*args, **kwargs)
+            finally:
+                torch.set_num_threads(threads)
+            if warm_up:
+                logger.info("warm-up generation took %.1f s", eng.warm_up())
+            box["engine"] = eng
         except BaseException as e:  # handed to the caller
             box["error"] = e
 

@@ -16,7 +16,7 @@ The plain call, by device:
   with the engine (whose UNet ``--compile`` may have compiled). Every timed call ends with ``torch.cuda.synchronize``.
 
 Everything runs on the main thread, which also loads the model: torch's OpenMP keeps one thread team per thread
-that ran parallel work, so loading on one thread and running on another is slower (app.engine.load_in_passing_thread).
+that ran parallel work, so loading on one thread and running on another is slower (app.engine.load_engine_in_short_lived_thread).
 Also reported: the latency of the first progress event of the review run (from the call to the first callback).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/review_vs_diffusers.py --threads 2 --runs 7 \\

@@ -448,3 +448,28 @@ def test_container_start_command_serves_outside_docker(tmp_path):
                 proc.wait(timeout=10)
         log.close()
     assert proc.returncode in (0, -signal.SIGTERM), f"exit code {proc.returncode} after SIGTERM"
+
+
+def test_serve_compile_flag_and_setting_reach_the_app(tmp_path, monkeypatch):
+    """`vald-md serve --compile` (or VALD_MD_COMPILE_UNET=1) sets Settings.compile_unet, which the lifespan passes
+    to the engine with a warm-up before ready; default off."""
+    import os
+
+    import uvicorn
+
+    import app.web
+    from app import cli
+
+    seen: list[bool] = []
+    monkeypatch.setattr(app.web, "create_app", lambda settings: seen.append(settings.compile_unet))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.delenv("VALD_MD_COMPILE_UNET", raising=False)
+    mask = os.umask(0o022)
+    try:
+        for argv, env in ((["serve"], None), (["serve", "--compile"], None), (["serve"], "1")):
+            if env is not None:
+                monkeypatch.setenv("VALD_MD_COMPILE_UNET", env)
+            assert cli.main([*argv, "--data-dir", str(tmp_path / "d")]) == 0
+    finally:
+        os.umask(mask)
+    assert seen == [False, True, True]

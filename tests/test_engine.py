@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from app import engine
 from tests.tiny_model import write_tiny_model
@@ -179,12 +180,25 @@ def test_prompt_changes_the_counterfactual(tiny):
     assert np.abs(a.counterfactuals - b.counterfactuals).max() > 1e-5
 
 
-def test_load_in_passing_thread_returns_the_engine_and_leaves_no_thread(tiny_engine, tmp_path):
-    eng = engine.load_in_passing_thread(tiny_engine.info.path, device="cpu")
-    assert eng.info.model_hash == tiny_engine.info.model_hash
+def test_load_engine_in_short_lived_thread_returns_the_engine_and_leaves_no_thread(tiny_engine, tmp_path,
+                                                                                   monkeypatch):
+    warmed: list[str] = []
+    monkeypatch.setattr(engine.CounterfactualEngine, "warm_up",
+                        lambda self: warmed.append(threading.current_thread().name) or 0.0)
+    eng = engine.load_engine_in_short_lived_thread(tiny_engine.info.path, device="cpu")
+    assert eng.info.model_hash == tiny_engine.info.model_hash and warmed == []
+    engine.load_engine_in_short_lived_thread(tiny_engine.info.path, device="cpu", warm_up=True)
+    assert warmed == ["vald-md-model-load"]  # warmed up on the loading thread, before it returns
     assert not [t for t in threading.enumerate() if t.name == "vald-md-model-load"]  # the loading thread ended
+    # it loads on one OpenMP thread and restores the count: a thread started afterwards gets the usual default
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [threads]
     with pytest.raises(engine.ModelFolderError, match="does not exist"):  # the constructor's error reaches the caller
-        engine.load_in_passing_thread(tmp_path / "nowhere", device="cpu")
+        engine.load_engine_in_short_lived_thread(tmp_path / "nowhere", device="cpu")
 
 
 def _stock_and_seeded_latents(folder, dtype: str, samples: int = 2):

@@ -168,6 +168,29 @@ def test_health_and_readiness(client):
     assert r.json()["model_loaded"] and r.json()["worker_alive"] and r.json()["queue_has_room"]
 
 
+def test_start_up_loads_the_model_beside_the_database_and_fails_cleanly(tmp_path):
+    """The lifespan loads the model itself (no engine injected): a model folder it cannot load stops the start-up
+    with the loader's error once the database side is done, and leaves no loading thread behind."""
+    import asyncio
+
+    from app.engine import ModelFolderError
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    app = create_app(Settings(data_dir=tmp_path / "d", model_dir=broken, lung_segmenter=tmp_path / "none",
+                              lesion_classifier=tmp_path / "none"))
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(ModelFolderError, match="lacks component"):
+        asyncio.run(start())
+    assert not [t for t in threading.enumerate() if t.name == "vald-md-model-load"]
+    assert (tmp_path / "d" / "vald-md.db").is_file()  # the database side ran meanwhile
+
+
 def test_readiness_fails_when_queue_full(gated):
     engine, c, _ = gated
     assert submit(c).status_code == 202

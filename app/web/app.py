@@ -4,10 +4,12 @@ The model is loaded once, in the lifespan (or injected by tests), and stays resi
 process; one :class:`app.jobs.JobManager` worker thread owns it. Run it with ONE process (``vald-md serve``):
 every worker process would hold its own model copy and its own queue.
 
-Start-up, in order: the accounts/audit database (migrations, append-only triggers), the UID/CSRF secret file,
-runs left unfinished by the previous process marked ``interrupted``, the model, the lung segmenter (optional: a
-missing folder is a warning, and maps are then not restricted to the lungs), the lesion classifier (optional
-likewise: without it the classifier-guided map method is not offered), the job worker, ``app_start``.
+Start-up: the model starts loading in a thread of its own (with ``compile_unet``: compiled and warmed up); beside
+it, in order, the accounts/audit database (migrations, append-only triggers), the UID/CSRF secret file, runs left
+unfinished by the previous process marked ``interrupted``, the lung segmenter (optional: a missing folder is a
+warning, and maps are then not restricted to the lungs), the lesion classifier (optional likewise: without it the
+classifier-guided map method is not offered); then, once the model is loaded, the job worker, ``app_start``. The
+server answers (``/readyz`` included) only after all of it.
 Shut-down: the worker stops (cancelling the running job), ``app_stop``. Middleware, outermost first: security
 headers, the ``Host`` check (``trusted_hosts``), forwarded headers (only from ``trusted_proxies``), upload size
 limit, authentication + CSRF (:mod:`app.web.auth`). The data folder is owner-only (:mod:`app.filemodes`).
@@ -15,6 +17,7 @@ limit, authentication + CSRF (:mod:`app.web.auth`). The data folder is owner-onl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, MutableMapping
@@ -31,7 +34,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__, audit, filemodes
 from app.config import Settings
-from app.engine import CounterfactualEngine, load_in_passing_thread
+from app.engine import CounterfactualEngine, load_engine_in_short_lived_thread
 from app.jobs import JobManager
 from app.lungs import LungSegmenter, SegmenterFolderError
 from app.web import accounts, admin, api, pacs, pages, tokens, viewing
@@ -126,8 +129,8 @@ def load_segmenter(folder: Path) -> LungSegmenter | None:
     """The lung segmenter in ``folder``, or ``None`` (with a warning) when there is none: never fatal, because the
     review app works without it (maps are then not restricted to the lungs, and each record says why).
 
-    Loaded in a thread that then ends, as the model is (``engine.load_in_passing_thread``), so that the job
-    worker stays the only long-lived thread with an OpenMP team.
+    Loaded in a thread that then ends, as the model is (``engine.load_engine_in_short_lived_thread``), so that
+    the job worker stays the only long-lived thread with an OpenMP team.
     """
     box: dict[str, LungSegmenter] = {}
     errors: list[Exception] = []
@@ -155,7 +158,7 @@ def load_segmenter(folder: Path) -> LungSegmenter | None:
 
 def load_classifier(folder: Path) -> Any:
     """The lesion classifier (``app.lesions.LesionClassifier``) in ``folder``, or ``None`` (with a warning) when
-    there is none: never fatal, the server then offers only the SDEdit map. Loaded in a passing thread, as the
+    there is none: never fatal, the server then offers only the SDEdit map. Loaded in a short-lived thread, as the
     segmenter is."""
     from app.lesions import LesionClassifier
 
@@ -211,29 +214,37 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         # 0. owner-only storage: patient-derived images, the database and the secrets live under data_dir
         filemodes.private_dir(settings.data_dir)
         filemodes.private_sqlite(settings.resolved_database_url)
-        # 1. the audit database, its secret (outside the database) and the runs the last process left unfinished
-        keys = audit.resolve_audit_keys(settings.audit_key_path,
-                                        settings.audit_key.get_secret_value() if settings.audit_key else None)
-        db = await run_in_threadpool(lambda: audit.init_db(settings.resolved_database_url, keys=keys))
+        # the model, most of a start-up, loads beside steps 1-2; in a thread that then ends, so that the job worker
+        # is the only thread with an OpenMP team (see load_engine_in_short_lived_thread: otherwise every CPU run
+        # is up to ~1.9x slower); with compile_unet, compiled and warmed up there before the server answers
+        loading = None if engine is not None else asyncio.ensure_future(run_in_threadpool(
+            lambda: load_engine_in_short_lived_thread(
+                settings.resolved_model_dir, device=settings.device, dtype=settings.dtype,
+                cpu_autocast=settings.cpu_autocast, compile_unet=settings.compile_unet,
+                warm_up=settings.compile_unet)))
+        db = None
         try:
+            # 1. the audit database, its secret (outside the database) and the runs the last process left unfinished
+            keys = audit.resolve_audit_keys(settings.audit_key_path,
+                                            settings.audit_key.get_secret_value() if settings.audit_key else None)
+            db = await run_in_threadpool(lambda: audit.init_db(settings.resolved_database_url, keys=keys))
             secret = audit.load_or_create_secret(settings.uid_secret_path)
             filemodes.private_sqlite(settings.resolved_database_url)  # and the journal files SQLite has made
             interrupted = await run_in_threadpool(audit.mark_interrupted_runs, db)
-            # 2. the model and the worker that owns it
-            eng = engine
-            if eng is None:
-                # loaded in a thread that then ends, so that the job worker is the only thread with an OpenMP
-                # team (see load_in_passing_thread: otherwise every CPU run is up to ~1.9x slower)
-                eng = await run_in_threadpool(load_in_passing_thread, settings.resolved_model_dir,
-                                              device=settings.device, dtype=settings.dtype,
-                                              cpu_autocast=settings.cpu_autocast)
-            # a few MB on the CPU, segmenting in the job worker (~10-20 ms per image at 128 px)
+            # 2. a few MB on the CPU, segmenting in the job worker (~10-20 ms per image at 128 px)
             segmenter = await run_in_threadpool(load_segmenter, settings.resolved_lung_segmenter)
             classifier = await run_in_threadpool(load_classifier, settings.resolved_lesion_classifier)
+            # 3. the model and the worker that owns it
+            eng = engine if loading is None else await loading
             jobs = JobManager.from_settings(settings, eng, db=db, uid_secret=secret, segmenter=segmenter,
                                             classifier=classifier)
         except BaseException:
-            db.dispose()
+            if loading is not None:
+                await asyncio.wait([loading])  # (a thread cannot be stopped) no loader left behind a failed start
+                if not loading.cancelled():
+                    loading.exception()  # retrieved: the error that stopped the start-up is the one raised
+            if db is not None:
+                db.dispose()
             raise
         jobs.start()
         app.state.db = db
@@ -243,7 +254,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         app.state.classifier = classifier
         app.state.jobs = jobs
         app.state.login_limiter = LoginRateLimiter(settings.login_attempts_per_minute)
-        # 3. say so
+        # 4. say so
         audit.append_event(db, audit.AuditAction.APP_START, detail={
             "version": __version__, "model_sha256": eng.info.model_hash, "interrupted_runs": interrupted,
             "database": db.dialect.name, "de_identified_uploads": not settings.store_identified_uploads,
