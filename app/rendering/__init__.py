@@ -6,7 +6,7 @@ to the pixels. Every export carries the burned-in :data:`BANNER_TEXT`, drawn by 
 
 One concern per module, imports flowing one way (``palette`` and ``fonts`` at the bottom):
 
-* :mod:`app.rendering.options`: :class:`OverlayOptions`, the modes, thresholds, the full-colour scale, :func:`map_label`;
+* :mod:`app.rendering.options`: :class:`OverlayOptions`, modes, thresholds, the full-colour scale, :func:`map_label`;
 * :mod:`app.rendering.overlay`: :func:`render_overlay`, the map over the original;
 * :mod:`app.rendering.legend`: :func:`render_legend`, the colour bar;
 * :mod:`app.rendering.outline`: the lung outline (:func:`mask_outline` and its drawings);

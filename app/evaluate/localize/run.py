@@ -29,11 +29,7 @@ from app.evaluate.common import (
     write_atomic,
     write_json,
 )
-from app.evaluate.localize.cases import (
-    BOX_FRAME,
-    lesion_mask,
-    read_lesion_cases,
-)
+from app.evaluate.localize.cases import BOX_FRAME, lesion_mask, read_lesion_cases
 from app.evaluate.localize.scores import (
     describe_method,
     localization_markdown,
