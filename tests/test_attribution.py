@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, ImageFont
 
 from app import rendering as attr
+from app.rendering import fonts, palette
 from app.attribution import (
     AttributionMap,
     changed_region,
@@ -371,7 +372,7 @@ def test_annotated_export_has_banner_panels_and_params() -> None:
     assert isinstance(img, Image.Image) and img.mode == "RGB"
     assert img.width > W + overlay.shape[1] and img.height > H + 4 * len(params)
     pixels = np.asarray(img)
-    banner_colour = np.all(pixels == attr._BANNER_BACKGROUND, axis=-1)
+    banner_colour = np.all(pixels == palette.BANNER_BACKGROUND, axis=-1)
     assert banner_colour[0].all()  # the banner spans the full width at the top
     banner_rows = np.flatnonzero(banner_colour.mean(axis=1) > 0.5)
     band = pixels[: banner_rows.max() + 1]
@@ -399,7 +400,7 @@ def test_export_text_scales_with_image_size() -> None:
         original = np.full((size, size), 0.5, np.float32)
         overlay = np.repeat((original[..., None] * 255).astype(np.uint8), 3, axis=2)
         pixels = np.asarray(render_annotated_export(original, overlay, params={"seed": "1"}, title="t"))
-        in_banner = np.all(pixels[:, 0] == attr._BANNER_BACKGROUND, axis=-1)
+        in_banner = np.all(pixels[:, 0] == palette.BANNER_BACKGROUND, axis=-1)
         band = pixels[: np.flatnonzero(in_banner).max() + 1]
         rows = np.flatnonzero(np.all(band < 100, axis=-1).any(axis=1))
         first_line = rows[: np.argmax(np.diff(np.append(rows, rows[-1] + 99)) > 1) + 1]
@@ -420,14 +421,14 @@ def test_export_rejects_mismatched_overlay() -> None:
 @pytest.mark.parametrize("font_source", ["builtin", "preferred"])
 def test_em_dash_renders_as_a_dash(font_source: str) -> None:
     """The banner's em dash must be a long rule, not a .notdef box or a hyphen, whatever font is found."""
-    font = ImageFont.load_default(size=24) if font_source == "builtin" else attr._font(24)
-    em = attr._text_image("—", font, (255, 255, 255), (0, 0, 0))
+    font = ImageFont.load_default(size=24) if font_source == "builtin" else fonts.load_font(24)
+    em = fonts.text_image("—", font, (255, 255, 255), (0, 0, 0))
     ink = np.asarray(em)[..., 0] > 128
     rows = np.flatnonzero(ink.any(axis=1))
     cols = np.flatnonzero(ink.any(axis=0))
     assert rows.size and rows.size <= 4  # a thin horizontal rule, not a box
     assert cols.size >= 0.6 * 24  # at least ~ an em wide
-    hyphen = np.asarray(attr._text_image("-", font, (255, 255, 255), (0, 0, 0)))[..., 0] > 128
+    hyphen = np.asarray(fonts.text_image("-", font, (255, 255, 255), (0, 0, 0)))[..., 0] > 128
     assert cols.size > 1.5 * np.flatnonzero(hyphen.any(axis=0)).size
 
 
@@ -453,9 +454,9 @@ def test_resolve_threshold_puts_the_threshold_in_the_maps_units() -> None:
 
 
 def test_wrap_splits_long_words() -> None:
-    font = attr._font(12)
-    lines = attr._wrap("sha256: " + "f" * 200, font, 150)
-    assert len(lines) > 2 and all(attr._text_width(line, font) <= 150 for line in lines)
+    font = fonts.load_font(12)
+    lines = fonts.wrap_text("sha256: " + "f" * 200, font, 150)
+    assert len(lines) > 2 and all(fonts.text_width(line, font) <= 150 for line in lines)
     assert "".join(lines[1:]) == "f" * 200 or "".join(lines).replace(" ", "").endswith("f" * 200)
 
 

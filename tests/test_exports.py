@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from app import rendering
-from app.rendering import OverlayOptions
+from app.rendering import OverlayOptions, fonts
 from tests.factories import encode_png, make_dicom
 from app.runs import exports
 from app.runs.exports import ExportError
@@ -182,9 +182,9 @@ def test_bad_overlay_options_are_export_errors(dicom_run, options, match):
 def banner_font(request, monkeypatch) -> str:
     """Render with the preferred font (DejaVu Sans, which has the em dash) or, as on a machine without it, Pillow's
     built-in font (which lacks it)."""
-    caches = (rendering._font, rendering._has_glyph, rendering._dash_rows)
+    caches = (fonts.load_font, fonts._has_glyph, fonts._dash_rows)
     if request.param == "builtin":
-        monkeypatch.setattr(rendering, "_FONT_CANDIDATES", ())
+        monkeypatch.setattr(fonts, "_FONT_CANDIDATES", ())
     for cache in caches:
         cache.cache_clear()
     yield request.param

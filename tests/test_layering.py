@@ -105,18 +105,21 @@ def test_nothing_imports_web():
         assert not any(m.startswith("app.web") for m in _imports(path)), f"{path} imports app.web"
 
 
-def test_audit_modules_import_without_a_circle():
-    """Inside app/audit every import, deferred ones included, points one way; ``db`` is a leaf."""
-    package = APP / "audit"
-    graph = {
-        path.stem: {m.split(".")[2] for m in _imports(path) if m.startswith("app.audit.")} - {path.stem}
-        for path in sorted(package.glob("*.py")) if path.stem != "__init__"
+def _part_graph(package: str) -> dict[str, set[str]]:
+    """Inside ``app/<package>/``: each part (module stem) -> the parts it imports, deferred imports too."""
+    dotted = "app." + package.replace("/", ".")
+    return {
+        path.stem: {m.removeprefix(dotted + ".").split(".")[0] for m in _imports(path) if m.startswith(dotted + ".")}
+        - {path.stem}
+        for path in sorted((APP / package).glob("*.py")) if path.stem != "__init__"
     }
-    assert graph["db"] <= {"errors"}, f"app/audit/db.py must stay a leaf, imports {sorted(graph['db'])}"
+
+
+def _assert_no_circle(graph: dict[str, set[str]], where: str) -> None:
     done: set[str] = set()
 
     def visit(module: str, trail: tuple[str, ...]) -> None:
-        assert module not in trail, "import circle in app/audit: " + " -> ".join((*trail, module))
+        assert module not in trail, f"import circle in {where}: " + " -> ".join((*trail, module))
         if module in done:
             return
         for imported in graph.get(module, set()):
@@ -125,6 +128,13 @@ def test_audit_modules_import_without_a_circle():
 
     for module in graph:
         visit(module, ())
+
+
+def test_audit_modules_import_without_a_circle():
+    """Inside app/audit every import, deferred ones included, points one way; ``db`` is a leaf."""
+    graph = _part_graph("audit")
+    assert graph["db"] <= {"errors"}, f"app/audit/db.py must stay a leaf, imports {sorted(graph['db'])}"
+    _assert_no_circle(graph, "app/audit")
 
 
 # inside app/jobs/: the manager delegates to its parts; a part never reaches back up to the manager (or to the
@@ -164,3 +174,37 @@ def test_run_readers_stay_free_of_the_engine(name):
 def test_fileio_is_a_leaf():
     imported = _imports(APP / "fileio.py")
     assert not {m for m in imported if m.startswith("app")}, "app/fileio.py must import no app module"
+
+
+# packages split along their seams (issue 17): inside each, a part never imports the package itself (its __init__
+# re-exports the parts, so that would be a circle) and the parts import one another one way, deferred imports too
+SPLIT_PACKAGES = ("rendering", "metrics", "evaluate/localize")
+
+
+@pytest.mark.parametrize("package", SPLIT_PACKAGES)
+def test_split_packages_import_one_way(package):
+    dotted = "app." + package.replace("/", ".")
+    for path in sorted((APP / package).glob("*.py")):
+        if path.stem != "__init__":
+            assert dotted not in _imports(path), f"app/{package}/{path.name} imports its own package {dotted}"
+    _assert_no_circle(_part_graph(package), f"app/{package}")
+
+
+# the parts of the split packages that stay light: numpy-only metrics (the oracle and the probe use auroc and the
+# bootstrap), the rendering's bottom layer, and the localization's cases and scores (no engine, no generation)
+LIGHT_PARTS: dict[str, set[str]] = {
+    "metrics/stats.py": {"app", "torch", "diffusers", "transformers"},
+    "metrics/localization.py": {"app.metrics.ssim", "app.metrics.fid", "torch", "diffusers", "transformers"},
+    "rendering/palette.py": {"app"},
+    "rendering/fonts.py": {"app"},
+    "rendering/options.py": {"app.rendering"},
+    "evaluate/localize/cases.py": {"app.engine", "app.evaluate.generate", "app.evaluate.localize", "torch"},
+    "evaluate/localize/scores.py": {"app.engine", "app.evaluate.generate", "app.evaluate.localize", "torch"},
+}
+
+
+@pytest.mark.parametrize("part", sorted(LIGHT_PARTS))
+def test_light_parts_stay_light(part):
+    banned = LIGHT_PARTS[part]
+    bad = {m for m in _imports(APP / part) if any(m == b or m.startswith(b + ".") for b in banned)}
+    assert not bad, f"app/{part} imports {sorted(bad)}"

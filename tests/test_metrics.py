@@ -1,4 +1,4 @@
-"""Tests for app/metrics.py: SSIM/MS-SSIM against skimage and pytorch-msssim, FID maths and the offline Inception,
+"""Tests for app/metrics/: SSIM/MS-SSIM against skimage and pytorch-msssim, FID maths and the offline Inception,
 localization metrics on synthetic maps with known answers and against brute-force references."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from app import metrics
+from app.metrics import fid
 from app.metrics import (
     FIDFeatureExtractor,
     auroc,
@@ -222,7 +223,7 @@ def test_fold_bn_scale_matches_batch_norm_with_scale() -> None:
     mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.1
     gamma, beta = torch.randn(5, generator=g), torch.randn(5, generator=g)  # any sign
     ref = F.batch_norm(F.conv2d(x, w), mean, var, gamma, beta, False, 0.0, 1e-3)
-    w2, m2 = metrics._fold_bn_scale(w, mean, gamma)
+    w2, m2 = fid._fold_bn_scale(w, mean, gamma)
     out = F.batch_norm(F.conv2d(x, w2), m2, var, None, beta, False, 0.0, 1e-3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -276,7 +277,7 @@ def torchvision_fid_inception_shapes() -> dict[str, tuple[int, ...]]:
 @needs_fid_weights
 def test_pytorch_fid_key_map_matches_torchvision_layout(extractor: FIDFeatureExtractor) -> None:
     """Every pytorch-fid conv maps to a distinct conv of the shipped graph with the same shape; all 94 covered."""
-    km = metrics._pytorch_fid_key_map()
+    km = fid._pytorch_fid_key_map()
     expected = torchvision_fid_inception_shapes()
     params = dict(extractor.model.named_parameters())
     assert set(km) == set(expected) and len(set(km.values())) == 94
@@ -326,7 +327,7 @@ def test_extractor_loads_a_pytorch_fid_state_dict(extractor: FIDFeatureExtractor
     """Write the shipped weights in pytorch-fid's layout (with bn.weight and fc) and load them back."""
     params = dict(extractor.model.named_parameters())
     sd: dict[str, torch.Tensor] = {}
-    for src, dst in metrics._pytorch_fid_key_map().items():
+    for src, dst in fid._pytorch_fid_key_map().items():
         sd[f"{src}.conv.weight"] = params[f"{dst}.weight"].detach().clone()
         sd[f"{src}.bn.weight"] = torch.ones_like(params[f"{dst}.beta"])
         sd[f"{src}.bn.bias"] = params[f"{dst}.beta"].detach().clone()

@@ -11,6 +11,8 @@ Order of operations in :func:`read_dicom`:
 5. grayscale: (0028,3000) Modality LUT or (0028,1052)/(0028,1053) rescale -> modality values (``raw``);
    colour: BT.601 luminance;
 6. VOI window or LUT, then MONOCHROME1 / Presentation LUT Shape INVERSE inverted once -> [0, 1].
+
+Kept whole past ~500 lines: one concern, the ordered refuse-before-decoding read above (VOI: voi.py, meta: meta.py).
 """
 
 from __future__ import annotations
