@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app import filemodes
     from app.config import Settings
-    from app.engine import check_model_folder
+    from app.modelfolder import check_model_folder
     from app.web import create_app
     from app.web.accesslog import uvicorn_log_config
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return evaluate.main(evaluate.parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
-    from app.engine import ModelFolderError
+    from app.modelfolder import ModelFolderError
 
     try:
         if args.command == "counterfactual":

@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from app import attribution, imaging, metrics
-from app.engine import CounterfactualEngine, library_versions
+from app.engine import CounterfactualEngine
 from app.evaluate.common import (
     HEALTHY_LABEL,
     IMAGE_SUFFIXES,
@@ -61,6 +61,7 @@ from app.evaluate.common import (
 )
 from app.evaluate.generate import GenerateSettings, generate_run, read_run
 from app.generation import GenerationRequest
+from app.provenance import library_versions
 
 logger = logging.getLogger("vald_md.evaluate.localize")
 

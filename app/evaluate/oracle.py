@@ -27,7 +27,6 @@ from numpy.typing import NDArray
 from PIL import Image
 from torch import nn
 
-from app.engine import library_versions
 from app.evaluate.common import (
     HEALTHY_LABEL,
     Item,
@@ -39,6 +38,7 @@ from app.evaluate.common import (
     write_json,
 )
 from app.metrics import auroc
+from app.provenance import library_versions
 
 logger = logging.getLogger("vald_md.evaluate.oracle")
 
