@@ -177,11 +177,11 @@ class _AutoencoderAutocast:
         self.active = False
         vae.to(memory_format=torch.channels_last)
         for module in (vae.encoder, vae.decoder):
-            module.forward = self._wrap(module.forward, dtype)
+            module.forward = self._autocast_forward(module.forward, dtype)
         conv_out = vae.decoder.conv_out
-        conv_out.forward = self._fp32(conv_out.forward)
+        conv_out.forward = self._float32_forward(conv_out.forward)
 
-    def _wrap(self, forward: Callable[..., Any], dtype: torch.dtype) -> Callable[..., Any]:
+    def _autocast_forward(self, forward: Callable[..., Any], dtype: torch.dtype) -> Callable[..., Any]:
         def autocast_forward(*args: Any, **kwargs: Any) -> Any:
             if not self.active:
                 return forward(*args, **kwargs)
@@ -193,7 +193,7 @@ class _AutoencoderAutocast:
         return autocast_forward
 
     @staticmethod
-    def _fp32(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _float32_forward(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         def fp32_forward(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cpu", enabled=False):
                 return forward(x.float())
@@ -217,8 +217,9 @@ class CounterfactualEngine:
         device: 'cuda', 'cuda:1', 'cpu' or None (auto). dtype: 'fp32' | 'fp16' | 'bf16' | None (auto).
         cpu_autocast: on a CPU with AMX bf16 (:func:`cpu_has_amx_bf16`) and fp32 weights, run the autoencoder
             (encoder and decoder, channels-last) under ``torch.autocast("cpu", torch.bfloat16)``; the UNet and
-            the decoder's last layer stay float32 (:class:`_AutoencoderAutocast`); ignored elsewhere. Off by default here (bit-exact fp32, as the tests expect); the server and the CLI
-            turn it on (``Settings.cpu_autocast``). Records state it under ``compute``.
+            the decoder's last layer stay float32 (:class:`_AutoencoderAutocast`); ignored elsewhere. Off by default
+            here (bit-exact fp32, as the tests expect); the server and the CLI turn it on
+            (``Settings.cpu_autocast``). Records state it under ``compute``.
 
     Raises:
         ModelFolderError: the folder is missing or malformed.
@@ -251,7 +252,7 @@ class CounterfactualEngine:
         self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[Scheduler, Any] = {}
-        self._preview_proj = self._preview_projection(self.info.manifest)
+        self._preview_weights = self._preview_projection(self.info.manifest)
         logger.info("model %s loaded on %s/%s in %.1f s", self.info.name, self.device, self.dtype,
                     time.perf_counter() - t)
 
@@ -302,10 +303,10 @@ class CounterfactualEngine:
         """Cheap preview of a latent (the predicted clean one during generation, see :meth:`predicted_clean`): a
         linear latent->gray projection, float32 (h, w) in [0, 1]."""
         z = latents[0].float().cpu().numpy() / float(self.pipe.vae.config.scaling_factor)
-        img = np.tensordot(self._preview_proj[:-1], z, axes=(0, 0)) + self._preview_proj[-1]
+        img = np.tensordot(self._preview_weights[:-1], z, axes=(0, 0)) + self._preview_weights[-1]
         return np.clip(img, 0.0, 1.0).astype(np.float32)
 
-    def _scheduler(self, name: Scheduler | str) -> Any:
+    def _scheduler_for(self, name: Scheduler | str) -> Any:
         """The diffusers scheduler for ``name``, built once from the model's scheduler configuration.
 
         Raises:
@@ -331,8 +332,9 @@ class CounterfactualEngine:
             self._prompt_cache.popitem(last=False)
         return pos, neg
 
-    def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
-        """float32 (size, size) in [0, 1] -> (1, C, size, size) on device, C = the autoencoder's channels."""
+    def to_model_tensor(self, img: np.ndarray) -> torch.Tensor:
+        """A letterboxed image as the model's input: float32 (size, size) in [0, 1] -> (1, C, size, size) in [0, 1]
+        on the model's device and dtype, C = the autoencoder's channels (the image repeated)."""
         x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
         return x.repeat(1, self.info.image_channels, 1, 1).to(self.device, self.dtype)
 
@@ -362,7 +364,7 @@ class CounterfactualEngine:
         """
         with self.autocast():
             if posterior_mean is None:
-                x = self._to_tensor(img_model) * 2 - 1
+                x = self.to_model_tensor(img_model) * 2 - 1
                 posterior_mean = self.pipe.vae.encode(x).latent_dist.mode()
             return self._to_gray(self.pipe.vae.decode(posterior_mean.to(self.pipe.vae.dtype)).sample)[0]
 
@@ -432,7 +434,7 @@ class CounterfactualEngine:
             pos, neg = self.prompt_embeddings(prompt, negative_prompt)
             timings["text_encoding"] = time.perf_counter() - t
             # 3. img2img with per-step progress and cooperative cancellation
-            sched = self._scheduler(request.scheduler)
+            sched = self._scheduler_for(request.scheduler)
             self.pipe.scheduler = sched
             n_eff = effective_steps(steps, strength)
             # the number of UNet evaluations img2img will make (PNDM adds one, multistep orders differ)
@@ -461,7 +463,7 @@ class CounterfactualEngine:
             gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             self.pipe.posterior_mean = None
             with self.autocast():
-                out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, image=self._to_tensor(img_model),
+                out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, image=self.to_model_tensor(img_model),
                                 strength=strength, guidance_scale=guidance_scale, num_inference_steps=steps,
                                 num_images_per_prompt=samples, generator=gens, output_type="pt",
                                 callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
@@ -481,7 +483,8 @@ class CounterfactualEngine:
             timings["total"] = time.perf_counter() - t0
         return CounterfactualResult(
             counterfactuals=cf_native, counterfactuals_model=cf_model, input_model=img_model,
-            reconstruction=recon.astype(np.float32), letterbox=lb, effective_steps=n_eff, start_timestep=start_t, unet_evaluations=n_calls,
+            reconstruction=recon.astype(np.float32), letterbox=lb, effective_steps=n_eff, start_timestep=start_t,
+            unet_evaluations=n_calls,
             seeds=seeds, timings_s=timings, model_hash=self.info.model_hash, parameters=params,
             compute=self.compute_record())
 

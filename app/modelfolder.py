@@ -27,8 +27,8 @@ from app.generation import model_presets
 from app.provenance import library_versions
 
 __all__ = ["DEFAULT_MODEL_DIR", "MANIFEST", "WEIGHT_SUFFIXES", "ModelFolderError", "ModelInfo", "assemble_model",
-           "check_model_folder", "finish_model_folder", "img2img_pipeline_class", "load_model", "model_hash",
-           "read_manifest", "staging_folder", "write_model_folder"]
+           "check_model_folder", "finish_model_folder", "load_model", "model_hash", "read_manifest",
+           "seeded_img2img_pipeline_class", "staging_folder", "write_model_folder"]
 
 MANIFEST = "vald_md.json"
 """The manifest's file name inside a model folder."""
@@ -117,7 +117,7 @@ class ModelInfo:
 
 
 @functools.cache
-def img2img_pipeline_class() -> type:
+def seeded_img2img_pipeline_class() -> type:
     """``StableDiffusionImg2ImgPipeline`` whose random draws do not depend on the model's dtype or device.
 
     The stock pipeline draws its two random tensors -- the autoencoder's posterior sample and the SDEdit noise --
@@ -160,8 +160,8 @@ def img2img_pipeline_class() -> type:
 
 
 def load_model(folder: Path, dtype: torch.dtype) -> tuple[Any, ModelInfo]:
-    """Load a model folder as the seeded img2img pipeline (:func:`img2img_pipeline_class`; on the CPU, weights in
-    ``dtype``, progress bar off) and describe it (:class:`ModelInfo`, the manifest's presets checked).
+    """Load a model folder as the seeded img2img pipeline (:func:`seeded_img2img_pipeline_class`; on the CPU,
+    weights in ``dtype``, progress bar off) and describe it (:class:`ModelInfo`, the manifest's presets checked).
 
     The content hash (68 MB of SHA-256 for the embedded model) runs in a thread beside the load: hashlib releases
     the GIL.
@@ -174,7 +174,7 @@ def load_model(folder: Path, dtype: torch.dtype) -> tuple[Any, ModelInfo]:
     with ThreadPoolExecutor(1, thread_name_prefix="vald-md-model-hash") as hasher:
         digest = hasher.submit(model_hash, folder)
         try:
-            pipe = img2img_pipeline_class().from_pretrained(
+            pipe = seeded_img2img_pipeline_class().from_pretrained(
                 folder, local_files_only=True, safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False, dtype=dtype)
         except (OSError, ValueError, KeyError) as e:

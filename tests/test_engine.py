@@ -211,7 +211,7 @@ def _stock_and_seeded_latents(folder, dtype: str, samples: int = 2):
     eng = engine.CounterfactualEngine(folder, device="cpu", dtype=dtype)
     stock = StableDiffusionImg2ImgPipeline(**eng.pipe.components)
     ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
-    img = eng.pipe.image_processor.preprocess(eng._to_tensor(ramp))
+    img = eng.pipe.image_processor.preprocess(eng.to_model_tensor(ramp))
     eng.pipe.scheduler.set_timesteps(10)
     t = eng.pipe.scheduler.timesteps[5:6].repeat(samples)
 

@@ -35,7 +35,7 @@ def everything_lung(tmp_path: Path) -> Path:
 
 
 def test_finetune_trains_resumes_and_packages_a_loadable_model(tmp_path: Path, everything_lung: Path) -> None:
-    from app import modelfolder
+    from app import engine, modelfolder
     from app.train.finetune import main, parse_args
     from tests.tiny_model import write_tiny_model
 
