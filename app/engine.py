@@ -3,7 +3,9 @@
 The engine wraps the stock ``StableDiffusionImg2ImgPipeline`` (SDEdit-style img2img, Meng et al. 2022) with
 components injected from a local folder: a UNet, an ``AutoencoderKL`` (3-channel SD or 1-channel VALD-MD),
 a scheduler, and a text encoder that may be CLIP or any BERT-family model (the paper's RadBERT, the embedded
-model's MiniLM). Nothing is fetched from a hub.
+model's MiniLM). Nothing is fetched from a hub. The folder itself (checked, hashed, loaded as a pipeline, described
+by ``ModelInfo``; written by training) is ``app.modelfolder``'s; the engine places the loaded pipeline on its device
+and precision and generates.
 
 Order of operations in :meth:`CounterfactualEngine.generate_request` (one frozen ``app.generation.GenerationRequest``;
 :meth:`~CounterfactualEngine.generate` builds one from keywords):
