@@ -181,7 +181,9 @@ def cmd_model(args: argparse.Namespace) -> int:
             "image_size": info.image_size, "image_channels": info.image_channels,
             "class_prompts": info.class_prompts, "presets": info.presets}, indent=2) + "\n")
         return 0
-    summary = engine.assemble_model(Path(args.base), Path(args.text_encoder), Path(args.out))
+    from app.modelfolder import assemble_model
+
+    summary = assemble_model(Path(args.base), Path(args.text_encoder), Path(args.out))
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0
 
@@ -193,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app import filemodes
     from app.config import Settings
-    from app.engine import check_model_folder
+    from app.modelfolder import check_model_folder
     from app.web import create_app
     from app.web.accesslog import uvicorn_log_config
 
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return evaluate.main(evaluate.parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
-    from app.engine import ModelFolderError
+    from app.modelfolder import ModelFolderError
 
     try:
         if args.command == "counterfactual":

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL_DIR = REPO_ROOT / "model_weights" / "vald-md-mini"
-"""Same folder as ``app.engine.DEFAULT_MODEL_DIR`` (not imported: reading settings must not load torch)."""
+"""Same folder as ``app.modelfolder.DEFAULT_MODEL_DIR`` (not imported: reading settings must not load torch)."""
 EMBEDDED_LUNG_SEGMENTER_DIR = REPO_ROOT / "model_weights" / "lungs-unet"
 """Same folder as ``app.lungs.DEFAULT_SEGMENTER_DIR`` (not imported, for the same reason)."""
 DEFAULT_LESION_CLASSIFIER_DIR = REPO_ROOT / "model_weights" / "lesion-classifier"

@@ -3,7 +3,9 @@
 The engine wraps the stock ``StableDiffusionImg2ImgPipeline`` (SDEdit-style img2img, Meng et al. 2022) with
 components injected from a local folder: a UNet, an ``AutoencoderKL`` (3-channel SD or 1-channel VALD-MD),
 a scheduler, and a text encoder that may be CLIP or any BERT-family model (the paper's RadBERT, the embedded
-model's MiniLM). Nothing is fetched from a hub.
+model's MiniLM). Nothing is fetched from a hub. The folder itself (checked, hashed, loaded as a pipeline, described
+by ``ModelInfo``; written by training) is ``app.modelfolder``'s; the engine places the loaded pipeline on its device
+and precision and generates.
 
 Order of operations in :meth:`CounterfactualEngine.generate_request` (one frozen ``app.generation.GenerationRequest``;
 :meth:`~CounterfactualEngine.generate` builds one from keywords):
@@ -18,16 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import logging
-import platform
-import shutil
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +39,10 @@ from app.generation import GenerationRequest as GenerationRequest
 from app.generation import Preset as Preset
 from app.generation import Scheduler as Scheduler
 from app.generation import effective_steps as effective_steps
-from app.generation import model_presets
+from app.modelfolder import DEFAULT_MODEL_DIR
+from app.modelfolder import ModelFolderError as ModelFolderError  # re-exported: the constructor raises it
+from app.modelfolder import load_model
+from app.provenance import library_versions
 
 logger = logging.getLogger("vald_md.engine")
 
@@ -62,27 +62,6 @@ for _name in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_im
     logging.getLogger(_name).addFilter(_WithholdPromptText())
 
 
-class _AcceptAnyTextEncoder(logging.Filter):
-    """Building a Stable Diffusion pipeline around a BERT text encoder (RadBERT, the paper's; the embedded model's)
-    makes diffusers warn "Expected types for text_encoder: CLIPTextModel, got BertModel", which reads like an
-    error at every start. The engine supports both encoders on purpose (``text_encoder_type`` in the model info),
-    so only that one message is dropped; every other warning of the pipeline loader still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Expected types for text_encoder:")
-
-
-logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_AcceptAnyTextEncoder())
-
-MANIFEST = "vald_md.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_weights" / "vald-md-mini"
-
-
-class ModelFolderError(ValueError):
-    """The model folder is missing, incomplete or malformed. The message says what is missing and where."""
-
-
 class GenerationCancelled(Exception):
     """Raised inside the denoising loop when the caller's cancel event is set (stops within one step)."""
 
@@ -95,120 +74,6 @@ def _scheduler_classes() -> dict[Scheduler, Any]:
 
     return {Scheduler.PNDM: PNDMScheduler, Scheduler.DDIM: DDIMScheduler, Scheduler.DPM_PP: DPMSolverMultistepScheduler,
             Scheduler.EULER: EulerDiscreteScheduler}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# model folders
-# ----------------------------------------------------------------------------------------------------------------
-def model_hash(folder: Path) -> str:
-    """SHA-256 over (relative path, SHA-256 of content) of every weight/config file in the folder, sorted.
-
-    Identifies a model independent of where it lies on disk. MODEL_CARD.md and other docs are excluded.
-    """
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-        if f.name == MANIFEST:
-            continue
-        fh = hashlib.sha256()
-        with open(f, "rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                fh.update(chunk)
-        h.update(f"{f.relative_to(folder).as_posix()}\0{fh.hexdigest()}\n".encode())
-    return h.hexdigest()
-
-
-def check_model_folder(folder: Path) -> dict[str, Any]:
-    """Validate a diffusers-format folder and return its ``model_index.json``.
-
-    Raises:
-        ModelFolderError: folder or a required component (unet, vae, scheduler, tokenizer, text_encoder) missing.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFolderError(
-            f"Model folder '{folder}' does not exist. Pass --model DIR with a diffusers-format folder "
-            f"(unet/, vae/, scheduler/, tokenizer/, text_encoder/, model_index.json); the embedded default "
-            f"model lives in model_weights/vald-md-mini.")
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ModelFolderError(f"'{folder}' has no model_index.json: it is not a diffusers model folder.")
-    try:
-        spec = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"'{index}' is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    missing = [c for c in ("unet", "vae", "scheduler", "tokenizer", "text_encoder")
-               if c not in spec or not (folder / c).is_dir()]
-    if missing:
-        raise ModelFolderError(f"'{folder}' lacks component(s) {', '.join(missing)}: each needs an entry in "
-                               f"model_index.json and a sub-folder of that name.")
-    return spec
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The folder's ``vald_md.json`` manifest (class prompts, presets, provenance), or {} when absent."""
-    p = Path(folder) / MANIFEST
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
-def encode_prompt_embeddings(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
-    """Token embeddings exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (no LoRA, no clip-skip).
-
-    Pads to ``tokenizer.model_max_length``; passes the attention mask only when the text encoder's config asks for
-    it (``use_attention_mask``), as diffusers does. Returns float32 (len(prompts), max_length, hidden_size).
-    """
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt")
-    mask = ids.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
-    with torch.no_grad():
-        return text_encoder(ids.input_ids.to(text_encoder.device), attention_mask=mask)[0].float()
-
-
-def write_model_folder(out: Path, *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
-                       manifest: dict[str, Any], dtype: torch.dtype = torch.float16,
-                       scheduler: Any | None = None) -> str:
-    """Write a complete diffusers-format model folder (safetensors) plus ``vald_md.json``; return its model hash.
-
-    The scheduler defaults to Stable Diffusion v1's PNDM configuration (the paper's sampler).
-    """
-    from diffusers import PNDMScheduler, StableDiffusionImg2ImgPipeline
-
-    out = Path(out)
-    if scheduler is None:
-        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False,
-                                  steps_offset=1)
-    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
-    pipe.to(dtype)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    pipe.to(torch.float32)
-    digest = model_hash(tmp)
-    (tmp / MANIFEST).write_text(json.dumps({**manifest, "model_hash": digest}, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return digest
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a loaded model is: folder, content hash, component classes and parameter counts (millions)."""
-
-    path: str
-    name: str
-    model_hash: str
-    components: dict[str, str]
-    parameters_m: dict[str, float]
-    text_encoder_type: str
-    image_size: int
-    image_channels: int
-    class_prompts: dict[str, str]
-    presets: dict[str, dict[str, Any]]
-    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,18 +133,6 @@ class CounterfactualResult:
         }
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that determine the output."""
-    import diffusers
-    import PIL
-    import pydicom
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
-            "pydicom": pydicom.__version__}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the engine
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,11 +178,11 @@ class _AutoencoderAutocast:
         self.active = False
         vae.to(memory_format=torch.channels_last)
         for module in (vae.encoder, vae.decoder):
-            module.forward = self._wrap(module.forward, dtype)
+            module.forward = self._autocast_forward(module.forward, dtype)
         conv_out = vae.decoder.conv_out
-        conv_out.forward = self._fp32(conv_out.forward)
+        conv_out.forward = self._float32_forward(conv_out.forward)
 
-    def _wrap(self, forward: Callable[..., Any], dtype: torch.dtype) -> Callable[..., Any]:
+    def _autocast_forward(self, forward: Callable[..., Any], dtype: torch.dtype) -> Callable[..., Any]:
         def autocast_forward(*args: Any, **kwargs: Any) -> Any:
             if not self.active:
                 return forward(*args, **kwargs)
@@ -341,7 +194,7 @@ class _AutoencoderAutocast:
         return autocast_forward
 
     @staticmethod
-    def _fp32(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _float32_forward(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         def fp32_forward(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cpu", enabled=False):
                 return forward(x.float())
@@ -357,49 +210,6 @@ class _AutoencoderAutocast:
             self.active = False
 
 
-@functools.cache
-def img2img_pipeline_class() -> type:
-    """``StableDiffusionImg2ImgPipeline`` whose random draws do not depend on the model's dtype or device.
-
-    The stock pipeline draws its two random tensors -- the autoencoder's posterior sample and the SDEdit noise --
-    in the model's dtype. torch's CPU generator yields other numbers for a half-precision tensor than for a
-    float32 one on some builds (measured: torch 2.11 on the GPU machine, where a bf16/fp16 run from the same
-    seed gave a different counterfactual, mean |difference| 0.16-0.19 on [0, 1], while torch 2.13 here agreed),
-    so a record made on a GPU in bf16 could not be reproduced in fp32 on a CPU. This subclass draws both in
-    float32 from the same per-sample CPU generators, in the stock order (every posterior sample, then every
-    noise tensor), and casts the noised latents to the model dtype afterwards: with one generator per sample (as
-    the engine passes them) float32 results are bit-for-bit the stock pipeline's, half-precision ones differ from
-    them by rounding only. Image inputs only (no pre-encoded latents); ``generator`` is a list of
-    ``batch_size x num_images_per_prompt`` generators, or one (then drawn from sample by sample) or None.
-    """
-    from diffusers import StableDiffusionImg2ImgPipeline
-    from diffusers.utils.torch_utils import randn_tensor
-
-    class SeededImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
-        def prepare_latents(self, image, timestep, batch_size, num_images_per_prompt, dtype, device,
-                            generator=None):
-            n = batch_size * num_images_per_prompt
-            gens = generator if isinstance(generator, list) else [generator] * n
-            if len(gens) != n:
-                raise ValueError(f"{len(gens)} generators for a batch of {n}")
-            image = image.to(device=device, dtype=self.vae.dtype)
-            if image.shape[0] not in (1, n):
-                raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {n}")
-            dist = self.vae.encode(image).latent_dist
-            mean, std = dist.mean.float(), dist.std.float()
-            z = torch.cat([mean[i % len(mean)][None] + std[i % len(std)][None]
-                           * randn_tensor((1, *mean.shape[1:]), generator=g, device=device, dtype=torch.float32)
-                           for i, g in enumerate(gens)])
-            # kept for the engine's reconstruction (the posterior mode of the same encode: no second VAE encode)
-            self.posterior_mean = mean
-            z = self.vae.config.scaling_factor * z
-            noise = torch.cat([randn_tensor((1, *z.shape[1:]), generator=g, device=device, dtype=torch.float32)
-                               for g in gens])
-            return self.scheduler.add_noise(z, noise, timestep).to(dtype)
-
-    return SeededImg2ImgPipeline
-
-
 class CounterfactualEngine:
     """A model folder loaded once and kept resident; ``generate`` makes counterfactuals.
 
@@ -408,8 +218,9 @@ class CounterfactualEngine:
         device: 'cuda', 'cuda:1', 'cpu' or None (auto). dtype: 'fp32' | 'fp16' | 'bf16' | None (auto).
         cpu_autocast: on a CPU with AMX bf16 (:func:`cpu_has_amx_bf16`) and fp32 weights, run the autoencoder
             (encoder and decoder, channels-last) under ``torch.autocast("cpu", torch.bfloat16)``; the UNet and
-            the decoder's last layer stay float32 (:class:`_AutoencoderAutocast`); ignored elsewhere. Off by default here (bit-exact fp32, as the tests expect); the server and the CLI
-            turn it on (``Settings.cpu_autocast``). Records state it under ``compute``.
+            the decoder's last layer stay float32 (:class:`_AutoencoderAutocast`); ignored elsewhere. Off by default
+            here (bit-exact fp32, as the tests expect); the server and the CLI turn it on
+            (``Settings.cpu_autocast``). Records state it under ``compute``.
 
     Raises:
         ModelFolderError: the folder is missing or malformed.
@@ -418,23 +229,12 @@ class CounterfactualEngine:
     def __init__(self, model_dir: Path | str | None = None, *, device: str | None = None,
                  dtype: str | None = None, compile_unet: bool = False, cpu_autocast: bool = False) -> None:
         folder = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
-        spec = check_model_folder(folder)
         self.device, self.dtype = pick_device(device, dtype)
         self.autocast_dtype: torch.dtype | None = (
             torch.bfloat16 if cpu_autocast and self.device.type == "cpu" and self.dtype == torch.float32
             and cpu_has_amx_bf16() else None)
         t = time.perf_counter()
-        # the content hash (68 MB of SHA-256 for the embedded model) runs beside the load: hashlib releases the GIL
-        with ThreadPoolExecutor(1, thread_name_prefix="vald-md-model-hash") as hasher:
-            digest = hasher.submit(model_hash, folder)
-            try:
-                pipe = img2img_pipeline_class().from_pretrained(
-                    folder, local_files_only=True, safety_checker=None, feature_extractor=None,
-                    requires_safety_checker=False, dtype=self.dtype)
-            except (OSError, ValueError, KeyError) as e:
-                raise ModelFolderError(f"Could not load the model in '{folder}': {e}") from None
-            folder_hash = digest.result()
-        pipe.set_progress_bar_config(disable=True)
+        pipe, self.info = load_model(folder, self.dtype)
         if self.device.type == "cuda":
             # GPU fast path: SDPA attention kernels and NHWC convolutions (tensor cores)
             from diffusers.models.attention_processor import AttnProcessor2_0
@@ -451,25 +251,9 @@ class CounterfactualEngine:
             self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
         self.lock = threading.Lock()
         self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        manifest = read_manifest(folder)
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[Scheduler, Any] = {}
-        vae_cfg = pipe.vae.config
-        image_size = int(getattr(pipe.unet.config, "sample_size", 64)) * pipe.vae_scale_factor
-        try:
-            presets = model_presets(manifest.get("presets", {}))
-        except ValueError as e:
-            raise ModelFolderError(f"'{folder / MANIFEST}': {e}") from None
-        self.info = ModelInfo(
-            path=str(folder), name=manifest.get("name", folder.name), model_hash=folder_hash,
-            components={k: f"{v[0]}.{v[1]}" for k, v in spec.items()
-                        if isinstance(v, list) and len(v) == 2 and v[0] is not None},
-            parameters_m={n: round(sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e6, 2)
-                          for n in ("unet", "vae", "text_encoder")},
-            text_encoder_type=type(pipe.text_encoder).__name__, image_size=image_size,
-            image_channels=int(vae_cfg.in_channels), class_prompts=manifest.get("class_prompts", {}),
-            presets=presets, manifest=manifest)
-        self._preview_proj = self._preview_projection(manifest)
+        self._preview_weights = self._preview_projection(self.info.manifest)
         logger.info("model %s loaded on %s/%s in %.1f s", self.info.name, self.device, self.dtype,
                     time.perf_counter() - t)
 
@@ -520,10 +304,10 @@ class CounterfactualEngine:
         """Cheap preview of a latent (the predicted clean one during generation, see :meth:`predicted_clean`): a
         linear latent->gray projection, float32 (h, w) in [0, 1]."""
         z = latents[0].float().cpu().numpy() / float(self.pipe.vae.config.scaling_factor)
-        img = np.tensordot(self._preview_proj[:-1], z, axes=(0, 0)) + self._preview_proj[-1]
+        img = np.tensordot(self._preview_weights[:-1], z, axes=(0, 0)) + self._preview_weights[-1]
         return np.clip(img, 0.0, 1.0).astype(np.float32)
 
-    def _scheduler(self, name: Scheduler | str) -> Any:
+    def _scheduler_for(self, name: Scheduler | str) -> Any:
         """The diffusers scheduler for ``name``, built once from the model's scheduler configuration.
 
         Raises:
@@ -549,8 +333,9 @@ class CounterfactualEngine:
             self._prompt_cache.popitem(last=False)
         return pos, neg
 
-    def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
-        """float32 (size, size) in [0, 1] -> (1, C, size, size) on device, C = the autoencoder's channels."""
+    def to_model_tensor(self, img: np.ndarray) -> torch.Tensor:
+        """A letterboxed image as the model's input: float32 (size, size) in [0, 1] -> (1, C, size, size) in [0, 1]
+        on the model's device and dtype, C = the autoencoder's channels (the image repeated)."""
         x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
         return x.repeat(1, self.info.image_channels, 1, 1).to(self.device, self.dtype)
 
@@ -580,7 +365,7 @@ class CounterfactualEngine:
         """
         with self.autocast():
             if posterior_mean is None:
-                x = self._to_tensor(img_model) * 2 - 1
+                x = self.to_model_tensor(img_model) * 2 - 1
                 posterior_mean = self.pipe.vae.encode(x).latent_dist.mode()
             return self._to_gray(self.pipe.vae.decode(posterior_mean.to(self.pipe.vae.dtype)).sample)[0]
 
@@ -650,7 +435,7 @@ class CounterfactualEngine:
             pos, neg = self.prompt_embeddings(prompt, negative_prompt)
             timings["text_encoding"] = time.perf_counter() - t
             # 3. img2img with per-step progress and cooperative cancellation
-            sched = self._scheduler(request.scheduler)
+            sched = self._scheduler_for(request.scheduler)
             self.pipe.scheduler = sched
             n_eff = effective_steps(steps, strength)
             # the number of UNet evaluations img2img will make (PNDM adds one, multistep orders differ)
@@ -679,7 +464,7 @@ class CounterfactualEngine:
             gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             self.pipe.posterior_mean = None
             with self.autocast():
-                out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, image=self._to_tensor(img_model),
+                out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, image=self.to_model_tensor(img_model),
                                 strength=strength, guidance_scale=guidance_scale, num_inference_steps=steps,
                                 num_images_per_prompt=samples, generator=gens, output_type="pt",
                                 callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
@@ -699,13 +484,14 @@ class CounterfactualEngine:
             timings["total"] = time.perf_counter() - t0
         return CounterfactualResult(
             counterfactuals=cf_native, counterfactuals_model=cf_model, input_model=img_model,
-            reconstruction=recon.astype(np.float32), letterbox=lb, effective_steps=n_eff, start_timestep=start_t, unet_evaluations=n_calls,
+            reconstruction=recon.astype(np.float32), letterbox=lb, effective_steps=n_eff, start_timestep=start_t,
+            unet_evaluations=n_calls,
             seeds=seeds, timings_s=timings, model_hash=self.info.model_hash, parameters=params,
             compute=self.compute_record())
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# assembling a starting model for training
+# loading off the serving thread
 # ----------------------------------------------------------------------------------------------------------------
 def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwargs: Any) -> CounterfactualEngine:
     """``CounterfactualEngine(*args, **kwargs)``, built in a thread of its own that ends when the model is loaded
@@ -745,50 +531,3 @@ def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwarg
     if "error" in box:
         raise box["error"]
     return box["engine"]
-
-
-def assemble_model(base: Path, text_encoder_dir: Path, out: Path) -> dict[str, Any]:
-    """Combine a Stable Diffusion v1.x folder with a BERT-family text encoder (e.g. RadBERT) into a new folder.
-
-    The UNet, autoencoder and scheduler come from ``base``; tokenizer and encoder from ``text_encoder_dir``
-    (a transformers folder). When the encoder's hidden size differs from the UNet's ``cross_attention_dim``, a
-    linear projection is added with diffusers' own mechanism (``encoder_hid_dim_type="text_proj"``), newly
-    initialised; otherwise nothing is added. The result is the starting point for ``vald-md train dreambooth``.
-
-    Returns:
-        A summary: {"projection": bool, "hidden_size": int, "cross_attention_dim": int, "model_hash": str}.
-
-    Raises:
-        ModelFolderError: either folder is missing or malformed.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import PNDMScheduler
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    check_model_folder(base)
-    if not (Path(text_encoder_dir) / "config.json").is_file():
-        raise ModelFolderError(f"'{text_encoder_dir}' has no config.json: not a transformers text-encoder folder")
-    cfg = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True)
-    hidden = int(getattr(cfg, "hidden_size"))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir, local_files_only=True)
-        encoder = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True, add_pooling_layer=False)
-    except TypeError:
-        encoder = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True)
-    if tokenizer.model_max_length > 512:
-        tokenizer.model_max_length = 77  # SD's prompt length; BERT tokenizers often say "unlimited"
-    unet_cfg = UNet2DConditionModel.load_config(Path(base) / "unet")
-    cross = int(unet_cfg["cross_attention_dim"])
-    projection = hidden != cross
-    extra = {"encoder_hid_dim": hidden, "encoder_hid_dim_type": "text_proj"} if projection else {}
-    unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet", low_cpu_mem_usage=False, **extra)
-    vae = AutoencoderKL.from_pretrained(Path(base) / "vae")
-    scheduler = PNDMScheduler.from_pretrained(Path(base) / "scheduler")
-    manifest = {"name": Path(out).name, "assembled_from": {"base": str(Path(base).name),
-                                                           "base_hash": model_hash(base),
-                                                           "text_encoder": str(Path(text_encoder_dir).name),
-                                                           "text_encoder_hash": model_hash(text_encoder_dir)},
-                "projection": projection, "library_versions": library_versions()}
-    digest = write_model_folder(out, unet=unet, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
-                                manifest=manifest, dtype=torch.float32, scheduler=scheduler)
-    return {"projection": projection, "hidden_size": hidden, "cross_attention_dim": cross, "model_hash": digest}

@@ -39,7 +39,7 @@ def diffedit_contrast(engine: CounterfactualEngine, img_model: NDArray[np.float3
                       strength: float = 0.5, draws: int = 8, seed: int = 0) -> NDArray[np.float32]:
     """DiffEdit noise contrast; see the module table. ``strength`` in (0, 1]: noise level as a share of T."""
     pipe = engine.pipe
-    x = engine._to_tensor(img_model) * 2 - 1
+    x = engine.to_model_tensor(img_model) * 2 - 1
     z0 = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
     sched = pipe.scheduler
     t_idx = min(int(strength * sched.config.num_train_timesteps), sched.config.num_train_timesteps - 1)
@@ -120,7 +120,7 @@ def ddim_inversion(engine: CounterfactualEngine, img_model: NDArray[np.float32],
         return ((decoded.float().mean(1).clamp(-1, 1) + 1) / 2).cpu().numpy().astype(np.float32)
 
     with engine.lock:
-        z = vae.encode(engine._to_tensor(img_model) * 2 - 1).latent_dist.mode() * sf
+        z = vae.encode(engine.to_model_tensor(img_model) * 2 - 1).latent_dist.mode() * sf
         for t in reversed(timesteps):  # ascending: from level t - stride up to level t
             a_prev, a_t = alpha(int(t) - stride).to(z.dtype), alpha(int(t)).to(z.dtype)
             eps = unet(z, t, encoder_hidden_states=src).sample
@@ -181,7 +181,7 @@ def classifier_guided(engine: CounterfactualEngine, classifier: Any, img_model: 
 
     with engine.lock:
         with torch.no_grad():
-            x = engine._to_tensor(img_model) * 2 - 1
+            x = engine.to_model_tensor(img_model) * 2 - 1
             z0 = vae.encode(x).latent_dist.mode() * sf
             noise = torch.randn(z0.shape, generator=gen, dtype=torch.float32).to(engine.device, z0.dtype)
             z = sched.add_noise(z0, noise, timesteps[:1])

@@ -139,7 +139,7 @@ def build_sd_size_model(out: Path, size: int, device: str) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from app import engine
+    from app.modelfolder import write_model_folder
 
     init_device = device if device.startswith("cuda") else "cpu"
     torch.manual_seed(0)
@@ -158,8 +158,8 @@ def build_sd_size_model(out: Path, size: int, device: str) -> Path:
         enc = BertModel(BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                    intermediate_size=3072, max_position_embeddings=512),
                         add_pooling_layer=False).eval()
-    engine.write_model_folder(out, unet=unet, vae=vae, text_encoder=enc, tokenizer=tok, dtype=torch.float16,
-                              manifest={"name": f"sd-v1-size-random-{size}px"})
+    write_model_folder(out, unet=unet, vae=vae, text_encoder=enc, tokenizer=tok, dtype=torch.float16,
+                       manifest={"name": f"sd-v1-size-random-{size}px"})
     del unet, vae, enc
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -170,7 +170,7 @@ def build_mini_model(out: Path) -> Path:
     """vald-md-mini's architecture (configs/vald-md-mini.toml) with random UNet/VAE and the packaged MiniLM."""
     import torch
 
-    from app import engine
+    from app.modelfolder import write_model_folder
     from app.train.config import load_config
     from app.train.unet import build_unet, load_minilm
     from app.train.vae import build_vae
@@ -183,14 +183,14 @@ def build_mini_model(out: Path) -> Path:
     factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
     unet = build_unet(cfg.unet, size // factor, cfg.vae.latent_channels)
     enc, tok = load_minilm(cfg.text_encoder.max_length)
-    engine.write_model_folder(out, unet=unet, vae=vae, text_encoder=enc, tokenizer=tok, dtype=torch.float16,
-                              manifest={"name": "vald-md-mini-architecture-random"})
+    write_model_folder(out, unet=unet, vae=vae, text_encoder=enc, tokenizer=tok, dtype=torch.float16,
+                       manifest={"name": "vald-md-mini-architecture-random"})
     return out
 
 
 def resolve_model(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
     """(model folder, how it was obtained)."""
-    from app.engine import DEFAULT_MODEL_DIR
+    from app.modelfolder import DEFAULT_MODEL_DIR
 
     if args.sd_size:
         return build_sd_size_model(work / "sd-size", args.size, args.device), f"SD v1.x-sized, random, {args.size}px"
@@ -264,7 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from app import attribution, imaging, rendering
     from app.runs.review import ReviewRequest, run_review
-    from app.engine import CounterfactualEngine, effective_steps, library_versions
+    from app.engine import CounterfactualEngine, effective_steps
+    from app.provenance import library_versions
 
     if args.threads:
         torch.set_num_threads(args.threads)

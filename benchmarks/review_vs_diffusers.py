@@ -279,7 +279,7 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
     req_kwargs = dict(prompt=params["prompt"], strength=float(params["strength"]),
                       guidance_scale=float(params["guidance_scale"]), steps=int(params["steps"]), seed=args.seed,
                       scheduler=params["scheduler"])
-    eng._scheduler(params["scheduler"])  # the engine's scheduler of this kind, for its class and configuration
+    eng._scheduler_for(params["scheduler"])  # the engine's scheduler of this kind, for its class and configuration
     sched = eng._schedulers[params["scheduler"]]
     plain.scheduler = type(sched).from_config(sched.config)
     cuda = args.device.startswith("cuda")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app import datasets, engine, mapscale
+from app import datasets, engine, mapscale, modelfolder
 from app.evaluate.common import stable_order
 from app.lungs import LungSegmenter
 from app.runs import folder, review
@@ -39,7 +39,7 @@ from app.runs.folder import RunFolder
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(engine.DEFAULT_MODEL_DIR), help="model folder (default: embedded model)")
+    p.add_argument("--model", default=str(modelfolder.DEFAULT_MODEL_DIR), help="model folder (default: embedded model)")
     p.add_argument("--data", required=True, help="labelled CSV with a split column (cxr256/labels.csv)")
     p.add_argument("--split", default="val", help="split to draw the normal images from (never 'test')")
     p.add_argument("--label", default="normal", help="the normal class's label ('normal'; nih256: 'no_finding')")
@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(report, indent=2))
     sys.stdout.write(json.dumps(cal.to_manifest(), indent=2) + "\n")
     if args.write_manifest:
-        mpath = Path(args.model) / engine.MANIFEST
+        mpath = Path(args.model) / modelfolder.MANIFEST
         manifest = json.loads(mpath.read_text())
         manifest["map_scale"] = cal.to_manifest()
         mpath.write_text(json.dumps(manifest, indent=2))

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app import datasets, engine, imaging, metrics
+from app import datasets, engine, imaging, metrics, modelfolder
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(engine.DEFAULT_MODEL_DIR), help="model folder")
+    p.add_argument("--model", default=str(modelfolder.DEFAULT_MODEL_DIR), help="model folder")
     p.add_argument("--data", required=True, help="labelled CSV")
     p.add_argument("--split", default="test", help="split to measure (default test)")
     p.add_argument("--limit", type=int, default=None, help="at most N images (evenly spaced)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app import datasets, engine, imaging, metrics
+from app import datasets, engine, imaging, metrics, modelfolder
 from app.evaluate.common import stable_order
 
 GRID_STRENGTH = "0.4,0.55,0.7,0.85"
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(out, indent=2))
     sys.stdout.write(json.dumps(choice, indent=2) + "\n")
     if args.write_manifest:
-        mpath = Path(args.model) / engine.MANIFEST
+        mpath = Path(args.model) / modelfolder.MANIFEST
         manifest = json.loads(mpath.read_text())
         manifest.setdefault("presets", {})["healthy"] = choice
         mpath.write_text(json.dumps(manifest, indent=2))

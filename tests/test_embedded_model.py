@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 
-from app import engine, imaging, metrics
+from app import engine, imaging, metrics, modelfolder
 
-MODEL = engine.DEFAULT_MODEL_DIR
+MODEL = modelfolder.DEFAULT_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def mini():
 
 
 def test_model_folder_is_complete_small_and_documented(mini):
-    manifest = json.loads((MODEL / engine.MANIFEST).read_text())
+    manifest = json.loads((MODEL / modelfolder.MANIFEST).read_text())
     assert manifest["model_hash"] == mini.info.model_hash, "weights changed without re-packaging"
     size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
     assert size <= 80 * 2**20, f"embedded model is {size / 2**20:.1f} MiB (budget 80 MiB)"
@@ -33,7 +33,7 @@ def test_model_folder_is_complete_small_and_documented(mini):
 
 
 def test_healthy_counterfactual_of_a_covid_test_image(mini, shared_data):
-    manifest = json.loads((MODEL / engine.MANIFEST).read_text())
+    manifest = json.loads((MODEL / modelfolder.MANIFEST).read_text())
     lo, hi = manifest["figures"]["counterfactual_ssim_range"]
     preset = mini.info.presets["healthy"]
     path = sorted((shared_data / "cxr256" / "test" / "covid").glob("*.png"))[0]

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from app import engine
+from app.modelfolder import ModelFolderError
+from app.train.common import encode_prompt_embeddings
 from tests.tiny_model import write_tiny_model
 
 
@@ -152,7 +154,7 @@ def test_record_is_json(tiny):
 
 def test_prompt_embeddings_match_training_encoder(tiny):
     pos, neg = tiny.prompt_embeddings("normal chest x ray", "")
-    direct = engine.encode_prompt_embeddings(tiny.pipe.tokenizer, tiny.pipe.text_encoder, ["normal chest x ray", ""])
+    direct = encode_prompt_embeddings(tiny.pipe.tokenizer, tiny.pipe.text_encoder, ["normal chest x ray", ""])
     np.testing.assert_allclose(pos[0].numpy(), direct[0].numpy(), atol=1e-6)
     np.testing.assert_allclose(neg[0].numpy(), direct[1].numpy(), atol=1e-6)
 
@@ -166,7 +168,7 @@ def test_prompt_embeddings_match_training_encoder(tiny):
 def test_malformed_model_folder_is_explained(tmp_path, setup, fragment):
     folder = tmp_path / "m"
     setup(folder)
-    with pytest.raises(engine.ModelFolderError, match=fragment):
+    with pytest.raises(ModelFolderError, match=fragment):
         engine.CounterfactualEngine(folder, device="cpu")
 
 
@@ -197,7 +199,7 @@ def test_load_engine_in_short_lived_thread_returns_the_engine_and_leaves_no_thre
     later.start()
     later.join()
     assert seen == [threads]
-    with pytest.raises(engine.ModelFolderError, match="does not exist"):  # the constructor's error reaches the caller
+    with pytest.raises(ModelFolderError, match="does not exist"):  # the constructor's error reaches the caller
         engine.load_engine_in_short_lived_thread(tmp_path / "nowhere", device="cpu")
 
 
@@ -209,7 +211,7 @@ def _stock_and_seeded_latents(folder, dtype: str, samples: int = 2):
     eng = engine.CounterfactualEngine(folder, device="cpu", dtype=dtype)
     stock = StableDiffusionImg2ImgPipeline(**eng.pipe.components)
     ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
-    img = eng.pipe.image_processor.preprocess(eng._to_tensor(ramp))
+    img = eng.pipe.image_processor.preprocess(eng.to_model_tensor(ramp))
     eng.pipe.scheduler.set_timesteps(10)
     t = eng.pipe.scheduler.timesteps[5:6].repeat(samples)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import engine
+from app import engine, modelfolder
 from app.generation import PRESETS, GenerationRequest, Preset, Scheduler, model_presets
 from app.runs.review import ReviewRequest, run_review
 
@@ -75,8 +75,8 @@ DPM_PRESETS = {"healthy": {"prompt": "normal chest x ray", "strength": 0.5, "gui
 
 def _with_presets(src: str, out: Path, presets: dict) -> Path:
     shutil.copytree(src, out)
-    manifest = json.loads((out / engine.MANIFEST).read_text())
-    (out / engine.MANIFEST).write_text(json.dumps({**manifest, "presets": presets}))
+    manifest = json.loads((out / modelfolder.MANIFEST).read_text())
+    (out / modelfolder.MANIFEST).write_text(json.dumps({**manifest, "presets": presets}))
     return out
 
 
@@ -94,7 +94,7 @@ def _png() -> bytes:
 
 def test_an_unsupported_scheduler_in_a_manifest_preset_refuses_the_model(tiny_engine, tmp_path):
     folder = _with_presets(tiny_engine.info.path, tmp_path / "bad", {"healthy": {"scheduler": "unipc"}})
-    with pytest.raises(engine.ModelFolderError, match=r"preset 'healthy'.*'unipc' is not supported"):
+    with pytest.raises(modelfolder.ModelFolderError, match=r"preset 'healthy'.*'unipc' is not supported"):
         engine.CounterfactualEngine(folder, device="cpu")
 
 

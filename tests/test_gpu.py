@@ -42,8 +42,8 @@ def test_engine_on_cuda_matches_cpu_and_runs_in_half_precision(tmp_path):
     assert auto.dtype in (torch.bfloat16, torch.float16)
     rh = auto.generate(_image(), **{**kw, "samples": 2})
     assert rh.counterfactuals.shape == (2, 40, 30) and np.isfinite(rh.counterfactuals).all()
-    # the seeded draws are made in float32 whatever the dtype (engine.img2img_pipeline_class), so half precision
-    # gives the fp32 counterfactual up to rounding
+    # the seeded draws are made in float32 whatever the dtype (modelfolder.seeded_img2img_pipeline_class), so half
+    # precision gives the fp32 counterfactual up to rounding
     assert np.abs(rh.counterfactuals[0] - cpu.counterfactuals[0]).mean() < 0.03
     plain = {**kw, "guidance_scale": 1.0}
     half, full = auto.generate(_image(), **plain), gpu32.generate(_image(), **plain)

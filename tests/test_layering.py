@@ -30,6 +30,10 @@ FORBIDDEN: dict[str, set[str]] = {
                    "train_lungs", "train_lesions", "train_finetune", "evaluate", "jobs", "web", "manage", "cli"},
     "metrics": {"engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli"},
     "engine": {"runs", "jobs", "web", "train", "evaluate", "audit", "cli"},
+    # the model folder (check, manifest, hash, load, write, assemble): torch and diffusers, below the engine, which
+    # loads through it; never the engine or anything that generates
+    "modelfolder": {"engine", "mapmethods", "runs", "jobs", "web", "train", "evaluate", "audit", "cli", "manage",
+                    "lungs", "lesions", "metrics", "rendering", "attribution", "imaging", "config"},
     "audit": {"imaging", "attribution", "engine", "jobs", "web", "train", "evaluate", "runs",
               "cli", "lungs"},
     "migrations": {"imaging", "attribution", "engine", "runs", "jobs", "web", "train", "evaluate", "cli", "lungs"},
@@ -52,13 +56,16 @@ FORBIDDEN: dict[str, set[str]] = {
     "manage": {"imaging", "attribution", "engine", "jobs", "web", "train", "evaluate", "runs",
                "metrics", "cli", "lungs"},
 }
+for _banned in FORBIDDEN.values():  # a layer below the engine is below the model folder too
+    if "engine" in _banned:
+        _banned.add("modelfolder")
 # modules that may not import torch/diffusers at all (pure numpy / database layers)
 NO_TORCH = {"generation", "datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "config",
             "migrations", "manage", "fileio"}
 # the read side of app/runs/ (record, folder, read, exports, DICOM SC): what the pages, exports and the PACS store
 # import; never the engine, the lung segmenter or the review run (torch), so that reading a run stays light
 RUN_READERS = ("record", "folder", "read", "exports", "dicom_sc")
-RUN_READERS_MAY_NOT = {"app.engine", "app.lungs", "app.lesions", "app.mapmethods", "app.runs.review"}
+RUN_READERS_MAY_NOT = {"app.engine", "app.modelfolder", "app.lungs", "app.lesions", "app.mapmethods", "app.runs.review"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -208,3 +215,9 @@ def test_light_parts_stay_light(part):
     banned = LIGHT_PARTS[part]
     bad = {m for m in _imports(APP / part) if any(m == b or m.startswith(b + ".") for b in banned)}
     assert not bad, f"app/{part} imports {sorted(bad)}"
+
+
+def test_provenance_is_a_leaf():
+    """app/provenance.py (the one ``library_versions``): every layer that records a result may import it."""
+    imported = _imports(APP / "provenance.py")
+    assert not {m for m in imported if m.startswith("app")}, "app/provenance.py must import no app module"

@@ -35,7 +35,7 @@ def everything_lung(tmp_path: Path) -> Path:
 
 
 def test_finetune_trains_resumes_and_packages_a_loadable_model(tmp_path: Path, everything_lung: Path) -> None:
-    from app import engine
+    from app import engine, modelfolder
     from app.train.finetune import main, parse_args
     from tests.tiny_model import write_tiny_model
 
@@ -57,9 +57,9 @@ def test_finetune_trains_resumes_and_packages_a_loadable_model(tmp_path: Path, e
     assert main(parse_args([*common, "--resume", "latest", "--package", str(tmp_path / "pkg")])) == 0
     assert [r.split(",")[0] for r in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]] == [
         "1", "2", "3", "4"]
-    manifest = json.loads((tmp_path / "pkg" / engine.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "pkg" / modelfolder.MANIFEST).read_text())
     assert manifest["training"]["mode"] == "lesion-finetune" and manifest["training"]["unet"] == "unet-step000004"
-    assert manifest["model_hash"] == engine.model_hash(tmp_path / "pkg") != engine.model_hash(base)
+    assert manifest["model_hash"] == modelfolder.model_hash(tmp_path / "pkg") != modelfolder.model_hash(base)
     assert manifest["class_prompts"]["pneumonia"] == "lung opacity"
     for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
         for f in (base / part).iterdir():

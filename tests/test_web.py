@@ -173,7 +173,7 @@ def test_start_up_loads_the_model_beside_the_database_and_fails_cleanly(tmp_path
     with the loader's error once the database side is done, and leaves no loading thread behind."""
     import asyncio
 
-    from app.engine import ModelFolderError
+    from app.modelfolder import ModelFolderError
 
     broken = tmp_path / "broken-model"
     broken.mkdir()

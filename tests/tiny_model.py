@@ -1,7 +1,7 @@
 """Tiny random-weight VALD-MD model folders built in code (diffusers' ``get_dummy_components`` style).
 
 No hub access: the BERT tokenizer is built from a vocabulary this module writes. The model's input is 32 px,
-1 channel; a folder is written with :func:`app.engine.write_model_folder`, exactly as training does.
+1 channel; a folder is written with :func:`app.modelfolder.write_model_folder`, exactly as training does.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def tiny_components(seed: int = 0, *, text_hidden: int = 32, cross_dim: int = 32
 
 def write_tiny_model(out: Path, seed: int = 0) -> Path:
     """Write a complete tiny model folder (fp32) with a ``vald_md.json`` manifest and return its path."""
-    from app import engine
+    from app.modelfolder import write_model_folder
 
     unet, vae, enc, tok = tiny_components(seed, vocab_dir=out.parent / f"{out.name}-vocab")
-    engine.write_model_folder(out, unet=unet, vae=vae, text_encoder=enc, tokenizer=tok, dtype=torch.float32,
-                              manifest={"name": "tiny-test", "class_prompts": {"normal": "normal chest x ray"}})
+    write_model_folder(out, unet=unet, vae=vae, text_encoder=enc, tokenizer=tok, dtype=torch.float32,
+                       manifest={"name": "tiny-test", "class_prompts": {"normal": "normal chest x ray"}})
     return out

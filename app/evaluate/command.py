@@ -282,7 +282,7 @@ COMMANDS = {"generate": cmd_generate, "tables": cmd_tables, "train-oracle": cmd_
 
 def main(args: argparse.Namespace) -> int:
     """Run the parsed sub-command; errors a user can fix print one line and return 2."""
-    from app.engine import ModelFolderError
+    from app.modelfolder import ModelFolderError
     from app.imaging import ImagingError
 
     if getattr(args, "threads", None):

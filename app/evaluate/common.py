@@ -6,7 +6,6 @@ table and localization code can be tested without a model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ FloatImage = NDArray[np.float32]
 # ----------------------------------------------------------------------------------------------------------------
 def stable_order(rel: str) -> str:
     """Sort key that shuffles images reproducibly and independently of the other images (SHA-256 of the path)."""
-    return hashlib.sha256(rel.encode()).hexdigest()
+    return fileio.sha256_bytes(rel.encode())
 
 
 def select(items: Sequence[Item], labels: Sequence[str], limit: int | None) -> list[Item]:
@@ -72,7 +71,7 @@ def item_seed(base_seed: int, rel: str) -> int:
     Depends only on the base seed and the image's relative path, so a resumed or re-limited run regenerates an
     image bit-identically.
     """
-    return (base_seed + int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16)) % 2**31
+    return (base_seed + int(fileio.sha256_bytes(rel.encode())[:8], 16)) % 2**31
 
 
 SEED_RULE = "per image: (seed + int(sha256(relative input path)[:8], 16)) mod 2**31; sample i uses that + i"

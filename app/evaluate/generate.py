@@ -24,7 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 from app import attribution, imaging
-from app.engine import CounterfactualEngine, library_versions
+from app.engine import CounterfactualEngine
 from app.evaluate.common import (
     HEALTHY_LABEL,
     PROMPT_LABELS,
@@ -44,6 +44,7 @@ from app.evaluate.common import (
     write_json,
 )
 from app.generation import GenerationRequest
+from app.provenance import library_versions
 
 logger = logging.getLogger("vald_md.evaluate")
 

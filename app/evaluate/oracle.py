@@ -27,7 +27,6 @@ from numpy.typing import NDArray
 from PIL import Image
 from torch import nn
 
-from app.engine import library_versions
 from app.evaluate.common import (
     HEALTHY_LABEL,
     Item,
@@ -38,7 +37,9 @@ from app.evaluate.common import (
     select,
     write_json,
 )
+from app.fileio import sha256_file
 from app.metrics import auroc
+from app.provenance import library_versions
 
 logger = logging.getLogger("vald_md.evaluate.oracle")
 
@@ -210,7 +211,7 @@ def train_oracle(data: Path, out: Path, *, epochs: int = 12, batch_size: int = 3
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(out) / WEIGHTS_FILE))
-    record["weights_sha256"] = hashlib.sha256((Path(out) / WEIGHTS_FILE).read_bytes()).hexdigest()
+    record["weights_sha256"] = sha256_file(Path(out) / WEIGHTS_FILE)
     write_json(Path(out) / CONFIG_FILE, record)
     return record
 

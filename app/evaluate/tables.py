@@ -33,7 +33,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app import imaging, metrics
-from app.engine import library_versions
 from app.evaluate.common import (
     HEALTHY_LABEL,
     PAPER_DISEASE_LABELS,
@@ -52,6 +51,7 @@ from app.evaluate.common import (
     write_json,
 )
 from app.evaluate.generate import find_subruns, read_run
+from app.provenance import library_versions
 
 logger = logging.getLogger("vald_md.evaluate.tables")
 

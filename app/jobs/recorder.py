@@ -23,7 +23,7 @@ from sqlalchemy import Engine as Database
 from app import audit, imaging
 from app.fileio import sha256_bytes as sha256
 from app.runs.review import ReviewRequest
-from app.engine import library_versions
+from app.provenance import library_versions
 from app.jobs.job import Job, JobState, final_timings, now
 
 __all__ = ["AuditRecorder", "NullRecorder", "Recorder"]

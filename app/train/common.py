@@ -11,7 +11,6 @@ import csv
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -58,6 +57,20 @@ def data_hash(rows: list[LabelledImage]) -> str:
         h.update(f"{r.path.name}|{r.label}|{r.path.stat().st_size}\n".encode())
     return h.hexdigest()
 
+
+
+def encode_prompt_embeddings(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
+    """Token embeddings exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (no LoRA, no clip-skip),
+    so that a UNet trained on embeddings cached with it sees at generation what it saw in training.
+
+    Pads to ``tokenizer.model_max_length``; passes the attention mask only when the text encoder's config asks for
+    it (``use_attention_mask``), as diffusers does. Returns float32 (len(prompts), max_length, hidden_size).
+    """
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
+    mask = ids.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        return text_encoder(ids.input_ids.to(text_encoder.device), attention_mask=mask)[0].float()
 
 
 def caption_for(row: LabelledImage, prompts: dict[str, Any], rng: np.random.Generator) -> str:
@@ -207,16 +220,3 @@ def git_revision() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
 
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that decide the numbers (python, torch, diffusers, transformers, numpy)."""
-    import diffusers
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from app.datasets import LabelledImage
-from app.train.common import (HEALTHY_PROMPT, LossLog, Progress, banner, data_hash, git_revision, library_versions,
-                              load_gray, read_labels, resume_state, save_checkpoint, to_model_range)
+from app.generation import PRESETS
+from app.provenance import library_versions
+from app.train.common import (HEALTHY_PROMPT, LossLog, Progress, banner, data_hash, git_revision, load_gray,
+                              read_labels, resume_state, save_checkpoint, to_model_range)
 
 logger = logging.getLogger("vald_md.train")
 
@@ -67,7 +69,8 @@ def train_dreambooth(args: argparse.Namespace) -> int:
     import accelerate
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from app import engine
+    from app.engine import CounterfactualEngine
+    from app.modelfolder import write_model_folder
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,7 @@ def train_dreambooth(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     rows = read_labels(Path(args.data), args.split)
     stages = parse_stages(args.stages, {r.label for r in rows})
-    base = engine.CounterfactualEngine(args.model, device="cpu" if acc.device.type == "cpu" else str(acc.device))
+    base = CounterfactualEngine(args.model, device="cpu" if acc.device.type == "cpu" else str(acc.device))
     pipe = base.pipe
     unet, vae, text_encoder, tokenizer = pipe.unet.float(), pipe.vae.float(), pipe.text_encoder.float(), pipe.tokenizer
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -198,13 +201,13 @@ def train_dreambooth(args: argparse.Namespace) -> int:
         "data": {"csv": Path(args.data).name, "sha256": data_hash(rows),
                  "counts": {lab: labels.count(lab) for lab in sorted(set(labels))}},
         "class_prompts": {**prompts, "healthy": HEALTHY_PROMPT},
-        "presets": {k: vars(v) for k, v in engine.PRESETS.items()},
+        "presets": {k: vars(v) for k, v in PRESETS.items()},
         "git_revision": git_revision(), "library_versions": library_versions(),
     }
     model_dir = out / "model"
-    digest = engine.write_model_folder(model_dir, unet=unet_final, vae=vae, text_encoder=acc.unwrap_model(text_encoder),
-                                       tokenizer=tokenizer, manifest=manifest, scheduler=pipe.scheduler,
-                                       dtype=torch.float16 if args.save_fp16 else torch.float32)
+    digest = write_model_folder(model_dir, unet=unet_final, vae=vae, text_encoder=acc.unwrap_model(text_encoder),
+                                tokenizer=tokenizer, manifest=manifest, scheduler=pipe.scheduler,
+                                dtype=torch.float16 if args.save_fp16 else torch.float32)
     write_model_card(model_dir, manifest, digest)
     log.plot()
     sys.stderr.write(f"\ndreambooth done: {total} steps; model folder {model_dir}\n")

@@ -136,9 +136,9 @@ def main(args: argparse.Namespace) -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from app import engine
-    from app.train.common import (LossLog, Progress, all_captions, banner, caption_for, out_of_time,
-                                  restore_scratch, resume_state, save_checkpoint)
+    from app.modelfolder import model_hash
+    from app.train.common import (LossLog, Progress, all_captions, banner, caption_for, encode_prompt_embeddings,
+                                  out_of_time, restore_scratch, resume_state, save_checkpoint)
     from app.train.schedule import warmup_cosine_to_floor
     from app.train.unet import encode_latents, min_snr_weights, sd_noise_scheduler
 
@@ -183,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     text_encoder = AutoModel.from_pretrained(model / "text_encoder").eval()
     as_rows = [r for r, _ in rows]
     captions = sorted(all_captions(as_rows, prompts) | {""})
-    emb = {c: engine.encode_prompt_embeddings(tokenizer, text_encoder, [c])[0] for c in captions}
+    emb = {c: encode_prompt_embeddings(tokenizer, text_encoder, [c])[0] for c in captions}
     # 3. balanced sampling weights over (source, label)
     groups: dict[tuple[str, str], list[int]] = {}
     for i, (r, src) in enumerate(rows):
@@ -273,7 +273,7 @@ def main(args: argparse.Namespace) -> int:
     if args.package:
         chosen = sorted(out.glob("unet-step*"))[-1]
         package(model, chosen, Path(args.package), {
-            "mode": "lesion-finetune", "from": engine.model_hash(model), "unet": chosen.name,
+            "mode": "lesion-finetune", "from": model_hash(model), "unet": chosen.name,
             "wall_min": round(wall / 60, 1), "args": vars(args), "config": cfg.raw,
             "segmenter": lat.get("segmenter"), "groups": {f"{s}/{lab}": len(v) for (s, lab), v in groups.items()}},
             prompts)
@@ -285,15 +285,13 @@ def package(model: Path, unet_dir: Path, out: Path, record: dict[str, Any], prom
     gets the fine-tuning record and the new class prompts. Returns the new model hash."""
     from diffusers import UNet2DConditionModel
 
-    from app import engine
+    from app.modelfolder import MANIFEST, finish_model_folder, staging_folder
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_folder(out)
     shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("MODEL_CARD.md"))
     shutil.rmtree(tmp / "unet")
     UNet2DConditionModel.from_pretrained(unet_dir).to(torch.float16).save_pretrained(tmp / "unet")
-    manifest = json.loads((tmp / engine.MANIFEST).read_text())
+    manifest = json.loads((tmp / MANIFEST).read_text())
     manifest.pop("model_hash", None)
     manifest.pop("figures", None)
     manifest["name"] = out.name
@@ -301,10 +299,4 @@ def package(model: Path, unet_dir: Path, out: Path, record: dict[str, Any], prom
     manifest["training"] = record
     manifest["class_prompts"] = {**manifest.get("class_prompts", {}),
                                  **{k: (v[0] if isinstance(v, list) else v) for k, v in prompts.items()}}
-    digest = engine.model_hash(tmp)
-    manifest["model_hash"] = digest
-    (tmp / engine.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return digest
+    return finish_model_folder(tmp, out, manifest)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import sys
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from app.fileio import sha256_bytes
 from app.lungs import LungSegmenter, LungUNet, dice, normalize_intensity, resize_float, save_segmenter
 from app.train.schedule import warmup_cosine_to_zero
 
@@ -70,7 +70,7 @@ def find_pairs(folder: Path) -> list[MaskPair]:
 
 def is_holdout(pair: MaskPair, fraction: float) -> bool:
     """Stable split: the first 8 hex digits of SHA-256(file name) mod 1000 below ``fraction`` x 1000."""
-    return int(hashlib.sha256(pair.image.name.encode()).hexdigest()[:8], 16) % 1000 < fraction * 1000
+    return int(sha256_bytes(pair.image.name.encode())[:8], 16) % 1000 < fraction * 1000
 
 
 def load_pair(pair: MaskPair, size: int) -> tuple[np.ndarray, np.ndarray]:

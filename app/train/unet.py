@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from app.provenance import library_versions
 from app.train.common import (HEALTHY_PROMPT, LossLog, Progress, all_captions, banner, caption_for, data_hash,
-                              git_revision, library_versions, load_gray, out_of_time, read_labels,
+                              encode_prompt_embeddings, git_revision, load_gray, out_of_time, read_labels,
                               restore_scratch, resume_state, save_checkpoint, to_model_range)
 from app.train.config import TrainConfig, UnetSection
 from app.train.schedule import warmup_cosine_to_floor
@@ -110,7 +111,7 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
     from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
 
-    from app import engine
+    from app.modelfolder import write_model_folder
 
     assert cfg.data is not None and cfg.unet is not None and cfg.text_encoder is not None  # load_config checked
     ucfg, size, prompts = cfg.unet, cfg.data.image_size, cfg.prompts
@@ -139,7 +140,7 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
     # 2. prompt embeddings: the frozen encoder sees only a handful of distinct prompts, so embed each once
     text_encoder, tokenizer = load_minilm(max_len)
     captions = sorted(all_captions(train_rows + val_rows, prompts) | {"", HEALTHY_PROMPT})
-    emb = {c: engine.encode_prompt_embeddings(tokenizer, text_encoder, [c])[0] for c in captions}
+    emb = {c: encode_prompt_embeddings(tokenizer, text_encoder, [c])[0] for c in captions}
     # 3. model, optimiser, EMA
     unet = build_unet(ucfg, int(lat["train_mean"].shape[-1]), latent_channels_of(lat))
     noise_sched = sd_noise_scheduler()
@@ -236,8 +237,8 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
             "git_revision": git_revision(),
             "library_versions": library_versions(),
         }
-        engine.write_model_folder(Path(args.package), unet=best_unet, vae=vae, text_encoder=text_encoder,
-                                  tokenizer=tokenizer, manifest=manifest, dtype=torch.float16)
+        write_model_folder(Path(args.package), unet=best_unet, vae=vae, text_encoder=text_encoder,
+                           tokenizer=tokenizer, manifest=manifest, dtype=torch.float16)
         sys.stderr.write(f"model folder written to {args.package}\n")
     return 0
 

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.train.common import (LossLog, Progress, banner, git_revision, library_versions, load_gray, out_of_time,
-                              read_labels, restore_scratch, resume_state, save_checkpoint, to_model_range)
+from app.provenance import library_versions
+from app.train.common import (LossLog, Progress, banner, git_revision, load_gray, out_of_time, read_labels,
+                              restore_scratch, resume_state, save_checkpoint, to_model_range)
 from app.train.config import TrainConfig, VaeDecoderSection, VaeSection
 from app.train.schedule import warmup_cosine_to_floor
 
@@ -217,7 +218,7 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
     """
     from diffusers import AutoencoderKL
 
-    from app import engine
+    from app.modelfolder import MANIFEST, finish_model_folder, staging_folder
 
     from safetensors import safe_open
 
@@ -232,7 +233,7 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
         raise ValueError(f"{vae_dir} has a different encoder from {model}/vae: its latents would not match the UNet")
     base.load_state_dict({**old, **{k: v for k, v in new.items() if k.startswith(("decoder.", "post_quant_conv."))}})
     base.to(dtype)
-    manifest = json.loads((model / engine.MANIFEST).read_text())
+    manifest = json.loads((model / MANIFEST).read_text())
     manifest.pop("model_hash", None)
     manifest["name"] = out.name
     with open(Path(args.output_dir) / "loss.csv", newline="") as fh:
@@ -247,15 +248,9 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
     earlier = [] if earlier is None else earlier if isinstance(earlier, list) else [earlier]
     training["vae_decoder"] = [*earlier, this_round] if earlier else this_round
     manifest["library_versions"] = library_versions()
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("vae", engine.MANIFEST, "*.md"))
+    tmp = staging_folder(out)
+    shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("vae", MANIFEST, "*.md"))
     base.save_pretrained(tmp / "vae", safe_serialization=True)
-    digest = engine.model_hash(tmp)
-    (tmp / engine.MANIFEST).write_text(json.dumps({**manifest, "model_hash": digest}, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    digest = finish_model_folder(tmp, out, manifest)
     sys.stderr.write(f"model folder written to {out} (hash {digest[:12]})\n")
     return digest

@@ -19,13 +19,13 @@ directly (FastAPI runs them in a thread), async routes through ``run_in_threadpo
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 
 from sqlalchemy import Engine as Database
 from starlette.requests import Request
 
 from app import audit
+from app.fileio import sha256_bytes
 from app.jobs import Job
 from app.web.auth import Caller
 
@@ -55,7 +55,7 @@ def audit_view(db: Database, caller: Caller, job: Job, what: str) -> None:
 
 def audit_export(db: Database, caller: Caller, job: Job, kind: str, content: bytes) -> None:
     """One ``export`` event with the exported bytes' SHA-256 (and an ``Export`` row when the run is recorded)."""
-    digest = hashlib.sha256(content).hexdigest()
+    digest = sha256_bytes(content)
     if job.input_id is not None:
         audit.record_export(db, run_id=run_uuid(job), kind=kind, sha256=digest, user=caller.user)
         return

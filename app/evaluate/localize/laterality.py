@@ -14,7 +14,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app import metrics
-from app.engine import CounterfactualEngine, library_versions
+from app.engine import CounterfactualEngine
+from app.provenance import library_versions
 from app.evaluate.common import HEALTHY_LABEL, prompt_side, write_atomic, write_json
 from app.evaluate.generate import GenerateSettings, generate_run, read_run
 from app.generation import GenerationRequest

@@ -14,7 +14,8 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from app import imaging
-from app.engine import CounterfactualEngine, library_versions
+from app.engine import CounterfactualEngine
+from app.provenance import library_versions
 from app.evaluate.common import (
     Progress,
     append_jsonl,
