@@ -1,4 +1,11 @@
-"""The import graph is the architecture (shared/STYLE.md): read every module's imports and check the layers."""
+"""The import graph is the architecture (shared/STYLE.md): read every module's imports (deferred ones too) and
+check them against one ordered list of layers, plus a cycle check over every ``app`` module.
+
+``RANKS`` lists the layers bottom-up (a layer is the first path component under ``app/``: a module or a package).
+A layer imports only layers of a strictly lower rank; layers of one rank are peers and never import each other.
+Nothing can import ``web`` or ``cli`` (they are on top). Independently of the ranks, no module of any package may sit
+on an import circle (strongly connected components of the module graph); the next circle fails CI with its path.
+"""
 
 from __future__ import annotations
 
@@ -9,59 +16,24 @@ import pytest
 
 APP = Path(__file__).resolve().parent.parent / "app"
 
-# module (first component under app/) -> app modules it must never import
-FORBIDDEN: dict[str, set[str]] = {
-    "datasets": {"config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
-                 "runs", "train", "evaluate", "jobs", "web", "manage", "cli", "lungs"},
-    "config": {"imaging", "attribution", "engine", "jobs", "web", "train", "evaluate", "audit",
-               "runs", "cli", "metrics", "lungs"},
-    "imaging": {"attribution", "rendering", "engine", "jobs", "web", "train", "evaluate", "audit", "runs",
-                "cli", "metrics", "config", "lungs"},
-    "attribution": {"rendering", "engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli",
-                    "lungs"},
-    "rendering": {"engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli", "metrics",
-                  "lungs"},
-    # the map's calibrated scale: numpy and app.attribution only (rendering draws with it)
-    "mapscale": {"rendering", "engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli",
-                 "metrics", "lungs"},
-    # the one generation request type (presets, schedulers): pure Python, below everything that generates
-    "generation": {"datasets", "config", "imaging", "attribution", "rendering", "mapscale", "metrics", "engine",
-                   "audit", "migrations", "lungs", "lesions", "mapmethods", "runs", "train",
-                   "train_lungs", "train_lesions", "train_finetune", "evaluate", "jobs", "web", "manage", "cli"},
-    "metrics": {"engine", "jobs", "web", "train", "evaluate", "audit", "runs", "cli"},
-    "engine": {"runs", "jobs", "web", "train", "evaluate", "audit", "cli"},
-    # the model folder (check, manifest, hash, load, write, assemble): torch and diffusers, below the engine, which
-    # loads through it; never the engine or anything that generates
-    "modelfolder": {"engine", "mapmethods", "runs", "jobs", "web", "train", "evaluate", "audit", "cli", "manage",
-                    "lungs", "lesions", "metrics", "rendering", "attribution", "imaging", "config"},
-    "audit": {"imaging", "attribution", "engine", "jobs", "web", "train", "evaluate", "runs",
-              "cli", "lungs"},
-    "migrations": {"imaging", "attribution", "engine", "runs", "jobs", "web", "train", "evaluate", "cli", "lungs"},
-    # the lung segmenter: torch, numpy, scipy, Pillow and safetensors only (runs, jobs, web, cli may import it)
-    "lungs": {"datasets", "config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
-              "runs", "train", "evaluate", "jobs", "web", "manage", "cli"},
-    # the lesion classifier: torch, numpy and the lung segmenter's module only
-    "lesions": {"datasets", "config", "imaging", "attribution", "rendering", "metrics", "engine", "audit", "migrations",
-                "runs", "train", "evaluate", "jobs", "web", "manage", "cli", "mapmethods"},
-    # engine-level map methods: beside the engine, below runs and evaluation
-    "mapmethods": {"runs", "jobs", "web", "train", "evaluate", "audit", "cli", "manage"},
-    # one package for runs (app/runs/: the record, its folder and reader, the review run, exports, DICOM SC);
-    # its read side stays lighter still (RUN_READERS below)
-    "runs": {"jobs", "web", "train", "evaluate", "audit", "cli", "manage"},
-    # every training technique (app/train/: vae, unet, dreambooth, lungs, lesions, finetune and what they share)
-    "train": {"runs", "jobs", "web", "evaluate", "audit", "cli", "manage"},
-    "evaluate": {"jobs", "web", "train", "audit", "cli"},
-    "jobs": {"web", "train", "evaluate", "cli"},
-    "web": {"train", "cli"},
-    "manage": {"imaging", "attribution", "engine", "jobs", "web", "train", "evaluate", "runs",
-               "metrics", "cli", "lungs"},
-}
-for _banned in FORBIDDEN.values():  # a layer below the engine is below the model folder too
-    if "engine" in _banned:
-        _banned.add("modelfolder")
-# modules that may not import torch/diffusers at all (pure numpy / database layers)
-NO_TORCH = {"generation", "datasets", "imaging", "attribution", "mapscale", "rendering", "audit", "config",
-            "migrations", "manage", "fileio"}
+RANKS: tuple[tuple[str, ...], ...] = (
+    ("__init__", "fileio", "provenance"),  # the standard library only: version, atomic writes + SHA-256, versions
+    ("config", "datasets", "generation", "filemodes"),  # settings, labelled image lists, the one request type
+    ("imaging", "attribution", "lungs", "audit"),  # bytes -> pixels; maps; the lung segmenter; the audit database
+    ("mapscale", "metrics", "lesions", "modelfolder", "migrations", "manage"),
+    ("rendering", "engine"),  # overlays, legends, banners; the counterfactual engine (loads through modelfolder)
+    ("mapmethods",),  # map methods beside the SDEdit difference (they drive the engine)
+    ("runs",),  # one review run, its record, its checked folder, its exports
+    ("pacs", "train", "evaluate", "jobs"),  # PACS over DICOMweb; training; evaluation; the review queue
+    ("web",),  # the FastAPI app
+    ("cli",),  # the vald-md command
+)
+RANK: dict[str, int] = {layer: rank for rank, layers in enumerate(RANKS) for layer in layers}
+
+# layers that may not import torch/diffusers/transformers/fastapi, directly or through any app module they import
+NO_TORCH = {"__init__", "fileio", "config", "datasets", "generation", "filemodes", "imaging",
+            "attribution", "audit", "mapscale", "migrations", "manage", "rendering"}
+HEAVY = {"torch", "diffusers", "transformers", "fastapi"}
 # the read side of app/runs/ (record, folder, read, exports, DICOM SC): what the pages, exports and the PACS store
 # import; never the engine, the lung segmenter or the review run (torch), so that reading a run stays light
 RUN_READERS = ("record", "folder", "read", "exports", "dicom_sc")
@@ -69,79 +41,135 @@ RUN_READERS_MAY_NOT = {"app.engine", "app.modelfolder", "app.lungs", "app.lesion
 
 
 def _imports(path: Path) -> set[str]:
+    """Dotted names ``path`` imports anywhere in its body (deferred imports too); ``from app.x import y`` gives
+    ``app.x.y`` when ``y`` is a module of package ``app.x``, else ``app.x``."""
     tree = ast.parse(path.read_text())
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
+        elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative import inside a package: resolve against app/
                 pkg = path.parent.relative_to(APP.parent).parts
                 base = ".".join(pkg[: len(pkg) - node.level + 1])
-                found.add(f"{base}.{node.module}")
-            elif node.module == "app":
-                found.update(f"app.{a.name}" for a in node.names)
+                module = f"{base}.{node.module}" if node.module else base
             else:
-                found.add(node.module)
+                module = node.module or ""
+            if module == "app" or module.startswith("app."):
+                folder = APP.parent.joinpath(*module.split("."))
+                for alias in node.names:
+                    sub = folder / f"{alias.name}.py"
+                    found.add(f"{module}.{alias.name}" if sub.is_file() or (folder / alias.name).is_dir()
+                              else module)
+            else:
+                found.add(module)
     return found
 
 
+def _name(path: Path) -> str:
+    """``app/x/y.py`` -> ``app.x.y``; ``app/x/__init__.py`` -> ``app.x``."""
+    parts = path.relative_to(APP.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(dotted: str) -> str:
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
 def _modules() -> list[tuple[str, Path]]:
-    out = []
-    for p in sorted(APP.rglob("*.py")):
-        rel = p.relative_to(APP).parts
-        out.append((rel[0].removesuffix(".py"), p))
-    return out
+    return [(_layer(_name(p)), p) for p in sorted(APP.rglob("*.py"))]
+
+
+def _graph() -> dict[str, set[str]]:
+    """Every ``app`` module -> the ``app`` modules it imports (names of existing modules or packages only)."""
+    paths = {_name(p): p for p in APP.rglob("*.py")}
+    return {name: {m for m in _imports(path) if m in paths and m != name} for name, path in paths.items()}
+
+
+def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iterative: the components of more than one module (each one import circle or more)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_every_layer_has_a_rank():
+    layers = {layer for layer, _ in _modules()}
+    assert layers <= set(RANK), f"add {sorted(layers - set(RANK))} to RANKS in tests/test_layering.py"
+    assert len(RANK) == sum(len(r) for r in RANKS), "a layer is listed twice in RANKS"
 
 
 @pytest.mark.parametrize("layer,path", _modules(), ids=lambda v: str(v).split("app/")[-1])
-def test_imports_flow_one_way(layer, path):
-    imported = _imports(path)
-    app_deps = {m.split(".")[1] for m in imported if m.startswith("app.") and len(m.split(".")) > 1}
-    bad = app_deps & FORBIDDEN.get(layer, set())
-    assert not bad, f"{path.relative_to(APP.parent)} ({layer}) imports {sorted(bad)}, against the layering"
-    if layer in NO_TORCH:
-        heavy = {m.split(".")[0] for m in imported} & {"torch", "diffusers", "transformers", "fastapi"}
-        assert not heavy, f"{path.relative_to(APP.parent)} must stay free of {sorted(heavy)}"
+def test_imports_flow_down_the_ranks(layer, path):
+    higher = {m for m in _imports(path) if m.startswith("app.") and _layer(m) != layer
+              and RANK.get(_layer(m), len(RANKS)) >= RANK[layer]}
+    assert not higher, (f"{path.relative_to(APP.parent)} (layer {layer!r}, rank {RANK[layer]}) imports "
+                        f"{sorted(higher)} of the same or a higher rank (tests/test_layering.py RANKS)")
 
 
-def test_nothing_imports_web():
-    for layer, path in _modules():
-        if layer in ("web", "cli"):
-            continue
-        assert not any(m.startswith("app.web") for m in _imports(path)), f"{path} imports app.web"
+def test_no_import_circle_anywhere_in_app():
+    circles = _strongly_connected(_graph())
+    assert not circles, "import circles (deferred imports count): " + "; ".join(" <-> ".join(c) for c in circles)
 
 
-def _part_graph(package: str) -> dict[str, set[str]]:
-    """Inside ``app/<package>/``: each part (module stem) -> the parts it imports, deferred imports too."""
-    dotted = "app." + package.replace("/", ".")
-    return {
-        path.stem: {m.removeprefix(dotted + ".").split(".")[0] for m in _imports(path) if m.startswith(dotted + ".")}
-        - {path.stem}
-        for path in sorted((APP / package).glob("*.py")) if path.stem != "__init__"
-    }
+def test_the_cycle_check_finds_a_circle():
+    assert _strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _strongly_connected({"a": {"b"}, "b": set()}) == []
 
 
-def _assert_no_circle(graph: dict[str, set[str]], where: str) -> None:
-    done: set[str] = set()
-
-    def visit(module: str, trail: tuple[str, ...]) -> None:
-        assert module not in trail, f"import circle in {where}: " + " -> ".join((*trail, module))
-        if module in done:
-            return
-        for imported in graph.get(module, set()):
-            visit(imported, (*trail, module))
-        done.add(module)
-
-    for module in graph:
-        visit(module, ())
+@pytest.mark.parametrize("layer", sorted(NO_TORCH))
+def test_light_layers_stay_free_of_torch_even_through_other_modules(layer):
+    graph = _graph()
+    paths = {_name(p): p for p in APP.rglob("*.py")}
+    start = {name for name in graph if _layer(name) == layer}
+    seen, todo = set(start), list(start)
+    while todo:
+        todo.extend(m for m in graph[todo.pop()] if m not in seen and not seen.add(m))  # type: ignore[func-returns-value]
+    for name in sorted(seen):
+        heavy = {m.split(".")[0] for m in _imports(paths[name])} & HEAVY
+        assert not heavy, f"layer {layer!r} reaches {name}, which imports {sorted(heavy)}"
 
 
-def test_audit_modules_import_without_a_circle():
-    """Inside app/audit every import, deferred ones included, points one way; ``db`` is a leaf."""
-    graph = _part_graph("audit")
-    assert graph["db"] <= {"errors"}, f"app/audit/db.py must stay a leaf, imports {sorted(graph['db'])}"
-    _assert_no_circle(graph, "app/audit")
+def test_audit_db_is_a_leaf():
+    """``app/audit/db.py`` (engines, sessions, migrations runner) imports nothing of the audit package but errors."""
+    inside = {m for m in _imports(APP / "audit" / "db.py") if m.startswith("app.")}
+    assert inside <= {"app.audit.errors"}, f"app/audit/db.py must stay a leaf, imports {sorted(inside)}"
 
 
 # inside app/jobs/: the manager delegates to its parts; a part never reaches back up to the manager (or to the
@@ -181,20 +209,6 @@ def test_run_readers_stay_free_of_the_engine(name):
 def test_fileio_is_a_leaf():
     imported = _imports(APP / "fileio.py")
     assert not {m for m in imported if m.startswith("app")}, "app/fileio.py must import no app module"
-
-
-# packages split along their seams (issue 17): inside each, a part never imports the package itself (its __init__
-# re-exports the parts, so that would be a circle) and the parts import one another one way, deferred imports too
-SPLIT_PACKAGES = ("rendering", "metrics", "evaluate/localize")
-
-
-@pytest.mark.parametrize("package", SPLIT_PACKAGES)
-def test_split_packages_import_one_way(package):
-    dotted = "app." + package.replace("/", ".")
-    for path in sorted((APP / package).glob("*.py")):
-        if path.stem != "__init__":
-            assert dotted not in _imports(path), f"app/{package}/{path.name} imports its own package {dotted}"
-    _assert_no_circle(_part_graph(package), f"app/{package}")
 
 
 # the parts of the split packages that stay light: numpy-only metrics (the oracle and the probe use auroc and the
