@@ -103,7 +103,7 @@ def test_init_db_builds_the_schema_by_migration_in_sync_with_the_models(engine: 
     assert "alembic_version" in tables
     with engine.connect() as connection:
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert version == "0002_keyed_chain_tokens"
+        assert version == "0003_job_table"
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, SQLModel.metadata) == []
     assert audit.install_triggers(engine) == []  # the migration installed exactly the triggers init_db expects
