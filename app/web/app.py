@@ -218,7 +218,9 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         try:
             secret = audit.load_or_create_secret(settings.uid_secret_path)
             filemodes.private_sqlite(settings.resolved_database_url)  # and the journal files SQLite has made
-            interrupted = await run_in_threadpool(audit.mark_interrupted_runs, db)
+            # with the shared job table, other fronts' runs are alive: the table's recovery handles dead ones
+            interrupted = (0 if settings.job_state == "database" else
+                           await run_in_threadpool(audit.mark_interrupted_runs, db))
             # 2. the model and the worker that owns it
             eng = engine
             if eng is None:
