@@ -1345,11 +1345,8 @@ def test_upgrade_gives_old_tokens_an_expiry_and_revokes_those_of_disabled_accoun
 # --- PostgreSQL (opt-in) -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not os.environ.get("VALD_TEST_POSTGRES_URL"), reason="set VALD_TEST_POSTGRES_URL to an empty database"
-)
-def test_postgresql_chain_triggers_and_concurrency() -> None:
-    url = os.environ["VALD_TEST_POSTGRES_URL"]
+def test_postgresql_chain_triggers_and_concurrency(postgres_url: str) -> None:
+    url = postgres_url  # a throw-away server (tests/postgres.py), or VALD_TEST_POSTGRES_URL
     engine = audit.init_db(url, keys=audit.AuditKeyRing.from_keys([os.urandom(32)]))  # PostgreSQL needs a ring
     try:
         start = audit.count_events(engine)

@@ -559,6 +559,7 @@ class JobManager:
         The state and the free slot change in the same lock section: a caller that sees the job finished and
         then takes the lock (a submission's capacity check) never finds the slot still held."""
         self.store.make_private(job)
+        ran_here = self._running is job
         job.state = state
         job.error = error
         job.finished_at = now()
@@ -567,13 +568,28 @@ class JobManager:
         if self._running is job:
             self._release(job)
         job.touch()
-        self.store.save(job)
-        if self.table is not None:  # after job.json: a front that sees the row ended reads the final job.json
+        if self.table is None or not ran_here or self._end_claim(job):
+            self.store.save(job)
+        if self.table is not None and not ran_here:  # a queued job cancelled here, or one given up by _recover
             try:
-                self.table.finish(job)
-            except Exception:  # the stale-claim recovery ends the row if this never reaches it
+                self.table.finish(job)  # no change when the row ended already (cancel_queued, recover_stale)
+            except Exception:
                 logger.exception("job %s: could not write its end (%s) to the job table", job.id, state.value)
         logger.info("job %s %s", job.id, state.value)
+
+    def _end_claim(self, job: Job) -> bool:
+        """Write the job's end to its table row if the row is still this front's (or queued); ``False`` when a
+        front that lost its claim (it stalled past ``job_stale_after_s``) must keep nothing of its run."""
+        assert self.table is not None
+        try:
+            if self.table.finish(job):
+                return True
+        except Exception:  # the stale-claim recovery ends the row if this never reaches it
+            logger.exception("job %s: could not write its end (%s) to the job table", job.id, job.state.value)
+            return False
+        logger.warning("job %s: this front's claim was taken over (it stalled); its end (%s) is not kept", job.id,
+                       job.state.value)
+        return False
 
     def _release(self, job: Job) -> None:
         """Free the worker's slot after ``job`` (caller holds the lock): its owner's turn ended now."""
@@ -692,10 +708,11 @@ class JobManager:
             return
         if job.state.finished:
             return
-        final = self.store.load(job.id)  # the front that ended it wrote job.json first
-        if final is not None and final.state.finished:
-            job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
-            job.seeds, job.timings_s = final.seeds, final.timings_s
+        final = self.store.load(job.id)  # the front that ended it writes job.json right after the row
+        if final is None or not final.state.finished:
+            return  # not yet: the next poll sees the row again (changes() looks back past the last poll)
+        job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
+        job.seeds, job.timings_s = final.seeds, final.timings_s
         job.state, job.error, job.finished_at, job.eta_s = state, row.error, row.finished_at, None
         job._decoded = job._mask = None
         job.touch()
