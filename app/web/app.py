@@ -2,7 +2,9 @@
 
 The model is loaded once, in the lifespan (or injected by tests), and stays resident for the life of the
 process; one :class:`app.jobs.JobManager` worker thread owns it. Run it with ONE process (``vald-md serve``):
-every worker process would hold its own model copy and its own queue.
+every worker process would hold its own model copy and its own queue -- unless ``VALD_MD_JOB_STATE=database``
+makes the database's job table the queue of several front processes (``app.jobs.jobtable``; then unfinished runs
+are not marked ``interrupted`` at start-up: other fronts may be running them, and the table recovers dead ones).
 
 Start-up, in order: the accounts/audit database (migrations, append-only triggers), the UID/CSRF secret file,
 runs left unfinished by the previous process marked ``interrupted``, the model, the lung segmenter (optional: a
