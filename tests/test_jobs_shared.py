@@ -124,6 +124,7 @@ def test_limits_count_across_fronts_and_a_cancel_reaches_the_front_running_the_j
     ra, rb = GatedRunner(), GatedRunner()
     a, b = front(sqlite_db, "front-a", ra, limits=limits), front(sqlite_db, "front-b", rb, limits=limits)
     first = a.submit(alice, png_bytes(), req())
+    wait_for(lambda: ra.started.is_set() or rb.started.is_set())  # claimed: the site's queue (size 1) is empty
     second = b.submit(alice, png_bytes(), req())
     wait_for(lambda: ra.started.is_set() and rb.started.is_set())  # one job on each front
     with pytest.raises(UserQueueLimitError):
