@@ -184,7 +184,7 @@ def test_a_job_whose_front_died_twice_fails_with_a_clear_message(sqlite_db, fron
     wait_for(lambda: new.get(job.id, job.owner).state.finished)
     seen = new.get(job.id, job.owner)
     assert seen.state is JobState.FAILED and seen.error == STALE_FAILED and fresh.calls == []
-    assert json.loads((job.run_dir / JOB_FILE).read_text())["error"] == STALE_FAILED
+    wait_for(lambda: json.loads((job.run_dir / JOB_FILE).read_text())["error"] == STALE_FAILED)  # saved after
     run = audit.get_run(sqlite_db, uuid.UUID(job.id))
     assert run.status == "failed" and run.reason == STALE_FAILED
     assert _rows(sqlite_db)[job.id].state == "failed"

@@ -270,6 +270,10 @@ class JobTable:
         if own_claims:
             stale = stale | (col(audit.JobRecord.claimed_by) == self.front_id)
         done = Recovered()
+        with audit.read_session(self.db) as session:  # a read first: most beats find nothing to take the lock for
+            if session.exec(select(audit.JobRecord.id).where(audit.JobRecord.state == JobState.RUNNING.value, stale)
+                            .limit(1)).first() is None:
+                return done
         with self._write() as session:
             rows = session.exec(select(audit.JobRecord.id, audit.JobRecord.attempts, audit.JobRecord.claimed_by)
                                 .where(audit.JobRecord.state == JobState.RUNNING.value, stale)

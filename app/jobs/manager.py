@@ -386,9 +386,9 @@ class JobManager:
         if self.table is not None and not job.state.finished and not self._cancel_here(job):
             job._cancelled_by = actor  # another front runs it: it cancels at its next heartbeat
             return job
-        with self._cond:
-            queued = job.state is JobState.QUEUED and job in self._pending
-            if queued:
+        with self._cond:  # (with a table, a job still QUEUED here was just cancelled in it: _cancel_here)
+            queued = job.state is JobState.QUEUED and (job in self._pending or self.table is not None)
+            if queued and job in self._pending:
                 self._pending.remove(job)
                 job._decoded = job._mask = None
             if not job.state.finished:
@@ -464,12 +464,13 @@ class JobManager:
                 if self._stopping:
                     return None
                 order = self.fair_order()
-                if self.table is None:
+                table = self.table
+                if table is None:
                     self._pending.remove(order[0])
                     return self._mark_running(order[0], now())
             started = now()
             try:
-                claimed = self.table.claim_first([j.id for j in order], started)
+                claimed = table.claim_first([j.id for j in order], started)
             except Exception:
                 logger.exception("could not claim a job in the job table")
                 claimed = None
@@ -595,7 +596,7 @@ class JobManager:
         """Free the worker's slot after ``job`` (caller holds the lock): its owner's turn ended now."""
         self._running = None
         self._tick += 1
-        self._served[job.owner] = self._tick
+        self._served[job.owner] = self._tick if self.table is None else _micros(now())
         job._decoded = job._mask = None
 
     # -- the shared job table (several front processes) ---------------------------------------------------------------
