@@ -8,12 +8,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.orthanc import free_port
 
 USER = "vald"
 _SEARCH = ("/usr/local/bin", "/usr/local/pgsql/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
@@ -44,12 +45,6 @@ def missing_reason() -> str | None:
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         return "running as root without runuser: PostgreSQL refuses to run as root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -96,7 +91,7 @@ def start() -> Postgres:
     if os.geteuid() == 0:  # root: initdb and postgres refuse it; nobody owns the folder and runs the server
         as_user = ["runuser", "-u", "nobody", "--"]
         shutil.chown(folder, user="nobody")
-    port = _free_port()
+    port = free_port()
     data = folder / "data"
     steps = (
         [str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-locale"],

@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, update
@@ -201,3 +202,46 @@ def test_the_job_state_setting(tmp_path, sqlite_db):
     assert m.table is not None and m.table.front_id == "host-1:web"
     with pytest.raises(ValueError, match="job_stale_after_s"):
         Settings(data_dir=tmp_path, job_heartbeat_s=5, job_stale_after_s=10)
+
+
+def test_two_server_fronts_share_one_queue_over_the_api(tiny_engine, tmp_path):
+    """Two review servers (create_app) on one data folder and database: a job submitted to one is seen to its end,
+    with its result, through the other (a load balancer may send a user's next request to either)."""
+    from fastapi.testclient import TestClient
+
+    from app.engine import CounterfactualEngine
+    from app.web import create_app
+    from app.web.auth import CSRF_HEADER
+    from tests.accounts import sign_in
+    from tests.test_web import submit, wait_state
+    from tests.tiny_model import write_tiny_model
+
+    data = tmp_path / "data"
+    common: dict[str, Any] = dict(data_dir=data, queue_size=4, job_state="database", job_heartbeat_s=0.2,
+                                  job_stale_after_s=5, lung_segmenter=tmp_path / "none",
+                                  lesion_classifier=tmp_path / "none")
+    second_engine = CounterfactualEngine(write_tiny_model(tmp_path / "tiny-b"), device="cpu")  # one model per front
+    a_app = create_app(Settings(front_id="web-a", **common), engine=tiny_engine)
+    b_app = create_app(Settings(front_id="web-b", **common), engine=second_engine)
+    with TestClient(a_app) as a, TestClient(b_app) as b:
+        sign_in(a, a_app, add_user(a_app.state.db, "clinician-s"))
+        b.cookies.update(a.cookies)  # the same session, kept in the shared database
+        b.headers[CSRF_HEADER] = a.headers[CSRF_HEADER]
+        job_ids = []
+        for client in (a, b, a):
+            r = submit(client)
+            assert r.status_code == 202, r.text
+            job_ids.append(r.json()["job_id"])
+        for job_id in job_ids:
+            for client in (b, a):
+                assert wait_state(client, job_id)["state"] == "done"
+        listed = {j["job_id"] for j in b.get("/api/v1/jobs").json()["jobs"]}
+        assert set(job_ids) <= listed
+        for client in (a, b):  # the run folders are on the one data volume
+            assert client.get(f"/api/v1/jobs/{job_ids[0]}/thumbnail.png").status_code == 200
+    db = audit.make_engine(f"sqlite:///{data / 'vald-md.db'}")
+    try:
+        rows = _rows(db)
+    finally:
+        db.dispose()
+    assert {rows[i].state for i in job_ids} == {"done"} and {rows[i].claimed_by for i in job_ids} <= {"web-a", "web-b"}
