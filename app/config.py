@@ -260,6 +260,11 @@ class Settings(BaseSettings):
             return None
         return Path(str(v)).expanduser().resolve()
 
+    @field_validator("front_id", mode="before")
+    @classmethod
+    def _check_front_id(cls, v: object) -> object:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v  # empty = unset
+
     @field_validator("trusted_proxies")
     @classmethod
     def _check_trusted_proxies(cls, v: str) -> str:
