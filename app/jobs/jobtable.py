@@ -231,7 +231,7 @@ class JobTable:
                         updated_at=now(), step=job.step, total=job.total))
         return bool(result.rowcount == 1)
 
-    def cancel_queued(self, job_id: str, reason: str) -> bool:
+    def cancel_queued(self, job_id: str) -> bool:
         """Cancel a job if it is still queued (compare-and-set).
 
         Returns:
@@ -243,7 +243,6 @@ class JobTable:
                 .where(col(audit.JobRecord.id) == job_id, col(audit.JobRecord.state) == JobState.QUEUED.value)
                 .values(state=JobState.CANCELLED.value, error=None, finished_at=now(), updated_at=now(),
                         cancel_requested=True))
-        del reason  # the audit trail records it; the row only says cancelled
         return bool(result.rowcount == 1)
 
     def request_cancel(self, job_id: str) -> None:

@@ -622,7 +622,7 @@ class JobManager:
         """With a job table: whether :meth:`cancel` goes on as in one process (the job was still queued and is
         cancelled in the table now, or this front runs it); else another front runs it and was asked to cancel."""
         assert self.table is not None
-        if job.state is JobState.QUEUED and self.table.cancel_queued(job.id, "cancelled by the user"):
+        if job.state is JobState.QUEUED and self.table.cancel_queued(job.id):
             return True
         with self._cond:
             if self._running is job:
