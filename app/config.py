@@ -151,6 +151,19 @@ class Settings(BaseSettings):
             and ``vald-md audit anchor|verify --anchor`` look by default (``VALD_MD_AUDIT_ANCHOR_FILE``); ``None`` =
             ``<data_dir>/audit-anchors.jsonl``. For real protection, a path the database's owner cannot rewrite.
         api_token_days: how long a new API token works, days, 1..3650 (``VALD_MD_API_TOKEN_DAYS``).
+        job_state: where the queue lives (``VALD_MD_JOB_STATE``): ``files`` (default: one process, jobs in memory and
+            ``job.json``; unfinished jobs become ``interrupted`` at the next start) or ``database``: every accepted
+            job is a row of the ``job`` table of ``database_url`` (PostgreSQL for several hosts), so that several
+            front processes sharing that database and one ``data_dir`` volume see every job, each job runs once,
+            the per-user limits and the queue's budget count across fronts, and a restart loses no accepted job
+            (``app.jobs.jobtable``; docs/DEPLOYMENT.md "Several front processes").
+        front_id: this process's name in the job table's ``claimed_by`` (``VALD_MD_FRONT_ID``, ``[A-Za-z0-9_.:-]``,
+            at most 100 characters); ``None`` = host name, process id and a random suffix (a new one every start).
+        job_heartbeat_s: database job state: how often a front renews the claim on its running job, and looks for
+            other fronts' changes, seconds, 0.2..60.
+        job_stale_after_s: database job state: a ``running`` job whose claim was not renewed for this many seconds
+            belongs to a front that died; it is queued again once (its second attempt), then failed with a message,
+            seconds, 5..3600 (keep it several heartbeats long).
         pacs_servers: DICOMweb servers users may search, open from and store back to (``VALD_MD_PACS_SERVERS``,
             a JSON list of :class:`PacsServer`); empty = no PACS page.
         pacs_original_study_roles: the roles that may store results back into the source's study with its patient
@@ -197,6 +210,10 @@ class Settings(BaseSettings):
     audit_anchor_file: Path | None = None
     api_token_days: int = Field(default=90, ge=1, le=3650)
     pacs_servers: list[PacsServer] = Field(default_factory=list)
+    job_state: Literal["files", "database"] = "files"
+    front_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+    job_heartbeat_s: float = Field(default=2.0, ge=0.2, le=60.0)
+    job_stale_after_s: float = Field(default=30.0, ge=5.0, le=3600.0)
     pacs_original_study_roles: str = "admin"
 
     @field_validator("device")
@@ -248,6 +265,11 @@ class Settings(BaseSettings):
             return None
         return Path(str(v)).expanduser().resolve()
 
+    @field_validator("front_id", mode="before")
+    @classmethod
+    def _check_front_id(cls, v: object) -> object:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v  # empty = unset
+
     @field_validator("trusted_proxies")
     @classmethod
     def _check_trusted_proxies(cls, v: str) -> str:
@@ -288,6 +310,13 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"pacs_servers: names must be unique, got {names}")
         return v
+
+    @model_validator(mode="after")
+    def _check_job_timing(self) -> Settings:
+        if self.job_stale_after_s < 3 * self.job_heartbeat_s:
+            raise ValueError(f"job_stale_after_s={self.job_stale_after_s} must be at least 3 x job_heartbeat_s "
+                             f"({self.job_heartbeat_s}): a live front's claim would look dead between heartbeats")
+        return self
 
     @model_validator(mode="after")
     def _check_host(self) -> Settings:

@@ -65,3 +65,36 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     if counts:
         terminalreporter.section("security counts")
         terminalreporter.write_line(", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL server for the session (``tests/postgres.py``), or ``None`` when
+    ``VALD_TEST_POSTGRES_URL`` names an existing empty database instead.
+
+    Skipped with the reason when the PostgreSQL binaries or psycopg are missing, unless ``VALD_MD_REQUIRE_POSTGRES=1``
+    (CI), where it fails instead."""
+    if os.environ.get("VALD_TEST_POSTGRES_URL"):
+        yield None
+        return
+    from tests import postgres
+
+    reason = postgres.missing_reason()
+    if reason is not None:
+        if os.environ.get("VALD_MD_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = postgres.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """SQLAlchemy URL of an empty PostgreSQL database: a new one on the session's server, or
+    ``VALD_TEST_POSTGRES_URL`` (used as is: it must be empty)."""
+    if postgres_server is None:
+        return os.environ["VALD_TEST_POSTGRES_URL"]
+    return str(postgres_server.new_database())

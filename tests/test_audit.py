@@ -103,7 +103,7 @@ def test_init_db_builds_the_schema_by_migration_in_sync_with_the_models(engine: 
     assert "alembic_version" in tables
     with engine.connect() as connection:
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert version == "0002_keyed_chain_tokens"
+        assert version == "0003_job_table"
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, SQLModel.metadata) == []
     assert audit.install_triggers(engine) == []  # the migration installed exactly the triggers init_db expects
@@ -1345,11 +1345,8 @@ def test_upgrade_gives_old_tokens_an_expiry_and_revokes_those_of_disabled_accoun
 # --- PostgreSQL (opt-in) -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not os.environ.get("VALD_TEST_POSTGRES_URL"), reason="set VALD_TEST_POSTGRES_URL to an empty database"
-)
-def test_postgresql_chain_triggers_and_concurrency() -> None:
-    url = os.environ["VALD_TEST_POSTGRES_URL"]
+def test_postgresql_chain_triggers_and_concurrency(postgres_url: str) -> None:
+    url = postgres_url  # a throw-away server (tests/postgres.py), or VALD_TEST_POSTGRES_URL
     engine = audit.init_db(url, keys=audit.AuditKeyRing.from_keys([os.urandom(32)]))  # PostgreSQL needs a ring
     try:
         start = audit.count_events(engine)

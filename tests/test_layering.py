@@ -186,6 +186,9 @@ JOBS_PARTS: dict[str, set[str]] = {
     "store": {"app.jobs", "app.jobs.policy", "app.jobs.estimate", "app.jobs.recorder", "app.jobs.manager"},
     "recorder": {"app.jobs", "app.jobs.policy", "app.jobs.estimate", "app.jobs.store", "app.jobs.manager",
                  "app.filemodes"},
+    # the shared job table: rows and claims only, no files (job.json stays the store's) and no audit records
+    "jobtable": {"app.jobs", "app.jobs.estimate", "app.jobs.store", "app.jobs.recorder", "app.jobs.manager",
+                 "app.filemodes"},
 }
 
 

@@ -252,3 +252,36 @@ class AuditChainState(SQLModel, table=True):
     schema_fingerprint: str = Field(default="", sa_type=String(200))
     key_id: str | None = Field(default=None, sa_type=String(32))
     mac: str = Field(default="", sa_type=String(64))
+
+
+class JobRecord(SQLModel, table=True):
+    """One accepted review job, shared by every front process of a site (``VALD_MD_JOB_STATE=database``).
+
+    ``app.jobs.jobtable`` writes it: a front inserts the row when it accepts a job (``queued``), a worker claims it
+    (``running``, ``claimed_by`` its front id, ``attempts`` + 1, ``heartbeat_at`` refreshed every few seconds) and
+    ends it (``done`` | ``failed`` | ``cancelled``). A ``running`` row whose heartbeat stopped goes back to
+    ``queued`` once, then ``failed`` (``interrupted`` is never written here: that word belongs to the single-process
+    mode). ``id`` is the job id (the audit run's id as 32 hex digits). The run folder's ``job.json`` stays the
+    artifact of record; this row is the queue.
+    """
+
+    __tablename__ = "job"
+    __table_args__ = (CheckConstraint(_in("state", RunStatus), name="ck_job_state"),)
+
+    id: str = Field(sa_type=String(32), primary_key=True)
+    owner: str = Field(sa_type=String(64), index=True)
+    state: str = Field(default=RunStatus.QUEUED.value, sa_type=String(16), index=True)
+    request: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    cost: int = Field(default=0)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime, index=True)
+    submitted_by: str = Field(sa_type=String(128))
+    claimed_by: str | None = Field(default=None, sa_type=String(128))
+    heartbeat_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    attempts: int = Field(default=0)
+    step: int = Field(default=0)
+    total: int = Field(default=0)
+    cancel_requested: bool = Field(default=False)
+    error: str | None = Field(default=None, sa_type=Text)

@@ -8,6 +8,8 @@ Package layout (imports flow down the list; nothing here imports ``app.web``):
 - ``estimate``: the measured rate and overhead, run and start estimates (:class:`RateEstimator`);
 - ``store``: the runs folder: uploads, ``job.json``, the history, thumbnails (:class:`JobStore`);
 - ``recorder``: the audit trail, or none (:class:`AuditRecorder`, :class:`NullRecorder`);
+- ``jobtable``: the queue shared by several front processes in the database (:class:`JobTable`;
+  ``VALD_MD_JOB_STATE=database``);
 - ``manager``: the queue, the worker, cancel and lookup (:class:`JobManager`; ``JobManager.from_settings`` for the
   server).
 
@@ -34,6 +36,7 @@ from app.jobs.errors import (
 )
 from app.jobs.estimate import RateEstimator
 from app.jobs.job import METHOD_COST_FACTOR, Job, JobState, job_cost
+from app.jobs.jobtable import JobTable
 from app.jobs.manager import JobManager, Runner
 from app.jobs.policy import Limits, fair_order
 from app.jobs.recorder import AuditRecorder, NullRecorder, Recorder
@@ -52,6 +55,7 @@ __all__ = [
     "JobNotReadyError",
     "JobState",
     "JobStore",
+    "JobTable",
     "Limits",
     "NullRecorder",
     "QueueFullError",

@@ -12,6 +12,10 @@ unknown, so one user can never learn that another user's job id exists (administ
 
 Queue positions and start estimates follow :meth:`JobManager.fair_order`. A job's end and the release of the
 worker's slot are one step under the lock, so whoever sees a job finished may queue the next one at once.
+
+With a :class:`~app.jobs.jobtable.JobTable` (``VALD_MD_JOB_STATE=database``) the queue is the database's: several
+front processes admit against the site's counts, claim jobs with a compare-and-set (each runs once), keep their
+running job's claim alive, re-queue the jobs of a front that died, and poll the table to show every front's jobs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -35,9 +40,10 @@ from app.imaging import gray_png
 from app.jobs.errors import JobNotFoundError, WorkerStoppedError
 from app.jobs.estimate import RateEstimator
 from app.jobs.job import Job, JobState, final_timings, job_cost, now
+from app.jobs.jobtable import STALE_FAILED, JobTable, default_front_id
 from app.jobs.policy import Limits, fair_order, queued_cost
 from app.jobs.recorder import AuditRecorder, NullRecorder, Recorder
-from app.jobs.store import JobStore
+from app.jobs.store import MASK_UPLOAD, JobStore
 from app.lungs import LungSegmenter
 
 __all__ = ["JobManager", "Runner"]
@@ -63,11 +69,14 @@ class JobManager:
         classifier: the lesion classifier (``app.lesions.LesionClassifier``) handed to every run; the
             ``classifier_guided`` map method needs it (and the segmenter), and is refused at submission without.
         preview_size: longest side in pixels of preview PNGs.
+        table: the shared job table (several front processes on one database and one ``runs_dir`` volume);
+            ``None`` (the default): this process's queue is in memory and ``job.json`` only.
+        heartbeat_s: with ``table``: how often the running job's claim is renewed and the table polled, seconds.
     """
 
     def __init__(self, engine: CounterfactualEngine, store: JobStore, recorder: Recorder, limits: Limits, *,
                  runner: Runner = run_review, segmenter: LungSegmenter | None = None, classifier: Any = None,
-                 preview_size: int = 192) -> None:
+                 preview_size: int = 192, table: JobTable | None = None, heartbeat_s: float = 2.0) -> None:
         self.engine = engine
         self.store = store
         self.recorder = recorder
@@ -84,7 +93,14 @@ class JobManager:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._jobs: dict[str, Job] = {job.id: job for job in self.store.load_history(self.recorder.recorded_status)}
+        self.table = table
+        self.heartbeat_s = heartbeat_s
+        self._busy_owners: set[str] = set()  # with a table: owners with a job running on any front
+        self._synced_at: datetime | None = None  # with a table: when _sync_shared last read it
+        self._beat_thread: threading.Thread | None = None
+        alive = None if table is None else self._alive_in_table
+        self._jobs: dict[str, Job] = {job.id: job for job in self.store.load_history(self.recorder.recorded_status,
+                                                                                      alive=alive)}
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: CounterfactualEngine, *, db: Database | None,
@@ -94,14 +110,16 @@ class JobManager:
 
         Args:
             settings: reads ``runs_dir``, ``thumbnail_size``, ``store_identified_uploads``, ``store_plain_uids``,
-                ``queue_size``, ``max_jobs_per_user``, ``queue_cost_budget``, ``max_steps``, ``max_samples`` and
-                ``preview_size``.
+                ``queue_size``, ``max_jobs_per_user``, ``queue_cost_budget``, ``max_steps``, ``max_samples``,
+                ``preview_size`` and ``job_state`` (with ``database``: ``front_id``, ``job_heartbeat_s`` and
+                ``job_stale_after_s``).
             engine, segmenter, classifier, runner: as for the constructor.
             db: the audit database; ``None`` keeps no records beyond ``job.json``.
             uid_secret: the HMAC key for DICOM UIDs; required with ``db``.
 
         Raises:
-            ValueError: ``db`` without ``uid_secret``, or a limit out of range.
+            ValueError: ``db`` without ``uid_secret``, ``job_state=database`` without ``db``, or a limit out of
+                range.
         """
         recorder: Recorder = (NullRecorder() if db is None else
                               AuditRecorder(db, uid_secret, store_plain_uids=settings.store_plain_uids))
@@ -110,8 +128,13 @@ class JobManager:
                         max_samples=settings.max_samples)
         store = JobStore(settings.runs_dir, thumbnail_size=settings.thumbnail_size,
                          identified_uploads=settings.store_identified_uploads)
+        table = None
+        if settings.job_state == "database":
+            if db is None:
+                raise ValueError("job_state=database needs the database: pass db (audit.init_db)")
+            table = JobTable(db, settings.front_id or default_front_id(), stale_after_s=settings.job_stale_after_s)
         return cls(engine, store, recorder, limits, runner=runner, segmenter=segmenter, classifier=classifier,
-                   preview_size=settings.preview_size)
+                   preview_size=settings.preview_size, table=table, heartbeat_s=settings.job_heartbeat_s)
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,22 +142,33 @@ class JobManager:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping = False
+        if self.table is not None:  # this front's id cannot be running anything yet: its claims are a past life's
+            self._recover(self.table.recover_stale(own_claims=True).failed)
+            self._sync_shared()
         self._thread = threading.Thread(target=self._work, name="vald-md-worker", daemon=True)
         self._thread.start()
+        if self.table is not None and not (self._beat_thread is not None and self._beat_thread.is_alive()):
+            self._beat_thread = threading.Thread(target=self._beat, name="vald-md-job-table", daemon=True)
+            self._beat_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running job, stop the worker and wait up to ``timeout`` seconds for it.
 
-        Jobs still waiting stay ``queued`` on disk and are marked ``interrupted`` at the next start.
+        Jobs still waiting stay ``queued`` on disk and are marked ``interrupted`` at the next start. With a job
+        table, nothing is cancelled: waiting jobs stay queued for the other fronts (or the next start), and the
+        running job may finish within ``timeout``; past it, its claim stops being renewed with this process and
+        another front queues it again (:meth:`JobTable.recover_stale`).
         """
         with self._cond:
             self._stopping = True
-            if self._running is not None:
+            if self._running is not None and self.table is None:
                 self._running._cancel_reason = "the server was shutting down"
                 self._running.cancel_event.set()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._beat_thread is not None and not self.worker_alive:
+            self._beat_thread.join(timeout)
 
     @property
     def worker_alive(self) -> bool:
@@ -227,9 +261,14 @@ class JobManager:
             self.store.write_upload(job, stored, mask_png)
             # 5. queue (limits re-checked under the lock: another request may have won the last slot)
             with self._cond:
-                self._check_capacity(owner_id, job.cost)
-                self._tick += 1
-                job.queued_tick = self._tick
+                if self.table is None:
+                    self._check_capacity(owner_id, job.cost)
+                    self._tick += 1
+                    job.queued_tick = self._tick
+                else:  # the site's counts and the insert, in one transaction (every front's jobs count)
+                    self._check_capacity(owner_id, job.cost, counted=True)
+                    self.table.insert(job, self.limits)
+                    job.queued_tick = _micros(job.created_at)
                 self._jobs[job_id] = job
                 self._pending.append(job)
                 self._cond.notify_all()
@@ -241,13 +280,17 @@ class JobManager:
                     job.effective_steps, job.cost)
         return job
 
-    def _check_capacity(self, owner: str, cost: int) -> None:
+    def _check_capacity(self, owner: str, cost: int, *, counted: bool = False) -> None:
         """Refuse a job of ``owner`` costing ``cost`` (caller holds the lock): stopped worker, then
-        :meth:`Limits.admit`."""
+        :meth:`Limits.admit` (with a job table: over the site's jobs, :meth:`JobTable.admit`; ``counted``: the
+        caller's insert counts them)."""
         if self._stopping or not self.worker_alive:
             raise WorkerStoppedError("The review worker is not running; the server may be restarting. "
                                      "Please try again in a minute.")
-        self.limits.admit(owner, cost, self._pending, self._running)
+        if self.table is None:
+            self.limits.admit(owner, cost, self._pending, self._running)
+        elif not counted:
+            self.table.admit(owner, cost, self.limits)
 
     # -- queries ----------------------------------------------------------------------------------------------------
     def get(self, job_id: str, owner: str, *, any_owner: bool = False) -> Job:
@@ -257,6 +300,8 @@ class JobManager:
             JobNotFoundError: unknown id, or another user's job (indistinguishable on purpose).
         """
         job = self._jobs.get(job_id)
+        if job is None and self.table is not None:
+            job = self._adopt(job_id)  # accepted by another front since the last poll
         if job is None or (job.owner != owner and not any_owner):
             raise JobNotFoundError(job_id)
         return job
@@ -279,6 +324,9 @@ class JobManager:
             pending, served = list(self._pending), dict(self._served)
             running_owner = self._running.owner if self._running is not None else None
             tick = self._tick + 1  # "now": after every job queued so far
+            if self.table is not None:  # ticks are microseconds (every front's clock), owners running anywhere
+                tick = _micros(now())
+                served.update(dict.fromkeys(self._busy_owners, tick))
         return fair_order(pending, served, running_owner, tick)
 
     def queue_position(self, job: Job) -> int | None:
@@ -336,9 +384,12 @@ class JobManager:
             JobNotFoundError: unknown id or another user's job.
         """
         job = self.get(job_id, owner, any_owner=any_owner)
-        with self._cond:
-            queued = job.state is JobState.QUEUED and job in self._pending
-            if queued:
+        if self.table is not None and not job.state.finished and not self._cancel_here(job):
+            job._cancelled_by = actor  # another front runs it: it cancels at its next heartbeat
+            return job
+        with self._cond:  # (with a table, a job still QUEUED here was just cancelled in it: _cancel_here)
+            queued = job.state is JobState.QUEUED and (job in self._pending or self.table is not None)
+            if queued and job in self._pending:
                 self._pending.remove(job)
                 job._decoded = job._mask = None
             if not job.state.finished:
@@ -373,6 +424,8 @@ class JobManager:
         if not job.state.finished:  # a finished job never becomes unfinished again: no lock needed past this
             raise ValueError(f"This run is {job.state.value}; cancel it first, then delete it.")
         self.recorder.deleted(job, actor)
+        if self.table is not None:
+            self.table.delete(job.id)
         with self._cond:
             self._jobs.pop(job.id, None)
         self.store.remove(job)
@@ -382,17 +435,9 @@ class JobManager:
     # -- the worker -------------------------------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                job = self.fair_order()[0]
-                self._pending.remove(job)
-                job.state = JobState.RUNNING
-                job.started_at = now()
-                self._running = job
-                job.touch()
+            job = self._take_next()
+            if job is None:
+                return
             try:
                 self.store.save(job)
                 self.recorder.start(job)
@@ -409,6 +454,63 @@ class JobManager:
                 with self._cond:
                     if self._running is job:  # _finish frees the slot; this covers a _finish that raised
                         self._release(job)
+
+    def _take_next(self) -> Job | None:
+        """Wait for a job and make it the running one (the next in :meth:`fair_order`; with a job table, the first of
+        that order this front claims); ``None`` when the worker is stopping."""
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                order = self.fair_order()
+                table = self.table
+                if table is None:
+                    self._pending.remove(order[0])
+                    return self._mark_running(order[0], now())
+            started = now()
+            try:
+                claimed = table.claim_first([j.id for j in order], started)
+            except Exception:
+                logger.exception("could not claim a job in the job table")
+                claimed = None
+            with self._cond:
+                if claimed is None:  # other fronts took them (or the database failed): the next poll says more
+                    for job in order:
+                        if job in self._pending:
+                            self._pending.remove(job)
+                    self._cond.wait(self.heartbeat_s)
+                    continue
+                job = self._jobs[claimed]
+                if job in self._pending:
+                    self._pending.remove(job)
+                self._mark_running(job, started)
+            if job._decoded is None:  # accepted by another front: its upload and mask come from the shared volume
+                try:
+                    self._load_inputs(job)
+                except (imaging.ImagingError, ValueError, OSError) as e:
+                    message = f"The stored upload of this run could not be read: {e}"
+                    self.recorder.finish(job, JobState.FAILED, message)
+                    with self._cond:
+                        self._finish(job, JobState.FAILED, message)
+                    continue
+            return job
+
+    def _mark_running(self, job: Job, started: datetime) -> Job:
+        """Make ``job`` the running one (caller holds the lock)."""
+        job.state = JobState.RUNNING
+        job.started_at = started
+        self._running = job
+        job.touch()
+        return job
+
+    def _load_inputs(self, job: Job) -> None:
+        """Decode the job's stored upload and its region mask (a job this front did not accept)."""
+        job._decoded = imaging.decode_image(job.upload_path.read_bytes(), window=job.request.window)
+        mask_path = job.run_dir / MASK_UPLOAD
+        if job.has_mask:
+            job._mask = attribution.load_mask_png(mask_path.read_bytes(), job._decoded.pixels.shape)
 
     def _execute(self, job: Job) -> None:
         t0 = time.perf_counter()
@@ -458,6 +560,7 @@ class JobManager:
         The state and the free slot change in the same lock section: a caller that sees the job finished and
         then takes the lock (a submission's capacity check) never finds the slot still held."""
         self.store.make_private(job)
+        ran_here = self._running is job
         job.state = state
         job.error = error
         job.finished_at = now()
@@ -466,12 +569,156 @@ class JobManager:
         if self._running is job:
             self._release(job)
         job.touch()
-        self.store.save(job)
+        if self.table is None or not ran_here or self._end_claim(job):
+            self.store.save(job)
+        if self.table is not None and not ran_here:  # a queued job cancelled here, or one given up by _recover
+            try:
+                self.table.finish(job)  # no change when the row ended already (cancel_queued, recover_stale)
+            except Exception:
+                logger.exception("job %s: could not write its end (%s) to the job table", job.id, state.value)
         logger.info("job %s %s", job.id, state.value)
+
+    def _end_claim(self, job: Job) -> bool:
+        """Write the job's end to its table row if the row is still this front's (or queued); ``False`` when a
+        front that lost its claim (it stalled past ``job_stale_after_s``) must keep nothing of its run."""
+        assert self.table is not None
+        try:
+            if self.table.finish(job):
+                return True
+        except Exception:  # the stale-claim recovery ends the row if this never reaches it
+            logger.exception("job %s: could not write its end (%s) to the job table", job.id, job.state.value)
+            return False
+        logger.warning("job %s: this front's claim was taken over (it stalled); its end (%s) is not kept", job.id,
+                       job.state.value)
+        return False
 
     def _release(self, job: Job) -> None:
         """Free the worker's slot after ``job`` (caller holds the lock): its owner's turn ended now."""
         self._running = None
         self._tick += 1
-        self._served[job.owner] = self._tick
+        self._served[job.owner] = self._tick if self.table is None else _micros(now())
         job._decoded = job._mask = None
+
+    # -- the shared job table (several front processes) ---------------------------------------------------------------
+    def _alive_in_table(self, job: Job) -> bool:
+        """The unfinished ``job.json`` of ``job`` is still queued or running in the job table (start-up)."""
+        assert self.table is not None
+        row = self.table.get(job.id)
+        return row is not None and row.state in (JobState.QUEUED.value, JobState.RUNNING.value)
+
+    def _adopt(self, job_id: str) -> Job | None:
+        """The job ``job_id`` from the table and the shared volume, now known here too; ``None`` if unknown."""
+        assert self.table is not None
+        row = self.table.get(job_id)
+        job = self.store.load(job_id) if row is not None else None
+        if row is None or job is None:
+            return None
+        with self._cond:
+            job = self._jobs.setdefault(job_id, job)
+            self._apply_row(job, row)
+        return job
+
+    def _cancel_here(self, job: Job) -> bool:
+        """With a job table: whether :meth:`cancel` goes on as in one process (the job was still queued and is
+        cancelled in the table now, or this front runs it); else another front runs it and was asked to cancel."""
+        assert self.table is not None
+        if job.state is JobState.QUEUED and self.table.cancel_queued(job.id):
+            return True
+        with self._cond:
+            if self._running is job:
+                return True
+        self.table.request_cancel(job.id)
+        return False
+
+    def _beat(self) -> None:
+        """The job table's thread: renew the running job's claim, recover dead fronts' jobs and poll for changes,
+        every ``heartbeat_s`` seconds, until the worker has stopped."""
+        while True:
+            finished = self._stopping and not self.worker_alive
+            try:
+                self._sync_shared()
+                assert self.table is not None
+                self._recover(self.table.recover_stale().failed)
+            except Exception:  # a database hiccup: try again at the next beat
+                logger.exception("could not update the job table")
+            if finished:
+                return
+            time.sleep(self.heartbeat_s)
+
+    def _recover(self, failed: list[str]) -> None:
+        """Record the end of jobs given up by :meth:`JobTable.recover_stale`: the audit run and ``job.json``."""
+        for job_id in failed:
+            job = self._jobs.get(job_id) or self.store.load(job_id)
+            if job is None or job.state.finished:
+                continue
+            self.recorder.finish(job, JobState.FAILED, STALE_FAILED)
+            with self._cond:
+                if job in self._pending:
+                    self._pending.remove(job)
+                self._jobs.setdefault(job_id, job)
+                self._finish(job, JobState.FAILED, STALE_FAILED)
+
+    def _sync_shared(self) -> None:
+        """Renew the running job's claim (a cancel asked on another front cancels it here), then bring every
+        front's queued, running and recently ended jobs into this front's view."""
+        table = self.table
+        assert table is not None
+        running = self._running
+        if running is not None and table.heartbeat(running.id, running.step, running.total):
+            with self._cond:
+                if self._running is running and not running.cancel_event.is_set():
+                    running._cancel_reason = running._cancel_reason or "cancelled by the user"
+                    running.cancel_event.set()
+                    running.touch()
+        started = now()
+        since = None if self._synced_at is None else self._synced_at - timedelta(seconds=5 + self.heartbeat_s)
+        rows = table.changes(since)
+        loaded = {row.id: job for row in rows if row.id not in self._jobs
+                  for job in [self.store.load(row.id)] if job is not None}
+        served = table.last_served(sorted({row.owner for row in rows if row.state == JobState.QUEUED.value}))
+        with self._cond:
+            for row in rows:
+                job = self._jobs.setdefault(row.id, loaded[row.id]) if row.id in loaded else self._jobs.get(row.id)
+                if job is not None:
+                    self._apply_row(job, row)
+            self._served = {owner: _micros(t) for owner, t in served.items()}
+            self._busy_owners = {row.owner for row in rows if row.state == JobState.RUNNING.value}
+            self._synced_at = started
+            if self._pending:
+                self._cond.notify_all()
+
+    def _apply_row(self, job: Job, row: audit.JobRecord) -> None:
+        """Bring ``job`` to what its table row says (caller holds the lock); this front's running job is its own."""
+        if job is self._running:
+            return
+        state = JobState(row.state)
+        if state is JobState.QUEUED:
+            if job not in self._pending:
+                job.state, job.started_at, job.step, job.total = JobState.QUEUED, None, 0, 0
+                job.queued_tick = _micros(job.created_at)
+                self._pending.append(job)
+                self._pending.sort(key=lambda j: j.queued_tick)
+                job.touch()
+            return
+        if job in self._pending:
+            self._pending.remove(job)
+        if state is JobState.RUNNING:
+            if job.state is not JobState.RUNNING or (job.step, job.total) != (row.step, row.total):
+                job.state, job.started_at, job.step, job.total = state, row.started_at, row.step, row.total
+                job.touch()
+            return
+        if job.state.finished:
+            return
+        final = self.store.load(job.id)  # the front that ended it writes job.json right after the row
+        if final is None or not final.state.finished:
+            return  # not yet: the next poll sees the row again (changes() looks back past the last poll)
+        job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
+        job.seeds, job.timings_s = final.seeds, final.timings_s
+        job.state, job.error, job.finished_at, job.eta_s = state, row.error, row.finished_at, None
+        job._decoded = job._mask = None
+        job.touch()
+
+
+def _micros(t: datetime) -> int:
+    """``t`` as microseconds since the epoch: the fair order's ticks when the queue is the job table's."""
+    return int(t.timestamp() * 1_000_000)

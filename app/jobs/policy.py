@@ -76,16 +76,30 @@ class Limits:
             UserQueueLimitError: ``owner`` has ``max_jobs_per_user`` runs queued or running.
             QueueFullError: ``queue_size`` jobs wait already, or the new one would pass ``cost_budget``.
         """
-        if self.max_jobs_per_user is not None:
-            active = sum(j.owner == owner for j in pending) + int(running is not None and running.owner == owner)
-            if active >= self.max_jobs_per_user:
-                wait = running.eta_s if running is not None and running.owner == owner else None
-                raise UserQueueLimitError(active, self.max_jobs_per_user, max(5, int(wait or 30)))
-        if len(pending) >= self.queue_size:
-            raise QueueFullError(len(pending), self.queue_size)
-        queued = queued_cost(pending)
-        if self.cost_budget is not None and queued and queued + cost > self.cost_budget:
-            raise QueueFullError(len(pending), self.queue_size, queued_cost=queued, cost=cost,
+        active = sum(j.owner == owner for j in pending) + int(running is not None and running.owner == owner)
+        wait = running.eta_s if running is not None and running.owner == owner else None
+        self.admit_counts(owner_active=active, waiting=len(pending), waiting_cost=queued_cost(pending), cost=cost,
+                          retry_after_s=wait)
+
+    def admit_counts(self, *, owner_active: int, waiting: int, waiting_cost: int, cost: int,
+                     retry_after_s: float | None = None) -> None:
+        """:meth:`admit` from counts (the shared job table counts every front's jobs: ``app.jobs.jobtable``).
+
+        Args:
+            owner_active: the owner's runs queued or running.
+            waiting: jobs waiting; waiting_cost: their total cost, step-samples.
+            cost: the new job's cost, step-samples.
+            retry_after_s: when the owner's running job should end, seconds (``None``: unknown, 30 s is said).
+
+        Raises:
+            UserQueueLimitError, QueueFullError: as for :meth:`admit`.
+        """
+        if self.max_jobs_per_user is not None and owner_active >= self.max_jobs_per_user:
+            raise UserQueueLimitError(owner_active, self.max_jobs_per_user, max(5, int(retry_after_s or 30)))
+        if waiting >= self.queue_size:
+            raise QueueFullError(waiting, self.queue_size)
+        if self.cost_budget is not None and waiting_cost and waiting_cost + cost > self.cost_budget:
+            raise QueueFullError(waiting, self.queue_size, queued_cost=waiting_cost, cost=cost,
                                  budget=self.cost_budget)
 
 

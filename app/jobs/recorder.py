@@ -141,6 +141,8 @@ class AuditRecorder(Recorder):
             return
         try:
             audit.start_run(self.db, uuid.UUID(job.id), now=job.started_at)
+        except audit.InvalidRunTransitionError:  # a job queued again after its front died (app.jobs.jobtable)
+            logger.info("job %s: its run was started by an earlier attempt", job.id)
         except Exception:  # see finish
             logger.exception("job %s: could not record its start in the audit database", job.id)
 
@@ -153,6 +155,8 @@ class AuditRecorder(Recorder):
             audit.finish_run(self.db, uuid.UUID(job.id), state.value, reason=reason,
                              effective_steps=job.effective_steps, timings=final_timings(job, now()),
                              artifact_hashes=artifact_hashes, actor=job._cancelled_by)
+        except audit.InvalidRunTransitionError as e:  # another front ended it (this one lost its claim)
+            logger.warning("job %s: its end (%s) is not recorded: %s", job.id, state.value, e)
         except Exception:  # a database hiccup must not kill the worker; job.json still says it
             logger.exception("job %s: could not record its end (%s) in the audit database", job.id, state.value)
 

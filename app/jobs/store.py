@@ -97,13 +97,28 @@ class JobStore:
         """Delete the job's folder and everything in it (no error if it is gone)."""
         shutil.rmtree(job.run_dir, ignore_errors=True)
 
-    def load_history(self, recorded_status: Callable[[Job], JobState | None]) -> list[Job]:
+    def load(self, job_id: str) -> Job | None:
+        """The job of ``<runs_dir>/<job_id>/job.json`` as written last (another front process may have written it:
+        ``app.jobs.jobtable``); ``None`` when the id is not a folder name, the file is missing or unreadable."""
+        if not job_id.isalnum():
+            return None
+        path = self.run_dir(job_id) / JOB_FILE
+        try:
+            job = Job.from_json(path.parent, json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return job if job.id == job_id else None
+
+    def load_history(self, recorded_status: Callable[[Job], JobState | None], *,
+                     alive: Callable[[Job], bool] | None = None) -> list[Job]:
         """Load every ``job.json`` under ``runs_dir``; unfinished ones become ``interrupted`` (and are saved so).
 
         Args:
             recorded_status: the audit's status of a job's run (``None``: no record). An unfinished job whose run
                 the database finished (the process stopped between the two writes) takes that status instead:
                 the database is the record.
+            alive: ``True`` for an unfinished job that is still queued or running in the shared job table
+                (another front process serves it, or will): it keeps its state. ``None``: none is (one process).
 
         Returns:
             The jobs, in folder-name order; unreadable or misplaced ``job.json`` files are logged and skipped.
@@ -118,7 +133,7 @@ class JobStore:
             if job.id != path.parent.name:
                 logger.warning("ignoring %s: id does not match its folder", path)
                 continue
-            if not job.state.finished:
+            if not job.state.finished and not (alive is not None and alive(job)):
                 recorded = recorded_status(job)
                 if recorded in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
                     job.state = recorded

@@ -2,7 +2,9 @@
 
 The model is loaded once, in the lifespan (or injected by tests), and stays resident for the life of the
 process; one :class:`app.jobs.JobManager` worker thread owns it. Run it with ONE process (``vald-md serve``):
-every worker process would hold its own model copy and its own queue.
+every worker process would hold its own model copy and its own queue -- unless ``VALD_MD_JOB_STATE=database``
+makes the database's job table the queue of several front processes (``app.jobs.jobtable``; then unfinished runs
+are not marked ``interrupted`` at start-up: other fronts may be running them, and the table recovers dead ones).
 
 Start-up: the model starts loading in a thread of its own (with ``compile_unet``: compiled and warmed up); beside
 it, in order, the accounts/audit database (migrations, append-only triggers), the UID/CSRF secret file, runs left
@@ -230,7 +232,9 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             db = await run_in_threadpool(lambda: audit.init_db(settings.resolved_database_url, keys=keys))
             secret = audit.load_or_create_secret(settings.uid_secret_path)
             filemodes.private_sqlite(settings.resolved_database_url)  # and the journal files SQLite has made
-            interrupted = await run_in_threadpool(audit.mark_interrupted_runs, db)
+            # with the shared job table, other fronts' runs are alive: the table's recovery handles dead ones
+            interrupted = (0 if settings.job_state == "database" else
+                           await run_in_threadpool(audit.mark_interrupted_runs, db))
             # 2. a few MB on the CPU, segmenting in the job worker (~10-20 ms per image at 128 px)
             segmenter = await run_in_threadpool(load_segmenter, settings.resolved_lung_segmenter)
             classifier = await run_in_threadpool(load_classifier, settings.resolved_lesion_classifier)

@@ -1,0 +1,247 @@
+"""Several front processes on one database and one runs folder (``VALD_MD_JOB_STATE=database``, app/jobs/jobtable.py).
+
+Each test builds two :class:`JobManager` fronts in this process sharing an audit database and a data folder, with
+the fake engine and runners of ``test_jobs.py``: every job runs exactly once, limits count across fronts, a cancel
+reaches the front running the job, a restart re-queues accepted jobs, and a running job whose front died is queued
+again once (attempt 2) or failed with a clear message. The two-front test runs on SQLite and on a throw-away
+PostgreSQL server (``tests/postgres.py``; skipped with the reason without one, failed under
+``VALD_MD_REQUIRE_POSTGRES=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, update
+
+from app import audit
+from app.config import Settings
+from app.jobs import (
+    JOB_FILE,
+    AuditRecorder,
+    JobManager,
+    JobState,
+    JobStore,
+    Limits,
+    QueueFullError,
+    UserQueueLimitError,
+)
+from app.jobs.jobtable import MAX_ATTEMPTS, STALE_FAILED, JobTable
+from tests.accounts import add_user
+from tests.factories import png_bytes
+from tests.test_jobs import FakeEngine, GatedRunner, req, wait_for
+
+SECRET = bytes(range(32))
+HEARTBEAT_S = 0.05
+
+Front = Callable[..., JobManager]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """The shared database: SQLite in the data folder, or an empty database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        engine = audit.init_db(f"sqlite:///{tmp_path / 'shared.db'}")
+    else:
+        engine = audit.init_db(request.getfixturevalue("postgres_url"),
+                               keys=audit.AuditKeyRing.from_keys([os.urandom(32)]))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Engine]:
+    engine = audit.init_db(f"sqlite:///{tmp_path / 'shared.db'}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def front(tmp_path: Path) -> Iterator[Front]:
+    """Builds a started front process on ``db`` and the shared ``tmp_path/runs``; stops them all at the end."""
+    made: list[tuple[JobManager, GatedRunner]] = []
+
+    def make(db: Engine, name: str, runner: GatedRunner, *, limits: Limits | None = None,
+             stale_after_s: float = 30.0) -> JobManager:
+        m = JobManager(FakeEngine(), JobStore(tmp_path / "runs"), AuditRecorder(db, SECRET),
+                       limits or Limits(queue_size=64), runner=runner, preview_size=64,
+                       table=JobTable(db, name, stale_after_s=stale_after_s), heartbeat_s=HEARTBEAT_S)
+        m.start()
+        made.append((m, runner))
+        return m
+
+    yield make
+    for m, runner in made:
+        runner.gate.set()
+        if m._running is not None:
+            m._running.cancel_event.set()
+        m.stop(timeout=5)
+
+
+def _rows(db: Engine) -> dict[str, audit.JobRecord]:
+    with audit.read_session(db) as session:
+        return {row.id: row for row in session.query(audit.JobRecord).all()}
+
+
+def _crash(m: JobManager) -> None:
+    """Make ``m`` behave like a front that died: its claims are no longer renewed (its worker stays blocked)."""
+    assert m.table is not None
+    m.table.heartbeat = lambda *_args: False  # type: ignore[method-assign]
+
+
+def test_two_fronts_run_every_job_exactly_once_and_see_each_others_jobs(any_db, front):
+    alice, bob = add_user(any_db, "alice"), add_user(any_db, "bob")
+    ra, rb = GatedRunner(gated=False), GatedRunner(gated=False)
+    a, b = front(any_db, "front-a", ra), front(any_db, "front-b", rb)
+    jobs = [(a if i % 2 else b).submit(user, png_bytes(), req(seed=i))
+            for i in range(12) for user in [(alice, bob)[i % 2]]]
+    for job in jobs:
+        for m in (a, b):  # both fronts see every job end, whoever accepted and whoever ran it
+            wait_for(lambda m=m, job=job: m.get(job.id, job.owner).state.finished)
+            assert m.get(job.id, job.owner).state is JobState.DONE
+    assert sorted(ra.calls + rb.calls) == sorted(j.id for j in jobs)  # each job ran once, on one front
+    rows = _rows(any_db)
+    assert {rows[j.id].state for j in jobs} == {"done"} and {rows[j.id].attempts for j in jobs} == {1}
+    assert {rows[j.id].claimed_by for j in jobs} <= {"front-a", "front-b"}
+    for job in jobs:
+        assert audit.get_run(any_db, uuid.UUID(job.id)).status == "done"
+        assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "done"
+        other = b if job in [j for j in jobs if j.owner == str(bob.id)] else a
+        seen = other.get(job.id, job.owner)
+        assert seen.seeds == [job.request.seed] and "run" in seen.timings_s  # the final job.json, read back
+    result = audit.verify_chain(any_db)  # both fronts wrote to one audit chain
+    assert result.ok, result.reason
+
+
+def test_limits_count_across_fronts_and_a_cancel_reaches_the_front_running_the_job(sqlite_db, front):
+    alice, bob = add_user(sqlite_db, "alice"), add_user(sqlite_db, "bob")
+    limits = Limits(queue_size=1, max_jobs_per_user=2)
+    ra, rb = GatedRunner(), GatedRunner()
+    a, b = front(sqlite_db, "front-a", ra, limits=limits), front(sqlite_db, "front-b", rb, limits=limits)
+    first = a.submit(alice, png_bytes(), req())
+    wait_for(lambda: ra.started.is_set() or rb.started.is_set())  # claimed: the site's queue (size 1) is empty
+    second = b.submit(alice, png_bytes(), req())
+    wait_for(lambda: ra.started.is_set() and rb.started.is_set())  # one job on each front
+    with pytest.raises(UserQueueLimitError):
+        a.submit(alice, png_bytes(), req())  # alice's two jobs run on two fronts: her limit, counted by the table
+    waiting = b.submit(bob, png_bytes(), req())
+    with pytest.raises(QueueFullError):
+        a.submit(bob, png_bytes(), req())  # the site's queue (size 1) holds bob's job accepted by front b
+    # cancel alice's job through the front that does not run it
+    on_a = first.id if first.id in ra.calls else second.id
+    b.cancel(on_a, str(alice.id))
+    wait_for(lambda: a.get(on_a, str(alice.id)).state is JobState.CANCELLED)
+    wait_for(lambda: b.get(on_a, str(alice.id)).state is JobState.CANCELLED)
+    assert audit.get_run(sqlite_db, uuid.UUID(on_a)).status == "cancelled"
+    ra.gate.set()
+    rb.gate.set()
+    wait_for(lambda: b.get(waiting.id, str(bob.id)).state is JobState.DONE)
+    assert _rows(sqlite_db)[on_a].state == "cancelled"
+
+
+def test_a_restarted_front_loses_no_accepted_job_and_reruns_a_dead_claim_once(any_db, front, tmp_path):
+    alice = add_user(any_db, "alice")
+    dead = GatedRunner()  # never released: the process is gone
+    old = front(any_db, "front-a", dead)
+    running = old.submit(alice, png_bytes(), req())
+    assert dead.started.wait(5)
+    queued = [old.submit(alice, png_bytes(), req()) for _ in range(2)]
+    _crash(old)
+    # the restart: a new process on the same database and data folder
+    fresh = GatedRunner(gated=False)
+    new = front(any_db, "front-a-restarted", fresh, stale_after_s=0.5)
+    for job in (running, *queued):
+        wait_for(lambda job=job: new.get(job.id, job.owner).state.finished)
+        assert new.get(job.id, job.owner).state is JobState.DONE
+        assert audit.get_run(any_db, uuid.UUID(job.id)).status == "done"
+    assert sorted(fresh.calls) == sorted(j.id for j in (running, *queued))
+    rows = _rows(any_db)
+    assert rows[running.id].attempts == 2 and [rows[j.id].attempts for j in queued] == [1, 1]
+    # the dead front wakes up after all: it keeps nothing of its run (the job's record stays the new front's)
+    old._running.cancel_event.set()
+    wait_for(lambda: old._running is None)
+    assert json.loads((running.run_dir / JOB_FILE).read_text())["state"] == "done"
+    assert _rows(any_db)[running.id].state == "done"
+
+
+def test_a_job_whose_front_died_twice_fails_with_a_clear_message(sqlite_db, front):
+    alice = add_user(sqlite_db, "alice")
+    dead = GatedRunner()
+    old = front(sqlite_db, "front-a", dead)
+    job = old.submit(alice, png_bytes(), req())
+    assert dead.started.wait(5)
+    _crash(old)
+    with sqlite_db.begin() as connection:  # as if this were its second attempt already
+        connection.execute(update(audit.JobRecord).where(audit.JobRecord.id == job.id)
+                           .values(attempts=MAX_ATTEMPTS))
+    fresh = GatedRunner(gated=False)
+    new = front(sqlite_db, "front-b", fresh, stale_after_s=0.5)
+    wait_for(lambda: new.get(job.id, job.owner).state.finished)
+    seen = new.get(job.id, job.owner)
+    assert seen.state is JobState.FAILED and seen.error == STALE_FAILED and fresh.calls == []
+    wait_for(lambda: json.loads((job.run_dir / JOB_FILE).read_text())["error"] == STALE_FAILED)  # saved after
+    run = audit.get_run(sqlite_db, uuid.UUID(job.id))
+    assert run.status == "failed" and run.reason == STALE_FAILED
+    assert _rows(sqlite_db)[job.id].state == "failed"
+
+
+def test_the_job_state_setting(tmp_path, sqlite_db):
+    assert Settings(data_dir=tmp_path).job_state == "files"  # the single-process default
+    files = JobManager.from_settings(Settings(data_dir=tmp_path), FakeEngine(), db=None)
+    assert files.table is None
+    shared = Settings(data_dir=tmp_path, job_state="database", front_id="host-1:web")
+    with pytest.raises(ValueError, match="needs the database"):
+        JobManager.from_settings(shared, FakeEngine(), db=None)
+    m = JobManager.from_settings(shared, FakeEngine(), db=sqlite_db, uid_secret=SECRET)
+    assert m.table is not None and m.table.front_id == "host-1:web"
+    with pytest.raises(ValueError, match="job_stale_after_s"):
+        Settings(data_dir=tmp_path, job_heartbeat_s=5, job_stale_after_s=10)
+
+
+def test_two_server_fronts_share_one_queue_over_the_api(tiny_engine, tmp_path):
+    """Two review servers (create_app) on one data folder and database: a job submitted to one is seen to its end,
+    with its result, through the other (a load balancer may send a user's next request to either)."""
+    from fastapi.testclient import TestClient
+
+    from app.engine import CounterfactualEngine
+    from app.web import create_app
+    from app.web.auth import CSRF_HEADER
+    from tests.accounts import sign_in
+    from tests.test_web import submit, wait_state
+    from tests.tiny_model import write_tiny_model
+
+    data = tmp_path / "data"
+    common: dict[str, Any] = dict(data_dir=data, queue_size=4, job_state="database", job_heartbeat_s=0.2,
+                                  job_stale_after_s=5, lung_segmenter=tmp_path / "none",
+                                  lesion_classifier=tmp_path / "none")
+    second_engine = CounterfactualEngine(write_tiny_model(tmp_path / "tiny-b"), device="cpu")  # one model per front
+    a_app = create_app(Settings(front_id="web-a", **common), engine=tiny_engine)
+    b_app = create_app(Settings(front_id="web-b", **common), engine=second_engine)
+    with TestClient(a_app) as a, TestClient(b_app) as b:
+        sign_in(a, a_app, add_user(a_app.state.db, "clinician-s"))
+        b.cookies.update(a.cookies)  # the same session, kept in the shared database
+        b.headers[CSRF_HEADER] = a.headers[CSRF_HEADER]
+        job_ids = []
+        for client in (a, b, a):
+            r = submit(client)
+            assert r.status_code == 202, r.text
+            job_ids.append(r.json()["job_id"])
+        for job_id in job_ids:
+            for client in (b, a):
+                assert wait_state(client, job_id)["state"] == "done"
+        listed = {j["job_id"] for j in b.get("/api/v1/jobs").json()["jobs"]}
+        assert set(job_ids) <= listed
+        for client in (a, b):  # the run folders are on the one data volume
+            assert client.get(f"/api/v1/jobs/{job_ids[0]}/thumbnail.png").status_code == 200
+    db = audit.make_engine(f"sqlite:///{data / 'vald-md.db'}")
+    try:
+        rows = _rows(db)
+    finally:
+        db.dispose()
+    assert {rows[i].state for i in job_ids} == {"done"} and {rows[i].claimed_by for i in job_ids} <= {"web-a", "web-b"}
