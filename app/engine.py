@@ -39,9 +39,8 @@ from app.generation import GenerationRequest as GenerationRequest
 from app.generation import Preset as Preset
 from app.generation import Scheduler as Scheduler
 from app.generation import effective_steps as effective_steps
-from app.modelfolder import DEFAULT_MODEL_DIR
+from app.modelfolder import DEFAULT_MODEL_DIR, load_model
 from app.modelfolder import ModelFolderError as ModelFolderError  # re-exported: the constructor raises it
-from app.modelfolder import load_model
 from app.provenance import library_versions
 
 logger = logging.getLogger("vald_md.engine")
@@ -522,7 +521,7 @@ def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwarg
             if warm_up:
                 logger.info("warm-up generation took %.1f s", eng.warm_up())
             box["engine"] = eng
-        except BaseException as e:  # handed to the caller
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
             box["error"] = e
 
     t = threading.Thread(target=load, name="vald-md-model-load")

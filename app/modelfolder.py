@@ -266,7 +266,7 @@ def assemble_model(base: Path, text_encoder_dir: Path, out: Path) -> dict[str, A
     if not (Path(text_encoder_dir) / "config.json").is_file():
         raise ModelFolderError(f"'{text_encoder_dir}' has no config.json: not a transformers text-encoder folder")
     cfg = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True)
-    hidden = int(getattr(cfg, "hidden_size"))
+    hidden = int(cfg.hidden_size)
     try:
         tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir, local_files_only=True)
         encoder = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True, add_pooling_layer=False)

@@ -150,7 +150,7 @@ class LossLog:
     def __init__(self, out: Path) -> None:
         self.path = out / "loss.csv"
         self.new = not self.path.exists()
-        self.fh = open(self.path, "a", newline="")
+        self.fh = open(self.path, "a", newline="")  # noqa: SIM115 - open for the log's lifetime, flushed per row
         self.w = csv.writer(self.fh)
         if self.new:
             self.w.writerow(["step", "loss", "lr", "elapsed_s", "val_name", "val_value"])
@@ -178,7 +178,7 @@ class LossLog:
         lo, hi = float(sm.min()), float(sm.max()) + 1e-9
         xs = np.linspace(pad, w - pad, len(sm))
         ys = h - pad - (sm - lo) / (hi - lo) * (h - 2 * pad)
-        d.line(list(zip(xs.tolist(), ys.tolist())), fill=(200, 0, 0), width=2)
+        d.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=(200, 0, 0), width=2)
         d.rectangle([pad, pad, w - pad, h - pad], outline="black")
         d.text((pad, 10), f"log10 training loss (running mean of {k}); steps {steps[0]}-{steps[-1]}", fill="black")
         d.text((pad, h - pad + 5), f"{10**lo:.4g} .. {10**hi:.4g}", fill="black")

@@ -22,8 +22,19 @@ from PIL import Image
 from app.datasets import LabelledImage
 from app.generation import PRESETS
 from app.provenance import library_versions
-from app.train.common import (HEALTHY_PROMPT, LossLog, Progress, banner, data_hash, git_revision, load_gray,
-                              read_labels, resume_state, save_checkpoint, to_model_range)
+from app.train.common import (
+    HEALTHY_PROMPT,
+    LossLog,
+    Progress,
+    banner,
+    data_hash,
+    git_revision,
+    load_gray,
+    read_labels,
+    resume_state,
+    save_checkpoint,
+    to_model_range,
+)
 
 logger = logging.getLogger("vald_md.train")
 
@@ -168,7 +179,7 @@ def train_dreambooth(args: argparse.Namespace) -> int:
                 t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z),), device=z.device)
                 texts = [prompts[lab]] * len(inst) + [args.class_prompt] * (len(z) - len(inst))
                 pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=encode(texts)).sample
-                loss, inst_l, prior_l = prior_preservation_loss(pred, noise, len(inst), args.prior_loss_weight)
+                loss, _inst_l, prior_l = prior_preservation_loss(pred, noise, len(inst), args.prior_loss_weight)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, 1.0)

@@ -137,8 +137,18 @@ def main(args: argparse.Namespace) -> int:
     from diffusers.training_utils import EMAModel
 
     from app.modelfolder import model_hash
-    from app.train.common import (LossLog, Progress, all_captions, banner, caption_for, encode_prompt_embeddings,
-                                  out_of_time, restore_scratch, resume_state, save_checkpoint)
+    from app.train.common import (
+        LossLog,
+        Progress,
+        all_captions,
+        banner,
+        caption_for,
+        encode_prompt_embeddings,
+        out_of_time,
+        restore_scratch,
+        resume_state,
+        save_checkpoint,
+    )
     from app.train.schedule import warmup_cosine_to_floor
     from app.train.unet import encode_latents, min_snr_weights, sd_noise_scheduler
 

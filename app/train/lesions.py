@@ -175,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
         f"{s}:{y}:{int(((source[tr] == s) & (y_all[tr] == y)).sum())}" for s, y in groups),
         "threads": torch.get_num_threads(), "start": start}) + "\n")
     t0 = time.time()
-    log = open(out / "loss.csv", "a", newline="")
+    log = open(out / "loss.csv", "a", newline="")  # noqa: SIM115 - open across the training loop, closed after it
     writer = csv.writer(log)
     model.train()
     for step in range(start, args.steps):

@@ -19,9 +19,24 @@ import torch
 import torch.nn.functional as F
 
 from app.provenance import library_versions
-from app.train.common import (HEALTHY_PROMPT, LossLog, Progress, all_captions, banner, caption_for, data_hash,
-                              encode_prompt_embeddings, git_revision, load_gray, out_of_time, read_labels,
-                              restore_scratch, resume_state, save_checkpoint, to_model_range)
+from app.train.common import (
+    HEALTHY_PROMPT,
+    LossLog,
+    Progress,
+    all_captions,
+    banner,
+    caption_for,
+    data_hash,
+    encode_prompt_embeddings,
+    git_revision,
+    load_gray,
+    out_of_time,
+    read_labels,
+    restore_scratch,
+    resume_state,
+    save_checkpoint,
+    to_model_range,
+)
 from app.train.config import TrainConfig, UnetSection
 from app.train.schedule import warmup_cosine_to_floor
 

@@ -15,10 +15,10 @@ from numpy.typing import NDArray
 
 from app import metrics
 from app.engine import CounterfactualEngine
-from app.provenance import library_versions
 from app.evaluate.common import HEALTHY_LABEL, prompt_side, write_atomic, write_json
 from app.evaluate.generate import GenerateSettings, generate_run, read_run
 from app.generation import GenerationRequest
+from app.provenance import library_versions
 
 __all__ = ["LATERALITY_PROMPTS", "LateralitySettings", "image_right_share", "laterality_markdown", "laterality_run",
            "laterality_summary"]

@@ -15,7 +15,6 @@ from scipy import ndimage
 
 from app import imaging
 from app.engine import CounterfactualEngine
-from app.provenance import library_versions
 from app.evaluate.common import (
     Progress,
     append_jsonl,
@@ -40,6 +39,7 @@ from app.evaluate.localize.scores import (
     write_per_image_csv,
 )
 from app.generation import GenerationRequest
+from app.provenance import library_versions
 
 __all__ = ["RUN_KEYS", "LocalizeSettings", "localize_run"]
 
