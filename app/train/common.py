@@ -37,8 +37,8 @@ def load_gray(paths: list[Path], size: int) -> np.ndarray:
     """Load images as 8-bit grayscale, resized to ``size`` x ``size``. Returns uint8 (N, size, size)."""
     out = np.empty((len(paths), size, size), dtype=np.uint8)
     for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("L")
+        with Image.open(p) as f:
+            im = f.convert("L")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
             out[i] = np.asarray(im)
@@ -70,7 +70,8 @@ def encode_prompt_embeddings(tokenizer: Any, text_encoder: Any, prompts: list[st
                     return_tensors="pt")
     mask = ids.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
     with torch.no_grad():
-        return text_encoder(ids.input_ids.to(text_encoder.device), attention_mask=mask)[0].float()
+        hidden: torch.Tensor = text_encoder(ids.input_ids.to(text_encoder.device), attention_mask=mask)[0].float()
+    return hidden
 
 
 def caption_for(row: LabelledImage, prompts: dict[str, Any], rng: np.random.Generator) -> str:

@@ -45,9 +45,11 @@ class LateralitySettings(GenerationRequest):
         """Reject out-of-range generation fields and prompts without exactly one side.
 
         Raises:
-            ValueError: a field out of range; a prompt names no side or both.
+            ValueError: a field out of range, no base seed; a prompt names no side or both.
         """
         super().check()
+        if self.seed is None:
+            raise ValueError("laterality needs a base seed (--seed)")
         for p in self.prompts:
             if prompt_side(p) is None:
                 raise ValueError(f"prompt {p!r} must name exactly one side ('left' or 'right')")
@@ -133,6 +135,7 @@ def laterality_run(engine: CounterfactualEngine, data: Path, out: Path, settings
     """
     st = settings if settings is not None else LateralitySettings()
     st.check()
+    assert st.seed is not None  # check() refused a missing base seed
     runs = []
     for p in st.prompts:
         s = GenerateSettings(mode="induce", prompt=p, strength=st.strength, guidance_scale=st.guidance_scale,

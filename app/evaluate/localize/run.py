@@ -112,6 +112,7 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, settings: 
     # 1. settings, cases and the run record
     st = settings if settings is not None else LocalizeSettings()
     st.check()
+    assert st.seed is not None  # check() refused a missing base seed
     stream = stream if stream is not None else sys.stderr
     cases = read_lesion_cases(Path(data), masks=st.masks, regions=st.regions, limit=st.limit)
     out = Path(out)
