@@ -194,7 +194,7 @@ def _autoencoder_loop(args: argparse.Namespace, size: int, vae: Any, section: Va
                 vae.save_pretrained(out / "vae-best")
             sys.stderr.write(f"\n[val] step {step + 1}: PSNR {v_psnr:.3f} dB, SSIM {v_ssim:.4f} "
                              f"(best {val_name} {best:.4f})\n")
-        log.row(step + 1, loss_value, sched.get_last_lr()[0], elapsed, shown, val_value)
+        log.row(step + 1, loss_value, float(sched.get_last_lr()[0]), elapsed, shown, val_value)
         if (step + 1) % section.checkpoint_every == 0 or last:
             save_checkpoint(out, step + 1, {"model": vae.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "step": step + 1, "best": best,
@@ -209,7 +209,7 @@ def _autoencoder_loop(args: argparse.Namespace, size: int, vae: Any, section: Va
 
 
 @torch.no_grad()
-def validate_autoencoder(vae: torch.nn.Module, val: torch.Tensor) -> tuple[float, float]:
+def validate_autoencoder(vae: Any, val: torch.Tensor) -> tuple[float, float]:
     """Mean PSNR (dB, peak-to-peak 2) and SSIM of posterior-mode reconstructions of ``val`` ((N, 1, H, W), [-1, 1])."""
     from app import metrics
 
