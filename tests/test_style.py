@@ -28,7 +28,7 @@ def _run(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess
 
 
 def test_ruff_finds_nothing() -> None:
-    r = _run("ruff", "check", "--no-cache", *RUFF_PATHS, timeout=300)
+    r = _run("ruff", "check", "--no-cache", "--output-format", "concise", *RUFF_PATHS, timeout=300)
     assert r.returncode == 0, f"ruff check {' '.join(RUFF_PATHS)} failed:\n{r.stdout}\n{r.stderr}"
 
 
