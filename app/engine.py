@@ -39,9 +39,8 @@ from app.generation import GenerationRequest as GenerationRequest
 from app.generation import Preset as Preset
 from app.generation import Scheduler as Scheduler
 from app.generation import effective_steps as effective_steps
-from app.modelfolder import DEFAULT_MODEL_DIR
+from app.modelfolder import DEFAULT_MODEL_DIR, load_model
 from app.modelfolder import ModelFolderError as ModelFolderError  # re-exported: the constructor raises it
-from app.modelfolder import load_model
 from app.provenance import library_versions
 
 logger = logging.getLogger("vald_md.engine")
@@ -287,16 +286,16 @@ class CounterfactualEngine:
         sched = self.pipe.scheduler
         ets = getattr(sched, "ets", None)
         if ets:
-            eps = ets[-1].to(latents.dtype)
+            eps: torch.Tensor = ets[-1].to(latents.dtype)
             if eps.shape != latents.shape:
                 return latents
             stride = sched.config.num_train_timesteps // max(1, int(sched.num_inference_steps or 1))
             t = int(timestep) - stride
-            a = (sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod).to(latents.dtype)
+            a: torch.Tensor = (sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod).to(latents.dtype)
             return (latents - (1 - a).sqrt() * eps) / a.sqrt()
         outputs = getattr(sched, "model_outputs", None)
         if getattr(sched.config, "algorithm_type", "") == "dpmsolver++" and outputs and outputs[-1] is not None:
-            x0 = outputs[-1]
+            x0: torch.Tensor = outputs[-1]
             return x0.to(latents.dtype) if x0.shape == latents.shape else latents
         return latents
 
@@ -305,7 +304,8 @@ class CounterfactualEngine:
         linear latent->gray projection, float32 (h, w) in [0, 1]."""
         z = latents[0].float().cpu().numpy() / float(self.pipe.vae.config.scaling_factor)
         img = np.tensordot(self._preview_weights[:-1], z, axes=(0, 0)) + self._preview_weights[-1]
-        return np.clip(img, 0.0, 1.0).astype(np.float32)
+        out: np.ndarray = np.clip(img, 0.0, 1.0).astype(np.float32)
+        return out
 
     def _scheduler_for(self, name: Scheduler | str) -> Any:
         """The diffusers scheduler for ``name``, built once from the model's scheduler configuration.
@@ -367,7 +367,8 @@ class CounterfactualEngine:
             if posterior_mean is None:
                 x = self.to_model_tensor(img_model) * 2 - 1
                 posterior_mean = self.pipe.vae.encode(x).latent_dist.mode()
-            return self._to_gray(self.pipe.vae.decode(posterior_mean.to(self.pipe.vae.dtype)).sample)[0]
+            recon: np.ndarray = self._to_gray(self.pipe.vae.decode(posterior_mean.to(self.pipe.vae.dtype)).sample)[0]
+            return recon
 
     # -- the public call ----------------------------------------------------------------------------------------
     def check_inputs(self, image: np.ndarray, *, request: GenerationRequest) -> None:
@@ -522,7 +523,7 @@ def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwarg
             if warm_up:
                 logger.info("warm-up generation took %.1f s", eng.warm_up())
             box["engine"] = eng
-        except BaseException as e:  # handed to the caller
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
             box["error"] = e
 
     t = threading.Thread(target=load, name="vald-md-model-load")
@@ -530,4 +531,5 @@ def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwarg
     t.join()
     if "error" in box:
         raise box["error"]
-    return box["engine"]
+    engine: CounterfactualEngine = box["engine"]
+    return engine

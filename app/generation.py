@@ -68,7 +68,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "healthy": Preset("healthy", "normal chest x-ray", 0.85, 7.5, 75,
-                      "Healthy counterfactual, the paper's setting (Sec. 4: strength 0.85, guidance 7.5, 75 PNDM steps)"),
+                      "Healthy counterfactual, the paper's setting "
+                      "(Sec. 4: strength 0.85, guidance 7.5, 75 PNDM steps)"),
     "paper": Preset("paper", "normal chest x-ray", 0.85, 7.5, 75,
                     "The paper's healthy-counterfactual setting; stays available when a model's manifest "
                     "recommends its own 'healthy' preset"),

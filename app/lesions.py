@@ -48,7 +48,8 @@ class LesionNet(nn.Module):
         self.head = nn.Linear(cin, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.features(x).mean(dim=(2, 3))))[:, 0]
+        logits: torch.Tensor = self.head(self.drop(self.features(x).mean(dim=(2, 3))))[:, 0]
+        return logits
 
 
 def lung_box(lungs: NDArray[np.bool_], margin: float = BOX_MARGIN) -> tuple[int, int, int, int]:
@@ -133,7 +134,8 @@ class LesionClassifier:
 
     def logit_tensor(self, image: torch.Tensor, lungs: NDArray[np.bool_]) -> torch.Tensor:
         """Disease logit (0-d tensor) of an image tensor (H, W) in [0, 1]; differentiable in ``image``."""
-        return self.model(prepare(image, lungs, self.size))[0]
+        logit: torch.Tensor = self.model(prepare(image, lungs, self.size))[0]
+        return logit
 
     @torch.no_grad()
     def probability(self, image: NDArray[Any], lungs: NDArray[np.bool_]) -> float:

@@ -76,7 +76,8 @@ class LungUNet(nn.Module):
             skips.append(x)
         for up, fuse, skip in zip(self.up, self.fuse, reversed(skips[:-1]), strict=True):
             x = fuse(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        logits: torch.Tensor = self.head(x)
+        return logits
 
 
 def normalize_intensity(img: NDArray[Any]) -> NDArray[np.float32]:
@@ -89,7 +90,8 @@ def normalize_intensity(img: NDArray[Any]) -> NDArray[np.float32]:
     lo, hi = np.percentile(x, (1.0, 99.0))
     if hi - lo < 1e-6:
         return np.zeros_like(x)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    out: NDArray[np.float32] = np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return out
 
 
 def resize_float(img: NDArray[Any], height: int, width: int) -> NDArray[np.float32]:

@@ -58,9 +58,11 @@ class CommandError(Exception):
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``users`` and ``audit`` sub-commands to the ``vald-md`` parser."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", default=None, help="the server's data folder (default: VALD_MD_DATA_DIR or data/)")
+    common.add_argument("--data-dir", default=None,
+                        help="the server's data folder (default: VALD_MD_DATA_DIR or data/)")
     common.add_argument("--database-url", default=None,
-                        help="database URL (default: DATABASE_URL / VALD_MD_DATABASE_URL, else SQLite in the data folder)")
+                        help="database URL (default: DATABASE_URL / VALD_MD_DATABASE_URL, "
+                             "else SQLite in the data folder)")
 
     u = sub.add_parser("users", help="accounts: add, list, disable, enable, reset-password, token(s)")
     usub = u.add_subparsers(dest="users_command", required=True)

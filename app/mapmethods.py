@@ -114,7 +114,8 @@ def ddim_inversion(engine: CounterfactualEngine, img_model: NDArray[np.float32],
     src = neg if source_prompt == "" else engine.prompt_embeddings(source_prompt, "")[0]
 
     def alpha(t: int) -> torch.Tensor:
-        return sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod
+        a: torch.Tensor = sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod
+        return a
 
     def gray(decoded: torch.Tensor) -> NDArray[np.float32]:
         return ((decoded.float().mean(1).clamp(-1, 1) + 1) / 2).cpu().numpy().astype(np.float32)

@@ -117,7 +117,7 @@ class ModelInfo:
 
 
 @functools.cache
-def seeded_img2img_pipeline_class() -> type:
+def seeded_img2img_pipeline_class() -> type[Any]:
     """``StableDiffusionImg2ImgPipeline`` whose random draws do not depend on the model's dtype or device.
 
     The stock pipeline draws its two random tensors -- the autoencoder's posterior sample and the SDEdit noise --
@@ -135,8 +135,14 @@ def seeded_img2img_pipeline_class() -> type:
     from diffusers.utils.torch_utils import randn_tensor
 
     class SeededImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
-        def prepare_latents(self, image, timestep, batch_size, num_images_per_prompt, dtype, device,
-                            generator=None):
+        # components set by DiffusionPipeline.register_modules at run time; declared for the type checker (mypy
+        # sees diffusers' placeholder class for this pipeline, which has no attributes)
+        vae: Any
+        scheduler: Any
+
+        def prepare_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int,
+                            num_images_per_prompt: int, dtype: torch.dtype, device: torch.device | str,
+                            generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
             n = batch_size * num_images_per_prompt
             gens = generator if isinstance(generator, list) else [generator] * n
             if len(gens) != n:
@@ -154,7 +160,8 @@ def seeded_img2img_pipeline_class() -> type:
             z = self.vae.config.scaling_factor * z
             noise = torch.cat([randn_tensor((1, *z.shape[1:]), generator=g, device=device, dtype=torch.float32)
                                for g in gens])
-            return self.scheduler.add_noise(z, noise, timestep).to(dtype)
+            noised: torch.Tensor = self.scheduler.add_noise(z, noise, timestep).to(dtype)
+            return noised
 
     return SeededImg2ImgPipeline
 
@@ -234,9 +241,10 @@ def write_model_folder(out: Path, *, unet: Any, vae: Any, text_encoder: Any, tok
         scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                   num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False,
                                   steps_offset=1)
-    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
+    # Any: mypy sees diffusers' placeholder class for the pipeline, without its methods
+    pipe: Any = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                               scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                               requires_safety_checker=False)
     pipe.to(dtype)
     staging = staging_folder(out)
     pipe.save_pretrained(staging, safe_serialization=True)
@@ -266,7 +274,7 @@ def assemble_model(base: Path, text_encoder_dir: Path, out: Path) -> dict[str, A
     if not (Path(text_encoder_dir) / "config.json").is_file():
         raise ModelFolderError(f"'{text_encoder_dir}' has no config.json: not a transformers text-encoder folder")
     cfg = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True)
-    hidden = int(getattr(cfg, "hidden_size"))
+    hidden = int(cfg.hidden_size)
     try:
         tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir, local_files_only=True)
         encoder = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True, add_pooling_layer=False)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             unet.to(memory_format=fmt)
             for autocast in (False, True):
                 def ctx() -> object:
-                    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+                    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)  # noqa: B023 - used in this iteration only
 
                 def dec() -> None:
                     with ctx():

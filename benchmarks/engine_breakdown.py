@@ -263,9 +263,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from app import attribution, imaging, rendering
-    from app.runs.review import ReviewRequest, run_review
     from app.engine import CounterfactualEngine, effective_steps
     from app.provenance import library_versions
+    from app.runs.review import ReviewRequest, run_review
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     from app import imaging
 
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:args.size, 0:args.size] / args.size
+    _, x = np.mgrid[0:args.size, 0:args.size] / args.size
     base = 0.55 + 0.25 * np.exp(-((x - 0.5) ** 2) / 0.08)
     imgs = [np.clip(base + rng.normal(0, 0.02, base.shape), 0, 1).astype(np.float32) for _ in range(3)]
     overlay = (np.stack([imgs[0]] * 3, -1) * 255).astype(np.uint8)
@@ -53,8 +53,8 @@ def main(args: argparse.Namespace) -> int:
     result: dict[str, object] = {"size": args.size, "runs": args.runs, "workers": args.workers,
                                  "load_average": [round(v, 2) for v in os.getloadavg()]}
     for level in (int(v) for v in args.levels.split(",")):
-        def save_at(self, fp, format=None, **kw):  # noqa: A002 - Pillow's signature
-            kw["compress_level"] = level
+        def save_at(self, fp, format=None, **kw):
+            kw["compress_level"] = level  # noqa: B023 - used in this iteration only
             return save(self, fp, format, **kw)
 
         def one(job: tuple[str, np.ndarray, int]) -> int:

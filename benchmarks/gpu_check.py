@@ -245,7 +245,8 @@ def table(result: dict[str, Any]) -> str:
             if f"{key}.review_s" not in s:
                 continue
             lines.append(f"{key:<22} {s[f'{key}.review_s']:>8.3f} {s[f'{key}.plain_s']:>8.3f} "
-                         f"{s.get(f'{key}.speedup', float('nan')):>8.2f} {s.get(f'{key}.per_step_ms', float('nan')):>8.2f} "
+                         f"{s.get(f'{key}.speedup', float('nan')):>8.2f} "
+                         f"{s.get(f'{key}.per_step_ms', float('nan')):>8.2f} "
                          f"{1e3 * s.get(f'{key}.first_progress_s', float('nan')):>18.0f}")
     if result["meta"].get("mode") != "run":
         lines.append("goals: not checked in a dry run (they are an H100's or H200's)")

@@ -4,8 +4,8 @@ C client threads each submit ``POST /api/v1/counterfactuals`` (multipart: a PNG 
 poll ``GET /api/v1/jobs/{id}`` until the job has finished, and go again, until ``--requests`` submissions have been
 made or ``--duration`` seconds have passed; what is still queued or running then is cancelled, so the run leaves
 the server idle. A 503 (queue full) or 429 (the user's own limit of runs, VALD_MD_MAX_JOBS_PER_USER) is counted
-and retried after a pause; ``--spawn`` raises that limit to the concurrency, since one token submits everything. A monitor thread samples ``/readyz``
-(queue length, room) while it runs.
+and retried after a pause; ``--spawn`` raises that limit to the concurrency, since one token submits everything. A
+monitor thread samples ``/readyz`` (queue length, room) while it runs.
 
 Reported: completed jobs per minute sustained (first submission to last completion), client-side latency
 (submit -> finished) p50/p95, the server's own queued/run seconds, the 503 count, and the queue's length over time.
@@ -20,6 +20,7 @@ Only loopback addresses are accepted as targets (127.0.0.0/8, ::1, localhost).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import ipaddress
 import json
@@ -245,10 +246,8 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
     unfinished = [o for o in shared.outcomes if o.finished_at is None]
     with httpx.Client(base_url=base, timeout=10.0, headers=HEADERS) as http:
         for o in unfinished:
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 http.post(f"/api/v1/jobs/{o.job_id}/cancel")
-            except httpx.HTTPError:
-                pass
     wall = time.monotonic() - t_start
 
     done = [o for o in shared.outcomes if o.state == "done"]
@@ -292,9 +291,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"{(r['limits'] or {}).get('queue_size')}): concurrency {r['concurrency']}, budget {r['request_budget']} "
         f"submissions / {r['duration_budget_s']:.0f} s, took {r['wall_s']:.1f} s.",
         "",
-        "| submitted | accepted | 503/429 (queue or user limit) | done | failed | cancelled at end | jobs/min sustained | "
-        "latency p50 s | latency p95 s | server queued p50 s | server run p50 s | queue max | queue mean | "
-        "time full |",
+        "| submitted | accepted | 503/429 (queue or user limit) | done | failed | cancelled at end | "
+        "jobs/min sustained | latency p50 s | latency p95 s | server queued p50 s | server run p50 s | queue max | "
+        "queue mean | time full |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {r['submitted']} | {r['accepted']} | {r['rejected_503']} | {r['finished']['done']} | "
         f"{r['finished']['failed']} | {r['unfinished_cancelled_at_end']} | {r['completed_per_minute']:.1f} | "

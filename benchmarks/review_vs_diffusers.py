@@ -16,7 +16,8 @@ The plain call, by device:
   with the engine (whose UNet ``--compile`` may have compiled). Every timed call ends with ``torch.cuda.synchronize``.
 
 Everything runs on the main thread, which also loads the model: torch's OpenMP keeps one thread team per thread
-that ran parallel work, so loading on one thread and running on another is slower (app.engine.load_engine_in_short_lived_thread).
+that ran parallel work, so loading on one thread and running on another is slower
+(app.engine.load_engine_in_short_lived_thread).
 Also reported: the latency of the first progress event of the review run (from the call to the first callback).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/review_vs_diffusers.py --threads 2 --runs 7 \\
@@ -170,14 +171,14 @@ def compile_unet(eng: Any, mode: str, backend: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(args.app_root.resolve()))
-    import torch
     import diffusers
+    import torch
     import transformers
     from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
 
     from app import imaging
-    from app.runs.review import ReviewRequest, run_review
     from app.engine import CounterfactualEngine
+    from app.runs.review import ReviewRequest, run_review
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()

@@ -74,9 +74,9 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app import imaging
-    from app.runs.review import ReviewRequest, run_review
     from app.config import EMBEDDED_MODEL_DIR, Settings
     from app.engine import CounterfactualEngine
+    from app.runs.review import ReviewRequest, run_review
     from app.web import create_app
 
     tmp = Path(tempfile.mkdtemp(prefix="vald-md-bench-"))

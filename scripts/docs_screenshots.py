@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> None:
             thread.join(30)
     for name, png in shots.items():
         size = save_small_png(png, args.out / name)
-        print(f"{args.out / name}: {size / 1000:.0f} kB")  # noqa: T201 (a script's report)
+        print(f"{args.out / name}: {size / 1000:.0f} kB")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for r in rows:
         img = imaging.decode_image(r.path.read_bytes()).pixels
-        boxed, lb = imaging.letterbox(img, eng.info.image_size)
+        boxed, _ = imaging.letterbox(img, eng.info.image_size)
         rec = eng.reconstruct_model_frame(boxed)
         mse = float(np.mean((rec - boxed) ** 2))
         psnrs.append(10 * np.log10(1.0 / max(mse, 1e-12)))

@@ -13,6 +13,7 @@ after 0.3 s Orthanc is killed and the proxy drops the connection.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -25,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import imaging  # noqa: E402
-from app.config import PacsServer  # noqa: E402
-from app.imaging.deid import deidentify  # noqa: E402
-from app.pacs.client import PacsClient, PacsError  # noqa: E402
-from tests import orthanc as orthanc_mod  # noqa: E402
+from app import imaging
+from app.config import PacsServer
+from app.imaging.deid import deidentify
+from app.pacs.client import PacsClient, PacsError
+from tests import orthanc as orthanc_mod
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,18 +83,14 @@ class ThrottledProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def drop(self) -> None:
         self.stopped.set()
-        for s in self.conns + [self.sock]:
-            try:
+        for s in [*self.conns, self.sock]:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
 

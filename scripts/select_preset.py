@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=75, help="scheduler steps (paper 75)")
     p.add_argument("--seed", type=int, default=0, help="seed of every generation")
     p.add_argument("--strengths", default=GRID_STRENGTH, help=f"comma-separated strengths (default {GRID_STRENGTH})")
-    p.add_argument("--guidances", default=GRID_GUIDANCE, help=f"comma-separated guidance scales (default {GRID_GUIDANCE})")
+    p.add_argument("--guidances", default=GRID_GUIDANCE,
+                   help=f"comma-separated guidance scales (default {GRID_GUIDANCE})")
     p.add_argument("--out", required=True, help="JSON output")
     p.add_argument("--write-manifest", action="store_true", help="store the choice in the model's vald_md.json")
     args = p.parse_args(argv)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             per: dict[str, dict[str, float]] = {}
             for lab, imgs in images.items():
                 ss, ch, ch_in = [], [], []
-                for img, ref in zip(imgs, refs[lab]):
+                for img, ref in zip(imgs, refs[lab], strict=True):
                     cf = eng.generate(img, engine.PRESETS["healthy"].prompt, strength=s, guidance_scale=g,
                                       steps=args.steps, seed=args.seed).counterfactuals[0]
                     ss.append(metrics.ssim(img, cf))

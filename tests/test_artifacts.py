@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 
 from app import imaging
+from app.fileio import sha256_bytes as sha256
 from app.lungs import LungSegmenter, folder_hash
 from app.rendering import OverlayOptions
-from tests.factories import png_bytes
 from app.runs import exports
-from app.fileio import sha256_bytes as sha256
 from app.runs.record import RunRecord
 from app.runs.review import ReviewRequest, lung_region, run_review
+from tests.factories import png_bytes
 from tests.tiny_lungs import DICE, BoxSegmenter, box_lungs, write_tiny_segmenter
 
 H, W = 40, 36
@@ -286,7 +286,7 @@ def test_classifier_guided_is_reproducible(tiny_engine, box_segmenter, classifie
 
 
 def test_classifier_guided_refusals(tiny_engine, box_segmenter, classifier, tmp_path):
-    with pytest.raises(ValueError, match="samples=2.*one counterfactual"):
+    with pytest.raises(ValueError, match=r"samples=2.*one counterfactual"):
         guided(tiny_engine, tmp_path / "a", classifier=classifier, segmenter=box_segmenter, samples=2)
     with pytest.raises(ValueError, match="no lesion classifier is loaded"):
         guided(tiny_engine, tmp_path / "b", classifier=None, segmenter=box_segmenter)

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image, ImageFont
 
 from app import rendering as attr
-from app.rendering import fonts, palette
 from app.attribution import (
     AttributionMap,
     changed_region,
@@ -19,9 +18,17 @@ from app.attribution import (
     summarize,
     threshold_value,
 )
-from app.rendering import BANNER_TEXT, OverlayOptions, render_annotated_export, render_legend, render_overlay
-from tests.factories import encode_png
+from app.rendering import (
+    BANNER_TEXT,
+    OverlayOptions,
+    fonts,
+    palette,
+    render_annotated_export,
+    render_legend,
+    render_overlay,
+)
 from app.runs.record import RunRecord
+from tests.factories import encode_png
 
 H, W = 64, 80
 CENTRE = (50.0, 24.0)  # (x, y)

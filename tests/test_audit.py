@@ -120,9 +120,9 @@ def test_sqlite_runs_in_wal_with_busy_timeout_and_begin_immediate(engine: Engine
     assert pragma == {"journal_mode": "wal", "busy_timeout": 10_000, "foreign_keys": 1, "synchronous": 2}
 
     other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
-    with audit.write_session(engine):  # holds the write lock from its first statement
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            other.execute("BEGIN IMMEDIATE")
+    # the write session holds the write lock from its first statement
+    with audit.write_session(engine), pytest.raises(sqlite3.OperationalError, match="locked"):
+        other.execute("BEGIN IMMEDIATE")
     with audit.read_session(engine) as session:  # readers take no write lock
         session.exec(select(AuditEvent)).all()
         other.execute("BEGIN IMMEDIATE")
@@ -546,7 +546,7 @@ class _FakePgConnection:
     """Stands in for a PostgreSQL connection: answers the pg_trigger query with ``rows``, the pg_proc one with
     ``functions``, and remembers the SQL."""
 
-    class dialect:  # noqa: N801 - mimics Connection.dialect
+    class dialect:
         name = "postgresql"
 
     def __init__(self, rows: list[tuple[object, ...]], functions: list[tuple[object, ...]] | None = None) -> None:
@@ -641,7 +641,7 @@ def test_verify_and_checkpoints_read_one_snapshot_repeatable_read_on_postgresql(
             return None
 
     class FakePgEngine:
-        class dialect:  # noqa: N801
+        class dialect:
             name = "postgresql"
 
         def connect(self) -> FakeConnection:
@@ -937,9 +937,9 @@ def test_event_filter_normalises_and_refuses_bad_values() -> None:
     assert where == audit.EventFilter(action=AuditAction.VIEW, outcome=Outcome.MINOR_FAILURE, object_id=str(run_id))
     with pytest.raises(ValueError, match="unknown audit action 'teleport'"):
         audit.EventFilter(action="teleport")
-    with pytest.raises(ValueError, match="unknown audit outcome 'meh'.*'success'"):
+    with pytest.raises(ValueError, match=r"unknown audit outcome 'meh'.*'success'"):
         audit.EventFilter(outcome="meh")
-    with pytest.raises(ValueError, match="since=.*naive"):
+    with pytest.raises(ValueError, match=r"since=.*naive"):
         audit.EventFilter(since=datetime(2025, 1, 1))
 
 

@@ -5,7 +5,8 @@ compare, export the annotated PNG, restore a run from the history, choose a new 
 stale at once; an old error banner goes when a valid file is chosen), sign out; and the viewer read like a PACS on
 a 15-bit MONOCHROME1 CR (window/level drag in the PACS direction on the canvas, presets, invert, reset, the pixel
 probe against the decoded value, flip, rotation, lengths in px and, on a file with Pixel Spacing, in mm, the form
-hidden, a panel maximised, another run beside this one). No console errors allowed (the CSP is strict, so an inline script or an eval would show up here).
+hidden, a panel maximised, another run beside this one). No console errors allowed (the CSP is strict, so an
+inline script or an eval would show up here).
 
 Needs Playwright for Python (``pip install playwright``; its own browser download is not used) and Debian's
 Chromium at /usr/bin/chromium. Skipped with a reason when either is missing, unless VALD_MD_REQUIRE_BROWSER=1
@@ -21,8 +22,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 

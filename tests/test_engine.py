@@ -64,7 +64,7 @@ def test_native_frame_exact_for_odd_sizes(tiny):
         assert r.counterfactuals_model.shape == (2, 32, 32)
         assert r.reconstruction.shape == (h, w)
         assert r.counterfactuals.dtype == np.float32
-        assert 0.0 <= r.counterfactuals.min() and r.counterfactuals.max() <= 1.0
+        assert r.counterfactuals.min() >= 0.0 and r.counterfactuals.max() <= 1.0
 
 
 def test_samples_use_consecutive_seeds_and_match_single_runs(tiny):
@@ -101,7 +101,7 @@ def test_preview_is_cheap_and_in_range(tiny):
     previews = []
     tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=0,
                   progress=lambda k, n, el, prev: previews.append(prev))
-    assert previews[0].shape == (16, 16) and 0 <= previews[0].min() and previews[0].max() <= 1
+    assert previews[0].shape == (16, 16) and previews[0].min() >= 0 and previews[0].max() <= 1
 
 
 def test_preview_shows_the_predicted_clean_latent_not_the_noisy_one(tiny):

@@ -22,9 +22,9 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from app import rendering
 from app.rendering import OverlayOptions, fonts
-from tests.factories import encode_png, make_dicom
 from app.runs import exports
 from app.runs.exports import ExportError
+from tests.factories import encode_png, make_dicom
 
 H, W = 48, 40
 MODEL_HASH = "0123456789abcdef" * 4
@@ -216,7 +216,7 @@ def test_one_banner_renderer_keeps_the_em_dash(banner_font):
     """The banner is drawn by rendering.render_banner only; its em dash is an em dash (the font's glyph, or a drawn
     rule where the font lacks it), never the hyphen it once became with Pillow's built-in font."""
     text = rendering.BANNER_TEXT
-    assert "—" in text and exports.DISCLAIMER == text
+    assert "—" in text and text == exports.DISCLAIMER
     em = rendering.render_banner(900, 20, pad_x=4, pad_y=4)
     assert _dash_to_text_height(em) >= 0.75
     for dash in ("-", "–"):

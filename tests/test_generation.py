@@ -148,5 +148,5 @@ def test_evaluate_takes_the_named_preset_scheduler(dpm_engine):
                         labels=("normal",))
     assert isinstance(settings, GenerateSettings)
     assert (settings.scheduler, settings.steps, settings.prompt) == (Scheduler.EULER, 6, "cardiomegaly")
-    with pytest.raises(ValueError, match="strength=2.0"):
+    with pytest.raises(ValueError, match=r"strength=2.0"):
         _request(dpm_engine, argparse.Namespace(**{**vars(args), "strength": 2.0}))

@@ -61,7 +61,7 @@ def test_dreambooth_bf16_checkpointing_ema_text_encoder_on_cuda(tmp_path):
          "--gradient-accumulation-steps", "1", "--num-class-images", "2", "--prior-steps", "2",
          "--checkpointing-steps", "3", "--validation-steps", "6", "--save-fp16"])
     assert main(args) == 0
-    rows = list(csv.DictReader(open(out / "loss.csv")))
+    rows = list(csv.DictReader((out / "loss.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(float(r["loss"])) and np.isfinite(float(r["val_value"])) for r in rows)
     assert len(list((out / "class_images").glob("*.png"))) == 2

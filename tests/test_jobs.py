@@ -36,10 +36,9 @@ from app.jobs import (
     UserQueueLimitError,
     WorkerStoppedError,
 )
-from tests.factories import edited_dicom, png_bytes
 from app.runs.record import RunRecord
 from app.runs.review import ReviewRequest
-
+from tests.factories import edited_dicom, png_bytes
 
 
 class FakeEngine:
@@ -440,7 +439,7 @@ def test_refused_upload_is_audited_and_nothing_is_recorded(make_manager, db, ali
     assert [e.outcome for e in events] == ["minor_failure"] * 2
     assert {e.detail["refused"] for e in events} == {"UnsupportedImageError", "ValueError"}
     assert audit.list_runs(db) == [] and list((tmp_path / "runs").iterdir()) == []
-    with pytest.raises(ValueError, match="audit.User"):
+    with pytest.raises(ValueError, match=r"audit.User"):
         m.submit("alice", png_bytes(), req())  # with a database, the owner must be a real user
 
 
@@ -587,7 +586,7 @@ def test_whoever_sees_a_run_finished_finds_its_slot_free(make_manager):
         if job.state.finished and not outcome:
             try:
                 outcome.append(m.submit("alice", png_bytes(), req()))
-            except Exception as e:  # the limit refused it: the slot was still held
+            except Exception as e:  # noqa: BLE001 - the limit refused it: the slot was still held
                 outcome.append(e)
 
     job.add_listener(on_change)

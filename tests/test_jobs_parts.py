@@ -17,9 +17,8 @@ import pytest
 from PIL import Image
 
 from app import audit, imaging
-from app.fileio import sha256_bytes
-from app.runs.review import ReviewRequest
 from app.config import Settings
+from app.fileio import sha256_bytes
 from app.jobs import (
     JOB_FILE,
     THUMBNAIL,
@@ -35,6 +34,7 @@ from app.jobs import (
     UserQueueLimitError,
     fair_order,
 )
+from app.runs.review import ReviewRequest
 
 SECRET = bytes(range(32))
 
@@ -154,7 +154,7 @@ def test_audit_recorder_records_the_life_of_a_run(tmp_path, db):
     with pytest.raises(ValueError, match="uid_secret"):
         AuditRecorder(db, None)
     rec = AuditRecorder(db, SECRET)
-    with pytest.raises(ValueError, match="audit.User"):
+    with pytest.raises(ValueError, match=r"audit.User"):
         rec.require_user(None)
     alice = add_user(db, "alice")
     store = JobStore(tmp_path / "runs")

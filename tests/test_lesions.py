@@ -55,7 +55,7 @@ def test_classifier_round_trip_probability_and_gradient_map(tiny_classifier: Les
     assert 0.0 < p < 1.0 and len(tiny_classifier.info["sha256"]) == 64
     g = mapmethods.classifier_gradient(tiny_classifier, img, lungs, draws=2)
     assert g.shape == (32, 32) and g.dtype == np.float32 and g.min() >= 0
-    with pytest.raises(FileNotFoundError, match="classifier.json"):
+    with pytest.raises(FileNotFoundError, match=r"classifier.json"):
         LesionClassifier(Path("/nonexistent"))
 
 

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from app import metrics
-from app.metrics import fid
 from app.metrics import (
     FIDFeatureExtractor,
     auroc,
     bootstrap_ci,
     boxes_to_mask,
     energy_share,
+    fid,
     fid_from_features,
     frechet_distance,
     ms_ssim,
@@ -259,14 +259,16 @@ def torchvision_fid_inception_shapes() -> dict[str, tuple[int, ...]]:
                 "branch3x3_2b": (384, 384, 3, 1), "branch3x3dbl_1": (448, i, 1, 1), "branch3x3dbl_2": (384, 448, 3, 3),
                 "branch3x3dbl_3a": (384, 384, 1, 3), "branch3x3dbl_3b": (384, 384, 3, 1), "branch_pool": (192, i, 1, 1)}
 
-    b: dict[str, tuple[int, ...]] = {"branch3x3": (384, 288, 3, 3), "branch3x3dbl_1": (64, 288, 1, 1), "branch3x3dbl_2": (96, 64, 3, 3),
-         "branch3x3dbl_3": (96, 96, 3, 3)}
-    d: dict[str, tuple[int, ...]] = {"branch3x3_1": (192, 768, 1, 1), "branch3x3_2": (320, 192, 3, 3), "branch7x7x3_1": (192, 768, 1, 1),
-         "branch7x7x3_2": (192, 192, 1, 7), "branch7x7x3_3": (192, 192, 7, 1), "branch7x7x3_4": (192, 192, 3, 3)}
+    b: dict[str, tuple[int, ...]] = {"branch3x3": (384, 288, 3, 3), "branch3x3dbl_1": (64, 288, 1, 1),
+                                     "branch3x3dbl_2": (96, 64, 3, 3), "branch3x3dbl_3": (96, 96, 3, 3)}
+    d: dict[str, tuple[int, ...]] = {"branch3x3_1": (192, 768, 1, 1), "branch3x3_2": (320, 192, 3, 3),
+                                     "branch7x7x3_1": (192, 768, 1, 1), "branch7x7x3_2": (192, 192, 1, 7),
+                                     "branch7x7x3_3": (192, 192, 7, 1), "branch7x7x3_4": (192, 192, 3, 3)}
     shapes: dict[str, tuple[int, ...]] = {"Conv2d_1a_3x3": (32, 3, 3, 3), "Conv2d_2a_3x3": (32, 32, 3, 3),
                                           "Conv2d_2b_3x3": (64, 32, 3, 3), "Conv2d_3b_1x1": (80, 64, 1, 1),
                                           "Conv2d_4a_3x3": (192, 80, 3, 3)}
-    blocks: list[tuple[str, dict[str, tuple[int, ...]]]] = [("Mixed_5b", a(192, 32)), ("Mixed_5c", a(256, 64)), ("Mixed_5d", a(288, 64)), ("Mixed_6a", b),
+    blocks: list[tuple[str, dict[str, tuple[int, ...]]]] = [
+              ("Mixed_5b", a(192, 32)), ("Mixed_5c", a(256, 64)), ("Mixed_5d", a(288, 64)), ("Mixed_6a", b),
               ("Mixed_6b", c(768, 128)), ("Mixed_6c", c(768, 160)), ("Mixed_6d", c(768, 160)),
               ("Mixed_6e", c(768, 192)), ("Mixed_7a", d), ("Mixed_7b", e(1280)), ("Mixed_7c", e(2048))]
     for name, table in blocks:

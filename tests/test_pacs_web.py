@@ -57,7 +57,7 @@ def _wait(client: TestClient, job_id: str, timeout: float = 120.0) -> dict[str, 
 
 
 def test_pacs_page_lists_the_servers(web):
-    app, client = web
+    _app, client = web
     r = client.get("/pacs")
     assert r.status_code == 200 and SERVER in r.text and "pacs-search" in r.text
     assert 'id="pacs-link"' in client.get("/").text
@@ -169,7 +169,7 @@ def test_unsuitable_instance_is_refused_and_nothing_is_stored(web, orthanc, dico
 
 
 def test_pacs_down_is_a_clear_message(web):
-    app, client = web
+    _app, client = web
     r = client.get("/pacs/search", params={"server": "down", "accession": "A1"}, headers={"HX-Request": "true"})
     assert r.status_code == 502 and "cannot be reached" in r.text and "Traceback" not in r.text
     r = client.get("/pacs/search", params={"server": "nope", "accession": "A1"})

@@ -63,7 +63,7 @@ def test_the_seeded_counterfactual_and_its_map_summary_are_the_pinned_numbers(pi
     summary = {k: _rounded(v) for k, v in asdict(attribution.summarize(
         attribution.difference_map(pixels, result.counterfactuals))).items()}
     if os.environ.get("VALD_MD_PRINT_PINNED") == "1":
-        print(f"\nPINNED = {json.dumps(patch)}\nPINNED_SUMMARY = {json.dumps(summary)}")
+        print(f"\nPINNED = {json.dumps(patch)}\nPINNED_SUMMARY = {json.dumps(summary)}")  # noqa: T201 - on request
     versions = result.record()["library_versions"]
     assert result.seeds == [11, 12] and result.counterfactuals.shape == (2, 40, 36)
     assert np.allclose(result.counterfactuals[0][PATCH], PINNED, rtol=0, atol=TOLERANCE), (

@@ -125,7 +125,7 @@ def test_a_file_added_after_the_run_is_refused_and_a_missing_one_is_not_a_change
     with pytest.raises(ArtifactChangedError, match="not one of the files the run wrote"):
         run.read(folder.LUNG_MASK)
     (run_dir / folder.OVERLAY).unlink()
-    with pytest.raises(RunFolderError, match="has no overlay.png") as info:
+    with pytest.raises(RunFolderError, match=r"has no overlay.png") as info:
         run.read(folder.OVERLAY)
     assert not isinstance(info.value, ArtifactChangedError)
 
@@ -171,7 +171,7 @@ def test_the_pacs_store_refuses_a_changed_counterfactual(tmp_path):
     header = pydicom.dcmread(io.BytesIO(source), stop_before_pixels=True)
     assert len(build_derived(run_dir, header, StoreMode.DEIDENTIFIED, "run-ok")) == 2
     (run_dir / folder.COUNTERFACTUAL).write_bytes((run_dir / folder.INPUT).read_bytes())
-    with pytest.raises(ArtifactChangedError, match="counterfactual.png .* changed after the run"):
+    with pytest.raises(ArtifactChangedError, match=r"counterfactual.png .* changed after the run"):
         build_derived(run_dir, header, StoreMode.DEIDENTIFIED, "run-changed")
 
 

@@ -169,7 +169,7 @@ def fresh(tiny_engine, tmp_path) -> Iterator[FastAPI]:
 # 1. authentication on every route
 # ----------------------------------------------------------------------------------------------------------------
 def test_the_public_allow_list_is_exactly_login_health_and_static():
-    assert PUBLIC_PATHS == {"/login", "/healthz", "/readyz"}
+    assert {"/login", "/healthz", "/readyz"} == PUBLIC_PATHS
     paths = {p for _, p in ROUTES}
     assert {"/", "/runs", "/runs/{job_id}", "/api/v1/counterfactuals", "/api/v1/jobs/{job_id}/artifacts/{name}",
             "/admin", "/admin/runs/{run_id}/rerun", "/logout", "/api/openapi.json", "/api/docs"} <= paths

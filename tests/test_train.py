@@ -128,7 +128,7 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     assert main(parse_args(["vae", *common, "--max-steps", "2"])) == 0
     assert latest_checkpoint(run).name == "step-000002.pt"
     assert main(parse_args(["vae", *common, "--resume", "latest"])) == 0
-    rows = list(csv.DictReader(open(run / "loss.csv")))
+    rows = list(csv.DictReader((run / "loss.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]  # resumed at 3, not restarted
     assert (run / "vae-best" / "config.json").is_file() and (run / "loss.png").is_file()
     # stage 2 + package
@@ -150,7 +150,7 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     assert main(parse_args(
         ["vae-decoder", "--data", str(csv_path), "--output-dir", str(drun), "--config", str(cfg), "--vae",
          str(run / "vae-best"), "--model", str(model), "--package", str(model2), "--threads", "1"])) == 0
-    val_rows = [r for r in csv.DictReader(open(drun / "loss.csv")) if r["val_name"]]
+    val_rows = [r for r in csv.DictReader((drun / "loss.csv").read_text().splitlines()) if r["val_name"]]
     assert [(r["step"], r["val_name"]) for r in val_rows] == [("0", "val_ssim"), ("1", "val_ssim"), ("2", "val_ssim")]
     old, new = eng.pipe, engine.CounterfactualEngine(model2, device="cpu").pipe
     enc_old, enc_new = old.vae.state_dict(), new.vae.state_dict()
@@ -177,7 +177,8 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
         ["vae-decoder", "--data", str(csv_path), "--output-dir", str(drun2), "--config", str(cfg), "--vae",
          str(drun / "vae-best"), "--model", str(model2), "--package", str(model4), "--threads", "1",
          "--learning-rate", "2e-4", "--max-steps", "1"])) == 0
-    assert [float(r["lr"]) for r in csv.DictReader(open(drun2 / "loss.csv")) if r["step"] != "0"] == [2e-4]
+    lrs = [float(r["lr"]) for r in csv.DictReader((drun2 / "loss.csv").read_text().splitlines()) if r["step"] != "0"]
+    assert lrs == [2e-4]
     rounds = json.loads((model4 / "vald_md.json").read_text())["training"]["vae_decoder"]
     assert [r["config"]["lr"] for r in rounds] == [1e-3, 2e-4]
     assert [r["from_vae"] for r in rounds] == [str(run / "vae-best"), str(drun / "vae-best")]
@@ -199,11 +200,12 @@ def test_dreambooth_prior_preservation_text_encoder_resume(tmp_path):
               "--resolution", "32", "--train-batch-size", "1", "--mixed-precision", "no", "--num-class-images", "2",
               "--prior-steps", "2", "--checkpointing-steps", "2", "--validation-steps", "0", "--threads", "1"]
     assert main(parse_args([*common, "--stages", "normal:2"])) == 0
-    before = {k: v.clone() for k, v in engine.CounterfactualEngine(out / "model", device="cpu").pipe.text_encoder.state_dict().items()}
+    encoder = engine.CounterfactualEngine(out / "model", device="cpu").pipe.text_encoder
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
     assert len(list((out / "class_images").glob("*.png"))) == 2
     assert main(parse_args([*common, "--stages", "normal:2,covid:2", "--resume", "latest",
                                         "--validation-steps", "4"])) == 0
-    steps = [int(r["step"]) for r in csv.DictReader(open(out / "loss.csv"))]
+    steps = [int(r["step"]) for r in csv.DictReader((out / "loss.csv").read_text().splitlines())]
     assert steps == [1, 2, 3, 4]
     assert list((out / "validation").glob("step000004-*.png"))
     eng = engine.CounterfactualEngine(out / "model", device="cpu")

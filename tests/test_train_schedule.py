@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ def test_warmup_then_cosine_to_the_floor() -> None:
     assert f(9) == pytest.approx(0.55)  # half way: floor + (1 - floor) / 2
     assert f(14) == pytest.approx(0.1) and f(1000) == pytest.approx(0.1)  # stays at the floor
     after = [f(i) for i in range(4, 15)]
-    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(after))
 
 
 def test_warmup_longer_than_the_run_and_a_zero_floor() -> None:

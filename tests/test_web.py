@@ -15,6 +15,7 @@ import re
 import threading
 import time
 import zipfile
+from datetime import UTC
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -412,7 +413,7 @@ def test_job_survives_its_tab_closing(gated):
 
 
 def test_cancel_running_and_queued(gated):
-    engine, c, app = gated
+    engine, c, _app = gated
     running = submit(c).json()["job_id"]
     assert engine.started.wait(10)
     queued = submit(c).json()["job_id"]
@@ -680,7 +681,7 @@ def test_overlay_controls_fragment_updates_image_and_exports(client, done_job):
     img = doc.by_id("overlay-img")
     assert img["src"] == f"/api/v1/jobs/{job_id}/overlay.png?opacity=0.3&mode=signed&threshold=50"
     assert doc.by_id("exports")["hx-swap-oob"] == "true"
-    annotated = [a["href"] for a in doc.find_all("a") if a.get("data-export") == "annotated.png"][0]
+    annotated = next(a["href"] for a in doc.find_all("a") if a.get("data-export") == "annotated.png")
     assert annotated.endswith("annotated.png?opacity=0.3&mode=signed&threshold=50")
     assert client.get(annotated).status_code == 200
 
@@ -818,7 +819,7 @@ def test_overlay_query_is_one_dependency(client, done_job):
     job_id = done_job["job_id"]
     base = f"/api/v1/jobs/{job_id}"
     for url in (f"{base}/overlay.png", f"{base}/artifacts/annotated.png", f"/runs/{job_id}/overlay"):
-        for bad, field in (("opacity=2", "opacity"), ("threshold=101", "threshold"), ("mode=heat", "mode")):
+        for bad, _field in (("opacity=2", "opacity"), ("threshold=101", "threshold"), ("mode=heat", "mode")):
             r = client.get(f"{url}?{bad}", headers={"HX-Request": "true"})
             assert r.status_code == 422, (url, bad)
     params = client.get("/api/openapi.json").json()["paths"]["/api/v1/jobs/{job_id}/overlay.png"]["get"]["parameters"]
@@ -976,7 +977,7 @@ def test_run_page_shows_the_lung_restriction_and_outline_option(lungs_app, lung_
     # ticking it (htmx sends the overlay form): the annotated export's link draws the outline too
     r = c.get(f"/runs/{job_id}/overlay?opacity=0.6&threshold=0&mode=magnitude&lungs=true",
               headers={"HX-Request": "true"})
-    annotated = [a["href"] for a in Doc(r.text).find_all("a") if a.get("data-export") == "annotated.png"][0]
+    annotated = next(a["href"] for a in Doc(r.text).find_all("a") if a.get("data-export") == "annotated.png")
     assert annotated.endswith("&lung_outline=true")
     png = c.get(annotated)
     assert png.status_code == 200
@@ -1239,7 +1240,7 @@ def test_pages_write_times_in_utc_with_the_zone(client, done_job):
 
     plus_two = datetime(2026, 12, 6, 23, 40, tzinfo=timezone(timedelta(hours=2)))
     assert _short_time(plus_two) == "2026-12-06 21:40 UTC" == _short_time("2026-12-06T21:40:00+00:00")
-    created = datetime.fromisoformat(done_job["created_at"]).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    created = datetime.fromisoformat(done_job["created_at"]).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = Doc(client.get(f"/runs/{done_job['job_id']}").text).text
     assert text.count(created) >= 2  # the results header and the history panel
 
@@ -1450,7 +1451,8 @@ def test_form_offers_the_models_presets_and_explains_the_parameters(client, tiny
     assert list(presets)[:3] == ["healthy", "paper", "healthy-fast"] and set(presets) == set(tiny_engine.info.presets)
     for key, button in presets.items():
         p = tiny_engine.info.presets[key]
-        assert button["data-model-preset-prompt"] == p["prompt"] and button["data-model-preset-steps"] == str(p["steps"])
+        assert button["data-model-preset-prompt"] == p["prompt"]
+        assert button["data-model-preset-steps"] == str(p["steps"])
         assert float(button["data-model-preset-strength"]) == p["strength"]
         assert float(button["data-model-preset-guidance_scale"]) == p["guidance_scale"]
         assert button["data-model-preset-scheduler"] == p.get("scheduler", "pndm")

@@ -16,10 +16,11 @@ Hash chain (keyed)
 
 Sequence numbers and the chain state
     ``seq`` = max(``audit_chain_state.last_seq``, head, on SQLite ``sqlite_sequence``) + 1 under the write lock,
-    and ``last_seq`` never goes down (a trigger), so no number is handed out twice: a deleted tail leaves a gap. The state row also holds the head's
-    hash and the schema fingerprint the application last saw, under an HMAC (``state_mac``); ``verify_chain``
-    compares it with the events, so cutting rows off the end is reported without an external copy. A state row
-    that fails its MAC when an event is appended is itself recorded (``audit_tamper_detected``).
+    and ``last_seq`` never goes down (a trigger), so no number is handed out twice: a deleted tail leaves a gap.
+    The state row also holds the head's hash and the schema fingerprint the application last saw, under an HMAC
+    (``state_mac``); ``verify_chain`` compares it with the events, so cutting rows off the end is reported without
+    an external copy. A state row that fails its MAC when an event is appended is itself recorded
+    (``audit_tamper_detected``).
 
 Checkpoints (``app.audit.anchors``)
     Signed copies of the head kept outside the database; ``verify_chain(anchors=...)`` checks that each

@@ -170,13 +170,12 @@ def write_session(engine: Engine) -> Iterator[Session]:
     Yields:
         The session.
     """
-    with Session(engine, expire_on_commit=False) as session:
-        with session.begin():
-            if engine.dialect.name == "postgresql":
-                session.connection().execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK_KEY})
-            else:
-                session.connection()  # emits BEGIN IMMEDIATE now, before the first read
-            yield session
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        if engine.dialect.name == "postgresql":
+            session.connection().execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK_KEY})
+        else:
+            session.connection()  # emits BEGIN IMMEDIATE now, before the first read
+        yield session
 
 
 @contextmanager

@@ -24,6 +24,7 @@ Which ring belongs to which database
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -132,10 +133,8 @@ def _write_atomically(path: Path, content: bytes, *, exclusive: bool) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         if exclusive:
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(temporary, path)  # another process won the race: use its key
-            except FileExistsError:
-                pass
         else:
             os.replace(temporary, path)
     finally:

@@ -7,6 +7,7 @@ of the database alone cannot be joined against a PACS, while the same study stil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -71,10 +72,8 @@ def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
                 handle.write(os.urandom(SECRET_BYTES))
                 handle.flush()
                 os.fsync(handle.fileno())
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(temporary, target)  # fails if another process won the race: then use theirs
-            except FileExistsError:
-                pass
         finally:
             temporary.unlink(missing_ok=True)
     mode = stat.S_IMODE(target.stat().st_mode)

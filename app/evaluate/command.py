@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--normals", type=int, default=0,
                     help="RSNA-normal images for the image-level AUROC (default 0; all: 76)")
     pr.add_argument("--methods", default="product,empty",
-                    help="comma-separated model methods: product, paper, empty, diffedit, ddim_inversion, classifier_grad, "
-                         "classifier_guided; 'none' for baselines only (default product,empty)")
+                    help="comma-separated model methods: product, paper, empty, diffedit, ddim_inversion, "
+                         "classifier_grad, classifier_guided; 'none' for baselines only (default product,empty)")
     pr.add_argument("--segmenter", default=None, help="lung segmenter folder (default: model_weights/lungs-unet)")
     pr.add_argument("--classifier", default=None, help="lesion classifier folder (classifier_* methods)")
     pr.add_argument("--guided-scale", type=float, default=30.0, help="classifier guidance weight (default 30)")
@@ -282,8 +282,8 @@ COMMANDS = {"generate": cmd_generate, "tables": cmd_tables, "train-oracle": cmd_
 
 def main(args: argparse.Namespace) -> int:
     """Run the parsed sub-command; errors a user can fix print one line and return 2."""
-    from app.modelfolder import ModelFolderError
     from app.imaging import ImagingError
+    from app.modelfolder import ModelFolderError
 
     if getattr(args, "threads", None):
         import torch

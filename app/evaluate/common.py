@@ -22,9 +22,40 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
 from app import fileio, imaging
-from app.datasets import IMAGE_SUFFIXES  # noqa: F401 (re-exported for the evaluation modules)
+from app.datasets import IMAGE_SUFFIXES
 from app.datasets import LabelledImage as Item
-from app.datasets import read_labelled as read_items  # noqa: F401 (re-exported: (root, rows) of a data set)
+from app.datasets import read_labelled as read_items
+
+__all__ = [
+    "HEALTHY_LABEL",
+    "IMAGE_SUFFIXES",  # re-exported from app.datasets for the evaluation modules
+    "PAPER_DISEASE_LABELS",
+    "PAPER_INDUCED_LABELS",
+    "PROMPT_LABELS",
+    "SEED_RULE",
+    "FloatImage",
+    "Item",  # app.datasets.LabelledImage
+    "Progress",
+    "append_jsonl",
+    "check_same_settings",
+    "format_duration",
+    "hot_colormap",
+    "image_grid",
+    "item_seed",
+    "load_gray",
+    "load_mask",
+    "load_u8",
+    "mean_sd",
+    "now_iso",
+    "prompt_side",
+    "read_items",  # app.datasets.read_labelled: (root, rows) of a data set
+    "read_jsonl",
+    "select",
+    "slug",
+    "stable_order",
+    "write_atomic",
+    "write_json",
+]
 
 HEALTHY_LABEL = "normal"
 # The classes of the paper's tables; the report lists those the data lacks (this project's cxr256 has no

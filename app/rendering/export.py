@@ -154,10 +154,7 @@ def render_banner(width: int, font_px: int, *, pad_x: int, pad_y: int, min_font_
             size -= 1
             font = load_font(size)
     lines = wrap_text(text, font, width - 2 * pad_x)
-    if line_height == "ink":
-        line_h = int(font.getbbox("Ag—")[3]) + max(2, size // 5)
-    else:
-        line_h = text_line_height(font)
+    line_h = int(font.getbbox("Ag—")[3]) + max(2, size // 5) if line_height == "ink" else text_line_height(font)
     strip = Image.new("RGB", (width, 2 * pad_y + line_h * len(lines)), BANNER_BACKGROUND)
     draw = ImageDraw.Draw(strip)
     for i, line in enumerate(lines):

@@ -117,7 +117,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _display_params(facts: dict[str, str], overlay: dict[str, str], region: str) -> dict[str, str]:
-    """Human-readable parameter lines for the burned-in block, in reading order (``region``: :func:`app.runs.read.region_text`)."""
+    """Human-readable parameter lines for the burned-in block, in reading order.
+
+    ``region`` is :func:`app.runs.read.region_text`'s."""
     model = facts["model_hash"]
     shown = {
         "Prompt": facts["prompt"],
@@ -306,9 +308,9 @@ def export_bundle(run_dir: Path, source_dicom: bytes | Dataset | None = None, *,
     Entries, in this order when present: ``input.png``, ``counterfactual.png``, ``counterfactual-<i>.png``
     (by ``i``), ``reconstruction.png``, ``overlay.png``, ``annotated.png``, ``attribution.npy``,
     ``attribution_std.npy``, ``mask.png``, ``record.json``, ``secondary-capture.dcm``. PNGs are stored, the
-    rest deflated; every entry is stamped with the run's ``created_at`` (UTC, even seconds); the archive comment is :data:`DISCLAIMER`. Artifacts
-    are checked against ``record["artifacts_sha256"]``. Without a DICOM source the archive is deterministic;
-    with one, the Secondary Capture's new UIDs and creation time differ on every call.
+    rest deflated; every entry is stamped with the run's ``created_at`` (UTC, even seconds); the archive comment
+    is :data:`DISCLAIMER`. Artifacts are checked against ``record["artifacts_sha256"]``. Without a DICOM source the
+    archive is deterministic; with one, the Secondary Capture's new UIDs and creation time differ on every call.
 
     Args:
         run_dir: A finished run folder.

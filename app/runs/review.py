@@ -175,6 +175,11 @@ def _write(path: Path, data: bytes) -> str:
     return sha256_bytes(data)
 
 
+def _write_made(path: Path, make: Callable[[], bytes]) -> str:
+    """:func:`_write` of ``make()``, the bytes made on the calling (writer) thread."""
+    return _write(path, make())
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     import io
 
@@ -220,7 +225,7 @@ def lung_region(segmenter: LungSegmenter | None, pixels: np.ndarray, *, requeste
 
 
 def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: ReviewRequest, run: Any, *,
-                        seed: int | None, cancel: threading.Event | None,
+                        seed: int, cancel: threading.Event | None,
                         passes: int = 1) -> tuple[CounterfactualResult, Any]:
     """Run a DDIM map method on the letterboxed model-frame image and wrap its output as a
     :class:`CounterfactualResult` in the native frame (counterfactual and reconstruction unletterboxed).
@@ -381,7 +386,7 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     if lungs is not None:
         files.append((folder.LUNG_MASK, partial(mask_png_bytes, lungs)))
     with ThreadPoolExecutor(max_workers=FILE_WRITERS, thread_name_prefix="vald-md-files") as pool:
-        futures = [pool.submit(lambda n=name, f=make: _write(out / n, f())) for name, make in files]
+        futures = [pool.submit(_write_made, out / name, make) for name, make in files]
         hashes = {name: fut.result() for (name, _), fut in zip(files, futures, strict=True)}
     summary = mapscale.summarize_scaled(amap, calibration, parameters=result.parameters, reason=scale_reason)
     record = {

@@ -37,8 +37,8 @@ def load_gray(paths: list[Path], size: int) -> np.ndarray:
     """Load images as 8-bit grayscale, resized to ``size`` x ``size``. Returns uint8 (N, size, size)."""
     out = np.empty((len(paths), size, size), dtype=np.uint8)
     for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("L")
+        with Image.open(p) as f:
+            im = f.convert("L")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
             out[i] = np.asarray(im)
@@ -70,7 +70,8 @@ def encode_prompt_embeddings(tokenizer: Any, text_encoder: Any, prompts: list[st
                     return_tensors="pt")
     mask = ids.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
     with torch.no_grad():
-        return text_encoder(ids.input_ids.to(text_encoder.device), attention_mask=mask)[0].float()
+        hidden: torch.Tensor = text_encoder(ids.input_ids.to(text_encoder.device), attention_mask=mask)[0].float()
+    return hidden
 
 
 def caption_for(row: LabelledImage, prompts: dict[str, Any], rng: np.random.Generator) -> str:
@@ -150,7 +151,7 @@ class LossLog:
     def __init__(self, out: Path) -> None:
         self.path = out / "loss.csv"
         self.new = not self.path.exists()
-        self.fh = open(self.path, "a", newline="")
+        self.fh = open(self.path, "a", newline="")  # noqa: SIM115 - open for the log's lifetime, flushed per row
         self.w = csv.writer(self.fh)
         if self.new:
             self.w.writerow(["step", "loss", "lr", "elapsed_s", "val_name", "val_value"])
@@ -178,7 +179,7 @@ class LossLog:
         lo, hi = float(sm.min()), float(sm.max()) + 1e-9
         xs = np.linspace(pad, w - pad, len(sm))
         ys = h - pad - (sm - lo) / (hi - lo) * (h - 2 * pad)
-        d.line(list(zip(xs.tolist(), ys.tolist())), fill=(200, 0, 0), width=2)
+        d.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=(200, 0, 0), width=2)
         d.rectangle([pad, pad, w - pad, h - pad], outline="black")
         d.text((pad, 10), f"log10 training loss (running mean of {k}); steps {steps[0]}-{steps[-1]}", fill="black")
         d.text((pad, h - pad + 5), f"{10**lo:.4g} .. {10**hi:.4g}", fill="black")

@@ -22,8 +22,19 @@ from PIL import Image
 from app.datasets import LabelledImage
 from app.generation import PRESETS
 from app.provenance import library_versions
-from app.train.common import (HEALTHY_PROMPT, LossLog, Progress, banner, data_hash, git_revision, load_gray,
-                              read_labels, resume_state, save_checkpoint, to_model_range)
+from app.train.common import (
+    HEALTHY_PROMPT,
+    LossLog,
+    Progress,
+    banner,
+    data_hash,
+    git_revision,
+    load_gray,
+    read_labels,
+    resume_state,
+    save_checkpoint,
+    to_model_range,
+)
 
 logger = logging.getLogger("vald_md.train")
 
@@ -90,9 +101,10 @@ def train_dreambooth(args: argparse.Namespace) -> int:
     prior_dir.mkdir(parents=True, exist_ok=True)
     have = sorted(prior_dir.glob("*.png"))
     if args.with_prior_preservation and len(have) < args.num_class_images:
-        t2i = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                      scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                      requires_safety_checker=False)
+        # Any: mypy sees diffusers' placeholder class for the pipeline, without its methods
+        t2i: Any = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
         t2i.set_progress_bar_config(disable=True)
         for k in range(len(have), args.num_class_images):
             g = torch.Generator("cpu").manual_seed(args.seed * 100003 + k)
@@ -147,7 +159,8 @@ def train_dreambooth(args: argparse.Namespace) -> int:
     def encode(texts: list[str]) -> torch.Tensor:
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(acc.device)
-        return text_encoder(ids)[0]
+        hidden: torch.Tensor = text_encoder(ids)[0]
+        return hidden
 
     step = 0
     for lab, n in stages:
@@ -168,7 +181,7 @@ def train_dreambooth(args: argparse.Namespace) -> int:
                 t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z),), device=z.device)
                 texts = [prompts[lab]] * len(inst) + [args.class_prompt] * (len(z) - len(inst))
                 pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=encode(texts)).sample
-                loss, inst_l, prior_l = prior_preservation_loss(pred, noise, len(inst), args.prior_loss_weight)
+                loss, _inst_l, prior_l = prior_preservation_loss(pred, noise, len(inst), args.prior_loss_weight)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, 1.0)
@@ -219,9 +232,9 @@ def _write_validation(out: Path, step: int, unet: Any, vae: Any, text_encoder: A
     """Healthy counterfactuals of a few diseased training images (paper preset), saved as original|cf strips."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    p = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    p: Any = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
     vdir = out / "validation"
     vdir.mkdir(exist_ok=True)

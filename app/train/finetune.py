@@ -137,8 +137,18 @@ def main(args: argparse.Namespace) -> int:
     from diffusers.training_utils import EMAModel
 
     from app.modelfolder import model_hash
-    from app.train.common import (LossLog, Progress, all_captions, banner, caption_for, encode_prompt_embeddings,
-                                  out_of_time, restore_scratch, resume_state, save_checkpoint)
+    from app.train.common import (
+        LossLog,
+        Progress,
+        all_captions,
+        banner,
+        caption_for,
+        encode_prompt_embeddings,
+        out_of_time,
+        restore_scratch,
+        resume_state,
+        save_checkpoint,
+    )
     from app.train.schedule import warmup_cosine_to_floor
     from app.train.unet import encode_latents, min_snr_weights, sd_noise_scheduler
 
@@ -164,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
     if cache.exists():
         lat = torch.load(cache, weights_only=False)
     else:
-        t = time.time()
+        t_encode = time.time()
         seg = LungSegmenter(args.segmenter)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         imgs, shares = prepare_images(rows, seg, size, args.erase_markers, factor)
@@ -173,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
         vimgs, vshares = prepare_images([val_rows[i] for i in vidx], seg, size, args.erase_markers, factor)
         vmean, _ = encode_latents(vae, vimgs)
         lat = {"mean": mean, "std": std, "shares": torch.from_numpy(shares), "val_mean": vmean,
-               "val_shares": torch.from_numpy(vshares), "val_idx": vidx, "encode_s": time.time() - t,
+               "val_shares": torch.from_numpy(vshares), "val_idx": vidx, "encode_s": time.time() - t_encode,
                "segmenter": seg.info.record()}
         torch.save(lat, cache)
     # 2. prompt embeddings with the model's own frozen text encoder (a handful of prompts)
@@ -189,8 +199,8 @@ def main(args: argparse.Namespace) -> int:
     for i, (r, src) in enumerate(rows):
         groups.setdefault((src, r.label), []).append(i)
     weights = np.zeros(len(rows))
-    for idx in groups.values():
-        weights[idx] = 1.0 / (len(groups) * len(idx))
+    for members in groups.values():
+        weights[members] = 1.0 / (len(groups) * len(members))
     # 4. model, optimiser, EMA
     unet = UNet2DConditionModel.from_pretrained(model / "unet").float()
     if args.attention_32:
@@ -259,7 +269,7 @@ def main(args: argparse.Namespace) -> int:
             ema.restore(unet.parameters())
             unet.train()
             sys.stderr.write(f"\n[val] step {step + 1}: weighted EMA eps-MSE {val_value}\n")
-        log.row(step + 1, loss.item(), sched.get_last_lr()[0], elapsed, val_name, val_value)
+        log.row(step + 1, loss.item(), float(sched.get_last_lr()[0]), elapsed, val_name, val_value)
         if (step + 1) % fcfg.checkpoint_every == 0 or last:
             save_checkpoint(out, step + 1, {"model": unet.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "ema": ema.state_dict(), "step": step + 1,

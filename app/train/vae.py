@@ -24,8 +24,19 @@ import torch
 import torch.nn.functional as F
 
 from app.provenance import library_versions
-from app.train.common import (LossLog, Progress, banner, git_revision, load_gray, out_of_time, read_labels,
-                              restore_scratch, resume_state, save_checkpoint, to_model_range)
+from app.train.common import (
+    LossLog,
+    Progress,
+    banner,
+    git_revision,
+    load_gray,
+    out_of_time,
+    read_labels,
+    restore_scratch,
+    resume_state,
+    save_checkpoint,
+    to_model_range,
+)
 from app.train.config import TrainConfig, VaeDecoderSection, VaeSection
 from app.train.schedule import warmup_cosine_to_floor
 
@@ -147,7 +158,7 @@ def _autoencoder_loop(args: argparse.Namespace, size: int, vae: Any, section: Va
             idx = rng.integers(0, len(train), section.batch_size)
             ys = rng.integers(0, size - crop + 1, len(idx))
             xs = rng.integers(0, size - crop + 1, len(idx))
-            b = np.stack([train[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)])
+            b = np.stack([train[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs, strict=True)])
         else:
             assert isinstance(section, VaeSection)  # whole_from == total for stage 1b
             b = train[rng.integers(0, len(train), section.whole_image_batch)]
@@ -183,7 +194,7 @@ def _autoencoder_loop(args: argparse.Namespace, size: int, vae: Any, section: Va
                 vae.save_pretrained(out / "vae-best")
             sys.stderr.write(f"\n[val] step {step + 1}: PSNR {v_psnr:.3f} dB, SSIM {v_ssim:.4f} "
                              f"(best {val_name} {best:.4f})\n")
-        log.row(step + 1, loss_value, sched.get_last_lr()[0], elapsed, shown, val_value)
+        log.row(step + 1, loss_value, float(sched.get_last_lr()[0]), elapsed, shown, val_value)
         if (step + 1) % section.checkpoint_every == 0 or last:
             save_checkpoint(out, step + 1, {"model": vae.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "step": step + 1, "best": best,
@@ -198,7 +209,7 @@ def _autoencoder_loop(args: argparse.Namespace, size: int, vae: Any, section: Va
 
 
 @torch.no_grad()
-def validate_autoencoder(vae: torch.nn.Module, val: torch.Tensor) -> tuple[float, float]:
+def validate_autoencoder(vae: Any, val: torch.Tensor) -> tuple[float, float]:
     """Mean PSNR (dB, peak-to-peak 2) and SSIM of posterior-mode reconstructions of ``val`` ((N, 1, H, W), [-1, 1])."""
     from app import metrics
 
@@ -217,10 +228,9 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
     differ (the UNet of ``model`` was trained on that encoder's latents).
     """
     from diffusers import AutoencoderKL
+    from safetensors import safe_open
 
     from app.modelfolder import MANIFEST, finish_model_folder, staging_folder
-
-    from safetensors import safe_open
 
     stored = sorted((model / "vae").glob("*.safetensors"))
     with safe_open(str(stored[0]), "pt") as fh:

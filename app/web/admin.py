@@ -1,6 +1,6 @@
 """The administrators' pages: the audit trail, run records and the reproducibility check. Admin role only (403).
 
-=======  ===============================  ================================================================================
+=======  ===============================  ==============================================================================
 GET      /admin                           filters, the first page of audit events, recent runs, accounts
 GET      /admin/events                    the events table for ``user``, ``since``, ``until``, ``action``, ``page``
                                           (HTMX: the ``_audit_table.html`` fragment)
@@ -9,7 +9,7 @@ GET      /admin/runs/{run_id}             one run: parameters, seeds, model and 
                                           timings, artifact hashes, ``record.json``, its re-runs
 POST     /admin/runs/{run_id}/rerun       queue the same input + parameters + seed again as a new job
 GET      /admin/reruns/{job_id}           a re-run's status; once done, whether ``counterfactual.png`` reproduces
-=======  ===============================  ================================================================================
+=======  ===============================  ==============================================================================
 
 Reading the trail is audited (``audit_view``, ``audit_export``), opening a run record too (``view``).
 """

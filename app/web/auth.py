@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 from fastapi import Request
 from sqlalchemy import Engine as Database
 from sqlmodel import select
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import audit

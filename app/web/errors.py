@@ -41,8 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from app import audit, imaging
-from app.pacs.client import PacsError, PacsNotFoundError, PacsTimeoutError, PacsUnsuitableError
 from app.jobs import JobNotFoundError, JobNotReadyError, QueueFullError, UserQueueLimitError, WorkerStoppedError
+from app.pacs.client import PacsError, PacsNotFoundError, PacsTimeoutError, PacsUnsuitableError
 from app.runs.folder import ArtifactChangedError
 from app.web.templating import is_htmx, render
 from app.web.views import ArtifactNotFoundError

@@ -14,8 +14,8 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.modelfolder import ModelInfo
 from app.generation import SCHEDULERS, GenerationRequest, effective_steps
+from app.modelfolder import ModelInfo
 from app.runs.review import MAP_METHODS, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
 
 SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]

@@ -18,8 +18,9 @@ event loop never waits on the PACS, and a hung PACS never holds the thread pool 
 retrieval, store and connection test is one audit event (``pacs_query``, ``pacs_retrieve``, ``pacs_store``,
 ``pacs_test``) with the server's name, the Study Instance UID as an HMAC (never plain), the outcome and the user;
 server-rendered thumbnails belong to the listing's event, a thumbnail decoded here from the retrieved instance is a
-``pacs_retrieve`` of its own. The access log never carries query strings (:mod:`app.web.accesslog`). The run keeps its study context in ``pacs-source.json`` in its folder
-(0600, like the stored upload, which keeps the same UIDs: de-identification retains UIDs).
+``pacs_retrieve`` of its own. The access log never carries query strings (:mod:`app.web.accesslog`). The run
+keeps its study context in ``pacs-source.json`` in its folder (0600, like the stored upload, which keeps the same
+UIDs: de-identification retains UIDs).
 
 Store-back modes (``app.pacs.derived.StoreMode``), chosen explicitly on each store, no default:
 ``original-study`` — a derived series in the source's study, with the patient and study modules of the source as
@@ -34,10 +35,10 @@ import time
 from datetime import date
 from typing import Annotated, Any
 
+import anyio
 import pydicom
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-import anyio
 from starlette.concurrency import run_in_threadpool
 
 from app import audit, filemodes, imaging

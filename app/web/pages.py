@@ -89,8 +89,8 @@ def run_context(jobs: JobManager, job: Job | None, *, poll: bool = False,
             "position": jobs.queue_position(job), "queue_eta": jobs.queue_eta_s(job),
             "overlay": overlay, "overlay_query": overlay_query(overlay),
             "exports": [(k, EXPORT_LABELS[k], export_query(overlay, k)) for k in export_kinds(job)],
-            "record": read_record(job), "has_lungs": has_lung_mask(job), "preview_url": f"{api_base(job)}/preview.png?v={job.version}"
-            if job.has_preview else None}
+            "record": read_record(job), "has_lungs": has_lung_mask(job),
+            "preview_url": f"{api_base(job)}/preview.png?v={job.version}" if job.has_preview else None}
 
 
 def _active(jobs: JobManager, user: str, current: Job | None = None) -> Job | None:
@@ -161,7 +161,8 @@ def stored_upload(job: Job) -> bytes:
 @router.post("/inspect", response_class=HTMLResponse)
 async def inspect_upload(request: Request, settings: SettingsDep, jobs: JobsDep, user: CurrentUser,
                          file: Annotated[UploadFile | None, File()] = None,
-                         window: Annotated[str, Form(max_length=20, pattern=r"^(auto|percentile|[0-9]{1,3})$")] = "auto",
+                         window: Annotated[str, Form(max_length=20,
+                                                     pattern=r"^(auto|percentile|[0-9]{1,3})$")] = "auto",
                          reuse_input: Annotated[str | None, Form(pattern=r"^[0-9a-f]{32}$")] = None) -> HTMLResponse:
     """Decode an upload (nothing is stored) and show its non-identifying facts, window presets and a thumbnail.
     Without a file, ``reuse_input`` names the run whose stored image to show (window changes on a restored run)."""

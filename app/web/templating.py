@@ -61,7 +61,7 @@ def _duration(seconds: float | None) -> str:
     seconds = max(0.0, float(seconds))
     if seconds < 60:
         return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     return f"{m} min {s:02d} s"
 
 

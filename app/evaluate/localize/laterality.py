@@ -15,10 +15,10 @@ from numpy.typing import NDArray
 
 from app import metrics
 from app.engine import CounterfactualEngine
-from app.provenance import library_versions
 from app.evaluate.common import HEALTHY_LABEL, prompt_side, write_atomic, write_json
 from app.evaluate.generate import GenerateSettings, generate_run, read_run
 from app.generation import GenerationRequest
+from app.provenance import library_versions
 
 __all__ = ["LATERALITY_PROMPTS", "LateralitySettings", "image_right_share", "laterality_markdown", "laterality_run",
            "laterality_summary"]
@@ -45,9 +45,11 @@ class LateralitySettings(GenerationRequest):
         """Reject out-of-range generation fields and prompts without exactly one side.
 
         Raises:
-            ValueError: a field out of range; a prompt names no side or both.
+            ValueError: a field out of range, no base seed; a prompt names no side or both.
         """
         super().check()
+        if self.seed is None:
+            raise ValueError("laterality needs a base seed (--seed)")
         for p in self.prompts:
             if prompt_side(p) is None:
                 raise ValueError(f"prompt {p!r} must name exactly one side ('left' or 'right')")
@@ -133,6 +135,7 @@ def laterality_run(engine: CounterfactualEngine, data: Path, out: Path, settings
     """
     st = settings if settings is not None else LateralitySettings()
     st.check()
+    assert st.seed is not None  # check() refused a missing base seed
     runs = []
     for p in st.prompts:
         s = GenerateSettings(mode="induce", prompt=p, strength=st.strength, guidance_scale=st.guidance_scale,

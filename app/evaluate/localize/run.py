@@ -15,7 +15,6 @@ from scipy import ndimage
 
 from app import imaging
 from app.engine import CounterfactualEngine
-from app.provenance import library_versions
 from app.evaluate.common import (
     Progress,
     append_jsonl,
@@ -40,6 +39,7 @@ from app.evaluate.localize.scores import (
     write_per_image_csv,
 )
 from app.generation import GenerationRequest
+from app.provenance import library_versions
 
 __all__ = ["RUN_KEYS", "LocalizeSettings", "localize_run"]
 
@@ -112,6 +112,7 @@ def localize_run(engine: CounterfactualEngine, data: Path, out: Path, settings: 
     # 1. settings, cases and the run record
     st = settings if settings is not None else LocalizeSettings()
     st.check()
+    assert st.seed is not None  # check() refused a missing base seed
     stream = stream if stream is not None else sys.stderr
     cases = read_lesion_cases(Path(data), masks=st.masks, regions=st.regions, limit=st.limit)
     out = Path(out)
