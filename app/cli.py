@@ -110,11 +110,11 @@ def _window_arg(value: str) -> int | str:
 def cmd_counterfactual(args: argparse.Namespace) -> int:
     """Write input/counterfactual/overlay PNGs, attribution.npy and record.json per input."""
     from app import attribution, imaging
-    from app.runs.review import ReviewRequest, resolve_request, run_review
-    from app.engine import CounterfactualEngine
     from app.config import DEFAULT_LESION_CLASSIFIER_DIR
+    from app.engine import CounterfactualEngine
     from app.lesions import LesionClassifier
     from app.lungs import LungSegmenter, SegmenterFolderError
+    from app.runs.review import ReviewRequest, resolve_request, run_review
 
     eng = CounterfactualEngine(args.model, device=args.device, cpu_autocast=args.cpu_autocast)
     method = args.map_method or str(eng.info.manifest.get("map_method", "sdedit"))

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from app import audit, imaging
-from app.runs.review import ReviewRequest
 from app.engine import effective_steps
+from app.runs.review import ReviewRequest
 
 __all__ = ["METHOD_COST_FACTOR", "Job", "JobState", "final_timings", "job_cost", "now"]
 

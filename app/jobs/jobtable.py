@@ -35,8 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from sqlalchemy import ColumnElement, func, text, update
 from sqlalchemy import Engine as Database
-from sqlalchemy import func, text, update
 from sqlmodel import Session, col, select
 
 from app import audit
@@ -289,7 +289,7 @@ class JobTable:
                     .values(updated_at=now(), **values))
                 (done.requeued if again else done.failed).append(job_id)
                 logger.warning("job %s: its front %s stopped renewing its claim; %s", job_id, claimed_by,
-                               "queued again (attempt %d)" % (attempts + 1) if again else "failed")
+                               f"queued again (attempt {attempts + 1})" if again else "failed")
         return done
 
     # -- reading ----------------------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ class JobTable:
 
     def changes(self, since: datetime | None) -> list[audit.JobRecord]:
         """Rows queued or running, and rows changed at or after ``since`` (every row for ``None``), oldest first."""
-        where = col(audit.JobRecord.state).in_(_LIVE)
+        where: ColumnElement[bool] = col(audit.JobRecord.state).in_(_LIVE)
         if since is not None:
             where = where | (col(audit.JobRecord.updated_at) >= since)
         with audit.read_session(self.db) as session:

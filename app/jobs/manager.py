@@ -32,8 +32,6 @@ import numpy as np
 from sqlalchemy import Engine as Database
 
 from app import attribution, audit, imaging
-from app.runs.record import RunRecord
-from app.runs.review import ReviewRequest, resolve_request, run_review
 from app.config import Settings
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps
 from app.imaging import gray_png
@@ -45,6 +43,8 @@ from app.jobs.policy import Limits, fair_order, queued_cost
 from app.jobs.recorder import AuditRecorder, NullRecorder, Recorder
 from app.jobs.store import MASK_UPLOAD, JobStore
 from app.lungs import LungSegmenter
+from app.runs.record import RunRecord
+from app.runs.review import ReviewRequest, resolve_request, run_review
 
 __all__ = ["JobManager", "Runner"]
 
@@ -236,8 +236,8 @@ class JobManager:
         try:
             if decoded is None:
                 decoded = imaging.decode_image(data, window=req.window)
-            if req.seed is None:
-                req = replace(req, seed=int(np.random.default_rng().integers(0, 2**31 - 1)))
+            seed = req.seed if req.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
+            req = replace(req, seed=seed)
             req = self.check_request(decoded, req)
             mask = attribution.load_mask_png(mask_png, decoded.pixels.shape) if mask_png else None
             summary = decoded.meta.public_summary()
@@ -247,7 +247,7 @@ class JobManager:
             self.recorder.refused(user, data, e)
             raise
         # 3. the audit records: the upload, then the run, whose id becomes the job id
-        seeds = [req.seed + i for i in range(req.samples)]
+        seeds = [seed + i for i in range(req.samples)]
         input_id, job_id = self.recorder.record_submission(user, data, decoded, req, seeds, mask is not None,
                                                            rerun_of, self.engine.info.model_hash)
         # 4. store the upload under a server-chosen name

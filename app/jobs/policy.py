@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from app.runs.review import ReviewRequest
 from app.jobs.errors import QueueFullError, UserQueueLimitError
 from app.jobs.job import Job
+from app.runs.review import ReviewRequest
 
 __all__ = ["Limits", "fair_order"]
 

@@ -22,9 +22,9 @@ from sqlalchemy import Engine as Database
 
 from app import audit, imaging
 from app.fileio import sha256_bytes as sha256
-from app.runs.review import ReviewRequest
-from app.provenance import library_versions
 from app.jobs.job import Job, JobState, final_timings, now
+from app.provenance import library_versions
+from app.runs.review import ReviewRequest
 
 __all__ = ["AuditRecorder", "NullRecorder", "Recorder"]
 

@@ -142,7 +142,7 @@ def load_segmenter(folder: Path) -> LungSegmenter | None:
             box["seg"] = LungSegmenter(folder, device="cpu")
         except SegmenterFolderError as e:  # missing or unreadable folder: the expected case
             errors.append(e)
-        except Exception as e:  # damaged weights (safetensors, state-dict mismatch): still not worth a crash
+        except Exception as e:  # noqa: BLE001  damaged weights (safetensors, state-dict mismatch): not worth a crash
             errors.append(RuntimeError(f"{type(e).__name__}: {e}"))
 
     t = threading.Thread(target=load, name="vald-md-segmenter-load")
@@ -170,7 +170,7 @@ def load_classifier(folder: Path) -> Any:
     def load() -> None:
         try:
             box["clf"] = LesionClassifier(folder)
-        except Exception as e:  # missing folder, damaged weights: not worth a crash
+        except Exception as e:  # noqa: BLE001  missing folder, damaged weights: not worth a crash
             errors.append(e)
 
     t = threading.Thread(target=load, name="vald-md-classifier-load")
@@ -239,7 +239,11 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             segmenter = await run_in_threadpool(load_segmenter, settings.resolved_lung_segmenter)
             classifier = await run_in_threadpool(load_classifier, settings.resolved_lesion_classifier)
             # 3. the model and the worker that owns it
-            eng = engine if loading is None else await loading
+            if engine is not None:
+                eng = engine
+            else:
+                assert loading is not None  # started above whenever no engine was injected
+                eng = await loading
             jobs = JobManager.from_settings(settings, eng, db=db, uid_secret=secret, segmenter=segmenter,
                                             classifier=classifier)
         except BaseException:
