@@ -30,6 +30,7 @@ from sqlmodel import select
 
 from app import audit
 from app.jobs import MASK_UPLOAD, Job, JobManager, JobNotFoundError, JobState
+from app.runs.folder import COUNTERFACTUAL, RunFolder, RunFolderError
 from app.web.api import submit_job
 from app.web.deps import AdminUser, DbDep, JobsDep
 from app.web.templating import is_htmx, render
@@ -37,7 +38,7 @@ from app.web.templating import is_htmx, render
 router = APIRouter(prefix="/admin", tags=["admin"], include_in_schema=False)
 
 PAGE_SIZE = 50
-REPRODUCED_ARTIFACT = "counterfactual.png"
+REPRODUCED_ARTIFACT = COUNTERFACTUAL
 """The artifact whose SHA-256 decides whether a re-run reproduced its original."""
 _ACTIONS = [a.value for a in audit.AuditAction]
 FIRST_DAY = date(1970, 1, 1)
@@ -180,13 +181,12 @@ def _job_of(jobs: JobManager, run_id: uuid.UUID) -> Job | None:
 
 
 def _record(job: Job | None) -> dict[str, Any] | None:
+    """The run's record as the admin page shows it; ``None`` without a job or a readable record."""
     if job is None:
         return None
-    path = job.run_dir / "record.json"
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
-    except (OSError, ValueError):
+        return RunFolder(job.run_dir).record().to_dict()
+    except RunFolderError:
         return None
 
 
