@@ -19,10 +19,10 @@ APP = Path(__file__).resolve().parent.parent / "app"
 RANKS: tuple[tuple[str, ...], ...] = (
     ("__init__", "fileio", "provenance"),  # the standard library only: version, atomic writes + SHA-256, versions
     ("config", "datasets", "generation", "filemodes"),  # settings, labelled image lists, the one request type
-    ("imaging", "attribution", "lungs", "audit"),  # bytes -> pixels; maps; the lung segmenter; the audit database
-    ("mapscale", "metrics", "lesions", "modelfolder", "migrations", "manage"),
-    ("rendering", "engine"),  # overlays, legends, banners; the counterfactual engine (loads through modelfolder)
-    ("mapmethods",),  # map methods beside the SDEdit difference (they drive the engine)
+    ("imaging", "lungs", "audit"),  # bytes -> pixels; the lung segmenter; the audit database
+    ("attribution", "lesions", "modelfolder", "migrations", "manage"),  # maps (may read images); the classifier
+    ("mapscale", "metrics", "engine"),  # the map's scale; SSIM/FID/localization; the counterfactual engine
+    ("rendering", "mapmethods"),  # overlays, legends, banners; map methods beside the SDEdit difference
     ("runs",),  # one review run, its record, its checked folder, its exports
     ("pacs", "train", "evaluate", "jobs"),  # PACS over DICOMweb; training; evaluation; the review queue
     ("web",),  # the FastAPI app
