@@ -1,4 +1,4 @@
-"""The review queue: a bounded, fair queue of jobs and the single worker thread that owns the engine.
+"""The review queue: a bounded, fair queue of jobs and the worker threads that hand them to a backend.
 
 Package layout (imports flow down the list; nothing here imports ``app.web``):
 
@@ -8,6 +8,8 @@ Package layout (imports flow down the list; nothing here imports ``app.web``):
 - ``estimate``: the measured rate and overhead, run and start estimates (:class:`RateEstimator`);
 - ``store``: the runs folder: uploads, ``job.json``, the history, thumbnails (:class:`JobStore`);
 - ``recorder``: the audit trail, or none (:class:`AuditRecorder`, :class:`NullRecorder`);
+- ``backend``: where a run executes (:class:`Backend`; :class:`LocalBackend`, this process's model, is the
+  default; ``app.serving.RayBackend`` runs on Ray Serve replicas);
 - ``manager``: the queue, the worker, cancel and lookup (:class:`JobManager`; ``JobManager.from_settings`` for the
   server).
 
@@ -25,7 +27,9 @@ for the callers that import them from this package.
 from __future__ import annotations
 
 from app.imaging import gray_png, read_png_unit
+from app.jobs.backend import Backend, LocalBackend
 from app.jobs.errors import (
+    BackendError,
     JobNotFoundError,
     JobNotReadyError,
     QueueFullError,
@@ -46,6 +50,8 @@ __all__ = [
     "THUMBNAIL",
     "UPLOAD_STEM",
     "AuditRecorder",
+    "Backend",
+    "BackendError",
     "Job",
     "JobManager",
     "JobNotFoundError",
@@ -53,6 +59,7 @@ __all__ = [
     "JobState",
     "JobStore",
     "Limits",
+    "LocalBackend",
     "NullRecorder",
     "QueueFullError",
     "RateEstimator",

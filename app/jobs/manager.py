@@ -1,7 +1,9 @@
-"""The review queue: a bounded, fair queue of jobs and the single worker thread that owns the engine.
+"""The review queue: a bounded, fair queue of jobs and the worker threads that hand them to the backend.
 
-One process holds one model copy, and the diffusion pipeline is not thread-safe, so exactly one thread runs
-:func:`app.artifacts.run_review`; requests only enqueue. Memory holds only small state: the progress counters, the
+Requests only enqueue; the worker threads, one per run the :class:`~app.jobs.backend.Backend` takes at once, run
+them. With the default :class:`~app.jobs.backend.LocalBackend` that is one thread, the only one that runs
+:func:`app.artifacts.run_review` on this process's model copy (the diffusion pipeline is not thread-safe); a Ray
+Serve backend (:mod:`app.serving`) takes one run per replica. Memory holds only small state: the progress counters, the
 latest preview (a latent-sized array) and, while a job waits, its decoded pixels. The manager delegates the rest:
 files to the :class:`~app.jobs.store.JobStore`, the audit trail to a :class:`~app.jobs.recorder.Recorder`, who may
 queue and who goes next to :mod:`app.jobs.policy`, time estimates to the
@@ -10,7 +12,7 @@ queue and who goes next to :mod:`app.jobs.policy`, time estimates to the
 Jobs belong to an ``owner`` (a user id string); every lookup takes the owner and treats another user's job as
 unknown, so one user can never learn that another user's job id exists (administrators pass ``any_owner``).
 
-Queue positions and start estimates follow :meth:`JobManager.fair_order`. A job's end and the release of the
+Queue positions and start estimates follow :meth:`JobManager.fair_order`. A job's end and the release of its
 worker's slot are one step under the lock, so whoever sees a job finished may queue the next one at once.
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -31,7 +32,8 @@ from app.artifacts import ReviewRequest, resolve_request, run_review
 from app.config import Settings
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps
 from app.imaging import gray_png
-from app.jobs.errors import JobNotFoundError, WorkerStoppedError
+from app.jobs.backend import Backend, LocalBackend, Runner
+from app.jobs.errors import BackendError, JobNotFoundError, WorkerStoppedError
 from app.jobs.estimate import RateEstimator
 from app.jobs.job import Job, JobState, final_timings, job_cost, now
 from app.jobs.policy import Limits, fair_order, queued_cost
@@ -43,12 +45,9 @@ __all__ = ["JobManager", "Runner"]
 
 logger = logging.getLogger("vald_md.jobs")
 
-Runner = Callable[..., dict[str, Any]]
-"""Signature of :func:`app.artifacts.run_review`; injectable so tests can gate a job."""
-
 
 class JobManager:
-    """Owns the queue, the worker thread and the engine's time.
+    """Owns the queue, the worker threads and the backend's time.
 
     Args:
         engine: the loaded engine (or any object with ``generate_request``, ``check_inputs`` and ``info`` for tests).
@@ -62,11 +61,13 @@ class JobManager:
         classifier: the lesion classifier (``app.lesions.LesionClassifier``) handed to every run; the
             ``classifier_guided`` map method needs it (and the segmenter), and is refused at submission without.
         preview_size: longest side in pixels of preview PNGs.
+        backend: where runs execute; ``None`` = :class:`LocalBackend` (``runner`` on ``engine`` in this process).
+            The engine, segmenter and classifier still check every request at submission.
     """
 
     def __init__(self, engine: CounterfactualEngine, store: JobStore, recorder: Recorder, limits: Limits, *,
                  runner: Runner = run_review, segmenter: LungSegmenter | None = None, classifier: Any = None,
-                 preview_size: int = 192) -> None:
+                 preview_size: int = 192, backend: Backend | None = None) -> None:
         self.engine = engine
         self.store = store
         self.recorder = recorder
@@ -75,27 +76,29 @@ class JobManager:
         self.classifier = classifier
         self.preview_size = preview_size
         self.estimator = RateEstimator()
-        self._runner = runner
+        self.backend = backend or LocalBackend(engine, runner=runner, segmenter=segmenter, classifier=classifier)
         self._pending: list[Job] = []  # in submission order; the worker takes them in fair_order()
         self._tick = 0  # orders submissions and ends of runs (fair_order)
         self._served: dict[str, int] = {}  # owner -> tick at which their latest job ended
-        self._running: Job | None = None
+        self._running: list[Job] = []  # one per busy worker thread
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._jobs: dict[str, Job] = {job.id: job for job in self.store.load_history(self.recorder.recorded_status)}
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: CounterfactualEngine, *, db: Database | None,
                       uid_secret: bytes | None = None, segmenter: LungSegmenter | None = None,
-                      classifier: Any = None, runner: Runner = run_review) -> JobManager:
+                      classifier: Any = None, runner: Runner = run_review,
+                      backend: Backend | None = None) -> JobManager:
         """The server's manager, built from its settings.
 
         Args:
             settings: reads ``runs_dir``, ``thumbnail_size``, ``store_identified_uploads``, ``store_plain_uids``,
                 ``queue_size``, ``max_jobs_per_user``, ``queue_cost_budget``, ``max_steps``, ``max_samples`` and
                 ``preview_size``.
-            engine, segmenter, classifier, runner: as for the constructor.
+            engine, segmenter, classifier, runner, backend: as for the constructor (the web app builds a Ray
+                backend when ``settings.backend`` is ``ray``).
             db: the audit database; ``None`` keeps no records beyond ``job.json``.
             uid_secret: the HMAC key for DICOM UIDs; required with ``db``.
 
@@ -110,35 +113,39 @@ class JobManager:
         store = JobStore(settings.runs_dir, thumbnail_size=settings.thumbnail_size,
                          identified_uploads=settings.store_identified_uploads)
         return cls(engine, store, recorder, limits, runner=runner, segmenter=segmenter, classifier=classifier,
-                   preview_size=settings.preview_size)
+                   preview_size=settings.preview_size, backend=backend)
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the worker thread (idempotent)."""
-        if self._thread is not None and self._thread.is_alive():
+        """Start the worker threads, ``backend.concurrency`` of them (idempotent)."""
+        if self.worker_alive:
             return
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="vald-md-worker", daemon=True)
-        self._thread.start()
+        count = max(1, self.backend.concurrency)
+        self._threads = [threading.Thread(target=self._work, name="vald-md-worker" if count == 1 else
+                                          f"vald-md-worker-{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job, stop the worker and wait up to ``timeout`` seconds for it.
+        """Cancel the running jobs, stop the workers and wait up to ``timeout`` seconds for them.
 
         Jobs still waiting stay ``queued`` on disk and are marked ``interrupted`` at the next start.
         """
         with self._cond:
             self._stopping = True
-            if self._running is not None:
-                self._running._cancel_reason = "the server was shutting down"
-                self._running.cancel_event.set()
+            for job in self._running:
+                job._cancel_reason = "the server was shutting down"
+                job.cancel_event.set()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
 
     @property
     def worker_alive(self) -> bool:
-        """The worker thread is running."""
-        return self._thread is not None and self._thread.is_alive()
+        """Every worker thread is running."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     @property
     def queue_length(self) -> int:
@@ -276,9 +283,9 @@ class JobManager:
         (:func:`app.jobs.policy.fair_order`: users take turns; a user's own jobs keep their order)."""
         with self._cond:
             pending, served = list(self._pending), dict(self._served)
-            running_owner = self._running.owner if self._running is not None else None
+            running_owners = [j.owner for j in self._running]
             tick = self._tick + 1  # "now": after every job queued so far
-        return fair_order(pending, served, running_owner, tick)
+        return fair_order(pending, served, running_owners, tick)
 
     def queue_position(self, job: Job) -> int | None:
         """1 for the job that starts next, 2 behind it, ... in :meth:`fair_order`; ``None`` unless it is queued."""
@@ -294,17 +301,27 @@ class JobManager:
 
     def queue_eta_s(self, job: Job) -> float | None:
         """Estimated seconds until a queued job starts: what the running job has left plus
-        :meth:`estimated_run_s` of every job ahead of it in :meth:`fair_order`; ``None`` before a run has been
-        measured or when the job is not queued."""
+        :meth:`estimated_run_s` of every job ahead of it in :meth:`fair_order`, shared among the backend's
+        ``concurrency`` slots (0 while a slot is free); ``None`` before a run has been measured or when the job is not
+        queued."""
         if not self.estimator.measured:
             return None
         order = self.fair_order()
         if job not in order:
             return None
-        running = self._running
-        return self.estimator.wait_s([j.cost for j in order[:order.index(job)]],
-                                     running.cost if running is not None else None,
-                                     running.eta_s if running is not None else None)
+        slots = max(1, self.backend.concurrency)
+        running = list(self._running)
+        ahead = [j.cost for j in order[:order.index(job)]]
+        if slots == 1:
+            first = running[0] if running else None
+            return self.estimator.wait_s(ahead, first.cost if first is not None else None,
+                                         first.eta_s if first is not None else None)
+        if len(running) + len(ahead) < slots:
+            return 0.0
+        # several slots: the work ahead, the running jobs' remainders included, spread evenly over them
+        left = self.estimator.wait_s(ahead, None, None) or 0.0
+        left += sum(self.estimator.wait_s([], j.cost, j.eta_s) or 0.0 for j in running)
+        return left / slots
 
     def preview_png(self, job: Job) -> bytes | None:
         """The latest progress preview as a small PNG (encoded on request, cached per version)."""
@@ -390,7 +407,7 @@ class JobManager:
                 self._pending.remove(job)
                 job.state = JobState.RUNNING
                 job.started_at = now()
-                self._running = job
+                self._running.append(job)
                 job.touch()
             try:
                 self.store.save(job)
@@ -406,7 +423,7 @@ class JobManager:
                         self._finish(job, JobState.FAILED, message)
             finally:
                 with self._cond:
-                    if self._running is job:  # _finish frees the slot; this covers a _finish that raised
+                    if job in self._running:  # _finish frees the slot; this covers a _finish that raised
                         self._release(job)
 
     def _execute(self, job: Job) -> None:
@@ -421,15 +438,13 @@ class JobManager:
 
         data = job.upload_path.read_bytes()
         try:
-            record = self._runner(self.engine, data, job.request, job.run_dir, mask=job._mask, progress=progress,
-                                  cancel=job.cancel_event, decoded=job._decoded, segmenter=self.segmenter,
-                                  classifier=self.classifier)
+            record = self.backend.run(job, data, progress)
         except GenerationCancelled:
             self.recorder.finish(job, JobState.CANCELLED, job._cancel_reason or "cancelled")
             with self._cond:
                 self._finish(job, JobState.CANCELLED)
             return
-        except (imaging.ImagingError, ValueError) as e:
+        except (imaging.ImagingError, ValueError, BackendError) as e:
             self.recorder.finish(job, JobState.FAILED, str(e))
             with self._cond:
                 self._finish(job, JobState.FAILED, str(e))
@@ -463,7 +478,7 @@ class JobManager:
         job.finished_at = now()
         job.eta_s = None
         job.timings_s = final_timings(job, job.finished_at)
-        if self._running is job:
+        if job in self._running:
             self._release(job)
         job.touch()
         self.store.save(job)
@@ -471,7 +486,7 @@ class JobManager:
 
     def _release(self, job: Job) -> None:
         """Free the worker's slot after ``job`` (caller holds the lock): its owner's turn ended now."""
-        self._running = None
+        self._running.remove(job)
         self._tick += 1
         self._served[job.owner] = self._tick
         job._decoded = job._mask = None
