@@ -333,7 +333,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                mask: np.ndarray | None = None, progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None,
                decoded: imaging.DecodedImage | None = None,
-               segmenter: LungSegmenter | None = None, classifier: Any = None) -> dict[str, Any]:
+               segmenter: LungSegmenter | None = None, classifier: Any = None,
+               record_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decode ``data``, make the counterfactual(s), write every artifact into ``out``; return the record.
 
     Args:
@@ -343,6 +344,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
             lungs it finds in the decoded pixels and ``lung_mask.png`` is written (see :func:`lung_region`).
             ``classifier_guided`` also needs it (the classifier sees the lungs of the model-frame image).
         classifier: the lesion classifier (``app.lesions.LesionClassifier``); needed by ``classifier_guided``.
+        record_extra: keys added at the end of the record (a Ray Serve replica adds ``"serving"``: backend,
+            replica, node, attempt); ``None``, as in-process runs pass, adds nothing.
 
     Raises:
         imaging.ImagingError: the file cannot be read as a chest radiograph (message for the clinician).
@@ -403,6 +406,7 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         "model_limitations": engine.info.manifest.get("limitations"),
         "artifacts_sha256": hashes,
         "disclaimer": DISCLAIMER,
+        **(record_extra or {}),
     }
     _write(out / "record.json", json.dumps(record, indent=2, default=str).encode())
     return record
