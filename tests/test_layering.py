@@ -29,7 +29,7 @@ FORBIDDEN: dict[str, set[str]] = {
                    "audit", "migrations", "lungs", "lesions", "mapmethods", "artifacts", "exports", "train",
                    "train_lungs", "train_lesions", "train_finetune", "evaluate", "jobs", "web", "manage", "cli"},
     "metrics": {"engine", "artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
-    "engine": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli"},
+    "engine": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "serving"},
     "audit": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
               "cli", "lungs"},
     "migrations": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "cli", "lungs"},
@@ -41,12 +41,15 @@ FORBIDDEN: dict[str, set[str]] = {
                 "artifacts", "exports", "train", "evaluate", "jobs", "web", "manage", "cli", "mapmethods"},
     # engine-level map methods: beside the engine, below artifacts and evaluation
     "mapmethods": {"artifacts", "jobs", "web", "train", "evaluate", "audit", "exports", "cli", "manage"},
-    "artifacts": {"jobs", "web", "train", "evaluate", "audit", "cli"},
+    "artifacts": {"jobs", "web", "train", "evaluate", "audit", "cli", "serving"},
     "exports": {"engine", "jobs", "web", "train", "evaluate", "audit", "cli", "lungs"},
     # every training technique (app/train/: vae, unet, dreambooth, lungs, lesions, finetune and what they share)
     "train": {"artifacts", "jobs", "web", "evaluate", "audit", "cli", "manage"},
     "evaluate": {"jobs", "web", "train", "audit", "cli"},
-    "jobs": {"web", "train", "evaluate", "cli"},
+    # the queue knows its backends only as app.jobs.backend.Backend: the Ray one (app.serving) comes from above
+    "jobs": {"web", "train", "evaluate", "cli", "serving"},
+    # the Ray Serve deployment and backend: above the queue (it implements its Backend), below the web app
+    "serving": {"web", "train", "evaluate", "cli", "manage"},
     "web": {"train", "cli"},
     "manage": {"imaging", "attribution", "engine", "artifacts", "jobs", "web", "train", "evaluate", "exports",
                "metrics", "cli", "lungs"},

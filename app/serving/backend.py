@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -51,7 +52,8 @@ def connect(settings: Settings) -> bool:
         True when this call started a local cluster (the backend then shuts it down on close).
 
     Raises:
-        BackendError: ``ray[serve]`` is not installed (install the ``ray`` extra).
+        BackendError: ``ray[serve]`` is not installed (install the ``ray`` extra), or nothing answers at
+            ``ray_address`` (Ray itself would retry for minutes).
     """
     try:
         import ray
@@ -62,6 +64,7 @@ def connect(settings: Settings) -> bool:
     started = False
     if not ray.is_initialized():
         if settings.ray_address:
+            _check_reachable(settings.ray_address)
             ray.init(address=settings.ray_address, namespace=APP_NAME)
         else:
             ray.init(include_dashboard=False, namespace=APP_NAME, _node_ip_address="127.0.0.1")
@@ -247,6 +250,23 @@ class RayBackend(Backend):
 
             serve.shutdown()
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a ``host:port`` or ``ray://host:port`` address where nothing listens (``auto`` is Ray's to find).
+
+    Raises:
+        BackendError: no TCP connection within ``timeout_s`` seconds.
+    """
+    host_port = address.removeprefix("ray://")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise BackendError(f"No Ray cluster answers at {address} ({e.strerror or e}); start one with "
+                           f"`ray start --head` there, or fix VALD_MD_RAY_ADDRESS (docs/DEPLOYMENT.md)") from None
 
 
 class _ReplicaLost(Exception):
