@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replicas", default="1,2", help="replica counts to measure (default 1,2)")
     p.add_argument("--threads", type=float, default=1.0, help="CPUs (torch threads) per replica (default 1)")
     p.add_argument("--local-threads", default="1,2", help="torch threads of the in-process runs (default 1,2)")
+    p.add_argument("--device", default="cpu", help="device of the in-process runs and of CPU replicas (default cpu; "
+                                                   "on a cluster with GPUs every replica takes one GPU)")
     p.add_argument("--address", default=None, help="attach to this Ray cluster instead of starting a local one")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(queue_size=args.jobs + 2)
     results: dict[str, Any] = {"model": model.name, "preset": "healthy-fast", "image": args.image.name,
                                "load_before": os.getloadavg(), "configurations": {}}
-    engine = load_in_passing_thread(model, device="cpu")
+    engine = load_in_passing_thread(model, device=args.device)
     segmenter = load_segmenter(ROOT / "model_weights" / "lungs-unet")
 
     def manager(name: str, backend: Any = None) -> JobManager:
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                  log_to_driver=False, namespace="vald-md")
     for replicas in [int(r) for r in args.replicas.split(",") if r]:
         settings = Settings(data_dir=scratch / "data", backend="ray", model_dir=model, ray_replicas=replicas,
-                            ray_cpus_per_replica=args.threads, ray_address=args.address, device="cpu")
+                            ray_cpus_per_replica=args.threads, ray_address=args.address, device=args.device)
         t0 = time.perf_counter()
         backend = RayBackend.from_settings(settings, redeploy=True)
         deploy_s = time.perf_counter() - t0
