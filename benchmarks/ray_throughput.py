@@ -9,9 +9,11 @@ Configurations:
 - ``ray-N``: ``N`` replicas on a local Ray cluster on 127.0.0.1 (``--replicas``), each reserving ``--threads`` CPUs
   (Ray gives each replica's torch that many threads).
 
-The in-process run with ``--threads`` threads against ``ray-1`` is the overhead of the Ray path (the same work on
-the same number of threads: a streaming call per job, progress events with previews, the replica reading the
-upload and writing the artifacts). The model's fast preset (``healthy-fast``: DPM-Solver++, 20 steps at 0.85)
+The overhead of the Ray path (a streaming call per job, progress events with previews, the replica reading the
+upload and writing the artifacts) is measured in pairs while one replica is deployed: ``--pairs`` times, one job
+in process (torch on ``--threads`` threads), then the same job on the replica (the same threads), each alone on the
+machine; overhead = median Ray job / median in-process job - 1, each job timed from submission to its end. Pairs
+keep the drifting load of a shared machine out of the comparison. The model's fast preset (``healthy-fast``: DPM-Solver++, 20 steps at 0.85)
 on the embedded model, or the tiny in-code model with ``--tiny``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_throughput.py                  # embedded model, 10 jobs
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replicas", default="1,2", help="replica counts to measure (default 1,2)")
     p.add_argument("--threads", type=float, default=1.0, help="CPUs (torch threads) per replica (default 1)")
     p.add_argument("--local-threads", default="1,2", help="torch threads of the in-process runs (default 1,2)")
+    p.add_argument("--pairs", type=int, default=8, help="in-process/Ray job pairs for the overhead (default 8)")
     p.add_argument("--device", default="cpu", help="device of the in-process runs and of CPU replicas (default cpu; "
                                                    "on a cluster with GPUs every replica takes one GPU)")
     p.add_argument("--address", default=None, help="attach to this Ray cluster instead of starting a local one")
@@ -94,6 +97,25 @@ def _batch(manager: Any, data: bytes, request: Any, jobs: int) -> dict[str, Any]
             "run_p50_s": round(statistics.median(runs), 3) if runs else None}
 
 
+def _pairs(local: Any, ray: Any, data: bytes, request: Any, pairs: int) -> dict[str, Any]:
+    """``pairs`` times a job in process, then the same on Ray, one at a time; medians of submission-to-end."""
+    from dataclasses import replace
+
+    times: dict[str, list[float]] = {"local": [], "ray": []}
+    for i in range(pairs):
+        for name, manager in (("local", local), ("ray", ray)):
+            t0 = time.perf_counter()
+            job = manager.submit("bench", data, replace(request, seed=100 + i))
+            while not job.state.finished:
+                time.sleep(0.005)
+            assert job.state.value == "done", job.error
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"pairs": pairs, "local_median_s": round(med["local"], 3), "ray_median_s": round(med["ray"], 3),
+            "local_s": [round(t, 3) for t in times["local"]], "ray_s": [round(t, 3) for t in times["ray"]],
+            "overhead_pct": round(100 * (med["ray"] / med["local"] - 1), 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -112,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(queue_size=args.jobs + 2)
     results: dict[str, Any] = {"model": model.name, "preset": "healthy-fast", "image": args.image.name,
                                "load_before": os.getloadavg(), "configurations": {}}
-    engine = load_in_passing_thread(model, device=args.device)
+    autocast = Settings().cpu_autocast  # VALD_MD_CPU_AUTOCAST, as the server and its replicas take it
+    results["cpu_autocast"] = autocast
+    engine = load_in_passing_thread(model, device=args.device, cpu_autocast=autocast)
     segmenter = load_segmenter(ROOT / "model_weights" / "lungs-unet")
 
     def manager(name: str, backend: Any = None) -> JobManager:
@@ -121,12 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         m.start()
         return m
 
-    for threads in [int(t) for t in args.local_threads.split(",") if t]:
+    def local(threads: int, name: str) -> None:
         torch.set_num_threads(threads)
-        m = manager(f"local-{threads}")
-        results["configurations"][f"local-{threads}"] = _batch(m, data, request, args.jobs)
+        m = manager(name)
+        results["configurations"][name] = _batch(m, data, request, args.jobs)
         m.stop()
-        print(f"local-{threads}", results["configurations"][f"local-{threads}"], flush=True)
+        print(name, results["configurations"][name], flush=True)
+
+    for threads in [int(t) for t in args.local_threads.split(",") if t]:
+        local(threads, f"local-{threads}")
     torch.set_num_threads(1)  # the front only validates while replicas run
 
     import ray
@@ -137,22 +164,26 @@ def main(argv: list[str] | None = None) -> int:
                  log_to_driver=False, namespace="vald-md")
     for replicas in [int(r) for r in args.replicas.split(",") if r]:
         settings = Settings(data_dir=scratch / "data", backend="ray", model_dir=model, ray_replicas=replicas,
-                            ray_cpus_per_replica=args.threads, ray_address=args.address, device=args.device)
+                            ray_cpus_per_replica=args.threads, ray_address=args.address, device=args.device,
+                            cpu_autocast=autocast)
         t0 = time.perf_counter()
         backend = RayBackend.from_settings(settings, redeploy=True)
         deploy_s = time.perf_counter() - t0
         m = manager(f"ray-{replicas}", backend)
         results["configurations"][f"ray-{replicas}"] = {**_batch(m, data, request, args.jobs),
                                                         "deploy_s": round(deploy_s, 1)}
-        m.stop()
         print(f"ray-{replicas}", results["configurations"][f"ray-{replicas}"], flush=True)
+        if replicas == 1 and args.pairs:
+            torch.set_num_threads(int(args.threads))
+            in_process = manager("pairs-local")
+            results["overhead"] = _pairs(in_process, m, data, request, args.pairs)
+            in_process.stop()
+            torch.set_num_threads(1)
+            print("overhead", results["overhead"], flush=True)
+        m.stop()
     serve.shutdown()
     ray.shutdown()
     results["load_after"] = os.getloadavg()
-    configs = results["configurations"]
-    base = configs.get(f"local-{int(args.threads)}")
-    if base and "ray-1" in configs:
-        results["ray_overhead_pct"] = round(100 * (configs["ray-1"]["elapsed_s"] / base["elapsed_s"] - 1), 1)
     print(json.dumps(results, indent=2))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

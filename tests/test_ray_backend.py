@@ -22,6 +22,7 @@ from app.config import Settings
 from app.web import create_app
 from tests.accounts import add_user, sign_in
 from tests.factories import png_bytes
+from tests.test_web import wait_state
 
 pytestmark = pytest.mark.ray
 
@@ -75,17 +76,6 @@ def submit(client: TestClient, **fields: str) -> str:
                     files={"file": ("patient.png", png_bytes())})
     assert r.status_code == 202, r.text
     return str(r.json()["job_id"])
-
-
-def wait_state(client: TestClient, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 60.0):
-    end = time.monotonic() + timeout
-    while True:
-        st = client.get(f"/api/v1/jobs/{job_id}").json()
-        if st["state"] in states:
-            return st
-        if time.monotonic() > end:
-            raise AssertionError(f"job stuck in {st['state']}")
-        time.sleep(0.05)
 
 
 def placement(app: Any, job_id: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from app.config import REPO_ROOT, Settings
 from app.engine import GenerationCancelled
 from app.imaging import ImagingError
@@ -216,8 +218,10 @@ class RayBackend(Backend):
                 kind = event.get("event")
                 if kind == "start":
                     self.placements[job.id] = event
-                elif kind == "progress":
-                    progress(int(event["step"]), int(event["total"]), float(event["elapsed_s"]), event["preview"])
+                elif kind == "progress":  # the preview copied out of Ray's read-only, shared buffer
+                    preview = event.get("preview")
+                    progress(int(event["step"]), int(event["total"]), float(event["elapsed_s"]),
+                             None if preview is None else np.array(preview, dtype=np.float32))
                 elif kind == "done":
                     return dict(event["record"])
                 elif kind == "cancelled":
