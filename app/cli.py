@@ -1,8 +1,9 @@
 """The ``vald-md`` command.
 
-Sub-commands: ``counterfactual`` (files in, artifacts out), ``model info|assemble``, ``train`` (see
-``app/train/``), ``serve`` (the review web app), ``ray-serve`` (deploy the model on a Ray cluster), ``evaluate`` (paper tables and localization), ``users`` and
-``audit`` (accounts and the audit trail). Errors a user can fix print one readable line and exit 2.
+Sub-commands: ``counterfactual`` (files in, artifacts out), ``model info|assemble``, ``train`` (see ``app/train/``),
+``serve`` (the review web app), ``ray-serve`` (deploy the model on a Ray cluster), ``evaluate`` (paper tables and
+localization), ``users`` and ``audit`` (accounts and the audit trail). Errors a user can fix print one readable line
+and exit 2.
 """
 
 from __future__ import annotations

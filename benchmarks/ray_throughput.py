@@ -13,8 +13,8 @@ The overhead of the Ray path (a streaming call per job, progress events with pre
 upload and writing the artifacts) is measured in pairs while one replica is deployed: ``--pairs`` times, one job
 in process (torch on ``--threads`` threads), then the same job on the replica (the same threads), each alone on the
 machine; overhead = median Ray job / median in-process job - 1, each job timed from submission to its end. Pairs
-keep the drifting load of a shared machine out of the comparison. The model's fast preset (``healthy-fast``: DPM-Solver++, 20 steps at 0.85)
-on the embedded model, or the tiny in-code model with ``--tiny``.
+keep the drifting load of a shared machine out of the comparison. The model's fast preset (``healthy-fast``:
+DPM-Solver++, 20 steps at 0.85) on the embedded model, or the tiny in-code model with ``--tiny``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_throughput.py                  # embedded model, 10 jobs
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_throughput.py --tiny --jobs 20

@@ -102,7 +102,7 @@ def test_run_end_to_end_through_ray(ray_app):
     app, client = ray_app
     assert app.state.jobs.backend.name == "ray" and app.state.jobs.backend.concurrency == 2
     assert len(app.state.jobs._threads) == 2
-    job_id = submit(client, steps="40", strength="1.0")
+    job_id = submit(client, steps="150", strength="1.0")
     with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:  # ends when the job does
         body = "".join(r.iter_text())
     events = [json.loads(d) for name, d in re.findall(r"event: (\w+)\r?\ndata: (.*)", body) if name == "status"]
@@ -117,7 +117,7 @@ def test_run_end_to_end_through_ray(ray_app):
     serving = record["serving"]
     assert serving["backend"] == "ray" and serving["attempt"] == 1 and serving["node"]
     assert re.fullmatch(r"\w+", serving["replica"])
-    assert record["seeds"] == [11] and record["effective_steps"] == 40
+    assert record["seeds"] == [11] and record["effective_steps"] == 150
     assert job_id not in app.state.jobs.backend.placements
 
 

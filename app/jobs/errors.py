@@ -3,7 +3,8 @@ to HTTP statuses)."""
 
 from __future__ import annotations
 
-__all__ = ["BackendError", "JobNotFoundError", "JobNotReadyError", "QueueFullError", "UserQueueLimitError", "WorkerStoppedError"]
+__all__ = ["BackendError", "JobNotFoundError", "JobNotReadyError", "QueueFullError", "UserQueueLimitError",
+           "WorkerStoppedError"]
 
 
 class QueueFullError(RuntimeError):

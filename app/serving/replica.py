@@ -6,9 +6,10 @@ Its :meth:`ReviewReplica.review` is an async generator of events (plain dicts, s
 cross the cluster), in this order:
 
 - ``{"event": "start", "replica": id, "actor": actor name, "node": node address, "attempt": n}``;
-- ``{"event": "progress", "step", "total", "elapsed_s", "preview"}`` for every denoising step (the engine's
-  progress callback, preview a small float32 array or ``None``): the front hands them to the job, so the browser's
-  progress stream shows what it shows for an in-process run;
+- ``{"event": "progress", "step", "total", "elapsed_s", "preview"}``: the engine's progress callback (preview a
+  small float32 array or ``None``), at most one per :data:`PROGRESS_INTERVAL_S` and always the last step; the
+  front hands them to the job, so the browser's progress stream, itself thinned to one event per
+  ``VALD_MD_SSE_INTERVAL_S`` (0.25 s), shows what it shows for an in-process run;
 - one end: ``{"event": "done", "record": ...}``, ``{"event": "cancelled"}`` or ``{"event": "error", "kind":
   "imaging" | "value" | "backend" | "internal", "message": ...}``.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,9 +40,14 @@ from app.artifacts import ReviewRequest, run_review
 from app.engine import GenerationCancelled, load_in_passing_thread
 from app.serving.loading import load_classifier, load_segmenter
 
-__all__ = ["ReviewReplica", "replica_config"]
+__all__ = ["PROGRESS_INTERVAL_S", "ReviewReplica", "replica_config"]
 
 logger = logging.getLogger("vald_md.serving")
+
+PROGRESS_INTERVAL_S = 0.2
+"""Seconds between two progress events of a run. Each event wakes the replica's event loop and crosses the cluster
+while the run computes on the same interpreter: one per denoising step slowed the embedded model's runs by 15 %
+(docs/PERFORMANCE.md, "Ray Serve backend")."""
 
 
 def replica_config(*, model_dir: Path, lung_segmenter: Path, lesion_classifier: Path, device: str | None,
@@ -80,9 +87,14 @@ class ReviewReplica:
                     self.engine.info.model_hash[:12])
 
     def describe(self) -> dict[str, Any]:
-        """The replica and its model: ``{"replica", "node", "model_name", "model_sha256", "device"}``."""
+        """The replica and its model: ``{"replica", "node", "model_name", "model_sha256", "device",
+        "torch_threads"}``."""
+        import torch
+
+        threads = self._pool.submit(torch.get_num_threads).result()  # the run thread's
         return {"replica": self.replica_id, "node": self.node, "model_name": self.engine.info.name,
-                "model_sha256": self.engine.info.model_hash, "device": str(self.engine.device)}
+                "model_sha256": self.engine.info.model_hash, "device": str(self.engine.device),
+                "torch_threads": threads}
 
     async def review(self, task: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run one review and stream its events (see the module's docstring).
@@ -97,7 +109,13 @@ class ReviewReplica:
         serving = {"backend": "ray", "replica": self.replica_id, "node": self.node,
                    "attempt": int(task.get("attempt", 1))}
 
+        last_sent = [-PROGRESS_INTERVAL_S]
+
         def progress(step: int, total: int, elapsed_s: float, preview: np.ndarray | None) -> None:
+            now = time.monotonic()
+            if step < total and now - last_sent[0] < PROGRESS_INTERVAL_S:
+                return
+            last_sent[0] = now
             loop.call_soon_threadsafe(events.put_nowait, {"event": "progress", "step": step, "total": total,
                                                           "elapsed_s": elapsed_s, "preview": preview})
 
