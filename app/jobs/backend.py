@@ -16,19 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from app.artifacts import run_review
-from app.engine import CounterfactualEngine
+from app.engine import CounterfactualEngine, ProgressCallback
 from app.jobs.job import Job
 from app.lungs import LungSegmenter
 
-__all__ = ["Backend", "LocalBackend", "Progress", "Runner"]
+__all__ = ["Backend", "LocalBackend", "Runner"]
 
 Runner = Callable[..., dict[str, Any]]
 """Signature of :func:`app.artifacts.run_review`; injectable so tests can gate a job."""
-Progress = Callable[[int, int, float, np.ndarray | None], None]
-"""The engine's progress callback: ``(step, total, elapsed seconds, preview or None)``."""
 
 
 class Backend:
@@ -42,7 +38,7 @@ class Backend:
     name: str = "local"
     concurrency: int = 1
 
-    def run(self, job: Job, data: bytes, progress: Progress) -> dict[str, Any]:
+    def run(self, job: Job, data: bytes, progress: ProgressCallback) -> dict[str, Any]:
         """Run ``job`` (its request, mask and run folder) on the uploaded ``data``; blocks until it ends.
 
         Raises:
@@ -75,7 +71,7 @@ class LocalBackend(Backend):
         self.segmenter = segmenter
         self.classifier = classifier
 
-    def run(self, job: Job, data: bytes, progress: Progress) -> dict[str, Any]:
+    def run(self, job: Job, data: bytes, progress: ProgressCallback) -> dict[str, Any]:
         """``runner(engine, data, ...)`` into ``job.run_dir`` with the job's decoded pixels and mask."""
         return self.runner(self.engine, data, job.request, job.run_dir, mask=job._mask, progress=progress,
                            cancel=job.cancel_event, decoded=job._decoded, segmenter=self.segmenter,

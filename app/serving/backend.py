@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from app.config import REPO_ROOT, Settings
-from app.engine import GenerationCancelled
+from app.engine import GenerationCancelled, ProgressCallback
 from app.imaging import ImagingError
-from app.jobs.backend import Backend, Progress
+from app.jobs.backend import Backend
 from app.jobs.errors import BackendError
 from app.jobs.job import Job
 from app.jobs.store import THUMBNAIL
@@ -176,7 +176,7 @@ class RayBackend(Backend):
         logger.info("Ray Serve backend ready: up to %d runs at once", backend.concurrency)
         return backend
 
-    def run(self, job: Job, data: bytes, progress: Progress) -> dict[str, Any]:
+    def run(self, job: Job, data: bytes, progress: ProgressCallback) -> dict[str, Any]:
         """Run ``job`` on a replica (the upload is read there from ``job.run_dir``; ``data`` is not sent), retrying
         once on another replica if the first dies.
 
@@ -203,7 +203,7 @@ class RayBackend(Backend):
         finally:
             self.placements.pop(job.id, None)
 
-    def _attempt(self, job: Job, progress: Progress, attempt: int) -> dict[str, Any]:
+    def _attempt(self, job: Job, progress: ProgressCallback, attempt: int) -> dict[str, Any]:
         import ray.exceptions as rex
 
         task = {"job_id": job.id, "run_dir": str(job.run_dir), "upload_name": job.upload_name,
