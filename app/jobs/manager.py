@@ -72,11 +72,11 @@ class JobManager:
         self.store = store
         self.recorder = recorder
         self.limits = limits
+        self.backend = backend or LocalBackend(engine, runner=runner, segmenter=segmenter, classifier=classifier)
         self.segmenter = segmenter
         self.classifier = classifier
         self.preview_size = preview_size
         self.estimator = RateEstimator()
-        self.backend = backend or LocalBackend(engine, runner=runner, segmenter=segmenter, classifier=classifier)
         self._pending: list[Job] = []  # in submission order; the worker takes them in fair_order()
         self._tick = 0  # orders submissions and ends of runs (fair_order)
         self._served: dict[str, int] = {}  # owner -> tick at which their latest job ended
@@ -114,6 +114,28 @@ class JobManager:
                          identified_uploads=settings.store_identified_uploads)
         return cls(engine, store, recorder, limits, runner=runner, segmenter=segmenter, classifier=classifier,
                    preview_size=settings.preview_size, backend=backend)
+
+    @property
+    def segmenter(self) -> LungSegmenter | None:
+        """The lung segmenter that checks requests and, in process, restricts every run's map (replaceable)."""
+        return self._segmenter
+
+    @segmenter.setter
+    def segmenter(self, value: LungSegmenter | None) -> None:
+        self._segmenter = value
+        if isinstance(self.backend, LocalBackend):
+            self.backend.segmenter = value
+
+    @property
+    def classifier(self) -> Any:
+        """The lesion classifier that checks requests and, in process, guides ``classifier_guided`` runs."""
+        return self._classifier
+
+    @classifier.setter
+    def classifier(self, value: Any) -> None:
+        self._classifier = value
+        if isinstance(self.backend, LocalBackend):
+            self.backend.classifier = value
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
