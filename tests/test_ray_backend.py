@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -180,3 +182,35 @@ def test_a_run_lost_twice_fails_with_a_clear_message(ray_app, ray_cluster):
     killer.join(30)
     assert len(killed) == 2
     assert st["state"] == "failed" and "replica" in st["error"] and "submit it again" in st["error"]
+
+
+def test_settings_choose_the_backend_and_its_deployment():
+    """Pure settings and options: no cluster (these run without ray installed)."""
+    from pydantic import ValidationError
+
+    from app.serving import deployment_options
+
+    assert Settings().backend == "local" and Settings().ray_replica_bounds == (1, 1)
+    with pytest.raises(ValidationError, match="ray_min_replicas=3 is above ray_max_replicas=2"):
+        Settings(ray_min_replicas=3, ray_max_replicas=2)
+    with pytest.raises(ValidationError):
+        Settings(backend="dask")
+    fixed = Settings(backend="ray", ray_replicas=2)
+    options, device = deployment_options(fixed, {"CPU": 2.0})
+    assert options["num_replicas"] == 2 and options["max_ongoing_requests"] == 1 and device is None
+    assert options["ray_actor_options"]["num_cpus"] == 1.0 and "runtime_env" in options["ray_actor_options"]
+    options, device = deployment_options(fixed, {"CPU": 32.0, "GPU": 4.0})
+    assert options["ray_actor_options"]["num_gpus"] == 1 and device == "cuda"
+    scaled = Settings(backend="ray", ray_min_replicas=1, ray_max_replicas=4, ray_address="auto")
+    options, _ = deployment_options(scaled, {"CPU": 2.0})
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
+                                             "target_ongoing_requests": 1}
+    assert options["ray_actor_options"] == {"num_cpus": 0.5}  # an existing cluster: its nodes' own install
+
+
+def test_the_default_backend_imports_no_ray():
+    code = ("import sys; from app.config import Settings; from app.web.app import make_backend; "
+            "assert make_backend(Settings(), 'x') is None; assert 'ray' not in sys.modules, 'ray imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
