@@ -114,6 +114,9 @@ def deploy(settings: Settings) -> Any:
 
     Returns:
         Its ``DeploymentHandle``.
+
+    Raises:
+        BackendError: the deployment failed (a replica could not load the model, say).
     """
     import ray
     from ray import serve
@@ -125,7 +128,11 @@ def deploy(settings: Settings) -> Any:
     app = serve.deployment(ReviewReplica, name="ReviewReplica").options(**options).bind(config)
     logger.info("deploying %s on Ray Serve: %s", APP_NAME, {k: v for k, v in options.items()
                                                             if k != "ray_actor_options"})
-    return serve.run(app, name=APP_NAME, route_prefix=None)
+    try:
+        return serve.run(app, name=APP_NAME, route_prefix=None)
+    except RuntimeError as e:  # Serve's "Deploying application ... failed": a replica could not start
+        raise BackendError(f"The model deployment did not start on Ray Serve ({e}). Check that the model folders "
+                           f"exist at the same paths on every Ray node (docs/DEPLOYMENT.md).") from e
 
 
 class RayBackend(Backend):
