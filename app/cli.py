@@ -1,8 +1,9 @@
 """The ``vald-md`` command.
 
-Sub-commands: ``counterfactual`` (files in, artifacts out), ``model info|assemble``, ``train`` (see
-``app/train/``), ``serve`` (the review web app), ``evaluate`` (paper tables and localization), ``users`` and
-``audit`` (accounts and the audit trail). Errors a user can fix print one readable line and exit 2.
+Sub-commands: ``counterfactual`` (files in, artifacts out), ``model info|assemble``, ``train`` (see ``app/train/``),
+``serve`` (the review web app), ``ray-serve`` (deploy the model on a Ray cluster), ``evaluate`` (paper tables and
+localization), ``users`` and ``audit`` (accounts and the audit trail). Errors a user can fix print one readable line
+and exit 2.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from app.generation import SCHEDULERS
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 logger = logging.getLogger("vald_md.cli")
 
@@ -96,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", dest="compile_unet", action="store_const", const=True, default=None,
                    help="compile the UNet (torch.compile) and run a warm-up generation before /readyz says ready; "
                         "for GPUs, takes minutes (default: VALD_MD_COMPILE_UNET, else off)")
+    s.add_argument("--backend", default=None, choices=["local", "ray"],
+                   help="where runs execute: this process (local, the default) or Ray Serve replicas of the model "
+                        "(ray; VALD_MD_RAY_* settings, docs/DEPLOYMENT.md)")
+
+    r = sub.add_parser("ray-serve", help="deploy the model on a Ray cluster for `vald-md serve --backend ray`",
+                       description="Attach to a running Ray cluster (`ray start --head`), deploy (or redeploy) the "
+                                   "model as the Ray Serve application 'vald-md', print its replicas and exit; the "
+                                   "deployment keeps running in the cluster. Unset options come from VALD_MD_* "
+                                   "environment variables (VALD_MD_RAY_*), then the defaults.")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: VALD_MD_RAY_ADDRESS, else 'auto': "
+                                                  "the cluster `ray start` runs on this machine)")
+    r.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    r.add_argument("--replicas", type=int, default=None, help="replicas (default: VALD_MD_RAY_REPLICAS, else 1)")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
+    r.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+    r.add_argument("--device", default=None, help="device of CPU replicas (GPU replicas use their GPU)")
 
     from app.manage import add_parsers  # users, audit
 
@@ -188,26 +209,35 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(command: str, overrides: dict[str, Any]) -> Settings | None:
+    """``Settings`` from the environment and the options given (``None`` = not given), or ``None`` after printing
+    each invalid setting as one line."""
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            sys.stderr.write(f"vald-md {command}: {where}: {err['msg'].removeprefix('Value error, ')}\n")
+        return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Validate the settings and the model folder, then run uvicorn with ONE worker process."""
     import uvicorn
-    from pydantic import ValidationError
 
     from app import filemodes
-    from app.config import Settings
     from app.modelfolder import check_model_folder
     from app.web import create_app
     from app.web.accesslog import uvicorn_log_config
 
-    overrides = {k: v for k, v in {"model_dir": args.model, "host": args.host, "port": args.port,
-                                   "data_dir": args.data_dir, "device": args.device,
-                                   "compile_unet": args.compile_unet}.items() if v is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as e:
-        for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            sys.stderr.write(f"vald-md serve: {where}: {err['msg'].removeprefix('Value error, ')}\n")
+    settings = _settings("serve", {"model_dir": args.model, "host": args.host, "port": args.port,
+                                   "data_dir": args.data_dir, "device": args.device, "backend": args.backend,
+                                   "compile_unet": args.compile_unet})
+    if settings is None:
         return 2
     check_model_folder(settings.resolved_model_dir)  # a readable error now rather than a failed start-up later
     logger.info("serving on http://%s:%d (model %s, data %s)", settings.host, settings.port,
@@ -224,6 +254,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1, proxy_headers=False,
                 forwarded_allow_ips="", log_level="debug" if args.verbose else "info",
                 log_config=uvicorn_log_config())
+    return 0
+
+
+def cmd_ray_serve(args: argparse.Namespace) -> int:
+    """Attach to a Ray cluster, deploy the model as the Serve application ``vald-md``, print it, exit."""
+    from app.jobs import BackendError
+    from app.modelfolder import check_model_folder
+
+    settings = _settings("ray-serve", {
+        "model_dir": args.model, "device": args.device, "backend": "ray", "ray_replicas": args.replicas,
+        "ray_min_replicas": args.min_replicas, "ray_max_replicas": args.max_replicas,
+        "ray_address": args.address or os.environ.get("VALD_MD_RAY_ADDRESS") or "auto"})
+    if settings is None:
+        return 2
+    check_model_folder(settings.resolved_model_dir)
+    from app.serving import RayBackend
+
+    try:
+        backend = RayBackend.from_settings(settings, redeploy=True)
+    except BackendError as e:
+        sys.stderr.write(f"vald-md ray-serve: {e}\n")
+        return 2
+    described = backend.handle.describe.remote().result(timeout_s=300)
+    sys.stdout.write(json.dumps({"application": "vald-md", "replicas": list(settings.ray_replica_bounds),
+                                 "autoscaling": settings.ray_autoscaling, "model": described["model_name"],
+                                 "model_sha256": described["model_sha256"], "device": described["device"]},
+                                indent=2) + "\n")
     return 0
 
 
@@ -254,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_model(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "ray-serve":
+            return cmd_ray_serve(args)
         if args.command in ("users", "audit"):
             from app.manage import run
 

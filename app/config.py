@@ -169,6 +169,18 @@ class Settings(BaseSettings):
         pacs_original_study_roles: the roles that may store results back into the source's study with its patient
             data (``original-study``; ``VALD_MD_PACS_ORIGINAL_STUDY_ROLES``, comma-separated: ``admin`` (default)
             or ``admin,clinician``); everyone may store the de-identified kind.
+        backend: where runs execute (``VALD_MD_BACKEND``): ``local`` (the default: one worker thread in this
+            process on the model it loaded) or ``ray`` (a Ray Serve deployment of the model, :mod:`app.serving`;
+            needs the ``ray`` extra, and ``data_dir`` on a volume every Ray node sees).
+        ray_address: the Ray cluster to attach to (``VALD_MD_RAY_ADDRESS``, e.g. ``ray://head:10001`` or
+            ``auto``); ``None`` = start a local one-machine cluster in this process.
+        ray_replicas: replicas of the model deployment (``VALD_MD_RAY_REPLICAS``), 1..256; one per GPU when the
+            cluster has GPUs (each replica then takes one), else each takes ``ray_cpus_per_replica`` CPUs.
+        ray_min_replicas, ray_max_replicas: autoscaling bounds (``VALD_MD_RAY_MIN_REPLICAS`` /
+            ``VALD_MD_RAY_MAX_REPLICAS``), 0..256 and 1..256; setting either turns autoscaling on (Serve adds a
+            replica when runs wait, down to the minimum when idle), starting from ``ray_replicas``.
+        ray_cpus_per_replica: logical CPUs each CPU replica reserves (``VALD_MD_RAY_CPUS_PER_REPLICA``),
+            0.1..64; ``None`` = the cluster's CPUs shared among the replicas, at most 1.
     """
 
     model_config = SettingsConfigDict(env_prefix="VALD_MD_", extra="ignore", validate_default=True,
@@ -215,6 +227,12 @@ class Settings(BaseSettings):
     job_heartbeat_s: float = Field(default=2.0, ge=0.2, le=60.0)
     job_stale_after_s: float = Field(default=30.0, ge=5.0, le=3600.0)
     pacs_original_study_roles: str = "admin"
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    ray_replicas: int = Field(default=1, ge=1, le=256)
+    ray_min_replicas: int | None = Field(default=None, ge=0, le=256)
+    ray_max_replicas: int | None = Field(default=None, ge=1, le=256)
+    ray_cpus_per_replica: float | None = Field(default=None, ge=0.1, le=64)
 
     @field_validator("device")
     @classmethod
@@ -311,6 +329,19 @@ class Settings(BaseSettings):
             raise ValueError(f"pacs_servers: names must be unique, got {names}")
         return v
 
+    @field_validator("ray_address", mode="before")
+    @classmethod
+    def _check_ray_address(cls, v: object) -> str | None:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else str(v).strip()
+
+    @model_validator(mode="after")
+    def _check_ray_replicas(self) -> Settings:
+        low, high = self.ray_replica_bounds
+        if low > high:
+            raise ValueError(f"ray_min_replicas={low} is above ray_max_replicas={high}; the minimum must not "
+                             f"exceed the maximum")
+        return self
+
     @model_validator(mode="after")
     def _check_job_timing(self) -> Settings:
         if self.job_stale_after_s < 3 * self.job_heartbeat_s:
@@ -345,6 +376,22 @@ class Settings(BaseSettings):
     def max_upload_bytes(self) -> int:
         """``max_upload_mb`` in bytes."""
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def ray_autoscaling(self) -> bool:
+        """Autoscaling bounds were set (``ray_min_replicas`` or ``ray_max_replicas``)."""
+        return self.ray_min_replicas is not None or self.ray_max_replicas is not None
+
+    @property
+    def ray_replica_bounds(self) -> tuple[int, int]:
+        """(fewest, most) replicas: both ``ray_replicas`` without autoscaling; else the bounds, each defaulting to
+        ``ray_replicas``."""
+        if not self.ray_autoscaling:
+            return self.ray_replicas, self.ray_replicas
+        low = self.ray_min_replicas if self.ray_min_replicas is not None else min(self.ray_replicas,
+                                                                                 self.ray_max_replicas or 256)
+        high = self.ray_max_replicas if self.ray_max_replicas is not None else max(self.ray_replicas, low)
+        return low, high
 
     @property
     def runs_dir(self) -> Path:

@@ -26,6 +26,8 @@ from app.engine import GenerationCancelled
 from app.jobs import (
     JOB_FILE,
     AuditRecorder,
+    Backend,
+    BackendError,
     JobManager,
     JobNotFoundError,
     JobState,
@@ -683,3 +685,49 @@ def test_queue_estimate_counts_samples_overhead_and_the_fair_order(make_manager)
     assert m.queue_eta_s(heavy) == pytest.approx(12.12 + overhead + 0.165 + overhead)
     assert m.queue_eta_s(running) is None
     runner.gate.set()
+
+
+class SlotsBackend(Backend):
+    """A backend with two slots: each run waits for ``gate`` (or cancel); ``fail`` makes runs raise it."""
+
+    name = "slots"
+    concurrency = 2
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.runner = GatedRunner(steps=2)
+        self.fail = fail
+        self.closed = False
+
+    def run(self, job, data, progress):
+        if self.fail is not None:
+            raise self.fail
+        return self.runner(None, data, job.request, job.run_dir, progress=progress, cancel=job.cancel_event,
+                           decoded=job._decoded)
+
+
+def test_a_backend_with_two_slots_runs_two_jobs_at_once(make_manager):
+    backend = SlotsBackend()
+    m = make_manager(backend=backend)
+    assert m.backend is backend and len(m._threads) == 2 and m.worker_alive
+    first, second, third = (m.submit(owner, png_bytes(), req()) for owner in ("alice", "bob", "carol"))
+    wait_for(lambda: first.state is JobState.RUNNING and second.state is JobState.RUNNING)
+    assert third.state is JobState.QUEUED and m.queue_position(third) == 1
+    backend.runner.gate.set()
+    wait_for(lambda: all(j.state is JobState.DONE for j in (first, second, third)))
+    assert m._running == []
+
+
+def test_the_default_backend_is_the_in_process_runner(make_manager):
+    runner = GatedRunner(gated=False)
+    m = make_manager(runner)
+    assert m.backend.name == "local" and m.backend.concurrency == 1 and len(m._threads) == 1
+    job = m.submit("alice", png_bytes(), req())
+    wait_for(lambda: job.state.finished)
+    assert job.state is JobState.DONE and runner.calls == [job.id]
+
+
+def test_a_backend_error_fails_the_job_with_its_message(make_manager):
+    m = make_manager(backend=SlotsBackend(fail=BackendError("The run was lost: the model replica stopped.")))
+    job = m.submit("alice", png_bytes(), req())
+    wait_for(lambda: job.state.finished)
+    assert job.state is JobState.FAILED and job.error == "The run was lost: the model replica stopped."

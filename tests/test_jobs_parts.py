@@ -250,6 +250,20 @@ def test_limits_admit_by_user_share_then_length_then_cost(tmp_path):
         Limits(queue_size=3).admit("dave", 1, [*waiting, _job(store, "carol")], None)
 
 
+def test_limits_and_fair_order_count_every_running_job_of_several_workers(tmp_path):
+    store = JobStore(tmp_path / "runs")
+    running = [_job(store, "alice"), _job(store, "alice"), _job(store, "bob")]
+    running[1].eta_s = 8.2
+    with pytest.raises(UserQueueLimitError) as e:
+        Limits(max_jobs_per_user=2).admit("alice", 1, [], running)
+    assert (e.value.active, e.value.retry_after_s) == (2, 8)
+    Limits(max_jobs_per_user=2).admit("bob", 1, [], running)
+    a2, c1 = _job(store, "alice"), _job(store, "carol")
+    a2.queued_tick, c1.queued_tick = 1, 2
+    # alice and bob are being served: carol, who waits, goes first although alice queued earlier
+    assert fair_order([a2, c1], {}, ["alice", "bob"], 3) == [c1, a2]
+
+
 def test_fair_order_takes_users_in_turn(tmp_path):
     store = JobStore(tmp_path / "runs")
     a2, a3 = _job(store, "alice", tick=2), _job(store, "alice", tick=3)

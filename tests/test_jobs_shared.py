@@ -79,8 +79,8 @@ def front(tmp_path: Path) -> Iterator[Front]:
     yield make
     for m, runner in made:
         runner.gate.set()
-        if m._running is not None:
-            m._running.cancel_event.set()
+        for job in list(m._running):
+            job.cancel_event.set()
         m.stop(timeout=5)
 
 
@@ -164,8 +164,9 @@ def test_a_restarted_front_loses_no_accepted_job_and_reruns_a_dead_claim_once(an
     rows = _rows(any_db)
     assert rows[running.id].attempts == 2 and [rows[j.id].attempts for j in queued] == [1, 1]
     # the dead front wakes up after all: it keeps nothing of its run (the job's record stays the new front's)
-    old._running.cancel_event.set()
-    wait_for(lambda: old._running is None)
+    for stale in list(old._running):
+        stale.cancel_event.set()
+    wait_for(lambda: old._running == [])
     assert json.loads((running.run_dir / JOB_FILE).read_text())["state"] == "done"
     assert _rows(any_db)[running.id].state == "done"
 

@@ -25,6 +25,7 @@ RANKS: tuple[tuple[str, ...], ...] = (
     ("rendering", "mapmethods"),  # overlays, legends, banners; map methods beside the SDEdit difference
     ("runs",),  # one review run, its record, its checked folder, its exports
     ("pacs", "train", "evaluate", "jobs"),  # PACS over DICOMweb; training; evaluation; the review queue
+    ("serving",),  # the model on Ray Serve replicas: a backend of the review queue
     ("web",),  # the FastAPI app
     ("cli",),  # the vald-md command
 )

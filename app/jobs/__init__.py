@@ -1,4 +1,4 @@
-"""The review queue: a bounded, fair queue of jobs and the single worker thread that owns the engine.
+"""The review queue: a bounded, fair queue of jobs and the worker threads that hand them to a backend.
 
 Package layout (imports flow down the list; nothing here imports ``app.web``):
 
@@ -10,6 +10,8 @@ Package layout (imports flow down the list; nothing here imports ``app.web``):
 - ``recorder``: the audit trail, or none (:class:`AuditRecorder`, :class:`NullRecorder`);
 - ``jobtable``: the queue shared by several front processes in the database (:class:`JobTable`;
   ``VALD_MD_JOB_STATE=database``);
+- ``backend``: where a run executes (:class:`Backend`; :class:`LocalBackend`, this process's model, is the
+  default; ``app.serving.RayBackend`` runs on Ray Serve replicas);
 - ``manager``: the queue, the worker, cancel and lookup (:class:`JobManager`; ``JobManager.from_settings`` for the
   server).
 
@@ -27,7 +29,9 @@ for the callers that import them from this package.
 from __future__ import annotations
 
 from app.imaging import gray_png, read_png_unit
+from app.jobs.backend import Backend, LocalBackend
 from app.jobs.errors import (
+    BackendError,
     JobNotFoundError,
     JobNotReadyError,
     QueueFullError,
@@ -49,6 +53,8 @@ __all__ = [
     "THUMBNAIL",
     "UPLOAD_STEM",
     "AuditRecorder",
+    "Backend",
+    "BackendError",
     "Job",
     "JobManager",
     "JobNotFoundError",
@@ -57,6 +63,7 @@ __all__ = [
     "JobStore",
     "JobTable",
     "Limits",
+    "LocalBackend",
     "NullRecorder",
     "QueueFullError",
     "RateEstimator",

@@ -3,7 +3,8 @@ to HTTP statuses)."""
 
 from __future__ import annotations
 
-__all__ = ["JobNotFoundError", "JobNotReadyError", "QueueFullError", "UserQueueLimitError", "WorkerStoppedError"]
+__all__ = ["BackendError", "JobNotFoundError", "JobNotReadyError", "QueueFullError", "UserQueueLimitError",
+           "WorkerStoppedError"]
 
 
 class QueueFullError(RuntimeError):
@@ -55,3 +56,8 @@ class JobNotReadyError(RuntimeError):
     def __init__(self, state: str) -> None:
         self.state = state
         super().__init__(f"This run is {state}; its images are available once it is done.")
+
+
+class BackendError(RuntimeError):
+    """The backend could not finish a run for a reason of its own (a model replica lost twice, a replica that
+    cannot see the run folder): the job fails with this message, which is written for the user."""

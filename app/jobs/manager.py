@@ -1,7 +1,9 @@
-"""The review queue: a bounded, fair queue of jobs and the single worker thread that owns the engine.
+"""The review queue: a bounded, fair queue of jobs and the worker threads that hand them to the backend.
 
-One process holds one model copy, and the diffusion pipeline is not thread-safe, so exactly one thread runs
-:func:`app.runs.review.run_review`; requests only enqueue. Memory holds only small state: the progress counters, the
+Requests only enqueue; the worker threads, one per run the :class:`~app.jobs.backend.Backend` takes at once, run
+them. With the default :class:`~app.jobs.backend.LocalBackend` that is one thread, the only one that runs
+:func:`app.runs.review.run_review` on this process's model copy (the diffusion pipeline is not thread-safe); a Ray
+Serve backend (:mod:`app.serving`) takes one run per replica. Memory holds only small state: the progress counters, the
 latest preview (a latent-sized array) and, while a job waits, its decoded pixels. The manager delegates the rest:
 files to the :class:`~app.jobs.store.JobStore`, the audit trail to a :class:`~app.jobs.recorder.Recorder`, who may
 queue and who goes next to :mod:`app.jobs.policy`, time estimates to the
@@ -10,7 +12,7 @@ queue and who goes next to :mod:`app.jobs.policy`, time estimates to the
 Jobs belong to an ``owner`` (a user id string); every lookup takes the owner and treats another user's job as
 unknown, so one user can never learn that another user's job id exists (administrators pass ``any_owner``).
 
-Queue positions and start estimates follow :meth:`JobManager.fair_order`. A job's end and the release of the
+Queue positions and start estimates follow :meth:`JobManager.fair_order`. A job's end and the release of its
 worker's slot are one step under the lock, so whoever sees a job finished may queue the next one at once.
 
 With a :class:`~app.jobs.jobtable.JobTable` (``VALD_MD_JOB_STATE=database``) the queue is the database's: several
@@ -23,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,7 +36,8 @@ from app import attribution, audit, imaging
 from app.config import Settings
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps
 from app.imaging import gray_png
-from app.jobs.errors import JobNotFoundError, WorkerStoppedError
+from app.jobs.backend import Backend, LocalBackend, Runner
+from app.jobs.errors import BackendError, JobNotFoundError, WorkerStoppedError
 from app.jobs.estimate import RateEstimator
 from app.jobs.job import Job, JobState, final_timings, job_cost, now
 from app.jobs.jobtable import STALE_FAILED, JobTable, default_front_id
@@ -43,19 +45,15 @@ from app.jobs.policy import Limits, fair_order, queued_cost
 from app.jobs.recorder import AuditRecorder, NullRecorder, Recorder
 from app.jobs.store import MASK_UPLOAD, JobStore
 from app.lungs import LungSegmenter
-from app.runs.record import RunRecord
 from app.runs.review import ReviewRequest, resolve_request, run_review
 
 __all__ = ["JobManager", "Runner"]
 
 logger = logging.getLogger("vald_md.jobs")
 
-Runner = Callable[..., RunRecord]
-"""Signature of :func:`app.runs.review.run_review`; injectable so tests can gate a job."""
-
 
 class JobManager:
-    """Owns the queue, the worker thread and the engine's time.
+    """Owns the queue, the worker threads and the backend's time.
 
     Args:
         engine: the loaded engine (or any object with ``generate_request``, ``check_inputs`` and ``info`` for tests).
@@ -71,28 +69,31 @@ class JobManager:
         preview_size: longest side in pixels of preview PNGs.
         table: the shared job table (several front processes on one database and one ``runs_dir`` volume);
             ``None`` (the default): this process's queue is in memory and ``job.json`` only.
-        heartbeat_s: with ``table``: how often the running job's claim is renewed and the table polled, seconds.
+        heartbeat_s: with ``table``: how often the running jobs' claims are renewed and the table polled, seconds.
+        backend: where runs execute; ``None`` = :class:`LocalBackend` (``runner`` on ``engine`` in this process).
+            The engine, segmenter and classifier still check every request at submission.
     """
 
     def __init__(self, engine: CounterfactualEngine, store: JobStore, recorder: Recorder, limits: Limits, *,
                  runner: Runner = run_review, segmenter: LungSegmenter | None = None, classifier: Any = None,
-                 preview_size: int = 192, table: JobTable | None = None, heartbeat_s: float = 2.0) -> None:
+                 preview_size: int = 192, table: JobTable | None = None, heartbeat_s: float = 2.0,
+                 backend: Backend | None = None) -> None:
         self.engine = engine
         self.store = store
         self.recorder = recorder
         self.limits = limits
+        self.backend = backend or LocalBackend(engine, runner=runner, segmenter=segmenter, classifier=classifier)
         self.segmenter = segmenter
         self.classifier = classifier
         self.preview_size = preview_size
         self.estimator = RateEstimator()
-        self._runner = runner
         self._pending: list[Job] = []  # in submission order; the worker takes them in fair_order()
         self._tick = 0  # orders submissions and ends of runs (fair_order)
         self._served: dict[str, int] = {}  # owner -> tick at which their latest job ended
-        self._running: Job | None = None
+        self._running: list[Job] = []  # one per busy worker thread
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.table = table
         self.heartbeat_s = heartbeat_s
         self._busy_owners: set[str] = set()  # with a table: owners with a job running on any front
@@ -105,7 +106,8 @@ class JobManager:
     @classmethod
     def from_settings(cls, settings: Settings, engine: CounterfactualEngine, *, db: Database | None,
                       uid_secret: bytes | None = None, segmenter: LungSegmenter | None = None,
-                      classifier: Any = None, runner: Runner = run_review) -> JobManager:
+                      classifier: Any = None, runner: Runner = run_review,
+                      backend: Backend | None = None) -> JobManager:
         """The server's manager, built from its settings.
 
         Args:
@@ -113,7 +115,8 @@ class JobManager:
                 ``queue_size``, ``max_jobs_per_user``, ``queue_cost_budget``, ``max_steps``, ``max_samples``,
                 ``preview_size`` and ``job_state`` (with ``database``: ``front_id``, ``job_heartbeat_s`` and
                 ``job_stale_after_s``).
-            engine, segmenter, classifier, runner: as for the constructor.
+            engine, segmenter, classifier, runner, backend: as for the constructor (the web app builds a Ray
+                backend when ``settings.backend`` is ``ray``).
             db: the audit database; ``None`` keeps no records beyond ``job.json``.
             uid_secret: the HMAC key for DICOM UIDs; required with ``db``.
 
@@ -134,25 +137,51 @@ class JobManager:
                 raise ValueError("job_state=database needs the database: pass db (audit.init_db)")
             table = JobTable(db, settings.front_id or default_front_id(), stale_after_s=settings.job_stale_after_s)
         return cls(engine, store, recorder, limits, runner=runner, segmenter=segmenter, classifier=classifier,
-                   preview_size=settings.preview_size, table=table, heartbeat_s=settings.job_heartbeat_s)
+                   preview_size=settings.preview_size, table=table, heartbeat_s=settings.job_heartbeat_s,
+                   backend=backend)
+
+    @property
+    def segmenter(self) -> LungSegmenter | None:
+        """The lung segmenter that checks requests and, in process, restricts every run's map (replaceable)."""
+        return self._segmenter
+
+    @segmenter.setter
+    def segmenter(self, value: LungSegmenter | None) -> None:
+        self._segmenter = value
+        if isinstance(self.backend, LocalBackend):
+            self.backend.segmenter = value
+
+    @property
+    def classifier(self) -> Any:
+        """The lesion classifier that checks requests and, in process, guides ``classifier_guided`` runs."""
+        return self._classifier
+
+    @classifier.setter
+    def classifier(self, value: Any) -> None:
+        self._classifier = value
+        if isinstance(self.backend, LocalBackend):
+            self.backend.classifier = value
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the worker thread (idempotent)."""
-        if self._thread is not None and self._thread.is_alive():
+        """Start the worker threads, ``backend.concurrency`` of them (idempotent)."""
+        if self.worker_alive:
             return
         self._stopping = False
         if self.table is not None:  # this front's id cannot be running anything yet: its claims are a past life's
             self._recover(self.table.recover_stale(own_claims=True).failed)
             self._sync_shared()
-        self._thread = threading.Thread(target=self._work, name="vald-md-worker", daemon=True)
-        self._thread.start()
+        count = max(1, self.backend.concurrency)
+        self._threads = [threading.Thread(target=self._work, name="vald-md-worker" if count == 1 else
+                                          f"vald-md-worker-{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
         if self.table is not None and not (self._beat_thread is not None and self._beat_thread.is_alive()):
             self._beat_thread = threading.Thread(target=self._beat, name="vald-md-job-table", daemon=True)
             self._beat_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job, stop the worker and wait up to ``timeout`` seconds for it.
+        """Cancel the running jobs, stop the workers and wait up to ``timeout`` seconds for them.
 
         Jobs still waiting stay ``queued`` on disk and are marked ``interrupted`` at the next start. With a job
         table, nothing is cancelled: waiting jobs stay queued for the other fronts (or the next start), and the
@@ -161,19 +190,24 @@ class JobManager:
         """
         with self._cond:
             self._stopping = True
-            if self._running is not None and self.table is None:
-                self._running._cancel_reason = "the server was shutting down"
-                self._running.cancel_event.set()
+            for job in self._running if self.table is None else []:
+                job._cancel_reason = "the server was shutting down"
+                job.cancel_event.set()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._beat_thread is not None and not self.worker_alive:
-            self._beat_thread.join(timeout)
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        if self._beat_thread is not None and not self._any_worker_alive:
+            self._beat_thread.join(max(0.0, end - time.monotonic()))
 
     @property
     def worker_alive(self) -> bool:
-        """The worker thread is running."""
-        return self._thread is not None and self._thread.is_alive()
+        """Every worker thread is running."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    @property
+    def _any_worker_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
 
     @property
     def queue_length(self) -> int:
@@ -322,12 +356,12 @@ class JobManager:
         (:func:`app.jobs.policy.fair_order`: users take turns; a user's own jobs keep their order)."""
         with self._cond:
             pending, served = list(self._pending), dict(self._served)
-            running_owner = self._running.owner if self._running is not None else None
+            running_owners = [j.owner for j in self._running]
             tick = self._tick + 1  # "now": after every job queued so far
             if self.table is not None:  # ticks are microseconds (every front's clock), owners running anywhere
                 tick = _micros(now())
                 served.update(dict.fromkeys(self._busy_owners, tick))
-        return fair_order(pending, served, running_owner, tick)
+        return fair_order(pending, served, running_owners, tick)
 
     def queue_position(self, job: Job) -> int | None:
         """1 for the job that starts next, 2 behind it, ... in :meth:`fair_order`; ``None`` unless it is queued."""
@@ -343,17 +377,27 @@ class JobManager:
 
     def queue_eta_s(self, job: Job) -> float | None:
         """Estimated seconds until a queued job starts: what the running job has left plus
-        :meth:`estimated_run_s` of every job ahead of it in :meth:`fair_order`; ``None`` before a run has been
-        measured or when the job is not queued."""
+        :meth:`estimated_run_s` of every job ahead of it in :meth:`fair_order`, shared among the backend's
+        ``concurrency`` slots (0 while a slot is free); ``None`` before a run has been measured or when the job is not
+        queued."""
         if not self.estimator.measured:
             return None
         order = self.fair_order()
         if job not in order:
             return None
-        running = self._running
-        return self.estimator.wait_s([j.cost for j in order[:order.index(job)]],
-                                     running.cost if running is not None else None,
-                                     running.eta_s if running is not None else None)
+        slots = max(1, self.backend.concurrency)
+        running = list(self._running)
+        ahead = [j.cost for j in order[:order.index(job)]]
+        if slots == 1:
+            first = running[0] if running else None
+            return self.estimator.wait_s(ahead, first.cost if first is not None else None,
+                                         first.eta_s if first is not None else None)
+        if len(running) + len(ahead) < slots:
+            return 0.0
+        # several slots: the work ahead, the running jobs' remainders included, spread evenly over them
+        left = self.estimator.wait_s(ahead, None, None) or 0.0
+        left += sum(self.estimator.wait_s([], j.cost, j.eta_s) or 0.0 for j in running)
+        return left / slots
 
     def preview_png(self, job: Job) -> bytes | None:
         """The latest progress preview as a small PNG (encoded on request, cached per version)."""
@@ -452,7 +496,7 @@ class JobManager:
                         self._finish(job, JobState.FAILED, message)
             finally:
                 with self._cond:
-                    if self._running is job:  # _finish frees the slot; this covers a _finish that raised
+                    if job in self._running:  # _finish frees the slot; this covers a _finish that raised
                         self._release(job)
 
     def _take_next(self) -> Job | None:
@@ -498,10 +542,10 @@ class JobManager:
             return job
 
     def _mark_running(self, job: Job, started: datetime) -> Job:
-        """Make ``job`` the running one (caller holds the lock)."""
+        """Make ``job`` a running one, this worker's (caller holds the lock)."""
         job.state = JobState.RUNNING
         job.started_at = started
-        self._running = job
+        self._running.append(job)
         job.touch()
         return job
 
@@ -524,15 +568,13 @@ class JobManager:
 
         data = job.upload_path.read_bytes()
         try:
-            record = self._runner(self.engine, data, job.request, job.run_dir, mask=job._mask, progress=progress,
-                                  cancel=job.cancel_event, decoded=job._decoded, segmenter=self.segmenter,
-                                  classifier=self.classifier)
+            record = self.backend.run(job, data, progress)
         except GenerationCancelled:
             self.recorder.finish(job, JobState.CANCELLED, job._cancel_reason or "cancelled")
             with self._cond:
                 self._finish(job, JobState.CANCELLED)
             return
-        except (imaging.ImagingError, ValueError) as e:
+        except (imaging.ImagingError, ValueError, BackendError) as e:
             self.recorder.finish(job, JobState.FAILED, str(e))
             with self._cond:
                 self._finish(job, JobState.FAILED, str(e))
@@ -560,13 +602,13 @@ class JobManager:
         The state and the free slot change in the same lock section: a caller that sees the job finished and
         then takes the lock (a submission's capacity check) never finds the slot still held."""
         self.store.make_private(job)
-        ran_here = self._running is job
+        ran_here = job in self._running
         job.state = state
         job.error = error
         job.finished_at = now()
         job.eta_s = None
         job.timings_s = final_timings(job, job.finished_at)
-        if self._running is job:
+        if ran_here:
             self._release(job)
         job.touch()
         if self.table is None or not ran_here or self._end_claim(job):
@@ -594,7 +636,7 @@ class JobManager:
 
     def _release(self, job: Job) -> None:
         """Free the worker's slot after ``job`` (caller holds the lock): its owner's turn ended now."""
-        self._running = None
+        self._running.remove(job)
         self._tick += 1
         self._served[job.owner] = self._tick if self.table is None else _micros(now())
         job._decoded = job._mask = None
@@ -625,7 +667,7 @@ class JobManager:
         if job.state is JobState.QUEUED and self.table.cancel_queued(job.id):
             return True
         with self._cond:
-            if self._running is job:
+            if job in self._running:
                 return True
         self.table.request_cancel(job.id)
         return False
@@ -634,7 +676,7 @@ class JobManager:
         """The job table's thread: renew the running job's claim, recover dead fronts' jobs and poll for changes,
         every ``heartbeat_s`` seconds, until the worker has stopped."""
         while True:
-            finished = self._stopping and not self.worker_alive
+            finished = self._stopping and not self._any_worker_alive
             try:
                 self._sync_shared()
                 assert self.table is not None
@@ -659,17 +701,19 @@ class JobManager:
                 self._finish(job, JobState.FAILED, STALE_FAILED)
 
     def _sync_shared(self) -> None:
-        """Renew the running job's claim (a cancel asked on another front cancels it here), then bring every
+        """Renew the running jobs' claims (a cancel asked on another front cancels one here), then bring every
         front's queued, running and recently ended jobs into this front's view."""
         table = self.table
         assert table is not None
-        running = self._running
-        if running is not None and table.heartbeat(running.id, running.step, running.total):
-            with self._cond:
-                if self._running is running and not running.cancel_event.is_set():
-                    running._cancel_reason = running._cancel_reason or "cancelled by the user"
-                    running.cancel_event.set()
-                    running.touch()
+        with self._cond:
+            running_now = list(self._running)
+        for running in running_now:
+            if table.heartbeat(running.id, running.step, running.total):
+                with self._cond:
+                    if running in self._running and not running.cancel_event.is_set():
+                        running._cancel_reason = running._cancel_reason or "cancelled by the user"
+                        running.cancel_event.set()
+                        running.touch()
         started = now()
         since = None if self._synced_at is None else self._synced_at - timedelta(seconds=5 + self.heartbeat_s)
         rows = table.changes(since)
@@ -688,8 +732,8 @@ class JobManager:
                 self._cond.notify_all()
 
     def _apply_row(self, job: Job, row: audit.JobRecord) -> None:
-        """Bring ``job`` to what its table row says (caller holds the lock); this front's running job is its own."""
-        if job is self._running:
+        """Bring ``job`` to what its table row says (caller holds the lock); this front's running jobs are its own."""
+        if job in self._running:
             return
         state = JobState(row.state)
         if state is JobState.QUEUED:

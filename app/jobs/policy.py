@@ -12,7 +12,7 @@ if later): round robin between users, first come first served within a user (:fu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from app.jobs.errors import QueueFullError, UserQueueLimitError
@@ -63,21 +63,23 @@ class Limits:
         return len(pending) >= self.queue_size or (
             self.cost_budget is not None and queued_cost(pending) >= self.cost_budget)
 
-    def admit(self, owner: str, cost: int, pending: Sequence[Job], running: Job | None) -> None:
+    def admit(self, owner: str, cost: int, pending: Sequence[Job], running: Job | Sequence[Job] | None) -> None:
         """Refuse a job of ``owner`` costing ``cost`` step-samples: the user's limit, the queue's length, then its
         cost budget.
 
         Args:
             owner: user id string.
             cost: the new job's cost, step-samples.
-            pending: the waiting jobs; running: the job the worker holds, if any.
+            pending: the waiting jobs; running: the jobs the workers hold (one job, or none, for one worker).
 
         Raises:
             UserQueueLimitError: ``owner`` has ``max_jobs_per_user`` runs queued or running.
             QueueFullError: ``queue_size`` jobs wait already, or the new one would pass ``cost_budget``.
         """
-        active = sum(j.owner == owner for j in pending) + int(running is not None and running.owner == owner)
-        wait = running.eta_s if running is not None and running.owner == owner else None
+        own = [j for j in _jobs(running) if j.owner == owner]
+        active = sum(j.owner == owner for j in pending) + len(own)
+        etas = [j.eta_s for j in own if j.eta_s is not None]
+        wait = min(etas) if etas else None
         self.admit_counts(owner_active=active, waiting=len(pending), waiting_cost=queued_cost(pending), cost=cost,
                           retry_after_s=wait)
 
@@ -108,7 +110,12 @@ def queued_cost(pending: Sequence[Job]) -> int:
     return sum(j.cost for j in pending)
 
 
-def fair_order(pending: Sequence[Job], served: Mapping[str, int], running_owner: str | None, tick: int) -> list[Job]:
+def _jobs(running: Job | Sequence[Job] | None) -> list[Job]:
+    return [] if running is None else [running] if isinstance(running, Job) else list(running)
+
+
+def fair_order(pending: Sequence[Job], served: Mapping[str, int], running_owner: str | Collection[str] | None,
+               tick: int) -> list[Job]:
     """The waiting jobs in the order the worker will take them, if nothing else arrives.
 
     Each pick goes to the user who has waited longest: since their latest job ended, or since their oldest waiting
@@ -119,15 +126,16 @@ def fair_order(pending: Sequence[Job], served: Mapping[str, int], running_owner:
     Args:
         pending: the waiting jobs in submission order (each with its ``queued_tick``).
         served: owner -> tick at which their latest job ended.
-        running_owner: the owner of the running job, if any.
+        running_owner: the owner of the running job, if any (several workers: the running jobs' owners).
         tick: "now", a tick after every job queued so far.
 
     Returns:
         ``pending``'s jobs, reordered.
     """
     served = dict(served)
-    if running_owner is not None:
-        served[running_owner] = tick
+    owners = [] if running_owner is None else [running_owner] if isinstance(running_owner, str) else running_owner
+    for running in owners:
+        served[running] = tick
     waiting: dict[str, list[Job]] = {}
     for j in pending:
         waiting.setdefault(j.owner, []).append(j)

@@ -335,7 +335,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                mask: np.ndarray | None = None, progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None,
                decoded: imaging.DecodedImage | None = None,
-               segmenter: LungSegmenter | None = None, classifier: Any = None) -> RunRecord:
+               segmenter: LungSegmenter | None = None, classifier: Any = None,
+               record_extra: dict[str, Any] | None = None) -> RunRecord:
     """Decode ``data``, make the counterfactual(s), write every artifact into ``out``; return the record (as
     :meth:`RunRecord.from_json` reads the ``record.json`` written: equal to what any later reader sees).
 
@@ -346,6 +347,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
             lungs it finds in the decoded pixels and ``lung_mask.png`` is written (see :func:`lung_region`).
             ``classifier_guided`` also needs it (the classifier sees the lungs of the model-frame image).
         classifier: the lesion classifier (``app.lesions.LesionClassifier``); needed by ``classifier_guided``.
+        record_extra: keys added at the end of the record (a Ray Serve replica adds ``"serving"``: backend,
+            replica, node, attempt); ``None``, as in-process runs pass, adds nothing.
 
     Raises:
         imaging.ImagingError: the file cannot be read as a chest radiograph (message for the clinician).
@@ -406,6 +409,7 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         "model_limitations": engine.info.manifest.get("limitations"),
         "artifacts_sha256": hashes,
         "disclaimer": DISCLAIMER,
+        **(record_extra or {}),
     }
     record_bytes = json.dumps(record, indent=2, default=str).encode()
     _write(out / folder.RECORD, record_bytes)

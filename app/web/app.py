@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,8 +35,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from app import __version__, audit, filemodes
 from app.config import Settings
 from app.engine import CounterfactualEngine, load_engine_in_short_lived_thread
-from app.jobs import JobManager
-from app.lungs import LungSegmenter, SegmenterFolderError
+from app.jobs import Backend, JobManager
+from app.serving.loading import load_classifier, load_segmenter
 from app.web import accounts, admin, api, pacs, pages, tokens, viewing
 from app.web.auth import AuthMiddleware, LoginRateLimiter, TrustedHostsMiddleware
 from app.web.errors import UploadTooLargeError, error_response, install_error_handlers
@@ -127,62 +125,15 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def load_segmenter(folder: Path) -> LungSegmenter | None:
-    """The lung segmenter in ``folder``, or ``None`` (with a warning) when there is none: never fatal, because the
-    review app works without it (maps are then not restricted to the lungs, and each record says why).
-
-    Loaded in a thread that then ends, as the model is (``engine.load_engine_in_short_lived_thread``), so that
-    the job worker stays the only long-lived thread with an OpenMP team.
-    """
-    box: dict[str, LungSegmenter] = {}
-    errors: list[Exception] = []
-
-    def load() -> None:
-        try:
-            box["seg"] = LungSegmenter(folder, device="cpu")
-        except SegmenterFolderError as e:  # missing or unreadable folder: the expected case
-            errors.append(e)
-        except Exception as e:  # noqa: BLE001  damaged weights (safetensors, state-dict mismatch): not worth a crash
-            errors.append(RuntimeError(f"{type(e).__name__}: {e}"))
-
-    t = threading.Thread(target=load, name="vald-md-segmenter-load")
-    t.start()
-    t.join()
-    if errors or "seg" not in box:
-        reason = errors[0] if errors else "the loader stopped"
-        logger.warning("no lung segmenter loaded (%s); attribution maps will not be restricted to the lungs",
-                       reason)
+def make_backend(settings: Settings, model_sha256: str) -> Backend | None:
+    """The job queue's backend for ``settings.backend``: ``None`` for ``local`` (the manager's in-process default,
+    no Ray imported), else an ``app.serving.RayBackend`` serving the model with ``model_sha256`` (connects to or
+    starts the cluster and deploys; seconds to minutes)."""
+    if settings.backend == "local":
         return None
-    seg = box["seg"]
-    logger.info("lung segmenter %s (%s) loaded", seg.info.name, seg.info.sha256[:12])
-    return seg
+    from app.serving import RayBackend
 
-
-def load_classifier(folder: Path) -> Any:
-    """The lesion classifier (``app.lesions.LesionClassifier``) in ``folder``, or ``None`` (with a warning) when
-    there is none: never fatal, the server then offers only the SDEdit map. Loaded in a short-lived thread, as the
-    segmenter is."""
-    from app.lesions import LesionClassifier
-
-    box: dict[str, Any] = {}
-    errors: list[Exception] = []
-
-    def load() -> None:
-        try:
-            box["clf"] = LesionClassifier(folder)
-        except Exception as e:  # noqa: BLE001  missing folder, damaged weights: not worth a crash
-            errors.append(e)
-
-    t = threading.Thread(target=load, name="vald-md-classifier-load")
-    t.start()
-    t.join()
-    if errors or "clf" not in box:
-        reason = errors[0] if errors else "the loader stopped"
-        logger.warning("no lesion classifier loaded (%s); the classifier-guided map method is not available", reason)
-        return None
-    clf = box["clf"]
-    logger.info("lesion classifier %s (%s) loaded", clf.info["name"], clf.info["sha256"][:12])
-    return clf
+    return RayBackend.from_settings(settings, model_sha256=model_sha256)
 
 
 def checkpoint(db: Any, settings: Settings) -> None:
@@ -244,8 +195,10 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             else:
                 assert loading is not None  # started above whenever no engine was injected
                 eng = await loading
+            # where runs execute: this process (default), or Ray Serve replicas of the same model (issue 14)
+            backend = await run_in_threadpool(make_backend, settings, eng.info.model_hash)
             jobs = JobManager.from_settings(settings, eng, db=db, uid_secret=secret, segmenter=segmenter,
-                                            classifier=classifier)
+                                            classifier=classifier, backend=backend)
         except BaseException:
             if loading is not None:
                 await asyncio.wait([loading])  # (a thread cannot be stopped) no loader left behind a failed start
@@ -263,12 +216,15 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         app.state.jobs = jobs
         app.state.login_limiter = LoginRateLimiter(settings.login_attempts_per_minute)
         # 4. say so
-        audit.append_event(db, audit.AuditAction.APP_START, detail={
+        start_detail = {
             "version": __version__, "model_sha256": eng.info.model_hash, "interrupted_runs": interrupted,
             "database": db.dialect.name, "de_identified_uploads": not settings.store_identified_uploads,
             "plain_uids": settings.store_plain_uids,
             "lung_segmenter_sha256": segmenter.info.sha256 if segmenter is not None else None,
-            "lesion_classifier_sha256": classifier.info["sha256"] if classifier is not None else None})
+            "lesion_classifier_sha256": classifier.info["sha256"] if classifier is not None else None}
+        if jobs.backend.name != "local":
+            start_detail |= {"backend": jobs.backend.name, "backend_concurrency": jobs.backend.concurrency}
+        audit.append_event(db, audit.AuditAction.APP_START, detail=start_detail)
         checkpoint(db, settings)
         if not accounts.has_admin(db):
             logger.warning("no administrator account exists yet: create one on this machine with `%s` "
@@ -281,6 +237,7 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             yield
         finally:
             jobs.stop()
+            jobs.backend.close()
             try:
                 audit.append_event(db, audit.AuditAction.APP_STOP, detail={"version": __version__})
                 checkpoint(db, settings)
