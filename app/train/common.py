@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,39 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int = 2) 
     for old in sorted(ck.glob("step-*.pt"))[:-keep]:
         old.unlink()
     return path
+
+
+def unet_step(unet: torch.nn.Module, loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, ema: Any) -> None:
+    """One optimiser step of a UNet stage: backward, gradient norm clipped to 1.0, optimiser, LR schedule, EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema.step(unet.parameters())
+
+
+@contextmanager
+def ema_weights(unet: torch.nn.Module, ema: Any) -> Iterator[None]:
+    """Validate with the EMA weights: ``unet`` holds them (in eval mode) inside the block, its own after it."""
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        ema.restore(unet.parameters())
+        unet.train()
+
+
+def save_unet_checkpoint(out: Path, step: int, unet: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                         ema: Any, *, best: float, elapsed: float, rng: np.random.Generator) -> None:
+    """:func:`save_checkpoint` of a UNet stage (model, optimiser, schedule, EMA, step, best, elapsed, both RNGs):
+    what :func:`restore_scratch` and ``ema.load_state_dict`` resume from."""
+    save_checkpoint(out, step, {"model": unet.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                "ema": ema.state_dict(), "step": step, "best": best, "elapsed": elapsed,
+                                "np_rng": rng, "torch_rng": torch.get_rng_state()})
 
 
 def latest_checkpoint(out: Path) -> Path | None:

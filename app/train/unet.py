@@ -27,6 +27,7 @@ from app.train.common import (
     banner,
     caption_for,
     data_hash,
+    ema_weights,
     encode_prompt_embeddings,
     git_revision,
     load_gray,
@@ -34,8 +35,9 @@ from app.train.common import (
     read_labels,
     restore_scratch,
     resume_state,
-    save_checkpoint,
+    save_unet_checkpoint,
     to_model_range,
+    unet_step,
 )
 from app.train.config import TrainConfig, UnetSection
 from app.train.schedule import warmup_cosine_to_floor
@@ -194,37 +196,24 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
         pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per * min_snr_weights(noise_sched, t)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
+        unet_step(unet, loss, opt, sched, ema)
         prog(step, loss.item())
         elapsed = elapsed0 + time.time() - t0
         last = step + 1 == total or out_of_time(args, t0)
         val_name, val_value = "", ""
         if (step + 1) % ucfg.validate_every == 0 or last:
-            ema.store(unet.parameters())
-            ema.copy_to(unet.parameters())
-            unet.eval()
-            with torch.no_grad():
+            with ema_weights(unet, ema):
                 vl = [F.mse_loss(unet(noise_sched.add_noise(v_lat[i:i + 16], v_noise[i:i + 16], v_t[i:i + 16]),
                                       v_t[i:i + 16], encoder_hidden_states=v_cond[i:i + 16]).sample,
                                  v_noise[i:i + 16]).item() for i in range(0, len(v_lat), 16)]
-            val_name, val_value = "val_eps_mse_ema", f"{float(np.mean(vl)):.5f}"
-            if float(val_value) < best:
-                best = float(val_value)
-                unet.save_pretrained(out / "unet-best")
-            ema.restore(unet.parameters())
-            unet.train()
+                val_name, val_value = "val_eps_mse_ema", f"{float(np.mean(vl)):.5f}"
+                if float(val_value) < best:
+                    best = float(val_value)
+                    unet.save_pretrained(out / "unet-best")
             sys.stderr.write(f"\n[val] step {step + 1}: EMA eps-MSE {val_value} (best {best:.5f})\n")
         log.row(step + 1, loss.item(), float(sched.get_last_lr()[0]), elapsed, val_name, val_value)
         if (step + 1) % ucfg.checkpoint_every == 0 or last:
-            save_checkpoint(out, step + 1, {"model": unet.state_dict(), "opt": opt.state_dict(),
-                                            "sched": sched.state_dict(), "ema": ema.state_dict(),
-                                            "step": step + 1, "best": best, "elapsed": elapsed, "np_rng": rng,
-                                            "torch_rng": torch.get_rng_state()})
+            save_unet_checkpoint(out, step + 1, unet, opt, sched, ema, best=best, elapsed=elapsed, rng=rng)
             log.plot()
         if last:
             total_run = step + 1
