@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,45 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int = 2) 
     for old in sorted(ck.glob("step-*.pt"))[:-keep]:
         old.unlink()
     return path
+
+
+@dataclass
+class UnetOptimisation:
+    """A UNet stage's optimiser, LR schedule and EMA, and where the run stands (fresh or resumed).
+
+    Attributes:
+        opt: AdamW (weight decay 1e-2). sched: warm-up then cosine to ``warmup_cosine_to_floor``'s floor.
+        ema: the weights' exponential moving average (warm-up power 2/3). start: the next step (0 when fresh).
+        best: the best validation figure so far (inf when fresh). elapsed: seconds trained by earlier invocations.
+        rng: the numpy generator to go on with (the checkpoint's when resumed, else the one given).
+    """
+
+    opt: torch.optim.Optimizer
+    sched: Any
+    ema: Any
+    start: int
+    best: float
+    elapsed: float
+    rng: np.random.Generator
+
+
+def unet_optimisation(unet: torch.nn.Module, *, lr: float, warmup_steps: int, total: int, ema_decay: float,
+                      out: Path, resume: str | None, rng: np.random.Generator) -> UnetOptimisation:
+    """The optimiser, schedule and EMA of a UNet stage, restored from ``out``'s checkpoint when ``resume`` names one
+    (:func:`resume_state`, :func:`restore_scratch`; :func:`save_unet_checkpoint` writes what this reads)."""
+    from diffusers.training_utils import EMAModel
+
+    from app.train.schedule import warmup_cosine_to_floor
+
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_to_floor(warmup_steps, total))
+    ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=2 / 3)
+    start, best, elapsed = 0, float("inf"), 0.0
+    st = resume_state(out, resume)
+    if st is not None:
+        start, best, elapsed, rng = restore_scratch(st, unet, opt, sched)
+        ema.load_state_dict(st["ema"])
+    return UnetOptimisation(opt, sched, ema, start, best, elapsed, rng)
 
 
 def unet_step(unet: torch.nn.Module, loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, ema: Any) -> None:

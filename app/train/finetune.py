@@ -134,7 +134,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     """Fine-tune (see the module docstring); returns 0."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
 
     from app.modelfolder import model_hash
     from app.train.common import (
@@ -146,12 +145,10 @@ def main(args: argparse.Namespace) -> int:
         ema_weights,
         encode_prompt_embeddings,
         out_of_time,
-        restore_scratch,
-        resume_state,
         save_unet_checkpoint,
+        unet_optimisation,
         unet_step,
     )
-    from app.train.schedule import warmup_cosine_to_floor
     from app.train.unet import encode_latents, min_snr_weights, sd_noise_scheduler
 
     if args.threads:
@@ -208,15 +205,10 @@ def main(args: argparse.Namespace) -> int:
     if args.attention_32:
         unet = with_top_attention(unet)
     noise_sched = sd_noise_scheduler()
-    opt = torch.optim.AdamW(unet.parameters(), lr=fcfg.lr, weight_decay=1e-2)
     total = args.max_steps or fcfg.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_to_floor(fcfg.warmup_steps, total))
-    ema = EMAModel(unet.parameters(), decay=fcfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    start, best, elapsed0 = 0, float("inf"), 0.0
-    st = resume_state(out, args.resume)
-    if st is not None:
-        start, best, elapsed0, rng = restore_scratch(st, unet, opt, sched)
-        ema.load_state_dict(st["ema"])
+    o = unet_optimisation(unet, lr=fcfg.lr, warmup_steps=fcfg.warmup_steps, total=total, ema_decay=fcfg.ema_decay,
+                          out=out, resume=args.resume, rng=rng)
+    opt, sched, ema, start, best, elapsed0, rng = o.opt, o.sched, o.ema, o.start, o.best, o.elapsed, o.rng
     banner("lesion-finetune", args, {"start": start, "total": total, "groups": {f"{s}/{lab}": len(v)
                                      for (s, lab), v in sorted(groups.items())}, "outside_weight": outside,
                                      "unet_params": sum(p.numel() for p in unet.parameters())})

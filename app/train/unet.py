@@ -33,14 +33,12 @@ from app.train.common import (
     load_gray,
     out_of_time,
     read_labels,
-    restore_scratch,
-    resume_state,
     save_unet_checkpoint,
     to_model_range,
+    unet_optimisation,
     unet_step,
 )
 from app.train.config import TrainConfig, UnetSection
-from app.train.schedule import warmup_cosine_to_floor
 
 
 def load_minilm(max_length: int) -> tuple[Any, Any]:
@@ -129,7 +127,6 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
     """Stage 2 (see module docstring). Writes ``OUT/unet-best`` (EMA weights, best val loss), and with
     ``--package DIR`` the complete model folder."""
     from diffusers import AutoencoderKL
-    from diffusers.training_utils import EMAModel
 
     from app.modelfolder import write_model_folder
 
@@ -164,15 +161,10 @@ def train_unet(args: argparse.Namespace, cfg: TrainConfig) -> int:
     # 3. model, optimiser, EMA
     unet = build_unet(ucfg, int(lat["train_mean"].shape[-1]), latent_channels_of(lat))
     noise_sched = sd_noise_scheduler()
-    opt = torch.optim.AdamW(unet.parameters(), lr=ucfg.lr, betas=(0.9, 0.999), weight_decay=1e-2)
     total = args.max_steps or ucfg.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_to_floor(ucfg.warmup_steps, total))
-    ema = EMAModel(unet.parameters(), decay=ucfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    start, best, elapsed0 = 0, float("inf"), 0.0
-    st = resume_state(out, args.resume)
-    if st is not None:
-        start, best, elapsed0, rng = restore_scratch(st, unet, opt, sched)
-        ema.load_state_dict(st["ema"])
+    o = unet_optimisation(unet, lr=ucfg.lr, warmup_steps=ucfg.warmup_steps, total=total, ema_decay=ucfg.ema_decay,
+                          out=out, resume=args.resume, rng=rng)
+    opt, sched, ema, start, best, elapsed0, rng = o.opt, o.sched, o.ema, o.start, o.best, o.elapsed, o.rng
     banner("unet", args, {"params_M": sum(p.numel() for p in unet.parameters()) / 1e6, "start": start,
                           "total": total, "scaling_factor": sf, "prompts": len(captions)})
     # fixed validation noise/timesteps so val losses are comparable across steps
