@@ -38,6 +38,7 @@ from app.generation import SCHEDULERS as SCHEDULERS
 from app.generation import GenerationRequest as GenerationRequest
 from app.generation import Preset as Preset
 from app.generation import Scheduler as Scheduler
+from app.generation import draw_seed
 from app.generation import effective_steps as effective_steps
 from app.modelfolder import DEFAULT_MODEL_DIR, load_model
 
@@ -467,7 +468,7 @@ class CounterfactualEngine:
         prompt, negative_prompt, strength = request.prompt, request.negative_prompt, request.strength
         guidance_scale, steps, samples, seed = request.guidance_scale, request.steps, request.samples, request.seed
         if seed is None:
-            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+            seed = draw_seed()
         seeds = [seed + i for i in range(samples)]
         params = request.parameters(seed)
         timings: dict[str, float] = {}

@@ -269,3 +269,9 @@ def test_old_public_names_still_import_from_the_engine(name):
 def test_every_name_in_the_engines_all_exists():
     assert all(hasattr(engine, name) for name in engine.__all__)
     assert len(set(engine.__all__)) == len(engine.__all__)
+
+
+def test_a_request_without_a_seed_draws_it_with_draw_seed(tiny, monkeypatch):
+    monkeypatch.setattr(engine, "draw_seed", lambda: 1234)
+    result = tiny.generate(_image(), "normal chest x ray", strength=0.8, steps=5, seed=None, samples=2)
+    assert result.seeds == [1234, 1235] and result.parameters["seed"] == 1234
