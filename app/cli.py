@@ -26,8 +26,8 @@ logger = logging.getLogger("vald_md.cli")
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the embedded model_weights/vald-md-mini)")
-    p.add_argument("--prompt", default=None, help="target prompt (default: the healthy preset's, a healthy "
-                                                 "counterfactual)")
+    p.add_argument("--prompt", default=None, help="target prompt (default: the model's healthy preset's, a healthy "
+                                                 "counterfactual; the embedded model: 'normal chest x-ray')")
     p.add_argument("--negative-prompt", default="", help="text to steer away from")
     p.add_argument("--strength", type=float, default=None, help="(0, 1]; default: the model's healthy preset")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance, 1..30; default: preset")
@@ -35,7 +35,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (sample i uses seed+i); default 0")
     p.add_argument("--samples", type=int, default=1, help="samples per input, 1..16 (mean and std maps)")
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS,
-                   help="sampler (default: the healthy preset's)")
+                   help="sampler (default: the model's preset (the embedded model: pndm))")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--no-cpu-autocast", dest="cpu_autocast", action="store_false",
                    help="compute in float32 on the CPU (default: bf16 autocast where the CPU has AMX bf16; "

@@ -38,10 +38,56 @@ from app.generation import SCHEDULERS as SCHEDULERS
 from app.generation import GenerationRequest as GenerationRequest
 from app.generation import Preset as Preset
 from app.generation import Scheduler as Scheduler
+from app.generation import draw_seed
 from app.generation import effective_steps as effective_steps
 from app.modelfolder import DEFAULT_MODEL_DIR, load_model
+
+# compatibility: the model folder (checked, hashed, read, written, assembled) moved to app.modelfolder and the
+# library versions to app.provenance (issue 17); the old public names stay importable from here, and are listed in
+# __all__. ``img2img_pipeline_class`` is now ``app.modelfolder.seeded_img2img_pipeline_class``;
+# ``load_in_passing_thread`` is now :func:`load_engine_in_short_lived_thread` (aliased at the end).
+# ``encode_prompt_embeddings`` moved to ``app.train.common`` and is NOT re-exported: the engine may not import the
+# training layer (tests/test_layering.py).
+from app.modelfolder import MANIFEST as MANIFEST
+from app.modelfolder import WEIGHT_SUFFIXES as WEIGHT_SUFFIXES
 from app.modelfolder import ModelFolderError as ModelFolderError  # re-exported: the constructor raises it
-from app.provenance import library_versions
+from app.modelfolder import ModelInfo as ModelInfo
+from app.modelfolder import assemble_model as assemble_model
+from app.modelfolder import check_model_folder as check_model_folder
+from app.modelfolder import model_hash as model_hash
+from app.modelfolder import read_manifest as read_manifest
+from app.modelfolder import seeded_img2img_pipeline_class as img2img_pipeline_class
+from app.modelfolder import write_model_folder as write_model_folder
+from app.provenance import library_versions as library_versions
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "MANIFEST",
+    "PRESETS",
+    "SCHEDULERS",
+    "WEIGHT_SUFFIXES",
+    "CounterfactualEngine",
+    "CounterfactualResult",
+    "GenerationCancelled",
+    "GenerationRequest",
+    "ModelFolderError",
+    "ModelInfo",
+    "Preset",
+    "ProgressCallback",
+    "Scheduler",
+    "assemble_model",
+    "check_model_folder",
+    "cpu_has_amx_bf16",
+    "effective_steps",
+    "img2img_pipeline_class",
+    "library_versions",
+    "load_engine_in_short_lived_thread",
+    "load_in_passing_thread",
+    "model_hash",
+    "pick_device",
+    "read_manifest",
+    "write_model_folder",
+]
 
 logger = logging.getLogger("vald_md.engine")
 
@@ -422,7 +468,7 @@ class CounterfactualEngine:
         prompt, negative_prompt, strength = request.prompt, request.negative_prompt, request.strength
         guidance_scale, steps, samples, seed = request.guidance_scale, request.steps, request.samples, request.seed
         if seed is None:
-            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+            seed = draw_seed()
         seeds = [seed + i for i in range(samples)]
         params = request.parameters(seed)
         timings: dict[str, float] = {}
@@ -533,3 +579,7 @@ def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwarg
         raise box["error"]
     engine: CounterfactualEngine = box["engine"]
     return engine
+
+
+# compatibility: renamed to load_engine_in_short_lived_thread (issue 17)
+load_in_passing_thread = load_engine_in_short_lived_thread

@@ -11,6 +11,7 @@ the attribution map's options. Pure Python: no torch, so any layer may import it
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -51,6 +52,16 @@ SCHEDULERS: tuple[str, ...] = tuple(s.value for s in Scheduler)
 def effective_steps(steps: int, strength: float) -> int:
     """Denoising steps img2img actually runs: ``min(int(steps * strength), steps)`` (diffusers' quantisation)."""
     return min(int(steps * strength), steps)
+
+
+SEED_DRAW_LIMIT = 2**31 - 1
+"""A drawn base seed lies in ``[0, SEED_DRAW_LIMIT)``: sample i's ``seed + i`` stays a 32-bit signed integer."""
+
+
+def draw_seed() -> int:
+    """A random base seed for a request that gave none (``seed=None``), uniform on ``[0, 2**31 - 1)``; the one
+    draw of every entry point (the engine, the review run, the job queue), recorded so the run can be repeated."""
+    return secrets.randbelow(SEED_DRAW_LIMIT)
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,12 @@ def test_classifier_guided_writes_the_same_artifacts_at_native_size(guided_run, 
     assert record["classifier_scale"] == 0.3
     assert np.isfinite(record["logit_input"]) and np.isfinite(record["logit_counterfactual"])
     assert record["parameters"]["scheduler"] == "ddim" and record["seeds"] == [FAST["seed"]]
+    # the record's parameters as the model-frame methods always wrote them (one DDIM sample, no negative prompt)
+    assert record["parameters"] == {"prompt": ReviewRequest().prompt, "negative_prompt": "", "strength": 0.5,
+                                    "guidance_scale": 5.0, "steps": 4, "seed": 11, "scheduler": "ddim", "samples": 1,
+                                    "classifier_scale": 0.3}
+    assert list(record["parameters"]) == ["prompt", "negative_prompt", "strength", "guidance_scale", "steps", "seed",
+                                          "scheduler", "samples", "classifier_scale"]
     assert record["map_region"] == "lungs"
     for name, digest in record["artifacts_sha256"].items():
         assert sha256((guided_run / name).read_bytes()) == digest

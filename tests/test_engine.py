@@ -246,3 +246,32 @@ def test_half_precision_engine_draws_its_seeded_noise_in_float32(tiny, monkeypat
     r = bf16.generate(_image(), "normal chest x-ray", strength=0.5, steps=4, seed=1, samples=2)
     assert r.counterfactuals.shape[0] == 2
     assert len(dtypes) == 4 and set(dtypes) == {torch.float32}  # posterior sample + noise, per sample
+
+
+# the public names the model folder's move to app.modelfolder / app.provenance took from app.engine (issue 17)
+ENGINE_COMPAT_NAMES = ("ModelInfo", "model_hash", "check_model_folder", "read_manifest", "write_model_folder",
+                       "assemble_model", "img2img_pipeline_class", "MANIFEST", "WEIGHT_SUFFIXES", "library_versions",
+                       "load_in_passing_thread")
+
+
+@pytest.mark.parametrize("name", ENGINE_COMPAT_NAMES)
+def test_old_public_names_still_import_from_the_engine(name):
+    from app import modelfolder, provenance
+
+    assert name in engine.__all__
+    value = getattr(engine, name)
+    new = {"img2img_pipeline_class": modelfolder.seeded_img2img_pipeline_class,
+           "library_versions": provenance.library_versions,
+           "load_in_passing_thread": engine.load_engine_in_short_lived_thread}
+    assert value is new.get(name, getattr(modelfolder, name, None))
+
+
+def test_every_name_in_the_engines_all_exists():
+    assert all(hasattr(engine, name) for name in engine.__all__)
+    assert len(set(engine.__all__)) == len(engine.__all__)
+
+
+def test_a_request_without_a_seed_draws_it_with_draw_seed(tiny, monkeypatch):
+    monkeypatch.setattr(engine, "draw_seed", lambda: 1234)
+    result = tiny.generate(_image(), "normal chest x ray", strength=0.8, steps=5, seed=None, samples=2)
+    assert result.seeds == [1234, 1235] and result.parameters["seed"] == 1234

@@ -160,6 +160,16 @@ def test_generate_writes_outputs_and_records(run_dir, tiny_engine):
     assert [r["label"] for r in recs_i] == ["normal", "normal"]
 
 
+def test_generate_run_json_keeps_its_key_order(run_dir):
+    # the order run.json had before GenerateSettings became a GenerationRequest (e818d1f): the same bytes
+    meta = json.loads((run_dir / "healthy" / "run.json").read_text())
+    assert list(meta) == [
+        "vald_md_eval_run", "mode", "prompt", "strength", "guidance_scale", "steps", "split", "labels", "limit",
+        "samples", "seed", "scheduler", "negative_prompt", "target_label", "effective_steps", "seed_rule",
+        "data_root", "data", "model", "model_hash", "library_versions", "created_at", "map"]
+    assert isinstance(meta["scheduler"], str) and isinstance(meta["labels"], list) and meta["seed"] == 0
+
+
 def test_generate_resumes_and_refuses_other_settings(run_dir, model_dir, labels_csv, capsys):
     healthy = run_dir / "healthy"
     before = {p: p.stat().st_mtime_ns for p in healthy.rglob("*.png")}

@@ -150,3 +150,32 @@ def test_evaluate_takes_the_named_preset_scheduler(dpm_engine):
     assert (settings.scheduler, settings.steps, settings.prompt) == (Scheduler.EULER, 6, "cardiomegaly")
     with pytest.raises(ValueError, match=r"strength=2.0"):
         _request(dpm_engine, argparse.Namespace(**{**vars(args), "strength": 2.0}))
+
+
+def test_one_seed_draw_for_every_entry_point(monkeypatch):
+    from app import generation
+
+    seeds = {generation.draw_seed() for _ in range(50)}
+    assert all(isinstance(s, int) and 0 <= s < generation.SEED_DRAW_LIMIT == 2**31 - 1 for s in seeds)
+    assert len(seeds) > 1
+    app_dir = Path(__file__).resolve().parent.parent / "app"
+    drawn_elsewhere = [p.relative_to(app_dir).as_posix() for p in app_dir.rglob("*.py")
+                       if "integers(0, 2**31" in p.read_text() or "randbelow(" in p.read_text()]
+    assert drawn_elsewhere == ["generation.py"]  # the engine, the review run and the job queue call draw_seed()
+
+
+def test_the_preset_defaults_are_said_where_they_are_chosen():
+    """The API's, the form's and the CLI's prompt and sampler default to the model's preset (issue 17), and say so,
+    with the embedded model's values."""
+    from app.cli import build_parser
+    from app.web.forms import GenerationParams
+
+    props = GenerationParams.model_json_schema()["properties"]
+    assert "default: the model's preset (the embedded model: pndm)" in props["scheduler"]["description"]
+    assert "the embedded model: 'normal chest x-ray'" in props["prompt"]["description"]
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub.choices["counterfactual"]._actions}
+    assert "default: the model's preset (the embedded model: pndm)" in str(helps["scheduler"])
+    assert "the embedded model: 'normal chest x-ray'" in str(helps["prompt"])
+    embedded = json.loads((modelfolder.DEFAULT_MODEL_DIR / modelfolder.MANIFEST).read_text())["presets"]["healthy"]
+    assert (embedded["scheduler"], embedded["prompt"]) == ("pndm", "normal chest x-ray")  # what the texts say

@@ -63,6 +63,18 @@ def test_old_and_unknown_records_round_trip_byte_for_byte(indent):
     assert record.unknown == {"a_key_of_a_later_version": {"kept": [1, 2.5, None]}}
 
 
+def test_map_label_of_record_still_reads_a_records_dict():
+    from app import rendering
+    from app.rendering import map_label_of_record  # compatibility: the old public name (now RunRecord.label)
+
+    assert "map_label_of_record" in rendering.__all__
+    assert map_label_of_record(OLD_RECORD) == RunRecord.from_dict(OLD_RECORD).label == "original − counterfactual"
+    newer = {**OLD_RECORD, "map_method": "classifier_guided",
+             "request": {**OLD_RECORD["request"], "reference": "reconstruction"}}
+    assert map_label_of_record(newer) == RunRecord.from_dict(newer).label
+    assert map_label_of_record({}) == RunRecord.from_dict({**OLD_RECORD, "request": {}}).label
+
+
 def test_old_records_read_with_their_fallbacks():
     record = RunRecord.from_dict(OLD_RECORD)
     assert record.map_method is None and record.method is None and record.reference is None

@@ -767,6 +767,43 @@ def test_a_changed_run_folder_is_refused_wherever_it_is_read(client, app_and_cli
     assert r.status_code == 200
 
 
+def test_a_damaged_run_folder_is_a_conflict_not_a_bad_request(client, app_and_client):
+    """A run file that is missing, or that matches its hash but holds no usable map (NaN), is refused by the one
+    reader the exports use (app.runs.read): 409 "Run folder damaged" with a readable message, never 422 "Invalid
+    request" (the request was fine) and never a traceback."""
+    import hashlib
+
+    from app.web import viewing
+
+    app, _ = app_and_client
+    job = wait_state(client, submit(client, png_bytes(seed=8)).json()["job_id"])
+    assert job["state"] == "done"
+    base = f"/api/v1/jobs/{job['job_id']}"
+    run_dir = app.state.jobs.get(job["job_id"], None, any_owner=True).run_dir
+    record_path = run_dir / "record.json"
+    record = json.loads(record_path.read_text())
+    signed = np.load(run_dir / "attribution.npy")
+    signed[0, 0] = np.nan  # damaged, yet hashed in the record: only the reader's finiteness check can tell
+    buf = io.BytesIO()
+    np.save(buf, signed)
+    (run_dir / "attribution.npy").write_bytes(buf.getvalue())
+    record["artifacts_sha256"]["attribution.npy"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    record_path.write_text(json.dumps(record, indent=2))
+    for path in ("overlay.png", "artifacts/annotated.png"):
+        r = client.get(f"{base}/{path}")
+        expected = 409 if path == "overlay.png" else 422  # the exports keep their ExportError (422)
+        assert r.status_code == expected, (path, r.text)
+        assert "finite" in r.json()["message"] and "Traceback" not in r.text
+    assert client.get(f"{base}/overlay.png").json()["error"] == "Run folder damaged"
+    (run_dir / "counterfactual.png").unlink()  # listed in the record, gone from the folder
+    viewing._CACHE.clear()
+    for path in ("viewing", "pixels/counterfactual.npy"):
+        r = client.get(f"{base}/{path}")
+        assert r.status_code == 409 and r.json()["error"] == "Run folder damaged", (path, r.text)
+        assert "counterfactual.png" in r.json()["message"] and "Traceback" not in r.text
+    assert client.get(f"/runs/{job['job_id']}").status_code == 200  # the result page still opens
+
+
 def test_unexpected_errors_never_show_a_traceback(tiny_engine, tmp_path):
     app = create_app(Settings(data_dir=tmp_path / "d"), engine=tiny_engine)
 

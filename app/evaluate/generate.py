@@ -129,6 +129,18 @@ def _npy_f16(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# run.json's settings in the order the files have always had (before GenerateSettings became a GenerationRequest):
+# resumed and compared sub-runs read the same bytes; a field added later follows these
+RUN_SETTINGS_ORDER = ("mode", "prompt", "strength", "guidance_scale", "steps", "split", "labels", "limit", "samples",
+                      "seed", "scheduler", "negative_prompt", "target_label")
+
+
+def _settings_in_run_order(settings: GenerateSettings) -> dict[str, Any]:
+    """``asdict(settings)`` with the keys in :data:`RUN_SETTINGS_ORDER`, any other field after them."""
+    fields = asdict(settings)
+    return {key: fields[key] for key in RUN_SETTINGS_ORDER if key in fields} | fields
+
+
 def _outputs_exist(run: Path, rec: dict[str, Any]) -> bool:
     files = [*rec.get("outputs", {}).get("counterfactuals", []), rec.get("outputs", {}).get("map"),
              rec.get("outputs", {}).get("reconstruction")]
@@ -160,7 +172,7 @@ def generate_run(engine: CounterfactualEngine, data: Path, out: Path, settings: 
     root, items = read_items(Path(data), settings.split)
     info = engine.info
     run_meta: dict[str, Any] = {
-        "vald_md_eval_run": 1, **asdict(settings), "labels": list(settings.labels),
+        "vald_md_eval_run": 1, **_settings_in_run_order(settings), "labels": list(settings.labels),
         "effective_steps": settings.effective_steps, "seed_rule": SEED_RULE,
         "data_root": str(root), "data": str(data),
         "model": {"name": info.name, "path": info.path, "image_size": info.image_size},

@@ -35,6 +35,7 @@ from sqlalchemy import Engine as Database
 from app import attribution, audit, imaging
 from app.config import Settings
 from app.engine import CounterfactualEngine, GenerationCancelled, effective_steps
+from app.generation import draw_seed
 from app.imaging import gray_png
 from app.jobs.backend import Backend, LocalBackend, Runner
 from app.jobs.errors import BackendError, JobNotFoundError, WorkerStoppedError
@@ -270,7 +271,7 @@ class JobManager:
         try:
             if decoded is None:
                 decoded = imaging.decode_image(data, window=req.window)
-            seed = req.seed if req.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
+            seed = req.seed if req.seed is not None else draw_seed()
             req = replace(req, seed=seed)
             req = self.check_request(decoded, req)
             mask = attribution.load_mask_png(mask_png, decoded.pixels.shape) if mask_png else None

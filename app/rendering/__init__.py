@@ -16,6 +16,8 @@ One concern per module, imports flowing one way (``palette`` and ``fonts`` at th
 
 from __future__ import annotations
 
+from typing import Any
+
 from app.rendering.export import BANNER_TEXT, burn_in_banner, render_annotated_export, render_banner
 from app.rendering.legend import render_legend
 from app.rendering.options import (
@@ -48,6 +50,7 @@ __all__ = [
     "display_scale",
     "draw_mask_outline",
     "map_label",
+    "map_label_of_record",
     "mask_outline",
     "render_annotated_export",
     "render_banner",
@@ -56,3 +59,12 @@ __all__ = [
     "render_overlay",
     "resolve_threshold",
 ]
+
+
+# compatibility: the label of a run moved to ``app.runs.record.RunRecord.label`` (issue 17); this reads the record's
+# dict as before, for callers that hold ``record.json`` as a dict.
+def map_label_of_record(record: dict[str, Any]) -> str:
+    """:func:`map_label` of a run's ``record.json`` dict (``request.reference``; ``map_method``, else
+    ``request.map_method``), as ``RunRecord.label`` reads it."""
+    request = record.get("request") or {}
+    return map_label(request.get("reference"), record.get("map_method") or request.get("map_method"))

@@ -72,7 +72,7 @@ import numpy as np
 from app import attribution, imaging, mapscale, rendering
 from app.engine import CounterfactualEngine, CounterfactualResult, GenerationCancelled, ProgressCallback
 from app.fileio import sha256_bytes, write_atomic
-from app.generation import GenerationRequest
+from app.generation import GenerationRequest, Scheduler, draw_seed
 from app.lungs import LungSegmenter, mask_png_bytes
 from app.runs import folder
 from app.runs.record import RECORD_VERSION, RunRecord
@@ -258,9 +258,8 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
     sched.set_timesteps(req.steps)
     timings = {"preprocess": t1 - t0, "denoising": t2 - t1, "postprocess": time.perf_counter() - t2,
                "total": time.perf_counter() - t0}
-    params = {"prompt": req.prompt, "negative_prompt": "", "strength": req.strength,
-              "guidance_scale": req.guidance_scale, "steps": req.steps, "seed": seed, "scheduler": "ddim",
-              "samples": 1}
+    # the model-frame methods make one DDIM counterfactual without a negative prompt, whatever the request says
+    params = replace(req, negative_prompt="", scheduler=Scheduler.DDIM, samples=1).parameters(seed)
     result = CounterfactualResult(
         counterfactuals=cf_native, counterfactuals_model=out.counterfactuals, input_model=img_model,
         reconstruction=recon, letterbox=lb, effective_steps=n_eff,
@@ -277,7 +276,7 @@ def _classifier_guided_result(engine: CounterfactualEngine, pixels: np.ndarray, 
     the lungs of the model-frame image for the classifier and runs :func:`app.mapmethods.classifier_guided`."""
     from app import mapmethods
 
-    seed = req.seed if req.seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))
+    seed = req.seed if req.seed is not None else draw_seed()
     seen: dict[str, np.ndarray] = {}
 
     def run(img_model: np.ndarray) -> Any:

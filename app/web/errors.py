@@ -14,6 +14,8 @@ other ``imaging.ImagingError``                   422     the ingestion message (
 ``JobNotFoundError``, ``ArtifactNotFoundError``  404     also unknown routes
 ``JobNotReadyError``                             409     the run's state
 ``app.runs.folder.ArtifactChangedError``         409     which run file differs from its record's SHA-256
+other ``app.runs.folder.RunFolderError``         409     which run file is missing or damaged (a conflict with
+                                                        the server's state, not a bad request)
 ``app.pacs.client.PacsError``                    422/    unsuitable instance 422, not found 404, timeout 504,
                                                  404/    unreachable or refused 502: the message names the
                                                  504/    server and what to do
@@ -43,7 +45,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from app import audit, imaging
 from app.jobs import JobNotFoundError, JobNotReadyError, QueueFullError, UserQueueLimitError, WorkerStoppedError
 from app.pacs.client import PacsError, PacsNotFoundError, PacsTimeoutError, PacsUnsuitableError
-from app.runs.folder import ArtifactChangedError
+from app.runs.folder import ArtifactChangedError, RunFolderError
 from app.web.templating import is_htmx, render
 from app.web.views import ArtifactNotFoundError
 
@@ -153,6 +155,8 @@ def classify(exc: BaseException) -> Problem:
         return Problem(409, "Not ready", str(exc), extra={"state": exc.state})
     if isinstance(exc, ArtifactChangedError):
         return Problem(409, "Run folder changed", public_message(str(exc)))
+    if isinstance(exc, RunFolderError):  # before ValueError: the run's files, not the request, are at fault
+        return Problem(409, "Run folder damaged", public_message(str(exc)))
     if isinstance(exc, RequestValidationError):
         fields = _field_messages(exc)
         text = "; ".join(f"{k}: {v}" for k, v in fields.items())

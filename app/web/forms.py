@@ -31,14 +31,17 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str | None = Field(None, max_length=1000, description="target description; default: healthy preset")
+    prompt: str | None = Field(None, max_length=1000,
+                               description="target description; default: the model's healthy preset (the embedded "
+                                           "model: 'normal chest x-ray')")
     negative_prompt: str = Field("", max_length=1000, description="text to steer away from")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="share of the schedule re-run, (0, 1]")
     guidance_scale: float | None = Field(None, ge=1.0, le=30.0, description="classifier-free guidance, 1..30")
     steps: int | None = Field(None, ge=1, le=1000, description="scheduler steps at strength 1, 1..1000")
     seed: int | None = Field(None, ge=0, lt=2**63, description="seed; sample i uses seed+i; empty = random")
     samples: int = Field(1, ge=1, le=16, description="counterfactual samples, 1..16 (>1 adds a stability map)")
-    scheduler: SchedulerName | None = Field(None, description="sampler; default: the healthy preset's")
+    scheduler: SchedulerName | None = Field(None, description="sampler; default: the model's preset (the embedded "
+                                                           "model: pndm)")
     window: str = Field("auto", max_length=20, description="'auto', 'percentile' or a file preset index 0, 1, ...")
     lung_mask: bool = Field(True, description="restrict the map to the lungs (the server's lung segmenter); "
                                               "an uploaded region mask wins")

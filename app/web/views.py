@@ -4,18 +4,21 @@ re-rendered overlay. Pure helpers over :class:`app.jobs.Job` and its run folder;
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 from app import attribution, mapscale, rendering
 from app.jobs import Job, JobManager, JobNotReadyError, JobState
 from app.rendering import OverlayOptions
-from app.runs import exports
+from app.runs import exports, read
 from app.runs import folder as names
 from app.runs.folder import RunFolder, RunFolderError
 from app.runs.record import RunRecord
@@ -189,21 +192,37 @@ def map_summary(job: Job, options: OverlayOptions) -> dict[str, Any]:
     summary: dict[str, Any] = dict(record.map_summary)
     if calibration is None or options.threshold is None:
         return summary
-    amap = _read_map(job, run)
+    _, amap = read_run_map(run)
     scale = summary.get("scale") or {}
     fresh = mapscale.summarize_scaled(amap, calibration, threshold_fold=options.threshold)
     fresh["scale"] = {**fresh["scale"], **scale}
     return fresh
 
 
-def _read_map(job: Job, run: RunFolder) -> attribution.AttributionMap:
-    """The run's map from its checked files (:class:`RunFolder`)."""
-    signed = run.read_npy(names.ATTRIBUTION)
-    std = run.read_npy(names.ATTRIBUTION_STD) if run.has(names.ATTRIBUTION_STD) else None
-    region = next((n for n in names.REGION_MASKS if run.has(n)), None)
-    mask = run.read_png_unit(region) > 0.5 if region is not None else None
-    return attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
-                                      n_samples=max(job.request.samples, 2 if std is not None else 1), mask=mask)
+@contextlib.contextmanager
+def _folder_errors() -> Iterator[None]:
+    """The exports' reader's errors as the run folder's: a changed file stays an ``ArtifactChangedError``
+    (HTTP 409, "Run folder changed"); a missing or damaged one becomes a ``RunFolderError`` (409, "Run folder
+    damaged") rather than the 422 of a bad request."""
+    try:
+        yield
+    except read.ExportChangedError:
+        raise
+    except read.ExportError as exc:
+        raise RunFolderError(str(exc)) from None
+
+
+def read_run_map(run: RunFolder) -> tuple[NDArray[np.float32], attribution.AttributionMap]:
+    """The original (float32 ``(H, W)`` in [0, 1]) and the attribution map, through the exports' one reader
+    (:func:`app.runs.read.read_map`: hash-checked files, finite arrays of the input's shape, the region mask
+    decoded and checked by :func:`app.attribution.load_mask_png`).
+
+    Raises:
+        app.runs.folder.ArtifactChangedError: a file changed after the run.
+        app.runs.folder.RunFolderError: a file is missing or damaged.
+    """
+    with _folder_errors():
+        return read.read_map(run)
 
 
 def overlay_query(options: OverlayOptions) -> str:
@@ -238,8 +257,7 @@ def render_overlay_png(job: Job, options: OverlayOptions) -> bytes:
     """
     require_done(job)
     run = RunFolder(job.run_dir)
-    original = run.read_png_unit(names.INPUT)
-    amap = _read_map(job, run)
+    original, amap = read_run_map(run)
     record = run.record()
     calibration = record.calibration
     rgb = rendering.render_overlay(original, amap, on_run(options, record),
@@ -260,7 +278,7 @@ def render_legend_png(job: Job, options: OverlayOptions, *, length: int = 480) -
     """
     require_done(job)
     run = RunFolder(job.run_dir)
-    amap = _read_map(job, run)
+    _, amap = read_run_map(run)
     record = run.record()
     calibration = record.calibration
     level = calibration.level if calibration is not None else None
@@ -345,7 +363,10 @@ def render_lung_outline_png(job: Job) -> bytes:
     run = RunFolder(job.run_dir)
     if not run.has(names.LUNG_MASK):
         raise ArtifactNotFoundError("This run has no lung mask: its map was not restricted to the lungs.")
-    rgba = rendering.render_mask_outline_rgba(run.read_png_unit(names.LUNG_MASK) > 0.5)
+    shape = run.read_png_unit(names.INPUT).shape
+    with _folder_errors():  # decoded and checked as the exports decode it
+        mask = read.read_lung_mask(run, (shape[0], shape[1]))
+    rgba = rendering.render_mask_outline_rgba(mask)
     buf = io.BytesIO()
     Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
