@@ -29,6 +29,7 @@ from app.config import Settings
 from app.jobs import (
     JOB_FILE,
     AuditRecorder,
+    Job,
     JobManager,
     JobState,
     JobStore,
@@ -175,13 +176,18 @@ def test_a_restarted_front_loses_no_accepted_job_and_reruns_a_dead_claim_once(an
     assert _rows(any_db)[running.id].state == "done"
 
 
+def _stalled_front(db: Engine, front: Front) -> tuple[JobManager, GatedRunner, Job]:
+    """Front ``front-a`` running one of alice's jobs (held by its runner's gate), then stalled (:func:`_crash`)."""
+    runner = GatedRunner()
+    m = front(db, "front-a", runner)
+    job = m.submit(add_user(db, "alice"), png_bytes(), req())
+    assert runner.started.wait(5)
+    _crash(m)
+    return m, runner, job
+
+
 def test_a_job_whose_front_died_twice_fails_with_a_clear_message(sqlite_db, front):
-    alice = add_user(sqlite_db, "alice")
-    dead = GatedRunner()
-    old = front(sqlite_db, "front-a", dead)
-    job = old.submit(alice, png_bytes(), req())
-    assert dead.started.wait(5)
-    _crash(old)
+    _old, _dead, job = _stalled_front(sqlite_db, front)
     with sqlite_db.begin() as connection:  # as if this were its second attempt already
         connection.execute(update(audit.JobRecord).where(audit.JobRecord.id == job.id)
                            .values(attempts=MAX_ATTEMPTS))
@@ -209,12 +215,7 @@ def test_no_case_label_reaches_the_database(sqlite_db, front, tmp_path):
 
 
 def test_a_front_that_lost_its_claim_records_nothing_and_the_new_owner_records_its_end(sqlite_db, front):
-    alice = add_user(sqlite_db, "alice")
-    ra = GatedRunner()
-    a = front(sqlite_db, "front-a", ra)
-    job = a.submit(alice, png_bytes(), req())
-    assert ra.started.wait(5)
-    _crash(a)  # front a stalls: its claim is no longer renewed
+    a, ra, job = _stalled_front(sqlite_db, front)  # front a stalls: its claim is no longer renewed
     rb = GatedRunner()
     b = front(sqlite_db, "front-b", rb, stale_after_s=0.5)
     assert rb.started.wait(20)  # b claimed the job again (attempt 2) and runs it
@@ -332,3 +333,31 @@ def test_two_server_fronts_share_one_queue_over_the_api(tiny_engine, tmp_path):
     finally:
         db.dispose()
     assert {rows[i].state for i in job_ids} == {"done"} and {rows[i].claimed_by for i in job_ids} <= {"web-a", "web-b"}
+
+
+def test_a_front_whose_worker_cannot_start_disposes_of_its_database(tiny_engine, tmp_path, monkeypatch):
+    """With job_state=database, starting the worker reads and writes the job table: when that fails, the start-up
+    fails and the database's connections are released, as for any other start-up step."""
+    from fastapi.testclient import TestClient
+
+    from app.web import create_app
+
+    disposed: list[Engine] = []
+    real_init_db = audit.init_db
+
+    def init_db(*args: Any, **kwargs: Any) -> Engine:
+        engine = real_init_db(*args, **kwargs)
+        real_dispose = engine.dispose
+        engine.dispose = lambda *a, **k: (disposed.append(engine), real_dispose(*a, **k))[1]  # type: ignore[method-assign]
+        return engine
+
+    def cannot_start(self: JobManager) -> None:
+        raise RuntimeError("the job table cannot be read")
+
+    monkeypatch.setattr(audit, "init_db", init_db)
+    monkeypatch.setattr(JobManager, "start", cannot_start)
+    app = create_app(Settings(data_dir=tmp_path / "data", job_state="database", lung_segmenter=tmp_path / "none",
+                              lesion_classifier=tmp_path / "none"), engine=tiny_engine)
+    with pytest.raises(RuntimeError, match="the job table cannot be read"), TestClient(app):
+        pass
+    assert len(disposed) == 1
