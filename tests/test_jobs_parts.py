@@ -21,6 +21,7 @@ from app.config import Settings
 from app.fileio import sha256_bytes
 from app.jobs import (
     JOB_FILE,
+    METHOD_COST_FACTOR,
     THUMBNAIL,
     AuditRecorder,
     Job,
@@ -33,6 +34,7 @@ from app.jobs import (
     RateEstimator,
     UserQueueLimitError,
     fair_order,
+    job_cost,
 )
 from app.runs.review import ReviewRequest
 
@@ -220,6 +222,16 @@ def test_estimator_waits_for_the_runs_ahead_and_what_the_running_one_has_left():
 # ----------------------------------------------------------------------------------------------------------------
 # the queue policy
 # ----------------------------------------------------------------------------------------------------------------
+def test_a_jobs_cost_is_job_cost_with_the_map_methods_factor(tmp_path):
+    """The budget and the job table's cost column read Job.cost: it counts DDIM inversion's two passes."""
+    store = JobStore(tmp_path / "runs")
+    job = _job(store, steps=4, samples=2)
+    assert job.cost == job_cost(job.request) == (2 + 1) * 2
+    for method, factor in METHOD_COST_FACTOR.items():
+        job.request = ReviewRequest(strength=0.5, steps=4, samples=2, seed=1, map_method=method)
+        assert job.cost == job_cost(job.request) == (2 + 1) * 2 * factor == 12
+
+
 def test_limits_refuse_large_requests_and_a_queue_of_nothing():
     with pytest.raises(ValueError, match="queue_size=0"):
         Limits(queue_size=0)

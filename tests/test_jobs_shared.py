@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from app.config import Settings
 from app.jobs import (
     JOB_FILE,
     AuditRecorder,
+    Job,
     JobManager,
     JobState,
     JobStore,
@@ -92,7 +97,7 @@ def _rows(db: Engine) -> dict[str, audit.JobRecord]:
 def _crash(m: JobManager) -> None:
     """Make ``m`` behave like a front that died: its claims are no longer renewed (its worker stays blocked)."""
     assert m.table is not None
-    m.table.heartbeat = lambda *_args: False  # type: ignore[method-assign]
+    m.table.heartbeat = lambda *_args: None  # type: ignore[method-assign]
 
 
 def test_two_fronts_run_every_job_exactly_once_and_see_each_others_jobs(any_db, front):
@@ -171,13 +176,18 @@ def test_a_restarted_front_loses_no_accepted_job_and_reruns_a_dead_claim_once(an
     assert _rows(any_db)[running.id].state == "done"
 
 
+def _stalled_front(db: Engine, front: Front) -> tuple[JobManager, GatedRunner, Job]:
+    """Front ``front-a`` running one of alice's jobs (held by its runner's gate), then stalled (:func:`_crash`)."""
+    runner = GatedRunner()
+    m = front(db, "front-a", runner)
+    job = m.submit(add_user(db, "alice"), png_bytes(), req())
+    assert runner.started.wait(5)
+    _crash(m)
+    return m, runner, job
+
+
 def test_a_job_whose_front_died_twice_fails_with_a_clear_message(sqlite_db, front):
-    alice = add_user(sqlite_db, "alice")
-    dead = GatedRunner()
-    old = front(sqlite_db, "front-a", dead)
-    job = old.submit(alice, png_bytes(), req())
-    assert dead.started.wait(5)
-    _crash(old)
+    _old, _dead, job = _stalled_front(sqlite_db, front)
     with sqlite_db.begin() as connection:  # as if this were its second attempt already
         connection.execute(update(audit.JobRecord).where(audit.JobRecord.id == job.id)
                            .values(attempts=MAX_ATTEMPTS))
@@ -190,6 +200,83 @@ def test_a_job_whose_front_died_twice_fails_with_a_clear_message(sqlite_db, fron
     run = audit.get_run(sqlite_db, uuid.UUID(job.id))
     assert run.status == "failed" and run.reason == STALE_FAILED
     assert _rows(sqlite_db)[job.id].state == "failed"
+
+
+def test_no_case_label_reaches_the_database(sqlite_db, front, tmp_path):
+    """The case label is free text that may name the patient: job.json keeps it, the database never does."""
+    label = "Doe, Jane MRN 12345"
+    a = front(sqlite_db, "front-a", GatedRunner(gated=False))
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), replace(req(), case_label=label))
+    wait_for(lambda: a.get(job.id, job.owner).state is JobState.DONE)
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["request"]["case_label"] == label
+    assert "request" not in audit.JobRecord.model_fields and job.id in _rows(sqlite_db)
+    with sqlite3.connect(tmp_path / "shared.db") as dump:  # every table, every column
+        assert "MRN 12345" not in "\n".join(dump.iterdump())
+
+
+def test_a_front_that_lost_its_claim_records_nothing_and_the_new_owner_records_its_end(sqlite_db, front):
+    a, ra, job = _stalled_front(sqlite_db, front)  # front a stalls: its claim is no longer renewed
+    rb = GatedRunner()
+    b = front(sqlite_db, "front-b", rb, stale_after_s=0.5)
+    assert rb.started.wait(20)  # b claimed the job again (attempt 2) and runs it
+    assert _rows(sqlite_db)[job.id].claimed_by == "front-b"
+    ra.gate.set()  # a wakes up and ends its stale attempt first: it keeps nothing of it
+    wait_for(lambda: not a._running)
+    run, row = audit.get_run(sqlite_db, uuid.UUID(job.id)), _rows(sqlite_db)[job.id]
+    assert (row.state, row.claimed_by, row.attempts) == ("running", "front-b", 2)
+    assert run.status == "running" and not run.artifact_hashes
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "running"
+    assert a.get(job.id, job.owner).state is JobState.RUNNING  # what the row says: b runs it
+    rb.gate.set()  # b's end is the one recorded
+    wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
+    assert audit.get_run(sqlite_db, uuid.UUID(job.id)).status == "done" and ra.calls == rb.calls == [job.id]
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "done"
+    wait_for(lambda: a.get(job.id, job.owner).state is JobState.DONE)  # a shows b's end
+    result = audit.verify_chain(sqlite_db)
+    assert result.ok, result.reason
+
+
+def _cancelled_by(db: Engine, job_id: str) -> list[str | None]:
+    return [e.username for e in audit.query_events(db, action="cancel", object_id=str(uuid.UUID(job_id)))]
+
+
+@pytest.mark.parametrize("where", ["same front", "other front"])
+def test_an_administrators_cancel_is_recorded_as_theirs_on_any_front(sqlite_db, front, where):
+    alice, admin = add_user(sqlite_db, "alice"), add_user(sqlite_db, "root", role="admin")
+    ra = GatedRunner()
+    a = front(sqlite_db, "front-a", ra)
+    job = a.submit(alice, png_bytes(), req())
+    assert ra.started.wait(10)
+    via = a if where == "same front" else front(sqlite_db, "front-b", GatedRunner())
+    via.cancel(job.id, str(admin.id), any_owner=True, actor=admin)
+    wait_for(lambda: a.get(job.id, job.owner).state is JobState.CANCELLED)
+    assert _cancelled_by(sqlite_db, job.id) == ["root"]
+    assert _rows(sqlite_db)[job.id].cancel_requested_by == (admin.id if where == "other front" else None)
+
+
+def test_a_slow_database_insert_does_not_hold_the_managers_lock(sqlite_db, front):
+    """Status reads (fair_order: every poll and progress tick) never wait for a submission's database write."""
+    alice = add_user(sqlite_db, "alice")
+    a = front(sqlite_db, "front-a", GatedRunner())
+    assert a.table is not None
+    real = a.table.insert
+    entered = threading.Event()
+
+    def slow_insert(*args: Any) -> None:
+        entered.set()
+        time.sleep(2.0)
+        real(*args)
+
+    a.table.insert = slow_insert  # type: ignore[method-assign]
+    submitting = threading.Thread(target=lambda: a.submit(alice, png_bytes(), req()))
+    submitting.start()
+    assert entered.wait(20)
+    t0 = time.monotonic()
+    a.fair_order()
+    waited = time.monotonic() - t0
+    submitting.join()
+    assert waited < 0.5, f"a status read waited {waited:.2f} s for the submission's database insert"
+    assert len(a.list_jobs(None)) == 1 and len(_rows(sqlite_db)) == 1  # queued once, known once
 
 
 def test_the_job_state_setting(tmp_path, sqlite_db):
@@ -246,3 +333,31 @@ def test_two_server_fronts_share_one_queue_over_the_api(tiny_engine, tmp_path):
     finally:
         db.dispose()
     assert {rows[i].state for i in job_ids} == {"done"} and {rows[i].claimed_by for i in job_ids} <= {"web-a", "web-b"}
+
+
+def test_a_front_whose_worker_cannot_start_disposes_of_its_database(tiny_engine, tmp_path, monkeypatch):
+    """With job_state=database, starting the worker reads and writes the job table: when that fails, the start-up
+    fails and the database's connections are released, as for any other start-up step."""
+    from fastapi.testclient import TestClient
+
+    from app.web import create_app
+
+    disposed: list[Engine] = []
+    real_init_db = audit.init_db
+
+    def init_db(*args: Any, **kwargs: Any) -> Engine:
+        engine = real_init_db(*args, **kwargs)
+        real_dispose = engine.dispose
+        engine.dispose = lambda *a, **k: (disposed.append(engine), real_dispose(*a, **k))[1]  # type: ignore[method-assign]
+        return engine
+
+    def cannot_start(self: JobManager) -> None:
+        raise RuntimeError("the job table cannot be read")
+
+    monkeypatch.setattr(audit, "init_db", init_db)
+    monkeypatch.setattr(JobManager, "start", cannot_start)
+    app = create_app(Settings(data_dir=tmp_path / "data", job_state="database", lung_segmenter=tmp_path / "none",
+                              lesion_classifier=tmp_path / "none"), engine=tiny_engine)
+    with pytest.raises(RuntimeError, match="the job table cannot be read"), TestClient(app):
+        pass
+    assert len(disposed) == 1

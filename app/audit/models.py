@@ -261,8 +261,10 @@ class JobRecord(SQLModel, table=True):
     (``running``, ``claimed_by`` its front id, ``attempts`` + 1, ``heartbeat_at`` refreshed every few seconds) and
     ends it (``done`` | ``failed`` | ``cancelled``). A ``running`` row whose heartbeat stopped goes back to
     ``queued`` once, then ``failed`` (``interrupted`` is never written here: that word belongs to the single-process
-    mode). ``id`` is the job id (the audit run's id as 32 hex digits). The run folder's ``job.json`` stays the
-    artifact of record; this row is the queue.
+    mode). ``id`` is the job id (the audit run's id as 32 hex digits). ``cancel_requested_by`` is the id of the
+    user who asked another front to cancel the job (recorded as the run's actor). The run folder's ``job.json``
+    stays the artifact of record, and the only place of the request's parameters (its case label included): this
+    row is the queue.
     """
 
     __tablename__ = "job"
@@ -271,7 +273,6 @@ class JobRecord(SQLModel, table=True):
     id: str = Field(sa_type=String(32), primary_key=True)
     owner: str = Field(sa_type=String(64), index=True)
     state: str = Field(default=RunStatus.QUEUED.value, sa_type=String(16), index=True)
-    request: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     cost: int = Field(default=0)
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
@@ -284,4 +285,5 @@ class JobRecord(SQLModel, table=True):
     step: int = Field(default=0)
     total: int = Field(default=0)
     cancel_requested: bool = Field(default=False)
+    cancel_requested_by: uuid.UUID | None = Field(default=None)
     error: str | None = Field(default=None, sa_type=Text)

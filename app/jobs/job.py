@@ -109,7 +109,7 @@ class Job:
     @property
     def cost(self) -> int:
         """What this run asks of the worker, in step-samples: :func:`job_cost` of its parameters."""
-        return (self.effective_steps + 1) * max(1, self.request.samples)
+        return job_cost(self.request)
 
     @property
     def upload_path(self) -> Path:

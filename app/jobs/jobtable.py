@@ -13,14 +13,17 @@ the queue of all of them:
   ``SELECT ... FOR UPDATE SKIP LOCKED`` goes first, so a row another front is claiming is passed over instead of
   waited for. Each queued job is executed exactly once;
 - **heartbeat** (:meth:`JobTable.heartbeat`): the front running a job renews its claim every
-  ``job_heartbeat_s`` seconds (with its progress) and learns there whether another front asked to cancel it;
+  ``job_heartbeat_s`` seconds (with its progress) and learns there whether another front asked to cancel it, and
+  for whom (``cancel_requested_by``: the audit record names who cancelled);
 - **recovery** (:meth:`JobTable.recover_stale`): a ``running`` job whose claim was not renewed for
   ``job_stale_after_s`` seconds belongs to a front that died: it is queued again once (its attempt 2), then marked
   ``failed`` with :data:`STALE_FAILED`; never left "running". Queued jobs simply stay queued across restarts;
 - **changes** (:meth:`JobTable.changes`): what each front polls to show other fronts' jobs (state, progress).
 
 The run folder's ``job.json`` stays the artifact of record (written as in the single-process mode, on the shared
-volume); a front that claims a job it did not accept reads it from there (:meth:`app.jobs.store.JobStore.load`).
+volume) and the only place of the request's parameters: the table holds no request (its case label is free text
+that may name the patient, and stays out of the database); a front that claims a job it did not accept reads it
+from there (:meth:`app.jobs.store.JobStore.load`).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from app import audit
 from app.jobs.job import Job, JobState, now
 from app.jobs.policy import Limits
 
-__all__ = ["JOB_QUEUE_LOCK_KEY", "MAX_ATTEMPTS", "STALE_FAILED", "JobTable", "QueueCounts", "Recovered",
-           "default_front_id"]
+__all__ = ["JOB_QUEUE_LOCK_KEY", "MAX_ATTEMPTS", "STALE_FAILED", "CancelRequest", "JobTable", "QueueCounts",
+           "Recovered", "default_front_id"]
 
 logger = logging.getLogger("vald_md.jobs")
 
@@ -79,6 +82,14 @@ class QueueCounts:
     owner_active: int
     waiting: int
     waiting_cost: int
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """A cancel asked for a running job (:meth:`JobTable.heartbeat`): ``by`` is the id of the user who asked
+    (``None``: its owner, or unknown)."""
+
+    by: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -162,9 +173,9 @@ class JobTable:
             c = self._counts(session, job.owner)
             limits.admit_counts(owner_active=c.owner_active, waiting=c.waiting, waiting_cost=c.waiting_cost,
                                 cost=job.cost)
-            session.add(audit.JobRecord(id=job.id, owner=job.owner, state=JobState.QUEUED.value,
-                                        request=job.to_json()["request"], cost=job.cost, created_at=job.created_at,
-                                        updated_at=now(), submitted_by=self.front_id))
+            # no request: its parameters (and the case label, free text that may name the patient) stay in job.json
+            session.add(audit.JobRecord(id=job.id, owner=job.owner, state=JobState.QUEUED.value, cost=job.cost,
+                                        created_at=job.created_at, updated_at=now(), submitted_by=self.front_id))
 
     # -- the worker's side ------------------------------------------------------------------------------------------
     def claim_first(self, job_ids: Sequence[str], started_at: datetime) -> str | None:
@@ -198,11 +209,11 @@ class JobTable:
                     return job_id
         return None
 
-    def heartbeat(self, job_id: str, step: int, total: int) -> bool:
+    def heartbeat(self, job_id: str, step: int, total: int) -> CancelRequest | None:
         """Renew this front's claim on its running job and publish its progress.
 
         Returns:
-            Whether a cancel was requested for it (from any front): the caller cancels the run.
+            The cancel requested for it (from any front): the caller cancels the run; ``None``: none was.
         """
         with self._write() as session:
             session.connection().execute(
@@ -210,13 +221,20 @@ class JobTable:
                 .where(col(audit.JobRecord.id) == job_id, col(audit.JobRecord.claimed_by) == self.front_id,
                        col(audit.JobRecord.state) == JobState.RUNNING.value)
                 .values(heartbeat_at=now(), updated_at=now(), step=step, total=total))
-            flag = session.exec(select(audit.JobRecord.cancel_requested)
-                                .where(audit.JobRecord.id == job_id)).first()
-        return bool(flag)
+            row = session.exec(select(audit.JobRecord.cancel_requested, audit.JobRecord.cancel_requested_by)
+                               .where(audit.JobRecord.id == job_id)).first()
+        if row is None or not row[0]:
+            return None
+        return CancelRequest(by=row[1])
 
-    def finish(self, job: Job) -> bool:
-        """Write a job's end (its ``state``, ``error`` and ``finished_at``, already set) to its row, if the row is
-        still this front's claim, or still queued (a queued job cancelled here).
+    def finish(self, job: Job, state: JobState, error: str | None, finished_at: datetime) -> bool:
+        """Write a job's end to its row, if the row is still this front's claim, or still queued (a queued job
+        cancelled here, or one whose stalled front ends it before another front claimed it again).
+
+        Args:
+            job: the job (its progress, ``step`` / ``total``, is written too).
+            state: its terminal state; error: the message for the user (``None`` unless failed);
+            finished_at: when it ended (aware).
 
         Returns:
             Whether the row changed (``False``: another front owns it now, or it ended already).
@@ -227,8 +245,8 @@ class JobTable:
                 .where(col(audit.JobRecord.id) == job.id, col(audit.JobRecord.state).in_(_LIVE),
                        (col(audit.JobRecord.claimed_by) == self.front_id)
                        | (col(audit.JobRecord.state) == JobState.QUEUED.value))
-                .values(state=job.state.value, error=job.error, finished_at=job.finished_at or now(),
-                        updated_at=now(), step=job.step, total=job.total))
+                .values(state=state.value, error=error, finished_at=finished_at, updated_at=now(), step=job.step,
+                        total=job.total))
         return bool(result.rowcount == 1)
 
     def cancel_queued(self, job_id: str) -> bool:
@@ -245,13 +263,18 @@ class JobTable:
                         cancel_requested=True))
         return bool(result.rowcount == 1)
 
-    def request_cancel(self, job_id: str) -> None:
-        """Ask whichever front runs the job to cancel it (it sees the flag at its next heartbeat)."""
+    def request_cancel(self, job_id: str, actor: uuid.UUID | None = None) -> None:
+        """Ask whichever front runs the job to cancel it (it sees the flag at its next heartbeat).
+
+        Args:
+            job_id: the job.
+            actor: the id of the user who cancels (recorded with the run); ``None``: its owner.
+        """
         with self._write() as session:
             session.connection().execute(
                 update(audit.JobRecord)
                 .where(col(audit.JobRecord.id) == job_id, col(audit.JobRecord.state).in_(_LIVE))
-                .values(cancel_requested=True, updated_at=now()))
+                .values(cancel_requested=True, cancel_requested_by=actor, updated_at=now()))
 
     def recover_stale(self, *, own_claims: bool = False) -> Recovered:
         """Release the running jobs of fronts that died: queued again before their :data:`MAX_ATTEMPTS`-th claim,

@@ -13,11 +13,14 @@ Jobs belong to an ``owner`` (a user id string); every lookup takes the owner and
 unknown, so one user can never learn that another user's job id exists (administrators pass ``any_owner``).
 
 Queue positions and start estimates follow :meth:`JobManager.fair_order`. A job's end and the release of its
-worker's slot are one step under the lock, so whoever sees a job finished may queue the next one at once.
+worker's slot are one step under the lock, so whoever sees a job finished may queue the next one at once. The lock
+guards memory only: the database (audit records, the job table) is never read or written under it, nor is another
+front's ``job.json``, so a status read never waits for them.
 
 With a :class:`~app.jobs.jobtable.JobTable` (``VALD_MD_JOB_STATE=database``) the queue is the database's: several
 front processes admit against the site's counts, claim jobs with a compare-and-set (each runs once), keep their
 running job's claim alive, re-queue the jobs of a front that died, and poll the table to show every front's jobs.
+A job's end is written to its row first; a front that lost its claim meanwhile keeps nothing of its attempt.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -99,6 +103,7 @@ class JobManager:
         self.heartbeat_s = heartbeat_s
         self._busy_owners: set[str] = set()  # with a table: owners with a job running on any front
         self._synced_at: datetime | None = None  # with a table: when _sync_shared last read it
+        self._submitting: set[str] = set()  # with a table: ids being inserted by submit (not yet registered)
         self._beat_thread: threading.Thread | None = None
         alive = None if table is None else self._alive_in_table
         self._jobs: dict[str, Job] = {job.id: job for job in self.store.load_history(self.recorder.recorded_status,
@@ -267,6 +272,8 @@ class JobManager:
         # 1. cheap refusals first: a stopped worker, the user's limit, a full queue need no decoding
         with self._cond:
             self._check_capacity(owner_id, job_cost(req))
+        if self.table is not None:  # the site's counts: a read, outside the lock (the insert counts them again)
+            self.table.admit(owner_id, job_cost(req), self.limits)
         # 2. decode, validate and de-identify (raises ImagingError / ValueError; nothing is stored yet)
         try:
             if decoded is None:
@@ -294,19 +301,8 @@ class JobManager:
         self.store.create(job)
         try:
             self.store.write_upload(job, stored, mask_png)
-            # 5. queue (limits re-checked under the lock: another request may have won the last slot)
-            with self._cond:
-                if self.table is None:
-                    self._check_capacity(owner_id, job.cost)
-                    self._tick += 1
-                    job.queued_tick = self._tick
-                else:  # the site's counts and the insert, in one transaction (every front's jobs count)
-                    self._check_capacity(owner_id, job.cost, counted=True)
-                    self.table.insert(job, self.limits)
-                    job.queued_tick = _micros(job.created_at)
-                self._jobs[job_id] = job
-                self._pending.append(job)
-                self._cond.notify_all()
+            # 5. queue (limits re-checked: another request may have won the last slot)
+            self._queue(job)
         except BaseException as e:
             self.store.remove(job)
             self.recorder.finish(job, JobState.FAILED, f"not queued: {type(e).__name__}")
@@ -315,17 +311,48 @@ class JobManager:
                     job.effective_steps, job.cost)
         return job
 
-    def _check_capacity(self, owner: str, cost: int, *, counted: bool = False) -> None:
-        """Refuse a job of ``owner`` costing ``cost`` (caller holds the lock): stopped worker, then
-        :meth:`Limits.admit` (with a job table: over the site's jobs, :meth:`JobTable.admit`; ``counted``: the
-        caller's insert counts them)."""
+    def _queue(self, job: Job) -> None:
+        """Queue a stored job: in memory, under the lock, with the limits checked again in the same lock section;
+        with a job table, the site's counts and the row's insert are one database transaction
+        (:meth:`JobTable.insert`), run outside the lock so that no status read waits for the database.
+
+        Raises:
+            UserQueueLimitError, QueueFullError, WorkerStoppedError: see :meth:`submit`; nothing is queued.
+        """
+        table = self.table
+        with self._cond:
+            self._check_capacity(job.owner, job.cost)
+            if table is None:
+                self._tick += 1
+                job.queued_tick = self._tick
+                self._register(job)
+                return
+            self._submitting.add(job.id)  # _sync_shared leaves the row to this submission meanwhile
+        try:
+            table.insert(job, self.limits)
+            job.queued_tick = _micros(job.created_at)
+            with self._cond:
+                self._register(job)
+        finally:
+            with self._cond:
+                self._submitting.discard(job.id)
+
+    def _register(self, job: Job) -> None:
+        """Make a queued job known and waiting (caller holds the lock)."""
+        self._jobs[job.id] = job
+        if job not in self._pending:  # (with a job table, a poll may have found its row first)
+            self._pending.append(job)
+        self._cond.notify_all()
+
+    def _check_capacity(self, owner: str, cost: int) -> None:
+        """Refuse a job of ``owner`` costing ``cost`` (caller holds the lock): stopped worker, then, without a job
+        table, :meth:`Limits.admit` over this process's queue (with one, :meth:`JobTable.admit` and
+        :meth:`JobTable.insert` count the site's jobs, outside the lock)."""
         if self._stopping or not self.worker_alive:
             raise WorkerStoppedError("The review worker is not running; the server may be restarting. "
                                      "Please try again in a minute.")
         if self.table is None:
             self.limits.admit(owner, cost, self._pending, self._running)
-        elif not counted:
-            self.table.admit(owner, cost, self.limits)
 
     # -- queries ----------------------------------------------------------------------------------------------------
     def get(self, job_id: str, owner: str, *, any_owner: bool = False) -> Job:
@@ -429,8 +456,8 @@ class JobManager:
             JobNotFoundError: unknown id or another user's job.
         """
         job = self.get(job_id, owner, any_owner=any_owner)
-        if self.table is not None and not job.state.finished and not self._cancel_here(job):
-            job._cancelled_by = actor  # another front runs it: it cancels at its next heartbeat
+        if self.table is not None and not job.state.finished and not self._cancel_here(job, actor):
+            job._cancelled_by = actor  # another front runs it: it cancels at its next heartbeat (and records actor)
             return job
         with self._cond:  # (with a table, a job still QUEUED here was just cancelled in it: _cancel_here)
             queued = job.state is JobState.QUEUED and (job in self._pending or self.table is not None)
@@ -444,9 +471,7 @@ class JobManager:
                 job.cancel_event.set()
                 job.touch()
         if queued:
-            self.recorder.finish(job, JobState.CANCELLED, job._cancel_reason)
-            with self._cond:
-                self._finish(job, JobState.CANCELLED)
+            self._end(job, JobState.CANCELLED, reason=job._cancel_reason)
         return job
 
     # -- deletion ---------------------------------------------------------------------------------------------------
@@ -491,10 +516,7 @@ class JobManager:
                 logger.exception("job %s: unexpected error in the worker", job.id)
                 message = "The run failed because of an internal error. It has been logged; please try again."
                 if not job.state.finished:
-                    self.recorder.finish(job, JobState.FAILED, "internal error")
-                with self._cond:
-                    if not job.state.finished:
-                        self._finish(job, JobState.FAILED, message)
+                    self._end(job, JobState.FAILED, error=message, reason="internal error")
             finally:
                 with self._cond:
                     if job in self._running:  # _finish frees the slot; this covers a _finish that raised
@@ -535,10 +557,7 @@ class JobManager:
                 try:
                     self._load_inputs(job)
                 except (imaging.ImagingError, ValueError, OSError) as e:
-                    message = f"The stored upload of this run could not be read: {e}"
-                    self.recorder.finish(job, JobState.FAILED, message)
-                    with self._cond:
-                        self._finish(job, JobState.FAILED, message)
+                    self._end(job, JobState.FAILED, error=f"The stored upload of this run could not be read: {e}")
                     continue
             return job
 
@@ -571,14 +590,10 @@ class JobManager:
         try:
             record = self.backend.run(job, data, progress)
         except GenerationCancelled:
-            self.recorder.finish(job, JobState.CANCELLED, job._cancel_reason or "cancelled")
-            with self._cond:
-                self._finish(job, JobState.CANCELLED)
+            self._end(job, JobState.CANCELLED, reason=job._cancel_reason or "cancelled")
             return
         except (imaging.ImagingError, ValueError, BackendError) as e:
-            self.recorder.finish(job, JobState.FAILED, str(e))
-            with self._cond:
-                self._finish(job, JobState.FAILED, str(e))
+            self._end(job, JobState.FAILED, error=str(e))
             return
         run_s = time.perf_counter() - t0
         job.unet_evaluations = int(record.unet_evaluations if record.unet_evaluations is not None else job.total)
@@ -593,47 +608,84 @@ class JobManager:
             # so they do not teach the rate.
             self.estimator.learn(float(denoise), job.unet_evaluations - 1, job.request.samples, run_s)
         hashes = record.artifacts_sha256
-        self.recorder.finish(job, JobState.DONE, None, artifact_hashes=dict(hashes) if hashes else None)
-        with self._cond:
-            self._finish(job, JobState.DONE)
+        self._end(job, JobState.DONE, artifact_hashes=dict(hashes) if hashes else None)
 
-    def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
+    def _end(self, job: Job, state: JobState, *, error: str | None = None, reason: str | None = None,
+             artifact_hashes: dict[str, str] | None = None, row_ended: bool = False) -> None:
+        """End a job: its job-table row first (with a table), then its audit run, then memory and ``job.json``.
+
+        With a table, the end of a job this front ran is kept only if the row was still this front's claim: a front
+        that lost its claim (it stalled past ``job_stale_after_s`` and another front runs the job again) records
+        nothing, neither the audit run's end nor ``job.json``; the front that owns the job now records its own end.
+        The database is written outside the lock.
+
+        Args:
+            job: the job; state: its terminal state.
+            error: the message for the user (failed runs), else ``None``.
+            reason: the audit run's reason; default ``error``.
+            artifact_hashes: the files' SHA-256 (done runs).
+            row_ended: the row says the end already (:meth:`JobTable.recover_stale` gave the job up).
+        """
+        finished_at = now()
+        kept = True
+        with self._cond:
+            if job.state.finished:  # ended already: recover_stale gave it up while it ran here (_recover)
+                return
+            claimed = job in self._running
+        if self.table is not None and not row_ended:
+            kept = self._end_row(job, state, error, finished_at, claimed=claimed)
+        if kept:
+            self.recorder.finish(job, state, reason if reason is not None else error, artifact_hashes=artifact_hashes)
+        with self._cond:
+            self._finish(job, state, error, finished_at, kept=kept)
+
+    def _end_row(self, job: Job, state: JobState, error: str | None, finished_at: datetime, *,
+                 claimed: bool) -> bool:
+        """Write the job's end to its table row (no lock held); whether the end is this front's to keep.
+
+        Args:
+            claimed: this front runs the job: its end is kept only if the row was still its claim (or queued);
+                otherwise (a queued job cancelled here) the row is best effort and the end is always kept.
+        """
+        assert self.table is not None
+        try:
+            if self.table.finish(job, state, error, finished_at) or not claimed:
+                return True
+        except Exception:  # the stale-claim recovery ends the row if this never reaches it
+            logger.exception("job %s: could not write its end (%s) to the job table", job.id, state.value)
+            return not claimed
+        logger.warning("job %s: this front's claim was taken over (it stalled); its end (%s) is not kept", job.id,
+                       state.value)
+        return False
+
+    def _finish(self, job: Job, state: JobState, error: str | None, finished_at: datetime, *,
+                kept: bool = True) -> None:
         """Move a job to a terminal state (caller holds the lock), free the worker's slot if it held it, persist.
 
         The state and the free slot change in the same lock section: a caller that sees the job finished and
-        then takes the lock (a submission's capacity check) never finds the slot still held."""
-        self.store.make_private(job)
+        then takes the lock (a submission's capacity check) never finds the slot still held.
+
+        Args:
+            kept: ``False`` when this front lost its claim (:meth:`_end`): the slot is freed and nothing else
+                changes; the job shows what its row says (:meth:`_apply_row`), the run of the front that owns it.
+        """
         ran_here = job in self._running
+        if not kept:
+            if ran_here:
+                self._release(job)
+            job.touch()
+            return
+        self.store.make_private(job)
         job.state = state
         job.error = error
-        job.finished_at = now()
+        job.finished_at = finished_at
         job.eta_s = None
         job.timings_s = final_timings(job, job.finished_at)
         if ran_here:
             self._release(job)
         job.touch()
-        if self.table is None or not ran_here or self._end_claim(job):
-            self.store.save(job)
-        if self.table is not None and not ran_here:  # a queued job cancelled here, or one given up by _recover
-            try:
-                self.table.finish(job)  # no change when the row ended already (cancel_queued, recover_stale)
-            except Exception:
-                logger.exception("job %s: could not write its end (%s) to the job table", job.id, state.value)
+        self.store.save(job)
         logger.info("job %s %s", job.id, state.value)
-
-    def _end_claim(self, job: Job) -> bool:
-        """Write the job's end to its table row if the row is still this front's (or queued); ``False`` when a
-        front that lost its claim (it stalled past ``job_stale_after_s``) must keep nothing of its run."""
-        assert self.table is not None
-        try:
-            if self.table.finish(job):
-                return True
-        except Exception:  # the stale-claim recovery ends the row if this never reaches it
-            logger.exception("job %s: could not write its end (%s) to the job table", job.id, job.state.value)
-            return False
-        logger.warning("job %s: this front's claim was taken over (it stalled); its end (%s) is not kept", job.id,
-                       job.state.value)
-        return False
 
     def _release(self, job: Job) -> None:
         """Free the worker's slot after ``job`` (caller holds the lock): its owner's turn ended now."""
@@ -653,24 +705,27 @@ class JobManager:
         """The job ``job_id`` from the table and the shared volume, now known here too; ``None`` if unknown."""
         assert self.table is not None
         row = self.table.get(job_id)
-        job = self.store.load(job_id) if row is not None else None
-        if row is None or job is None:
+        loaded = self.store.load(job_id) if row is not None else None
+        if row is None or loaded is None:
             return None
         with self._cond:
-            job = self._jobs.setdefault(job_id, job)
-            self._apply_row(job, row)
+            if job_id in self._submitting:  # its submission registers it
+                return None
+            job = self._jobs.setdefault(job_id, loaded)
+            self._apply_row(job, row, final=loaded)
         return job
 
-    def _cancel_here(self, job: Job) -> bool:
+    def _cancel_here(self, job: Job, actor: audit.User | None) -> bool:
         """With a job table: whether :meth:`cancel` goes on as in one process (the job was still queued and is
-        cancelled in the table now, or this front runs it); else another front runs it and was asked to cancel."""
+        cancelled in the table now, or this front runs it); else another front runs it and was asked to cancel, on
+        behalf of ``actor`` (``None``: the owner)."""
         assert self.table is not None
         if job.state is JobState.QUEUED and self.table.cancel_queued(job.id):
             return True
         with self._cond:
             if job in self._running:
                 return True
-        self.table.request_cancel(job.id)
+        self.table.request_cancel(job.id, actor.id if actor is not None else None)
         return False
 
     def _beat(self) -> None:
@@ -694,12 +749,11 @@ class JobManager:
             job = self._jobs.get(job_id) or self.store.load(job_id)
             if job is None or job.state.finished:
                 continue
-            self.recorder.finish(job, JobState.FAILED, STALE_FAILED)
             with self._cond:
                 if job in self._pending:
                     self._pending.remove(job)
-                self._jobs.setdefault(job_id, job)
-                self._finish(job, JobState.FAILED, STALE_FAILED)
+                job = self._jobs.setdefault(job_id, job)
+            self._end(job, JobState.FAILED, error=STALE_FAILED, row_ended=True)
 
     def _sync_shared(self) -> None:
         """Renew the running jobs' claims (a cancel asked on another front cancels one here), then bring every
@@ -709,31 +763,56 @@ class JobManager:
         with self._cond:
             running_now = list(self._running)
         for running in running_now:
-            if table.heartbeat(running.id, running.step, running.total):
-                with self._cond:
-                    if running in self._running and not running.cancel_event.is_set():
-                        running._cancel_reason = running._cancel_reason or "cancelled by the user"
-                        running.cancel_event.set()
-                        running.touch()
+            asked = table.heartbeat(running.id, running.step, running.total)
+            if asked is None or running.cancel_event.is_set():
+                continue
+            actor = self._user(asked.by) if asked.by is not None else None
+            with self._cond:
+                if running in self._running and not running.cancel_event.is_set():
+                    running._cancelled_by = actor or running._cancelled_by  # who asked, on whichever front
+                    running._cancel_reason = running._cancel_reason or "cancelled by the user"
+                    running.cancel_event.set()
+                    running.touch()
         started = now()
         since = None if self._synced_at is None else self._synced_at - timedelta(seconds=5 + self.heartbeat_s)
         rows = table.changes(since)
-        loaded = {row.id: job for row in rows if row.id not in self._jobs
-                  for job in [self.store.load(row.id)] if job is not None}
+        with self._cond:  # which rows need job.json (read outside the lock): unknown jobs, and ends to show
+            known = set(self._jobs) | self._submitting
+            ended = {row.id for row in rows if JobState(row.state).finished and row.id in self._jobs
+                     and not self._jobs[row.id].state.finished and self._jobs[row.id] not in self._running}
+        loaded = {job_id: job for job_id in [row.id for row in rows if row.id not in known] + sorted(ended)
+                  for job in [self.store.load(job_id)] if job is not None}
         served = table.last_served(sorted({row.owner for row in rows if row.state == JobState.QUEUED.value}))
         with self._cond:
             for row in rows:
-                job = self._jobs.setdefault(row.id, loaded[row.id]) if row.id in loaded else self._jobs.get(row.id)
+                if row.id in self._submitting:
+                    continue
+                job = self._jobs.get(row.id)
+                if job is None and row.id in loaded:
+                    job = self._jobs[row.id] = loaded[row.id]
                 if job is not None:
-                    self._apply_row(job, row)
+                    self._apply_row(job, row, final=loaded.get(row.id))
             self._served = {owner: _micros(t) for owner, t in served.items()}
             self._busy_owners = {row.owner for row in rows if row.state == JobState.RUNNING.value}
             self._synced_at = started
             if self._pending:
                 self._cond.notify_all()
 
-    def _apply_row(self, job: Job, row: audit.JobRecord) -> None:
-        """Bring ``job`` to what its table row says (caller holds the lock); this front's running jobs are its own."""
+    def _user(self, user_id: uuid.UUID) -> audit.User | None:
+        """The account ``user_id`` (who asked to cancel a job on another front); ``None`` if unknown or unreadable."""
+        assert self.table is not None
+        try:
+            return audit.get_user(self.table.db, user_id=user_id)
+        except Exception:  # the cancel goes on; the record then names the owner
+            logger.exception("could not read the user %s who cancelled a job", user_id)
+            return None
+
+    def _apply_row(self, job: Job, row: audit.JobRecord, *, final: Job | None = None) -> None:
+        """Bring ``job`` to what its table row says (caller holds the lock); this front's running jobs are its own.
+
+        Args:
+            final: the job's ``job.json`` as read (outside the lock) after the row: an ended row's results come from
+                there; ``None``: not read, the next poll shows the end."""
         if job in self._running:
             return
         state = JobState(row.state)
@@ -754,7 +833,7 @@ class JobManager:
             return
         if job.state.finished:
             return
-        final = self.store.load(job.id)  # the front that ended it writes job.json right after the row
+        # the front that ended it writes job.json right after the row (and its audit record)
         if final is None or not final.state.finished:
             return  # not yet: the next poll sees the row again (changes() looks back past the last poll)
         job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps

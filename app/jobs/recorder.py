@@ -5,9 +5,14 @@ With an audit database, the database is the record of every run: a submission re
 (``audit.record_input``: hashes, size, HMAC'd DICOM UIDs) and the run (``audit.create_run``: parameters, seeds,
 model hash, library versions), and the run's id becomes the job id; the worker moves the run to ``running`` and
 finishes it as ``done`` / ``failed`` / ``cancelled`` with the reason, effective steps, timings and artifact
-hashes, always *before* the job's in-memory state changes. At start-up ``audit.mark_interrupted_runs`` marks
-unfinished runs ``interrupted`` and the job store does the same to their ``job.json``, taking the database's word
-(:meth:`Recorder.recorded_status`) where the two differ. ``job.json`` keeps what the pages need without a query.
+hashes, always *before* the job's in-memory state changes (with the shared job table, ``VALD_MD_JOB_STATE=database``:
+after the job's row, and only if the row was still this front's claim). In the single-process mode, at start-up
+``audit.mark_interrupted_runs`` marks unfinished runs ``interrupted`` and the job store does the same to their
+``job.json``, taking the database's word (:meth:`Recorder.recorded_status`) where the two differ. With the job
+table, neither happens: unfinished runs may be another front's; the table's recovery
+(``app.jobs.jobtable.JobTable.recover_stale``) queues a dead front's run again or fails it, and the store marks only
+the ``job.json`` of a run whose row is no longer queued or running. ``job.json`` keeps what the pages need without
+a query.
 """
 
 from __future__ import annotations

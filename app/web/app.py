@@ -8,11 +8,14 @@ are not marked ``interrupted`` at start-up: other fronts may be running them, an
 
 Start-up: the model starts loading in a thread of its own (with ``compile_unet``: compiled and warmed up); beside
 it, in order, the accounts/audit database (migrations, append-only triggers), the UID/CSRF secret file, runs left
-unfinished by the previous process marked ``interrupted``, the lung segmenter (optional: a missing folder is a
-warning, and maps are then not restricted to the lungs), the lesion classifier (optional likewise: without it the
-classifier-guided map method is not offered); then, once the model is loaded, the job worker, ``app_start``. The
-server answers (``/readyz`` included) only after all of it.
-Shut-down: the worker stops (cancelling the running job), ``app_stop``. Middleware, outermost first: security
+unfinished by the previous process marked ``interrupted`` (not with ``VALD_MD_JOB_STATE=database``: other fronts may
+be running them), the lung segmenter (optional: a missing folder is a warning, and maps are then not restricted to
+the lungs), the lesion classifier (optional likewise: without it the classifier-guided map method is not offered);
+then, once the model is loaded, the job worker (with the job table: this front's stale claims recovered first),
+``app_start``. A failure at any step disposes of the database. The server answers (``/readyz`` included) only after
+all of it.
+Shut-down: the worker stops (cancelling the running job; with ``VALD_MD_JOB_STATE=database`` nothing is cancelled:
+the running job may finish, else another front queues it again), ``app_stop``. Middleware, outermost first: security
 headers, the ``Host`` check (``trusted_hosts``), forwarded headers (only from ``trusted_proxies``), upload size
 limit, authentication + CSRF (:mod:`app.web.auth`). The data folder is owner-only (:mod:`app.filemodes`).
 """
@@ -199,6 +202,8 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             backend = await run_in_threadpool(make_backend, settings, eng.info.model_hash)
             jobs = JobManager.from_settings(settings, eng, db=db, uid_secret=secret, segmenter=segmenter,
                                             classifier=classifier, backend=backend)
+            # (with job_state=database this reads and writes the job table: a failure here disposes of the db too)
+            jobs.start()
         except BaseException:
             if loading is not None:
                 await asyncio.wait([loading])  # (a thread cannot be stopped) no loader left behind a failed start
@@ -207,7 +212,6 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
             if db is not None:
                 db.dispose()
             raise
-        jobs.start()
         app.state.db = db
         app.state.uid_secret = secret
         app.state.engine = eng

@@ -4,11 +4,12 @@ Revision ID: 0003_job_table
 Revises: 0002_keyed_chain_tokens
 Create Date: 2026-12-07
 
-- ``job``: one row per accepted review job (``app.audit.models.JobRecord``): owner, state, request, cost, times,
-  the front that accepted it and the one that claimed it, the claim's heartbeat, attempts, progress, a cancel
-  request and the error. Used only when the site runs several front processes on one database
-  (``app.jobs.jobtable``); a single-process site leaves it empty. Not append-only: it is the queue, not the record
-  (``run`` and ``audit_event`` are).
+- ``job``: one row per accepted review job (``app.audit.models.JobRecord``): owner, state, cost, times, the front
+  that accepted it and the one that claimed it, the claim's heartbeat, attempts, progress, a cancel request (and
+  the id of the user who asked) and the error. The request's parameters are not stored: the run folder's
+  ``job.json`` keeps them (its free-text case label included, which stays out of the database). Used only when the
+  site runs several front processes on one database (``app.jobs.jobtable``); a single-process site leaves it
+  empty. Not append-only: it is the queue, not the record (``run`` and ``audit_event`` are).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ def upgrade() -> None:
         sa.Column("id", sa.String(32), nullable=False),
         sa.Column("owner", sa.String(64), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("request", sa.JSON(), nullable=False),
         sa.Column("cost", sa.Integer(), nullable=False),
         sa.Column("created_at", _TS, nullable=False),
         sa.Column("started_at", _TS, nullable=True),
@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("step", sa.Integer(), nullable=False),
         sa.Column("total", sa.Integer(), nullable=False),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
+        sa.Column("cancel_requested_by", sa.Uuid(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.CheckConstraint(
