@@ -405,6 +405,8 @@ def test_delete_removes_one_finished_run_and_nothing_else(make_manager, db, alic
     rerun = m.submit(alice, first.upload_path.read_bytes(), req(seed=2), rerun_of=first.id)
     other = m.submit(bob, data, req(seed=3))
     wait_for(lambda: rerun.state.finished and other.state.finished)
+    # the finished state shows before job.json's atomic write (its temporary file) has landed
+    wait_for(lambda: not any(p.name.endswith(".tmp") for j in (rerun, other) for p in j.run_dir.iterdir()))
     kept = {j.id: sorted(p.name for p in j.run_dir.iterdir()) for j in (rerun, other)}
     with pytest.raises(JobNotFoundError):
         m.delete(first.id, str(bob.id), actor=bob)  # not bob's
