@@ -20,7 +20,13 @@ front's ``job.json``, so a status read never waits for them.
 With a :class:`~app.jobs.jobtable.JobTable` (``VALD_MD_JOB_STATE=database``) the queue is the database's: several
 front processes admit against the site's counts, claim jobs with a compare-and-set (each runs once), keep their
 running job's claim alive, re-queue the jobs of a front that died, and poll the table to show every front's jobs.
-A job's end is written to its row first; a front that lost its claim meanwhile keeps nothing of its attempt.
+A job's end is written to its row first; a front that lost its claim meanwhile keeps nothing of its attempt. That
+half lives in :class:`app.jobs.shared.SharedTableSync`.
+
+Size (about 700 lines, over the project's ~500): this module is the queue's state machine. Every change of a job's
+state and of the worker slots happens here, under the one lock, and its invariants (a job ends once; its end and its
+slot's release are one step; a front keeps a run's end only while it holds the claim) read in one place; whatever
+needs no lock lives in the sibling modules.
 """
 
 from __future__ import annotations
