@@ -190,6 +190,9 @@ JOBS_PARTS: dict[str, set[str]] = {
     # the shared job table: rows and claims only, no files (job.json stays the store's) and no audit records
     "jobtable": {"app.jobs", "app.jobs.estimate", "app.jobs.store", "app.jobs.recorder", "app.jobs.manager",
                  "app.filemodes"},
+    # the manager's shared-table half: the table and the job, never the manager, the package or the backends
+    "shared": {"app.jobs", "app.jobs.manager", "app.jobs.policy", "app.jobs.estimate", "app.jobs.recorder",
+               "app.jobs.backend"},
 }
 
 

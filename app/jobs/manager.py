@@ -20,7 +20,13 @@ front's ``job.json``, so a status read never waits for them.
 With a :class:`~app.jobs.jobtable.JobTable` (``VALD_MD_JOB_STATE=database``) the queue is the database's: several
 front processes admit against the site's counts, claim jobs with a compare-and-set (each runs once), keep their
 running job's claim alive, re-queue the jobs of a front that died, and poll the table to show every front's jobs.
-A job's end is written to its row first; a front that lost its claim meanwhile keeps nothing of its attempt.
+A job's end is written to its row first; a front that lost its claim meanwhile keeps nothing of its attempt. That
+half lives in :class:`app.jobs.shared.SharedTableSync`.
+
+Size (about 700 lines, over the project's ~500): this module is the queue's state machine. Every change of a job's
+state and of the worker slots happens here, under the one lock, and its invariants (a job ends once; its end and its
+slot's release are one step; a front keeps a run's end only while it holds the claim) read in one place; whatever
+needs no lock lives in the sibling modules.
 """
 
 from __future__ import annotations
@@ -28,9 +34,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -45,9 +50,10 @@ from app.jobs.backend import Backend, LocalBackend, Runner
 from app.jobs.errors import BackendError, JobNotFoundError, WorkerStoppedError
 from app.jobs.estimate import RateEstimator
 from app.jobs.job import Job, JobState, final_timings, job_cost, now
-from app.jobs.jobtable import STALE_FAILED, JobTable, default_front_id
+from app.jobs.jobtable import JobTable, default_front_id
 from app.jobs.policy import Limits, fair_order, queued_cost
 from app.jobs.recorder import AuditRecorder, NullRecorder, Recorder
+from app.jobs.shared import SharedTableSync, micros
 from app.jobs.store import MASK_UPLOAD, JobStore
 from app.lungs import LungSegmenter
 from app.runs.review import ReviewRequest, resolve_request, run_review
@@ -57,7 +63,7 @@ __all__ = ["JobManager", "Runner"]
 logger = logging.getLogger("vald_md.jobs")
 
 
-class JobManager:
+class JobManager(SharedTableSync):
     """Owns the queue, the worker threads and the backend's time.
 
     Args:
@@ -330,7 +336,7 @@ class JobManager:
             self._submitting.add(job.id)  # _sync_shared leaves the row to this submission meanwhile
         try:
             table.insert(job, self.limits)
-            job.queued_tick = _micros(job.created_at)
+            job.queued_tick = micros(job.created_at)
             with self._cond:
                 self._register(job)
         finally:
@@ -387,7 +393,7 @@ class JobManager:
             running_owners = [j.owner for j in self._running]
             tick = self._tick + 1  # "now": after every job queued so far
             if self.table is not None:  # ticks are microseconds (every front's clock), owners running anywhere
-                tick = _micros(now())
+                tick = micros(now())
                 served.update(dict.fromkeys(self._busy_owners, tick))
         return fair_order(pending, served, running_owners, tick)
 
@@ -691,158 +697,5 @@ class JobManager:
         """Free the worker's slot after ``job`` (caller holds the lock): its owner's turn ended now."""
         self._running.remove(job)
         self._tick += 1
-        self._served[job.owner] = self._tick if self.table is None else _micros(now())
+        self._served[job.owner] = self._tick if self.table is None else micros(now())
         job._decoded = job._mask = None
-
-    # -- the shared job table (several front processes) ---------------------------------------------------------------
-    def _alive_in_table(self, job: Job) -> bool:
-        """The unfinished ``job.json`` of ``job`` is still queued or running in the job table (start-up)."""
-        assert self.table is not None
-        row = self.table.get(job.id)
-        return row is not None and row.state in (JobState.QUEUED.value, JobState.RUNNING.value)
-
-    def _adopt(self, job_id: str) -> Job | None:
-        """The job ``job_id`` from the table and the shared volume, now known here too; ``None`` if unknown."""
-        assert self.table is not None
-        row = self.table.get(job_id)
-        loaded = self.store.load(job_id) if row is not None else None
-        if row is None or loaded is None:
-            return None
-        with self._cond:
-            if job_id in self._submitting:  # its submission registers it
-                return None
-            job = self._jobs.setdefault(job_id, loaded)
-            self._apply_row(job, row, final=loaded)
-        return job
-
-    def _cancel_here(self, job: Job, actor: audit.User | None) -> bool:
-        """With a job table: whether :meth:`cancel` goes on as in one process (the job was still queued and is
-        cancelled in the table now, or this front runs it); else another front runs it and was asked to cancel, on
-        behalf of ``actor`` (``None``: the owner)."""
-        assert self.table is not None
-        if job.state is JobState.QUEUED and self.table.cancel_queued(job.id):
-            return True
-        with self._cond:
-            if job in self._running:
-                return True
-        self.table.request_cancel(job.id, actor.id if actor is not None else None)
-        return False
-
-    def _beat(self) -> None:
-        """The job table's thread: renew the running job's claim, recover dead fronts' jobs and poll for changes,
-        every ``heartbeat_s`` seconds, until the worker has stopped."""
-        while True:
-            finished = self._stopping and not self._any_worker_alive
-            try:
-                self._sync_shared()
-                assert self.table is not None
-                self._recover(self.table.recover_stale().failed)
-            except Exception:  # a database hiccup: try again at the next beat
-                logger.exception("could not update the job table")
-            if finished:
-                return
-            time.sleep(self.heartbeat_s)
-
-    def _recover(self, failed: list[str]) -> None:
-        """Record the end of jobs given up by :meth:`JobTable.recover_stale`: the audit run and ``job.json``."""
-        for job_id in failed:
-            job = self._jobs.get(job_id) or self.store.load(job_id)
-            if job is None or job.state.finished:
-                continue
-            with self._cond:
-                if job in self._pending:
-                    self._pending.remove(job)
-                job = self._jobs.setdefault(job_id, job)
-            self._end(job, JobState.FAILED, error=STALE_FAILED, row_ended=True)
-
-    def _sync_shared(self) -> None:
-        """Renew the running jobs' claims (a cancel asked on another front cancels one here), then bring every
-        front's queued, running and recently ended jobs into this front's view."""
-        table = self.table
-        assert table is not None
-        with self._cond:
-            running_now = list(self._running)
-        for running in running_now:
-            asked = table.heartbeat(running.id, running.step, running.total)
-            if asked is None or running.cancel_event.is_set():
-                continue
-            actor = self._user(asked.by) if asked.by is not None else None
-            with self._cond:
-                if running in self._running and not running.cancel_event.is_set():
-                    running._cancelled_by = actor or running._cancelled_by  # who asked, on whichever front
-                    running._cancel_reason = running._cancel_reason or "cancelled by the user"
-                    running.cancel_event.set()
-                    running.touch()
-        started = now()
-        since = None if self._synced_at is None else self._synced_at - timedelta(seconds=5 + self.heartbeat_s)
-        rows = table.changes(since)
-        with self._cond:  # which rows need job.json (read outside the lock): unknown jobs, and ends to show
-            known = set(self._jobs) | self._submitting
-            ended = {row.id for row in rows if JobState(row.state).finished and row.id in self._jobs
-                     and not self._jobs[row.id].state.finished and self._jobs[row.id] not in self._running}
-        loaded = {job_id: job for job_id in [row.id for row in rows if row.id not in known] + sorted(ended)
-                  for job in [self.store.load(job_id)] if job is not None}
-        served = table.last_served(sorted({row.owner for row in rows if row.state == JobState.QUEUED.value}))
-        with self._cond:
-            for row in rows:
-                if row.id in self._submitting:
-                    continue
-                job = self._jobs.get(row.id)
-                if job is None and row.id in loaded:
-                    job = self._jobs[row.id] = loaded[row.id]
-                if job is not None:
-                    self._apply_row(job, row, final=loaded.get(row.id))
-            self._served = {owner: _micros(t) for owner, t in served.items()}
-            self._busy_owners = {row.owner for row in rows if row.state == JobState.RUNNING.value}
-            self._synced_at = started
-            if self._pending:
-                self._cond.notify_all()
-
-    def _user(self, user_id: uuid.UUID) -> audit.User | None:
-        """The account ``user_id`` (who asked to cancel a job on another front); ``None`` if unknown or unreadable."""
-        assert self.table is not None
-        try:
-            return audit.get_user(self.table.db, user_id=user_id)
-        except Exception:  # the cancel goes on; the record then names the owner
-            logger.exception("could not read the user %s who cancelled a job", user_id)
-            return None
-
-    def _apply_row(self, job: Job, row: audit.JobRecord, *, final: Job | None = None) -> None:
-        """Bring ``job`` to what its table row says (caller holds the lock); this front's running jobs are its own.
-
-        Args:
-            final: the job's ``job.json`` as read (outside the lock) after the row: an ended row's results come from
-                there; ``None``: not read, the next poll shows the end."""
-        if job in self._running:
-            return
-        state = JobState(row.state)
-        if state is JobState.QUEUED:
-            if job not in self._pending:
-                job.state, job.started_at, job.step, job.total = JobState.QUEUED, None, 0, 0
-                job.queued_tick = _micros(job.created_at)
-                self._pending.append(job)
-                self._pending.sort(key=lambda j: j.queued_tick)
-                job.touch()
-            return
-        if job in self._pending:
-            self._pending.remove(job)
-        if state is JobState.RUNNING:
-            if job.state is not JobState.RUNNING or (job.step, job.total) != (row.step, row.total):
-                job.state, job.started_at, job.step, job.total = state, row.started_at, row.step, row.total
-                job.touch()
-            return
-        if job.state.finished:
-            return
-        # the front that ended it writes job.json right after the row (and its audit record)
-        if final is None or not final.state.finished:
-            return  # not yet: the next poll sees the row again (changes() looks back past the last poll)
-        job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
-        job.seeds, job.timings_s = final.seeds, final.timings_s
-        job.state, job.error, job.finished_at, job.eta_s = state, row.error, row.finished_at, None
-        job._decoded = job._mask = None
-        job.touch()
-
-
-def _micros(t: datetime) -> int:
-    """``t`` as microseconds since the epoch: the fair order's ticks when the queue is the job table's."""
-    return int(t.timestamp() * 1_000_000)
