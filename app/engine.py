@@ -14,6 +14,11 @@ Order of operations in :meth:`CounterfactualEngine.generate_request` (one frozen
   native frame; 6. autoencoder reconstruction of the input (reference for attribution maps).
 
 One lock serialises calls: the pipeline is not thread-safe.
+
+Size (about 580 lines, over the project's ~500): one concern, inference (device and precision, bf16 autocast on AMX
+CPUs, the seeded generation with its progress previews and cancellation, the reconstruction, loading on a
+short-lived thread), plus ~40 lines of compatibility re-exports of names that moved to ``app.modelfolder`` and
+``app.provenance``.
 """
 
 from __future__ import annotations
