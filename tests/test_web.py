@@ -794,6 +794,7 @@ def test_a_damaged_run_folder_is_a_conflict_not_a_bad_request(client, app_and_cl
         expected = 409 if path == "overlay.png" else 422  # the exports keep their ExportError (422)
         assert r.status_code == expected, (path, r.text)
         assert "finite" in r.json()["message"] and "Traceback" not in r.text
+        assert str(run_dir.parent) not in r.text  # no server path in what the browser sees
     assert client.get(f"{base}/overlay.png").json()["error"] == "Run folder damaged"
     (run_dir / "counterfactual.png").unlink()  # listed in the record, gone from the folder
     viewing._CACHE.clear()
@@ -801,6 +802,7 @@ def test_a_damaged_run_folder_is_a_conflict_not_a_bad_request(client, app_and_cl
         r = client.get(f"{base}/{path}")
         assert r.status_code == 409 and r.json()["error"] == "Run folder damaged", (path, r.text)
         assert "counterfactual.png" in r.json()["message"] and "Traceback" not in r.text
+        assert str(run_dir.parent) not in r.text
     assert client.get(f"/runs/{job['job_id']}").status_code == 200  # the result page still opens
 
 

@@ -562,8 +562,13 @@ class JobManager(SharedTableSync):
             if job._decoded is None:  # accepted by another front: its upload and mask come from the shared volume
                 try:
                     self._load_inputs(job)
-                except (imaging.ImagingError, ValueError, OSError) as e:
+                except imaging.ImagingError as e:  # the message is for the clinician
                     self._end(job, JobState.FAILED, error=f"The stored upload of this run could not be read: {e}")
+                    continue
+                except (ValueError, OSError) as e:  # paths and internals go to the log, not to the user
+                    logger.warning("job %s: stored inputs unreadable: %s", job.id, e)
+                    self._end(job, JobState.FAILED, error="The stored upload of this run could not be read from "
+                              "the shared run volume. Please submit it again; if this repeats, tell the administrator.")
                     continue
             return job
 

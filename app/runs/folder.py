@@ -125,16 +125,16 @@ class RunFolder:
     def _load(self) -> tuple[RunRecord, bytes]:
         if self._record is None:
             if not self.path.is_dir():
-                raise RunFolderError(f"run folder {self.path} does not exist; pass the folder a review run wrote.")
+                raise RunFolderError(f"run folder {self.path.name} does not exist; pass the folder a review run wrote.")
             try:
                 data = (self.path / RECORD).read_bytes()
             except FileNotFoundError:
-                raise RunFolderError(f"run folder {self.path} has no {RECORD}; the run did not finish. "
+                raise RunFolderError(f"run folder {self.path.name} has no {RECORD}; the run did not finish. "
                                      "Run it again.") from None
             try:
                 record = RunRecord.from_json(data)
             except ValueError as exc:
-                raise RunFolderError(f"{exc} in {self.path}; the run folder is damaged.") from exc
+                raise RunFolderError(f"{exc} in run folder {self.path.name}; the run folder is damaged.") from exc
             self._record = (record, data)
         return self._record
 
@@ -187,7 +187,7 @@ class RunFolder:
         try:
             data = (self.path / name).read_bytes()
         except FileNotFoundError:
-            raise RunFolderError(f"run folder {self.path} has no {name}; the run did not finish or the file was "
+            raise RunFolderError(f"run folder {self.path.name} has no {name}; the run did not finish or the file was "
                                  "removed. Run it again.") from None
         if checked and sha256_bytes(data) != hashes[name]:
             raise ArtifactChangedError(

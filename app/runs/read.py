@@ -150,7 +150,7 @@ def read_map(run: RunFolder) -> tuple[FloatImage, attribution.AttributionMap]:
             except ExportError:
                 raise
             except ValueError as exc:
-                raise ExportError(f"{name} in {run.path} cannot be used: {exc}") from exc
+                raise ExportError(f"{name} in run folder {run.path.name} cannot be used: {exc}") from exc
             break
     amap = attribution.AttributionMap(signed=signed, magnitude=np.abs(signed), std=std,
                                       n_samples=max(record.n_samples, 2 if std is not None else 1), mask=mask)
@@ -167,7 +167,7 @@ def read_lung_mask(run: RunFolder, shape: tuple[int, int]) -> NDArray[np.bool_]:
     except ExportError:
         raise
     except ValueError as exc:
-        raise ExportError(f"{names.LUNG_MASK} in {run.path} cannot be used: {exc}") from exc
+        raise ExportError(f"{names.LUNG_MASK} in run folder {run.path.name} cannot be used: {exc}") from exc
 
 
 def render_overlay(original: FloatImage, amap: attribution.AttributionMap, record: RunRecord,
