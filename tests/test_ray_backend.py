@@ -361,3 +361,12 @@ def test_the_replica_describes_itself_without_its_run_thread_and_hides_its_addre
                        None, threading.Event(), {})
     assert end["kind"] == "backend" and "cannot see this run's folder" in end["message"]
     assert "10.0.0.7" not in end["message"]
+
+
+def test_a_missing_ray_is_a_backend_error(monkeypatch):
+    from app.jobs import BackendError
+    from app.serving import RayBackend
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(BackendError, match=r"pip install 'vald-md\[ray\]'"):
+        RayBackend.from_settings(Settings(backend="ray"), model_sha256="a" * 64)
