@@ -199,9 +199,10 @@ class RayBackend(Backend):
         from ray import serve
 
         handle = None
-        if not redeploy and APP_NAME in serve.status().applications:
+        applications = serve.status().applications
+        if not redeploy and APP_NAME in applications:
             handle = serve.get_app_handle(APP_NAME)
-            running = _served_model(serve.status().applications[APP_NAME]) or _describe(handle)["model_sha256"]
+            running = _served_model(applications[APP_NAME]) or _describe(handle)["model_sha256"]
             if model_sha256 is not None and running != model_sha256:
                 if settings.ray_address is not None:
                     raise BackendError(
