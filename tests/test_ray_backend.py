@@ -14,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -128,6 +130,12 @@ def test_two_replicas_run_two_jobs_at_once(ray_app):
     first, second = submit(client, **LONG), submit(client, **LONG)
     where = {placement(app, first)["replica"], placement(app, second)["replica"]}
     assert len(where) == 2, "both jobs should run at once, one per replica"
+    # a second front starting now learns the model while every replica runs a review (no request to a replica)
+    from ray import serve
+
+    from app.serving.backend import _served_model
+
+    assert _served_model(serve.status().applications["vald-md"]) == app.state.engine.info.model_hash
     for job_id in (first, second):
         client.post(f"/api/v1/jobs/{job_id}/cancel")
     assert {wait_state(client, j)["state"] for j in (first, second)} == {"cancelled"}
@@ -214,3 +222,151 @@ def test_the_default_backend_imports_no_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# Without a cluster: the backend against fake Serve handles and streams, the replica's methods on a bare object.
+
+
+class FakeStream:
+    """A Serve streaming response: yields ``events``, then raises ``error`` (if any); records cancel()."""
+
+    def __init__(self, events: list[dict[str, Any]], error: BaseException | None = None) -> None:
+        self.events, self.error, self.cancelled = events, error, False
+
+    def __iter__(self) -> Any:
+        yield from self.events
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    """A ``DeploymentHandle``: each ``review`` call takes the next stream; ``describe`` answers or times out."""
+
+    def __init__(self, streams: list[FakeStream], described: dict[str, Any] | None = None) -> None:
+        self.streams, self.calls, self.described = streams, 0, described
+
+    def options(self, **_: Any) -> FakeHandle:
+        return self
+
+    @property
+    def review(self) -> Any:
+        return self
+
+    @property
+    def describe(self) -> Any:
+        return self
+
+    def remote(self, *_: Any) -> Any:
+        if self.streams:
+            self.calls += 1
+            return self.streams[self.calls - 1]
+        return self
+
+    def result(self, timeout_s: float) -> dict[str, Any]:
+        if self.described is None:
+            raise TimeoutError("timed out")
+        return self.described
+
+
+def _start(model: str = "a" * 64) -> dict[str, Any]:
+    return {"event": "start", "replica": "r1", "actor": "SERVE_REPLICA::x", "node": "10.0.0.7", "attempt": 1,
+            "model_sha256": model}
+
+
+@pytest.fixture
+def fake_job(tmp_path):
+    from app.jobs import Job
+    from app.runs.review import ReviewRequest
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "upload.png").write_bytes(png_bytes())
+    return Job(id="j" * 32, owner="alice", request=ReviewRequest(strength=0.5, steps=4, samples=1, seed=1),
+               run_dir=run_dir, upload_name="upload.png", input_summary={}, has_mask=False, effective_steps=2,
+               created_at=datetime(2026, 1, 2, tzinfo=UTC))
+
+
+def test_a_replica_of_another_model_fails_the_run(fake_job):
+    _require_ray()
+    from app.jobs import BackendError
+    from app.serving import RayBackend
+
+    stream = FakeStream([_start("b" * 64), {"event": "progress", "step": 1, "total": 2, "elapsed_s": 0.1}])
+    backend = RayBackend(FakeHandle([stream]), 1, model_sha256="a" * 64)
+    with pytest.raises(BackendError, match=f"hash {'b' * 64}.*hash {'a' * 64}"):
+        backend.run(fake_job, b"", lambda *a: None)
+    assert stream.cancelled and not backend.placements
+
+
+def test_an_unreachable_replica_is_cancelled_and_not_retried(fake_job):
+    ray = _require_ray()
+    from app.jobs import BackendError
+    from app.serving import RayBackend
+
+    first = FakeStream([_start()], ray.exceptions.ActorUnavailableError("connection lost", None))
+    handle = FakeHandle([first, FakeStream([_start()])])
+    with pytest.raises(BackendError, match=r"unreachable.*not retried"):
+        RayBackend(handle, 1, model_sha256="a" * 64).run(fake_job, b"", lambda *a: None)
+    assert handle.calls == 1 and first.cancelled
+
+
+def test_a_dead_replica_is_cancelled_before_the_retry(fake_job):
+    ray = _require_ray()
+    from app.jobs import BackendError
+    from app.serving import RayBackend
+
+    streams = [FakeStream([_start()], ray.exceptions.ActorDiedError()) for _ in range(2)]
+    handle = FakeHandle(streams)
+    with pytest.raises(BackendError, match="submit it again"):
+        RayBackend(handle, 1).run(fake_job, b"", lambda *a: None)
+    assert handle.calls == 2 and all(s.cancelled for s in streams)
+
+
+def test_a_busy_application_fails_the_front_with_a_message(monkeypatch):
+    _require_ray()
+    from ray import serve
+
+    from app.jobs import BackendError
+    from app.serving import RayBackend, backend
+
+    monkeypatch.setattr(backend, "connect", lambda settings: False)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"vald-md": None}))  # an old name
+    monkeypatch.setattr(backend, "deploy", lambda settings: pytest.fail("redeployed"))
+    monkeypatch.setattr(serve, "get_app_handle", lambda name: FakeHandle([], described=None))
+    with pytest.raises(BackendError, match="did not say which model it serves"):
+        RayBackend.from_settings(Settings(backend="ray"), model_sha256="a" * 64)
+    # a shared cluster's application of another model is not replaced; the same model is reused
+    deployed = SimpleNamespace(deployments={"ReviewReplica-" + "b" * 64: None})
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"vald-md": deployed}))
+    with pytest.raises(BackendError, match=f"hash {'b' * 64}.*hash {'a' * 64}.*vald-md ray-serve"):
+        RayBackend.from_settings(Settings(backend="ray", ray_address="auto"), model_sha256="a" * 64)
+    reused = RayBackend.from_settings(Settings(backend="ray", ray_address="auto"), model_sha256="b" * 64)
+    assert reused.model_sha256 == "b" * 64
+
+
+def test_the_replica_describes_itself_without_its_run_thread_and_hides_its_address(tmp_path):
+    import asyncio
+
+    from app.serving import ReviewReplica
+
+    replica = object.__new__(ReviewReplica)  # no model load: the attributes __init__ sets
+    replica.replica_id, replica.node, replica.torch_threads, replica._pool = "r1", "10.0.0.7", 3, None
+    replica.engine = SimpleNamespace(info=SimpleNamespace(name="tiny", model_hash="a" * 64), device="cpu")
+    described = asyncio.run(replica.describe())
+    assert described["model_sha256"] == "a" * 64 and described["torch_threads"] == 3
+    end = replica._run({"run_dir": str(tmp_path / "elsewhere"), "upload_name": "u.png", "job_id": "j"},
+                       None, threading.Event(), {})
+    assert end["kind"] == "backend" and "cannot see this run's folder" in end["message"]
+    assert "10.0.0.7" not in end["message"]
+
+
+def test_a_missing_ray_is_a_backend_error(monkeypatch):
+    from app.jobs import BackendError
+    from app.serving import RayBackend
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(BackendError, match=r"pip install 'vald-md\[ray\]'"):
+        RayBackend.from_settings(Settings(backend="ray"), model_sha256="a" * 64)

@@ -5,7 +5,8 @@ from the model folders and runs one review at a time (``max_ongoing_requests=1``
 Its :meth:`ReviewReplica.review` is an async generator of events (plain dicts, so that no exception class has to
 cross the cluster), in this order:
 
-- ``{"event": "start", "replica": id, "actor": actor name, "node": node address, "attempt": n}``;
+- ``{"event": "start", "replica": id, "actor": actor name, "node": node address, "attempt": n, "model_sha256":
+  the replica's model hash}`` (the front fails the run when it is not its own model's: the audit names that hash);
 - ``{"event": "progress", "step", "total", "elapsed_s", "preview"}``: the engine's progress callback (preview a
   small float32 array or ``None``), at most one per :data:`PROGRESS_INTERVAL_S` and always the last step; the
   front hands them to the job, so the browser's progress stream, itself thinned to one event per
@@ -84,18 +85,18 @@ class ReviewReplica:
         self.replica_id = str(serve.get_replica_context().replica_id.unique_id)
         self.actor_name = str(ray.get_runtime_context().get_actor_name())
         self.node = str(ray.util.get_node_ip_address())
+        import torch
+
+        self.torch_threads = int(self._pool.submit(torch.get_num_threads).result())  # the run thread's
         logger.info("replica %s on %s: model %s (%s) loaded", self.replica_id, self.node, self.engine.info.name,
                     self.engine.info.model_hash[:12])
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         """The replica and its model: ``{"replica", "node", "model_name", "model_sha256", "device",
-        "torch_threads"}``."""
-        import torch
-
-        threads = self._pool.submit(torch.get_num_threads).result()  # the run thread's
+        "torch_threads"}``, from what the replica learned when it started (it never waits for the run thread)."""
         return {"replica": self.replica_id, "node": self.node, "model_name": self.engine.info.name,
                 "model_sha256": self.engine.info.model_hash, "device": str(self.engine.device),
-                "torch_threads": threads}
+                "torch_threads": self.torch_threads}
 
     async def review(self, task: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run one review and stream its events (see the module's docstring).
@@ -123,9 +124,9 @@ class ReviewReplica:
         def work() -> dict[str, Any]:
             return self._run(task, progress, cancel, serving)
 
-        running = loop.run_in_executor(self._pool, work)
         yield {"event": "start", "replica": self.replica_id, "actor": self.actor_name, "node": self.node,
-               "attempt": serving["attempt"]}
+               "attempt": serving["attempt"], "model_sha256": self.engine.info.model_hash}
+        running = loop.run_in_executor(self._pool, work)
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
@@ -148,11 +149,12 @@ class ReviewReplica:
         """The review, in the replica's run thread; its end as an event."""
         run_dir = Path(task["run_dir"])
         upload = run_dir / str(task["upload_name"])
-        if not upload.is_file():
+        if not upload.is_file():  # the node's address is for the logs, not for the user
+            logger.error("replica %s on %s: job %s: no upload at %s (the data folder is not shared with this node)",
+                         self.replica_id, self.node, task.get("job_id"), upload)
             return {"event": "error", "kind": "backend",
-                    "message": f"The model replica on {self.node} cannot see this run's folder. The data folder "
-                               f"must be on a volume shared by every Ray node (docs/DEPLOYMENT.md); please tell the "
-                               f"administrator."}
+                    "message": "The model replica cannot see this run's folder. The data folder must be on a volume "
+                               "shared by every Ray node (docs/DEPLOYMENT.md); please tell the administrator."}
         try:
             req = ReviewRequest(**task["request"])
             record = run_review(self.engine, upload.read_bytes(), req, run_dir, mask=task.get("mask"),
