@@ -230,7 +230,8 @@ def test_a_front_that_lost_its_claim_records_nothing_and_the_new_owner_records_i
     rb.gate.set()  # b's end is the one recorded
     wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
     assert audit.get_run(sqlite_db, uuid.UUID(job.id)).status == "done" and ra.calls == rb.calls == [job.id]
-    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "done"
+    # job.json lands right after the state shows in memory (the atomic write of the end)
+    wait_for(lambda: json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "done")
     wait_for(lambda: a.get(job.id, job.owner).state is JobState.DONE)  # a shows b's end
     result = audit.verify_chain(sqlite_db)
     assert result.ok, result.reason
