@@ -36,8 +36,11 @@ from app.jobs import (
     Limits,
     QueueFullError,
     UserQueueLimitError,
+    shared,
 )
-from app.jobs.jobtable import MAX_ATTEMPTS, STALE_FAILED, JobTable
+from app.jobs.errors import JobNotFoundError
+from app.jobs.job import now
+from app.jobs.jobtable import MAX_ATTEMPTS, STALE_FAILED, CancelRequest, JobTable, Recovered
 from tests.accounts import add_user
 from tests.factories import png_bytes
 from tests.test_jobs import FakeEngine, GatedRunner, req, wait_for
@@ -341,9 +344,12 @@ def test_a_front_whose_worker_cannot_start_disposes_of_its_database(tiny_engine,
     fails and the database's connections are released, as for any other start-up step."""
     from fastapi.testclient import TestClient
 
+    from app.jobs.backend import LocalBackend
     from app.web import create_app
 
     disposed: list[Engine] = []
+    closed: list[LocalBackend] = []
+    monkeypatch.setattr(LocalBackend, "close", lambda self: closed.append(self))
     real_init_db = audit.init_db
 
     def init_db(*args: Any, **kwargs: Any) -> Engine:
@@ -361,4 +367,122 @@ def test_a_front_whose_worker_cannot_start_disposes_of_its_database(tiny_engine,
                               lesion_classifier=tmp_path / "none"), engine=tiny_engine)
     with pytest.raises(RuntimeError, match="the job table cannot be read"), TestClient(app):
         pass
-    assert len(disposed) == 1
+    assert len(disposed) == 1 and len(closed) == 1  # the backend made for the worker is closed too
+
+
+def _set_row(db: Engine, job_id: str, **values: Any) -> None:
+    with db.begin() as connection:
+        connection.execute(update(audit.JobRecord).where(audit.JobRecord.id == job_id).values(**values))
+
+
+def test_a_front_whose_heartbeat_finds_its_claim_gone_stops_the_run_and_keeps_nothing(sqlite_db, front):
+    runner = GatedRunner()
+    a = front(sqlite_db, "front-a", runner)
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    assert runner.started.wait(10)
+    assert a.table is not None and a.table.heartbeat(job.id, 0, 0) is None  # still its claim
+    _set_row(sqlite_db, job.id, claimed_by="front-x")  # another front claimed it again meanwhile
+    wait_for(lambda: not a._running)  # the next beat renews no row: the run is cancelled
+    assert job.cancel_event.is_set() and job._cancel_reason == shared.CLAIM_LOST
+    row = _rows(sqlite_db)[job.id]
+    assert (row.state, row.claimed_by) == ("running", "front-x")  # front-x's run, untouched
+    assert audit.get_run(sqlite_db, uuid.UUID(job.id)).status == "running"  # a kept nothing of its attempt
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "running"
+    assert a.table.heartbeat(job.id, 0, 0) == CancelRequest(lost=True)
+
+
+def test_a_job_the_table_gave_up_while_it_ran_here_is_stopped_and_recorded_failed(sqlite_db, front):
+    a, _runner, job = _stalled_front(sqlite_db, front)  # stalled: it renews nothing, so only _recover can act
+    _set_row(sqlite_db, job.id, state="failed", error=STALE_FAILED, finished_at=now())
+    a._recover(Recovered(failed=[job.id]))
+    assert job.cancel_event.is_set() and job._cancel_reason == shared.CLAIM_LOST  # the run stops
+    assert a.get(job.id, job.owner).state is JobState.FAILED and job.error == STALE_FAILED
+    run = audit.get_run(sqlite_db, uuid.UUID(job.id))
+    assert run.status == "failed" and run.reason == STALE_FAILED
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["error"] == STALE_FAILED
+
+
+def test_a_database_error_at_a_runs_end_is_tried_again(sqlite_db, front, monkeypatch):
+    monkeypatch.setattr(shared, "END_RETRY_S", (0.01, 0.01, 0.01))
+    a = front(sqlite_db, "front-a", GatedRunner(gated=False))
+    assert a.table is not None
+    real, calls = a.table.finish, []
+
+    def flaky(*args: Any) -> bool:
+        calls.append(args)
+        if len(calls) < 3:
+            raise RuntimeError("the database hiccuped")
+        return real(*args)
+
+    a.table.finish = flaky  # type: ignore[method-assign]
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    wait_for(lambda: a.get(job.id, job.owner).state is JobState.DONE)
+    assert len(calls) == 3 and _rows(sqlite_db)[job.id].state == "done"
+    assert audit.get_run(sqlite_db, uuid.UUID(job.id)).status == "done"
+
+
+def test_a_runs_end_the_database_refuses_is_kept_and_written_later_by_the_heartbeat(sqlite_db, front, monkeypatch):
+    monkeypatch.setattr(shared, "END_RETRY_S", (0.01, 0.01, 0.01))
+    runner = GatedRunner(gated=False)
+    a = front(sqlite_db, "front-a", runner)
+    assert a.table is not None
+    real, broken = a.table.finish, threading.Event()
+    broken.set()
+
+    def failing(*args: Any) -> bool:
+        if broken.is_set():
+            raise RuntimeError("the database is down")
+        return real(*args)
+
+    a.table.finish = failing  # type: ignore[method-assign]
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    wait_for(lambda: a.get(job.id, job.owner).state is JobState.DONE)  # the finished run is kept
+    assert audit.get_run(sqlite_db, uuid.UUID(job.id)).status == "done"
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "done"
+    time.sleep(5 * HEARTBEAT_S)  # beats see the row still running: the job stays done here
+    assert _rows(sqlite_db)[job.id].state == "running" and job.id in a._pending_ends
+    assert a.get(job.id, job.owner).state is JobState.DONE
+    broken.clear()  # the database is back: the heartbeat thread writes the end
+    wait_for(lambda: _rows(sqlite_db)[job.id].state == "done")
+    wait_for(lambda: not a._pending_ends)
+    assert runner.calls == [job.id]
+
+
+def test_a_row_read_before_a_jobs_end_does_not_bring_it_back(sqlite_db, front):
+    a = front(sqlite_db, "front-a", GatedRunner(gated=False))
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    wait_for(lambda: a.get(job.id, job.owner).state is JobState.DONE)
+    for state in ("queued", "running"):
+        stale = audit.JobRecord(id=job.id, owner=job.owner, state=state, cost=job.cost, created_at=job.created_at,
+                                updated_at=now(), started_at=now())
+        with a._cond:
+            a._apply_row(job, stale)
+        assert job.state is JobState.DONE and job not in a._pending
+
+
+def test_a_run_deleted_on_one_front_is_forgotten_by_the_others(sqlite_db, front):
+    a = front(sqlite_db, "front-a", GatedRunner(gated=False))
+    b = front(sqlite_db, "front-b", GatedRunner(gated=False))
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    for m in (a, b):
+        wait_for(lambda m=m: m.get(job.id, job.owner).state is JobState.DONE)
+    a.delete(job.id, job.owner)
+    wait_for(lambda: job.id not in b._jobs)
+    with pytest.raises(JobNotFoundError):
+        b.get(job.id, job.owner)
+    assert job.id not in {j.id for j in b.list_jobs(None)}
+
+
+def test_the_first_cancel_request_is_kept_and_a_stale_cancelled_job_is_not_run_again(sqlite_db, front):
+    admin = add_user(sqlite_db, "root", role="admin")
+    a, _runner, job = _stalled_front(sqlite_db, front)
+    assert a.table is not None
+    a.table.request_cancel(job.id, admin.id)  # an administrator first
+    a.table.request_cancel(job.id, None)  # then its owner
+    assert _rows(sqlite_db)[job.id].cancel_requested_by == admin.id
+    fresh = GatedRunner(gated=False)
+    b = front(sqlite_db, "front-b", fresh, stale_after_s=0.5)  # a's claim goes stale: b ends it, as asked
+    wait_for(lambda: b.get(job.id, job.owner).state is JobState.CANCELLED)
+    assert fresh.calls == [] and _rows(sqlite_db)[job.id].state == "cancelled"
+    assert audit.get_run(sqlite_db, uuid.UUID(job.id)).status == "cancelled"
+    assert _cancelled_by(sqlite_db, job.id) == ["root"]

@@ -87,17 +87,21 @@ class QueueCounts:
 @dataclass(frozen=True)
 class CancelRequest:
     """A cancel asked for a running job (:meth:`JobTable.heartbeat`): ``by`` is the id of the user who asked
-    (``None``: its owner, or unknown)."""
+    (``None``: its owner, or unknown); ``lost``: not a user's cancel, the row is no longer this front's claim (it
+    stalled and the job was queued again, given up or ended elsewhere): the run stops and keeps nothing."""
 
     by: uuid.UUID | None = None
+    lost: bool = False
 
 
 @dataclass(frozen=True)
 class Recovered:
-    """What :meth:`JobTable.recover_stale` did: job ids queued again, and job ids given up (``failed``)."""
+    """What :meth:`JobTable.recover_stale` did: job ids queued again, job ids given up (``failed``), and job ids
+    ended ``cancelled`` (a cancel had been asked for them)."""
 
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
 
 
 class JobTable:
@@ -213,16 +217,19 @@ class JobTable:
         """Renew this front's claim on its running job and publish its progress.
 
         Returns:
-            The cancel requested for it (from any front): the caller cancels the run; ``None``: none was.
+            The cancel requested for it (from any front), or ``CancelRequest(lost=True)`` when no row was renewed
+            (the claim is no longer this front's): the caller cancels the run; ``None``: neither.
         """
         with self._write() as session:
-            session.connection().execute(
+            renewed = session.connection().execute(
                 update(audit.JobRecord)
                 .where(col(audit.JobRecord.id) == job_id, col(audit.JobRecord.claimed_by) == self.front_id,
                        col(audit.JobRecord.state) == JobState.RUNNING.value)
                 .values(heartbeat_at=now(), updated_at=now(), step=step, total=total))
             row = session.exec(select(audit.JobRecord.cancel_requested, audit.JobRecord.cancel_requested_by)
                                .where(audit.JobRecord.id == job_id)).first()
+        if renewed.rowcount != 1:
+            return CancelRequest(lost=True)
         if row is None or not row[0]:
             return None
         return CancelRequest(by=row[1])
@@ -266,26 +273,30 @@ class JobTable:
     def request_cancel(self, job_id: str, actor: uuid.UUID | None = None) -> None:
         """Ask whichever front runs the job to cancel it (it sees the flag at its next heartbeat).
 
+        The first request's user is kept: a later one (the owner's after an administrator's, say) does not replace it.
+
         Args:
             job_id: the job.
             actor: the id of the user who cancels (recorded with the run); ``None``: its owner.
         """
+        live = (col(audit.JobRecord.id) == job_id, col(audit.JobRecord.state).in_(_LIVE))
         with self._write() as session:
             session.connection().execute(
-                update(audit.JobRecord)
-                .where(col(audit.JobRecord.id) == job_id, col(audit.JobRecord.state).in_(_LIVE))
-                .values(cancel_requested=True, cancel_requested_by=actor, updated_at=now()))
+                update(audit.JobRecord).where(*live, col(audit.JobRecord.cancel_requested).is_(False))
+                .values(cancel_requested_by=actor))
+            session.connection().execute(
+                update(audit.JobRecord).where(*live).values(cancel_requested=True, updated_at=now()))
 
     def recover_stale(self, *, own_claims: bool = False) -> Recovered:
         """Release the running jobs of fronts that died: queued again before their :data:`MAX_ATTEMPTS`-th claim,
-        else ``failed`` with :data:`STALE_FAILED`.
+        else ``failed`` with :data:`STALE_FAILED`; a job whose cancel was asked is ended ``cancelled`` instead.
 
         Args:
             own_claims: also treat every running job claimed under this front's id as dead, however recent its
                 heartbeat (at start-up, with a fixed ``front_id``: this process cannot be running anything yet).
 
         Returns:
-            The ids queued again and the ids failed.
+            The ids queued again, failed and cancelled.
         """
         cutoff = now() - timedelta(seconds=self.stale_after_s)
         stale = (col(audit.JobRecord.heartbeat_at) < cutoff) | col(audit.JobRecord.heartbeat_at).is_(None)
@@ -297,22 +308,28 @@ class JobTable:
                             .limit(1)).first() is None:
                 return done
         with self._write() as session:
-            rows = session.exec(select(audit.JobRecord.id, audit.JobRecord.attempts, audit.JobRecord.claimed_by)
+            rows = session.exec(select(audit.JobRecord.id, audit.JobRecord.attempts, audit.JobRecord.claimed_by,
+                                       audit.JobRecord.cancel_requested)
                                 .where(audit.JobRecord.state == JobState.RUNNING.value, stale)
                                 .with_for_update(skip_locked=True)).all()
-            for job_id, attempts, claimed_by in rows:
-                again = attempts < MAX_ATTEMPTS
-                values: dict[str, object] = (
-                    {"state": JobState.QUEUED.value, "claimed_by": None, "heartbeat_at": None, "step": 0, "total": 0}
-                    if again else
-                    {"state": JobState.FAILED.value, "error": STALE_FAILED, "finished_at": now()})
+            for job_id, attempts, claimed_by, cancel_requested in rows:
+                values: dict[str, object]
+                if cancel_requested:  # nobody wants it run again
+                    values, ids, what = ({"state": JobState.CANCELLED.value, "error": None, "finished_at": now()},
+                                         done.cancelled, "cancelled (a cancel was asked)")
+                elif attempts < MAX_ATTEMPTS:
+                    values, ids, what = ({"state": JobState.QUEUED.value, "claimed_by": None, "heartbeat_at": None,
+                                          "step": 0, "total": 0},
+                                         done.requeued, f"queued again (attempt {attempts + 1})")
+                else:
+                    values, ids, what = ({"state": JobState.FAILED.value, "error": STALE_FAILED, "finished_at": now()},
+                                         done.failed, "failed")
                 session.connection().execute(
                     update(audit.JobRecord)
                     .where(col(audit.JobRecord.id) == job_id, col(audit.JobRecord.state) == JobState.RUNNING.value)
                     .values(updated_at=now(), **values))
-                (done.requeued if again else done.failed).append(job_id)
-                logger.warning("job %s: its front %s stopped renewing its claim; %s", job_id, claimed_by,
-                               f"queued again (attempt {attempts + 1})" if again else "failed")
+                ids.append(job_id)
+                logger.warning("job %s: its front %s stopped renewing its claim; %s", job_id, claimed_by, what)
         return done
 
     # -- reading ----------------------------------------------------------------------------------------------------
@@ -329,6 +346,13 @@ class JobTable:
         with audit.read_session(self.db) as session:
             return list(session.exec(select(audit.JobRecord).where(where)
                                      .order_by(col(audit.JobRecord.created_at), col(audit.JobRecord.id))).all())
+
+    def existing(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of ``job_ids`` still have a row (the others' runs were deleted, on any front)."""
+        if not job_ids:
+            return set()
+        with audit.read_session(self.db) as session:
+            return set(session.exec(select(audit.JobRecord.id).where(col(audit.JobRecord.id).in_(list(job_ids)))))
 
     def last_served(self, owners: Sequence[str]) -> dict[str, datetime]:
         """For each of ``owners`` with an ended job: when their latest job ended (the fair order's "served")."""

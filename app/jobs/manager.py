@@ -14,8 +14,10 @@ unknown, so one user can never learn that another user's job id exists (administ
 
 Queue positions and start estimates follow :meth:`JobManager.fair_order`. A job's end and the release of its
 worker's slot are one step under the lock, so whoever sees a job finished may queue the next one at once. The lock
-guards memory only: the database (audit records, the job table) is never read or written under it, nor is another
-front's ``job.json``, so a status read never waits for them.
+guards memory: the database (audit records, the job table) is never read or written under it, nor is another front's
+``job.json`` read under it, so a status read never waits for them. One file is written under it: the ended job's
+``job.json`` (:meth:`JobManager._finish`), with its end; with a table that may be another front's job, when this
+front records the end of a job the table gave up (:meth:`app.jobs.shared.SharedTableSync._recover`).
 
 With a :class:`~app.jobs.jobtable.JobTable` (``VALD_MD_JOB_STATE=database``) the queue is the database's: several
 front processes admit against the site's counts, claim jobs with a compare-and-set (each runs once), keep their
@@ -111,6 +113,8 @@ class JobManager(SharedTableSync):
         self._synced_at: datetime | None = None  # with a table: when _sync_shared last read it
         self._submitting: set[str] = set()  # with a table: ids being inserted by submit (not yet registered)
         self._beat_thread: threading.Thread | None = None
+        # with a table: ends the database refused (job, state, error, finished_at), retried at every beat
+        self._pending_ends: dict[str, tuple[Job, JobState, str | None, datetime]] = {}
         alive = None if table is None else self._alive_in_table
         self._jobs: dict[str, Job] = {job.id: job for job in self.store.load_history(self.recorder.recorded_status,
                                                                                       alive=alive)}
@@ -181,7 +185,7 @@ class JobManager(SharedTableSync):
             return
         self._stopping = False
         if self.table is not None:  # this front's id cannot be running anything yet: its claims are a past life's
-            self._recover(self.table.recover_stale(own_claims=True).failed)
+            self._recover(self.table.recover_stale(own_claims=True))
             self._sync_shared()
         count = max(1, self.backend.concurrency)
         self._threads = [threading.Thread(target=self._work, name="vald-md-worker" if count == 1 else
@@ -654,17 +658,21 @@ class JobManager(SharedTableSync):
                  claimed: bool) -> bool:
         """Write the job's end to its table row (no lock held); whether the end is this front's to keep.
 
+        A database error is tried again a few times (:meth:`_finish_row`); if it persists, the end is kept here
+        (audit run, ``job.json``) and the heartbeat thread writes it to the row at its next beats (``_pending_ends``).
+        Only a row that is no longer this front's claim (0 rows updated) loses the end.
+
         Args:
             claimed: this front runs the job: its end is kept only if the row was still its claim (or queued);
                 otherwise (a queued job cancelled here) the row is best effort and the end is always kept.
         """
-        assert self.table is not None
-        try:
-            if self.table.finish(job, state, error, finished_at) or not claimed:
-                return True
-        except Exception:  # the stale-claim recovery ends the row if this never reaches it
-            logger.exception("job %s: could not write its end (%s) to the job table", job.id, state.value)
-            return not claimed
+        written = self._finish_row(job, state, error, finished_at)
+        if written is None:
+            with self._cond:
+                self._pending_ends[job.id] = (job, state, error, finished_at)
+            return True
+        if written or not claimed:
+            return True
         logger.warning("job %s: this front's claim was taken over (it stalled); its end (%s) is not kept", job.id,
                        state.value)
         return False

@@ -5,7 +5,11 @@ processes on one database and one run volume.
 on the manager's (declared below for the type checker) under the manager's lock ``_cond``, with the database I/O
 outside that lock. What it does: start-up (which unfinished ``job.json`` files the table still runs), adopting a job
 another front accepted, cancelling across fronts, the heartbeat thread (renew this front's claims, recover dead
-fronts' jobs, poll for every front's changes) and bringing a job to what its row says.
+fronts' jobs, poll for every front's changes, retry the ends the database refused) and bringing a job to what its
+row says.
+
+A run whose claim this front lost (its heartbeat renewed no row, or the table gave the job up) is cancelled here
+with the reason :data:`CLAIM_LOST`; its end is then not this front's to keep (the row says who ends it).
 """
 
 from __future__ import annotations
@@ -19,14 +23,24 @@ from typing import TYPE_CHECKING
 
 from app import audit
 from app.jobs.job import Job, JobState, now
-from app.jobs.jobtable import STALE_FAILED, JobTable
+from app.jobs.jobtable import STALE_FAILED, JobTable, Recovered
 
 if TYPE_CHECKING:
     from app.jobs.store import JobStore
 
-__all__ = ["SharedTableSync", "micros"]
+__all__ = ["CLAIM_LOST", "END_RETRY_S", "SharedTableSync", "micros"]
 
 logger = logging.getLogger("vald_md.jobs")
+
+CLAIM_LOST = "claim lost"
+"""The cancel reason of a run whose claim on its table row this front no longer holds."""
+
+END_RETRY_S = (0.2, 0.5, 1.0)
+"""Waits, seconds, before each further try to write a job's end to its row after a database error (then the
+heartbeat thread retries it at every beat)."""
+
+SWEEP_EVERY = 10
+"""Every this many beats, forget the finished jobs another front deleted (their row and run folder are gone)."""
 
 
 class SharedTableSync:
@@ -45,6 +59,7 @@ class SharedTableSync:
     _synced_at: datetime | None
     _submitting: set[str]
     _stopping: bool
+    _pending_ends: dict[str, tuple[Job, JobState, str | None, datetime]]
 
     @property
     def _any_worker_alive(self) -> bool:
@@ -90,29 +105,98 @@ class SharedTableSync:
     def _beat(self) -> None:
         """The job table's thread: renew the running job's claim, recover dead fronts' jobs and poll for changes,
         every ``heartbeat_s`` seconds, until the worker has stopped."""
+        beats = 0
         while True:
             finished = self._stopping and not self._any_worker_alive
             try:
+                self._retry_ends()
                 self._sync_shared()
                 assert self.table is not None
-                self._recover(self.table.recover_stale().failed)
+                self._recover(self.table.recover_stale())
+                if beats % SWEEP_EVERY == 0:
+                    self._forget_deleted()
             except Exception:  # a database hiccup: try again at the next beat
                 logger.exception("could not update the job table")
             if finished:
                 return
+            beats += 1
             time.sleep(self.heartbeat_s)
 
-    def _recover(self, failed: list[str]) -> None:
-        """Record the end of jobs given up by :meth:`JobTable.recover_stale`: the audit run and ``job.json``."""
-        for job_id in failed:
-            job = self._jobs.get(job_id) or self.store.load(job_id)
-            if job is None or job.state.finished:
+    def _finish_row(self, job: Job, state: JobState, error: str | None, finished_at: datetime) -> bool | None:
+        """Write a job's end to its row, trying again after a database error (:data:`END_RETRY_S`); no lock held.
+
+        Returns:
+            What :meth:`JobTable.finish` says (``False``: the row was not this front's claim, nor queued); ``None``:
+            the database failed every try (logged).
+        """
+        assert self.table is not None
+        for wait_s in (*END_RETRY_S, None):
+            try:
+                return self.table.finish(job, state, error, finished_at)
+            except Exception:
+                if wait_s is None:
+                    logger.exception("job %s: could not write its end (%s) to the job table", job.id, state.value)
+                    return None
+                logger.warning("job %s: could not write its end (%s) to the job table; trying again in %.1f s",
+                               job.id, state.value, wait_s, exc_info=True)
+                time.sleep(wait_s)
+        return None  # (not reached)
+
+    def _retry_ends(self) -> None:
+        """Write the ends the database refused before (:meth:`app.jobs.manager.JobManager._end_row`) to their rows."""
+        assert self.table is not None
+        with self._cond:
+            ends = list(self._pending_ends.items())
+        for job_id, (job, state, error, finished_at) in ends:
+            try:
+                written = self.table.finish(job, state, error, finished_at)
+            except Exception:  # still failing: the next beat tries again
+                logger.warning("job %s: still could not write its end to the job table", job_id, exc_info=True)
                 continue
+            if not written:
+                logger.warning("job %s: its end (%s) reached the job table too late: another front owns the row now",
+                               job_id, state.value)
             with self._cond:
-                if job in self._pending:
-                    self._pending.remove(job)
-                job = self._jobs.setdefault(job_id, job)
-            self._end(job, JobState.FAILED, error=STALE_FAILED, row_ended=True)
+                self._pending_ends.pop(job_id, None)
+
+    def _recover(self, recovered: Recovered) -> None:
+        """Record the end of jobs :meth:`JobTable.recover_stale` ended (given up, or cancelled as asked): the audit
+        run and ``job.json``. A run of such a job still going on here (this front stalled) is cancelled."""
+        for state, job_ids in ((JobState.FAILED, recovered.failed), (JobState.CANCELLED, recovered.cancelled)):
+            for job_id in job_ids:
+                job = self._jobs.get(job_id) or self.store.load(job_id)
+                if job is None or job.state.finished:
+                    continue
+                by = None
+                if state is JobState.CANCELLED and job._cancelled_by is None:
+                    asked = self.table.get(job_id) if self.table is not None else None
+                    by = self._user(asked.cancel_requested_by) if asked and asked.cancel_requested_by else None
+                with self._cond:
+                    if job in self._pending:
+                        self._pending.remove(job)
+                    job = self._jobs.setdefault(job_id, job)
+                    if job in self._running and not job.cancel_event.is_set():
+                        job._cancel_reason = CLAIM_LOST
+                        job.cancel_event.set()
+                    job._cancelled_by = job._cancelled_by or by
+                if state is JobState.FAILED:
+                    self._end(job, state, error=STALE_FAILED, row_ended=True)
+                else:
+                    self._end(job, state, reason="cancelled by the user", row_ended=True)
+
+    def _forget_deleted(self) -> None:
+        """Forget the finished jobs whose run another front deleted: their row and their run folder are gone."""
+        assert self.table is not None
+        with self._cond:
+            finished = [job for job in self._jobs.values() if job.state.finished]
+        gone = [job for job in finished if not job.run_dir.exists()]
+        if not gone:
+            return
+        kept = self.table.existing([job.id for job in gone])
+        with self._cond:
+            for job in gone:
+                if job.id not in kept and self._jobs.get(job.id) is job:
+                    del self._jobs[job.id]
 
     def _sync_shared(self) -> None:
         """Renew the running jobs' claims (a cancel asked on another front cancels one here), then bring every
@@ -125,11 +209,16 @@ class SharedTableSync:
             asked = table.heartbeat(running.id, running.step, running.total)
             if asked is None or running.cancel_event.is_set():
                 continue
+            if asked.lost:
+                logger.warning("job %s: this front no longer holds its claim (it stalled); its run stops", running.id)
             actor = self._user(asked.by) if asked.by is not None else None
             with self._cond:
                 if running in self._running and not running.cancel_event.is_set():
-                    running._cancelled_by = actor or running._cancelled_by  # who asked, on whichever front
-                    running._cancel_reason = running._cancel_reason or "cancelled by the user"
+                    if asked.lost:
+                        running._cancel_reason = CLAIM_LOST
+                    else:
+                        running._cancelled_by = actor or running._cancelled_by  # who asked, on whichever front
+                        running._cancel_reason = running._cancel_reason or "cancelled by the user"
                     running.cancel_event.set()
                     running.touch()
         started = now()
@@ -172,7 +261,7 @@ class SharedTableSync:
         Args:
             final: the job's ``job.json`` as read (outside the lock) after the row: an ended row's results come from
                 there; ``None``: not read, the next poll shows the end."""
-        if job in self._running:
+        if job in self._running or job.state.finished:  # a row read before the end must not bring a job back
             return
         state = JobState(row.state)
         if state is JobState.QUEUED:
@@ -189,8 +278,6 @@ class SharedTableSync:
             if job.state is not JobState.RUNNING or (job.step, job.total) != (row.step, row.total):
                 job.state, job.started_at, job.step, job.total = state, row.started_at, row.step, row.total
                 job.touch()
-            return
-        if job.state.finished:
             return
         # the front that ended it writes job.json right after the row (and its audit record)
         if final is None or not final.state.finished:

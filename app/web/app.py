@@ -12,8 +12,8 @@ unfinished by the previous process marked ``interrupted`` (not with ``VALD_MD_JO
 be running them), the lung segmenter (optional: a missing folder is a warning, and maps are then not restricted to
 the lungs), the lesion classifier (optional likewise: without it the classifier-guided map method is not offered);
 then, once the model is loaded, the job worker (with the job table: this front's stale claims recovered first),
-``app_start``. A failure at any step disposes of the database. The server answers (``/readyz`` included) only after
-all of it.
+``app_start``. A failure at any step after the data folder's modes stops the worker and closes the backend (if
+made) and disposes of the database (if opened). The server answers (``/readyz`` included) only after all of it.
 Shut-down: the worker stops (cancelling the running job; with ``VALD_MD_JOB_STATE=database`` nothing is cancelled:
 the running job may finish, else another front queues it again), ``app_stop``. Middleware, outermost first: security
 headers, the ``Host`` check (``trusted_hosts``), forwarded headers (only from ``trusted_proxies``), upload size
@@ -128,6 +128,19 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+def _close_after_failed_start(jobs: JobManager | None, backend: Backend | None) -> None:
+    """After a failed start-up: stop the job worker (if made) and close the backend (the manager's, else the one
+    made for it); an error here is logged, so that the start-up's own error is the one raised."""
+    try:
+        if jobs is not None:
+            jobs.stop()
+        made = jobs.backend if jobs is not None else backend
+        if made is not None:
+            made.close()
+    except Exception:
+        logger.exception("could not release the job worker or backend after a failed start-up")
+
+
 def make_backend(settings: Settings, model_sha256: str) -> Backend | None:
     """The job queue's backend for ``settings.backend``: ``None`` for ``local`` (the manager's in-process default,
     no Ray imported), else an ``app.serving.RayBackend`` serving the model with ``model_sha256`` (connects to or
@@ -179,6 +192,8 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
                 cpu_autocast=settings.cpu_autocast, compile_unet=settings.compile_unet,
                 warm_up=settings.compile_unet)))
         db = None
+        backend: Backend | None = None
+        jobs: JobManager | None = None
         try:
             # 1. the audit database, its secret (outside the database) and the runs the last process left unfinished
             keys = audit.resolve_audit_keys(settings.audit_key_path,
@@ -204,7 +219,19 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
                                             classifier=classifier, backend=backend)
             # (with job_state=database this reads and writes the job table: a failure here disposes of the db too)
             jobs.start()
+            # 4. say so
+            start_detail = {
+                "version": __version__, "model_sha256": eng.info.model_hash, "interrupted_runs": interrupted,
+                "database": db.dialect.name, "de_identified_uploads": not settings.store_identified_uploads,
+                "plain_uids": settings.store_plain_uids,
+                "lung_segmenter_sha256": segmenter.info.sha256 if segmenter is not None else None,
+                "lesion_classifier_sha256": classifier.info["sha256"] if classifier is not None else None}
+            if jobs.backend.name != "local":
+                start_detail |= {"backend": jobs.backend.name, "backend_concurrency": jobs.backend.concurrency}
+            audit.append_event(db, audit.AuditAction.APP_START, detail=start_detail)
+            checkpoint(db, settings)
         except BaseException:
+            await run_in_threadpool(_close_after_failed_start, jobs, backend)
             if loading is not None:
                 await asyncio.wait([loading])  # (a thread cannot be stopped) no loader left behind a failed start
                 if not loading.cancelled():
@@ -219,17 +246,6 @@ def create_app(settings: Settings | None = None, engine: CounterfactualEngine | 
         app.state.classifier = classifier
         app.state.jobs = jobs
         app.state.login_limiter = LoginRateLimiter(settings.login_attempts_per_minute)
-        # 4. say so
-        start_detail = {
-            "version": __version__, "model_sha256": eng.info.model_hash, "interrupted_runs": interrupted,
-            "database": db.dialect.name, "de_identified_uploads": not settings.store_identified_uploads,
-            "plain_uids": settings.store_plain_uids,
-            "lung_segmenter_sha256": segmenter.info.sha256 if segmenter is not None else None,
-            "lesion_classifier_sha256": classifier.info["sha256"] if classifier is not None else None}
-        if jobs.backend.name != "local":
-            start_detail |= {"backend": jobs.backend.name, "backend_concurrency": jobs.backend.concurrency}
-        audit.append_event(db, audit.AuditAction.APP_START, detail=start_detail)
-        checkpoint(db, settings)
         if not accounts.has_admin(db):
             logger.warning("no administrator account exists yet: create one on this machine with `%s` "
                            "(it asks for the password; from a source checkout, in a second terminal: "
