@@ -60,6 +60,7 @@ class SharedTableSync:
     _submitting: set[str]
     _stopping: bool
     _pending_ends: dict[str, tuple[Job, JobState, str | None, datetime]]
+    _awaiting_final: set[str]
 
     @property
     def _any_worker_alive(self) -> bool:
@@ -224,6 +225,15 @@ class SharedTableSync:
         started = now()
         since = None if self._synced_at is None else self._synced_at - timedelta(seconds=5 + self.heartbeat_s)
         rows = table.changes(since)
+        with self._cond:
+            awaited = sorted(self._awaiting_final - {row.id for row in rows})
+        for job_id in awaited:  # ended rows whose job.json was not final yet, maybe no longer in the window
+            row = table.get(job_id)
+            if row is not None:
+                rows.append(row)
+            else:  # deleted meanwhile
+                with self._cond:
+                    self._awaiting_final.discard(job_id)
         with self._cond:  # which rows need job.json (read outside the lock): unknown jobs, and ends to show
             known = set(self._jobs) | self._submitting
             ended = {row.id for row in rows if JobState(row.state).finished and row.id in self._jobs
@@ -260,8 +270,10 @@ class SharedTableSync:
 
         Args:
             final: the job's ``job.json`` as read (outside the lock) after the row: an ended row's results come from
-                there; ``None``: not read, the next poll shows the end."""
+                there; ``None`` or not final yet: the job is awaited (``_awaiting_final``), the next beats show
+                the end."""
         if job in self._running or job.state.finished:  # a row read before the end must not bring a job back
+            self._awaiting_final.discard(job.id)
             return
         state = JobState(row.state)
         if state is JobState.QUEUED:
@@ -281,7 +293,9 @@ class SharedTableSync:
             return
         # the front that ended it writes job.json right after the row (and its audit record)
         if final is None or not final.state.finished:
-            return  # not yet: the next poll sees the row again (changes() looks back past the last poll)
+            self._awaiting_final.add(job.id)  # not yet: every beat reads its row and job.json again until final
+            return
+        self._awaiting_final.discard(job.id)
         job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
         job.seeds, job.timings_s = final.seeds, final.timings_s
         job.state, job.error, job.finished_at, job.eta_s = state, row.error, row.finished_at, None
