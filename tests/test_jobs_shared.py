@@ -523,3 +523,17 @@ def test_a_final_job_json_written_after_its_row_left_the_poll_window_still_shows
     wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
     assert b.get(job.id, job.owner).seeds == [job.request.seed] and job.id not in b._awaiting_final
 
+
+def test_a_starting_front_leaves_a_job_whose_row_ended_to_the_front_that_ended_it(sqlite_db, front, monkeypatch):
+    a = front(sqlite_db, "front-a", GatedRunner(gated=False))
+    held = _late_final_save(a, monkeypatch)
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    wait_for(lambda: _rows(sqlite_db)[job.id].state == "done" and bool(held))
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "running"
+    b = front(sqlite_db, "front-b", GatedRunner())  # starts between the row's end and job.json's
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "running"  # not b's to write
+    assert not b.get(job.id, job.owner).state.finished
+    JobStore.save(a.store, held[0])
+    wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
+    assert b.get(job.id, job.owner).seeds == [job.request.seed] and job.id not in b._awaiting_final
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "done"

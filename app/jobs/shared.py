@@ -71,10 +71,17 @@ class SharedTableSync:
         raise NotImplementedError
 
     def _alive_in_table(self, job: Job) -> bool:
-        """The unfinished ``job.json`` of ``job`` is still queued or running in the job table (start-up)."""
+        """The unfinished ``job.json`` of ``job`` is still queued or running in the job table, or its row ended and
+        the front that ended it writes its final ``job.json`` (start-up): either way it is not ``interrupted``.
+
+        A job whose row ended is awaited: the heartbeat thread re-reads it until its ``job.json`` is final."""
         assert self.table is not None
         row = self.table.get(job.id)
-        return row is not None and row.state in (JobState.QUEUED.value, JobState.RUNNING.value)
+        if row is None:
+            return False
+        if JobState(row.state).finished:
+            self._awaiting_final.add(job.id)
+        return True
 
     def _adopt(self, job_id: str) -> Job | None:
         """The job ``job_id`` from the table and the shared volume, now known here too; ``None`` if unknown."""
