@@ -537,3 +537,18 @@ def test_a_starting_front_leaves_a_job_whose_row_ended_to_the_front_that_ended_i
     wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
     assert b.get(job.id, job.owner).seeds == [job.request.seed] and job.id not in b._awaiting_final
     assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "done"
+
+
+def test_a_row_that_ended_a_stale_delay_ago_without_job_json_shows_its_end(sqlite_db, front, monkeypatch):
+    """The front that ended a job died between the row's end and job.json: after a stale delay the others show
+    the row's end (never an unfinished job for ever)."""
+    a = front(sqlite_db, "front-a", GatedRunner(gated=False))
+    held = _late_final_save(a, monkeypatch)  # a never writes the final job.json
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    wait_for(lambda: _rows(sqlite_db)[job.id].state == "done" and bool(held))
+    b = front(sqlite_db, "front-b", GatedRunner())
+    wait_for(lambda: job.id in b._awaiting_final)
+    assert not b.get(job.id, job.owner).state.finished
+    _set_row(sqlite_db, job.id, finished_at=now() - timedelta(minutes=5))  # ended a stale delay (30 s) ago
+    wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
+    assert job.id not in b._awaiting_final

@@ -300,11 +300,19 @@ class SharedTableSync:
             return
         # the front that ended it writes job.json right after the row (and its audit record)
         if final is None or not final.state.finished:
-            self._awaiting_final.add(job.id)  # not yet: every beat reads its row and job.json again until final
-            return
+            grace = self.table.stale_after_s if self.table is not None else 30.0
+            if row.finished_at is None or (now() - row.finished_at).total_seconds() < grace:
+                self._awaiting_final.add(job.id)  # not yet: every beat reads its row and job.json again until final
+                return
+            # no job.json a whole stale delay after the row's end: the front that ended it died in between, so the
+            # row's end is the job's (its results stay in the run folder's record.json, if the run wrote one)
+            logger.warning("job %s: its row ended %s ago without a final job.json; showing the row's end",
+                           job.id, now() - row.finished_at)
+            final = None
         self._awaiting_final.discard(job.id)
-        job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
-        job.seeds, job.timings_s = final.seeds, final.timings_s
+        if final is not None:
+            job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
+            job.seeds, job.timings_s = final.seeds, final.timings_s
         job.state, job.error, job.finished_at, job.eta_s = state, row.error, row.finished_at, None
         job._decoded = job._mask = None
         job.touch()
