@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -486,3 +487,68 @@ def test_the_first_cancel_request_is_kept_and_a_stale_cancelled_job_is_not_run_a
     assert fresh.calls == [] and _rows(sqlite_db)[job.id].state == "cancelled"
     assert audit.get_run(sqlite_db, uuid.UUID(job.id)).status == "cancelled"
     assert _cancelled_by(sqlite_db, job.id) == ["root"]
+
+
+def _late_final_save(m: JobManager, monkeypatch: pytest.MonkeyPatch) -> list[Job]:
+    """Hold back ``m``'s saves of finished jobs (their final ``job.json``); returns the held jobs, to save late."""
+    held: list[Job] = []
+    save = m.store.save
+
+    def late(job: Job) -> None:
+        if job.state.finished:
+            held.append(job)
+        else:
+            save(job)
+
+    monkeypatch.setattr(m.store, "save", late)
+    return held
+
+
+def test_a_final_job_json_written_after_its_row_left_the_poll_window_still_shows_on_the_other_front(
+        sqlite_db, front, monkeypatch):
+    runner = GatedRunner()
+    a = front(sqlite_db, "front-a", runner)
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    assert runner.started.wait(5)
+    b = front(sqlite_db, "front-b", GatedRunner())
+    wait_for(lambda: b.get(job.id, job.owner).state is JobState.RUNNING)
+    held = _late_final_save(a, monkeypatch)
+    runner.gate.set()
+    wait_for(lambda: _rows(sqlite_db)[job.id].state == "done" and bool(held))
+    wait_for(lambda: job.id in b._awaiting_final)  # b saw the ended row, but no final job.json yet
+    _set_row(sqlite_db, job.id, updated_at=now() - timedelta(minutes=1))  # the row is out of b's poll window
+    time.sleep(5 * HEARTBEAT_S)
+    assert not b.get(job.id, job.owner).state.finished
+    JobStore.save(a.store, held[0])  # job.json lands late
+    wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
+    assert b.get(job.id, job.owner).seeds == [job.request.seed] and job.id not in b._awaiting_final
+
+
+def test_a_starting_front_leaves_a_job_whose_row_ended_to_the_front_that_ended_it(sqlite_db, front, monkeypatch):
+    a = front(sqlite_db, "front-a", GatedRunner(gated=False))
+    held = _late_final_save(a, monkeypatch)
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    wait_for(lambda: _rows(sqlite_db)[job.id].state == "done" and bool(held))
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "running"
+    b = front(sqlite_db, "front-b", GatedRunner())  # starts between the row's end and job.json's
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "running"  # not b's to write
+    assert not b.get(job.id, job.owner).state.finished
+    JobStore.save(a.store, held[0])
+    wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
+    assert b.get(job.id, job.owner).seeds == [job.request.seed] and job.id not in b._awaiting_final
+    assert json.loads((job.run_dir / JOB_FILE).read_text())["state"] == "done"
+
+
+def test_a_row_that_ended_a_stale_delay_ago_without_job_json_shows_its_end(sqlite_db, front, monkeypatch):
+    """The front that ended a job died between the row's end and job.json: after a stale delay the others show
+    the row's end (never an unfinished job for ever)."""
+    a = front(sqlite_db, "front-a", GatedRunner(gated=False))
+    held = _late_final_save(a, monkeypatch)  # a never writes the final job.json
+    job = a.submit(add_user(sqlite_db, "alice"), png_bytes(), req())
+    wait_for(lambda: _rows(sqlite_db)[job.id].state == "done" and bool(held))
+    b = front(sqlite_db, "front-b", GatedRunner())
+    wait_for(lambda: job.id in b._awaiting_final)
+    assert not b.get(job.id, job.owner).state.finished
+    _set_row(sqlite_db, job.id, finished_at=now() - timedelta(minutes=5))  # ended a stale delay (30 s) ago
+    wait_for(lambda: b.get(job.id, job.owner).state is JobState.DONE)
+    assert job.id not in b._awaiting_final

@@ -115,6 +115,8 @@ class JobManager(SharedTableSync):
         self._beat_thread: threading.Thread | None = None
         # with a table: ends the database refused (job, state, error, finished_at), retried at every beat
         self._pending_ends: dict[str, tuple[Job, JobState, str | None, datetime]] = {}
+        # with a table: jobs whose row ended but whose final job.json was not yet readable, re-read at every beat
+        self._awaiting_final: set[str] = set()
         alive = None if table is None else self._alive_in_table
         self._jobs: dict[str, Job] = {job.id: job for job in self.store.load_history(self.recorder.recorded_status,
                                                                                       alive=alive)}

@@ -60,6 +60,7 @@ class SharedTableSync:
     _submitting: set[str]
     _stopping: bool
     _pending_ends: dict[str, tuple[Job, JobState, str | None, datetime]]
+    _awaiting_final: set[str]
 
     @property
     def _any_worker_alive(self) -> bool:
@@ -70,10 +71,17 @@ class SharedTableSync:
         raise NotImplementedError
 
     def _alive_in_table(self, job: Job) -> bool:
-        """The unfinished ``job.json`` of ``job`` is still queued or running in the job table (start-up)."""
+        """The unfinished ``job.json`` of ``job`` is still queued or running in the job table, or its row ended and
+        the front that ended it writes its final ``job.json`` (start-up): either way it is not ``interrupted``.
+
+        A job whose row ended is awaited: the heartbeat thread re-reads it until its ``job.json`` is final."""
         assert self.table is not None
         row = self.table.get(job.id)
-        return row is not None and row.state in (JobState.QUEUED.value, JobState.RUNNING.value)
+        if row is None:
+            return False
+        if JobState(row.state).finished:
+            self._awaiting_final.add(job.id)
+        return True
 
     def _adopt(self, job_id: str) -> Job | None:
         """The job ``job_id`` from the table and the shared volume, now known here too; ``None`` if unknown."""
@@ -224,6 +232,15 @@ class SharedTableSync:
         started = now()
         since = None if self._synced_at is None else self._synced_at - timedelta(seconds=5 + self.heartbeat_s)
         rows = table.changes(since)
+        with self._cond:
+            awaited = sorted(self._awaiting_final - {row.id for row in rows})
+        for job_id in awaited:  # ended rows whose job.json was not final yet, maybe no longer in the window
+            row = table.get(job_id)
+            if row is not None:
+                rows.append(row)
+            else:  # deleted meanwhile
+                with self._cond:
+                    self._awaiting_final.discard(job_id)
         with self._cond:  # which rows need job.json (read outside the lock): unknown jobs, and ends to show
             known = set(self._jobs) | self._submitting
             ended = {row.id for row in rows if JobState(row.state).finished and row.id in self._jobs
@@ -260,8 +277,10 @@ class SharedTableSync:
 
         Args:
             final: the job's ``job.json`` as read (outside the lock) after the row: an ended row's results come from
-                there; ``None``: not read, the next poll shows the end."""
+                there; ``None`` or not final yet: the job is awaited (``_awaiting_final``), the next beats show
+                the end."""
         if job in self._running or job.state.finished:  # a row read before the end must not bring a job back
+            self._awaiting_final.discard(job.id)
             return
         state = JobState(row.state)
         if state is JobState.QUEUED:
@@ -281,9 +300,19 @@ class SharedTableSync:
             return
         # the front that ended it writes job.json right after the row (and its audit record)
         if final is None or not final.state.finished:
-            return  # not yet: the next poll sees the row again (changes() looks back past the last poll)
-        job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
-        job.seeds, job.timings_s = final.seeds, final.timings_s
+            grace = self.table.stale_after_s if self.table is not None else 30.0
+            if row.finished_at is None or (now() - row.finished_at).total_seconds() < grace:
+                self._awaiting_final.add(job.id)  # not yet: every beat reads its row and job.json again until final
+                return
+            # no job.json a whole stale delay after the row's end: the front that ended it died in between, so the
+            # row's end is the job's (its results stay in the run folder's record.json, if the run wrote one)
+            logger.warning("job %s: its row ended %s ago without a final job.json; showing the row's end",
+                           job.id, now() - row.finished_at)
+            final = None
+        self._awaiting_final.discard(job.id)
+        if final is not None:
+            job.unet_evaluations, job.effective_steps = final.unet_evaluations, final.effective_steps
+            job.seeds, job.timings_s = final.seeds, final.timings_s
         job.state, job.error, job.finished_at, job.eta_s = state, row.error, row.finished_at, None
         job._decoded = job._mask = None
         job.touch()

@@ -117,8 +117,9 @@ class JobStore:
             recorded_status: the audit's status of a job's run (``None``: no record). An unfinished job whose run
                 the database finished (the process stopped between the two writes) takes that status instead:
                 the database is the record.
-            alive: ``True`` for an unfinished job that is still queued or running in the shared job table
-                (another front process serves it, or will): it keeps its state. ``None``: none is (one process).
+            alive: ``True`` for an unfinished job that the shared job table still has queued or running (another
+                front process serves it, or will), or whose row ended (the front that ended it writes its final
+                ``job.json``): it keeps its state and is not saved here. ``None``: none is (one process).
 
         Returns:
             The jobs, in folder-name order; unreadable or misplaced ``job.json`` files are logged and skipped.
