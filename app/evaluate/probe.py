@@ -11,6 +11,8 @@ image. RSNA-normal images (``--normals``) give the image-level AUROC of each map
                       the manifest's ``map_reference``), one sample
 ``product_pos``       the same, signed and positive part only: density the counterfactual removed
 ``product_meanS``     ``|reference - mean of S counterfactuals|`` (``--samples S`` > 1)
+``product_meanS_pos`` ``reference - mean of S counterfactuals``, positive part (the product's map with S samples
+                      and ``map_polarity`` "removed")
 ``paper``             ``|input - counterfactual|`` (the paper's map)
 ``empty``             baseline: the product map with the empty prompt ``""``
 ``diffedit``          DiffEdit noise contrast "normal chest x-ray" vs ``--disease-prompt`` (``app.mapmethods``)
@@ -157,7 +159,9 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
             out["product_pos"] = np.clip(signed, 0, None)
             out["paper"] = np.abs(img - res.counterfactuals[0])
             if samples > 1:
-                out[f"product_mean{samples}"] = np.abs(ref - res.counterfactuals.mean(0))
+                mean_signed = ref - res.counterfactuals.mean(0)
+                out[f"product_mean{samples}"] = np.abs(mean_signed)
+                out[f"product_mean{samples}_pos"] = np.clip(mean_signed, 0, None)
         if "empty" in methods:
             res = engine.generate_request(img, replace(request, prompt="", samples=1, seed=seed))
             ref = res.reconstruction if reference == "reconstruction" else img
