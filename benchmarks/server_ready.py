@@ -2,11 +2,12 @@
 
 Starts the server (``python -m app.cli serve``, what the ``vald-md`` entry point runs, with the ``app`` beside this
 script first on ``PYTHONPATH``; the output's ``app`` names the folder measured) with the embedded model (or
---model) on 127.0.0.1 and a free port, with a fresh data folder each time (the first start: database created, migrations, audit key, chain), N times, and prints the times
-(median, each) as JSON. The time covers the interpreter's start, the imports, the database's start-up, the model
-load (and, with ``--compile``, its compilation and warm-up), until /readyz answers 200. Beside the wall times: the
-CPU seconds the server process had used by then (user + system, from /proc; less sensitive to other work on the
-machine than the wall time) and the load average before and after.
+--model) on 127.0.0.1 and a free port, with a fresh data folder each time (the first start: database created,
+migrations, audit key, chain), N times, and prints the times (median, each) as JSON. The time covers the
+interpreter's start, the imports, the database's start-up, the model load (and, with ``--compile``, its compilation
+and warm-up), until /readyz answers 200. Beside the wall times: the CPU seconds the server process had used by then
+(user + system, from /proc; less sensitive to other work on the machine than the wall time) and the load average
+before and after.
 
     .venv/bin/python benchmarks/server_ready.py --runs 3
 """
@@ -63,7 +64,6 @@ def time_to_ready(model: Path, work: Path, timeout_s: float = 120.0,
                   extra: tuple[str, ...] = ()) -> tuple[float, float | None]:
     """(seconds from starting `vald-md serve` (a fresh data folder under ``work``, ``extra`` arguments) to /readyz
     answering 200, CPU seconds the server had used by then)."""
-    import os
     import subprocess
 
     import httpx
