@@ -1,15 +1,22 @@
-"""What the server imports before it answers (issue 15: ready <= 5 s after start): the libraries that only some
-requests need -- DICOM reading and writing, the PACS client, de-identification, scipy -- are imported where they are
-used, not with the web app. Counted in a fresh interpreter (``sys.modules``), never timed."""
+"""What the server does before it answers (issue 15: ready <= 5 s after start), checked without timing anything:
+
+- the libraries that only some requests need -- DICOM reading and writing, the PACS client, de-identification,
+  scipy -- are imported where they are used, not with the web app (counted in a fresh interpreter's ``sys.modules``);
+- ``vald-md serve`` starts with Python's cyclic garbage collector off and turns it on (after one full pass) when the
+  app's lifespan reports the start-up complete, or when the server stops before that.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +66,61 @@ def test_the_redaction_filter_goes_on_once_and_blanks_quoted_text():
                                ("'DOE^JANE'", '"PatientName"'), None)
     assert RedactQuotedValues().filter(record)
     assert record.getMessage() == "bad value '<redacted>' for '<redacted>'"
+
+
+def _serve(tmp_path: Path, monkeypatch: Any, run: Any) -> None:
+    """``vald-md serve`` with ``uvicorn.run`` replaced by ``run`` and the review app by a minimal ASGI app whose
+    lifespan starts at once; the collector is on again afterwards whatever happened."""
+    import uvicorn
+
+    import app.web
+    from app import cli
+
+    async def minimal_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan" and (await receive())["type"] == "lifespan.startup"
+        await send({"type": "lifespan.startup.complete"})
+
+    monkeypatch.setattr(app.web, "create_app", lambda settings: minimal_app)
+    monkeypatch.setattr(uvicorn, "run", run)
+    mask = os.umask(0o022)
+    try:
+        assert cli.main(["serve", "--data-dir", str(tmp_path / "data")]) == 0
+    finally:
+        os.umask(mask)
+        gc.enable()
+
+
+def test_serve_keeps_the_garbage_collector_off_until_the_app_reports_ready(tmp_path, monkeypatch):
+    seen: list[Any] = []
+
+    def run(asgi: Any, **_: Any) -> None:
+        seen.append(("run", gc.isenabled()))
+
+        async def receive() -> dict[str, str]:
+            return {"type": "lifespan.startup"}
+
+        async def send(message: dict[str, str]) -> None:
+            seen.append((message["type"], gc.isenabled()))
+
+        asyncio.run(asgi({"type": "lifespan"}, receive, send))
+
+    _serve(tmp_path, monkeypatch, run)
+    assert seen == [("run", False), ("lifespan.startup.complete", True)]
+
+
+def test_a_server_that_stops_before_ready_turns_the_collector_back_on(tmp_path, monkeypatch):
+    seen: list[bool] = []
+    import uvicorn
+
+    import app.web
+    from app import cli
+
+    monkeypatch.setattr(app.web, "create_app", lambda settings: None)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.append(gc.isenabled()))
+    mask = os.umask(0o022)
+    try:
+        assert cli.main(["serve", "--data-dir", str(tmp_path / "data")]) == 0
+        assert seen == [False] and gc.isenabled()  # off while uvicorn ran, on again after (main's own doing)
+    finally:
+        os.umask(mask)
+        gc.enable()
