@@ -1,6 +1,6 @@
 """CPU seconds of each stage of the server's start-up, one after the other in one process (issue 15: where the
-seconds before /readyz go): torch; the command line and its parser (sqlalchemy, sqlmodel, alembic, the audit
-models); the rest of the web stack (uvicorn, fastapi, ``app.web``); diffusers and transformers (the seeded img2img
+seconds before /readyz go): the command line and its parser (sqlalchemy, sqlmodel, alembic, the audit models);
+torch; the rest of the web stack (uvicorn, fastapi, ``app.web``); diffusers and transformers (the seeded img2img
 pipeline class); the engine's construction (``from_pretrained`` and the rest, on one torch thread as the server
 loads); then, as ``vald-md serve`` does since issue 15, the one full garbage collection before ready (the
 collector is off until then; ``--gc-on`` keeps it on throughout, as the server did before, and adds no final pass).
@@ -35,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gc-on", action="store_true", help="keep the garbage collector on throughout (the server before "
                                                          "issue 15), no final collection")
     args = p.parse_args(argv)
-    if not args.gc_on:
-        gc.disable()
     stages: dict[str, float] = {}
     last = time.process_time()
 
@@ -46,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         stages[name] = round(now - last, 2)
         last = now
 
-    import torch
-
-    mark("torch")
     import app.cli
 
     app.cli.build_parser()
     mark("cli_and_parser")
+    if not args.gc_on:
+        gc.disable()  # where app.cli.main turns it off for serve: after the parser, before the rest
+    import torch
+
+    mark("torch")
     import uvicorn  # noqa: F401 - imported for its cost, as cmd_serve does
 
     import app.web
