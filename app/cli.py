@@ -237,8 +237,8 @@ class _CollectGarbageWhenReady:
 
     Why (issue 15, docs/PERFORMANCE.md "Server ready"): the start-up creates about 900 000 Python objects (torch,
     diffusers, transformers, the model), of which about 550 000 stay; with the collector on, its automatic full passes
-    over that growing heap (8 of them) cost about 1 s of CPU before ready. One pass at the end costs about 0.4 s and
-    frees the start-up's cyclic garbage (under 15 MiB) before the first request.
+    over that growing heap (8 of them) cost about 1 s of CPU before ready. One pass at the end costs about 0.5 s and
+    frees the start-up's cyclic garbage (about 10 MiB) before the first request.
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]]) -> None:

@@ -68,8 +68,8 @@ __all__ = [
     "unletterbox",
 ]
 
-# pydicom (~0.2-0.3 s to import) loads with the first DICOM read, not with this package (the server imports it at
-# start-up); its log filter is on before that
+# pydicom (~0.2-0.3 s to import) loads with the first DICOM read, not with this package, which the server imports at
+# start-up; pydicom's log filter is on before that
 redact_pydicom_logs()
 
 DEFAULT_MAX_PIXELS = 50_000_000
