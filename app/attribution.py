@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from PIL import Image, UnidentifiedImageError
-from scipy import ndimage
 
 __all__ = [
     "DEFAULT_THRESHOLD_PERCENTILE",
@@ -267,6 +266,8 @@ def difference_map(
     # 2. per-sample differences, smoothed (float64 so that identical samples give an SD of exactly zero)
     diffs = ref[None].astype(np.float64) - cfs.astype(np.float64)
     if smoothing_sigma > 0:
+        from scipy import ndimage  # scipy (~0.3 s to import) with the first use, not the server's start-up
+
         diffs = ndimage.gaussian_filter(diffs, sigma=(0.0, smoothing_sigma, smoothing_sigma), mode="reflect")
 
     # 3. mean and magnitude

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
-from scipy import ndimage
 from torch import nn
 
 CONFIG_NAME = "segmenter.json"
@@ -110,6 +109,8 @@ def clean_mask(mask: NDArray[np.bool_], *, keep: int = 2,
     Args:
         mask: bool (H, W). Returns bool (H, W).
     """
+    from scipy import ndimage  # scipy (~0.3 s to import) with the first use, not the server's start-up
+
     labels, n = ndimage.label(mask)
     if n == 0:
         return np.zeros_like(mask, dtype=bool)
@@ -222,6 +223,8 @@ def marker_mask(img: NDArray[Any], lungs: NDArray[np.bool_]) -> NDArray[np.bool_
     1 % of the image, outside the lungs dilated by 3 %, dilated by 2 px."""
     thr = max(0.9, float(np.percentile(img, 99.5)))
     grow = max(1, round(0.03 * img.shape[0]))
+    from scipy import ndimage
+
     outside = ~ndimage.binary_dilation(lungs, iterations=grow)
     labels, n = ndimage.label((img >= thr) & outside)
     if n == 0:

@@ -18,7 +18,8 @@ Module layout: ``errors`` (exception types), ``voi`` (windows, VOI LUT, polarity
 
 from __future__ import annotations
 
-from app.imaging.dicom import read_dicom
+from typing import Any
+
 from app.imaging.errors import (
     CorruptImageError,
     ImageTooLargeError,
@@ -30,6 +31,7 @@ from app.imaging.export import gray_png, to_png_bytes, to_uint8
 from app.imaging.geometry import Letterbox, letterbox, unletterbox
 from app.imaging.meta import DecodedImage, ImageMeta
 from app.imaging.raster import decode_png_unit, read_png_unit, read_raster
+from app.imaging.redact import redact_pydicom_logs
 from app.imaging.voi import (
     VoiLut,
     Window,
@@ -65,6 +67,10 @@ __all__ = [
     "to_uint8",
     "unletterbox",
 ]
+
+# pydicom (~0.2-0.3 s to import) loads with the first DICOM read, not with this package, which the server imports at
+# start-up; pydicom's log filter is on before that
+redact_pydicom_logs()
 
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_FRAMES = 1000
@@ -155,5 +161,16 @@ def decode_image(
     # 2. dispatch on content
     source_format = sniff_format(data)
     if source_format == "dicom":
+        from app.imaging.dicom import read_dicom
+
         return read_dicom(data, window=window, max_pixels=max_pixels, max_frames=max_frames)
     return read_raster(data, source_format, window=window, max_pixels=max_pixels)
+
+
+def __getattr__(name: str) -> Any:
+    """``read_dicom``, imported on first use (pydicom with it)."""
+    if name == "read_dicom":
+        from app.imaging.dicom import read_dicom
+
+        return read_dicom
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

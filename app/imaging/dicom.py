@@ -123,24 +123,6 @@ _BAD_HEADER = "This DICOM's image description (group 0028: rows, columns, bits) 
 _BAD_PIXELS = "The image data in this DICOM is damaged or incomplete (truncated file?) and cannot be decoded."
 _CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
 _UID = re.compile(r"[0-9.]{1,64}")
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-class _RedactQuotedValues(logging.Filter):
-    """pydicom logs invalid element values verbatim (a malformed Patient's Name, say); blank out quoted text."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = _QUOTED.sub("'<redacted>'", record.getMessage())
-        except Exception:  # noqa: BLE001 - a malformed record must not break reading
-            message = "pydicom message withheld (could not be redacted)"
-        record.msg, record.args = message, None
-        return True
-
-
-_pydicom_logger = logging.getLogger("pydicom")
-if not any(isinstance(f, _RedactQuotedValues) for f in _pydicom_logger.filters):
-    _pydicom_logger.addFilter(_RedactQuotedValues())
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from app import filemodes
 from app.imaging import gray_png
-from app.imaging.deid import deidentify
 from app.jobs.job import Job, JobState, now
 from app.runs import folder
 from app.runs.folder import RunFolder, RunFolderError
@@ -62,7 +61,11 @@ class JobStore:
         Raises:
             imaging.CorruptImageError: the file cannot be re-written (see ``app.imaging.deid``).
         """
-        return data if self.identified_uploads else deidentify(data, source_format)
+        if self.identified_uploads:
+            return data
+        from app.imaging.deid import deidentify  # pydicom and the de-identification tables: with the first upload
+
+        return deidentify(data, source_format)
 
     def create(self, job: Job) -> None:
         """Make the job's folder, owner-only.

@@ -17,15 +17,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-import pydicom
 import requests
-from dicomweb_client.api import DICOMwebClient
-from pydicom.dataset import Dataset
 
 from app.config import PacsServer
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "CHEST_MODALITIES",
@@ -150,7 +150,9 @@ def _first(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None or value == "":
         return ""
-    if isinstance(value, pydicom.multival.MultiValue):
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, MultiValue):
         return str(value[0]) if len(value) else ""
     return str(value)
 
@@ -186,6 +188,9 @@ class PacsClient:
             session.headers["Authorization"] = f"Bearer {secret}"
         self._session = session
         self._timeout = (min(server.timeout_s, 10.0), server.timeout_s)
+        # pydicom and dicomweb-client (~0.3 s to import) load with the first client, not with the server
+        from dicomweb_client.api import DICOMwebClient
+
         self._client = DICOMwebClient(url=server.url.rstrip("/"), session=session, timeout=self._timeout)
         self._client.set_http_retry_params(retry=False)
 
@@ -275,6 +280,8 @@ class PacsClient:
             filters["StudyDate"] = f"{_date(date_from)}-{_date(date_to)}"
         fields = ["PatientName", "PatientID", "AccessionNumber", "StudyDate", "StudyDescription",
                   "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
+        from pydicom.dataset import Dataset
+
         found: dict[str, StudyMatch] = {}
         for modality in modalities:  # one query per modality: servers differ on multi-valued matching
             params = {**filters, "ModalitiesInStudy": modality, "limit": str(limit)}
@@ -308,6 +315,8 @@ class PacsClient:
         rows = self._call("listing series", lambda: self._client.search_for_series(
             study_instance_uid=study_uid,
             fields=["Modality", "SeriesNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances"]))
+        from pydicom.dataset import Dataset
+
         out = []
         for row in rows:
             ds = Dataset.from_json(row)
@@ -322,6 +331,8 @@ class PacsClient:
         rows = self._call("listing instances", lambda: self._client.search_for_instances(
             study_instance_uid=study_uid, series_instance_uid=series_uid,
             fields=["InstanceNumber", "Rows", "Columns", "NumberOfFrames", "SOPClassUID"]))
+        from pydicom.dataset import Dataset
+
         out = []
         for row in rows:
             ds = Dataset.from_json(row)
@@ -356,6 +367,8 @@ class PacsClient:
         """WADO-RS instance metadata (no bulk data: Pixel Data is absent)."""
         rows = self._call("reading instance metadata", lambda: self._client.retrieve_instance_metadata(
             study_uid, series_uid, sop_uid))
+        from pydicom.dataset import Dataset
+
         return Dataset.from_json(rows, bulk_data_uri_handler=lambda *_: b"")
 
     def check_openable(self, meta: Dataset) -> None:
@@ -390,6 +403,8 @@ class PacsClient:
         self.check_openable(self.metadata(study_uid, series_uid, sop_uid))
         ds = self._call("retrieving the instance", lambda: self._client.retrieve_instance(
             study_uid, series_uid, sop_uid, media_types=(("application/dicom", "*"),)))
+        import pydicom
+
         buf = io.BytesIO()
         pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         return buf.getvalue()
@@ -407,6 +422,8 @@ class PacsClient:
                 storing the same objects again (same UIDs) replaces what was stored, so a retry never duplicates.
             PacsError: unreachable, timed out.
         """
+        from pydicom.dataset import Dataset
+
         wanted = [str(ds.SOPInstanceUID) for ds in datasets]
 
         def stow() -> Dataset:

@@ -23,19 +23,20 @@ import copy
 import io
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import highdicom as hd
 import numpy as np
-import pydicom
 from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
-from pydicom.uid import UID, generate_uid
 
 from app import __version__, attribution, rendering
 from app.runs import exports
 from app.runs.folder import RunFolder
 from app.runs.read import open_run, read_artifact, read_map
+
+# pydicom and highdicom (~0.5 s to import together) are imported where used: with the first store, not the server's
+# start-up
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["AI_SERIES_DESCRIPTION", "SEG_SERIES_DESCRIPTION", "StoreMode", "build_derived", "derived_uid"]
 
@@ -44,8 +45,10 @@ AI_SERIES_DESCRIPTION = "VALD-MD AI-generated, not for diagnostic use"
 SEG_SERIES_DESCRIPTION = "VALD-MD AI attribution map, not for diagnostic use"
 SEG_THRESHOLD_PERCENTILE = 95.0
 """The Segmentation marks the pixels whose |map| is at or above this percentile inside the map's region."""
-SEG_CATEGORY = Code("91723000", "SCT", "Anatomical Structure")
-SEG_TYPE = Code("ATTRIB", "99VALDMD", "Counterfactual attribution region")
+SEG_CATEGORY = ("91723000", "SCT", "Anatomical Structure")
+"""(0062,0003) Segmented Property Category Code of the Segmentation: (code value, coding scheme, meaning)."""
+SEG_TYPE = ("ATTRIB", "99VALDMD", "Counterfactual attribution region")
+"""(0062,000F) Segmented Property Type Code, as :data:`SEG_CATEGORY`."""
 
 
 class StoreMode(StrEnum):
@@ -57,10 +60,14 @@ class StoreMode(StrEnum):
 
 def derived_uid(run_id: str, mode: StoreMode, what: str) -> str:
     """A UID fixed by (run, mode, object): the same store repeated carries the same UIDs."""
+    from pydicom.uid import generate_uid
+
     return str(generate_uid(entropy_srcs=["vald-md", run_id, str(mode), what]))
 
 
 def _read(data: bytes) -> Dataset:
+    import pydicom
+
     return pydicom.dcmread(io.BytesIO(data))
 
 
@@ -75,6 +82,8 @@ def _counterfactual_rgb(run: RunFolder) -> np.ndarray:
 
 
 def _uids(ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, number: int) -> None:
+    from pydicom.uid import UID
+
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = UID(study_uid), UID(series_uid), UID(sop_uid)
     ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.SeriesDescription = AI_SERIES_DESCRIPTION
@@ -83,6 +92,9 @@ def _uids(ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, number: in
 
 def _segmentation(run: RunFolder, source: Dataset, series_uid: str, sop_uid: str) -> Dataset:
     """A binary Segmentation of the run's thresholded |attribution| at the source's Rows × Columns."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
     _, amap = read_map(run)
     region = amap.mask if amap.mask is not None else None
     value = attribution.threshold_value(amap.magnitude, threshold=SEG_THRESHOLD_PERCENTILE, mask=region)
@@ -94,7 +106,7 @@ def _segmentation(run: RunFolder, source: Dataset, series_uid: str, sop_uid: str
         family=Code("129465004", "SCT", "Medical image analysis (procedure)"))
     description = hd.seg.SegmentDescription(
         segment_number=1, segment_label="AI attribution (not for diagnostic use)",
-        segmented_property_category=SEG_CATEGORY, segmented_property_type=SEG_TYPE,
+        segmented_property_category=Code(*SEG_CATEGORY), segmented_property_type=Code(*SEG_TYPE),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
     src = copy.deepcopy(source)
     if "PixelData" not in src:  # WADO-RS metadata has no bulk data; highdicom reads only the header

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage
 
 from app.rendering.palette import OUTLINE_COLOUR, RGBImage
 
@@ -35,6 +34,8 @@ def mask_outline(mask: ArrayLike, *, width: int | None = None) -> NDArray[np.boo
         raise ValueError(f"width must be at least 1 pixel; got {width!r}.")
     if not m.any():
         return np.zeros_like(m)
+    from scipy import ndimage  # scipy (~0.3 s to import) with the first use, not the server's start-up
+
     out: NDArray[np.bool_] = m & ~ndimage.binary_erosion(m, iterations=w, border_value=0)
     return out
 

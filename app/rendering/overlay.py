@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import ndimage
 
 from app.attribution import (
     DEFAULT_THRESHOLD_PERCENTILE,
@@ -105,6 +104,8 @@ def render_overlay(
         thr: float | None = contour_level
         changed = changed_region(values, contour_level, amap.mask)
         width = 1 if min(img.shape) < 512 else 2
+        from scipy import ndimage  # scipy (~0.3 s to import) with the first use, not the server's start-up
+
         contour = changed & ~ndimage.binary_erosion(changed, iterations=width, border_value=0)
         # the contour stays visible at any opacity the reader chose (MIN_CONTOUR_OPACITY), hidden only at 0
         alpha = contour.astype(np.float32) * (max(opacity, MIN_CONTOUR_OPACITY) if opacity > 0 else 0.0)

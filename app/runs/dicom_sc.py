@@ -18,20 +18,20 @@ import copy
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import highdicom as hd
 import numpy as np
-import pydicom
-from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.valuerep import PersonName
 
 from app import __version__, rendering
 from app.fileio import sha256_bytes
 from app.rendering import OverlayOptions
 from app.runs.read import DEFAULT_OVERLAY, DISCLAIMER, ExportError, open_run, read_map, render_overlay, run_facts
 from app.runs.record import RunRecord
+
+# highdicom and pydicom (~0.5 s to import together) are imported where used: with the first DICOM export, not with
+# the server's start-up (the web app imports this module through app.runs.exports)
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["ANONYMOUS", "DEIDENTIFICATION_METHOD", "SERIES_DESCRIPTION", "SERIES_NUMBER", "export_secondary_capture"]
 
@@ -75,6 +75,10 @@ def _sniff(data: bytes) -> str:
 
 def _read_source(source: bytes | Dataset, record: RunRecord) -> Dataset:
     """The source's header (no pixels), checked to be this run's DICOM image input."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.errors import InvalidDicomError
+
     if isinstance(source, Dataset):
         ds = source
     else:
@@ -111,13 +115,17 @@ def _read_source(source: bytes | Dataset, record: RunRecord) -> Dataset:
 
 def _copy_element(target: Dataset, source: Dataset, keyword: str) -> None:
     """Copy one attribute; text is copied decoded so it is re-encoded in the target's character set."""
+    from pydicom.dataelem import DataElement
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import PersonName
+
     if keyword not in source:
         return
     elem = source[keyword]
     value = elem.value
     if isinstance(value, PersonName):
         value = str(value)
-    elif isinstance(value, list | tuple | pydicom.multival.MultiValue) and value and isinstance(value[0], PersonName):
+    elif isinstance(value, list | tuple | MultiValue) and value and isinstance(value[0], PersonName):
         value = [str(v) for v in value]
     else:
         value = copy.deepcopy(value)
@@ -125,6 +133,8 @@ def _copy_element(target: Dataset, source: Dataset, keyword: str) -> None:
 
 
 def _source_reference(source: Dataset) -> Dataset:
+    from pydicom.dataset import Dataset
+
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -186,6 +196,9 @@ def export_secondary_capture(run_dir: Path, source_dicom: bytes | Dataset, *,
     pixels = np.ascontiguousarray(rendering.burn_in_banner(render_overlay(original, amap, record, overlay)))
 
     # 3. the Secondary Capture itself
+    import highdicom as hd
+    import pydicom
+
     same_frame = original.shape == (int(source.Rows), int(source.Columns))
     spacing = source.get("PixelSpacing") if same_frame else None
     facts = run_facts(record)

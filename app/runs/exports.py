@@ -32,10 +32,9 @@ import zipfile
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
-from pydicom.dataset import Dataset
 
 from app import __version__, rendering
 from app.fileio import sha256_bytes, write_atomic
@@ -64,6 +63,9 @@ from app.runs.read import (
     run_facts,
 )
 from app.runs.record import RunRecord
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "ANONYMOUS",

@@ -36,7 +36,6 @@ from datetime import date
 from typing import Annotated, Any
 
 import anyio
-import pydicom
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -298,6 +297,8 @@ async def pacs_store(request: Request, job_id: str, jobs: JobsDep, user: Current
             if str(header.get("SOPInstanceUID", "")) != source["sop_uid"]:
                 raise PacsError(f"PACS '{server}' returned another instance's header; nothing was stored.")
         else:  # nothing identifying is copied; the stored (de-identified) upload is enough
+            import pydicom  # with the first store, not the server's start-up
+
             header = pydicom.dcmread(job.upload_path, stop_before_pixels=True)
         objects = build_derived(job.run_dir, header, mode, job.id)
         return client.store(objects, str(objects[0].StudyInstanceUID))
