@@ -396,6 +396,71 @@ def test_calibrated_model_reads_the_map_against_the_normal_level(tiny_engine, bo
     assert other.map_label == "autoencoder reconstruction − counterfactual"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16: the map's polarity
+# ----------------------------------------------------------------------------------------------------------------
+REMOVED_LABEL = "max(original − counterfactual, 0): density removed"
+
+
+def test_map_polarity_both_is_the_old_map_and_removed_its_positive_part(lung_run, tiny_engine, box_segmenter,
+                                                                        tmp_path):
+    """``both`` (and the default of a model without ``map_polarity``) writes the map and overlay as before, bit for
+    bit; ``removed`` the same run's map clipped at 0, named so in the record, the legend and the exports."""
+    old = np.load(lung_run / "attribution.npy")
+    assert (old < 0).any() and (old > 0).any()
+    assert json.loads((lung_run / "record.json").read_text())["request"]["map_polarity"] == "both"
+    both = run(tiny_engine, tmp_path / "both", segmenter=box_segmenter, map_polarity="both")
+    for name in ("attribution.npy", "overlay.png", "counterfactual.png"):
+        assert (tmp_path / "both" / name).read_bytes() == (lung_run / name).read_bytes(), name
+    assert both.label == "original − counterfactual" == both.map_label and both.polarity == "both"
+    removed = run(tiny_engine, tmp_path / "removed", segmenter=box_segmenter, map_polarity="removed")
+    clipped = np.load(tmp_path / "removed" / "attribution.npy")
+    assert np.array_equal(clipped, np.maximum(old, 0)) and clipped.min() == 0.0
+    assert (tmp_path / "removed" / "counterfactual.png").read_bytes() == (lung_run / "counterfactual.png").read_bytes()
+    assert removed.request["map_polarity"] == "removed" and removed.polarity == "removed"
+    assert removed.map_label == REMOVED_LABEL == removed.label
+    inside = box_lungs((H, W))
+    assert removed.map_summary["max_abs_in_mask"] == pytest.approx(float(np.maximum(old, 0)[inside].max()))
+    assert removed == RunRecord.from_json((tmp_path / "removed" / "record.json").read_bytes())
+    # the exports re-render the clipped map and say what it is; the signed mode draws red only
+    png = exports.export_annotated_png(tmp_path / "removed", OverlayOptions(mode="signed", opacity=1.0))
+    assert Image.open(io.BytesIO(png)).text["vald_md:map_label"] == REMOVED_LABEL  # type: ignore[attr-defined]
+    content, _ = exports.build_export(tmp_path / "removed", "bundle.zip")
+    assert content[:2] == b"PK"
+    from app.runs.read import open_run, read_map
+
+    _, amap = read_map(open_run(tmp_path / "removed"))
+    assert np.array_equal(amap.magnitude, clipped) and (amap.signed >= 0).all()
+    with pytest.raises(ValueError, match="map_polarity='positive'.*'removed'.*'both'"):
+        ReviewRequest(map_polarity="positive").check()
+
+
+def test_map_polarity_defaults_to_the_manifests(lung_run, tiny_engine, box_segmenter, tmp_path, monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_polarity", "removed")
+    default = run(tiny_engine, tmp_path / "default", segmenter=box_segmenter)
+    assert default.request["map_polarity"] == "removed" and default.map_label == REMOVED_LABEL
+    old = np.load(lung_run / "attribution.npy")
+    assert np.array_equal(np.load(tmp_path / "default" / "attribution.npy"), np.maximum(old, 0))
+    both = run(tiny_engine, tmp_path / "both", segmenter=box_segmenter, map_polarity="both")  # the request wins
+    assert both.request["map_polarity"] == "both"
+    assert (tmp_path / "both" / "attribution.npy").read_bytes() == (lung_run / "attribution.npy").read_bytes()
+
+
+def test_a_calibration_of_samples_and_polarity_holds_for_runs_of_both(tiny_engine, box_segmenter, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", {**CALIBRATION, "samples": 2, "polarity": "removed"})
+    record = run(tiny_engine, tmp_path / "cal", segmenter=box_segmenter, reference="input", samples=2,
+                 map_polarity="removed")
+    scale = record.map_summary["scale"]
+    assert scale["kind"] == "calibrated" and scale["samples"] == 2 and scale["polarity"] == "removed"
+    assert record.calibration is not None and record.calibration.samples == 2
+    one = run(tiny_engine, tmp_path / "one", segmenter=box_segmenter, reference="input", map_polarity="removed")
+    assert one.map_summary["scale"]["kind"] == "relative" and "2 samples" in one.scale_reason
+    signed = run(tiny_engine, tmp_path / "signed", segmenter=box_segmenter, reference="input", samples=2,
+                 map_polarity="both")
+    assert signed.map_summary["scale"]["kind"] == "relative" and "'removed'" in signed.scale_reason
+
+
 def test_case_label_stays_out_of_the_record_and_is_checked(tiny_engine, tmp_path):
     """The operator's free-text label may name the patient: record.json is exported (the ZIP, beside a
     de-identified Secondary Capture), so the label lives only in the job (job.json), never in the record."""
