@@ -431,7 +431,7 @@ def test_map_polarity_both_is_the_old_map_and_removed_its_positive_part(lung_run
 
     _, amap = read_map(open_run(tmp_path / "removed"))
     assert np.array_equal(amap.magnitude, clipped) and (amap.signed >= 0).all()
-    with pytest.raises(ValueError, match="map_polarity='positive'.*'removed'.*'both'"):
+    with pytest.raises(ValueError, match=r"map_polarity='positive'.*'removed'.*'both'"):
         ReviewRequest(map_polarity="positive").check()
 
 
