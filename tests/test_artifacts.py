@@ -489,3 +489,45 @@ def test_every_record_round_trips_byte_for_byte(lung_run, plain_run, guided_run,
         record = RunRecord.from_json(data)
         assert record.to_json() == data and RunRecord.from_json(record.to_json()) == record
         assert record.to_dict() == json.loads(data)
+
+
+def test_calibrate_map_measures_the_presets_samples_and_the_models_polarity(tiny_engine, segmenter_dir, tmp_path,
+                                                                            monkeypatch):
+    """scripts/calibrate_map.py runs the healthy preset as the product does, its samples included, with the
+    manifest's map polarity, and stores both in map_scale; a run of that preset then reads on the calibrated
+    scale."""
+    import importlib.util
+    import shutil
+
+    from app import engine, modelfolder
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_engine.info.path, model)
+    manifest = json.loads((model / modelfolder.MANIFEST).read_text())
+    healthy = {"prompt": "normal chest x ray", "strength": 0.5, "steps": 4, "guidance_scale": 5.0, "samples": 2}
+    manifest.update({"map_polarity": "removed", "map_reference": "input", "presets": {"healthy": healthy}})
+    (model / modelfolder.MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        (tmp_path / "data" / f"n{i}.png").write_bytes(png_bytes(seed=i))
+    (tmp_path / "data" / "labels.csv").write_text("path,label,split\nn0.png,normal,val\nn1.png,normal,val\n")
+    spec = importlib.util.spec_from_file_location("calibrate_map", Path(__file__).parent.parent / "scripts" /
+                                                  "calibrate_map.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "LungSegmenter", BoxSegmenter)
+    args = script.parse_args(["--model", str(model), "--data", str(tmp_path / "data" / "labels.csv"), "--n", "2",
+                              "--segmenter", str(segmenter_dir), "--out", str(tmp_path / "cal.json"),
+                              "--write-manifest"])
+    assert script.main(args) == 0
+    scale = json.loads((model / modelfolder.MANIFEST).read_text())["map_scale"]
+    assert scale["samples"] == 2 and scale["polarity"] == "removed" and scale["reference"] == "input"
+    assert scale["level"] > 0 and scale["n_images"] == 2
+    calibrated = engine.CounterfactualEngine(model, device="cpu")
+    record = run_review(calibrated, png_bytes(), ReviewRequest.from_preset(calibrated.info.presets["healthy"],
+                                                                           seed=0),
+                        tmp_path / "run", segmenter=BoxSegmenter(segmenter_dir))
+    assert record.n_samples == 2 and record.polarity == "removed"
+    assert record.map_summary["scale"]["kind"] == "calibrated" and record.map_summary["scale"]["polarity"] == \
+        "removed"
