@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_THRESHOLD_PERCENTILE",
+    "MAP_POLARITIES",
     "AttributionMap",
     "MapSummary",
     "changed_region",
@@ -42,6 +43,9 @@ FloatImage = NDArray[np.float32]
 BoolImage = NDArray[np.bool_]
 
 THRESHOLD_MODES = ("percentile", "absolute")
+MAP_POLARITIES = ("both", "removed")
+"""What a map keeps of the signed difference: ``"both"`` every sign (``magnitude = |signed|``), ``"removed"`` only
+its positive part, the density the counterfactual removed (``signed = magnitude = max(signed, 0)``)."""
 DEFAULT_THRESHOLD_PERCENTILE = 95.0
 """Percentile used where a threshold is needed (summary, outline) and none was given."""
 MAX_MASK_PIXELS = 8192 * 8192
@@ -61,8 +65,8 @@ class AttributionMap:
 
     Attributes:
         signed: ``reference − counterfactual`` (mean over samples, after smoothing), float32 ``(H, W)``,
-            intensity units, roughly in [-1, 1].
-        magnitude: ``|signed|``, float32 ``(H, W)``, in [0, 1].
+            intensity units, roughly in [-1, 1]; with polarity ``"removed"`` its positive part, in [0, 1].
+        magnitude: ``|signed|``, float32 ``(H, W)``, in [0, 1] (``signed`` itself for polarity ``"removed"``).
         std: Per-pixel standard deviation of the (smoothed) difference across samples (``ddof=1``),
             float32 ``(H, W)``; ``None`` when ``n_samples == 1``.
         n_samples: Number of counterfactual samples averaged (>= 1).
@@ -228,14 +232,16 @@ def difference_map(
     *,
     mask: ArrayLike | None = None,
     smoothing_sigma: float = 0.0,
+    polarity: str = "both",
 ) -> AttributionMap:
     """Compute ``M = reference − counterfactual``, averaged over samples, with per-pixel SD.
 
     Order of operations (the code's numbered comments): (1) check inputs; (2) per-sample difference
     ``reference − counterfactual[s]``, each Gaussian smoothed (``sigma`` in pixels, reflect at the borders);
-    (3) mean over samples → ``signed``, ``|signed|`` → ``magnitude``; (4) SD over samples (``ddof=1``) → ``std``
-    when ``S > 1``. Smoothing is linear, so smoothing-then-averaging equals averaging-then-smoothing. The mask is
-    stored, not applied: maps keep full-frame values so that the energy share inside the mask can be reported.
+    (3) mean over samples → ``signed`` (polarity ``"removed"``: clipped at 0, only the density the counterfactual
+    removed), ``|signed|`` → ``magnitude``; (4) SD over samples (``ddof=1``) of the unclipped differences →
+    ``std`` when ``S > 1``. Smoothing is linear, so smoothing-then-averaging equals averaging-then-smoothing. The
+    mask is stored, not applied: maps keep full-frame values so that the energy share inside the mask can be reported.
 
     Args:
         reference: The original image, or the autoencoder's reconstruction of it, float ``(H, W)`` in [0, 1].
@@ -243,12 +249,13 @@ def difference_map(
             same frame as ``reference``.
         mask: Optional region of interest (e.g. lungs), bool or 0/1 ``(H, W)``.
         smoothing_sigma: Gaussian standard deviation in pixels; 0 disables smoothing.
+        polarity: One of :data:`MAP_POLARITIES`: ``"both"`` (the signed map) or ``"removed"`` (its positive part).
 
     Returns:
         The :class:`AttributionMap` (float32 maps in intensity units).
 
     Raises:
-        ValueError: On shape mismatch, non-finite values, values outside [0, 1], a bad mask or sigma.
+        ValueError: On shape mismatch, non-finite values, values outside [0, 1], a bad mask, sigma or polarity.
     """
     # 1. check inputs
     ref = check_unit_image("reference", reference)
@@ -261,6 +268,7 @@ def difference_map(
             "native frame (undo the letterbox) before differencing."
         )
     _check_sigma(smoothing_sigma)
+    check_choice("polarity", polarity, MAP_POLARITIES)
     region = None if mask is None else _check_mask(mask, ref.shape)
 
     # 2. per-sample differences, smoothed (float64 so that identical samples give an SD of exactly zero)
@@ -273,6 +281,8 @@ def difference_map(
     # 3. mean and magnitude
     n_samples = int(diffs.shape[0])
     signed = diffs.mean(axis=0)
+    if polarity == "removed":
+        signed = np.where(signed > 0, signed, 0.0)
 
     # 4. stability across samples
     std = diffs.std(axis=0, ddof=1).astype(np.float32) if n_samples > 1 else None

@@ -38,7 +38,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance, 1..30; default: preset")
     p.add_argument("--steps", type=int, default=None, help="scheduler steps at strength 1; default: preset")
     p.add_argument("--seed", type=int, default=0, help="seed (sample i uses seed+i); default 0")
-    p.add_argument("--samples", type=int, default=1, help="samples per input, 1..16 (mean and std maps)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per input, 1..16 (mean and std maps); default: the model's healthy preset (else 1)")
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS,
                    help="sampler (default: the model's preset (the embedded model: pndm))")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "lesion classifier (one sample; needs the lung segmenter), or DDIM inversion instead of "
                         "SDEdit noise (one sample, deterministic); default: the model's recommendation (manifest "
                         "map_method), else sdedit")
+    c.add_argument("--map-polarity", default=None, choices=["both", "removed"],
+                   help="what the map keeps of reference - counterfactual: both directions, or only the density the "
+                        "counterfactual removed (its positive part); default: the model's healthy preset, else its "
+                        "manifest (map_polarity), else both")
     c.add_argument("--classifier-scale", type=float, default=0.3,
                    help="classifier_guided: step against the disease gradient per denoising step, 0..5 (default 0.3)")
     c.add_argument("--lesion-classifier", default=None,
@@ -167,8 +172,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
             strength=args.strength, guidance_scale=args.guidance, steps=args.steps, seed=args.seed,
             scheduler=args.scheduler, samples=args.samples, window=_window_arg(args.window),
             reference=args.reference or eng.info.manifest.get("map_reference", "input"), lung_mask=args.lung_mask,
-            map_method=method, classifier_scale=args.classifier_scale), eng.info, classifier=classifier,
-            segmenter=segmenter)
+            map_method=method, map_polarity=args.map_polarity, classifier_scale=args.classifier_scale), eng.info,
+            classifier=classifier, segmenter=segmenter)
     except ValueError as e:
         sys.stderr.write(f"vald-md: {e}\n")
         return 2

@@ -66,7 +66,8 @@ def draw_seed() -> int:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named set of generation parameters. strength in (0, 1], guidance_scale >= 1, steps >= 1."""
+    """A named set of generation parameters. strength in (0, 1], guidance_scale >= 1, steps >= 1, samples 1..16
+    (counterfactuals averaged into the map). A manifest's preset (a dict) may also name a ``map_polarity``."""
 
     name: str
     prompt: str
@@ -75,6 +76,7 @@ class Preset:
     steps: int
     description: str = ""
     scheduler: Scheduler = Scheduler.PNDM
+    samples: int = 1
 
 
 PRESETS: dict[str, Preset] = {
@@ -141,7 +143,9 @@ class GenerationRequest:
     def from_preset(cls, preset: Preset | Mapping[str, Any] | None, *, preset_name: str = "healthy",
                     **given: Any) -> Self:
         """A request with the fields ``given``; a preset field (prompt, strength, guidance_scale, steps,
-        scheduler) given as ``None`` (or not given) comes from ``preset``, then the paper's setting.
+        scheduler, samples) given as ``None`` (or not given) comes from ``preset``, then the paper's setting (one
+        sample). A field of ``cls`` that a preset may name (``map_polarity`` of ``ReviewRequest``) given as
+        ``None`` (or not given) comes from the preset when it names one, else stays ``None``.
 
         Args:
             preset: a :class:`Preset` or a ``ModelInfo.presets`` entry (a dict); ``None`` = the paper's setting.
@@ -157,6 +161,10 @@ class GenerationRequest:
         for key, convert in _PRESET_FIELDS.items():
             if key not in chosen:
                 chosen[key] = convert(p.get(key, getattr(_PAPER, key)))
+        names = {f.name for f in fields(cls)}
+        for key, convert in _OPTIONAL_PRESET_FIELDS.items():
+            if key in names and chosen.get(key) is None and p.get(key) is not None:
+                chosen[key] = convert(p[key])
         if "scheduler" not in given or given["scheduler"] is None:
             chosen["scheduler"] = Scheduler.parse(chosen["scheduler"], where=f"the model's preset {preset_name!r}")
         return cls(**chosen)
@@ -196,5 +204,7 @@ class GenerationRequest:
 
 
 _PRESET_FIELDS: dict[str, Any] = {"prompt": str, "strength": float, "guidance_scale": float, "steps": int,
-                                  "scheduler": str}
+                                  "scheduler": str, "samples": int}
 """Fields a preset supplies, with the type its (JSON) value is read as."""
+_OPTIONAL_PRESET_FIELDS: dict[str, Any] = {"map_polarity": str}
+"""Fields a preset may name, for the request types that have them (``ReviewRequest``)."""

@@ -5,7 +5,9 @@ diseased one, and a share "above the 95th percentile" is 5 % by construction. So
 (``scripts/calibrate_map.py``): its healthy preset runs on N normal validation images, and the 99th percentile of
 |M| inside the lungs, pooled over those images, becomes the **normal level** (1×). The manifest stores it under
 ``"map_scale"`` (``vald_md.json`` is not part of the model hash, so calibrating does not change the model's
-identity). A run whose map method and reference are the calibration's then reports:
+identity). The calibration also records the samples averaged and the map polarity it measured (the healthy
+preset's ``samples`` and the manifest's ``map_polarity``; 1 and ``"both"`` in calibrations from before). A run
+whose map method, reference, samples and polarity are the calibration's then reports:
 
 =========================  ==========================================================================================
 ``threshold_fold``         the level the changed area is counted above, as an x-fold of the normal level (default 1)
@@ -17,7 +19,7 @@ identity). A run whose map method and reference are the calibration's then repor
 =========================  ==========================================================================================
 
 and the overlay draws ``|M| / level`` from 0 to :data:`FULL_SCALE_FOLD` (full colour at 2× the normal level).
-Runs of an uncalibrated model (or another method or reference) fall back to the per-image scale
+Runs of an uncalibrated model (or another method, reference, sample count or polarity) fall back to the per-image scale
 (``scale.kind == "relative"``) and say so.
 
 Pure numpy, like :mod:`app.attribution` whose maps it measures.
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from app.attribution import DEFAULT_THRESHOLD_PERCENTILE, AttributionMap, summarize
+from app.attribution import DEFAULT_THRESHOLD_PERCENTILE, MAP_POLARITIES, AttributionMap, summarize
 
 __all__ = [
     "DEFAULT_THRESHOLD_FOLD",
@@ -73,6 +75,8 @@ class MapCalibration:
         map_method: The map method measured (``"sdedit"``); another method's maps are not on this scale.
         reference: The map reference measured (``"input"`` or ``"reconstruction"``).
         preset: The generation settings measured (prompt, strength, guidance_scale, steps, scheduler).
+        samples: Counterfactual samples averaged per map (>= 1; the mean over more samples is smaller).
+        polarity: The map polarity measured (``"both"``: |M|; ``"removed"``: the positive part of M).
         data: Which images: the labels file, split and label, and its SHA-256.
         created: ISO date of the measurement.
         per_image: Spread of the per-image 99th percentiles (``min``, ``median``, ``max``), intensity units.
@@ -91,11 +95,16 @@ class MapCalibration:
     created: str = ""
     per_image: dict[str, float] = field(default_factory=dict)
     command: str = ""
+    samples: int = 1
+    polarity: str = "both"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.level) and self.level > 0):
             raise ValueError(f"map_scale.level must be a positive intensity difference; got {self.level!r}. "
                              "Run scripts/calibrate_map.py again.")
+        if not (isinstance(self.samples, int) and self.samples >= 1) or self.polarity not in MAP_POLARITIES:
+            raise ValueError(f"map_scale: samples must be a whole number >= 1 and polarity one of {MAP_POLARITIES}; "
+                             f"got {self.samples!r}, {self.polarity!r}. Run scripts/calibrate_map.py again.")
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> MapCalibration | None:
@@ -129,11 +138,13 @@ class MapCalibration:
 
 
 def calibration_for_run(calibration: MapCalibration | None, *, map_method: str, reference: str,
-                        smoothing_sigma: float = 0.0, samples: int = 1) -> tuple[MapCalibration | None, str]:
+                        smoothing_sigma: float = 0.0, samples: int = 1,
+                        polarity: str = "both") -> tuple[MapCalibration | None, str]:
     """The calibration a run's map may be read against, or ``None`` and the reason why not.
 
-    A calibration holds for single-sample maps of its own method and reference, unsmoothed (smoothing, and the mean
-    over several samples, lower the high percentiles); anything else falls back to the per-image scale.
+    A calibration holds for unsmoothed maps of its own method, reference, number of samples and polarity
+    (smoothing, and the mean over more samples, lower the high percentiles; the positive part is another
+    distribution than |M|); anything else falls back to the per-image scale.
     """
     if calibration is None:
         return None, "this model has no map calibration (scripts/calibrate_map.py)"
@@ -143,9 +154,15 @@ def calibration_for_run(calibration: MapCalibration | None, *, map_method: str, 
         return None, f"the calibration was measured against the {calibration.reference}, not the {reference}"
     if smoothing_sigma > 0:
         return None, "the calibration was measured on unsmoothed maps"
-    if samples != 1:
-        return None, (f"the calibration was measured on single-sample maps; the mean over {samples} samples is "
-                      f"smaller by construction")
+    if samples != calibration.samples:
+        measured = ("single-sample maps" if calibration.samples == 1
+                    else f"maps averaged over {calibration.samples} samples")
+        run = "a single sample" if samples == 1 else f"the mean over {samples} samples"
+        return None, (f"the calibration was measured on {measured}; {run} is "
+                      f"{'smaller' if samples > calibration.samples else 'larger'} by construction")
+    if polarity != calibration.polarity:
+        return None, (f"the calibration was measured on maps of polarity '{calibration.polarity}', not "
+                      f"'{polarity}'")
     return calibration, ""
 
 
@@ -193,8 +210,20 @@ def summarize_scaled(amap: AttributionMap, calibration: MapCalibration | None, *
                   "rms": calibration.rms, "full_scale_fold": FULL_SCALE_FOLD, "n_images": calibration.n_images,
                   "map_method": calibration.map_method, "reference": calibration.reference,
                   "preset": calibration.preset, "created": calibration.created,
-                  "preset_matches": _preset_matches(calibration, parameters or {})},
+                  "preset_matches": _preset_matches(calibration, parameters or {}),
+                  **_calibration_run_keys(calibration)},
     })
+    return out
+
+
+def _calibration_run_keys(calibration: MapCalibration) -> dict[str, Any]:
+    """``samples`` and ``polarity`` of a calibration for the record's ``scale``, only where they differ from what
+    every calibration before them measured (1, ``"both"``): the records of those calibrations stay as they were."""
+    out: dict[str, Any] = {}
+    if calibration.samples != 1:
+        out["samples"] = calibration.samples
+    if calibration.polarity != "both":
+        out["polarity"] = calibration.polarity
     return out
 
 
@@ -209,7 +238,8 @@ def scale_from_record(record: dict[str, Any]) -> MapCalibration | None:
                               rms=float(scale.get("rms") or 0.0), n_images=int(scale.get("n_images") or 0),
                               map_method=str(scale.get("map_method", "sdedit")),
                               reference=str(scale.get("reference", "reconstruction")),
-                              preset=dict(scale.get("preset") or {}), created=str(scale.get("created", "")))
+                              preset=dict(scale.get("preset") or {}), created=str(scale.get("created", "")),
+                              samples=int(scale.get("samples") or 1), polarity=str(scale.get("polarity", "both")))
     except (KeyError, TypeError, ValueError):
         return None
 

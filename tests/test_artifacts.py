@@ -396,6 +396,71 @@ def test_calibrated_model_reads_the_map_against_the_normal_level(tiny_engine, bo
     assert other.map_label == "autoencoder reconstruction − counterfactual"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16: the map's polarity
+# ----------------------------------------------------------------------------------------------------------------
+REMOVED_LABEL = "max(original − counterfactual, 0): density removed"
+
+
+def test_map_polarity_both_is_the_old_map_and_removed_its_positive_part(lung_run, tiny_engine, box_segmenter,
+                                                                        tmp_path):
+    """``both`` (and the default of a model without ``map_polarity``) writes the map and overlay as before, bit for
+    bit; ``removed`` the same run's map clipped at 0, named so in the record, the legend and the exports."""
+    old = np.load(lung_run / "attribution.npy")
+    assert (old < 0).any() and (old > 0).any()
+    assert json.loads((lung_run / "record.json").read_text())["request"]["map_polarity"] == "both"
+    both = run(tiny_engine, tmp_path / "both", segmenter=box_segmenter, map_polarity="both")
+    for name in ("attribution.npy", "overlay.png", "counterfactual.png"):
+        assert (tmp_path / "both" / name).read_bytes() == (lung_run / name).read_bytes(), name
+    assert both.label == "original − counterfactual" == both.map_label and both.polarity == "both"
+    removed = run(tiny_engine, tmp_path / "removed", segmenter=box_segmenter, map_polarity="removed")
+    clipped = np.load(tmp_path / "removed" / "attribution.npy")
+    assert np.array_equal(clipped, np.maximum(old, 0)) and clipped.min() == 0.0
+    assert (tmp_path / "removed" / "counterfactual.png").read_bytes() == (lung_run / "counterfactual.png").read_bytes()
+    assert removed.request["map_polarity"] == "removed" and removed.polarity == "removed"
+    assert removed.map_label == REMOVED_LABEL == removed.label
+    inside = box_lungs((H, W))
+    assert removed.map_summary["max_abs_in_mask"] == pytest.approx(float(np.maximum(old, 0)[inside].max()))
+    assert removed == RunRecord.from_json((tmp_path / "removed" / "record.json").read_bytes())
+    # the exports re-render the clipped map and say what it is; the signed mode draws red only
+    png = exports.export_annotated_png(tmp_path / "removed", OverlayOptions(mode="signed", opacity=1.0))
+    assert Image.open(io.BytesIO(png)).text["vald_md:map_label"] == REMOVED_LABEL  # type: ignore[attr-defined]
+    content, _ = exports.build_export(tmp_path / "removed", "bundle.zip")
+    assert content[:2] == b"PK"
+    from app.runs.read import open_run, read_map
+
+    _, amap = read_map(open_run(tmp_path / "removed"))
+    assert np.array_equal(amap.magnitude, clipped) and (amap.signed >= 0).all()
+    with pytest.raises(ValueError, match=r"map_polarity='positive'.*'removed'.*'both'"):
+        ReviewRequest(map_polarity="positive").check()
+
+
+def test_map_polarity_defaults_to_the_manifests(lung_run, tiny_engine, box_segmenter, tmp_path, monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_polarity", "removed")
+    default = run(tiny_engine, tmp_path / "default", segmenter=box_segmenter)
+    assert default.request["map_polarity"] == "removed" and default.map_label == REMOVED_LABEL
+    old = np.load(lung_run / "attribution.npy")
+    assert np.array_equal(np.load(tmp_path / "default" / "attribution.npy"), np.maximum(old, 0))
+    both = run(tiny_engine, tmp_path / "both", segmenter=box_segmenter, map_polarity="both")  # the request wins
+    assert both.request["map_polarity"] == "both"
+    assert (tmp_path / "both" / "attribution.npy").read_bytes() == (lung_run / "attribution.npy").read_bytes()
+
+
+def test_a_calibration_of_samples_and_polarity_holds_for_runs_of_both(tiny_engine, box_segmenter, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", {**CALIBRATION, "samples": 2, "polarity": "removed"})
+    record = run(tiny_engine, tmp_path / "cal", segmenter=box_segmenter, reference="input", samples=2,
+                 map_polarity="removed")
+    scale = record.map_summary["scale"]
+    assert scale["kind"] == "calibrated" and scale["samples"] == 2 and scale["polarity"] == "removed"
+    assert record.calibration is not None and record.calibration.samples == 2
+    one = run(tiny_engine, tmp_path / "one", segmenter=box_segmenter, reference="input", map_polarity="removed")
+    assert one.map_summary["scale"]["kind"] == "relative" and "2 samples" in one.scale_reason
+    signed = run(tiny_engine, tmp_path / "signed", segmenter=box_segmenter, reference="input", samples=2,
+                 map_polarity="both")
+    assert signed.map_summary["scale"]["kind"] == "relative" and "'removed'" in signed.scale_reason
+
+
 def test_case_label_stays_out_of_the_record_and_is_checked(tiny_engine, tmp_path):
     """The operator's free-text label may name the patient: record.json is exported (the ZIP, beside a
     de-identified Secondary Capture), so the label lives only in the job (job.json), never in the record."""
@@ -424,3 +489,45 @@ def test_every_record_round_trips_byte_for_byte(lung_run, plain_run, guided_run,
         record = RunRecord.from_json(data)
         assert record.to_json() == data and RunRecord.from_json(record.to_json()) == record
         assert record.to_dict() == json.loads(data)
+
+
+def test_calibrate_map_measures_the_presets_samples_and_the_models_polarity(tiny_engine, segmenter_dir, tmp_path,
+                                                                            monkeypatch):
+    """scripts/calibrate_map.py runs the healthy preset as the product does, its samples included, with the
+    manifest's map polarity, and stores both in map_scale; a run of that preset then reads on the calibrated
+    scale."""
+    import importlib.util
+    import shutil
+
+    from app import engine, modelfolder
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_engine.info.path, model)
+    manifest = json.loads((model / modelfolder.MANIFEST).read_text())
+    healthy = {"prompt": "normal chest x ray", "strength": 0.5, "steps": 4, "guidance_scale": 5.0, "samples": 2}
+    manifest.update({"map_polarity": "removed", "map_reference": "input", "presets": {"healthy": healthy}})
+    (model / modelfolder.MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        (tmp_path / "data" / f"n{i}.png").write_bytes(png_bytes(seed=i))
+    (tmp_path / "data" / "labels.csv").write_text("path,label,split\nn0.png,normal,val\nn1.png,normal,val\n")
+    spec = importlib.util.spec_from_file_location("calibrate_map", Path(__file__).parent.parent / "scripts" /
+                                                  "calibrate_map.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "LungSegmenter", BoxSegmenter)
+    args = script.parse_args(["--model", str(model), "--data", str(tmp_path / "data" / "labels.csv"), "--n", "2",
+                              "--segmenter", str(segmenter_dir), "--out", str(tmp_path / "cal.json"),
+                              "--write-manifest"])
+    assert script.main(args) == 0
+    scale = json.loads((model / modelfolder.MANIFEST).read_text())["map_scale"]
+    assert scale["samples"] == 2 and scale["polarity"] == "removed" and scale["reference"] == "input"
+    assert scale["level"] > 0 and scale["n_images"] == 2
+    calibrated = engine.CounterfactualEngine(model, device="cpu")
+    record = run_review(calibrated, png_bytes(), ReviewRequest.from_preset(calibrated.info.presets["healthy"],
+                                                                           seed=0),
+                        tmp_path / "run", segmenter=BoxSegmenter(segmenter_dir))
+    assert record.n_samples == 2 and record.polarity == "removed"
+    assert record.map_summary["scale"]["kind"] == "calibrated" and record.map_summary["scale"]["polarity"] == \
+        "removed"

@@ -586,3 +586,95 @@ def test_map_label_follows_the_reference(reference, method, label) -> None:
     assert attr.map_label(reference, method) == label
     record = RunRecord.from_dict({"request": {"reference": reference}, "map_method": method})
     assert record.label == label
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16: the map's polarity (only the density the counterfactual removed)
+# ----------------------------------------------------------------------------------------------------------------
+def test_polarity_both_is_the_signed_map_and_removed_its_positive_part() -> None:
+    from app.attribution import MAP_POLARITIES
+
+    rng = np.random.default_rng(3)
+    ref = rng.random((H, W)).astype(np.float32)
+    cfs = np.clip(ref[None] + rng.normal(0.0, 0.1, (3, H, W)), 0, 1).astype(np.float32)
+    for sigma in (0.0, 1.5):
+        old = difference_map(ref, cfs, smoothing_sigma=sigma, mask=disk())
+        both = difference_map(ref, cfs, smoothing_sigma=sigma, mask=disk(), polarity="both")
+        removed = difference_map(ref, cfs, smoothing_sigma=sigma, mask=disk(), polarity="removed")
+        for got in (both.signed, both.magnitude, both.std):
+            assert got is not None and got.dtype == np.float32
+        assert both.signed.tobytes() == old.signed.tobytes() and both.magnitude.tobytes() == old.magnitude.tobytes()
+        assert (old.signed < 0).any() and (old.signed > 0).any()
+        # clipped after the mean over samples and after the smoothing; the SD map is the per-sample one as before
+        assert np.array_equal(removed.signed, np.maximum(old.signed, 0)) and removed.signed.min() == 0.0
+        assert np.array_equal(removed.magnitude, removed.signed)
+        assert removed.std is not None and old.std is not None and np.array_equal(removed.std, old.std)
+        assert removed.n_samples == 3 and np.array_equal(removed.region_mask(), old.region_mask())
+    assert MAP_POLARITIES == ("both", "removed")
+    with pytest.raises(ValueError, match="polarity must be one of"):
+        difference_map(ref, cfs, polarity="positive")
+
+
+def test_the_signed_overlay_of_a_removed_map_is_red_only() -> None:
+    ref = disk().astype(np.float32) * 0.6 + 0.2
+    cf = np.full((H, W), 0.5, dtype=np.float32)
+    both = difference_map(ref, cf)
+    removed = difference_map(ref, cf, polarity="removed")
+    opts = OverlayOptions(mode="signed", opacity=1.0)
+    drawn_both = render_overlay(ref, both, opts).astype(int)
+    drawn = render_overlay(ref, removed, opts, label=attr.map_label("input", "sdedit", "removed")).astype(int)
+    blue = drawn_both[..., 2] - drawn_both[..., 0] > 40
+    assert blue.any() and not (drawn[..., 2] - drawn[..., 0] > 40).any()
+    red = drawn[..., 0] - drawn[..., 2] > 40
+    assert red[disk()].mean() > 0.5 and not red[~disk()].any()  # outside the disk the map is negative: clipped
+
+
+@pytest.mark.parametrize(("reference", "method", "polarity", "label"), [
+    ("reconstruction", "sdedit", "removed", "max(autoencoder reconstruction − counterfactual, 0): density removed"),
+    ("input", "sdedit", "removed", "max(original − counterfactual, 0): density removed"),
+    ("reconstruction", "ddim_inversion", "removed", "max(DDIM reconstruction − counterfactual, 0): density removed"),
+    ("reconstruction", "sdedit", "both", "autoencoder reconstruction − counterfactual"),
+    ("reconstruction", "sdedit", None, "autoencoder reconstruction − counterfactual"),
+])
+def test_map_label_names_the_polarity(reference, method, polarity, label) -> None:
+    from app.rendering import map_label_of_record
+
+    assert attr.map_label(reference, method, polarity) == label
+    request = {"reference": reference} if polarity is None else {"reference": reference, "map_polarity": polarity}
+    record = {"request": request, "map_method": method}
+    assert RunRecord.from_dict(record).label == label == map_label_of_record(record)
+    assert RunRecord.from_dict(record).polarity == (polarity or "both")
+    with pytest.raises(ValueError, match="polarity"):
+        attr.map_label(reference, method, "positive")
+
+
+def test_a_calibration_holds_for_its_own_samples_and_polarity() -> None:
+    from app import mapscale
+
+    old = mapscale.MapCalibration.from_manifest({"map_scale": {"level": 0.1, "map_method": "sdedit",
+                                                                "reference": "reconstruction"}})
+    assert old is not None and old.samples == 1 and old.polarity == "both"
+    entry = {**old.to_manifest(), "samples": 4, "polarity": "removed"}
+    cal = mapscale.MapCalibration.from_manifest({"map_scale": entry})
+    assert cal is not None and cal.samples == 4 and cal.polarity == "removed"
+    assert cal.to_manifest()["samples"] == 4 and cal.to_manifest()["polarity"] == "removed"
+    run = {"map_method": "sdedit", "reference": "reconstruction"}
+    assert mapscale.calibration_for_run(cal, **run, samples=4, polarity="removed") == (cal, "")
+    off, why = mapscale.calibration_for_run(cal, **run, samples=1, polarity="removed")
+    assert off is None and "averaged over 4 samples" in why and "a single sample" in why
+    off, why = mapscale.calibration_for_run(cal, **run, samples=4, polarity="both")
+    assert off is None and "'removed'" in why and "'both'" in why
+    assert mapscale.calibration_for_run(old, **run)[0] is old  # an old calibration: single samples, both signs
+    assert mapscale.calibration_for_run(old, **run, polarity="removed")[0] is None
+    # the record's scale names samples and polarity (only where they are not the old 1 / both) and reads back
+    signed = np.abs(np.random.default_rng(0).normal(0, 0.05, (H, W))).astype(np.float32)
+    amap = AttributionMap(signed=signed, magnitude=signed, std=None, n_samples=4, mask=None)
+    scale = mapscale.summarize_scaled(amap, cal)["scale"]
+    assert scale["samples"] == 4 and scale["polarity"] == "removed"
+    back = mapscale.scale_from_record({"map_summary": {"scale": scale}})
+    assert back is not None and back.samples == 4 and back.polarity == "removed"
+    assert not {"samples", "polarity"} & set(mapscale.summarize_scaled(amap, old)["scale"])
+    with pytest.raises(ValueError, match="polarity"):
+        mapscale.MapCalibration(level=0.1, polarity="positive")
+    with pytest.raises(ValueError, match="samples"):
+        mapscale.MapCalibration(level=0.1, samples=0)

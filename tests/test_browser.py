@@ -117,6 +117,10 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
     monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", {
         "level": 0.05, "percentile": 99.0, "rms": 0.02, "n_images": 3, "map_method": "sdedit", "reference": "input",
         "preset": {"strength": 0.9, "steps": 40}, "created": "2026-12-06"})
+    # a preset that averages 3 samples and names a map polarity (issue 16): its button sets both
+    monkeypatch.setitem(tiny_engine.info.presets, "opacity", {"prompt": "normal chest x ray", "strength": 0.6,
+                                                              "guidance_scale": 4.0, "steps": 30, "samples": 3,
+                                                              "map_polarity": "both"})
     OUTPUT.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
     problems: list[str] = []
@@ -142,22 +146,30 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
     facts = page.inner_text("#file-facts")
     assert "DICOM · CR" in facts and "1024 × 1024 px" in facts
 
-    # 1b. the model's presets are one click each: prompt, strength, guidance, steps follow the preset's values
-    def form_values() -> tuple[str, float, float, int]:
+    # 1b. the model's presets are one click each: prompt, strength, guidance, steps, samples follow the preset's
+    # values, and the map polarity where the preset names one
+    def form_values() -> tuple[str, float, float, int, int]:
         return (page.input_value("#prompt"), float(page.input_value("#strength")),
-                float(page.input_value("#guidance_scale")), int(page.input_value("#steps")))
+                float(page.input_value("#guidance_scale")), int(page.input_value("#steps")),
+                int(page.input_value("#samples")))
 
     buttons = page.locator("[data-model-preset]")
-    assert buttons.count() >= 1, "the model's presets are offered"
+    assert buttons.count() >= 2, "the model's presets are offered"
     for i in reversed(range(buttons.count())):
         b = buttons.nth(i)
         want = (b.get_attribute("data-model-preset-prompt"), float(b.get_attribute("data-model-preset-strength")),
                 float(b.get_attribute("data-model-preset-guidance_scale")),
-                int(b.get_attribute("data-model-preset-steps")))
+                int(b.get_attribute("data-model-preset-steps")), int(b.get_attribute("data-model-preset-samples")))
         page.locator("#steps").fill("7")  # a value no preset has: the click must set it
+        page.locator("#samples").fill("5")
+        page.select_option("#map_polarity", "removed")
         b.click()
         assert form_values() == want, (b.get_attribute("data-model-preset"), form_values(), want)
         assert "is-active" in (b.get_attribute("class") or "")
+        polarity = b.get_attribute("data-model-preset-map_polarity")
+        assert page.input_value("#map_polarity") == (polarity or "removed")  # no polarity named: left as it was
+    assert "3 samples" in (page.locator("[data-model-preset=opacity]").get_attribute("title") or "")
+    page.select_option("#map_polarity", "both")
 
     # 2. move sliders: the effective step count follows int(steps * strength)
     page.locator("#strength").fill("1")

@@ -179,3 +179,84 @@ def test_the_preset_defaults_are_said_where_they_are_chosen():
     assert "the embedded model: 'normal chest x-ray'" in str(helps["prompt"])
     embedded = json.loads((modelfolder.DEFAULT_MODEL_DIR / modelfolder.MANIFEST).read_text())["presets"]["healthy"]
     assert (embedded["scheduler"], embedded["prompt"]) == ("pndm", "normal chest x-ray")  # what the texts say
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16: a model whose healthy preset averages two samples and whose maps keep the density removed
+# ----------------------------------------------------------------------------------------------------------------
+SAMPLED_PRESETS = {"healthy": {"prompt": "normal chest x ray", "strength": 0.5, "guidance_scale": 2.0, "steps": 4,
+                               "scheduler": "pndm", "samples": 2},
+                   "induce": {"prompt": "cardiomegaly", "strength": 0.5, "guidance_scale": 2.0, "steps": 4,
+                              "map_polarity": "both"}}
+
+
+@pytest.fixture(scope="module")
+def sampled_engine(tiny_engine, tmp_path_factory):
+    folder = _with_presets(tiny_engine.info.path, tmp_path_factory.mktemp("sampled") / "tiny-sampled",
+                           SAMPLED_PRESETS)
+    manifest = json.loads((folder / modelfolder.MANIFEST).read_text())
+    (folder / modelfolder.MANIFEST).write_text(json.dumps({**manifest, "map_polarity": "removed"}))
+    return engine.CounterfactualEngine(folder, device="cpu")
+
+
+def test_from_preset_takes_the_presets_samples_and_map_polarity():
+    preset = {"prompt": "p", "samples": 3, "map_polarity": "removed"}
+    assert GenerationRequest.from_preset(preset).samples == 3
+    assert GenerationRequest.from_preset(preset, samples=None).samples == 3
+    assert GenerationRequest.from_preset(preset, samples=1).samples == 1  # given wins
+    assert GenerationRequest.from_preset({"prompt": "p"}).samples == 1 == PRESETS["healthy"].samples
+    assert not hasattr(GenerationRequest.from_preset(preset), "map_polarity")  # only requests that have it
+    req = ReviewRequest.from_preset(preset)
+    assert req.map_polarity == "removed" and ReviewRequest.from_preset(preset, map_polarity="both").map_polarity \
+        == "both"
+    assert ReviewRequest.from_preset({"prompt": "p"}).map_polarity is None  # the manifest's, when resolved
+    # a one-sample map method makes one sample unless asked for more (which it then refuses)
+    assert ReviewRequest.from_preset(preset, map_method="ddim_inversion").samples == 1
+    assert ReviewRequest.from_preset(preset, map_method="ddim_inversion", samples=2).samples == 2
+
+
+def test_the_api_and_the_form_default_to_the_presets_samples_and_the_models_polarity(sampled_engine):
+    from app.runs.review import resolve_request
+    from app.web.forms import FormValues, GenerationParams, ReviewFormParams, parameter_presets
+
+    info = sampled_engine.info
+    req = GenerationParams().to_request(info)
+    assert req.samples == 2 and req.map_polarity is None
+    assert resolve_request(req, info).map_polarity == "removed"
+    given = GenerationParams.model_validate({"samples": "1", "map_polarity": "both"}).to_request(info)
+    assert given.samples == 1 and resolve_request(given, info).map_polarity == "both"
+    assert ReviewFormParams.model_validate({}).to_request(info).samples == 2
+    form = FormValues.defaults(info)
+    assert form.samples == 2 and form.map_polarity == "removed"
+    shown = {p["key"]: p for p in parameter_presets(info)}
+    assert shown["healthy"]["samples"] == 2 and shown["healthy"]["map_polarity"] is None
+    assert shown["induce"]["samples"] == 1 and shown["induce"]["map_polarity"] == "both"
+    assert shown["paper"]["samples"] == 1
+    # a model without the keys: one sample, both directions, as before
+    plain = FormValues.defaults(_plain_info())  # type: ignore[arg-type]
+    assert (plain.samples, plain.map_polarity) == (1, "both")
+
+
+def _plain_info():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(presets={k: vars(v) for k, v in PRESETS.items()}, manifest={})
+
+
+def test_the_cli_runs_the_presets_samples_and_the_models_polarity(sampled_engine, tmp_path, monkeypatch):
+    from app import cli
+
+    monkeypatch.setattr("app.engine.CounterfactualEngine", lambda *a, **k: sampled_engine)
+    src = tmp_path / "scan.png"
+    src.write_bytes(_png())
+    assert cli.main(["counterfactual", str(src), "--no-lung-mask", "--out", str(tmp_path / "a")]) == 0
+    rec = json.loads((tmp_path / "a" / "0000" / "record.json").read_text())
+    assert rec["parameters"]["samples"] == 2 and len(rec["seeds"]) == 2
+    assert rec["request"]["map_polarity"] == "removed" and rec["map_label"].startswith("max(")
+    assert (np.load(tmp_path / "a" / "0000" / "attribution.npy") >= 0).all()
+    assert cli.main(["counterfactual", str(src), "--no-lung-mask", "--samples", "1", "--map-polarity", "both",
+                     "--out", str(tmp_path / "b")]) == 0
+    rec = json.loads((tmp_path / "b" / "0000" / "record.json").read_text())
+    assert rec["parameters"]["samples"] == 1 and rec["request"]["map_polarity"] == "both"
+    with pytest.raises(SystemExit):
+        cli.main(["counterfactual", str(src), "--map-polarity", "positive", "--out", str(tmp_path / "c")])

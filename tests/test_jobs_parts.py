@@ -79,6 +79,19 @@ def test_store_writes_an_owner_only_folder_and_the_job_json_bytes(tmp_path):
         "upload.dcm", "upload.png", "upload.jpg", "upload.bin"]
 
 
+def test_a_job_json_from_before_map_polarities_reads_as_both(tmp_path):
+    """Jobs written before issue 16 mapped both directions: re-read (and re-run), they still do, whatever the
+    model's default polarity is now; a job with one keeps it."""
+    store = JobStore(tmp_path / "runs")
+    job = _job(store, state=JobState.DONE)
+    stored = job.to_json()
+    assert stored["request"]["map_polarity"] is None
+    old = {**stored, "request": {k: v for k, v in stored["request"].items() if k != "map_polarity"}}
+    assert Job.from_json(job.run_dir, old).request.map_polarity == "both"
+    newer = {**stored, "request": {**stored["request"], "map_polarity": "removed"}}
+    assert Job.from_json(job.run_dir, newer).request.map_polarity == "removed"
+
+
 def test_store_deidentifies_uploads_unless_the_site_keeps_them(tmp_path):
     data = _png()
     kept = JobStore(tmp_path / "a", identified_uploads=True).stored_upload(data, "png")

@@ -86,6 +86,21 @@ def test_old_records_read_with_their_fallbacks():
     assert "compute" not in record.to_dict() and "map_label" not in record.to_dict()  # absent keys stay absent
 
 
+@pytest.mark.parametrize("polarity", ["removed", "both"])
+def test_a_record_with_a_map_polarity_round_trips_byte_for_byte(polarity):
+    """Issue 16: records since map polarities carry ``request.map_polarity``; older ones lack it and read "both"."""
+    newer = {**OLD_RECORD, "map_method": "sdedit",
+             "request": {**OLD_RECORD["request"], "reference": "reconstruction", "map_method": "sdedit",
+                         "map_polarity": polarity}}
+    data = json.dumps(newer, indent=2).encode()
+    record = RunRecord.from_json(data)
+    assert record.to_json() == data and RunRecord.from_json(record.to_json()) == record
+    assert record.polarity == polarity and RunRecord.from_dict(OLD_RECORD).polarity == "both"
+    removed = "max(autoencoder reconstruction − counterfactual, 0): density removed"
+    assert record.label == (removed if polarity == "removed" else "autoencoder reconstruction − counterfactual")
+    assert "map_polarity" not in RunRecord.from_json(json.dumps(OLD_RECORD, indent=2)).to_dict()["request"]
+
+
 def test_the_exports_fixture_record_round_trips(run_dir):
     data = (run_dir / folder.RECORD).read_bytes()
     record = RunRecord.from_json(data)

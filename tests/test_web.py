@@ -359,7 +359,7 @@ def test_full_json_flow(client, done_job):
     assert st["parameters"] == {"prompt": "normal chest x-ray", "negative_prompt": "", "strength": 0.5,
                                 "guidance_scale": 5.0, "steps": 4, "seed": 11, "scheduler": "pndm", "samples": 1,
                                 "window": "auto", "reference": "input", "lung_mask": True, "map_method": "sdedit",
-                                "classifier_scale": 0.3}
+                                "map_polarity": "both", "classifier_scale": 0.3}
     assert {"denoising", "total", "queued", "run"} <= set(st["timings_s"])
     assert st["input"]["source_format"] == "png" and st["input"]["rows"] == 40
     base = f"/api/v1/jobs/{st['job_id']}"
@@ -572,7 +572,7 @@ def test_api_docs_state_the_servers_limits(tiny_engine, tmp_path):
     schema = app.openapi()
     params = schema["components"]["schemas"]["GenerationParams"]["properties"]
     steps = [v["maximum"] for v in params["steps"]["anyOf"] if "maximum" in v]
-    assert steps == [40] and params["samples"]["maximum"] == 3
+    assert steps == [40] and [v["maximum"] for v in params["samples"]["anyOf"] if "maximum" in v] == [3]
     assert "1..40" in params["steps"]["description"] and "1..3" in params["samples"]["description"]
 
 
@@ -1451,7 +1451,7 @@ def test_form_api_and_docs_share_the_servers_limits(tiny_engine, tmp_path):
         assert form.by_id("steps")["max"] == "40" and form.by_id("samples")["max"] == "3"
         params = c.get("/api/openapi.json").json()["components"]["schemas"]["GenerationParams"]["properties"]
         assert [v["maximum"] for v in params["steps"]["anyOf"] if "maximum" in v] == [40]
-        assert params["samples"]["maximum"] == 3
+        assert [v["maximum"] for v in params["samples"]["anyOf"] if "maximum" in v] == [3]
         assert c.get("/api/v1/model").json()["limits"] | {"max_steps": 40, "max_samples": 3} == \
             c.get("/api/v1/model").json()["limits"]
         for field, value in (("steps", "41"), ("samples", "4")):
@@ -1605,3 +1605,74 @@ def test_uploading_an_annotated_png_offers_its_parameters(client, done_job):
     # an ordinary PNG offers nothing
     plain = client.post("/inspect", files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"}).text
     assert "data-png-parameters" not in plain
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16, maps that point at disease: the map polarity and the preset's samples
+# ----------------------------------------------------------------------------------------------------------------
+def test_api_map_polarity_removed_is_run_and_recorded(client, monkeypatch, tiny_engine):
+    r = submit(client, map_polarity="removed")
+    assert r.status_code == 202, r.text
+    st = wait_state(client, r.json()["job_id"])
+    assert st["state"] == "done" and st["parameters"]["map_polarity"] == "removed"
+    base = f"/api/v1/jobs/{st['job_id']}"
+    record = client.get(f"{base}/artifacts/record.json").json()
+    assert record["request"]["map_polarity"] == "removed"
+    assert record["map_label"] == "max(original − counterfactual, 0): density removed"
+    assert record["map_summary"]["max_abs_in_mask"] >= 0
+    signed = client.get(f"{base}/overlay.png", params={"mode": "signed", "opacity": "1"})
+    assert signed.status_code == 200 and signed.content[:8] == b"\x89PNG\r\n\x1a\n"
+    page = Doc(client.get(f"/runs/{st['job_id']}").text)
+    assert "density removed" in page.text
+    # the model's default (manifest map_polarity) when the field is left out
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_polarity", "removed")
+    r = submit(client)
+    assert r.status_code == 202 and wait_state(client, r.json()["job_id"])["parameters"]["map_polarity"] == "removed"
+
+
+@pytest.mark.parametrize("bad", ["positive", "BOTH", "1"])
+def test_an_unknown_map_polarity_is_a_readable_422(client, app_and_client, bad):
+    before = count_runs(app_and_client[0])
+    r = submit(client, map_polarity=bad)
+    assert r.status_code == 422 and "map_polarity" in r.json()["fields"], r.text
+    assert "'removed' or 'both'" in r.json()["fields"]["map_polarity"]
+    page = client.post("/runs", data={**FAST, "seed_mode": "random", "map_polarity": bad},
+                       files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
+    assert page.status_code == 422 and "map_polarity" in page.text
+    assert count_runs(app_and_client[0]) == before
+
+
+def test_form_offers_the_map_polarity_and_the_presets_samples(tiny_engine, tmp_path, monkeypatch):
+    """A model whose healthy preset averages 2 samples and whose manifest keeps the density removed: the form opens
+    on both, its preset buttons carry them, the API defaults to them, and the server's sample limit still holds."""
+    healthy = {**tiny_engine.info.presets["healthy"], "strength": 0.5, "steps": 4, "guidance_scale": 5.0,
+               "samples": 2}
+    monkeypatch.setitem(tiny_engine.info.presets, "healthy", healthy)
+    monkeypatch.setitem(tiny_engine.info.presets, "opacity", {**healthy, "samples": 3, "map_polarity": "removed"})
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_polarity", "removed")
+    app = create_app(Settings(data_dir=tmp_path / "d", max_samples=2), engine=tiny_engine)
+    with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-polarity"))
+        doc = Doc(c.get("/").text)
+        assert doc.by_id("samples")["value"] == "2"
+        options = {a["value"]: a for t, a in doc.elements if t == "option" and a.get("value") in ("removed", "both")}
+        assert set(options) == {"removed", "both"} and "selected" in options["removed"]
+        assert "Density removed (positive part)" in doc.text and "Both directions" in doc.text
+        assert doc.by_id("map_polarity") is not None
+        buttons = {a["data-model-preset"]: a for a in doc.find_all("button") if "data-model-preset" in a}
+        assert buttons["healthy"]["data-model-preset-samples"] == "2"
+        assert "data-model-preset-map_polarity" not in buttons["healthy"]
+        assert buttons["opacity"]["data-model-preset-samples"] == "3"
+        assert buttons["opacity"]["data-model-preset-map_polarity"] == "removed"
+        assert "is-active" in buttons["healthy"]["class"].split()
+        r = c.post("/api/v1/counterfactuals", data={"seed": "3"}, files={"file": ("x.png", png_bytes())})
+        assert r.status_code == 202, r.text
+        st = wait_state(c, r.json()["job_id"])
+        assert st["parameters"]["samples"] == 2 and st["parameters"]["map_polarity"] == "removed"
+        record = c.get(f"/api/v1/jobs/{st['job_id']}/artifacts/record.json").json()
+        assert record["parameters"]["samples"] == 2 and record["map_summary"]["n_samples"] == 2
+        # the server's limit applies to the preset's samples as to the field's
+        monkeypatch.setitem(tiny_engine.info.presets, "healthy", {**healthy, "samples": 3})
+        r = c.post("/api/v1/counterfactuals", data={"seed": "3"}, files={"file": ("x.png", png_bytes())})
+        assert r.status_code == 422 and "samples=3 exceeds this server's limit of 2" in r.json()["message"]
+        assert submit(c, samples="3").status_code == 422

@@ -150,7 +150,9 @@ class Job:
     @classmethod
     def from_json(cls, run_dir: Path, data: dict[str, Any]) -> Job:
         """Rebuild a job from its ``job.json`` (used at start-up)."""
-        req = ReviewRequest(**{k: v for k, v in data["request"].items() if k in ReviewRequest.__dataclass_fields__})
+        stored = {k: v for k, v in data["request"].items() if k in ReviewRequest.__dataclass_fields__}
+        stored.setdefault("map_polarity", "both")  # jobs from before map polarities mapped both directions
+        req = ReviewRequest(**stored)
         return cls(id=data["id"], owner=data["owner"], request=req, run_dir=run_dir, upload_name=data["upload_name"],
                    input_summary=data.get("input_summary", {}), has_mask=bool(data.get("has_mask")),
                    effective_steps=int(data.get("effective_steps", 0)),

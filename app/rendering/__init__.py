@@ -65,6 +65,7 @@ __all__ = [
 # dict as before, for callers that hold ``record.json`` as a dict.
 def map_label_of_record(record: dict[str, Any]) -> str:
     """:func:`map_label` of a run's ``record.json`` dict (``request.reference``; ``map_method``, else
-    ``request.map_method``), as ``RunRecord.label`` reads it."""
+    ``request.map_method``; ``request.map_polarity``), as ``RunRecord.label`` reads it."""
     request = record.get("request") or {}
-    return map_label(request.get("reference"), record.get("map_method") or request.get("map_method"))
+    return map_label(request.get("reference"), record.get("map_method") or request.get("map_method"),
+                     request.get("map_polarity"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.attribution import AttributionMap, check_choice
+from app.attribution import MAP_POLARITIES, AttributionMap, check_choice
 from app.mapscale import DEFAULT_THRESHOLD_FOLD, FULL_SCALE_FOLD
 
 __all__ = [
@@ -32,21 +32,28 @@ below it. At opacity 0 (the overlay hidden) nothing is drawn."""
 _REFERENCE_NAMES = {"input": "original", "reconstruction": "autoencoder reconstruction"}
 
 
-def map_label(reference: str | None, map_method: str | None = None) -> str:
+def map_label(reference: str | None, map_method: str | None = None, polarity: str | None = None) -> str:
     """What the map is the difference of, in words: ``"<reference> − counterfactual"``.
 
     The one source of the map's name for the viewer, the legend, the exports and the docs. ``reference`` is the
     run's map reference (``"input"`` → the original; ``"reconstruction"`` → the autoencoder's reconstruction of
     it), except for ``map_method="ddim_inversion"``, whose reference is always the DDIM reconstruction from the
     same inverted latent. ``None`` (records from before the reference was recorded) reads as ``"input"``.
-    A run's label: :attr:`app.runs.record.RunRecord.label`.
+    ``polarity`` ``"removed"`` (only the positive part kept) names that:
+    ``"max(<reference> − counterfactual, 0): density removed"``; ``"both"`` and ``None`` (records from before
+    the polarity was recorded) leave the name as it is. A run's label: :attr:`app.runs.record.RunRecord.label`.
     """
     if map_method == "ddim_inversion":
-        return "DDIM reconstruction − counterfactual"
-    name = _REFERENCE_NAMES.get(reference or "input")
-    if name is None:
-        raise ValueError(f"reference must be one of {tuple(_REFERENCE_NAMES)}; got {reference!r}.")
-    return f"{name} − counterfactual"
+        label = "DDIM reconstruction − counterfactual"
+    else:
+        name = _REFERENCE_NAMES.get(reference or "input")
+        if name is None:
+            raise ValueError(f"reference must be one of {tuple(_REFERENCE_NAMES)}; got {reference!r}.")
+        label = f"{name} − counterfactual"
+    if polarity is None:
+        return label
+    check_choice("polarity", polarity, MAP_POLARITIES)
+    return f"max({label}, 0): density removed" if polarity == "removed" else label
 
 
 def check_opacity(opacity: float) -> None:

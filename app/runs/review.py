@@ -9,7 +9,8 @@ which :func:`run_review` returns):
 ``counterfactual.png`` the first sample's counterfactual, native size (``counterfactual-<i>.png`` for more)
 ``overlay.png``        the attribution overlay (red = what the model removed), native size, on the model's
                        calibrated scale (:mod:`app.mapscale`) when it has one, else the map's own percentile
-``attribution.npy``    signed float32 (H, W) map, reference - counterfactual (mean over samples)
+``attribution.npy``    signed float32 (H, W) map, reference - counterfactual (mean over samples); with map
+                       polarity ``removed`` its positive part (clipped at 0)
 ``attribution_std.npy`` per-pixel standard deviation over samples (only when samples > 1)
 ``reconstruction.png`` the autoencoder's reconstruction of the input (the alternative map reference)
 ``mask.png``           the user's region mask, native size (only when one was given)
@@ -39,6 +40,14 @@ The map's method (``ReviewRequest.map_method``; ``None`` = the model manifest's 
                        prompt is refused
 =====================  ===============================================================================
 
+The map's polarity (``ReviewRequest.map_polarity``; ``None`` = the manifest's ``"map_polarity"``, else ``"both"``;
+the entry points take a preset's own ``"map_polarity"`` first, :meth:`GenerationRequest.from_preset`), recorded
+under ``request.map_polarity`` (records from before it lack the key: ``both``): ``both`` keeps
+the signed map (magnitude = its absolute value); ``removed`` keeps only its positive part after the mean over
+samples and the smoothing (density the healthy counterfactual removed, e.g. an opacity), and that is what the
+overlay, the summary, the exports and ``attribution.npy`` show (:func:`app.attribution.difference_map`). The
+per-sample SD map is the same for both.
+
 The map's region: a user-supplied mask wins; else, with ``lung_mask`` on (the default) and a segmenter loaded,
 the lung fields (:mod:`app.lungs`); else the whole frame. ``record.json`` says which under ``"map_region"``
 (``"user_mask"``, ``"lungs"``, ``"whole_image"``) and, under ``"lung_mask"``, either the segmenter's provenance
@@ -65,7 +74,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -83,6 +92,8 @@ REFERENCES = ("input", "reconstruction")
 MAP_METHODS = {"sdedit": "SDEdit difference (paper)", "classifier_guided": "Classifier-guided counterfactual",
                "ddim_inversion": "DDIM inversion difference"}
 """The attribution-map methods a run may ask for, with their labels in the review form."""
+MAP_POLARITIES = {"removed": "Density removed (positive part)", "both": "Both directions"}
+"""The map polarities a run may ask for (:data:`app.attribution.MAP_POLARITIES`), with their form labels."""
 ONE_SAMPLE_METHODS = ("classifier_guided", "ddim_inversion")
 """Methods that make one deterministic-path counterfactual (DDIM): one sample, no negative prompt."""
 MAX_CLASSIFIER_SCALE = 5.0
@@ -105,12 +116,21 @@ class ReviewRequest(GenerationRequest):
     smoothing_sigma: float = 0.0
     lung_mask: bool = True  # restrict the map to the lungs when a segmenter is loaded (a user mask still wins)
     map_method: str | None = None  # None: the model's recommendation (manifest "map_method"), else "sdedit"
+    map_polarity: str | None = None  # None: the model's (manifest "map_polarity"), else "both"; or "removed"
     classifier_scale: float = 0.3  # classifier_guided only: step against the disease gradient, 0..5
     case_label: str = ""  # the operator's own label for the case (never from DICOM tags, never logged or audited)
 
+    @classmethod
+    def from_preset(cls, preset: Any, *, preset_name: str = "healthy", **given: Any) -> Self:
+        """:meth:`GenerationRequest.from_preset`, except that a one-sample map method
+        (:data:`ONE_SAMPLE_METHODS`) given without ``samples`` makes one sample, whatever the preset's."""
+        if given.get("samples") is None and given.get("map_method") in ONE_SAMPLE_METHODS:
+            given = {**given, "samples": 1}
+        return super().from_preset(preset, preset_name=preset_name, **given)
+
     def check(self) -> None:
         """Refuse out-of-range generation fields (:meth:`GenerationRequest.check`) and map options (reference map,
-        smoothing, map method, case label, classifier scale).
+        smoothing, map method, map polarity, case label, classifier scale).
 
         Raises:
             ValueError: a field is out of range; the message names it and what is allowed.
@@ -123,6 +143,9 @@ class ReviewRequest(GenerationRequest):
         if self.map_method is not None and self.map_method not in MAP_METHODS:
             raise ValueError(f"map_method={self.map_method!r} is not a map method; choose one of "
                              f"{', '.join(MAP_METHODS)}")
+        if self.map_polarity is not None and self.map_polarity not in MAP_POLARITIES:
+            raise ValueError(f"map_polarity={self.map_polarity!r} is not a map polarity; choose 'removed' (only "
+                             f"the density the counterfactual removed) or 'both' (the signed difference)")
         if len(self.case_label) > MAX_CASE_LABEL or not self.case_label.isprintable():
             raise ValueError(f"case_label must be at most {MAX_CASE_LABEL} printable characters (no line breaks); "
                              f"got {len(self.case_label)} characters")
@@ -145,8 +168,9 @@ def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
     """``req`` with the model's recommendations filled in where unset, checked, and able to run here.
 
     ``map_method`` ``None`` becomes the manifest's ``"map_method"`` (else ``"sdedit"``); ``reference`` ``None``
-    becomes ``"reconstruction"`` for DDIM inversion, else the manifest's ``"map_reference"`` (else ``"input"``).
-    A resolved request comes back equal.
+    becomes ``"reconstruction"`` for DDIM inversion, else the manifest's ``"map_reference"`` (else ``"input"``);
+    ``map_polarity`` ``None`` becomes the manifest's ``"map_polarity"`` (else ``"both"``). A resolved request comes
+    back equal.
 
     Raises:
         ValueError: a field is out of range, an unknown method, or ``classifier_guided`` without a lesion
@@ -156,7 +180,8 @@ def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
     method = req.map_method if req.map_method is not None else str(manifest.get("map_method", "sdedit"))
     reference = req.reference if req.reference is not None else (
         "reconstruction" if method == "ddim_inversion" else str(manifest.get("map_reference", "input")))
-    req = replace(req, map_method=method, reference=reference)
+    polarity = req.map_polarity if req.map_polarity is not None else str(manifest.get("map_polarity", "both"))
+    req = replace(req, map_method=method, reference=reference, map_polarity=polarity)
     req.check()
     if req.map_method == "classifier_guided":
         if classifier is None:
@@ -366,11 +391,12 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                                                 progress=progress, cancel=cancel)
     reference = pixels if req.reference == "input" else result.reconstruction
     amap = attribution.difference_map(reference, result.counterfactuals, mask=region,
-                                      smoothing_sigma=req.smoothing_sigma)
+                                      smoothing_sigma=req.smoothing_sigma, polarity=str(req.map_polarity))
     calibration, scale_reason = mapscale.calibration_for_run(
         mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
-        reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples)
-    label = rendering.map_label(req.reference, req.map_method)
+        reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples,
+        polarity=str(req.map_polarity))
+    label = rendering.map_label(req.reference, req.map_method, req.map_polarity)
     overlay = rendering.render_overlay(pixels, amap, normal_level=calibration.level if calibration else None,
                                        label=label)
     # the files: the PNG encoders (zlib) release the GIL, so they run side by side in a small pool; the hashes
@@ -399,7 +425,8 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                   **img.meta.public_summary()},
         **result.record(),
         "request": {"window": req.window, "reference": req.reference, "smoothing_sigma": req.smoothing_sigma,
-                    "mask": mask is not None, "lung_mask": req.lung_mask, "map_method": req.map_method},
+                    "mask": mask is not None, "lung_mask": req.lung_mask, "map_method": req.map_method,
+                    "map_polarity": req.map_polarity},
         **method_record,
         "map_label": label,
         "map_region": "user_mask" if mask is not None else "lungs" if lungs is not None else "whole_image",

@@ -1,7 +1,8 @@
 """Generation parameters as the web app receives them (multipart form fields), shared by the JSON API and the page.
 
-A field left out means "the loaded model's healthy preset" (``engine.info.presets["healthy"]``, its scheduler
-included), so the API and the form default to the same values; both build the run's frozen ``ReviewRequest``
+A field left out means "the loaded model's healthy preset" (``engine.info.presets["healthy"]``, its scheduler and
+samples included; the map polarity: the preset's, else the manifest's), so the API and the form default to the
+same values; both build the run's frozen ``ReviewRequest``
 with :meth:`app.generation.GenerationRequest.from_preset`. Ranges here repeat the request's so that a bad value is
 a 422 naming the field before anything is decoded; the job manager checks the request once more, as a whole.
 """
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.generation import SCHEDULERS, GenerationRequest, effective_steps
 from app.modelfolder import ModelInfo
-from app.runs.review import MAP_METHODS, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
+from app.runs.review import MAP_METHODS, MAP_POLARITIES, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
 
 SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]
 if set(SCHEDULERS) != {"pndm", "ddim", "dpm++", "euler"}:  # a Literal cannot be built from the tuple
@@ -39,7 +40,9 @@ class GenerationParams(BaseModel):
     guidance_scale: float | None = Field(None, ge=1.0, le=30.0, description="classifier-free guidance, 1..30")
     steps: int | None = Field(None, ge=1, le=1000, description="scheduler steps at strength 1, 1..1000")
     seed: int | None = Field(None, ge=0, lt=2**63, description="seed; sample i uses seed+i; empty = random")
-    samples: int = Field(1, ge=1, le=16, description="counterfactual samples, 1..16 (>1 adds a stability map)")
+    samples: int | None = Field(None, ge=1, le=16,
+                                description="counterfactual samples averaged into the map, 1..16 (>1 adds a "
+                                            "stability map); default: the model's healthy preset (else 1)")
     scheduler: SchedulerName | None = Field(None, description="sampler; default: the model's preset (the embedded "
                                                            "model: pndm)")
     window: str = Field("auto", max_length=20, description="'auto', 'percentile' or a file preset index 0, 1, ...")
@@ -49,6 +52,11 @@ class GenerationParams(BaseModel):
                                                      "difference), 'classifier_guided' (needs the server's lesion "
                                                      "classifier; one sample) or 'ddim_inversion' (one sample, "
                                                      "deterministic); empty = the model's recommendation")
+    map_polarity: Literal["removed", "both"] | None = Field(
+        None, description="what the map keeps of reference - counterfactual: 'removed' (its positive part, the "
+                          "density the healthy counterfactual removed, e.g. an opacity) or 'both' (the signed "
+                          "difference, magnitude = its absolute value); empty = the model's default (manifest "
+                          "map_polarity, else 'both')")
     classifier_scale: float = Field(0.3, ge=0.0, le=MAX_CLASSIFIER_SCALE,
                                     description="classifier_guided: step against the disease gradient, 0..5")
 
@@ -108,7 +116,8 @@ class GenerationParams(BaseModel):
             "window": int(self.window) if self.window.isdigit() else self.window,
             "reference": ("reconstruction" if self.map_method == "ddim_inversion"
                           else str(info.manifest.get("map_reference", "input"))), "lung_mask": self.lung_mask,
-            "map_method": self.map_method, "classifier_scale": self.classifier_scale}
+            "map_method": self.map_method, "map_polarity": self.map_polarity,
+            "classifier_scale": self.classifier_scale}
         return ReviewRequest.from_preset(info.presets.get("healthy"), **{**given, **fields})
 
 
@@ -159,6 +168,7 @@ class FormValues:
     window: str
     lung_mask: bool = True
     map_method: str = "sdedit"
+    map_polarity: str = "both"
     classifier_scale: float = 0.3
     case_label: str = ""
     reuse_input: str | None = None
@@ -172,15 +182,17 @@ class FormValues:
 
     @classmethod
     def defaults(cls, info: ModelInfo) -> FormValues:
-        """The healthy preset of the loaded model (its scheduler included), random seed.
+        """The healthy preset of the loaded model (its scheduler and samples included), random seed; the model's
+        map method and polarity (the preset's, else the manifest's, else ``"both"``).
 
         Raises:
             ValueError: the preset names a scheduler the engine does not support.
         """
-        req = GenerationRequest.from_preset(info.presets.get("healthy"))
+        req = ReviewRequest.from_preset(info.presets.get("healthy"))
+        polarity = req.map_polarity or str(info.manifest.get("map_polarity", "both"))
         return cls(prompt=req.prompt, negative_prompt="", strength=req.strength, guidance_scale=req.guidance_scale,
-                   steps=req.steps, seed=None, seed_mode="random", scheduler=req.scheduler.value, samples=1,
-                   window="auto", map_method=str(info.manifest.get("map_method", "sdedit")))
+                   steps=req.steps, seed=None, seed_mode="random", scheduler=req.scheduler.value, samples=req.samples,
+                   window="auto", map_method=str(info.manifest.get("map_method", "sdedit")), map_polarity=polarity)
 
     @classmethod
     def from_request(cls, req: ReviewRequest, *, seed: int | None, reuse_input: str | None = None,
@@ -191,9 +203,13 @@ class FormValues:
                    seed_mode="fixed" if seed is not None else "random", scheduler=req.scheduler.value,
                    samples=req.samples, window=str(req.window if req.window is not None else "auto"),
                    lung_mask=req.lung_mask, map_method=req.map_method or "sdedit",
-                   classifier_scale=req.classifier_scale, case_label=req.case_label, reuse_input=reuse_input,
-                   facts=facts,
-                   thumbnail_url=thumbnail_url)
+                   map_polarity=req.map_polarity or "both", classifier_scale=req.classifier_scale,
+                   case_label=req.case_label, reuse_input=reuse_input, facts=facts, thumbnail_url=thumbnail_url)
+
+
+def map_polarity_options() -> list[tuple[str, str]]:
+    """(value, label) of every map polarity for the form's select."""
+    return list(MAP_POLARITIES.items())
 
 
 def map_method_options(jobs: Any) -> list[tuple[str, str, bool]]:
@@ -221,16 +237,18 @@ PARAMETER_HELP = {
 
 def parameter_presets(info: ModelInfo) -> list[dict[str, Any]]:
     """The model's parameter presets as one-click choices for the form: ``key``, ``label``, ``prompt``,
-    ``strength``, ``guidance_scale``, ``steps``, ``scheduler`` and ``description`` (the tooltip), healthy first
+    ``strength``, ``guidance_scale``, ``steps``, ``scheduler``, ``samples``, ``map_polarity`` (``None`` when the
+    preset names none: the button leaves the form's choice) and ``description`` (the tooltip), healthy first
     (:data:`PRESET_ORDER`). Built-in presets (``app.engine.PRESETS``) overlaid with the manifest's."""
     keys = [k for k in PRESET_ORDER if k in info.presets] + sorted(k for k in info.presets if k not in PRESET_ORDER)
     out = []
     for key in keys:
         p = info.presets[key]
-        req = GenerationRequest.from_preset(p, preset_name=key)
+        req = ReviewRequest.from_preset(p, preset_name=key)
         out.append({"key": key, "label": key.replace("-", " ").capitalize(), "prompt": req.prompt,
                     "strength": req.strength, "guidance_scale": req.guidance_scale, "steps": req.steps,
-                    "scheduler": req.scheduler.value, "description": str(p.get("description", ""))})
+                    "scheduler": req.scheduler.value, "samples": req.samples, "map_polarity": req.map_polarity,
+                    "description": str(p.get("description", ""))})
     return out
 
 

@@ -50,6 +50,7 @@ from app.web.forms import (
     FormValues,
     ReviewFormParams,
     map_method_options,
+    map_polarity_options,
     parameter_presets,
     prompt_presets,
 )
@@ -117,7 +118,7 @@ def form_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, 
             "parameter_presets": parameter_presets(engine.info), "parameter_help": PARAMETER_HELP,
             "schedulers": SCHEDULERS, "max_steps": settings.max_steps, "max_samples": settings.max_samples,
             "max_upload_mb": settings.max_upload_mb, "active": _active(jobs, user, current),
-            "map_methods": map_method_options(jobs),
+            "map_methods": map_method_options(jobs), "map_polarities": map_polarity_options(),
             "last_seed": last.seeds[0] if last else None}
 
 

@@ -77,7 +77,7 @@ def job_status(jobs: JobManager, job: Job) -> dict[str, Any]:
         "cancel_requested": job.cancel_event.is_set() and not job.state.finished,
         "parameters": {k: req[k] for k in ("prompt", "negative_prompt", "strength", "guidance_scale", "steps",
                                            "seed", "scheduler", "samples", "window", "reference",
-                                           "lung_mask", "map_method", "classifier_scale")},
+                                           "lung_mask", "map_method", "map_polarity", "classifier_scale")},
         "effective_steps": job.effective_steps,
         "unet_evaluations": job.unet_evaluations,
         "seeds": job.seeds,
