@@ -276,10 +276,10 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
     s = SETTINGS[setting]
     s = eng.info.presets["healthy" if s is None else s] if not isinstance(s, dict) else s
     params = {k: s[k] for k in ("prompt", "strength", "guidance_scale", "steps")} | {
-        "scheduler": str(s.get("scheduler", "pndm"))}
+        "scheduler": str(s.get("scheduler", "pndm")), "samples": int(s.get("samples", 1))}
     req_kwargs = dict(prompt=params["prompt"], strength=float(params["strength"]),
                       guidance_scale=float(params["guidance_scale"]), steps=int(params["steps"]), seed=args.seed,
-                      scheduler=params["scheduler"])
+                      scheduler=params["scheduler"], samples=params["samples"])
     eng._scheduler_for(params["scheduler"])  # the engine's scheduler of this kind, for its class and configuration
     sched = eng._schedulers[params["scheduler"]]
     plain.scheduler = type(sched).from_config(sched.config)
@@ -293,7 +293,7 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
         with torch.no_grad(), ctx:
             plain(prompt=params["prompt"], image=image, strength=params["strength"],
                   guidance_scale=params["guidance_scale"], num_inference_steps=params["steps"], generator=gen,
-                  output_type="pt")
+                  num_images_per_prompt=params["samples"], output_type="pt")
         sync()
         return time.perf_counter() - t
 

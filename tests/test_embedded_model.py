@@ -1,7 +1,8 @@
 """The committed default model `vald-md-mini` loads and makes a real healthy counterfactual of a shared test image.
 
-The SSIM range checked here is the one its model card reports (stored in ``vald_md.json`` as
-``figures.counterfactual_ssim_range``), so the card and the weights cannot drift apart unnoticed.
+The SSIM ranges checked here are the ones its model card reports (stored in ``vald_md.json`` as
+``figures.counterfactual_ssim_range`` for the ``minimal-edit`` preset and ``figures.localizing_ssim_range`` for the
+default ``healthy`` preset), so the card and the weights cannot drift apart unnoticed.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def test_model_folder_is_complete_small_and_documented(mini):
     assert mini.info.text_encoder_type == "BertModel" and mini.info.image_channels == 1
 
 
-def test_healthy_counterfactual_of_a_covid_test_image(mini, shared_data):
+@pytest.mark.parametrize(("preset_name", "range_key"), [("minimal-edit", "counterfactual_ssim_range"),
+                                                         ("healthy", "localizing_ssim_range")])
+def test_healthy_counterfactual_of_a_covid_test_image(mini, shared_data, preset_name, range_key):
     manifest = json.loads((MODEL / modelfolder.MANIFEST).read_text())
-    lo, hi = manifest["figures"]["counterfactual_ssim_range"]
-    preset = mini.info.presets["healthy"]
+    lo, hi = manifest["figures"][range_key]
+    preset = mini.info.presets[preset_name]
     path = sorted((shared_data / "cxr256" / "test" / "covid").glob("*.png"))[0]
     img = imaging.decode_image(path.read_bytes()).pixels
     r = mini.generate(img, preset["prompt"], strength=preset["strength"], guidance_scale=preset["guidance_scale"],
@@ -43,7 +46,7 @@ def test_healthy_counterfactual_of_a_covid_test_image(mini, shared_data):
     cf = r.counterfactuals[0]
     assert cf.shape == img.shape and np.isfinite(cf).all()
     s = metrics.ssim(img, cf)
-    assert lo <= s <= hi, f"SSIM {s:.3f} outside the model card's range [{lo}, {hi}]"
+    assert lo <= s <= hi, f"{preset_name}: SSIM {s:.3f} outside the model card's range [{lo}, {hi}]"
     # deterministic per seed
     again = mini.generate(img, preset["prompt"], strength=preset["strength"],
                           guidance_scale=preset["guidance_scale"], steps=preset["steps"], seed=0)
