@@ -31,6 +31,10 @@ def test_model_folder_is_complete_small_and_documented(mini):
     card = (MODEL / "MODEL_CARD.md").read_text()
     assert "not for diagnosis" in card.lower() and mini.info.model_hash in card
     assert mini.info.text_encoder_type == "BertModel" and mini.info.image_channels == 1
+    # its maps miss the localization targets (docs/EVALUATION.md): the limits stay beside every result
+    from app.web.views import limitations_shown
+
+    assert limitations_shown(manifest["limitations"]) is not None
 
 
 @pytest.mark.parametrize(("preset_name", "range_key"), [("minimal-edit", "counterfactual_ssim_range"),
