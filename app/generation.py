@@ -77,6 +77,7 @@ class Preset:
     description: str = ""
     scheduler: Scheduler = Scheduler.PNDM
     samples: int = 1
+    map_polarity: str | None = None  # None: the model's; the paper's settings name "both" (its map, |M|)
 
 
 PRESETS: dict[str, Preset] = {
@@ -85,14 +86,15 @@ PRESETS: dict[str, Preset] = {
                       "(Sec. 4: strength 0.85, guidance 7.5, 75 PNDM steps)"),
     "paper": Preset("paper", "normal chest x-ray", 0.85, 7.5, 75,
                     "The paper's healthy-counterfactual setting; stays available when a model's manifest "
-                    "recommends its own 'healthy' preset"),
+                    "recommends its own 'healthy' preset", map_polarity="both"),
     "training-section": Preset("training-section", "normal chest x-ray", 0.55, 4.0, 75,
-                               "The paper's training-section setting (strength 0.55, guidance 4)"),
+                               "The paper's training-section setting (strength 0.55, guidance 4)",
+                               map_polarity="both"),
     "healthy-fast": Preset("healthy-fast", "normal chest x-ray", 0.85, 7.5, 20,
                            "Opt-in faster sampler: DPM-Solver++ with 20 steps (17 effective) instead of 75 PNDM "
                            "steps; SSIM to the paper's 75-step PNDM counterfactual 0.990 (vald-md-mini, 6 test "
                            "images, seed 0; docs/PERFORMANCE.md)",
-                           scheduler=Scheduler.DPM_PP),
+                           scheduler=Scheduler.DPM_PP, map_polarity="both"),
 }
 """The built-in presets; a model's manifest (``vald_md.json`` ``"presets"``) overlays them (:func:`model_presets`)."""
 

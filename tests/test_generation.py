@@ -260,3 +260,15 @@ def test_the_cli_runs_the_presets_samples_and_the_models_polarity(sampled_engine
     assert rec["parameters"]["samples"] == 1 and rec["request"]["map_polarity"] == "both"
     with pytest.raises(SystemExit):
         cli.main(["counterfactual", str(src), "--map-polarity", "positive", "--out", str(tmp_path / "c")])
+
+
+def test_the_papers_built_in_presets_name_both_map_directions():
+    """The paper's map is |original − counterfactual|: its presets set the form's polarity to "both" even where the
+    model's default keeps only the density removed; the built-in "healthy" leaves it to the model."""
+    from app.runs.review import ReviewRequest
+
+    for name in ("paper", "healthy-fast", "training-section"):
+        assert ReviewRequest.from_preset(PRESETS[name], preset_name=name).map_polarity == "both"
+        assert ReviewRequest.from_preset(PRESETS[name], preset_name=name, map_polarity="removed").map_polarity == \
+            "removed"
+    assert ReviewRequest.from_preset(PRESETS["healthy"]).map_polarity is None
