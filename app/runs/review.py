@@ -163,6 +163,19 @@ class ReviewRequest(GenerationRequest):
                              "reconstruction; choose reference 'reconstruction'")
 
 
+def with_model_defaults(req: ReviewRequest, info: Any) -> ReviewRequest:
+    """``req`` with its unset map options (``None``) filled in from the model's manifest, unchecked: the map method
+    (``"map_method"``, else ``"sdedit"``), the reference (``"reconstruction"`` for DDIM inversion, else
+    ``"map_reference"``, else ``"input"``) and the polarity (``"map_polarity"``, else ``"both"``). The one place
+    these fallbacks live (:func:`resolve_request`, the review form's defaults)."""
+    manifest = getattr(info, "manifest", {})
+    method = req.map_method if req.map_method is not None else str(manifest.get("map_method", "sdedit"))
+    reference = req.reference if req.reference is not None else (
+        "reconstruction" if method == "ddim_inversion" else str(manifest.get("map_reference", "input")))
+    polarity = req.map_polarity if req.map_polarity is not None else str(manifest.get("map_polarity", "both"))
+    return replace(req, map_method=method, reference=reference, map_polarity=polarity)
+
+
 def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
                     segmenter: LungSegmenter | None = None) -> ReviewRequest:
     """``req`` with the model's recommendations filled in where unset, checked, and able to run here.
@@ -176,12 +189,7 @@ def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
         ValueError: a field is out of range, an unknown method, or ``classifier_guided`` without a lesion
             classifier or lung segmenter loaded, or with more than one sample (messages for the clinician).
     """
-    manifest = getattr(info, "manifest", {})
-    method = req.map_method if req.map_method is not None else str(manifest.get("map_method", "sdedit"))
-    reference = req.reference if req.reference is not None else (
-        "reconstruction" if method == "ddim_inversion" else str(manifest.get("map_reference", "input")))
-    polarity = req.map_polarity if req.map_polarity is not None else str(manifest.get("map_polarity", "both"))
-    req = replace(req, map_method=method, reference=reference, map_polarity=polarity)
+    req = with_model_defaults(req, info)
     req.check()
     if req.map_method == "classifier_guided":
         if classifier is None:

@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.generation import SCHEDULERS, GenerationRequest, effective_steps
 from app.modelfolder import ModelInfo
-from app.runs.review import MAP_METHODS, MAP_POLARITIES, MAX_CASE_LABEL, MAX_CLASSIFIER_SCALE, ReviewRequest
+from app.runs.review import (
+    MAP_METHODS,
+    MAP_POLARITIES,
+    MAX_CASE_LABEL,
+    MAX_CLASSIFIER_SCALE,
+    ReviewRequest,
+    with_model_defaults,
+)
 
 SchedulerName = Literal["pndm", "ddim", "dpm++", "euler"]
 if set(SCHEDULERS) != {"pndm", "ddim", "dpm++", "euler"}:  # a Literal cannot be built from the tuple
@@ -188,11 +195,10 @@ class FormValues:
         Raises:
             ValueError: the preset names a scheduler the engine does not support.
         """
-        req = ReviewRequest.from_preset(info.presets.get("healthy"))
-        polarity = req.map_polarity or str(info.manifest.get("map_polarity", "both"))
+        req = with_model_defaults(ReviewRequest.from_preset(info.presets.get("healthy")), info)
         return cls(prompt=req.prompt, negative_prompt="", strength=req.strength, guidance_scale=req.guidance_scale,
                    steps=req.steps, seed=None, seed_mode="random", scheduler=req.scheduler.value, samples=req.samples,
-                   window="auto", map_method=str(info.manifest.get("map_method", "sdedit")), map_polarity=polarity)
+                   window="auto", map_method=str(req.map_method), map_polarity=str(req.map_polarity))
 
     @classmethod
     def from_request(cls, req: ReviewRequest, *, seed: int | None, reuse_input: str | None = None,
