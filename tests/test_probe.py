@@ -94,6 +94,36 @@ def test_probe_runs_on_lesions_rsna_with_a_model_and_writes_its_report(shared_da
     assert "| product |" in (tmp_path / "out" / "probe.md").read_text()
 
 
+class _HalfLungs:
+    """A stand-in segmenter (the probe's regions, not the segmenter, are under test): the left half is lung."""
+
+    class info:  # noqa: N801 - mirrors LungSegmenter.info
+        @staticmethod
+        def record() -> dict[str, str]:
+            return {"sha256": "0" * 64}
+
+    @staticmethod
+    def segment(img: np.ndarray) -> np.ndarray:
+        m = np.zeros(img.shape, bool)
+        m[:, : img.shape[1] // 2] = True
+        return m
+
+
+def test_probe_scores_model_maps_as_shown_restricted_to_the_lungs_over_the_whole_image(shared_data: Path,
+                                                                                        tmp_path: Path) -> None:
+    def fn(img: np.ndarray, lungs: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        return {"product": np.ones(img.shape, np.float32)}  # flat: energy everywhere, frame and markers included
+
+    summary = probe.run_probe(shared_data / "lesions-rsna", tmp_path / "out", segmenter=_HalfLungs(), map_fn=fn,
+                              methods=["product"], limit=2, normals=1)
+    shown = "product" + probe.DISPLAYED
+    assert summary["whole"]["product"]["outside_lung_energy"]["mean"] == pytest.approx(0.5)
+    assert summary["whole"][shown]["outside_lung_energy"]["mean"] == 0.0
+    assert shown not in summary["lungs"]  # inside the lungs it is the map itself: not scored twice
+    assert f"{shown} - lung_prior" in summary["paired_auroc_whole"]
+    assert "paired AUROC difference (whole image" in (tmp_path / "out" / "probe.md").read_text()
+
+
 @pytest.mark.parametrize(("methods", "message"), [("bogus", "unknown bogus"),
                                                   ("classifier_grad", "needs --classifier")])
 def test_probe_command_refuses_bad_methods_with_one_line(methods: str, message: str, tmp_path: Path,

@@ -59,6 +59,9 @@ BASELINES = ("random", "intensity", "edges", "lung_prior", "empty")
 MODEL_METHODS = ("product", "product_pos", "paper", "empty", "diffedit", "ddim_inversion", "ddim_inversion_pos")
 CLASSIFIER_METHODS = ("classifier_grad", "classifier_guided")
 SCORES = ("pixel_auroc", "pointing_game", "iou_area")
+DISPLAYED = "@lungs"
+"""Suffix of a model map restricted to the lungs, as the viewer shows it by default (zero outside the lungs): scored
+over the whole image (inside the lungs it is the map itself)."""
 SHORTCUTS = ("frame_energy", "outside_lung_energy", "padding_energy", "marker_energy", "top5_in_frame")
 
 
@@ -256,8 +259,11 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
             "random": np.random.default_rng(s).random(img.shape, dtype=np.float32),
             "intensity": img, "edges": edge_map(img), "lung_prior": prior}
         if map_fn is not None:
-            maps.update({k: v for k, v in map_fn(img, lungs, s).items()
-                         if k in methods or k.removesuffix("_pos") in methods or k.startswith("product")})
+            model_maps = {k: v for k, v in map_fn(img, lungs, s).items()
+                          if k in methods or k.removesuffix("_pos") in methods or k.startswith("product")}
+            maps.update(model_maps)
+            # as the viewer shows them by default: restricted to the lungs (scored over the whole image only)
+            maps.update({k + DISPLAYED: np.where(lungs, v, 0).astype(np.float32) for k, v in model_maps.items()})
         for m in maps:
             if m not in all_methods:
                 all_methods.append(m)
@@ -272,7 +278,7 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
             region = lungs if (lesion & lungs).any() and (~lesion & lungs).any() else None
             for m, v in maps.items():
                 row["whole"][m] = {**score_one(v, lesion, None), **shortcut_report(v, img, lungs)}
-                if region is not None:
+                if region is not None and not m.endswith(DISPLAYED):
                     row["lungs"][m] = score_one(v, lesion, region)
             rows.append(row)
         stream.write(f"\rprobe {i + 1}/{len(loaded)} {time.time() - t0:.0f} s")
@@ -326,8 +332,11 @@ def format_probe(summary: dict[str, Any]) -> str:
                      f"{'-' if ia is None or not np.isfinite(ia) else f'{ia:.3f}'} | "
                      f"{g('whole', m, 'frame_energy')} | {g('whole', m, 'outside_lung_energy')} | "
                      f"{g('whole', m, 'marker_energy')} | {g('whole', m, 'top5_in_frame')} |")
-    if summary["paired_auroc_lungs"]:
-        lines += ["", "| paired AUROC difference (lungs) | mean [95% CI] |", "|---|---|"]
-        for k, d in summary["paired_auroc_lungs"].items():
-            lines.append(f"| {k} | {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
+    for part, title in (("lungs", "paired AUROC difference (lungs)"),
+                        ("whole", f"paired AUROC difference (whole image, maps shown as `{DISPLAYED}`)")):
+        pairs = {k: d for k, d in summary[f"paired_auroc_{part}"].items()
+                 if part == "lungs" or k.split(" - ")[0].endswith(DISPLAYED)}
+        if pairs:
+            lines += ["", f"| {title} | mean [95% CI] |", "|---|---|"]
+            lines += [f"| {k} | {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |" for k, d in pairs.items()]
     return "\n".join(lines) + "\n"
