@@ -97,7 +97,7 @@ def test_probe_runs_on_lesions_rsna_with_a_model_and_writes_its_report(shared_da
 class _HalfLungs:
     """A stand-in segmenter (the probe's regions, not the segmenter, are under test): the left half is lung."""
 
-    class info:  # noqa: N801 - mirrors LungSegmenter.info
+    class info:  # mirrors LungSegmenter.info
         @staticmethod
         def record() -> dict[str, str]:
             return {"sha256": "0" * 64}
