@@ -177,12 +177,14 @@ def calibration_for_run(calibration: MapCalibration | None, *, map_method: str, 
         return None, (f"the calibration was measured on maps of polarity '{calibration.polarity}', not "
                       f"'{polarity}'")
     if map_smoothing != calibration.smoothing:
-        measured = ("unsmoothed maps" if calibration.smoothing == 0
-                    else f"maps smoothed with sigma {calibration.smoothing:g} model pixels")
-        run = "an unsmoothed map" if map_smoothing == 0 else f"a map smoothed with sigma {map_smoothing:g}"
-        return None, (f"the calibration was measured on {measured}, not {run} (map smoothing); run "
-                      f"scripts/calibrate_map.py with this smoothing")
+        return None, (f"the calibration was measured on {_smoothed(calibration.smoothing)}, not on "
+                      f"{_smoothed(map_smoothing)} (map smoothing)")
     return calibration, ""
+
+
+def _smoothed(sigma: float) -> str:
+    """Maps of a map smoothing (sigma in model-frame pixels), in words."""
+    return "unsmoothed maps" if sigma == 0 else f"maps smoothed by sigma {sigma:g} model pixels"
 
 
 def _preset_matches(calibration: MapCalibration, parameters: dict[str, Any]) -> bool:

@@ -543,14 +543,14 @@ def test_a_calibration_holds_for_its_own_map_smoothing(tiny_engine, box_segmente
     monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", CALIBRATION)
     smoothed = run(tiny_engine, tmp_path / "s", segmenter=box_segmenter, reference="input", map_smoothing=2.0)
     assert smoothed.map_summary["scale"]["kind"] == "relative"
-    assert "unsmoothed maps, not a map smoothed with sigma 2" in smoothed.scale_reason
+    assert "unsmoothed maps, not on maps smoothed by sigma 2 model pixels" in smoothed.scale_reason
     monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", {**CALIBRATION, "map_smoothing": 2.0})
     record = run(tiny_engine, tmp_path / "cal", segmenter=box_segmenter, reference="input", map_smoothing=2.0)
     scale = record.map_summary["scale"]
     assert scale["kind"] == "calibrated" and scale["map_smoothing"] == 2.0
     plain = run(tiny_engine, tmp_path / "plain", segmenter=box_segmenter, reference="input")
     assert plain.map_summary["scale"]["kind"] == "relative"
-    assert "smoothed with sigma 2 model pixels, not an unsmoothed map" in plain.scale_reason
+    assert "smoothed by sigma 2 model pixels, not on unsmoothed maps" in plain.scale_reason
 
 
 def test_case_label_stays_out_of_the_record_and_is_checked(tiny_engine, tmp_path):

@@ -692,9 +692,9 @@ def test_a_calibration_holds_for_its_own_map_smoothing() -> None:
     run = {"map_method": "sdedit", "reference": "reconstruction"}
     assert mapscale.calibration_for_run(cal, **run, map_smoothing=4.0) == (cal, "")
     off, why = mapscale.calibration_for_run(cal, **run)
-    assert off is None and "smoothed with sigma 4 model pixels, not an unsmoothed map" in why
+    assert off is None and "by sigma 4 model pixels, not on unsmoothed maps" in why
     off, why = mapscale.calibration_for_run(old, **run, map_smoothing=2.5)
-    assert off is None and "unsmoothed maps, not a map smoothed with sigma 2.5" in why
+    assert off is None and "on unsmoothed maps, not on maps smoothed by sigma 2.5 model" in why
     assert mapscale.calibration_for_run(old, **run, map_smoothing=0.0)[0] is old
     signed = np.abs(np.random.default_rng(1).normal(0, 0.05, (H, W))).astype(np.float32)
     amap = AttributionMap(signed=signed, magnitude=signed, std=None, n_samples=1, mask=None)
