@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the map keeps of reference - counterfactual: both directions, or only the density the "
                         "counterfactual removed (its positive part); default: the model's healthy preset, else its "
                         "manifest (map_polarity), else both")
+    c.add_argument("--map-smoothing", type=float, default=None, metavar="SIGMA",
+                   help="Gaussian smoothing of the map in the model's frame: sigma in pixels of the model's square "
+                        "input (the embedded model: 256 px), 0..16, 0 = off; default: the model's healthy preset, "
+                        "else its manifest (map_smoothing), else 0")
     c.add_argument("--classifier-scale", type=float, default=0.3,
                    help="classifier_guided: step against the disease gradient per denoising step, 0..5 (default 0.3)")
     c.add_argument("--lesion-classifier", default=None,
@@ -172,8 +176,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
             strength=args.strength, guidance_scale=args.guidance, steps=args.steps, seed=args.seed,
             scheduler=args.scheduler, samples=args.samples, window=_window_arg(args.window),
             reference=args.reference or eng.info.manifest.get("map_reference", "input"), lung_mask=args.lung_mask,
-            map_method=method, map_polarity=args.map_polarity, classifier_scale=args.classifier_scale), eng.info,
-            classifier=classifier, segmenter=segmenter)
+            map_method=method, map_polarity=args.map_polarity, map_smoothing=args.map_smoothing,
+            classifier_scale=args.classifier_scale), eng.info, classifier=classifier, segmenter=segmenter)
     except ValueError as e:
         sys.stderr.write(f"vald-md: {e}\n")
         return 2

@@ -150,6 +150,9 @@ class CounterfactualResult:
         seeds: one per sample. timings_s: per-stage wall time in seconds. parameters: every request parameter.
         compute: where and in which precision the run was computed (:meth:`CounterfactualEngine.compute_record`):
             ``autocast`` ``"bf16"`` when the CPU ran the autoencoder under bf16 autocast, else ``None``.
+        reconstruction_model: float32 (size, size): the reconstruction in the model's letterboxed frame (what
+            ``reconstruction`` was unletterboxed from), for maps smoothed in the model frame; ``None`` when the
+            maker of the result did not keep it (then letterbox ``reconstruction`` again).
     """
 
     counterfactuals: np.ndarray
@@ -165,6 +168,7 @@ class CounterfactualResult:
     model_hash: str
     parameters: dict[str, Any]
     compute: dict[str, Any] = field(default_factory=dict)
+    reconstruction_model: np.ndarray | None = None
 
     def record(self) -> dict[str, Any]:
         """JSON-ready description of the run (no pixel data)."""
@@ -530,8 +534,8 @@ class CounterfactualEngine:
             # 4. back to the native frame; 5. autoencoder reconstruction (attribution reference)
             t = time.perf_counter()
             cf_native = np.stack([imaging.unletterbox(c, lb) for c in cf_model])
-            recon = imaging.unletterbox(self.reconstruct_model_frame(
-                img_model, None if mean is None else mean[:1]), lb)
+            recon_model = self.reconstruct_model_frame(img_model, None if mean is None else mean[:1])
+            recon = imaging.unletterbox(recon_model, lb)
             timings["postprocess"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
         return CounterfactualResult(
@@ -539,7 +543,7 @@ class CounterfactualEngine:
             reconstruction=recon.astype(np.float32), letterbox=lb, effective_steps=n_eff, start_timestep=start_t,
             unet_evaluations=n_calls,
             seeds=seeds, timings_s=timings, model_hash=self.info.model_hash, parameters=params,
-            compute=self.compute_record())
+            compute=self.compute_record(), reconstruction_model=recon_model.astype(np.float32))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ diseased one, and a share "above the 95th percentile" is 5 % by construction. So
 (``scripts/calibrate_map.py``): its healthy preset runs on N normal validation images, and the 99th percentile of
 |M| inside the lungs, pooled over those images, becomes the **normal level** (1×). The manifest stores it under
 ``"map_scale"`` (``vald_md.json`` is not part of the model hash, so calibrating does not change the model's
-identity). The calibration also records the samples averaged and the map polarity it measured (the healthy
-preset's ``samples`` and the manifest's ``map_polarity``; 1 and ``"both"`` in calibrations from before). A run
-whose map method, reference, samples and polarity are the calibration's then reports:
+identity). The calibration also records the samples averaged, the map polarity and the map smoothing it measured
+(the healthy preset's ``samples``, its (else the manifest's) ``map_polarity`` and ``map_smoothing``; 1, ``"both"``
+and 0 in calibrations from before; the smoothing under the key ``"map_smoothing"``). A run whose map method,
+reference, samples, polarity and map smoothing are the calibration's then reports:
 
 =========================  ==========================================================================================
 ``threshold_fold``         the level the changed area is counted above, as an x-fold of the normal level (default 1)
@@ -19,7 +20,8 @@ whose map method, reference, samples and polarity are the calibration's then rep
 =========================  ==========================================================================================
 
 and the overlay draws ``|M| / level`` from 0 to :data:`FULL_SCALE_FOLD` (full colour at 2× the normal level).
-Runs of an uncalibrated model (or another method, reference, sample count or polarity) fall back to the per-image scale
+Runs of an uncalibrated model (or another method, reference, sample count, polarity or map smoothing) fall back to the
+per-image scale
 (``scale.kind == "relative"``) and say so.
 
 Pure numpy, like :mod:`app.attribution` whose maps it measures.
@@ -77,6 +79,8 @@ class MapCalibration:
         preset: The generation settings measured (prompt, strength, guidance_scale, steps, scheduler).
         samples: Counterfactual samples averaged per map (>= 1; the mean over more samples is smaller).
         polarity: The map polarity measured (``"both"``: |M|; ``"removed"``: the positive part of M).
+        smoothing: The map smoothing measured: Gaussian sigma in model-frame pixels (>= 0; 0 = unsmoothed), stored
+            under ``"map_smoothing"`` (smoothing lowers the high percentiles).
         data: Which images: the labels file, split and label, and its SHA-256.
         created: ISO date of the measurement.
         per_image: Spread of the per-image 99th percentiles (``min``, ``median``, ``max``), intensity units.
@@ -97,6 +101,7 @@ class MapCalibration:
     command: str = ""
     samples: int = 1
     polarity: str = "both"
+    smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.level) and self.level > 0):
@@ -105,6 +110,9 @@ class MapCalibration:
         if not (isinstance(self.samples, int) and self.samples >= 1) or self.polarity not in MAP_POLARITIES:
             raise ValueError(f"map_scale: samples must be a whole number >= 1 and polarity one of {MAP_POLARITIES}; "
                              f"got {self.samples!r}, {self.polarity!r}. Run scripts/calibrate_map.py again.")
+        if not (isinstance(self.smoothing, int | float) and math.isfinite(self.smoothing) and self.smoothing >= 0):
+            raise ValueError(f"map_scale: map_smoothing must be a sigma >= 0 in model pixels; got "
+                             f"{self.smoothing!r}. Run scripts/calibrate_map.py again.")
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> MapCalibration | None:
@@ -116,15 +124,19 @@ class MapCalibration:
         entry = manifest.get("map_scale")
         if not isinstance(entry, dict):
             return None
-        known = {k: v for k, v in entry.items() if k in cls.__dataclass_fields__}
+        known = {k: v for k, v in entry.items() if k in cls.__dataclass_fields__ and k != "smoothing"}
         if "level" not in known:
             raise ValueError("vald_md.json's map_scale has no 'level'; run scripts/calibrate_map.py again.")
         known["level"] = float(known["level"])
+        if entry.get("map_smoothing") is not None:
+            known["smoothing"] = float(entry["map_smoothing"])
         return cls(**known)
 
     def to_manifest(self) -> dict[str, Any]:
-        """The ``"map_scale"`` entry for ``vald_md.json``."""
-        return asdict(self)
+        """The ``"map_scale"`` entry for ``vald_md.json`` (the smoothing under ``"map_smoothing"``)."""
+        entry = asdict(self)
+        entry["map_smoothing"] = entry.pop("smoothing")
+        return entry
 
     @property
     def full_scale(self) -> float:
@@ -138,13 +150,14 @@ class MapCalibration:
 
 
 def calibration_for_run(calibration: MapCalibration | None, *, map_method: str, reference: str,
-                        smoothing_sigma: float = 0.0, samples: int = 1,
-                        polarity: str = "both") -> tuple[MapCalibration | None, str]:
+                        smoothing_sigma: float = 0.0, samples: int = 1, polarity: str = "both",
+                        map_smoothing: float = 0.0) -> tuple[MapCalibration | None, str]:
     """The calibration a run's map may be read against, or ``None`` and the reason why not.
 
-    A calibration holds for unsmoothed maps of its own method, reference, number of samples and polarity
-    (smoothing, and the mean over more samples, lower the high percentiles; the positive part is another
-    distribution than |M|); anything else falls back to the per-image scale.
+    A calibration holds for maps without ``smoothing_sigma`` (native pixels) of its own method, reference, number of
+    samples, polarity and map smoothing (``map_smoothing``, model-frame pixels) (smoothing, and the mean over more
+    samples, lower the high percentiles; the positive part is another distribution than |M|); anything else falls
+    back to the per-image scale.
     """
     if calibration is None:
         return None, "this model has no map calibration (scripts/calibrate_map.py)"
@@ -163,7 +176,15 @@ def calibration_for_run(calibration: MapCalibration | None, *, map_method: str, 
     if polarity != calibration.polarity:
         return None, (f"the calibration was measured on maps of polarity '{calibration.polarity}', not "
                       f"'{polarity}'")
+    if map_smoothing != calibration.smoothing:
+        return None, (f"the calibration was measured on {_smoothed(calibration.smoothing)}, not on "
+                      f"{_smoothed(map_smoothing)} (map smoothing)")
     return calibration, ""
+
+
+def _smoothed(sigma: float) -> str:
+    """Maps of a map smoothing (sigma in model-frame pixels), in words."""
+    return "unsmoothed maps" if sigma == 0 else f"maps smoothed by sigma {sigma:g} model pixels"
 
 
 def _preset_matches(calibration: MapCalibration, parameters: dict[str, Any]) -> bool:
@@ -217,13 +238,16 @@ def summarize_scaled(amap: AttributionMap, calibration: MapCalibration | None, *
 
 
 def _calibration_run_keys(calibration: MapCalibration) -> dict[str, Any]:
-    """``samples`` and ``polarity`` of a calibration for the record's ``scale``, only where they differ from what
-    every calibration before them measured (1, ``"both"``): the records of those calibrations stay as they were."""
+    """``samples``, ``polarity`` and ``map_smoothing`` of a calibration for the record's ``scale``, only where they
+    differ from what every calibration before them measured (1, ``"both"``, 0): the records of those calibrations
+    stay as they were."""
     out: dict[str, Any] = {}
     if calibration.samples != 1:
         out["samples"] = calibration.samples
     if calibration.polarity != "both":
         out["polarity"] = calibration.polarity
+    if calibration.smoothing != 0:
+        out["map_smoothing"] = calibration.smoothing
     return out
 
 
@@ -239,7 +263,8 @@ def scale_from_record(record: dict[str, Any]) -> MapCalibration | None:
                               map_method=str(scale.get("map_method", "sdedit")),
                               reference=str(scale.get("reference", "reconstruction")),
                               preset=dict(scale.get("preset") or {}), created=str(scale.get("created", "")),
-                              samples=int(scale.get("samples") or 1), polarity=str(scale.get("polarity", "both")))
+                              samples=int(scale.get("samples") or 1), polarity=str(scale.get("polarity", "both")),
+                              smoothing=float(scale.get("map_smoothing") or 0.0))
     except (KeyError, TypeError, ValueError):
         return None
 

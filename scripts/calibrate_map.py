@@ -1,11 +1,11 @@
 """Calibrate a model's attribution map on normal validation images: the map's absolute scale (app/mapscale.py).
 
 Runs the product's own review (``app.runs.review.run_review``: the model's healthy preset with its samples, its map
-method, map reference and map polarity, the lung segmenter) on the first ``--n`` normal images of the validation
-split, in the stable pseudo-random order ``vald-md evaluate`` uses, with seed ``--seed`` for every image, and
-measures |M| inside the lungs, pooled over the images (the positive part of M for the polarity ``removed``). Its
+method, map reference, map polarity and map smoothing, the lung segmenter) on the first ``--n`` normal images of the
+validation split, in the stable pseudo-random order ``vald-md evaluate`` uses, with seed ``--seed`` for every image,
+and measures |M| inside the lungs, pooled over the images (the positive part of M for the polarity ``removed``). Its
 99th percentile becomes the model's normal level (1×), stored with the RMS, the mean, N, the preset, the samples,
-the polarity, the data and the date under ``"map_scale"`` in the model's ``vald_md.json`` (with
+the polarity, the map smoothing, the data and the date under ``"map_scale"`` in the model's ``vald_md.json`` (with
 ``--write-manifest``; the manifest is not part of the model hash, so the model's identity does not change).
 
 Usage:
@@ -75,16 +75,17 @@ def main(args: argparse.Namespace) -> int:
                      f"images of {args.data} ({args.split}), preset {preset}\n")
 
     # 2. the product's review of each image; the map and its lung mask
-    maps, masks, per_image, method, reference, samples, polarity = [], [], [], "", "", 1, "both"
+    maps, masks, per_image, method, reference, samples, polarity, smoothing = [], [], [], "", "", 1, "both", 0.0
     t0 = time.time()
-    # the preset as the product runs it: its samples (and its map polarity, else the manifest's: run_review)
+    # the preset as the product runs it: its samples (and its map polarity and smoothing, else the manifest's:
+    # run_review)
     req = review.ReviewRequest.from_preset(preset, preset_name="healthy", seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         for i, row in enumerate(chosen):
             out = Path(tmp) / f"{i:04d}"
             record = review.run_review(eng, row.path.read_bytes(), req, out, segmenter=seg)
             method, reference = str(record.method), str(record.reference)
-            samples, polarity = record.n_samples, record.polarity
+            samples, polarity, smoothing = record.n_samples, record.polarity, record.map_smoothing
             run = RunFolder(out)
             m = run.read_npy(folder.ATTRIBUTION)
             k = run.read_png_unit(folder.LUNG_MASK) > 0.5 if run.has(folder.LUNG_MASK) else None
@@ -103,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
     cal = mapscale.MapCalibration(
         level=stats["level"], percentile=stats["percentile"], rms=stats["rms"], mean_abs=stats["mean_abs"],
         n_images=stats["n_images"], map_method=method, reference=reference, samples=samples, polarity=polarity,
+        smoothing=smoothing,
         preset={k: preset[k] for k in ("prompt", "strength", "guidance_scale", "steps", "scheduler") if k in preset},
         data={"csv": Path(args.data).name, "dataset": Path(args.data).parent.name, "split": args.split,
               "label": args.label, "sha256": csv_sha, "seed": args.seed,

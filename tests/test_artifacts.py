@@ -461,6 +461,98 @@ def test_a_calibration_of_samples_and_polarity_holds_for_runs_of_both(tiny_engin
     assert signed.map_summary["scale"]["kind"] == "relative" and "'removed'" in signed.scale_reason
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16: the map's smoothing in the model's frame
+# ----------------------------------------------------------------------------------------------------------------
+def _smoothed_map(engine: Any, sigma: float, region: np.ndarray | None, **req: Any) -> np.ndarray:
+    """The map of ``run``'s request computed by hand: the counterfactuals again (same seed), reference and
+    counterfactuals smoothed inside the model frame's content box and unletterboxed, then differenced."""
+    from app.attribution import difference_map
+
+    pixels = imaging.decode_image(png_bytes()).pixels
+    result = engine.generate_request(pixels, ReviewRequest(**{**FAST, **req}))
+    lb = result.letterbox
+    ref = imaging.unletterbox(result.input_model, lb, smoothing_sigma=sigma)
+    cfs = np.stack([imaging.unletterbox(c, lb, smoothing_sigma=sigma) for c in result.counterfactuals_model])
+    return difference_map(ref, cfs, mask=region).signed
+
+
+def test_map_smoothing_zero_is_the_old_map_and_above_zero_smooths_in_the_model_frame(lung_run, tiny_engine,
+                                                                                     box_segmenter, tmp_path):
+    """0 (the default of a model without ``map_smoothing``) writes the map and overlay as before, bit for bit, and
+    records 0.0; sigma 2 (model px) maps the smoothed reference minus the smoothed counterfactuals, records it, and
+    leaves the counterfactual itself alone."""
+    old = np.load(lung_run / "attribution.npy")
+    assert json.loads((lung_run / "record.json").read_text())["request"]["map_smoothing"] == 0.0
+    off = run(tiny_engine, tmp_path / "off", segmenter=box_segmenter, map_smoothing=0.0)
+    for name in ("attribution.npy", "overlay.png", "counterfactual.png"):
+        assert (tmp_path / "off" / name).read_bytes() == (lung_run / name).read_bytes(), name
+    assert off.map_smoothing == 0.0 and off.request["map_smoothing"] == 0.0
+    smoothed = run(tiny_engine, tmp_path / "s2", segmenter=box_segmenter, map_smoothing=2.0, samples=2)
+    assert smoothed.request["map_smoothing"] == 2.0 and smoothed.map_smoothing == 2.0
+    assert smoothed == RunRecord.from_json((tmp_path / "s2" / "record.json").read_bytes())
+    got = np.load(tmp_path / "s2" / "attribution.npy")
+    want = _smoothed_map(tiny_engine, 2.0, box_lungs((H, W)), samples=2)
+    assert got.shape == (H, W) and np.allclose(got, want, atol=1e-6)
+    assert (tmp_path / "s2" / "attribution_std.npy").is_file()  # the SD map sees the smoothed differences too
+    # smoother than the unsmoothed map: neighbouring pixels differ less
+    assert np.abs(np.diff(got, axis=1)).mean() < 0.5 * np.abs(np.diff(old, axis=1)).mean()
+    one = run(tiny_engine, tmp_path / "s1", segmenter=box_segmenter, map_smoothing=2.0)
+    assert (tmp_path / "s1" / "counterfactual.png").read_bytes() == (lung_run / "counterfactual.png").read_bytes()
+    assert one.map_smoothing == 2.0 and not np.array_equal(np.load(tmp_path / "s1" / "attribution.npy"), old)
+    # the exports say it: a PNG text chunk and a line of the burned-in parameters
+    png = Image.open(io.BytesIO(exports.export_annotated_png(tmp_path / "s2")))
+    assert png.text["vald_md:map_smoothing"] == "2"  # type: ignore[attr-defined]
+    assert Image.open(io.BytesIO(exports.export_annotated_png(lung_run))).text[  # type: ignore[attr-defined]
+        "vald_md:map_smoothing"] == "0"
+    with pytest.raises(ValueError, match=r"map_smoothing=17.0 must be within \[0, 16\]"):
+        ReviewRequest(map_smoothing=17.0).check()
+    with pytest.raises(ValueError, match="map_smoothing"):
+        ReviewRequest(map_smoothing=-1.0).check()
+
+
+def test_map_smoothing_against_the_reconstruction_uses_it_in_the_model_frame(tiny_engine, tmp_path, monkeypatch):
+    """Reference "reconstruction": the engine keeps the model-frame reconstruction it unletterboxed, and the map
+    smooths that; a result without it (another maker) letterboxes the native reconstruction again."""
+    from app.runs.review import map_inputs
+
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_smoothing", 1.5)
+    record = run(tiny_engine, tmp_path / "rec", reference="reconstruction", lung_mask=False)
+    assert record.map_smoothing == 1.5  # the manifest's default
+    pixels = imaging.decode_image(png_bytes()).pixels
+    result = tiny_engine.generate_request(pixels, ReviewRequest(**FAST))
+    assert result.reconstruction_model is not None and result.reconstruction_model.shape == (32, 32)
+    assert np.array_equal(imaging.unletterbox(result.reconstruction_model, result.letterbox), result.reconstruction)
+    ref, cfs = map_inputs(result, pixels, reference="reconstruction", map_smoothing=1.5)
+    assert np.array_equal(ref, imaging.unletterbox(result.reconstruction_model, result.letterbox,
+                                                   smoothing_sigma=1.5))
+    assert cfs.shape == (1, H, W)
+    from app.attribution import difference_map
+
+    assert np.allclose(np.load(tmp_path / "rec" / "attribution.npy"), difference_map(ref, cfs).signed, atol=1e-6)
+    from dataclasses import replace
+
+    again, _ = map_inputs(replace(result, reconstruction_model=None), pixels, reference="reconstruction",
+                          map_smoothing=1.5)
+    assert again.shape == (H, W) and np.abs(again - ref).max() < 0.05  # a second letterbox, close to the first
+    plain_ref, plain_cfs = map_inputs(result, pixels, reference="input")
+    assert plain_ref is pixels and plain_cfs is result.counterfactuals  # 0: exactly the native images
+
+
+def test_a_calibration_holds_for_its_own_map_smoothing(tiny_engine, box_segmenter, tmp_path, monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", CALIBRATION)
+    smoothed = run(tiny_engine, tmp_path / "s", segmenter=box_segmenter, reference="input", map_smoothing=2.0)
+    assert smoothed.map_summary["scale"]["kind"] == "relative"
+    assert "unsmoothed maps, not on maps smoothed by sigma 2 model pixels" in smoothed.scale_reason
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", {**CALIBRATION, "map_smoothing": 2.0})
+    record = run(tiny_engine, tmp_path / "cal", segmenter=box_segmenter, reference="input", map_smoothing=2.0)
+    scale = record.map_summary["scale"]
+    assert scale["kind"] == "calibrated" and scale["map_smoothing"] == 2.0
+    plain = run(tiny_engine, tmp_path / "plain", segmenter=box_segmenter, reference="input")
+    assert plain.map_summary["scale"]["kind"] == "relative"
+    assert "smoothed by sigma 2 model pixels, not on unsmoothed maps" in plain.scale_reason
+
+
 def test_case_label_stays_out_of_the_record_and_is_checked(tiny_engine, tmp_path):
     """The operator's free-text label may name the patient: record.json is exported (the ZIP, beside a
     de-identified Secondary Capture), so the label lives only in the job (job.json), never in the record."""
@@ -494,8 +586,8 @@ def test_every_record_round_trips_byte_for_byte(lung_run, plain_run, guided_run,
 def test_calibrate_map_measures_the_presets_samples_and_the_models_polarity(tiny_engine, segmenter_dir, tmp_path,
                                                                             monkeypatch):
     """scripts/calibrate_map.py runs the healthy preset as the product does, its samples included, with the
-    manifest's map polarity, and stores both in map_scale; a run of that preset then reads on the calibrated
-    scale."""
+    manifest's map polarity and map smoothing, and stores them in map_scale; a run of that preset then reads on the
+    calibrated scale."""
     import importlib.util
     import shutil
 
@@ -505,7 +597,8 @@ def test_calibrate_map_measures_the_presets_samples_and_the_models_polarity(tiny
     shutil.copytree(tiny_engine.info.path, model)
     manifest = json.loads((model / modelfolder.MANIFEST).read_text())
     healthy = {"prompt": "normal chest x ray", "strength": 0.5, "steps": 4, "guidance_scale": 5.0, "samples": 2}
-    manifest.update({"map_polarity": "removed", "map_reference": "input", "presets": {"healthy": healthy}})
+    manifest.update({"map_polarity": "removed", "map_smoothing": 2.0, "map_reference": "input",
+                     "presets": {"healthy": healthy}})
     (model / modelfolder.MANIFEST).write_text(json.dumps(manifest))
     (tmp_path / "data").mkdir()
     for i in range(2):
@@ -523,11 +616,14 @@ def test_calibrate_map_measures_the_presets_samples_and_the_models_polarity(tiny
     assert script.main(args) == 0
     scale = json.loads((model / modelfolder.MANIFEST).read_text())["map_scale"]
     assert scale["samples"] == 2 and scale["polarity"] == "removed" and scale["reference"] == "input"
+    assert scale["map_smoothing"] == 2.0 and "smoothing" not in scale
     assert scale["level"] > 0 and scale["n_images"] == 2
     calibrated = engine.CounterfactualEngine(model, device="cpu")
     record = run_review(calibrated, png_bytes(), ReviewRequest.from_preset(calibrated.info.presets["healthy"],
                                                                            seed=0),
                         tmp_path / "run", segmenter=BoxSegmenter(segmenter_dir))
-    assert record.n_samples == 2 and record.polarity == "removed"
+    assert record.n_samples == 2 and record.polarity == "removed" and record.map_smoothing == 2.0
     assert record.map_summary["scale"]["kind"] == "calibrated" and record.map_summary["scale"]["polarity"] == \
         "removed"
+    assert record.map_summary["scale"]["map_smoothing"] == 2.0 and record.calibration is not None
+    assert record.calibration.smoothing == 2.0

@@ -678,3 +678,31 @@ def test_a_calibration_holds_for_its_own_samples_and_polarity() -> None:
         mapscale.MapCalibration(level=0.1, polarity="positive")
     with pytest.raises(ValueError, match="samples"):
         mapscale.MapCalibration(level=0.1, samples=0)
+
+
+def test_a_calibration_holds_for_its_own_map_smoothing() -> None:
+    """Issue 16, map smoothing: stored under the manifest's (and the record's) key ``map_smoothing``, absent = 0."""
+    from app import mapscale
+
+    old = mapscale.MapCalibration.from_manifest({"map_scale": {"level": 0.1}})
+    assert old is not None and old.smoothing == 0.0 and old.to_manifest()["map_smoothing"] == 0.0
+    cal = mapscale.MapCalibration.from_manifest({"map_scale": {**old.to_manifest(), "map_smoothing": 4}})
+    assert cal is not None and cal.smoothing == 4.0 and "smoothing" not in cal.to_manifest()
+    assert mapscale.MapCalibration.from_manifest({"map_scale": cal.to_manifest()}) == cal
+    run = {"map_method": "sdedit", "reference": "reconstruction"}
+    assert mapscale.calibration_for_run(cal, **run, map_smoothing=4.0) == (cal, "")
+    off, why = mapscale.calibration_for_run(cal, **run)
+    assert off is None and "by sigma 4 model pixels, not on unsmoothed maps" in why
+    off, why = mapscale.calibration_for_run(old, **run, map_smoothing=2.5)
+    assert off is None and "on unsmoothed maps, not on maps smoothed by sigma 2.5 model" in why
+    assert mapscale.calibration_for_run(old, **run, map_smoothing=0.0)[0] is old
+    signed = np.abs(np.random.default_rng(1).normal(0, 0.05, (H, W))).astype(np.float32)
+    amap = AttributionMap(signed=signed, magnitude=signed, std=None, n_samples=1, mask=None)
+    scale = mapscale.summarize_scaled(amap, cal)["scale"]
+    assert scale["map_smoothing"] == 4.0
+    back = mapscale.scale_from_record({"map_summary": {"scale": scale}})
+    assert back is not None and back.smoothing == 4.0
+    assert "map_smoothing" not in mapscale.summarize_scaled(amap, old)["scale"]  # old records' scale unchanged
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="map_smoothing"):
+            mapscale.MapCalibration(level=0.1, smoothing=bad)

@@ -117,10 +117,11 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
     monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", {
         "level": 0.05, "percentile": 99.0, "rms": 0.02, "n_images": 3, "map_method": "sdedit", "reference": "input",
         "preset": {"strength": 0.9, "steps": 40}, "created": "2026-12-06"})
-    # a preset that averages 3 samples and names a map polarity (issue 16): its button sets both
+    # a preset that averages 3 samples and names a map polarity and a map smoothing (issue 16): its button sets
+    # them all
     monkeypatch.setitem(tiny_engine.info.presets, "opacity", {"prompt": "normal chest x ray", "strength": 0.6,
                                                               "guidance_scale": 4.0, "steps": 30, "samples": 3,
-                                                              "map_polarity": "both"})
+                                                              "map_polarity": "both", "map_smoothing": 2.5})
     OUTPUT.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
     problems: list[str] = []
@@ -147,7 +148,7 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
     assert "DICOM · CR" in facts and "1024 × 1024 px" in facts
 
     # 1b. the model's presets are one click each: prompt, strength, guidance, steps, samples follow the preset's
-    # values, and the map polarity where the preset names one
+    # values, and the map polarity and map smoothing where the preset names them
     def form_values() -> tuple[str, float, float, int, int]:
         return (page.input_value("#prompt"), float(page.input_value("#strength")),
                 float(page.input_value("#guidance_scale")), int(page.input_value("#steps")),
@@ -163,13 +164,19 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
         page.locator("#steps").fill("7")  # a value no preset has: the click must set it
         page.locator("#samples").fill("5")
         page.select_option("#map_polarity", "removed")
+        page.locator("#map_smoothing").fill("9")
         b.click()
         assert form_values() == want, (b.get_attribute("data-model-preset"), form_values(), want)
         assert "is-active" in (b.get_attribute("class") or "")
         polarity = b.get_attribute("data-model-preset-map_polarity")
         assert page.input_value("#map_polarity") == (polarity or "removed")  # no polarity named: left as it was
+        smoothing = b.get_attribute("data-model-preset-map_smoothing")
+        assert page.input_value("#map_smoothing") == (smoothing or "9")  # none named: left as it was
+    assert page.locator("[data-model-preset=opacity]").get_attribute("data-model-preset-map_smoothing") == "2.5"
+    assert page.locator("[data-model-preset=paper]").get_attribute("data-model-preset-map_smoothing") == "0"
     assert "3 samples" in (page.locator("[data-model-preset=opacity]").get_attribute("title") or "")
     page.select_option("#map_polarity", "both")
+    page.locator("#map_smoothing").fill("0")
 
     # 2. move sliders: the effective step count follows int(steps * strength)
     page.locator("#strength").fill("1")

@@ -272,3 +272,59 @@ def test_the_papers_built_in_presets_name_both_map_directions():
         assert ReviewRequest.from_preset(PRESETS[name], preset_name=name, map_polarity="removed").map_polarity == \
             "removed"
     assert ReviewRequest.from_preset(PRESETS["healthy"]).map_polarity is None
+
+
+def test_the_papers_built_in_presets_name_an_unsmoothed_map():
+    """The paper's map is unsmoothed: its presets set the form's map smoothing to 0 even where the model's default
+    smooths; the built-in "healthy" leaves it to the model."""
+    for name in ("paper", "healthy-fast", "training-section"):
+        assert PRESETS[name].map_smoothing == 0.0
+        assert ReviewRequest.from_preset(PRESETS[name], preset_name=name).map_smoothing == 0.0
+        assert ReviewRequest.from_preset(PRESETS[name], preset_name=name, map_smoothing=4.0).map_smoothing == 4.0
+    assert ReviewRequest.from_preset(PRESETS["healthy"]).map_smoothing is None
+
+
+def test_map_smoothing_comes_from_the_request_then_the_preset_then_the_manifest_then_zero():
+    from types import SimpleNamespace
+
+    from app.runs.review import resolve_request, with_model_defaults
+
+    preset = {"prompt": "p", "map_smoothing": 2}
+    assert ReviewRequest.from_preset(preset).map_smoothing == 2.0
+    assert isinstance(ReviewRequest.from_preset(preset).map_smoothing, float)
+    assert ReviewRequest.from_preset(preset, map_smoothing=0.0).map_smoothing == 0.0  # given wins, 0 included
+    assert not hasattr(GenerationRequest.from_preset(preset), "map_smoothing")  # only requests that have it
+    info = SimpleNamespace(manifest={"map_smoothing": 4})
+    assert with_model_defaults(ReviewRequest.from_preset(preset), info).map_smoothing == 2.0
+    assert with_model_defaults(ReviewRequest.from_preset({"prompt": "p"}), info).map_smoothing == 4.0
+    assert with_model_defaults(ReviewRequest(map_smoothing=0.0), info).map_smoothing == 0.0
+    plain = with_model_defaults(ReviewRequest(), SimpleNamespace(manifest={}))
+    assert plain.map_smoothing == 0.0 and resolve_request(plain, SimpleNamespace(manifest={})) == plain
+    with pytest.raises(ValueError, match=r"map_smoothing=20.0 must be within \[0, 16\] pixels of the model's frame"):
+        resolve_request(ReviewRequest(), SimpleNamespace(manifest={"map_smoothing": 20}))
+
+
+def test_the_form_and_the_cli_default_to_the_models_map_smoothing(tiny_engine, tmp_path, monkeypatch):
+    from app import cli
+    from app.web.forms import FormValues, GenerationParams, parameter_presets
+
+    info = tiny_engine.info
+    assert FormValues.defaults(info).map_smoothing == 0.0  # a model without the key: unsmoothed, as before
+    monkeypatch.setitem(info.manifest, "map_smoothing", 2.0)
+    assert FormValues.defaults(info).map_smoothing == 2.0
+    assert GenerationParams().to_request(info).map_smoothing is None  # resolved to the manifest's by the run
+    assert GenerationParams.model_validate({"map_smoothing": "0"}).to_request(info).map_smoothing == 0.0
+    shown = {p["key"]: p for p in parameter_presets(info)}
+    assert shown["paper"]["map_smoothing"] == 0.0 and shown["healthy"]["map_smoothing"] is None
+    monkeypatch.setitem(info.presets, "healthy", {**info.presets["healthy"], "map_smoothing": 1.0})
+    assert FormValues.defaults(info).map_smoothing == 1.0  # the preset's wins over the manifest's
+    monkeypatch.setattr("app.engine.CounterfactualEngine", lambda *a, **k: tiny_engine)
+    src = tmp_path / "scan.png"
+    src.write_bytes(_png())
+    fast = ["--strength", "0.5", "--steps", "4", "--no-lung-mask"]
+    assert cli.main(["counterfactual", str(src), *fast, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "0000" / "record.json").read_text())["request"]["map_smoothing"] == 1.0
+    assert cli.main(["counterfactual", str(src), *fast, "--map-smoothing", "3", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "0000" / "record.json").read_text())["request"]["map_smoothing"] == 3.0
+    assert cli.main(["counterfactual", str(src), *fast, "--map-smoothing", "17", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()

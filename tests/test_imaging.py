@@ -699,6 +699,46 @@ def test_unletterbox_handles_channels_and_checks_shape():
         letterbox(np.full((4, 4), np.nan, np.float32), 8)
 
 
+def test_unletterbox_smoothing_of_a_square_without_padding_is_the_gaussian_filter():
+    """Map smoothing (issue 16): on a square image of the model's size the content box is the whole frame, so the
+    smoothing is scipy's Gaussian filter (reflect) and nothing else; sigma 0 is the unsmoothed result, bit for bit."""
+    from scipy import ndimage
+
+    img = np.random.default_rng(2).random((32, 32), dtype=np.float32)
+    model, lb = letterbox(img, 32)
+    assert lb.content_box == (0, 0, 32, 32)
+    for sigma in (0.7, 2.0, 4.0):
+        smoothed = unletterbox(model, lb, smoothing_sigma=sigma)
+        assert smoothed.dtype == np.float32 and smoothed.shape == (32, 32)
+        assert np.allclose(smoothed, ndimage.gaussian_filter(img, sigma, mode="reflect"), atol=1e-6)
+    assert unletterbox(model, lb, smoothing_sigma=0.0).tobytes() == unletterbox(model, lb).tobytes()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="smoothing_sigma"):
+            unletterbox(model, lb, smoothing_sigma=bad)
+
+
+def test_unletterbox_smoothing_stays_inside_the_content_box():
+    """The padding never bleeds into the image: a dark image in a frame padded bright comes back dark, and the
+    result is the content box smoothed on its own, then resized; channels are smoothed one by one."""
+    from scipy import ndimage
+
+    img = np.zeros((40, 20), np.float32)
+    model, lb = letterbox(img, 32, pad_value=1.0)
+    x0, y0, x1, y1 = lb.content_box
+    assert x0 > 0 and (model[:, :x0] == 1.0).all()
+    back = unletterbox(model, lb, smoothing_sigma=4.0)
+    assert back.shape == (40, 20) and float(np.abs(back).max()) == 0.0
+    noisy = np.random.default_rng(3).random((40, 20), dtype=np.float32)
+    model, lb = letterbox(noisy, 32, pad_value=1.0)
+    content = ndimage.gaussian_filter(model[y0:y1, x0:x1], 3.0, mode="reflect")
+    want = unletterbox(np.pad(content, ((y0, 32 - y1), (x0, 32 - x1))), lb)
+    assert np.allclose(unletterbox(model, lb, smoothing_sigma=3.0), want, atol=1e-6)
+    stacked = np.stack([model, 1.0 - model], axis=-1)
+    both = unletterbox(stacked, lb, smoothing_sigma=3.0)
+    assert both.shape == (40, 20, 2)
+    assert np.allclose(both[..., 0], want, atol=1e-6) and np.allclose(both[..., 1], 1.0 - want, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # writers
 

@@ -92,6 +92,18 @@ def test_a_job_json_from_before_map_polarities_reads_as_both(tmp_path):
     assert Job.from_json(job.run_dir, newer).request.map_polarity == "removed"
 
 
+def test_a_job_json_from_before_map_smoothing_reads_as_unsmoothed(tmp_path):
+    """Jobs written before map smoothing made unsmoothed maps: re-read (and re-run), they still do, whatever the
+    model's default smoothing is now; a job with one keeps it."""
+    store = JobStore(tmp_path / "runs")
+    job = _job(store, state=JobState.DONE)
+    stored = job.to_json()
+    old = {**stored, "request": {k: v for k, v in stored["request"].items() if k != "map_smoothing"}}
+    assert Job.from_json(job.run_dir, old).request.map_smoothing == 0.0
+    newer = {**stored, "request": {**stored["request"], "map_smoothing": 4.0}}
+    assert Job.from_json(job.run_dir, newer).request.map_smoothing == 4.0
+
+
 def test_store_deidentifies_uploads_unless_the_site_keeps_them(tmp_path):
     data = _png()
     kept = JobStore(tmp_path / "a", identified_uploads=True).stored_upload(data, "png")

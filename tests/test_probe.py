@@ -133,3 +133,48 @@ def test_probe_command_refuses_bad_methods_with_one_line(methods: str, message: 
     args = evaluate.parse_args(["probe", "--data", str(tmp_path), "--methods", methods, "--out", str(tmp_path / "o")])
     assert evaluate.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_probe_reports_the_product_maps_also_smoothed_under_their_own_names(shared_data: Path, tmp_path: Path,
+                                                                           tiny_engine) -> None:
+    """``smoothing`` S > 0 (``--map-smoothing S``): each product map again with reference and counterfactuals
+    Gaussian smoothed by sigma S, named ``<map>_s<S>``; the unsmoothed maps stay as they were."""
+    from scipy import ndimage
+
+    from app.generation import GenerationRequest
+
+    img = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    lungs = np.ones((32, 32), bool)
+    settings = {"strength": 0.5, "guidance": 2.0, "steps": 4, "samples": 2, "disease_prompt": "covid"}
+    plain = probe.model_map_fn(tiny_engine, ["product"], **settings)(img, lungs, 5)
+    maps = probe.model_map_fn(tiny_engine, ["product"], **settings, smoothing=4.0)(img, lungs, 5)
+    names = ("product", "product_pos", "product_mean2", "product_mean2_pos")
+    assert list(plain) == ["product", "product_pos", "paper", "product_mean2", "product_mean2_pos"]
+    assert set(maps) == set(plain) | {f"{m}_s4" for m in names}
+    for m in plain:
+        assert np.array_equal(maps[m], plain[m]), m
+    res = tiny_engine.generate_request(img, GenerationRequest.from_preset(
+        tiny_engine.info.presets.get("healthy"), strength=0.5, guidance_scale=2.0, steps=4, samples=2, seed=5))
+    ref = img if tiny_engine.info.manifest.get("map_reference", "input") == "input" else res.reconstruction
+    diffs = ndimage.gaussian_filter(ref[None] - res.counterfactuals, (0, 4, 4), mode="reflect")
+    assert np.allclose(maps["product_mean2_pos_s4"], np.clip(diffs.mean(0), 0, None), atol=1e-6)
+    assert np.allclose(maps["product_s4"], np.abs(diffs[0]), atol=1e-6)
+    assert np.abs(np.diff(maps["product_s4"])).mean() < np.abs(np.diff(maps["product"])).mean()
+    with pytest.raises(ValueError, match="smoothing"):
+        probe.model_map_fn(tiny_engine, ["product"], **settings, smoothing=-1.0)
+
+    # run_probe keeps and scores them (its filter keeps every "product*" map)
+    def fn(image: np.ndarray, lung: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        return {"product": image, "product_mean2_pos_s4": image}
+
+    summary = probe.run_probe(shared_data / "lesions-rsna", tmp_path / "out", segmenter=_HalfLungs(), map_fn=fn,
+                              methods=["product"], limit=1)
+    assert "product_mean2_pos_s4" in summary["whole"] and "product_mean2_pos_s4" in summary["lungs"]
+
+
+def test_probe_command_takes_the_map_smoothing(tmp_path: Path) -> None:
+    from app import evaluate
+
+    base = ["probe", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert evaluate.parse_args(base).map_smoothing == 0.0
+    assert evaluate.parse_args([*base, "--map-smoothing", "4"]).map_smoothing == 4.0

@@ -101,6 +101,20 @@ def test_a_record_with_a_map_polarity_round_trips_byte_for_byte(polarity):
     assert "map_polarity" not in RunRecord.from_json(json.dumps(OLD_RECORD, indent=2)).to_dict()["request"]
 
 
+def test_a_record_with_a_map_smoothing_round_trips_byte_for_byte():
+    """Issue 16: records since map smoothing carry ``request.map_smoothing`` (model px); older ones read 0.0."""
+    newer = {**OLD_RECORD, "request": {**OLD_RECORD["request"], "map_polarity": "removed", "map_smoothing": 4.0}}
+    data = json.dumps(newer, indent=2).encode()
+    record = RunRecord.from_json(data)
+    assert record.to_json() == data and RunRecord.from_json(record.to_json()) == record
+    assert record.map_smoothing == 4.0 and RunRecord.from_dict(OLD_RECORD).map_smoothing == 0.0
+    assert "map_smoothing" not in RunRecord.from_json(json.dumps(OLD_RECORD, indent=2)).to_dict()["request"]
+    from app.runs.read import run_facts
+
+    assert run_facts(record)["map_smoothing"] == "4" and run_facts(RunRecord.from_dict(OLD_RECORD))[
+        "map_smoothing"] == "0"
+
+
 def test_the_exports_fixture_record_round_trips(run_dir):
     data = (run_dir / folder.RECORD).read_bytes()
     record = RunRecord.from_json(data)

@@ -359,7 +359,7 @@ def test_full_json_flow(client, done_job):
     assert st["parameters"] == {"prompt": "normal chest x-ray", "negative_prompt": "", "strength": 0.5,
                                 "guidance_scale": 5.0, "steps": 4, "seed": 11, "scheduler": "pndm", "samples": 1,
                                 "window": "auto", "reference": "input", "lung_mask": True, "map_method": "sdedit",
-                                "map_polarity": "both", "classifier_scale": 0.3}
+                                "map_polarity": "both", "map_smoothing": 0.0, "classifier_scale": 0.3}
     assert {"denoising", "total", "queued", "run"} <= set(st["timings_s"])
     assert st["input"]["source_format"] == "png" and st["input"]["rows"] == 40
     base = f"/api/v1/jobs/{st['job_id']}"
@@ -1682,3 +1682,57 @@ def test_form_offers_the_map_polarity_and_the_presets_samples(tiny_engine, tmp_p
         r = c.post("/api/v1/counterfactuals", data={"seed": "3"}, files={"file": ("x.png", png_bytes())})
         assert r.status_code == 422 and "samples=3 exceeds this server's limit of 2" in r.json()["message"]
         assert submit(c, samples="3").status_code == 422
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16: the map smoothing (sigma in the model's frame)
+# ----------------------------------------------------------------------------------------------------------------
+def test_api_map_smoothing_is_run_recorded_and_shown(client, monkeypatch, tiny_engine):
+    r = submit(client, map_smoothing="2")
+    assert r.status_code == 202, r.text
+    st = wait_state(client, r.json()["job_id"])
+    assert st["state"] == "done" and st["parameters"]["map_smoothing"] == 2.0
+    base = f"/api/v1/jobs/{st['job_id']}"
+    assert client.get(f"{base}/artifacts/record.json").json()["request"]["map_smoothing"] == 2.0
+    page = Doc(client.get(f"/runs/{st['job_id']}").text)
+    assert "Map smoothing" in page.text and "σ 2 px in the model's frame" in page.text
+    # the model's default (manifest map_smoothing) when the field is left out; unsmoothed runs show no row
+    plain = wait_state(client, submit(client).json()["job_id"])
+    assert plain["parameters"]["map_smoothing"] == 0.0
+    assert "Map smoothing</th>" not in client.get(f"/runs/{plain['job_id']}").text
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_smoothing", 1.5)
+    r = submit(client)
+    assert r.status_code == 202 and wait_state(client, r.json()["job_id"])["parameters"]["map_smoothing"] == 1.5
+
+
+@pytest.mark.parametrize("bad", ["17", "-1", "wide"])
+def test_a_map_smoothing_out_of_range_is_a_readable_422(client, app_and_client, bad):
+    before = count_runs(app_and_client[0])
+    r = submit(client, map_smoothing=bad)
+    assert r.status_code == 422 and "map_smoothing" in r.json()["fields"], r.text
+    page = client.post("/runs", data={**FAST, "seed_mode": "random", "map_smoothing": bad},
+                       files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"})
+    assert page.status_code == 422 and "map_smoothing" in page.text
+    assert count_runs(app_and_client[0]) == before
+    schema = app_and_client[0].openapi()["components"]["schemas"]["GenerationParams"]["properties"]
+    assert [v["maximum"] for v in schema["map_smoothing"]["anyOf"] if "maximum" in v] == [16.0]
+
+
+def test_form_offers_the_models_map_smoothing_and_presets_carry_theirs(tiny_engine, tmp_path, monkeypatch):
+    """A model whose manifest smooths its maps by sigma 4: the form's number input opens on 4; the paper's presets
+    carry 0 (their button sets it), a preset without one carries nothing (its button leaves the input)."""
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_smoothing", 4.0)
+    monkeypatch.setitem(tiny_engine.info.presets, "smooth", {**tiny_engine.info.presets["healthy"],
+                                                             "map_smoothing": 2.5})
+    app = create_app(Settings(data_dir=tmp_path / "d"), engine=tiny_engine)
+    with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-smoothing"))
+        doc = Doc(c.get("/").text)
+        field = doc.by_id("map_smoothing")
+        assert field["value"] == "4" and field["min"] == "0" and field["max"] == "16" and field["type"] == "number"
+        assert "Map smoothing, σ in model pixels (0 = off)" in doc.text
+        buttons = {a["data-model-preset"]: a for a in doc.find_all("button") if "data-model-preset" in a}
+        assert buttons["paper"]["data-model-preset-map_smoothing"] == "0"
+        assert buttons["smooth"]["data-model-preset-map_smoothing"] == "2.5"
+        assert "map smoothed (σ 2.5 model px)" in buttons["smooth"]["title"]
+        assert "data-model-preset-map_smoothing" not in buttons["healthy"]

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--classifier", default=None, help="lesion classifier folder (classifier_* methods)")
     pr.add_argument("--guided-scale", type=float, default=30.0, help="classifier guidance weight (default 30)")
     pr.add_argument("--disease-prompt", default="COVID 19", help="disease prompt of the diffedit contrast")
+    pr.add_argument("--map-smoothing", type=float, default=0.0, metavar="SIGMA",
+                    help="also score the product maps smoothed by a Gaussian of this sigma in pixels of the 256-px "
+                         "image (the product's map_smoothing), named <map>_s<SIGMA>; default 0 (none)")
     pr.add_argument("--out", required=True, help="output folder (probe.json, probe.md, probe_rows.jsonl)")
     _generation_args(pr, samples=1)
     return p
@@ -264,10 +267,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         strength, guidance, steps = req.strength, req.guidance_scale, req.steps
         map_fn = model_map_fn(eng, methods, strength=strength, guidance=guidance, steps=steps,
                               samples=args.samples, disease_prompt=args.disease_prompt, classifier=classifier,
-                              guided_scale=args.guided_scale, scheduler=req.scheduler)
+                              guided_scale=args.guided_scale, scheduler=req.scheduler,
+                              smoothing=args.map_smoothing)
         settings.update(model=eng.info.name, model_hash=eng.info.model_hash, strength=strength,
                         guidance=guidance, steps=steps, samples=args.samples, guided_scale=args.guided_scale,
-                        classifier=classifier.info if classifier is not None else None)
+                        classifier=classifier.info if classifier is not None else None,
+                        **({"map_smoothing": args.map_smoothing} if args.map_smoothing else {}))
     summary = run_probe(Path(args.data), Path(args.out), segmenter=seg, map_fn=map_fn, methods=methods,
                         limit=args.limit, normals=args.normals, seed=args.seed, settings=settings)
     from app.evaluate.probe import format_probe

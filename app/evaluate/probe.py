@@ -13,6 +13,9 @@ image. RSNA-normal images (``--normals``) give the image-level AUROC of each map
 ``product_meanS``     ``|reference - mean of S counterfactuals|`` (``--samples S`` > 1)
 ``product_meanS_pos`` ``reference - mean of S counterfactuals``, positive part (the product's map with S samples
                       and ``map_polarity`` "removed")
+``<product map>_sG``  with ``--map-smoothing G`` > 0, each ``product*`` map above also with the reference and the
+                      counterfactuals Gaussian smoothed by sigma G px (the product's ``map_smoothing``: the
+                      probe's 256-px images are the embedded model's frame), e.g. ``product_mean8_pos_s4``
 ``paper``             ``|input - counterfactual|`` (the paper's map)
 ``empty``             baseline: the product map with the empty prompt ``""``
 ``diffedit``          DiffEdit noise contrast "normal chest x-ray" vs ``--disease-prompt`` (``app.mapmethods``)
@@ -132,18 +135,35 @@ def score_one(values: NDArray[Any], lesion: NDArray[np.bool_], region: NDArray[n
 MapFn = Callable[[NDArray[np.float32], NDArray[np.bool_], int], dict[str, NDArray[np.float32]]]
 
 
+def _product_maps(ref: NDArray[np.float32], cfs: NDArray[np.float32], samples: int,
+                  suffix: str = "") -> dict[str, NDArray[np.float32]]:
+    """The ``product*`` maps of a reference (H, W) and its counterfactuals (S, H, W), named with ``suffix``."""
+    signed = ref - cfs[0]
+    out = {f"product{suffix}": np.abs(signed), f"product_pos{suffix}": np.clip(signed, 0, None)}
+    if samples > 1:
+        mean_signed = ref - cfs.mean(0)
+        out[f"product_mean{samples}{suffix}"] = np.abs(mean_signed)
+        out[f"product_mean{samples}_pos{suffix}"] = np.clip(mean_signed, 0, None)
+    return out
+
+
 def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidance: float, steps: int,
                  samples: int, disease_prompt: str, classifier: Any = None, guided_scale: float = 30.0,
-                 scheduler: Scheduler | str | None = None) -> MapFn:
+                 scheduler: Scheduler | str | None = None, smoothing: float = 0.0) -> MapFn:
     """A function (image 256 px, lung mask, seed) -> {method: map} for the model-based methods.
 
     The SDEdit maps run the healthy preset's request (prompt, and scheduler unless ``scheduler`` is given) with
-    these settings; DDIM inversion and the classifier-guided map use DDIM whatever the scheduler.
+    these settings; DDIM inversion and the classifier-guided map use DDIM whatever the scheduler. ``smoothing``
+    (sigma in pixels of the probe's 256-px image, >= 0): above 0 the ``product*`` maps are also reported with the
+    reference and the counterfactuals Gaussian smoothed (mode ``"reflect"``), named with the suffix ``_s<sigma>``.
 
     Raises:
         ValueError: a setting out of range, or the preset names a scheduler the engine does not support.
     """
     from app import mapmethods
+
+    if not (math.isfinite(smoothing) and smoothing >= 0):
+        raise ValueError(f"smoothing={smoothing!r} must be a sigma of 0 or more pixels (0 = none)")
 
     request = GenerationRequest.from_preset(engine.info.presets.get("healthy"), strength=strength,
                                             guidance_scale=guidance, steps=steps, samples=samples,
@@ -157,14 +177,14 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
         if any(m.startswith(("product", "paper")) for m in methods):
             res = engine.generate_request(img, replace(request, seed=seed))
             ref = res.reconstruction if reference == "reconstruction" else img
-            signed = ref - res.counterfactuals[0]
-            out["product"] = np.abs(signed)
-            out["product_pos"] = np.clip(signed, 0, None)
-            out["paper"] = np.abs(img - res.counterfactuals[0])
-            if samples > 1:
-                mean_signed = ref - res.counterfactuals.mean(0)
-                out[f"product_mean{samples}"] = np.abs(mean_signed)
-                out[f"product_mean{samples}_pos"] = np.clip(mean_signed, 0, None)
+            product = _product_maps(ref, res.counterfactuals, samples)
+            out.update({"product": product.pop("product"), "product_pos": product.pop("product_pos"),
+                        "paper": np.abs(img - res.counterfactuals[0]), **product})
+            if smoothing > 0:  # smoothing is linear: the same as smoothing each sample's difference
+                out.update(_product_maps(
+                    ndimage.gaussian_filter(ref, smoothing, mode="reflect"),
+                    ndimage.gaussian_filter(res.counterfactuals, (0, smoothing, smoothing), mode="reflect"),
+                    samples, f"_s{smoothing:g}"))
         if "empty" in methods:
             res = engine.generate_request(img, replace(request, prompt="", samples=1, seed=seed))
             ref = res.reconstruction if reference == "reconstruction" else img

@@ -122,21 +122,34 @@ def letterbox(img: np.ndarray, size: int, *, pad_value: float = 0.0) -> tuple[np
     return out, lb
 
 
-def unletterbox(img_model: np.ndarray, lb: Letterbox) -> np.ndarray:
+def unletterbox(img_model: np.ndarray, lb: Letterbox, *, smoothing_sigma: float = 0.0) -> np.ndarray:
     """Undo :func:`letterbox`: drop the padding and resize back to exactly the native shape.
 
     Args:
         img_model: ``(size, size)`` or ``(size, size, C)`` in the model frame (e.g. a counterfactual or a map).
         lb: The letterbox returned with the model input.
+        smoothing_sigma: Gaussian standard deviation in model-frame pixels, >= 0 (0 = none, the default): the
+            content box alone is smoothed before the resize (``scipy.ndimage.gaussian_filter``, mode ``"reflect"``
+            at the content's edges, channels not mixed), so the padding never bleeds into the image. In the model
+            frame a smoothing costs milliseconds where the same smoothing of a large native image costs seconds.
 
     Returns:
         float32 ``(H, W)`` or ``(H, W, C)`` in the native frame.
 
     Raises:
-        ValueError: ``img_model`` is not ``size x size``, or is non-finite.
+        ValueError: ``img_model`` is not ``size x size``, or is non-finite; ``smoothing_sigma`` is negative or not
+            finite.
     """
     arr = _as_image(img_model, "img_model")
     if arr.shape[:2] != (lb.size, lb.size):
         raise ValueError(f"img_model must be ({lb.size}, {lb.size}[, C]) to match the letterbox, got {arr.shape}")
+    if not (np.isfinite(smoothing_sigma) and smoothing_sigma >= 0):
+        raise ValueError(f"smoothing_sigma must be a finite number of model pixels >= 0; got {smoothing_sigma!r}")
     x0, y0, x1, y1 = lb.content_box
-    return _resize(arr[y0:y1, x0:x1], lb.native_height, lb.native_width)
+    content = arr[y0:y1, x0:x1]
+    if smoothing_sigma > 0:
+        from scipy import ndimage  # scipy (~0.3 s to import) with the first use, not the server's start-up
+
+        sigma = (smoothing_sigma, smoothing_sigma) + (0.0,) * (content.ndim - 2)
+        content = ndimage.gaussian_filter(content, sigma=sigma, mode="reflect").astype(np.float32, copy=False)
+    return _resize(content, lb.native_height, lb.native_width)

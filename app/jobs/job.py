@@ -152,6 +152,7 @@ class Job:
         """Rebuild a job from its ``job.json`` (used at start-up)."""
         stored = {k: v for k, v in data["request"].items() if k in ReviewRequest.__dataclass_fields__}
         stored.setdefault("map_polarity", "both")  # jobs from before map polarities mapped both directions
+        stored.setdefault("map_smoothing", 0.0)  # jobs from before map smoothing made unsmoothed maps
         req = ReviewRequest(**stored)
         return cls(id=data["id"], owner=data["owner"], request=req, run_dir=run_dir, upload_name=data["upload_name"],
                    input_summary=data.get("input_summary", {}), has_mask=bool(data.get("has_mask")),

@@ -122,7 +122,7 @@ def _display_params(facts: dict[str, str], overlay: dict[str, str], region: str)
     """Human-readable parameter lines for the burned-in block, in reading order.
 
     ``region`` is :func:`app.runs.read.region_text`'s."""
-    model = facts["model_hash"]
+    model, smoothing = facts["model_hash"], facts.get("map_smoothing", "0")
     shown = {
         "Prompt": facts["prompt"],
         "Negative prompt": facts["negative_prompt"] or "(none)",
@@ -133,6 +133,9 @@ def _display_params(facts: dict[str, str], overlay: dict[str, str], region: str)
         "Scheduler": facts["scheduler"],
         "Samples": facts["samples"],
         "Map": facts["map_label"],
+        # a smoothed map says so; the exports of unsmoothed maps stay as they were
+        **({"Map smoothing": f"Gaussian, sigma {smoothing} px in the model's frame"}
+           if smoothing not in ("0", "n/a") else {}),
         "Map scale": facts["map_scale"],
         "Map region": region,
         "Model (SHA-256)": model[:MODEL_HASH_PREFIX] if model != "n/a" else model,
@@ -167,7 +170,8 @@ def export_annotated_png(run_dir: Path, overlay: OverlayOptions = DEFAULT_OVERLA
     ``vald_md:guidance_scale``, ``vald_md:steps``, ``vald_md:effective_steps``, ``vald_md:seed`` (all sample
     seeds, comma-separated), ``vald_md:scheduler``, ``vald_md:samples``, ``vald_md:reference``,
     ``vald_md:map_label`` (:func:`app.rendering.map_label`), ``vald_md:map_scale`` (calibrated or relative),
-    ``vald_md:smoothing_sigma``, ``vald_md:map_region`` (``lungs``, ``user_mask`` or ``whole_image``),
+    ``vald_md:smoothing_sigma``, ``vald_md:map_smoothing`` (Gaussian sigma in model-frame pixels, 0 = none),
+    ``vald_md:map_region`` (``lungs``, ``user_mask`` or ``whole_image``),
     ``vald_md:model_hash`` (full SHA-256), ``vald_md:created_at``,
     ``vald_md:overlay`` (JSON of the display options), ``vald_md:record_sha256`` (of ``record.json``), plus
     ``Disclaimer`` and ``Software``. Neither the pixels nor the chunks hold patient data or the folder's path.

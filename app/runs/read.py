@@ -222,6 +222,7 @@ def run_facts(record: RunRecord) -> dict[str, str]:
         "map_label": record.label,
         "map_scale": _scale_text(record),
         "smoothing_sigma": _fmt(request.get("smoothing_sigma")),
+        "map_smoothing": _fmt(record.map_smoothing),
         "map_region": record.region,
         "model_hash": _fmt(record.model_hash),
         "created_at": _fmt(record.created_at),

@@ -10,15 +10,15 @@ and PNG exports carry their SHA-256), so the type is a faithful view of the JSON
   records of older versions that lack keys (a missing key reads as the field's default and is not written back);
 - ``RunRecord.from_json(record.to_json()) == record`` (equality compares the values, not the key order).
 
-The fallbacks older records need (a missing ``map_region``, map method, map polarity or sample count) live in the
-properties here, once, rather than as ``or {}`` at every reader.
+The fallbacks older records need (a missing ``map_region``, map method, map polarity, map smoothing or sample count)
+live in the properties here, once, rather than as ``or {}`` at every reader.
 
 Keys of a record, in the order :func:`~app.runs.review.run_review` writes them: ``vald_md_record`` (format
 version, 1), ``created_at`` (ISO 8601, UTC), ``input`` (the upload's SHA-256, the decoded pixels' SHA-256 and
 the public header summary), ``parameters`` (:class:`RunParameters`), ``effective_steps``, ``start_timestep``,
 ``unet_evaluations``, ``seeds`` (one per sample), ``timings_s``, ``model_hash``, ``letterbox``,
 ``library_versions``, ``compute`` (when known), ``request`` (window, reference, smoothing_sigma, mask,
-lung_mask, map_method, map_polarity), ``map_method``, the classifier-guided fields (``classifier``,
+lung_mask, map_method, map_polarity, map_smoothing), ``map_method``, the classifier-guided fields (``classifier``,
 ``classifier_scale``, ``logit_input``, ``logit_counterfactual``, ``classifier_lung_fraction``), ``map_label``,
 ``map_region``, ``lung_mask``, ``map_summary``, ``model_limitations``, ``artifacts_sha256`` (file name -> SHA-256)
 and ``disclaimer``.
@@ -183,6 +183,13 @@ class RunRecord(_JsonObject):
         removed) or ``"both"``; records from before it was recorded are ``"both"``."""
         value = self.request.get("map_polarity")
         return str(value) if value is not None else "both"
+
+    @property
+    def map_smoothing(self) -> float:
+        """The map's smoothing (``request.map_smoothing``): Gaussian sigma in model-frame pixels, 0 = none; records
+        from before it was recorded are 0.0."""
+        value = self.request.get("map_smoothing")
+        return float(value) if value is not None else 0.0
 
     @property
     def label(self) -> str:

@@ -48,6 +48,17 @@ samples and the smoothing (density the healthy counterfactual removed, e.g. an o
 overlay, the summary, the exports and ``attribution.npy`` show (:func:`app.attribution.difference_map`). The
 per-sample SD map is the same for both.
 
+The map's smoothing (``ReviewRequest.map_smoothing``, sigma in pixels of the model's square frame, 0..16;
+``None`` = the preset's ``"map_smoothing"`` when it names one, else the manifest's, else 0 = off), recorded under
+``request.map_smoothing`` (records from before it lack the key: 0): above 0 the reference and each counterfactual
+are taken in the model frame (``CounterfactualResult.input_model`` / ``reconstruction_model`` and
+``counterfactuals_model``), Gaussian smoothed inside the letterbox's content box (the padding does not bleed in)
+and brought back to the native frame (:func:`app.imaging.unletterbox`) before the difference, so the mean, the
+polarity and the SD map all see smoothed differences. The model cannot place detail finer than its latent grid
+(8 model pixels), and in the model frame the smoothing costs milliseconds where the same smoothing of a large
+native map costs seconds. ``smoothing_sigma`` (native pixels, applied to the difference) is separate and stays
+as it was. At 0 the map is exactly the unsmoothed one.
+
 The map's region: a user-supplied mask wins; else, with ``lung_mask`` on (the default) and a segmenter loaded,
 the lung fields (:mod:`app.lungs`); else the whole frame. ``record.json`` says which under ``"map_region"``
 (``"user_mask"``, ``"lungs"``, ``"whole_image"``) and, under ``"lung_mask"``, either the segmenter's provenance
@@ -97,6 +108,8 @@ MAP_POLARITIES = {"removed": "Density removed (positive part)", "both": "Both di
 ONE_SAMPLE_METHODS = ("classifier_guided", "ddim_inversion")
 """Methods that make one deterministic-path counterfactual (DDIM): one sample, no negative prompt."""
 MAX_CLASSIFIER_SCALE = 5.0
+MAX_MAP_SMOOTHING = 16.0
+"""The largest map smoothing a run may ask for: sigma in model-frame pixels (two latent cells)."""
 MAX_CASE_LABEL = 64
 """Characters of the operator's optional case label (shown on the result, stored in job.json only: never in
 record.json, which is exported)."""
@@ -117,6 +130,7 @@ class ReviewRequest(GenerationRequest):
     lung_mask: bool = True  # restrict the map to the lungs when a segmenter is loaded (a user mask still wins)
     map_method: str | None = None  # None: the model's recommendation (manifest "map_method"), else "sdedit"
     map_polarity: str | None = None  # None: the model's (manifest "map_polarity"), else "both"; or "removed"
+    map_smoothing: float | None = None  # sigma, model-frame px, 0..16 (0 = off); None: the model's, else 0
     classifier_scale: float = 0.3  # classifier_guided only: step against the disease gradient, 0..5
     case_label: str = ""  # the operator's own label for the case (never from DICOM tags, never logged or audited)
 
@@ -130,7 +144,7 @@ class ReviewRequest(GenerationRequest):
 
     def check(self) -> None:
         """Refuse out-of-range generation fields (:meth:`GenerationRequest.check`) and map options (reference map,
-        smoothing, map method, map polarity, case label, classifier scale).
+        smoothing, map method, map polarity, map smoothing, case label, classifier scale).
 
         Raises:
             ValueError: a field is out of range; the message names it and what is allowed.
@@ -146,6 +160,9 @@ class ReviewRequest(GenerationRequest):
         if self.map_polarity is not None and self.map_polarity not in MAP_POLARITIES:
             raise ValueError(f"map_polarity={self.map_polarity!r} is not a map polarity; choose 'removed' (only "
                              f"the density the counterfactual removed) or 'both' (the signed difference)")
+        if self.map_smoothing is not None and not 0.0 <= self.map_smoothing <= MAX_MAP_SMOOTHING:
+            raise ValueError(f"map_smoothing={self.map_smoothing} must be within [0, {MAX_MAP_SMOOTHING:g}] pixels "
+                             f"of the model's frame (0 = no smoothing)")
         if len(self.case_label) > MAX_CASE_LABEL or not self.case_label.isprintable():
             raise ValueError(f"case_label must be at most {MAX_CASE_LABEL} printable characters (no line breaks); "
                              f"got {len(self.case_label)} characters")
@@ -166,14 +183,16 @@ class ReviewRequest(GenerationRequest):
 def with_model_defaults(req: ReviewRequest, info: Any) -> ReviewRequest:
     """``req`` with its unset map options (``None``) filled in from the model's manifest, unchecked: the map method
     (``"map_method"``, else ``"sdedit"``), the reference (``"reconstruction"`` for DDIM inversion, else
-    ``"map_reference"``, else ``"input"``) and the polarity (``"map_polarity"``, else ``"both"``). The one place
-    these fallbacks live (:func:`resolve_request`, the review form's defaults)."""
+    ``"map_reference"``, else ``"input"``), the polarity (``"map_polarity"``, else ``"both"``) and the smoothing
+    (``"map_smoothing"``, else 0.0; a preset's own comes first, filled in by :meth:`ReviewRequest.from_preset`).
+    The one place these fallbacks live (:func:`resolve_request`, the review form's defaults)."""
     manifest = getattr(info, "manifest", {})
     method = req.map_method if req.map_method is not None else str(manifest.get("map_method", "sdedit"))
     reference = req.reference if req.reference is not None else (
         "reconstruction" if method == "ddim_inversion" else str(manifest.get("map_reference", "input")))
     polarity = req.map_polarity if req.map_polarity is not None else str(manifest.get("map_polarity", "both"))
-    return replace(req, map_method=method, reference=reference, map_polarity=polarity)
+    smoothing = float(req.map_smoothing if req.map_smoothing is not None else manifest.get("map_smoothing", 0.0))
+    return replace(req, map_method=method, reference=reference, map_polarity=polarity, map_smoothing=smoothing)
 
 
 def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
@@ -182,8 +201,8 @@ def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
 
     ``map_method`` ``None`` becomes the manifest's ``"map_method"`` (else ``"sdedit"``); ``reference`` ``None``
     becomes ``"reconstruction"`` for DDIM inversion, else the manifest's ``"map_reference"`` (else ``"input"``);
-    ``map_polarity`` ``None`` becomes the manifest's ``"map_polarity"`` (else ``"both"``). A resolved request comes
-    back equal.
+    ``map_polarity`` ``None`` becomes the manifest's ``"map_polarity"`` (else ``"both"``); ``map_smoothing``
+    ``None`` the manifest's ``"map_smoothing"`` (else 0.0). A resolved request comes back equal.
 
     Raises:
         ValueError: a field is out of range, an unknown method, or ``classifier_guided`` without a lesion
@@ -298,7 +317,7 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
         reconstruction=recon, letterbox=lb, effective_steps=n_eff,
         start_timestep=int(sched.timesteps[req.steps - n_eff]), unet_evaluations=passes * n_eff, seeds=[seed],
         timings_s=timings, model_hash=engine.info.model_hash, parameters=params,
-        compute=engine.compute_record())
+        compute=engine.compute_record(), reconstruction_model=np.asarray(out.reconstruction, dtype=np.float32))
     return result, out
 
 
@@ -363,6 +382,34 @@ def make_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req: R
     return result, {"map_method": "sdedit"}
 
 
+def map_inputs(result: CounterfactualResult, pixels: np.ndarray, *, reference: str,
+               map_smoothing: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The reference and the counterfactuals a map is the difference of, in the native frame.
+
+    Args:
+        result: the counterfactual(s) of ``pixels``.
+        pixels: the decoded image, float32 (H, W) in [0, 1], native frame.
+        reference: ``"input"`` (``pixels``) or ``"reconstruction"`` (the autoencoder's reconstruction).
+        map_smoothing: Gaussian sigma in model-frame pixels (>= 0; 0 = none): above 0 both are taken in the model
+            frame, smoothed inside the letterbox's content box and unletterboxed (:func:`app.imaging.unletterbox`).
+
+    Returns:
+        ``(reference, counterfactuals)``: float32 (H, W) and (S, H, W); at 0 exactly ``pixels`` (or
+        ``result.reconstruction``) and ``result.counterfactuals``.
+    """
+    if map_smoothing <= 0:
+        return (pixels if reference == "input" else result.reconstruction), result.counterfactuals
+    lb = result.letterbox
+    if reference == "input":
+        ref_model = result.input_model
+    elif result.reconstruction_model is not None:
+        ref_model = result.reconstruction_model
+    else:
+        ref_model = imaging.letterbox(result.reconstruction, lb.size)[0]
+    smoothed = partial(imaging.unletterbox, lb=lb, smoothing_sigma=map_smoothing)
+    return smoothed(ref_model), np.stack([smoothed(cf) for cf in result.counterfactuals_model])
+
+
 def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, out: Path, *,
                mask: np.ndarray | None = None, progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None,
@@ -397,13 +444,14 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     region = mask if mask is not None else lungs
     result, method_record = make_counterfactual(engine, pixels, req, classifier=classifier, segmenter=segmenter,
                                                 progress=progress, cancel=cancel)
-    reference = pixels if req.reference == "input" else result.reconstruction
-    amap = attribution.difference_map(reference, result.counterfactuals, mask=region,
+    reference, counterfactuals = map_inputs(result, pixels, reference=str(req.reference),
+                                            map_smoothing=float(req.map_smoothing or 0.0))
+    amap = attribution.difference_map(reference, counterfactuals, mask=region,
                                       smoothing_sigma=req.smoothing_sigma, polarity=str(req.map_polarity))
     calibration, scale_reason = mapscale.calibration_for_run(
         mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
         reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples,
-        polarity=str(req.map_polarity))
+        polarity=str(req.map_polarity), map_smoothing=float(req.map_smoothing or 0.0))
     label = rendering.map_label(req.reference, req.map_method, req.map_polarity)
     overlay = rendering.render_overlay(pixels, amap, normal_level=calibration.level if calibration else None,
                                        label=label)
@@ -434,7 +482,7 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         **result.record(),
         "request": {"window": req.window, "reference": req.reference, "smoothing_sigma": req.smoothing_sigma,
                     "mask": mask is not None, "lung_mask": req.lung_mask, "map_method": req.map_method,
-                    "map_polarity": req.map_polarity},
+                    "map_polarity": req.map_polarity, "map_smoothing": req.map_smoothing},
         **method_record,
         "map_label": label,
         "map_region": "user_mask" if mask is not None else "lungs" if lungs is not None else "whole_image",

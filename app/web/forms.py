@@ -1,8 +1,8 @@
 """Generation parameters as the web app receives them (multipart form fields), shared by the JSON API and the page.
 
 A field left out means "the loaded model's healthy preset" (``engine.info.presets["healthy"]``, its scheduler and
-samples included; the map polarity: the preset's, else the manifest's), so the API and the form default to the
-same values; both build the run's frozen ``ReviewRequest``
+samples included; the map polarity and map smoothing: the preset's, else the manifest's), so the API and the form
+default to the same values; both build the run's frozen ``ReviewRequest``
 with :meth:`app.generation.GenerationRequest.from_preset`. Ranges here repeat the request's so that a bad value is
 a 422 naming the field before anything is decoded; the job manager checks the request once more, as a whole.
 """
@@ -22,6 +22,7 @@ from app.runs.review import (
     MAP_POLARITIES,
     MAX_CASE_LABEL,
     MAX_CLASSIFIER_SCALE,
+    MAX_MAP_SMOOTHING,
     ReviewRequest,
     with_model_defaults,
 )
@@ -64,6 +65,11 @@ class GenerationParams(BaseModel):
                           "density the healthy counterfactual removed, e.g. an opacity) or 'both' (the signed "
                           "difference, magnitude = its absolute value); empty = the model's default (manifest "
                           "map_polarity, else 'both')")
+    map_smoothing: float | None = Field(
+        None, ge=0.0, le=MAX_MAP_SMOOTHING,
+        description="Gaussian smoothing of the map in the model's frame: sigma in pixels of the model's square "
+                    f"input (the embedded model: 256 px), 0..{MAX_MAP_SMOOTHING:g}, 0 = off; empty = the model's "
+                    "default (its healthy preset's map_smoothing, else the manifest's, else 0)")
     classifier_scale: float = Field(0.3, ge=0.0, le=MAX_CLASSIFIER_SCALE,
                                     description="classifier_guided: step against the disease gradient, 0..5")
 
@@ -123,7 +129,7 @@ class GenerationParams(BaseModel):
             "window": int(self.window) if self.window.isdigit() else self.window,
             "reference": ("reconstruction" if self.map_method == "ddim_inversion"
                           else str(info.manifest.get("map_reference", "input"))), "lung_mask": self.lung_mask,
-            "map_method": self.map_method, "map_polarity": self.map_polarity,
+            "map_method": self.map_method, "map_polarity": self.map_polarity, "map_smoothing": self.map_smoothing,
             "classifier_scale": self.classifier_scale}
         return ReviewRequest.from_preset(info.presets.get("healthy"), **{**given, **fields})
 
@@ -176,6 +182,7 @@ class FormValues:
     lung_mask: bool = True
     map_method: str = "sdedit"
     map_polarity: str = "both"
+    map_smoothing: float = 0.0
     classifier_scale: float = 0.3
     case_label: str = ""
     reuse_input: str | None = None
@@ -190,7 +197,7 @@ class FormValues:
     @classmethod
     def defaults(cls, info: ModelInfo) -> FormValues:
         """The healthy preset of the loaded model (its scheduler and samples included), random seed; the model's
-        map method and polarity (the preset's, else the manifest's, else ``"both"``).
+        map method, polarity and smoothing (the preset's, else the manifest's, else ``"both"`` and 0).
 
         Raises:
             ValueError: the preset names a scheduler the engine does not support.
@@ -198,7 +205,8 @@ class FormValues:
         req = with_model_defaults(ReviewRequest.from_preset(info.presets.get("healthy")), info)
         return cls(prompt=req.prompt, negative_prompt="", strength=req.strength, guidance_scale=req.guidance_scale,
                    steps=req.steps, seed=None, seed_mode="random", scheduler=req.scheduler.value, samples=req.samples,
-                   window="auto", map_method=str(req.map_method), map_polarity=str(req.map_polarity))
+                   window="auto", map_method=str(req.map_method), map_polarity=str(req.map_polarity),
+                   map_smoothing=float(req.map_smoothing or 0.0))
 
     @classmethod
     def from_request(cls, req: ReviewRequest, *, seed: int | None, reuse_input: str | None = None,
@@ -209,7 +217,8 @@ class FormValues:
                    seed_mode="fixed" if seed is not None else "random", scheduler=req.scheduler.value,
                    samples=req.samples, window=str(req.window if req.window is not None else "auto"),
                    lung_mask=req.lung_mask, map_method=req.map_method or "sdedit",
-                   map_polarity=req.map_polarity or "both", classifier_scale=req.classifier_scale,
+                   map_polarity=req.map_polarity or "both", map_smoothing=float(req.map_smoothing or 0.0),
+                   classifier_scale=req.classifier_scale,
                    case_label=req.case_label, reuse_input=reuse_input, facts=facts, thumbnail_url=thumbnail_url)
 
 
@@ -243,8 +252,9 @@ PARAMETER_HELP = {
 
 def parameter_presets(info: ModelInfo) -> list[dict[str, Any]]:
     """The model's parameter presets as one-click choices for the form: ``key``, ``label``, ``prompt``,
-    ``strength``, ``guidance_scale``, ``steps``, ``scheduler``, ``samples``, ``map_polarity`` (``None`` when the
-    preset names none: the button leaves the form's choice) and ``description`` (the tooltip), healthy first
+    ``strength``, ``guidance_scale``, ``steps``, ``scheduler``, ``samples``, ``map_polarity`` and ``map_smoothing``
+    (``None`` when the preset names none: the button leaves the form's choice) and ``description`` (the tooltip),
+    healthy first
     (:data:`PRESET_ORDER`). Built-in presets (``app.engine.PRESETS``) overlaid with the manifest's."""
     keys = [k for k in PRESET_ORDER if k in info.presets] + sorted(k for k in info.presets if k not in PRESET_ORDER)
     out = []
@@ -254,7 +264,7 @@ def parameter_presets(info: ModelInfo) -> list[dict[str, Any]]:
         out.append({"key": key, "label": key.replace("-", " ").capitalize(), "prompt": req.prompt,
                     "strength": req.strength, "guidance_scale": req.guidance_scale, "steps": req.steps,
                     "scheduler": req.scheduler.value, "samples": req.samples, "map_polarity": req.map_polarity,
-                    "description": str(p.get("description", ""))})
+                    "map_smoothing": req.map_smoothing, "description": str(p.get("description", ""))})
     return out
 
 

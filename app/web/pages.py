@@ -41,6 +41,7 @@ from app.jobs import MASK_UPLOAD, Job, JobManager, JobNotFoundError, JobState
 from app.rendering import OverlayOptions
 from app.runs import exports
 from app.runs.folder import INPUT
+from app.runs.review import MAX_MAP_SMOOTHING
 from app.web.api import read_upload, submit_job
 from app.web.auditing import audit_view
 from app.web.auth import Caller
@@ -119,7 +120,7 @@ def form_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, 
             "schedulers": SCHEDULERS, "max_steps": settings.max_steps, "max_samples": settings.max_samples,
             "max_upload_mb": settings.max_upload_mb, "active": _active(jobs, user, current),
             "map_methods": map_method_options(jobs), "map_polarities": map_polarity_options(),
-            "last_seed": last.seeds[0] if last else None}
+            "max_map_smoothing": MAX_MAP_SMOOTHING, "last_seed": last.seeds[0] if last else None}
 
 
 def page_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, caller: Caller, *,

@@ -60,11 +60,11 @@
   }
 
   function applyPreset(button) {
-    // a model preset sets the prompt, strength, guidance, steps, scheduler, samples and (when it names one) the
-    // map polarity at once (its title says which)
+    // a model preset sets the prompt, strength, guidance, steps, scheduler, samples and (when it names them) the
+    // map polarity and map smoothing at once (its title says which)
     // (or, from an annotated PNG export, the run's parameters including its negative prompt, samples and seed)
     ["prompt", "negative_prompt", "strength", "guidance_scale", "steps", "scheduler", "samples", "map_polarity",
-     "seed"]
+     "map_smoothing", "seed"]
       .forEach(function (name) {
         var field = document.getElementById(name);
         var value = button.getAttribute("data-model-preset-" + name);
