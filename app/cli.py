@@ -41,7 +41,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None,
                    help="samples per input, 1..16 (mean and std maps); default: the model's healthy preset (else 1)")
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS,
-                   help="sampler (default: the model's preset (the embedded model: pndm))")
+                   help="sampler (default: the model's preset (the embedded model: dpm++))")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--no-cpu-autocast", dest="cpu_autocast", action="store_false",
                    help="compute in float32 on the CPU (default: bf16 autocast where the CPU has AMX bf16; "

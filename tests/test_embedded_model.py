@@ -45,13 +45,13 @@ def test_healthy_counterfactual_of_a_covid_test_image(mini, shared_data, preset_
     preset = mini.info.presets[preset_name]
     path = sorted((shared_data / "cxr256" / "test" / "covid").glob("*.png"))[0]
     img = imaging.decode_image(path.read_bytes()).pixels
-    r = mini.generate(img, preset["prompt"], strength=preset["strength"], guidance_scale=preset["guidance_scale"],
-                      steps=preset["steps"], seed=0)
+    setting = {"strength": preset["strength"], "guidance_scale": preset["guidance_scale"], "steps": preset["steps"],
+               "scheduler": preset.get("scheduler", "pndm"), "seed": 0}
+    r = mini.generate(img, preset["prompt"], **setting)
     cf = r.counterfactuals[0]
     assert cf.shape == img.shape and np.isfinite(cf).all()
     s = metrics.ssim(img, cf)
     assert lo <= s <= hi, f"{preset_name}: SSIM {s:.3f} outside the model card's range [{lo}, {hi}]"
     # deterministic per seed
-    again = mini.generate(img, preset["prompt"], strength=preset["strength"],
-                          guidance_scale=preset["guidance_scale"], steps=preset["steps"], seed=0)
+    again = mini.generate(img, preset["prompt"], **setting)
     np.testing.assert_array_equal(cf, again.counterfactuals[0])

@@ -171,14 +171,14 @@ def test_the_preset_defaults_are_said_where_they_are_chosen():
     from app.web.forms import GenerationParams
 
     props = GenerationParams.model_json_schema()["properties"]
-    assert "default: the model's preset (the embedded model: pndm)" in props["scheduler"]["description"]
+    assert "default: the model's preset (the embedded model: dpm++)" in props["scheduler"]["description"]
     assert "the embedded model: 'normal chest x-ray'" in props["prompt"]["description"]
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     helps = {a.dest: a.help for a in sub.choices["counterfactual"]._actions}
-    assert "default: the model's preset (the embedded model: pndm)" in str(helps["scheduler"])
+    assert "default: the model's preset (the embedded model: dpm++)" in str(helps["scheduler"])
     assert "the embedded model: 'normal chest x-ray'" in str(helps["prompt"])
     embedded = json.loads((modelfolder.DEFAULT_MODEL_DIR / modelfolder.MANIFEST).read_text())["presets"]["healthy"]
-    assert (embedded["scheduler"], embedded["prompt"]) == ("pndm", "normal chest x-ray")  # what the texts say
+    assert (embedded["scheduler"], embedded["prompt"]) == ("dpm++", "normal chest x-ray")  # what the texts say
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class GenerationParams(BaseModel):
                                 description="counterfactual samples averaged into the map, 1..16 (>1 adds a "
                                             "stability map); default: the model's healthy preset (else 1)")
     scheduler: SchedulerName | None = Field(None, description="sampler; default: the model's preset (the embedded "
-                                                           "model: pndm)")
+                                                           "model: dpm++)")
     window: str = Field("auto", max_length=20, description="'auto', 'percentile' or a file preset index 0, 1, ...")
     lung_mask: bool = Field(True, description="restrict the map to the lungs (the server's lung segmenter); "
                                               "an uploaded region mask wins")
