@@ -110,7 +110,8 @@ class Settings(BaseSettings):
         device: 'cpu', 'cuda', 'cuda:N', 'mps' or ``None`` (CUDA when available).
         dtype: 'fp32', 'fp16', 'bf16' or ``None`` (automatic per device).
         cpu_autocast: on a CPU with AMX bf16 and fp32 weights, run the autoencoder under bf16 autocast
-            (``VALD_MD_CPU_AUTOCAST``, default on; the UNet stays float32). vald-md-mini, 256 px, one thread: VAE
+            (``VALD_MD_CPU_AUTOCAST``, default on; the UNet too for batches of 16 latents or more, e.g. 8 samples with
+            guidance: 1.48x per step there; smaller batches stay float32). vald-md-mini, 256 px, one thread: VAE
             decode 455 -> 127 ms, encode 233 -> 68 ms; counterfactuals within 0.0006-0.0007 mean |difference| of
             float32 (docs/PERFORMANCE.md). ``false`` = bit-exact float32. Each record states it under ``compute``.
         compile_unet: compile the UNet with ``torch.compile`` at start-up and run one short warm-up generation

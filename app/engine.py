@@ -221,7 +221,8 @@ class _AutoencoderAutocast:
 
     Measured on the embedded model (256 px, 1 thread, AMX CPU): the decoder 455 -> 127 ms and the encoder 233 ->
     68 ms with bf16 autocast and channels-last weights (oneDNN's AMX kernels want NHWC), while the small UNet gets
-    slower under autocast (74.7 -> 82.8 ms per CFG step; 91 ms channels-last): so the UNet stays float32, as it is.
+    slower under autocast at batch 2 (74.7 -> 82.8 ms per CFG step; 91 ms channels-last): so the UNet stays float32
+    here (batches of :data:`UNET_AUTOCAST_MIN_BATCH` or more gain, and take :class:`_UNetAutocast`).
     The decoder's last layer stays float32 so that images keep float32 resolution (bf16 would quantise [0, 1]
     to steps of up to 2**-9, coarser than a 16-bit PNG). Wrapping the two sub-modules' ``forward`` on the
     instance, not the classes, leaves every other user of the classes alone; with ``active`` False (a plain
@@ -264,6 +265,47 @@ class _AutoencoderAutocast:
             self.active = False
 
 
+UNET_AUTOCAST_MIN_BATCH = 16
+"""The smallest UNet batch (samples x 2 with classifier-free guidance) that runs under bf16 autocast on an AMX CPU
+when ``cpu_autocast`` is on. The embedded model's UNet, one CFG step at 32 x 32 latents, 2 threads: batch 2 57.9
+ms fp32 vs 57.8 ms bf16 (1 thread: 66 vs 75 ms, slower; docs/PERFORMANCE.md), batch 16 (8 samples) 243 vs 165 ms
+(1.48x): autocast pays only where the batch is large enough to leave the UNet's per-layer overhead behind."""
+
+
+class _UNetAutocast:
+    """bf16 autocast for the UNet's ``forward`` on calls with at least ``min_batch`` latents, while ``active``.
+
+    Wraps ``forward`` on the instance (the classes stay untouched); the output is cast back to float32, as the
+    scheduler expects. Smaller batches, and every call while inactive (a plain diffusers call on the same
+    components, the DDIM map methods), run in float32 as before.
+    """
+
+    def __init__(self, unet: Any, dtype: torch.dtype, min_batch: int = UNET_AUTOCAST_MIN_BATCH) -> None:
+        self.active = False
+        self.min_batch = min_batch
+        forward = unet.forward
+
+        def autocast_forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if not self.active or sample.shape[0] < self.min_batch:
+                return forward(sample, *args, **kwargs)
+            with torch.autocast("cpu", dtype=dtype):
+                out = forward(sample, *args, **kwargs)
+            if isinstance(out, tuple):
+                return (out[0].float(), *out[1:])
+            out.sample = out.sample.float()
+            return out
+
+        unet.forward = autocast_forward
+
+    @contextlib.contextmanager
+    def on(self) -> Any:
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+
 class CounterfactualEngine:
     """A model folder loaded once and kept resident; ``generate`` makes counterfactuals.
 
@@ -272,7 +314,8 @@ class CounterfactualEngine:
         device: 'cuda', 'cuda:1', 'cpu' or None (auto). dtype: 'fp32' | 'fp16' | 'bf16' | None (auto).
         cpu_autocast: on a CPU with AMX bf16 (:func:`cpu_has_amx_bf16`) and fp32 weights, run the autoencoder
             (encoder and decoder, channels-last) under ``torch.autocast("cpu", torch.bfloat16)``; the UNet and
-            the decoder's last layer stay float32 (:class:`_AutoencoderAutocast`); ignored elsewhere. Off by default
+            the decoder's last layer stay float32 (:class:`_AutoencoderAutocast`), and the UNet joins for batches
+            of :data:`UNET_AUTOCAST_MIN_BATCH` or more (:class:`_UNetAutocast`); ignored elsewhere. Off by default
             here (bit-exact fp32, as the tests expect); the server and the CLI turn it on
             (``Settings.cpu_autocast``). Records state it under ``compute``.
 
@@ -299,6 +342,8 @@ class CounterfactualEngine:
         self.pipe = pipe.to(self.device)
         self._vae_autocast = (_AutoencoderAutocast(pipe.vae, self.autocast_dtype)
                               if self.autocast_dtype is not None else None)
+        self._unet_autocast = (_UNetAutocast(pipe.unet, self.autocast_dtype)
+                               if self.autocast_dtype is not None else None)
         if compile_unet:
             # opt-in: compiled lazily by torch; the first generate() pays the compilation, which the server's
             # --compile start-up does before it says ready (warm_up(), load_engine_in_short_lived_thread)
@@ -398,18 +443,27 @@ class CounterfactualEngine:
         """(S, C, h, w) in [-1, 1] -> float32 (S, h, w) in [0, 1] (channel mean for RGB models)."""
         return ((t.float().mean(1).clamp(-1, 1) + 1) / 2).cpu().numpy().astype(np.float32)
 
+    @contextlib.contextmanager
     def autocast(self) -> Any:
-        """The precision context of a generation: the autoencoder in bf16 autocast on an AMX CPU when enabled
-        (``cpu_autocast``), else a no-op."""
-        return contextlib.nullcontext() if self._vae_autocast is None else self._vae_autocast.on()
+        """The precision context of a generation: on an AMX CPU with ``cpu_autocast``, the autoencoder in bf16
+        autocast, and the UNet too for batches of :data:`UNET_AUTOCAST_MIN_BATCH` latents or more; else a no-op."""
+        if self._vae_autocast is None or self._unet_autocast is None:
+            yield
+            return
+        with self._vae_autocast.on(), self._unet_autocast.on():
+            yield
 
-    def compute_record(self) -> dict[str, Any]:
+    def compute_record(self, unet_batch: int = 0) -> dict[str, Any]:
         """``{"device", "dtype", "autocast", "autocast_components"}`` for a record of a run made under
-        :meth:`autocast`: the weights' device and dtype, and ``"bf16"`` with ``["vae"]`` when the autoencoder ran
-        under bf16 autocast, else ``None`` and ``[]``."""
+        :meth:`autocast` whose UNet ran ``unet_batch`` latents per call (samples x 2 with guidance; 0 = not
+        counted): the weights' device and dtype, and ``"bf16"`` with ``["vae"]`` (``["vae", "unet"]`` from
+        :data:`UNET_AUTOCAST_MIN_BATCH` latents) when the autoencoder ran under bf16 autocast, else ``None`` and
+        ``[]``."""
         on = self._vae_autocast is not None
+        unet = on and self._unet_autocast is not None and unet_batch >= self._unet_autocast.min_batch
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "autocast": "bf16" if on else None, "autocast_components": ["vae"] if on else []}
+                "autocast": "bf16" if on else None,
+                "autocast_components": ["vae", "unet"] if unet else ["vae"] if on else []}
 
     @torch.no_grad()
     def reconstruct_model_frame(self, img_model: np.ndarray, posterior_mean: torch.Tensor | None = None) -> np.ndarray:
@@ -543,7 +597,8 @@ class CounterfactualEngine:
             reconstruction=recon.astype(np.float32), letterbox=lb, effective_steps=n_eff, start_timestep=start_t,
             unet_evaluations=n_calls,
             seeds=seeds, timings_s=timings, model_hash=self.info.model_hash, parameters=params,
-            compute=self.compute_record(), reconstruction_model=recon_model.astype(np.float32))
+            compute=self.compute_record(samples * (2 if guidance_scale > 1 else 1)),
+            reconstruction_model=recon_model.astype(np.float32))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -275,3 +275,50 @@ def test_a_request_without_a_seed_draws_it_with_draw_seed(tiny, monkeypatch):
     monkeypatch.setattr(engine, "draw_seed", lambda: 1234)
     result = tiny.generate(_image(), "normal chest x ray", strength=0.8, steps=5, seed=None, samples=2)
     assert result.seeds == [1234, 1235] and result.parameters["seed"] == 1234
+
+
+def test_unet_autocast_runs_only_large_batches_in_bf16_and_hands_back_float32() -> None:
+    """Issue 15: on an AMX CPU the UNet joins the bf16 autocast for batches of UNET_AUTOCAST_MIN_BATCH or more
+    (8 samples with guidance: 1.48x per step); smaller batches and calls outside a generation stay float32."""
+    import torch
+
+    from app.engine import _UNetAutocast
+
+    seen: list[torch.dtype] = []
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, sample: torch.Tensor, t: int, return_dict: bool = False) -> tuple[torch.Tensor]:
+            y = self.lin(sample)
+            seen.append(y.dtype)
+            return (y,)
+
+    net = Net()
+    autocast = _UNetAutocast(net, torch.bfloat16, min_batch=4)
+    small, large = torch.randn(2, 4), torch.randn(4, 4)
+    with autocast.on():
+        assert net(small, 0)[0].dtype == torch.float32 and seen[-1] == torch.float32
+        out = net(large, 0)[0]
+        assert seen[-1] == torch.bfloat16 and out.dtype == torch.float32
+    assert net(large, 0)[0].dtype == torch.float32 and seen[-1] == torch.float32  # outside a generation
+
+
+def test_the_record_names_the_unet_under_autocast_only_for_large_batches(tmp_path) -> None:
+    import torch
+
+    from app.engine import UNET_AUTOCAST_MIN_BATCH, CounterfactualEngine, _AutoencoderAutocast, _UNetAutocast
+    from tests.tiny_model import write_tiny_model
+
+    engine = CounterfactualEngine(write_tiny_model(tmp_path / "tiny"), device="cpu")  # its own: patched below
+    assert engine.compute_record(64)["autocast_components"] == []  # autocast off: float32 everywhere
+    # as the constructor sets them up on an AMX CPU (cpu_autocast=True), whatever this CPU has
+    engine._vae_autocast = _AutoencoderAutocast(engine.pipe.vae, torch.bfloat16)
+    engine._unet_autocast = _UNetAutocast(engine.pipe.unet, torch.bfloat16)
+    assert engine.compute_record(2)["autocast_components"] == ["vae"]
+    assert engine.compute_record(UNET_AUTOCAST_MIN_BATCH)["autocast_components"] == ["vae", "unet"]
+    result = engine.generate(np.full((32, 32), 0.5, np.float32), strength=0.5, guidance_scale=2.0, steps=4,
+                             seed=0, samples=UNET_AUTOCAST_MIN_BATCH // 2)
+    assert result.compute["autocast_components"] == ["vae", "unet"] and np.isfinite(result.counterfactuals).all()
