@@ -216,7 +216,21 @@ def cpu_has_amx_bf16() -> bool:
     return False
 
 
-class _AutoencoderAutocast:
+class _Switch:
+    """A wrapper of model components that acts only while ``active``: :meth:`on` is the context of one generation."""
+
+    active = False
+
+    @contextlib.contextmanager
+    def on(self) -> Any:
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+
+class _AutoencoderAutocast(_Switch):
     """bf16 autocast for the autoencoder's encoder and decoder only, switched on per call (``active``).
 
     Measured on the embedded model (256 px, 1 thread, AMX CPU): the decoder 455 -> 127 ms and the encoder 233 ->
@@ -256,14 +270,6 @@ class _AutoencoderAutocast:
 
         return fp32_forward
 
-    @contextlib.contextmanager
-    def on(self) -> Any:
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
-
 
 UNET_AUTOCAST_MIN_BATCH = 16
 """The smallest UNet batch (samples x 2 with classifier-free guidance) that runs under bf16 autocast on an AMX CPU
@@ -272,7 +278,7 @@ ms fp32 vs 57.8 ms bf16 (1 thread: 66 vs 75 ms, slower; docs/PERFORMANCE.md), ba
 (1.48x): autocast pays only where the batch is large enough to leave the UNet's per-layer overhead behind."""
 
 
-class _UNetAutocast:
+class _UNetAutocast(_Switch):
     """bf16 autocast for the UNet's ``forward`` on calls with at least ``min_batch`` latents, while ``active``.
 
     Wraps ``forward`` on the instance (the classes stay untouched); the output is cast back to float32, as the
@@ -296,14 +302,6 @@ class _UNetAutocast:
             return out
 
         unet.forward = autocast_forward
-
-    @contextlib.contextmanager
-    def on(self) -> Any:
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
 
 
 class CounterfactualEngine:
