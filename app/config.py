@@ -123,8 +123,8 @@ class Settings(BaseSettings):
             another gets HTTP 429. The worker takes the users' runs in turn (``app.jobs``).
         queue_cost_budget: total cost of the waiting runs in step-samples (``(int(steps * strength) + 1) *
             samples`` each), 100..10,000,000 (``VALD_MD_QUEUE_COST_BUDGET``); a run that would pass it gets HTTP
-            503 (a run always fits an empty queue). Default 6000: about three of the heaviest runs the default
-            limits allow (250 steps at strength 1 x 8 samples = 2008).
+            503 (a run always fits an empty queue). Default 12000: about three of the heaviest runs the default
+            limits allow (250 steps at strength 1 x 16 samples = 4016).
         max_upload_mb: largest accepted request body in MiB (the image plus an optional mask), 1..1024.
         max_steps: largest ``steps`` a user may ask for, 1..1000 (bounds the time one job holds the model).
         max_samples: largest ``samples`` a user may ask for, 1..16.
@@ -202,10 +202,10 @@ class Settings(BaseSettings):
     compile_unet: bool = False
     queue_size: int = Field(default=8, ge=1, le=64)
     max_jobs_per_user: int = Field(default=3, ge=1, le=64)
-    queue_cost_budget: int = Field(default=6000, ge=100, le=10_000_000)
+    queue_cost_budget: int = Field(default=12000, ge=100, le=10_000_000)
     max_upload_mb: int = Field(default=64, ge=1, le=1024)
     max_steps: int = Field(default=250, ge=1, le=1000)
-    max_samples: int = Field(default=8, ge=1, le=16)
+    max_samples: int = Field(default=16, ge=1, le=16)
     preview_size: int = Field(default=192, ge=32, le=512)
     thumbnail_size: int = Field(default=96, ge=32, le=256)
     sse_interval_s: float = Field(default=0.25, ge=0.05, le=5.0)

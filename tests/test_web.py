@@ -477,7 +477,7 @@ def test_one_user_cannot_fill_the_queue_for_everyone(tiny_engine, tmp_path):
         assert heavy.get(f"/api/v1/jobs/{second['job_id']}").json()["queue_position"] == 2
         assert second["cost"] == (int(40 * 0.5) + 1) * 8
         limits = other.get("/api/v1/model").json()["limits"]
-        assert limits["max_jobs_per_user"] == 3 and limits["queue_cost_budget"] == 6000
+        assert limits["max_jobs_per_user"] == 3 and limits["queue_cost_budget"] == 12000
         engine.gate.set()
         assert wait_state(other, mine.json()["job_id"])["state"] == "done"
 
