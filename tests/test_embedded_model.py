@@ -37,6 +37,22 @@ def test_model_folder_is_complete_small_and_documented(mini):
     assert limitations_shown(manifest["limitations"]) is not None
 
 
+def test_every_preset_fits_the_servers_default_limits():
+    """A preset the server's default limits refuse would make the default request of a fresh install a 422: each of the
+    embedded model's presets stays within ``Settings()``'s ``max_samples`` / ``max_steps``, and the heaviest run those
+    limits allow fits the queue's default cost budget with room for more than two of it."""
+    from app.config import Settings
+
+    settings = Settings()
+    presets = json.loads((MODEL / modelfolder.MANIFEST).read_text())["presets"]
+    for name, preset in presets.items():
+        assert preset.get("samples", 1) <= settings.max_samples, name
+        assert preset["steps"] <= settings.max_steps, name
+    assert presets["healthy"]["samples"] == 16  # the mean of 16: docs/EVALUATION.md, fourth round
+    heaviest = (settings.max_steps + 1) * settings.max_samples
+    assert 2 * heaviest < settings.queue_cost_budget
+
+
 @pytest.mark.parametrize(("preset_name", "range_key"), [("minimal-edit", "counterfactual_ssim_range"),
                                                          ("healthy", "localizing_ssim_range")])
 def test_healthy_counterfactual_of_a_covid_test_image(mini, shared_data, preset_name, range_key):
