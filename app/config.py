@@ -114,10 +114,11 @@ class Settings(BaseSettings):
             guidance: 1.48x per step there; smaller batches stay float32). vald-md-mini, 256 px, one thread: VAE
             decode 455 -> 127 ms, encode 233 -> 68 ms; counterfactuals within 0.0006-0.0007 mean |difference| of
             float32 (docs/PERFORMANCE.md). ``false`` = bit-exact float32. Each record states it under ``compute``.
-        compile_unet: compile the UNet with ``torch.compile`` at start-up and run one short warm-up generation
-            before the server answers ``/readyz`` 200 (``VALD_MD_COMPILE_UNET``, ``vald-md serve --compile``;
-            default off). For GPUs: the compilation takes minutes and needs a C++ compiler (inductor); on the CPU
-            it is not measured (docs/PERFORMANCE.md).
+        compile_unet: compile the UNet with ``torch.compile`` at start-up and run short warm-up generations (the
+            healthy preset's batch shape and one sample) before the server answers ``/readyz`` 200
+            (``VALD_MD_COMPILE_UNET``, ``vald-md serve --compile``; default off). The compilation takes minutes and
+            needs a C++ compiler (inductor): on 2 CPU cores 152 s with an empty cache, then the paper's request
+            3.54 -> 2.66 s and the default 6.07 -> 5.76 s (docs/PERFORMANCE.md).
         queue_size: jobs that may wait behind the running one, 1..64; further submissions get HTTP 503.
         max_jobs_per_user: runs one user may have queued or running at once, 1..64 (``VALD_MD_MAX_JOBS_PER_USER``);
             another gets HTTP 429. The worker takes the users' runs in turn (``app.jobs``).

@@ -343,9 +343,10 @@ class CounterfactualEngine:
         self._unet_autocast = (_UNetAutocast(pipe.unet, self.autocast_dtype)
                                if self.autocast_dtype is not None else None)
         if compile_unet:
-            # opt-in: compiled lazily by torch; the first generate() pays the compilation, which the server's
-            # --compile start-up does before it says ready (warm_up(), load_engine_in_short_lived_thread)
-            self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+            # opt-in: compiled lazily by torch; the first generate() of each batch shape pays the compilation, which
+            # the server's --compile start-up does before it says ready (warm_up(), load_engine_in_short_lived_thread)
+            self.pipe.unet = torch.compile(self.pipe.unet, mode=compile_mode(self.device), fullgraph=False)
+        self.compiled: str | None = compile_mode(self.device) if compile_unet else None
         self.lock = threading.Lock()
         self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._base_scheduler_config = dict(pipe.scheduler.config)
@@ -355,13 +356,20 @@ class CounterfactualEngine:
                     time.perf_counter() - t)
 
     def warm_up(self) -> float:
-        """Run one short generation (compiles kernels, fills caches); returns its wall time in seconds.
+        """Run short generations (compile kernels, fill caches); returns their wall time in seconds.
 
-        The server runs it at start-up when the UNet is compiled (``Settings.compile_unet``), so that the first
-        request does not pay the compilation. The prompt cache keeps the default prompt's embeddings."""
+        The server runs it at start-up when the UNet is compiled (``Settings.compile_unet``), so that requests do
+        not pay the compilation: one generation with the healthy preset's ``samples`` (the default request's batch
+        shape, and its bf16 autocast where that applies) and, when that is more than one, one with a single sample
+        (the paper's setting, ``minimal-edit``). Each distinct batch shape compiles once (on 2 CPU cores: ~15 s at
+        batch 2, ~85 s at the embedded model's batch of 32 under autocast; docs/PERFORMANCE.md). The prompt cache
+        keeps the default prompt's embeddings."""
         t = time.perf_counter()
         size = self.info.image_size
-        self.generate(np.full((size, size), 0.5, np.float32), "normal chest x-ray", strength=0.5, steps=4, seed=0)
+        preset = self.info.presets.get("healthy", {})
+        for samples in dict.fromkeys((max(1, int(preset.get("samples", 1))), 1)):
+            self.generate(np.full((size, size), 0.5, np.float32), "normal chest x-ray", strength=0.5, steps=4,
+                          seed=0, scheduler=preset.get("scheduler", "pndm"), samples=samples)
         return time.perf_counter() - t
 
     # -- helpers ------------------------------------------------------------------------------------------------
@@ -452,16 +460,18 @@ class CounterfactualEngine:
             yield
 
     def compute_record(self, unet_batch: int = 0) -> dict[str, Any]:
-        """``{"device", "dtype", "autocast", "autocast_components"}`` for a record of a run made under
+        """``{"device", "dtype", "autocast", "autocast_components", "compiled"}`` for a record of a run made under
         :meth:`autocast` whose UNet ran ``unet_batch`` latents per call (samples x 2 with guidance; 0 = not
         counted): the weights' device and dtype, and ``"bf16"`` with ``["vae"]`` (``["vae", "unet"]`` from
         :data:`UNET_AUTOCAST_MIN_BATCH` latents) when the autoencoder ran under bf16 autocast, else ``None`` and
-        ``[]``."""
+        ``[]``; ``compiled`` is the UNet's ``torch.compile`` mode (:func:`compile_mode`; its kernels round
+        differently from eager float32, so a replay without it differs by rounding), else ``None``."""
         on = self._vae_autocast is not None
         unet = on and self._unet_autocast is not None and unet_batch >= self._unet_autocast.min_batch
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "autocast": "bf16" if on else None,
-                "autocast_components": ["vae", "unet"] if unet else ["vae"] if on else []}
+                "autocast_components": ["vae", "unet"] if unet else ["vae"] if on else [],
+                "compiled": self.compiled}
 
     @torch.no_grad()
     def reconstruct_model_frame(self, img_model: np.ndarray, posterior_mean: torch.Tensor | None = None) -> np.ndarray:
@@ -602,6 +612,14 @@ class CounterfactualEngine:
 # ----------------------------------------------------------------------------------------------------------------
 # loading off the serving thread
 # ----------------------------------------------------------------------------------------------------------------
+def compile_mode(device: torch.device) -> str:
+    """``torch.compile`` mode of ``compile_unet``: on CUDA max-autotune without CUDA graphs (the progress callback
+    runs between steps); on the CPU inductor's default, whose fused kernels take the small UNet's per-step overhead:
+    one CFG step at batch 2 52.0 -> 38.4 ms on 2 threads, the paper's request 3.54 -> 2.66 s (docs/PERFORMANCE.md;
+    max-autotune's GEMM autotuning was not measured on the CPU)."""
+    return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+
+
 def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwargs: Any) -> CounterfactualEngine:
     """``CounterfactualEngine(*args, **kwargs)``, built in a thread of its own that ends when the model is loaded
     (and, with ``warm_up``, after :meth:`CounterfactualEngine.warm_up`: the server's ``--compile`` start-up).

@@ -223,10 +223,12 @@ def main(args: argparse.Namespace) -> int:
             requires_safety_checker=False, local_files_only=True).to(args.device)
     else:
         # the autoencoder is loaded again from the folder: the engine may have switched its own to channels-last for
-        # its bf16 autocast, which would also speed up the plain call; the denominator is stock diffusers
+        # its bf16 autocast, which would also speed up the plain call; the denominator is stock diffusers. For the
+        # same reason the plain call gets the UNet as loaded, not the engine's --compile wrapper of it
         stock_vae = AutoencoderKL.from_pretrained(Path(eng.info.path) / "vae", torch_dtype=torch.float32).eval()
+        stock_unet = getattr(p.unet, "_orig_mod", p.unet)
         plain = StableDiffusionImg2ImgPipeline(vae=stock_vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
-                                               unet=p.unet, scheduler=p.scheduler, safety_checker=None,
+                                               unet=stock_unet, scheduler=p.scheduler, safety_checker=None,
                                                feature_extractor=None, requires_safety_checker=False)
     plain.set_progress_bar_config(disable=True)
     attention = sorted({type(a).__name__ for a in plain.unet.attn_processors.values()})

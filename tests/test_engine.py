@@ -322,3 +322,37 @@ def test_the_record_names_the_unet_under_autocast_only_for_large_batches(tmp_pat
     result = engine.generate(np.full((32, 32), 0.5, np.float32), strength=0.5, guidance_scale=2.0, steps=4,
                              seed=0, samples=UNET_AUTOCAST_MIN_BATCH // 2)
     assert result.compute["autocast_components"] == ["vae", "unet"] and np.isfinite(result.counterfactuals).all()
+
+
+def test_compile_mode_is_inductors_default_on_the_cpu_and_is_recorded(tiny_engine, tmp_path):
+    """On the CPU the small UNet is overhead-bound and max-autotune's GEMM autotuning would take minutes at start-up;
+    on CUDA the progress callback between steps rules out CUDA graphs. A compiled UNet rounds differently from eager
+    float32, so the record's ``compute`` names the mode (nothing is compiled here: torch compiles at the first call)."""
+    from tests.tiny_model import write_tiny_model
+
+    assert engine.compile_mode(torch.device("cpu")) == "default"
+    assert engine.compile_mode(torch.device("cuda", 0)) == "max-autotune-no-cudagraphs"
+    assert tiny_engine.compute_record()["compiled"] is None
+    compiled = engine.CounterfactualEngine(write_tiny_model(tmp_path / "tiny"), device="cpu", compile_unet=True)
+    assert compiled.compute_record()["compiled"] == "default"
+    assert hasattr(compiled.pipe.unet, "_orig_mod")  # the UNet is torch.compile's wrapper
+
+
+def test_warm_up_runs_the_default_requests_batch_shape_and_one_sample(tiny_engine, monkeypatch):
+    """A compiled UNet compiles once per batch shape: the warm-up makes the healthy preset's samples (the default
+    request) and a single sample (the paper's setting), with the preset's sampler, so neither request pays it."""
+    calls: list[tuple[int, str]] = []
+
+    def fake_generate(self, image, prompt, **kw):
+        assert image.shape == (self.info.image_size, self.info.image_size) and kw["steps"] <= 4
+        calls.append((kw["samples"], kw["scheduler"]))
+
+    monkeypatch.setattr(engine.CounterfactualEngine, "generate", fake_generate)
+    monkeypatch.setitem(tiny_engine.info.presets, "healthy",
+                        {**tiny_engine.info.presets["healthy"], "samples": 3, "scheduler": "dpm++"})
+    assert tiny_engine.warm_up() >= 0.0
+    assert calls == [(3, "dpm++"), (1, "dpm++")]
+    monkeypatch.setitem(tiny_engine.info.presets, "healthy", {**tiny_engine.info.presets["healthy"], "samples": 1})
+    calls.clear()
+    tiny_engine.warm_up()
+    assert calls == [(1, "dpm++")]  # one shape, one generation
