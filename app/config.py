@@ -118,7 +118,7 @@ class Settings(BaseSettings):
             healthy preset's batch shape and one sample) before the server answers ``/readyz`` 200
             (``VALD_MD_COMPILE_UNET``, ``vald-md serve --compile``; default off). The compilation takes minutes and
             needs a C++ compiler (inductor): on 2 CPU cores 152 s with an empty cache, then the paper's request
-            3.54 -> 2.66 s and the default 6.07 -> 5.76 s (docs/PERFORMANCE.md).
+            3.54 -> 2.66 s, a 16-sample request 6.07 -> 5.76 s (docs/PERFORMANCE.md).
         queue_size: jobs that may wait behind the running one, 1..64; further submissions get HTTP 503.
         max_jobs_per_user: runs one user may have queued or running at once, 1..64 (``VALD_MD_MAX_JOBS_PER_USER``);
             another gets HTTP 429. The worker takes the users' runs in turn (``app.jobs``).

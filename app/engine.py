@@ -362,7 +362,7 @@ class CounterfactualEngine:
         not pay the compilation: one generation with the healthy preset's ``samples`` (the default request's batch
         shape, and its bf16 autocast where that applies) and, when that is more than one, one with a single sample
         (the paper's setting, ``minimal-edit``). Each distinct batch shape compiles once (on 2 CPU cores: ~15 s at
-        batch 2, ~85 s at the embedded model's batch of 32 under autocast; docs/PERFORMANCE.md). The prompt cache
+        batch 2, ~85 s at a batch of 32 under autocast; docs/PERFORMANCE.md). The prompt cache
         keeps the default prompt's embeddings."""
         t = time.perf_counter()
         size = self.info.image_size
