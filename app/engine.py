@@ -30,7 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -342,11 +342,11 @@ class CounterfactualEngine:
                               if self.autocast_dtype is not None else None)
         self._unet_autocast = (_UNetAutocast(pipe.unet, self.autocast_dtype)
                                if self.autocast_dtype is not None else None)
-        if compile_unet:
+        self.compiled: str | None = compile_mode(self.device) if compile_unet else None
+        if self.compiled is not None:
             # opt-in: compiled lazily by torch; the first generate() of each batch shape pays the compilation, which
             # the server's --compile start-up does before it says ready (warm_up(), load_engine_in_short_lived_thread)
-            self.pipe.unet = torch.compile(self.pipe.unet, mode=compile_mode(self.device), fullgraph=False)
-        self.compiled: str | None = compile_mode(self.device) if compile_unet else None
+            self.pipe.unet = torch.compile(self.pipe.unet, mode=self.compiled, fullgraph=False)
         self.lock = threading.Lock()
         self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._base_scheduler_config = dict(pipe.scheduler.config)
@@ -366,10 +366,11 @@ class CounterfactualEngine:
         keeps the default prompt's embeddings."""
         t = time.perf_counter()
         size = self.info.image_size
-        preset = self.info.presets.get("healthy", {})
-        for samples in dict.fromkeys((max(1, int(preset.get("samples", 1))), 1)):
-            self.generate(np.full((size, size), 0.5, np.float32), "normal chest x-ray", strength=0.5, steps=4,
-                          seed=0, scheduler=preset.get("scheduler", "pndm"), samples=samples)
+        image = np.full((size, size), 0.5, np.float32)
+        # the preset's guidance too: with guidance <= 1 there is no CFG batch, i.e. another shape
+        default = GenerationRequest.from_preset(self.info.presets.get("healthy"), strength=0.5, steps=4, seed=0)
+        for samples in dict.fromkeys((default.samples, 1)):
+            self.generate_request(image, replace(default, samples=samples))
         return time.perf_counter() - t
 
     # -- helpers ------------------------------------------------------------------------------------------------
@@ -609,9 +610,6 @@ class CounterfactualEngine:
             reconstruction_model=recon_model.astype(np.float32))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# loading off the serving thread
-# ----------------------------------------------------------------------------------------------------------------
 def compile_mode(device: torch.device) -> str:
     """``torch.compile`` mode of ``compile_unet``: on CUDA max-autotune without CUDA graphs (the progress callback
     runs between steps); on the CPU inductor's default, whose fused kernels take the small UNet's per-step overhead:
@@ -620,6 +618,9 @@ def compile_mode(device: torch.device) -> str:
     return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# loading off the serving thread
+# ----------------------------------------------------------------------------------------------------------------
 def load_engine_in_short_lived_thread(*args: Any, warm_up: bool = False, **kwargs: Any) -> CounterfactualEngine:
     """``CounterfactualEngine(*args, **kwargs)``, built in a thread of its own that ends when the model is loaded
     (and, with ``warm_up``, after :meth:`CounterfactualEngine.warm_up`: the server's ``--compile`` start-up).

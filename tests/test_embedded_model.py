@@ -42,13 +42,15 @@ def test_every_preset_fits_the_servers_default_limits():
     embedded model's presets stays within ``Settings()``'s ``max_samples`` / ``max_steps``, and the heaviest run those
     limits allow fits the queue's default cost budget with room for more than two of it."""
     from app.config import Settings
+    from app.jobs.job import job_cost
+    from app.runs.review import ReviewRequest
 
     settings = Settings()
     presets = json.loads((MODEL / modelfolder.MANIFEST).read_text())["presets"]
     for name, preset in presets.items():
         assert preset.get("samples", 1) <= settings.max_samples, name
         assert preset["steps"] <= settings.max_steps, name
-    heaviest = (settings.max_steps + 1) * settings.max_samples
+    heaviest = job_cost(ReviewRequest(steps=settings.max_steps, strength=1.0, samples=settings.max_samples))
     assert 2 * heaviest < settings.queue_cost_budget
 
 

@@ -343,11 +343,12 @@ def test_warm_up_runs_the_default_requests_batch_shape_and_one_sample(tiny_engin
     request) and a single sample (the paper's setting), with the preset's sampler, so neither request pays it."""
     calls: list[tuple[int, str]] = []
 
-    def fake_generate(self, image, prompt, **kw):
-        assert image.shape == (self.info.image_size, self.info.image_size) and kw["steps"] <= 4
-        calls.append((kw["samples"], kw["scheduler"]))
+    def fake_generate_request(self, image, request, **kw):
+        assert image.shape == (self.info.image_size, self.info.image_size) and request.steps <= 4
+        assert request.guidance_scale == self.info.presets["healthy"]["guidance_scale"]  # CFG on or off: the shape
+        calls.append((request.samples, request.scheduler))
 
-    monkeypatch.setattr(engine.CounterfactualEngine, "generate", fake_generate)
+    monkeypatch.setattr(engine.CounterfactualEngine, "generate_request", fake_generate_request)
     monkeypatch.setitem(tiny_engine.info.presets, "healthy",
                         {**tiny_engine.info.presets["healthy"], "samples": 3, "scheduler": "dpm++"})
     assert tiny_engine.warm_up() >= 0.0
