@@ -33,6 +33,8 @@ __all__ = [
     "changed_region",
     "difference_map",
     "load_mask_png",
+    "map_from_statistics",
+    "sample_statistics",
     "summarize",
     "threshold_value",
 ]
@@ -236,12 +238,12 @@ def difference_map(
 ) -> AttributionMap:
     """Compute ``M = reference − counterfactual``, averaged over samples, with per-pixel SD.
 
-    Order of operations (the code's numbered comments): (1) check inputs; (2) per-sample difference
-    ``reference − counterfactual[s]``, each Gaussian smoothed (``sigma`` in pixels, reflect at the borders);
-    (3) mean over samples → ``signed`` (polarity ``"removed"``: clipped at 0, only the density the counterfactual
-    removed), ``|signed|`` → ``magnitude``; (4) SD over samples (``ddof=1``) of the unclipped differences →
-    ``std`` when ``S > 1``. Smoothing is linear, so smoothing-then-averaging equals averaging-then-smoothing. The
-    mask is stored, not applied: maps keep full-frame values so that the energy share inside the mask can be reported.
+    Order of operations: :func:`sample_statistics` (checks; per-sample difference ``reference −
+    counterfactual[s]``, each Gaussian smoothed, ``sigma`` in pixels, reflect at the borders; mean and SD over
+    samples), then :func:`map_from_statistics` (polarity ``"removed"``: the mean clipped at 0, only the density the
+    counterfactual removed; ``|signed|`` → ``magnitude``). Smoothing is linear, so smoothing-then-averaging equals
+    averaging-then-smoothing. The mask is stored, not applied: maps keep full-frame values so that the energy share
+    inside the mask can be reported.
 
     Args:
         reference: The original image, or the autoencoder's reconstruction of it, float ``(H, W)`` in [0, 1].
@@ -257,7 +259,31 @@ def difference_map(
     Raises:
         ValueError: On shape mismatch, non-finite values, values outside [0, 1], a bad mask, sigma or polarity.
     """
-    # 1. check inputs
+    check_choice("polarity", polarity, MAP_POLARITIES)
+    mean, std, n_samples = sample_statistics(reference, counterfactuals, smoothing_sigma=smoothing_sigma)
+    return map_from_statistics(mean, std, n_samples=n_samples, mask=mask, polarity=polarity)
+
+
+def sample_statistics(reference: ArrayLike, counterfactuals: ArrayLike, *,
+                      smoothing_sigma: float = 0.0) -> tuple[FloatImage, FloatImage | None, int]:
+    """The mean and the SD over samples of ``reference − counterfactual[s]`` (each difference smoothed first).
+
+    Computed in float64 (so that identical samples give an SD of exactly zero) and returned as float32. Any frame
+    works, as long as both inputs share it: the review run takes them in the model frame's content box and resizes
+    the two statistics to the native frame (:func:`app.runs.review.attribution_map`).
+
+    Args:
+        reference: float ``(H, W)`` in [0, 1].
+        counterfactuals: ``(H, W)`` or ``(S, H, W)``, float in [0, 1], the same frame.
+        smoothing_sigma: Gaussian standard deviation in pixels of that frame; 0 disables smoothing.
+
+    Returns:
+        ``(mean, std, S)``: float32 ``(H, W)`` signed mean in intensity units, the SD over samples (``ddof=1``,
+        float32 ``(H, W)``, ``None`` when ``S == 1``) and the number of samples.
+
+    Raises:
+        ValueError: On shape mismatch, non-finite values, values outside [0, 1] or a bad sigma.
+    """
     ref = check_unit_image("reference", reference)
     cfs = check_unit_image("counterfactuals", counterfactuals, ndims=(2, 3))
     if cfs.ndim == 2:
@@ -268,31 +294,46 @@ def difference_map(
             "native frame (undo the letterbox) before differencing."
         )
     _check_sigma(smoothing_sigma)
-    check_choice("polarity", polarity, MAP_POLARITIES)
-    region = None if mask is None else _check_mask(mask, ref.shape)
-
-    # 2. per-sample differences, smoothed (float64 so that identical samples give an SD of exactly zero)
     diffs = ref[None].astype(np.float64) - cfs.astype(np.float64)
     if smoothing_sigma > 0:
         from scipy import ndimage  # scipy (~0.3 s to import) with the first use, not the server's start-up
 
         diffs = ndimage.gaussian_filter(diffs, sigma=(0.0, smoothing_sigma, smoothing_sigma), mode="reflect")
-
-    # 3. mean and magnitude
     n_samples = int(diffs.shape[0])
-    signed = diffs.mean(axis=0)
-    if polarity == "removed":
-        signed = np.where(signed > 0, signed, 0.0)
-
-    # 4. stability across samples
     std = diffs.std(axis=0, ddof=1).astype(np.float32) if n_samples > 1 else None
-    return AttributionMap(
-        signed=signed.astype(np.float32),
-        magnitude=np.abs(signed).astype(np.float32),
-        std=std,
-        n_samples=n_samples,
-        mask=region,
-    )
+    return diffs.mean(axis=0).astype(np.float32), std, n_samples
+
+
+def map_from_statistics(mean: ArrayLike, std: ArrayLike | None, *, n_samples: int, mask: ArrayLike | None = None,
+                        polarity: str = "both") -> AttributionMap:
+    """The :class:`AttributionMap` of a mean difference and its SD over samples (:func:`sample_statistics`).
+
+    Args:
+        mean: Signed mean ``reference − counterfactual``, float ``(H, W)``, intensity units (finite).
+        std: Its per-pixel SD over samples, float ``(H, W)`` >= 0, or ``None`` (one sample).
+        n_samples: Samples behind the mean (>= 1; ``std`` is given exactly when it is above 1).
+        mask: Optional region of interest, bool or 0/1 ``(H, W)``.
+        polarity: ``"both"`` keeps the signed mean; ``"removed"`` keeps its positive part.
+
+    Raises:
+        ValueError: On non-finite values, mismatched shapes, a bad mask or polarity, or ``std`` not matching
+            ``n_samples``.
+    """
+    check_choice("polarity", polarity, MAP_POLARITIES)
+    signed = np.asarray(mean, dtype=np.float32)
+    if signed.ndim != 2 or not np.isfinite(signed).all():
+        raise ValueError(f"mean must be a finite (H, W) map; got shape {signed.shape}.")
+    if (std is None) != (n_samples == 1) or n_samples < 1:
+        raise ValueError(f"an SD map comes with more than one sample; got n_samples={n_samples} and "
+                         f"{'no' if std is None else 'an'} SD map.")
+    sd = None if std is None else np.asarray(std, dtype=np.float32)
+    if sd is not None and (sd.shape != signed.shape or not np.isfinite(sd).all() or float(sd.min()) < 0):
+        raise ValueError(f"std must be a finite, non-negative map of the mean's shape {signed.shape}; got shape "
+                         f"{sd.shape}.")
+    if polarity == "removed":
+        signed = np.where(signed > 0, signed, np.float32(0.0))
+    return AttributionMap(signed=signed, magnitude=np.abs(signed), std=sd, n_samples=int(n_samples),
+                          mask=None if mask is None else _check_mask(mask, signed.shape))
 
 
 def threshold_value(

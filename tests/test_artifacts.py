@@ -539,6 +539,35 @@ def test_map_smoothing_against_the_reconstruction_uses_it_in_the_model_frame(tin
     assert plain_ref is pixels and plain_cfs is result.counterfactuals  # 0: exactly the native images
 
 
+@pytest.mark.parametrize("reference", ["input", "reconstruction"])
+def test_the_smoothed_map_is_taken_in_the_model_frame_and_resized_once(tiny_engine, reference):
+    """With map smoothing on (the default presets), the map's mean and SD are taken in the model frame and resized
+    once: the mean equals the per-sample native path's (map_inputs, then difference_map) to float32 rounding, for
+    both polarities; the SD bounds the native path's from above (the SD of an interpolation is at most the
+    interpolation of the SDs) and stays close to it. A native smoothing_sigma takes the native path."""
+    from app.attribution import difference_map
+    from app.runs.review import attribution_map, map_inputs
+
+    pixels = imaging.decode_image(png_bytes(h=90, w=70)).pixels  # larger than the tiny model's 32-px frame
+    result = tiny_engine.generate_request(pixels, ReviewRequest(**{**FAST, "samples": 3}))
+    region = box_lungs(pixels.shape)
+    ref, cfs = map_inputs(result, pixels, reference=reference, map_smoothing=1.5)
+    for polarity in ("both", "removed"):
+        req = ReviewRequest(**{**FAST, "samples": 3}, reference=reference, map_smoothing=1.5, map_polarity=polarity)
+        fast = attribution_map(result, pixels, req, region=region)
+        slow = difference_map(ref, cfs, mask=region, polarity=polarity)
+        assert fast.n_samples == 3 and fast.shape == pixels.shape and np.array_equal(fast.mask, region)
+        assert np.allclose(fast.signed, slow.signed, atol=1e-6) and np.allclose(fast.magnitude, slow.magnitude,
+                                                                                 atol=1e-6)
+        assert fast.std is not None and slow.std is not None
+        assert (fast.std >= slow.std - 1e-6).all() and np.abs(fast.std - slow.std).max() < 0.25 * slow.std.max()
+    native = ReviewRequest(**{**FAST, "samples": 3}, reference=reference, map_smoothing=1.5, map_polarity="both",
+                           smoothing_sigma=2.0)
+    want = difference_map(ref, cfs, mask=region, smoothing_sigma=2.0)
+    got = attribution_map(result, pixels, native, region=region)
+    assert np.array_equal(got.signed, want.signed) and np.array_equal(got.std, want.std)
+
+
 def test_a_calibration_holds_for_its_own_map_smoothing(tiny_engine, box_segmenter, tmp_path, monkeypatch):
     monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", CALIBRATION)
     smoothed = run(tiny_engine, tmp_path / "s", segmenter=box_segmenter, reference="input", map_smoothing=2.0)

@@ -169,6 +169,44 @@ def test_difference_map_rejects_bad_input(kwargs: dict[str, object], message: st
         difference_map(args.pop("reference"), args.pop("counterfactuals"), **args)  # type: ignore[arg-type]
 
 
+def test_difference_map_is_sample_statistics_then_map_from_statistics() -> None:
+    """The two halves compose to the whole, for both polarities; the statistics work in any frame."""
+    from app.attribution import map_from_statistics, sample_statistics
+
+    original, cf = lesion_pair()
+    other = np.clip(cf + 0.05 * disk(cx=20.0, cy=40.0, r=5.0), 0, 1)
+    mean, std, n = sample_statistics(original, np.stack([cf, other]), smoothing_sigma=1.0)
+    assert n == 2 and mean.dtype == np.float32 and std is not None and std.dtype == np.float32
+    for polarity in ("both", "removed"):
+        whole = difference_map(original, np.stack([cf, other]), smoothing_sigma=1.0, polarity=polarity)
+        halves = map_from_statistics(mean, std, n_samples=n, polarity=polarity)
+        assert np.array_equal(whole.signed, halves.signed) and np.array_equal(whole.std, halves.std)
+        assert np.array_equal(whole.magnitude, halves.magnitude)
+    assert sample_statistics(original, cf)[1:] == (None, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"std": None}, "n_samples=2 and no SD map"),
+        ({"n_samples": 1}, "n_samples=1 and an SD map"),
+        ({"std": np.full((H, W), -0.1, np.float32)}, "non-negative"),
+        ({"std": np.zeros((H, W + 1), np.float32)}, "non-negative map of the mean's shape"),
+        ({"mean": np.full((H, W), np.inf, np.float32)}, "finite"),
+        ({"polarity": "added"}, "polarity"),
+        ({"mask": np.zeros((H, W), bool)}, "selects no pixels"),
+    ],
+)
+def test_map_from_statistics_rejects_bad_input(kwargs: dict[str, object], message: str) -> None:
+    from app.attribution import map_from_statistics
+
+    args: dict[str, object] = {"mean": np.zeros((H, W), np.float32), "std": np.zeros((H, W), np.float32),
+                               "n_samples": 2}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        map_from_statistics(args.pop("mean"), **args)  # type: ignore[arg-type]
+
+
 def test_threshold_validation_and_settings() -> None:
     mag = np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W)
     assert threshold_value(mag, threshold=50, mode="percentile") == pytest.approx(0.5, abs=1e-3)

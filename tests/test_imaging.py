@@ -699,6 +699,25 @@ def test_unletterbox_handles_channels_and_checks_shape():
         letterbox(np.full((4, 4), np.nan, np.float32), 8)
 
 
+def test_content_of_and_content_to_native_are_the_two_halves_of_unletterbox():
+    """unletterbox = content_to_native(content_of(...)); content_to_native is linear, so the mean of resized
+    arrays is the resize of their mean (what a review run's map relies on); wrong content shapes are refused."""
+    from app.imaging import content_of, content_to_native
+
+    rng = np.random.default_rng(3)
+    img = rng.random((97, 61), dtype=np.float32)
+    model, lb = letterbox(img, 32)
+    content = content_of(model, lb, smoothing_sigma=1.5)
+    assert content.shape == (lb.content_height, lb.content_width) == (32, 20)
+    assert np.array_equal(content_to_native(content, lb), unletterbox(model, lb, smoothing_sigma=1.5))
+    stack = rng.random((32, 20, 4), dtype=np.float32)
+    resized = content_to_native(stack, lb)
+    assert resized.shape == (97, 61, 4)
+    assert np.allclose(resized.mean(axis=-1), content_to_native(stack.mean(axis=-1), lb), atol=1e-6)
+    with pytest.raises(ValueError, match=r"content must be \(32, 20\[, C\]\)"):
+        content_to_native(model, lb)
+
+
 def test_unletterbox_smoothing_of_a_square_without_padding_is_the_gaussian_filter():
     """Map smoothing (issue 16): on a square image of the model's size the content box is the whole frame, so the
     smoothing is scipy's Gaussian filter (reflect) and nothing else; sigma 0 is the unsmoothed result, bit for bit."""

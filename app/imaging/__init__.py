@@ -28,7 +28,7 @@ from app.imaging.errors import (
     UnsupportedImageError,
 )
 from app.imaging.export import gray_png, to_png_bytes, to_uint8
-from app.imaging.geometry import Letterbox, letterbox, unletterbox
+from app.imaging.geometry import Letterbox, content_of, content_to_native, letterbox, unletterbox
 from app.imaging.meta import DecodedImage, ImageMeta
 from app.imaging.raster import decode_png_unit, read_png_unit, read_raster
 from app.imaging.redact import redact_pydicom_logs
@@ -55,6 +55,8 @@ __all__ = [
     "Window",
     "WindowRequest",
     "apply_window",
+    "content_of",
+    "content_to_native",
     "decode_image",
     "decode_png_unit",
     "gray_png",

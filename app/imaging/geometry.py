@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-__all__ = ["Letterbox", "letterbox", "unletterbox"]
+__all__ = ["Letterbox", "content_of", "content_to_native", "letterbox", "unletterbox"]
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,8 @@ def letterbox(img: np.ndarray, size: int, *, pad_value: float = 0.0) -> tuple[np
 
 
 def unletterbox(img_model: np.ndarray, lb: Letterbox, *, smoothing_sigma: float = 0.0) -> np.ndarray:
-    """Undo :func:`letterbox`: drop the padding and resize back to exactly the native shape.
+    """Undo :func:`letterbox`: drop the padding and resize back to exactly the native shape
+    (:func:`content_of`, then :func:`content_to_native`).
 
     Args:
         img_model: ``(size, size)`` or ``(size, size, C)`` in the model frame (e.g. a counterfactual or a map).
@@ -140,6 +141,23 @@ def unletterbox(img_model: np.ndarray, lb: Letterbox, *, smoothing_sigma: float 
         ValueError: ``img_model`` is not ``size x size``, or is non-finite; ``smoothing_sigma`` is negative or not
             finite.
     """
+    return content_to_native(content_of(img_model, lb, smoothing_sigma=smoothing_sigma), lb)
+
+
+def content_of(img_model: np.ndarray, lb: Letterbox, *, smoothing_sigma: float = 0.0) -> np.ndarray:
+    """The image part of a model-frame array without the padding, at model resolution, optionally smoothed.
+
+    Args:
+        img_model: ``(size, size)`` or ``(size, size, C)`` in the model frame.
+        lb: The letterbox returned with the model input.
+        smoothing_sigma: as in :func:`unletterbox` (model-frame pixels; the content box alone, channels not mixed).
+
+    Returns:
+        float32 ``(content_height, content_width[, C])``.
+
+    Raises:
+        ValueError: as :func:`unletterbox`.
+    """
     arr = _as_image(img_model, "img_model")
     if arr.shape[:2] != (lb.size, lb.size):
         raise ValueError(f"img_model must be ({lb.size}, {lb.size}[, C]) to match the letterbox, got {arr.shape}")
@@ -152,4 +170,27 @@ def unletterbox(img_model: np.ndarray, lb: Letterbox, *, smoothing_sigma: float 
 
         sigma = (smoothing_sigma, smoothing_sigma) + (0.0,) * (content.ndim - 2)
         content = ndimage.gaussian_filter(content, sigma=sigma, mode="reflect").astype(np.float32, copy=False)
-    return _resize(content, lb.native_height, lb.native_width)
+    return content
+
+
+def content_to_native(content: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """Resize a content-box array (:func:`content_of`, or any statistic of such arrays) to the native frame.
+
+    Bilinear (Pillow ``"F"``), hence linear: the resize of a mean of content arrays is the mean of their resizes
+    (to float32 rounding), so a map's mean over samples can be taken at model resolution and resized once.
+
+    Args:
+        content: float ``(content_height, content_width[, C])``.
+        lb: The letterbox it came from.
+
+    Returns:
+        float32 ``(H, W[, C])``.
+
+    Raises:
+        ValueError: ``content`` is not the letterbox's content size, or is non-finite.
+    """
+    arr = _as_image(content, "content")
+    if arr.shape[:2] != (lb.content_height, lb.content_width):
+        raise ValueError(f"content must be ({lb.content_height}, {lb.content_width}[, C]) to match the letterbox, "
+                         f"got {arr.shape}")
+    return _resize(arr, lb.native_height, lb.native_width)
