@@ -140,8 +140,8 @@ class CounterfactualResult:
     """Output of :meth:`CounterfactualEngine.generate`.
 
     Attributes:
-        counterfactuals: float32 (S, H, W) in [0, 1], native frame of the input.
-        counterfactuals_model: float32 (S, size, size) in [0, 1], the model's letterboxed frame.
+        counterfactuals_model: float32 (S, size, size) in [0, 1], the model's letterboxed frame (what the model
+            made; :attr:`counterfactuals` and :meth:`counterfactual` bring them to the native frame on demand).
         input_model: float32 (size, size): the letterboxed input exactly as the model saw it.
         reconstruction: float32 (H, W): autoencoder round trip of the input, native frame (attribution reference).
         letterbox: geometry between the native and the model frame.
@@ -155,7 +155,6 @@ class CounterfactualResult:
             maker of the result did not keep it (then letterbox ``reconstruction`` again).
     """
 
-    counterfactuals: np.ndarray
     counterfactuals_model: np.ndarray
     input_model: np.ndarray
     reconstruction: np.ndarray
@@ -169,6 +168,18 @@ class CounterfactualResult:
     parameters: dict[str, Any]
     compute: dict[str, Any] = field(default_factory=dict)
     reconstruction_model: np.ndarray | None = None
+
+    @functools.cached_property
+    def counterfactuals(self) -> np.ndarray:
+        """float32 (S, H, W) in [0, 1]: every sample in the native frame of the input (unletterboxed on first use
+        and kept; a review run needs only the first at native size, :meth:`counterfactual`)."""
+        return np.stack([self.counterfactual(i) for i in range(len(self.counterfactuals_model))])
+
+    def counterfactual(self, sample: int) -> np.ndarray:
+        """float32 (H, W) in [0, 1]: sample ``sample`` (0-based) in the native frame of the input."""
+        if "counterfactuals" in self.__dict__:
+            return np.asarray(self.__dict__["counterfactuals"][sample])
+        return imaging.unletterbox(self.counterfactuals_model[sample], self.letterbox).astype(np.float32, copy=False)
 
     def record(self) -> dict[str, Any]:
         """JSON-ready description of the run (no pixel data)."""
@@ -594,15 +605,15 @@ class CounterfactualEngine:
             timings["denoising"] = marks.get("last", t_end) - marks.get("first", t_start)
             timings["vae_decode"] = t_end - marks.get("last", t_end)
             cf_model = out.images.float().mean(1).clamp(0, 1).cpu().numpy().astype(np.float32)
-            # 4. back to the native frame; 5. autoencoder reconstruction (attribution reference)
+            # 4. autoencoder reconstruction (attribution reference), in the native frame (the counterfactuals are
+            # brought there on demand: CounterfactualResult.counterfactual)
             t = time.perf_counter()
-            cf_native = np.stack([imaging.unletterbox(c, lb) for c in cf_model])
             recon_model = self.reconstruct_model_frame(img_model, None if mean is None else mean[:1])
             recon = imaging.unletterbox(recon_model, lb)
             timings["postprocess"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
         return CounterfactualResult(
-            counterfactuals=cf_native, counterfactuals_model=cf_model, input_model=img_model,
+            counterfactuals_model=cf_model, input_model=img_model,
             reconstruction=recon.astype(np.float32), letterbox=lb, effective_steps=n_eff, start_timestep=start_t,
             unet_evaluations=n_calls,
             seeds=seeds, timings_s=timings, model_hash=self.info.model_hash, parameters=params,

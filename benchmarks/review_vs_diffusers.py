@@ -19,6 +19,9 @@ Everything runs on the main thread, which also loads the model: torch's OpenMP k
 that ran parallel work, so loading on one thread and running on another is slower
 (app.engine.load_engine_in_short_lived_thread).
 Also reported: the latency of the first progress event of the review run (from the call to the first callback).
+The review run gets the embedded lung segmenter, as the server's runs do (the map restricted to the lungs, and
+``lung_mask.png`` written); ``--lung-segmenter none`` leaves it out (the numbers before 2026-12-07's seventh
+session were measured without it).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/review_vs_diffusers.py --threads 2 --runs 7 \\
         --image ../shared/data/cxr256/test/covid/COVID-1.png [--setting paper] [--no-cpu-autocast]
@@ -45,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="engine in float32 (default: bf16 autocast where the CPU has AMX bf16)")
     p.add_argument("--plain-autocast", action="store_true",
                    help="CPU only: also time the plain call under the engine's bf16 autocast")
+    p.add_argument("--lung-segmenter", default=None,
+                   help="lung segmenter folder handed to the review run, as the server does (default: the app root's "
+                        "embedded model_weights/lungs-unet when it is there); 'none': the map is not restricted")
     p.add_argument("--app-root", type=Path, default=ROOT, help="checkout whose app/ is imported (default: this)")
     p.add_argument("--json", type=Path, default=None, help="write the JSON result here too")
     args = p.parse_args(argv)
@@ -122,6 +129,18 @@ def stats(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     return {"median": round(float(np.median(a)), 4), "min": round(float(a.min()), 4),
             "max": round(float(a.max()), 4), "n": int(a.size)}
+
+
+def load_segmenter(args: argparse.Namespace) -> Any:
+    """The lung segmenter the review run gets (``--lung-segmenter``), or ``None``."""
+    if args.lung_segmenter == "none":
+        return None
+    folder = Path(args.lung_segmenter) if args.lung_segmenter else args.app_root / "model_weights" / "lungs-unet"
+    if args.lung_segmenter is None and not folder.is_dir():
+        return None  # an older checkout without a segmenter
+    from app.lungs import LungSegmenter
+
+    return LungSegmenter(folder)
 
 
 def resolve_model(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
@@ -206,6 +225,7 @@ def main(args: argparse.Namespace) -> int:
     if args.compile != "none":
         compile_unet(eng, args.compile, args.compile_backend)
     autocast = getattr(eng, "autocast_dtype", None)
+    segmenter = load_segmenter(args)
 
     # 2. the input, and the plain pipeline's input as the engine letterboxes it
     data = input_bytes(args)
@@ -244,11 +264,13 @@ def main(args: argparse.Namespace) -> int:
         "compile_backend": args.compile_backend if args.compile != "none" else None,
         "gpu": torch.cuda.get_device_name(eng.device) if cuda else None,
         "load_average_at_start": [round(x, 2) for x in load_start],
+        "lung_segmenter": None if segmenter is None else segmenter.info.name,
     }
 
     results: list[dict[str, Any]] = []
     for name in args.setting:
-        results.append(measure(args, name, eng, plain, data, image, context, run_review, ReviewRequest, sync))
+        results.append(measure(args, name, eng, plain, data, image, context,
+                               partial(run_review, segmenter=segmenter), ReviewRequest, sync))
         if args.json:  # after every setting: a run stopped at its time limit keeps the settings already done
             write_json(args.json, results, len(args.setting))
     tmp.cleanup()

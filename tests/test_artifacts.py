@@ -568,6 +568,30 @@ def test_the_smoothed_map_is_taken_in_the_model_frame_and_resized_once(tiny_engi
     assert np.array_equal(got.signed, want.signed) and np.array_equal(got.std, want.std)
 
 
+def test_the_other_samples_are_kept_as_the_model_made_them(tiny_engine, tmp_path):
+    """counterfactual.png is native size; counterfactual-<i>.png (i > 0) is the model frame's content box, not
+    resized, as the record's sample_files says; resized it is the native sample (to 16-bit rounding). A one-sample
+    run has no sample_files."""
+    data = png_bytes(h=90, w=70)
+    record = run_review(tiny_engine, data, ReviewRequest(**{**FAST, "samples": 3}), tmp_path / "r")
+    result = tiny_engine.generate_request(imaging.decode_image(data).pixels, ReviewRequest(**{**FAST, "samples": 3}))
+    lb = result.letterbox
+    assert record.to_dict()["sample_files"] == {
+        "first": {"frame": "native", "shape": [90, 70]},
+        "others": {"frame": "model_content", "shape": [lb.content_height, lb.content_width],
+                   "content_box": list(lb.content_box), "model_size": 32}}
+    first = imaging.read_png_unit(tmp_path / "r" / "counterfactual.png")
+    assert first.shape == (90, 70) and np.abs(first - result.counterfactual(0)).max() < 1e-4
+    for i in (1, 2):
+        other = imaging.read_png_unit(tmp_path / "r" / f"counterfactual-{i}.png")
+        assert other.shape == (lb.content_height, lb.content_width) == (32, 25)
+        assert np.abs(other - imaging.content_of(result.counterfactuals_model[i], lb)).max() < 1e-4
+        assert np.abs(imaging.content_to_native(other, lb) - result.counterfactuals[i]).max() < 1e-4
+    assert set(record.artifacts_sha256) >= {"counterfactual.png", "counterfactual-1.png", "counterfactual-2.png"}
+    single = run_review(tiny_engine, data, ReviewRequest(**FAST), tmp_path / "one")
+    assert "sample_files" not in single.to_dict()
+
+
 def test_a_calibration_holds_for_its_own_map_smoothing(tiny_engine, box_segmenter, tmp_path, monkeypatch):
     monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", CALIBRATION)
     smoothed = run(tiny_engine, tmp_path / "s", segmenter=box_segmenter, reference="input", map_smoothing=2.0)

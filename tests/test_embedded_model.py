@@ -50,6 +50,7 @@ def test_every_preset_fits_the_servers_default_limits():
     for name, preset in presets.items():
         assert preset.get("samples", 1) <= settings.max_samples, name
         assert preset["steps"] <= settings.max_steps, name
+    assert presets["healthy"]["samples"] == 16  # the mean of 16: docs/EVALUATION.md, "16 samples become the default"
     heaviest = job_cost(ReviewRequest(steps=settings.max_steps, strength=1.0, samples=settings.max_samples))
     assert 2 * heaviest < settings.queue_cost_budget
 

@@ -67,6 +67,21 @@ def test_native_frame_exact_for_odd_sizes(tiny):
         assert r.counterfactuals.min() >= 0.0 and r.counterfactuals.max() <= 1.0
 
 
+def test_native_counterfactuals_are_made_on_demand_and_agree(tiny):
+    """The engine keeps the model-frame samples; the native ones are unletterboxed on first use (all of them,
+    kept) or one at a time, with the same values either way."""
+    from app import imaging
+
+    r = tiny.generate(_image(45, 29), "normal", strength=0.5, steps=4, seed=3, samples=3)
+    assert "counterfactuals" not in r.__dict__  # nothing resized yet
+    one = r.counterfactual(2)
+    assert one.shape == (45, 29) and one.dtype == np.float32
+    assert np.array_equal(one, imaging.unletterbox(r.counterfactuals_model[2], r.letterbox))
+    every = r.counterfactuals
+    assert every is r.counterfactuals and every.shape == (3, 45, 29)  # computed once, kept
+    assert np.array_equal(every[2], one) and np.array_equal(r.counterfactual(1), every[1])
+
+
 def test_samples_use_consecutive_seeds_and_match_single_runs(tiny):
     img = _image()
     batch = tiny.generate(img, "normal", strength=0.6, steps=5, seed=10, samples=2)

@@ -88,6 +88,8 @@ def test_probe_runs_on_lesions_rsna_with_a_model_and_writes_its_report(shared_da
     assert summary["whole"]["lung_prior"]["frame_energy"]["mean"] == pytest.approx(0.19, abs=0.01)
     assert "product - lung_prior" in summary["paired_auroc_whole"]
     assert set(summary["image_auroc_lungs"]) >= {"product", "random"}
+    auroc, lo, hi = summary["image_auroc_lungs_rms"]["product"]
+    assert 0.0 <= lo <= auroc <= hi <= 1.0
     saved = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert saved["segmenter"]["sha256"] == seg.info.sha256
     assert len((tmp_path / "out" / "probe_rows.jsonl").read_text().splitlines()) == 3
@@ -178,3 +180,15 @@ def test_probe_command_takes_the_map_smoothing(tmp_path: Path) -> None:
     base = ["probe", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
     assert evaluate.parse_args(base).map_smoothing == 0.0
     assert evaluate.parse_args([*base, "--map-smoothing", "4"]).map_smoothing == 4.0
+
+
+def test_image_auroc_separates_by_the_score_given_with_a_stratified_bootstrap() -> None:
+    """Perfectly separated scores: 1.0 with a CI of [1, 1]; reversed 0.0; ties 0.5; without ci the bounds are nan."""
+    sep = {"opacity": [0.5, 0.6, 0.7], "normal": [0.1, 0.2]}
+    assert probe.image_auroc(sep, ci=True) == (1.0, 1.0, 1.0)
+    assert probe.image_auroc({"opacity": sep["normal"], "normal": sep["opacity"]})[0] == 0.0
+    est, lo, hi = probe.image_auroc({"opacity": [0.3, 0.3], "normal": [0.3, 0.3]})
+    assert est == 0.5 and np.isnan(lo) and np.isnan(hi)
+    mixed = {"opacity": [0.1, 0.5, 0.9, 0.7], "normal": [0.2, 0.6, 0.3]}
+    est, lo, hi = probe.image_auroc(mixed, ci=True, n_boot=200)
+    assert est == pytest.approx(8 / 12) and 0.0 <= lo < est < hi <= 1.0

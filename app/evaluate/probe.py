@@ -3,8 +3,10 @@ recipes and map methods, and for the issue's targets.
 
 Every image of ``lesions-rsna`` labelled ``opacity`` (boxes scaled from 512 px) is read at the model's size
 (256 px), segmented by the lung segmenter, and scored for each map method inside the lungs and over the whole
-image. RSNA-normal images (``--normals``) give the image-level AUROC of each map's mean value inside the lungs
-(opacity vs normal). Methods:
+image. RSNA-normal images (``--normals``) give the image-level AUROC (opacity vs normal) of each map's mean value
+inside the lungs (``image_auroc_lungs``) and of its RMS there, the energy per lung pixel, which is what a run's
+``map_summary`` reports as ``rms_in_mask`` (``image_auroc_lungs_rms``: ``[auroc, ci_lo, ci_hi]``, a 95 %
+bootstrap interval resampling each class). Methods:
 
 ====================  ============================================================================================
 ``product``           the product map ``|reference - counterfactual|`` at the model's healthy preset (reference =
@@ -271,7 +273,8 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
         loaded.append((name, img, lungs, case))
     prior = np.mean([lm.astype(np.float32) for _, _, lm, _ in loaded], axis=0).astype(np.float32)
     rows: list[dict[str, Any]] = []
-    energies: dict[str, dict[str, list[float]]] = {}
+    energies: dict[str, dict[str, list[float]]] = {}  # per method: the mean of the map inside the lungs
+    rms: dict[str, dict[str, list[float]]] = {}  # per method: its RMS there (the record's map_summary rms_in_mask)
     all_methods: list[str] = []
     for i, (name, img, lungs, case) in enumerate(loaded):
         s = seed + int(stable_order(name)[:8], 16) % (2**31 - 1)
@@ -288,8 +291,10 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
             if m not in all_methods:
                 all_methods.append(m)
         for m, v in maps.items():
-            inside = float(v[lungs].mean()) if lungs.any() else math.nan
-            energies.setdefault(m, {"opacity": [], "normal": []})["opacity" if case else "normal"].append(inside)
+            inside = v[lungs].astype(np.float64) if lungs.any() else np.full(1, math.nan)
+            kind = "opacity" if case else "normal"
+            energies.setdefault(m, {"opacity": [], "normal": []})[kind].append(float(inside.mean()))
+            rms.setdefault(m, {"opacity": [], "normal": []})[kind].append(float(np.sqrt(np.mean(inside ** 2))))
         if case is not None:
             lesion = metrics.boxes_to_mask(case.boxes, img.shape, scale=img.shape[1] / BOX_FRAME)
             row: dict[str, Any] = {"image": name, "lung_fraction": float(lungs.mean()),
@@ -311,11 +316,10 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
         "whole": _summary(rows, all_methods, "whole"), "lungs": _summary(rows, all_methods, "lungs"),
         "paired_auroc_lungs": _paired(rows, model_methods, BASELINES, "lungs", "pixel_auroc"),
         "paired_auroc_whole": _paired(rows, model_methods, BASELINES, "whole", "pixel_auroc"),
-        # opacity images positive, normal images negative
-        "image_auroc_lungs": {m: metrics.auroc(e["opacity"] + e["normal"],
-                                               [True] * len(e["opacity"]) + [False] * len(e["normal"]))
-                              for m, e in energies.items()}
-        if normal_names else {},
+        # opacity images positive, normal images negative; by the map's mean inside the lungs, and by its RMS
+        # there (the energy per lung pixel) with a bootstrap CI
+        "image_auroc_lungs": {m: image_auroc(e)[0] for m, e in energies.items()} if normal_names else {},
+        "image_auroc_lungs_rms": {m: image_auroc(e, ci=True) for m, e in rms.items()} if normal_names else {},
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "probe.json", summary)
@@ -324,6 +328,23 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
             fh.write(json.dumps(r) + "\n")
     (out / "probe.md").write_text(format_probe(summary))
     return summary
+
+
+def image_auroc(scores: dict[str, list[float]], *, ci: bool = False, n_boot: int = 1000,
+                seed: int = 0) -> tuple[float, float, float]:
+    """AUROC of one score per image, opacity images (``scores["opacity"]``) positive against normal ones
+    (``scores["normal"]``); with ``ci`` a 95 % bootstrap interval, resampling each class with replacement
+    (stratified), else ``(auroc, nan, nan)``."""
+    pos, neg = np.asarray(scores["opacity"], np.float64), np.asarray(scores["normal"], np.float64)
+    labels = [True] * len(pos) + [False] * len(neg)
+    est = metrics.auroc(np.concatenate([pos, neg]), labels)
+    if not ci or not (len(pos) and len(neg)):
+        return est, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    boots = [metrics.auroc(np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]), labels)
+             for _ in range(n_boot)]
+    lo, hi = np.nanquantile(boots, [0.025, 0.975])
+    return est, float(lo), float(hi)
 
 
 def _to_probe_size(img: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -335,8 +356,9 @@ def format_probe(summary: dict[str, Any]) -> str:
     lines = [f"probe: {summary['images']} opacity images, {summary['normals']} normals, {summary['size']} px, "
              f"segmenter {summary['segmenter']['sha256'][:8]}, {summary['wall_s']} s", "",
              "| method | AUROC lungs [95% CI] | pointing lungs | IoU(area) lungs | AUROC whole | pointing whole | "
-             "IoU(area) whole | image AUROC | frame E | outside-lung E | marker E | top5 in frame |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "IoU(area) whole | image AUROC (mean) | image AUROC (RMS) [95% CI] | frame E | outside-lung E | "
+             "marker E | top5 in frame |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def g(part: str, m: str, s: str, ci: bool = False) -> str:
         d = summary[part].get(m, {}).get(s)
@@ -346,10 +368,13 @@ def format_probe(summary: dict[str, Any]) -> str:
 
     for m in summary["whole"]:
         ia = summary["image_auroc_lungs"].get(m)
+        ir = summary.get("image_auroc_lungs_rms", {}).get(m)
+        rms_cell = "-" if ir is None or not np.isfinite(ir[0]) else (
+            f"{ir[0]:.3f}" + (f" [{ir[1]:.3f}, {ir[2]:.3f}]" if np.isfinite(ir[1]) else ""))
         lines.append(f"| {m} | {g('lungs', m, 'pixel_auroc', True)} | {g('lungs', m, 'pointing_game')} | "
                      f"{g('lungs', m, 'iou_area')} | {g('whole', m, 'pixel_auroc')} | "
                      f"{g('whole', m, 'pointing_game')} | {g('whole', m, 'iou_area')} | "
-                     f"{'-' if ia is None or not np.isfinite(ia) else f'{ia:.3f}'} | "
+                     f"{'-' if ia is None or not np.isfinite(ia) else f'{ia:.3f}'} | {rms_cell} | "
                      f"{g('whole', m, 'frame_energy')} | {g('whole', m, 'outside_lung_energy')} | "
                      f"{g('whole', m, 'marker_energy')} | {g('whole', m, 'top5_in_frame')} |")
     for part, title in (("lungs", "paired AUROC difference (lungs)"),

@@ -4,8 +4,9 @@ A finished review run (:func:`app.runs.review.run_review`) leaves in its folder:
 
 =========================  ==========================================================================================
 ``input.png``              :data:`INPUT`: the decoded, windowed image as the model saw it (16-bit PNG, native size)
-``counterfactual.png``     :data:`COUNTERFACTUAL`: the first sample's counterfactual (``counterfactual-<i>.png``
-                           for sample ``i`` > 0: :func:`counterfactual_name`)
+``counterfactual.png``     :data:`COUNTERFACTUAL`: the first sample's counterfactual, native size
+                           (``counterfactual-<i>.png`` for sample ``i`` > 0: :func:`counterfactual_name`; since
+                           2026-12-07 at the model's resolution, the record's ``sample_files``)
 ``reconstruction.png``     :data:`RECONSTRUCTION`: the autoencoder's (or DDIM's) reconstruction of the input
 ``overlay.png``            :data:`OVERLAY`: the attribution overlay as the run rendered it (8-bit RGB)
 ``attribution.npy``        :data:`ATTRIBUTION`: the signed float32 (H, W) map

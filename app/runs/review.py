@@ -6,7 +6,8 @@ which :func:`run_review` returns):
 
 =====================  ===============================================================================
 ``input.png``          the decoded, windowed image exactly as the model saw it, native size (16-bit PNG)
-``counterfactual.png`` the first sample's counterfactual, native size (``counterfactual-<i>.png`` for more)
+``counterfactual.png`` the first sample's counterfactual, native size (``counterfactual-<i>.png`` for more: the
+                       model's content box, not resized; the record's ``sample_files`` says so)
 ``overlay.png``        the attribution overlay (red = what the model removed), native size, on the model's
                        calibrated scale (:mod:`app.mapscale`) when it has one, else the map's own percentile
 ``attribution.npy``    signed float32 (H, W) map, reference - counterfactual (mean over samples); with map
@@ -221,6 +222,17 @@ def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
     return req
 
 
+def sample_files(lb: imaging.Letterbox) -> dict[str, Any]:
+    """The record's ``sample_files``: the size and frame of a run's counterfactual files (runs of more than one
+    sample). ``counterfactual.png`` is at the input's native size; ``counterfactual-<i>.png`` (samples 1 and up)
+    is the model frame's content box, as the model made it, not resized (:func:`app.imaging.content_of`; bring it
+    to the native frame with :func:`app.imaging.content_to_native`): a native-size copy would add no detail and
+    cost ~0.23 s of PNG encoding and ~3.7 MB per sample for a 2-Mpx DICOM (docs/PERFORMANCE.md)."""
+    return {"first": {"frame": "native", "shape": [lb.native_height, lb.native_width]},
+            "others": {"frame": "model_content", "shape": [lb.content_height, lb.content_width],
+                       "content_box": list(lb.content_box), "model_size": lb.size}}
+
+
 def _write(path: Path, data: bytes) -> str:
     """Write a run file atomically (:func:`app.fileio.write_atomic`; its mode is the umask's, as the CLI has always
     written them: the web app narrows the run folder to the owner when the run ends) and return its SHA-256."""
@@ -304,7 +316,6 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
     t2 = time.perf_counter()
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled("cancelled by the user")
-    cf_native = np.stack([imaging.unletterbox(c, lb) for c in out.counterfactuals]).astype(np.float32)
     recon = imaging.unletterbox(out.reconstruction, lb).astype(np.float32)
     n_eff = effective_steps(req.steps, req.strength)
     sched = DDIMScheduler.from_config(engine._base_scheduler_config)
@@ -314,7 +325,7 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
     # the model-frame methods make one DDIM counterfactual without a negative prompt, whatever the request says
     params = replace(req, negative_prompt="", scheduler=Scheduler.DDIM, samples=1).parameters(seed)
     result = CounterfactualResult(
-        counterfactuals=cf_native, counterfactuals_model=out.counterfactuals, input_model=img_model,
+        counterfactuals_model=np.asarray(out.counterfactuals, dtype=np.float32), input_model=img_model,
         reconstruction=recon, letterbox=lb, effective_steps=n_eff,
         start_timestep=int(sched.timesteps[req.steps - n_eff]), unet_evaluations=passes * n_eff, seeds=[seed],
         timings_s=timings, model_hash=engine.info.model_hash, parameters=params,
@@ -477,36 +488,48 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     pixels = img.pixels
     if mask is not None and mask.shape != pixels.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the image's {pixels.shape}")
-    lungs, lung_record = lung_region(segmenter, pixels, requested=req.lung_mask, user_mask=mask is not None)
-    region = mask if mask is not None else lungs
     result, method_record = make_counterfactual(engine, pixels, req, classifier=classifier, segmenter=segmenter,
                                                 progress=progress, cancel=cancel)
-    amap = attribution_map(result, pixels, req, region=region)
-    calibration, scale_reason = mapscale.calibration_for_run(
-        mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
-        reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples,
-        polarity=str(req.map_polarity), map_smoothing=float(req.map_smoothing or 0.0))
-    label = rendering.map_label(req.reference, req.map_method, req.map_polarity)
-    overlay = rendering.render_overlay(pixels, amap, normal_level=calibration.level if calibration else None,
-                                       label=label)
-    # the files: the PNG encoders (zlib) release the GIL, so they run side by side in a small pool; the hashes
-    # keep the order the record has always listed them in
-    files: list[tuple[str, Callable[[], bytes]]] = [(folder.INPUT, partial(imaging.to_png_bytes, pixels, bits=16))]
-    for i, cf in enumerate(result.counterfactuals):
-        files.append((folder.counterfactual_name(i), partial(imaging.to_png_bytes, cf, bits=16)))
+    # the files: the PNG encoders (zlib) release the GIL, so the images are encoded and written in a small pool
+    # while this thread segments the lungs and makes the map, the overlay and the summary (docs/PERFORMANCE.md);
+    # the hashes keep the order the record has always listed them in. The lungs are segmented only now: the
+    # first progress event does not wait for them
+    files: list[tuple[str, Callable[[], bytes]]] = [
+        (folder.INPUT, partial(imaging.to_png_bytes, pixels, bits=16)),
+        (folder.COUNTERFACTUAL, partial(imaging.to_png_bytes, result.counterfactual(0), bits=16))]
+    for i in range(1, len(result.counterfactuals_model)):  # the other samples as the model made them (not resized)
+        files.append((folder.counterfactual_name(i), partial(
+            imaging.to_png_bytes, imaging.content_of(result.counterfactuals_model[i], result.letterbox), bits=16)))
     files.append((folder.RECONSTRUCTION, partial(imaging.to_png_bytes, result.reconstruction, bits=16)))
-    files.append((folder.OVERLAY, partial(imaging.to_png_bytes, overlay)))
-    files.append((folder.ATTRIBUTION, partial(_npy_bytes, amap.signed)))
-    if amap.std is not None:
-        files.append((folder.ATTRIBUTION_STD, partial(_npy_bytes, amap.std)))
-    if mask is not None:
-        files.append((folder.MASK, partial(imaging.to_png_bytes, mask.astype(np.float32))))
-    if lungs is not None:
-        files.append((folder.LUNG_MASK, partial(mask_png_bytes, lungs)))
     with ThreadPoolExecutor(max_workers=FILE_WRITERS, thread_name_prefix="vald-md-files") as pool:
         futures = [pool.submit(_write_made, out / name, make) for name, make in files]
-        hashes = {name: fut.result() for (name, _), fut in zip(files, futures, strict=True)}
-    summary = mapscale.summarize_scaled(amap, calibration, parameters=result.parameters, reason=scale_reason)
+        try:
+            lungs, lung_record = lung_region(segmenter, pixels, requested=req.lung_mask, user_mask=mask is not None)
+            region = mask if mask is not None else lungs
+            amap = attribution_map(result, pixels, req, region=region)
+            calibration, scale_reason = mapscale.calibration_for_run(
+                mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
+                reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples,
+                polarity=str(req.map_polarity), map_smoothing=float(req.map_smoothing or 0.0))
+            label = rendering.map_label(req.reference, req.map_method, req.map_polarity)
+            overlay = rendering.render_overlay(pixels, amap, normal_level=calibration.level if calibration else None,
+                                               label=label)
+            later: list[tuple[str, Callable[[], bytes]]] = [(folder.OVERLAY, partial(imaging.to_png_bytes, overlay)),
+                                                            (folder.ATTRIBUTION, partial(_npy_bytes, amap.signed))]
+            if amap.std is not None:
+                later.append((folder.ATTRIBUTION_STD, partial(_npy_bytes, amap.std)))
+            if mask is not None:
+                later.append((folder.MASK, partial(imaging.to_png_bytes, mask.astype(np.float32))))
+            if lungs is not None:
+                later.append((folder.LUNG_MASK, partial(mask_png_bytes, lungs)))
+            futures += [pool.submit(_write_made, out / name, make) for name, make in later]
+            files += later
+            summary = mapscale.summarize_scaled(amap, calibration, parameters=result.parameters, reason=scale_reason)
+            hashes = {name: fut.result() for (name, _), fut in zip(files, futures, strict=True)}
+        except BaseException:  # nothing more is written for a run that failed (it has no record.json)
+            for fut in futures:
+                fut.cancel()
+            raise
     record = {
         "vald_md_record": RECORD_VERSION,
         "created_at": datetime.now(UTC).isoformat(),
@@ -522,6 +545,7 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         "map_region": "user_mask" if mask is not None else "lungs" if lungs is not None else "whole_image",
         "lung_mask": lung_record,
         "map_summary": summary,
+        **({"sample_files": sample_files(result.letterbox)} if len(result.counterfactuals_model) > 1 else {}),
         "model_limitations": engine.info.manifest.get("limitations"),
         "artifacts_sha256": hashes,
         "disclaimer": DISCLAIMER,
