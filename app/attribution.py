@@ -1,9 +1,11 @@
 """Attribution maps: reference − counterfactual and their statistics (drawing them is :mod:`app.rendering`).
 
 VALD-MD (Siddiqui et al., Sci Rep 2025) explains an abnormal chest X-ray by generating a healthy
-counterfactual; the attribution map is the pixel-wise difference ``M = reference − counterfactual`` in the
-native image frame. ``reference`` is normally the original image; passing the autoencoder's reconstruction of
-the input instead cancels the blur that the autoencoder adds to every counterfactual.
+counterfactual; the attribution map is the pixel-wise difference ``M = reference − counterfactual``, shown in the
+native image frame (a review run with map smoothing takes the mean and the SD over samples in the model frame and
+resizes them: :func:`sample_statistics`, :func:`map_from_statistics`, ``app.runs.review.attribution_map``).
+``reference`` is normally the original image; passing the autoencoder's reconstruction of the input instead
+cancels the blur that the autoencoder adds to every counterfactual.
 
 Sign convention: ``M > 0`` where the original is brighter than the counterfactual, i.e. where the
 counterfactual *removed* density (drawn red); ``M < 0`` where it *added* density (drawn blue in signed mode).
@@ -70,7 +72,8 @@ class AttributionMap:
             intensity units, roughly in [-1, 1]; with polarity ``"removed"`` its positive part, in [0, 1].
         magnitude: ``|signed|``, float32 ``(H, W)``, in [0, 1] (``signed`` itself for polarity ``"removed"``).
         std: Per-pixel standard deviation of the (smoothed) difference across samples (``ddof=1``),
-            float32 ``(H, W)``; ``None`` when ``n_samples == 1``.
+            float32 ``(H, W)``; ``None`` when ``n_samples == 1``. Taken in the frame of the differences: a review
+            run with map smoothing resizes the model frame's SD, an upper bound of the resized differences' SD.
         n_samples: Number of counterfactual samples averaged (>= 1).
         mask: Region of interest, bool ``(H, W)``, or ``None`` for the whole frame. The maps themselves are
             *not* zeroed outside it; thresholds, summaries and overlays are restricted to it.
@@ -291,7 +294,7 @@ def sample_statistics(reference: ArrayLike, counterfactuals: ArrayLike, *,
     if cfs.shape[1:] != ref.shape:
         raise ValueError(
             f"counterfactuals have frame {cfs.shape[1:]} but reference is {ref.shape}; map both to the same "
-            "native frame (undo the letterbox) before differencing."
+            "frame (e.g. undo the letterbox) before differencing."
         )
     _check_sigma(smoothing_sigma)
     diffs = ref[None].astype(np.float64) - cfs.astype(np.float64)

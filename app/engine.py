@@ -10,8 +10,9 @@ and precision and generates.
 Order of operations in :meth:`CounterfactualEngine.generate_request` (one frozen ``app.generation.GenerationRequest``;
 :meth:`~CounterfactualEngine.generate` builds one from keywords):
   1. check inputs; 2. letterbox the native image to the model's square input; 3. encode the prompt (cached);
-  4. run img2img (strength -> effective steps ``int(steps * strength)``); 5. map every sample back to the
-  native frame; 6. autoencoder reconstruction of the input (reference for attribution maps).
+  4. run img2img (strength -> effective steps ``int(steps * strength)``); 5. autoencoder reconstruction of the
+  input (reference for attribution maps), in the native frame. The samples stay in the model frame; the result
+  brings them to the native frame on demand (:meth:`CounterfactualResult.counterfactual`).
 
 One lock serialises calls: the pipeline is not thread-safe.
 
@@ -177,7 +178,7 @@ class CounterfactualResult:
 
     def counterfactual(self, sample: int) -> np.ndarray:
         """float32 (H, W) in [0, 1]: sample ``sample`` (0-based) in the native frame of the input."""
-        if "counterfactuals" in self.__dict__:
+        if "counterfactuals" in self.__dict__:  # where functools.cached_property keeps the stack once made
             return np.asarray(self.__dict__["counterfactuals"][sample])
         return imaging.unletterbox(self.counterfactuals_model[sample], self.letterbox).astype(np.float32, copy=False)
 

@@ -539,8 +539,9 @@ def test_map_smoothing_against_the_reconstruction_uses_it_in_the_model_frame(tin
     assert plain_ref is pixels and plain_cfs is result.counterfactuals  # 0: exactly the native images
 
 
-@pytest.mark.parametrize("reference", ["input", "reconstruction"])
-def test_the_smoothed_map_is_taken_in_the_model_frame_and_resized_once(tiny_engine, reference):
+@pytest.mark.parametrize(("reference", "shape"), [("input", (90, 70)), ("reconstruction", (90, 70)),
+                                                  ("input", (20, 27))])
+def test_the_smoothed_map_is_taken_in_the_model_frame_and_resized_once(tiny_engine, reference, shape):
     """With map smoothing on (the default presets), the map's mean and SD are taken in the model frame and resized
     once: the mean equals the per-sample native path's (map_inputs, then difference_map) to float32 rounding, for
     both polarities; the SD bounds the native path's from above (the SD of an interpolation is at most the
@@ -548,7 +549,7 @@ def test_the_smoothed_map_is_taken_in_the_model_frame_and_resized_once(tiny_engi
     from app.attribution import difference_map
     from app.runs.review import attribution_map, map_inputs
 
-    pixels = imaging.decode_image(png_bytes(h=90, w=70)).pixels  # larger than the tiny model's 32-px frame
+    pixels = imaging.decode_image(png_bytes(*shape)).pixels  # larger, then smaller than the tiny model's 32-px frame
     result = tiny_engine.generate_request(pixels, ReviewRequest(**{**FAST, "samples": 3}))
     region = box_lungs(pixels.shape)
     ref, cfs = map_inputs(result, pixels, reference=reference, map_smoothing=1.5)
@@ -590,6 +591,54 @@ def test_the_other_samples_are_kept_as_the_model_made_them(tiny_engine, tmp_path
     assert set(record.artifacts_sha256) >= {"counterfactual.png", "counterfactual-1.png", "counterfactual-2.png"}
     single = run_review(tiny_engine, data, ReviewRequest(**FAST), tmp_path / "one")
     assert "sample_files" not in single.to_dict()
+
+
+class _RecordingSegmenter(BoxSegmenter):
+    """The box segmenter, noting whether the run's first progress event came before it was asked."""
+
+    def __init__(self, folder: Path, progressed: list[int]) -> None:
+        super().__init__(folder)
+        self.progressed = progressed
+        self.progress_before: bool | None = None
+
+    def probability(self, image: Any) -> np.ndarray:
+        self.progress_before = bool(self.progressed)
+        return super().probability(image)
+
+
+class _BrokenSegmenter(BoxSegmenter):
+    """Fails as an unexpected bug would (not the ValueError/RuntimeError lung_region turns into a reason)."""
+
+    def probability(self, image: Any) -> np.ndarray:
+        raise KeyError("broken segmenter")
+
+
+def test_the_lungs_are_segmented_after_the_first_progress_event_and_the_files_keep_their_order(
+        tiny_engine, segmenter_dir, tmp_path):
+    """The first progress event does not wait for the segmentation; the record lists the files in the order it
+    always has (images, counterfactuals by sample, reconstruction, overlay, maps, masks), whatever order the pool
+    finished them in."""
+    progressed: list[int] = []
+    seg = _RecordingSegmenter(segmenter_dir, progressed)
+    record = run_review(tiny_engine, png_bytes(), ReviewRequest(**{**FAST, "samples": 3}), tmp_path / "r",
+                        mask=None, segmenter=seg, progress=lambda step, *_: progressed.append(step))
+    assert seg.progress_before is True and progressed
+    assert list(record.artifacts_sha256) == [
+        "input.png", "counterfactual.png", "counterfactual-1.png", "counterfactual-2.png", "reconstruction.png",
+        "overlay.png", "attribution.npy", "attribution_std.npy", "lung_mask.png"]
+    user = np.zeros((H, W), bool)
+    user[5:30, 5:30] = True
+    masked = run(tiny_engine, tmp_path / "m", mask=user)
+    assert list(masked.artifacts_sha256)[-2:] == ["attribution.npy", "mask.png"]
+
+
+def test_a_run_that_fails_after_its_diffusion_leaves_no_files(tiny_engine, segmenter_dir, tmp_path):
+    """The images are being written while the lungs are segmented; when that (or the map) fails, the error reaches
+    the caller and the folder keeps no file of the run (and no record.json)."""
+    out = tmp_path / "failed"
+    with pytest.raises(KeyError, match="broken segmenter"):
+        run(tiny_engine, out, segmenter=_BrokenSegmenter(segmenter_dir), samples=2)
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 def test_a_calibration_holds_for_its_own_map_smoothing(tiny_engine, box_segmenter, tmp_path, monkeypatch):

@@ -148,7 +148,7 @@ def test_smoothing_spreads_but_keeps_mean() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"counterfactuals": np.zeros((H, W + 1), np.float32)}, "same native frame"),
+        ({"counterfactuals": np.zeros((H, W + 1), np.float32)}, "same frame"),
         ({"reference": np.full((H, W), np.nan, np.float32)}, "non-finite"),
         ({"reference": np.full((H, W), 255.0, np.float32)}, "Divide 8-bit data by 255"),
         ({"reference": np.zeros((H, W, 3), np.float32)}, "convert RGB to grayscale"),

@@ -190,5 +190,20 @@ def test_image_auroc_separates_by_the_score_given_with_a_stratified_bootstrap() 
     est, lo, hi = probe.image_auroc({"opacity": [0.3, 0.3], "normal": [0.3, 0.3]})
     assert est == 0.5 and np.isnan(lo) and np.isnan(hi)
     mixed = {"opacity": [0.1, 0.5, 0.9, 0.7], "normal": [0.2, 0.6, 0.3]}
-    est, lo, hi = probe.image_auroc(mixed, ci=True, n_boot=200)
+    est, lo, hi = probe.image_auroc(mixed, ci=True)
     assert est == pytest.approx(8 / 12) and 0.0 <= lo < est < hi <= 1.0
+
+
+def test_format_probe_shows_both_image_level_aurocs() -> None:
+    """The table's image-level columns: the mean's AUROC, and the RMS's with its interval; '-' where unmeasured."""
+    cell = {"mean": 0.7, "ci": [0.6, 0.8]}
+    summary = {"images": 2, "normals": 2, "size": 256, "segmenter": {"sha256": "ab" * 32}, "wall_s": 1.0,
+               "whole": {"product": {"pixel_auroc": cell}, "random": {"pixel_auroc": cell}},
+               "lungs": {"product": {"pixel_auroc": cell}}, "paired_auroc_lungs": {}, "paired_auroc_whole": {},
+               "image_auroc_lungs": {"product": 0.78, "random": 0.5},
+               "image_auroc_lungs_rms": {"product": [0.834, 0.769, 0.888]}}
+    table = probe.format_probe(summary)
+    assert "image AUROC (mean) | image AUROC (RMS) [95% CI]" in table
+    assert "| 0.780 | 0.834 [0.769, 0.888] |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| random |"))
+    assert "| 0.500 | - |" in row

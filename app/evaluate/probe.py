@@ -273,7 +273,7 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
         loaded.append((name, img, lungs, case))
     prior = np.mean([lm.astype(np.float32) for _, _, lm, _ in loaded], axis=0).astype(np.float32)
     rows: list[dict[str, Any]] = []
-    energies: dict[str, dict[str, list[float]]] = {}  # per method: the mean of the map inside the lungs
+    means: dict[str, dict[str, list[float]]] = {}  # per method: the mean of the map inside the lungs
     rms: dict[str, dict[str, list[float]]] = {}  # per method: its RMS there (the record's map_summary rms_in_mask)
     all_methods: list[str] = []
     for i, (name, img, lungs, case) in enumerate(loaded):
@@ -293,7 +293,7 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
         for m, v in maps.items():
             inside = v[lungs].astype(np.float64) if lungs.any() else np.full(1, math.nan)
             kind = "opacity" if case else "normal"
-            energies.setdefault(m, {"opacity": [], "normal": []})[kind].append(float(inside.mean()))
+            means.setdefault(m, {"opacity": [], "normal": []})[kind].append(float(inside.mean()))
             rms.setdefault(m, {"opacity": [], "normal": []})[kind].append(float(np.sqrt(np.mean(inside ** 2))))
         if case is not None:
             lesion = metrics.boxes_to_mask(case.boxes, img.shape, scale=img.shape[1] / BOX_FRAME)
@@ -318,7 +318,7 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
         "paired_auroc_whole": _paired(rows, model_methods, BASELINES, "whole", "pixel_auroc"),
         # opacity images positive, normal images negative; by the map's mean inside the lungs, and by its RMS
         # there (the energy per lung pixel) with a bootstrap CI
-        "image_auroc_lungs": {m: image_auroc(e)[0] for m, e in energies.items()} if normal_names else {},
+        "image_auroc_lungs": {m: image_auroc(e)[0] for m, e in means.items()} if normal_names else {},
         "image_auroc_lungs_rms": {m: image_auroc(e, ci=True) for m, e in rms.items()} if normal_names else {},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -330,21 +330,14 @@ def run_probe(data: Path, out: Path, *, segmenter: Any, map_fn: MapFn | None, me
     return summary
 
 
-def image_auroc(scores: dict[str, list[float]], *, ci: bool = False, n_boot: int = 1000,
-                seed: int = 0) -> tuple[float, float, float]:
+def image_auroc(scores: dict[str, list[float]], *, ci: bool = False) -> tuple[float, float, float]:
     """AUROC of one score per image, opacity images (``scores["opacity"]``) positive against normal ones
-    (``scores["normal"]``); with ``ci`` a 95 % bootstrap interval, resampling each class with replacement
-    (stratified), else ``(auroc, nan, nan)``."""
-    pos, neg = np.asarray(scores["opacity"], np.float64), np.asarray(scores["normal"], np.float64)
-    labels = [True] * len(pos) + [False] * len(neg)
-    est = metrics.auroc(np.concatenate([pos, neg]), labels)
-    if not ci or not (len(pos) and len(neg)):
-        return est, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    boots = [metrics.auroc(np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]), labels)
-             for _ in range(n_boot)]
-    lo, hi = np.nanquantile(boots, [0.025, 0.975])
-    return est, float(lo), float(hi)
+    (``scores["normal"]``); with ``ci`` its 95 % stratified bootstrap interval (:func:`app.metrics.auroc_ci`), else
+    ``(auroc, nan, nan)``."""
+    pos, neg = scores["opacity"], scores["normal"]
+    if ci and pos and neg and np.isfinite(pos).all() and np.isfinite(neg).all():
+        return metrics.auroc_ci(pos, neg)
+    return metrics.auroc(list(pos) + list(neg), [True] * len(pos) + [False] * len(neg)), math.nan, math.nan
 
 
 def _to_probe_size(img: NDArray[np.float32]) -> NDArray[np.float32]:

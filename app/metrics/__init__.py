@@ -52,6 +52,7 @@ from app.metrics.ssim import (
 )
 from app.metrics.stats import (
     auroc,
+    auroc_ci,
     bootstrap_ci,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "SSIM_WIN_SIZE",
     "FIDFeatureExtractor",
     "auroc",
+    "auroc_ci",
     "bootstrap_ci",
     "boxes_to_mask",
     "default_fid_weights",

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["auroc", "bootstrap_ci"]
+__all__ = ["auroc", "auroc_ci", "bootstrap_ci"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -89,3 +89,31 @@ def bootstrap_ci(
     boots = np.array([float(statistic(v[rng.integers(0, len(v), len(v))])) for _ in range(n_boot)])
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return float(statistic(v)), float(lo), float(hi)
+
+
+def auroc_ci(positives: npt.ArrayLike, negatives: npt.ArrayLike, *, n_boot: int = 1000, alpha: float = 0.05,
+             seed: int = 0) -> tuple[float, float, float]:
+    """:func:`auroc` of a score, ``positives`` against ``negatives``, with a stratified percentile bootstrap
+    interval (each class resampled with replacement at its own size, ``numpy.random.default_rng(seed)``).
+
+    Args:
+        positives, negatives: 1-D finite scores of each class (at least one each).
+        n_boot: number of resamples (>= 1). alpha: 1 - confidence level, in (0, 1).
+
+    Returns:
+        ``(estimate, lo, hi)``.
+
+    Raises:
+        ValueError: a class empty, not 1-D or not finite; ``n_boot`` < 1; ``alpha`` outside (0, 1).
+    """
+    pos, neg = np.asarray(positives, dtype=np.float64), np.asarray(negatives, dtype=np.float64)
+    for name, v in (("positives", pos), ("negatives", neg)):
+        if v.ndim != 1 or len(v) == 0 or not np.isfinite(v).all():
+            raise ValueError(f"auroc_ci: {name} must be a non-empty 1-D finite array, got shape {v.shape}")
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError(f"auroc_ci: need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot!r}, alpha={alpha!r}")
+    labels = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    rng = np.random.default_rng(seed)
+    boots = [auroc(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))], labels) for _ in range(n_boot)]
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return auroc(np.r_[pos, neg], labels), float(lo), float(hi)

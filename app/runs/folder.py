@@ -10,7 +10,8 @@ A finished review run (:func:`app.runs.review.run_review`) leaves in its folder:
 ``reconstruction.png``     :data:`RECONSTRUCTION`: the autoencoder's (or DDIM's) reconstruction of the input
 ``overlay.png``            :data:`OVERLAY`: the attribution overlay as the run rendered it (8-bit RGB)
 ``attribution.npy``        :data:`ATTRIBUTION`: the signed float32 (H, W) map
-``attribution_std.npy``    :data:`ATTRIBUTION_STD`: per-pixel standard deviation over samples (samples > 1 only)
+``attribution_std.npy``    :data:`ATTRIBUTION_STD`: per-pixel standard deviation over samples (samples > 1 only;
+                           with map smoothing the model frame's SD resized, an upper bound of the native one)
 ``mask.png``               :data:`MASK`: the user's region mask (when one was given)
 ``lung_mask.png``          :data:`LUNG_MASK`: the segmenter's lung mask (when the map was restricted to it)
 ``record.json``            :data:`RECORD`: the :class:`~app.runs.record.RunRecord`, with every file's SHA-256

@@ -20,8 +20,10 @@ the public header summary), ``parameters`` (:class:`RunParameters`), ``effective
 ``library_versions``, ``compute`` (when known), ``request`` (window, reference, smoothing_sigma, mask,
 lung_mask, map_method, map_polarity, map_smoothing), ``map_method``, the classifier-guided fields (``classifier``,
 ``classifier_scale``, ``logit_input``, ``logit_counterfactual``, ``classifier_lung_fraction``), ``map_label``,
-``map_region``, ``lung_mask``, ``map_summary``, ``model_limitations``, ``artifacts_sha256`` (file name -> SHA-256)
-and ``disclaimer``.
+``map_region``, ``lung_mask``, ``map_summary``, ``sample_files`` (runs of more than one sample, since
+2026-12-07: the size and frame of ``counterfactual.png``, native, and of ``counterfactual-<i>.png``, the model
+frame's content box; :func:`app.runs.review.sample_files`), ``model_limitations``, ``artifacts_sha256`` (file name ->
+SHA-256) and ``disclaimer``.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class RunRecord(_JsonObject):
     map_region: str | None = None
     lung_mask: dict[str, Any] = field(default_factory=dict)
     map_summary: dict[str, Any] = field(default_factory=dict)
+    sample_files: dict[str, Any] | None = None
     model_limitations: Any = None
     artifacts_sha256: dict[str, str] = field(default_factory=dict)
     disclaimer: str | None = None

@@ -12,7 +12,8 @@ which :func:`run_review` returns):
                        calibrated scale (:mod:`app.mapscale`) when it has one, else the map's own percentile
 ``attribution.npy``    signed float32 (H, W) map, reference - counterfactual (mean over samples); with map
                        polarity ``removed`` its positive part (clipped at 0)
-``attribution_std.npy`` per-pixel standard deviation over samples (only when samples > 1)
+``attribution_std.npy`` per-pixel standard deviation over samples (only when samples > 1; with map smoothing the
+                       model frame's SD resized, an upper bound of the native differences' SD)
 ``reconstruction.png`` the autoencoder's reconstruction of the input (the alternative map reference)
 ``mask.png``           the user's region mask, native size (only when one was given)
 ``lung_mask.png``      the lung segmenter's mask, 0/255, native size (only when the map was restricted to it)
@@ -293,7 +294,8 @@ def _model_frame_result(engine: CounterfactualEngine, pixels: np.ndarray, req: R
                         seed: int, cancel: threading.Event | None,
                         passes: int = 1) -> tuple[CounterfactualResult, Any]:
     """Run a DDIM map method on the letterboxed model-frame image and wrap its output as a
-    :class:`CounterfactualResult` in the native frame (counterfactual and reconstruction unletterboxed).
+    :class:`CounterfactualResult` (the reconstruction unletterboxed; the counterfactual in the model frame, brought to
+    the native frame on demand).
 
     ``run(img_model) -> result`` with ``result.counterfactuals`` (1, S, S) and ``result.reconstruction`` (S, S);
     the method's own result is returned beside, for its record fields. ``passes``: UNet passes over the effective
@@ -426,6 +428,12 @@ def map_inputs(result: CounterfactualResult, pixels: np.ndarray, *, reference: s
             np.stack([smoothed(cf) for cf in result.counterfactuals_model]))
 
 
+def _native_map(req: ReviewRequest) -> bool:
+    """Whether :func:`attribution_map` takes the per-sample differences in the native frame (no map smoothing, or a
+    native ``smoothing_sigma``) rather than in the model frame."""
+    return float(req.map_smoothing or 0.0) <= 0 or req.smoothing_sigma > 0
+
+
 def attribution_map(result: CounterfactualResult, pixels: np.ndarray, req: ReviewRequest, *,
                     region: np.ndarray | None) -> attribution.AttributionMap:
     """The run's map in the native frame (``req`` resolved), restricted to ``region`` (bool (H, W) or ``None``).
@@ -444,7 +452,7 @@ def attribution_map(result: CounterfactualResult, pixels: np.ndarray, req: Revie
     """
     map_smoothing = float(req.map_smoothing or 0.0)
     polarity = str(req.map_polarity)
-    if map_smoothing <= 0 or req.smoothing_sigma > 0:
+    if _native_map(req):
         reference, counterfactuals = map_inputs(result, pixels, reference=str(req.reference),
                                                 map_smoothing=map_smoothing)
         return attribution.difference_map(reference, counterfactuals, mask=region,
@@ -493,10 +501,13 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     # the files: the PNG encoders (zlib) release the GIL, so the images are encoded and written in a small pool
     # while this thread segments the lungs and makes the map, the overlay and the summary (docs/PERFORMANCE.md);
     # the hashes keep the order the record has always listed them in. The lungs are segmented only now: the
-    # first progress event does not wait for them
+    # first progress event does not wait for them (a segmenter that fails with an unexpected error now fails the
+    # run after its diffusion, not before)
+    # the first sample at native size (all of them, kept, when the map will need them there anyway)
+    first = result.counterfactuals[0] if _native_map(req) else result.counterfactual(0)
     files: list[tuple[str, Callable[[], bytes]]] = [
         (folder.INPUT, partial(imaging.to_png_bytes, pixels, bits=16)),
-        (folder.COUNTERFACTUAL, partial(imaging.to_png_bytes, result.counterfactual(0), bits=16))]
+        (folder.COUNTERFACTUAL, partial(imaging.to_png_bytes, first, bits=16))]
     for i in range(1, len(result.counterfactuals_model)):  # the other samples as the model made them (not resized)
         files.append((folder.counterfactual_name(i), partial(
             imaging.to_png_bytes, imaging.content_of(result.counterfactuals_model[i], result.letterbox), bits=16)))
@@ -526,9 +537,12 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
             files += later
             summary = mapscale.summarize_scaled(amap, calibration, parameters=result.parameters, reason=scale_reason)
             hashes = {name: fut.result() for (name, _), fut in zip(files, futures, strict=True)}
-        except BaseException:  # nothing more is written for a run that failed (it has no record.json)
+        except BaseException:  # a run that failed leaves no files (and has no record.json)
             for fut in futures:
                 fut.cancel()
+            pool.shutdown(wait=True)
+            for name, _ in files:
+                (out / name).unlink(missing_ok=True)
             raise
     record = {
         "vald_md_record": RECORD_VERSION,
