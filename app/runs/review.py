@@ -444,8 +444,8 @@ def attribution_map(result: CounterfactualResult, pixels: np.ndarray, req: Revie
     native frame (:func:`app.imaging.content_to_native`), then the polarity is applied. The resize is linear, so the
     mean equals that of the per-sample native differences (:func:`map_inputs` then
     :func:`app.attribution.difference_map`) to float32 rounding; the SD is the resized model-frame SD, which
-    bounds the SD of the resized differences from above (by at most the interpolation between neighbouring model
-    pixels, four native pixels apart or more for any input larger than the model frame). This costs one native
+    bounds the SD of the resized differences from above (the SD of a weighted mean is at most the weighted mean of
+    the SDs; the two agree where neighbouring model pixels vary together over the samples). This costs one native
     resize per statistic instead of one per sample, and no (S, H, W) native arrays: a 2-Mpx DICOM's map with 8
     samples took 1.8 s the old way (docs/PERFORMANCE.md). Otherwise the native path: :func:`map_inputs`, then
     :func:`app.attribution.difference_map`.
