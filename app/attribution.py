@@ -262,7 +262,6 @@ def difference_map(
     Raises:
         ValueError: On shape mismatch, non-finite values, values outside [0, 1], a bad mask, sigma or polarity.
     """
-    check_choice("polarity", polarity, MAP_POLARITIES)
     mean, std, n_samples = sample_statistics(reference, counterfactuals, smoothing_sigma=smoothing_sigma)
     return map_from_statistics(mean, std, n_samples=n_samples, mask=mask, polarity=polarity)
 
@@ -421,7 +420,8 @@ def summarize(amap: AttributionMap, *, threshold: float | None = None, mode: str
     if total_weight > 0:
         centroid = (float(weights.sum(axis=0) @ np.arange(mag.shape[1])) / total_weight,
                     float(weights.sum(axis=1) @ np.arange(mag.shape[0])) / total_weight)
-    total_energy = float(np.dot(mag.ravel().astype(np.float64), mag.ravel().astype(np.float64)))
+    flat = mag.ravel().astype(np.float64)
+    total_energy = float(flat @ flat)
     inside_energy = float(inside @ inside)
     return MapSummary(
         n_samples=amap.n_samples,
