@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gaussian smoothing of the map in the model's frame: sigma in pixels of the model's square "
                         "input (the embedded model: 256 px), 0..16, 0 = off; default: the model's healthy preset, "
                         "else its manifest (map_smoothing), else 0")
+    c.add_argument("--counterfactual-edit", default=None, choices=["map_region", "redraw"],
+                   help="the counterfactual written as counterfactual.png: map_region = one more sample that changes "
+                        "the image only where the map is above the model's normal level (DiffEdit-style; the first "
+                        "sample is then counterfactual-0.png), redraw = the first sample; default: the model's "
+                        "healthy preset, else its manifest (counterfactual_edit), else redraw")
     c.add_argument("--classifier-scale", type=float, default=0.3,
                    help="classifier_guided: step against the disease gradient per denoising step, 0..5 (default 0.3)")
     c.add_argument("--lesion-classifier", default=None,
@@ -178,7 +183,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
             scheduler=args.scheduler, samples=args.samples, window=_window_arg(args.window),
             reference=args.reference or eng.info.manifest.get("map_reference", "input"), lung_mask=args.lung_mask,
             map_method=method, map_polarity=args.map_polarity, map_smoothing=args.map_smoothing,
-            classifier_scale=args.classifier_scale), eng.info, classifier=classifier, segmenter=segmenter)
+            counterfactual_edit=args.counterfactual_edit, classifier_scale=args.classifier_scale), eng.info,
+            classifier=classifier, segmenter=segmenter)
     except ValueError as e:
         sys.stderr.write(f"vald-md: {e}\n")
         return 2

@@ -500,6 +500,32 @@ class CounterfactualEngine:
             recon: np.ndarray = self._to_gray(self.pipe.vae.decode(posterior_mean.to(self.pipe.vae.dtype)).sample)[0]
             return recon
 
+    def _edit_region_tensor(self, edit_region: np.ndarray) -> torch.Tensor:
+        """A checked edit region (see :meth:`generate_request`) as a (1, 1, size, size) float32 tensor.
+
+        Raises:
+            ValueError: not a finite (size, size) array in [0, 1].
+        """
+        size = self.info.image_size
+        arr = np.asarray(edit_region, dtype=np.float32)
+        if arr.shape != (size, size) or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"edit_region must be a ({size}, {size}) array in [0, 1] in the model's frame; got "
+                             f"shape {arr.shape}")
+        return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+
+    def _keep_outside(self, latents: torch.Tensor, region: torch.Tensor, sched: Any, next_index: int) -> torch.Tensor:
+        """``latents`` (just stepped) with the input's latent, noised to the level of ``sched.timesteps[next_index]``
+        (the clean latent after the last step), put back outside ``region`` (1, 1, size, size), area-averaged to the
+        latent grid. The noise level comes from ``scheduler.add_noise``: the given timestep for PNDM and DDIM, the
+        scheduler's own step index (already advanced to the next step) for DPM-Solver++ and Euler."""
+        z, noise = self.pipe.init_latents, self.pipe.init_noise
+        h, w = int(latents.shape[-2]), int(latents.shape[-1])
+        m = torch.nn.functional.adaptive_avg_pool2d(region, (h, w)).to(latents.device)
+        known: torch.Tensor = (sched.add_noise(z, noise, sched.timesteps[next_index:next_index + 1])
+                               if next_index < len(sched.timesteps) else z)
+        kept: torch.Tensor = (m * latents.float() + (1 - m) * known.float()).to(latents.dtype)
+        return kept
+
     # -- the public call ----------------------------------------------------------------------------------------
     def check_inputs(self, image: np.ndarray, *, request: GenerationRequest) -> None:
         """Reject a bad image or request with a message that quotes the value and says what is allowed.
@@ -533,7 +559,8 @@ class CounterfactualEngine:
 
     def generate_request(self, image: np.ndarray, request: GenerationRequest, *,
                          progress: ProgressCallback | None = None,
-                         cancel: threading.Event | None = None) -> CounterfactualResult:
+                         cancel: threading.Event | None = None,
+                         edit_region: np.ndarray | None = None) -> CounterfactualResult:
         """Make ``request.samples`` counterfactuals of ``image`` as ``request`` asks (its scheduler included).
 
         Args:
@@ -543,12 +570,22 @@ class CounterfactualEngine:
                 steps (1..1000), seed (None draws one; sample i uses ``seed + i``), scheduler ('pndm' the
                 paper's, 'ddim', 'dpm++', 'euler') and samples (1..16, run as one batch). Read, never changed.
             progress: called after every denoising step. cancel: set it to stop within one step.
+            edit_region: ``None`` (the whole image is redrawn, SDEdit), or float (size, size) in [0, 1] in the
+                model's letterboxed frame (``imaging.letterbox``): where the counterfactual may differ from the
+                input (1) and where it keeps the input (0). Area-averaged to the latent grid (m); after every
+                denoising step the latents become ``m * latents + (1 - m) * known``, ``known`` being the input's own
+                latent (the posterior sample img2img started from) noised to the next step's level with the same
+                noise the start used (``scheduler.add_noise``), and at the last step that clean latent itself: the
+                masked edit of DiffEdit (Couairon et al., ICLR 2023; RePaint's known-region replacement). With
+                ``edit_region`` all ones the result is exactly the unrestricted one.
 
         Raises:
-            ValueError: a parameter is out of range (message says which and the allowed range).
+            ValueError: a parameter is out of range (message says which and the allowed range), or
+                ``edit_region`` is not a (size, size) array in [0, 1].
             GenerationCancelled: ``cancel`` was set.
         """
         self.check_inputs(image, request=request)
+        region = None if edit_region is None else self._edit_region_tensor(edit_region)
         prompt, negative_prompt, strength = request.prompt, request.negative_prompt, request.strength
         guidance_scale, steps, samples, seed = request.guidance_scale, request.steps, request.samples, request.seed
         if seed is None:
@@ -583,6 +620,8 @@ class CounterfactualEngine:
                 marks["last"] = now
                 if cancel is not None and cancel.is_set():
                     raise GenerationCancelled("cancelled by the user")
+                if region is not None:
+                    kw["latents"] = self._keep_outside(kw["latents"], region, sched, first_idx + i + 1)
                 if progress is not None:
                     # evaluation i + 1 of n_calls as a denoising step of n_eff (the form's "effective steps"):
                     # PNDM's one extra evaluation reports the last step again rather than a step n_eff + 1
@@ -600,7 +639,7 @@ class CounterfactualEngine:
                                 num_images_per_prompt=samples, generator=gens, output_type="pt",
                                 callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
             mean = getattr(self.pipe, "posterior_mean", None)
-            self.pipe.posterior_mean = None
+            self.pipe.posterior_mean = self.pipe.init_latents = self.pipe.init_noise = None
             t_end = time.perf_counter()
             timings["prepare_latents"] = marks.get("first", t_end) - t_start
             timings["denoising"] = marks.get("last", t_end) - marks.get("first", t_start)

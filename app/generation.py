@@ -67,8 +67,9 @@ def draw_seed() -> int:
 @dataclass(frozen=True)
 class Preset:
     """A named set of generation parameters. strength in (0, 1], guidance_scale >= 1, steps >= 1, samples 1..16
-    (counterfactuals averaged into the map). A preset (or a manifest's, a dict) may also name a ``map_polarity``
-    and a ``map_smoothing`` (sigma in model-frame pixels, 0..16; 0 = none)."""
+    (counterfactuals averaged into the map). A preset (or a manifest's, a dict) may also name a ``map_polarity``,
+    a ``map_smoothing`` (sigma in model-frame pixels, 0..16; 0 = none) and a ``counterfactual_edit`` (``"redraw"``
+    or ``"map_region"``: the counterfactual shown, ``app.runs.review``)."""
 
     name: str
     prompt: str
@@ -80,6 +81,7 @@ class Preset:
     samples: int = 1
     map_polarity: str | None = None  # None: the model's; the paper's settings name "both" (its map, |M|)
     map_smoothing: float | None = None  # None: the model's; the paper's settings name 0.0 (its map is unsmoothed)
+    counterfactual_edit: str | None = None  # None: the model's; the paper's settings name "redraw" (its output)
 
 
 PRESETS: dict[str, Preset] = {
@@ -88,15 +90,17 @@ PRESETS: dict[str, Preset] = {
                       "(Sec. 4: strength 0.85, guidance 7.5, 75 PNDM steps)"),
     "paper": Preset("paper", "normal chest x-ray", 0.85, 7.5, 75,
                     "The paper's healthy-counterfactual setting; stays available when a model's manifest "
-                    "recommends its own 'healthy' preset", map_polarity="both", map_smoothing=0.0),
+                    "recommends its own 'healthy' preset", map_polarity="both", map_smoothing=0.0,
+                    counterfactual_edit="redraw"),
     "training-section": Preset("training-section", "normal chest x-ray", 0.55, 4.0, 75,
                                "The paper's training-section setting (strength 0.55, guidance 4)",
-                               map_polarity="both", map_smoothing=0.0),
+                               map_polarity="both", map_smoothing=0.0, counterfactual_edit="redraw"),
     "healthy-fast": Preset("healthy-fast", "normal chest x-ray", 0.85, 7.5, 20,
                            "Opt-in faster sampler: DPM-Solver++ with 20 steps (17 effective) instead of 75 PNDM "
                            "steps; SSIM to the paper's 75-step PNDM counterfactual 0.990 (vald-md-mini, 6 test "
                            "images, seed 0; docs/PERFORMANCE.md)",
-                           scheduler=Scheduler.DPM_PP, map_polarity="both", map_smoothing=0.0),
+                           scheduler=Scheduler.DPM_PP, map_polarity="both", map_smoothing=0.0,
+                           counterfactual_edit="redraw"),
 }
 """The built-in presets; a model's manifest (``vald_md.json`` ``"presets"``) overlays them (:func:`model_presets`)."""
 
@@ -148,9 +152,9 @@ class GenerationRequest:
                     **given: Any) -> Self:
         """A request with the fields ``given``; a preset field (prompt, strength, guidance_scale, steps,
         scheduler, samples) given as ``None`` (or not given) comes from ``preset``, then the paper's setting (one
-        sample). A field of ``cls`` that a preset may name (``map_polarity`` and ``map_smoothing`` of
-        ``ReviewRequest``) given as ``None`` (or not given) comes from the preset when it names one, else stays
-        ``None``.
+        sample). A field of ``cls`` that a preset may name (``map_polarity``, ``map_smoothing`` and
+        ``counterfactual_edit`` of ``ReviewRequest``) given as ``None`` (or not given) comes from the preset when
+        it names one, else stays ``None``.
 
         Args:
             preset: a :class:`Preset` or a ``ModelInfo.presets`` entry (a dict); ``None`` = the paper's setting.
@@ -211,5 +215,5 @@ class GenerationRequest:
 _PRESET_FIELDS: dict[str, Any] = {"prompt": str, "strength": float, "guidance_scale": float, "steps": int,
                                   "scheduler": str, "samples": int}
 """Fields a preset supplies, with the type its (JSON) value is read as."""
-_OPTIONAL_PRESET_FIELDS: dict[str, Any] = {"map_polarity": str, "map_smoothing": float}
+_OPTIONAL_PRESET_FIELDS: dict[str, Any] = {"map_polarity": str, "map_smoothing": float, "counterfactual_edit": str}
 """Fields a preset may name, for the request types that have them (``ReviewRequest``)."""

@@ -160,6 +160,9 @@ def seeded_img2img_pipeline_class() -> type[Any]:
             z = self.vae.config.scaling_factor * z
             noise = torch.cat([randn_tensor((1, *z.shape[1:]), generator=g, device=device, dtype=torch.float32)
                                for g in gens])
+            # kept for an edit restricted to a region (the engine's ``edit_region``): outside it, each step's
+            # latent is this clean latent noised with this noise to the step's level
+            self.init_latents, self.init_noise = z, noise
             noised: torch.Tensor = self.scheduler.add_noise(z, noise, timestep).to(dtype)
             return noised
 

@@ -578,7 +578,7 @@ def test_the_other_samples_are_kept_as_the_model_made_them(tiny_engine, tmp_path
     result = tiny_engine.generate_request(imaging.decode_image(data).pixels, ReviewRequest(**{**FAST, "samples": 3}))
     lb = result.letterbox
     assert record.to_dict()["sample_files"] == {
-        "first": {"frame": "native", "shape": [90, 70]},
+        "first": {"file": "counterfactual.png", "frame": "native", "shape": [90, 70]},
         "others": {"frame": "model_content", "shape": [lb.content_height, lb.content_width],
                    "content_box": list(lb.content_box), "model_size": 32}}
     first = imaging.read_png_unit(tmp_path / "r" / "counterfactual.png")

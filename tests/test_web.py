@@ -359,7 +359,8 @@ def test_full_json_flow(client, done_job):
     assert st["parameters"] == {"prompt": "normal chest x-ray", "negative_prompt": "", "strength": 0.5,
                                 "guidance_scale": 5.0, "steps": 4, "seed": 11, "scheduler": "pndm", "samples": 1,
                                 "window": "auto", "reference": "input", "lung_mask": True, "map_method": "sdedit",
-                                "map_polarity": "both", "map_smoothing": 0.0, "classifier_scale": 0.3}
+                                "map_polarity": "both", "map_smoothing": 0.0, "counterfactual_edit": "redraw",
+                                "classifier_scale": 0.3}
     assert {"denoising", "total", "queued", "run"} <= set(st["timings_s"])
     assert st["input"]["source_format"] == "png" and st["input"]["rows"] == 40
     base = f"/api/v1/jobs/{st['job_id']}"
@@ -1736,3 +1737,55 @@ def test_form_offers_the_models_map_smoothing_and_presets_carry_theirs(tiny_engi
         assert buttons["smooth"]["data-model-preset-map_smoothing"] == "2.5"
         assert "map smoothed (σ 2.5 model px)" in buttons["smooth"]["title"]
         assert "data-model-preset-map_smoothing" not in buttons["healthy"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16: the counterfactual shown, edited only where the map is above normal
+# ----------------------------------------------------------------------------------------------------------------
+EDIT_CALIBRATION = {"level": 0.02, "percentile": 99.0, "rms": 0.01, "mean_abs": 0.008, "n_images": 3,
+                    "map_method": "sdedit", "reference": "input", "preset": {"strength": 0.5, "steps": 4},
+                    "data": {"dataset": "synthetic"}, "created": "2026-12-07"}
+
+
+def test_api_counterfactual_edit_is_run_recorded_and_shown(client, monkeypatch, tiny_engine):
+    monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", EDIT_CALIBRATION)
+    r = submit(client, counterfactual_edit="map_region", lung_mask="false")
+    assert r.status_code == 202, r.text
+    st = wait_state(client, r.json()["job_id"])
+    assert st["state"] == "done" and st["parameters"]["counterfactual_edit"] == "map_region"
+    base = f"/api/v1/jobs/{st['job_id']}"
+    record = client.get(f"{base}/artifacts/record.json").json()
+    assert record["counterfactual_edit"]["applied"] is True and "counterfactual-0.png" in st["artifacts"]
+    assert client.get(f"{base}/artifacts/counterfactual-0.png").status_code == 200
+    page = Doc(client.get(f"/runs/{st['job_id']}").text)
+    assert "edited only where the map is above normal" in page.text
+    assert page.find_all("td", data_counterfactual_edit="map_region")
+    # the model's default when left out (this tiny model names none: the first sample)
+    plain = wait_state(client, submit(client).json()["job_id"])
+    assert plain["parameters"]["counterfactual_edit"] == "redraw"
+    assert "The first sample (the whole image redrawn)" in Doc(client.get(f"/runs/{plain['job_id']}").text).text
+
+
+def test_a_bad_counterfactual_edit_is_a_readable_422(client, app_and_client):
+    before = count_runs(app_and_client[0])
+    r = submit(client, counterfactual_edit="whole")
+    assert r.status_code == 422 and "counterfactual_edit" in r.json()["fields"], r.text
+    assert count_runs(app_and_client[0]) == before
+
+
+def test_form_offers_the_models_counterfactual_edit_and_presets_carry_theirs(tiny_engine, tmp_path, monkeypatch):
+    monkeypatch.setitem(tiny_engine.info.manifest, "counterfactual_edit", "map_region")
+    monkeypatch.setitem(tiny_engine.info.presets, "edited", {**tiny_engine.info.presets["healthy"],
+                                                             "counterfactual_edit": "map_region"})
+    app = create_app(Settings(data_dir=tmp_path / "d"), engine=tiny_engine)
+    with TestClient(app) as c:
+        sign_in(c, app, add_user(app.state.db, "clinician-edit"))
+        doc = Doc(c.get("/").text)
+        assert (doc.by_id("counterfactual_edit") or {}).get("name") == "counterfactual_edit"
+        options = {o["value"]: o for o in doc.find_all("option") if o.get("value") in ("map_region", "redraw")}
+        assert set(options) == {"map_region", "redraw"} and "selected" in options["map_region"]
+        assert "selected" not in options["redraw"]
+        buttons = {a["data-model-preset"]: a for a in doc.find_all("button") if "data-model-preset" in a}
+        assert buttons["paper"]["data-model-preset-counterfactual_edit"] == "redraw"
+        assert buttons["edited"]["data-model-preset-counterfactual_edit"] == "map_region"
+        assert "counterfactual edited only where the map is above normal" in buttons["edited"]["title"]

@@ -153,6 +153,7 @@ class Job:
         stored = {k: v for k, v in data["request"].items() if k in ReviewRequest.__dataclass_fields__}
         stored.setdefault("map_polarity", "both")  # jobs from before map polarities mapped both directions
         stored.setdefault("map_smoothing", 0.0)  # jobs from before map smoothing made unsmoothed maps
+        stored.setdefault("counterfactual_edit", "redraw")  # jobs from before edits showed the first sample
         req = ReviewRequest(**stored)
         return cls(id=data["id"], owner=data["owner"], request=req, run_dir=run_dir, upload_name=data["upload_name"],
                    input_summary=data.get("input_summary", {}), has_mask=bool(data.get("has_mask")),
@@ -174,9 +175,11 @@ def job_cost(req: ReviewRequest) -> int:
     """A run's cost in step-samples: ``(int(steps * strength) + 1) * samples``, times the map method's
     :data:`METHOD_COST_FACTOR`. The samples are denoised as one batch, so each step costs about one UNet evaluation
     per sample (PNDM adds one warm-up step); the image is always denoised at the model's own resolution, so its
-    size does not count."""
+    size does not count. An edit restricted to the map's region (``counterfactual_edit`` ``"map_region"``) adds
+    one sample's denoising after the map."""
     factor = METHOD_COST_FACTOR.get(req.map_method or "sdedit", 1)
-    return (effective_steps(req.steps, req.strength) + 1) * max(1, req.samples) * factor
+    edit = 1 if req.counterfactual_edit == "map_region" else 0
+    return (effective_steps(req.steps, req.strength) + 1) * (max(1, req.samples) * factor + edit)
 
 
 def final_timings(job: Job, finished_at: datetime) -> dict[str, float]:

@@ -72,7 +72,7 @@ def _read(data: bytes) -> Dataset:
 
 
 def _counterfactual_rgb(run: RunFolder) -> np.ndarray:
-    """The first sample's counterfactual, checked against the record's SHA-256, as 8-bit RGB."""
+    """The counterfactual shown (``counterfactual.png``), checked against the record's SHA-256, as 8-bit RGB."""
     names = run.counterfactuals()
     if not names:
         raise exports.ExportError("This run has no counterfactual image to store.")

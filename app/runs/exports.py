@@ -301,8 +301,7 @@ def _zip_time(record: RunRecord) -> tuple[int, int, int, int, int, int]:
 
 def _bundle_order(files: set[str]) -> list[str]:
     """``files`` that belong in a bundle, in bundle order (counterfactuals by sample index)."""
-    cfs = sorted((n for n in files if names.counterfactual_index(n) is not None),
-                 key=lambda n: names.counterfactual_index(n) or 0)
+    cfs = sorted((n for n in files if names.counterfactual_index(n) is not None), key=names.counterfactual_order)
     return [n for n in _BUNDLE_HEAD if n in files] + cfs + [n for n in _BUNDLE_TAIL if n in files]
 
 

@@ -4,9 +4,11 @@ A finished review run (:func:`app.runs.review.run_review`) leaves in its folder:
 
 =========================  ==========================================================================================
 ``input.png``              :data:`INPUT`: the decoded, windowed image as the model saw it (16-bit PNG, native size)
-``counterfactual.png``     :data:`COUNTERFACTUAL`: the first sample's counterfactual, native size
-                           (``counterfactual-<i>.png`` for sample ``i`` > 0: :func:`counterfactual_name`; since
-                           2026-12-07 at the model's resolution, the record's ``sample_files``)
+``counterfactual.png``     :data:`COUNTERFACTUAL`: the counterfactual shown, native size: the first sample, or the
+                           edit restricted to the map's region (record ``counterfactual_edit``; the first sample is
+                           then ``counterfactual-0.png``). ``counterfactual-<i>.png`` for sample ``i`` > 0:
+                           :func:`counterfactual_name`; since 2026-12-07 at the model's resolution, the record's
+                           ``sample_files``
 ``reconstruction.png``     :data:`RECONSTRUCTION`: the autoencoder's (or DDIM's) reconstruction of the input
 ``overlay.png``            :data:`OVERLAY`: the attribution overlay as the run rendered it (8-bit RGB)
 ``attribution.npy``        :data:`ATTRIBUTION`: the signed float32 (H, W) map
@@ -43,6 +45,7 @@ __all__ = [
     "ATTRIBUTION",
     "ATTRIBUTION_STD",
     "COUNTERFACTUAL",
+    "EDITED_FIRST_SAMPLE",
     "FETCHABLE",
     "INPUT",
     "LUNG_MASK",
@@ -56,11 +59,14 @@ __all__ = [
     "RunFolderError",
     "counterfactual_index",
     "counterfactual_name",
+    "counterfactual_order",
     "decode_png_unit",
 ]
 
 INPUT = "input.png"
 COUNTERFACTUAL = "counterfactual.png"
+EDITED_FIRST_SAMPLE = "counterfactual-0.png"
+"""The first sample, when ``counterfactual.png`` holds the edit restricted to the map's region."""
 RECONSTRUCTION = "reconstruction.png"
 OVERLAY = "overlay.png"
 ATTRIBUTION = "attribution.npy"
@@ -82,9 +88,16 @@ def counterfactual_name(sample: int) -> str:
 
 
 def counterfactual_index(name: str) -> int | None:
-    """The sample index of a counterfactual's file name, ``None`` for any other name."""
+    """The sample index of a counterfactual's file name, ``None`` for any other name (``counterfactual.png`` is 0,
+    as is ``counterfactual-0.png``, the first sample of a run whose shown counterfactual was edited to the map's
+    region: the record's ``counterfactual_edit``)."""
     match = _COUNTERFACTUAL.match(name)
     return None if match is None else int(match.group(1) or 0)
+
+
+def counterfactual_order(name: str) -> tuple[int, int]:
+    """Sort key of counterfactual files: by sample index, the shown ``counterfactual.png`` first."""
+    return (counterfactual_index(name) or 0, 0 if name == COUNTERFACTUAL else 1)
 
 
 class RunFolderError(ValueError):
@@ -168,7 +181,7 @@ class RunFolder:
     def counterfactuals(self) -> list[str]:
         """The run's counterfactual files, by sample index."""
         found = [n for n in self.names() if counterfactual_index(n) is not None]
-        return sorted(found, key=lambda n: counterfactual_index(n) or 0)
+        return sorted(found, key=counterfactual_order)
 
     def read(self, name: str) -> bytes:
         """The bytes of one run file, checked against the SHA-256 the record lists for it.

@@ -224,6 +224,7 @@ def run_facts(record: RunRecord) -> dict[str, str]:
         "smoothing_sigma": _fmt(request.get("smoothing_sigma")),
         "map_smoothing": _fmt(record.map_smoothing),
         "map_region": record.region,
+        "counterfactual": "edited where the map is above normal" if record.edited else "first sample",
         "model_hash": _fmt(record.model_hash),
         "created_at": _fmt(record.created_at),
     }

@@ -13,17 +13,19 @@ and PNG exports carry their SHA-256), so the type is a faithful view of the JSON
 The fallbacks older records need (a missing ``map_region``, map method, map polarity, map smoothing or sample count)
 live in the properties here, once, rather than as ``or {}`` at every reader.
 
-Keys of a record, in the order :func:`~app.runs.review.run_review` writes them: ``vald_md_record`` (format
-version, 1), ``created_at`` (ISO 8601, UTC), ``input`` (the upload's SHA-256, the decoded pixels' SHA-256 and
-the public header summary), ``parameters`` (:class:`RunParameters`), ``effective_steps``, ``start_timestep``,
+Keys of a record, in the order :func:`~app.runs.review.run_review` writes them: ``vald_md_record`` (format version,
+1), ``created_at`` (ISO 8601, UTC), ``input`` (the upload's SHA-256, the decoded pixels' SHA-256 and the public
+header summary), ``parameters`` (:class:`RunParameters`), ``effective_steps``, ``start_timestep``,
 ``unet_evaluations``, ``seeds`` (one per sample), ``timings_s``, ``model_hash``, ``letterbox``,
-``library_versions``, ``compute`` (when known), ``request`` (window, reference, smoothing_sigma, mask,
-lung_mask, map_method, map_polarity, map_smoothing), ``map_method``, the classifier-guided fields (``classifier``,
-``classifier_scale``, ``logit_input``, ``logit_counterfactual``, ``classifier_lung_fraction``), ``map_label``,
-``map_region``, ``lung_mask``, ``map_summary``, ``sample_files`` (runs of more than one sample, since
-2026-12-07: the size and frame of ``counterfactual.png``, native, and of ``counterfactual-<i>.png``, the model
-frame's content box; :func:`app.runs.review.sample_files`), ``model_limitations``, ``artifacts_sha256`` (file name ->
-SHA-256) and ``disclaimer``.
+``library_versions``, ``compute`` (when known), ``request`` (window, reference, smoothing_sigma, mask, lung_mask,
+map_method, map_polarity, map_smoothing, counterfactual_edit), ``map_method``, the classifier-guided fields
+(``classifier``, ``classifier_scale``, ``logit_input``, ``logit_counterfactual``, ``classifier_lung_fraction``),
+``map_label``, ``map_region``, ``lung_mask``, ``map_summary``, ``counterfactual_edit`` (since 2026-12-07: what
+``counterfactual.png`` shows, the mode, whether it applied and, for an edit to the map's region, its threshold,
+region and seed; :func:`app.runs.review.edited_counterfactual`), ``sample_files`` (runs of more than one sample or
+with an edited counterfactual, since 2026-12-07: the file, size and frame of the first sample, and of
+``counterfactual-<i>.png``, the model frame's content box; :func:`app.runs.review.sample_files`),
+``model_limitations``, ``artifacts_sha256`` (file name -> SHA-256) and ``disclaimer``.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class RunRecord(_JsonObject):
     map_region: str | None = None
     lung_mask: dict[str, Any] = field(default_factory=dict)
     map_summary: dict[str, Any] = field(default_factory=dict)
+    counterfactual_edit: dict[str, Any] | None = None
     sample_files: dict[str, Any] | None = None
     model_limitations: Any = None
     artifacts_sha256: dict[str, str] = field(default_factory=dict)
@@ -193,6 +196,12 @@ class RunRecord(_JsonObject):
         from before it was recorded are 0.0."""
         value = self.request.get("map_smoothing")
         return float(value) if value is not None else 0.0
+
+    @property
+    def edited(self) -> bool:
+        """Whether ``counterfactual.png`` is the edit restricted to the map's above-normal region (the record's
+        ``counterfactual_edit.applied``), not the first sample; records from before it are not."""
+        return bool(isinstance(self.counterfactual_edit, dict) and self.counterfactual_edit.get("applied"))
 
     @property
     def label(self) -> str:

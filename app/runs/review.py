@@ -110,6 +110,13 @@ MAP_POLARITIES = {"removed": "Density removed (positive part)", "both": "Both di
 """The map polarities a run may ask for (:data:`app.attribution.MAP_POLARITIES`), with their form labels."""
 ONE_SAMPLE_METHODS = ("classifier_guided", "ddim_inversion")
 """Methods that make one deterministic-path counterfactual (DDIM): one sample, no negative prompt."""
+COUNTERFACTUAL_EDITS = {"map_region": "Only where the map is above normal (DiffEdit-style edit)",
+                        "redraw": "The whole image redrawn (the first sample)"}
+"""What ``counterfactual.png`` shows (``ReviewRequest.counterfactual_edit``), with the form's labels."""
+EDIT_DILATION_PX = 8
+"""Model-frame pixels (one latent cell) the map's above-normal region grows by before it bounds the edit."""
+EDIT_FEATHER_SIGMA = 4.0
+"""Gaussian sigma, model-frame pixels, that softens the edit region's border (the latent grid averages it too)."""
 MAX_CLASSIFIER_SCALE = 5.0
 MAX_MAP_SMOOTHING = 16.0
 """The largest map smoothing a run may ask for: sigma in model-frame pixels (two latent cells)."""
@@ -134,6 +141,7 @@ class ReviewRequest(GenerationRequest):
     map_method: str | None = None  # None: the model's recommendation (manifest "map_method"), else "sdedit"
     map_polarity: str | None = None  # None: the model's (manifest "map_polarity"), else "both"; or "removed"
     map_smoothing: float | None = None  # sigma, model-frame px, 0..16 (0 = off); None: the model's, else 0
+    counterfactual_edit: str | None = None  # None: the model's ("counterfactual_edit"), else "redraw"
     classifier_scale: float = 0.3  # classifier_guided only: step against the disease gradient, 0..5
     case_label: str = ""  # the operator's own label for the case (never from DICOM tags, never logged or audited)
 
@@ -166,6 +174,10 @@ class ReviewRequest(GenerationRequest):
         if self.map_smoothing is not None and not 0.0 <= self.map_smoothing <= MAX_MAP_SMOOTHING:
             raise ValueError(f"map_smoothing={self.map_smoothing} must be within [0, {MAX_MAP_SMOOTHING:g}] pixels "
                              f"of the model's frame (0 = no smoothing)")
+        if self.counterfactual_edit is not None and self.counterfactual_edit not in COUNTERFACTUAL_EDITS:
+            raise ValueError(f"counterfactual_edit={self.counterfactual_edit!r}: choose 'map_region' (the "
+                             f"counterfactual changes only where the map is above normal) or 'redraw' (the whole "
+                             f"image redrawn, the first sample)")
         if len(self.case_label) > MAX_CASE_LABEL or not self.case_label.isprintable():
             raise ValueError(f"case_label must be at most {MAX_CASE_LABEL} printable characters (no line breaks); "
                              f"got {len(self.case_label)} characters")
@@ -178,6 +190,9 @@ class ReviewRequest(GenerationRequest):
                                  f"to 1 (or use the SDEdit map for a stability map)")
             if self.negative_prompt:
                 raise ValueError(f"negative_prompt: the {label} map uses no negative prompt; leave it empty")
+            if self.counterfactual_edit == "map_region":
+                raise ValueError(f"counterfactual_edit='map_region': the {label} map shows its own counterfactual; "
+                                 f"choose 'redraw' (or the SDEdit difference map)")
         if self.map_method == "ddim_inversion" and self.reference == "input":
             raise ValueError("reference='input': the DDIM inversion map is always taken against its own "
                              "reconstruction; choose reference 'reconstruction'")
@@ -187,15 +202,20 @@ def with_model_defaults(req: ReviewRequest, info: Any) -> ReviewRequest:
     """``req`` with its unset map options (``None``) filled in from the model's manifest, unchecked: the map method
     (``"map_method"``, else ``"sdedit"``), the reference (``"reconstruction"`` for DDIM inversion, else
     ``"map_reference"``, else ``"input"``), the polarity (``"map_polarity"``, else ``"both"``) and the smoothing
-    (``"map_smoothing"``, else 0.0; a preset's own comes first, filled in by :meth:`ReviewRequest.from_preset`).
-    The one place these fallbacks live (:func:`resolve_request`, the review form's defaults)."""
+    (``"map_smoothing"``, else 0.0) and the counterfactual shown (``"counterfactual_edit"``, else ``"redraw"``;
+    always ``"redraw"`` for a one-sample map method); a preset's own come first, filled in by
+    :meth:`ReviewRequest.from_preset`. The one place these fallbacks live (:func:`resolve_request`, the review
+    form's defaults)."""
     manifest = getattr(info, "manifest", {})
     method = req.map_method if req.map_method is not None else str(manifest.get("map_method", "sdedit"))
     reference = req.reference if req.reference is not None else (
         "reconstruction" if method == "ddim_inversion" else str(manifest.get("map_reference", "input")))
     polarity = req.map_polarity if req.map_polarity is not None else str(manifest.get("map_polarity", "both"))
     smoothing = float(req.map_smoothing if req.map_smoothing is not None else manifest.get("map_smoothing", 0.0))
-    return replace(req, map_method=method, reference=reference, map_polarity=polarity, map_smoothing=smoothing)
+    edit = req.counterfactual_edit if req.counterfactual_edit is not None else (
+        "redraw" if method in ONE_SAMPLE_METHODS else str(manifest.get("counterfactual_edit", "redraw")))
+    return replace(req, map_method=method, reference=reference, map_polarity=polarity, map_smoothing=smoothing,
+                   counterfactual_edit=edit)
 
 
 def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
@@ -205,7 +225,8 @@ def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
     ``map_method`` ``None`` becomes the manifest's ``"map_method"`` (else ``"sdedit"``); ``reference`` ``None``
     becomes ``"reconstruction"`` for DDIM inversion, else the manifest's ``"map_reference"`` (else ``"input"``);
     ``map_polarity`` ``None`` becomes the manifest's ``"map_polarity"`` (else ``"both"``); ``map_smoothing``
-    ``None`` the manifest's ``"map_smoothing"`` (else 0.0). A resolved request comes back equal.
+    ``None`` the manifest's ``"map_smoothing"`` (else 0.0); ``counterfactual_edit`` ``None`` the manifest's
+    ``"counterfactual_edit"`` (else, and for a one-sample method, ``"redraw"``). A resolved request comes back equal.
 
     Raises:
         ValueError: a field is out of range, an unknown method, or ``classifier_guided`` without a lesion
@@ -223,15 +244,74 @@ def resolve_request(req: ReviewRequest, info: Any, *, classifier: Any = None,
     return req
 
 
-def sample_files(lb: imaging.Letterbox) -> dict[str, Any]:
+def sample_files(lb: imaging.Letterbox, *, edited: bool = False) -> dict[str, Any]:
     """The record's ``sample_files``: the size and frame of a run's counterfactual files (runs of more than one
-    sample). ``counterfactual.png`` is at the input's native size; ``counterfactual-<i>.png`` (samples 1 and up)
-    is the model frame's content box, as the model made it, not resized (:func:`app.imaging.content_of`; bring it
-    to the native frame with :func:`app.imaging.content_to_native`): a native-size copy would add no detail and
-    cost ~0.23 s of PNG encoding and ~3.7 MB per sample for a 2-Mpx DICOM (docs/PERFORMANCE.md)."""
-    return {"first": {"frame": "native", "shape": [lb.native_height, lb.native_width]},
-            "others": {"frame": "model_content", "shape": [lb.content_height, lb.content_width],
-                       "content_box": list(lb.content_box), "model_size": lb.size}}
+    sample, or with an edited counterfactual). ``counterfactual.png`` is at the input's native size;
+    ``counterfactual-<i>.png`` (samples 1 and up, and sample 0 when ``edited``: ``counterfactual.png`` then holds
+    the edit, :func:`edited_counterfactual`) is the model frame's content box, as the model made it, not resized
+    (:func:`app.imaging.content_of`; bring it to the native frame with :func:`app.imaging.content_to_native`): a
+    native-size copy would add no detail and cost ~0.23 s of PNG encoding and ~3.7 MB per sample for a 2-Mpx DICOM
+    (docs/PERFORMANCE.md)."""
+    model = {"frame": "model_content", "shape": [lb.content_height, lb.content_width],
+             "content_box": list(lb.content_box), "model_size": lb.size}
+    first = {"file": folder.EDITED_FIRST_SAMPLE, **model} if edited else {
+        "file": folder.COUNTERFACTUAL, "frame": "native", "shape": [lb.native_height, lb.native_width]}
+    return {"first": first, "others": model}
+
+
+def edit_region(amap: attribution.AttributionMap, level: float, lb: imaging.Letterbox) -> tuple[np.ndarray, np.ndarray]:
+    """Where an edited counterfactual may differ from the input: the map at or above ``level`` inside its region.
+
+    Args:
+        amap: the run's map (native frame, restricted to its region: the lungs by default).
+        level: the calibrated normal level (1x, :class:`app.mapscale.MapCalibration`), intensity units (> 0).
+        lb: the run's letterbox.
+
+    Returns:
+        ``(above, region)``: bool (H, W), the native pixels at or above ``level`` (:func:`app.attribution.
+        changed_region`); float32 (size, size) in [0, 1], that region in the model's frame, grown by
+        :data:`EDIT_DILATION_PX` and feathered by :data:`EDIT_FEATHER_SIGMA` (the engine's ``edit_region``).
+    """
+    from scipy import ndimage
+
+    above = attribution.changed_region(amap.magnitude, level, amap.mask)
+    model = imaging.letterbox(above.astype(np.float32), lb.size)[0] > 0.5
+    if model.any():
+        model = ndimage.binary_dilation(model, structure=np.ones((3, 3), bool), iterations=EDIT_DILATION_PX)
+    region = np.clip(ndimage.gaussian_filter(model.astype(np.float32), EDIT_FEATHER_SIGMA), 0.0, 1.0)
+    return above, region.astype(np.float32)
+
+
+def edited_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req: ReviewRequest,
+                          result: CounterfactualResult, amap: attribution.AttributionMap, level: float, *,
+                          cancel: threading.Event | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The counterfactual edited only where the map is above normal: one more sample (the run's first seed, the
+    same request) whose latents keep the input outside :func:`edit_region` at every step (the engine's
+    ``edit_region``; DiffEdit's masked edit, Couairon et al., ICLR 2023), so the image shown is this patient's
+    radiograph with only the flagged density changed, not a whole new chest (the samples stay the map's).
+
+    Returns:
+        ``(counterfactual, record)``: float32 (H, W) in [0, 1], native frame; and the record's
+        ``"counterfactual_edit"``: the mode, ``applied``, the threshold and its basis, the dilation and feather
+        (model-frame pixels), the native share of the image above the threshold, the seed, the UNet evaluations
+        and the wall time.
+
+    Raises:
+        engine.GenerationCancelled: cancelled.
+    """
+    import time
+
+    t = time.perf_counter()
+    above, region = edit_region(amap, level, result.letterbox)
+    seed = result.seeds[0]
+    edit = engine.generate_request(pixels, replace(req, samples=1, seed=seed), cancel=cancel, edit_region=region)
+    record = {"mode": "map_region", "applied": True, "threshold": level,
+              "threshold_basis": "the model's calibrated normal level (1x) of the map, inside the map's region",
+              "dilation_px": EDIT_DILATION_PX, "feather_sigma_px": EDIT_FEATHER_SIGMA, "frame": "model",
+              "region_fraction": round(float(above.mean()), 6), "seed": seed,
+              "unet_evaluations": edit.unet_evaluations, "first_sample_file": folder.EDITED_FIRST_SAMPLE,
+              "seconds": round(time.perf_counter() - t, 4)}
+    return edit.counterfactual(0), record
 
 
 def _write(path: Path, data: bytes) -> str:
@@ -503,13 +583,25 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
     # the hashes keep the order the record has always listed them in. The lungs are segmented only now: the
     # first progress event does not wait for them (a segmenter that fails with an unexpected error now fails the
     # run after its diffusion, not before)
+    calibration, scale_reason = mapscale.calibration_for_run(
+        mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
+        reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples,
+        polarity=str(req.map_polarity), map_smoothing=float(req.map_smoothing or 0.0))
+    # the counterfactual shown: edited to the map's above-normal region (which needs the map's calibrated level),
+    # else the first sample
+    edit_record: dict[str, Any] = {"mode": req.counterfactual_edit, "applied": False}
+    edit = req.counterfactual_edit == "map_region"
+    if edit and calibration is None:
+        edit = False
+        edit_record["reason"] = (f"the map has no calibrated normal level for this setting ({scale_reason}); the "
+                                 f"first sample is shown")
     # the first sample at native size (all of them, kept, when the map will need them there anyway)
-    first = result.counterfactuals[0] if _native_map(req) else result.counterfactual(0)
-    files: list[tuple[str, Callable[[], bytes]]] = [
-        (folder.INPUT, partial(imaging.to_png_bytes, pixels, bits=16)),
-        (folder.COUNTERFACTUAL, partial(imaging.to_png_bytes, first, bits=16))]
-    for i in range(1, len(result.counterfactuals_model)):  # the other samples as the model made them (not resized)
-        files.append((folder.counterfactual_name(i), partial(
+    files: list[tuple[str, Callable[[], bytes]]] = [(folder.INPUT, partial(imaging.to_png_bytes, pixels, bits=16))]
+    if not edit:
+        first = result.counterfactuals[0] if _native_map(req) else result.counterfactual(0)
+        files.append((folder.COUNTERFACTUAL, partial(imaging.to_png_bytes, first, bits=16)))
+    for i in range(0 if edit else 1, len(result.counterfactuals_model)):  # as the model made them (not resized)
+        files.append((folder.counterfactual_name(i) if i else folder.EDITED_FIRST_SAMPLE, partial(
             imaging.to_png_bytes, imaging.content_of(result.counterfactuals_model[i], result.letterbox), bits=16)))
     files.append((folder.RECONSTRUCTION, partial(imaging.to_png_bytes, result.reconstruction, bits=16)))
     with ThreadPoolExecutor(max_workers=FILE_WRITERS, thread_name_prefix="vald-md-files") as pool:
@@ -518,10 +610,12 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
             lungs, lung_record = lung_region(segmenter, pixels, requested=req.lung_mask, user_mask=mask is not None)
             region = mask if mask is not None else lungs
             amap = attribution_map(result, pixels, req, region=region)
-            calibration, scale_reason = mapscale.calibration_for_run(
-                mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
-                reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples,
-                polarity=str(req.map_polarity), map_smoothing=float(req.map_smoothing or 0.0))
+            if edit:
+                assert calibration is not None
+                edited, edit_record = edited_counterfactual(engine, pixels, req, result, amap, calibration.level,
+                                                            cancel=cancel)
+                files.append((folder.COUNTERFACTUAL, partial(imaging.to_png_bytes, edited, bits=16)))
+                futures.append(pool.submit(_write_made, out / folder.COUNTERFACTUAL, files[-1][1]))
             label = rendering.map_label(req.reference, req.map_method, req.map_polarity)
             overlay = rendering.render_overlay(pixels, amap, normal_level=calibration.level if calibration else None,
                                                label=label)
@@ -553,13 +647,16 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
         **result.record(),
         "request": {"window": req.window, "reference": req.reference, "smoothing_sigma": req.smoothing_sigma,
                     "mask": mask is not None, "lung_mask": req.lung_mask, "map_method": req.map_method,
-                    "map_polarity": req.map_polarity, "map_smoothing": req.map_smoothing},
+                    "map_polarity": req.map_polarity, "map_smoothing": req.map_smoothing,
+                    "counterfactual_edit": req.counterfactual_edit},
         **method_record,
         "map_label": label,
         "map_region": "user_mask" if mask is not None else "lungs" if lungs is not None else "whole_image",
         "lung_mask": lung_record,
         "map_summary": summary,
-        **({"sample_files": sample_files(result.letterbox)} if len(result.counterfactuals_model) > 1 else {}),
+        "counterfactual_edit": edit_record,
+        **({"sample_files": sample_files(result.letterbox, edited=edit)}
+           if len(result.counterfactuals_model) > 1 or edit else {}),
         "model_limitations": engine.info.manifest.get("limitations"),
         "artifacts_sha256": hashes,
         "disclaimer": DISCLAIMER,

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from app.generation import SCHEDULERS, GenerationRequest, effective_steps
 from app.modelfolder import ModelInfo
 from app.runs.review import (
+    COUNTERFACTUAL_EDITS,
     MAP_METHODS,
     MAP_POLARITIES,
     MAX_CASE_LABEL,
@@ -70,6 +71,12 @@ class GenerationParams(BaseModel):
         description="Gaussian smoothing of the map in the model's frame: sigma in pixels of the model's square "
                     f"input (the embedded model: 256 px), 0..{MAX_MAP_SMOOTHING:g}, 0 = off; empty = the model's "
                     "default (its healthy preset's map_smoothing, else the manifest's, else 0)")
+    counterfactual_edit: Literal["map_region", "redraw"] | None = Field(
+        None, description="the counterfactual shown: 'map_region' (one more sample that changes the image only "
+                          "where the map is above the model's normal level, DiffEdit-style: this patient's "
+                          "radiograph with the flagged density removed) or 'redraw' (the first sample, the whole "
+                          "image redrawn); empty = the model's default (its healthy preset's, else the "
+                          "manifest's counterfactual_edit, else 'redraw')")
     classifier_scale: float = Field(0.3, ge=0.0, le=MAX_CLASSIFIER_SCALE,
                                     description="classifier_guided: step against the disease gradient, 0..5")
 
@@ -130,7 +137,7 @@ class GenerationParams(BaseModel):
             "reference": ("reconstruction" if self.map_method == "ddim_inversion"
                           else str(info.manifest.get("map_reference", "input"))), "lung_mask": self.lung_mask,
             "map_method": self.map_method, "map_polarity": self.map_polarity, "map_smoothing": self.map_smoothing,
-            "classifier_scale": self.classifier_scale}
+            "counterfactual_edit": self.counterfactual_edit, "classifier_scale": self.classifier_scale}
         return ReviewRequest.from_preset(info.presets.get("healthy"), **{**given, **fields})
 
 
@@ -183,6 +190,7 @@ class FormValues:
     map_method: str = "sdedit"
     map_polarity: str = "both"
     map_smoothing: float = 0.0
+    counterfactual_edit: str = "redraw"
     classifier_scale: float = 0.3
     case_label: str = ""
     reuse_input: str | None = None
@@ -197,7 +205,8 @@ class FormValues:
     @classmethod
     def defaults(cls, info: ModelInfo) -> FormValues:
         """The healthy preset of the loaded model (its scheduler and samples included), random seed; the model's
-        map method, polarity and smoothing (the preset's, else the manifest's, else ``"both"`` and 0).
+        map method, polarity, smoothing and counterfactual shown (the preset's, else the manifest's, else ``"both"``,
+        0 and ``"redraw"``).
 
         Raises:
             ValueError: the preset names a scheduler the engine does not support.
@@ -206,7 +215,7 @@ class FormValues:
         return cls(prompt=req.prompt, negative_prompt="", strength=req.strength, guidance_scale=req.guidance_scale,
                    steps=req.steps, seed=None, seed_mode="random", scheduler=req.scheduler.value, samples=req.samples,
                    window="auto", map_method=str(req.map_method), map_polarity=str(req.map_polarity),
-                   map_smoothing=float(req.map_smoothing or 0.0))
+                   map_smoothing=float(req.map_smoothing or 0.0), counterfactual_edit=str(req.counterfactual_edit))
 
     @classmethod
     def from_request(cls, req: ReviewRequest, *, seed: int | None, reuse_input: str | None = None,
@@ -218,13 +227,18 @@ class FormValues:
                    samples=req.samples, window=str(req.window if req.window is not None else "auto"),
                    lung_mask=req.lung_mask, map_method=req.map_method or "sdedit",
                    map_polarity=req.map_polarity or "both", map_smoothing=float(req.map_smoothing or 0.0),
-                   classifier_scale=req.classifier_scale,
+                   counterfactual_edit=req.counterfactual_edit or "redraw", classifier_scale=req.classifier_scale,
                    case_label=req.case_label, reuse_input=reuse_input, facts=facts, thumbnail_url=thumbnail_url)
 
 
 def map_polarity_options() -> list[tuple[str, str]]:
     """(value, label) of every map polarity for the form's select."""
     return list(MAP_POLARITIES.items())
+
+
+def counterfactual_edit_options() -> list[tuple[str, str]]:
+    """(value, label) of every choice of the counterfactual shown, for the form's select."""
+    return list(COUNTERFACTUAL_EDITS.items())
 
 
 def map_method_options(jobs: Any) -> list[tuple[str, str, bool]]:
@@ -252,7 +266,8 @@ PARAMETER_HELP = {
 
 def parameter_presets(info: ModelInfo) -> list[dict[str, Any]]:
     """The model's parameter presets as one-click choices for the form: ``key``, ``label``, ``prompt``,
-    ``strength``, ``guidance_scale``, ``steps``, ``scheduler``, ``samples``, ``map_polarity`` and ``map_smoothing``
+    ``strength``, ``guidance_scale``, ``steps``, ``scheduler``, ``samples``, ``map_polarity``, ``map_smoothing`` and
+    ``counterfactual_edit``
     (``None`` when the preset names none: the button leaves the form's choice) and ``description`` (the tooltip),
     healthy first
     (:data:`PRESET_ORDER`). Built-in presets (``app.engine.PRESETS``) overlaid with the manifest's."""
@@ -264,7 +279,8 @@ def parameter_presets(info: ModelInfo) -> list[dict[str, Any]]:
         out.append({"key": key, "label": key.replace("-", " ").capitalize(), "prompt": req.prompt,
                     "strength": req.strength, "guidance_scale": req.guidance_scale, "steps": req.steps,
                     "scheduler": req.scheduler.value, "samples": req.samples, "map_polarity": req.map_polarity,
-                    "map_smoothing": req.map_smoothing, "description": str(p.get("description", ""))})
+                    "map_smoothing": req.map_smoothing, "counterfactual_edit": req.counterfactual_edit,
+                    "description": str(p.get("description", ""))})
     return out
 
 

@@ -50,6 +50,7 @@ from app.web.forms import (
     PARAMETER_HELP,
     FormValues,
     ReviewFormParams,
+    counterfactual_edit_options,
     map_method_options,
     map_polarity_options,
     parameter_presets,
@@ -120,7 +121,8 @@ def form_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, 
             "schedulers": SCHEDULERS, "max_steps": settings.max_steps, "max_samples": settings.max_samples,
             "max_upload_mb": settings.max_upload_mb, "active": _active(jobs, user, current),
             "map_methods": map_method_options(jobs), "map_polarities": map_polarity_options(),
-            "max_map_smoothing": MAX_MAP_SMOOTHING, "last_seed": last.seeds[0] if last else None}
+            "max_map_smoothing": MAX_MAP_SMOOTHING, "counterfactual_edits": counterfactual_edit_options(),
+            "last_seed": last.seeds[0] if last else None}
 
 
 def page_context(engine: CounterfactualEngine, settings: Any, jobs: JobManager, caller: Caller, *,

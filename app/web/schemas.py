@@ -58,7 +58,8 @@ class JobStatus(BaseModel):
     cancel_requested: bool
     parameters: dict[str, Any] = Field(description="prompt, negative_prompt, strength, guidance_scale, steps, seed, "
                                                    "scheduler, samples, window, reference, lung_mask, map_method, "
-                                                   "map_polarity, map_smoothing, classifier_scale")
+                                                   "map_polarity, map_smoothing, counterfactual_edit, "
+                                                   "classifier_scale")
     effective_steps: int = Field(description="int(steps x strength): the denoising steps each sample runs")
     unet_evaluations: int
     seeds: list[int]

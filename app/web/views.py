@@ -78,7 +78,7 @@ def job_status(jobs: JobManager, job: Job) -> dict[str, Any]:
         "parameters": {k: req[k] for k in ("prompt", "negative_prompt", "strength", "guidance_scale", "steps",
                                            "seed", "scheduler", "samples", "window", "reference",
                                            "lung_mask", "map_method", "map_polarity", "map_smoothing",
-                                           "classifier_scale")},
+                                           "counterfactual_edit", "classifier_scale")},
         "effective_steps": job.effective_steps,
         "unet_evaluations": job.unet_evaluations,
         "seeds": job.seeds,

@@ -61,10 +61,10 @@
 
   function applyPreset(button) {
     // a model preset sets the prompt, strength, guidance, steps, scheduler, samples and (when it names them) the
-    // map polarity and map smoothing at once (its title says which)
+    // map polarity, map smoothing and counterfactual shown at once (its title says which)
     // (or, from an annotated PNG export, the run's parameters including its negative prompt, samples and seed)
     ["prompt", "negative_prompt", "strength", "guidance_scale", "steps", "scheduler", "samples", "map_polarity",
-     "map_smoothing", "seed"]
+     "map_smoothing", "counterfactual_edit", "seed"]
       .forEach(function (name) {
         var field = document.getElementById(name);
         var value = button.getAttribute("data-model-preset-" + name);
