@@ -44,7 +44,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="sampler (default: the model's preset (the embedded model: dpm++))")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--no-cpu-autocast", dest="cpu_autocast", action="store_false",
-                   help="compute in float32 on the CPU (default: bf16 autocast where the CPU has AMX bf16; "
+                   help="compute in float32 on the CPU (default: bf16 autocast where the CPU has AMX or AVX-512 bf16; "
                         "record.json states it under compute)")
 
 

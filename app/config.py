@@ -109,7 +109,7 @@ class Settings(BaseSettings):
         port: TCP port, 1..65535.
         device: 'cpu', 'cuda', 'cuda:N', 'mps' or ``None`` (CUDA when available).
         dtype: 'fp32', 'fp16', 'bf16' or ``None`` (automatic per device).
-        cpu_autocast: on a CPU with AMX bf16 and fp32 weights, run the autoencoder under bf16 autocast
+        cpu_autocast: on a CPU with AMX or AVX-512 bf16 and fp32 weights, run the autoencoder under bf16 autocast
             (``VALD_MD_CPU_AUTOCAST``, default on; the UNet too for batches of 16 latents or more, e.g. 8 samples with
             guidance: 1.48x per step there; smaller batches stay float32). vald-md-mini, 256 px, one thread: VAE
             decode 455 -> 127 ms, encode 233 -> 68 ms; counterfactuals within 0.0006-0.0007 mean |difference| of

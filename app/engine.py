@@ -16,10 +16,10 @@ Order of operations in :meth:`CounterfactualEngine.generate_request` (one frozen
 
 One lock serialises calls: the pipeline is not thread-safe.
 
-Size (about 580 lines, over the project's ~500): one concern, inference (device and precision, bf16 autocast on AMX
-CPUs, the seeded generation with its progress previews and cancellation, the reconstruction, loading on a
-short-lived thread), plus ~40 lines of compatibility re-exports of names that moved to ``app.modelfolder`` and
-``app.provenance``.
+Size (about 730 lines, over the project's ~500): one concern, inference (device and precision, bf16 autocast on CPUs
+with AMX or AVX-512 bf16, the seeded generation with its progress previews, cancellation and edit region, the
+reconstruction, loading on a short-lived thread), plus ~40 lines of compatibility re-exports of names that moved to
+``app.modelfolder`` and ``app.provenance``.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ __all__ = [
     "assemble_model",
     "check_model_folder",
     "cpu_has_amx_bf16",
+    "cpu_has_fast_bf16",
     "effective_steps",
     "img2img_pipeline_class",
     "library_versions",
@@ -215,17 +216,28 @@ def pick_device(device: str | None = None, dtype: str | None = None) -> tuple[to
 
 
 @functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX bf16 tiles (``amx_bf16`` in /proc/cpuinfo; Linux x86-64), where bf16 matrix work
-    is markedly faster than fp32 (the mini VAE decode 1.7x, docs/PERFORMANCE.md). False where unknown."""
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; Linux x86-64); empty where unknown."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                    return frozenset(line.split(":", 1)[-1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 tiles (``amx_bf16`` in /proc/cpuinfo; Linux x86-64). False where unknown."""
+    return "amx_bf16" in _cpu_flags()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether bf16 matrix work is markedly faster than fp32 on this CPU: AMX bf16 tiles (``amx_bf16``; Intel
+    Sapphire Rapids and later: the mini VAE decode 1.7x) or AVX-512 bf16 dot products (``avx512_bf16``; e.g. AMD
+    Zen 4: the mini VAE decode 1.8-2.3x, its UNet at batch 32 1.5x; docs/PERFORMANCE.md). False where unknown."""
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
 class _Switch:
@@ -322,8 +334,9 @@ class CounterfactualEngine:
     Args:
         model_dir: diffusers-format folder (unet, vae, scheduler, tokenizer, text_encoder [, vald_md.json]).
         device: 'cuda', 'cuda:1', 'cpu' or None (auto). dtype: 'fp32' | 'fp16' | 'bf16' | None (auto).
-        cpu_autocast: on a CPU with AMX bf16 (:func:`cpu_has_amx_bf16`) and fp32 weights, run the autoencoder
-            (encoder and decoder, channels-last) under ``torch.autocast("cpu", torch.bfloat16)``; the UNet and
+        cpu_autocast: on a CPU with fast bf16 (:func:`cpu_has_fast_bf16`: AMX or AVX-512 bf16) and fp32 weights,
+            run the autoencoder (encoder and decoder, channels-last) under ``torch.autocast("cpu",
+            torch.bfloat16)``; the UNet and
             the decoder's last layer stay float32 (:class:`_AutoencoderAutocast`), and the UNet joins for batches
             of :data:`UNET_AUTOCAST_MIN_BATCH` or more (:class:`_UNetAutocast`); ignored elsewhere. Off by default
             here (bit-exact fp32, as the tests expect); the server and the CLI turn it on
@@ -339,7 +352,7 @@ class CounterfactualEngine:
         self.device, self.dtype = pick_device(device, dtype)
         self.autocast_dtype: torch.dtype | None = (
             torch.bfloat16 if cpu_autocast and self.device.type == "cpu" and self.dtype == torch.float32
-            and cpu_has_amx_bf16() else None)
+            and cpu_has_fast_bf16() else None)
         t = time.perf_counter()
         pipe, self.info = load_model(folder, self.dtype)
         if self.device.type == "cuda":
@@ -464,7 +477,7 @@ class CounterfactualEngine:
 
     @contextlib.contextmanager
     def autocast(self) -> Any:
-        """The precision context of a generation: on an AMX CPU with ``cpu_autocast``, the autoencoder in bf16
+        """The precision context of a generation: on a fast-bf16 CPU with ``cpu_autocast``, the autoencoder in bf16
         autocast, and the UNet too for batches of :data:`UNET_AUTOCAST_MIN_BATCH` latents or more; else a no-op."""
         if self._vae_autocast is None or self._unet_autocast is None:
             yield

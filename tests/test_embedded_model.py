@@ -1,8 +1,9 @@
 """The committed default model `vald-md-mini` loads and makes a real healthy counterfactual of a shared test image.
 
 The SSIM ranges checked here are the ones its model card reports (stored in ``vald_md.json`` as
-``figures.counterfactual_ssim_range`` for the ``minimal-edit`` preset and ``figures.localizing_ssim_range`` for the
-default ``healthy`` preset), so the card and the weights cannot drift apart unnoticed.
+``figures.counterfactual_ssim_range`` for the ``minimal-edit`` preset, ``figures.localizing_ssim_range`` for one
+sample of the default ``healthy`` preset and ``figures.shown_ssim_range`` for the counterfactual its review run
+shows, edited only where the map is above normal), so the card and the weights cannot drift apart unnoticed.
 """
 
 from __future__ import annotations
@@ -73,3 +74,25 @@ def test_healthy_counterfactual_of_a_covid_test_image(mini, shared_data, preset_
     # deterministic per seed
     again = mini.generate(img, preset["prompt"], **setting)
     np.testing.assert_array_equal(cf, again.counterfactuals[0])
+
+
+def test_the_default_review_shows_an_edit_close_to_the_input(mini, shared_data, tmp_path):
+    """The default review run (the healthy preset, the embedded lung segmenter, the calibrated map) shows the
+    counterfactual edited only where the map is above normal, and its SSIM to the input lies in the model card's
+    range (``figures.shown_ssim_range``), far above the redrawn first sample's, which is kept beside it."""
+    from app.lungs import LungSegmenter
+    from app.runs.review import ReviewRequest, run_review
+
+    manifest = json.loads((MODEL / modelfolder.MANIFEST).read_text())
+    lo, hi = manifest["figures"]["shown_ssim_range"]
+    path = sorted((shared_data / "cxr256" / "test" / "covid").glob("*.png"))[0]
+    segmenter = LungSegmenter(MODEL.parent / "lungs-unet")
+    req = ReviewRequest.from_preset(mini.info.presets["healthy"], seed=0)
+    record = run_review(mini, path.read_bytes(), req, tmp_path / "run", segmenter=segmenter)
+    assert record.edited and record.counterfactual_edit is not None
+    assert record.counterfactual_edit["threshold"] == manifest["map_scale"]["level"]
+    img = imaging.read_png_unit(tmp_path / "run" / "input.png")
+    shown = metrics.ssim(img, imaging.read_png_unit(tmp_path / "run" / "counterfactual.png"))
+    first = metrics.ssim(img, imaging.read_png_unit(tmp_path / "run" / "counterfactual-0.png"))
+    assert lo <= shown <= hi, f"SSIM of the shown counterfactual {shown:.3f} outside the card's [{lo}, {hi}]"
+    assert shown > first + 0.1

@@ -372,3 +372,15 @@ def test_warm_up_runs_the_default_requests_batch_shape_and_one_sample(tiny_engin
     calls.clear()
     tiny_engine.warm_up()
     assert calls == [(1, "dpm++")]  # one shape, one generation
+
+
+@pytest.mark.parametrize(("flags", "fast", "amx"), [({"avx2", "amx_bf16", "avx512_bf16"}, True, True),
+                                                   ({"avx2", "avx512_bf16"}, True, False),  # e.g. AMD Zen 4
+                                                   ({"avx2", "avx512f"}, False, False), (set(), False, False)])
+def test_bf16_autocast_is_for_cpus_with_amx_or_avx512_bf16(monkeypatch, flags, fast, amx):
+    """bf16 matrix work is markedly faster with AMX tiles or AVX-512 bf16 dot products (docs/PERFORMANCE.md); the
+    engine's cpu_autocast acts on either, and on nothing else (or where the flags are unknown)."""
+    from app import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_cpu_flags", lambda: frozenset(flags))
+    assert engine_mod.cpu_has_fast_bf16() is fast and engine_mod.cpu_has_amx_bf16() is amx
