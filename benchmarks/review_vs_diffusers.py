@@ -21,7 +21,9 @@ that ran parallel work, so loading on one thread and running on another is slowe
 Also reported: the latency of the first progress event of the review run (from the call to the first callback).
 The review run gets the embedded lung segmenter, as the server's runs do (the map restricted to the lungs, and
 ``lung_mask.png`` written); ``--lung-segmenter none`` leaves it out (the numbers before 2026-12-07's seventh
-session were measured without it).
+session were measured without it). The review run shows the model's counterfactual (the embedded model: one more
+sample edited only where the map is above normal, since the eighth session); ``--counterfactual-edit redraw`` shows
+the first sample instead, as before.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/review_vs_diffusers.py --threads 2 --runs 7 \\
         --image ../shared/data/cxr256/test/covid/COVID-1.png [--setting paper] [--no-cpu-autocast]
@@ -106,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lung-segmenter", default=None,
                    help="lung segmenter folder handed to the review run, as the server does (default: the app root's "
                         "embedded model_weights/lungs-unet when it is there); 'none': the map is not restricted")
+    p.add_argument("--counterfactual-edit", default=None, choices=["map_region", "redraw"],
+                   help="the review run's counterfactual_edit (default: the model's; the embedded model's map_region "
+                        "adds one sample's denoising after the map, which the plain call does not do)")
     p.add_argument("--app-root", type=Path, default=ROOT, help="checkout whose app/ is imported (default: this)")
     p.add_argument("--json", type=Path, default=None, help="write the JSON result here too")
     args = p.parse_args(argv)
@@ -303,7 +308,8 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
         "scheduler": str(s.get("scheduler", "pndm")), "samples": int(s.get("samples", 1))}
     req_kwargs = dict(prompt=params["prompt"], strength=float(params["strength"]),
                       guidance_scale=float(params["guidance_scale"]), steps=int(params["steps"]), seed=args.seed,
-                      scheduler=params["scheduler"], samples=params["samples"])
+                      scheduler=params["scheduler"], samples=params["samples"],
+                      **({"counterfactual_edit": args.counterfactual_edit} if args.counterfactual_edit else {}))
     eng._scheduler_for(params["scheduler"])  # the engine's scheduler of this kind, for its class and configuration
     sched = eng._schedulers[params["scheduler"]]
     plain.scheduler = type(sched).from_config(sched.config)
@@ -348,6 +354,7 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
     plain_s: list[float] = []
     plain_ac_s: list[float] = []
     engine_timings: list[dict[str, float]] = []
+    edit_s: list[float] = []  # the edited counterfactual's extra sample (counterfactual_edit map_region)
     unet_evaluations = 0
     loads = []
     for i in range(args.runs):
@@ -364,6 +371,9 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
                 first_s.append(first)
                 engine_timings.append(record.timings_s)
                 unet_evaluations = int(record.unet_evaluations or 0)
+                edit = getattr(record, "counterfactual_edit", None) or {}
+                if edit.get("applied"):
+                    edit_s.append(float(edit["seconds"]))
     tmp.cleanup()
 
     review, plain_st = stats(review_s), stats(plain_s)
@@ -374,6 +384,7 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
         "warmup_s": round(warmup_s, 3), "unet_evaluations": unet_evaluations,
         "review_s": review, "plain_s": plain_st, "first_progress_s": stats(first_s),
         "engine_timings_median_s": timings,
+        "counterfactual_edit_s": stats(edit_s) if edit_s else None,
         "per_denoising_step_ms": round(1e3 * timings.get("denoising", float("nan"))
                                        / max(1, unet_evaluations - 1), 3),
         "ratio_review_over_plain": round(review["median"] / plain_st["median"], 3),

@@ -6,8 +6,11 @@ which :func:`run_review` returns):
 
 =====================  ===============================================================================
 ``input.png``          the decoded, windowed image exactly as the model saw it, native size (16-bit PNG)
-``counterfactual.png`` the first sample's counterfactual, native size (``counterfactual-<i>.png`` for more: the
-                       model's content box, not resized; the record's ``sample_files`` says so)
+``counterfactual.png`` the counterfactual shown, native size: with ``counterfactual_edit`` ``map_region`` one more
+                       sample edited only where the map is above the calibrated normal level
+                       (:func:`edited_counterfactual`; the first sample is then ``counterfactual-0.png``), else
+                       the first sample (``counterfactual-<i>.png`` for more: the model's content box, not
+                       resized; the record's ``sample_files`` says so)
 ``overlay.png``        the attribution overlay (red = what the model removed), native size, on the model's
                        calibrated scale (:mod:`app.mapscale`) when it has one, else the map's own percentile
 ``attribution.npy``    signed float32 (H, W) map, reference - counterfactual (mean over samples); with map
