@@ -124,8 +124,9 @@ class Settings(BaseSettings):
             another gets HTTP 429. The worker takes the users' runs in turn (``app.jobs``).
         queue_cost_budget: total cost of the waiting runs in step-samples (``(int(steps * strength) + 1) *
             samples`` each), 100..10,000,000 (``VALD_MD_QUEUE_COST_BUDGET``); a run that would pass it gets HTTP
-            503 (a run always fits an empty queue). Default 12000: about three of the heaviest runs the default
-            limits allow (250 steps at strength 1 x 16 samples = 4016).
+            503 (a run always fits an empty queue; an edited counterfactual counts one sample more). Default 12000:
+            about three of the heaviest runs the default limits allow (250 steps at strength 1 x 16 samples = 4016;
+            4267 with the edit).
         max_upload_mb: largest accepted request body in MiB (the image plus an optional mask), 1..1024.
         max_steps: largest ``steps`` a user may ask for, 1..1000 (bounds the time one job holds the model).
         max_samples: largest ``samples`` a user may ask for, 1..16.

@@ -79,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.time()
     # the preset as the product runs it: its samples (and its map polarity and smoothing, else the manifest's:
     # run_review)
-    req = review.ReviewRequest.from_preset(preset, preset_name="healthy", seed=args.seed)
+    # the map only: the edited counterfactual the preset may show is not needed to measure it
+    req = review.ReviewRequest.from_preset(preset, preset_name="healthy", seed=args.seed, counterfactual_edit="redraw")
     with tempfile.TemporaryDirectory() as tmp:
         for i, row in enumerate(chosen):
             out = Path(tmp) / f"{i:04d}"

@@ -87,6 +87,39 @@ def test_an_edit_region_of_zeros_keeps_the_input_whatever_the_prompt(tiny_engine
     assert np.abs(a.counterfactuals_model[0] - expected).max() < 1e-4
 
 
+@pytest.mark.parametrize("scheduler", ["pndm", "dpm++", "ddim", "euler"])
+def test_the_kept_latent_is_noised_to_the_level_of_the_next_unet_call(tiny_engine, scheduler, monkeypatch):
+    """After step i the input's latent is put back at the noise level the UNet is then called at (step i + 1):
+    ``add_noise`` is given that timestep (PNDM, DDIM), and the scheduler's own step index, which DPM-Solver++ and
+    Euler use instead, points at it; after the last step there is no next call and the clean latent is used."""
+    unet_t: list[float] = []
+    kept: list[tuple[int, float | None, int | None]] = []
+    unet = tiny_engine.pipe.unet
+    forward = unet.forward
+
+    def spy_forward(sample: Any, timestep: Any, *a: Any, **k: Any) -> Any:
+        unet_t.append(float(timestep.flatten()[0]) if hasattr(timestep, "flatten") else float(timestep))
+        return forward(sample, timestep, *a, **k)
+
+    keep = tiny_engine._keep_outside
+
+    def spy_keep(latents: Any, region: Any, sched: Any, next_index: int) -> Any:
+        t = float(sched.timesteps[next_index]) if next_index < len(sched.timesteps) else None
+        kept.append((next_index, t, getattr(sched, "step_index", None)))
+        return keep(latents, region, sched, next_index)
+
+    monkeypatch.setattr(unet, "forward", spy_forward)
+    monkeypatch.setattr(tiny_engine, "_keep_outside", spy_keep)
+    size = tiny_engine.info.image_size
+    tiny_engine.generate_request(_image(tiny_engine), GenerationRequest(**{**FAST, "steps": 8}, scheduler=scheduler),
+                                 edit_region=np.full((size, size), 0.5, np.float32))
+    assert len(kept) == len(unet_t) >= 3 and kept[-1][1] is None
+    for i, (next_index, t, step_index) in enumerate(kept[:-1]):
+        assert t == unet_t[i + 1], (scheduler, i)
+        if scheduler in ("dpm++", "euler"):
+            assert step_index == next_index
+
+
 def test_a_bad_edit_region_is_refused(tiny_engine):
     size = tiny_engine.info.image_size
     for bad in (np.ones((size, size + 1), np.float32), np.full((size, size), 1.5, np.float32),
@@ -133,6 +166,7 @@ def test_the_edited_counterfactual_is_shown_and_the_first_sample_kept(calibrated
     edit = record.counterfactual_edit
     assert record.edited and edit is not None and edit["applied"] is True and edit["mode"] == "map_region"
     assert edit["threshold"] == 0.02 and edit["seed"] == 11 and edit["unet_evaluations"] == record.unet_evaluations
+    assert 0 < edit["region_fraction"] <= 1 and edit["compute"]["device"] == "cpu"
     assert record.request["counterfactual_edit"] == "map_region"
     # the region the record states is the map's above-normal share inside the lungs
     amap = np.load(tmp_path / "e" / "attribution.npy")
@@ -203,6 +237,20 @@ def test_the_edit_follows_the_preset_then_the_manifest_and_one_sample_methods_re
     preset = {"prompt": "normal chest x-ray", "strength": 0.5, "steps": 4, "counterfactual_edit": "redraw"}
     assert ReviewRequest.from_preset(preset).counterfactual_edit == "redraw"
     assert ReviewRequest.from_preset(preset, counterfactual_edit="map_region").counterfactual_edit == "map_region"
+
+
+def test_one_sample_methods_show_their_own_counterfactual_whatever_the_preset(tiny_engine, monkeypatch):
+    """A preset that shows the edit (vald-md-mini's healthy one) does not make a DDIM inversion or classifier-guided
+    request fail: without an explicit choice those show their own counterfactual."""
+    preset = {"prompt": "normal chest x-ray", "strength": 0.5, "steps": 4, "samples": 4,
+              "counterfactual_edit": "map_region"}
+    for method in ("ddim_inversion", "classifier_guided"):
+        req = ReviewRequest.from_preset(preset, map_method=method)
+        assert req.samples == 1 and req.counterfactual_edit == "redraw"
+    req = resolve_request(ReviewRequest.from_preset(preset, map_method="ddim_inversion", reference="reconstruction"),
+                          tiny_engine.info)
+    assert req.counterfactual_edit == "redraw"
+    assert ReviewRequest.from_preset(preset).counterfactual_edit == "map_region"
 
 
 def test_bad_edit_choices_are_refused_with_a_readable_message(tiny_engine):

@@ -623,7 +623,10 @@ class JobManager(SharedTableSync):
             # The engine times denoising from the first step's end to the last's: unet_evaluations - 1
             # evaluations. Other map methods time their whole method as "denoising" (encode, inversion, decode),
             # so they do not teach the rate.
-            self.estimator.learn(float(denoise), job.unet_evaluations - 1, job.request.samples, run_s)
+            # an edited counterfactual's extra sample is part of job_cost, so its seconds are not overhead
+            edit = record.counterfactual_edit or {}
+            edit_s = float(edit.get("seconds", 0.0)) if edit.get("applied") else 0.0
+            self.estimator.learn(float(denoise), job.unet_evaluations - 1, job.request.samples, run_s - edit_s)
         hashes = record.artifacts_sha256
         self._end(job, JobState.DONE, artifact_hashes=dict(hashes) if hashes else None)
 

@@ -2,12 +2,12 @@
 the queue's state; :class:`app.jobs.JobManager` calls them under its lock.
 
 A user may have at most ``max_jobs_per_user`` runs queued or running (:class:`UserQueueLimitError`, HTTP 429); the
-waiting runs together may cost at most ``cost_budget`` (and number at most ``queue_size``;
-:class:`QueueFullError`, HTTP 503), where a run's cost is ``(effective steps + 1) x samples``
-(:func:`app.jobs.job.job_cost`: the samples run as one batch, so every denoising step costs about one UNet
-evaluation per sample; the model's fixed resolution makes the image size irrelevant). The worker does not take the
-oldest run but the next run of the user who has waited longest since their last run ended (or since they queued,
-if later): round robin between users, first come first served within a user (:func:`fair_order`).
+waiting runs together may cost at most ``cost_budget`` (and number at most ``queue_size``; :class:`QueueFullError`,
+HTTP 503), where a run's cost is ``(effective steps + 1) x samples`` (one sample more for a counterfactual edited to
+the map's region) (:func:`app.jobs.job.job_cost`: the samples run as one batch, so every denoising step costs about
+one UNet evaluation per sample; the model's fixed resolution makes the image size irrelevant). The worker does not
+take the oldest run but the next run of the user who has waited longest since their last run ended (or since they
+queued, if later): round robin between users, first come first served within a user (:func:`fair_order`).
 """
 
 from __future__ import annotations

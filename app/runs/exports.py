@@ -171,7 +171,8 @@ def export_annotated_png(run_dir: Path, overlay: OverlayOptions = DEFAULT_OVERLA
     seeds, comma-separated), ``vald_md:scheduler``, ``vald_md:samples``, ``vald_md:reference``,
     ``vald_md:map_label`` (:func:`app.rendering.map_label`), ``vald_md:map_scale`` (calibrated or relative),
     ``vald_md:smoothing_sigma``, ``vald_md:map_smoothing`` (Gaussian sigma in model-frame pixels, 0 = none),
-    ``vald_md:map_region`` (``lungs``, ``user_mask`` or ``whole_image``),
+    ``vald_md:map_region`` (``lungs``, ``user_mask`` or ``whole_image``), ``vald_md:counterfactual`` (``first
+    sample``, or ``edited where the map is above normal``: the record's ``counterfactual_edit``),
     ``vald_md:model_hash`` (full SHA-256), ``vald_md:created_at``,
     ``vald_md:overlay`` (JSON of the display options), ``vald_md:record_sha256`` (of ``record.json``), plus
     ``Disclaimer`` and ``Software``. Neither the pixels nor the chunks hold patient data or the folder's path.

@@ -151,9 +151,13 @@ class ReviewRequest(GenerationRequest):
     @classmethod
     def from_preset(cls, preset: Any, *, preset_name: str = "healthy", **given: Any) -> Self:
         """:meth:`GenerationRequest.from_preset`, except that a one-sample map method
-        (:data:`ONE_SAMPLE_METHODS`) given without ``samples`` makes one sample, whatever the preset's."""
-        if given.get("samples") is None and given.get("map_method") in ONE_SAMPLE_METHODS:
-            given = {**given, "samples": 1}
+        (:data:`ONE_SAMPLE_METHODS`) given without ``samples`` makes one sample, and without
+        ``counterfactual_edit`` shows its own counterfactual (``"redraw"``), whatever the preset's."""
+        if given.get("map_method") in ONE_SAMPLE_METHODS:
+            if given.get("samples") is None:
+                given = {**given, "samples": 1}
+            if given.get("counterfactual_edit") is None:
+                given = {**given, "counterfactual_edit": "redraw"}
         return super().from_preset(preset, preset_name=preset_name, **given)
 
     def check(self) -> None:
@@ -278,7 +282,7 @@ def edit_region(amap: attribution.AttributionMap, level: float, lb: imaging.Lett
     from scipy import ndimage
 
     above = attribution.changed_region(amap.magnitude, level, amap.mask)
-    model = imaging.letterbox(above.astype(np.float32), lb.size)[0] > 0.5
+    model = imaging.letterbox(above.astype(np.float32), lb.size)[0] > 0  # a flagged area below a model pixel counts
     if model.any():
         model = ndimage.binary_dilation(model, structure=np.ones((3, 3), bool), iterations=EDIT_DILATION_PX)
     region = np.clip(ndimage.gaussian_filter(model.astype(np.float32), EDIT_FEATHER_SIGMA), 0.0, 1.0)
@@ -296,7 +300,9 @@ def edited_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req:
     Returns:
         ``(counterfactual, record)``: float32 (H, W) in [0, 1], native frame; and the record's
         ``"counterfactual_edit"``: the mode, ``applied``, the threshold and its basis, the dilation and feather
-        (model-frame pixels), the native share of the image above the threshold, the seed, the UNet evaluations
+        (model-frame pixels), the native share of the image above the threshold, the seed, the UNet evaluations,
+        where and in which precision the edit ran (``compute``: its batch of one sample with guidance may run the
+        UNet in float32 where the samples' larger batch ran it in bf16, :data:`app.engine.UNET_AUTOCAST_MIN_BATCH`)
         and the wall time.
 
     Raises:
@@ -313,7 +319,7 @@ def edited_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req:
               "dilation_px": EDIT_DILATION_PX, "feather_sigma_px": EDIT_FEATHER_SIGMA, "frame": "model",
               "region_fraction": round(float(above.mean()), 6), "seed": seed,
               "unet_evaluations": edit.unet_evaluations, "first_sample_file": folder.EDITED_FIRST_SAMPLE,
-              "seconds": round(time.perf_counter() - t, 4)}
+              "compute": edit.compute, "seconds": round(time.perf_counter() - t, 4)}
     return edit.counterfactual(0), record
 
 
@@ -583,9 +589,9 @@ def run_review(engine: CounterfactualEngine, data: bytes, req: ReviewRequest, ou
                                                 progress=progress, cancel=cancel)
     # the files: the PNG encoders (zlib) release the GIL, so the images are encoded and written in a small pool
     # while this thread segments the lungs and makes the map, the overlay and the summary (docs/PERFORMANCE.md);
-    # the hashes keep the order the record has always listed them in. The lungs are segmented only now: the
-    # first progress event does not wait for them (a segmenter that fails with an unexpected error now fails the
-    # run after its diffusion, not before)
+    # the hashes keep the order the files were submitted in (an edited counterfactual.png after the other images).
+    # The lungs are segmented only now: the first progress event does not wait for them (a segmenter that fails
+    # with an unexpected error now fails the run after its diffusion, not before)
     calibration, scale_reason = mapscale.calibration_for_run(
         mapscale.MapCalibration.from_manifest(engine.info.manifest), map_method=str(req.map_method),
         reference=str(req.reference), smoothing_sigma=req.smoothing_sigma, samples=req.samples,
