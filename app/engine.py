@@ -514,7 +514,8 @@ class CounterfactualEngine:
             return recon
 
     def _edit_region_tensor(self, edit_region: np.ndarray) -> torch.Tensor:
-        """A checked edit region (see :meth:`generate_request`) as a (1, 1, size, size) float32 tensor.
+        """A checked edit region (see :meth:`generate_request`), area-averaged once to the latent grid: a
+        (1, 1, size / f, size / f) float32 tensor on the model's device, f = the autoencoder's down-sampling.
 
         Raises:
             ValueError: not a finite (size, size) array in [0, 1].
@@ -524,16 +525,17 @@ class CounterfactualEngine:
         if arr.shape != (size, size) or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
             raise ValueError(f"edit_region must be a ({size}, {size}) array in [0, 1] in the model's frame; got "
                              f"shape {arr.shape}")
-        return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+        latent = size // int(self.pipe.vae_scale_factor)
+        region = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+        return torch.nn.functional.adaptive_avg_pool2d(region, (latent, latent)).to(self.device)
 
-    def _keep_outside(self, latents: torch.Tensor, region: torch.Tensor, sched: Any, next_index: int) -> torch.Tensor:
+    def _keep_outside(self, latents: torch.Tensor, m: torch.Tensor, sched: Any, next_index: int) -> torch.Tensor:
         """``latents`` (just stepped) with the input's latent, noised to the level of ``sched.timesteps[next_index]``
-        (the clean latent after the last step), put back outside ``region`` (1, 1, size, size), area-averaged to the
-        latent grid. The noise level comes from ``scheduler.add_noise``: the given timestep for PNDM and DDIM, the
-        scheduler's own step index (already advanced to the next step) for DPM-Solver++ and Euler."""
+        (the clean latent after the last step), put back outside the latent-grid region ``m``
+        (:meth:`_edit_region_tensor`). The noise level comes from ``scheduler.add_noise``: the given timestep for
+        PNDM and DDIM, the scheduler's own step index (already advanced to the next step) for DPM-Solver++ and
+        Euler."""
         z, noise = self.pipe.init_latents, self.pipe.init_noise
-        h, w = int(latents.shape[-2]), int(latents.shape[-1])
-        m = torch.nn.functional.adaptive_avg_pool2d(region, (h, w)).to(latents.device)
         known: torch.Tensor = (sched.add_noise(z, noise, sched.timesteps[next_index:next_index + 1])
                                if next_index < len(sched.timesteps) else z)
         kept: torch.Tensor = (m * latents.float() + (1 - m) * known.float()).to(latents.dtype)

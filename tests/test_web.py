@@ -31,6 +31,7 @@ from app.engine import GenerationCancelled
 from app.web import create_app
 from tests.accounts import add_user, sign_in
 from tests.factories import png_bytes, png_claiming
+from tests.test_counterfactual_edit import CALIBRATION as EDIT_CALIBRATION
 from tests.tiny_lungs import BoxSegmenter, box_lungs, write_tiny_segmenter
 
 FAST = {"strength": "0.5", "steps": "4", "guidance_scale": "5", "seed": "11"}
@@ -1742,11 +1743,6 @@ def test_form_offers_the_models_map_smoothing_and_presets_carry_theirs(tiny_engi
 # ----------------------------------------------------------------------------------------------------------------
 # issue 16: the counterfactual shown, edited only where the map is above normal
 # ----------------------------------------------------------------------------------------------------------------
-EDIT_CALIBRATION = {"level": 0.02, "percentile": 99.0, "rms": 0.01, "mean_abs": 0.008, "n_images": 3,
-                    "map_method": "sdedit", "reference": "input", "preset": {"strength": 0.5, "steps": 4},
-                    "data": {"dataset": "synthetic"}, "created": "2026-12-07"}
-
-
 def test_api_counterfactual_edit_is_run_recorded_and_shown(client, monkeypatch, tiny_engine):
     monkeypatch.setitem(tiny_engine.info.manifest, "map_scale", EDIT_CALIBRATION)
     r = submit(client, counterfactual_edit="map_region", lung_mask="false")
