@@ -275,6 +275,25 @@ def test_review_flow_in_a_real_browser(server, browser, shared_data, tiny_engine
 
     assert not page.locator("[data-stale-banner]").count()
 
+    # 6a. the exported PNG chosen as a file: "Use these parameters" sets the run's map options again, the lungs-only
+    # checkbox included, over values the form had been changed to
+    exported = tmp_path / "annotated.png"
+    exported.write_bytes(Path(path).read_bytes())
+    page.set_input_files("#file", str(exported))
+    use = page.locator("[data-model-preset=png-info]")
+    use.wait_for()
+    page.select_option("#map_polarity", "removed" if use.get_attribute("data-model-preset-map_polarity") == "both"
+                       else "both")
+    page.locator("#map_smoothing").fill("9")
+    want_lungs = use.get_attribute("data-model-preset-lung_mask") == "true"
+    page.set_checked("#lung_mask", not want_lungs)
+    use.click()
+    for name in ("prompt", "strength", "steps", "samples", "map_method", "map_polarity", "counterfactual_edit"):
+        assert page.input_value(f"#{name}") == use.get_attribute(f"data-model-preset-{name}"), name
+    assert float(page.input_value("#map_smoothing")) == float(use.get_attribute("data-model-preset-map_smoothing"))
+    assert page.is_checked("#lung_mask") == want_lungs
+    assert page.input_value("#seed") == use.get_attribute("data-model-preset-seed")
+
     # 6b. a new file: the result on screen turns stale at once (before any server answer), greyed out and labelled
     page.set_input_files("#file", str(sorted((shared_data / "cxr256" / "val" / "normal").glob("*.png"))[0]))
     assert page.get_attribute("#run", "data-stale") == "true"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
@@ -482,6 +482,35 @@ def test_bundle_annotated_png_follows_the_overlay_options(dicom_run, cr_source):
     assert not np.array_equal(sc.pixel_array, plain.pixel_array)
 
 
+def test_annotated_png_carries_the_map_options_of_the_request(tmp_path, cr_source):
+    """The map options a run was asked for travel in the annotated PNG and come back typed, so that "Use these
+    parameters" sets the same map again; a crafted value outside the form's choices reads as not stated."""
+    run = make_run(tmp_path / "run", cr_source, samples=2)
+    record = json.loads((run / "record.json").read_text())
+    record["request"].update(lung_mask=False, map_method="classifier_guided", map_polarity="removed",
+                             map_smoothing=4.0, counterfactual_edit="redraw")
+    record.update(map_method="classifier_guided", classifier_scale=0.75, map_region="whole_image")
+    (run / "record.json").write_text(json.dumps(record, indent=2))
+    data = exports.export_annotated_png(run)
+    params = exports.read_png_parameters(data)
+    assert params is not None
+    assert (params["map_method"], params["map_polarity"], params["map_smoothing"]) == ("classifier_guided",
+                                                                                       "removed", 4.0)
+    assert params["counterfactual_edit"] == "redraw" and params["lung_mask"] is False
+    assert params["classifier_scale"] == 0.75 and params["map_region"] == "whole_image"
+    # the same file with a value no form offers
+    with Image.open(io.BytesIO(data)) as im:
+        info = PngImagePlugin.PngInfo()
+        for key, value in im.text.items():  # type: ignore[attr-defined]
+            info.add_text(key, {"vald_md:map_method": "rm -rf", "vald_md:counterfactual_edit": "<b>",
+                                "vald_md:lung_mask": "maybe"}.get(key, value))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", pnginfo=info)
+    crafted = exports.read_png_parameters(buf.getvalue())
+    assert crafted is not None and crafted["prompt"] == params["prompt"]
+    assert (crafted["map_method"], crafted["counterfactual_edit"], crafted["lung_mask"]) == (None, None, None)
+
+
 def test_annotated_png_parameters_read_back(dicom_run):
     """The parameters in an annotated PNG's text chunks come back typed (issue 12: re-opening a PNG's parameters);
     any other file gives None."""
@@ -495,6 +524,10 @@ def test_annotated_png_parameters_read_back(dicom_run):
     assert params["seed"] == record["seeds"][0] and params["model_hash"] == record["model_hash"]
     assert params["negative_prompt"] == (expected.get("negative_prompt") or "")
     assert params["overlay"]["mode"] == "outline" and params["overlay"]["threshold"] == 1.5
+    # a record from before the map options were recorded: nothing is guessed, except the polarity its map has
+    assert (params["map_method"], params["counterfactual_edit"], params["lung_mask"]) == (None, None, None)
+    assert params["map_polarity"] == "both" and params["map_smoothing"] == 0.0
+    assert params["map_region"] == "whole_image" and params["classifier_scale"] is None
     assert exports.read_png_parameters(encode_png(np.zeros((8, 8), np.uint8))) is None
     assert exports.read_png_parameters(b"\x89PNG\r\n\x1a\nbroken") is None
     assert exports.read_png_parameters(b"DICM") is None

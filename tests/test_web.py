@@ -1605,10 +1605,20 @@ def test_uploading_an_annotated_png_offers_its_parameters(client, done_job):
     assert float(button["data-model-preset-guidance_scale"]) == p["guidance_scale"]
     assert button["data-model-preset-seed"] == str(done_job["seeds"][0]) == "11"
     assert button["data-model-preset-scheduler"] == p["scheduler"]
+    # and the map options the run was asked for (resolved against the model: what the record says ran)
+    request = client.get(f"/api/v1/jobs/{done_job['job_id']}/artifacts/record.json").json()["request"]
+    assert button["data-model-preset-map_method"] == request["map_method"]
+    assert button["data-model-preset-map_polarity"] == request["map_polarity"]
+    assert float(button["data-model-preset-map_smoothing"]) == request["map_smoothing"]
+    assert button["data-model-preset-counterfactual_edit"] == request["counterfactual_edit"]
+    assert button["data-model-preset-lung_mask"] == str(request["lung_mask"]).lower()
+    assert "data-model-preset-classifier_scale" not in str(button)  # an SDEdit run has none
     assert "not an X-ray to review" in doc.text
     # the form has a field for every parameter the button sets
     form = Doc(client.get("/").text)
-    for name in ("prompt", "negative_prompt", "strength", "guidance_scale", "steps", "scheduler", "samples", "seed"):
+    for name in ("prompt", "negative_prompt", "strength", "guidance_scale", "steps", "scheduler", "samples", "seed",
+                 "map_method", "map_polarity", "map_smoothing", "counterfactual_edit", "classifier_scale",
+                 "lung_mask"):
         assert form.by_id(name) is not None, name
     # an ordinary PNG offers nothing
     plain = client.post("/inspect", files={"file": ("x.png", png_bytes())}, headers={"HX-Request": "true"}).text

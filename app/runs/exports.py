@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import zipfile
+from collections.abc import Collection
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -62,7 +63,7 @@ from app.runs.read import (
     render_overlay,
     run_facts,
 )
-from app.runs.record import RunRecord
+from app.runs.record import COUNTERFACTUAL_EDITS, MAP_METHODS, MAP_POLARITIES, RunRecord
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -173,6 +174,9 @@ def export_annotated_png(run_dir: Path, overlay: OverlayOptions = DEFAULT_OVERLA
     ``vald_md:smoothing_sigma``, ``vald_md:map_smoothing`` (Gaussian sigma in model-frame pixels, 0 = none),
     ``vald_md:map_region`` (``lungs``, ``user_mask`` or ``whole_image``), ``vald_md:counterfactual`` (``first
     sample``, or ``edited where the map is above normal``: the record's ``counterfactual_edit``),
+    ``vald_md:map_method``, ``vald_md:map_polarity``, ``vald_md:counterfactual_edit`` (``map_region`` or
+    ``redraw``, as requested), ``vald_md:lung_mask`` (``true``/``false``: the map restricted to the lungs when a
+    segmenter is loaded), ``vald_md:classifier_scale`` (classifier-guided runs; else ``n/a``),
     ``vald_md:model_hash`` (full SHA-256), ``vald_md:created_at``,
     ``vald_md:overlay`` (JSON of the display options), ``vald_md:record_sha256`` (of ``record.json``), plus
     ``Disclaimer`` and ``Software``. Neither the pixels nor the chunks hold patient data or the folder's path.
@@ -236,9 +240,12 @@ def read_png_parameters(data: bytes) -> dict[str, Any] | None:
 
     Returns:
         ``{"prompt", "negative_prompt", "strength", "guidance_scale", "steps", "seed" (the first sample's, or
-        ``None``), "scheduler", "samples", "model_hash", "created_at", "record_sha256", "overlay"}`` for an
-        annotated export, else ``None``. Values the chunks do not hold (``n/a``) are ``None`` (``""`` for the
-        negative prompt).
+        ``None``), "scheduler", "samples", "map_method", "map_polarity", "map_smoothing" (sigma, model-frame px),
+        "counterfactual_edit", "lung_mask" (bool), "classifier_scale", "map_region" (``lungs``, ``user_mask`` or
+        ``whole_image``: a drawn mask itself is not in the file), "model_hash", "created_at", "record_sha256",
+        "overlay"}`` for an annotated export, else ``None``. Values the chunks do not hold (``n/a``, or exports
+        made before a key existed) are ``None`` (``""`` for the negative prompt); a value outside the choices the
+        form offers is ``None`` too, so a crafted file cannot put one into the form.
     """
     if not data.startswith(_PNG_SIGNATURE):
         return None
@@ -263,11 +270,22 @@ def read_png_parameters(data: bytes) -> dict[str, Any] | None:
         overlay = json.loads(chunks.get("overlay", "{}"))
     except ValueError:
         overlay = {}
+    def choice(key: str, allowed: Collection[str]) -> str | None:
+        value = chunks.get(key)
+        return value if value in allowed else None
+
     negative = chunks.get("negative_prompt", "")
+    lung_mask = chunks.get("lung_mask")
     return {"prompt": chunks["prompt"], "negative_prompt": "" if negative == "n/a" else negative,
             "strength": number("strength", float), "guidance_scale": number("guidance_scale", float),
             "steps": number("steps", int), "seed": int(seed_text) if seed_text.isdigit() else None,
             "scheduler": chunks.get("scheduler"), "samples": number("samples", int),
+            "map_method": choice("map_method", MAP_METHODS), "map_polarity": choice("map_polarity", MAP_POLARITIES),
+            "map_smoothing": number("map_smoothing", float),
+            "counterfactual_edit": choice("counterfactual_edit", COUNTERFACTUAL_EDITS),
+            "lung_mask": {"true": True, "false": False}.get(lung_mask or ""),
+            "classifier_scale": number("classifier_scale", float),
+            "map_region": choice("map_region", ("lungs", "user_mask", "whole_image")),
             "model_hash": chunks.get("model_hash"), "created_at": chunks.get("created_at"),
             "record_sha256": chunks.get("record_sha256"), "overlay": overlay if isinstance(overlay, dict) else {}}
 

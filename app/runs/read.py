@@ -225,6 +225,12 @@ def run_facts(record: RunRecord) -> dict[str, str]:
         "map_smoothing": _fmt(record.map_smoothing),
         "map_region": record.region,
         "counterfactual": "edited where the map is above normal" if record.edited else "first sample",
+        # the form's settings behind the map, so that "Use these parameters" on an annotated PNG sets them again
+        "map_method": _fmt(record.method),
+        "map_polarity": record.polarity,
+        "counterfactual_edit": _fmt(request.get("counterfactual_edit")),
+        "lung_mask": _fmt(request.get("lung_mask")).lower(),
+        "classifier_scale": _fmt(record.classifier_scale),
         "model_hash": _fmt(record.model_hash),
         "created_at": _fmt(record.created_at),
     }

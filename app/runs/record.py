@@ -37,10 +37,19 @@ from typing import Any, ClassVar, TypeVar
 from app import mapscale, rendering
 from app.mapscale import MapCalibration
 
-__all__ = ["RECORD_VERSION", "RunParameters", "RunRecord"]
+__all__ = ["COUNTERFACTUAL_EDITS", "MAP_METHODS", "MAP_POLARITIES", "RECORD_VERSION", "RunParameters", "RunRecord"]
 
 RECORD_VERSION = 1
 """``vald_md_record`` of the records this version writes."""
+MAP_METHODS = {"sdedit": "SDEdit difference (paper)", "classifier_guided": "Classifier-guided counterfactual",
+               "ddim_inversion": "DDIM inversion difference"}
+"""The attribution-map methods a run may ask for (``request.map_method``), with their labels in the review form."""
+MAP_POLARITIES = {"removed": "Density removed (positive part)", "both": "Both directions"}
+"""The map polarities a run may ask for (``request.map_polarity``; :data:`app.attribution.MAP_POLARITIES`), with
+their form labels."""
+COUNTERFACTUAL_EDITS = {"map_region": "Only where the map is above normal (DiffEdit-style edit)",
+                        "redraw": "The whole image redrawn (the first sample)"}
+"""What ``counterfactual.png`` shows (``request.counterfactual_edit``), with the form's labels."""
 _BOOKKEEPING = ("unknown", "key_order")
 
 _T = TypeVar("_T", bound="_JsonObject")

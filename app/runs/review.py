@@ -101,21 +101,16 @@ from app.fileio import sha256_bytes, write_atomic
 from app.generation import GenerationRequest, Scheduler, draw_seed
 from app.lungs import LungSegmenter, mask_png_bytes
 from app.runs import folder
+from app.runs.record import COUNTERFACTUAL_EDITS as COUNTERFACTUAL_EDITS  # re-exported: the form's choices
+from app.runs.record import MAP_METHODS as MAP_METHODS
+from app.runs.record import MAP_POLARITIES as MAP_POLARITIES
 from app.runs.record import RECORD_VERSION, RunRecord
 
 logger = logging.getLogger("vald_md.artifacts")
 
 REFERENCES = ("input", "reconstruction")
-MAP_METHODS = {"sdedit": "SDEdit difference (paper)", "classifier_guided": "Classifier-guided counterfactual",
-               "ddim_inversion": "DDIM inversion difference"}
-"""The attribution-map methods a run may ask for, with their labels in the review form."""
-MAP_POLARITIES = {"removed": "Density removed (positive part)", "both": "Both directions"}
-"""The map polarities a run may ask for (:data:`app.attribution.MAP_POLARITIES`), with their form labels."""
 ONE_SAMPLE_METHODS = ("classifier_guided", "ddim_inversion")
 """Methods that make one deterministic-path counterfactual (DDIM): one sample, no negative prompt."""
-COUNTERFACTUAL_EDITS = {"map_region": "Only where the map is above normal (DiffEdit-style edit)",
-                        "redraw": "The whole image redrawn (the first sample)"}
-"""What ``counterfactual.png`` shows (``ReviewRequest.counterfactual_edit``), with the form's labels."""
 EDIT_DILATION_PX = 8
 """Model-frame pixels (one latent cell) the map's above-normal region grows by before it bounds the edit."""
 EDIT_FEATHER_SIGMA = 4.0

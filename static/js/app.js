@@ -62,13 +62,16 @@
   function applyPreset(button) {
     // a model preset sets the prompt, strength, guidance, steps, scheduler, samples and (when it names them) the
     // map polarity, map smoothing and counterfactual shown at once (its title says which)
-    // (or, from an annotated PNG export, the run's parameters including its negative prompt, samples and seed)
-    ["prompt", "negative_prompt", "strength", "guidance_scale", "steps", "scheduler", "samples", "map_polarity",
-     "map_smoothing", "counterfactual_edit", "seed"]
+    // (or, from an annotated PNG export, the run's parameters including its negative prompt, samples, seed, map
+    // method, classifier scale and whether the map is restricted to the lungs)
+    ["prompt", "negative_prompt", "strength", "guidance_scale", "steps", "scheduler", "samples", "map_method",
+     "map_polarity", "map_smoothing", "counterfactual_edit", "classifier_scale", "seed", "lung_mask"]
       .forEach(function (name) {
         var field = document.getElementById(name);
         var value = button.getAttribute("data-model-preset-" + name);
-        if (field && value !== null) field.value = value;
+        if (!field || value === null) return;
+        if (field.type === "checkbox") field.checked = value === "true";
+        else field.value = value;
       });
     if (button.hasAttribute("data-model-preset-seed")) {
       var fixed = document.querySelector("input[name=seed_mode][value=fixed]");
