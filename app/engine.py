@@ -575,7 +575,8 @@ class CounterfactualEngine:
     def generate_request(self, image: np.ndarray, request: GenerationRequest, *,
                          progress: ProgressCallback | None = None,
                          cancel: threading.Event | None = None,
-                         edit_region: np.ndarray | None = None) -> CounterfactualResult:
+                         edit_region: np.ndarray | None = None,
+                         reconstruction: CounterfactualResult | None = None) -> CounterfactualResult:
         """Make ``request.samples`` counterfactuals of ``image`` as ``request`` asks (its scheduler included).
 
         Args:
@@ -593,6 +594,9 @@ class CounterfactualEngine:
                 noise the start used (``scheduler.add_noise``), and at the last step that clean latent itself: the
                 masked edit of DiffEdit (Couairon et al., ICLR 2023; RePaint's known-region replacement). With
                 ``edit_region`` all ones the result is exactly the unrestricted one.
+            reconstruction: an earlier result for the same ``image`` whose autoencoder reconstruction is taken
+                as this one's instead of decoding it again (it depends on the image only: the posterior mode);
+                the review run's edit passes the samples' result.
 
         Raises:
             ValueError: a parameter is out of range (message says which and the allowed range), or
@@ -663,8 +667,13 @@ class CounterfactualEngine:
             # 4. autoencoder reconstruction (attribution reference), in the native frame (the counterfactuals are
             # brought there on demand: CounterfactualResult.counterfactual)
             t = time.perf_counter()
-            recon_model = self.reconstruct_model_frame(img_model, None if mean is None else mean[:1])
-            recon = imaging.unletterbox(recon_model, lb)
+            reuse = None if reconstruction is None else reconstruction.reconstruction_model
+            if reuse is not None and reconstruction is not None and np.array_equal(reconstruction.input_model,
+                                                                                   img_model):
+                recon_model, recon = reuse, reconstruction.reconstruction
+            else:
+                recon_model = self.reconstruct_model_frame(img_model, None if mean is None else mean[:1])
+                recon = imaging.unletterbox(recon_model, lb)
             timings["postprocess"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
         return CounterfactualResult(

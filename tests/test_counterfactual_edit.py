@@ -120,6 +120,30 @@ def test_the_kept_latent_is_noised_to_the_level_of_the_next_unet_call(tiny_engin
             assert step_index == next_index
 
 
+def test_the_edit_takes_the_reconstruction_of_the_samples_instead_of_decoding_it_again(tiny_engine, monkeypatch):
+    """The reconstruction depends on the image only, so the edit pass reuses the samples' (no second decode of it);
+    an earlier result of another image is not reused."""
+    image, size = _image(tiny_engine), tiny_engine.info.image_size
+    req = GenerationRequest(**FAST, samples=2)
+    first = tiny_engine.generate_request(image, req)
+    decodes: list[int] = []
+    original = type(tiny_engine).reconstruct_model_frame
+    monkeypatch.setattr(type(tiny_engine), "reconstruct_model_frame",
+                        lambda self, *a, **k: decodes.append(1) or original(self, *a, **k))
+    region = np.zeros((size, size), np.float32)
+    region[: size // 2] = 1.0
+    edit = tiny_engine.generate_request(image, req, edit_region=region, reconstruction=first)
+    assert decodes == []
+    assert np.array_equal(edit.reconstruction, first.reconstruction)
+    assert np.array_equal(edit.reconstruction_model, first.reconstruction_model)
+    fresh = tiny_engine.generate_request(image, req, edit_region=region)
+    assert decodes == [1]
+    assert np.array_equal(edit.counterfactuals_model, fresh.counterfactuals_model)
+    np.testing.assert_allclose(fresh.reconstruction_model, first.reconstruction_model, atol=1e-6)
+    other = tiny_engine.generate_request(np.flipud(image).copy(), req, edit_region=region, reconstruction=first)
+    assert decodes == [1, 1] and not np.array_equal(other.reconstruction_model, first.reconstruction_model)
+
+
 def test_a_bad_edit_region_is_refused(tiny_engine):
     size = tiny_engine.info.image_size
     for bad in (np.ones((size, size + 1), np.float32), np.full((size, size), 1.5, np.float32),

@@ -308,7 +308,8 @@ def edited_counterfactual(engine: CounterfactualEngine, pixels: np.ndarray, req:
     t = time.perf_counter()
     above, region = edit_region(amap, level, result.letterbox)
     seed = result.seeds[0]
-    edit = engine.generate_request(pixels, replace(req, samples=1, seed=seed), cancel=cancel, edit_region=region)
+    edit = engine.generate_request(pixels, replace(req, samples=1, seed=seed), cancel=cancel, edit_region=region,
+                                   reconstruction=result)
     record = {"mode": "map_region", "applied": True, "threshold": level,
               "threshold_basis": "the model's calibrated normal level (1x) of the map, inside the map's region",
               "dilation_px": EDIT_DILATION_PX, "feather_sigma_px": EDIT_FEATHER_SIGMA, "frame": "model",
