@@ -246,19 +246,34 @@ def _settings(command: str, overrides: dict[str, Any]) -> Settings | None:
         return None
 
 
+START_UP_GARBAGE_DELAY_S = 5.0
+"""Seconds after ready at which the start-up's cyclic garbage is collected (:class:`_CollectGarbageWhenReady`)."""
+
+
+def _collect_start_up_garbage() -> None:
+    """One full pass of the cyclic garbage collector over everything, the start-up's frozen objects included."""
+    gc.unfreeze()
+    gc.collect()
+
+
 class _CollectGarbageWhenReady:
     """ASGI wrapper of the review app: when its lifespan reports the start-up complete (model loaded, worker started:
-    the moment ``/readyz`` turns 200), one full pass of Python's cyclic garbage collector, which :func:`main` turned
-    off for ``serve``, and the collector back on. Everything else passes through untouched.
+    the moment ``/readyz`` turns 200), the start-up's objects are frozen (``gc.freeze``: out of the collector's
+    sight) and Python's cyclic garbage collector, which :func:`main` turned off for ``serve``, back on; the one full
+    pass that frees the start-up's cyclic garbage runs :data:`START_UP_GARBAGE_DELAY_S` later on the event loop
+    (:func:`_collect_start_up_garbage`), after ready rather than before it. Everything else passes through untouched.
 
     Why (issue 15, docs/PERFORMANCE.md "Server ready"): the start-up creates about 900 000 Python objects (torch,
     diffusers, transformers, the model), of which about 550 000 stay; with the collector on, its automatic full passes
-    over that growing heap (8 of them) cost about 1 s of CPU before ready. One pass at the end costs about 0.5 s and
-    frees the start-up's cyclic garbage (about 10 MiB) before the first request.
+    over that growing heap (8 of them) cost about 1 s of CPU before ready. The one pass costs about 0.5 s of CPU and
+    frees about 10 MiB; nothing the server does needs it done before the first request. A request that arrives in
+    that half second waits for it (the pass holds the interpreter lock).
     """
 
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], *,
+                 garbage_delay_s: float = START_UP_GARBAGE_DELAY_S) -> None:
         self.app = app
+        self.garbage_delay_s = garbage_delay_s
 
     async def __call__(self, scope: Message, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
@@ -266,13 +281,16 @@ class _CollectGarbageWhenReady:
             await self.app(scope, receive, send)
             return
 
-        async def send_after_collecting(message: Message) -> None:
+        async def send_after_freezing(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete" and not gc.isenabled():
-                gc.collect()
+                import asyncio
+
+                gc.freeze()
                 gc.enable()
+                asyncio.get_running_loop().call_later(self.garbage_delay_s, _collect_start_up_garbage)
             await send(message)
 
-        await self.app(scope, receive, send_after_collecting)
+        await self.app(scope, receive, send_after_freezing)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -375,7 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if args.command == "serve":
-            gc.enable()  # on again already after a complete start-up; this is for a server that stopped before
+            # on again already after a complete start-up; this is for a server that stopped before (or before the
+            # delayed pass over the start-up's frozen objects)
+            gc.unfreeze()
+            gc.enable()
     return 2
 
 

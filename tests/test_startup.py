@@ -2,8 +2,9 @@
 
 - the libraries that only some requests need -- DICOM reading and writing, the PACS client, de-identification,
   scipy -- are imported where they are used, not with the web app (counted in a fresh interpreter's ``sys.modules``);
-- ``vald-md serve`` starts with Python's cyclic garbage collector off and turns it on (after one full pass) when the
-  app's lifespan reports the start-up complete, or when the server stops before that.
+- ``vald-md serve`` starts with Python's cyclic garbage collector off and turns it on when the app's lifespan reports
+  the start-up complete (the start-up's objects frozen, their one full pass a few seconds after ready), or when the
+  server stops before that.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def _serve(tmp_path: Path, monkeypatch: Any, run: Any) -> None:
         assert cli.main(["serve", "--data-dir", str(tmp_path / "data")]) == 0
     finally:
         os.umask(mask)
+        gc.unfreeze()
         gc.enable()
 
 
@@ -100,12 +102,53 @@ def test_serve_keeps_the_garbage_collector_off_until_the_app_reports_ready(tmp_p
             return {"type": "lifespan.startup"}
 
         async def send(message: dict[str, str]) -> None:
-            seen.append((message["type"], gc.isenabled()))
+            seen.append((message["type"], gc.isenabled(), gc.get_freeze_count() > 0))
 
         asyncio.run(asgi({"type": "lifespan"}, receive, send))
 
     _serve(tmp_path, monkeypatch, run)
-    assert seen == [("run", False), ("lifespan.startup.complete", True)]
+    # on at ready, with the start-up's objects frozen (their pass comes later: the next test)
+    assert seen == [("run", False), ("lifespan.startup.complete", True, True)]
+    assert gc.get_freeze_count() == 0  # main unfreezes them when the server stops
+
+
+def test_the_start_up_garbage_is_collected_after_ready_not_before():
+    import weakref
+
+    from app import cli
+
+    class Node:
+        other: Any = None
+
+    seen: list[Any] = []
+
+    async def minimal_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+
+    async def receive() -> dict[str, str]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict[str, str]) -> None:
+        seen.append((message["type"], gc.isenabled(), probe() is not None))
+
+    async def serve() -> None:
+        await cli._CollectGarbageWhenReady(minimal_app, garbage_delay_s=0.05)({"type": "lifespan"}, receive, send)
+        seen.append(("after ready", probe() is not None))
+        await asyncio.sleep(0.3)
+        seen.append(("later", probe() is not None, gc.get_freeze_count()))
+
+    gc.disable()
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # cyclic garbage of the start-up: only the collector frees it
+        probe = weakref.ref(a)
+        del a, b
+        asyncio.run(serve())
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    assert seen == [("lifespan.startup.complete", True, True), ("after ready", True), ("later", False, 0)]
 
 
 def test_a_server_that_stops_before_ready_turns_the_collector_back_on(tmp_path, monkeypatch):
