@@ -270,6 +270,7 @@ def read_png_parameters(data: bytes) -> dict[str, Any] | None:
         overlay = json.loads(chunks.get("overlay", "{}"))
     except ValueError:
         overlay = {}
+
     def choice(key: str, allowed: Collection[str]) -> str | None:
         value = chunks.get(key)
         return value if value in allowed else None
