@@ -667,10 +667,9 @@ class CounterfactualEngine:
             # 4. autoencoder reconstruction (attribution reference), in the native frame (the counterfactuals are
             # brought there on demand: CounterfactualResult.counterfactual)
             t = time.perf_counter()
-            reuse = None if reconstruction is None else reconstruction.reconstruction_model
-            if reuse is not None and reconstruction is not None and np.array_equal(reconstruction.input_model,
-                                                                                   img_model):
-                recon_model, recon = reuse, reconstruction.reconstruction
+            if (reconstruction is not None and reconstruction.reconstruction_model is not None
+                    and np.array_equal(reconstruction.input_model, img_model)):
+                recon_model, recon = reconstruction.reconstruction_model, reconstruction.reconstruction
             else:
                 recon_model = self.reconstruct_model_frame(img_model, None if mean is None else mean[:1])
                 recon = imaging.unletterbox(recon_model, lb)
