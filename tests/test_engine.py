@@ -90,6 +90,32 @@ def test_samples_use_consecutive_seeds_and_match_single_runs(tiny):
     np.testing.assert_allclose(batch.counterfactuals[1], single.counterfactuals[0], atol=2e-4)
 
 
+def test_the_cpu_engine_decodes_one_sample_at_a_time_with_the_batched_result(tiny):
+    """The autoencoder decodes the samples one by one on the CPU (caches; docs/PERFORMANCE.md), to rounding the
+    same images as one batched decode."""
+    assert tiny.pipe.vae.use_slicing
+    calls: list[int] = []
+    decode = tiny.pipe.vae._decode
+
+    def counting(z, *args, **kwargs):
+        calls.append(int(z.shape[0]))
+        return decode(z, *args, **kwargs)
+
+    img = _image()
+    tiny.pipe.vae._decode = counting
+    try:
+        sliced = tiny.generate(img, "normal", strength=0.6, steps=5, seed=3, samples=3)
+        tiny.pipe.vae.disable_slicing()
+        calls_sliced = list(calls)
+        batched = tiny.generate(img, "normal", strength=0.6, steps=5, seed=3, samples=3)
+    finally:
+        tiny.pipe.vae.enable_slicing()
+        del tiny.pipe.vae._decode
+    assert calls_sliced[:3] == [1, 1, 1]  # the samples, then the reconstruction
+    assert 3 in calls[len(calls_sliced):]
+    np.testing.assert_allclose(sliced.counterfactuals_model, batched.counterfactuals_model, atol=1e-4)
+
+
 def test_cancel_stops_within_one_step(tiny):
     cancel = threading.Event()
     calls: list[int] = []
