@@ -114,12 +114,12 @@ def clean_mask(mask: NDArray[np.bool_], *, keep: int = 2,
     labels, n = ndimage.label(mask)
     if n == 0:
         return np.zeros_like(mask, dtype=bool)
-    sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
-    order = np.argsort(sizes)[::-1][:keep]
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # pixels per component (labels 1..n)
+    order = np.argsort(sizes, kind="stable")[::-1][:keep]
     min_size = min_fraction * mask.size
-    kept = [i + 1 for i in order if sizes[i] >= min_size]
-    out = np.isin(labels, kept)
-    return np.asarray(ndimage.binary_fill_holes(out), dtype=bool)
+    keep_label = np.zeros(n + 1, dtype=bool)  # a lookup by label: 0 (background) is never kept
+    keep_label[[i + 1 for i in order if sizes[i] >= min_size]] = True
+    return np.asarray(ndimage.binary_fill_holes(keep_label[labels]), dtype=bool)
 
 
 def folder_hash(folder: Path, names: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)) -> str:
