@@ -249,6 +249,24 @@ def test_signed_mode_colours() -> None:
     assert magnitude[H // 2, -5, 0] > 200  # magnitude mode is single-hue red everywhere
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_the_overlay_blend_has_the_bytes_of_the_whole_image_formula(signed: bool) -> None:
+    """The blend, made one channel at a time, has exactly the bytes of
+    ``to_uint8((1 - alpha) * gray + alpha * hue)`` over a full (H, W, 3) float image (red, or red/blue by sign)."""
+    from app.rendering.overlay import _blend
+    from app.rendering.palette import BLUE, RED, to_uint8
+
+    rng = np.random.default_rng(7)
+    gray = rng.random((H, W), dtype=np.float32)
+    alpha = (rng.random((H, W), dtype=np.float32) * 1.2 - 0.1).clip(0, 1).astype(np.float32)
+    positive = rng.random((H, W)) > 0.5
+    hue = np.empty((H, W, 3), np.float32)
+    hue[:] = np.where(positive[..., None], np.asarray(RED), np.asarray(BLUE)) if signed else RED
+    expected = to_uint8((1.0 - alpha[..., None]) * gray[..., None] + alpha[..., None] * hue)
+    got = _blend(gray, alpha, RED, positive, BLUE) if signed else _blend(gray, alpha, RED)
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
+
+
 def test_fixed_scale_makes_overlays_comparable() -> None:
     original_a, cf_a = lesion_pair(seed=1)
     cf_b = cf_a.copy()
