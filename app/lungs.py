@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,3 +249,83 @@ def dice(pred: NDArray[np.bool_], truth: NDArray[np.bool_]) -> float:
     p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     denom = int(p.sum()) + int(t.sum())
     return 1.0 if denom == 0 else 2.0 * float(np.logical_and(p, t).sum()) / denom
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# agreement with drawn lung masks (``vald-md train lungs`` at the end of training, ``vald-md evaluate lungs``)
+# ----------------------------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class MaskPair:
+    """One image and its lung mask (paths), with the source folder's name."""
+
+    image: Path
+    mask: Path
+    source: str
+
+
+def find_pairs(folder: Path) -> list[MaskPair]:
+    """Image/lung-mask pairs in ``folder``: ``images/`` + ``masks/`` or ``images/`` + ``lung masks/`` at any depth.
+
+    Raises:
+        FileNotFoundError: ``folder`` is missing or holds no pair.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    pairs: list[MaskPair] = []
+    for img_dir in sorted(p for p in folder.rglob("images") if p.is_dir()):
+        for mask_name in ("masks", "lung masks"):
+            mask_dir = img_dir.parent / mask_name
+            if not mask_dir.is_dir():
+                continue
+            for f in sorted(img_dir.iterdir()):
+                m = mask_dir / f.name
+                if f.suffix.lower() in IMAGE_SUFFIXES and m.is_file():
+                    pairs.append(MaskPair(f, m, folder.name))
+    if not pairs:
+        raise FileNotFoundError(f"{folder}: no images/ + masks/ (or 'lung masks/') pairs found")
+    return pairs
+
+
+def is_holdout(pair: MaskPair, fraction: float) -> bool:
+    """Stable split: the first 8 hex digits of SHA-256(file name) mod 1000 below ``fraction`` x 1000."""
+    return int(hashlib.sha256(pair.image.name.encode()).hexdigest()[:8], 16) % 1000 < fraction * 1000
+
+
+def evaluate_dice(seg: LungSegmenter, pairs: list[MaskPair]) -> dict[str, Any]:
+    """The cleaned mask against each drawn mask at the drawn mask's native size.
+
+    Returns:
+        ``mean``, ``min``, ``n`` and ``per_image`` (file name -> Dice) of the Dice, and the means of how it splits:
+        ``coverage_mean`` (share of the drawn lung inside the segmenter's mask, 0..1: low = lung missed),
+        ``precision_mean`` (share of the segmenter's mask inside the drawn lung, 0..1: low = more than the drawn
+        lung marked) and ``area_ratio_mean`` (segmenter / drawn area); ``per_image_detail`` gives the four per
+        image. NaN means when ``pairs`` is empty.
+    """
+    per: dict[str, float] = {}
+    detail: dict[str, dict[str, float]] = {}
+    for p in pairs:
+        with Image.open(p.image) as im:
+            img = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        with Image.open(p.mask) as im:
+            truth = np.asarray(im.convert("L")) >= 128
+        if truth.shape != img.shape:
+            truth = resize_float(truth.astype(np.float32), *img.shape) >= 0.5
+        pred = seg.segment(img)
+        both = float(np.logical_and(pred, truth).sum())
+        per[p.image.name] = dice(pred, truth)
+        detail[p.image.name] = {"dice": per[p.image.name],
+                                "coverage": both / max(1.0, float(truth.sum())),
+                                "precision": both / max(1.0, float(pred.sum())),
+                                "area_ratio": float(pred.sum()) / max(1.0, float(truth.sum()))}
+
+    def mean(key: str) -> float:
+        return float(np.mean([d[key] for d in detail.values()])) if detail else math.nan
+
+    vals = list(per.values())
+    return {"mean": float(np.mean(vals)) if vals else math.nan, "min": float(np.min(vals)) if vals else math.nan,
+            "n": len(vals), "per_image": per, "coverage_mean": mean("coverage"),
+            "precision_mean": mean("precision"), "area_ratio_mean": mean("area_ratio"), "per_image_detail": detail}

@@ -8,6 +8,7 @@ boxes or masks, with baselines) and ``laterality`` (localized induction prompts)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--right-prompt", default="opacity in the right lung", help="prompt naming the right side")
     lat.add_argument("--out", required=True, help="run folder (sub-runs induce-<prompt>/ go inside)")
     _generation_args(lat, samples=1)
+
+    lu = sub.add_parser("lungs", help="the lung segmenter against drawn lung masks: Dice, coverage, precision")
+    lu.add_argument("--data", required=True, action="append",
+                    help="folder of images/ + masks/ (or 'lung masks/') at any depth; may be given several times")
+    lu.add_argument("--segmenter", default=None, help="lung segmenter folder (default: model_weights/lungs-unet)")
+    lu.add_argument("--holdout-fraction", type=float, default=None,
+                    help="only the held-out part of each folder, as `vald-md train lungs` splits it (its "
+                         "--holdout-fraction; default: every pair)")
+    lu.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
     pr = sub.add_parser("probe", help="fast localization probe with a shortcut report (lungs and whole image)")
     pr.add_argument("--data", required=True, help="the lesions-rsna folder (boxes.csv + images/)")
@@ -241,6 +251,33 @@ def cmd_laterality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lungs(args: argparse.Namespace) -> int:
+    """Score the lung segmenter on drawn masks and print one Markdown row per folder, then one per image."""
+    from app.lungs import DEFAULT_SEGMENTER_DIR, LungSegmenter, evaluate_dice, find_pairs, is_holdout
+
+    seg = LungSegmenter(Path(args.segmenter) if args.segmenter else DEFAULT_SEGMENTER_DIR)
+    report: dict[str, Any] = {"segmenter": seg.info.sha256, "holdout_fraction": args.holdout_fraction,
+                              "folders": {}}
+    lines = ["| masks | N | Dice mean (min) | coverage of the drawn lung | precision | area, segmenter / drawn |",
+             "|---|---|---|---|---|---|"]
+    rows: list[str] = []
+    for folder in args.data:
+        pairs = find_pairs(Path(folder))
+        if args.holdout_fraction is not None:
+            pairs = [p for p in pairs if is_holdout(p, args.holdout_fraction)]
+        r = evaluate_dice(seg, pairs)
+        report["folders"][str(folder)] = r
+        lines.append(f"| {Path(folder).name} | {r['n']} | {r['mean']:.3f} ({r['min']:.3f}) | {r['coverage_mean']:.3f} "
+                     f"| {r['precision_mean']:.3f} | {r['area_ratio_mean']:.2f} |")
+        rows += [f"| {name} | {d['dice']:.3f} | {d['coverage']:.3f} | {d['precision']:.3f} | {d['area_ratio']:.2f} |"
+                 for name, d in r["per_image_detail"].items()]
+    lines += ["", "| image | Dice | coverage | precision | area ratio |", "|---|---|---|---|---|", *rows]
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     """Run the localization probe and print its Markdown table."""
     from app.evaluate.probe import CLASSIFIER_METHODS, MODEL_METHODS, model_map_fn, run_probe
@@ -282,7 +319,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "tables": cmd_tables, "train-oracle": cmd_train_oracle,
-            "localize": cmd_localize, "laterality": cmd_laterality, "probe": cmd_probe}
+            "localize": cmd_localize, "laterality": cmd_laterality, "probe": cmd_probe,
+            "lungs": cmd_lungs}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,58 +19,25 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from app.fileio import sha256_bytes
-from app.lungs import LungSegmenter, LungUNet, dice, normalize_intensity, resize_float, save_segmenter
+from app.lungs import (  # the pairs and their Dice live with the segmenter (vald-md evaluate lungs reads them too)
+    LungSegmenter,
+    LungUNet,
+    MaskPair,
+    evaluate_dice,
+    find_pairs,
+    is_holdout,
+    normalize_intensity,
+    resize_float,
+    save_segmenter,
+)
 from app.train.schedule import warmup_cosine_to_zero
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-@dataclass(frozen=True)
-class MaskPair:
-    """One image and its lung mask (paths), with the source folder's name."""
-
-    image: Path
-    mask: Path
-    source: str
-
-
-def find_pairs(folder: Path) -> list[MaskPair]:
-    """Image/lung-mask pairs in ``folder``: ``images/`` + ``masks/`` or ``images/`` + ``lung masks/`` at any depth.
-
-    Raises:
-        FileNotFoundError: ``folder`` is missing or holds no pair.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    pairs: list[MaskPair] = []
-    for img_dir in sorted(p for p in folder.rglob("images") if p.is_dir()):
-        for mask_name in ("masks", "lung masks"):
-            mask_dir = img_dir.parent / mask_name
-            if not mask_dir.is_dir():
-                continue
-            for f in sorted(img_dir.iterdir()):
-                m = mask_dir / f.name
-                if f.suffix.lower() in IMAGE_SUFFIXES and m.is_file():
-                    pairs.append(MaskPair(f, m, folder.name))
-    if not pairs:
-        raise FileNotFoundError(f"{folder}: no images/ + masks/ (or 'lung masks/') pairs found")
-    return pairs
-
-
-def is_holdout(pair: MaskPair, fraction: float) -> bool:
-    """Stable split: the first 8 hex digits of SHA-256(file name) mod 1000 below ``fraction`` x 1000."""
-    return int(sha256_bytes(pair.image.name.encode())[:8], 16) % 1000 < fraction * 1000
 
 
 def load_pair(pair: MaskPair, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,22 +105,6 @@ def dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     p = torch.sigmoid(logits)
     inter = (p * y).sum(dim=(1, 2, 3))
     return (1 - (2 * inter + 1) / (p.sum(dim=(1, 2, 3)) + y.sum(dim=(1, 2, 3)) + 1)).mean()
-
-
-def evaluate_dice(seg: LungSegmenter, pairs: list[MaskPair]) -> dict[str, Any]:
-    """Dice of the cleaned mask against each truth mask at the truth's native size: mean, min, N, per image."""
-    per: dict[str, float] = {}
-    for p in pairs:
-        with Image.open(p.image) as im:
-            img = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-        with Image.open(p.mask) as im:
-            truth = np.asarray(im.convert("L")) >= 128
-        if truth.shape != img.shape:
-            truth = resize_float(truth.astype(np.float32), *img.shape) >= 0.5
-        per[p.image.name] = dice(seg.segment(img), truth)
-    vals = list(per.values())
-    return {"mean": float(np.mean(vals)) if vals else math.nan, "min": float(np.min(vals)) if vals else math.nan,
-            "n": len(vals), "per_image": per}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
