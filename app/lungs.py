@@ -30,6 +30,8 @@ from numpy.typing import NDArray
 from PIL import Image
 from torch import nn
 
+from app.fileio import sha256_bytes
+
 CONFIG_NAME = "segmenter.json"
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_SEGMENTER_DIR = Path(__file__).resolve().parent.parent / "model_weights" / "lungs-unet"
@@ -292,7 +294,7 @@ def find_pairs(folder: Path) -> list[MaskPair]:
 
 def is_holdout(pair: MaskPair, fraction: float) -> bool:
     """Stable split: the first 8 hex digits of SHA-256(file name) mod 1000 below ``fraction`` x 1000."""
-    return int(hashlib.sha256(pair.image.name.encode()).hexdigest()[:8], 16) % 1000 < fraction * 1000
+    return int(sha256_bytes(pair.image.name.encode())[:8], 16) % 1000 < fraction * 1000
 
 
 def evaluate_dice(seg: LungSegmenter, pairs: list[MaskPair]) -> dict[str, Any]:
