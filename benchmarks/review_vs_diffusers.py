@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions of each call first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of both calls (default 0)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples of both calls instead of the setting's (e.g. 8 for the default at half the diffusion)")
     p.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'/'cuda:N'")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the engine's weights (default: the engine's choice: fp32 on a CPU, bf16/fp16 on CUDA)")
@@ -305,7 +307,8 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
     s = SETTINGS[setting]
     s = eng.info.presets["healthy" if s is None else s] if not isinstance(s, dict) else s
     params = {k: s[k] for k in ("prompt", "strength", "guidance_scale", "steps")} | {
-        "scheduler": str(s.get("scheduler", "pndm")), "samples": int(s.get("samples", 1))}
+        "scheduler": str(s.get("scheduler", "pndm")),
+        "samples": args.samples if args.samples is not None else int(s.get("samples", 1))}
     req_kwargs = dict(prompt=params["prompt"], strength=float(params["strength"]),
                       guidance_scale=float(params["guidance_scale"]), steps=int(params["steps"]), seed=args.seed,
                       scheduler=params["scheduler"], samples=params["samples"],
