@@ -366,7 +366,7 @@ class CounterfactualEngine:
         if self.device.type == "cpu":
             # one image at a time through the autoencoder: the decoder's full-resolution activations of a whole
             # batch overflow the CPU's caches (16 samples at 256 px, 2 threads, fp32 on an AVX2 CPU: 8.9 -> 5.6 s;
-            # docs/PERFORMANCE.md "Decoding one sample at a time"); the results are the batched ones to rounding
+            # docs/PERFORMANCE.md, "Tenth session"); the results are the batched ones to rounding
             pipe.vae.enable_slicing()
         self._vae_autocast = (_AutoencoderAutocast(pipe.vae, self.autocast_dtype)
                               if self.autocast_dtype is not None else None)

@@ -10,7 +10,10 @@ Inference (:meth:`LungSegmenter.segment`): the native image (H, W) in [0, 1] is 
 probability is resized back to (H, W) bilinearly and thresholded at 0.5, then cleaned: the two largest
 connected components are kept (a component below 0.5 % of the image is dropped) and holes are filled.
 
-Imports: torch, numpy, scipy, Pillow, safetensors; nothing of the web, the engine or the audit trail.
+Agreement with drawn lung masks (:func:`find_pairs`, :func:`is_holdout`, :func:`evaluate_dice`: Dice, coverage,
+precision) is here too, for the training command and ``vald-md evaluate lungs`` alike.
+
+Imports: torch, numpy, scipy, Pillow, safetensors, ``app.fileio``; nothing of the web, the engine or the audit trail.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Sub-commands: ``generate`` (bulk counterfactuals or disease induction, resumable), ``tables`` (the paper's
 Tables 1-4, validity, figures), ``train-oracle`` (the validity classifier), ``localize`` (maps against lesion
-boxes or masks, with baselines) and ``laterality`` (localized induction prompts). docs/EVALUATION.md has examples.
+boxes or masks, with baselines), ``laterality`` (localized induction prompts), ``probe`` (the fast localization
+probe) and ``lungs`` (the lung segmenter against drawn masks). docs/EVALUATION.md has examples.
 """
 
 from __future__ import annotations
