@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,7 @@ def clean_mask(mask: NDArray[np.bool_], *, keep: int = 2,
     if n == 0:
         return np.zeros_like(mask, dtype=bool)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # pixels per component (labels 1..n)
-    order = np.argsort(sizes, kind="stable")[::-1][:keep]
+    order = np.argsort(-sizes, kind="stable")[:keep]  # equal sizes: the first label (raster order)
     min_size = min_fraction * mask.size
     keep_label = np.zeros(n + 1, dtype=bool)  # a lookup by label: 0 (background) is never kept
     keep_label[[i + 1 for i in order if sizes[i] >= min_size]] = True
@@ -301,36 +302,52 @@ def is_holdout(pair: MaskPair, fraction: float) -> bool:
 
 
 def evaluate_dice(seg: LungSegmenter, pairs: list[MaskPair]) -> dict[str, Any]:
-    """The cleaned mask against each drawn mask at the drawn mask's native size.
+    """The cleaned mask against each drawn mask, at the image's native size (the drawn mask resized to it).
 
     Returns:
-        ``mean``, ``min``, ``n`` and ``per_image`` (file name -> Dice) of the Dice, and the means of how it splits:
-        ``coverage_mean`` (share of the drawn lung inside the segmenter's mask, 0..1: low = lung missed),
-        ``precision_mean`` (share of the segmenter's mask inside the drawn lung, 0..1: low = more than the drawn
-        lung marked) and ``area_ratio_mean`` (segmenter / drawn area); ``per_image_detail`` gives the four per
-        image. NaN means when ``pairs`` is empty.
+        ``mean``, ``min``, ``n`` (= the number of pairs) and ``per_image`` (name -> Dice) of the Dice, and the means
+        of how it splits: ``coverage_mean`` (share of the drawn lung inside the segmenter's mask, 0..1: low = lung
+        missed), ``precision_mean`` (share of the segmenter's mask inside the drawn lung, 0..1: low = more than the
+        drawn lung marked) and ``area_ratio_mean`` (segmenter / drawn area); ``per_image_detail`` gives the four per
+        image. A figure that is undefined for an image (coverage and area ratio of an empty drawn mask, precision of
+        an empty segmenter mask) is NaN there and left out of its mean; a mean over nothing is NaN. Images are named
+        by file name, or by their path below the pairs' common folder where two file names repeat.
+
+    Raises:
+        ValueError: an image or mask cannot be read (the message names the file).
     """
+    names = [p.image.name for p in pairs]
+    if len(set(names)) < len(names):
+        root = Path(os.path.commonpath([str(p.image) for p in pairs]))
+        names = [str(p.image.relative_to(root)) for p in pairs]
     per: dict[str, float] = {}
     detail: dict[str, dict[str, float]] = {}
-    for p in pairs:
-        with Image.open(p.image) as im:
-            img = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-        with Image.open(p.mask) as im:
-            truth = np.asarray(im.convert("L")) >= 128
+    for name, p in zip(names, pairs, strict=True):
+        img = _read_gray(p.image).astype(np.float32) / 255.0
+        truth = _read_gray(p.mask) >= 128
         if truth.shape != img.shape:
             truth = resize_float(truth.astype(np.float32), *img.shape) >= 0.5
         pred = seg.segment(img)
-        both = float(np.logical_and(pred, truth).sum())
-        per[p.image.name] = dice(pred, truth)
-        detail[p.image.name] = {"dice": per[p.image.name],
-                                "coverage": both / max(1.0, float(truth.sum())),
-                                "precision": both / max(1.0, float(pred.sum())),
-                                "area_ratio": float(pred.sum()) / max(1.0, float(truth.sum()))}
+        both, drawn, marked = float(np.logical_and(pred, truth).sum()), float(truth.sum()), float(pred.sum())
+        per[name] = dice(pred, truth)
+        detail[name] = {"dice": per[name], "coverage": both / drawn if drawn else math.nan,
+                        "precision": both / marked if marked else math.nan,
+                        "area_ratio": marked / drawn if drawn else math.nan}
 
     def mean(key: str) -> float:
-        return float(np.mean([d[key] for d in detail.values()])) if detail else math.nan
+        vals = [d[key] for d in detail.values() if not math.isnan(d[key])]
+        return float(np.mean(vals)) if vals else math.nan
 
     vals = list(per.values())
     return {"mean": float(np.mean(vals)) if vals else math.nan, "min": float(np.min(vals)) if vals else math.nan,
             "n": len(vals), "per_image": per, "coverage_mean": mean("coverage"),
             "precision_mean": mean("precision"), "area_ratio_mean": mean("area_ratio"), "per_image_detail": detail}
+
+
+def _read_gray(path: Path) -> NDArray[np.uint8]:
+    """An image file as 8-bit gray (H, W). Raises ValueError naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"))
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e

@@ -265,6 +265,10 @@ def test_the_overlay_blend_has_the_bytes_of_the_whole_image_formula(signed: bool
     expected = to_uint8((1.0 - alpha[..., None]) * gray[..., None] + alpha[..., None] * hue)
     got = _blend(gray, alpha, RED, positive, BLUE) if signed else _blend(gray, alpha, RED)
     assert got.dtype == np.uint8 and np.array_equal(got, expected)
+    # computed in float32 whatever it is given; a second hue needs its where, and the other way round
+    assert np.array_equal(_blend(gray.astype(np.float64), alpha.astype(np.float64), RED), _blend(gray, alpha, RED))
+    with pytest.raises(ValueError, match="both"):
+        _blend(gray, alpha, RED, positive)
 
 
 def test_fixed_scale_makes_overlays_comparable() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -129,13 +128,12 @@ def test_evaluate_lungs_splits_the_other_sources_dice_into_coverage_and_precisio
     held-out part the two balance (0.963 / 0.952, area 1.01x)."""
     import json
 
-    from app.evaluate.command import main as evaluate_main
+    from app import evaluate
     from app.lungs import evaluate_dice, find_pairs, is_holdout
 
     out = tmp_path / "lungs.json"
-    args = argparse.Namespace(evaluate_command="lungs", data=[str(shared_data / "lungmasks-qu-ex")], segmenter=None,
-                              holdout_fraction=None, json=str(out), threads=None)
-    assert evaluate_main(args) == 0
+    args = evaluate.parse_args(["lungs", "--data", str(shared_data / "lungmasks-qu-ex"), "--json", str(out)])
+    assert evaluate.main(args) == 0
     printed = capsys.readouterr().out
     qu = json.loads(out.read_text())["folders"][str(shared_data / "lungmasks-qu-ex")]
     assert qu["n"] == 12 and f"| lungmasks-qu-ex | 12 | {qu['mean']:.3f}" in printed
@@ -145,3 +143,44 @@ def test_evaluate_lungs_splits_the_other_sources_dice_into_coverage_and_precisio
     held = evaluate_dice(LungSegmenter(), [p for p in find_pairs(shared_data / "lungmasks-v7labs")
                                            if is_holdout(p, 0.2)])
     assert held["n"] == 15 and 0.9 <= held["area_ratio_mean"] <= 1.1 and held["precision_mean"] >= 0.9
+
+
+def _write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / "images" / name)
+    Image.fromarray(mask).save(root / "masks" / name)
+
+
+def test_evaluate_dice_names_repeated_files_by_path_and_leaves_undefined_figures_out(tmp_path: Path) -> None:
+    """Two folders with the same file name count twice; an empty drawn mask has no coverage or area ratio (NaN, left
+    out of the means) instead of a pixel count posing as a ratio."""
+    from app.lungs import evaluate_dice, find_pairs
+
+    img = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    full = np.full((64, 64), 255, np.uint8)
+    _write_pair(tmp_path / "a", "x.png", img, full)
+    _write_pair(tmp_path / "b", "x.png", img, np.zeros((64, 64), np.uint8))
+    seg = LungSegmenter()
+    r = evaluate_dice(seg, find_pairs(tmp_path))
+    assert r["n"] == 2 and set(r["per_image"]) == {"a/images/x.png", "b/images/x.png"}
+    empty = r["per_image_detail"]["b/images/x.png"]
+    assert np.isnan(empty["coverage"]) and np.isnan(empty["area_ratio"])
+    drawn = r["per_image_detail"]["a/images/x.png"]
+    assert r["coverage_mean"] == pytest.approx(drawn["coverage"])
+    assert r["area_ratio_mean"] == pytest.approx(drawn["area_ratio"]) and drawn["area_ratio"] <= 1.0
+
+
+def test_evaluate_lungs_refuses_unreadable_images_and_bad_fractions_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app import evaluate
+
+    _write_pair(tmp_path / "set", "x.png", np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8))
+    (tmp_path / "set" / "images" / "y.png").write_bytes(b"not a png")
+    (tmp_path / "set" / "masks" / "y.png").write_bytes(b"not a png")
+    assert evaluate.main(evaluate.parse_args(["lungs", "--data", str(tmp_path / "set")])) == 2
+    err = capsys.readouterr().err
+    assert "y.png: not a readable image" in err and "Traceback" not in err
+    assert evaluate.main(evaluate.parse_args(["lungs", "--data", str(tmp_path / "set"),
+                                              "--holdout-fraction", "0"])) == 2
+    assert "must be in (0, 1]" in capsys.readouterr().err

@@ -256,6 +256,8 @@ def cmd_lungs(args: argparse.Namespace) -> int:
     """Score the lung segmenter on drawn masks and print one Markdown row per folder, then one per image."""
     from app.lungs import DEFAULT_SEGMENTER_DIR, LungSegmenter, evaluate_dice, find_pairs, is_holdout
 
+    if args.holdout_fraction is not None and not 0 < args.holdout_fraction <= 1:
+        raise ValueError(f"--holdout-fraction {args.holdout_fraction} must be in (0, 1]")
     seg = LungSegmenter(Path(args.segmenter) if args.segmenter else DEFAULT_SEGMENTER_DIR)
     report: dict[str, Any] = {"segmenter": seg.info.sha256, "holdout_fraction": args.holdout_fraction,
                               "folders": {}}
@@ -266,6 +268,9 @@ def cmd_lungs(args: argparse.Namespace) -> int:
         pairs = find_pairs(Path(folder))
         if args.holdout_fraction is not None:
             pairs = [p for p in pairs if is_holdout(p, args.holdout_fraction)]
+            if not pairs:
+                raise ValueError(f"{folder}: no pair falls in the held-out part at --holdout-fraction "
+                                 f"{args.holdout_fraction}")
         r = evaluate_dice(seg, pairs)
         report["folders"][str(folder)] = r
         lines.append(f"| {Path(folder).name} | {r['n']} | {r['mean']:.3f} ({r['min']:.3f}) | {r['coverage_mean']:.3f} "
@@ -275,8 +280,18 @@ def cmd_lungs(args: argparse.Namespace) -> int:
     lines += ["", "| image | Dice | coverage | precision | area ratio |", "|---|---|---|---|---|", *rows]
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        # an undefined figure (NaN) is written as null: standard JSON has no NaN
+        Path(args.json).write_text(json.dumps(_nan_to_none(report), indent=2, allow_nan=False))
     return 0
+
+
+def _nan_to_none(value: Any) -> Any:
+    """``value`` with every float NaN, in nested dicts and lists, replaced by None."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

@@ -140,13 +140,16 @@ def _blend(img: np.ndarray, alpha: np.ndarray, hue: tuple[float, float, float], 
     """``to_uint8((1 − alpha) * img + alpha * hue)`` per channel, the hue ``other`` where ``where`` is False.
 
     Args:
-        img: float32 (H, W) in [0, 1]. alpha: float32 (H, W) in [0, 1]. hue, other: RGB in [0, 1].
+        img: (H, W) in [0, 1]. alpha: (H, W) in [0, 1]. Both are computed in float32. hue, other: RGB in [0, 1].
         where: bool (H, W), with ``other``; None: ``hue`` everywhere.
 
     Returns:
         uint8 RGB (H, W, 3): the same bytes as blending a full (H, W, 3) float image, made one channel at a time
         in float32 (a 2-Mpx DICOM's overlay ~0.5 -> ~0.2 s on 2 CPU cores, a third of the memory).
     """
+    if (where is None) != (other is None):
+        raise ValueError("_blend: give both `where` and `other`, or neither")
+    img, alpha = np.asarray(img, dtype=np.float32), np.asarray(alpha, dtype=np.float32)
     base = (1.0 - alpha) * img
     out: RGBImage = np.empty((*img.shape, 3), dtype=np.uint8)
     channel = np.empty(img.shape, dtype=np.float32)
