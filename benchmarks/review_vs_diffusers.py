@@ -33,7 +33,7 @@ the first sample instead, as before.
 The model: ``--model DIR`` (default the embedded model_weights/vald-md-mini), ``--sd-sized`` (a Stable Diffusion
 v1.x-sized architecture with random weights at ``--size`` px, built in code: benchmarks/engine_breakdown.py) or
 ``--tiny-model`` (the tests' 32 px model; dry runs). ``--setting`` may be given several times; the model is loaded
-(and compiled) once. The input is ``--image`` or a synthetic 16-bit PNG of ``--input-size`` px.
+(and compiled) once; ``--samples N`` (>= 1) replaces the setting's number of samples on both sides. The input is ``--image`` or a synthetic 16-bit PNG of ``--input-size`` px.
 
 Prints one JSON object (with several settings: ``{"results": [one object per setting]}``) and a markdown table
 row per setting; ``--json PATH`` writes the JSON too. ``--app-root DIR`` imports ``app`` from another checkout
@@ -309,6 +309,8 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
     params = {k: s[k] for k in ("prompt", "strength", "guidance_scale", "steps")} | {
         "scheduler": str(s.get("scheduler", "pndm")),
         "samples": args.samples if args.samples is not None else int(s.get("samples", 1))}
+    if params["samples"] < 1:
+        raise SystemExit(f"--samples {params['samples']}: at least 1")
     req_kwargs = dict(prompt=params["prompt"], strength=float(params["strength"]),
                       guidance_scale=float(params["guidance_scale"]), steps=int(params["steps"]), seed=args.seed,
                       scheduler=params["scheduler"], samples=params["samples"],
