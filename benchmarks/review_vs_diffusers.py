@@ -33,7 +33,8 @@ the first sample instead, as before.
 The model: ``--model DIR`` (default the embedded model_weights/vald-md-mini), ``--sd-sized`` (a Stable Diffusion
 v1.x-sized architecture with random weights at ``--size`` px, built in code: benchmarks/engine_breakdown.py) or
 ``--tiny-model`` (the tests' 32 px model; dry runs). ``--setting`` may be given several times; the model is loaded
-(and compiled) once; ``--samples N`` (>= 1) replaces the setting's number of samples on both sides. The input is ``--image`` or a synthetic 16-bit PNG of ``--input-size`` px.
+(and compiled) once; ``--samples N`` (>= 1) replaces the setting's number of samples on both sides. The input is
+``--image`` or a synthetic 16-bit PNG of ``--input-size`` px.
 
 Prints one JSON object (with several settings: ``{"results": [one object per setting]}``) and a markdown table
 row per setting; ``--json PATH`` writes the JSON too. ``--app-root DIR`` imports ``app`` from another checkout
