@@ -9,7 +9,6 @@ probe) and ``lungs`` (the lung segmenter against drawn masks). docs/EVALUATION.m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -280,8 +279,9 @@ def cmd_lungs(args: argparse.Namespace) -> int:
     lines += ["", "| image | Dice | coverage | precision | area ratio |", "|---|---|---|---|---|", *rows]
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
-        # an undefined figure (NaN) is written as null: standard JSON has no NaN
-        Path(args.json).write_text(json.dumps(_nan_to_none(report), indent=2, allow_nan=False))
+        from app.evaluate.common import write_json
+
+        write_json(Path(args.json), _nan_to_none(report))  # an undefined figure (NaN) as null: JSON has no NaN
     return 0
 
 
