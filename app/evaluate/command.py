@@ -3,7 +3,8 @@
 Sub-commands: ``generate`` (bulk counterfactuals or disease induction, resumable), ``tables`` (the paper's
 Tables 1-4, validity, figures), ``train-oracle`` (the validity classifier), ``localize`` (maps against lesion
 boxes or masks, with baselines), ``laterality`` (localized induction prompts), ``probe`` (the fast localization
-probe) and ``lungs`` (the lung segmenter against drawn masks). docs/EVALUATION.md has examples.
+probe), ``probe-compare`` (two probe runs paired image by image) and ``lungs`` (the lung segmenter against drawn
+masks). docs/EVALUATION.md has examples.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "image (the product's map_smoothing), named <map>_s<SIGMA>; default 0 (none)")
     pr.add_argument("--out", required=True, help="output folder (probe.json, probe.md, probe_rows.jsonl)")
     _generation_args(pr, samples=1)
+
+    pc = sub.add_parser("probe-compare", help="two probe runs of the same images, paired image by image")
+    pc.add_argument("a", help="probe run folder A (the reference)")
+    pc.add_argument("b", help="probe run folder B (the candidate); differences are B - A")
+    pc.add_argument("--method-a", default=None, help="A's map method (default: its last product* method)")
+    pc.add_argument("--method-b", default=None, help="B's map method (default: its last product* method)")
+    pc.add_argument("--json", default=None, help="also write the comparison to this JSON file")
     return p
 
 
@@ -334,9 +342,21 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe_compare(args: argparse.Namespace) -> int:
+    """Pair two probe runs and print the Markdown table (and write --json)."""
+    from app.evaluate.common import write_json
+    from app.evaluate.probe_compare import compare_probes, format_comparison
+
+    c = compare_probes(Path(args.a), Path(args.b), method_a=args.method_a, method_b=args.method_b)
+    if args.json:
+        write_json(Path(args.json), c)
+    sys.stdout.write(format_comparison(c))
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "tables": cmd_tables, "train-oracle": cmd_train_oracle,
             "localize": cmd_localize, "laterality": cmd_laterality, "probe": cmd_probe,
-            "lungs": cmd_lungs}
+            "lungs": cmd_lungs, "probe-compare": cmd_probe_compare}
 
 
 def main(args: argparse.Namespace) -> int:
