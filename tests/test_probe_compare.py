@@ -82,7 +82,7 @@ def test_compare_refuses_runs_it_cannot_pair_with_a_clear_message(tmp_path: Path
         compare_probes(a, a, method_b="product_pos")
     with pytest.raises(ProbeCompareError, match="share no image"):
         compare_probes(a, _write(tmp_path / "b", [_row("z.png", 0.6)]))
-    with pytest.raises(ProbeCompareError, match="probe.json is missing"):
+    with pytest.raises(ProbeCompareError, match=r"probe\.json is missing"):
         compare_probes(a, tmp_path / "nowhere")
     bad = _write(tmp_path / "bad", [])
     (bad / "probe_rows.jsonl").write_text('{"image": "x.png"}\nnot json\n')
