@@ -349,7 +349,7 @@ def cmd_probe_compare(args: argparse.Namespace) -> int:
 
     c = compare_probes(Path(args.a), Path(args.b), method_a=args.method_a, method_b=args.method_b)
     if args.json:
-        write_json(Path(args.json), c)
+        write_json(Path(args.json), _nan_to_none(c))  # an undefined interval (NaN) as null: JSON has no NaN
     sys.stdout.write(format_comparison(c))
     return 0
 
@@ -370,6 +370,6 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.evaluate_command](args)
-    except (ModelFolderError, ImagingError, FileNotFoundError, ValueError) as e:
+    except (ModelFolderError, ImagingError, OSError, ValueError) as e:
         sys.stderr.write(f"vald-md evaluate: {e}\n")
         return 2
