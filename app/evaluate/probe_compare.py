@@ -71,7 +71,9 @@ def _score(row: dict[str, Any], part: str, method: str, score: str) -> float:
     """One score of one row (NaN where the row has none); ``part`` "shown" is the whole-image score of the map
     restricted to the lungs. Raises ProbeCompareError for a value that is not a number."""
     key, m = ("whole", method + DISPLAYED) if part == "shown" else (part, method)
-    v = row.get(key, {}).get(m, {}).get(score, math.nan)
+    scores = row.get(key)
+    entry = scores.get(m) if isinstance(scores, dict) else None
+    v = entry.get(score, math.nan) if isinstance(entry, dict) else math.nan
     if v is None:
         return math.nan
     if not isinstance(v, int | float) or isinstance(v, bool):
@@ -89,8 +91,9 @@ def mismatches(sa: dict[str, Any], sb: dict[str, Any]) -> list[str]:
 
 
 def default_method(summary: dict[str, Any]) -> str:
-    """The run's model map as the product shows it: the last ``product*`` method scored (the probe lists the
-    plain map first and the smoothed / positive variants after it), else ``product``."""
+    """The run's own model map: the last ``product*`` method scored (the probe lists the plain map first and the
+    smoothed / positive variants after it; e.g. ``product_mean16_pos_s4``), else ``product``. Its whole-image
+    scores as the viewer shows it (restricted to the lungs) are the ``shown`` part of :func:`compare_probes`."""
     names = [m for m in summary.get("lungs", {}) if m.startswith("product")]
     return names[-1] if names else "product"
 
@@ -104,10 +107,10 @@ def compare_probes(a: Path, b: Path, *, method_a: str | None = None, method_b: s
         n_boot: bootstrap resamples of the paired differences.
 
     Returns:
-        ``{"a": {...}, "b": {...}, "images": N, "only_in_a": k, "only_in_b": k, "lungs": {score: {...}},
-        "whole": {...}, "image_auroc_rms": {"a": [auroc, lo, hi] | None, "b": ...}}``; each score's entry holds
-        ``a`` and ``b`` (means over the paired images), ``diff`` (mean of b − a) with ``ci`` (95 %) and ``n``.
-        Scores with no finite pair are left out.
+        ``{"a": {...}, "b": {...}, "images": N, "only_in_a": k, "only_in_b": k, "warnings": [str],
+        "lungs": {score: {...}}, "whole": {...}, "shown": {...}, "image_auroc_rms": {"a": [auroc, lo, hi] | None,
+        "b": ...}}``; each score's entry holds ``a`` and ``b`` (means over the paired images), ``diff`` (mean of
+        b − a) with ``ci`` (95 %; NaN for a single pair) and ``n``. Scores with no finite pair are left out.
 
     Raises:
         ProbeCompareError: unreadable folders, an unknown method, or no image in common.
