@@ -67,6 +67,11 @@ def read_probe(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]
     return summary, rows
 
 
+def _is_number(v: Any) -> bool:
+    """A JSON number (int or float, NaN included), not a bool."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _score(row: dict[str, Any], part: str, method: str, score: str) -> float:
     """One score of one row (NaN where the row has none); ``part`` "shown" is the whole-image score of the map
     restricted to the lungs. Raises ProbeCompareError for a value that is not a number."""
@@ -76,7 +81,7 @@ def _score(row: dict[str, Any], part: str, method: str, score: str) -> float:
     v = entry.get(score, math.nan) if isinstance(entry, dict) else math.nan
     if v is None:
         return math.nan
-    if not isinstance(v, int | float) or isinstance(v, bool):
+    if not _is_number(v):
         raise ProbeCompareError(f"image {row.get('image')!r}: {score} of {m} is not a number ({v!r})")
     return float(v)
 
@@ -155,10 +160,6 @@ def compare_probes(a: Path, b: Path, *, method_a: str | None = None, method_b: s
 _PART_LABEL = {"lungs": "lungs", "whole": "whole image, unrestricted", "shown": "whole image as shown"}
 
 
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
-
-
 def format_comparison(c: dict[str, Any]) -> str:
     """A Markdown table of :func:`compare_probes`' result (means over the paired images), warnings first."""
     a, b = c["a"], c["b"]
@@ -176,7 +177,8 @@ def format_comparison(c: dict[str, Any]) -> str:
     ia, ib = c["image_auroc_rms"]["a"], c["image_auroc_rms"]["b"]
     if ia is not None or ib is not None:
         def cell(v: Any) -> str:
-            vals = [_num(x) for x in v] if isinstance(v, list) and len(v) == 3 else [math.nan] * 3
+            vals = ([float(x) if _is_number(x) else math.nan for x in v] if isinstance(v, list) and len(v) == 3
+                    else [math.nan] * 3)
             if not math.isfinite(vals[0]):
                 return "-"
             return f"{vals[0]:.3f}" + (f" [{vals[1]:.3f}, {vals[2]:.3f}]" if math.isfinite(vals[1]) else "")
