@@ -11,10 +11,12 @@ as ``<out>.partial`` (:func:`staging_folder`) and renames it over ``out`` once t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,38 @@ class _AcceptAnyTextEncoder(logging.Filter):
 
 
 logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_AcceptAnyTextEncoder())
+
+
+class _NoImageProcessorNeeded(logging.Filter):
+    """Importing the img2img pipeline's module touches ``transformers.CLIPImageProcessor``; transformers 5 without
+    torchvision then warns "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+    `CLIPImageProcessorPil` ... Install torchvision" (and the same for ``SiglipImageProcessor``) at every start.
+    VALD-MD loads no image processor (no feature extractor, no safety checker), so the advice to install a
+    library is wrong for it; only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in str(record.msg)
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorNeeded())
+
+
+@contextlib.contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars off while a model folder loads (the server's log is not a
+    terminal: the bars' carriage returns end up in it), restored afterwards. The switches are process-wide."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in was:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in was:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def model_hash(folder: Path | str) -> str:
@@ -171,7 +205,8 @@ def seeded_img2img_pipeline_class() -> type[Any]:
 
 def load_model(folder: Path, dtype: torch.dtype) -> tuple[Any, ModelInfo]:
     """Load a model folder as the seeded img2img pipeline (:func:`seeded_img2img_pipeline_class`; on the CPU,
-    weights in ``dtype``, progress bar off) and describe it (:class:`ModelInfo`, the manifest's presets checked).
+    weights in ``dtype``, progress bars off: the loaders' and the denoising loop's) and describe it
+    (:class:`ModelInfo`, the manifest's presets checked).
 
     The content hash (68 MB of SHA-256 for the embedded model) runs in a thread beside the load: hashlib releases
     the GIL.
@@ -184,9 +219,11 @@ def load_model(folder: Path, dtype: torch.dtype) -> tuple[Any, ModelInfo]:
     with ThreadPoolExecutor(1, thread_name_prefix="vald-md-model-hash") as hasher:
         digest = hasher.submit(model_hash, folder)
         try:
-            pipe = seeded_img2img_pipeline_class().from_pretrained(
-                folder, local_files_only=True, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False, dtype=dtype)
+            pipeline_class = seeded_img2img_pipeline_class()
+            with _no_loading_bars():
+                pipe = pipeline_class.from_pretrained(
+                    folder, local_files_only=True, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False, dtype=dtype)
         except (OSError, ValueError, KeyError) as e:
             raise ModelFolderError(f"Could not load the model in '{folder}': {e}") from None
         folder_hash = digest.result()

@@ -4,7 +4,9 @@
   scipy -- are imported where they are used, not with the web app (counted in a fresh interpreter's ``sys.modules``);
 - ``vald-md serve`` starts with Python's cyclic garbage collector off and turns it on when the app's lifespan reports
   the start-up complete (the start-up's objects frozen, their one full pass a few seconds after ready), or when the
-  server stops before that.
+  server stops before that;
+- loading the model writes neither the libraries' loading progress bars nor transformers' advice to install
+  torchvision (which VALD-MD does not need) to the server's log.
 """
 
 from __future__ import annotations
@@ -167,3 +169,18 @@ def test_a_server_that_stops_before_ready_turns_the_collector_back_on(tmp_path, 
     finally:
         os.umask(mask)
         gc.enable()
+
+
+def test_loading_the_model_writes_no_progress_bars_or_torchvision_advice_to_the_log():
+    # a fresh interpreter: transformers warns about its image processors once per process, at the pipeline's import
+    code = ("import torch\nfrom app.modelfolder import DEFAULT_MODEL_DIR, load_model\n"
+            "from diffusers.utils import logging as d\nfrom transformers.utils import logging as t\n"
+            "assert d.is_progress_bar_enabled() and t.is_progress_bar_enabled()\n"
+            "pipe, info = load_model(DEFAULT_MODEL_DIR, torch.float32)\n"
+            "print('bars restored', d.is_progress_bar_enabled(), t.is_progress_bar_enabled())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bars restored True True" in done.stdout  # process-wide switches put back as they were
+    for noise in ("Loading pipeline components", "Loading weights", "requires torchvision", "\r"):
+        assert noise not in done.stderr, (noise, done.stderr[-2000:])
