@@ -150,8 +150,9 @@ def test_probe_reports_the_product_maps_also_smoothed_under_their_own_names(shar
     settings = {"strength": 0.5, "guidance": 2.0, "steps": 4, "samples": 2, "disease_prompt": "covid"}
     plain = probe.model_map_fn(tiny_engine, ["product"], **settings)(img, lungs, 5)
     maps = probe.model_map_fn(tiny_engine, ["product"], **settings, smoothing=4.0)(img, lungs, 5)
-    names = ("product", "product_pos", "product_mean2", "product_mean2_pos")
-    assert list(plain) == ["product", "product_pos", "paper", "product_mean2", "product_mean2_pos"]
+    names = ("product", "product_pos", "product_mean2", "product_mean2_pos", "product_pos_mean2")
+    assert list(plain) == ["product", "product_pos", "paper", "product_mean2", "product_mean2_pos",
+                           "product_pos_mean2"]
     assert set(maps) == set(plain) | {f"{m}_s4" for m in names}
     for m in plain:
         assert np.array_equal(maps[m], plain[m]), m
@@ -161,6 +162,9 @@ def test_probe_reports_the_product_maps_also_smoothed_under_their_own_names(shar
     diffs = ndimage.gaussian_filter(ref[None] - res.counterfactuals, (0, 4, 4), mode="reflect")
     assert np.allclose(maps["product_mean2_pos_s4"], np.clip(diffs.mean(0), 0, None), atol=1e-6)
     assert np.allclose(maps["product_s4"], np.abs(diffs[0]), atol=1e-6)
+    # the candidate of the eighth round: each sample's positive part, then the mean (>= the mean's positive part)
+    assert np.allclose(maps["product_pos_mean2_s4"], np.clip(diffs, 0, None).mean(0), atol=1e-6)
+    assert (maps["product_pos_mean2"] >= maps["product_mean2_pos"] - 1e-7).all()
     assert np.abs(np.diff(maps["product_s4"])).mean() < np.abs(np.diff(maps["product"])).mean()
     with pytest.raises(ValueError, match="smoothing"):
         probe.model_map_fn(tiny_engine, ["product"], **settings, smoothing=-1.0)
@@ -207,3 +211,47 @@ def test_format_probe_shows_both_image_level_aurocs() -> None:
     assert "| 0.780 | 0.834 [0.769, 0.888] |" in table
     row = next(line for line in table.splitlines() if line.startswith("| random |"))
     assert "| 0.500 | - |" in row
+
+
+def test_probe_cache_keeps_the_counterfactuals_and_refuses_other_settings_or_images(tmp_path: Path,
+                                                                                   tiny_engine, monkeypatch) -> None:
+    """``--cache DIR``: the second run of the same settings takes each image's reconstruction and counterfactuals
+    from DIR (no diffusion) and gives the same maps; other settings, another image under a seed, or a damaged
+    entry are refused with a message that names the folder."""
+    rng = np.random.default_rng(0)
+    img, other = (rng.random((32, 32)).astype(np.float32) for _ in range(2))
+    lungs = np.ones((32, 32), bool)
+    settings = {"strength": 0.5, "guidance": 2.0, "steps": 4, "samples": 2, "disease_prompt": "covid",
+                "smoothing": 2.0}
+    cache = tmp_path / "cache"
+    made = probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)(img, lungs, 7)
+    assert sorted(p.name for p in cache.iterdir()) == ["7.npz", "cache.json"]
+    assert json.loads((cache / "cache.json").read_text())["parameters"]["strength"] == 0.5
+
+    def no_diffusion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached image was diffused again")
+
+    monkeypatch.setattr(tiny_engine, "generate_request", no_diffusion)
+    again = probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)(img, lungs, 7)
+    assert made.keys() == again.keys()
+    for m in made:
+        assert np.array_equal(made[m], again[m]), m
+    with pytest.raises(ValueError, match="another image"):
+        probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)(other, lungs, 7)
+    with pytest.raises(ValueError, match=r"other settings \(parameters differ\)"):
+        probe.model_map_fn(tiny_engine, ["product"], **{**settings, "strength": 0.75}, cache=cache)
+    (cache / "7.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"7\.npz is unreadable"):
+        probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)(img, lungs, 7)
+    # a file where the folder should be
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        probe.model_map_fn(tiny_engine, ["product"], **settings, cache=tmp_path / "file")
+
+
+def test_probe_command_takes_a_cache_folder(tmp_path: Path) -> None:
+    from app import evaluate
+
+    base = ["probe", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert evaluate.parse_args(base).cache is None
+    assert evaluate.parse_args([*base, "--cache", str(tmp_path / "c")]).cache == str(tmp_path / "c")

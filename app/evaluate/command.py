@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--map-smoothing", type=float, default=0.0, metavar="SIGMA",
                     help="also score the product maps smoothed by a Gaussian of this sigma in pixels of the 256-px "
                          "image (the product's map_smoothing), named <map>_s<SIGMA>; default 0 (none)")
+    pr.add_argument("--cache", default=None, metavar="DIR",
+                    help="keep each image's reconstruction and counterfactuals in DIR and take them from there on a "
+                         "later run with the same model and settings (no diffusion for cached images)")
     pr.add_argument("--out", required=True, help="output folder (probe.json, probe.md, probe_rows.jsonl)")
     _generation_args(pr, samples=1)
 
@@ -329,11 +332,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         map_fn = model_map_fn(eng, methods, strength=strength, guidance=guidance, steps=steps,
                               samples=args.samples, disease_prompt=args.disease_prompt, classifier=classifier,
                               guided_scale=args.guided_scale, scheduler=req.scheduler,
-                              smoothing=args.map_smoothing)
+                              smoothing=args.map_smoothing, cache=Path(args.cache) if args.cache else None)
         settings.update(model=eng.info.name, model_hash=eng.info.model_hash, strength=strength,
                         guidance=guidance, steps=steps, samples=args.samples, guided_scale=args.guided_scale,
                         classifier=classifier.info if classifier is not None else None,
-                        **({"map_smoothing": args.map_smoothing} if args.map_smoothing else {}))
+                        **({"map_smoothing": args.map_smoothing} if args.map_smoothing else {}),
+                        **({"cache": args.cache} if args.cache else {}))
     summary = run_probe(Path(args.data), Path(args.out), segmenter=seg, map_fn=map_fn, methods=methods,
                         limit=args.limit, normals=args.normals, seed=args.seed, settings=settings)
     from app.evaluate.probe import format_probe

@@ -15,6 +15,8 @@ bootstrap interval resampling each class). Methods:
 ``product_meanS``     ``|reference - mean of S counterfactuals|`` (``--samples S`` > 1)
 ``product_meanS_pos`` ``reference - mean of S counterfactuals``, positive part (the product's map with S samples
                       and ``map_polarity`` "removed")
+``product_pos_meanS`` the mean over the S samples of each ``reference - counterfactual``'s positive part (a candidate:
+                      the mean plus a term that grows where the samples disagree; docs/EVALUATION.md, eighth round)
 ``<product map>_sG``  with ``--map-smoothing G`` > 0, each ``product*`` map above also with the reference and the
                       counterfactuals Gaussian smoothed by sigma G px (the product's ``map_smoothing``: the
                       probe's 256-px images are the embedded model's frame), e.g. ``product_mean8_pos_s4``
@@ -146,21 +148,27 @@ def _product_maps(ref: NDArray[np.float32], cfs: NDArray[np.float32], samples: i
         mean_signed = ref - cfs.mean(0)
         out[f"product_mean{samples}{suffix}"] = np.abs(mean_signed)
         out[f"product_mean{samples}_pos{suffix}"] = np.clip(mean_signed, 0, None)
+        out[f"product_pos_mean{samples}{suffix}"] = np.clip(ref[None] - cfs, 0, None).mean(0)
     return out
 
 
 def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidance: float, steps: int,
                  samples: int, disease_prompt: str, classifier: Any = None, guided_scale: float = 30.0,
-                 scheduler: Scheduler | str | None = None, smoothing: float = 0.0) -> MapFn:
+                 scheduler: Scheduler | str | None = None, smoothing: float = 0.0,
+                 cache: Path | None = None) -> MapFn:
     """A function (image 256 px, lung mask, seed) -> {method: map} for the model-based methods.
 
     The SDEdit maps run the healthy preset's request (prompt, and scheduler unless ``scheduler`` is given) with
     these settings; DDIM inversion and the classifier-guided map use DDIM whatever the scheduler. ``smoothing``
     (sigma in pixels of the probe's 256-px image, >= 0): above 0 the ``product*`` maps are also reported with the
     reference and the counterfactuals Gaussian smoothed (mode ``"reflect"``), named with the suffix ``_s<sigma>``.
+    ``cache``: a folder of :class:`app.evaluate.probe_cache.ProbeCache` entries for these settings; the SDEdit
+    maps (``product*``, ``paper``) then take each image's reconstruction and counterfactuals from it when there,
+    and keep them there when made.
 
     Raises:
-        ValueError: a setting out of range, or the preset names a scheduler the engine does not support.
+        ValueError: a setting out of range, the preset names a scheduler the engine does not support, or
+            ``cache`` holds entries made with other settings.
     """
     from app import mapmethods
 
@@ -173,19 +181,37 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
     request.check()
     healthy_prompt = request.prompt
     reference = str(engine.info.manifest.get("map_reference", "input"))
+    store = None
+    if cache is not None:
+        from app.evaluate.probe_cache import ProbeCache
+
+        params = request.parameters(None)
+        params.pop("seed")
+        store = ProbeCache(cache, {"model_hash": engine.info.model_hash, "parameters": params, "size": PROBE_SIZE,
+                                   "compute": engine.compute_record(samples * (2 if guidance > 1 else 1))})
+
+    def sdedit(img: NDArray[np.float32], seed: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """(reconstruction, counterfactuals (S, H, W)) of ``img``: from the cache when there, else made (and kept)."""
+        hit = store.get(img, seed) if store is not None else None
+        if hit is not None:
+            return hit
+        res = engine.generate_request(img, replace(request, seed=seed))
+        if store is not None:
+            store.put(img, seed, res.reconstruction, res.counterfactuals)
+        return res.reconstruction, res.counterfactuals
 
     def fn(img: NDArray[np.float32], lungs: NDArray[np.bool_], seed: int) -> dict[str, NDArray[np.float32]]:
         out: dict[str, NDArray[np.float32]] = {}
         if any(m.startswith(("product", "paper")) for m in methods):
-            res = engine.generate_request(img, replace(request, seed=seed))
-            ref = res.reconstruction if reference == "reconstruction" else img
-            product = _product_maps(ref, res.counterfactuals, samples)
+            recon, cfs = sdedit(img, seed)
+            ref = recon if reference == "reconstruction" else img
+            product = _product_maps(ref, cfs, samples)
             out.update({"product": product.pop("product"), "product_pos": product.pop("product_pos"),
-                        "paper": np.abs(img - res.counterfactuals[0]), **product})
+                        "paper": np.abs(img - cfs[0]), **product})
             if smoothing > 0:  # smoothing is linear: the same as smoothing each sample's difference
                 out.update(_product_maps(
                     ndimage.gaussian_filter(ref, smoothing, mode="reflect"),
-                    ndimage.gaussian_filter(res.counterfactuals, (0, smoothing, smoothing), mode="reflect"),
+                    ndimage.gaussian_filter(cfs, (0, smoothing, smoothing), mode="reflect"),
                     samples, f"_s{smoothing:g}"))
         if "empty" in methods:
             res = engine.generate_request(img, replace(request, prompt="", samples=1, seed=seed))
