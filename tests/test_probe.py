@@ -238,20 +238,56 @@ def test_probe_cache_keeps_the_counterfactuals_and_refuses_other_settings_or_ima
         assert np.array_equal(made[m], again[m]), m
     with pytest.raises(ValueError, match="another image"):
         probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)(other, lungs, 7)
-    with pytest.raises(ValueError, match=r"other settings \(parameters differ\)"):
+    # the same values written another way (guidance 2 and 2.0) are the same settings
+    again = probe.model_map_fn(tiny_engine, ["product"], **{**settings, "guidance": 2}, cache=cache)(img, lungs, 7)
+    assert np.array_equal(made["product_mean2_pos_s2"], again["product_mean2_pos_s2"])
+    with pytest.raises(ValueError, match=r"other settings \(parameters\.strength: 0\.5 vs 0\.75\)"):
         probe.model_map_fn(tiny_engine, ["product"], **{**settings, "strength": 0.75}, cache=cache)
-    (cache / "7.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match=r"7\.npz is unreadable"):
-        probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)(img, lungs, 7)
+    fn = probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)
+    entry = (cache / "7.npz").read_bytes()
+    with np.load(cache / "7.npz") as z:
+        parts = dict(z)
+    for damage, message in [(b"not a zip file", "unreadable"), (b"", "unreadable"),
+                            ({**parts, "counterfactuals": parts["counterfactuals"][:, :8]}, "unreadable"),
+                            ({**parts, "settings_sha256": np.array("0" * 64)}, "made with other settings than")]:
+        if isinstance(damage, bytes):
+            (cache / "7.npz").write_bytes(damage)
+        else:
+            np.savez(cache / "7.npz", **damage)
+        with pytest.raises(ValueError, match=rf"7\.npz .*{message}"):
+            fn(img, lungs, 7)
+    (cache / "7.npz").write_bytes(entry)
+    # a settings file that is not an object, and entries without any settings file, are refused
+    (cache / "cache.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a settings object"):
+        probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)
+    (cache / "cache.json").unlink()
+    with pytest.raises(ValueError, match=r"entries but no cache\.json"):
+        probe.model_map_fn(tiny_engine, ["product"], **settings, cache=cache)
     # a file where the folder should be
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         probe.model_map_fn(tiny_engine, ["product"], **settings, cache=tmp_path / "file")
 
 
-def test_probe_command_takes_a_cache_folder(tmp_path: Path) -> None:
+def test_probe_command_runs_from_a_cache_and_refuses_a_damaged_one_with_one_line(
+        shared_data: Path, tmp_path: Path, tiny_engine, capsys: pytest.CaptureFixture[str]) -> None:
     from app import evaluate
 
-    base = ["probe", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
-    assert evaluate.parse_args(base).cache is None
-    assert evaluate.parse_args([*base, "--cache", str(tmp_path / "c")]).cache == str(tmp_path / "c")
+    base = ["probe", "--data", str(shared_data / "lesions-rsna"), "--limit", "1", "--methods", "product",
+            "--model", str(tiny_engine.info.path), "--strength", "0.5", "--guidance", "2", "--steps", "4",
+            "--samples", "2", "--device", "cpu"]
+    assert evaluate.parse_args([*base, "--out", str(tmp_path / "o")]).cache is None
+    cache = tmp_path / "c"
+    assert evaluate.main(evaluate.parse_args([*base, "--cache", str(cache), "--out", str(tmp_path / "a")])) == 0
+    assert evaluate.main(evaluate.parse_args([*base, "--cache", str(cache), "--out", str(tmp_path / "b")])) == 0
+    a, b = (json.loads((tmp_path / o / "probe.json").read_text()) for o in ("a", "b"))
+    assert b["settings"]["cache"] == str(cache) and b["lungs"] == a["lungs"]
+    capsys.readouterr()
+    for entry in cache.glob("*.npz"):
+        entry.write_bytes(b"")
+    assert evaluate.main(evaluate.parse_args([*base, "--cache", str(cache), "--out", str(tmp_path / "c2")])) == 2
+    err = capsys.readouterr().err
+    assert "is unreadable" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert evaluate.main(evaluate.parse_args([*base, "--cache", " ", "--out", str(tmp_path / "d")])) == 2
+    assert "--cache: give a folder" in capsys.readouterr().err

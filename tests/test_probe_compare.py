@@ -73,6 +73,14 @@ def test_compare_takes_the_last_product_map_by_default_and_skips_undefined_score
     assert default_method({"lungs": {"random": {}, "product": {}, "product_mean16_pos_s4": {}}}) == \
         "product_mean16_pos_s4"
     assert default_method({"lungs": {"random": {}}}) == "product"
+    # the probe's candidate maps come after the product's map in its real key order, and are never the default
+    from app.evaluate.probe import _product_maps
+
+    z = np.zeros((2, 2), np.float32)
+    keys = [*_product_maps(z, np.zeros((16, 2, 2), np.float32), 16), *_product_maps(
+        z, np.zeros((16, 2, 2), np.float32), 16, "_s4")]
+    assert "product_pos_mean16_s4" in keys and default_method({"lungs": {key: {} for key in keys}}) == \
+        "product_mean16_pos_s4"
     a = _write(tmp_path / "a", [_row("x.png", 0.6), _row("y.png", float("nan"))])
     b = _write(tmp_path / "b", [_row("x.png", 0.7), _row("y.png", 0.9)])
     c = compare_probes(a, b)

@@ -178,8 +178,9 @@ def test_loading_the_model_writes_no_progress_bars_or_torchvision_advice_to_the_
             "assert d.is_progress_bar_enabled() and t.is_progress_bar_enabled()\n"
             "pipe, info = load_model(DEFAULT_MODEL_DIR, torch.float32)\n"
             "print('bars restored', d.is_progress_bar_enabled(), t.is_progress_bar_enabled())\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # bars on before the load
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**env, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bars restored True True" in done.stdout  # process-wide switches put back as they were
     for noise in ("Loading pipeline components", "Loading weights", "requires torchvision", "\r"):

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "image (the product's map_smoothing), named <map>_s<SIGMA>; default 0 (none)")
     pr.add_argument("--cache", default=None, metavar="DIR",
                     help="keep each image's reconstruction and counterfactuals in DIR and take them from there on a "
-                         "later run with the same model and settings (no diffusion for cached images)")
+                         "later run with the same model and settings (the product and paper maps of a cached image "
+                         "need no diffusion; the other methods still run theirs)")
     pr.add_argument("--out", required=True, help="output folder (probe.json, probe.md, probe_rows.jsonl)")
     _generation_args(pr, samples=1)
 
@@ -322,6 +323,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         from app.lesions import LesionClassifier
 
         classifier = LesionClassifier(args.classifier)
+    if args.cache is not None and not args.cache.strip():
+        raise ValueError("--cache: give a folder")
     seg = LungSegmenter(args.segmenter)
     map_fn = None
     settings: dict[str, Any] = {"methods": methods}
@@ -332,12 +335,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         map_fn = model_map_fn(eng, methods, strength=strength, guidance=guidance, steps=steps,
                               samples=args.samples, disease_prompt=args.disease_prompt, classifier=classifier,
                               guided_scale=args.guided_scale, scheduler=req.scheduler,
-                              smoothing=args.map_smoothing, cache=Path(args.cache) if args.cache else None)
+                              smoothing=args.map_smoothing, cache=None if args.cache is None else Path(args.cache))
         settings.update(model=eng.info.name, model_hash=eng.info.model_hash, strength=strength,
                         guidance=guidance, steps=steps, samples=args.samples, guided_scale=args.guided_scale,
                         classifier=classifier.info if classifier is not None else None,
                         **({"map_smoothing": args.map_smoothing} if args.map_smoothing else {}),
-                        **({"cache": args.cache} if args.cache else {}))
+                        **({"cache": args.cache} if args.cache is not None else {}))
     summary = run_probe(Path(args.data), Path(args.out), segmenter=seg, map_fn=map_fn, methods=methods,
                         limit=args.limit, normals=args.normals, seed=args.seed, settings=settings)
     from app.evaluate.probe import format_probe

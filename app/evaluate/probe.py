@@ -69,6 +69,9 @@ SCORES = ("pixel_auroc", "pointing_game", "iou_area")
 DISPLAYED = "@lungs"
 """Suffix of a model map restricted to the lungs, as the viewer shows it by default (zero outside the lungs): scored
 over the whole image (inside the lungs it is the map itself)."""
+CANDIDATE_MAPS = ("product_pos_mean",)
+"""Prefixes of ``product*`` maps the probe reports as candidates, not as the product's map (``probe-compare``
+never takes them as a run's default method)."""
 SHORTCUTS = ("frame_energy", "outside_lung_energy", "padding_energy", "marker_energy", "top5_in_frame")
 
 
@@ -164,11 +167,14 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
     reference and the counterfactuals Gaussian smoothed (mode ``"reflect"``), named with the suffix ``_s<sigma>``.
     ``cache``: a folder of :class:`app.evaluate.probe_cache.ProbeCache` entries for these settings; the SDEdit
     maps (``product*``, ``paper``) then take each image's reconstruction and counterfactuals from it when there,
-    and keep them there when made.
+    and keep them there when made (entries depend on the model, the generation parameters but the seed, the
+    engine's device and precision and the library versions; not on the smoothing, the map reference or the
+    thread count).
 
     Raises:
         ValueError: a setting out of range, the preset names a scheduler the engine does not support, or
-            ``cache`` holds entries made with other settings.
+            ``cache`` holds entries made with other settings. The returned function raises ValueError when the
+            cache's entry for an image is damaged, made with other settings or made from another image.
     """
     from app import mapmethods
 
@@ -182,13 +188,15 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
     healthy_prompt = request.prompt
     reference = str(engine.info.manifest.get("map_reference", "input"))
     store = None
-    if cache is not None:
+    if cache is not None and any(m.startswith(("product", "paper")) for m in methods):
         from app.evaluate.probe_cache import ProbeCache
+        from app.provenance import library_versions
 
         params = request.parameters(None)
         params.pop("seed")
         store = ProbeCache(cache, {"model_hash": engine.info.model_hash, "parameters": params, "size": PROBE_SIZE,
-                                   "compute": engine.compute_record(samples * (2 if guidance > 1 else 1))})
+                                   "compute": engine.compute_record(samples * (2 if guidance > 1 else 1)),
+                                   "libraries": library_versions()})
 
     def sdedit(img: NDArray[np.float32], seed: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """(reconstruction, counterfactuals (S, H, W)) of ``img``: from the cache when there, else made (and kept)."""

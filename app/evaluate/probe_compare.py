@@ -97,9 +97,13 @@ def mismatches(sa: dict[str, Any], sb: dict[str, Any]) -> list[str]:
 
 def default_method(summary: dict[str, Any]) -> str:
     """The run's own model map: the last ``product*`` method scored (the probe lists the plain map first and the
-    smoothed / positive variants after it; e.g. ``product_mean16_pos_s4``), else ``product``. Its whole-image
-    scores as the viewer shows it (restricted to the lungs) are the ``shown`` part of :func:`compare_probes`."""
-    names = [m for m in summary.get("lungs", {}) if m.startswith("product")]
+    smoothed / positive variants after it; e.g. ``product_mean16_pos_s4``), candidates that are not the product's
+    map left aside (``product_pos_mean*``, :data:`app.evaluate.probe.CANDIDATE_MAPS`), else ``product``. Its
+    whole-image scores as the viewer shows it (restricted to the lungs) are the ``shown`` part of
+    :func:`compare_probes`."""
+    from app.evaluate.probe import CANDIDATE_MAPS
+
+    names = [m for m in summary.get("lungs", {}) if m.startswith("product") and not m.startswith(CANDIDATE_MAPS)]
     return names[-1] if names else "product"
 
 
