@@ -98,7 +98,8 @@ def main(args: argparse.Namespace) -> int:
 
     from app.lungs import LungSegmenter
     from app.modelfolder import model_hash
-    from app.train.common import encode_prompt_embeddings, save_unet_checkpoint, unet_optimisation, unet_step
+    from app.train.common import (ema_weights, encode_prompt_embeddings, save_unet_checkpoint, unet_optimisation,
+                                  unet_step)
     from app.train.finetune import package, prepare_images, read_sources
     from app.train.unet import encode_latents, min_snr_weights, sd_noise_scheduler
 
@@ -170,10 +171,8 @@ def main(args: argparse.Namespace) -> int:
             sys.stderr.write(f"step {step + 1}: loss {loss.item():.4f} (opacities {per[opaque_half].mean():.4f}, "
                              f"plain {per[~opaque_half].mean():.4f}) {time.time() - t0:.0f} s\n")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            ema.store(unet.parameters())
-            ema.copy_to(unet.parameters())
-            unet.save_pretrained(out / f"unet-step{step + 1:06d}")
-            ema.restore(unet.parameters())
+            with ema_weights(unet, ema):
+                unet.save_pretrained(out / f"unet-step{step + 1:06d}")
             save_unet_checkpoint(out, step + 1, unet, opt, sched, ema, best=float("nan"),
                                  elapsed=time.time() - t0, rng=rng)
     if args.package:
