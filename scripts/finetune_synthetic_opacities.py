@@ -98,8 +98,13 @@ def main(args: argparse.Namespace) -> int:
 
     from app.lungs import LungSegmenter
     from app.modelfolder import model_hash
-    from app.train.common import (ema_weights, encode_prompt_embeddings, save_unet_checkpoint, unet_optimisation,
-                                  unet_step)
+    from app.train.common import (
+        ema_weights,
+        encode_prompt_embeddings,
+        save_unet_checkpoint,
+        unet_optimisation,
+        unet_step,
+    )
     from app.train.finetune import package, prepare_images, read_sources
     from app.train.unet import encode_latents, min_snr_weights, sd_noise_scheduler
 
