@@ -178,6 +178,33 @@ def test_probe_reports_the_product_maps_also_smoothed_under_their_own_names(shar
     assert "product_mean2_pos_s4" in summary["whole"] and "product_mean2_pos_s4" in summary["lungs"]
 
 
+def test_probe_maps_with_another_prompt_are_the_engines_maps_for_that_prompt(tmp_path: Path, tiny_engine) -> None:
+    """``prompt`` (``--prompt``): the product maps are made with that prompt instead of the healthy preset's, with
+    every other setting kept; ``""`` is the empty-prompt control at the product's own setting (all samples, unlike
+    the one-sample ``empty`` baseline), and the cache keeps the prompt among its settings."""
+    from app.generation import GenerationRequest
+
+    img = np.random.default_rng(1).random((32, 32)).astype(np.float32)
+    lungs = np.ones((32, 32), bool)
+    settings = {"strength": 0.5, "guidance": 2.0, "steps": 4, "samples": 2, "disease_prompt": "covid"}
+    healthy = probe.model_map_fn(tiny_engine, ["product"], **settings)(img, lungs, 3)
+    empty = probe.model_map_fn(tiny_engine, ["product"], **settings, prompt="",
+                               cache=tmp_path / "cache")(img, lungs, 3)
+    res = tiny_engine.generate_request(img, GenerationRequest.from_preset(
+        tiny_engine.info.presets.get("healthy"), prompt="", strength=0.5, guidance_scale=2.0, steps=4, samples=2,
+        seed=3))
+    ref = img if tiny_engine.info.manifest.get("map_reference", "input") == "input" else res.reconstruction
+    assert np.allclose(empty["product_mean2_pos"], np.clip((ref[None] - res.counterfactuals).mean(0), 0, None),
+                       atol=1e-6)
+    assert not np.allclose(empty["product_mean2_pos"], healthy["product_mean2_pos"])
+    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["parameters"]["prompt"] == ""
+    from app import evaluate
+
+    base = ["probe", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert evaluate.parse_args(base).prompt is None
+    assert evaluate.parse_args([*base, "--prompt", ""]).prompt == ""
+
+
 def test_probe_command_takes_the_map_smoothing(tmp_path: Path) -> None:
     from app import evaluate
 

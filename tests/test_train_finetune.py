@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,13 @@ def test_finetune_trains_resumes_and_packages_a_loadable_model(tmp_path: Path, e
     assert manifest["training"]["mode"] == "lesion-finetune" and manifest["training"]["unet"] == "unet-step000004"
     assert manifest["model_hash"] == modelfolder.model_hash(tmp_path / "pkg") != modelfolder.model_hash(base)
     assert manifest["class_prompts"]["pneumonia"] == "lung opacity"
+    # the same UNet packaged from another folder gives the same model: no training path in the hashed config
+    from app.train.finetune import package
+
+    moved = tmp_path / "elsewhere" / "unet-step000004"
+    shutil.copytree(tmp_path / "run" / "unet-step000004", moved)
+    assert package(base, moved, tmp_path / "pkg2", {}, {}) == manifest["model_hash"]
+    assert json.loads((tmp_path / "pkg" / "unet" / "config.json").read_text())["_name_or_path"] == "unet"
     for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
         for f in (base / part).iterdir():
             assert (tmp_path / "pkg" / part / f.name).read_bytes() == f.read_bytes()

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--map-smoothing", type=float, default=0.0, metavar="SIGMA",
                     help="also score the product maps smoothed by a Gaussian of this sigma in pixels of the 256-px "
                          "image (the product's map_smoothing), named <map>_s<SIGMA>; default 0 (none)")
+    pr.add_argument("--prompt", default=None,
+                    help="prompt of the model methods (default: the model's healthy preset's); '' runs "
+                         "the same maps with the empty prompt, the control at the product's own setting")
     pr.add_argument("--cache", default=None, metavar="DIR",
                     help="keep each image's reconstruction and counterfactuals in DIR and take them from there on a "
                          "later run with the same model and settings (the product and paper maps of a cached image "
@@ -335,8 +338,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
         map_fn = model_map_fn(eng, methods, strength=strength, guidance=guidance, steps=steps,
                               samples=args.samples, disease_prompt=args.disease_prompt, classifier=classifier,
                               guided_scale=args.guided_scale, scheduler=req.scheduler,
-                              smoothing=args.map_smoothing, cache=None if args.cache is None else Path(args.cache))
-        settings.update(model=eng.info.name, model_hash=eng.info.model_hash, strength=strength,
+                              smoothing=args.map_smoothing, cache=None if args.cache is None else Path(args.cache),
+                              prompt=req.prompt)
+        settings.update(model=eng.info.name, model_hash=eng.info.model_hash, prompt=req.prompt, strength=strength,
                         guidance=guidance, steps=steps, samples=args.samples, guided_scale=args.guided_scale,
                         classifier=classifier.info if classifier is not None else None,
                         **({"map_smoothing": args.map_smoothing} if args.map_smoothing else {}),

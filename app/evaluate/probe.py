@@ -158,7 +158,7 @@ def _product_maps(ref: NDArray[np.float32], cfs: NDArray[np.float32], samples: i
 def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidance: float, steps: int,
                  samples: int, disease_prompt: str, classifier: Any = None, guided_scale: float = 30.0,
                  scheduler: Scheduler | str | None = None, smoothing: float = 0.0,
-                 cache: Path | None = None) -> MapFn:
+                 cache: Path | None = None, prompt: str | None = None) -> MapFn:
     """A function (image 256 px, lung mask, seed) -> {method: map} for the model-based methods.
 
     The SDEdit maps run the healthy preset's request (prompt, and scheduler unless ``scheduler`` is given) with
@@ -169,7 +169,9 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
     maps (``product*``, ``paper``) then take each image's reconstruction and counterfactuals from it when there,
     and keep them there when made (entries depend on the model, the generation parameters but the seed, the
     engine's device and precision and the library versions; not on the smoothing, the map reference or the
-    thread count).
+    thread count). ``prompt``: the prompt of every model method instead of the healthy preset's (``""``: the same
+    pipeline with the empty prompt, the control at the product's own setting; the ``empty`` baseline is one
+    sample only).
 
     Raises:
         ValueError: a setting out of range, the preset names a scheduler the engine does not support, or
@@ -181,7 +183,7 @@ def model_map_fn(engine: Any, methods: Sequence[str], *, strength: float, guidan
     if not (math.isfinite(smoothing) and smoothing >= 0):
         raise ValueError(f"smoothing={smoothing!r} must be a sigma of 0 or more pixels (0 = none)")
 
-    request = GenerationRequest.from_preset(engine.info.presets.get("healthy"), strength=strength,
+    request = GenerationRequest.from_preset(engine.info.presets.get("healthy"), prompt=prompt, strength=strength,
                                             guidance_scale=guidance, steps=steps, samples=samples,
                                             scheduler=scheduler)
     request.check()

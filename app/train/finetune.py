@@ -272,7 +272,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def package(model: Path, unet_dir: Path, out: Path, record: dict[str, Any], prompts: dict[str, Any]) -> str:
-    """Write ``out``: ``model`` copied byte for byte with ``unet/`` replaced by ``unet_dir`` in fp16; the manifest
+    """Write ``out``: ``model`` copied byte for byte with ``unet/`` replaced by ``unet_dir`` in fp16 (its config's
+    ``_name_or_path`` set to ``unet``, so that the hash does not depend on where the UNet was trained); the manifest
     gets the fine-tuning record and the new class prompts. Returns the new model hash."""
     from diffusers import UNet2DConditionModel
 
@@ -281,7 +282,9 @@ def package(model: Path, unet_dir: Path, out: Path, record: dict[str, Any], prom
     tmp = staging_folder(out)
     shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("MODEL_CARD.md"))
     shutil.rmtree(tmp / "unet")
-    UNet2DConditionModel.from_pretrained(unet_dir).to(torch.float16).save_pretrained(tmp / "unet")
+    unet = UNet2DConditionModel.from_pretrained(unet_dir)
+    unet.register_to_config(_name_or_path="unet")  # not the training folder's path: it would enter the model hash
+    unet.to(torch.float16).save_pretrained(tmp / "unet")
     manifest = json.loads((tmp / MANIFEST).read_text())
     manifest.pop("model_hash", None)
     manifest.pop("figures", None)
