@@ -16,7 +16,7 @@ import functools
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +173,8 @@ def seeded_img2img_pipeline_class() -> type[Any]:
         # sees diffusers' placeholder class for this pipeline, which has no attributes)
         vae: Any
         scheduler: Any
+        # set by the engine for one call: called once the starting latents are made (input encoded and noised)
+        on_latents_ready: Callable[[], None] | None = None
 
         def prepare_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int,
                             num_images_per_prompt: int, dtype: torch.dtype, device: torch.device | str,
@@ -198,6 +200,9 @@ def seeded_img2img_pipeline_class() -> type[Any]:
             # latent is this clean latent noised with this noise to the step's level
             self.init_latents, self.init_noise = z, noise
             noised: torch.Tensor = self.scheduler.add_noise(z, noise, timestep).to(dtype)
+            started = getattr(self, "on_latents_ready", None)
+            if started is not None:  # the engine's step-0 progress event, before the first UNet evaluation
+                started()
             return noised
 
     return SeededImg2ImgPipeline

@@ -18,7 +18,8 @@ The plain call, by device:
 Everything runs on the main thread, which also loads the model: torch's OpenMP keeps one thread team per thread
 that ran parallel work, so loading on one thread and running on another is slower
 (app.engine.load_engine_in_short_lived_thread).
-Also reported: the latency of the first progress event of the review run (from the call to the first callback).
+Also reported: the latency of the first progress event of the review run (from the call to the first callback:
+step 0, the input encoded and noised, since the thirteenth session) and of its first denoising step (step 1).
 The review run gets the embedded lung segmenter, as the server's runs do (the map restricted to the lungs, and
 ``lung_mask.png`` written); ``--lung-segmenter none`` leaves it out (the numbers before 2026-12-07's seventh
 session were measured without it). The review run shows the model's counterfactual (the embedded model: one more
@@ -336,14 +337,22 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
     tmp = tempfile.TemporaryDirectory(prefix="vald-md-rvd-runs-")
     runs = Path(tmp.name)
 
-    def review_call(i: int) -> tuple[float, float, dict[str, Any]]:
-        first: list[float] = []
+    def review_call(i: int) -> tuple[float, float, float, dict[str, Any]]:
+        """(seconds, first progress event, first denoising step (step >= 1), record) of one review run."""
+        first: dict[str, float] = {}
+
+        def progress(step: int, *rest: Any) -> None:
+            now = time.perf_counter()
+            first.setdefault("event", now)
+            if step >= 1:
+                first.setdefault("step", now)
+
         sync()
         t = time.perf_counter()
-        record = run_review(eng, data, review_request(**req_kwargs), runs / f"{i:04d}",
-                            progress=lambda *a: first.append(time.perf_counter()) if not first else None)
+        record = run_review(eng, data, review_request(**req_kwargs), runs / f"{i:04d}", progress=progress)
         sync()
-        return time.perf_counter() - t, (first[0] - t) if first else float("nan"), record
+        return (time.perf_counter() - t, first.get("event", float("nan")) - t, first.get("step", float("nan")) - t,
+                record)
 
     # warm-up (the first call compiles when --compile), then alternate
     t = time.perf_counter()
@@ -357,6 +366,7 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
         torch.cuda.reset_peak_memory_stats()
     review_s: list[float] = []
     first_s: list[float] = []
+    first_step_s: list[float] = []
     plain_s: list[float] = []
     plain_ac_s: list[float] = []
     engine_timings: list[dict[str, float]] = []
@@ -372,9 +382,10 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
                 if args.plain_autocast:
                     plain_ac_s.append(plain_call(True))
             else:
-                dt, first, record = review_call(i)
+                dt, first, first_step, record = review_call(i)
                 review_s.append(dt)
                 first_s.append(first)
+                first_step_s.append(first_step)
                 engine_timings.append(record.timings_s)
                 unet_evaluations = int(record.unet_evaluations or 0)
                 edit = getattr(record, "counterfactual_edit", None) or {}
@@ -389,6 +400,7 @@ def measure(args: argparse.Namespace, setting: str, eng: Any, plain: Any, data: 
         "load_average_1min_during": [round(min(loads), 2), round(max(loads), 2)],
         "warmup_s": round(warmup_s, 3), "unet_evaluations": unet_evaluations,
         "review_s": review, "plain_s": plain_st, "first_progress_s": stats(first_s),
+        "first_step_s": stats(first_step_s),
         "engine_timings_median_s": timings,
         "counterfactual_edit_s": stats(edit_s) if edit_s else None,
         "per_denoising_step_ms": round(1e3 * timings.get("denoising", float("nan"))
@@ -413,7 +425,8 @@ def table_row(r: dict[str, Any]) -> str:
     return (f"| {r['setting']} ({prm['scheduler']} {prm['steps']} x {prm['strength']}, CFG "
             f"{prm['guidance_scale']}) | {precision} | {r['review_s']['median']:.3f} s | "
             f"{r['plain_s']['median']:.3f} s | **{r['ratio_review_over_plain']:.3f}** | "
-            f"{r['first_progress_s']['median'] * 1e3:.0f} ms | {r['load_average_at_start'][0]:.2f} "
+            f"{r['first_progress_s']['median'] * 1e3:.0f} ms (step 1: {r['first_step_s']['median'] * 1e3:.0f} ms) | "
+            f"{r['load_average_at_start'][0]:.2f} "
             f"({r['load_average_1min_during'][0]:.2f}-{r['load_average_1min_during'][1]:.2f}) |")
 
 

@@ -50,11 +50,11 @@ def test_effective_steps_follow_diffusers_quantisation(tiny, steps, strength, ex
     r = tiny.generate(_image(), "normal", strength=strength, steps=steps, seed=0,
                       progress=lambda k, n, el, prev: seen.append((k, n)))
     assert r.effective_steps == expected == engine.effective_steps(steps, strength)
-    # PNDM (PLMS, skip_prk_steps) makes one extra warm-up evaluation
-    assert r.unet_evaluations == expected + 1 == len(seen)
+    # PNDM (PLMS, skip_prk_steps) makes one extra warm-up evaluation; step 0 comes before the first evaluation
+    assert r.unet_evaluations == expected + 1 == len(seen) - 1
     # progress counts denoising steps, as the form does ("15 effective steps" ends at "step 15 of 15")
     assert seen[-1] == (expected, expected) and {n for _, n in seen} == {expected}
-    assert [k for k, _ in seen] == [*range(1, expected + 1), expected]  # the extra evaluation repeats the last
+    assert [k for k, _ in seen] == [0, *range(1, expected + 1), expected]  # the extra evaluation repeats the last
 
 
 def test_native_frame_exact_for_odd_sizes(tiny):
@@ -127,9 +127,41 @@ def test_cancel_stops_within_one_step(tiny):
 
     with pytest.raises(engine.GenerationCancelled):
         tiny.generate(_image(), "normal", strength=1.0, steps=20, seed=0, progress=progress, cancel=cancel)
-    assert calls == [1, 2]
+    assert calls == [0, 1, 2]
     # the engine stays usable after a cancellation (the lock was released)
     assert tiny.generate(_image(), "normal", strength=0.5, steps=2, seed=0).effective_steps == 1
+
+
+def test_step_zero_comes_before_the_first_unet_evaluation_and_can_cancel(tiny):
+    """The first progress event is step 0, sent once the input is encoded and noised and before any UNet evaluation
+    (issue 15: a 16-sample CPU run shows it started before its first step's compute), with the input latent's
+    preview; cancelling there stops the run before the UNet runs at all."""
+    evaluations: list[int] = []
+    hook = tiny.pipe.unet.register_forward_pre_hook(lambda module, args: evaluations.append(1))
+    try:
+        events: list[tuple[int, int]] = []
+        previews = []
+
+        def progress(k, n, el, prev):
+            events.append((k, len(evaluations)))
+            previews.append(prev)
+
+        r = tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=0, samples=2, progress=progress)
+        assert events[0] == (0, 0) and [k for k, _ in events].count(0) == 1
+        assert events[1] == (1, 1)  # step 1 after the first evaluation
+        assert previews[0].shape == (16, 16) and 0 <= previews[0].min() <= previews[0].max() <= 1
+        assert tiny.pipe.on_latents_ready is None  # the hook lives for one call only
+        cancel = threading.Event()
+        evaluations.clear()
+        with pytest.raises(engine.GenerationCancelled):
+            tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=0, cancel=cancel,
+                          progress=lambda k, n, el, prev: cancel.set())
+        assert evaluations == [] and tiny.pipe.on_latents_ready is None
+        # without a progress callback nothing changes: the same counterfactuals
+        again = tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=0, samples=2)
+        np.testing.assert_array_equal(again.counterfactuals, r.counterfactuals)
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize("sched", engine.SCHEDULERS)
