@@ -592,7 +592,8 @@ class CounterfactualEngine:
                 prompt, strength ((0, 1]; quantised to ``int(steps * strength)`` steps), guidance (1 = off .. 30),
                 steps (1..1000), seed (None draws one; sample i uses ``seed + i``), scheduler ('pndm' the
                 paper's, 'ddim', 'dpm++', 'euler') and samples (1..16, run as one batch). Read, never changed.
-            progress: called after every denoising step. cancel: set it to stop within one step.
+            progress: called with step 0 once the input is encoded and noised, then after every denoising step.
+            cancel: set it to stop within one step.
             edit_region: ``None`` (the whole image is redrawn, SDEdit), or float (size, size) in [0, 1] in the
                 model's letterboxed frame (``imaging.letterbox``): where the counterfactual may differ from the
                 input (1) and where it keeps the input (0). Area-averaged to the latent grid (m); after every
@@ -658,9 +659,11 @@ class CounterfactualEngine:
             def on_latents_ready() -> None:
                 # step 0 of n_eff: the input is encoded and noised, the first UNet evaluation starts now (on a
                 # CPU a 16-sample step takes a third of a second; the user sees the run start before it)
-                if progress is not None:
+                cancelled = cancel is not None and cancel.is_set()
+                if not cancelled and progress is not None:
                     progress(0, n_eff or n_calls, time.perf_counter() - t_start, self.preview(self.pipe.init_latents))
-                if cancel is not None and cancel.is_set():
+                    cancelled = cancel is not None and cancel.is_set()  # set while the callback ran
+                if cancelled:
                     raise GenerationCancelled("cancelled by the user")
 
             if cancel is not None and cancel.is_set():
@@ -675,10 +678,10 @@ class CounterfactualEngine:
                                     guidance_scale=guidance_scale, num_inference_steps=steps,
                                     num_images_per_prompt=samples, generator=gens, output_type="pt",
                                     callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
-            finally:
+                mean = getattr(self.pipe, "posterior_mean", None)
+            finally:  # also after a cancel or an error: nothing of this call stays on the shared pipeline
                 self.pipe.on_latents_ready = None
-            mean = getattr(self.pipe, "posterior_mean", None)
-            self.pipe.posterior_mean = self.pipe.init_latents = self.pipe.init_noise = None
+                self.pipe.posterior_mean = self.pipe.init_latents = self.pipe.init_noise = None
             t_end = time.perf_counter()
             timings["prepare_latents"] = marks.get("first", t_end) - t_start
             timings["denoising"] = marks.get("last", t_end) - marks.get("first", t_start)

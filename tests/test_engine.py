@@ -157,6 +157,7 @@ def test_step_zero_comes_before_the_first_unet_evaluation_and_can_cancel(tiny):
             tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=0, cancel=cancel,
                           progress=lambda k, n, el, prev: cancel.set())
         assert evaluations == [] and tiny.pipe.on_latents_ready is None
+        assert tiny.pipe.init_latents is None and tiny.pipe.posterior_mean is None  # nothing left on the pipeline
         # without a progress callback nothing changes: the same counterfactuals
         again = tiny.generate(_image(), "normal", strength=0.5, steps=4, seed=0, samples=2)
         np.testing.assert_array_equal(again.counterfactuals, r.counterfactuals)

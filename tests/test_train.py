@@ -164,6 +164,7 @@ def test_from_scratch_vae_unet_package_resume_and_generate(tmp_path):
     assert {f.stat().st_size for f in (model2 / "vae").glob("*.safetensors")} == {
         f.stat().st_size for f in (model / "vae").glob("*.safetensors")}  # same dtype as the model stored
     assert new.vae.config.scaling_factor == old.vae.config.scaling_factor
+    assert json.loads((model2 / "vae" / "config.json").read_text())["_name_or_path"] == "vae"  # no folder path
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):  # copied byte for byte
         for f in (model / part).iterdir():
             assert (model2 / part / f.name).read_bytes() == f.read_bytes(), f

@@ -57,7 +57,7 @@ class Job:
         input_summary: ``ImageMeta.public_summary()`` of the upload (non-identifying).
         has_mask: a region mask was uploaded with the image.
         effective_steps: ``int(steps * strength)``; unet_evaluations: the count the engine reported (0 before).
-        step, total: progress, in UNet evaluations (total known from the first step on).
+        step, total: progress, in denoising steps (step 0 when denoising starts; total known from then on).
         elapsed_s: seconds since denoising started. eta_s: estimated seconds left, ``None`` when unknown.
         error: message for the user when failed / interrupted.
         seeds: one per sample (from the record once done). timings_s: engine stage timings, plus ``queued``

@@ -243,6 +243,7 @@ def package_with_decoder(model: Path, vae_dir: Path, out: Path, args: argparse.N
         raise ValueError(f"{vae_dir} has a different encoder from {model}/vae: its latents would not match the UNet")
     base.load_state_dict({**old, **{k: v for k, v in new.items() if k.startswith(("decoder.", "post_quant_conv."))}})
     base.to(dtype)
+    base.register_to_config(_name_or_path="vae")  # not the source folder's path: it would enter the model hash
     manifest = json.loads((model / MANIFEST).read_text())
     manifest.pop("model_hash", None)
     manifest["name"] = out.name
