@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.time()
     for step in range(start, args.steps):
         idx = torch.from_numpy(rng.choice(n, b, replace=False))
-        t_plain = torch.randint(0, 1000, (b,))  # drawn first: the measured run's order of random numbers
+        t_plain = torch.randint(0, 1000, (b,))  # drawn first, as the committed model's run drew them
         t = torch.where(opaque_half, torch.randint(args.t_min, 1000, (b,)), t_plain)
         z_in = torch.where(opaque_half[:, None, None, None], zb[idx], z0[idx])
         noise = torch.randn_like(z_in)
